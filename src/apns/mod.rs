@@ -1,0 +1,1 @@
+//! The APNs client (to be built).

@@ -1,0 +1,61 @@
+//! The commands behind `pushdrop <command>`. Each returns the process exit code, or an error
+//! that [`exit`] prints; a bad configuration always ends with exit code 64.
+
+pub mod demo;
+pub mod inbox_cmds;
+pub mod run;
+pub mod simulate;
+pub mod store_cmds;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::{Config, ConfigError, EXIT_BAD_CONFIG};
+
+/// Loads the config for a command; warnings go to stderr (the logger may not exist yet).
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let (cfg, warnings) = Config::load(path)?;
+    for w in warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    Ok(cfg)
+}
+
+/// Turns a command's result into the process exit code, printing the error if any.
+pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ConfigError>() {
+                eprintln!("pushdrop: {ce}");
+                return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            }
+            eprintln!("pushdrop: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `pushdrop check-config`: every problem with key and line; exit 64 if there is one.
+pub fn check_config(path: &Path) -> anyhow::Result<i32> {
+    match Config::load(path) {
+        Ok((cfg, warnings)) => {
+            for w in &warnings {
+                println!("warning: {w}");
+            }
+            println!(
+                "{}: ok ({} app{}, inbox {}, store {})",
+                path.display(),
+                cfg.apps.len(),
+                if cfg.apps.len() == 1 { "" } else { "s" },
+                cfg.inbox.dir.display(),
+                cfg.store.path.display()
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            println!("{e}");
+            Ok(EXIT_BAD_CONFIG)
+        }
+    }
+}

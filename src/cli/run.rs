@@ -1,0 +1,9 @@
+//! `pushdrop run`.
+
+use std::path::Path;
+
+/// The daemon.
+pub fn run(config: &Path) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    crate::daemon::run_blocking(cfg)
+}

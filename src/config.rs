@@ -1,0 +1,999 @@
+//! The configuration file: TOML read with serde, checked once, then handed around as a typed,
+//! validated [`Config`] whose paths are all absolute (resolved against the config file's folder).
+//!
+//! Every error names the key and, where the file has it, the line, because an operator fixing a
+//! config at 3 a.m. should not have to guess which of two `key_file`s is wrong.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The exit code of every command when the configuration is bad (spec: 64).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where droppers put files.
+    pub inbox: InboxConfig,
+    /// The SQLite database.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// How to reach Apple (or the simulator).
+    #[serde(default)]
+    pub apns: ApnsConfig,
+    /// The apps pushdrop sends for; at least one.
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+    /// The delivery loop.
+    #[serde(default)]
+    pub sender: SenderConfig,
+    /// Per-notification receipt files for droppers.
+    #[serde(default)]
+    pub receipts: ReceiptsConfig,
+    /// Rotating log files.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The loopback HTTP endpoint for probes, status and metrics.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The folder of the config file; relative paths were resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself, for messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[inbox]`: the drop directory and what happens to files after they are read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxConfig {
+    /// The inbox directory droppers rename their files into.
+    pub dir: PathBuf,
+    /// Where accepted files go. Default `<dir>/processed`.
+    #[serde(default)]
+    pub processed_dir: Option<PathBuf>,
+    /// Where rejected files and their `<name>.error.json` reports go. Default `<dir>/rejected`.
+    #[serde(default)]
+    pub rejected_dir: Option<PathBuf>,
+    /// Keep accepted files in `processed_dir` (true) or delete them once committed (false).
+    #[serde(default = "default_true")]
+    pub keep_processed: bool,
+    /// Processed files older than this many days are removed.
+    #[serde(default = "default_keep_processed_days")]
+    pub keep_processed_days: u32,
+    /// Files larger than this are rejected without being parsed.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// A file written in place is taken once its size and mtime have been stable this long.
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+    /// `"events"` (inotify and friends, the default) or `"poll"` (NFS, some bind mounts).
+    #[serde(default)]
+    pub watch: WatchMode,
+    /// Full rescan of the inbox as a safety net, in seconds.
+    #[serde(default = "default_scan_interval_s")]
+    pub scan_interval_s: u64,
+    /// In `watch = "poll"` mode: how often the directory is listed, in milliseconds.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+/// How the inbox learns about new files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// Kernel events as hints, plus periodic rescans.
+    #[default]
+    Events,
+    /// Directory listing every `poll_interval_ms`.
+    Poll,
+}
+
+/// `[store]`: the SQLite database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The database file. Default `pushdrop.db` beside the config file.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Finished deliveries, finished notifications and invalid devices older than this many
+    /// days are purged (automatically once an hour, or by `pushdrop purge`).
+    #[serde(default = "default_keep_finished_days")]
+    pub keep_finished_days: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: default_store_path(),
+            keep_finished_days: default_keep_finished_days(),
+        }
+    }
+}
+
+/// `[apns]`: where Apple is and how to talk to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// Base URL for production devices.
+    #[serde(default = "default_production_url")]
+    pub production_url: String,
+    /// Base URL for sandbox (development) devices.
+    #[serde(default = "default_sandbox_url")]
+    pub sandbox_url: String,
+    /// Extra PEM CA certificate(s) to trust beside the built-in roots; empty for none.
+    #[serde(default, deserialize_with = "empty_path_is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// `http://host:port` of an HTTP CONNECT proxy; empty for a direct connection.
+    #[serde(default)]
+    pub proxy: String,
+    /// HTTP/2 connections per app and environment.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+    /// A request without an answer after this long counts as failed (and is retried).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Giving up on a TCP+TLS handshake after this long.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// An idle connection is probed with an HTTP/2 PING this often, in seconds.
+    #[serde(default = "default_ping_interval_s")]
+    pub ping_interval_s: u64,
+}
+
+impl Default for ApnsConfig {
+    fn default() -> Self {
+        ApnsConfig {
+            production_url: default_production_url(),
+            sandbox_url: default_sandbox_url(),
+            ca_file: None,
+            proxy: String::new(),
+            connections: default_connections(),
+            request_timeout_ms: default_request_timeout_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            ping_interval_s: default_ping_interval_s(),
+        }
+    }
+}
+
+/// `[[apps]]`: one iOS/macOS app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The name drop files use in `"app"`.
+    pub name: String,
+    /// The app's bundle id; the base of `apns-topic`.
+    pub bundle_id: String,
+    /// The environment of devices that register without one.
+    #[serde(default)]
+    pub environment: Environment,
+    /// Token (JWT) authentication with a `.p8` key.
+    #[serde(default)]
+    pub token: Option<TokenAuthConfig>,
+    /// Certificate authentication with a TLS client certificate.
+    #[serde(default)]
+    pub certificate: Option<CertificateAuthConfig>,
+}
+
+impl AppConfig {
+    /// The one way this app authenticates (validation guarantees exactly one).
+    pub fn auth(&self) -> AppAuth<'_> {
+        match (&self.token, &self.certificate) {
+            (Some(t), _) => AppAuth::Token(t),
+            (None, Some(c)) => AppAuth::Certificate(c),
+            (None, None) => unreachable!("validated: every app has token or certificate auth"),
+        }
+    }
+}
+
+/// The authentication method of an app.
+#[derive(Debug, Clone, Copy)]
+pub enum AppAuth<'a> {
+    /// ES256 provider tokens.
+    Token(&'a TokenAuthConfig),
+    /// A TLS client certificate.
+    Certificate(&'a CertificateAuthConfig),
+}
+
+/// `token = { key_file, key_id, team_id }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct TokenAuthConfig {
+    /// The `.p8` file (PKCS#8 PEM, EC P-256) downloaded from Apple.
+    pub key_file: PathBuf,
+    /// The 10-character key id (`kid`).
+    pub key_id: String,
+    /// The 10-character team id (`iss`).
+    pub team_id: String,
+}
+
+/// `certificate = { cert_file, key_file }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateAuthConfig {
+    /// PEM certificate (chain).
+    pub cert_file: PathBuf,
+    /// PEM private key; may be omitted when `cert_file` holds the key too.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// APNs environment of a device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// `api.push.apple.com`.
+    #[default]
+    Production,
+    /// `api.sandbox.push.apple.com`.
+    Sandbox,
+}
+
+impl Environment {
+    /// The name used in files, the database and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Sandbox => "sandbox",
+        }
+    }
+
+    /// Parses the database/file form.
+    pub fn parse(s: &str) -> Option<Environment> {
+        match s {
+            "production" => Some(Environment::Production),
+            "sandbox" => Some(Environment::Sandbox),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[sender]`: the delivery loop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    /// Concurrent requests to APNs, all connections together.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// A delivery that fails this many times (retryable failures) ends as `failed`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubled each attempt, with jitter.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Upper bound of the retry delay.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// A claimed delivery becomes claimable again after this long if the claimer died.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// `BadDeviceToken` answers for this many distinct devices of one app and environment
+    /// within a minute pause that app and environment instead of invalidating the devices.
+    #[serde(default = "default_bad_token_burst")]
+    pub bad_token_burst: u32,
+}
+
+/// `[receipts]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    /// When set, `<dir>/<id>.json` is written once a notification's deliveries are all final.
+    #[serde(default, deserialize_with = "empty_path_is_none")]
+    pub dir: Option<PathBuf>,
+    /// Receipts list sent tokens only when there are at most this many.
+    #[serde(default = "default_receipt_sent_tokens")]
+    pub max_sent_tokens: usize,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Folder of the rotating log files; empty for stdout only.
+    #[serde(default, deserialize_with = "empty_path_is_none")]
+    pub dir: Option<PathBuf>,
+    /// `hourly`, `daily` or `never`.
+    #[serde(default)]
+    pub rotation: Rotation,
+    /// Rotated files kept.
+    #[serde(default = "default_keep_files")]
+    pub keep_files: usize,
+    /// Format of the files: `json` or `text` (stdout is always text).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `pushdrop=debug`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+/// Log file rotation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    /// A new file every hour.
+    Hourly,
+    /// A new file every day.
+    #[default]
+    Daily,
+    /// One file forever (rotate it with logrotate's copytruncate if you must).
+    Never,
+}
+
+/// Log file format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` of the admin endpoint; empty disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            max_in_flight: default_max_in_flight(),
+            max_attempts: default_max_attempts(),
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
+            lease_ms: default_lease_ms(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            bad_token_burst: default_bad_token_burst(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            dir: None,
+            rotation: Rotation::default(),
+            keep_files: default_keep_files(),
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_keep_processed_days() -> u32 {
+    7
+}
+fn default_max_file_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_settle_ms() -> u64 {
+    1000
+}
+fn default_scan_interval_s() -> u64 {
+    30
+}
+fn default_poll_interval_ms() -> u64 {
+    500
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("pushdrop.db")
+}
+fn default_keep_finished_days() -> u32 {
+    7
+}
+fn default_production_url() -> String {
+    "https://api.push.apple.com".into()
+}
+fn default_sandbox_url() -> String {
+    "https://api.sandbox.push.apple.com".into()
+}
+fn default_connections() -> usize {
+    1
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_ping_interval_s() -> u64 {
+    60
+}
+fn default_max_in_flight() -> usize {
+    1000
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_retry_initial_ms() -> u64 {
+    1000
+}
+fn default_retry_max_ms() -> u64 {
+    600_000
+}
+fn default_lease_ms() -> u64 {
+    60_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_bad_token_burst() -> u32 {
+    20
+}
+fn default_receipt_sent_tokens() -> usize {
+    100
+}
+fn default_keep_files() -> usize {
+    14
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+fn empty_path_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()).map(PathBuf::from))
+}
+
+/// One problem in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path such as `apps[0].token.key_file`.
+    pub key: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What is wrong, in plain words.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// A config that could not be loaded; carries every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file.
+    pub path: PathBuf,
+    /// Every problem, in file order where lines are known.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bad config {}:", self.path.display())?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Non-fatal findings, such as a key file readable by others.
+pub type ConfigWarnings = Vec<ConfigProblem>;
+
+impl Config {
+    /// Reads, parses and validates the config file; relative paths become absolute against the
+    /// file's folder. Returns warnings beside the config (world-readable keys and the like).
+    pub fn load(path: &Path) -> Result<(Config, ConfigWarnings), ConfigError> {
+        let fail = |key: &str, message: String| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![ConfigProblem {
+                key: key.into(),
+                line: None,
+                message,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail("(file)", format!("cannot read {}: {e}", path.display())))?;
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = abs
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::from_toml(&text, &abs, &base)
+    }
+
+    /// Parses and validates config text as if it were the file `source` in folder `base_dir`.
+    pub fn from_toml(
+        text: &str,
+        source: &Path,
+        base_dir: &Path,
+    ) -> Result<(Config, ConfigWarnings), ConfigError> {
+        let mut cfg: Config = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                let line = e.span().map(|s| line_of_offset(text, s.start));
+                let key = key_of_toml_error(text, &e);
+                return Err(ConfigError {
+                    path: source.to_path_buf(),
+                    problems: vec![ConfigProblem {
+                        key,
+                        line,
+                        message: e.message().trim().to_string(),
+                    }],
+                });
+            }
+        };
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.source = source.to_path_buf();
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        cfg.resolve_and_check(&mut problems, &mut warnings);
+        let doc = toml_edit::ImDocument::parse(text).ok();
+        let locate = |mut p: ConfigProblem| {
+            if p.line.is_none() {
+                p.line = doc.as_ref().and_then(|d| line_of_key(text, d, &p.key));
+            }
+            p
+        };
+        let mut problems: Vec<_> = problems.into_iter().map(locate).collect();
+        let warnings: Vec<_> = warnings.into_iter().map(locate).collect();
+        if problems.is_empty() {
+            Ok((cfg, warnings))
+        } else {
+            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+            Err(ConfigError {
+                path: source.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    fn resolve_and_check(
+        &mut self,
+        problems: &mut Vec<ConfigProblem>,
+        warnings: &mut Vec<ConfigProblem>,
+    ) {
+        let base = self.base_dir.clone();
+        let abs = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut bad = |key: &str, message: String| {
+            problems.push(ConfigProblem {
+                key: key.into(),
+                line: None,
+                message,
+            })
+        };
+
+        // [inbox]
+        if self.inbox.dir.as_os_str().is_empty() {
+            bad("inbox.dir", "must name a directory".into());
+        }
+        self.inbox.dir = abs(&self.inbox.dir);
+        let processed = self
+            .inbox
+            .processed_dir
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(&abs)
+            .unwrap_or_else(|| self.inbox.dir.join("processed"));
+        let rejected = self
+            .inbox
+            .rejected_dir
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(&abs)
+            .unwrap_or_else(|| self.inbox.dir.join("rejected"));
+        if processed == rejected {
+            bad(
+                "inbox.rejected_dir",
+                "must differ from processed_dir".into(),
+            );
+        }
+        self.inbox.processed_dir = Some(processed);
+        self.inbox.rejected_dir = Some(rejected);
+        if self.inbox.max_file_bytes == 0 {
+            bad("inbox.max_file_bytes", "must be at least 1".into());
+        }
+        if self.inbox.scan_interval_s == 0 {
+            bad("inbox.scan_interval_s", "must be at least 1".into());
+        }
+        if self.inbox.poll_interval_ms == 0 {
+            bad("inbox.poll_interval_ms", "must be at least 1".into());
+        }
+
+        // [store]
+        if self.store.path.as_os_str().is_empty() {
+            bad("store.path", "must name a file".into());
+        }
+        self.store.path = abs(&self.store.path);
+
+        // [apns]
+        for (key, url) in [
+            ("apns.production_url", &self.apns.production_url),
+            ("apns.sandbox_url", &self.apns.sandbox_url),
+        ] {
+            match url.parse::<http::Uri>() {
+                Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => {}
+                _ => bad(key, format!("{url:?} is not an https:// URL with a host")),
+            }
+        }
+        if !self.apns.proxy.is_empty() {
+            match self.apns.proxy.parse::<http::Uri>() {
+                Ok(u)
+                    if u.scheme_str() == Some("http")
+                        && u.host().is_some()
+                        && u.port().is_some() => {}
+                _ => bad(
+                    "apns.proxy",
+                    format!("{:?} is not of the form http://host:port", self.apns.proxy),
+                ),
+            }
+        }
+        if let Some(ca) = &self.apns.ca_file {
+            let ca = abs(ca);
+            if !ca.is_file() {
+                bad("apns.ca_file", format!("{} does not exist", ca.display()));
+            }
+            self.apns.ca_file = Some(ca);
+        }
+        if self.apns.connections == 0 {
+            bad("apns.connections", "must be at least 1".into());
+        }
+        if self.apns.request_timeout_ms == 0 {
+            bad("apns.request_timeout_ms", "must be at least 1".into());
+        }
+
+        // [[apps]]
+        if self.apps.is_empty() {
+            bad("apps", "at least one [[apps]] entry is needed".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter_mut().enumerate() {
+            let k = |f: &str| format!("apps[{i}].{f}");
+            if app.name.is_empty() {
+                bad(&k("name"), "must not be empty".into());
+            } else if !names.insert(app.name.clone()) {
+                bad(
+                    &k("name"),
+                    format!("app {:?} is configured twice", app.name),
+                );
+            }
+            if app.bundle_id.is_empty() || app.bundle_id.contains(char::is_whitespace) {
+                bad(
+                    &k("bundle_id"),
+                    format!("{:?} is not a bundle id", app.bundle_id),
+                );
+            }
+            match (&mut app.token, &mut app.certificate) {
+                (Some(_), Some(_)) => bad(
+                    &k("token"),
+                    "give either token or certificate, not both".into(),
+                ),
+                (None, None) => bad(
+                    &k("token"),
+                    "missing: give token = { key_file, key_id, team_id } or certificate = { cert_file, key_file }".into(),
+                ),
+                (Some(t), None) => {
+                    t.key_file = abs(&t.key_file);
+                    check_secret_file(&t.key_file, &k("token.key_file"), &mut bad, warnings);
+                    if t.key_id.len() != 10 || !t.key_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                        bad(&k("token.key_id"), format!("{:?} is not a 10-character key id", t.key_id));
+                    }
+                    if t.team_id.len() != 10 || !t.team_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                        bad(&k("token.team_id"), format!("{:?} is not a 10-character team id", t.team_id));
+                    }
+                }
+                (None, Some(c)) => {
+                    c.cert_file = abs(&c.cert_file);
+                    check_secret_file(&c.cert_file, &k("certificate.cert_file"), &mut bad, &mut Vec::new());
+                    if let Some(kf) = &mut c.key_file {
+                        *kf = abs(kf);
+                        check_secret_file(kf, &k("certificate.key_file"), &mut bad, warnings);
+                    }
+                }
+            }
+        }
+
+        // [sender]
+        if self.sender.max_in_flight == 0 {
+            bad("sender.max_in_flight", "must be at least 1".into());
+        }
+        if self.sender.max_attempts == 0 {
+            bad("sender.max_attempts", "must be at least 1".into());
+        }
+        if self.sender.retry_max_ms < self.sender.retry_initial_ms {
+            bad(
+                "sender.retry_max_ms",
+                "must not be below retry_initial_ms".into(),
+            );
+        }
+        if self.sender.lease_ms < 1000 {
+            bad("sender.lease_ms", "must be at least 1000".into());
+        }
+
+        // [receipts], [log]
+        if let Some(d) = &self.receipts.dir {
+            self.receipts.dir = Some(abs(d));
+        }
+        if let Some(d) = &self.log.dir {
+            self.log.dir = Some(abs(d));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bad(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
+        }
+
+        // [admin]
+        if !self.admin.listen.is_empty()
+            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            bad(
+                "admin.listen",
+                format!(
+                    "{:?} is not host:port (an IP address and port)",
+                    self.admin.listen
+                ),
+            );
+        }
+    }
+
+    /// `[inbox] processed_dir`, resolved.
+    pub fn processed_dir(&self) -> &Path {
+        self.inbox
+            .processed_dir
+            .as_deref()
+            .unwrap_or(&self.inbox.dir)
+    }
+
+    /// `[inbox] rejected_dir`, resolved.
+    pub fn rejected_dir(&self) -> &Path {
+        self.inbox
+            .rejected_dir
+            .as_deref()
+            .unwrap_or(&self.inbox.dir)
+    }
+
+    /// The app of this name.
+    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    /// The base URL for devices of this environment.
+    pub fn apns_url(&self, env: Environment) -> &str {
+        match env {
+            Environment::Production => &self.apns.production_url,
+            Environment::Sandbox => &self.apns.sandbox_url,
+        }
+    }
+}
+
+/// A key or certificate must exist; a private key readable by group or others draws a warning.
+fn check_secret_file(
+    path: &Path,
+    key: &str,
+    bad: &mut impl FnMut(&str, String),
+    warnings: &mut Vec<ConfigProblem>,
+) {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {
+            use std::os::unix::fs::PermissionsExt;
+            if m.permissions().mode() & 0o077 != 0 {
+                warnings.push(ConfigProblem {
+                    key: key.into(),
+                    line: None,
+                    message: format!(
+                        "{} is readable by group or others (mode {:o}); chmod 600 it",
+                        path.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                });
+            }
+        }
+        Ok(_) => bad(key, format!("{} is not a regular file", path.display())),
+        Err(e) => bad(key, format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key named by a serde error ("unknown field `x`" at a span): the text under the span.
+fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return "(file)".into();
+    };
+    let snippet = text.get(span.clone()).unwrap_or("").trim();
+    let first_line = snippet.lines().next().unwrap_or("");
+    if first_line.is_empty() || first_line.len() > 60 {
+        // Point at the table the error sits in.
+        let before = &text[..span.start.min(text.len())];
+        before
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('['))
+            .map(|l| l.trim().trim_matches(['[', ']']).to_string())
+            .unwrap_or_else(|| "(file)".into())
+    } else {
+        first_line.to_string()
+    }
+}
+
+/// Finds the line of a dotted key path such as `apps[1].token.key_file` in the document: the
+/// deepest part of the path that exists, so a missing key points at its table.
+fn line_of_key(text: &str, doc: &toml_edit::ImDocument<&str>, key: &str) -> Option<usize> {
+    use toml_edit::{Item, Value};
+    enum Node<'a> {
+        Table(&'a toml_edit::Table),
+        Inline(&'a toml_edit::InlineTable),
+        Other,
+    }
+    fn of_item(i: &Item) -> Node<'_> {
+        match i {
+            Item::Table(t) => Node::Table(t),
+            Item::Value(Value::InlineTable(t)) => Node::Inline(t),
+            _ => Node::Other,
+        }
+    }
+    let mut node = Node::Table(doc.as_table());
+    let mut span = None;
+    for part in key.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let (key_span, next) = match node {
+            Node::Table(t) => (t.key(name).and_then(|k| k.span()), t.get(name)),
+            Node::Inline(t) => {
+                let ks = t.key(name).and_then(|k| k.span());
+                (ks, None)
+            }
+            Node::Other => (None, None),
+        };
+        span = key_span.or(span);
+        let Some(next) = next else { break };
+        node = match (index, next) {
+            (Some(i), Item::ArrayOfTables(a)) => match a.get(i) {
+                Some(t) => {
+                    span = t.span().or(span);
+                    Node::Table(t)
+                }
+                None => break,
+            },
+            (Some(_), _) => break,
+            (None, item) => of_item(item),
+        };
+    }
+    span.map(|s| line_of_offset(text, s.start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<(Config, ConfigWarnings), ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("AuthKey.p8");
+        std::fs::write(&key, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = text.replace("KEY", &key.display().to_string());
+        Config::from_toml(&text, &dir.path().join("p.toml"), dir.path())
+    }
+
+    const GOOD: &str = r#"
+[inbox]
+dir = "inbox"
+
+[[apps]]
+name = "a"
+bundle_id = "com.example.a"
+token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_absolute_paths() {
+        let (cfg, warnings) = load(GOOD).unwrap();
+        assert!(warnings.is_empty());
+        assert!(cfg.inbox.dir.is_absolute());
+        assert_eq!(cfg.processed_dir(), cfg.inbox.dir.join("processed"));
+        assert_eq!(cfg.rejected_dir(), cfg.inbox.dir.join("rejected"));
+        assert_eq!(cfg.sender.max_attempts, 8);
+        assert_eq!(cfg.apns.production_url, "https://api.push.apple.com");
+        assert_eq!(cfg.admin.listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err =
+            load(&GOOD.replace("dir = \"inbox\"", "dir = \"inbox\"\nsettle_msec = 5")).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        let p = &err.problems[0];
+        assert_eq!(p.line, Some(4), "{p}");
+        assert!(p.message.contains("settle_msec"), "{p}");
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let text = GOOD.replace("ABC123DEFG", "short") + "\n[sender]\nmax_attempts = 0\n";
+        let err = load(&text).unwrap_err();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("apps[0].token.key_id", Some(8)),
+                ("sender.max_attempts", Some(11))
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn world_readable_key_warns() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("AuthKey.p8");
+        std::fs::write(&key, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = GOOD.replace("KEY", &key.display().to_string());
+        let (_, warnings) =
+            Config::from_toml(&text, &dir.path().join("p.toml"), dir.path()).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].message.contains("chmod 600"));
+    }
+
+    #[test]
+    fn wrong_enum_value_is_named() {
+        let err = load(&(GOOD.to_string() + "\n[log]\nrotation = \"weekly\"\n")).unwrap_err();
+        assert!(
+            err.problems[0].message.contains("weekly")
+                || err.problems[0].message.contains("hourly"),
+            "{err}"
+        );
+        assert_eq!(err.problems[0].line, Some(11), "{err}");
+    }
+}

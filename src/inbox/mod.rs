@@ -1,0 +1,3 @@
+//! The inbox: watch, parse, ingest.
+
+pub mod parse;

@@ -1,0 +1,141 @@
+//! The `pushdrop` command line: parses arguments and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pushdrop::cli;
+
+/// Turns JSON files dropped into an inbox directory into Apple push notifications.
+#[derive(Parser)]
+#[command(name = "pushdrop", version, about)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "PUSHDROP_CONFIG",
+        default_value = "config/pushdrop.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The daemon: inbox watcher, sender, admin endpoint.
+    Run,
+    /// A self-contained tour: temp dir, built-in APNs simulator, the files of inbox-example/.
+    Demo {
+        /// Folder of drop files to use instead of the built-in examples.
+        #[arg(long)]
+        examples: Option<PathBuf>,
+        /// Keep the demo's temporary folder and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Checks drop files without ingesting them; exit 1 if any would be rejected.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Ingests drop files once, through the same path as the watcher.
+    Ingest {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Queue depth by state and app, oldest queued age, invalid devices, recent errors.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One notification and its deliveries.
+    Show {
+        id: String,
+        /// The app, when the same id exists for several apps.
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The device registry.
+    Devices {
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Only invalidated devices.
+        #[arg(long)]
+        invalid: bool,
+        #[arg(long)]
+        json: bool,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Requeues failed deliveries of one notification, or all of them.
+    Retry {
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        id: Option<String>,
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Drops finished deliveries and invalid devices past retention.
+    Purge,
+    /// Runs the APNs simulator as a server, for your own integration tests.
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:2197")]
+        listen: String,
+        /// Folder to write the CA, a .p8 key and a matching config snippet into.
+        #[arg(long, default_value = "simulator")]
+        dir: PathBuf,
+        /// Simulated latency per answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Validates the configuration file.
+    CheckConfig,
+    /// Writes a consistent copy of the database, safe while the daemon runs.
+    Backup { dest: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = cli.config.as_path();
+    let result = match cli.command {
+        Command::Run => cli::run::run(config),
+        Command::Demo { examples, keep } => cli::demo::demo(examples.as_deref(), keep),
+        Command::Validate { files } => cli::inbox_cmds::validate(config, &files),
+        Command::Ingest { files } => cli::inbox_cmds::ingest(config, &files),
+        Command::Status { json } => cli::store_cmds::status(config, json),
+        Command::Show { id, app, json } => cli::store_cmds::show(config, &id, app.as_deref(), json),
+        Command::Devices {
+            app,
+            user,
+            invalid,
+            json,
+            limit,
+        } => cli::store_cmds::devices(
+            config,
+            &cli::store_cmds::DeviceFilter {
+                app,
+                user,
+                invalid,
+                limit,
+            },
+            json,
+        ),
+        Command::Retry { id, failed: _ } => cli::store_cmds::retry(config, id.as_deref()),
+        Command::Purge => cli::store_cmds::purge(config),
+        Command::Simulate {
+            listen,
+            dir,
+            latency_ms,
+        } => cli::simulate::simulate(&listen, &dir, latency_ms),
+        Command::CheckConfig => cli::check_config(config),
+        Command::Backup { dest } => cli::store_cmds::backup(config, &dest),
+    };
+    cli::exit(result)
+}

@@ -1,0 +1,160 @@
+//! Process-wide Prometheus metrics. One registry for the whole daemon, reachable from every
+//! stage through [`get`], because threading a handle through the inbox thread, the store
+//! thread and every connection task would buy nothing but noise.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set of one reason (rejection reason, APNs reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Label set of a record type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: String,
+}
+
+/// Label set of a delivery outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+    pub reason: String,
+}
+
+/// Label set of a queue state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+/// Every metric pushdrop exports.
+pub struct Metrics {
+    pub files_ingested: Counter,
+    pub files_rejected: Family<ReasonLabel, Counter>,
+    pub records_ingested: Family<TypeLabel, Counter>,
+    pub duplicates: Counter,
+    pub deliveries: Family<OutcomeLabel, Counter>,
+    pub retries: Family<ReasonLabel, Counter>,
+    pub queue_depth: Family<StateLabel, Gauge>,
+    pub oldest_queued_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub send_latency_seconds: Histogram,
+    pub connections_open: Gauge,
+    pub reconnects: Counter,
+    pub jwt_refreshes: Counter,
+    pub inbox_scan_duration_seconds: Histogram,
+    pub app_paused: Family<ReasonLabel, Gauge>,
+}
+
+impl Metrics {
+    fn new() -> (Metrics, Registry) {
+        let m = Metrics {
+            files_ingested: Counter::default(),
+            files_rejected: Family::default(),
+            records_ingested: Family::default(),
+            duplicates: Counter::default(),
+            deliveries: Family::default(),
+            retries: Family::default(),
+            queue_depth: Family::default(),
+            oldest_queued_age_seconds: Gauge::default(),
+            send_latency_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            connections_open: Gauge::default(),
+            reconnects: Counter::default(),
+            jwt_refreshes: Counter::default(),
+            inbox_scan_duration_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            app_paused: Family::default(),
+        };
+        let mut r = Registry::with_prefix("pushdrop");
+        r.register(
+            "files_ingested",
+            "Drop files accepted and committed",
+            m.files_ingested.clone(),
+        );
+        r.register(
+            "files_rejected",
+            "Drop files rejected, by reason",
+            m.files_rejected.clone(),
+        );
+        r.register(
+            "records_ingested",
+            "Records committed, by type",
+            m.records_ingested.clone(),
+        );
+        r.register(
+            "duplicate_notifications",
+            "Notifications skipped because their app and id were already queued",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "deliveries",
+            "Deliveries that reached a final state, by outcome and APNs reason",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "retries",
+            "Delivery attempts that will be retried, by reason",
+            m.retries.clone(),
+        );
+        r.register("queue_depth", "Deliveries by state", m.queue_depth.clone());
+        r.register(
+            "oldest_queued_age_seconds",
+            "Age of the oldest queued delivery that is due",
+            m.oldest_queued_age_seconds.clone(),
+        );
+        r.register(
+            "send_latency_seconds",
+            "Time from request start to APNs answer",
+            m.send_latency_seconds.clone(),
+        );
+        r.register(
+            "apns_connections_open",
+            "Open HTTP/2 connections to APNs",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "apns_reconnects",
+            "HTTP/2 connections opened after the first",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "jwt_refreshes",
+            "Provider tokens minted",
+            m.jwt_refreshes.clone(),
+        );
+        r.register(
+            "inbox_scan_duration_seconds",
+            "Time of one full inbox directory scan",
+            m.inbox_scan_duration_seconds.clone(),
+        );
+        r.register(
+            "app_paused",
+            "1 while an app and environment is paused, by reason",
+            m.app_paused.clone(),
+        );
+        (m, r)
+    }
+}
+
+static METRICS: OnceLock<(Metrics, Registry)> = OnceLock::new();
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS.get_or_init(Metrics::new).0
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn encode() -> String {
+    let (_, registry) = METRICS.get_or_init(Metrics::new);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}

@@ -1,0 +1,1 @@
+//! receipts (to be built).

@@ -1,0 +1,1 @@
+//! The sender loop (to be built).

@@ -1,0 +1,1 @@
+//! The APNs simulator (to be built).

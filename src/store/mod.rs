@@ -1,0 +1,330 @@
+//! The SQLite store: the only place pushdrop's state lives.
+//!
+//! One thread owns the write connection ([`writer`]); everything that changes the database is a
+//! message to it, so there is never a `SQLITE_BUSY` between our own writers, and ingest
+//! commits from many files share one fsync (group commit). Readers (`status`, `show`, the
+//! admin endpoint) open their own read-only connections ([`query`]); WAL lets them run beside
+//! the writer.
+//!
+//! The API is deliberately narrow — ingest a batch, fan out and claim due work, record
+//! results, requeue, purge — so that a second backend could one day sit behind it.
+
+pub mod query;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::Environment;
+use crate::model::{PushType, Record};
+
+pub use schema::SCHEMA_VERSION;
+pub use writer::{ClaimedDelivery, DeliveryResult, FinishedNotification, Notification, ResultKind};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create folder {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "database {path} is in use by another pushdrop process (lock file {lock}); stop it first"
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error(
+        "database schema version {found} is newer than this pushdrop supports ({supported}); upgrade pushdrop"
+    )]
+    TooNew { found: i64, supported: i64 },
+    #[error("the store's writer thread has stopped")]
+    Closed,
+}
+
+/// One accepted file's records, with what identifies this copy of the file so that a restart
+/// after a crash between commit and move recognises it.
+#[derive(Debug, Clone)]
+pub struct IngestFile {
+    /// The file name inside the inbox (or the path given to `pushdrop ingest`).
+    pub name: String,
+    pub size: u64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+    pub ino: u64,
+    pub mtime_ns: i64,
+    pub records: Vec<Record>,
+}
+
+impl IngestFile {
+    /// When the dropper wrote the file (its mtime, never later than now): the time of its
+    /// device registrations, compared with APNs invalidation timestamps.
+    pub fn written_at_ms(&self) -> i64 {
+        (self.mtime_ns / 1_000_000).min(crate::model::now_ms())
+    }
+}
+
+/// What the commit of one file did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// The same file (name, content, inode, mtime) was committed before a crash: nothing was
+    /// inserted again; the caller only has to move it.
+    pub already_committed: bool,
+    pub devices_registered: usize,
+    pub devices_unregistered: usize,
+    pub notifications_queued: usize,
+    /// Notification ids (given or assigned) queued by this file, in file order.
+    pub notification_ids: Vec<String>,
+    /// `(record index, id)` of notifications skipped because app and id already existed.
+    pub duplicates: Vec<(usize, String)>,
+}
+
+/// A handle to the store; cheap to clone, usable from threads and async tasks.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<writer::Command>,
+    path: PathBuf,
+    new_work: Arc<Notify>,
+    _lock: Arc<Option<LockFile>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database, and starts its writer thread.
+    /// With `exclusive` (the daemon), only one process may hold the database: a second
+    /// exclusive `open` fails with [`StoreError::Locked`]. One-shot commands open it shared
+    /// and rely on SQLite's own locking.
+    pub fn open(path: &Path, exclusive: bool) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let lock = if exclusive {
+            Some(LockFile::acquire(path)?)
+        } else {
+            None
+        };
+        let conn = writer::open_write_connection(path)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let new_work = Arc::new(Notify::new());
+        let notify = new_work.clone();
+        std::thread::Builder::new()
+            .name("pushdrop-store".into())
+            .spawn(move || writer::run(conn, rx, notify))
+            .map_err(|e| StoreError::Dir {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        Ok(Store {
+            tx,
+            path: path.to_path_buf(),
+            new_work,
+            _lock: Arc::new(lock),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Woken whenever an ingest queued notifications, so the sender can sleep without polling.
+    pub fn new_work(&self) -> Arc<Notify> {
+        self.new_work.clone()
+    }
+
+    /// Commits files' records durably (fsync'd) before returning, in one transaction that may be
+    /// shared with other callers' files (group commit). Blocking; not for async contexts.
+    pub fn ingest(&self, files: Vec<IngestFile>) -> Result<Vec<IngestOutcome>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(writer::Command::Ingest { files, reply })
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the writer thread (blocking caller).
+    fn call_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut writer::Writer) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job: writer::Job = Box::new(move |w| {
+            let _ = reply.send(f(w));
+        });
+        self.tx
+            .blocking_send(writer::Command::Run(job))
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the writer thread (async caller).
+    async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut writer::Writer) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job: writer::Job = Box::new(move |w| {
+            let _ = reply.send(f(w));
+        });
+        self.tx
+            .send(writer::Command::Run(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Makes every delivery leased by a previous (crashed) process claimable at once.
+    pub async fn release_stale_leases(&self) -> Result<usize, StoreError> {
+        self.call(|w| w.release_leases()).await
+    }
+
+    /// Expands due `users`/`all` notifications into deliveries, at most about `max_rows`
+    /// deliveries per call (in chunks, each its own transaction). Returns how many were made.
+    pub async fn fan_out_due(&self, now_ms: i64, max_rows: usize) -> Result<usize, StoreError> {
+        self.call(move |w| w.fan_out_due(now_ms, max_rows)).await
+    }
+
+    /// Claims up to `limit` due deliveries with a lease until `now_ms + lease_ms`. Deliveries
+    /// that can no longer be sent (past expiration, invalidated device) are finished here and
+    /// reported in the second list instead of being returned.
+    pub async fn claim_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> Result<(Vec<ClaimedDelivery>, Vec<FinishedNotification>), StoreError> {
+        self.call(move |w| w.claim_due(now_ms, limit, lease_ms))
+            .await
+    }
+
+    /// Records outcomes in one transaction; returns the notifications that became final.
+    pub async fn record_results(
+        &self,
+        results: Vec<DeliveryResult>,
+    ) -> Result<Vec<FinishedNotification>, StoreError> {
+        self.call(move |w| w.record_results(results)).await
+    }
+
+    /// The earliest moment something becomes due (a delivery or a scheduled fan-out).
+    pub async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        self.call(|w| w.next_due_ms()).await
+    }
+
+    /// Requeues failed deliveries: of notification `id` (any app) or, with `None`, all of them.
+    pub fn retry_failed_blocking(&self, id: Option<String>) -> Result<usize, StoreError> {
+        self.call_blocking(move |w| w.retry_failed(id.as_deref()))
+    }
+
+    /// Deletes finished deliveries and notifications, invalid devices and committed-file
+    /// records older than `cutoff_ms`.
+    pub fn purge_blocking(&self, cutoff_ms: i64) -> Result<PurgeCounts, StoreError> {
+        self.call_blocking(move |w| w.purge(cutoff_ms))
+    }
+
+    /// Async form of [`Store::purge_blocking`].
+    pub async fn purge(&self, cutoff_ms: i64) -> Result<PurgeCounts, StoreError> {
+        self.call(move |w| w.purge(cutoff_ms)).await
+    }
+
+    /// Remembers a problem for `pushdrop status` (rejections, pauses, auth failures).
+    pub fn note_event_blocking(&self, kind: &str, app: Option<&str>, message: &str) {
+        let (kind, app, message) = (
+            kind.to_string(),
+            app.map(str::to_string),
+            message.to_string(),
+        );
+        let _ = self.call_blocking(move |w| w.note_event(&kind, app.as_deref(), &message));
+    }
+
+    /// Async form of [`Store::note_event_blocking`].
+    pub async fn note_event(&self, kind: &str, app: Option<&str>, message: &str) {
+        let (kind, app, message) = (
+            kind.to_string(),
+            app.map(str::to_string),
+            message.to_string(),
+        );
+        let _ = self
+            .call(move |w| w.note_event(&kind, app.as_deref(), &message))
+            .await;
+    }
+
+    /// Writes a consistent copy of the database to `dest` (`VACUUM INTO`), safe while sending.
+    pub fn backup_blocking(&self, dest: &Path) -> Result<(), StoreError> {
+        let dest = dest.to_path_buf();
+        self.call_blocking(move |w| w.backup(&dest))
+    }
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeCounts {
+    pub deliveries: usize,
+    pub notifications: usize,
+    pub devices: usize,
+    pub committed_files: usize,
+}
+
+/// Data every delivery of a notification shares, looked up once per notification.
+#[derive(Debug, Clone)]
+pub struct NotificationInfo {
+    pub app: String,
+    pub ext_id: String,
+    pub payload: bytes::Bytes,
+    pub push_type: PushType,
+    pub priority: u8,
+    pub topic: String,
+    pub collapse_id: Option<String>,
+    pub expiration: Option<i64>,
+}
+
+/// The device of a claimed delivery.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub id: i64,
+    pub token: String,
+    pub environment: Environment,
+}
+
+/// An advisory lock (`flock`) on `<db>.lock`: two daemons on one database would each think
+/// they own the leases.
+struct LockFile {
+    _file: std::fs::File,
+}
+
+impl LockFile {
+    fn acquire(db: &Path) -> Result<LockFile, StoreError> {
+        use std::os::fd::AsRawFd;
+        let mut name = db.as_os_str().to_owned();
+        name.push(".lock");
+        let lock = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(|source| StoreError::Dir {
+                path: lock.clone(),
+                source,
+            })?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(StoreError::Locked {
+                path: db.to_path_buf(),
+                lock,
+            });
+        }
+        Ok(LockFile { _file: file })
+    }
+}

@@ -1,0 +1,124 @@
+//! The database schema and its migrations. `PRAGMA user_version` holds the number of
+//! migrations applied; each migration runs once, in its own transaction, in order. Never edit a
+//! migration that has shipped: add the next one.
+
+use rusqlite::Connection;
+
+/// Every migration, oldest first. Index + 1 is the `user_version` after it ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE devices (
+        id              INTEGER PRIMARY KEY,
+        app             TEXT NOT NULL,
+        token           TEXT NOT NULL,
+        user            TEXT,
+        environment     TEXT NOT NULL,
+        -- 1 once a device record registered it; 0 for tokens only named in `to.tokens`.
+        registered      INTEGER NOT NULL DEFAULT 0,
+        registered_at   INTEGER,
+        unregistered_at INTEGER,
+        -- APNs' timestamp (ms) of the 410 or the time of the 400; NULL while valid.
+        invalidated_at  INTEGER,
+        invalid_reason  TEXT,
+        -- registered, not unregistered, not invalidated: the devices `users`/`all` reach.
+        active          INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        UNIQUE (app, token)
+    );
+    CREATE INDEX devices_active ON devices (app, id) WHERE active = 1;
+    CREATE INDEX devices_user ON devices (app, user) WHERE user IS NOT NULL;
+
+    CREATE TABLE notifications (
+        id            INTEGER PRIMARY KEY,
+        app           TEXT NOT NULL,
+        ext_id        TEXT NOT NULL,
+        target_kind   TEXT NOT NULL,
+        -- JSON array of tokens or users; empty for `all`.
+        target        TEXT NOT NULL,
+        payload       TEXT NOT NULL,
+        push_type     TEXT NOT NULL,
+        priority      INTEGER NOT NULL,
+        topic         TEXT NOT NULL,
+        collapse_id   TEXT,
+        expiration    INTEGER,
+        send_at       INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL,
+        source_file   TEXT,
+        -- 0 until every delivery exists; fan-out walks devices by id from fanout_cursor.
+        fanned_out    INTEGER NOT NULL DEFAULT 0,
+        fanout_cursor INTEGER NOT NULL DEFAULT 0,
+        finished_at   INTEGER,
+        UNIQUE (app, ext_id)
+    );
+    CREATE INDEX notifications_fanout ON notifications (send_at) WHERE fanned_out = 0;
+    CREATE INDEX notifications_unfinished ON notifications (id) WHERE finished_at IS NULL;
+
+    CREATE TABLE deliveries (
+        id              INTEGER PRIMARY KEY,
+        notification_id INTEGER NOT NULL REFERENCES notifications (id),
+        device_id       INTEGER NOT NULL REFERENCES devices (id),
+        -- 0 queued, 1 sent, 2 failed, 3 expired, 4 invalid_token
+        state           INTEGER NOT NULL DEFAULT 0,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        -- when a queued delivery is next due; while leased, when the lease ends.
+        due_at          INTEGER NOT NULL,
+        leased          INTEGER NOT NULL DEFAULT 0,
+        apns_id         TEXT NOT NULL,
+        last_status     INTEGER,
+        last_reason     TEXT,
+        updated_at      INTEGER NOT NULL,
+        finished_at     INTEGER,
+        UNIQUE (notification_id, device_id)
+    );
+    CREATE INDEX deliveries_due ON deliveries (due_at) WHERE state = 0;
+    CREATE INDEX deliveries_leased ON deliveries (id) WHERE leased = 1;
+    CREATE INDEX deliveries_notification ON deliveries (notification_id, state);
+    CREATE INDEX deliveries_device ON deliveries (device_id) WHERE state = 0;
+    CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE state <> 0;
+
+    -- Files whose records are committed: a restart after a crash between commit and move
+    -- recognises them (same name, content and identity) and only moves them.
+    CREATE TABLE committed_files (
+        name         TEXT NOT NULL,
+        sha256       TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        ino          INTEGER NOT NULL,
+        mtime_ns     INTEGER NOT NULL,
+        committed_at INTEGER NOT NULL,
+        PRIMARY KEY (name, sha256, ino, mtime_ns)
+    ) WITHOUT ROWID;
+    CREATE INDEX committed_files_age ON committed_files (committed_at);
+
+    -- Recent problems for `pushdrop status`: rejections, pauses, credential errors.
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,
+        kind    TEXT NOT NULL,
+        app     TEXT,
+        message TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database up to [`SCHEMA_VERSION`]; refuses a database from a newer build.
+pub fn migrate(conn: &mut Connection) -> Result<(), super::StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(super::StoreError::TooNew {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
