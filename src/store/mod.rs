@@ -328,3 +328,6 @@ impl LockFile {
         Ok(LockFile { _file: file })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! Store behaviour against real SQLite files in temp dirs.
+
+use super::*;
+use crate::config::Environment;
+use crate::model::{DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target};
+
+fn tok(i: u32) -> String {
+    format!("{i:08x}{}", "ab".repeat(28))
+}
+
+fn device(app: &str, i: u32, user: Option<&str>) -> Record {
+    Record::Device(DeviceRecord {
+        app: app.into(),
+        token: tok(i),
+        user: user.map(str::to_string),
+        environment: Environment::Production,
+        action: DeviceAction::Register,
+    })
+}
+
+fn notification(id: Option<&str>, target: Target) -> Record {
+    Record::Notification(NotificationRecord {
+        app: "a".into(),
+        id: id.map(str::to_string),
+        target,
+        payload: r#"{"aps":{"alert":"hi"}}"#.into(),
+        push_type: PushType::Alert,
+        priority: 10,
+        topic: "com.example.a".into(),
+        collapse_id: None,
+        expiration: None,
+        send_at_ms: None,
+        environment: Environment::Production,
+    })
+}
+
+fn file(name: &str, records: Vec<Record>) -> IngestFile {
+    IngestFile {
+        name: name.into(),
+        size: 1,
+        sha256: format!("sha-{name}"),
+        ino: 1,
+        mtime_ns: 1_000_000_000,
+        records,
+    }
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db/p.db"), true).unwrap();
+    (dir, store)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn second_exclusive_open_is_refused() {
+    let (dir, _store) = open();
+    match Store::open(&dir.path().join("db/p.db"), true) {
+        Err(StoreError::Locked { .. }) => {}
+        other => panic!("expected Locked, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
+    let (_dir, store) = open();
+    let f = file(
+        "n.json",
+        vec![
+            device("a", 1, Some("alice")),
+            notification(Some("x1"), Target::Tokens(vec![tok(1), tok(2), tok(1)])),
+        ],
+    );
+    let out = store.ingest(vec![f.clone()]).unwrap();
+    assert_eq!(out[0].notifications_queued, 1);
+    assert_eq!(out[0].devices_registered, 1);
+    let again = store.ingest(vec![f]).unwrap();
+    assert!(again[0].already_committed);
+    let dup = store
+        .ingest(vec![file(
+            "m.json",
+            vec![notification(Some("x1"), Target::All)],
+        )])
+        .unwrap();
+    assert_eq!(dup[0].duplicates, vec![(0, "x1".to_string())]);
+    assert_eq!(dup[0].notifications_queued, 0);
+
+    let r = query::Reader::open(store.path()).unwrap();
+    let n: i64 = r
+        .conn()
+        .query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2, "one delivery per distinct token");
+}
+
+#[test]
+fn broadcast_fans_out_to_active_devices_and_claims_lease() {
+    let (_dir, store) = open();
+    let mut recs: Vec<Record> = (0..50).map(|i| device("a", i, None)).collect();
+    recs.push(Record::Device(DeviceRecord {
+        app: "a".into(),
+        token: tok(3),
+        user: None,
+        environment: Environment::Production,
+        action: DeviceAction::Unregister,
+    }));
+    recs.push(device("other", 99, None));
+    store.ingest(vec![file("d.jsonl", recs)]).unwrap();
+    store
+        .ingest(vec![file(
+            "b.json",
+            vec![notification(Some("b"), Target::All)],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        assert_eq!(store.fan_out_due(now, 1_000_000).await.unwrap(), 49);
+        let (claimed, fin) = store.claim_due(now, 30, 60_000).await.unwrap();
+        assert_eq!(claimed.len(), 30);
+        assert!(fin.is_empty());
+        let (rest, _) = store.claim_due(now, 100, 60_000).await.unwrap();
+        assert_eq!(rest.len(), 19, "leased deliveries are not claimed twice");
+        let all: Vec<_> = claimed.into_iter().chain(rest).collect();
+        let results = all
+            .iter()
+            .map(|c| DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind: ResultKind::Sent { apns_id: None },
+            })
+            .collect();
+        let fin = store.record_results(results).await.unwrap();
+        assert_eq!(fin.len(), 1);
+        assert_eq!(fin[0].ext_id, "b");
+        assert_eq!(store.next_due_ms().await.unwrap(), None);
+    });
+}
+
+#[test]
+fn invalidation_respects_later_registration() {
+    let (_dir, store) = open();
+    // Registered with file mtime 1 s after the epoch.
+    store
+        .ingest(vec![file(
+            "d.jsonl",
+            vec![device("a", 1, None), device("a", 2, None)],
+        )])
+        .unwrap();
+    store
+        .ingest(vec![file(
+            "n.json",
+            vec![notification(Some("n"), Target::All)],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        store.fan_out_due(now, 100).await.unwrap();
+        let (claimed, _) = store.claim_due(now, 10, 60_000).await.unwrap();
+        let results = claimed
+            .iter()
+            .map(|c| DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind: ResultKind::InvalidToken {
+                    status: 410,
+                    reason: "Unregistered".into(),
+                    // device 1: Apple says dead since before its registration (500 ms) → stays;
+                    // device 2: dead since 2 s, after the registration → invalidated.
+                    invalidated_at_ms: if c.device.token == tok(1) { 500 } else { 2000 },
+                },
+            })
+            .collect();
+        store.record_results(results).await.unwrap();
+    });
+    let r = query::Reader::open(store.path()).unwrap();
+    let active: Vec<(String, i64)> = r
+        .conn()
+        .prepare("SELECT token, active FROM devices ORDER BY token")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(active, vec![(tok(1), 1), (tok(2), 0)]);
+
+    // A registration written after the invalidation re-activates; file mtime 3 s.
+    let mut later = file("d2.jsonl", vec![device("a", 2, None)]);
+    later.mtime_ns = 3_000_000_000;
+    store.ingest(vec![later]).unwrap();
+    let a: i64 = r
+        .conn()
+        .query_row(
+            "SELECT active FROM devices WHERE token = ?1",
+            [tok(2)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(a, 1);
+}
+
+#[test]
+fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
+    let (_dir, store) = open();
+    let mut n = notification(Some("old"), Target::Tokens(vec![tok(7)]));
+    if let Record::Notification(n) = &mut n {
+        n.expiration = Some(1);
+    }
+    store.ingest(vec![file("e.json", vec![n])]).unwrap();
+    store
+        .ingest(vec![file(
+            "f.json",
+            vec![notification(Some("f"), Target::Tokens(vec![tok(8)]))],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let (claimed, fin) = store.claim_due(now, 10, 60_000).await.unwrap();
+        assert_eq!(
+            fin.iter().map(|f| f.ext_id.as_str()).collect::<Vec<_>>(),
+            vec!["old"]
+        );
+        assert_eq!(claimed.len(), 1);
+        let fin = store
+            .record_results(vec![DeliveryResult {
+                delivery_id: claimed[0].delivery_id,
+                kind: ResultKind::Failed {
+                    status: Some(400),
+                    reason: "BadTopic".into(),
+                },
+            }])
+            .await
+            .unwrap();
+        assert_eq!(fin.len(), 1);
+    });
+    assert_eq!(store.retry_failed_blocking(Some("f".into())).unwrap(), 1);
+    assert_eq!(store.retry_failed_blocking(None).unwrap(), 0);
+}
