@@ -1,6 +1,12 @@
-//! `status`, `show`, `devices`, `retry`, `purge`, `backup`.
+//! `status`, `show`, `devices`, `retry`, `purge`, `backup`: the operator's view of the store.
 
 use std::path::Path;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::store::Store;
+use crate::store::query::{DeviceQuery, Reader};
 
 /// Filters of `pushdrop devices`.
 pub struct DeviceFilter {
@@ -10,38 +16,204 @@ pub struct DeviceFilter {
     pub limit: usize,
 }
 
-/// `pushdrop status`.
-pub fn status(config: &Path, _json: bool) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("status is not built yet")
+/// Opens the database read-only, creating and migrating it first if it does not exist yet.
+fn reader(cfg: &Config) -> anyhow::Result<Reader> {
+    if !cfg.store.path.exists() {
+        Store::open(&cfg.store.path, false)?;
+    }
+    Ok(Reader::open(&cfg.store.path)?)
 }
 
-/// `pushdrop show`.
-pub fn show(config: &Path, _id: &str, _app: Option<&str>, _json: bool) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("show is not built yet")
+/// `pushdrop status [--json]`.
+pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    let s = reader(&cfg)?.status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(0);
+    }
+    println!("database      {}", cfg.store.path.display());
+    println!(
+        "queued        {} (oldest due {:.1} s ago), {} notification(s) scheduled or fanning out",
+        s.queued, s.oldest_queued_age_s, s.scheduled_notifications
+    );
+    if s.deliveries.is_empty() {
+        println!("deliveries    none yet");
+    } else {
+        println!(
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>13}",
+            "app", "queued", "sent", "failed", "expired", "invalid_token"
+        );
+        for (app, by) in &s.deliveries {
+            let g = |k: &str| by.get(k).copied().unwrap_or(0);
+            println!(
+                "{:<20} {:>9} {:>9} {:>9} {:>9} {:>13}",
+                app,
+                g("queued"),
+                g("sent"),
+                g("failed"),
+                g("expired"),
+                g("invalid_token")
+            );
+        }
+    }
+    for (app, d) in &s.devices {
+        println!(
+            "devices       {app}: {} active, {} invalid, {} unregistered, {} token-only",
+            d.active, d.invalid, d.unregistered, d.unregistered_tokens_only
+        );
+    }
+    if !s.recent_errors.is_empty() {
+        println!("recent errors");
+        for e in &s.recent_errors {
+            println!(
+                "  {} {} {}{}",
+                e.at,
+                e.kind,
+                e.app
+                    .as_deref()
+                    .map(|a| format!("[{a}] "))
+                    .unwrap_or_default(),
+                e.message
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `pushdrop show ID`.
+pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    let Some(n) = reader(&cfg)?.show(id, app, 10_000)? else {
+        eprintln!("pushdrop: no notification with id {id:?}");
+        return Ok(1);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&n)?);
+        return Ok(0);
+    }
+    println!("notification  {} (app {})", n.id, n.app);
+    println!("target        {}", n.target);
+    println!(
+        "push          {} priority {} topic {}{}",
+        n.push_type,
+        n.priority,
+        n.topic,
+        n.collapse_id
+            .as_deref()
+            .map(|c| format!(" collapse-id {c}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "created       {} from {}",
+        n.created_at,
+        n.source_file.as_deref().unwrap_or("-")
+    );
+    println!("send at       {}", n.send_at);
+    if let Some(e) = n.expiration {
+        println!(
+            "expiration    {}",
+            crate::store::query::rfc3339_ms(e * 1000)
+        );
+    }
+    println!("finished      {}", n.finished_at.as_deref().unwrap_or("no"));
+    let counts: Vec<String> = n.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("deliveries    {}", counts.join(", "));
+    println!("payload       {}", n.payload);
+    for d in &n.deliveries {
+        println!(
+            "  {} {:<10} {:<13} attempts {} apns-id {}{}",
+            crate::model::token_prefix(&d.token),
+            d.environment,
+            d.state,
+            d.attempts,
+            d.apns_id,
+            match (&d.last_status, &d.last_reason) {
+                (Some(s), Some(r)) => format!(" last {s} {r}"),
+                (None, Some(r)) => format!(" last {r}"),
+                (Some(s), None) => format!(" last {s}"),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(0)
 }
 
 /// `pushdrop devices`.
-pub fn devices(config: &Path, _f: &DeviceFilter, _json: bool) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("devices is not built yet")
+pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    let rows = reader(&cfg)?.devices(&DeviceQuery {
+        app: f.app.clone(),
+        user: f.user.clone(),
+        invalid_only: f.invalid,
+        limit: f.limit,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<14} {:<16} {:<11} {:<14} {:<20} token",
+        "app", "user", "env", "state", "invalid since"
+    );
+    for d in &rows {
+        println!(
+            "{:<14} {:<16} {:<11} {:<14} {:<20} {}{}",
+            d.app,
+            d.user.as_deref().unwrap_or("-"),
+            d.environment,
+            d.state,
+            d.invalidated_at.as_deref().unwrap_or("-"),
+            d.token,
+            d.invalid_reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+    println!("{} device(s)", rows.len());
+    Ok(0)
 }
 
-/// `pushdrop retry`.
-pub fn retry(config: &Path, _id: Option<&str>) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("retry is not built yet")
+/// `pushdrop retry ID | --failed`.
+pub fn retry(config: &Path, id: Option<&str>) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    let store = Store::open(&cfg.store.path, false)?;
+    let n = store.retry_failed_blocking(id.map(str::to_string))?;
+    match id {
+        Some(id) => println!("requeued {n} failed deliveries of {id}"),
+        None => println!("requeued {n} failed deliveries"),
+    }
+    Ok(0)
 }
 
 /// `pushdrop purge`.
 pub fn purge(config: &Path) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("purge is not built yet")
+    let cfg = super::load_config(config)?;
+    let store = Store::open(&cfg.store.path, false)?;
+    let cutoff = crate::model::now_ms() - i64::from(cfg.store.keep_finished_days) * 86_400_000;
+    let c = store.purge_blocking(cutoff)?;
+    println!(
+        "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {} days",
+        c.deliveries, c.notifications, c.devices, c.committed_files, cfg.store.keep_finished_days
+    );
+    Ok(0)
 }
 
-/// `pushdrop backup`.
-pub fn backup(config: &Path, _dest: &Path) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("backup is not built yet")
+/// `pushdrop backup DEST`.
+pub fn backup(config: &Path, dest: &Path) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    if dest.exists() {
+        anyhow::bail!("{} exists; backup writes a new file", dest.display());
+    }
+    let store = Store::open(&cfg.store.path, false)?;
+    store
+        .backup_blocking(dest)
+        .with_context(|| format!("backup to {}", dest.display()))?;
+    println!(
+        "wrote a consistent copy of {} to {}",
+        cfg.store.path.display(),
+        dest.display()
+    );
+    Ok(0)
 }

@@ -32,3 +32,429 @@ impl Reader {
         &self.conn
     }
 }
+
+use std::collections::BTreeMap;
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use crate::model::{DeliveryState, now_ms};
+
+/// `pushdrop status` and `/status`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Status {
+    /// Deliveries by app and state.
+    pub deliveries: BTreeMap<String, BTreeMap<&'static str, i64>>,
+    /// Deliveries still queued, all apps together.
+    pub queued: i64,
+    /// Seconds the oldest due-but-unsent delivery has been waiting (0 when none).
+    pub oldest_queued_age_s: f64,
+    /// Notifications waiting for their `send_at` or still fanning out.
+    pub scheduled_notifications: i64,
+    /// Devices by app: active, invalid, unregistered.
+    pub devices: BTreeMap<String, DeviceCounts>,
+    /// The latest problems (rejections, pauses, credential errors), newest first.
+    pub recent_errors: Vec<EventRow>,
+}
+
+/// Device counts of one app.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    pub active: i64,
+    pub invalid: i64,
+    pub unregistered: i64,
+    /// Tokens only named in `to.tokens`, never registered.
+    pub unregistered_tokens_only: i64,
+}
+
+/// One remembered problem.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub at: String,
+    pub kind: String,
+    pub app: Option<String>,
+    pub message: String,
+}
+
+/// A notification and its deliveries, for `pushdrop show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShowNotification {
+    pub id: String,
+    pub app: String,
+    pub target: String,
+    pub push_type: String,
+    pub priority: i64,
+    pub topic: String,
+    pub collapse_id: Option<String>,
+    pub expiration: Option<i64>,
+    pub send_at: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub source_file: Option<String>,
+    pub payload: serde_json::Value,
+    pub counts: BTreeMap<&'static str, i64>,
+    pub deliveries: Vec<DeliveryRow>,
+}
+
+/// One delivery of a notification.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRow {
+    pub token: String,
+    pub environment: String,
+    pub state: &'static str,
+    pub attempts: i64,
+    pub apns_id: String,
+    pub last_status: Option<i64>,
+    pub last_reason: Option<String>,
+    pub updated_at: String,
+}
+
+/// One device of the registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    pub app: String,
+    pub token: String,
+    pub user: Option<String>,
+    pub environment: String,
+    pub state: &'static str,
+    pub registered_at: Option<String>,
+    pub invalidated_at: Option<String>,
+    pub invalid_reason: Option<String>,
+}
+
+/// What a receipt reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiptData {
+    pub id: String,
+    pub app: String,
+    pub finished_at: String,
+    pub counts: BTreeMap<&'static str, i64>,
+    /// Failed, expired and invalid tokens with their reasons.
+    pub problems: Vec<ReceiptProblem>,
+    /// Sent tokens, when there are few enough.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_tokens: Option<Vec<String>>,
+}
+
+/// A token that did not get the push.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiptProblem {
+    pub token: String,
+    pub state: &'static str,
+    pub status: Option<i64>,
+    pub reason: Option<String>,
+}
+
+/// Filters for [`Reader::devices`].
+#[derive(Debug, Clone, Default)]
+pub struct DeviceQuery {
+    pub app: Option<String>,
+    pub user: Option<String>,
+    pub invalid_only: bool,
+    pub limit: usize,
+}
+
+/// RFC 3339 of a millisecond timestamp.
+pub fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn state_name(code: i64) -> &'static str {
+    DeliveryState::from_code(code).map_or("unknown", DeliveryState::as_str)
+}
+
+impl Reader {
+    /// Queue and registry figures.
+    pub fn status(&self) -> Result<Status, StoreError> {
+        let mut s = Status::default();
+        let mut st = self
+            .conn
+            .prepare("SELECT n.app, d.state, count(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id GROUP BY n.app, d.state")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (app, state, n) = row?;
+            let e = s.deliveries.entry(app).or_default();
+            for st in DeliveryState::ALL {
+                e.entry(st.as_str()).or_insert(0);
+            }
+            *e.entry(state_name(state)).or_insert(0) += n;
+            if state == 0 {
+                s.queued += n;
+            }
+        }
+        let now = now_ms();
+        let oldest: Option<i64> = self.conn.query_row(
+            "SELECT min(d.due_at) FROM deliveries d WHERE d.state = 0 AND d.leased = 0 AND d.due_at <= ?1",
+            [now],
+            |r| r.get(0),
+        )?;
+        s.oldest_queued_age_s = oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        s.scheduled_notifications = self.conn.query_row(
+            "SELECT count(*) FROM notifications WHERE fanned_out = 0",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut st = self.conn.prepare(
+            "SELECT app,
+                    sum(active = 1),
+                    sum(invalidated_at IS NOT NULL),
+                    sum(registered = 1 AND unregistered_at IS NOT NULL AND invalidated_at IS NULL),
+                    sum(registered = 0 AND invalidated_at IS NULL)
+             FROM devices GROUP BY app",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                DeviceCounts {
+                    active: r.get(1)?,
+                    invalid: r.get(2)?,
+                    unregistered: r.get(3)?,
+                    unregistered_tokens_only: r.get(4)?,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (app, c) = row?;
+            s.devices.insert(app, c);
+        }
+        let mut st = self
+            .conn
+            .prepare("SELECT at, kind, app, message FROM events ORDER BY id DESC LIMIT 10")?;
+        let rows = st.query_map([], |r| {
+            Ok(EventRow {
+                at: rfc3339_ms(r.get(0)?),
+                kind: r.get(1)?,
+                app: r.get(2)?,
+                message: r.get(3)?,
+            })
+        })?;
+        for row in rows {
+            s.recent_errors.push(row?);
+        }
+        Ok(s)
+    }
+
+    /// A notification by its id (and app, when ids repeat across apps).
+    pub fn show(
+        &self,
+        id: &str,
+        app: Option<&str>,
+        max_deliveries: usize,
+    ) -> Result<Option<ShowNotification>, StoreError> {
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+            i64,
+            String,
+            Option<String>,
+            Option<i64>,
+            i64,
+            i64,
+            Option<i64>,
+            Option<String>,
+        );
+        let row: Option<Row> = self
+            .conn
+            .query_row(
+                "SELECT id, app, target_kind, target, payload, push_type, priority, topic, collapse_id,
+                        expiration, send_at, created_at, finished_at, source_file
+                 FROM notifications WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY id LIMIT 1",
+                params![id, app],
+                |r| {
+                    Ok((
+                        r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?,
+                        r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?, r.get(12)?, r.get(13)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((
+            nid,
+            app,
+            kind,
+            target,
+            payload,
+            push_type,
+            priority,
+            topic,
+            collapse_id,
+            expiration,
+            send_at,
+            created_at,
+            finished_at,
+            source_file,
+        )) = row
+        else {
+            return Ok(None);
+        };
+        let counts = self.counts(nid)?;
+        let mut st = self.conn.prepare(
+            "SELECT v.token, v.environment, d.state, d.attempts, d.apns_id, d.last_status, d.last_reason, d.updated_at
+             FROM deliveries d JOIN devices v ON v.id = d.device_id
+             WHERE d.notification_id = ?1 ORDER BY d.id LIMIT ?2",
+        )?;
+        let deliveries = st
+            .query_map(params![nid, max_deliveries as i64], |r| {
+                Ok(DeliveryRow {
+                    token: r.get(0)?,
+                    environment: r.get(1)?,
+                    state: state_name(r.get(2)?),
+                    attempts: r.get(3)?,
+                    apns_id: r.get(4)?,
+                    last_status: r.get(5)?,
+                    last_reason: r.get(6)?,
+                    updated_at: rfc3339_ms(r.get(7)?),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(ShowNotification {
+            id: id.to_string(),
+            app,
+            target: if kind == "all" {
+                "all".into()
+            } else {
+                format!("{kind}: {target}")
+            },
+            push_type,
+            priority,
+            topic,
+            collapse_id,
+            expiration,
+            send_at: rfc3339_ms(send_at),
+            created_at: rfc3339_ms(created_at),
+            finished_at: finished_at.map(rfc3339_ms),
+            source_file,
+            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+            counts,
+            deliveries,
+        }))
+    }
+
+    fn counts(&self, nid: i64) -> Result<BTreeMap<&'static str, i64>, StoreError> {
+        let mut counts: BTreeMap<&'static str, i64> =
+            DeliveryState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut st = self.conn.prepare_cached(
+            "SELECT state, count(*) FROM deliveries WHERE notification_id = ?1 GROUP BY state",
+        )?;
+        for row in st.query_map([nid], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+            let (s, n) = row?;
+            *counts.entry(state_name(s)).or_insert(0) += n;
+        }
+        Ok(counts)
+    }
+
+    /// The device registry, filtered.
+    pub fn devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT app, token, user, environment, active, registered, unregistered_at, registered_at,
+                    invalidated_at, invalid_reason
+             FROM devices
+             WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR user = ?2)
+               AND (?3 = 0 OR invalidated_at IS NOT NULL)
+             ORDER BY app, user, token LIMIT ?4",
+        )?;
+        let rows = st.query_map(
+            params![q.app, q.user, q.invalid_only as i64, q.limit as i64],
+            |r| {
+                let active: i64 = r.get(4)?;
+                let registered: i64 = r.get(5)?;
+                let unregistered: Option<i64> = r.get(6)?;
+                let invalidated: Option<i64> = r.get(8)?;
+                let state = if invalidated.is_some() {
+                    "invalid"
+                } else if active == 1 {
+                    "active"
+                } else if unregistered.is_some() {
+                    "unregistered"
+                } else if registered == 0 {
+                    "not registered"
+                } else {
+                    "inactive"
+                };
+                Ok(DeviceRow {
+                    app: r.get(0)?,
+                    token: r.get(1)?,
+                    user: r.get(2)?,
+                    environment: r.get(3)?,
+                    state,
+                    registered_at: r.get::<_, Option<i64>>(7)?.map(rfc3339_ms),
+                    invalidated_at: invalidated.map(rfc3339_ms),
+                    invalid_reason: r.get(9)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What a finished notification's receipt says.
+    pub fn receipt(
+        &self,
+        notification_id: i64,
+        max_sent_tokens: usize,
+    ) -> Result<Option<ReceiptData>, StoreError> {
+        let row: Option<(String, String, Option<i64>)> = self
+            .conn
+            .query_row(
+                "SELECT ext_id, app, finished_at FROM notifications WHERE id = ?1",
+                [notification_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((id, app, finished_at)) = row else {
+            return Ok(None);
+        };
+        let counts = self.counts(notification_id)?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT v.token, d.state, d.last_status, d.last_reason
+             FROM deliveries d JOIN devices v ON v.id = d.device_id
+             WHERE d.notification_id = ?1 AND d.state IN (2, 3, 4) ORDER BY d.id",
+        )?;
+        let problems = st
+            .query_map([notification_id], |r| {
+                Ok(ReceiptProblem {
+                    token: r.get(0)?,
+                    state: state_name(r.get(1)?),
+                    status: r.get(2)?,
+                    reason: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let sent = counts.get("sent").copied().unwrap_or(0);
+        let sent_tokens = if sent as usize <= max_sent_tokens {
+            let mut st = self.conn.prepare_cached(
+                "SELECT v.token FROM deliveries d JOIN devices v ON v.id = d.device_id
+                 WHERE d.notification_id = ?1 AND d.state = 1 ORDER BY d.id",
+            )?;
+            Some(
+                st.query_map([notification_id], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        };
+        Ok(Some(ReceiptData {
+            id,
+            app,
+            finished_at: rfc3339_ms(finished_at.unwrap_or_else(now_ms)),
+            counts,
+            problems,
+            sent_tokens,
+        }))
+    }
+}
