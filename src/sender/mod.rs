@@ -1,1 +1,552 @@
-//! The sender loop (to be built).
+//! The sender: from the queue in SQLite to APNs and back.
+//!
+//! One loop claims due deliveries in batches (with a lease, so a crash mid-send leaves them
+//! claimable again: at-least-once), starts one task per delivery while keeping at most
+//! `max_in_flight` in flight, and sleeps until the next due time or until the inbox commits
+//! new work — never a polling loop. Each task sends through the [`ApnsClient`] and turns the
+//! classified [`Outcome`] into a [`ResultKind`]; a recorder task writes results in batched
+//! transactions and writes receipts for notifications that became final.
+//!
+//! Two guards stand between APNs' answers and the device registry and queue:
+//! - a credential failure pauses the app and environment with back-off instead of burning every
+//!   delivery's attempts (the client re-reads the key or certificate on the next try);
+//! - a burst of `BadDeviceToken` across many devices means a wrong environment or topic in the
+//!   config, not dead phones: those answers are held briefly, and if they turn out to be a
+//!   burst, the app and environment pause and nothing is invalidated.
+
+mod guard;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::apns::{ApnsClient, Outcome, PushRequest};
+use crate::config::Config;
+use crate::metrics::{self, OutcomeLabel, ReasonLabel};
+use crate::model::{DeliveryState, now_ms, token_prefix};
+use crate::receipts::Receipts;
+use crate::store::{ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind, Store};
+
+use guard::{BadTokenVerdict, Guards};
+
+/// Deliveries claimed per store round trip.
+const CLAIM_BATCH: usize = 1000;
+/// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
+const FANOUT_ROWS_PER_ROUND: usize = 50_000;
+/// Results written per transaction at most.
+const RECORD_BATCH: usize = 2000;
+
+/// A running sender.
+pub struct SenderHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl SenderHandle {
+    /// Stops claiming, gives in-flight requests up to `[sender] shutdown_grace_ms` to finish,
+    /// records their results and hands everything else back to the queue.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Inner {
+    cfg: Arc<Config>,
+    store: Store,
+    client: ApnsClient,
+    receipts: Option<Receipts>,
+    guards: Guards,
+}
+
+/// Starts the sender on the current tokio runtime.
+pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle {
+    let (stop, stop_rx) = watch::channel(false);
+    let (results_tx, results_rx) = mpsc::channel(cfg.sender.max_in_flight * 2 + RECORD_BATCH);
+    let receipts = cfg
+        .receipts
+        .dir
+        .as_deref()
+        .map(|d| Receipts::new(d, &cfg.store.path, cfg.receipts.max_sent_tokens));
+    let inner = Arc::new(Inner {
+        guards: Guards::new(&cfg.sender),
+        cfg,
+        store,
+        client,
+        receipts,
+    });
+    let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
+    SenderHandle { stop, task }
+}
+
+async fn main_loop(
+    inner: Arc<Inner>,
+    results: mpsc::Sender<DeliveryResult>,
+    results_rx: mpsc::Receiver<DeliveryResult>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let store = inner.store.clone();
+    match store.release_stale_leases().await {
+        Ok(n) if n > 0 => info!(
+            event = "leases_released",
+            deliveries = n,
+            "deliveries claimed before a restart are due again"
+        ),
+        Ok(_) => {}
+        Err(e) => error!(event = "store_error", error = %e, "cannot release stale leases"),
+    }
+    let max_in_flight = inner.cfg.sender.max_in_flight;
+    let lease_ms = inner.cfg.sender.lease_ms as i64;
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    let (stop_recorder, recorder_stop) = watch::channel(false);
+    let recorder = tokio::spawn(recorder(inner.clone(), results_rx, recorder_stop));
+    let new_work = store.new_work();
+
+    while !*stop.borrow() {
+        let now = now_ms();
+        if let Err(e) = store.fan_out_due(now, FANOUT_ROWS_PER_ROUND).await {
+            error!(event = "store_error", error = %e, "fan-out failed; retrying in 1 s");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if slots.available_permits() == 0 {
+            tokio::select! {
+                p = slots.clone().acquire_owned() => drop(p),
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let limit = slots.available_permits().min(CLAIM_BATCH);
+        let (claimed, finished) = match store.claim_due(now, limit, lease_ms).await {
+            Ok(c) => c,
+            Err(e) => {
+                error!(event = "store_error", error = %e, "claim failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        inner.clone().finished(finished);
+        let n = claimed.len();
+        for c in claimed {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            if let Some(until_ms) = inner
+                .guards
+                .paused_until(&c.notification.app, c.device.environment)
+            {
+                let _ = results
+                    .send(DeliveryResult {
+                        delivery_id: c.delivery_id,
+                        kind: ResultKind::Retry {
+                            due_at_ms: until_ms,
+                            status: None,
+                            reason: "app paused".into(),
+                            count_attempt: false,
+                        },
+                    })
+                    .await;
+                continue;
+            }
+            let inner = inner.clone();
+            let results = results.clone();
+            tokio::spawn(async move {
+                inner.send_one(c, &results).await;
+                drop(permit);
+            });
+        }
+        if n == limit {
+            continue;
+        }
+        // Idle: sleep until the next due moment, new work, or shutdown.
+        let sleep_ms = match store.next_due_ms().await {
+            Ok(Some(t)) => (t - now_ms()).clamp(0, 60_000),
+            Ok(None) => 60_000,
+            Err(_) => 1000,
+        };
+        let sleep_ms = if n == 0 { sleep_ms.max(2) } else { sleep_ms };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(sleep_ms as u64)) => {}
+            _ = new_work.notified() => {}
+            _ = stop.changed() => {}
+        }
+    }
+
+    // Shutdown: let in-flight requests finish within the grace period.
+    let grace = Duration::from_millis(inner.cfg.sender.shutdown_grace_ms);
+    let all = max_in_flight as u32;
+    if tokio::time::timeout(grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        warn!(
+            event = "shutdown_grace_exceeded",
+            in_flight = max_in_flight - slots.available_permits(),
+            "requests still in flight after the grace period stay queued"
+        );
+    }
+    for r in inner.guards.release_all_held() {
+        let _ = results.send(r).await;
+    }
+    drop(results);
+    let _ = stop_recorder.send(true);
+    let _ = recorder.await;
+    if let Err(e) = store.release_stale_leases().await {
+        error!(event = "store_error", error = %e, "cannot hand leased deliveries back");
+    }
+}
+
+/// Writes results in batched transactions; releases held `BadDeviceToken` answers when their
+/// window passes. On stop it drains what is buffered and ends, even if abandoned tasks (past
+/// the grace period) still hold senders: their deliveries stay leased and are resent.
+async fn recorder(
+    inner: Arc<Inner>,
+    mut rx: mpsc::Receiver<DeliveryResult>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let new_work = inner.store.new_work();
+    let mut stopping = false;
+    loop {
+        if !stopping {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => stopping = true,
+                },
+                _ = tick.tick() => batch.extend(inner.guards.release_due()),
+                _ = stop.changed() => {
+                    rx.close();
+                    stopping = true;
+                }
+            }
+        }
+        while batch.len() < RECORD_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            if stopping {
+                break;
+            }
+            continue;
+        }
+        let retries = batch
+            .iter()
+            .any(|r| matches!(r.kind, ResultKind::Retry { .. }));
+        match inner.store.record_results(std::mem::take(&mut batch)).await {
+            Ok(finished) => inner.clone().finished(finished),
+            Err(e) => {
+                error!(event = "store_error", error = %e, "cannot record delivery results; they stay leased and will be resent")
+            }
+        }
+        if retries {
+            new_work.notify_one();
+        }
+    }
+}
+
+fn log_finished(finished: &[FinishedNotification]) {
+    for f in finished {
+        info!(event = "notification_finished", id = %f.ext_id, app = %f.app, "all deliveries final");
+    }
+}
+
+impl Inner {
+    /// Logs finished notifications and writes their receipts (off the async threads).
+    fn finished(self: Arc<Self>, finished: Vec<FinishedNotification>) {
+        if finished.is_empty() {
+            return;
+        }
+        if self.receipts.is_none() {
+            log_finished(&finished);
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            let Some(receipts) = &self.receipts else {
+                return;
+            };
+            for f in finished {
+                match receipts.write(f.notification_id) {
+                    Ok(path) => info!(
+                        event = "notification_finished",
+                        id = %f.ext_id,
+                        app = %f.app,
+                        receipt = %path.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                        "all deliveries final"
+                    ),
+                    Err(e) => {
+                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt")
+                    }
+                }
+            }
+        });
+    }
+
+    /// Sends one delivery and reports its result.
+    async fn send_one(&self, c: ClaimedDelivery, results: &mpsc::Sender<DeliveryResult>) {
+        let n = &c.notification;
+        let attempt = c.attempts + 1;
+        let req = PushRequest {
+            app: Arc::from(n.app.as_str()),
+            environment: c.device.environment,
+            token: c.device.token.clone(),
+            apns_id: c.apns_id.clone(),
+            topic: n.topic.clone(),
+            push_type: n.push_type,
+            priority: n.priority,
+            expiration: n.expiration,
+            collapse_id: n.collapse_id.clone(),
+            payload: n.payload.clone(),
+        };
+        let started = std::time::Instant::now();
+        let mut outcome = self.client.send(req.clone()).await;
+        // ExpiredProviderToken: the client minted a fresh token; resend at once, uncounted.
+        let mut refreshes = 0;
+        while let Outcome::AuthRefreshed { .. } = outcome {
+            if refreshes == 2 {
+                break;
+            }
+            refreshes += 1;
+            outcome = self.client.send(req.clone()).await;
+        }
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let Some(kind) = self.verdict(&c, outcome, results) else {
+            return; // held by the BadDeviceToken guard
+        };
+        self.log_outcome(&c, &kind, attempt, latency_ms);
+        let _ = results
+            .send(DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind,
+            })
+            .await;
+    }
+
+    /// What an APNs outcome means for this delivery (SPEC 4.3).
+    fn verdict(
+        &self,
+        c: &ClaimedDelivery,
+        outcome: Outcome,
+        results: &mpsc::Sender<DeliveryResult>,
+    ) -> Option<ResultKind> {
+        let app = c.notification.app.as_str();
+        let env = c.device.environment;
+        let s = &self.cfg.sender;
+        match outcome {
+            Outcome::Sent { apns_id, .. } => {
+                self.guards.success(app, env);
+                Some(ResultKind::Sent {
+                    apns_id: Some(apns_id),
+                })
+            }
+            Outcome::InvalidToken {
+                status,
+                reason,
+                timestamp_ms,
+            } if status == 400 => {
+                match self
+                    .guards
+                    .bad_device_token(app, env, c.delivery_id, &reason)
+                {
+                    BadTokenVerdict::Hold => None,
+                    BadTokenVerdict::Burst { until_ms, released } => {
+                        error!(
+                            event = "app_paused",
+                            app,
+                            environment = %env,
+                            reason = "BadDeviceToken burst",
+                            "many devices of this app answered BadDeviceToken at once: the app's environment or topic is probably wrong in the config; pausing it and invalidating nothing"
+                        );
+                        let store = self.store.clone();
+                        let app_s = app.to_string();
+                        let results = results.clone();
+                        tokio::spawn(async move {
+                            store
+                                .note_event(
+                                    "paused",
+                                    Some(&app_s),
+                                    &format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."),
+                                )
+                                .await;
+                            for r in released {
+                                let _ = results.send(r).await;
+                            }
+                        });
+                        let _ = timestamp_ms;
+                        Some(ResultKind::Retry {
+                            due_at_ms: until_ms,
+                            status: Some(status),
+                            reason,
+                            count_attempt: false,
+                        })
+                    }
+                }
+            }
+            Outcome::InvalidToken {
+                status,
+                reason,
+                timestamp_ms,
+            } => Some(ResultKind::InvalidToken {
+                status,
+                reason,
+                invalidated_at_ms: timestamp_ms.unwrap_or_else(now_ms),
+            }),
+            Outcome::AuthRefreshed { reason } => {
+                Some(self.retry_or_give_up(c, None, reason, false))
+            }
+            Outcome::Retry {
+                status,
+                reason,
+                unsent,
+            } => Some(self.retry_or_give_up(c, status, reason, !unsent)),
+            Outcome::PauseApp { status, reason } => {
+                let (until_ms, new) = self.guards.pause(app, env, &reason, s);
+                if new {
+                    error!(
+                        event = "app_paused",
+                        app,
+                        environment = %env,
+                        reason = %reason,
+                        resume_in_ms = until_ms - now_ms(),
+                        "APNs refused the app's credentials; pausing it (fix the key or certificate file: it is re-read on the next try)"
+                    );
+                    let store = self.store.clone();
+                    let (app_s, msg) = (app.to_string(), format!("{env}: {reason}"));
+                    tokio::spawn(
+                        async move { store.note_event("paused", Some(&app_s), &msg).await },
+                    );
+                }
+                Some(ResultKind::Retry {
+                    due_at_ms: until_ms,
+                    status,
+                    reason,
+                    count_attempt: false,
+                })
+            }
+            Outcome::Failed { status, reason } => Some(ResultKind::Failed {
+                status: Some(status),
+                reason,
+            }),
+        }
+    }
+
+    /// A retryable failure: back off with jitter, unless attempts or the expiration run out.
+    fn retry_or_give_up(
+        &self,
+        c: &ClaimedDelivery,
+        status: Option<u16>,
+        reason: String,
+        count_attempt: bool,
+    ) -> ResultKind {
+        let s = &self.cfg.sender;
+        let attempts = c.attempts + u32::from(count_attempt);
+        if attempts >= s.max_attempts {
+            return ResultKind::Failed { status, reason };
+        }
+        let due = now_ms() + backoff_ms(s.retry_initial_ms, s.retry_max_ms, attempts) as i64;
+        if let Some(exp) = c.notification.expiration.filter(|&e| e > 0)
+            && due > exp * 1000
+        {
+            return ResultKind::Expired {
+                reason: format!("{reason}; expiration passed before the next attempt"),
+            };
+        }
+        metrics::get()
+            .retries
+            .get_or_create(&ReasonLabel {
+                reason: reason.clone(),
+            })
+            .inc();
+        ResultKind::Retry {
+            due_at_ms: due,
+            status,
+            reason,
+            count_attempt,
+        }
+    }
+
+    fn log_outcome(&self, c: &ClaimedDelivery, kind: &ResultKind, attempt: u32, latency_ms: f64) {
+        let n = &c.notification;
+        let token = token_prefix(&c.device.token);
+        let (state, status, reason, apns_id): (&str, Option<u16>, &str, &str) = match kind {
+            ResultKind::Sent { apns_id } => (
+                DeliveryState::Sent.as_str(),
+                Some(200),
+                "",
+                apns_id.as_deref().unwrap_or(&c.apns_id),
+            ),
+            ResultKind::Retry { status, reason, .. } => ("retry", *status, reason, &c.apns_id),
+            ResultKind::Failed { status, reason } => {
+                (DeliveryState::Failed.as_str(), *status, reason, &c.apns_id)
+            }
+            ResultKind::Expired { reason } => {
+                (DeliveryState::Expired.as_str(), None, reason, &c.apns_id)
+            }
+            ResultKind::InvalidToken { status, reason, .. } => (
+                DeliveryState::InvalidToken.as_str(),
+                Some(*status),
+                reason,
+                &c.apns_id,
+            ),
+        };
+        if state != "retry" {
+            metrics::get()
+                .deliveries
+                .get_or_create(&OutcomeLabel {
+                    outcome: state.to_string(),
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
+        let status = status.map(i64::from).unwrap_or(0);
+        match kind {
+            ResultKind::Sent { .. } => info!(
+                event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                status = state, http_status = status, reason, apns_id, attempt, latency_ms, "delivered"
+            ),
+            ResultKind::Retry { due_at_ms, .. } => warn!(
+                event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                status = state, http_status = status, reason, apns_id, attempt, latency_ms,
+                retry_in_ms = due_at_ms - now_ms(), "will retry"
+            ),
+            _ => warn!(
+                event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                status = state, http_status = status, reason, apns_id, attempt, latency_ms, "not delivered"
+            ),
+        }
+    }
+}
+
+/// Exponential back-off with jitter: attempt n waits between half and all of
+/// `initial * 2^(n-1)`, capped at `max`.
+pub fn backoff_ms(initial: u64, max: u64, attempts: u32) -> u64 {
+    let exp = initial.saturating_mul(1u64 << attempts.saturating_sub(1).min(30));
+    let cap = exp.min(max).max(1);
+    let jitter = rand::random::<f64>() * 0.5 + 0.5;
+    ((cap as f64) * jitter) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for _ in 0..100 {
+            let a = backoff_ms(100, 10_000, 1);
+            assert!((50..=100).contains(&a), "{a}");
+            let c = backoff_ms(100, 10_000, 3);
+            assert!((200..=400).contains(&c), "{c}");
+            let m = backoff_ms(100, 1000, 20);
+            assert!((500..=1000).contains(&m), "{m}");
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The sender's two safety guards: app pauses (credential failures, `BadDeviceToken` bursts)
+//! and the hold on `BadDeviceToken` answers that lets a burst be told from a dead phone
+//! before anything is invalidated.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::config::{Environment, SenderConfig};
+use crate::metrics::{self, OutcomeLabel, ReasonLabel};
+use crate::model::now_ms;
+use crate::store::{DeliveryResult, ResultKind};
+
+/// How long the burst detector looks back.
+const WINDOW: Duration = Duration::from_secs(60);
+/// Below this many `BadDeviceToken` answers a window is never a burst, whatever the ratio.
+const MIN_BURST: u32 = 3;
+/// Longest pause after repeated credential failures or bursts.
+const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
+
+type Key = (String, Environment);
+
+/// What to do with a `BadDeviceToken` answer.
+pub enum BadTokenVerdict {
+    /// Held for a moment; the guard reports it later (invalid, or released by a burst).
+    Hold,
+    /// A burst: the app and environment are paused until `until_ms`; `released` are the held
+    /// answers handed back to the queue, not invalidated.
+    Burst {
+        until_ms: i64,
+        released: Vec<DeliveryResult>,
+    },
+}
+
+struct Pause {
+    until: Instant,
+    until_ms: i64,
+    level: u32,
+}
+
+#[derive(Default)]
+struct Window {
+    started: Option<Instant>,
+    ok: u32,
+    bad: u32,
+    held: Vec<Held>,
+}
+
+struct Held {
+    delivery_id: i64,
+    reason: String,
+    at: Instant,
+    at_ms: i64,
+}
+
+/// Pauses and the `BadDeviceToken` hold, per app and environment.
+pub struct Guards {
+    pauses: Mutex<HashMap<Key, Pause>>,
+    windows: Mutex<HashMap<Key, Window>>,
+    burst: u32,
+    hold: Duration,
+    pause_base_ms: u64,
+}
+
+impl Guards {
+    pub fn new(cfg: &SenderConfig) -> Guards {
+        Guards {
+            pauses: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::new()),
+            burst: cfg.bad_token_burst.max(MIN_BURST),
+            // Held answers must be reported well before their lease ends.
+            hold: Duration::from_millis((cfg.lease_ms / 4).clamp(200, 2000)),
+            pause_base_ms: cfg.retry_initial_ms.max(1000),
+        }
+    }
+
+    /// When the app and environment is paused, the moment it resumes (ms).
+    pub fn paused_until(&self, app: &str, env: Environment) -> Option<i64> {
+        let pauses = self.pauses.lock().ok()?;
+        let p = pauses.get(&(app.to_string(), env))?;
+        (p.until > Instant::now()).then_some(p.until_ms)
+    }
+
+    /// Pauses the app and environment (or keeps the running pause); returns when it resumes
+    /// and whether this started a new pause. Each new pause doubles the previous one.
+    pub fn pause(
+        &self,
+        app: &str,
+        env: Environment,
+        reason: &str,
+        _cfg: &SenderConfig,
+    ) -> (i64, bool) {
+        let now = Instant::now();
+        let Ok(mut pauses) = self.pauses.lock() else {
+            return (now_ms() + self.pause_base_ms as i64, false);
+        };
+        let key = (app.to_string(), env);
+        if let Some(p) = pauses.get(&key)
+            && p.until > now
+        {
+            return (p.until_ms, false);
+        }
+        let level = pauses.get(&key).map_or(0, |p| p.level + 1);
+        let ms = self
+            .pause_base_ms
+            .saturating_mul(1u64 << level.min(20))
+            .min(MAX_PAUSE_MS);
+        let until_ms = now_ms() + ms as i64;
+        pauses.insert(
+            key,
+            Pause {
+                until: now + Duration::from_millis(ms),
+                until_ms,
+                level,
+            },
+        );
+        metrics::get()
+            .app_paused
+            .get_or_create(&ReasonLabel {
+                reason: format!("{app}/{env}: {reason}"),
+            })
+            .set(1);
+        (until_ms, true)
+    }
+
+    /// A 200 for the app and environment: its credentials and config are fine.
+    pub fn success(&self, app: &str, env: Environment) {
+        let key = (app.to_string(), env);
+        if let Ok(mut pauses) = self.pauses.lock()
+            && pauses.get(&key).is_some_and(|p| p.until <= Instant::now())
+        {
+            pauses.remove(&key);
+            metrics::get().app_paused.clear();
+            info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
+        }
+        if let Ok(mut w) = self.windows.lock() {
+            let win = w.entry(key).or_default();
+            roll(win);
+            win.ok += 1;
+        }
+    }
+
+    /// A 400 `BadDeviceToken`: held, or the proof of a burst.
+    pub fn bad_device_token(
+        &self,
+        app: &str,
+        env: Environment,
+        delivery_id: i64,
+        reason: &str,
+    ) -> BadTokenVerdict {
+        let key = (app.to_string(), env);
+        let Ok(mut windows) = self.windows.lock() else {
+            return BadTokenVerdict::Hold;
+        };
+        let win = windows.entry(key.clone()).or_default();
+        roll(win);
+        win.bad += 1;
+        let burst = win.bad >= self.burst || (win.bad >= MIN_BURST && win.bad > win.ok);
+        if !burst {
+            win.held.push(Held {
+                delivery_id,
+                reason: reason.to_string(),
+                at: Instant::now(),
+                at_ms: now_ms(),
+            });
+            return BadTokenVerdict::Hold;
+        }
+        let held = std::mem::take(&mut win.held);
+        // A fresh window after the pause: the next burst must prove itself again.
+        *win = Window::default();
+        drop(windows);
+        let (until_ms, _) = self.pause(app, env, "BadDeviceToken burst", &SenderConfig::default());
+        let released = held
+            .into_iter()
+            .map(|h| DeliveryResult {
+                delivery_id: h.delivery_id,
+                kind: ResultKind::Retry {
+                    due_at_ms: until_ms,
+                    status: Some(400),
+                    reason: h.reason,
+                    count_attempt: false,
+                },
+            })
+            .collect();
+        BadTokenVerdict::Burst { until_ms, released }
+    }
+
+    /// Held answers whose hold has passed without a burst: their devices are invalid.
+    pub fn release_due(&self) -> Vec<DeliveryResult> {
+        let Ok(mut windows) = self.windows.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for ((app, env), win) in windows.iter_mut() {
+            let (due, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut win.held)
+                .into_iter()
+                .partition(|h| h.at.elapsed() >= self.hold);
+            win.held = keep;
+            for h in due {
+                warn!(
+                    event = "delivery", app = %app, environment = %env, status = "invalid_token",
+                    http_status = 400, reason = %h.reason, delivery = h.delivery_id, "not delivered"
+                );
+                metrics::get()
+                    .deliveries
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "invalid_token".into(),
+                        reason: h.reason.clone(),
+                    })
+                    .inc();
+                out.push(DeliveryResult {
+                    delivery_id: h.delivery_id,
+                    kind: ResultKind::InvalidToken {
+                        status: 400,
+                        reason: h.reason,
+                        invalidated_at_ms: h.at_ms,
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    /// On shutdown: every held answer goes back to the queue, undecided.
+    pub fn release_all_held(&self) -> Vec<DeliveryResult> {
+        let Ok(mut windows) = self.windows.lock() else {
+            return Vec::new();
+        };
+        let now = now_ms();
+        windows
+            .values_mut()
+            .flat_map(|w| std::mem::take(&mut w.held))
+            .map(|h| DeliveryResult {
+                delivery_id: h.delivery_id,
+                kind: ResultKind::Retry {
+                    due_at_ms: now,
+                    status: Some(400),
+                    reason: h.reason,
+                    count_attempt: false,
+                },
+            })
+            .collect()
+    }
+}
+
+fn roll(win: &mut Window) {
+    let now = Instant::now();
+    match win.started {
+        Some(s) if now.duration_since(s) < WINDOW => {}
+        _ => {
+            win.started = Some(now);
+            win.ok = 0;
+            win.bad = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SenderConfig {
+        SenderConfig {
+            bad_token_burst: 5,
+            lease_ms: 4000,
+            ..SenderConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_lone_bad_token_is_held_then_invalidated() {
+        let g = Guards::new(&cfg());
+        for _ in 0..10 {
+            g.success("a", Environment::Production);
+        }
+        assert!(matches!(
+            g.bad_device_token("a", Environment::Production, 7, "BadDeviceToken"),
+            BadTokenVerdict::Hold
+        ));
+        assert!(g.release_due().is_empty(), "held first");
+        std::thread::sleep(Duration::from_millis(1100));
+        let r = g.release_due();
+        assert_eq!(r.len(), 1);
+        assert!(matches!(
+            r[0].kind,
+            ResultKind::InvalidToken { status: 400, .. }
+        ));
+        assert_eq!(g.paused_until("a", Environment::Production), None);
+    }
+
+    #[test]
+    fn a_burst_pauses_and_invalidates_nothing() {
+        let g = Guards::new(&cfg());
+        let env = Environment::Sandbox;
+        assert!(matches!(
+            g.bad_device_token("a", env, 1, "BadDeviceToken"),
+            BadTokenVerdict::Hold
+        ));
+        assert!(matches!(
+            g.bad_device_token("a", env, 2, "BadDeviceToken"),
+            BadTokenVerdict::Hold
+        ));
+        match g.bad_device_token("a", env, 3, "BadDeviceToken") {
+            BadTokenVerdict::Burst { released, .. } => {
+                assert_eq!(released.len(), 2);
+                assert!(released.iter().all(|r| matches!(
+                    r.kind,
+                    ResultKind::Retry {
+                        count_attempt: false,
+                        ..
+                    }
+                )));
+            }
+            BadTokenVerdict::Hold => panic!("3 of 3 answers bad is a burst"),
+        }
+        assert!(g.paused_until("a", env).is_some());
+        assert_eq!(g.paused_until("a", Environment::Production), None);
+        assert!(g.release_due().is_empty());
+    }
+
+    #[test]
+    fn pauses_double() {
+        let g = Guards {
+            pause_base_ms: 1,
+            ..Guards::new(&cfg())
+        };
+        let (a, new) = g.pause("a", Environment::Production, "InvalidProviderToken", &cfg());
+        assert!(new);
+        let (b, again) = g.pause("a", Environment::Production, "InvalidProviderToken", &cfg());
+        assert!(!again);
+        assert_eq!(a, b);
+        std::thread::sleep(Duration::from_millis(5));
+        let (_, new2) = g.pause("a", Environment::Production, "InvalidProviderToken", &cfg());
+        assert!(new2);
+        let level = g.pauses.lock().unwrap()[&("a".to_string(), Environment::Production)].level;
+        assert_eq!(level, 1);
+    }
+}
