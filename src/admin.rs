@@ -1,1 +1,193 @@
-//! admin (to be built).
+//! The admin endpoint: `/healthz`, `/readyz`, `/status` and `/metrics` over plain HTTP on a
+//! loopback address (`[admin] listen`). It is for probes and Prometheus on the same host or pod,
+//! so it has no TLS and no auth; never bind it to a public address.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::metrics::{self, StateLabel};
+use crate::store::Store;
+use crate::store::query::Reader;
+
+/// What the endpoint needs to answer.
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Store,
+    /// Whether the inbox watcher is running.
+    pub inbox_alive: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Set when shutdown begins: `/readyz` turns unready at once.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for the admin endpoint: {source}")]
+pub struct AdminError {
+    pub addr: String,
+    pub source: std::io::Error,
+}
+
+/// A running admin endpoint.
+pub struct AdminHandle {
+    /// Where it listens (useful when the config said port 0).
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminHandle {
+    /// Stops accepting and closes the listener.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `listen` and serves until stopped.
+pub async fn start(listen: &str, state: AdminState) -> Result<AdminHandle, AdminError> {
+    let err = |source| AdminError {
+        addr: listen.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    let (stop, mut stop_rx) = watch::channel(false);
+    info!(event = "admin_listening", %addr, "admin endpoint: /healthz /readyz /status /metrics");
+    let task = tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                _ = stop_rx.changed() => break,
+            };
+            let (stream, _) = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(event = "admin_accept_error", error = %e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(state.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(AdminHandle { addr, stop, task })
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn handle(
+    state: AdminState,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n",
+        ));
+    }
+    let text = "text/plain; charset=utf-8";
+    Ok(match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, text, "ok\n"),
+        "/readyz" => match readiness(&state).await {
+            Ok(()) => reply(StatusCode::OK, text, "ready\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                text,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/status" => match status_json(&state).await {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, format!("{e}\n")),
+        },
+        "/metrics" => {
+            // Queue figures are read at scrape time, so they are exact, not sampled.
+            if let Ok(s) = status(&state).await {
+                let m = metrics::get();
+                let mut by_state = std::collections::BTreeMap::<&str, i64>::new();
+                for st in crate::model::DeliveryState::ALL {
+                    by_state.insert(st.as_str(), 0);
+                }
+                for per_app in s.deliveries.values() {
+                    for (k, v) in per_app {
+                        *by_state.entry(k).or_insert(0) += v;
+                    }
+                }
+                for (k, v) in by_state {
+                    m.queue_depth
+                        .get_or_create(&StateLabel {
+                            state: k.to_string(),
+                        })
+                        .set(v);
+                }
+                m.oldest_queued_age_seconds.set(s.oldest_queued_age_s);
+            }
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics::encode(),
+            )
+        }
+        "/" => reply(
+            StatusCode::OK,
+            text,
+            "pushdrop admin: /healthz /readyz /status /metrics\n",
+        ),
+        _ => reply(StatusCode::NOT_FOUND, text, "not found\n"),
+    })
+}
+
+async fn status(state: &AdminState) -> Result<crate::store::query::Status, String> {
+    let path = state.store.path().to_path_buf();
+    tokio::task::spawn_blocking(move || Reader::open(&path).and_then(|r| r.status()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+async fn status_json(state: &AdminState) -> Result<String, String> {
+    let s = status(state).await?;
+    serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
+}
+
+/// Ready = not shutting down, the inbox watcher runs, and the database takes writes.
+async fn readiness(state: &AdminState) -> Result<(), String> {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return Err("shutting down".into());
+    }
+    if !(state.inbox_alive)() {
+        return Err("inbox watcher is not running".into());
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("store not writable: {e}")),
+        Err(_) => Err("store did not answer within 2 s".into()),
+    }
+}

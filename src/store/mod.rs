@@ -47,6 +47,11 @@ pub enum StoreError {
         "database schema version {found} is newer than this pushdrop supports ({supported}); upgrade pushdrop"
     )]
     TooNew { found: i64, supported: i64 },
+    #[error("database {path} is not writable: {source}")]
+    Unwritable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the store's writer thread has stopped")]
     Closed,
 }
@@ -257,6 +262,17 @@ impl Store {
         let _ = self
             .call(move |w| w.note_event(&kind, app.as_deref(), &message))
             .await;
+    }
+
+    /// Proves the database still takes writes: the file is where it was, writable, and a tiny
+    /// committed write succeeds. For `/readyz`.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::Unwritable { path, source })?;
+        self.call(|w| w.heartbeat()).await
     }
 
     /// Writes a consistent copy of the database to `dest` (`VACUUM INTO`), safe while sending.

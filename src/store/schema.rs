@@ -91,6 +91,9 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX committed_files_age ON committed_files (committed_at);
 
+    -- One row, rewritten by /readyz: proof that the database takes writes.
+    CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+
     -- Recent problems for `pushdrop status`: rejections, pauses, credential errors.
     CREATE TABLE events (
         id      INTEGER PRIMARY KEY,

@@ -625,6 +625,15 @@ impl Writer {
         Ok(())
     }
 
+    /// See [`super::Store::check_writable`].
+    pub fn heartbeat(&mut self) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?1)",
+            [now_ms()],
+        )?;
+        Ok(())
+    }
+
     /// See [`super::Store::backup_blocking`].
     pub fn backup(&mut self, dest: &Path) -> Result<(), StoreError> {
         let dest = dest.to_string_lossy().to_string();
