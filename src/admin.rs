@@ -131,21 +131,12 @@ async fn handle(
             // Queue figures are read at scrape time, so they are exact, not sampled.
             if let Ok(s) = status(&state).await {
                 let m = metrics::get();
-                let mut by_state = std::collections::BTreeMap::<&str, i64>::new();
-                for st in crate::model::DeliveryState::ALL {
-                    by_state.insert(st.as_str(), 0);
-                }
-                for per_app in s.deliveries.values() {
-                    for (k, v) in per_app {
-                        *by_state.entry(k).or_insert(0) += v;
-                    }
-                }
-                for (k, v) in by_state {
+                for (k, v) in &s.totals {
                     m.queue_depth
                         .get_or_create(&StateLabel {
                             state: k.to_string(),
                         })
-                        .set(v);
+                        .set(*v);
                 }
                 m.oldest_queued_age_seconds.set(s.oldest_queued_age_s);
             }

@@ -43,6 +43,8 @@ use crate::model::{DeliveryState, now_ms};
 /// `pushdrop status` and `/status`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
+    /// Deliveries by state, all apps together.
+    pub totals: BTreeMap<&'static str, i64>,
     /// Deliveries by app and state.
     pub deliveries: BTreeMap<String, BTreeMap<&'static str, i64>>,
     /// Deliveries still queued, all apps together.
@@ -53,6 +55,8 @@ pub struct Status {
     pub scheduled_notifications: i64,
     /// Devices by app: active, invalid, unregistered.
     pub devices: BTreeMap<String, DeviceCounts>,
+    /// Invalidated devices, all apps together.
+    pub invalid_devices: i64,
     /// The latest problems (rejections, pauses, credential errors), newest first.
     pub recent_errors: Vec<EventRow>,
 }
@@ -173,6 +177,9 @@ impl Reader {
     /// Queue and registry figures.
     pub fn status(&self) -> Result<Status, StoreError> {
         let mut s = Status::default();
+        for st in DeliveryState::ALL {
+            s.totals.insert(st.as_str(), 0);
+        }
         let mut st = self
             .conn
             .prepare("SELECT n.app, d.state, count(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id GROUP BY n.app, d.state")?;
@@ -190,6 +197,7 @@ impl Reader {
                 e.entry(st.as_str()).or_insert(0);
             }
             *e.entry(state_name(state)).or_insert(0) += n;
+            *s.totals.entry(state_name(state)).or_insert(0) += n;
             if state == 0 {
                 s.queued += n;
             }
@@ -227,6 +235,7 @@ impl Reader {
         })?;
         for row in rows {
             let (app, c) = row?;
+            s.invalid_devices += c.invalid;
             s.devices.insert(app, c);
         }
         let mut st = self
