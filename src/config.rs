@@ -7,13 +7,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The exit code of every command when the configuration is bad (spec: 64).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where droppers put files.
@@ -48,7 +48,7 @@ pub struct Config {
 }
 
 /// `[inbox]`: the drop directory and what happens to files after they are read.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboxConfig {
     /// The inbox directory droppers rename their files into.
@@ -83,7 +83,7 @@ pub struct InboxConfig {
 }
 
 /// How the inbox learns about new files.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WatchMode {
     /// Kernel events as hints, plus periodic rescans.
@@ -94,7 +94,7 @@ pub enum WatchMode {
 }
 
 /// `[store]`: the SQLite database.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// The database file. Default `pushdrop.db` beside the config file.
@@ -116,7 +116,7 @@ impl Default for StoreConfig {
 }
 
 /// `[apns]`: where Apple is and how to talk to it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsConfig {
     /// Base URL for production devices.
@@ -161,7 +161,7 @@ impl Default for ApnsConfig {
 }
 
 /// `[[apps]]`: one iOS/macOS app.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     /// The name drop files use in `"app"`.
@@ -200,7 +200,7 @@ pub enum AppAuth<'a> {
 }
 
 /// `token = { key_file, key_id, team_id }`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct TokenAuthConfig {
     /// The `.p8` file (PKCS#8 PEM, EC P-256) downloaded from Apple.
@@ -212,7 +212,7 @@ pub struct TokenAuthConfig {
 }
 
 /// `certificate = { cert_file, key_file }`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateAuthConfig {
     /// PEM certificate (chain).
@@ -223,7 +223,7 @@ pub struct CertificateAuthConfig {
 }
 
 /// APNs environment of a device.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
     /// `api.push.apple.com`.
@@ -259,7 +259,7 @@ impl fmt::Display for Environment {
 }
 
 /// `[sender]`: the delivery loop.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SenderConfig {
     /// Concurrent requests to APNs, all connections together.
@@ -287,7 +287,7 @@ pub struct SenderConfig {
 }
 
 /// `[receipts]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptsConfig {
     /// When set, `<dir>/<id>.json` is written once a notification's deliveries are all final.
@@ -299,7 +299,7 @@ pub struct ReceiptsConfig {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Folder of the rotating log files; empty for stdout only.
@@ -320,7 +320,7 @@ pub struct LogConfig {
 }
 
 /// Log file rotation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Rotation {
     /// A new file every hour.
@@ -333,7 +333,7 @@ pub enum Rotation {
 }
 
 /// Log file format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One JSON object per line.
@@ -344,7 +344,7 @@ pub enum LogFormat {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `host:port` of the admin endpoint; empty disables it.
@@ -995,5 +995,75 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             "{err}"
         );
         assert_eq!(err.problems[0].line, Some(11), "{err}");
+    }
+
+    /// Every key the config types accept, as dotted paths (`apps.token.key_file`).
+    fn accepted_keys() -> std::collections::BTreeSet<String> {
+        let (mut cfg, _) = load(GOOD).unwrap();
+        // Fill every optional part so that serialization shows every key.
+        cfg.inbox.processed_dir = Some("p".into());
+        cfg.inbox.rejected_dir = Some("r".into());
+        cfg.apns.ca_file = Some("ca.pem".into());
+        cfg.receipts.dir = Some("receipts".into());
+        cfg.log.dir = Some("log".into());
+        cfg.apps[0].certificate = Some(CertificateAuthConfig {
+            cert_file: "c.pem".into(),
+            key_file: Some("k.pem".into()),
+        });
+        let value = toml::Value::try_from(&cfg).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        fn walk(prefix: &str, v: &toml::Value, keys: &mut std::collections::BTreeSet<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let p = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&p, v, keys);
+                    }
+                }
+                toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty() => {
+                    for v in a {
+                        walk(prefix, v, keys);
+                    }
+                }
+                _ => {
+                    keys.insert(prefix.to_string());
+                }
+            }
+        }
+        walk("", &value, &mut keys);
+        keys
+    }
+
+    #[test]
+    fn readme_config_reference_lists_every_key() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        let section = readme
+            .split("## Configuration reference")
+            .nth(1)
+            .expect("README has a configuration reference")
+            .split("\n## ")
+            .next()
+            .unwrap_or("");
+        let documented: std::collections::BTreeSet<String> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_string)
+            .collect();
+        let accepted = accepted_keys();
+        let missing: Vec<_> = accepted.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&accepted).collect();
+        assert!(
+            missing.is_empty(),
+            "keys the code accepts but the README does not list: {missing:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "keys the README lists but the code rejects: {extra:?}"
+        );
     }
 }
