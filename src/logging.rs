@@ -46,8 +46,19 @@ pub fn init_stdout(level: &str) {
 
 /// Logs to stdout and, with `[log] dir` set, to rotating files there.
 pub fn init(cfg: &LogConfig) -> Result<LogGuard, LogError> {
+    init_with(cfg, true)
+}
+
+/// Logs to the rotating files only (for `pushdrop demo`, whose stdout is its report).
+pub fn init_files_only(cfg: &LogConfig) -> Result<LogGuard, LogError> {
+    init_with(cfg, false)
+}
+
+fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
     let Some(dir) = &cfg.dir else {
-        init_stdout(&cfg.level);
+        if stdout {
+            init_stdout(&cfg.level);
+        }
         return Ok(LogGuard { _file: None });
     };
     std::fs::create_dir_all(dir).map_err(|source| LogError::Dir {
@@ -80,8 +91,9 @@ pub fn init(cfg: &LogConfig) -> Result<LogGuard, LogError> {
             .boxed(),
         LogFormat::Text => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
     };
+    let stdout_layer = stdout.then(|| fmt::layer().with_target(false));
     let _ = tracing_subscriber::registry()
-        .with(fmt::layer().with_target(false))
+        .with(stdout_layer)
         .with(file_layer)
         .with(filter(&cfg.level))
         .try_init();
