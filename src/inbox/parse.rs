@@ -16,9 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::{AppConfig, Config, Environment};
-use crate::model::{
-    DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target,
-};
+use crate::model::{DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target};
 
 /// The two drop file formats, told apart by the file name's suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +106,8 @@ pub enum RejectReason {
     NotRegular,
     /// The name does not end in `.json` or `.jsonl`.
     BadName,
+    /// Could not be read at all (`pushdrop validate` of a missing file, an I/O error).
+    Unreadable,
 }
 
 impl RejectReason {
@@ -123,6 +123,7 @@ impl RejectReason {
             RejectReason::Symlink => "symlink",
             RejectReason::NotRegular => "not_regular",
             RejectReason::BadName => "bad_name",
+            RejectReason::Unreadable => "unreadable",
         }
     }
 }
@@ -246,7 +247,11 @@ impl<'c> Ctx<'c> {
     }
 
     fn app_names(&self) -> String {
-        let names: Vec<String> = self.apps.iter().map(|a| format!("\"{}\"", a.name)).collect();
+        let names: Vec<String> = self
+            .apps
+            .iter()
+            .map(|a| format!("\"{}\"", a.name))
+            .collect();
         names.join(", ")
     }
 }
@@ -364,8 +369,7 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                     record: None,
                     line: Some(1),
                     field: None,
-                    message: "a .json file holds one JSON object or an array of objects"
-                        .into(),
+                    message: "a .json file holds one JSON object or an array of objects".into(),
                 }],
             });
         }
@@ -1115,7 +1119,10 @@ fn check_notification(
         Some(t) if t.is_empty() || t.len() > 255 || t.contains(char::is_whitespace) => {
             problems.push(fp(
                 "topic",
-                format!("\"{}\" is not a topic (a bundle id, without spaces)", excerpt(t)),
+                format!(
+                    "\"{}\" is not a topic (a bundle id, without spaces)",
+                    excerpt(t)
+                ),
             ));
             None
         }
@@ -1270,7 +1277,10 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
     let tree: Pv = match serde_json::from_str(text) {
         Ok(t) => t,
         Err(e) => {
-            problems.push(fp("payload", format!("cannot be read: {}", serde_message(&e))));
+            problems.push(fp(
+                "payload",
+                format!("cannot be read: {}", serde_message(&e)),
+            ));
             return None;
         }
     };
@@ -1408,16 +1418,13 @@ fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
             "{s} is not a plausible UNIX time in seconds (0 to {MAX_SECS}); milliseconds given by mistake?"
         )),
         TimeRaw::Text(s) => {
-            let dt = time::OffsetDateTime::parse(
-                s,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .map_err(|e| {
-                format!(
-                    "\"{}\" is not an RFC 3339 date-time such as 2026-11-27T18:00:00Z ({e})",
-                    excerpt(s)
-                )
-            })?;
+            let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| {
+                    format!(
+                        "\"{}\" is not an RFC 3339 date-time such as 2026-11-27T18:00:00Z ({e})",
+                        excerpt(s)
+                    )
+                })?;
             let ms = (dt.unix_timestamp_nanos() / 1_000_000) as i64;
             if ms < 0 {
                 return Err(format!("\"{}\" is before 1970", excerpt(s)));
@@ -1551,7 +1558,9 @@ mod tests {
         assert_eq!(n.push_type, PushType::Background);
         assert_eq!(n.priority, 5);
 
-        let voip = notif(r#","push_type":"voip","send_at":"2030-01-01T00:00:00Z","expiration":1900000000"#);
+        let voip = notif(
+            r#","push_type":"voip","send_at":"2030-01-01T00:00:00Z","expiration":1900000000"#,
+        );
         let p = parse(&voip, FileKind::Json).unwrap();
         let Record::Notification(n) = &p.records[0] else {
             panic!()
@@ -1582,13 +1591,25 @@ mod tests {
         );
         let r = problems(&text, FileKind::Jsonl);
         assert_eq!(r.reason, RejectReason::Invalid);
-        let fields: Vec<_> = r.problems.iter().map(|p| p.field.clone().unwrap()).collect();
+        let fields: Vec<_> = r
+            .problems
+            .iter()
+            .map(|p| p.field.clone().unwrap())
+            .collect();
         assert!(fields.contains(&"tokn".to_string()), "{r:?}");
         assert!(fields.contains(&"priority".to_string()), "{r:?}");
         assert!(fields.contains(&"token".to_string()), "{r:?}");
         assert!(fields.contains(&"user".to_string()), "{r:?}");
-        assert!(r.problems.iter().all(|p| p.record == Some(1) && p.line == Some(2)));
-        let tokn = r.problems.iter().find(|p| p.field.as_deref() == Some("tokn")).unwrap();
+        assert!(
+            r.problems
+                .iter()
+                .all(|p| p.record == Some(1) && p.line == Some(2))
+        );
+        let tokn = r
+            .problems
+            .iter()
+            .find(|p| p.field.as_deref() == Some("tokn"))
+            .unwrap();
         assert!(tokn.message.contains("did you mean \"token\""), "{tokn:?}");
     }
 
@@ -1598,13 +1619,21 @@ mod tests {
             r#"{"type":"device","type":"device","token":"aa"}"#,
             FileKind::Json,
         );
-        assert!(r.problems.iter().any(|p| p.field.as_deref() == Some("type")
-            && p.message.contains("duplicate")), "{r:?}");
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.field.as_deref() == Some("type") && p.message.contains("duplicate")),
+            "{r:?}"
+        );
         let r = problems(
             r#"{"type":"notification","to":{"all":true},"payload":{"aps":{"alert":"a","alert":"b"}}}"#,
             FileKind::Json,
         );
-        assert_eq!(r.problems[0].field.as_deref(), Some("payload.aps.alert"), "{r:?}");
+        assert_eq!(
+            r.problems[0].field.as_deref(),
+            Some("payload.aps.alert"),
+            "{r:?}"
+        );
         let r = problems(
             r#"{"type":"notification","to":{"users":["a"],"users":["b"]},"payload":{"aps":{}}}"#,
             FileKind::Json,
@@ -1648,15 +1677,17 @@ mod tests {
         assert!(parse(&rec(big(5120), "voip"), FileKind::Json).is_ok());
         assert!(parse(&rec(big(5121), "voip"), FileKind::Json).is_err());
         // The rejection quotes no more than an excerpt.
-        let r = problems(&rec(format!("\"{}\"", "s".repeat(500)), "alert"), FileKind::Json);
+        let r = problems(
+            &rec(format!("\"{}\"", "s".repeat(500)), "alert"),
+            FileKind::Json,
+        );
         assert!(r.problems.iter().all(|p| p.message.len() < 200), "{r:?}");
     }
 
     #[test]
     fn target_rules() {
-        let rec = |to: &str| {
-            format!(r#"{{"type":"notification","to":{to},"payload":{{"aps":{{}}}}}}"#)
-        };
+        let rec =
+            |to: &str| format!(r#"{{"type":"notification","to":{to},"payload":{{"aps":{{}}}}}}"#);
         for bad in [
             r#"{"all":true,"users":["a"]}"#,
             r#"{}"#,
@@ -1675,7 +1706,10 @@ mod tests {
 
     #[test]
     fn priority_and_push_type_rules() {
-        let r = problems(&notif(r#","push_type":"background","priority":10"#), FileKind::Json);
+        let r = problems(
+            &notif(r#","push_type":"background","priority":10"#),
+            FileKind::Json,
+        );
         assert_eq!(r.problems[0].field.as_deref(), Some("priority"));
         let r = problems(&notif(r#","priority":7"#), FileKind::Json);
         assert_eq!(r.problems[0].field.as_deref(), Some("priority"));
@@ -1709,13 +1743,19 @@ mod tests {
     #[test]
     fn file_level_failures() {
         assert_eq!(problems("", FileKind::Json).reason, RejectReason::Empty);
-        assert_eq!(problems(" \n\n", FileKind::Jsonl).reason, RejectReason::Empty);
+        assert_eq!(
+            problems(" \n\n", FileKind::Jsonl).reason,
+            RejectReason::Empty
+        );
         let r = parse_file(b"{\"type\":\n\xff}", FileKind::Json, &one()).unwrap_err();
         assert_eq!(r.reason, RejectReason::NotUtf8);
         assert_eq!(r.problems[0].line, Some(2));
         let r = problems(&notif("")[..30], FileKind::Json);
         assert_eq!(r.reason, RejectReason::Truncated);
-        let r = problems(&format!("[{},{}", notif(""), &notif("")[..20]), FileKind::Json);
+        let r = problems(
+            &format!("[{},{}", notif(""), &notif("")[..20]),
+            FileKind::Json,
+        );
         assert_eq!(r.reason, RejectReason::Truncated);
         assert_eq!(r.problems[0].record, Some(1));
         let r = problems(&format!("[{}] x", notif("")), FileKind::Json);
@@ -1723,7 +1763,10 @@ mod tests {
         let r = problems("42", FileKind::Json);
         assert_eq!(r.reason, RejectReason::Parse);
         // A .jsonl whose last line is cut off (no newline) may still be being written.
-        let r = problems(&format!("{}\n{}", notif(""), &notif("")[..20]), FileKind::Jsonl);
+        let r = problems(
+            &format!("{}\n{}", notif(""), &notif("")[..20]),
+            FileKind::Jsonl,
+        );
         assert_eq!(r.reason, RejectReason::Truncated);
         assert_eq!(r.problems[0].line, Some(2));
         let r = problems(&format!("{}\n[1]\n", notif("")), FileKind::Jsonl);
