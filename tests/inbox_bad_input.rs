@@ -237,7 +237,10 @@ fn truncated_json_waits_for_its_writer_then_is_rejected_when_it_stops() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(tail.as_bytes()).unwrap();
     }
     wait_for("slow.json accepted", || {
@@ -283,9 +286,14 @@ fn odd_names_and_repeated_names_work() {
     for n in &names {
         assert!(processed.contains(n), "{n} in {processed:?}");
     }
-    assert!(processed.contains(&"again~1.json".to_string()), "{processed:?}");
+    assert!(
+        processed.contains(&"again~1.json".to_string()),
+        "{processed:?}"
+    );
     assert_eq!(
-        env.count("SELECT count(*) FROM notifications WHERE ext_id LIKE 'again-%' OR ext_id LIKE 'odd-%'"),
+        env.count(
+            "SELECT count(*) FROM notifications WHERE ext_id LIKE 'again-%' OR ext_id LIKE 'odd-%'"
+        ),
         5
     );
     let rejected = Env::names(&env.rejected);

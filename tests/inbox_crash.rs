@@ -44,11 +44,16 @@ fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
             let mut names = Vec::new();
             for i in 0..FILES {
                 let (name, content) = if i % 25 == 7 {
-                    (format!("f{i:04}.json"), "{\"type\": \"nonsense\"}".to_string())
+                    (
+                        format!("f{i:04}.json"),
+                        "{\"type\": \"nonsense\"}".to_string(),
+                    )
                 } else if i % 5 == 0 {
                     (
                         format!("f{i:04}.jsonl"),
-                        (0..20).map(|k| device(i as u64 * 100 + k, "crash") + "\n").collect(),
+                        (0..20)
+                            .map(|k| device(i as u64 * 100 + k, "crash") + "\n")
+                            .collect(),
                     )
                 } else {
                     (format!("f{i:04}.json"), notification("", &token(i as u64)))
@@ -102,13 +107,19 @@ fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
     }
 
     let good_notifications = (0..FILES).filter(|i| i % 25 != 7 && i % 5 != 0).count() as i64;
-    assert_eq!(env.count("SELECT count(*) FROM notifications"), good_notifications);
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications"),
+        good_notifications
+    );
     assert_eq!(
         env.count("SELECT count(DISTINCT source_file) FROM notifications"),
         good_notifications,
         "one notification per file, none twice"
     );
-    assert_eq!(env.count("SELECT count(*) FROM deliveries"), good_notifications);
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries"),
+        good_notifications
+    );
     let device_files = (0..FILES).filter(|i| i % 25 != 7 && i % 5 == 0).count() as i64;
     assert_eq!(
         env.count("SELECT count(*) FROM devices WHERE user = 'crash'"),
@@ -119,4 +130,41 @@ fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(integrity, "ok");
+}
+
+/// The window the random kills may miss: records committed, then the process died before the
+/// move. On restart the file is recognised (name, content, inode, mtime) and only moved.
+#[test]
+fn a_file_committed_before_a_crash_is_only_moved_on_restart() {
+    use pushdrop::inbox::ingest::{Examined, examine};
+    let env = Env::new();
+    let cfg = env.config();
+    env.drop_file("window.json", notification("", &token(1)));
+    {
+        let store = pushdrop::store::Store::open(&cfg.store.path, true).unwrap();
+        let Examined::Ready { file, .. } = examine(&env.inbox.join("window.json"), &cfg, true)
+        else {
+            panic!("window.json should be ready");
+        };
+        let out = store.ingest(vec![file]).unwrap();
+        assert!(!out[0].already_committed);
+        // "Crash": the store goes away, the file stays in the inbox.
+    }
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
+    let daemon = env.start();
+    wait_for("window.json moved", || {
+        env.processed_names() == ["window.json"]
+    });
+    daemon.shutdown();
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
+    assert!(env.inbox_names().is_empty());
+
+    // Same name, new content: a new file, ingested.
+    env.drop_file("window.json", notification("", &token(2)));
+    let daemon = env.start();
+    wait_for("second window.json", || {
+        env.processed_names() == ["window.json", "window~1.json"]
+    });
+    daemon.shutdown();
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 2);
 }

@@ -50,8 +50,15 @@ fn slow_writer_is_ingested_once(poll: bool) {
     // Give a wrong early take a chance to show up as a second copy or a rejection.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(env.processed_names(), ["slow.json", "slow.jsonl"]);
-    assert!(env.rejected_names().is_empty(), "{:?}", env.rejected_names());
-    assert_eq!(env.count("SELECT count(*) FROM devices WHERE user = 'slow'"), 200);
+    assert!(
+        env.rejected_names().is_empty(),
+        "{:?}",
+        env.rejected_names()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE user = 'slow'"),
+        200
+    );
     assert_eq!(
         env.count("SELECT count(*) FROM notifications WHERE ext_id LIKE 'slow-%'"),
         50
@@ -81,7 +88,10 @@ fn ten_thousand_files_are_ingested_exactly_once() {
         env.drop_file(&format!("n{i:05}.json"), notification("", &tok));
     }
     wait_for("all files processed", || {
-        std::fs::read_dir(&env.processed).map(|d| d.count()).unwrap_or(0) >= N
+        std::fs::read_dir(&env.processed)
+            .map(|d| d.count())
+            .unwrap_or(0)
+            >= N
     });
     wait_for("inbox empty", || env.inbox_names().is_empty());
     assert_eq!(env.processed_names().len(), N);
@@ -113,7 +123,9 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
         path: env.inbox.join("first.json"),
         settled: true,
     }]);
-    assert!(matches!(&results[0].outcome, FileOutcome::Accepted(a) if a.store.duplicates.is_empty()));
+    assert!(
+        matches!(&results[0].outcome, FileOutcome::Accepted(a) if a.store.duplicates.is_empty())
+    );
     let results = ingestor.process(vec![Candidate {
         path: env.inbox.join("second.jsonl"),
         settled: true,
@@ -123,7 +135,10 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
     };
     assert_eq!(a.store.duplicates, vec![(0, "same-id".to_string())]);
     assert_eq!(a.store.notifications_queued, 1);
-    assert_eq!(env.count("SELECT count(*) FROM notifications WHERE ext_id = 'same-id'"), 1);
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id = 'same-id'"),
+        1
+    );
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 2);
 
     // The CLI says so too.
@@ -132,5 +147,8 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("1 duplicate skipped: same-id"), "{stdout}");
-    assert_eq!(env.processed_names(), ["first.json", "second.jsonl", "third.json"]);
+    assert_eq!(
+        env.processed_names(),
+        ["first.json", "second.jsonl", "third.json"]
+    );
 }

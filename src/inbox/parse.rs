@@ -831,13 +831,15 @@ fn suggestion(key: &str) -> Option<&'static str> {
         }
         prev[b.len()]
     }
-    DEVICE_FIELDS
-        .iter()
-        .chain(NOTIFICATION_FIELDS)
-        .map(|f| (distance(&key.to_ascii_lowercase(), f), *f))
+    let key = key.to_ascii_lowercase();
+    let known = || DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied();
+    known()
+        .map(|f| (distance(&key, f), f))
         .filter(|(d, _)| *d <= 2)
         .min()
         .map(|(_, f)| f)
+        // Abbreviations: "prio" for "priority", "env" for "environment".
+        .or_else(|| known().find(|f| key.len() >= 3 && f.starts_with(key.as_str())))
 }
 
 /// The semantic checks of SPEC §2. `bad` names fields that were present but unreadable (no
