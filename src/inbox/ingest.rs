@@ -217,6 +217,10 @@ pub fn examine(path: &Path, cfg: &Config, settled: bool) -> Examined {
         Err(r) if r.reason == RejectReason::Truncated && !settled => {
             return Examined::InProgress("ends early: still being written?".into());
         }
+        // `: > x.json; cat part >> x.json` closes an empty file first: wait for content.
+        Err(r) if r.reason == RejectReason::Empty && !settled => {
+            return Examined::InProgress("empty: still being written?".into());
+        }
         Err(r) => return Examined::Reject(r),
     };
     if kind == FileKind::Jsonl && !settled && bytes.last() != Some(&b'\n') {
@@ -610,12 +614,24 @@ pub fn sweep_processed(cfg: &Config) -> usize {
     if days == 0 {
         return 0;
     }
-    let max_age = Duration::from_secs(u64::from(days) * 86_400);
     let dir = cfg.processed_dir();
+    let removed = sweep_dir(
+        dir,
+        Duration::from_secs(u64::from(days) * 86_400),
+        SystemTime::now(),
+    );
+    if removed > 0 {
+        tracing::info!(event = "retention", dir = %dir.display(), removed, days, "removed old processed files");
+    }
+    removed
+}
+
+/// Removes regular files of `dir` last changed (moved or written) more than `max_age` before
+/// `now`; returns how many.
+pub fn sweep_dir(dir: &Path, max_age: Duration, now: SystemTime) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let now = SystemTime::now();
     let mut removed = 0;
     for e in entries.flatten() {
         let Ok(m) = e.metadata() else { continue };
@@ -632,7 +648,25 @@ pub fn sweep_processed(cfg: &Config) -> usize {
     }
     if removed > 0 {
         let _ = fsutil::fsync_dir(dir);
-        tracing::info!(event = "retention", dir = %dir.display(), removed, days, "removed old processed files");
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_removes_only_old_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.json"), "{}").unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(sweep_dir(d.path(), week, SystemTime::now()), 0);
+        assert!(d.path().join("a.json").exists());
+        let later = SystemTime::now() + Duration::from_secs(8 * 86_400);
+        assert_eq!(sweep_dir(d.path(), week, later), 1);
+        assert!(!d.path().join("a.json").exists());
+        assert!(d.path().join("sub").is_dir());
+    }
 }
