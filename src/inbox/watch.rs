@@ -337,12 +337,8 @@ impl Loop {
             if p.parent() != Some(self.inbox.as_path()) || !super::is_drop_name(name) {
                 continue;
             }
-            if self.ignored.contains(name) {
-                if !complete {
-                    continue;
-                }
-                self.ignored.remove(name);
-            }
+            // Something happened to the name: whatever it is now, look at it again.
+            self.ignored.remove(name);
             let now = Instant::now();
             let c = self
                 .cands
@@ -394,7 +390,11 @@ impl Loop {
             }
             present.insert(name.clone());
             if self.ignored.contains(&name) {
-                continue;
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
+                    continue;
+                }
+                // A directory replaced by a file of the same name.
+                self.ignored.remove(&name);
             }
             self.cands.entry(name).or_insert_with(|| Cand::new(started));
         }
