@@ -70,24 +70,38 @@ impl Daemon {
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
 pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
     let _log = crate::logging::init(&cfg.log)?;
-    let cfg = Arc::new(cfg);
-    let daemon = Daemon::start(cfg)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let signal = runtime.block_on(wait_for_signal())?;
+    // Handlers first: a SIGTERM that arrives while the parts start is then a clean stop too.
+    let signals = runtime.block_on(async { Signals::install() })?;
+    let daemon = Daemon::start(Arc::new(cfg))?;
+    let signal = runtime.block_on(signals.wait());
     tracing::info!(event = "signal", signal, "shutting down");
     daemon.shutdown();
     Ok(0)
 }
 
-/// Waits for SIGTERM or SIGINT; returns its name.
-async fn wait_for_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, caught.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for one of them; returns its name.
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
