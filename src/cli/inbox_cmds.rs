@@ -1,15 +1,159 @@
 //! `pushdrop validate` and `pushdrop ingest`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Checks drop files without ingesting them.
-pub fn validate(config: &Path, _files: &[PathBuf]) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("validate is not built yet")
+use crate::inbox::ingest::{Examined, display_name, examine};
+use crate::inbox::parse::{RejectReason, Rejection};
+use crate::inbox::report::ErrorReport;
+use crate::inbox::{Candidate, FileOutcome, Ingestor};
+use crate::store::Store;
+
+/// Checks drop files without ingesting them: a one-line summary per good file, the
+/// `.error.json` report (on stdout) per bad one; exit 1 if any is bad.
+pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
+    let cfg = super::load_config(config)?;
+    let mut bad = 0;
+    for f in files {
+        let name = display_name(f);
+        let rejection = match examine(f, &cfg, true) {
+            Examined::Ready {
+                devices,
+                notifications,
+                ..
+            } => {
+                println!(
+                    "{}: ok ({devices} device record{}, {notifications} notification{})",
+                    f.display(),
+                    plural(devices),
+                    plural(notifications)
+                );
+                continue;
+            }
+            Examined::Reject(r) => r,
+            Examined::Ignored(why) => {
+                let reason = if crate::inbox::is_drop_name(f.as_os_str()) {
+                    RejectReason::NotRegular
+                } else {
+                    RejectReason::BadName
+                };
+                Rejection::file(reason, why)
+            }
+            Examined::Vanished => Rejection::file(RejectReason::Unreadable, "no such file"),
+            Examined::Failed(why) | Examined::InProgress(why) => {
+                Rejection::file(RejectReason::Unreadable, why)
+            }
+        };
+        bad += 1;
+        print!(
+            "{}",
+            ErrorReport::new(&name, rejection.reason, &rejection.problems).to_json()
+        );
+    }
+    Ok(if bad > 0 { 1 } else { 0 })
 }
 
-/// One-shot ingest.
-pub fn ingest(config: &Path, _files: &[PathBuf]) -> anyhow::Result<i32> {
-    let _cfg = super::load_config(config)?;
-    anyhow::bail!("ingest is not built yet")
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// One-shot ingest through the watcher's own path: accepted files are committed and moved to
+/// `processed_dir` (deleted with `keep_processed = false`), rejected ones moved to
+/// `rejected_dir` with their report, wherever they were. Exit 1 if any file was not accepted.
+pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
+    let cfg = Arc::new(super::load_config(config)?);
+    crate::logging::init_stdout(&cfg.log.level);
+    let store = Store::open(&cfg.store.path, false)?;
+    let ingestor = Ingestor::new(cfg, store);
+    let paths: Vec<PathBuf> = files
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let candidates = paths
+        .iter()
+        .map(|p| Candidate {
+            path: p.clone(),
+            settled: true,
+        })
+        .collect();
+    let mut results = ingestor.process(candidates);
+    let mut failed = 0;
+    for (given, path) in files.iter().zip(&paths) {
+        let Some(i) = results.iter().position(|r| &r.path == path) else {
+            continue;
+        };
+        let r = results.swap_remove(i);
+        let shown = given.display();
+        match r.outcome {
+            FileOutcome::Accepted(a) => {
+                let dups = a.store.duplicates.len();
+                let whither = match &a.moved_to {
+                    Some(p) => format!(" -> {}", p.display()),
+                    None => String::new(),
+                };
+                if let Some(e) = a.move_error {
+                    failed += 1;
+                    println!("{shown}: committed, but not moved: {e}");
+                } else if a.store.already_committed {
+                    println!("{shown}: already committed earlier; moved{whither}");
+                } else {
+                    println!(
+                        "{shown}: accepted ({} device record{}, {} notification{} queued{}){whither}",
+                        a.devices,
+                        plural(a.devices),
+                        a.store.notifications_queued,
+                        plural(a.store.notifications_queued),
+                        if dups > 0 {
+                            format!(
+                                ", {dups} duplicate{} skipped: {}",
+                                plural(dups),
+                                a.store
+                                    .duplicates
+                                    .iter()
+                                    .map(|(_, id)| id.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+            FileOutcome::Rejected(rej) => {
+                failed += 1;
+                let whither = match (&rej.moved_to, &rej.report) {
+                    (Some(m), Some(rp)) => {
+                        format!(" -> {} (report {})", m.display(), rp.display())
+                    }
+                    _ => String::new(),
+                };
+                println!(
+                    "{shown}: rejected ({}, {} problem{}){whither}",
+                    rej.reason.code(),
+                    rej.problems.len(),
+                    plural(rej.problems.len())
+                );
+                for p in &rej.problems {
+                    println!("  {p}");
+                }
+                if let Some(e) = rej.move_error {
+                    println!("  (not moved: {e})");
+                }
+            }
+            FileOutcome::InProgress(why) | FileOutcome::Failed(why) => {
+                failed += 1;
+                println!("{shown}: not ingested: {why}");
+            }
+            FileOutcome::Ignored(why) => {
+                failed += 1;
+                println!("{shown}: not ingested: {why}");
+            }
+            FileOutcome::Vanished => {
+                failed += 1;
+                println!("{shown}: not ingested: no such file");
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
 }

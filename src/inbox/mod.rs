@@ -1,3 +1,41 @@
-//! The inbox: watch, parse, ingest.
+//! The drop inbox (SPEC §1–2): watch a directory, parse and validate drop files, commit their
+//! records to the store, move the files to `processed/` or `rejected/`.
+//!
+//! - [`parse`]: bytes → validated records, or every problem;
+//! - [`ingest`]: one file (or many) → group commit → move; used by the watcher and
+//!   `pushdrop ingest`;
+//! - [`watch`]: the watcher thread (kernel events as hints, directory scans as the truth);
+//! - [`report`]: the `<name>.error.json` report.
 
+pub mod fsutil;
+pub mod ingest;
 pub mod parse;
+pub mod report;
+pub mod watch;
+
+pub use ingest::{Candidate, FileOutcome, FileResult, Ingestor};
+pub use watch::{InboxError, InboxHandle, start};
+
+/// Whether a directory entry's name is one the inbox takes: `*.json` or `*.jsonl`, not a
+/// dotfile (writers stage files under dot names before renaming them in).
+pub fn is_drop_name(name: &std::ffi::OsStr) -> bool {
+    // Non-UTF-8 names still count when their suffix is right.
+    let name = name.to_string_lossy();
+    !name.starts_with('.') && parse::FileKind::from_name(&name).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn drop_names() {
+        assert!(is_drop_name(OsStr::new("a.json")));
+        assert!(is_drop_name(OsStr::new("a b é.jsonl")));
+        assert!(!is_drop_name(OsStr::new(".a.json")));
+        assert!(!is_drop_name(OsStr::new("a.json.tmp")));
+        assert!(!is_drop_name(OsStr::new("a.txt")));
+        assert!(!is_drop_name(OsStr::new("processed")));
+    }
+}

@@ -1,1 +1,1798 @@
-//! Parsing and validating drop files.
+//! Parsing and validating drop files: bytes in, validated [`Record`]s or a list of every
+//! problem out.
+//!
+//! The fast path deserializes each record straight into a typed struct (unknown fields and
+//! duplicate keys are rejected by serde itself) and only walks `payload` for duplicate keys,
+//! because bulk `.jsonl` device files must go at well over 100,000 records a second. A record
+//! that fails the fast path is read again field by field (the slow path), so that one report
+//! names every bad field of it instead of only the first one serde tripped over.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::{AppConfig, Config, Environment};
+use crate::model::{DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target};
+
+/// The two drop file formats, told apart by the file name's suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// One object, or an array of objects.
+    Json,
+    /// One object per line; blank lines allowed.
+    Jsonl,
+}
+
+impl FileKind {
+    /// The kind of a drop file name, or `None` for names pushdrop does not take.
+    pub fn from_name(name: &str) -> Option<FileKind> {
+        if name.ends_with(".jsonl") {
+            Some(FileKind::Jsonl)
+        } else if name.ends_with(".json") {
+            Some(FileKind::Json)
+        } else {
+            None
+        }
+    }
+}
+
+/// Reports list at most this many problems; a file of 200,000 bad lines needs no 200,000-line
+/// report to be fixed.
+pub const MAX_PROBLEMS: usize = 1000;
+
+/// Quoted file content in messages is cut to this many characters, so a report never carries
+/// more than a short excerpt of what may be confidential data.
+const EXCERPT_CHARS: usize = 40;
+
+/// One thing wrong with a drop file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// 0-based index of the record in the file; `None` for problems of the file as a whole.
+    pub record: Option<usize>,
+    /// 1-based line: the record's line in a `.jsonl`, the field's (or record's) line in a
+    /// `.json`.
+    pub line: Option<usize>,
+    /// Path of the field, such as `to.tokens[2]`; `None` when no single field is at fault.
+    pub field: Option<String>,
+    /// What is wrong, in plain words.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        if let Some(r) = self.record {
+            write!(f, "record {r}")?;
+            sep = ", ";
+        }
+        if let Some(l) = self.line {
+            write!(f, "{sep}line {l}")?;
+            sep = ", ";
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{sep}field {field}")?;
+            sep = ", ";
+        }
+        if !sep.is_empty() {
+            f.write_str(": ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a file was (or would be) rejected; the short code is the `reason` label of the
+/// `files_rejected` metric and of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// No records at all.
+    Empty,
+    /// Not valid UTF-8.
+    NotUtf8,
+    /// Not valid JSON / JSON lines.
+    Parse,
+    /// A `.json` that ends early: possibly still being written.
+    Truncated,
+    /// Valid JSON, but records that break the rules of SPEC §2.
+    Invalid,
+    /// Larger than `max_file_bytes`.
+    Oversize,
+    /// A symbolic link (never followed).
+    Symlink,
+    /// A FIFO, socket or device (never opened).
+    NotRegular,
+    /// The name does not end in `.json` or `.jsonl`.
+    BadName,
+    /// Could not be read at all (`pushdrop validate` of a missing file, an I/O error).
+    Unreadable,
+}
+
+impl RejectReason {
+    /// The metric label / log code.
+    pub fn code(self) -> &'static str {
+        match self {
+            RejectReason::Empty => "empty",
+            RejectReason::NotUtf8 => "not_utf8",
+            RejectReason::Parse => "parse",
+            RejectReason::Truncated => "truncated",
+            RejectReason::Invalid => "invalid",
+            RejectReason::Oversize => "oversize",
+            RejectReason::Symlink => "symlink",
+            RejectReason::NotRegular => "not_regular",
+            RejectReason::BadName => "bad_name",
+            RejectReason::Unreadable => "unreadable",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// Why a file cannot be accepted, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The kind of failure. [`RejectReason::Truncated`] means "maybe still being written": the
+    /// watcher retries such a file until it has been unchanged for `settle_ms`.
+    pub reason: RejectReason,
+    /// At most [`MAX_PROBLEMS`] problems, then one that says how many more there were.
+    pub problems: Vec<Problem>,
+}
+
+impl Rejection {
+    /// A rejection with one problem of the file as a whole.
+    pub fn file(reason: RejectReason, message: impl Into<String>) -> Rejection {
+        Rejection {
+            reason,
+            problems: vec![Problem {
+                record: None,
+                line: None,
+                field: None,
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.first() {
+            Some(p) if self.problems.len() > 1 => {
+                write!(f, "{p} (and {} more problems)", self.problems.len() - 1)
+            }
+            Some(p) => write!(f, "{p}"),
+            None => f.write_str(self.reason.code()),
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// A file's validated records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedFile {
+    pub records: Vec<Record>,
+    pub devices: usize,
+    pub notifications: usize,
+}
+
+/// Parses and validates a drop file's content against the configured apps.
+pub fn parse_file(bytes: &[u8], kind: FileKind, cfg: &Config) -> Result<ParsedFile, Rejection> {
+    let ctx = Ctx::new(cfg);
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let at = e.valid_up_to();
+            let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            return Err(Rejection {
+                reason: RejectReason::NotUtf8,
+                problems: vec![Problem {
+                    record: None,
+                    line: Some(line),
+                    field: None,
+                    message: format!(
+                        "not UTF-8: invalid byte 0x{:02X} at byte offset {at} (line {line}); drop files must be UTF-8",
+                        bytes.get(at).copied().unwrap_or(0)
+                    ),
+                }],
+            });
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(Rejection::file(
+            RejectReason::Empty,
+            "empty file: it holds no records",
+        ));
+    }
+    let mut acc = Acc::new(text);
+    match kind {
+        FileKind::Json => parse_json(text, &ctx, &mut acc)?,
+        FileKind::Jsonl => parse_jsonl(text, &ctx, &mut acc)?,
+    }
+    acc.finish()
+}
+
+/// Lookups the record checks need, prepared once per file.
+struct Ctx<'c> {
+    apps: &'c [AppConfig],
+}
+
+impl<'c> Ctx<'c> {
+    fn new(cfg: &'c Config) -> Ctx<'c> {
+        Ctx { apps: &cfg.apps }
+    }
+
+    fn app(&self, name: Option<&str>) -> Result<&'c AppConfig, String> {
+        match name {
+            Some(n) => self.apps.iter().find(|a| a.name == n).ok_or_else(|| {
+                format!(
+                    "unknown app \"{}\"; configured: {}",
+                    excerpt(n),
+                    self.app_names()
+                )
+            }),
+            None if self.apps.len() == 1 => Ok(&self.apps[0]),
+            None => Err(format!(
+                "missing: {} apps are configured ({}), so every record must name one",
+                self.apps.len(),
+                self.app_names()
+            )),
+        }
+    }
+
+    fn app_names(&self) -> String {
+        let names: Vec<String> = self
+            .apps
+            .iter()
+            .map(|a| format!("\"{}\"", a.name))
+            .collect();
+        names.join(", ")
+    }
+}
+
+/// Collects records and problems of one file.
+struct Acc<'t> {
+    text: &'t str,
+    lines: Option<Vec<usize>>,
+    parsed: ParsedFile,
+    problems: Vec<Problem>,
+    more_problems: usize,
+    reason: RejectReason,
+}
+
+impl<'t> Acc<'t> {
+    fn new(text: &'t str) -> Acc<'t> {
+        Acc {
+            text,
+            lines: None,
+            parsed: ParsedFile::default(),
+            problems: Vec::new(),
+            more_problems: 0,
+            reason: RejectReason::Invalid,
+        }
+    }
+
+    /// 1-based line of a byte offset into the file text (index built on first use: only
+    /// failing files pay for it).
+    fn line_of_offset(&mut self, offset: usize) -> usize {
+        let text = self.text;
+        let lines = self.lines.get_or_insert_with(|| {
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect()
+        });
+        lines.partition_point(|&nl| nl < offset) + 1
+    }
+
+    /// Byte offset of a slice of the file text.
+    fn offset_of(&self, s: &str) -> Option<usize> {
+        let base = self.text.as_ptr() as usize;
+        let p = s.as_ptr() as usize;
+        (p >= base && p <= base + self.text.len()).then(|| p - base)
+    }
+
+    fn push(&mut self, reason: RejectReason, p: Problem) {
+        if self.problems.is_empty() || reason_rank(reason) > reason_rank(self.reason) {
+            self.reason = reason;
+        }
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(p);
+        } else {
+            self.more_problems += 1;
+        }
+    }
+
+    fn record(&mut self, r: Record) {
+        match r {
+            Record::Device(_) => self.parsed.devices += 1,
+            Record::Notification(_) => self.parsed.notifications += 1,
+        }
+        self.parsed.records.push(r);
+    }
+
+    fn finish(mut self) -> Result<ParsedFile, Rejection> {
+        if self.problems.is_empty() {
+            return Ok(self.parsed);
+        }
+        if self.more_problems > 0 {
+            self.problems.push(Problem {
+                record: None,
+                line: None,
+                field: None,
+                message: format!(
+                    "… and {} more problems not listed (only the first {MAX_PROBLEMS} are)",
+                    self.more_problems
+                ),
+            });
+        }
+        Err(Rejection {
+            reason: self.reason,
+            problems: self.problems,
+        })
+    }
+}
+
+/// Which reason names a file with several kinds of problem: the most fundamental one.
+fn reason_rank(r: RejectReason) -> u8 {
+    match r {
+        RejectReason::Invalid => 0,
+        RejectReason::Parse => 1,
+        RejectReason::Truncated => 2,
+        _ => 3,
+    }
+}
+
+fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(), Rejection> {
+    let first = text.trim_start().as_bytes().first().copied();
+    let mut elements: Vec<&'t RawValue> = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let res = match first {
+        Some(b'[') => de
+            .deserialize_seq(CollectRaw(&mut elements))
+            .and_then(|()| de.end()),
+        Some(b'{') => <&RawValue>::deserialize(&mut de).and_then(|v| {
+            elements.push(v);
+            de.end()
+        }),
+        _ => {
+            return Err(Rejection {
+                reason: RejectReason::Parse,
+                problems: vec![Problem {
+                    record: None,
+                    line: Some(1),
+                    field: None,
+                    message: "a .json file holds one JSON object or an array of objects".into(),
+                }],
+            });
+        }
+    };
+    if let Err(e) = res {
+        let (reason, what) = if e.classify() == serde_json::error::Category::Eof {
+            (
+                RejectReason::Truncated,
+                "the file ends early (truncated JSON)",
+            )
+        } else {
+            (RejectReason::Parse, "JSON syntax error")
+        };
+        return Err(Rejection {
+            reason,
+            problems: vec![Problem {
+                record: (first == Some(b'[')).then_some(elements.len()),
+                line: Some(e.line()),
+                field: None,
+                message: format!(
+                    "{what}: {} (line {}, column {})",
+                    serde_message(&e),
+                    e.line(),
+                    e.column()
+                ),
+            }],
+        });
+    }
+    for (index, raw) in elements.into_iter().enumerate() {
+        record(raw.get(), index, None, ctx, acc);
+    }
+    Ok(())
+}
+
+fn parse_jsonl<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(), Rejection> {
+    let mut index = 0;
+    let ends_with_newline = text.ends_with('\n');
+    let mut lines = text.split('\n').enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let last_unterminated = lines.peek().is_none() && !ends_with_newline;
+        record(line, index, Some((i + 1, last_unterminated)), ctx, acc);
+        index += 1;
+    }
+    if index == 0 {
+        return Err(Rejection::file(
+            RejectReason::Empty,
+            "empty file: it holds only blank lines",
+        ));
+    }
+    Ok(())
+}
+
+/// Parses and checks one record; `jsonl` carries its line and whether it is the file's last
+/// line without a newline (a syntax error there may just mean "still being written").
+fn record<'t>(
+    text: &'t str,
+    index: usize,
+    jsonl: Option<(usize, bool)>,
+    ctx: &Ctx<'_>,
+    acc: &mut Acc<'t>,
+) {
+    // Fast path: typed deserialization, then the semantic checks.
+    let mut problems = Vec::new();
+    if let Ok(raw) = serde_json::from_str::<RawRecord<'t>>(text) {
+        if let Some(r) = check(&raw, &HashSet::new(), ctx, &mut problems) {
+            if problems.is_empty() {
+                acc.record(r);
+                return;
+            }
+        }
+        if problems.is_empty() {
+            // Unreachable by construction; never drop a record silently.
+            problems.push(fp("type", "the record could not be validated"));
+        }
+    } else {
+        problems.clear();
+        // Slow path: field by field, every problem.
+        match slow_path(text) {
+            Ok((raw, bad, mut field_problems)) => {
+                problems.append(&mut field_problems);
+                check(&raw, &bad, ctx, &mut problems);
+            }
+            Err(e) => {
+                let eof = e.classify() == serde_json::error::Category::Eof;
+                let reason = match jsonl {
+                    Some((_, true)) if eof => RejectReason::Truncated,
+                    _ => RejectReason::Parse,
+                };
+                let line = match jsonl {
+                    Some((l, _)) => l,
+                    None => {
+                        let start = acc.offset_of(text).unwrap_or(0);
+                        acc.line_of_offset(start) + e.line() - 1
+                    }
+                };
+                let message = if e.classify() == serde_json::error::Category::Data {
+                    // Valid JSON, wrong shape: an array or a number where a record should be.
+                    "a record must be a JSON object".to_string()
+                } else if eof {
+                    format!(
+                        "the record ends early: {} (column {})",
+                        serde_message(&e),
+                        e.column()
+                    )
+                } else {
+                    format!(
+                        "JSON syntax error: {} (column {})",
+                        serde_message(&e),
+                        e.column()
+                    )
+                };
+                acc.push(
+                    reason,
+                    Problem {
+                        record: Some(index),
+                        line: Some(line),
+                        field: None,
+                        message,
+                    },
+                );
+                return;
+            }
+        }
+    }
+    // Problems found: locate them.
+    let fields = if jsonl.is_none() {
+        entries(text).ok()
+    } else {
+        None
+    };
+    let record_line = match jsonl {
+        Some((l, _)) => l,
+        None => {
+            let start = acc.offset_of(text).unwrap_or(0);
+            acc.line_of_offset(start)
+        }
+    };
+    for p in problems {
+        let line = match (&fields, &p.field) {
+            (Some(entries), Some(field)) => {
+                let top = field.split(['.', '[']).next().unwrap_or(field);
+                entries
+                    .iter()
+                    .find(|(k, _)| k == top)
+                    .and_then(|(_, v)| acc.offset_of(v.get()))
+                    .map(|o| acc.line_of_offset(o))
+                    .unwrap_or(record_line)
+            }
+            _ => record_line,
+        };
+        acc.push(
+            RejectReason::Invalid,
+            Problem {
+                record: Some(index),
+                line: Some(line),
+                field: p.field,
+                message: sanitize(&p.message),
+            },
+        );
+    }
+}
+
+/// A problem before it knows its record and line.
+struct FieldProblem {
+    field: Option<String>,
+    message: String,
+}
+
+fn fp(field: impl Into<String>, message: impl Into<String>) -> FieldProblem {
+    FieldProblem {
+        field: Some(field.into()),
+        message: message.into(),
+    }
+}
+
+/// A record as it appears in the file, every field optional; [`check`] turns it into a
+/// [`Record`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecord<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    app: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    environment: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<RawTarget<'a>>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    push_type: Option<Cow<'a, str>>,
+    #[serde(default)]
+    priority: Option<i64>,
+    #[serde(borrow, default)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    collapse_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    expiration: Option<TimeRaw<'a>>,
+    #[serde(borrow, default)]
+    send_at: Option<TimeRaw<'a>>,
+}
+
+const DEVICE_FIELDS: &[&str] = &["type", "app", "token", "user", "environment", "action"];
+const NOTIFICATION_FIELDS: &[&str] = &[
+    "type",
+    "id",
+    "app",
+    "to",
+    "payload",
+    "push_type",
+    "priority",
+    "topic",
+    "collapse_id",
+    "expiration",
+    "send_at",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget<'a> {
+    #[serde(borrow, default)]
+    tokens: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    users: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    all: Option<bool>,
+}
+
+/// `expiration` / `send_at`: RFC 3339 text or whole UNIX seconds.
+#[derive(Debug)]
+enum TimeRaw<'a> {
+    Secs(i64),
+    Text(Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TimeRaw<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an RFC 3339 date-time string or whole UNIX seconds")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(TimeRaw::Secs(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                i64::try_from(v)
+                    .map(TimeRaw::Secs)
+                    .map_err(|_| E::custom("UNIX seconds out of range"))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(TimeRaw::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(TimeRaw::Text(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Collects the elements of a top-level array one by one, so that on a syntax error the
+/// number already read tells which record is broken.
+struct CollectRaw<'v, 'a>(&'v mut Vec<&'a RawValue>);
+
+impl<'de, 'v> Visitor<'de> for CollectRaw<'v, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of records")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<&'de RawValue>()? {
+            self.0.push(v);
+        }
+        Ok(())
+    }
+}
+
+/// A record's keys in file order, duplicates kept, values unparsed.
+fn entries(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::Error> {
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(k) = map.next_key::<CowStr<'de>>()? {
+                let v = map.next_value::<&'de RawValue>()?;
+                out.push((k.0, v));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let out = de.deserialize_map(Entries)?;
+    de.end()?;
+    Ok(out)
+}
+
+/// A string borrowed from the input when it has no escapes.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Deserializes one field value, reporting the failing path below `key`.
+fn field_value<'a, T: Deserialize<'a>>(
+    key: &str,
+    v: &'a RawValue,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<T> {
+    let mut de = serde_json::Deserializer::from_str(v.get());
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = serde_message(e.inner());
+            let base = if path == "." {
+                key.to_string()
+            } else if path.starts_with('[') {
+                format!("{key}{path}")
+            } else {
+                format!("{key}.{path}")
+            };
+            problems.push(serde_problem(&base, &inner));
+            None
+        }
+    }
+}
+
+/// Turns serde's wording into a problem, pulling the field name out of
+/// "unknown field `x`" / "duplicate field `x`" messages.
+fn serde_problem(base: &str, inner: &str) -> FieldProblem {
+    let named = |prefix: &str| -> Option<String> {
+        let rest = inner.strip_prefix(prefix)?;
+        let end = rest.find('`')?;
+        Some(rest[..end].to_string())
+    };
+    if let Some(name) = named("unknown field `") {
+        return fp(
+            join(base, &name),
+            format!("unknown field \"{}\"", excerpt(&name)),
+        );
+    }
+    if let Some(name) = named("duplicate field `") {
+        return fp(
+            join(base, &name),
+            format!("duplicate key \"{}\"", excerpt(&name)),
+        );
+    }
+    fp(base, format!("wrong type: {inner}"))
+}
+
+fn join(base: &str, name: &str) -> String {
+    if base.is_empty() || base == "." {
+        name.to_string()
+    } else {
+        format!("{base}.{name}")
+    }
+}
+
+/// The slow path: reads a record's fields one by one, so every bad field is reported, and
+/// returns what could be read, the names of fields present but unreadable, and the problems.
+#[allow(clippy::type_complexity)]
+fn slow_path(
+    text: &str,
+) -> Result<(RawRecord<'_>, HashSet<String>, Vec<FieldProblem>), serde_json::Error> {
+    let fields = entries(text)?;
+    let mut raw = RawRecord::default();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut bad = HashSet::new();
+    let mut problems = Vec::new();
+    for (k, v) in &fields {
+        let key: &str = k;
+        if !seen.insert(key) {
+            problems.push(fp(key, format!("duplicate key \"{}\"", excerpt(key))));
+            bad.insert(key.to_string());
+            continue;
+        }
+        let before = problems.len();
+        let p = &mut problems;
+        match key {
+            "type" => raw.kind = field_value(key, v, p),
+            "app" => raw.app = field_value(key, v, p),
+            "token" => raw.token = field_value(key, v, p),
+            "user" => raw.user = field_value(key, v, p),
+            "environment" => raw.environment = field_value(key, v, p),
+            "action" => raw.action = field_value(key, v, p),
+            "id" => raw.id = field_value(key, v, p),
+            "to" => raw.to = field_value(key, v, p),
+            "payload" => raw.payload = field_value(key, v, p),
+            "push_type" => raw.push_type = field_value(key, v, p),
+            "priority" => raw.priority = field_value(key, v, p),
+            "topic" => raw.topic = field_value(key, v, p),
+            "collapse_id" => raw.collapse_id = field_value(key, v, p),
+            "expiration" => raw.expiration = field_value(key, v, p),
+            "send_at" => raw.send_at = field_value(key, v, p),
+            _ => {
+                let mut msg = format!("unknown field \"{}\"", excerpt(key));
+                if let Some(s) = suggestion(key) {
+                    msg.push_str(&format!("; did you mean \"{s}\"?"));
+                }
+                problems.push(fp(key, msg));
+            }
+        }
+        if problems.len() > before {
+            bad.insert(key.to_string());
+        }
+    }
+    Ok((raw, bad, problems))
+}
+
+/// The known field closest to a misspelt one, if it is close.
+fn suggestion(key: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1; b.len() + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1);
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    let key = key.to_ascii_lowercase();
+    let known = || DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied();
+    known()
+        .map(|f| (distance(&key, f), f))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, f)| f)
+        // Abbreviations: "prio" for "priority", "env" for "environment".
+        .or_else(|| known().find(|f| key.len() >= 3 && f.starts_with(key.as_str())))
+}
+
+/// The semantic checks of SPEC §2. `bad` names fields that were present but unreadable (no
+/// "missing" complaint for them). Returns the record when no problem was found in it.
+fn check(
+    raw: &RawRecord<'_>,
+    bad: &HashSet<String>,
+    ctx: &Ctx<'_>,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<Record> {
+    let before = problems.len();
+    let kind = match raw.kind.as_deref() {
+        Some("device") => "device",
+        Some("notification") => "notification",
+        Some(other) => {
+            problems.push(fp(
+                "type",
+                format!(
+                    "must be \"device\" or \"notification\", not \"{}\"",
+                    excerpt(other)
+                ),
+            ));
+            return None;
+        }
+        None if bad.contains("type") => return None,
+        None => {
+            problems.push(fp(
+                "type",
+                "missing: every record needs \"type\": \"device\" or \"notification\"",
+            ));
+            return None;
+        }
+    };
+    let app = match ctx.app(raw.app.as_deref()) {
+        Ok(a) => Some(a),
+        Err(msg) => {
+            if !bad.contains("app") {
+                problems.push(fp("app", msg));
+            }
+            None
+        }
+    };
+    let record = if kind == "device" {
+        check_device(raw, bad, app, problems)
+    } else {
+        check_notification(raw, bad, app, problems)
+    };
+    if problems.len() > before {
+        None
+    } else {
+        record
+    }
+}
+
+fn wrong_kind_fields(
+    raw: &RawRecord<'_>,
+    kind: &str,
+    fields: &[&str],
+    problems: &mut Vec<FieldProblem>,
+) {
+    let present = [
+        ("token", raw.token.is_some()),
+        ("user", raw.user.is_some()),
+        ("environment", raw.environment.is_some()),
+        ("action", raw.action.is_some()),
+        ("id", raw.id.is_some()),
+        ("to", raw.to.is_some()),
+        ("payload", raw.payload.is_some()),
+        ("push_type", raw.push_type.is_some()),
+        ("priority", raw.priority.is_some()),
+        ("topic", raw.topic.is_some()),
+        ("collapse_id", raw.collapse_id.is_some()),
+        ("expiration", raw.expiration.is_some()),
+        ("send_at", raw.send_at.is_some()),
+    ];
+    for (name, is) in present {
+        if is && !fields.contains(&name) {
+            problems.push(fp(
+                name,
+                format!(
+                    "unknown field \"{name}\" for a {kind} record (its fields: {})",
+                    fields.join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+fn check_device(
+    raw: &RawRecord<'_>,
+    bad: &HashSet<String>,
+    app: Option<&AppConfig>,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<Record> {
+    wrong_kind_fields(raw, "device", DEVICE_FIELDS, problems);
+    let token = match raw.token.as_deref() {
+        Some(t) => match check_token(t) {
+            Ok(t) => Some(t),
+            Err(m) => {
+                problems.push(fp("token", m));
+                None
+            }
+        },
+        None if bad.contains("token") => None,
+        None => {
+            problems.push(fp("token", "missing: a device record needs a token"));
+            None
+        }
+    };
+    let user = match raw.user.as_deref() {
+        Some(u) => check_user(u).map_err(|m| problems.push(fp("user", m))).ok(),
+        None => None,
+    };
+    let environment = match raw.environment.as_deref() {
+        None => app.map(|a| a.environment),
+        Some(e) => match Environment::parse(e) {
+            Some(e) => Some(e),
+            None => {
+                problems.push(fp(
+                    "environment",
+                    format!(
+                        "must be \"production\" or \"sandbox\", not \"{}\"",
+                        excerpt(e)
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    let action = match raw.action.as_deref() {
+        None | Some("register") => Some(DeviceAction::Register),
+        Some("unregister") => Some(DeviceAction::Unregister),
+        Some(a) => {
+            problems.push(fp(
+                "action",
+                format!(
+                    "must be \"register\" or \"unregister\", not \"{}\"",
+                    excerpt(a)
+                ),
+            ));
+            None
+        }
+    };
+    Some(Record::Device(DeviceRecord {
+        app: app?.name.clone(),
+        token: token?,
+        user: user.flatten(),
+        environment: environment?,
+        action: action?,
+    }))
+}
+
+fn check_user(u: &str) -> Result<Option<String>, String> {
+    if u.is_empty() {
+        return Err("must not be empty (leave \"user\" out instead)".into());
+    }
+    if u.len() > 1024 {
+        return Err(format!("is {} bytes long; at most 1024", u.len()));
+    }
+    Ok(Some(u.to_string()))
+}
+
+/// A device token: even-length hex, 16–256 bytes; returned lowercase.
+pub fn check_token(t: &str) -> Result<String, String> {
+    if let Some((pos, c)) = t.char_indices().find(|(_, c)| !c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "is not hex: {:?} at position {pos} (a token is hex digits 0-9, a-f)",
+            c
+        ));
+    }
+    if t.len() % 2 != 0 {
+        return Err(format!(
+            "has an odd number of hex digits ({}); each byte is two digits",
+            t.len()
+        ));
+    }
+    if !(32..=512).contains(&t.len()) {
+        return Err(format!(
+            "is {} bytes ({} hex digits); a device token is 16 to 256 bytes",
+            t.len() / 2,
+            t.len()
+        ));
+    }
+    Ok(t.to_ascii_lowercase())
+}
+
+fn check_notification(
+    raw: &RawRecord<'_>,
+    bad: &HashSet<String>,
+    app: Option<&AppConfig>,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<Record> {
+    wrong_kind_fields(raw, "notification", NOTIFICATION_FIELDS, problems);
+    let id = match raw.id.as_deref() {
+        None => Some(None),
+        Some(id) => match check_id(id) {
+            Ok(()) => Some(Some(id.to_string())),
+            Err(m) => {
+                problems.push(fp("id", m));
+                None
+            }
+        },
+    };
+    let target = match &raw.to {
+        Some(to) => check_target(to, problems),
+        None if bad.contains("to") => None,
+        None => {
+            problems.push(fp(
+                "to",
+                "missing: give {\"tokens\": [...]}, {\"users\": [...]} or {\"all\": true}",
+            ));
+            None
+        }
+    };
+    let payload = match raw.payload {
+        Some(p) => check_payload(p, problems),
+        None if bad.contains("payload") => None,
+        None => {
+            problems.push(fp(
+                "payload",
+                "missing: a notification needs a payload object with an \"aps\" object",
+            ));
+            None
+        }
+    };
+    let push_type = match raw.push_type.as_deref() {
+        Some(s) => match PushType::parse(s) {
+            Some(p) => Some(p),
+            None => {
+                let all: Vec<&str> = PushType::ALL.iter().map(|p| p.as_str()).collect();
+                problems.push(fp(
+                    "push_type",
+                    format!(
+                        "unknown push type \"{}\"; one of: {}",
+                        excerpt(s),
+                        all.join(", ")
+                    ),
+                ));
+                None
+            }
+        },
+        None => match &payload {
+            Some(info) if info.content_available_only => Some(PushType::Background),
+            Some(_) => Some(PushType::Alert),
+            None => None,
+        },
+    };
+    if let (Some(pt), Some(info)) = (push_type, &payload)
+        && info.size > pt.max_payload_bytes()
+    {
+        problems.push(fp(
+            "payload",
+            format!(
+                "is {} bytes; Apple's limit for {} pushes is {} bytes",
+                info.size,
+                pt,
+                pt.max_payload_bytes()
+            ),
+        ));
+    }
+    let priority = match (raw.priority, push_type) {
+        (Some(p), pt) => {
+            if !matches!(p, 1 | 5 | 10) {
+                problems.push(fp("priority", format!("must be 10, 5 or 1, not {p}")));
+                None
+            } else if let Some(pt) = pt.filter(|pt| !pt.allows_priority(p as u8)) {
+                problems.push(fp(
+                    "priority",
+                    format!("{pt} pushes must use priority 5 or 1 (Apple rejects {p})"),
+                ));
+                None
+            } else {
+                Some(p as u8)
+            }
+        }
+        (None, pt) => pt.map(PushType::default_priority),
+    };
+    let topic = match raw.topic.as_deref() {
+        Some(t) if t.is_empty() || t.len() > 255 || t.contains(char::is_whitespace) => {
+            problems.push(fp(
+                "topic",
+                format!(
+                    "\"{}\" is not a topic (a bundle id, without spaces)",
+                    excerpt(t)
+                ),
+            ));
+            None
+        }
+        Some(t) => Some(t.to_string()),
+        None => match (app, push_type) {
+            (Some(a), Some(pt)) => Some(format!("{}{}", a.bundle_id, pt.topic_suffix())),
+            _ => None,
+        },
+    };
+    let collapse_id = match raw.collapse_id.as_deref() {
+        Some(c) if c.is_empty() || c.len() > 64 => {
+            problems.push(fp(
+                "collapse_id",
+                format!("is {} bytes; it must be 1 to 64 bytes", c.len()),
+            ));
+            None
+        }
+        Some(c) => Some(Some(c.to_string())),
+        None => Some(None),
+    };
+    let expiration = match &raw.expiration {
+        Some(t) => match parse_time(t) {
+            Ok(ms) => Some(Some(ms.div_euclid(1000))),
+            Err(m) => {
+                problems.push(fp("expiration", m));
+                None
+            }
+        },
+        None => Some(None),
+    };
+    let send_at_ms = match &raw.send_at {
+        Some(t) => match parse_time(t) {
+            Ok(ms) => Some(Some(ms)),
+            Err(m) => {
+                problems.push(fp("send_at", m));
+                None
+            }
+        },
+        None => Some(None),
+    };
+    if let (Some(Some(exp)), Some(Some(send))) = (expiration, send_at_ms)
+        && exp > 0
+        && exp * 1000 <= send
+    {
+        problems.push(fp(
+            "expiration",
+            "is not after send_at: the notification would expire before it may be sent",
+        ));
+    }
+    let app = app?;
+    Some(Record::Notification(NotificationRecord {
+        app: app.name.clone(),
+        id: id?,
+        target: target?,
+        payload: payload?.text,
+        push_type: push_type?,
+        priority: priority?,
+        topic: topic?,
+        collapse_id: collapse_id?,
+        expiration: expiration?,
+        send_at_ms: send_at_ms?,
+        environment: app.environment,
+    }))
+}
+
+fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.chars().count() > 128 {
+        return Err(format!(
+            "must be 1 to 128 characters; it has {}",
+            id.chars().count()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@')))
+    {
+        return Err(format!(
+            "contains {c:?}; only A-Z a-z 0-9 - _ . : @ are allowed (the id names a receipt file)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<Target> {
+    let given = usize::from(to.tokens.is_some())
+        + usize::from(to.users.is_some())
+        + usize::from(to.all.is_some());
+    if given != 1 {
+        problems.push(fp(
+            "to",
+            if given == 0 {
+                "is empty: give exactly one of \"tokens\", \"users\" or \"all\"".to_string()
+            } else {
+                "names more than one target: give exactly one of \"tokens\", \"users\" or \"all\""
+                    .to_string()
+            },
+        ));
+        return None;
+    }
+    if let Some(tokens) = &to.tokens {
+        if tokens.is_empty() {
+            problems.push(fp("to.tokens", "is empty: name at least one token"));
+            return None;
+        }
+        let mut out = Vec::with_capacity(tokens.len());
+        let mut ok = true;
+        for (i, t) in tokens.iter().enumerate() {
+            match check_token(t) {
+                Ok(t) => out.push(t),
+                Err(m) => {
+                    problems.push(fp(format!("to.tokens[{i}]"), m));
+                    ok = false;
+                }
+            }
+        }
+        return ok.then_some(Target::Tokens(out));
+    }
+    if let Some(users) = &to.users {
+        if users.is_empty() {
+            problems.push(fp("to.users", "is empty: name at least one user"));
+            return None;
+        }
+        let mut ok = true;
+        for (i, u) in users.iter().enumerate() {
+            if u.is_empty() {
+                problems.push(fp(format!("to.users[{i}]"), "must not be empty"));
+                ok = false;
+            }
+        }
+        return ok.then(|| Target::Users(users.iter().map(|u| u.to_string()).collect()));
+    }
+    if to.all == Some(true) {
+        Some(Target::All)
+    } else {
+        problems.push(fp(
+            "to.all",
+            "must be true (to reach every device of the app)",
+        ));
+        None
+    }
+}
+
+/// What the checks learned about a payload.
+struct PayloadInfo {
+    text: String,
+    size: usize,
+    content_available_only: bool,
+}
+
+fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<PayloadInfo> {
+    let text = p.get();
+    let tree: Pv = match serde_json::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(fp(
+                "payload",
+                format!("cannot be read: {}", serde_message(&e)),
+            ));
+            return None;
+        }
+    };
+    let before = problems.len();
+    tree.find_duplicates("payload", problems);
+    let Pv::Object(top) = &tree else {
+        problems.push(fp(
+            "payload",
+            "must be a JSON object with an \"aps\" object",
+        ));
+        return None;
+    };
+    let aps = top.iter().find(|(k, _)| k == "aps").map(|(_, v)| v);
+    let content_available_only = match aps {
+        Some(Pv::Object(fields)) => {
+            !fields.is_empty() && fields.iter().all(|(k, _)| k == "content-available")
+        }
+        Some(_) => {
+            problems.push(fp("payload.aps", "must be a JSON object"));
+            false
+        }
+        None => {
+            problems.push(fp(
+                "payload.aps",
+                "missing: the payload must carry an \"aps\" object",
+            ));
+            false
+        }
+    };
+    (problems.len() == before).then(|| PayloadInfo {
+        text: text.to_string(),
+        size: text.len(),
+        content_available_only,
+    })
+}
+
+/// A JSON value reduced to what the payload checks need: objects with their keys in order,
+/// duplicates kept (serde_json's own `Value` silently keeps only the last).
+enum Pv {
+    Object(Vec<(String, Pv)>),
+    Array(Vec<Pv>),
+    Scalar,
+}
+
+impl Pv {
+    fn find_duplicates(&self, path: &str, problems: &mut Vec<FieldProblem>) {
+        match self {
+            Pv::Object(fields) => {
+                let mut seen = HashSet::with_capacity(fields.len());
+                for (k, v) in fields {
+                    let p = format!("{path}.{k}");
+                    if !seen.insert(k.as_str()) {
+                        problems.push(fp(
+                            excerpt(&p).into_owned(),
+                            format!("duplicate key \"{}\"", excerpt(k)),
+                        ));
+                    }
+                    v.find_duplicates(&p, problems);
+                }
+            }
+            Pv::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    v.find_duplicates(&format!("{path}[{i}]"), problems);
+                }
+            }
+            Pv::Scalar => {}
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Pv {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PvVisitor)
+    }
+}
+
+struct PvVisitor;
+
+impl<'de> Visitor<'de> for PvVisitor {
+    type Value = Pv;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Pv, E> {
+        Ok(Pv::Scalar)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Pv, E> {
+        Ok(Pv::Scalar)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Pv, E> {
+        Ok(Pv::Scalar)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Pv, E> {
+        Ok(Pv::Scalar)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Pv, E> {
+        Ok(Pv::Scalar)
+    }
+    fn visit_unit<E>(self) -> Result<Pv, E> {
+        Ok(Pv::Scalar)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pv, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(PvSeed)? {
+            items.push(v);
+        }
+        Ok(Pv::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pv, A::Error> {
+        let mut fields = Vec::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let v = map.next_value_seed(PvSeed)?;
+            fields.push((k, v));
+        }
+        Ok(Pv::Object(fields))
+    }
+}
+
+struct PvSeed;
+
+impl<'de> DeserializeSeed<'de> for PvSeed {
+    type Value = Pv;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Pv, D::Error> {
+        d.deserialize_any(PvVisitor)
+    }
+}
+
+/// Milliseconds since the epoch of an RFC 3339 string or UNIX seconds.
+fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
+    // Year 9999: anything later is a unit mix-up (milliseconds given as seconds).
+    const MAX_SECS: i64 = 253_402_300_799;
+    match t {
+        TimeRaw::Secs(s) if (0..=MAX_SECS).contains(s) => Ok(s * 1000),
+        TimeRaw::Secs(s) => Err(format!(
+            "{s} is not a plausible UNIX time in seconds (0 to {MAX_SECS}); milliseconds given by mistake?"
+        )),
+        TimeRaw::Text(s) => {
+            let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| {
+                    format!(
+                        "\"{}\" is not an RFC 3339 date-time such as 2026-11-27T18:00:00Z ({e})",
+                        excerpt(s)
+                    )
+                })?;
+            let ms = (dt.unix_timestamp_nanos() / 1_000_000) as i64;
+            if ms < 0 {
+                return Err(format!("\"{}\" is before 1970", excerpt(s)));
+            }
+            Ok(ms)
+        }
+    }
+}
+
+/// serde_json's message without its " at line X column Y" tail (we say where ourselves).
+fn serde_message(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// At most [`EXCERPT_CHARS`] characters of file content.
+pub fn excerpt(s: &str) -> Cow<'_, str> {
+    if s.chars().count() <= EXCERPT_CHARS {
+        Cow::Borrowed(s)
+    } else {
+        let cut: String = s.chars().take(EXCERPT_CHARS - 1).collect();
+        Cow::Owned(format!("{cut}…"))
+    }
+}
+
+/// Shortens quoted parts of a message (serde quotes offending values whole) and the message
+/// itself, so no report carries a long piece of the file.
+fn sanitize(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(300));
+    let mut rest = msg;
+    while let Some(start) = rest.find(['"', '`']) {
+        let q = rest[start..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=start]);
+        let after = &rest[start + 1..];
+        match after.find(q) {
+            Some(end) => {
+                out.push_str(&excerpt(&after[..end]));
+                out.push(q);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&excerpt(after));
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    if out.chars().count() > 300 {
+        let cut: String = out.chars().take(299).collect();
+        return format!("{cut}…");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "5f1c0a6ee1ed7c1a7bd1a92b3fd10f3a5c7a5b7f1e7c42cd4c04e6f3aa22d9e9";
+
+    fn cfg(apps: &[(&str, &str)]) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.p8");
+        std::fs::write(&key, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut text = "[inbox]\ndir = \"in\"\n".to_string();
+        for (name, bundle) in apps {
+            text.push_str(&format!(
+                "[[apps]]\nname = \"{name}\"\nbundle_id = \"{bundle}\"\ntoken = {{ key_file = \"{}\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }}\n",
+                key.display()
+            ));
+        }
+        Config::from_toml(&text, &dir.path().join("c.toml"), dir.path())
+            .unwrap()
+            .0
+    }
+
+    fn one() -> Config {
+        cfg(&[("buxheti", "info.buxheti.shkoder")])
+    }
+
+    fn parse(text: &str, kind: FileKind) -> Result<ParsedFile, Rejection> {
+        parse_file(text.as_bytes(), kind, &one())
+    }
+
+    fn notif(extra: &str) -> String {
+        format!(
+            r#"{{"type":"notification","to":{{"all":true}},"payload":{{"aps":{{"alert":"hi"}}}}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn device_defaults_and_lowercase_token() {
+        let line = format!(
+            r#"{{"type":"device","token":"{}","user":"alice"}}"#,
+            TOKEN.to_uppercase()
+        );
+        let p = parse(&line, FileKind::Jsonl).unwrap();
+        assert_eq!(p.devices, 1);
+        let Record::Device(d) = &p.records[0] else {
+            panic!()
+        };
+        assert_eq!(d.token, TOKEN);
+        assert_eq!(d.app, "buxheti");
+        assert_eq!(d.environment, Environment::Production);
+        assert_eq!(d.action, DeviceAction::Register);
+        assert_eq!(d.user.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn notification_defaults() {
+        let p = parse(&notif(""), FileKind::Json).unwrap();
+        let Record::Notification(n) = &p.records[0] else {
+            panic!()
+        };
+        assert_eq!(n.push_type, PushType::Alert);
+        assert_eq!(n.priority, 10);
+        assert_eq!(n.topic, "info.buxheti.shkoder");
+        assert_eq!(n.payload, r#"{"aps":{"alert":"hi"}}"#);
+        assert_eq!(n.target, Target::All);
+
+        let bg = r#"{"type":"notification","to":{"users":["a"]},"payload":{"aps":{"content-available":1}}}"#;
+        let p = parse(bg, FileKind::Json).unwrap();
+        let Record::Notification(n) = &p.records[0] else {
+            panic!()
+        };
+        assert_eq!(n.push_type, PushType::Background);
+        assert_eq!(n.priority, 5);
+
+        let voip = notif(
+            r#","push_type":"voip","send_at":"2030-01-01T00:00:00Z","expiration":1900000000"#,
+        );
+        let p = parse(&voip, FileKind::Json).unwrap();
+        let Record::Notification(n) = &p.records[0] else {
+            panic!()
+        };
+        assert_eq!(n.topic, "info.buxheti.shkoder.voip");
+        assert_eq!(n.send_at_ms, Some(1_893_456_000_000));
+        assert_eq!(n.expiration, Some(1_900_000_000));
+    }
+
+    #[test]
+    fn bom_and_arrays_and_blank_lines() {
+        let text = format!("\u{FEFF}[{},\n{}]", notif(""), notif(""));
+        assert_eq!(parse(&text, FileKind::Json).unwrap().notifications, 2);
+        let text = format!("\n{}\r\n\n  \n{}\n", notif(""), notif(""));
+        assert_eq!(parse(&text, FileKind::Jsonl).unwrap().notifications, 2);
+    }
+
+    fn problems(text: &str, kind: FileKind) -> Rejection {
+        parse(text, kind).unwrap_err()
+    }
+
+    #[test]
+    fn every_field_problem_of_a_record_is_reported() {
+        let text = format!(
+            "{}\n{}\n",
+            notif(""),
+            r#"{"type":"device","token":"xyz","tokn":"a","priority":"high","user":""}"#
+        );
+        let r = problems(&text, FileKind::Jsonl);
+        assert_eq!(r.reason, RejectReason::Invalid);
+        let fields: Vec<_> = r
+            .problems
+            .iter()
+            .map(|p| p.field.clone().unwrap())
+            .collect();
+        assert!(fields.contains(&"tokn".to_string()), "{r:?}");
+        assert!(fields.contains(&"priority".to_string()), "{r:?}");
+        assert!(fields.contains(&"token".to_string()), "{r:?}");
+        assert!(fields.contains(&"user".to_string()), "{r:?}");
+        assert!(
+            r.problems
+                .iter()
+                .all(|p| p.record == Some(1) && p.line == Some(2))
+        );
+        let tokn = r
+            .problems
+            .iter()
+            .find(|p| p.field.as_deref() == Some("tokn"))
+            .unwrap();
+        assert!(tokn.message.contains("did you mean \"token\""), "{tokn:?}");
+    }
+
+    #[test]
+    fn duplicate_keys_anywhere() {
+        let r = problems(
+            r#"{"type":"device","type":"device","token":"aa"}"#,
+            FileKind::Json,
+        );
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.field.as_deref() == Some("type") && p.message.contains("duplicate")),
+            "{r:?}"
+        );
+        let r = problems(
+            r#"{"type":"notification","to":{"all":true},"payload":{"aps":{"alert":"a","alert":"b"}}}"#,
+            FileKind::Json,
+        );
+        assert_eq!(
+            r.problems[0].field.as_deref(),
+            Some("payload.aps.alert"),
+            "{r:?}"
+        );
+        let r = problems(
+            r#"{"type":"notification","to":{"users":["a"],"users":["b"]},"payload":{"aps":{}}}"#,
+            FileKind::Json,
+        );
+        assert_eq!(r.problems[0].field.as_deref(), Some("to.users"), "{r:?}");
+    }
+
+    #[test]
+    fn token_rules() {
+        assert!(check_token(&"ab".repeat(16)).is_ok());
+        assert!(check_token(&"ab".repeat(256)).is_ok());
+        assert!(check_token(&"ab".repeat(15)).is_err());
+        assert!(check_token(&"ab".repeat(257)).is_err());
+        assert!(check_token(&"a".repeat(33)).is_err());
+        assert!(check_token(&format!("{}g", "a".repeat(31))).is_err());
+        let text = format!(
+            r#"{{"type":"notification","to":{{"tokens":["{TOKEN}","00","{TOKEN}"]}},"payload":{{"aps":{{}}}}}}"#
+        );
+        let r = problems(&text, FileKind::Json);
+        assert_eq!(r.problems.len(), 1);
+        assert_eq!(r.problems[0].field.as_deref(), Some("to.tokens[1]"));
+    }
+
+    #[test]
+    fn payload_limits() {
+        let big = |n: usize| {
+            // {"aps":{"alert":"xxx"}} is 20 bytes + n.
+            let x = "x".repeat(n - 20);
+            format!(r#"{{"aps":{{"alert":"{x}"}}}}"#)
+        };
+        assert_eq!(big(4096).len(), 4096);
+        let rec = |payload: String, pt: &str| {
+            format!(
+                r#"{{"type":"notification","to":{{"all":true}},"push_type":"{pt}","payload":{payload}}}"#
+            )
+        };
+        assert!(parse(&rec(big(4096), "alert"), FileKind::Json).is_ok());
+        let r = problems(&rec(big(4097), "alert"), FileKind::Json);
+        assert!(r.problems[0].message.contains("4097"), "{r:?}");
+        assert!(parse(&rec(big(4097), "voip"), FileKind::Json).is_ok());
+        assert!(parse(&rec(big(5120), "voip"), FileKind::Json).is_ok());
+        assert!(parse(&rec(big(5121), "voip"), FileKind::Json).is_err());
+        // The rejection quotes no more than an excerpt.
+        let r = problems(
+            &rec(format!("\"{}\"", "s".repeat(500)), "alert"),
+            FileKind::Json,
+        );
+        assert!(r.problems.iter().all(|p| p.message.len() < 200), "{r:?}");
+    }
+
+    #[test]
+    fn target_rules() {
+        let rec =
+            |to: &str| format!(r#"{{"type":"notification","to":{to},"payload":{{"aps":{{}}}}}}"#);
+        for bad in [
+            r#"{"all":true,"users":["a"]}"#,
+            r#"{}"#,
+            r#"{"all":false}"#,
+            r#"{"users":[]}"#,
+            r#"{"tokens":[]}"#,
+            r#"{"everyone":true}"#,
+        ] {
+            let r = problems(&rec(bad), FileKind::Json);
+            assert!(
+                r.problems[0].field.as_deref().unwrap().starts_with("to"),
+                "{bad}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn priority_and_push_type_rules() {
+        let r = problems(
+            &notif(r#","push_type":"background","priority":10"#),
+            FileKind::Json,
+        );
+        assert_eq!(r.problems[0].field.as_deref(), Some("priority"));
+        let r = problems(&notif(r#","priority":7"#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("priority"));
+        let r = problems(&notif(r#","push_type":"loud""#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("push_type"));
+        let r = problems(&notif(r#","collapse_id":"""#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("collapse_id"));
+        let r = problems(&notif(r#","id":"a/b""#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("id"));
+        let r = problems(&notif(r#","send_at":"tomorrow""#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("send_at"));
+        let r = problems(&notif(r#","expiration":1.5"#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("expiration"));
+        let r = problems(&notif(r#","token":"aa""#), FileKind::Json);
+        assert_eq!(r.problems[0].field.as_deref(), Some("token"));
+    }
+
+    #[test]
+    fn apps_must_be_named_when_several() {
+        let c = cfg(&[("a", "com.a"), ("b", "com.b")]);
+        let line = format!(r#"{{"type":"device","token":"{TOKEN}"}}"#);
+        let r = parse_file(line.as_bytes(), FileKind::Jsonl, &c).unwrap_err();
+        assert_eq!(r.problems[0].field.as_deref(), Some("app"));
+        let line = format!(r#"{{"type":"device","app":"c","token":"{TOKEN}"}}"#);
+        let r = parse_file(line.as_bytes(), FileKind::Jsonl, &c).unwrap_err();
+        assert!(r.problems[0].message.contains("unknown app"));
+        let line = format!(r#"{{"type":"device","app":"b","token":"{TOKEN}"}}"#);
+        assert!(parse_file(line.as_bytes(), FileKind::Jsonl, &c).is_ok());
+    }
+
+    #[test]
+    fn file_level_failures() {
+        assert_eq!(problems("", FileKind::Json).reason, RejectReason::Empty);
+        assert_eq!(
+            problems(" \n\n", FileKind::Jsonl).reason,
+            RejectReason::Empty
+        );
+        let r = parse_file(b"{\"type\":\n\xff}", FileKind::Json, &one()).unwrap_err();
+        assert_eq!(r.reason, RejectReason::NotUtf8);
+        assert_eq!(r.problems[0].line, Some(2));
+        let r = problems(&notif("")[..30], FileKind::Json);
+        assert_eq!(r.reason, RejectReason::Truncated);
+        let r = problems(
+            &format!("[{},{}", notif(""), &notif("")[..20]),
+            FileKind::Json,
+        );
+        assert_eq!(r.reason, RejectReason::Truncated);
+        assert_eq!(r.problems[0].record, Some(1));
+        let r = problems(&format!("[{}] x", notif("")), FileKind::Json);
+        assert_eq!(r.reason, RejectReason::Parse);
+        let r = problems("42", FileKind::Json);
+        assert_eq!(r.reason, RejectReason::Parse);
+        // A .jsonl whose last line is cut off (no newline) may still be being written.
+        let r = problems(
+            &format!("{}\n{}", notif(""), &notif("")[..20]),
+            FileKind::Jsonl,
+        );
+        assert_eq!(r.reason, RejectReason::Truncated);
+        assert_eq!(r.problems[0].line, Some(2));
+        let r = problems(&format!("{}\n[1]\n", notif("")), FileKind::Jsonl);
+        assert_eq!(r.reason, RejectReason::Parse);
+        assert_eq!(r.problems[0].record, Some(1));
+    }
+
+    #[test]
+    fn json_lines_point_at_the_field() {
+        let text = format!(
+            "[\n  {},\n  {{\n    \"type\": \"device\",\n    \"token\": \"nothex\"\n  }}\n]\n",
+            notif("")
+        );
+        let r = problems(&text, FileKind::Json);
+        assert_eq!(r.problems[0].record, Some(1));
+        assert_eq!(r.problems[0].line, Some(5), "{r:?}");
+        assert_eq!(r.problems[0].field.as_deref(), Some("token"));
+    }
+
+    #[test]
+    fn problem_count_is_capped() {
+        let text = "{\"type\":\"device\"}\n".repeat(MAX_PROBLEMS + 5);
+        let r = problems(&text, FileKind::Jsonl);
+        assert_eq!(r.problems.len(), MAX_PROBLEMS + 1);
+        assert!(r.problems.last().unwrap().message.contains("5 more"));
+    }
+}

@@ -1,0 +1,214 @@
+//! File-system steps of the inbox that must be exactly right for crash safety: moves that
+//! never overwrite, directory fsyncs, atomic report writes, names that fit `NAME_MAX`.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Longest file name (bytes) on the file systems pushdrop runs on.
+pub const NAME_MAX: usize = 255;
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), atomically where the
+/// kernel and file system allow (`renameat2(RENAME_NOREPLACE)`): a file dropped twice under one
+/// name must never overwrite the first copy in `processed/` or `rejected/`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::CString;
+        let f = CString::new(from.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        let t = CString::new(to.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Not supported by this kernel or file system: fall back below.
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP) => {}
+            _ => return Err(err),
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", to.display()),
+        ));
+    }
+    std::fs::rename(from, to)
+}
+
+/// Moves a directory entry without overwriting, across file systems too (`pushdrop ingest` of a
+/// file outside the inbox): a regular file is copied and synced, a symlink re-created (its
+/// target is never read), then the original removed.
+pub fn move_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    match rename_noreplace(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        other => return other,
+    }
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(from)?;
+        std::os::unix::fs::symlink(target, to)?;
+    } else if meta.file_type().is_file() {
+        let mut src = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags_nofollow()
+            .open(from)?;
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(to)?;
+        io::copy(&mut src, &mut dst)?;
+        dst.sync_all()?;
+    } else {
+        return Err(io::Error::other(
+            "cannot move a special file across file systems",
+        ));
+    }
+    std::fs::remove_file(from)
+}
+
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+
+impl NoFollow for std::fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+    }
+}
+
+/// Opens a file for reading without following a symlink and without blocking on a FIFO.
+pub fn open_nofollow(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_nofollow()
+        .open(path)
+}
+
+/// Makes renames and creations in `dir` durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `content` to `dir/name` atomically: a temporary dotfile, fsync, rename over.
+pub fn write_atomic(dir: &Path, name: &OsStr, content: &[u8]) -> io::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".pushdrop-{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        let dest = dir.join(name);
+        std::fs::rename(&tmp, &dest)?;
+        Ok(dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `base + suffix`, shortened to fit [`NAME_MAX`] by cutting `base` and adding a short hash of
+/// it (so two long names stay distinct).
+pub fn fit_name(base: &OsStr, suffix: &str) -> OsString {
+    let b = base.as_bytes();
+    if b.len() + suffix.len() <= NAME_MAX {
+        let mut out = base.to_os_string();
+        out.push(suffix);
+        return out;
+    }
+    let hash = hex::encode(&Sha256::digest(b)[..4]);
+    let room = NAME_MAX - suffix.len() - hash.len() - 1;
+    let mut cut = room.min(b.len());
+    // Do not split a UTF-8 character.
+    while cut > 0 && (b[cut] & 0b1100_0000) == 0b1000_0000 {
+        cut -= 1;
+    }
+    let mut out = b[..cut].to_vec();
+    out.push(b'~');
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(suffix.as_bytes());
+    OsString::from_vec(out)
+}
+
+/// The `n`-th name to try for `name` in a destination folder: the name itself, then
+/// `stem~n.ext` (keeping `.json`/`.jsonl` last so the copy still reads as what it is).
+pub fn nth_name(name: &OsStr, n: usize) -> OsString {
+    if n == 0 {
+        return fit_name(name, "");
+    }
+    let b = name.as_bytes();
+    let (stem, ext) = match b.iter().rposition(|&c| c == b'.') {
+        Some(i) if i > 0 => (&b[..i], &b[i..]),
+        _ => (b, &b""[..]),
+    };
+    let suffix = format!("~{n}{}", String::from_utf8_lossy(ext));
+    fit_name(OsStr::from_bytes(stem), &suffix)
+}
+
+/// The report name of a file moved to `rejected/` as `moved`.
+pub fn report_name(moved: &OsStr) -> OsString {
+    fit_name(moved, ".error.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit() {
+        assert_eq!(nth_name(OsStr::new("a.json"), 0), "a.json");
+        assert_eq!(nth_name(OsStr::new("a.json"), 2), "a~2.json");
+        assert_eq!(nth_name(OsStr::new("a.b.jsonl"), 1), "a.b~1.jsonl");
+        assert_eq!(report_name(OsStr::new("a.json")), "a.json.error.json");
+        let long = "é".repeat(120) + ".json"; // 245 bytes
+        let r = report_name(OsStr::new(&long));
+        assert!(r.len() <= NAME_MAX);
+        assert!(r.to_str().unwrap().ends_with(".error.json"));
+        let n = nth_name(OsStr::new(&long), 3);
+        assert!(n.len() <= NAME_MAX);
+        assert!(n.to_str().unwrap().ends_with("~3.json"));
+        assert_ne!(
+            report_name(OsStr::new(&(long.clone() + "x"))),
+            report_name(OsStr::new(&(long + "y")))
+        );
+    }
+
+    #[test]
+    fn noreplace_refuses_to_overwrite() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::write(&a, "1").unwrap();
+        std::fs::write(&b, "2").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "2");
+        std::fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "1");
+    }
+}

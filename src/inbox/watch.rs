@@ -1,0 +1,530 @@
+//! The watcher: one std thread that learns about files from kernel events (hints) and
+//! directory scans (the truth), decides when a file is complete, and hands ready files to the
+//! [`Ingestor`] in batches (group commit).
+//!
+//! When is a file complete? At once when it arrived by rename or its writer closed it, or when
+//! its mtime is already `settle_ms` old; otherwise once its size and mtime have been stable for
+//! `settle_ms`. A truncated `.json` (or a `.jsonl` whose last line has no newline yet) is
+//! waited for until it has been unchanged for `settle_ms`, and only then rejected.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+
+use super::ingest::{self, Candidate, FileOutcome, Ingestor};
+use crate::config::{Config, WatchMode};
+use crate::store::Store;
+
+/// At most this many files per `Store::ingest` call: big enough that one fsync serves
+/// thousands of files a second, small enough to bound memory and latency.
+const BATCH_FILES: usize = 1000;
+/// At most this many bytes of files per batch.
+const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// Retention of processed files is checked this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// Longest wait before retrying a file that could not be read, committed or moved.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Why the inbox could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    #[error("cannot create inbox folder {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("inbox.{key} ({path}) must not be the inbox folder itself")]
+    SameDir { key: &'static str, path: PathBuf },
+    #[error("cannot start the inbox thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The running inbox. Dropping it without [`InboxHandle::stop`] leaves the thread running
+/// until the process ends.
+pub struct InboxHandle {
+    stop: Arc<AtomicBool>,
+    tx: mpsc::Sender<Msg>,
+    alive: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    watcher: Option<RecommendedWatcher>,
+}
+
+impl InboxHandle {
+    /// Stops taking files, lets the batch in hand finish (commit and move), joins the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Msg::Stop);
+        // No more events: the notify thread ends with the watcher.
+        self.watcher.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether the watcher thread is running (for `/readyz`).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+enum Msg {
+    Event(notify::Result<notify::Event>),
+    Stop,
+}
+
+/// Starts watching `[inbox] dir`: adds the kernel watch, then scans (so files present at start
+/// are taken), in a thread of its own.
+pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> {
+    let inbox = cfg.inbox.dir.clone();
+    for (key, dir) in [
+        ("processed_dir", cfg.processed_dir()),
+        ("rejected_dir", cfg.rejected_dir()),
+    ] {
+        if same_dir(dir, &inbox) {
+            return Err(InboxError::SameDir {
+                key,
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    let mut dirs = vec![inbox.clone(), cfg.rejected_dir().to_path_buf()];
+    if cfg.inbox.keep_processed {
+        dirs.push(cfg.processed_dir().to_path_buf());
+    }
+    for d in dirs {
+        std::fs::create_dir_all(&d).map_err(|source| InboxError::Dir { path: d, source })?;
+    }
+
+    let (tx, rx) = mpsc::channel();
+    let mut poll = cfg.inbox.watch == WatchMode::Poll;
+    let mut watcher = None;
+    if !poll {
+        let etx = tx.clone();
+        let made = RecommendedWatcher::new(
+            move |ev: notify::Result<notify::Event>| {
+                if wanted(&ev) {
+                    let _ = etx.send(Msg::Event(ev));
+                }
+            },
+            notify::Config::default(),
+        )
+        .and_then(|mut w| w.watch(&inbox, RecursiveMode::NonRecursive).map(|()| w));
+        match made {
+            Ok(w) => watcher = Some(w),
+            Err(e) => {
+                tracing::warn!(event = "watch_unavailable", dir = %inbox.display(), error = %e, "cannot watch the inbox for events; polling it instead");
+                poll = true;
+            }
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let alive = Arc::new(AtomicBool::new(true));
+    let mut lp = Loop {
+        ingestor: Ingestor::new(cfg.clone(), store),
+        settle: Duration::from_millis(cfg.inbox.settle_ms),
+        poll_every: poll.then(|| Duration::from_millis(cfg.inbox.poll_interval_ms)),
+        scan_every: Duration::from_secs(cfg.inbox.scan_interval_s),
+        sweep: cfg.inbox.keep_processed,
+        cfg,
+        inbox,
+        rx,
+        stop: stop.clone(),
+        cands: BTreeMap::new(),
+        ignored: HashSet::new(),
+        scan_requested: true,
+        next_scan: Instant::now(),
+        next_sweep: Instant::now(),
+        last_scan_error: None,
+    };
+    let alive_flag = alive.clone();
+    let cfg_dir = lp.inbox.clone();
+    let thread = std::thread::Builder::new()
+        .name("pushdrop-inbox".into())
+        .spawn(move || {
+            let _alive = AliveGuard(alive_flag);
+            lp.run();
+        })
+        .map_err(InboxError::Thread)?;
+    tracing::info!(event = "inbox_started", dir = %cfg_dir.display(), mode = if poll { "poll" } else { "events" });
+    Ok(InboxHandle {
+        stop,
+        tx,
+        alive,
+        thread: Some(thread),
+        watcher,
+    })
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    if a == b {
+        return true;
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Marks the inbox dead when its thread ends, even by panic.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Events worth waking the loop for. Our own reads (open, close-nowrite) and moves out of the
+/// inbox would otherwise wake it for every file it takes.
+fn wanted(ev: &notify::Result<notify::Event>) -> bool {
+    let Ok(ev) = ev else { return true };
+    if ev.need_rescan() {
+        return true;
+    }
+    match ev.kind {
+        EventKind::Create(_) => true,
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Remove(_) => false,
+        EventKind::Any | EventKind::Other => true,
+    }
+}
+
+/// Whether the event says "this file is complete": it was renamed in, or its writer closed it.
+fn completes(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Modify(ModifyKind::Name(
+            RenameMode::To | RenameMode::Both | RenameMode::Any
+        )) | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
+/// What the loop knows about a file in the inbox.
+struct Cand {
+    /// Renamed in or closed after writing since the last look: take it at once.
+    hinted: bool,
+    /// (size, mtime_ns, ino) at the last look, and since when it has been so.
+    seen: Option<(u64, i64, u64)>,
+    stable_since: Instant,
+    /// Do not look before this (back-off after a failure, or the settle deadline).
+    check_at: Instant,
+    /// Failed attempts in a row; such a file is retried alone so it cannot hold up others.
+    failures: u32,
+}
+
+impl Cand {
+    fn new(now: Instant) -> Cand {
+        Cand {
+            hinted: false,
+            seen: None,
+            stable_since: now,
+            check_at: now,
+            failures: 0,
+        }
+    }
+}
+
+struct Loop {
+    cfg: Arc<Config>,
+    ingestor: Ingestor,
+    inbox: PathBuf,
+    rx: mpsc::Receiver<Msg>,
+    stop: Arc<AtomicBool>,
+    settle: Duration,
+    poll_every: Option<Duration>,
+    scan_every: Duration,
+    sweep: bool,
+    cands: BTreeMap<OsString, Cand>,
+    /// Directories and the like already seen (not re-examined on every scan).
+    ignored: HashSet<OsString>,
+    scan_requested: bool,
+    next_scan: Instant,
+    next_sweep: Instant,
+    last_scan_error: Option<String>,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let now = Instant::now();
+            if self.sweep && now >= self.next_sweep {
+                ingest::sweep_processed(&self.cfg);
+                self.next_sweep = now + SWEEP_EVERY;
+            }
+            if self.scan_requested || now >= self.next_scan {
+                self.scan();
+            }
+            let more = self.take_ready();
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            // Sleep until an event, a deadline, or (with more ready files) not at all.
+            let timeout = if more {
+                Duration::ZERO
+            } else {
+                self.next_deadline()
+                    .saturating_duration_since(Instant::now())
+            };
+            match self.rx.recv_timeout(timeout) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Only the handle's sender is left and it is gone: nobody can stop us.
+                    break;
+                }
+            }
+            // Drain what else has arrived, bounded so a storm cannot starve the work.
+            for _ in 0..100_000 {
+                match self.rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        tracing::info!(event = "inbox_stopped");
+    }
+
+    /// Applies one message; false on stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        let ev = match msg {
+            Msg::Stop => return false,
+            Msg::Event(Ok(ev)) => ev,
+            Msg::Event(Err(e)) => {
+                tracing::warn!(event = "watch_error", error = %e, "inbox watch reported an error; rescanning");
+                self.scan_requested = true;
+                return true;
+            }
+        };
+        if ev.need_rescan() {
+            tracing::info!(
+                event = "watch_overflow",
+                "kernel event queue overflowed; rescanning the inbox"
+            );
+            self.scan_requested = true;
+        }
+        let complete = completes(&ev.kind);
+        for p in &ev.paths {
+            if p == &self.inbox {
+                // The folder itself changed (moved, deleted, permissions): look again.
+                self.scan_requested = true;
+                continue;
+            }
+            let Some(name) = p.file_name() else { continue };
+            if p.parent() != Some(self.inbox.as_path()) || !super::is_drop_name(name) {
+                continue;
+            }
+            // Something happened to the name: whatever it is now, look at it again.
+            self.ignored.remove(name);
+            let now = Instant::now();
+            let c = self
+                .cands
+                .entry(name.to_os_string())
+                .or_insert_with(|| Cand::new(now));
+            if complete {
+                c.hinted = true;
+            }
+            if c.failures == 0 {
+                c.check_at = now;
+            }
+        }
+        true
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut d = self.next_scan;
+        if self.sweep {
+            d = d.min(self.next_sweep);
+        }
+        for c in self.cands.values() {
+            d = d.min(c.check_at);
+        }
+        d
+    }
+
+    /// Lists the inbox: the truth about which files are there.
+    fn scan(&mut self) {
+        let started = Instant::now();
+        self.scan_requested = false;
+        self.next_scan = started + self.poll_every.unwrap_or(self.scan_every);
+        let entries = match std::fs::read_dir(&self.inbox) {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = e.to_string();
+                if self.last_scan_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(event = "scan_failed", dir = %self.inbox.display(), error = %msg, "cannot list the inbox");
+                    self.last_scan_error = Some(msg);
+                }
+                return;
+            }
+        };
+        self.last_scan_error = None;
+        let mut present = HashSet::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if !super::is_drop_name(&name) {
+                continue;
+            }
+            present.insert(name.clone());
+            if self.ignored.contains(&name) {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
+                    continue;
+                }
+                // A directory replaced by a file of the same name.
+                self.ignored.remove(&name);
+            }
+            self.cands.entry(name).or_insert_with(|| Cand::new(started));
+        }
+        self.cands.retain(|n, _| present.contains(n));
+        self.ignored.retain(|n| present.contains(n));
+        crate::metrics::get()
+            .inbox_scan_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Looks at candidates that are due, processes the ready ones (in name order, in batches);
+    /// returns true when ready files remain for another round.
+    fn take_ready(&mut self) -> bool {
+        let now = Instant::now();
+        let mut batch: Vec<(OsString, Candidate)> = Vec::new();
+        let mut solo: Option<(OsString, Candidate)> = None;
+        let mut bytes = 0u64;
+        let mut more = false;
+        let mut gone = Vec::new();
+        for (name, c) in self.cands.iter_mut() {
+            if c.check_at > now {
+                continue;
+            }
+            if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES || solo.is_some() {
+                more = true;
+                break;
+            }
+            let path = self.inbox.join(name);
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(_) => {
+                    gone.push(name.clone());
+                    continue;
+                }
+            };
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                tracing::debug!(event = "ignored", file = %name.to_string_lossy(), "a directory");
+                self.ignored.insert(name.clone());
+                gone.push(name.clone());
+                continue;
+            }
+            let ready_now;
+            let mut settled = true;
+            if !ft.is_file() {
+                // Symlinks, FIFOs, devices: rejected without being opened.
+                ready_now = true;
+            } else {
+                let sig = (
+                    meta.size(),
+                    meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    meta.ino(),
+                );
+                let age = ingest::mtime_age(&meta);
+                if c.seen != Some(sig) {
+                    c.seen = Some(sig);
+                    c.stable_since = now;
+                }
+                let stable = now.duration_since(c.stable_since);
+                settled = age >= self.settle || stable >= self.settle;
+                ready_now = c.hinted || settled;
+                if !ready_now {
+                    let wait = self.settle.saturating_sub(age.max(stable));
+                    c.check_at = now + wait.max(Duration::from_millis(10));
+                }
+            }
+            if !ready_now {
+                continue;
+            }
+            bytes += meta.size();
+            let cand = Candidate { path, settled };
+            if c.failures > 0 {
+                if batch.is_empty() {
+                    solo = Some((name.clone(), cand));
+                } else {
+                    more = true;
+                }
+                continue;
+            }
+            batch.push((name.clone(), cand));
+        }
+        for n in gone {
+            self.cands.remove(&n);
+        }
+        if let Some(s) = solo {
+            if batch.is_empty() {
+                batch.push(s);
+            } else {
+                more = true;
+            }
+        }
+        if batch.is_empty() {
+            return more;
+        }
+        let (names, cands): (Vec<OsString>, Vec<Candidate>) = batch.into_iter().unzip();
+        let mut results: BTreeMap<PathBuf, FileOutcome> = self
+            .ingestor
+            .process(cands)
+            .into_iter()
+            .map(|r| (r.path, r.outcome))
+            .collect();
+        let now = Instant::now();
+        for name in names {
+            let Some(r) = results.remove(&self.inbox.join(&name)) else {
+                self.cands.remove(&name);
+                continue;
+            };
+            if r.is_final() {
+                self.cands.remove(&name);
+                continue;
+            }
+            let Some(c) = self.cands.get_mut(&name) else {
+                continue;
+            };
+            c.hinted = false;
+            match r {
+                FileOutcome::InProgress(_) => {
+                    // Look again once it has had time to settle.
+                    c.seen = None;
+                    c.check_at = now + (self.settle / 4).max(Duration::from_millis(10));
+                }
+                _ => {
+                    c.failures += 1;
+                    let backoff = Duration::from_millis(500)
+                        .saturating_mul(1 << c.failures.min(7))
+                        .min(MAX_BACKOFF);
+                    c.check_at = now + backoff;
+                }
+            }
+        }
+        more
+    }
+}

@@ -1,0 +1,4 @@
+//! Shared helpers of the end-to-end tests, one module per area.
+#![allow(dead_code)]
+
+pub mod inbox;

@@ -1,0 +1,188 @@
+//! Crash safety of the real binary: `pushdrop run` is SIGKILLed at random instants while files
+//! keep arriving, and restarted. At the end every file is in processed/ or rejected/ exactly
+//! once, every accepted record is in the database exactly once, and SQLite is intact.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::inbox::{Env, device, notification, token, wait_for};
+
+fn spawn(env: &Env) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(env.dir.path().join("run.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg("--config")
+        .arg(&env.config_path)
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn pushdrop run")
+}
+
+#[test]
+fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
+    const FILES: usize = 400;
+    let env = Arc::new(Env::new());
+    let done = Arc::new(AtomicBool::new(false));
+
+    // The dropper: good notification files (no id, so a second ingest would show), device
+    // files, and every 25th file bad.
+    let feeder = {
+        let env = env.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut names = Vec::new();
+            for i in 0..FILES {
+                let (name, content) = if i % 25 == 7 {
+                    (
+                        format!("f{i:04}.json"),
+                        "{\"type\": \"nonsense\"}".to_string(),
+                    )
+                } else if i % 5 == 0 {
+                    (
+                        format!("f{i:04}.jsonl"),
+                        (0..20)
+                            .map(|k| device(i as u64 * 100 + k, "crash") + "\n")
+                            .collect(),
+                    )
+                } else {
+                    (format!("f{i:04}.json"), notification("", &token(i as u64)))
+                };
+                env.drop_file(&name, content);
+                names.push(name);
+                std::thread::sleep(Duration::from_millis(rand::random_range(0..10)));
+            }
+            done.store(true, Ordering::SeqCst);
+            names
+        })
+    };
+
+    let mut kills = 0;
+    while kills < 5 {
+        let mut child = spawn(&env);
+        std::thread::sleep(Duration::from_millis(rand::random_range(80..600)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let names = feeder.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+
+    // A last, undisturbed run takes what is left; SIGTERM then stops it cleanly (exit 0).
+    let mut child = spawn(&env);
+    wait_for("the inbox to empty", || env.inbox_names().is_empty());
+    // A marker taken proves the daemon is up (its signal handlers come first).
+    env.drop_file("zz-marker.json", notification("marker", &token(999_999)));
+    wait_for("the marker", || {
+        env.processed_names()
+            .contains(&"zz-marker.json".to_string())
+    });
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "clean stop on SIGTERM");
+
+    let log = std::fs::read_to_string(env.dir.path().join("run.log")).unwrap_or_default();
+    eprintln!(
+        "runs: {}, files ingested: {}, recognised after a crash between commit and move: {}",
+        log.matches("inbox_started").count(),
+        log.matches("\"ingested\"").count(),
+        log.matches("already_committed").count()
+    );
+    let processed: Vec<String> = env
+        .processed_names()
+        .into_iter()
+        .filter(|n| n != "zz-marker.json")
+        .collect();
+    let rejected = env.rejected_names();
+    let processed: Vec<&String> = processed.iter().filter(|n| !n.starts_with('.')).collect();
+    let rejected: Vec<&String> = rejected.iter().filter(|n| !n.starts_with('.')).collect();
+    let all: BTreeSet<&String> = processed.iter().chain(rejected.iter()).copied().collect();
+    assert_eq!(
+        processed.len() + rejected.len(),
+        names.len(),
+        "each file exactly once (a second copy would carry a ~N suffix): processed {processed:?} rejected {rejected:?}"
+    );
+    assert_eq!(all, names.iter().collect::<BTreeSet<_>>());
+    for n in &rejected {
+        let i: usize = n[1..5].parse().unwrap();
+        assert_eq!(i % 25, 7, "only the bad files are rejected: {n}");
+        assert_eq!(env.report(n)["reason"], "invalid");
+    }
+
+    let good_notifications = (0..FILES).filter(|i| i % 25 != 7 && i % 5 != 0).count() as i64;
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id <> 'marker'"),
+        good_notifications
+    );
+    assert_eq!(
+        env.count("SELECT count(DISTINCT source_file) FROM notifications WHERE ext_id <> 'marker'"),
+        good_notifications,
+        "one notification per file, none twice"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries"),
+        good_notifications + 1,
+        "one delivery per notification, plus the marker's"
+    );
+    let device_files = (0..FILES).filter(|i| i % 25 != 7 && i % 5 == 0).count() as i64;
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE user = 'crash'"),
+        device_files * 20
+    );
+    let integrity: String = env
+        .db()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+}
+
+/// The window the random kills may miss: records committed, then the process died before the
+/// move. On restart the file is recognised (name, content, inode, mtime) and only moved.
+#[test]
+fn a_file_committed_before_a_crash_is_only_moved_on_restart() {
+    use pushdrop::inbox::ingest::{Examined, examine};
+    let env = Env::new();
+    let cfg = env.config();
+    env.drop_file("window.json", notification("", &token(1)));
+    {
+        let store = pushdrop::store::Store::open(&cfg.store.path, true).unwrap();
+        let Examined::Ready { file, .. } = examine(&env.inbox.join("window.json"), &cfg, true)
+        else {
+            panic!("window.json should be ready");
+        };
+        let out = store.ingest(vec![file]).unwrap();
+        assert!(!out[0].already_committed);
+        // "Crash": the store goes away, the file stays in the inbox.
+    }
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
+    let daemon = env.start();
+    wait_for("window.json moved", || {
+        env.processed_names() == ["window.json"]
+    });
+    daemon.shutdown();
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
+    assert!(env.inbox_names().is_empty());
+
+    // Same name, new content: a new file, ingested.
+    env.drop_file("window.json", notification("", &token(2)));
+    let daemon = env.start();
+    wait_for("second window.json", || {
+        env.processed_names() == ["window.json", "window~1.json"]
+    });
+    daemon.shutdown();
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 2);
+}

@@ -1,0 +1,182 @@
+//! The files of inbox-example/ against the real binary: all valid except broken.json, whose
+//! report names record, line and field; `pushdrop ingest` moves files like the watcher does.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::inbox::{Env, wait_for};
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("inbox-example");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| pushdrop::inbox::is_drop_name(p.file_name().unwrap()))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 6, "{v:?}");
+    v
+}
+
+fn check_broken_report(report: &serde_json::Value) {
+    assert_eq!(report["file"], "broken.json");
+    assert_eq!(report["reason"], "invalid");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2, "{report:#}");
+    assert_eq!(problems[0]["record"], 1);
+    assert_eq!(problems[0]["line"], 3);
+    assert_eq!(problems[0]["field"], "token");
+    assert_eq!(problems[1]["record"], 2);
+    assert_eq!(problems[1]["line"], 5);
+    assert_eq!(problems[1]["field"], "prio");
+    assert!(report["rejected_at"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn validate_accepts_every_example_but_broken() {
+    let env = Env::new();
+    for f in examples() {
+        let out = env.pushdrop(&["validate", f.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if f.ends_with("broken.json") {
+            assert_eq!(out.status.code(), Some(1), "{stdout}");
+            check_broken_report(&serde_json::from_str(&stdout).expect("report on stdout"));
+        } else {
+            assert_eq!(out.status.code(), Some(0), "{}: {stdout}", f.display());
+            assert!(stdout.contains(": ok ("), "{stdout}");
+        }
+    }
+    // Nothing was ingested or moved.
+    assert!(!env.db.exists());
+    assert!(examples().iter().all(|p| p.exists()));
+}
+
+#[test]
+fn bad_config_exits_64() {
+    let env = Env::new();
+    std::fs::write(&env.config_path, "[inbox]\ndir = \"x\"\nsettle = 5\n").unwrap();
+    let f = examples()[0].clone();
+    for cmd in ["validate", "ingest"] {
+        let out = env.pushdrop(&[cmd, f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{cmd}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("settle"));
+    }
+}
+
+#[test]
+fn ingest_command_commits_and_moves_like_the_watcher() {
+    let env = Env::new();
+    // Copies outside the inbox: `pushdrop ingest` takes any path.
+    let staging = env.dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let mut args = vec!["ingest".to_string()];
+    for f in examples() {
+        let dest = staging.join(f.file_name().unwrap());
+        std::fs::copy(&f, &dest).unwrap();
+        args.push(dest.to_str().unwrap().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.pushdrop(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "broken.json makes it exit 1: {stdout}"
+    );
+    assert!(
+        stdout.contains("broken.json: rejected (invalid, 2 problems)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("devices.jsonl: accepted (6 device records"),
+        "{stdout}"
+    );
+
+    assert_eq!(
+        env.processed_names(),
+        [
+            "broadcast.json",
+            "devices.jsonl",
+            "scheduled.json",
+            "to-users.json",
+            "voip.json"
+        ]
+    );
+    assert_eq!(env.rejected_names(), ["broken.json"]);
+    check_broken_report(&env.report("broken.json"));
+    assert!(Env::names(&staging).is_empty());
+
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE registered = 1"),
+        5
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE active = 1"),
+        4
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE environment = 'sandbox'"),
+        1
+    );
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM notifications WHERE ext_id = 'call-7f3a'
+             AND push_type = 'voip' AND topic = 'info.buxheti.shkoder.voip'"
+        ),
+        1
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM notifications WHERE ext_id = 'refresh-bob'
+             AND push_type = 'background' AND priority = 5"
+        ),
+        1
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM notifications WHERE ext_id = 'new-year-2030'
+             AND send_at = 1893484800000"
+        ),
+        1
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE user = 'erin'"),
+        0,
+        "a rejected file is rejected whole"
+    );
+
+    // Ingesting the same content again: notification ids are duplicates, nothing queued twice.
+    let again = staging.join("broadcast.json");
+    std::fs::copy(examples()[0].clone(), &again).unwrap();
+    let out = env.pushdrop(&["ingest", again.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("duplicate skipped: budget-2026-11-27"),
+        "{stdout}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
+    assert!(
+        env.processed_names()
+            .contains(&"broadcast~1.json".to_string())
+    );
+}
+
+#[test]
+fn the_daemon_takes_the_examples() {
+    let env = Env::new();
+    let daemon = env.start();
+    for f in examples() {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        env.drop_file(name, std::fs::read(&f).unwrap());
+    }
+    wait_for("examples taken", || env.inbox_names().is_empty());
+    assert_eq!(env.processed_names().len(), 5);
+    assert_eq!(env.rejected_names(), ["broken.json"]);
+    check_broken_report(&env.report("broken.json"));
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
+    daemon.shutdown();
+}

@@ -1,0 +1,154 @@
+//! Writers that write in place, slowly; many files at once; duplicate ids.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::inbox::{Env, Options, device, notification, token, wait_for};
+use pushdrop::inbox::{Candidate, FileOutcome, Ingestor};
+
+/// Writes `content` into the inbox in place, in ~20 chunks over ~2 s, flushing each chunk and
+/// keeping the file open (chunk boundaries fall mid-line and mid-record).
+fn slow_write(path: PathBuf, content: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let bytes = content.as_bytes();
+    let chunk = bytes.len().div_ceil(20);
+    for part in bytes.chunks(chunk) {
+        f.write_all(part).unwrap();
+        f.flush().unwrap();
+        f.sync_data().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn slow_writer_is_ingested_once(poll: bool) {
+    let env = Env::with(Options {
+        settle_ms: 1000,
+        poll,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    let jsonl: String = (0..200).map(|i| device(i, "slow") + "\n").collect();
+    let json = format!(
+        "[\n{}\n]\n",
+        (0..50)
+            .map(|i| notification(&format!("slow-{i}"), &token(i)))
+            .collect::<Vec<_>>()
+            .join(",\n")
+    );
+    let w1 = {
+        let path = env.inbox.join("slow.jsonl");
+        std::thread::spawn(move || slow_write(path, &jsonl))
+    };
+    slow_write(env.inbox.join("slow.json"), &json);
+    w1.join().unwrap();
+    wait_for("both slow files", || {
+        env.processed_names() == ["slow.json", "slow.jsonl"]
+    });
+    // Give a wrong early take a chance to show up as a second copy or a rejection.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(env.processed_names(), ["slow.json", "slow.jsonl"]);
+    assert!(
+        env.rejected_names().is_empty(),
+        "{:?}",
+        env.rejected_names()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE user = 'slow'"),
+        200
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id LIKE 'slow-%'"),
+        50
+    );
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 2);
+    daemon.shutdown();
+}
+
+#[test]
+fn in_place_slow_writer_is_ingested_once_with_events() {
+    slow_writer_is_ingested_once(false);
+}
+
+#[test]
+fn in_place_slow_writer_is_ingested_once_when_polling() {
+    slow_writer_is_ingested_once(true);
+}
+
+#[test]
+fn ten_thousand_files_are_ingested_exactly_once() {
+    const N: usize = 10_000;
+    let env = Env::new();
+    let daemon = env.start();
+    let tok = token(42);
+    for i in 0..N {
+        // No id: pushdrop assigns one, so a file taken twice would show as two rows.
+        env.drop_file(&format!("n{i:05}.json"), notification("", &tok));
+    }
+    wait_for("all files processed", || {
+        std::fs::read_dir(&env.processed)
+            .map(|d| d.count())
+            .unwrap_or(0)
+            >= N
+    });
+    wait_for("inbox empty", || env.inbox_names().is_empty());
+    assert_eq!(env.processed_names().len(), N);
+    assert!(env.rejected_names().is_empty());
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), N as i64);
+    assert_eq!(
+        env.count("SELECT count(DISTINCT source_file) FROM notifications"),
+        N as i64
+    );
+    assert_eq!(env.count("SELECT count(*) FROM deliveries"), N as i64);
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), N as i64);
+    daemon.shutdown();
+}
+
+#[test]
+fn duplicate_notification_ids_are_reported_not_queued_twice() {
+    let env = Env::new();
+    let cfg = env.config();
+    let store = pushdrop::store::Store::open(&cfg.store.path, false).unwrap();
+    let ingestor = Ingestor::new(cfg, store);
+    env.drop_file("first.json", notification("same-id", &token(1)));
+    let second = format!(
+        "{}\n{}\n",
+        notification("same-id", &token(2)),
+        notification("other-id", &token(2))
+    );
+    env.drop_file("second.jsonl", &second);
+    let results = ingestor.process(vec![Candidate {
+        path: env.inbox.join("first.json"),
+        settled: true,
+    }]);
+    assert!(
+        matches!(&results[0].outcome, FileOutcome::Accepted(a) if a.store.duplicates.is_empty())
+    );
+    let results = ingestor.process(vec![Candidate {
+        path: env.inbox.join("second.jsonl"),
+        settled: true,
+    }]);
+    let FileOutcome::Accepted(a) = &results[0].outcome else {
+        panic!("{:?}", results[0].outcome)
+    };
+    assert_eq!(a.store.duplicates, vec![(0, "same-id".to_string())]);
+    assert_eq!(a.store.notifications_queued, 1);
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id = 'same-id'"),
+        1
+    );
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 2);
+
+    // The CLI says so too.
+    env.drop_file("third.json", notification("same-id", &token(3)));
+    let out = env.pushdrop(&["ingest", env.inbox.join("third.json").to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("1 duplicate skipped: same-id"), "{stdout}");
+    assert_eq!(
+        env.processed_names(),
+        ["first.json", "second.jsonl", "third.json"]
+    );
+}
