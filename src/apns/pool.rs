@@ -399,6 +399,18 @@ impl Pool {
     }
 
     async fn connect_slot(self: Arc<Self>, i: usize) {
+        /// Should this task die (a panic in a dependency), the slot must not stay
+        /// "connecting" forever.
+        struct Reset<'a>(&'a Pool, usize, bool);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    self.0.lock().slots[self.1].connecting = false;
+                    self.0.notify.notify_waiters();
+                }
+            }
+        }
+        let mut reset = Reset(&self, i, true);
         let result = match tokio::time::timeout(self.shared.connect_timeout, self.open(i)).await {
             Ok(r) => r,
             Err(_) => Err(Outcome::Retry {
@@ -411,6 +423,8 @@ impl Pool {
                 unsent: true,
             }),
         };
+        reset.2 = false;
+        drop(reset);
         let mut st = self.lock();
         let closed = st.closed;
         let slot = &mut st.slots[i];
@@ -539,16 +553,17 @@ impl Pool {
             let _ = done_tx.send(connection.await);
         });
         let first = tokio::select! {
-            r = ping.ping(Ping::opaque()) => r.map_err(|e| e.to_string()),
-            d = &mut done_rx => Err(match d {
+            r = ping.ping(Ping::opaque()) => r.map_err(|e| (e.to_string(), false)),
+            d = &mut done_rx => Err((match d {
                 Ok(Err(e)) => e.to_string(),
                 _ => "connection closed before it answered".to_string(),
-            }),
+            }, true)),
         };
-        if let Err(mut text) = first {
+        if let Err((mut text, driver_done)) = first {
             // The PING error is generic; the driver's own error says why (TLS alert?).
-            if let Ok(Ok(Err(e))) =
-                tokio::time::timeout(Duration::from_millis(500), &mut done_rx).await
+            if !driver_done
+                && let Ok(Ok(Err(e))) =
+                    tokio::time::timeout(Duration::from_millis(500), &mut done_rx).await
             {
                 text = e.to_string();
             }

@@ -12,7 +12,7 @@ use rustls::{ClientConfig, RootCertStore};
 use super::ApnsError;
 
 /// The process's one crypto provider (ring: no C toolchain beyond cc needed).
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -1,0 +1,3 @@
+//! Shared test helpers, one module per area.
+
+pub mod sim;
