@@ -15,6 +15,7 @@ mod client;
 pub mod outcome;
 mod pool;
 mod proxy;
+mod sniff;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::auth::TokenSigner;
 use super::outcome::{Outcome, goaway_reason};
+use super::sniff::{Signals, Sniffer};
 use super::{ApnsError, proxy, tls};
 
 /// Requests allowed to wait for a stream in one pool; more get `Retry` at once.
@@ -107,7 +108,8 @@ pub(crate) struct Conn {
     send: SendRequest<Bytes>,
     in_flight: AtomicUsize,
     authorised: AtomicBool,
-    closing: AtomicBool,
+    /// GOAWAY seen (by the frame sniffer) or retired by the pool.
+    signals: Arc<Signals>,
     /// Asks the supervisor for an immediate PING (after a request timed out).
     check: Notify,
     /// Milliseconds since `born` of the last finished request.
@@ -128,7 +130,7 @@ impl Conn {
     }
 
     fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
+        self.signals.closing.load(Ordering::Acquire)
     }
 }
 
@@ -247,7 +249,7 @@ impl Pool {
         st.closed = true;
         for slot in &mut st.slots {
             if let Some(c) = slot.conn.take() {
-                c.closing.store(true, Ordering::Release);
+                c.signals.closing.store(true, Ordering::Release);
                 c.driver.abort();
             }
         }
@@ -538,6 +540,8 @@ impl Pool {
                 ),
             });
         }
+        let signals = Arc::new(Signals::default());
+        let tls = Sniffer::new(tls, signals.clone());
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(1 << 20)
             .initial_connection_window_size(1 << 22)
@@ -576,7 +580,7 @@ impl Pool {
             send,
             in_flight: AtomicUsize::new(0),
             authorised: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
+            signals,
             check: Notify::new(),
             last_active_ms: AtomicU64::new(0),
             born: Instant::now(),
@@ -676,7 +680,7 @@ impl Pool {
     /// slot reconnects only after a back-off (a server that drops every connection must not
     /// get a connect storm).
     pub fn retire(&self, conn: &Conn, broken: Option<String>) {
-        conn.closing.store(true, Ordering::Release);
+        conn.signals.closing.store(true, Ordering::Release);
         let mut st = self.lock();
         let slot = &mut st.slots[conn.slot];
         if slot.conn.as_ref().is_some_and(|c| c.id == conn.id) {
@@ -713,6 +717,12 @@ impl Pool {
         payload: Bytes,
         deadline: Instant,
     ) -> Exchange {
+        if conn.is_closing() {
+            // GOAWAY arrived after this request picked the connection: it must not open a
+            // stream there (RFC 9113 6.8).
+            self.retire(conn, None);
+            return Exchange::NotSent("connection is going away (GOAWAY)".into());
+        }
         let mut send = conn.send.clone();
         let (response, mut body) = match send.send_request(request, payload.is_empty()) {
             Ok(x) => x,
@@ -744,8 +754,10 @@ impl Pool {
             return Exchange::NotSent("stream refused by APNs (REFUSED_STREAM)".into());
         }
         if e.is_go_away() {
-            let debug = format!("{e:?}");
-            let reason = goaway_reason(&debug);
+            let reason = conn
+                .signals
+                .goaway_reason()
+                .or_else(|| goaway_reason(&format!("{e:?}")));
             if e.reason() == Some(Reason::NO_ERROR) {
                 self.retire(conn, None);
                 return Exchange::GoAway(reason.unwrap_or_else(|| "GOAWAY".into()));
