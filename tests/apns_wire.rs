@@ -11,6 +11,14 @@ use pushdrop::apns::Outcome;
 use pushdrop::model::PushType;
 use pushdrop::simulator::{SimOptions, TokenScript};
 
+/// What to break in a push, and Apple's answer.
+type Case = (
+    &'static str,
+    Box<dyn Fn(&mut pushdrop::apns::PushRequest)>,
+    u16,
+    &'static str,
+);
+
 #[tokio::test]
 async fn every_push_type_carries_its_topic_suffix_and_priority() {
     let env = start(SimOptions {
@@ -79,12 +87,7 @@ async fn apns_id_is_kept_and_apples_checks_fail_bad_pushes() {
             Outcome::Sent { apns_id, .. } => assert_eq!(apns_id, id),
             o => panic!("{o:?}"),
         }
-        let cases: Vec<(
-            &str,
-            Box<dyn Fn(&mut pushdrop::apns::PushRequest)>,
-            u16,
-            &str,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "background at 10",
                 Box::new(|r| {
