@@ -326,3 +326,27 @@ async fn several_connections_share_the_load() {
     );
     assert_eq!(client.stats().connects, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_found_by_ping_and_replaced() {
+    let env = start(SimOptions::default()).await;
+    let proxy = connect_proxy().await;
+    let client = env.client(&format!(
+        "proxy = \"{}\"\nping_interval_s = 1\nrequest_timeout_ms = 1000",
+        proxy.url
+    ));
+    within(60, async {
+        assert!(matches!(client.send(push(1)).await, Outcome::Sent { .. }));
+        // The network path goes silent: no FIN, no RST, nothing.
+        proxy.frozen.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        proxy.frozen.store(false, Ordering::SeqCst);
+        // The idle PING went unanswered, so the connection was dropped: this push opens a
+        // new one instead of waiting on the dead one.
+        let o = deliver(&client, push(2)).await;
+        assert!(matches!(o.last(), Some(Outcome::Sent { .. })), "{o:?}");
+    })
+    .await;
+    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 2);
+    assert_eq!(client.stats().connects, 2);
+}

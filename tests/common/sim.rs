@@ -139,7 +139,30 @@ pub async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T 
 pub struct ConnectProxy {
     pub url: String,
     pub tunnels: Arc<AtomicUsize>,
+    /// While set, tunnels hold every byte instead of forwarding it (a silent dead peer).
+    pub frozen: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies one direction of a tunnel, holding bytes while `frozen` is set.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Drop for ConnectProxy {
@@ -153,12 +176,15 @@ pub async fn connect_proxy() -> ConnectProxy {
     let addr = listener.local_addr().unwrap();
     let tunnels = Arc::new(AtomicUsize::new(0));
     let count = tunnels.clone();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let frozen2 = frozen.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut client, _)) = listener.accept().await else {
                 return;
             };
             let count = count.clone();
+            let frozen = frozen2.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut b = [0u8; 1];
@@ -176,7 +202,7 @@ pub async fn connect_proxy() -> ConnectProxy {
                         .await;
                     return;
                 };
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
                     let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
                     return;
                 };
@@ -188,13 +214,16 @@ pub async fn connect_proxy() -> ConnectProxy {
                 {
                     return;
                 }
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::join!(pump(cr, uw, frozen.clone()), pump(ur, cw, frozen));
             });
         }
     });
     ConnectProxy {
         url: format!("http://{addr}"),
         tunnels,
+        frozen,
         task,
     }
 }
