@@ -1,8 +1,173 @@
-//! `pushdrop simulate`.
+//! `pushdrop simulate`: the APNs simulator as a server, for users' own integration tests.
 
+use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::Path;
 
-/// The APNs simulator as a server.
-pub fn simulate(_listen: &str, _dir: &Path, _latency_ms: u64) -> anyhow::Result<i32> {
-    anyhow::bail!("simulate is not built yet")
+use anyhow::Context;
+
+use crate::simulator::{SimCredentials, SimOptions, Simulator};
+
+/// The file the config snippet is written to, inside `--dir`.
+pub const CONFIG_FILE: &str = "pushdrop-simulator.toml";
+/// The app of the written config.
+pub const APP_NAME: &str = "simulated";
+/// Its bundle id.
+pub const BUNDLE_ID: &str = "com.example.simulated";
+
+/// Starts the simulator, writes credentials and a config into `dir`, serves until Ctrl-C or
+/// SIGTERM.
+pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32> {
+    crate::logging::init_stdout("info");
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not an address such as 127.0.0.1:2197"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let sim = Simulator::start(SimOptions {
+            listen: addr,
+            latency: std::time::Duration::from_millis(latency_ms),
+            // A long-running server must not grow: count accepted pushes, keep none.
+            record_limit: 0,
+            ..SimOptions::default()
+        })
+        .await?;
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let creds = sim
+            .write_credentials(&dir)
+            .with_context(|| format!("cannot write credentials into {}", dir.display()))?;
+        let config = dir.join(CONFIG_FILE);
+        std::fs::write(&config, config_snippet(&sim.url(), &dir, &creds))
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        println!("APNs simulator listening on {}", sim.url());
+        println!("  CA certificate:      {}", creds.ca_file.display());
+        println!(
+            "  token key:           {} (key_id {}, team_id {})",
+            creds.key_file.display(),
+            creds.key_id,
+            creds.team_id
+        );
+        println!(
+            "  client certificate:  {} (key {})",
+            creds.client_cert_file.display(),
+            creds.client_key_file.display()
+        );
+        println!("  config:              {}", config.display());
+        println!(
+            "Copy its [apns] and [[apps]] sections into your config, or run pushdrop with --config {}",
+            config.display()
+        );
+        println!("Ctrl-C stops.");
+        wait_for_stop().await;
+        println!(
+            "served {} requests on {} connections; {} accepted",
+            sim.requests(),
+            sim.connections(),
+            sim.accepted_count()
+        );
+        sim.shutdown().await;
+        Ok::<_, anyhow::Error>(0)
+    })
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A complete, valid config for the simulator: usable as is, or as a source of the
+/// `[apns]` and `[[apps]]` sections.
+pub fn config_snippet(url: &str, dir: &Path, creds: &SimCredentials) -> String {
+    let q = |p: &Path| toml_string(&p.display().to_string());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Written by `pushdrop simulate`: settings for its APNs simulator."
+    );
+    let _ = writeln!(
+        s,
+        "# Copy [apns] and [[apps]] into your config, or use this file as is."
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[inbox]");
+    let _ = writeln!(s, "dir = {}", q(&dir.join("inbox")));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[store]");
+    let _ = writeln!(s, "path = {}", q(&dir.join("pushdrop.db")));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[apns]");
+    let _ = writeln!(s, "production_url = {}", toml_string(url));
+    let _ = writeln!(s, "sandbox_url = {}", toml_string(url));
+    let _ = writeln!(s, "ca_file = {}", q(&creds.ca_file));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[[apps]]");
+    let _ = writeln!(s, "name = \"{APP_NAME}\"");
+    let _ = writeln!(s, "bundle_id = \"{BUNDLE_ID}\"");
+    let _ = writeln!(
+        s,
+        "token = {{ key_file = {}, key_id = \"{}\", team_id = \"{}\" }}",
+        q(&creds.key_file),
+        creds.key_id,
+        creds.team_id
+    );
+    let _ = writeln!(
+        s,
+        "# or: certificate = {{ cert_file = {}, key_file = {} }}",
+        q(&creds.client_cert_file),
+        q(&creds.client_key_file)
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[admin]");
+    let _ = writeln!(s, "listen = \"\"");
+    s
+}
+
+fn toml_string(s: &str) -> String {
+    // A TOML basic string is a JSON string for everything a path can hold.
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn written_config_is_valid_and_points_at_the_simulator() {
+        let sim = Simulator::start(SimOptions::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = sim.write_credentials(dir.path()).unwrap();
+        let text = config_snippet(&sim.url(), dir.path(), &creds);
+        let (cfg, warnings) =
+            crate::config::Config::from_toml(&text, &dir.path().join(CONFIG_FILE), dir.path())
+                .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.apns.production_url, sim.url());
+        assert_eq!(cfg.apps[0].name, APP_NAME);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&creds.key_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

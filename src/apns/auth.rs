@@ -1,0 +1,265 @@
+//! Provider tokens (ES256 JWTs) for token authentication.
+//!
+//! Apple wants one token per key, reused for 20 to 60 minutes: older than an hour it answers
+//! `ExpiredProviderToken`, refreshed more often than every 20 minutes it answers
+//! `TooManyProviderTokenUpdates`. So a [`TokenSigner`] per key is shared by every connection
+//! of every app using that key, and it is the only place that mints.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+use super::ApnsError;
+use crate::config::TokenAuthConfig;
+
+/// The time source of token ages. Injectable so tests can live through an hour in a second.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The real clock.
+pub fn system_clock() -> Clock {
+    Arc::new(SystemTime::now)
+}
+
+/// A token is refreshed on use once it is this old (Apple: between 20 and 60 minutes).
+pub const REFRESH_AFTER: Duration = Duration::from_secs(50 * 60);
+/// No token is replaced before it is this old (Apple: `TooManyProviderTokenUpdates`).
+pub const MIN_TOKEN_AGE: Duration = Duration::from_secs(20 * 60);
+
+/// One minted token, ready to go into the `authorization` header.
+#[derive(Debug)]
+pub(crate) struct Jwt {
+    /// `bearer <jwt>`.
+    pub header: HeaderValue,
+    /// The token's `iat`, by the signer's clock.
+    pub issued: SystemTime,
+    /// Increases with every mint; lets a failed request tell whether its token is still the
+    /// current one.
+    pub generation: u64,
+}
+
+struct State {
+    key: Option<EncodingKey>,
+    current: Option<Arc<Jwt>>,
+    /// Set after Apple rejected the key: the next mint re-reads the key file, so a fixed key
+    /// is picked up without a restart.
+    reload: bool,
+}
+
+/// Mints and caches the provider token of one key.
+pub(crate) struct TokenSigner {
+    key_file: PathBuf,
+    key_id: String,
+    team_id: String,
+    clock: Clock,
+    state: Mutex<State>,
+    mints: Arc<AtomicU64>,
+}
+
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    iat: u64,
+}
+
+fn read_key(path: &Path) -> Result<EncodingKey, ApnsError> {
+    let pem = std::fs::read(path).map_err(|e| ApnsError::Key {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    EncodingKey::from_ec_pem(&pem).map_err(|e| ApnsError::Key {
+        path: path.to_path_buf(),
+        message: format!("not a PKCS#8 EC P-256 (.p8) private key: {e}"),
+    })
+}
+
+impl TokenSigner {
+    /// Reads the key now, so a bad key file is reported at start-up.
+    pub fn new(
+        cfg: &TokenAuthConfig,
+        clock: Clock,
+        mints: Arc<AtomicU64>,
+    ) -> Result<TokenSigner, ApnsError> {
+        let key = read_key(&cfg.key_file)?;
+        Ok(TokenSigner {
+            key_file: cfg.key_file.clone(),
+            key_id: cfg.key_id.clone(),
+            team_id: cfg.team_id.clone(),
+            clock,
+            state: Mutex::new(State {
+                key: Some(key),
+                current: None,
+                reload: false,
+            }),
+            mints,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave State half-updated (every field is
+        // replaced whole), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn age(&self, jwt: &Jwt) -> Duration {
+        (self.clock)()
+            .duration_since(jwt.issued)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// The token to use now: the cached one, or a new one when it is 50 minutes old (or the
+    /// key was rejected).
+    pub fn current(&self) -> Result<Arc<Jwt>, ApnsError> {
+        let mut st = self.lock();
+        if let Some(j) = &st.current
+            && !st.reload
+            && self.age(j) < REFRESH_AFTER
+        {
+            return Ok(j.clone());
+        }
+        self.mint(&mut st)
+    }
+
+    /// After APNs answered `ExpiredProviderToken` to a request signed with `used`: returns
+    /// whether a newer token is now in place (minted here, or by a concurrent request). A
+    /// token younger than 20 minutes is never replaced, whatever APNs says.
+    pub fn on_expired(&self, used: &Jwt) -> Result<bool, ApnsError> {
+        let mut st = self.lock();
+        match &st.current {
+            Some(j) if j.generation != used.generation => return Ok(true),
+            Some(j) if self.age(j) < MIN_TOKEN_AGE => return Ok(false),
+            _ => {}
+        }
+        self.mint(&mut st)?;
+        Ok(true)
+    }
+
+    /// After APNs rejected the key or token outright (`InvalidProviderToken` and friends): the
+    /// next token is minted from the key file as it is on disk then.
+    pub fn on_rejected(&self, used: &Jwt) {
+        let mut st = self.lock();
+        if st.current.as_ref().map(|j| j.generation) == Some(used.generation) {
+            st.reload = true;
+        }
+    }
+
+    fn mint(&self, st: &mut State) -> Result<Arc<Jwt>, ApnsError> {
+        if st.reload || st.key.is_none() {
+            st.key = Some(read_key(&self.key_file)?);
+            st.reload = false;
+        }
+        let Some(key) = st.key.as_ref() else {
+            unreachable!("key loaded just above")
+        };
+        let now = (self.clock)();
+        let iat = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.key_id.clone());
+        let token = jsonwebtoken::encode(
+            &header,
+            &Claims {
+                iss: &self.team_id,
+                iat,
+            },
+            key,
+        )
+        .map_err(|e| ApnsError::Key {
+            path: self.key_file.clone(),
+            message: format!("cannot sign a provider token: {e}"),
+        })?;
+        let header =
+            HeaderValue::from_str(&format!("bearer {token}")).map_err(|e| ApnsError::Key {
+                path: self.key_file.clone(),
+                message: format!("token is not a header value: {e}"),
+            })?;
+        let generation = st.current.as_ref().map_or(1, |j| j.generation + 1);
+        let jwt = Arc::new(Jwt {
+            header,
+            issued: UNIX_EPOCH + Duration::from_secs(iat),
+            generation,
+        });
+        st.current = Some(jwt.clone());
+        self.mints.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::get().jwt_refreshes.inc();
+        tracing::info!(key_id = %self.key_id, team_id = %self.team_id, iat, "minted APNs provider token");
+        Ok(jwt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI64;
+
+    fn signer(offset: Arc<AtomicI64>) -> (TokenSigner, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let path = dir.path().join("AuthKey_ABC123DEFG.p8");
+        std::fs::write(&path, key.serialize_pem()).unwrap();
+        let base = SystemTime::now();
+        let clock: Clock =
+            Arc::new(move || base + Duration::from_secs(offset.load(Ordering::Relaxed) as u64));
+        let cfg = TokenAuthConfig {
+            key_file: path,
+            key_id: "ABC123DEFG".into(),
+            team_id: "DEF123GHIJ".into(),
+        };
+        (
+            TokenSigner::new(&cfg, clock, Arc::new(AtomicU64::new(0))).unwrap(),
+            dir,
+        )
+    }
+
+    #[test]
+    fn token_is_reused_then_refreshed_at_fifty_minutes() {
+        let t = Arc::new(AtomicI64::new(0));
+        let (s, _d) = signer(t.clone());
+        let a = s.current().unwrap();
+        t.store(49 * 60, Ordering::Relaxed);
+        assert_eq!(s.current().unwrap().generation, a.generation);
+        t.store(50 * 60, Ordering::Relaxed);
+        let b = s.current().unwrap();
+        assert_eq!(b.generation, a.generation + 1);
+        assert_eq!(s.mints.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn expired_answer_never_mints_twice_within_twenty_minutes() {
+        let t = Arc::new(AtomicI64::new(0));
+        let (s, _d) = signer(t.clone());
+        let a = s.current().unwrap();
+        // Younger than 20 minutes: kept.
+        t.store(19 * 60, Ordering::Relaxed);
+        assert!(!s.on_expired(&a).unwrap());
+        t.store(21 * 60, Ordering::Relaxed);
+        assert!(s.on_expired(&a).unwrap());
+        let b = s.current().unwrap();
+        assert_eq!(b.generation, 2);
+        // Many requests signed with the old token come back expired: no new mint.
+        for _ in 0..10 {
+            assert!(s.on_expired(&a).unwrap());
+            assert!(!s.on_expired(&b).unwrap());
+        }
+        assert_eq!(s.mints.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn rejected_key_is_reread_from_disk() {
+        let t = Arc::new(AtomicI64::new(0));
+        let (s, _d) = signer(t);
+        let a = s.current().unwrap();
+        std::fs::write(&s.key_file, "garbage").unwrap();
+        s.on_rejected(&a);
+        let err = s.current().unwrap_err().to_string();
+        assert!(err.contains("AuthKey_ABC123DEFG.p8"), "{err}");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(&s.key_file, key.serialize_pem()).unwrap();
+        assert_eq!(s.current().unwrap().generation, 2);
+    }
+}

@@ -1,0 +1,496 @@
+//! [`ApnsClient`]: one push in, one [`Outcome`] out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HeaderName};
+use http::{HeaderValue, Method, Request, Uri};
+use tokio::time::Instant;
+
+use super::auth::{Clock, Jwt, TokenSigner, system_clock};
+use super::outcome::{Classified, Outcome, classify, parse_error_body};
+use super::pool::{Endpoint, Exchange, Pool, PoolAuth, Shared};
+use super::{ApnsError, tls};
+use crate::config::{AppAuth, Config, Environment};
+use crate::model::{PushType, token_prefix};
+
+/// One push, as the sender hands it over.
+#[derive(Debug, Clone)]
+pub struct PushRequest {
+    /// The configured app's name.
+    pub app: Arc<str>,
+    /// Picks the host (production or sandbox).
+    pub environment: Environment,
+    /// Lowercase hex device token.
+    pub token: String,
+    /// `apns-id`: a UUID, so APNs's answer and our logs name the same push.
+    pub apns_id: String,
+    /// `apns-topic`.
+    pub topic: String,
+    pub push_type: PushType,
+    /// `apns-priority`: 10, 5 or 1.
+    pub priority: u8,
+    /// `apns-expiration`, UNIX seconds.
+    pub expiration: Option<i64>,
+    /// `apns-collapse-id`.
+    pub collapse_id: Option<String>,
+    /// The JSON payload, sent as is.
+    pub payload: Bytes,
+}
+
+/// Counters of one client, for tests and the demo.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// HTTP/2 connections opened.
+    pub connects: u64,
+    /// Provider tokens minted.
+    pub jwt_mints: u64,
+}
+
+struct Inner {
+    /// App name → pool per environment (production, sandbox).
+    pools: HashMap<Arc<str>, [Arc<Pool>; 2]>,
+    shared: Arc<Shared>,
+    mints: Arc<AtomicU64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for pools in self.pools.values() {
+            for p in pools {
+                p.close();
+            }
+        }
+    }
+}
+
+/// The APNs client of the whole process. Cheap to clone; every clone shares the pools.
+/// Dropping the last clone closes its connections.
+#[derive(Clone)]
+pub struct ApnsClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ApnsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApnsClient")
+            .field("apps", &self.inner.pools.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+static H_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+static H_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+static H_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+static H_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+static H_COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+static H_ID: HeaderName = HeaderName::from_static("apns-id");
+
+impl ApnsClient {
+    /// Sets up pools for every configured app and both environments; connections open on the
+    /// first push. Key and certificate files are read now, so bad ones fail start-up.
+    pub fn new(cfg: &Config) -> Result<ApnsClient, ApnsError> {
+        ApnsClient::with_clock(cfg, system_clock())
+    }
+
+    /// As [`ApnsClient::new`], with the clock that dates provider tokens (tests fake an hour).
+    pub fn with_clock(cfg: &Config, clock: Clock) -> Result<ApnsClient, ApnsError> {
+        let a = &cfg.apns;
+        let roots = tls::roots(a.ca_file.as_deref())?;
+        let token_tls = tls::client_config(roots.clone(), None)?;
+        let proxy = if a.proxy.is_empty() {
+            None
+        } else {
+            let uri: Uri = a.proxy.parse().map_err(|e| ApnsError::Config {
+                key: "apns.proxy".into(),
+                message: format!("{:?}: {e}", a.proxy),
+            })?;
+            match (uri.host(), uri.port_u16()) {
+                (Some(h), Some(p)) => Some(format!("{h}:{p}")),
+                _ => {
+                    return Err(ApnsError::Config {
+                        key: "apns.proxy".into(),
+                        message: format!("{:?} is not http://host:port", a.proxy),
+                    });
+                }
+            }
+        };
+        let shared = Arc::new(Shared {
+            roots: roots.clone(),
+            token_tls,
+            proxy,
+            request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
+            connect_timeout: Duration::from_millis(a.connect_timeout_ms.max(1)),
+            ping_interval: Duration::from_secs(a.ping_interval_s.max(1)),
+            connects: AtomicU64::new(0),
+        });
+        let endpoints = [
+            Endpoint::parse("apns.production_url", &a.production_url)?,
+            Endpoint::parse("apns.sandbox_url", &a.sandbox_url)?,
+        ];
+        let mints = Arc::new(AtomicU64::new(0));
+        let mut signers: HashMap<crate::config::TokenAuthConfig, Arc<TokenSigner>> = HashMap::new();
+        let mut pools = HashMap::new();
+        for app in &cfg.apps {
+            let make_auth =
+                |signers: &mut HashMap<_, Arc<TokenSigner>>| -> Result<PoolAuth, ApnsError> {
+                    Ok(match app.auth() {
+                        AppAuth::Token(t) => {
+                            let signer = match signers.get(t) {
+                                Some(s) => s.clone(),
+                                None => {
+                                    let s = Arc::new(TokenSigner::new(
+                                        t,
+                                        clock.clone(),
+                                        mints.clone(),
+                                    )?);
+                                    signers.insert(t.clone(), s.clone());
+                                    s
+                                }
+                            };
+                            PoolAuth::Token(signer)
+                        }
+                        AppAuth::Certificate(c) => {
+                            // Fail start-up on unreadable or mismatched files.
+                            tls::client_config(
+                                roots.clone(),
+                                Some((&c.cert_file, c.key_file.as_deref())),
+                            )?;
+                            PoolAuth::Certificate {
+                                cert_file: c.cert_file.clone(),
+                                key_file: c.key_file.clone(),
+                            }
+                        }
+                    })
+                };
+            let mk = |env: Environment, ep: &Endpoint, auth: PoolAuth| {
+                Arc::new(Pool::new(
+                    format!("{}/{}", app.name, env),
+                    ep.clone(),
+                    auth,
+                    shared.clone(),
+                    a.connections,
+                ))
+            };
+            let prod = mk(
+                Environment::Production,
+                &endpoints[0],
+                make_auth(&mut signers)?,
+            );
+            let sand = mk(
+                Environment::Sandbox,
+                &endpoints[1],
+                make_auth(&mut signers)?,
+            );
+            pools.insert(Arc::<str>::from(app.name.as_str()), [prod, sand]);
+        }
+        Ok(ApnsClient {
+            inner: Arc::new(Inner {
+                pools,
+                shared,
+                mints,
+            }),
+        })
+    }
+
+    /// Connections opened and tokens minted so far.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            connects: self.inner.shared.connects.load(Ordering::Relaxed),
+            jwt_mints: self.inner.mints.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends one push. Never panics; returns within about `request_timeout_ms` (plus the
+    /// connect time when a connection must be opened first).
+    pub async fn send(&self, req: PushRequest) -> Outcome {
+        let Some(pools) = self.inner.pools.get(&req.app) else {
+            return Outcome::Failed {
+                status: 0,
+                reason: format!("app {:?} is not configured", req.app),
+            };
+        };
+        let pool = match req.environment {
+            Environment::Production => &pools[0],
+            Environment::Sandbox => &pools[1],
+        };
+        let outcome = send_on(pool, &req).await;
+        if !matches!(outcome, Outcome::Sent { .. }) {
+            tracing::debug!(
+                pool = %pool.label,
+                token = token_prefix(&req.token),
+                apns_id = %req.apns_id,
+                outcome = outcome.kind(),
+                reason = outcome.reason(),
+                "APNs push not sent"
+            );
+        }
+        outcome
+    }
+}
+
+/// How often a request that never left is re-routed to another stream before giving up.
+const MAX_REROUTES: u32 = 3;
+
+async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
+    let deadline = Instant::now() + pool_timeout(pool);
+    let mut reroutes = 0;
+    loop {
+        let lease = match pool.acquire(deadline).await {
+            Ok(l) => l,
+            Err(o) => return o,
+        };
+        let jwt = match &pool.auth {
+            PoolAuth::Token(s) => match s.current() {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    return Outcome::PauseApp {
+                        status: None,
+                        reason: e.to_string(),
+                    };
+                }
+            },
+            PoolAuth::Certificate { .. } => None,
+        };
+        let request = match build_request(&pool.endpoint.authority, req, jwt.as_deref()) {
+            Ok(r) => r,
+            Err(o) => return o,
+        };
+        let started = std::time::Instant::now();
+        let exchange = pool
+            .exchange(&lease.conn, request, req.payload.clone(), deadline)
+            .await;
+        match exchange {
+            Exchange::Answer {
+                status,
+                apns_id,
+                body,
+            } => {
+                let latency = started.elapsed();
+                crate::metrics::get()
+                    .send_latency_seconds
+                    .observe(latency.as_secs_f64());
+                if status != 403 {
+                    pool.mark_authorised(&lease.conn);
+                }
+                if status == 200 {
+                    return Outcome::Sent {
+                        apns_id: apns_id.unwrap_or_else(|| req.apns_id.clone()),
+                        latency,
+                    };
+                }
+                let err = parse_error_body(&body);
+                return match classify(status, &err.reason, err.timestamp) {
+                    Classified::Done(o) => {
+                        if matches!(o, Outcome::PauseApp { .. }) {
+                            // Re-read credentials next time: the key file on the next mint,
+                            // certificate files on the next connection.
+                            if let (PoolAuth::Token(s), Some(j)) = (&pool.auth, &jwt) {
+                                s.on_rejected(j);
+                            }
+                            pool.retire(&lease.conn, None);
+                            tracing::warn!(pool = %pool.label, reason = o.reason(), "APNs rejected the app's credentials");
+                        }
+                        o
+                    }
+                    Classified::ExpiredToken => expired(pool, jwt.as_deref()),
+                };
+            }
+            Exchange::NotSent(reason) => {
+                drop(lease);
+                reroutes += 1;
+                if reroutes > MAX_REROUTES || Instant::now() >= deadline {
+                    return Outcome::Retry {
+                        status: None,
+                        reason,
+                        unsent: true,
+                    };
+                }
+            }
+            Exchange::GoAway(reason) => {
+                return Outcome::Retry {
+                    status: None,
+                    reason,
+                    unsent: true,
+                };
+            }
+            Exchange::Timeout => {
+                return Outcome::Retry {
+                    status: None,
+                    reason: format!(
+                        "no answer from APNs within {} ms",
+                        pool_timeout(pool).as_millis()
+                    ),
+                    unsent: false,
+                };
+            }
+            Exchange::Broken { reason, pause } => {
+                return if pause {
+                    Outcome::PauseApp {
+                        status: None,
+                        reason,
+                    }
+                } else {
+                    Outcome::Retry {
+                        status: None,
+                        reason,
+                        unsent: false,
+                    }
+                };
+            }
+        }
+    }
+}
+
+fn pool_timeout(pool: &Pool) -> Duration {
+    pool.request_timeout()
+}
+
+/// 403 `ExpiredProviderToken`: refresh (at most once per 20 minutes) and ask for a resend.
+fn expired(pool: &Pool, used: Option<&Jwt>) -> Outcome {
+    let reason = "ExpiredProviderToken".to_string();
+    let (PoolAuth::Token(signer), Some(used)) = (&pool.auth, used) else {
+        // Certificate auth has no token to refresh: Apple should not say this; retry later.
+        return Outcome::Retry {
+            status: Some(403),
+            reason,
+            unsent: false,
+        };
+    };
+    match signer.on_expired(used) {
+        Ok(true) => Outcome::AuthRefreshed { reason },
+        Ok(false) => {
+            tracing::warn!(
+                pool = %pool.label,
+                "APNs calls a provider token younger than 20 minutes expired; is this host's clock right?"
+            );
+            Outcome::Retry {
+                status: Some(403),
+                reason,
+                unsent: false,
+            }
+        }
+        Err(e) => Outcome::PauseApp {
+            status: Some(403),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn bad_header(name: &str, token: &str) -> Outcome {
+    Outcome::Failed {
+        status: 0,
+        reason: format!(
+            "{name} of the push to {} is not a valid HTTP header value",
+            token_prefix(token)
+        ),
+    }
+}
+
+fn build_request(
+    authority: &http::uri::Authority,
+    req: &PushRequest,
+    jwt: Option<&Jwt>,
+) -> Result<Request<()>, Outcome> {
+    let mut path = String::with_capacity(10 + req.token.len());
+    path.push_str("/3/device/");
+    path.push_str(&req.token);
+    let uri = Uri::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Outcome::Failed {
+            status: 0,
+            reason: format!(
+                "device token {} cannot go into a URL path",
+                token_prefix(&req.token)
+            ),
+        })?;
+    let mut r = Request::new(());
+    *r.method_mut() = Method::POST;
+    *r.uri_mut() = uri;
+    let h = r.headers_mut();
+    h.insert(
+        H_TOPIC.clone(),
+        HeaderValue::from_str(&req.topic).map_err(|_| bad_header("apns-topic", &req.token))?,
+    );
+    h.insert(
+        H_PUSH_TYPE.clone(),
+        HeaderValue::from_static(req.push_type.as_str()),
+    );
+    h.insert(
+        H_PRIORITY.clone(),
+        match req.priority {
+            10 => HeaderValue::from_static("10"),
+            5 => HeaderValue::from_static("5"),
+            1 => HeaderValue::from_static("1"),
+            p => HeaderValue::from(u16::from(p)),
+        },
+    );
+    if let Some(e) = req.expiration {
+        h.insert(H_EXPIRATION.clone(), HeaderValue::from(e));
+    }
+    if let Some(c) = &req.collapse_id {
+        h.insert(
+            H_COLLAPSE_ID.clone(),
+            HeaderValue::from_str(c).map_err(|_| bad_header("apns-collapse-id", &req.token))?,
+        );
+    }
+    h.insert(
+        H_ID.clone(),
+        HeaderValue::from_str(&req.apns_id).map_err(|_| bad_header("apns-id", &req.token))?,
+    );
+    if let Some(j) = jwt {
+        h.insert(AUTHORIZATION, j.header.clone());
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_carries_apple_headers() {
+        let req = PushRequest {
+            app: "a".into(),
+            environment: Environment::Production,
+            token: "ab".repeat(32),
+            apns_id: "123e4567-e89b-12d3-a456-426614174000".into(),
+            topic: "com.example.voip".into(),
+            push_type: PushType::Voip,
+            priority: 5,
+            expiration: Some(1_800_000_000),
+            collapse_id: Some("c".into()),
+            payload: Bytes::from_static(b"{}"),
+        };
+        let auth: http::uri::Authority = "api.push.apple.com".parse().unwrap();
+        let r = build_request(&auth, &req, None).unwrap();
+        assert_eq!(r.method(), Method::POST);
+        assert_eq!(
+            r.uri().to_string(),
+            format!("https://api.push.apple.com/3/device/{}", req.token)
+        );
+        let h = r.headers();
+        assert_eq!(h["apns-topic"], "com.example.voip");
+        assert_eq!(h["apns-push-type"], "voip");
+        assert_eq!(h["apns-priority"], "5");
+        assert_eq!(h["apns-expiration"], "1800000000");
+        assert_eq!(h["apns-collapse-id"], "c");
+        assert_eq!(h["apns-id"], "123e4567-e89b-12d3-a456-426614174000");
+        assert!(h.get("authorization").is_none());
+
+        let bad = PushRequest {
+            topic: "a\nb".into(),
+            ..req
+        };
+        assert_eq!(
+            build_request(&auth, &bad, None).unwrap_err().kind(),
+            "failed"
+        );
+    }
+}

@@ -1,0 +1,823 @@
+//! The connections of one (app, environment): opened lazily, multiplexed, replaced after
+//! GOAWAY or errors, probed with PINGs when idle, and never more than `[apns] connections`.
+//!
+//! Stream accounting is ours, not h2's: h2 assumes a generous stream limit until the server's
+//! SETTINGS arrive and queues excess streams silently, while APNs (token auth) allows one
+//! stream until the first request is authorised. So each connection allows one stream until it
+//! has answered something other than an authentication error, then follows the server's
+//! SETTINGS_MAX_CONCURRENT_STREAMS (`current_max_send_streams`). Callers beyond the capacity
+//! wait on a [`Notify`], bounded by their deadline and by [`MAX_WAITERS`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Ping, PingPong, Reason};
+use rustls::RootCertStore;
+use rustls::pki_types::ServerName;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use super::auth::TokenSigner;
+use super::outcome::{Outcome, goaway_reason};
+use super::sniff::{Signals, Sniffer};
+use super::{ApnsError, proxy, tls};
+
+/// Requests allowed to wait for a stream in one pool; more get `Retry` at once.
+pub(crate) const MAX_WAITERS: usize = 65_536;
+/// A cap on what a server may announce as its stream limit.
+const MAX_STREAMS_PER_CONN: usize = 10_000;
+/// First reconnect delay after a failure; doubled per failure, with jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Where a pool connects to.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub authority: http::uri::Authority,
+    pub server_name: ServerName<'static>,
+}
+
+impl Endpoint {
+    pub fn parse(key: &str, url: &str) -> Result<Endpoint, ApnsError> {
+        let bad = |message: String| ApnsError::Config {
+            key: key.into(),
+            message,
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| bad(format!("{url:?} is not a URL: {e}")))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad(format!("{url:?} must start with https://")));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad(format!("{url:?} has no host")))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|e| bad(format!("{host:?} is not a host name: {e}")))?;
+        Ok(Endpoint {
+            host,
+            port,
+            authority,
+            server_name,
+        })
+    }
+}
+
+/// How the pool's connections authenticate.
+pub(crate) enum PoolAuth {
+    Token(Arc<TokenSigner>),
+    Certificate {
+        cert_file: PathBuf,
+        key_file: Option<PathBuf>,
+    },
+}
+
+/// Settings shared by every pool of a client.
+pub(crate) struct Shared {
+    pub roots: Arc<RootCertStore>,
+    /// The TLS config of token-auth connections (no client certificate), built once.
+    pub token_tls: Arc<rustls::ClientConfig>,
+    /// `host:port` of the CONNECT proxy.
+    pub proxy: Option<String>,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    /// Connections opened by this client (tests check "never a connection per request").
+    pub connects: AtomicU64,
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One HTTP/2 connection.
+pub(crate) struct Conn {
+    pub id: u64,
+    slot: usize,
+    send: SendRequest<Bytes>,
+    in_flight: AtomicUsize,
+    authorised: AtomicBool,
+    /// GOAWAY seen (by the frame sniffer) or retired by the pool.
+    signals: Arc<Signals>,
+    /// Asks the supervisor for an immediate PING (after a request timed out).
+    check: Notify,
+    /// Milliseconds since `born` of the last finished request.
+    last_active_ms: AtomicU64,
+    born: Instant,
+    driver: tokio::task::AbortHandle,
+}
+
+impl Conn {
+    fn limit(&self) -> usize {
+        if self.authorised.load(Ordering::Acquire) {
+            self.send
+                .current_max_send_streams()
+                .clamp(1, MAX_STREAMS_PER_CONN)
+        } else {
+            1
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.signals.closing.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    conn: Option<Arc<Conn>>,
+    connecting: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Outcome>,
+    opened_before: bool,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    closed: bool,
+}
+
+/// The connections of one app and environment.
+pub(crate) struct Pool {
+    /// `app/environment`, for logs.
+    pub label: String,
+    pub endpoint: Endpoint,
+    pub auth: PoolAuth,
+    shared: Arc<Shared>,
+    state: Mutex<State>,
+    notify: Notify,
+    waiting: AtomicUsize,
+}
+
+/// A stream slot on a connection, held from before the request is written until its answer
+/// is read.
+pub(crate) struct Lease {
+    pub conn: Arc<Conn>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let c = &self.conn;
+        c.last_active_ms
+            .store(c.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        c.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.pool.waiting.load(Ordering::SeqCst) > 0 {
+            self.pool.notify.notify_one();
+        }
+    }
+}
+
+/// What became of one request on the wire.
+pub(crate) enum Exchange {
+    /// APNs answered.
+    Answer {
+        status: u16,
+        apns_id: Option<String>,
+        body: Bytes,
+    },
+    /// The request never left (refused stream, connection already unusable): safe to resend
+    /// at once on another stream.
+    NotSent(String),
+    /// Above a graceful GOAWAY's last stream id: unprocessed, to be resent by the caller.
+    GoAway(String),
+    /// No answer before the deadline.
+    Timeout,
+    /// The connection broke under the request; `pause` when it was a TLS alert (credentials).
+    Broken { reason: String, pause: bool },
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let d = exp.min(BACKOFF_MAX);
+    d.mul_f64(rand::random_range(0.5..1.5))
+}
+
+/// A TLS alert from the server after the handshake (TLS 1.3 reports a rejected client
+/// certificate that way) shows up only as text once h2 has wrapped it.
+fn is_tls_alert(text: &str) -> bool {
+    text.contains("received fatal alert") || text.contains("peer sent")
+}
+
+impl Pool {
+    pub fn new(
+        label: String,
+        endpoint: Endpoint,
+        auth: PoolAuth,
+        shared: Arc<Shared>,
+        connections: usize,
+    ) -> Pool {
+        Pool {
+            label,
+            endpoint,
+            auth,
+            shared,
+            state: Mutex::new(State {
+                slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
+                closed: false,
+            }),
+            notify: Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// `[apns] request_timeout_ms`.
+    pub fn request_timeout(&self) -> Duration {
+        self.shared.request_timeout
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section leaves State consistent; a panic elsewhere must not stop sends.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes every connection; called when the client is dropped.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        for slot in &mut st.slots {
+            if let Some(c) = slot.conn.take() {
+                c.signals.closing.store(true, Ordering::Release);
+                c.driver.abort();
+            }
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// Waits for a free stream (opening connections as needed) until `deadline`.
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Lease, Outcome> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITERS {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Outcome::Retry {
+                status: None,
+                reason: format!("{MAX_WAITERS} requests already wait for an HTTP/2 stream"),
+                unsent: true,
+            });
+        }
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait_until = match self.try_acquire() {
+                Ok(lease) => return Ok(lease),
+                Err(Wait::Until(t)) => t,
+                Err(Wait::Notified) => deadline,
+                Err(Wait::Fail(o)) => return Err(o),
+            };
+            if wait_until >= deadline {
+                if let Some(o) = self.backoff_error(deadline) {
+                    return Err(o);
+                }
+            }
+            let until = wait_until.min(deadline);
+            if tokio::time::timeout_at(until, notified).await.is_err() && Instant::now() >= deadline
+            {
+                return Err(Outcome::Retry {
+                    status: None,
+                    reason: format!(
+                        "no HTTP/2 stream to {} free within {} ms",
+                        self.endpoint.authority,
+                        self.shared.request_timeout.as_millis()
+                    ),
+                    unsent: true,
+                });
+            }
+        }
+    }
+
+    /// When every slot is backing off past `deadline`: the error that put it there.
+    fn backoff_error(&self, deadline: Instant) -> Option<Outcome> {
+        let st = self.lock();
+        let mut err = None;
+        for slot in &st.slots {
+            if slot.conn.as_ref().is_some_and(|c| !c.is_closing()) || slot.connecting {
+                return None;
+            }
+            match slot.retry_at {
+                Some(t) if t >= deadline => err = slot.last_error.clone(),
+                _ => return None,
+            }
+        }
+        err.map(|e| match e {
+            Outcome::Retry { status, reason, .. } => Outcome::Retry {
+                status,
+                reason,
+                unsent: true,
+            },
+            other => other,
+        })
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Result<Lease, Wait> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(Wait::Fail(Outcome::Retry {
+                status: None,
+                reason: "APNs client is shutting down".into(),
+                unsent: true,
+            }));
+        }
+        let mut best: Option<(&Arc<Conn>, usize, usize)> = None;
+        let mut spare = 0usize;
+        for slot in &st.slots {
+            let Some(c) = &slot.conn else { continue };
+            if c.is_closing() {
+                continue;
+            }
+            let limit = c.limit();
+            let n = c.in_flight.load(Ordering::SeqCst);
+            if n < limit {
+                spare += limit - n;
+                if best.is_none_or(|(_, bn, _)| n < bn) {
+                    best = Some((c, n, limit));
+                }
+            }
+        }
+        if let Some((c, _, _)) = best {
+            c.in_flight.fetch_add(1, Ordering::SeqCst);
+            let lease = Lease {
+                conn: c.clone(),
+                pool: self.clone(),
+            };
+            if spare > 1 && self.waiting.load(Ordering::SeqCst) > 1 {
+                // Pass the baton: another waiter can have a stream too.
+                self.notify.notify_one();
+            }
+            return Ok(lease);
+        }
+        // Nothing free: open connections in empty slots (lazily, one at a time per slot).
+        let now = Instant::now();
+        let mut live = false;
+        let mut pause = None;
+        let mut earliest: Option<Instant> = None;
+        for i in 0..st.slots.len() {
+            let slot = &mut st.slots[i];
+            if slot.conn.as_ref().is_some_and(|c| !c.is_closing()) || slot.connecting {
+                live = true;
+                continue;
+            }
+            if let Some(t) = slot.retry_at
+                && t > now
+            {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+                if let Some(e @ Outcome::PauseApp { .. }) = &slot.last_error {
+                    pause = Some(e.clone());
+                }
+                continue;
+            }
+            slot.connecting = true;
+            live = true;
+            let pool = self.clone();
+            tokio::spawn(async move { pool.connect_slot(i).await });
+        }
+        if live {
+            return Err(Wait::Notified);
+        }
+        if let Some(p) = pause {
+            // Credentials are wrong: waiting for the back-off would only delay the pause.
+            return Err(Wait::Fail(p));
+        }
+        Err(earliest.map_or(Wait::Notified, Wait::Until))
+    }
+
+    async fn connect_slot(self: Arc<Self>, i: usize) {
+        /// Should this task die (a panic in a dependency), the slot must not stay
+        /// "connecting" forever.
+        struct Reset<'a>(&'a Pool, usize, bool);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    self.0.lock().slots[self.1].connecting = false;
+                    self.0.notify.notify_waiters();
+                }
+            }
+        }
+        let mut reset = Reset(&self, i, true);
+        let result = match tokio::time::timeout(self.shared.connect_timeout, self.open(i)).await {
+            Ok(r) => r,
+            Err(_) => Err(Outcome::Retry {
+                status: None,
+                reason: format!(
+                    "connecting to {} took over {} ms",
+                    self.endpoint.authority,
+                    self.shared.connect_timeout.as_millis()
+                ),
+                unsent: true,
+            }),
+        };
+        reset.2 = false;
+        drop(reset);
+        let mut st = self.lock();
+        let closed = st.closed;
+        let slot = &mut st.slots[i];
+        slot.connecting = false;
+        match result {
+            Ok((conn, ping, done)) => {
+                if closed {
+                    conn.driver.abort();
+                } else {
+                    if slot.opened_before {
+                        crate::metrics::get().reconnects.inc();
+                    }
+                    slot.opened_before = true;
+                    slot.retry_at = None;
+                    slot.last_error = None;
+                    slot.conn = Some(conn.clone());
+                    self.shared.connects.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::get().connections_open.inc();
+                    tracing::debug!(pool = %self.label, conn = conn.id, "APNs connection open");
+                    let pool = self.clone();
+                    tokio::spawn(async move { pool.supervise(conn, ping, done).await });
+                }
+            }
+            Err(outcome) => {
+                slot.failures += 1;
+                let delay = backoff(slot.failures);
+                slot.retry_at = Some(Instant::now() + delay);
+                tracing::warn!(
+                    pool = %self.label,
+                    failures = slot.failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    reason = outcome.reason(),
+                    "cannot connect to APNs"
+                );
+                slot.last_error = Some(outcome);
+            }
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// TCP (maybe through the proxy), TLS, HTTP/2 preface and one PING round trip: a
+    /// connection is usable only once the server has answered, so a rejected client
+    /// certificate (which TLS 1.3 reports after the handshake) is a connect error.
+    async fn open(
+        &self,
+        slot: usize,
+    ) -> Result<
+        (
+            Arc<Conn>,
+            PingPong,
+            oneshot::Receiver<Result<(), h2::Error>>,
+        ),
+        Outcome,
+    > {
+        let ep = &self.endpoint;
+        let tcp = match &self.shared.proxy {
+            Some(p) => proxy::connect(p, &ep.host, ep.port).await,
+            None => tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)).await,
+        }
+        .map_err(|e| Outcome::Retry {
+            status: None,
+            reason: match &self.shared.proxy {
+                Some(p) => format!("cannot reach {} through proxy {p}: {e}", ep.authority),
+                None => format!("cannot connect to {}: {e}", ep.authority),
+            },
+            unsent: true,
+        })?;
+        // Latency matters more than packet count for small pushes.
+        let _ = tcp.set_nodelay(true);
+        let tls_config = match &self.auth {
+            PoolAuth::Token(_) => self.shared.token_tls.clone(),
+            PoolAuth::Certificate {
+                cert_file,
+                key_file,
+            } => tls::client_config(
+                self.shared.roots.clone(),
+                Some((cert_file, key_file.as_deref())),
+            )
+            .map_err(|e| Outcome::PauseApp {
+                status: None,
+                reason: e.to_string(),
+            })?,
+        };
+        let tls = tokio_rustls::TlsConnector::from(tls_config)
+            .connect(ep.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                let is_tls = e
+                    .get_ref()
+                    .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some());
+                if is_tls {
+                    Outcome::PauseApp {
+                        status: None,
+                        reason: self.tls_reason(&e.to_string()),
+                    }
+                } else {
+                    Outcome::Retry {
+                        status: None,
+                        reason: format!("TLS handshake with {} failed: {e}", ep.authority),
+                        unsent: true,
+                    }
+                }
+            })?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(Outcome::PauseApp {
+                status: None,
+                reason: format!(
+                    "{} does not speak HTTP/2 (no ALPN h2): is the APNs URL right?",
+                    ep.authority
+                ),
+            });
+        }
+        let signals = Arc::new(Signals::default());
+        let tls = Sniffer::new(tls, signals.clone());
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 22)
+            .max_concurrent_reset_streams(1024)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| self.broken_outcome(&e.to_string()))?;
+        let Some(mut ping) = connection.ping_pong() else {
+            unreachable!("ping_pong is taken once, here")
+        };
+        let (done_tx, mut done_rx) = oneshot::channel();
+        let driver = tokio::spawn(async move {
+            let _ = done_tx.send(connection.await);
+        });
+        let first = tokio::select! {
+            r = ping.ping(Ping::opaque()) => r.map_err(|e| (e.to_string(), false)),
+            d = &mut done_rx => Err((match d {
+                Ok(Err(e)) => e.to_string(),
+                _ => "connection closed before it answered".to_string(),
+            }, true)),
+        };
+        if let Err((mut text, driver_done)) = first {
+            // The PING error is generic; the driver's own error says why (TLS alert?).
+            if !driver_done
+                && let Ok(Ok(Err(e))) =
+                    tokio::time::timeout(Duration::from_millis(500), &mut done_rx).await
+            {
+                text = e.to_string();
+            }
+            driver.abort();
+            return Err(self.broken_outcome(&text));
+        }
+        let conn = Arc::new(Conn {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            slot,
+            send,
+            in_flight: AtomicUsize::new(0),
+            authorised: AtomicBool::new(false),
+            signals,
+            check: Notify::new(),
+            last_active_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            driver: driver.abort_handle(),
+        });
+        Ok((conn, ping, done_rx))
+    }
+
+    fn tls_reason(&self, detail: &str) -> String {
+        let mut s = match &self.auth {
+            PoolAuth::Certificate { cert_file, .. } => format!(
+                "TLS with {} failed using client certificate {}: {detail}",
+                self.endpoint.authority,
+                cert_file.display()
+            ),
+            PoolAuth::Token(_) => format!("TLS with {} failed: {detail}", self.endpoint.authority),
+        };
+        if detail.contains("UnknownIssuer") || detail.contains("invalid peer certificate") {
+            s.push_str(" (the server's certificate is not trusted: set [apns] ca_file to its CA?)");
+        } else if detail.contains("CertificateRequired") {
+            s.push_str(" (the server wants a TLS client certificate: use certificate auth)");
+        }
+        s
+    }
+
+    fn broken_outcome(&self, text: &str) -> Outcome {
+        if is_tls_alert(text) {
+            Outcome::PauseApp {
+                status: None,
+                reason: self.tls_reason(text),
+            }
+        } else {
+            Outcome::Retry {
+                status: None,
+                reason: format!("connection to {} failed: {text}", self.endpoint.authority),
+                unsent: true,
+            }
+        }
+    }
+
+    /// Watches one connection: idle PINGs, a PING on demand after a timeout, and clean-up
+    /// when the connection ends.
+    async fn supervise(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        mut ping: PingPong,
+        mut done: oneshot::Receiver<Result<(), h2::Error>>,
+    ) {
+        let interval = self.shared.ping_interval;
+        let ping_timeout = self
+            .shared
+            .request_timeout
+            .clamp(Duration::from_secs(1), Duration::from_secs(20));
+        let end: Result<(), String> = loop {
+            let probe = tokio::select! {
+                r = &mut done => break match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("connection task ended".into()),
+                },
+                _ = tokio::time::sleep(interval) => {
+                    let idle_ms = (conn.born.elapsed().as_millis() as u64)
+                        .saturating_sub(conn.last_active_ms.load(Ordering::Relaxed));
+                    conn.in_flight.load(Ordering::Relaxed) == 0 && idle_ms >= interval.as_millis() as u64
+                }
+                _ = conn.check.notified() => true,
+            };
+            if !probe {
+                continue;
+            }
+            match tokio::time::timeout(ping_timeout, ping.ping(Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => break Err(format!("PING failed: {e}")),
+                Err(_) => {
+                    break Err(format!(
+                        "no answer to PING within {} ms",
+                        ping_timeout.as_millis()
+                    ));
+                }
+            }
+        };
+        conn.driver.abort();
+        match end {
+            Ok(()) => {
+                tracing::debug!(pool = %self.label, conn = conn.id, "APNs connection closed");
+                self.retire(&conn, None);
+            }
+            Err(reason) => {
+                tracing::warn!(pool = %self.label, conn = conn.id, %reason, "APNs connection lost");
+                self.retire(&conn, Some(reason));
+            }
+        }
+        crate::metrics::get().connections_open.dec();
+    }
+
+    /// Takes a connection out of service; new requests go to a new one. With `broken`, the
+    /// slot reconnects only after a back-off (a server that drops every connection must not
+    /// get a connect storm).
+    pub fn retire(&self, conn: &Conn, broken: Option<String>) {
+        conn.signals.closing.store(true, Ordering::Release);
+        let mut st = self.lock();
+        let slot = &mut st.slots[conn.slot];
+        if slot.conn.as_ref().is_some_and(|c| c.id == conn.id) {
+            slot.conn = None;
+            if let Some(reason) = broken {
+                slot.failures += 1;
+                slot.retry_at = Some(Instant::now() + backoff(slot.failures));
+                slot.last_error = Some(Outcome::Retry {
+                    status: None,
+                    reason,
+                    unsent: true,
+                });
+            }
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// The first answer that is not an authentication error lifts the one-stream limit.
+    pub fn mark_authorised(&self, conn: &Conn) {
+        if !conn.authorised.swap(true, Ordering::AcqRel) {
+            let mut st = self.lock();
+            st.slots[conn.slot].failures = 0;
+            drop(st);
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Writes one request and reads its answer.
+    pub async fn exchange(
+        &self,
+        conn: &Conn,
+        request: http::Request<()>,
+        payload: Bytes,
+        deadline: Instant,
+    ) -> Exchange {
+        if conn.is_closing() {
+            // GOAWAY arrived after this request picked the connection: it must not open a
+            // stream there (RFC 9113 6.8).
+            self.retire(conn, None);
+            return Exchange::NotSent("connection is going away (GOAWAY)".into());
+        }
+        let mut send = conn.send.clone();
+        let (response, mut body) = match send.send_request(request, payload.is_empty()) {
+            Ok(x) => x,
+            Err(e) => {
+                self.retire(conn, None);
+                return Exchange::NotSent(format!("connection not usable: {e}"));
+            }
+        };
+        if !payload.is_empty() {
+            // An error here means the stream is already reset; the response says why.
+            let _ = body.send_data(payload, true);
+        }
+        match tokio::time::timeout_at(deadline, read_response(response)).await {
+            Err(_) => {
+                conn.check.notify_one();
+                Exchange::Timeout
+            }
+            Ok(Ok((status, apns_id, body))) => Exchange::Answer {
+                status,
+                apns_id,
+                body,
+            },
+            Ok(Err(e)) => self.stream_error(conn, e),
+        }
+    }
+
+    fn stream_error(&self, conn: &Conn, e: h2::Error) -> Exchange {
+        if e.reason() == Some(Reason::REFUSED_STREAM) && !e.is_go_away() {
+            return Exchange::NotSent("stream refused by APNs (REFUSED_STREAM)".into());
+        }
+        if e.is_go_away() {
+            let reason = conn
+                .signals
+                .goaway_reason()
+                .or_else(|| goaway_reason(&format!("{e:?}")));
+            if e.reason() == Some(Reason::NO_ERROR) {
+                self.retire(conn, None);
+                return Exchange::GoAway(reason.unwrap_or_else(|| "GOAWAY".into()));
+            }
+            let text = reason.unwrap_or_else(|| format!("GOAWAY {:?}", e.reason()));
+            self.retire(conn, Some(text.clone()));
+            return Exchange::Broken {
+                reason: text,
+                pause: false,
+            };
+        }
+        if e.is_reset() {
+            return Exchange::Broken {
+                reason: format!("stream reset by APNs: {e}"),
+                pause: false,
+            };
+        }
+        let text = e.to_string();
+        let pause = is_tls_alert(&text);
+        let reason = if pause {
+            self.tls_reason(&text)
+        } else {
+            format!("connection to {} lost: {text}", self.endpoint.authority)
+        };
+        self.retire(conn, Some(reason.clone()));
+        Exchange::Broken { reason, pause }
+    }
+}
+
+enum Wait {
+    /// Wait for a notification (a stream freed, a connection opened).
+    Notified,
+    /// Every slot backs off until then.
+    Until(Instant),
+    /// Give up with this outcome.
+    Fail(Outcome),
+}
+
+async fn read_response(
+    response: ResponseFuture,
+) -> Result<(u16, Option<String>, Bytes), h2::Error> {
+    let response = response.await?;
+    let status = response.status().as_u16();
+    let apns_id = response
+        .headers()
+        .get("apns-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut body = response.into_body();
+    if body.is_end_stream() {
+        return Ok((status, apns_id, Bytes::new()));
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        // Apple's error bodies are tiny; never buffer a runaway body.
+        if buf.len() < 64 * 1024 {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    Ok((status, apns_id, buf.freeze()))
+}

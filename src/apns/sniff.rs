@@ -1,0 +1,225 @@
+//! Spots GOAWAY frames on their way into h2.
+//!
+//! RFC 9113 (6.8) says a client that received GOAWAY must not open new streams on that
+//! connection. The `h2` client neither refuses them nor tells its user that a GOAWAY arrived
+//! (it only fails streams above the last stream id), so new requests would be written into a
+//! connection the server ignores. This passthrough reader follows the HTTP/2 frame headers of
+//! the server's byte stream (9-byte headers, payloads skipped without copying) and flags the
+//! connection the moment a GOAWAY is read, before h2 even parses it; it also keeps Apple's
+//! JSON debug data (`{"reason":"Shutdown"}`), which h2 does not expose.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const FRAME_HEADER: usize = 9;
+const GOAWAY: u8 = 0x7;
+/// GOAWAY debug data beyond this is not kept.
+const MAX_DEBUG: usize = 4096;
+
+/// What the reader learned about the connection, shared with the pool.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// Set on GOAWAY (and by the pool when it retires the connection).
+    pub closing: AtomicBool,
+    /// `GOAWAY: <Apple's reason>` or `GOAWAY (<error code>)`.
+    pub goaway: Mutex<Option<String>>,
+}
+
+impl Signals {
+    pub fn goaway_reason(&self) -> Option<String> {
+        self.goaway
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn on_goaway(&self, payload: &[u8]) {
+        let code = payload
+            .get(4..8)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0);
+        let debug = payload.get(8..).unwrap_or(&[]);
+        let apple = serde_json::from_slice::<serde_json::Value>(debug)
+            .ok()
+            .and_then(|v| v.get("reason")?.as_str().map(str::to_owned));
+        let text = match apple {
+            Some(r) => r,
+            None if code == 0 => "GOAWAY".to_string(),
+            None => format!("GOAWAY ({:?})", h2::Reason::from(code)),
+        };
+        tracing::debug!(reason = %text, "APNs sent GOAWAY");
+        *self.goaway.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        self.closing.store(true, Ordering::Release);
+    }
+}
+
+/// The passthrough wrapper around the TLS stream.
+pub(crate) struct Sniffer<T> {
+    inner: T,
+    signals: Arc<Signals>,
+    header: [u8; FRAME_HEADER],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come.
+    remaining: usize,
+    /// The payload of a GOAWAY being read.
+    capture: Option<Vec<u8>>,
+}
+
+impl<T> Sniffer<T> {
+    pub fn new(inner: T, signals: Arc<Signals>) -> Sniffer<T> {
+        Sniffer {
+            inner,
+            signals,
+            header: [0; FRAME_HEADER],
+            header_len: 0,
+            remaining: 0,
+            capture: None,
+        }
+    }
+
+    fn end_frame(&mut self) {
+        if let Some(payload) = self.capture.take() {
+            self.signals.on_goaway(&payload);
+        }
+    }
+
+    fn scan(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining == 0 {
+                let take = (FRAME_HEADER - self.header_len).min(data.len());
+                self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
+                self.header_len += take;
+                data = &data[take..];
+                if self.header_len == FRAME_HEADER {
+                    self.header_len = 0;
+                    let h = &self.header;
+                    self.remaining =
+                        (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                    if h[3] == GOAWAY {
+                        self.capture = Some(Vec::with_capacity(self.remaining.min(MAX_DEBUG)));
+                    }
+                    if self.remaining == 0 {
+                        self.end_frame();
+                    }
+                }
+            } else {
+                let take = self.remaining.min(data.len());
+                if let Some(c) = &mut self.capture {
+                    let room = MAX_DEBUG.saturating_sub(c.len()).min(take);
+                    c.extend_from_slice(&data[..room]);
+                }
+                self.remaining -= take;
+                data = &data[take..];
+                if self.remaining == 0 {
+                    self.end_frame();
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Sniffer<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let this = &mut *self;
+            this.scan(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffer<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn goaway_is_spotted_across_split_reads() {
+        let signals = Arc::new(Signals::default());
+        let mut s = Sniffer::new((), signals.clone());
+        let mut bytes = frame(0x4, &[0; 12]); // SETTINGS
+        bytes.extend(frame(0x0, b"hello")); // DATA
+        bytes.extend(frame(0x6, &[0; 8])); // PING
+        let mut goaway = vec![0, 0, 0, 7, 0, 0, 0, 0];
+        goaway.extend_from_slice(br#"{"reason":"Shutdown"}"#);
+        bytes.extend(frame(GOAWAY, &goaway));
+        // Feed one byte at a time: headers and payloads split everywhere.
+        for (i, b) in bytes.iter().enumerate() {
+            assert!(
+                !signals.closing.load(Ordering::Acquire),
+                "flagged too early at byte {i}"
+            );
+            s.scan(std::slice::from_ref(b));
+        }
+        assert!(signals.closing.load(Ordering::Acquire));
+        assert_eq!(signals.goaway_reason().as_deref(), Some("Shutdown"));
+    }
+
+    #[test]
+    fn goaway_without_debug_data_names_the_error_code() {
+        let signals = Arc::new(Signals::default());
+        let mut s = Sniffer::new((), signals.clone());
+        s.scan(&frame(GOAWAY, &[0, 0, 0, 1, 0, 0, 0, 0xb]));
+        assert_eq!(
+            signals.goaway_reason().as_deref(),
+            Some("GOAWAY (ENHANCE_YOUR_CALM)")
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! TLS set-up for APNs connections: rustls with the ring provider, ALPN `h2`, TLS 1.2+, the
+//! built-in web PKI roots plus `[apns] ca_file`, and the app's client certificate for
+//! certificate authentication.
+
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+use super::ApnsError;
+
+/// The process's one crypto provider (ring: no C toolchain beyond cc needed).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApnsError> {
+    let bad = |message: String| ApnsError::Cert {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(file))
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(format!("not a PEM file: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApnsError> {
+    let bad = |message: String| ApnsError::Cert {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    rustls_pemfile::private_key(&mut BufReader::new(file))
+        .map_err(|e| bad(format!("not a PEM file: {e}")))?
+        .ok_or_else(|| bad("holds no PEM private key".into()))
+}
+
+/// The trusted roots: Mozilla's (webpki-roots) plus every certificate of `ca_file`.
+pub(crate) fn roots(ca_file: Option<&Path>) -> Result<Arc<RootCertStore>, ApnsError> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        for cert in read_certs(path)? {
+            roots.add(cert).map_err(|e| ApnsError::Cert {
+                path: path.to_path_buf(),
+                message: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A client config; with `client_cert` for certificate authentication. The files are read
+/// here, so calling this at every new connection picks up renewed certificates.
+pub(crate) fn client_config(
+    roots: Arc<RootCertStore>,
+    client_cert: Option<(&Path, Option<&Path>)>,
+) -> Result<Arc<ClientConfig>, ApnsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApnsError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let certs = read_certs(cert_file)?;
+            let key_path = key_file.unwrap_or(cert_file);
+            let key = read_private_key(key_path)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| ApnsError::Cert {
+                    path: cert_file.to_path_buf(),
+                    message: format!(
+                        "certificate and key {} do not go together: {e}",
+                        key_path.display()
+                    ),
+                })?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,536 @@
+//! The simulator's network side: TLS accept, one task per connection driving h2, one task per
+//! stream checking the request and answering.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::certs::Certs;
+use super::{Accepted, Shared, SimError};
+use crate::model::PushType;
+
+/// The simulator's rustls config: its server certificate, ALPN h2, and client certificates
+/// verified against its CA (required or optional).
+pub(crate) fn tls_config(
+    certs: &Certs,
+    require_client_cert: bool,
+) -> Result<Arc<rustls::ServerConfig>, SimError> {
+    let provider = crate::apns::tls::provider();
+    let tls = |e: &dyn std::fmt::Display| SimError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.ca_der.clone()).map_err(|e| tls(&e))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    let verifier = if require_client_cert {
+        verifier
+    } else {
+        verifier.allow_unauthenticated()
+    }
+    .build()
+    .map_err(|e| tls(&e))?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certs.server_key_der.clone()));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![certs.server_cert_der.clone(), certs.ca_der.clone()],
+            key,
+        )
+        .map_err(|e| tls(&e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "simulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "simulator: TLS handshake failed");
+                    return;
+                }
+            };
+            serve_connection(tls, shared, stop).await;
+        });
+    }
+}
+
+/// Per-connection state the stream tasks share.
+struct ConnState {
+    id: u64,
+    /// The client authenticated with a certificate signed by our CA.
+    client_cert: bool,
+    auth: std::sync::Mutex<ConnAuth>,
+    authorised: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+#[derive(Default)]
+struct ConnAuth {
+    /// The key id of the first token seen: later tokens must use the same key.
+    bound_kid: Option<String>,
+    /// The last verified `authorization` header, so ES256 is verified once per token.
+    verified: Option<(HeaderValue, i64, String)>,
+}
+
+async fn serve_connection(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    let mut h2 = match h2::server::Builder::new()
+        .max_concurrent_streams(shared.max_streams)
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 24)
+        .max_pending_accept_reset_streams(100_000)
+        .max_local_error_reset_streams(None)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "simulator: HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let conn = Arc::new(ConnState {
+        id: shared.connections.fetch_add(1, Ordering::Relaxed) + 1,
+        client_cert,
+        auth: std::sync::Mutex::new(ConnAuth::default()),
+        authorised: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+    });
+    let goaway_after = shared.goaway_after();
+    let drop_after = shared.drop_after();
+    let mut streams: u32 = 0;
+    loop {
+        let next = tokio::select! {
+            n = h2.accept() => n,
+            _ = stop.changed() => return,
+        };
+        match next {
+            None => return,
+            Some(Err(e)) => {
+                tracing::debug!(conn = conn.id, error = %e, "simulator: connection ended");
+                return;
+            }
+            Some(Ok((request, respond))) => {
+                streams += 1;
+                if drop_after == Some(streams) {
+                    // Abrupt: the socket closes with this stream and every other in flight
+                    // unanswered.
+                    shared.requests.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
+                    return;
+                }
+                tokio::spawn(handle_stream(
+                    shared.clone(),
+                    conn.clone(),
+                    request,
+                    respond,
+                ));
+                if goaway_after == Some(streams) {
+                    tracing::debug!(conn = conn.id, streams, "simulator: GOAWAY");
+                    h2.graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Releases the "one stream until authorised" slot.
+struct InFlight<'a>(&'a AtomicUsize);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer that is not 200.
+struct Reject {
+    status: u16,
+    reason: std::borrow::Cow<'static, str>,
+    timestamp: Option<i64>,
+}
+
+fn reject(status: u16, reason: &'static str) -> Reject {
+    Reject {
+        status,
+        reason: reason.into(),
+        timestamp: None,
+    }
+}
+
+async fn handle_stream(
+    shared: Arc<Shared>,
+    conn: Arc<ConnState>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    let _slot = if shared.streams_one() && !conn.authorised.load(Ordering::Acquire) {
+        if conn.in_flight.fetch_add(1, Ordering::AcqRel) >= 1 {
+            conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+            respond.send_reset(Reason::REFUSED_STREAM);
+            return;
+        }
+        Some(InFlight(&conn.in_flight))
+    } else {
+        None
+    };
+    let (parts, body) = request.into_parts();
+    let payload = match read_body(body).await {
+        Ok(p) => p,
+        Err(_) => return, // the client reset the stream
+    };
+    let result = check(
+        &shared,
+        &conn,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &payload,
+    );
+    let mut delay = shared.latency();
+    let result = match result {
+        Ok(accepted) => match shared.scripted(&accepted.token) {
+            Ok(extra) => {
+                delay += extra;
+                Ok(accepted)
+            }
+            Err((status, reason, timestamp)) => Err(Reject {
+                status,
+                reason: reason.into(),
+                timestamp,
+            }),
+        },
+        Err(r) => Err(r),
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let apns_id = match parts.headers.get("apns-id") {
+        Some(v) => v.clone(),
+        None => HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(
+            HeaderValue::from_static("00000000-0000-0000-0000-000000000000"),
+        ),
+    };
+    match result {
+        Ok(mut accepted) => {
+            let mut resp = Response::new(());
+            resp.headers_mut().insert("apns-id", apns_id.clone());
+            if respond.send_response(resp, true).is_ok() {
+                accepted.apns_id = apns_id.to_str().unwrap_or("").to_string();
+                shared.record(accepted);
+            }
+        }
+        Err(r) => {
+            let body = match r.timestamp {
+                Some(ts) => format!(r#"{{"reason":"{}","timestamp":{ts}}}"#, r.reason),
+                None => format!(r#"{{"reason":"{}"}}"#, r.reason),
+            };
+            let mut resp = Response::new(());
+            *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+            resp.headers_mut().insert("apns-id", apns_id);
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            );
+            if let Ok(mut stream) = respond.send_response(resp, false) {
+                let _ = stream.send_data(Bytes::from(body), true);
+            }
+        }
+    }
+}
+
+/// The request body; a single DATA frame (the usual case) is taken without copying.
+async fn read_body(mut body: RecvStream) -> Result<Bytes, h2::Error> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        // Stop keeping bytes far beyond any limit; size checks only need to know "too big".
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(chunk),
+            (Some(f), None) => {
+                let mut b = BytesMut::from(&f[..]);
+                b.extend_from_slice(&chunk);
+                rest = Some(b);
+            }
+            (Some(_), Some(b)) => {
+                if b.len() < 64 * 1024 {
+                    b.extend_from_slice(&chunk);
+                }
+            }
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(b)) => b.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Reject> {
+    let mut all = h.get_all(name).iter();
+    let Some(v) = all.next() else { return Ok(None) };
+    if all.next().is_some() {
+        return Err(reject(400, "DuplicateHeaders"));
+    }
+    Ok(v.to_str().ok())
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+/// Apple's checks, in roughly Apple's order: method, path, credentials, headers, token,
+/// payload.
+fn check(
+    shared: &Shared,
+    conn: &ConnState,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    payload: &Bytes,
+) -> Result<Accepted, Reject> {
+    if method != Method::POST {
+        return Err(reject(405, "MethodNotAllowed"));
+    }
+    let Some(token) = uri.path().strip_prefix("/3/device/") else {
+        return Err(reject(404, "BadPath"));
+    };
+    if token.contains('/') {
+        return Err(reject(404, "BadPath"));
+    }
+    let key_id = check_auth(shared, conn, headers)?;
+    conn.authorised.store(true, Ordering::Release);
+
+    let push_type = match header(headers, "apns-push-type")? {
+        None => PushType::Alert,
+        Some(s) => PushType::parse(s).ok_or_else(|| reject(400, "InvalidPushType"))?,
+    };
+    let topic = match header(headers, "apns-topic")? {
+        Some(t) if !t.is_empty() => t.to_string(),
+        // A certificate names its topic; a token does not.
+        _ if conn.client_cert => shared.bundle_ids.first().cloned().unwrap_or_default(),
+        _ => return Err(reject(400, "MissingTopic")),
+    };
+    if push_type != PushType::Mdm && !topic.is_empty() {
+        let suffix = push_type.topic_suffix();
+        let base = if suffix.is_empty() {
+            let foreign = PushType::ALL
+                .iter()
+                .map(|p| p.topic_suffix())
+                .any(|s| !s.is_empty() && topic.ends_with(s));
+            if foreign {
+                return Err(reject(400, "BadTopic"));
+            }
+            topic.as_str()
+        } else {
+            topic
+                .strip_suffix(suffix)
+                .ok_or_else(|| reject(400, "BadTopic"))?
+        };
+        if !shared.bundle_ids.is_empty() && !shared.bundle_ids.iter().any(|b| b == base) {
+            return Err(reject(400, "TopicDisallowed"));
+        }
+    }
+    let priority = match header(headers, "apns-priority")? {
+        None => 10,
+        Some(s) => s.parse::<u8>().map_err(|_| reject(400, "BadPriority"))?,
+    };
+    if !push_type.allows_priority(priority) {
+        return Err(reject(400, "BadPriority"));
+    }
+    let expiration = match header(headers, "apns-expiration")? {
+        None => None,
+        Some(s) => match s.parse::<i64>() {
+            Ok(e) if e >= 0 => Some(e),
+            _ => return Err(reject(400, "BadExpirationDate")),
+        },
+    };
+    let collapse_id = match header(headers, "apns-collapse-id")? {
+        Some(c) if c.len() > 64 => return Err(reject(400, "BadCollapseId")),
+        c => c.map(str::to_string),
+    };
+    if let Some(id) = header(headers, "apns-id")?
+        && !is_uuid(id)
+    {
+        return Err(reject(400, "BadMessageId"));
+    }
+    if token.is_empty() {
+        return Err(reject(400, "MissingDeviceToken"));
+    }
+    if token.len() % 2 != 0
+        || !(32..=512).contains(&token.len())
+        || !token.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(reject(400, "BadDeviceToken"));
+    }
+    if payload.is_empty() {
+        return Err(reject(400, "PayloadEmpty"));
+    }
+    if payload.len() > push_type.max_payload_bytes() {
+        return Err(reject(413, "PayloadTooLarge"));
+    }
+    let json_object = payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
+    if !json_object {
+        // Apple documents no reason for a malformed payload; this one says what is wrong.
+        return Err(reject(400, "BadPayload"));
+    }
+    Ok(Accepted {
+        token: token.to_ascii_lowercase(),
+        apns_id: String::new(),
+        topic,
+        push_type: push_type.as_str().to_string(),
+        priority,
+        expiration,
+        collapse_id,
+        payload: payload.clone(),
+        connection: conn.id,
+        key_id,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    iss: String,
+    iat: i64,
+}
+
+const TOKEN_MAX_AGE_S: i64 = 3600;
+const TOKEN_MIN_UPDATE_S: i64 = 20 * 60;
+/// How far in the future an `iat` may lie (clock skew between hosts).
+const TOKEN_FUTURE_SLACK_S: i64 = 5 * 60;
+
+/// Token checks; returns the key id (`None` on a certificate-authenticated connection).
+fn check_auth(
+    shared: &Shared,
+    conn: &ConnState,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Reject> {
+    if conn.client_cert {
+        return Ok(None);
+    }
+    let value = match headers.get(http::header::AUTHORIZATION) {
+        None => return Err(reject(403, "MissingProviderToken")),
+        Some(v) => v,
+    };
+    let now = shared.now_s();
+    let mut auth = conn.auth.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((v, iat, kid)) = &auth.verified
+        && v == value
+    {
+        if now - iat > TOKEN_MAX_AGE_S {
+            return Err(reject(403, "ExpiredProviderToken"));
+        }
+        return Ok(Some(kid.clone()));
+    }
+    let invalid = || reject(403, "InvalidProviderToken");
+    let text = value.to_str().map_err(|_| invalid())?;
+    let token = text
+        .strip_prefix("bearer ")
+        .or_else(|| text.strip_prefix("Bearer "))
+        .ok_or_else(invalid)?;
+    let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
+    if header.alg != jsonwebtoken::Algorithm::ES256 {
+        return Err(invalid());
+    }
+    let kid = header.kid.ok_or_else(invalid)?;
+    let key = shared
+        .keys
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&kid)
+        .cloned()
+        .ok_or_else(invalid)?;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+        .map_err(|_| invalid())?
+        .claims;
+    if claims.iss != key.team_id {
+        return Err(invalid());
+    }
+    if claims.iat > now + TOKEN_FUTURE_SLACK_S {
+        return Err(invalid());
+    }
+    match &auth.bound_kid {
+        Some(b) if *b != kid => return Err(reject(403, "UnrelatedKeyIdInToken")),
+        Some(_) => {}
+        None => auth.bound_kid = Some(kid.clone()),
+    }
+    if let Some((_, prev_iat, _)) = &auth.verified
+        && claims.iat > *prev_iat
+        && claims.iat - prev_iat < TOKEN_MIN_UPDATE_S
+    {
+        return Err(reject(429, "TooManyProviderTokenUpdates"));
+    }
+    if now - claims.iat > TOKEN_MAX_AGE_S {
+        return Err(reject(403, "ExpiredProviderToken"));
+    }
+    auth.verified = Some((value.clone(), claims.iat, kid.clone()));
+    Ok(Some(kid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_form() {
+        assert!(is_uuid("123e4567-e89b-12d3-a456-426614174000"));
+        assert!(is_uuid("123E4567-E89B-12D3-A456-426614174000"));
+        assert!(!is_uuid("123e4567e89b12d3a456426614174000"));
+        assert!(!is_uuid("123e4567-e89b-12d3-a456-42661417400g"));
+    }
+}

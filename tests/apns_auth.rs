@@ -1,0 +1,308 @@
+//! Token and certificate authentication against the simulator over real TLS.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use common::sim::*;
+use pushdrop::apns::{ApnsClient, Clock, Outcome};
+use pushdrop::simulator::SimOptions;
+
+fn is_sent(o: &Outcome) -> bool {
+    matches!(o, Outcome::Sent { .. })
+}
+
+#[tokio::test]
+async fn token_auth_is_accepted_and_connection_reused() {
+    let env = start(SimOptions::default()).await;
+    let client = env.client("");
+    within(60, async {
+        for i in 0..20 {
+            let o = client.send(push(i)).await;
+            assert!(is_sent(&o), "{o:?}");
+        }
+    })
+    .await;
+    let accepted = env.sim.accepted();
+    assert_eq!(accepted.len(), 20);
+    assert!(
+        accepted
+            .iter()
+            .all(|a| a.key_id.as_deref() == Some(env.creds.key_id.as_str()))
+    );
+    assert_eq!(client.stats().connects, 1, "never a connection per request");
+    assert_eq!(
+        client.stats().jwt_mints,
+        1,
+        "one token shared by all requests"
+    );
+    assert_eq!(env.sim.connections(), 1);
+}
+
+#[tokio::test]
+async fn wrong_key_kid_or_team_is_refused_with_apples_reason() {
+    let env = start(SimOptions::default()).await;
+    let foreign = foreign_p8(env.dir.path());
+    let cases = [
+        (
+            "wrong key",
+            token_app(
+                "app",
+                BUNDLE,
+                &foreign,
+                &env.creds.key_id,
+                &env.creds.team_id,
+            ),
+        ),
+        (
+            "wrong kid",
+            token_app(
+                "app",
+                BUNDLE,
+                &env.creds.key_file,
+                "ZZZZZZZZZZ",
+                &env.creds.team_id,
+            ),
+        ),
+        (
+            "wrong team",
+            token_app(
+                "app",
+                BUNDLE,
+                &env.creds.key_file,
+                &env.creds.key_id,
+                "ZZZZZZZZZZ",
+            ),
+        ),
+    ];
+    for (what, app) in cases {
+        let client = ApnsClient::new(&env.config("", &app)).unwrap();
+        let o = within(30, client.send(push(1))).await;
+        assert_eq!(
+            o,
+            Outcome::PauseApp {
+                status: Some(403),
+                reason: "InvalidProviderToken".into()
+            },
+            "{what}"
+        );
+    }
+    assert!(env.sim.accepted().is_empty());
+}
+
+#[tokio::test]
+async fn fixed_key_file_is_picked_up_without_restart() {
+    let env = start(SimOptions::default()).await;
+    let key_path = env.dir.path().join("AuthKey_fixme.p8");
+    std::fs::copy(foreign_p8(env.dir.path()), &key_path).unwrap();
+    let app = token_app(
+        "app",
+        BUNDLE,
+        &key_path,
+        &env.creds.key_id,
+        &env.creds.team_id,
+    );
+    let client = ApnsClient::new(&env.config("", &app)).unwrap();
+    let o = within(30, client.send(push(1))).await;
+    assert_eq!(o.kind(), "pause_app", "{o:?}");
+    // The operator puts the right key in place; the next send uses it.
+    std::fs::copy(&env.creds.key_file, &key_path).unwrap();
+    let o = within(30, client.send(push(2))).await;
+    assert!(is_sent(&o), "{o:?}");
+}
+
+#[tokio::test]
+async fn expired_token_is_refreshed_once_and_never_twice_within_20_minutes() {
+    let env = start(SimOptions::default()).await;
+    let offset = Arc::new(AtomicI64::new(0));
+    let o2 = offset.clone();
+    let clock: Clock = Arc::new(move || {
+        let off = o2.load(Ordering::SeqCst);
+        SystemTime::now() + Duration::from_secs(off as u64)
+    });
+    let cfg = env.config("", &env.token_app("app"));
+    let client = ApnsClient::with_clock(&cfg, clock).unwrap();
+    within(60, async {
+        assert!(is_sent(&client.send(push(1)).await));
+        assert_eq!(client.stats().jwt_mints, 1);
+
+        // Apple's clock says the token is over an hour old; ours says 21 minutes passed.
+        env.sim.set_clock_skew(61 * 60);
+        offset.store(21 * 60, Ordering::SeqCst);
+        let outcomes = deliver(&client, push(2)).await;
+        assert_eq!(
+            outcomes.iter().map(Outcome::kind).collect::<Vec<_>>(),
+            vec!["auth_refreshed", "sent"],
+            "{outcomes:?}"
+        );
+        assert_eq!(client.stats().jwt_mints, 2, "exactly one refresh");
+
+        // APNs keeps calling fresh tokens expired (a badly skewed clock): no new mint within
+        // 20 minutes of the last, whatever happens.
+        env.sim.set_clock_skew(10 * 3600);
+        for i in 0..10 {
+            let o = client.send(push(10 + i)).await;
+            assert_eq!(o.reason(), "ExpiredProviderToken", "{o:?}");
+            assert!(
+                matches!(o, Outcome::Retry { .. } | Outcome::AuthRefreshed { .. }),
+                "{o:?}"
+            );
+        }
+        assert_eq!(
+            client.stats().jwt_mints,
+            2,
+            "no second mint within 20 minutes"
+        );
+
+        // Once 20 minutes have passed, one new token (which APNs then finds fresh).
+        offset.store(41 * 60, Ordering::SeqCst);
+        env.sim.set_clock_skew(90 * 60);
+        let outcomes = deliver(&client, push(30)).await;
+        assert!(is_sent(outcomes.last().unwrap()), "{outcomes:?}");
+        assert_eq!(client.stats().jwt_mints, 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_is_refreshed_proactively_after_50_minutes() {
+    let env = start(SimOptions::default()).await;
+    let offset = Arc::new(AtomicI64::new(0));
+    let o2 = offset.clone();
+    let clock: Clock =
+        Arc::new(move || SystemTime::now() + Duration::from_secs(o2.load(Ordering::SeqCst) as u64));
+    let client = ApnsClient::with_clock(&env.config("", &env.token_app("app")), clock).unwrap();
+    within(60, async {
+        assert!(is_sent(&client.send(push(1)).await));
+        offset.store(49 * 60, Ordering::SeqCst);
+        env.sim.set_clock_skew(49 * 60);
+        assert!(is_sent(&client.send(push(2)).await));
+        assert_eq!(client.stats().jwt_mints, 1);
+        offset.store(51 * 60, Ordering::SeqCst);
+        env.sim.set_clock_skew(51 * 60);
+        // Refreshed before Apple could complain: no ExpiredProviderToken round trip.
+        assert!(is_sent(&client.send(push(3)).await));
+        assert_eq!(client.stats().jwt_mints, 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn several_apps_with_their_own_keys_and_teams() {
+    let env = start(SimOptions::default()).await;
+    let other = env.sim.add_token_key(env.dir.path()).unwrap();
+    let apps = env.token_app("one")
+        + "\n"
+        + &token_app(
+            "two",
+            BUNDLE,
+            &other.key_file,
+            &other.key_id,
+            &other.team_id,
+        );
+    let client = ApnsClient::new(&env.config("", &apps)).unwrap();
+    within(60, async {
+        for i in 0..5 {
+            assert!(is_sent(
+                &client
+                    .send(push_for("one", &token(i), pushdrop::model::PushType::Alert))
+                    .await
+            ));
+            assert!(is_sent(
+                &client
+                    .send(push_for("two", &token(i), pushdrop::model::PushType::Alert))
+                    .await
+            ));
+        }
+    })
+    .await;
+    let kids: std::collections::BTreeSet<_> = env
+        .sim
+        .accepted()
+        .into_iter()
+        .filter_map(|a| a.key_id)
+        .collect();
+    assert_eq!(kids.len(), 2, "each app signs with its own key: {kids:?}");
+    assert_eq!(client.stats().jwt_mints, 2);
+    assert_eq!(client.stats().connects, 2, "one connection per key");
+}
+
+#[tokio::test]
+async fn certificate_auth_with_a_client_cert_signed_by_the_ca() {
+    let env = start(SimOptions {
+        require_client_cert: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let c = &env.creds;
+    for app in [
+        cert_app("app", &c.client_cert_file, Some(&c.client_key_file)),
+        // The key inside the certificate file.
+        cert_app("app", &c.client_combined_file, None),
+    ] {
+        let client = ApnsClient::new(&env.config("", &app)).unwrap();
+        let o = within(30, client.send(push(1))).await;
+        assert!(is_sent(&o), "{o:?}");
+    }
+    let accepted = env.sim.accepted();
+    assert_eq!(accepted.len(), 2);
+    assert!(
+        accepted.iter().all(|a| a.key_id.is_none()),
+        "no JWT with certificate auth"
+    );
+}
+
+#[tokio::test]
+async fn certificate_not_from_the_ca_pauses_the_app_naming_the_file() {
+    let env = start(SimOptions {
+        require_client_cert: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let (cert, key) = foreign_client_cert(env.dir.path());
+    let client = ApnsClient::new(&env.config("", &cert_app("app", &cert, Some(&key)))).unwrap();
+    let o = within(30, client.send(push(1))).await;
+    match &o {
+        Outcome::PauseApp { reason, .. } => {
+            assert!(reason.contains(&cert.display().to_string()), "{reason}");
+            assert!(reason.contains("client certificate"), "{reason}");
+        }
+        other => panic!("expected PauseApp, got {other:?}"),
+    }
+    // A token app against a server that wants a certificate: also a clear pause.
+    let client = env.client("");
+    let o = within(30, client.send(push(1))).await;
+    match &o {
+        Outcome::PauseApp { reason, .. } => {
+            assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+        }
+        other => panic!("expected PauseApp, got {other:?}"),
+    }
+    // Requests during the back-off fail fast with the same reason (no connect storm).
+    let started = std::time::Instant::now();
+    let o = within(30, client.send(push(2))).await;
+    assert_eq!(o.kind(), "pause_app");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(env.sim.accepted().is_empty());
+}
+
+#[tokio::test]
+async fn untrusted_server_certificate_pauses_the_app() {
+    let env = start(SimOptions::default()).await;
+    // No ca_file: the simulator's CA is not among the web PKI roots.
+    let text = format!(
+        "[inbox]\ndir = \"inbox\"\n[apns]\nproduction_url = \"{}\"\n\n{}",
+        env.sim.url(),
+        env.token_app("app")
+    );
+    let dir = env.dir.path();
+    let (cfg, _) = pushdrop::config::Config::from_toml(&text, &dir.join("p.toml"), dir).unwrap();
+    let client = ApnsClient::new(&cfg).unwrap();
+    let o = within(30, client.send(push(1))).await;
+    match &o {
+        Outcome::PauseApp { reason, .. } => assert!(reason.contains("ca_file"), "{reason}"),
+        other => panic!("expected PauseApp, got {other:?}"),
+    }
+}

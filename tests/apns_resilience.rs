@@ -1,0 +1,352 @@
+//! The pool under trouble: GOAWAY, dropped connections, the one-stream rule, slow answers,
+//! unreachable hosts, a proxy, and a 10,000-push run over one connection.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::sim::*;
+use pushdrop::apns::{ApnsClient, Outcome};
+use pushdrop::simulator::{SimOptions, TokenScript};
+
+/// Sends `n` pushes at once (each retried like the sender would) and returns every final
+/// outcome plus the number of `Retry` outcomes seen on the way.
+async fn blast(client: &ApnsClient, n: u32) -> (Vec<Outcome>, usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let client = client.clone();
+        tasks.spawn(async move { deliver(&client, push(i)).await });
+    }
+    let mut finals = Vec::new();
+    let mut retries = 0;
+    while let Some(r) = tasks.join_next().await {
+        let seen = r.unwrap();
+        retries += seen.iter().filter(|o| o.kind() == "retry").count();
+        finals.push(seen.last().unwrap().clone());
+    }
+    (finals, retries)
+}
+
+fn assert_all_sent(finals: &[Outcome]) {
+    let not_sent: Vec<_> = finals
+        .iter()
+        .filter(|o| !matches!(o, Outcome::Sent { .. }))
+        .collect();
+    assert!(
+        not_sent.is_empty(),
+        "{} not sent, e.g. {:?}",
+        not_sent.len(),
+        not_sent.first()
+    );
+}
+
+fn distinct_tokens(env: &SimEnv) -> usize {
+    env.sim
+        .accepted()
+        .into_iter()
+        .map(|a| a.token)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_after_n_streams_drains_and_reconnects() {
+    // With 20 streams at most in flight, each connection carries about 100 streams before
+    // the client sees the GOAWAY and moves on.
+    let env = start(SimOptions {
+        goaway_after: Some(100),
+        max_concurrent_streams: 20,
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    let (finals, _) = within(120, blast(&client, 1000)).await;
+    assert_all_sent(&finals);
+    assert_eq!(distinct_tokens(&env), 1000, "none lost");
+    assert!(client.stats().connects >= 8, "{:?}", client.stats());
+    let per_conn = env.sim.accepted().into_iter().fold(
+        std::collections::HashMap::<u64, usize>::new(),
+        |mut m, a| {
+            *m.entry(a.connection).or_default() += 1;
+            m
+        },
+    );
+    assert!(
+        per_conn.values().all(|&n| n <= 100 + 20),
+        "no new streams after GOAWAY: {per_conn:?}"
+    );
+    // GOAWAY is graceful: nothing answered twice beyond what was resent as unsent.
+    assert!(env.sim.accepted().len() >= 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abrupt_drops_are_retried_and_the_pool_recovers() {
+    let env = start(SimOptions {
+        drop_after: Some(150),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    let (finals, retries) = within(120, blast(&client, 1000)).await;
+    assert_all_sent(&finals);
+    assert_eq!(distinct_tokens(&env), 1000, "none lost");
+    assert!(retries > 0, "drops surface as Retry");
+    assert!(client.stats().connects >= 6, "{:?}", client.stats());
+    // After the storm, a healthy server gets plain sends.
+    env.sim.set_drop_after(None);
+    let client2 = env.client("");
+    assert!(matches!(
+        within(30, client2.send(push(5000))).await,
+        Outcome::Sent { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_until_authorised_then_many() {
+    let env = start(SimOptions {
+        streams_one_until_authorized: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    let (finals, retries) = within(120, blast(&client, 2000)).await;
+    assert_all_sent(&finals);
+    assert_eq!(retries, 0);
+    // The client never opened a second stream before the first answer: the simulator
+    // refused nothing (refusals would count as requests without an acceptance).
+    assert_eq!(env.sim.requests(), 2000);
+    assert_eq!(client.stats().connects, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_answers_time_out_as_retry_and_others_go_on() {
+    let env = start(SimOptions::default()).await;
+    let client = env.client("request_timeout_ms = 300");
+    for i in 0..20 {
+        env.sim
+            .script(&token(i), TokenScript::Delay(Duration::from_secs(3)));
+    }
+    within(60, async {
+        // The first answer lifts the one-stream limit of a fresh connection.
+        assert!(matches!(client.send(push(99)).await, Outcome::Sent { .. }));
+        let mut slow = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let c = client.clone();
+            slow.spawn(async move {
+                let t = std::time::Instant::now();
+                (c.send(push(i)).await, t.elapsed())
+            });
+        }
+        // Fast pushes share the connection meanwhile.
+        for i in 100..150 {
+            let o = client.send(push(i)).await;
+            assert!(matches!(o, Outcome::Sent { .. }), "{o:?}");
+        }
+        while let Some(r) = slow.join_next().await {
+            let (o, took) = r.unwrap();
+            match &o {
+                Outcome::Retry {
+                    status: None,
+                    reason,
+                    unsent: false,
+                } => {
+                    assert!(reason.contains("300 ms"), "{reason}")
+                }
+                other => panic!("expected a timeout Retry, got {other:?}"),
+            }
+            assert!(
+                took < Duration::from_secs(3),
+                "timed out at the request timeout, not the answer"
+            );
+        }
+        // The connection survived (PING answered), and the slow tokens go through once fast.
+        env.sim.clear_scripts();
+        for i in 0..20 {
+            assert!(matches!(client.send(push(i)).await, Outcome::Sent { .. }));
+        }
+    })
+    .await;
+    assert_eq!(client.stats().connects, 1);
+}
+
+#[tokio::test]
+async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
+    // A server that accepts TCP and hangs up at once, counting attempts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let env = start(SimOptions::default()).await;
+    let cfg = config_for(
+        &format!("https://{addr}"),
+        &env.creds.ca_file,
+        env.dir.path(),
+        "request_timeout_ms = 200",
+        &env.token_app("app"),
+    );
+    let client = ApnsClient::new(&cfg).unwrap();
+    let started = std::time::Instant::now();
+    let outcomes = within(60, async {
+        let mut v = Vec::new();
+        for i in 0..200 {
+            v.push(client.send(push(i)).await);
+        }
+        v
+    })
+    .await;
+    for o in &outcomes {
+        assert!(matches!(o, Outcome::Retry { unsent: true, .. }), "{o:?}");
+    }
+    // 200 sends within a few seconds, but only a handful of connection attempts (back-off).
+    let n = attempts.load(Ordering::SeqCst);
+    assert!(
+        n <= 15,
+        "{n} connection attempts in {:?}",
+        started.elapsed()
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn connection_refused_is_retry_unsent() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let env = start(SimOptions::default()).await;
+    let cfg = config_for(
+        &format!("https://127.0.0.1:{port}"),
+        &env.creds.ca_file,
+        env.dir.path(),
+        "",
+        &env.token_app("app"),
+    );
+    let client = ApnsClient::new(&cfg).unwrap();
+    match within(30, client.send(push(1))).await {
+        Outcome::Retry {
+            unsent: true,
+            reason,
+            ..
+        } => assert!(reason.contains("connect"), "{reason}"),
+        o => panic!("{o:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_go_through_an_http_connect_proxy() {
+    let env = start(SimOptions::default()).await;
+    let proxy = connect_proxy().await;
+    let client = env.client(&format!("proxy = \"{}\"", proxy.url));
+    within(60, async {
+        for i in 0..50 {
+            assert!(matches!(client.send(push(i)).await, Outcome::Sent { .. }));
+        }
+    })
+    .await;
+    assert_eq!(
+        proxy.tunnels.load(Ordering::SeqCst),
+        1,
+        "one tunnel, one connection"
+    );
+    assert_eq!(env.sim.accepted().len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_pushes_over_one_connection_with_1000_in_flight() {
+    let env = start(SimOptions {
+        record_limit: 20_000,
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("connections = 1");
+    let sem = Arc::new(tokio::sync::Semaphore::new(1000));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let now_in = Arc::new(AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    within(120, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..10_000u32 {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let (c, peak, now_in) = (client.clone(), peak.clone(), now_in.clone());
+            tasks.spawn(async move {
+                let n = now_in.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(n, Ordering::SeqCst);
+                let o = c.send(push(i)).await;
+                now_in.fetch_sub(1, Ordering::SeqCst);
+                drop(permit);
+                o
+            });
+        }
+        let mut sent = 0;
+        while let Some(r) = tasks.join_next().await {
+            let o = r.unwrap();
+            assert!(matches!(o, Outcome::Sent { .. }), "{o:?}");
+            sent += 1;
+        }
+        assert_eq!(sent, 10_000);
+    })
+    .await;
+    eprintln!("10,000 pushes in {:?}", started.elapsed());
+    assert_eq!(env.sim.accepted_count(), 10_000);
+    assert_eq!(distinct_tokens(&env), 10_000);
+    assert_eq!(env.sim.connections(), 1);
+    assert_eq!(client.stats().connects, 1);
+    assert!(peak.load(Ordering::SeqCst) >= 900, "1000 in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_connections_share_the_load() {
+    let env = start(SimOptions {
+        streams_one_until_authorized: true,
+        max_concurrent_streams: 50,
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("connections = 3");
+    let (finals, _) = within(120, blast(&client, 600)).await;
+    assert_all_sent(&finals);
+    let conns: std::collections::HashSet<_> = env
+        .sim
+        .accepted()
+        .into_iter()
+        .map(|a| a.connection)
+        .collect();
+    assert_eq!(
+        conns.len(),
+        3,
+        "the load spreads over the configured connections"
+    );
+    assert_eq!(client.stats().connects, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_found_by_ping_and_replaced() {
+    let env = start(SimOptions::default()).await;
+    let proxy = connect_proxy().await;
+    let client = env.client(&format!(
+        "proxy = \"{}\"\nping_interval_s = 1\nrequest_timeout_ms = 1000",
+        proxy.url
+    ));
+    within(60, async {
+        assert!(matches!(client.send(push(1)).await, Outcome::Sent { .. }));
+        // The network path goes silent: no FIN, no RST, nothing.
+        proxy.frozen.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        proxy.frozen.store(false, Ordering::SeqCst);
+        // The idle PING went unanswered, so the connection was dropped: this push opens a
+        // new one instead of waiting on the dead one.
+        let o = deliver(&client, push(2)).await;
+        assert!(matches!(o.last(), Some(Outcome::Sent { .. })), "{o:?}");
+    })
+    .await;
+    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 2);
+    assert_eq!(client.stats().connects, 2);
+}

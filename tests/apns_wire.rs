@@ -1,0 +1,380 @@
+//! What goes on the wire, and what the simulator says about it: every push type's topic and
+//! priority, Apple's header and payload checks, per-token scripts.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::sim::*;
+use pushdrop::apns::Outcome;
+use pushdrop::model::PushType;
+use pushdrop::simulator::{SimOptions, TokenScript};
+
+/// What to break in a push, and Apple's answer.
+type Case = (
+    &'static str,
+    Box<dyn Fn(&mut pushdrop::apns::PushRequest)>,
+    u16,
+    &'static str,
+);
+
+#[tokio::test]
+async fn every_push_type_carries_its_topic_suffix_and_priority() {
+    let env = start(SimOptions {
+        bundle_ids: vec![BUNDLE.into()],
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    within(60, async {
+        for (i, pt) in PushType::ALL.into_iter().enumerate() {
+            let mut req = push_for("app", &token(i as u32), pt);
+            if pt == PushType::Mdm {
+                req.topic = "com.apple.mgmt.External.test".into();
+            }
+            req.expiration = Some(1_900_000_000);
+            req.collapse_id = Some(format!("c{i}"));
+            let o = client.send(req).await;
+            assert!(matches!(o, Outcome::Sent { .. }), "{pt}: {o:?}");
+        }
+    })
+    .await;
+    let accepted = env.sim.accepted();
+    assert_eq!(accepted.len(), PushType::ALL.len());
+    for (i, pt) in PushType::ALL.into_iter().enumerate() {
+        let a = accepted
+            .iter()
+            .find(|a| a.token == token(i as u32))
+            .unwrap();
+        assert_eq!(a.push_type, pt.as_str());
+        if pt != PushType::Mdm {
+            assert_eq!(a.topic, format!("{BUNDLE}{}", pt.topic_suffix()), "{pt}");
+        }
+        assert_eq!(a.priority, pt.default_priority(), "{pt}");
+        assert_eq!(a.expiration, Some(1_900_000_000));
+        assert_eq!(a.collapse_id.as_deref(), Some(format!("c{i}").as_str()));
+        assert_eq!(&a.payload[..], br#"{"aps":{"alert":"hi"}}"#);
+    }
+    let expected_suffixes = [
+        (PushType::Voip, ".voip"),
+        (PushType::Complication, ".complication"),
+        (PushType::Fileprovider, ".pushkit.fileprovider"),
+        (PushType::Liveactivity, ".push-type.liveactivity"),
+        (PushType::Pushtotalk, ".voip-ptt"),
+    ];
+    for (pt, suffix) in expected_suffixes {
+        assert!(
+            accepted
+                .iter()
+                .any(|a| a.push_type == pt.as_str() && a.topic.ends_with(suffix))
+        );
+    }
+}
+
+#[tokio::test]
+async fn apns_id_is_kept_and_apples_checks_fail_bad_pushes() {
+    let env = start(SimOptions {
+        bundle_ids: vec![BUNDLE.into()],
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    within(60, async {
+        let req = push(1);
+        let id = req.apns_id.clone();
+        match client.send(req).await {
+            Outcome::Sent { apns_id, .. } => assert_eq!(apns_id, id),
+            o => panic!("{o:?}"),
+        }
+        let cases: Vec<Case> = vec![
+            (
+                "background at 10",
+                Box::new(|r| {
+                    r.push_type = PushType::Background;
+                    r.priority = 10
+                }),
+                400,
+                "BadPriority",
+            ),
+            (
+                "voip topic for alert",
+                Box::new(|r| r.topic = format!("{BUNDLE}.voip")),
+                400,
+                "BadTopic",
+            ),
+            (
+                "voip without suffix",
+                Box::new(|r| r.push_type = PushType::Voip),
+                400,
+                "BadTopic",
+            ),
+            (
+                "foreign bundle",
+                Box::new(|r| r.topic = "com.other.app".into()),
+                400,
+                "TopicDisallowed",
+            ),
+            (
+                "long collapse id",
+                Box::new(|r| r.collapse_id = Some("x".repeat(65))),
+                400,
+                "BadCollapseId",
+            ),
+            (
+                "apns-id not a UUID",
+                Box::new(|r| r.apns_id = "not-a-uuid".into()),
+                400,
+                "BadMessageId",
+            ),
+            (
+                "payload too large",
+                Box::new(|r| {
+                    r.payload =
+                        Bytes::from(format!(r#"{{"aps":{{"alert":"{}"}}}}"#, "x".repeat(4100)))
+                }),
+                413,
+                "PayloadTooLarge",
+            ),
+            (
+                "empty payload",
+                Box::new(|r| r.payload = Bytes::new()),
+                400,
+                "PayloadEmpty",
+            ),
+            (
+                "payload not JSON",
+                Box::new(|r| r.payload = Bytes::from_static(b"{nope")),
+                400,
+                "BadPayload",
+            ),
+            (
+                "negative expiration",
+                Box::new(|r| r.expiration = Some(-5)),
+                400,
+                "BadExpirationDate",
+            ),
+        ];
+        for (what, change, status, reason) in cases {
+            let mut req = push(2);
+            change(&mut req);
+            let o = client.send(req).await;
+            assert_eq!(
+                o,
+                Outcome::Failed {
+                    status,
+                    reason: reason.into()
+                },
+                "{what}"
+            );
+        }
+        // A voip payload may be 5120 bytes.
+        let mut req = push_for("app", &token(3), PushType::Voip);
+        req.payload = Bytes::from(format!(r#"{{"aps":{{}},"x":"{}"}}"#, "y".repeat(5000)));
+        assert!(matches!(client.send(req).await, Outcome::Sent { .. }));
+        // Token shape.
+        let mut req = push(4);
+        req.token = "abc".repeat(21);
+        assert_eq!(
+            client.send(req).await,
+            Outcome::InvalidToken {
+                status: 400,
+                reason: "BadDeviceToken".into(),
+                timestamp_ms: None
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_scripts_drive_every_outcome() {
+    let env = start(SimOptions::default()).await;
+    let client = env.client("request_timeout_ms = 1000");
+    let sim = &env.sim;
+    sim.script(
+        &token(1),
+        TokenScript::Unregistered {
+            timestamp_ms: 1_700_000_000_000,
+        },
+    );
+    sim.script(&token(2), TokenScript::BadDeviceToken);
+    sim.script(
+        &token(3),
+        TokenScript::FailFirst {
+            n: 2,
+            status: 503,
+            reason: "ServiceUnavailable".into(),
+        },
+    );
+    sim.script(
+        &token(4),
+        TokenScript::Reason {
+            status: 400,
+            reason: "DeviceTokenNotForTopic".into(),
+        },
+    );
+    sim.script(
+        &token(5),
+        TokenScript::Reason {
+            status: 429,
+            reason: "TooManyRequests".into(),
+        },
+    );
+    sim.script(
+        &token(6),
+        TokenScript::Reason {
+            status: 500,
+            reason: "InternalServerError".into(),
+        },
+    );
+    sim.script(&token(7), TokenScript::Delay(Duration::from_millis(200)));
+    sim.script(
+        &token(8),
+        TokenScript::Reason {
+            status: 410,
+            reason: "ExpiredToken".into(),
+        },
+    );
+    within(60, async {
+        assert_eq!(
+            client.send(push(1)).await,
+            Outcome::InvalidToken {
+                status: 410,
+                reason: "Unregistered".into(),
+                timestamp_ms: Some(1_700_000_000_000)
+            }
+        );
+        assert_eq!(
+            client.send(push(2)).await,
+            Outcome::InvalidToken {
+                status: 400,
+                reason: "BadDeviceToken".into(),
+                timestamp_ms: None
+            }
+        );
+        let seen = deliver(&client, push(3)).await;
+        assert_eq!(
+            seen.iter().map(Outcome::kind).collect::<Vec<_>>(),
+            ["retry", "retry", "sent"],
+            "{seen:?}"
+        );
+        assert_eq!(
+            seen[0],
+            Outcome::Retry {
+                status: Some(503),
+                reason: "ServiceUnavailable".into(),
+                unsent: false
+            }
+        );
+        assert_eq!(
+            client.send(push(4)).await,
+            Outcome::Failed {
+                status: 400,
+                reason: "DeviceTokenNotForTopic".into()
+            }
+        );
+        assert_eq!(client.send(push(5)).await.kind(), "retry");
+        assert_eq!(client.send(push(6)).await.kind(), "retry");
+        match client.send(push(7)).await {
+            Outcome::Sent { latency, .. } => assert!(latency >= Duration::from_millis(200)),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(client.send(push(8)).await.kind(), "invalid_token");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn simulator_checks_what_apple_checks() {
+    let env = start(SimOptions::default()).await;
+    let jwt = format!("bearer {}", jwt(&env, now_s()));
+    let old = format!("bearer {}", jwt_at(&env, now_s() - 3700));
+    let mut c = RawConn::open(&env).await;
+    let t = token(1);
+    let path = format!("/3/device/{t}");
+    let body = br#"{"aps":{}}"#;
+    let ok: Vec<(&str, &str)> = vec![("authorization", &jwt), ("apns-topic", BUNDLE)];
+    within(60, async {
+        assert_eq!(
+            c.request("POST", &path, &ok, body).await,
+            (200, String::new())
+        );
+        assert_eq!(
+            c.request("GET", &path, &ok, b"").await,
+            (405, "MethodNotAllowed".into())
+        );
+        assert_eq!(
+            c.request("POST", "/3/other", &ok, body).await,
+            (404, "BadPath".into())
+        );
+        assert_eq!(
+            c.request("POST", &path, &[("apns-topic", BUNDLE)], body)
+                .await,
+            (403, "MissingProviderToken".into())
+        );
+        assert_eq!(
+            c.request(
+                "POST",
+                &path,
+                &[("authorization", "bearer x.y.z"), ("apns-topic", BUNDLE)],
+                body
+            )
+            .await,
+            (403, "InvalidProviderToken".into())
+        );
+        assert_eq!(
+            c.request("POST", &path, &[("authorization", &jwt)], body)
+                .await,
+            (400, "MissingTopic".into())
+        );
+        let mut dup = ok.clone();
+        dup.push(("apns-priority", "10"));
+        dup.push(("apns-priority", "5"));
+        assert_eq!(
+            c.request("POST", &path, &dup, body).await,
+            (400, "DuplicateHeaders".into())
+        );
+        let mut bad = ok.clone();
+        bad.push(("apns-push-type", "fax"));
+        assert_eq!(
+            c.request("POST", &path, &bad, body).await,
+            (400, "InvalidPushType".into())
+        );
+        assert_eq!(
+            c.request("POST", "/3/device/", &ok, body).await,
+            (400, "MissingDeviceToken".into())
+        );
+        assert_eq!(
+            c.request("POST", &format!("/3/device/{}", "zz".repeat(32)), &ok, body)
+                .await,
+            (400, "BadDeviceToken".into())
+        );
+    })
+    .await;
+    // A token over an hour old, on a fresh connection.
+    let mut c2 = RawConn::open(&env).await;
+    let old_h: Vec<(&str, &str)> = vec![("authorization", &old), ("apns-topic", BUNDLE)];
+    assert_eq!(
+        within(30, c2.request("POST", &path, &old_h, body)).await,
+        (403, "ExpiredProviderToken".into())
+    );
+    // A connection is bound to the first key id it saw.
+    let other = env.sim.add_token_key(env.dir.path()).unwrap();
+    let other_jwt = format!(
+        "bearer {}",
+        jwt_with(&other.key_file, &other.key_id, &other.team_id, now_s())
+    );
+    let other_h: Vec<(&str, &str)> = vec![("authorization", &other_jwt), ("apns-topic", BUNDLE)];
+    assert_eq!(
+        within(30, c.request("POST", &path, &other_h, body)).await,
+        (403, "UnrelatedKeyIdInToken".into())
+    );
+    // A new token on the same connection within 20 minutes of the last.
+    let newer = format!("bearer {}", jwt_at(&env, now_s() + 60));
+    let newer_h: Vec<(&str, &str)> = vec![("authorization", &newer), ("apns-topic", BUNDLE)];
+    assert_eq!(
+        within(30, c.request("POST", &path, &newer_h, body)).await,
+        (429, "TooManyProviderTokenUpdates".into())
+    );
+}
