@@ -1,14 +1,25 @@
 //! `pushdrop run`: wires the inbox, the store, the sender and the admin endpoint together and
 //! shuts them down in order on SIGTERM/SIGINT.
 //!
-//! [`Daemon::start`] / [`Daemon::shutdown`] are the in-process shape (tests use it);
-//! [`run_blocking`] adds logging and signal handling around it for the binary.
+//! [`Daemon::start`] / [`Daemon::shutdown`] are the in-process shape (tests and `demo` use
+//! it); [`run_blocking`] adds logging and signal handling around it for the binary. The inbox
+//! runs on its own threads (blocking file-system work); the sender, the APNs connections and
+//! the admin endpoint run on a small tokio runtime the daemon owns.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use crate::admin::{self, AdminError, AdminHandle, AdminState};
+use crate::apns::{ApnsClient, ApnsError};
 use crate::config::Config;
 use crate::inbox::{self, InboxError, InboxHandle};
+use crate::sender::{self, SenderHandle};
 use crate::store::{Store, StoreError};
+
+/// How often finished work past retention is purged while the daemon runs.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +28,12 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Inbox(#[from] InboxError),
+    #[error(transparent)]
+    Apns(#[from] ApnsError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// The running parts of the daemon.
@@ -24,25 +41,65 @@ pub struct Daemon {
     cfg: Arc<Config>,
     store: Store,
     inbox: InboxHandle,
+    sender: SenderHandle,
+    admin: Option<AdminHandle>,
+    purge: tokio::task::JoinHandle<()>,
+    shutting_down: Arc<AtomicBool>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Daemon {
-    /// Opens the store exclusively (a second daemon on the same database fails here) and
-    /// starts the inbox watcher.
+    /// Opens the store exclusively (a second daemon on the same database fails here), builds
+    /// the APNs client (reading keys and certificates), and starts the inbox watcher, the
+    /// sender and the admin endpoint. Call it outside any async context.
     pub fn start(cfg: Arc<Config>) -> Result<Daemon, DaemonError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pushdrop-async")
+            .enable_all()
+            .build()
+            .map_err(DaemonError::Runtime)?;
         let store = Store::open(&cfg.store.path, true)?;
+        let client = ApnsClient::new(&cfg)?;
+        let shutting_down = Arc::new(AtomicBool::new(false));
         let inbox = inbox::start(cfg.clone(), store.clone())?;
+        let alive = inbox.liveness();
+        let (sender, admin, purge) = runtime.block_on(async {
+            let sender = sender::start(cfg.clone(), store.clone(), client);
+            let admin = if cfg.admin.listen.is_empty() {
+                None
+            } else {
+                let state = AdminState {
+                    store: store.clone(),
+                    inbox_alive: Arc::new(move || alive.load(Ordering::SeqCst)),
+                    shutting_down: shutting_down.clone(),
+                };
+                Some(admin::start(&cfg.admin.listen, state).await?)
+            };
+            let purge = tokio::spawn(purge_loop(cfg.clone(), store.clone()));
+            Ok::<_, DaemonError>((sender, admin, purge))
+        })?;
         tracing::info!(
             event = "started",
             version = env!("CARGO_PKG_VERSION"),
             inbox = %cfg.inbox.dir.display(),
             store = %cfg.store.path.display(),
             apps = cfg.apps.len(),
+            admin = %admin.as_ref().map(|a| a.addr.to_string()).unwrap_or_else(|| "off".into()),
         );
-        Ok(Daemon { cfg, store, inbox })
+        Ok(Daemon {
+            cfg,
+            store,
+            inbox,
+            sender,
+            admin,
+            purge,
+            shutting_down,
+            runtime,
+        })
     }
 
-    /// The store, for parts started beside the inbox.
+    /// The store, for parts started beside the daemon.
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -52,31 +109,73 @@ impl Daemon {
         &self.cfg
     }
 
-    /// Whether every part is running (for `/readyz`).
-    pub fn is_ready(&self) -> bool {
-        self.inbox.is_alive()
+    /// Where the admin endpoint listens, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
     }
 
-    /// Stops taking files (the batch in hand is finished: committed and moved), then lets the
-    /// store's writer thread end.
+    /// Whether every part is running (what `/readyz` reports, minus the store write check).
+    pub fn is_ready(&self) -> bool {
+        self.inbox.is_alive() && !self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Stops in order: `/readyz` turns unready, the inbox stops taking files (the batch in
+    /// hand is committed and moved), the sender finishes in-flight requests within the grace
+    /// period and hands the rest back to the queue, then the admin endpoint closes.
     pub fn shutdown(self) {
         tracing::info!(event = "stopping");
+        self.shutting_down.store(true, Ordering::SeqCst);
         self.inbox.stop();
-        drop(self.store);
+        let Daemon {
+            sender,
+            admin,
+            purge,
+            runtime,
+            store,
+            ..
+        } = self;
+        runtime.block_on(async {
+            sender.shutdown().await;
+            purge.abort();
+            if let Some(a) = admin {
+                a.stop().await;
+            }
+        });
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        drop(store);
         tracing::info!(event = "stopped");
+    }
+}
+
+/// Purges finished work past `[store] keep_finished_days`, at start and hourly.
+async fn purge_loop(cfg: Arc<Config>, store: Store) {
+    let keep_ms = i64::from(cfg.store.keep_finished_days) * 86_400_000;
+    loop {
+        match store.purge(crate::model::now_ms() - keep_ms).await {
+            Ok(c) if c.deliveries + c.notifications + c.devices > 0 => tracing::info!(
+                event = "purged",
+                deliveries = c.deliveries,
+                notifications = c.notifications,
+                devices = c.devices,
+                committed_files = c.committed_files
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(event = "store_error", error = %e, "purge failed"),
+        }
+        tokio::time::sleep(PURGE_EVERY).await;
     }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
 pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
     let _log = crate::logging::init(&cfg.log)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let signal_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     // Handlers first: a SIGTERM that arrives while the parts start is then a clean stop too.
-    let signals = runtime.block_on(async { Signals::install() })?;
+    let signals = signal_rt.block_on(async { Signals::install() })?;
     let daemon = Daemon::start(Arc::new(cfg))?;
-    let signal = runtime.block_on(signals.wait());
+    let signal = signal_rt.block_on(signals.wait());
     tracing::info!(event = "signal", signal, "shutting down");
     daemon.shutdown();
     Ok(0)

@@ -74,6 +74,11 @@ impl InboxHandle {
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
+
+    /// The liveness flag itself, for checks that outlive a borrow (the admin endpoint).
+    pub fn liveness(&self) -> Arc<AtomicBool> {
+        self.alive.clone()
+    }
 }
 
 enum Msg {
