@@ -44,7 +44,9 @@ struct Pause {
 struct Window {
     started: Option<Instant>,
     ok: u32,
-    bad: u32,
+    /// Distinct devices that answered `BadDeviceToken`: many devices, not many notifications
+    /// to one dead device, make a burst.
+    bad: std::collections::HashSet<i64>,
     held: Vec<Held>,
 }
 
@@ -147,6 +149,7 @@ impl Guards {
         &self,
         app: &str,
         env: Environment,
+        device_id: i64,
         delivery_id: i64,
         reason: &str,
     ) -> BadTokenVerdict {
@@ -156,8 +159,9 @@ impl Guards {
         };
         let win = windows.entry(key.clone()).or_default();
         roll(win);
-        win.bad += 1;
-        let burst = win.bad >= self.burst || (win.bad >= MIN_BURST && win.bad > win.ok);
+        win.bad.insert(device_id);
+        let bad = win.bad.len() as u32;
+        let burst = bad >= self.burst || (bad >= MIN_BURST && bad > win.ok);
         if !burst {
             win.held.push(Held {
                 delivery_id,
@@ -252,7 +256,7 @@ fn roll(win: &mut Window) {
         _ => {
             win.started = Some(now);
             win.ok = 0;
-            win.bad = 0;
+            win.bad.clear();
         }
     }
 }
@@ -276,7 +280,7 @@ mod tests {
             g.success("a", Environment::Production);
         }
         assert!(matches!(
-            g.bad_device_token("a", Environment::Production, 7, "BadDeviceToken"),
+            g.bad_device_token("a", Environment::Production, 70, 7, "BadDeviceToken"),
             BadTokenVerdict::Hold
         ));
         assert!(g.release_due().is_empty(), "held first");
@@ -295,16 +299,21 @@ mod tests {
         let g = Guards::new(&cfg());
         let env = Environment::Sandbox;
         assert!(matches!(
-            g.bad_device_token("a", env, 1, "BadDeviceToken"),
+            g.bad_device_token("a", env, 10, 1, "BadDeviceToken"),
             BadTokenVerdict::Hold
         ));
         assert!(matches!(
-            g.bad_device_token("a", env, 2, "BadDeviceToken"),
+            g.bad_device_token("a", env, 20, 2, "BadDeviceToken"),
             BadTokenVerdict::Hold
         ));
-        match g.bad_device_token("a", env, 3, "BadDeviceToken") {
+        // The same device again is no new evidence.
+        assert!(matches!(
+            g.bad_device_token("a", env, 20, 9, "BadDeviceToken"),
+            BadTokenVerdict::Hold
+        ));
+        match g.bad_device_token("a", env, 30, 3, "BadDeviceToken") {
             BadTokenVerdict::Burst { released, .. } => {
-                assert_eq!(released.len(), 2);
+                assert_eq!(released.len(), 3);
                 assert!(released.iter().all(|r| matches!(
                     r.kind,
                     ResultKind::Retry {

@@ -354,7 +354,7 @@ impl Inner {
             } if status == 400 => {
                 match self
                     .guards
-                    .bad_device_token(app, env, c.delivery_id, &reason)
+                    .bad_device_token(app, env, c.device.id, c.delivery_id, &reason)
                 {
                     BadTokenVerdict::Hold => None,
                     BadTokenVerdict::Burst { until_ms, released } => {
