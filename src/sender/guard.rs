@@ -18,7 +18,7 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Below this many `BadDeviceToken` answers a window is never a burst, whatever the ratio.
 const MIN_BURST: u32 = 3;
 /// Longest pause after repeated credential failures or bursts.
-const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
+pub const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
 
 type Key = (String, Environment);
 
@@ -86,14 +86,9 @@ impl Guards {
     }
 
     /// Pauses the app and environment (or keeps the running pause); returns when it resumes
-    /// and whether this started a new pause. Each new pause doubles the previous one.
-    pub fn pause(
-        &self,
-        app: &str,
-        env: Environment,
-        reason: &str,
-        _cfg: &SenderConfig,
-    ) -> (i64, bool) {
+    /// and whether this started a new pause. Each new pause doubles the previous one, up to
+    /// `cap_ms`. `kind` names the cause in the `pushdrop_app_paused` metric.
+    pub fn pause(&self, app: &str, env: Environment, kind: &str, cap_ms: u64) -> (i64, bool) {
         let now = Instant::now();
         let Ok(mut pauses) = self.pauses.lock() else {
             return (now_ms() + self.pause_base_ms as i64, false);
@@ -108,7 +103,7 @@ impl Guards {
         let ms = self
             .pause_base_ms
             .saturating_mul(1u64 << level.min(20))
-            .min(MAX_PAUSE_MS);
+            .min(cap_ms.max(self.pause_base_ms));
         let until_ms = now_ms() + ms as i64;
         pauses.insert(
             key,
@@ -121,7 +116,7 @@ impl Guards {
         metrics::get()
             .app_paused
             .get_or_create(&ReasonLabel {
-                reason: format!("{app}/{env}: {reason}"),
+                reason: format!("{app}/{env}: {kind}"),
             })
             .set(1);
         (until_ms, true)
@@ -175,7 +170,7 @@ impl Guards {
         // A fresh window after the pause: the next burst must prove itself again.
         *win = Window::default();
         drop(windows);
-        let (until_ms, _) = self.pause(app, env, "BadDeviceToken burst", &SenderConfig::default());
+        let (until_ms, _) = self.pause(app, env, "bad_device_token_burst", MAX_PAUSE_MS);
         let released = held
             .into_iter()
             .map(|h| DeliveryResult {
@@ -335,13 +330,13 @@ mod tests {
             pause_base_ms: 1,
             ..Guards::new(&cfg())
         };
-        let (a, new) = g.pause("a", Environment::Production, "InvalidProviderToken", &cfg());
+        let (a, new) = g.pause("a", Environment::Production, "credentials", MAX_PAUSE_MS);
         assert!(new);
-        let (b, again) = g.pause("a", Environment::Production, "InvalidProviderToken", &cfg());
+        let (b, again) = g.pause("a", Environment::Production, "credentials", MAX_PAUSE_MS);
         assert!(!again);
         assert_eq!(a, b);
         std::thread::sleep(Duration::from_millis(5));
-        let (_, new2) = g.pause("a", Environment::Production, "InvalidProviderToken", &cfg());
+        let (_, new2) = g.pause("a", Environment::Production, "credentials", MAX_PAUSE_MS);
         assert!(new2);
         let level = g.pauses.lock().unwrap()[&("a".to_string(), Environment::Production)].level;
         assert_eq!(level, 1);

@@ -402,13 +402,42 @@ impl Inner {
             Outcome::AuthRefreshed { reason } => {
                 Some(self.retry_or_give_up(c, None, reason, false))
             }
+            // No connection to APNs at all (refused, unreachable, TLS trouble): that is the
+            // app and environment's problem, not this delivery's. Pause them quietly with
+            // back-off instead of cycling every queued delivery through a dead pool.
+            Outcome::Retry {
+                status: None,
+                reason,
+                unsent: true,
+            } => {
+                let cap = s.retry_max_ms.min(60_000);
+                let (until_ms, new) = self.guards.pause(app, env, "unreachable", cap);
+                if new {
+                    warn!(
+                        event = "apns_unreachable",
+                        app,
+                        environment = %env,
+                        reason = %reason,
+                        resume_in_ms = until_ms - now_ms(),
+                        "cannot reach APNs; holding this app's deliveries until the next try"
+                    );
+                }
+                Some(ResultKind::Retry {
+                    due_at_ms: until_ms,
+                    status: None,
+                    reason,
+                    count_attempt: false,
+                })
+            }
             Outcome::Retry {
                 status,
                 reason,
                 unsent,
             } => Some(self.retry_or_give_up(c, status, reason, !unsent)),
             Outcome::PauseApp { status, reason } => {
-                let (until_ms, new) = self.guards.pause(app, env, &reason, s);
+                let (until_ms, new) =
+                    self.guards
+                        .pause(app, env, "credentials", guard::MAX_PAUSE_MS);
                 if new {
                     error!(
                         event = "app_paused",

@@ -23,6 +23,21 @@ pub struct Options {
     pub keep_processed: bool,
     /// Extra apps besides `buxheti`: (name, bundle id).
     pub extra_apps: Vec<(String, String)>,
+    /// Where APNs is: a running simulator's URL, CA and signing key. Without it the config
+    /// points at a loopback port where nothing listens (the inbox tests need no APNs).
+    pub apns: Option<Apns>,
+    /// Extra TOML appended to the config (`[sender]`, `[receipts]`, … sections).
+    pub extra_toml: String,
+}
+
+/// A simulator's coordinates for the config.
+#[derive(Clone)]
+pub struct Apns {
+    pub url: String,
+    pub ca_file: PathBuf,
+    pub key_file: PathBuf,
+    pub key_id: String,
+    pub team_id: String,
 }
 
 impl Default for Options {
@@ -34,6 +49,8 @@ impl Default for Options {
             scan_interval_s: 30,
             keep_processed: true,
             extra_apps: Vec::new(),
+            apns: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -58,8 +75,30 @@ impl Env {
         let conf = dir.path().join("config");
         std::fs::create_dir_all(&conf).unwrap();
         let key = conf.join("AuthKey_ABC123DEFG.p8");
-        std::fs::write(&key, "not a real key; config checks only that it exists\n").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (url, ca, key_file, key_id, team_id) = match &o.apns {
+            Some(a) => (
+                a.url.clone(),
+                format!("ca_file = \"{}\"", a.ca_file.display()),
+                a.key_file.display().to_string(),
+                a.key_id.clone(),
+                a.team_id.clone(),
+            ),
+            None => {
+                // A real P-256 key, so the APNs client starts; nothing listens at port 9.
+                let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                    .unwrap()
+                    .serialize_pem();
+                std::fs::write(&key, pem).unwrap();
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+                (
+                    "https://127.0.0.1:9".to_string(),
+                    String::new(),
+                    "AuthKey_ABC123DEFG.p8".to_string(),
+                    "ABC123DEFG".to_string(),
+                    "DEF123GHIJ".to_string(),
+                )
+            }
+        };
         let mut text = format!(
             r#"[inbox]
 dir = "../var/inbox"
@@ -73,11 +112,16 @@ keep_processed = {keep}
 [store]
 path = "../var/pushdrop.db"
 
+[apns]
+production_url = "{url}"
+sandbox_url = "{url}"
+{ca}
+
 [[apps]]
 name = "{APP}"
 bundle_id = "{BUNDLE}"
 environment = "production"
-token = {{ key_file = "AuthKey_ABC123DEFG.p8", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }}
+token = {{ key_file = "{key_file}", key_id = "{key_id}", team_id = "{team_id}" }}
 
 [log]
 level = "info"
@@ -94,9 +138,11 @@ listen = ""
         );
         for (name, bundle) in &o.extra_apps {
             text.push_str(&format!(
-                "\n[[apps]]\nname = \"{name}\"\nbundle_id = \"{bundle}\"\ntoken = {{ key_file = \"AuthKey_ABC123DEFG.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }}\n"
+                "\n[[apps]]\nname = \"{name}\"\nbundle_id = \"{bundle}\"\ntoken = {{ key_file = \"{key_file}\", key_id = \"{key_id}\", team_id = \"{team_id}\" }}\n"
             ));
         }
+        text.push('\n');
+        text.push_str(&o.extra_toml);
         let config_path = conf.join("pushdrop.toml");
         std::fs::write(&config_path, text).unwrap();
         let var = dir.path().join("var");
