@@ -1,0 +1,348 @@
+//! The sender end to end: the real daemon in-process, real files in a watched inbox, a real
+//! SQLite file, HTTP/2 over TLS to the APNs simulator on loopback.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::inbox::{self, device, token, wait_for};
+use common::world::{self, FAST_SENDER, World, drop_aged, notification_to};
+use pushdrop::simulator::{SimOptions, TokenScript};
+
+fn devices(range: std::ops::Range<u64>, user: &str) -> String {
+    range.map(|n| device(n, user) + "\n").collect()
+}
+
+#[test]
+fn broadcast_reaches_every_registered_device_exactly_once() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(0..300, "u"));
+    wait_for("devices registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 300
+    });
+    w.env.drop_file(
+        "b-broadcast.json",
+        notification_to("all-1", r#"{"all":true}"#, ""),
+    );
+    w.wait_idle("broadcast delivered");
+    daemon.shutdown();
+
+    let by_token = w.accepted_by_token();
+    assert_eq!(by_token.len(), 300, "every device got it");
+    assert!(by_token.values().all(|v| v.len() == 1), "exactly once each");
+    let expected: HashSet<String> = (0..300).map(token).collect();
+    assert_eq!(by_token.keys().cloned().collect::<HashSet<_>>(), expected);
+    let ids: HashSet<&str> = by_token.values().map(|v| v[0].apns_id.as_str()).collect();
+    assert_eq!(ids.len(), 300, "one apns-id per delivery");
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1"),
+        300
+    );
+    let r = world::receipt(&w.env, "all-1");
+    assert_eq!(r["counts"]["sent"], 300);
+    assert!(
+        r.get("sent_tokens").is_none(),
+        "300 sent tokens are too many to list"
+    );
+}
+
+#[test]
+fn users_target_reaches_only_their_active_devices() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let daemon = w.env.start();
+    let mut regs = devices(0..2, "alice") + &devices(2..3, "bob") + &devices(3..5, "carol");
+    // carol's first device logs out.
+    regs.push_str(&format!(
+        "{{\"type\":\"device\",\"app\":\"{}\",\"token\":\"{}\",\"action\":\"unregister\"}}\n",
+        inbox::APP,
+        token(3)
+    ));
+    w.env.drop_file("a-devices.jsonl", regs);
+    wait_for("devices registered", || {
+        w.env.count("SELECT count(*) FROM devices") == 5
+    });
+    w.env.drop_file(
+        "b-users.json",
+        notification_to("u-1", r#"{"users":["alice","carol","nobody"]}"#, ""),
+    );
+    w.wait_idle("users notification delivered");
+    daemon.shutdown();
+    let got: HashSet<String> = w.accepted_by_token().into_keys().collect();
+    let want: HashSet<String> = [token(0), token(1), token(4)].into_iter().collect();
+    assert_eq!(got, want, "alice's two devices and carol's remaining one");
+    let r = world::receipt(&w.env, "u-1");
+    assert_eq!(r["counts"]["sent"], 3);
+    assert_eq!(r["sent_tokens"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn a_410_invalidates_as_of_its_timestamp_and_only_a_later_registration_reactivates() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let hour = Duration::from_secs(3600);
+    let t = token(7);
+    // Registered an hour ago; Apple says the app was deleted 30 minutes ago.
+    w.script(
+        &t,
+        TokenScript::Unregistered {
+            timestamp_ms: pushdrop::model::now_ms() - 30 * 60 * 1000,
+        },
+    );
+    let daemon = w.env.start();
+    drop_aged(&w.env, "a-devices.jsonl", &device(7, "zoe"), hour);
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices") == 1
+    });
+    w.env.drop_file(
+        "b-n1.json",
+        notification_to("n1", r#"{"users":["zoe"]}"#, ""),
+    );
+    wait_for("invalidated", || {
+        w.env
+            .count("SELECT count(*) FROM devices WHERE invalidated_at IS NOT NULL")
+            == 1
+    });
+    assert_eq!(w.state_of("n1", &t).0, 4, "delivery is invalid_token");
+    w.wait_idle("n1 final");
+
+    // A registration written 45 minutes ago (before Apple's timestamp) does not revive it.
+    drop_aged(&w.env, "c-devices.jsonl", &device(7, "zoe"), hour * 3 / 4);
+    wait_for("second registration ingested", || {
+        w.env.processed_names().len() == 3
+    });
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM devices WHERE active = 1 AND invalidated_at IS NULL"),
+        0,
+        "an older registration must not re-activate"
+    );
+    // Queued work for the dead device ends without a request.
+    let before = w.sim.requests();
+    w.env.drop_file(
+        "d-n2.json",
+        notification_to("n2", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+    );
+    wait_for("n2 ingested", || {
+        w.env.count("SELECT count(*) FROM notifications") == 2
+    });
+    w.wait_idle("n2 final");
+    assert_eq!(w.state_of("n2", &t).0, 4);
+    assert_eq!(
+        w.sim.requests(),
+        before,
+        "no request for an invalidated device"
+    );
+
+    // A registration written now (after the timestamp) re-activates it.
+    w.sim.clear_scripts();
+    drop_aged(&w.env, "e-devices.jsonl", &device(7, "zoe"), Duration::ZERO);
+    wait_for("re-activated", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 1
+    });
+    w.env.drop_file(
+        "f-n3.json",
+        notification_to("n3", r#"{"users":["zoe"]}"#, ""),
+    );
+    wait_for("n3 ingested", || {
+        w.env.count("SELECT count(*) FROM notifications") == 3
+    });
+    w.wait_idle("n3 delivered");
+    daemon.shutdown();
+    assert_eq!(w.state_of("n3", &t).0, 1, "sent after re-registration");
+    let r = world::receipt(&w.env, "n1");
+    assert_eq!(r["counts"]["invalid_token"], 1);
+    assert_eq!(r["problems"][0]["reason"], "Unregistered");
+    assert_eq!(r["problems"][0]["status"], 410);
+}
+
+#[test]
+fn retries_back_off_then_succeed_fail_after_max_attempts_or_expire() {
+    let w = World::new(
+        SimOptions::default(),
+        "[sender]\nretry_initial_ms = 200\nretry_max_ms = 400\nmax_attempts = 4\n\n[receipts]\ndir = \"../var/receipts\"\n",
+    );
+    let (ok, dead, late) = (token(1), token(2), token(3));
+    w.script(
+        &ok,
+        TokenScript::FailFirst {
+            n: 3,
+            status: 503,
+            reason: "ServiceUnavailable".into(),
+        },
+    );
+    for t in [&dead, &late] {
+        w.script(
+            t,
+            TokenScript::Reason {
+                status: 429,
+                reason: "TooManyRequests".into(),
+            },
+        );
+    }
+    let daemon = w.env.start();
+    let started = Instant::now();
+    let exp = pushdrop::model::now_ms() / 1000 + 1;
+    let file = [
+        notification_to("ok", &format!(r#"{{"tokens":["{ok}"]}}"#), ""),
+        notification_to("dead", &format!(r#"{{"tokens":["{dead}"]}}"#), ""),
+        notification_to(
+            "late",
+            &format!(r#"{{"tokens":["{late}"]}}"#),
+            &format!(r#","expiration":{exp}"#),
+        ),
+    ]
+    .join("\n");
+    w.env.drop_file("n.jsonl", file);
+    wait_for("ok delivered", || w.sim.accepted_count() == 1);
+    let took = started.elapsed();
+    w.wait_idle("all final");
+    daemon.shutdown();
+
+    let (state, attempts, _) = w.state_of("ok", &ok);
+    assert_eq!((state, attempts), (1, 4), "sent on the 4th attempt");
+    // Three back-offs of at least half of 200, 400, 400 ms.
+    assert!(took >= Duration::from_millis(500), "backed off: {took:?}");
+    let (state, attempts, reason) = w.state_of("dead", &dead);
+    assert_eq!((state, attempts), (2, 4), "failed after max_attempts");
+    assert_eq!(reason.as_deref(), Some("TooManyRequests"));
+    let (state, _, reason) = w.state_of("late", &late);
+    assert_eq!(state, 3, "expired during back-off: {reason:?}");
+    assert_eq!(w.accepted_by_token().len(), 1);
+
+    // `pushdrop retry ID` requeues the failed one; it fails again on its own schedule.
+    w.sim.clear_scripts();
+    let out = w.env.pushdrop(&["retry", "dead"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requeued 1"));
+    let daemon = w.env.start();
+    w.wait_idle("retried delivery final");
+    daemon.shutdown();
+    assert_eq!(w.state_of("dead", &dead).0, 1, "sent after pushdrop retry");
+}
+
+#[test]
+fn permanent_rejections_fail_at_once_with_apples_reason() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let t = token(9);
+    w.script(
+        &t,
+        TokenScript::Reason {
+            status: 400,
+            reason: "DeviceTokenNotForTopic".into(),
+        },
+    );
+    let daemon = w.env.start();
+    w.env.drop_file(
+        "n.json",
+        notification_to("p", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+    );
+    w.wait_idle("final");
+    daemon.shutdown();
+    let (state, attempts, reason) = w.state_of("p", &t);
+    assert_eq!((state, attempts), (2, 1));
+    assert_eq!(reason.as_deref(), Some("DeviceTokenNotForTopic"));
+    assert_eq!(w.sim.requests(), 1, "no retry");
+}
+
+#[test]
+fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    for n in 0..30 {
+        w.script(&token(n), TokenScript::BadDeviceToken);
+    }
+    let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(0..30, "u"));
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 30
+    });
+    w.env.drop_file(
+        "b-all.json",
+        notification_to("wrong-env", r#"{"all":true}"#, ""),
+    );
+    wait_for("pause recorded", || {
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'paused'")
+            >= 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.shutdown();
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM devices WHERE invalidated_at IS NOT NULL"),
+        0,
+        "nothing invalidated"
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 4"),
+        0
+    );
+    assert_eq!(w.queued(), 30, "everything still queued");
+    let status = w.env.pushdrop(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("BadDeviceToken"), "status says why: {text}");
+}
+
+#[test]
+fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
+    let port = world::free_port();
+    let w = World::with_url(
+        SimOptions::default(),
+        "[sender]\nretry_initial_ms = 200\nretry_max_ms = 1000\n",
+        Some(format!("https://127.0.0.1:{port}")),
+    );
+    let daemon = w.env.start();
+    let tokens: String = (0..200)
+        .map(|n| {
+            notification_to(
+                &format!("d{n}"),
+                &format!(r#"{{"tokens":["{}"]}}"#, token(n)),
+                "",
+            ) + "\n"
+        })
+        .collect();
+    w.env.drop_file("n.jsonl", tokens);
+    wait_for("queued", || {
+        w.env.count("SELECT count(*) FROM deliveries") == 200
+    });
+    // Nothing listens: the sender must wait quietly, not spin.
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu0 = world::process_cpu();
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = world::process_cpu() - cpu0;
+    assert!(
+        spent < Duration::from_millis(600),
+        "waiting for APNs used {spent:?} of CPU in 3 s"
+    );
+    assert_eq!(w.queued(), 200);
+    assert_eq!(
+        w.env.count("SELECT max(attempts) FROM deliveries"),
+        0,
+        "an unreachable APNs costs no attempts"
+    );
+    // APNs comes up.
+    world::forward(&w.rt, port, w.sim.addr());
+    w.wait_idle("delivered once APNs is up");
+    daemon.shutdown();
+    assert_eq!(w.accepted_by_token().len(), 200);
+}
+
+#[test]
+fn a_dropped_file_reaches_an_idle_daemon_quickly() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let daemon = w.env.start();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    w.env.drop_file(
+        "n.json",
+        notification_to("fast", &format!(r#"{{"tokens":["{}"]}}"#, token(1)), ""),
+    );
+    wait_for("delivered", || w.sim.accepted_count() == 1);
+    let took = t0.elapsed();
+    daemon.shutdown();
+    // Functional bound only (the latency goal is measured by scripts/bench-send): no polling
+    // interval or settle delay stands between a renamed file and APNs.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
