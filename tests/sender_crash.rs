@@ -1,0 +1,147 @@
+//! The real binary killed while sending, and stopped with SIGTERM: nothing is lost, resends
+//! carry the same `apns-id`, duplicates stay within the in-flight window.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::inbox::{Env, token, wait_for};
+use common::world::{World, notification_to};
+use pushdrop::simulator::SimOptions;
+
+const MAX_IN_FLIGHT: usize = 100;
+
+fn spawn(env: &Env) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg("--config")
+        .arg(&env.config_path)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pushdrop run")
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "pushdrop did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn notifications(n: u64) -> String {
+    (0..n)
+        .map(|i| {
+            notification_to(
+                &format!("c{i}"),
+                &format!(r#"{{"tokens":["{}"]}}"#, token(i)),
+                "",
+            ) + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_while_sending_then_restart_delivers_everything_with_the_same_apns_ids() {
+    let n = 1500u64;
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(20),
+            ..SimOptions::default()
+        },
+        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nretry_initial_ms = 100\nretry_max_ms = 400\n"),
+    );
+    let mut child = spawn(&w.env);
+    w.env.drop_file("n.jsonl", notifications(n));
+    let mut kills = 0;
+    for threshold in [200, 700] {
+        wait_for("some sent", || w.sim.accepted_count() >= threshold);
+        signal(&child, libc::SIGKILL);
+        wait_exit(&mut child, Duration::from_secs(10));
+        kills += 1;
+        child = spawn(&w.env);
+    }
+    assert_eq!(kills, 2);
+    w.wait_idle("everything final after restarts");
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+
+    assert_eq!(
+        w.env.count("SELECT count(*) FROM deliveries WHERE state = 1"),
+        n as i64,
+        "every delivery ends sent"
+    );
+    let by_token = w.accepted_by_token();
+    let want: HashSet<String> = (0..n).map(token).collect();
+    assert_eq!(
+        by_token.keys().cloned().collect::<HashSet<_>>(),
+        want,
+        "each token got at least one push"
+    );
+    let mut duplicates = 0;
+    for (t, got) in &by_token {
+        let ids: HashSet<&str> = got.iter().map(|a| a.apns_id.as_str()).collect();
+        assert_eq!(ids.len(), 1, "resends to {t} carry the same apns-id");
+        duplicates += got.len() - 1;
+    }
+    assert!(
+        duplicates <= kills * MAX_IN_FLIGHT,
+        "{duplicates} duplicates exceed the in-flight window of {kills} kills"
+    );
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_and_loses_nothing() {
+    let n = 400u64;
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(300),
+            ..SimOptions::default()
+        },
+        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = 3000\n"),
+    );
+    let mut child = spawn(&w.env);
+    w.env.drop_file("n.jsonl", notifications(n));
+    wait_for("sending under way", || w.sim.accepted_count() >= 50);
+    let t0 = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit 0 on SIGTERM, got {status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stopped within the grace period: {:?}",
+        t0.elapsed()
+    );
+    // Everything is either sent or back in the queue, nothing left leased.
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1 OR (state = 0 AND leased = 0)"),
+        n as i64
+    );
+    let sent_before = w.env.count("SELECT count(*) FROM deliveries WHERE state = 1");
+    assert!(sent_before >= 50);
+
+    let mut child = spawn(&w.env);
+    w.wait_idle("the rest delivered after restart");
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    let by_token = w.accepted_by_token();
+    assert_eq!(by_token.len(), n as usize, "nothing lost");
+    assert!(
+        by_token.values().all(|v| v.len() == 1),
+        "a graceful stop sends nothing twice"
+    );
+}
