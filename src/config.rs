@@ -585,9 +585,9 @@ impl Config {
         let base = self.base_dir.clone();
         let abs = |p: &Path| -> PathBuf {
             if p.is_absolute() {
-                p.to_path_buf()
+                normalize(p)
             } else {
-                base.join(p)
+                normalize(&base.join(p))
             }
         };
         let mut bad = |key: &str, message: String| {
@@ -828,6 +828,26 @@ fn check_secret_file(
         Ok(_) => bad(key, format!("{} is not a regular file", path.display())),
         Err(e) => bad(key, format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// Removes `.` and `..` components lexically, so messages show `/srv/var/inbox` rather than
+/// `/srv/config/../var/inbox`. (Symlinked folders above `..` are not resolved; the paths
+/// still name the same files for every operation pushdrop does.)
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 fn line_of_offset(text: &str, offset: usize) -> usize {

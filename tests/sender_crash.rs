@@ -37,7 +37,10 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().expect("wait") {
             return status;
         }
-        assert!(Instant::now() < deadline, "pushdrop did not exit within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "pushdrop did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -62,7 +65,9 @@ fn sigkill_while_sending_then_restart_delivers_everything_with_the_same_apns_ids
             latency: Duration::from_millis(20),
             ..SimOptions::default()
         },
-        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nretry_initial_ms = 100\nretry_max_ms = 400\n"),
+        &format!(
+            "[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nretry_initial_ms = 100\nretry_max_ms = 400\n"
+        ),
     );
     let mut child = spawn(&w.env);
     w.env.drop_file("n.jsonl", notifications(n));
@@ -80,7 +85,8 @@ fn sigkill_while_sending_then_restart_delivers_everything_with_the_same_apns_ids
     assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
 
     assert_eq!(
-        w.env.count("SELECT count(*) FROM deliveries WHERE state = 1"),
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1"),
         n as i64,
         "every delivery ends sent"
     );
@@ -131,7 +137,9 @@ fn sigterm_finishes_in_flight_requests_and_loses_nothing() {
             .count("SELECT count(*) FROM deliveries WHERE state = 1 OR (state = 0 AND leased = 0)"),
         n as i64
     );
-    let sent_before = w.env.count("SELECT count(*) FROM deliveries WHERE state = 1");
+    let sent_before = w
+        .env
+        .count("SELECT count(*) FROM deliveries WHERE state = 1");
     assert!(sent_before >= 50);
 
     let mut child = spawn(&w.env);
