@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod inbox;
+pub mod ops;
 pub mod sim;
