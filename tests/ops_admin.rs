@@ -114,7 +114,10 @@ fn readyz_is_unready_while_shutdown_lets_in_flight_requests_finish() {
     });
     let (r, finished) = seen.unwrap();
     assert_eq!(r.body, "not ready: shutting down\n");
-    assert!(!finished, "shutdown already over when /readyz first said 503");
+    assert!(
+        !finished,
+        "shutdown already over when /readyz first said 503"
+    );
     assert_eq!(get(admin, "/healthz").status, 200);
     stopping.join().unwrap();
     let took = started.elapsed();

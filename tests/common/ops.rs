@@ -13,6 +13,8 @@ use pushdrop::config::Config;
 use pushdrop::daemon::Daemon;
 use pushdrop::simulator::{SimCredentials, SimOptions, Simulator};
 
+// Re-exported for the ops tests; each test file uses a few of them.
+#[allow(unused_imports)]
 pub use super::inbox::{APP, BUNDLE, device, notification, token, wait_for};
 
 /// Knobs of the config an [`Ops`] writes.
