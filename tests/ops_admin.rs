@@ -38,7 +38,10 @@ fn health_status_and_readiness_follow_the_store() {
     env.drop_file("c.json", "{ not json");
     let receipt = env.receipts.join("hello.json");
     wait_for("receipt", || receipt.exists());
-    wait_for("rejection", || env.inbox_pending() == 0);
+    wait_for("rejection noted", || {
+        let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
+        s["recent_errors"].as_array().is_some_and(|e| !e.is_empty())
+    });
 
     let s = get(admin, "/status");
     assert_eq!(s.status, 200);

@@ -75,7 +75,14 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     }
     wait_for("rejections", || env.inbox_pending() == 0);
 
-    let reply = get(admin, "/metrics");
+    // The counters of a file move with its log line, just after the file left the inbox.
+    let mut reply = get(admin, "/metrics");
+    wait_for("file counters", || {
+        reply = get(admin, "/metrics");
+        let m = ops::parse_metrics(&reply.body);
+        sum(&m, "pushdrop_files_rejected", &[]) == 2.0
+            && sample(&m, "pushdrop_files_ingested", &[]) == Some(3.0)
+    });
     assert_eq!(reply.status, 200);
     assert!(
         reply
