@@ -99,7 +99,17 @@ pub struct Store {
     tx: mpsc::Sender<writer::Command>,
     path: PathBuf,
     new_work: Arc<Notify>,
+    /// Device and inode of the database file the write connection opened, so that
+    /// [`Store::check_writable`] notices a file deleted or replaced under the daemon.
+    ident: Option<(u64, u64)>,
     _lock: Arc<Option<LockFile>>,
+}
+
+/// Device and inode of a file.
+fn file_ident(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Store {
@@ -120,6 +130,7 @@ impl Store {
             None
         };
         let conn = writer::open_write_connection(path)?;
+        let ident = file_ident(path).ok();
         let (tx, rx) = mpsc::channel(1024);
         let new_work = Arc::new(Notify::new());
         let notify = new_work.clone();
@@ -134,6 +145,7 @@ impl Store {
             tx,
             path: path.to_path_buf(),
             new_work,
+            ident,
             _lock: Arc::new(lock),
         })
     }
@@ -264,14 +276,26 @@ impl Store {
             .await;
     }
 
-    /// Proves the database still takes writes: the file is where it was, writable, and a tiny
-    /// committed write succeeds. For `/readyz`.
+    /// Proves the database still takes writes: the file is where it was (the same file, not
+    /// one deleted or replaced under us, whose writes would vanish at the next start),
+    /// writable, and a tiny committed write succeeds. For `/readyz`.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
         let path = self.path.clone();
+        let unwritable = |source| StoreError::Unwritable {
+            path: path.clone(),
+            source,
+        };
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
-            .map_err(|source| StoreError::Unwritable { path, source })?;
+            .map_err(unwritable)?;
+        if let Some(ident) = self.ident
+            && file_ident(&path).map_err(unwritable)? != ident
+        {
+            return Err(unwritable(std::io::Error::other(
+                "the database file was replaced since pushdrop opened it; restart pushdrop",
+            )));
+        }
         self.call(|w| w.heartbeat()).await
     }
 

@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod inbox;
+pub mod ops;
 pub mod sim;
 pub mod world;

@@ -1,0 +1,26 @@
+"""Drop records into pushdrop's inbox atomically: python3 drop.py INBOX NAME < records.jsonl"""
+import json
+import os
+import sys
+import tempfile
+
+
+def drop(inbox, name, records):
+    """Writes `records` (dicts) as JSON lines to `inbox/name` (name ends in .jsonl)."""
+    fd, tmp = tempfile.mkstemp(dir=inbox, prefix=".drop.", suffix=".tmp")  # ignored by pushdrop
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it becomes visible
+        os.chmod(tmp, 0o640)  # mkstemp made it 600: let pushdrop's group read it
+        os.rename(tmp, os.path.join(inbox, name))  # atomic within one file system
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+if __name__ == "__main__":
+    drop(sys.argv[1], sys.argv[2], (json.loads(l) for l in sys.stdin if l.strip()))

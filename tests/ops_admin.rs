@@ -1,0 +1,153 @@
+//! The admin endpoint as a probe and an operator see it: `/healthz`, `/readyz` (unready when
+//! the database cannot take writes and while shutting down), `/status` (the JSON of
+//! `pushdrop status --json`), plus the HTTP edges.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::ops::{Ops, OpsOptions, device, get, http, notification, token, wait_for};
+use pushdrop::simulator::TokenScript;
+
+/// The JSON with the one figure that moves by itself (an age) taken out.
+fn steady(mut v: serde_json::Value) -> serde_json::Value {
+    v.as_object_mut()
+        .expect("status is an object")
+        .remove("oldest_queued_age_s")
+        .expect("oldest_queued_age_s is reported");
+    v
+}
+
+#[test]
+fn health_status_and_readiness_follow_the_store() {
+    let env = Ops::new(OpsOptions::default());
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+
+    let h = get(admin, "/healthz");
+    assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
+    let r = get(admin, "/readyz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    assert_eq!(get(admin, "/nope").status, 404);
+    assert_eq!(http(admin, "POST", "/readyz").status, 405);
+
+    // Something to report: devices, a delivered notification, a rejected file.
+    let devices: String = (0..3).map(|n| device(n, "u") + "\n").collect();
+    env.drop_file("a.jsonl", devices);
+    env.drop_file("b.json", notification("hello", &token(1)));
+    env.drop_file("c.json", "{ not json");
+    let receipt = env.receipts.join("hello.json");
+    wait_for("receipt", || receipt.exists());
+    wait_for("rejection noted", || {
+        let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
+        s["recent_errors"].as_array().is_some_and(|e| !e.is_empty())
+    });
+
+    let s = get(admin, "/status");
+    assert_eq!(s.status, 200);
+    assert_eq!(s.content_type, "application/json");
+    let from_admin: serde_json::Value = serde_json::from_str(&s.body).unwrap();
+    let out = env.pushdrop(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let from_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(steady(from_admin.clone()), steady(from_cli));
+    assert_eq!(from_admin["totals"]["sent"], 1);
+    assert_eq!(from_admin["devices"]["buxheti"]["active"], 3);
+    assert_eq!(from_admin["recent_errors"][0]["kind"], "rejected");
+
+    // The database file is replaced under the running daemon (a restore done the wrong way,
+    // a clean-up script): its writes would go to a file nobody will ever open again. This
+    // holds as root too, where permissions stop nothing.
+    let aside = env.db.with_extension("db.aside");
+    std::fs::rename(&env.db, &aside).unwrap();
+    let r = get(admin, "/readyz");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.starts_with("not ready: store not writable"), "{r:?}");
+    std::fs::copy(&aside, &env.db).unwrap();
+    let r = get(admin, "/readyz");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("replaced"), "{r:?}");
+    assert_eq!(get(admin, "/healthz").status, 200, "alive, only not ready");
+    // Put back, it is ready again.
+    std::fs::rename(&aside, &env.db).unwrap();
+    let r = get(admin, "/readyz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+
+    daemon.shutdown();
+}
+
+#[test]
+fn readyz_is_unready_while_shutdown_lets_in_flight_requests_finish() {
+    let env = Ops::new(OpsOptions {
+        shutdown_grace_ms: 6_000,
+        ..OpsOptions::default()
+    });
+    // One answer comes within the grace period, one long after it.
+    let slow = token(1);
+    let stuck = token(2);
+    env.sim
+        .script(&slow, TokenScript::Delay(Duration::from_secs(2)));
+    env.sim
+        .script(&stuck, TokenScript::Delay(Duration::from_secs(60)));
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+    // A first push opens and authorises the connection (the client allows one stream on a
+    // new connection until APNs accepted a request, as APNs itself does).
+    env.drop_file("a.json", notification("warm-up", &token(3)));
+    wait_for("the first push", || env.sim.accepted_count() == 1);
+    env.drop_file(
+        "n.jsonl",
+        format!(
+            "{}\n{}\n",
+            notification("slow", &slow),
+            notification("stuck", &stuck)
+        ),
+    );
+    wait_for("both requests in flight", || env.sim.requests() >= 3);
+    assert_eq!(get(admin, "/readyz").status, 200);
+
+    let started = Instant::now();
+    let stopping = std::thread::spawn(move || daemon.shutdown());
+    // Unready at once, while the shutdown waits for the slow answer.
+    let mut seen = None;
+    wait_for("/readyz says shutting down", || {
+        let r = get(admin, "/readyz");
+        if r.status == 503 {
+            seen = Some((r, stopping.is_finished()));
+            true
+        } else {
+            false
+        }
+    });
+    let (r, finished) = seen.unwrap();
+    assert_eq!(r.body, "not ready: shutting down\n");
+    assert!(
+        !finished,
+        "shutdown already over when /readyz first said 503"
+    );
+    assert_eq!(get(admin, "/healthz").status, 200);
+    stopping.join().unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(40),
+        "shutdown waited for the 60 s answer: {took:?}"
+    );
+
+    // The slow one finished within the grace period; the stuck one stays queued for next time.
+    assert_eq!(env.sim.accepted_count(), 2);
+    let state = |id: &str| -> i64 {
+        env.db()
+            .query_row(
+                "SELECT d.state FROM deliveries d JOIN notifications n ON n.id = d.notification_id WHERE n.ext_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(state("slow"), 1, "sent");
+    assert_eq!(state("stuck"), 0, "queued");
+    assert!(
+        std::net::TcpStream::connect(admin).is_err(),
+        "admin endpoint closed"
+    );
+}

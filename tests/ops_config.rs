@@ -1,0 +1,212 @@
+//! `pushdrop check-config` as an operator uses it, on the shipped configs (config/ and
+//! deploy/, including the one inside deploy/kubernetes.yaml): exit 0 and "ok" on a good
+//! config, a warning for a key others can read, exit 64 naming key and line on a bad one,
+//! and exit 64 from every command when the config is bad.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn pushdrop(config: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run pushdrop")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A folder holding `text` as `pushdrop.toml` with the absolute folders of a deployment
+/// (`/etc/pushdrop`, `/var/...`) moved inside it, and the `.p8` key it names (mode `mode`).
+struct Deployed {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn deployed(text: &str, mode: u32) -> Deployed {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let etc = dir.path().join("etc/pushdrop");
+    std::fs::create_dir_all(etc.join("keys")).unwrap();
+    let text = text
+        .replace("\"/etc/", &format!("\"{root}/etc/"))
+        .replace("\"/var/", &format!("\"{root}/var/"));
+    let config = etc.join("pushdrop.toml");
+    std::fs::write(&config, &text).unwrap();
+    // The key where the config says: relative to the config's folder or absolute.
+    let key = text
+        .lines()
+        .find_map(|l| l.split("key_file = \"").nth(1))
+        .and_then(|r| r.split('"').next())
+        .expect("a key_file");
+    let key = if key.starts_with('/') {
+        PathBuf::from(key)
+    } else {
+        etc.join(key)
+    };
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+    Deployed { dir, config }
+}
+
+fn assert_ok(d: &Deployed) -> String {
+    let out = pushdrop(&d.config, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains(": ok (1 app,"), "{stdout}");
+    stdout
+}
+
+/// The `pushdrop.toml: |` block of the ConfigMap, unindented.
+fn configmap_toml(yaml: &str) -> String {
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "pushdrop.toml: |");
+    lines.next().expect("a pushdrop.toml key in the ConfigMap");
+    let mut out = String::new();
+    for l in lines {
+        if !l.is_empty() && !l.starts_with("    ") {
+            break;
+        }
+        out.push_str(l.strip_prefix("    ").unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn shipped_configs_pass_check_config() {
+    for (name, text) in [
+        (
+            "config/pushdrop.toml",
+            std::fs::read_to_string(repo("config/pushdrop.toml")).unwrap(),
+        ),
+        (
+            "deploy/pushdrop.toml",
+            std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap(),
+        ),
+        (
+            "deploy/kubernetes.yaml",
+            configmap_toml(&std::fs::read_to_string(repo("deploy/kubernetes.yaml")).unwrap()),
+        ),
+    ] {
+        let d = deployed(&text, 0o600);
+        let stdout = assert_ok(&d);
+        assert!(!stdout.contains("warning"), "{name}: {stdout}");
+        assert!(
+            stdout.contains(&d.dir.path().display().to_string()),
+            "{name}: paths are resolved and shown: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_key_others_can_read_is_a_warning_not_an_error() {
+    let text = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    let d = deployed(&text, 0o644);
+    let stdout = assert_ok(&d);
+    assert!(
+        stdout.contains("warning: line ")
+            && stdout.contains(": apps[0].token.key_file:")
+            && stdout.contains("mode 644")
+            && stdout.contains("chmod 600"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_config_names_key_and_line_and_every_command_exits_64() {
+    let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    // Two mistakes: a typo'd key and a wrong type.
+    let bad = good
+        .replace("settle_ms = 1000", "settle_msec = 1000")
+        .replace("max_attempts = 8", "max_attempts = \"eight\"");
+    let d = deployed(&bad, 0o600);
+    let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let out = pushdrop(&d.config, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    // (Serde stops at the first unknown key, named without its table; see the report.)
+    assert!(
+        stdout.contains(&format!("line {}: ", line_of("settle_msec")))
+            && stdout.contains("unknown field `settle_msec`"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&d.config.display().to_string()), "{stdout}");
+
+    // The type error alone (unknown keys may stop the parse before types are checked).
+    let bad_type = good.replace("max_attempts = 8", "max_attempts = \"eight\"");
+    let d2 = deployed(&bad_type, 0o600);
+    let out = pushdrop(&d2.config, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    assert!(
+        stdout.contains(&format!("line {}: ", line_of("max_attempts")))
+            && stdout.contains("invalid type: string \"eight\""),
+        "{stdout}"
+    );
+
+    // A missing key file is named too.
+    std::fs::remove_file(d2.dir.path().join("etc/pushdrop/AuthKey_ABC123DEFG.p8")).unwrap();
+    let fixed = pushdrop_with(&d2.config, &good, d2.dir.path());
+    let out = pushdrop(&fixed, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    assert!(stdout.contains("apps[0].token.key_file"), "{stdout}");
+
+    // Every command refuses a bad config with 64 (and says why on stderr).
+    let dest = d.dir.path().join("copy.db");
+    for args in [
+        vec!["run"],
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["show", "x"],
+        vec!["devices"],
+        vec!["retry", "--failed"],
+        vec!["purge"],
+        vec!["backup", dest.to_str().unwrap()],
+    ] {
+        let out = pushdrop(&d.config, &args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        assert!(
+            text(&out.stderr).contains("settle_msec"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert!(!dest.exists());
+    assert!(
+        !d.dir.path().join("var/lib/pushdrop/pushdrop.db").exists(),
+        "no database is created from a bad config"
+    );
+}
+
+/// Writes `text` (with the deployment folders moved under `root`) over `config`.
+fn pushdrop_with(config: &Path, text: &str, root: &Path) -> PathBuf {
+    let root = root.display().to_string();
+    let text = text
+        .replace("\"/etc/", &format!("\"{root}/etc/"))
+        .replace("\"/var/", &format!("\"{root}/var/"));
+    std::fs::write(config, text).unwrap();
+    config.to_path_buf()
+}
+
+/// The key of a wrongly typed value is named as a dotted path. Today the report says
+/// `line 37: "eight": invalid type...` (the value where the key should be); ignored until
+/// src/config.rs is fixed.
+#[test]
+#[ignore = "src/config.rs names the value instead of the key of a type error"]
+fn a_type_error_names_its_key() {
+    let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    let bad = good.replace("max_attempts = 8", "max_attempts = \"eight\"");
+    let d = deployed(&bad, 0o600);
+    let out = pushdrop(&d.config, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    assert!(stdout.contains(": sender.max_attempts: "), "{stdout}");
+}
