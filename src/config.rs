@@ -539,16 +539,10 @@ impl Config {
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
         let mut cfg: Config = match toml::from_str(text) {
             Ok(c) => c,
-            Err(e) => {
-                let line = e.span().map(|s| line_of_offset(text, s.start));
-                let key = key_of_toml_error(text, &e);
+            Err(_) => {
                 return Err(ConfigError {
                     path: source.to_path_buf(),
-                    problems: vec![ConfigProblem {
-                        key,
-                        line,
-                        message: e.message().trim().to_string(),
-                    }],
+                    problems: serde_problems(text),
                 });
             }
         };
@@ -858,24 +852,90 @@ fn line_of_offset(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The key named by a serde error ("unknown field `x`" at a span): the text under the span.
+/// Every problem serde finds in the text, not just the first: after each error on a
+/// `key = value` line, that line is blanked and the text parsed again (at most 50 rounds). A
+/// "missing field" caused by our own blanking is not reported.
+fn serde_problems(text: &str) -> Vec<ConfigProblem> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut blanked_keys: Vec<String> = Vec::new();
+    let mut problems = Vec::new();
+    for _ in 0..50 {
+        let current = lines.join("\n");
+        let Err(e) = toml::from_str::<Config>(&current) else {
+            break;
+        };
+        let line = e.span().map(|s| line_of_offset(&current, s.start));
+        let key = key_of_toml_error(&current, &e);
+        let message = e.message().trim().to_string();
+        let consequence = blanked_keys.iter().any(|k| {
+            let field = k.rsplit('.').next().unwrap_or(k);
+            message.starts_with(&format!("missing field `{field}`"))
+        });
+        if !consequence {
+            problems.push(ConfigProblem {
+                key: key.clone(),
+                line,
+                message,
+            });
+        }
+        // Go on only past a plain `key = value` line; anything else ends the search.
+        match line.and_then(|l| lines.get_mut(l - 1).map(|t| (l, t))) {
+            Some((_, t)) if t.contains('=') && !t.trim_start().starts_with('[') => {
+                t.clear();
+                blanked_keys.push(key);
+            }
+            _ => break,
+        }
+    }
+    if problems.is_empty() {
+        problems.push(ConfigProblem {
+            key: "(file)".into(),
+            line: None,
+            message: "the file does not parse".into(),
+        });
+    }
+    problems
+}
+
+/// The dotted key a serde error is about: the key of the line its span starts on, under the
+/// table header above it (`[sender]` → `sender.max_attempts`, the second `[[apps]]` →
+/// `apps[1].bundle_id`).
 fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else {
         return "(file)".into();
     };
-    let snippet = text.get(span.clone()).unwrap_or("").trim();
-    let first_line = snippet.lines().next().unwrap_or("");
-    if first_line.is_empty() || first_line.len() > 60 {
-        // Point at the table the error sits in.
-        let before = &text[..span.start.min(text.len())];
-        before
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('['))
-            .map(|l| l.trim().trim_matches(['[', ']']).to_string())
-            .unwrap_or_else(|| "(file)".into())
-    } else {
-        first_line.to_string()
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    // The table the line sits in, and for arrays of tables, which one.
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    if line.starts_with('[') {
+        return line.trim_matches(['[', ']']).trim().to_string();
+    }
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    match (table.is_empty(), key.is_empty()) {
+        (_, true) if table.is_empty() => "(file)".into(),
+        (_, true) => table,
+        (true, false) => key,
+        (false, false) => format!("{table}.{key}"),
     }
 }
 
@@ -970,7 +1030,32 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         assert_eq!(err.problems.len(), 1);
         let p = &err.problems[0];
         assert_eq!(p.line, Some(4), "{p}");
+        assert_eq!(p.key, "inbox.settle_msec", "{p}");
         assert!(p.message.contains("settle_msec"), "{p}");
+    }
+
+    #[test]
+    fn every_type_error_is_reported_with_its_key() {
+        let text = GOOD.replace("dir = \"inbox\"", "dir = \"inbox\"\nsettle_ms = \"soon\"")
+            + "\n[sender]\nmax_attempts = \"eight\"\nmax_in_fligth = 3\n";
+        let err = load(&text).unwrap_err();
+        let got: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("inbox.settle_ms", Some(4)),
+                ("sender.max_attempts", Some(12)),
+                ("sender.max_in_fligth", Some(13))
+            ],
+            "{err}"
+        );
+        let bundle = GOOD.replace("bundle_id = \"com.example.a\"", "bundle_id = 5");
+        let err = load(&bundle).unwrap_err();
+        assert_eq!(err.problems[0].key, "apps[0].bundle_id", "{err}");
     }
 
     #[test]

@@ -196,11 +196,8 @@ fn pushdrop_with(config: &Path, text: &str, root: &Path) -> PathBuf {
     config.to_path_buf()
 }
 
-/// The key of a wrongly typed value is named as a dotted path. Today the report says
-/// `line 37: "eight": invalid type...` (the value where the key should be); ignored until
-/// src/config.rs is fixed.
+/// The key of a wrongly typed value is named as a dotted path.
 #[test]
-#[ignore = "src/config.rs names the value instead of the key of a type error"]
 fn a_type_error_names_its_key() {
     let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
     let bad = good.replace("max_attempts = 8", "max_attempts = \"eight\"");
