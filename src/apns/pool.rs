@@ -284,10 +284,10 @@ impl Pool {
                 Err(Wait::Notified) => deadline,
                 Err(Wait::Fail(o)) => return Err(o),
             };
-            if wait_until >= deadline {
-                if let Some(o) = self.backoff_error(deadline) {
-                    return Err(o);
-                }
+            if wait_until >= deadline
+                && let Some(o) = self.backoff_error(deadline)
+            {
+                return Err(o);
             }
             let until = wait_until.min(deadline);
             if tokio::time::timeout_at(until, notified).await.is_err() && Instant::now() >= deadline

@@ -438,11 +438,11 @@ fn record<'t>(
     // Fast path: typed deserialization, then the semantic checks.
     let mut problems = Vec::new();
     if let Ok(raw) = serde_json::from_str::<RawRecord<'t>>(text) {
-        if let Some(r) = check(&raw, &HashSet::new(), ctx, &mut problems) {
-            if problems.is_empty() {
-                acc.record(r);
-                return;
-            }
+        if let Some(r) = check(&raw, &HashSet::new(), ctx, &mut problems)
+            && problems.is_empty()
+        {
+            acc.record(r);
+            return;
         }
         if problems.is_empty() {
             // Unreachable by construction; never drop a record silently.
@@ -1010,7 +1010,7 @@ pub fn check_token(t: &str) -> Result<String, String> {
             c
         ));
     }
-    if t.len() % 2 != 0 {
+    if !t.len().is_multiple_of(2) {
         return Err(format!(
             "has an odd number of hex digits ({}); each byte is two digits",
             t.len()
