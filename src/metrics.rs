@@ -36,6 +36,15 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// Label set of a paused app and environment.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PauseLabel {
+    pub app: String,
+    pub environment: String,
+    /// `credentials`, `unreachable` or `bad_device_token_burst`.
+    pub reason: String,
+}
+
 /// Every metric pushdrop exports.
 pub struct Metrics {
     pub files_ingested: Counter,
@@ -51,7 +60,7 @@ pub struct Metrics {
     pub reconnects: Counter,
     pub jwt_refreshes: Counter,
     pub inbox_scan_duration_seconds: Histogram,
-    pub app_paused: Family<ReasonLabel, Gauge>,
+    pub app_paused: Family<PauseLabel, Gauge>,
 }
 
 impl Metrics {

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::config::{Environment, SenderConfig};
-use crate::metrics::{self, OutcomeLabel, ReasonLabel};
-use crate::model::now_ms;
-use crate::store::{DeliveryResult, ResultKind};
+use crate::metrics::{self, OutcomeLabel, PauseLabel};
+use crate::model::{now_ms, token_prefix};
+use crate::store::{ClaimedDelivery, DeliveryResult, ResultKind};
 
 /// How long the burst detector looks back.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -38,6 +38,7 @@ struct Pause {
     until: Instant,
     until_ms: i64,
     level: u32,
+    kind: String,
 }
 
 #[derive(Default)]
@@ -55,6 +56,11 @@ struct Held {
     reason: String,
     at: Instant,
     at_ms: i64,
+    /// For the delivery's log line when the hold ends.
+    id: String,
+    token: String,
+    apns_id: String,
+    attempt: u32,
 }
 
 /// Pauses and the `BadDeviceToken` hold, per app and environment.
@@ -105,20 +111,21 @@ impl Guards {
             .saturating_mul(1u64 << level.min(20))
             .min(cap_ms.max(self.pause_base_ms));
         let until_ms = now_ms() + ms as i64;
+        if let Some(old) = pauses.get(&key)
+            && old.kind != kind
+        {
+            set_paused_metric(app, env, &old.kind, 0);
+        }
         pauses.insert(
             key,
             Pause {
                 until: now + Duration::from_millis(ms),
                 until_ms,
                 level,
+                kind: kind.to_string(),
             },
         );
-        metrics::get()
-            .app_paused
-            .get_or_create(&ReasonLabel {
-                reason: format!("{app}/{env}: {kind}"),
-            })
-            .set(1);
+        set_paused_metric(app, env, kind, 1);
         (until_ms, true)
     }
 
@@ -127,9 +134,9 @@ impl Guards {
         let key = (app.to_string(), env);
         if let Ok(mut pauses) = self.pauses.lock()
             && pauses.get(&key).is_some_and(|p| p.until <= Instant::now())
+            && let Some(p) = pauses.remove(&key)
         {
-            pauses.remove(&key);
-            metrics::get().app_paused.clear();
+            set_paused_metric(app, env, &p.kind, 0);
             info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
         }
         if let Ok(mut w) = self.windows.lock() {
@@ -139,30 +146,28 @@ impl Guards {
         }
     }
 
-    /// A 400 `BadDeviceToken`: held, or the proof of a burst.
-    pub fn bad_device_token(
-        &self,
-        app: &str,
-        env: Environment,
-        device_id: i64,
-        delivery_id: i64,
-        reason: &str,
-    ) -> BadTokenVerdict {
+    /// A 400 `BadDeviceToken` for claimed delivery `c`: held, or the proof of a burst.
+    pub fn bad_device_token(&self, c: &ClaimedDelivery, reason: &str) -> BadTokenVerdict {
+        let (app, env) = (c.notification.app.as_str(), c.device.environment);
         let key = (app.to_string(), env);
         let Ok(mut windows) = self.windows.lock() else {
             return BadTokenVerdict::Hold;
         };
         let win = windows.entry(key.clone()).or_default();
         roll(win);
-        win.bad.insert(device_id);
+        win.bad.insert(c.device.id);
         let bad = win.bad.len() as u32;
         let burst = bad >= self.burst || (bad >= MIN_BURST && bad > win.ok);
         if !burst {
             win.held.push(Held {
-                delivery_id,
+                delivery_id: c.delivery_id,
                 reason: reason.to_string(),
                 at: Instant::now(),
                 at_ms: now_ms(),
+                id: c.notification.ext_id.clone(),
+                token: token_prefix(&c.device.token).to_string(),
+                apns_id: c.apns_id.clone(),
+                attempt: c.attempts + 1,
             });
             return BadTokenVerdict::Hold;
         }
@@ -199,8 +204,10 @@ impl Guards {
             win.held = keep;
             for h in due {
                 warn!(
-                    event = "delivery", app = %app, environment = %env, status = "invalid_token",
-                    http_status = 400, reason = %h.reason, delivery = h.delivery_id, "not delivered"
+                    event = "delivery", id = %h.id, app = %app, token = %h.token,
+                    environment = %env, status = "invalid_token", http_status = 400,
+                    reason = %h.reason, apns_id = %h.apns_id, attempt = h.attempt,
+                    "not delivered"
                 );
                 metrics::get()
                     .deliveries
@@ -244,6 +251,17 @@ impl Guards {
     }
 }
 
+fn set_paused_metric(app: &str, env: Environment, kind: &str, v: i64) {
+    metrics::get()
+        .app_paused
+        .get_or_create(&PauseLabel {
+            app: app.to_string(),
+            environment: env.to_string(),
+            reason: kind.to_string(),
+        })
+        .set(v);
+}
+
 fn roll(win: &mut Window) {
     let now = Instant::now();
     match win.started {
@@ -260,6 +278,30 @@ fn roll(win: &mut Window) {
 mod tests {
     use super::*;
 
+    fn claimed(app: &str, env: Environment, device: i64, delivery: i64) -> ClaimedDelivery {
+        ClaimedDelivery {
+            delivery_id: delivery,
+            notification_id: 1,
+            attempts: 0,
+            apns_id: "A".into(),
+            device: crate::store::DeviceInfo {
+                id: device,
+                token: format!("{device:064x}"),
+                environment: env,
+            },
+            notification: std::sync::Arc::new(crate::store::NotificationInfo {
+                app: app.into(),
+                ext_id: "n".into(),
+                payload: bytes::Bytes::new(),
+                push_type: crate::model::PushType::Alert,
+                priority: 10,
+                topic: "t".into(),
+                collapse_id: None,
+                expiration: None,
+            }),
+        }
+    }
+
     fn cfg() -> SenderConfig {
         SenderConfig {
             bad_token_burst: 5,
@@ -275,7 +317,10 @@ mod tests {
             g.success("a", Environment::Production);
         }
         assert!(matches!(
-            g.bad_device_token("a", Environment::Production, 70, 7, "BadDeviceToken"),
+            g.bad_device_token(
+                &claimed("a", Environment::Production, 70, 7),
+                "BadDeviceToken"
+            ),
             BadTokenVerdict::Hold
         ));
         assert!(g.release_due().is_empty(), "held first");
@@ -294,19 +339,19 @@ mod tests {
         let g = Guards::new(&cfg());
         let env = Environment::Sandbox;
         assert!(matches!(
-            g.bad_device_token("a", env, 10, 1, "BadDeviceToken"),
+            g.bad_device_token(&claimed("a", env, 10, 1), "BadDeviceToken"),
             BadTokenVerdict::Hold
         ));
         assert!(matches!(
-            g.bad_device_token("a", env, 20, 2, "BadDeviceToken"),
+            g.bad_device_token(&claimed("a", env, 20, 2), "BadDeviceToken"),
             BadTokenVerdict::Hold
         ));
         // The same device again is no new evidence.
         assert!(matches!(
-            g.bad_device_token("a", env, 20, 9, "BadDeviceToken"),
+            g.bad_device_token(&claimed("a", env, 20, 9), "BadDeviceToken"),
             BadTokenVerdict::Hold
         ));
-        match g.bad_device_token("a", env, 30, 3, "BadDeviceToken") {
+        match g.bad_device_token(&claimed("a", env, 30, 3), "BadDeviceToken") {
             BadTokenVerdict::Burst { released, .. } => {
                 assert_eq!(released.len(), 3);
                 assert!(released.iter().all(|r| matches!(
