@@ -35,7 +35,9 @@ pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32
             latency: std::time::Duration::from_millis(latency_ms),
             // A long-running server must not grow: count accepted pushes, keep none.
             record_limit: 0,
-            arrivals_file: std::env::var_os("PUSHDROP_SIM_ARRIVALS").map(Into::into),
+            arrivals_file: std::env::var_os("PUSHDROP_SIM_ARRIVALS")
+                .filter(|v| !v.is_empty())
+                .map(Into::into),
             ..SimOptions::default()
         })
         .await?;

@@ -36,6 +36,8 @@ use guard::{BadTokenVerdict, Guards};
 const CLAIM_BATCH: usize = 1000;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
 const FANOUT_ROWS_PER_ROUND: usize = 50_000;
+/// While busy sending, due fan-outs are looked for this often.
+const FANOUT_EVERY: Duration = Duration::from_millis(100);
 /// Results written per transaction at most.
 const RECORD_BATCH: usize = 2000;
 
@@ -104,17 +106,30 @@ async fn main_loop(
     let (stop_recorder, recorder_stop) = watch::channel(false);
     let recorder = tokio::spawn(recorder(inner.clone(), results_rx, recorder_stop));
     let new_work = store.new_work();
+    // Claim only when a worthwhile batch fits: claiming the one or two slots that just freed
+    // up would cost a store round trip (and a commit) per delivery under full load.
+    let refill = (max_in_flight / 8).clamp(1, CLAIM_BATCH) as u32;
+    // Fan-out is looked at when woken for new or due work, while a fan-out has more rows to
+    // make, and every FANOUT_EVERY while busy; not on every claim.
+    let mut fanout_pending = true;
+    let mut last_fanout = tokio::time::Instant::now();
 
     while !*stop.borrow() {
         let now = now_ms();
-        if let Err(e) = store.fan_out_due(now, FANOUT_ROWS_PER_ROUND).await {
-            error!(event = "store_error", error = %e, "fan-out failed; retrying in 1 s");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
+        if fanout_pending || last_fanout.elapsed() >= FANOUT_EVERY {
+            match store.fan_out_due(now, FANOUT_ROWS_PER_ROUND).await {
+                Ok(made) => fanout_pending = made >= FANOUT_ROWS_PER_ROUND,
+                Err(e) => {
+                    error!(event = "store_error", error = %e, "fan-out failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            last_fanout = tokio::time::Instant::now();
         }
-        if slots.available_permits() == 0 {
+        if slots.available_permits() < refill as usize {
             tokio::select! {
-                p = slots.clone().acquire_owned() => drop(p),
+                p = slots.acquire_many(refill) => drop(p),
                 _ = stop.changed() => {}
             }
             continue;
@@ -173,6 +188,7 @@ async fn main_loop(
             _ = new_work.notified() => {}
             _ = stop.changed() => {}
         }
+        fanout_pending = true;
     }
 
     // Shutdown: let in-flight requests finish within the grace period.
