@@ -62,6 +62,9 @@ struct Inner {
     client: ApnsClient,
     receipts: Option<Receipts>,
     guards: Guards,
+    /// The `sent` series of the deliveries counter, looked up once (on the first success, so
+    /// it appears in /metrics when it has something to say), not per delivery.
+    sent_counter: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Starts the sender on the current tokio runtime.
@@ -79,6 +82,7 @@ pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle
         store,
         client,
         receipts,
+        sent_counter: std::sync::OnceLock::new(),
     });
     let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
     SenderHandle { stop, task }
@@ -513,7 +517,19 @@ impl Inner {
                 &c.apns_id,
             ),
         };
-        if state != "retry" {
+        if matches!(kind, ResultKind::Sent { .. }) {
+            self.sent_counter
+                .get_or_init(|| {
+                    metrics::get()
+                        .deliveries
+                        .get_or_create(&OutcomeLabel {
+                            outcome: state.to_string(),
+                            reason: String::new(),
+                        })
+                        .clone()
+                })
+                .inc();
+        } else if state != "retry" {
             metrics::get()
                 .deliveries
                 .get_or_create(&OutcomeLabel {
