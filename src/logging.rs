@@ -1,7 +1,9 @@
 //! Log set-up: human-readable text on stdout, and rotating files (JSON or text) under
 //! `[log] dir`. Every log line of the daemon goes through `tracing`.
 
-use tracing_appender::non_blocking::WorkerGuard;
+use std::io::IsTerminal as _;
+
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation as AppenderRotation};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt;
@@ -10,9 +12,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat, Rotation};
 
-/// Keeps the background log writer alive; drop it last so buffered lines reach the file.
+/// Keeps the background log writers alive; drop it last so buffered lines reach the file.
 pub struct LogGuard {
     _file: Option<WorkerGuard>,
+    _stdout: Option<WorkerGuard>,
 }
 
 /// Why logging could not start.
@@ -59,7 +62,10 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
         if stdout {
             init_stdout(&cfg.level);
         }
-        return Ok(LogGuard { _file: None });
+        return Ok(LogGuard {
+            _file: None,
+            _stdout: None,
+        });
     };
     std::fs::create_dir_all(dir).map_err(|source| LogError::Dir {
         dir: dir.clone(),
@@ -80,7 +86,13 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
             dir: dir.clone(),
             message: e.to_string(),
         })?;
-    let (writer, guard) = tracing_appender::non_blocking(appender);
+    // Written by a background thread, a batch of lines per write (the worker flushes whenever
+    // its queue runs dry). Never lossy: every delivery outcome must reach the file, so a
+    // stalled disk slows the sender down instead of dropping lines.
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("pushdrop-log")
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, appender));
     let file_layer = match cfg.format {
         LogFormat::Json => fmt::layer()
             .json()
@@ -91,13 +103,37 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
             .boxed(),
         LogFormat::Text => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
     };
-    let stdout_layer = stdout.then(|| fmt::layer().with_target(false));
+    // stdout off the sending threads too (a line per delivery); colours only on a terminal.
+    // Lossy: a stdout nobody reads must not stall the daemon; the files have every line.
+    let (stdout_layer, stdout_guard) = if stdout {
+        let ansi = std::io::stdout().is_terminal();
+        let (w, g) = NonBlockingBuilder::default()
+            .thread_name("pushdrop-stdout")
+            .finish(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stdout(),
+            ));
+        (
+            Some(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(ansi)
+                    .with_writer(w),
+            ),
+            Some(g),
+        )
+    } else {
+        (None, None)
+    };
     let _ = tracing_subscriber::registry()
         .with(stdout_layer)
         .with(file_layer)
         .with(filter(&cfg.level))
         .try_init();
-    Ok(LogGuard { _file: Some(guard) })
+    Ok(LogGuard {
+        _file: Some(guard),
+        _stdout: stdout_guard,
+    })
 }
 
 use tracing_subscriber::Layer as _;

@@ -1,4 +1,7 @@
 //! `pushdrop simulate`: the APNs simulator as a server, for users' own integration tests.
+//!
+//! For benchmarks (`scripts/bench-send`), `PUSHDROP_SIM_ARRIVALS=FILE` makes the simulator
+//! append `<UNIX ns> <token> <apns-id>` per accepted push to FILE; unset, nothing is written.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -32,6 +35,9 @@ pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32
             latency: std::time::Duration::from_millis(latency_ms),
             // A long-running server must not grow: count accepted pushes, keep none.
             record_limit: 0,
+            arrivals_file: std::env::var_os("PUSHDROP_SIM_ARRIVALS")
+                .filter(|v| !v.is_empty())
+                .map(Into::into),
             ..SimOptions::default()
         })
         .await?;

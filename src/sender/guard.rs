@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -21,6 +22,16 @@ const MIN_BURST: u32 = 3;
 pub const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
 
 type Key = (String, Environment);
+
+/// Both environments, in the order of [`env_index`].
+const ENVS: [Environment; 2] = [Environment::Production, Environment::Sandbox];
+
+fn env_index(env: Environment) -> usize {
+    match env {
+        Environment::Production => 0,
+        Environment::Sandbox => 1,
+    }
+}
 
 /// What to do with a `BadDeviceToken` answer.
 pub enum BadTokenVerdict {
@@ -66,7 +77,10 @@ struct Held {
 /// Pauses and the `BadDeviceToken` hold, per app and environment.
 pub struct Guards {
     pauses: Mutex<HashMap<Key, Pause>>,
-    windows: Mutex<HashMap<Key, Window>>,
+    /// Whether `pauses` may hold anything: every delivery asks, almost always in vain.
+    any_pause: AtomicBool,
+    /// Per app (looked up by `&str`, no allocation per answer), per environment.
+    windows: Mutex<HashMap<String, [Window; 2]>>,
     burst: u32,
     hold: Duration,
     pause_base_ms: u64,
@@ -76,6 +90,7 @@ impl Guards {
     pub fn new(cfg: &SenderConfig) -> Guards {
         Guards {
             pauses: Mutex::new(HashMap::new()),
+            any_pause: AtomicBool::new(false),
             windows: Mutex::new(HashMap::new()),
             burst: cfg.bad_token_burst.max(MIN_BURST),
             // Held answers must be reported well before their lease ends.
@@ -86,6 +101,9 @@ impl Guards {
 
     /// When the app and environment is paused, the moment it resumes (ms).
     pub fn paused_until(&self, app: &str, env: Environment) -> Option<i64> {
+        if !self.any_pause.load(Ordering::Acquire) {
+            return None;
+        }
         let pauses = self.pauses.lock().ok()?;
         let p = pauses.get(&(app.to_string(), env))?;
         (p.until > Instant::now()).then_some(p.until_ms)
@@ -116,6 +134,7 @@ impl Guards {
         {
             set_paused_metric(app, env, &old.kind, 0);
         }
+        self.any_pause.store(true, Ordering::Release);
         pauses.insert(
             key,
             Pause {
@@ -131,16 +150,24 @@ impl Guards {
 
     /// A 200 for the app and environment: its credentials and config are fine.
     pub fn success(&self, app: &str, env: Environment) {
-        let key = (app.to_string(), env);
-        if let Ok(mut pauses) = self.pauses.lock()
-            && pauses.get(&key).is_some_and(|p| p.until <= Instant::now())
-            && let Some(p) = pauses.remove(&key)
-        {
-            set_paused_metric(app, env, &p.kind, 0);
-            info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
+        if self.any_pause.load(Ordering::Acquire) {
+            let key = (app.to_string(), env);
+            if let Ok(mut pauses) = self.pauses.lock()
+                && pauses.get(&key).is_some_and(|p| p.until <= Instant::now())
+                && let Some(p) = pauses.remove(&key)
+            {
+                if pauses.is_empty() {
+                    self.any_pause.store(false, Ordering::Release);
+                }
+                set_paused_metric(app, env, &p.kind, 0);
+                info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
+            }
         }
         if let Ok(mut w) = self.windows.lock() {
-            let win = w.entry(key).or_default();
+            let win = match w.get_mut(app) {
+                Some(envs) => &mut envs[env_index(env)],
+                None => &mut w.entry(app.to_string()).or_default()[env_index(env)],
+            };
             roll(win);
             win.ok += 1;
         }
@@ -149,11 +176,10 @@ impl Guards {
     /// A 400 `BadDeviceToken` for claimed delivery `c`: held, or the proof of a burst.
     pub fn bad_device_token(&self, c: &ClaimedDelivery, reason: &str) -> BadTokenVerdict {
         let (app, env) = (c.notification.app.as_str(), c.device.environment);
-        let key = (app.to_string(), env);
         let Ok(mut windows) = self.windows.lock() else {
             return BadTokenVerdict::Hold;
         };
-        let win = windows.entry(key.clone()).or_default();
+        let win = &mut windows.entry(app.to_string()).or_default()[env_index(env)];
         roll(win);
         win.bad.insert(c.device.id);
         let bad = win.bad.len() as u32;
@@ -197,7 +223,10 @@ impl Guards {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for ((app, env), win) in windows.iter_mut() {
+        for ((app, env), win) in windows
+            .iter_mut()
+            .flat_map(|(app, envs)| envs.iter_mut().zip(ENVS).map(move |(w, e)| ((app, e), w)))
+        {
             let (due, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut win.held)
                 .into_iter()
                 .partition(|h| h.at.elapsed() >= self.hold);
@@ -237,6 +266,7 @@ impl Guards {
         let now = now_ms();
         windows
             .values_mut()
+            .flatten()
             .flat_map(|w| std::mem::take(&mut w.held))
             .map(|h| DeliveryResult {
                 delivery_id: h.delivery_id,

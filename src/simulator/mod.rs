@@ -63,6 +63,10 @@ pub struct SimOptions {
     pub record_limit: usize,
     /// Extra names for the server certificate beside `localhost`, `127.0.0.1` and `::1`.
     pub server_names: Vec<String>,
+    /// Benchmarks only (off by default): append one line per accepted push to this file,
+    /// `<UNIX time in ns> <token> <apns-id>`, so a drop-to-APNs latency can be measured from
+    /// outside. `pushdrop simulate` sets it from the `PUSHDROP_SIM_ARRIVALS` variable.
+    pub arrivals_file: Option<PathBuf>,
 }
 
 impl Default for SimOptions {
@@ -78,6 +82,7 @@ impl Default for SimOptions {
             bundle_ids: Vec::new(),
             record_limit: 1_000_000,
             server_names: Vec::new(),
+            arrivals_file: None,
         }
     }
 }
@@ -187,6 +192,8 @@ pub(crate) struct Shared {
     pub(crate) bundle_ids: Vec<String>,
     pub(crate) max_streams: u32,
     pub(crate) live: Live,
+    /// See [`SimOptions::arrivals_file`].
+    arrivals: Option<Mutex<std::fs::File>>,
 }
 
 fn opt(n: u32) -> Option<u32> {
@@ -241,6 +248,16 @@ impl Shared {
 
     pub(crate) fn record(&self, a: Accepted) {
         self.accepted_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = &self.arrivals {
+            use std::io::Write as _;
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let line = format!("{ns} {} {}\n", a.token, a.apns_id);
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            // One write per line, so a reader never sees half a line.
+            let _ = f.write_all(line.as_bytes());
+        }
         if self.record_limit == 0 {
             return;
         }
@@ -285,6 +302,19 @@ impl Simulator {
         })?;
         let mut keys = HashMap::new();
         keys.insert(primary.key_id.clone(), primary.clone());
+        let arrivals = match &opts.arrivals_file {
+            None => None,
+            Some(path) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| SimError::Io {
+                        path: path.clone(),
+                        source: e,
+                    })?,
+            )),
+        };
         let shared = Arc::new(Shared {
             keys: RwLock::new(keys),
             scripts: Mutex::new(HashMap::new()),
@@ -303,6 +333,7 @@ impl Simulator {
                 streams_one: AtomicBool::new(opts.streams_one_until_authorized),
                 clock_skew_s: AtomicI64::new(0),
             },
+            arrivals,
         });
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(server::accept_loop(
