@@ -118,7 +118,12 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
                 fmt::layer()
                     .with_target(false)
                     .with_ansi(ansi)
-                    .with_writer(w),
+                    .with_writer(w)
+                    // The files have every delivery line; stdout keeps only the unusual ones.
+                    .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                        !(meta.target() == crate::sender::DELIVERY_TARGET
+                            && *meta.level() >= tracing::Level::INFO)
+                    })),
             ),
             Some(g),
         )

@@ -233,6 +233,7 @@ impl Guards {
             win.held = keep;
             for h in due {
                 warn!(
+                    target: super::DELIVERY_TARGET,
                     event = "delivery", id = %h.id, app = %app, token = %h.token,
                     environment = %env, status = "invalid_token", http_status = 400,
                     reason = %h.reason, apns_id = %h.apns_id, attempt = h.attempt,

@@ -32,6 +32,11 @@ use crate::store::{ClaimedDelivery, DeliveryResult, FinishedNotification, Result
 
 use guard::{BadTokenVerdict, Guards};
 
+/// The `tracing` target of the one line per delivery outcome and per finished notification
+/// (SPEC 4.4). With `[log] dir` set, its `info` lines go to the files only, not to stdout: at
+/// tens of thousands of deliveries a second, stdout (often journald) is no place for them.
+pub const DELIVERY_TARGET: &str = "pushdrop::delivery";
+
 /// Deliveries claimed per store round trip.
 const CLAIM_BATCH: usize = 1000;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
@@ -279,7 +284,7 @@ async fn recorder(
 
 fn log_finished(finished: &[FinishedNotification]) {
     for f in finished {
-        info!(event = "notification_finished", id = %f.ext_id, app = %f.app, "all deliveries final");
+        info!(target: DELIVERY_TARGET, event = "notification_finished", id = %f.ext_id, app = %f.app, "all deliveries final");
     }
 }
 
@@ -300,6 +305,7 @@ impl Inner {
             for f in finished {
                 match receipts.write(f.notification_id) {
                     Ok(path) => info!(
+                        target: DELIVERY_TARGET,
                         event = "notification_finished",
                         id = %f.ext_id,
                         app = %f.app,
@@ -569,16 +575,16 @@ impl Inner {
         let status = status.map(i64::from).unwrap_or(0);
         match kind {
             ResultKind::Sent { .. } => info!(
-                event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                target: DELIVERY_TARGET, event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
                 status = state, http_status = status, reason, apns_id, attempt, latency_ms, "delivered"
             ),
             ResultKind::Retry { due_at_ms, .. } => warn!(
-                event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                target: DELIVERY_TARGET, event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
                 status = state, http_status = status, reason, apns_id, attempt, latency_ms,
                 retry_in_ms = due_at_ms - now_ms(), "will retry"
             ),
             _ => warn!(
-                event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                target: DELIVERY_TARGET, event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
                 status = state, http_status = status, reason, apns_id, attempt, latency_ms, "not delivered"
             ),
         }
