@@ -211,15 +211,19 @@ pub struct TokenAuthConfig {
     pub team_id: String,
 }
 
-/// `certificate = { cert_file, key_file }`.
+/// `certificate = { cert_file, key_file }`, or a PKCS#12 bundle:
+/// `certificate = { cert_file = "push.p12", password_file = "push.pass" }`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateAuthConfig {
-    /// PEM certificate (chain).
+    /// PEM certificate (chain), or a PKCS#12 file (`.p12`/`.pfx`) holding certificate and key.
     pub cert_file: PathBuf,
     /// PEM private key; may be omitted when `cert_file` holds the key too.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// File whose first line is the PKCS#12 password; without it the password is empty.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 /// APNs environment of a device.
@@ -718,6 +722,10 @@ impl Config {
                         *kf = abs(kf);
                         check_secret_file(kf, &k("certificate.key_file"), &mut bad, warnings);
                     }
+                    if let Some(pf) = &mut c.password_file {
+                        *pf = abs(pf);
+                        check_secret_file(pf, &k("certificate.password_file"), &mut bad, warnings);
+                    }
                 }
             }
         }
@@ -1114,6 +1122,7 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         cfg.apps[0].certificate = Some(CertificateAuthConfig {
             cert_file: "c.pem".into(),
             key_file: Some("k.pem".into()),
+            password_file: Some("p12.pass".into()),
         });
         let value = toml::Value::try_from(&cfg).unwrap();
         let mut keys = std::collections::BTreeSet::new();

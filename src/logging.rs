@@ -42,7 +42,12 @@ fn filter(level: &str) -> EnvFilter {
 /// Logs to stdout only (one-shot commands, or when the config cannot be read).
 pub fn init_stdout(level: &str) {
     let _ = tracing_subscriber::registry()
-        .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
+        .with(
+            fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
         .with(filter(level))
         .try_init();
 }

@@ -254,6 +254,59 @@ async fn certificate_auth_with_a_client_cert_signed_by_the_ca() {
     );
 }
 
+/// A `.p12` bundle (what Keychain exports) with a password from `password_file`.
+#[tokio::test]
+async fn certificate_auth_with_a_pkcs12_file_and_its_password() {
+    let env = start(SimOptions {
+        require_client_cert: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let c = &env.creds;
+    let pem = std::fs::read(&c.client_cert_file).unwrap();
+    let certs: Vec<p12_keystore::Certificate> = rustls_pemfile::certs(&mut pem.as_slice())
+        .map(|c| p12_keystore::Certificate::from_der(c.unwrap().as_ref()).unwrap())
+        .collect();
+    let key_pem = std::fs::read(&c.client_key_file).unwrap();
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .unwrap()
+        .unwrap();
+    let key = p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap();
+    let mut store = p12_keystore::KeyStore::new();
+    store.add_entry(
+        "push",
+        p12_keystore::KeyStoreEntry::PrivateKeyChain(p12_keystore::PrivateKeyChain::new(
+            b"push".as_slice(),
+            key,
+            certs,
+        )),
+    );
+    let p12 = env.dir.path().join("push.p12");
+    std::fs::write(&p12, store.writer("s3cret pass").write().unwrap()).unwrap();
+    let pass = env.dir.path().join("push.pass");
+    std::fs::write(&pass, "s3cret pass\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&p12, &pass] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let app = format!(
+        "[[apps]]\nname = \"app\"\nbundle_id = \"{}\"\ncertificate = {{ cert_file = \"{}\", password_file = \"{}\" }}\n",
+        common::sim::BUNDLE,
+        p12.display(),
+        pass.display()
+    );
+    let client = ApnsClient::new(&env.config("", &app)).unwrap();
+    let o = within(30, client.send(push(1))).await;
+    assert!(is_sent(&o), "{o:?}");
+
+    // The wrong password is a start-up error naming the file.
+    std::fs::write(&pass, "wrong\n").unwrap();
+    let err = ApnsClient::new(&env.config("", &app))
+        .err()
+        .expect("wrong password refused");
+    assert!(err.to_string().contains("push.p12"), "{err}");
+}
+
 #[tokio::test]
 async fn certificate_not_from_the_ca_pauses_the_app_naming_the_file() {
     let env = start(SimOptions {

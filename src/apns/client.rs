@@ -155,14 +155,8 @@ impl ApnsClient {
                         }
                         AppAuth::Certificate(c) => {
                             // Fail start-up on unreadable or mismatched files.
-                            tls::client_config(
-                                roots.clone(),
-                                Some((&c.cert_file, c.key_file.as_deref())),
-                            )?;
-                            PoolAuth::Certificate {
-                                cert_file: c.cert_file.clone(),
-                                key_file: c.key_file.clone(),
-                            }
+                            tls::client_config(roots.clone(), Some(c))?;
+                            PoolAuth::Certificate(c.clone())
                         }
                     })
                 };
@@ -253,7 +247,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                     };
                 }
             },
-            PoolAuth::Certificate { .. } => None,
+            PoolAuth::Certificate(_) => None,
         };
         let request = match build_request(&pool.endpoint.authority, req, jwt.as_deref()) {
             Ok(r) => r,

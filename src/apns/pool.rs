@@ -8,7 +8,6 @@
 //! SETTINGS_MAX_CONCURRENT_STREAMS (`current_max_send_streams`). Callers beyond the capacity
 //! wait on a [`Notify`], bounded by their deadline and by [`MAX_WAITERS`].
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,10 +78,7 @@ impl Endpoint {
 /// How the pool's connections authenticate.
 pub(crate) enum PoolAuth {
     Token(Arc<TokenSigner>),
-    Certificate {
-        cert_file: PathBuf,
-        key_file: Option<PathBuf>,
-    },
+    Certificate(crate::config::CertificateAuthConfig),
 }
 
 /// Settings shared by every pool of a client.
@@ -499,17 +495,11 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let tls_config = match &self.auth {
             PoolAuth::Token(_) => self.shared.token_tls.clone(),
-            PoolAuth::Certificate {
-                cert_file,
-                key_file,
-            } => tls::client_config(
-                self.shared.roots.clone(),
-                Some((cert_file, key_file.as_deref())),
-            )
-            .map_err(|e| Outcome::PauseApp {
-                status: None,
-                reason: e.to_string(),
-            })?,
+            PoolAuth::Certificate(c) => tls::client_config(self.shared.roots.clone(), Some(c))
+                .map_err(|e| Outcome::PauseApp {
+                    status: None,
+                    reason: e.to_string(),
+                })?,
         };
         let tls = tokio_rustls::TlsConnector::from(tls_config)
             .connect(ep.server_name.clone(), tcp)
@@ -591,11 +581,13 @@ impl Pool {
 
     fn tls_reason(&self, detail: &str) -> String {
         let mut s = match &self.auth {
-            PoolAuth::Certificate { cert_file, .. } => format!(
-                "TLS with {} failed using client certificate {}: {detail}",
-                self.endpoint.authority,
-                cert_file.display()
-            ),
+            PoolAuth::Certificate(crate::config::CertificateAuthConfig { cert_file, .. }) => {
+                format!(
+                    "TLS with {} failed using client certificate {}: {detail}",
+                    self.endpoint.authority,
+                    cert_file.display()
+                )
+            }
             PoolAuth::Token(_) => format!("TLS with {} failed: {detail}", self.endpoint.authority),
         };
         if detail.contains("UnknownIssuer") || detail.contains("invalid peer certificate") {
