@@ -301,9 +301,9 @@ async fn certificate_auth_with_a_pkcs12_file_and_its_password() {
 
     // The wrong password is a start-up error naming the file.
     std::fs::write(&pass, "wrong\n").unwrap();
-    let err = ApnsClient::new(&env.config("", &app))
-        .err()
-        .expect("wrong password refused");
+    let Err(err) = ApnsClient::new(&env.config("", &app)) else {
+        panic!("a wrong PKCS#12 password must be refused");
+    };
     assert!(err.to_string().contains("push.p12"), "{err}");
 }
 
