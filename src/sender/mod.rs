@@ -377,44 +377,41 @@ impl Inner {
                     apns_id: Some(apns_id),
                 })
             }
-            Outcome::InvalidToken {
-                status,
-                reason,
-                timestamp_ms,
-            } if status == 400 => match self.guards.bad_device_token(c, &reason) {
-                BadTokenVerdict::Hold => None,
-                BadTokenVerdict::Burst { until_ms, released } => {
-                    error!(
-                        event = "app_paused",
-                        app,
-                        environment = %env,
-                        reason = "BadDeviceToken burst",
-                        "many devices of this app answered BadDeviceToken at once: the app's environment or topic is probably wrong in the config; pausing it and invalidating nothing"
-                    );
-                    let store = self.store.clone();
-                    let app_s = app.to_string();
-                    let results = results.clone();
-                    tokio::spawn(async move {
-                        store
+            Outcome::InvalidToken { status, reason, .. } if status == 400 => {
+                match self.guards.bad_device_token(c, &reason) {
+                    BadTokenVerdict::Hold => None,
+                    BadTokenVerdict::Burst { until_ms, released } => {
+                        error!(
+                            event = "app_paused",
+                            app,
+                            environment = %env,
+                            reason = "BadDeviceToken burst",
+                            "many devices of this app answered BadDeviceToken at once: the app's environment or topic is probably wrong in the config; pausing it and invalidating nothing"
+                        );
+                        let store = self.store.clone();
+                        let app_s = app.to_string();
+                        let results = results.clone();
+                        tokio::spawn(async move {
+                            store
                                 .note_event(
                                     "paused",
                                     Some(&app_s),
                                     &format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."),
                                 )
                                 .await;
-                        for r in released {
-                            let _ = results.send(r).await;
-                        }
-                    });
-                    let _ = timestamp_ms;
-                    Some(ResultKind::Retry {
-                        due_at_ms: until_ms,
-                        status: Some(status),
-                        reason,
-                        count_attempt: false,
-                    })
+                            for r in released {
+                                let _ = results.send(r).await;
+                            }
+                        });
+                        Some(ResultKind::Retry {
+                            due_at_ms: until_ms,
+                            status: Some(status),
+                            reason,
+                            count_attempt: false,
+                        })
+                    }
                 }
-            },
+            }
             Outcome::InvalidToken {
                 status,
                 reason,

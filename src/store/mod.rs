@@ -22,7 +22,7 @@ use crate::config::Environment;
 use crate::model::{PushType, Record};
 
 pub use schema::SCHEMA_VERSION;
-pub use writer::{ClaimedDelivery, DeliveryResult, FinishedNotification, Notification, ResultKind};
+pub use writer::{ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

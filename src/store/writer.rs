@@ -104,9 +104,6 @@ type DueRow = (
     Option<String>,
 );
 
-/// A stored notification, for `show`.
-pub type Notification = NotificationInfo;
-
 /// The writer's state: the connection and a small cache of notification data.
 pub struct Writer {
     conn: Connection,
