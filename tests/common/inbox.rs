@@ -159,14 +159,12 @@ listen = ""
     }
 
     pub fn config(&self) -> Arc<Config> {
-        let (cfg, warnings) = Config::load(&self.config_path).expect("test config loads");
-        assert!(warnings.is_empty(), "{warnings:?}");
-        Arc::new(cfg)
+        load_config(&self.config_path)
     }
 
     /// Starts the daemon in-process.
     pub fn start(&self) -> Daemon {
-        Daemon::start(self.config()).expect("daemon starts")
+        start_daemon(&self.config_path)
     }
 
     /// Drops a file the recommended way: written under a dot name, renamed in.
@@ -240,6 +238,18 @@ listen = ""
 }
 
 /// Polls `cond` until it holds; panics after 60 s (generous for a slow shared machine).
+/// Loads a test config, which must draw no warning.
+pub fn load_config(path: &Path) -> Arc<Config> {
+    let (cfg, warnings) = Config::load(path).expect("test config loads");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    Arc::new(cfg)
+}
+
+/// The daemon in-process, from a config file.
+pub fn start_daemon(path: &Path) -> Daemon {
+    Daemon::start(load_config(path)).expect("daemon starts")
+}
+
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cond() {

@@ -134,14 +134,12 @@ listen = "{admin}"
     }
 
     pub fn config(&self) -> Arc<Config> {
-        let (cfg, warnings) = Config::load(&self.config_path).expect("test config loads");
-        assert!(warnings.is_empty(), "{warnings:?}");
-        Arc::new(cfg)
+        super::inbox::load_config(&self.config_path)
     }
 
     /// The daemon in-process.
     pub fn start(&self) -> Daemon {
-        Daemon::start(self.config()).expect("daemon starts")
+        super::inbox::start_daemon(&self.config_path)
     }
 
     /// Drops a file the recommended way: written in `staging/`, renamed into the inbox.
