@@ -242,3 +242,91 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
     assert_eq!(store.retry_failed_blocking(Some("f".into())).unwrap(), 1);
     assert_eq!(store.retry_failed_blocking(None).unwrap(), 0);
 }
+
+#[test]
+fn batched_results_apply_in_order_per_delivery() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("one"), Target::Tokens(vec![tok(1), tok(2)])),
+                notification(Some("two"), Target::Tokens(vec![tok(3)])),
+            ],
+        )])
+        .unwrap();
+    let rt = rt();
+    let (d, fin) = rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let (claimed, _) = store.claim_due(now, 10, 60_000).await.unwrap();
+        assert_eq!(claimed.len(), 3);
+        let (again, _) = store.claim_due(now, 10, 60_000).await.unwrap();
+        assert!(again.is_empty(), "all three are leased");
+        let id = |t: u32| {
+            claimed
+                .iter()
+                .find(|c| c.device.token == tok(t))
+                .unwrap()
+                .delivery_id
+        };
+        let (d1, d2, d3) = (id(1), id(2), id(3));
+        let results = vec![
+            // d1: sent with Apple's id, then a late retry for it: the retry comes last.
+            DeliveryResult {
+                delivery_id: d1,
+                kind: ResultKind::Sent {
+                    apns_id: Some("A\"B".into()),
+                },
+            },
+            DeliveryResult {
+                delivery_id: d2,
+                kind: ResultKind::Sent { apns_id: None },
+            },
+            DeliveryResult {
+                delivery_id: d1,
+                kind: ResultKind::Retry {
+                    due_at_ms: now + 5,
+                    status: Some(500),
+                    reason: "InternalServerError".into(),
+                    count_attempt: true,
+                },
+            },
+            DeliveryResult {
+                delivery_id: d3,
+                kind: ResultKind::Sent { apns_id: None },
+            },
+        ];
+        let fin = store.record_results(results).await.unwrap();
+        ((d1, d2, d3), fin)
+    });
+    let fin: Vec<&str> = fin.iter().map(|f| f.ext_id.as_str()).collect();
+    assert_eq!(fin, vec!["two"], "`one` still has a queued delivery");
+    let r = query::Reader::open(store.path()).unwrap();
+    let row = |id: i64| -> (i64, i64, i64, Option<i64>, Option<String>, String) {
+        r.conn()
+            .query_row(
+                "SELECT state, attempts, leased, last_status, last_reason, apns_id
+                 FROM deliveries WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .unwrap()
+    };
+    let (s1, a1, l1, st1, r1, apns1) = row(d.0);
+    assert_eq!((s1, a1, l1, st1), (0, 2, 0, Some(500)));
+    assert_eq!(r1.as_deref(), Some("InternalServerError"));
+    assert_eq!(apns1, "A\"B");
+    let (s2, a2, l2, st2, r2, apns2) = row(d.1);
+    assert_eq!((s2, a2, l2, st2, r2), (1, 1, 0, Some(200), None));
+    assert_eq!(apns2.len(), 36, "no apns-id from Apple keeps ours");
+    assert_eq!(row(d.2).0, 1);
+}

@@ -399,8 +399,7 @@ impl Writer {
         };
         let mut claimed = Vec::with_capacity(rows.len());
         let mut touched = HashSet::new();
-        let mut lease =
-            tx.prepare_cached("UPDATE deliveries SET due_at = ?2, leased = 1 WHERE id = ?1")?;
+        let mut leased_ids = Vec::with_capacity(rows.len());
         let lease_end = now + lease_ms;
         for (did, nid, attempts, apns_id, dev_id, token, env, invalidated, reason) in rows {
             let info = match self.notifications.get(&nid) {
@@ -432,7 +431,7 @@ impl Writer {
                 touched.insert(nid);
                 continue;
             }
-            lease.execute(params![did, lease_end])?;
+            leased_ids.push(did);
             if self.leased.len() < LEASED_CACHE {
                 self.leased.insert(did, nid);
             }
@@ -449,15 +448,14 @@ impl Writer {
                 notification: info,
             });
         }
-        drop(lease);
-        let mut finished = Vec::new();
-        let mut fin = Finisher::new(&tx)?;
-        for nid in touched {
-            if let Some(f) = fin.run(nid, now)? {
-                finished.push(f);
-            }
+        if !leased_ids.is_empty() {
+            tx.prepare_cached(
+                "UPDATE deliveries SET due_at = ?2, leased = 1
+                 WHERE id IN (SELECT value FROM json_each(?1))",
+            )?
+            .execute(params![json_ids(&leased_ids), lease_end])?;
         }
-        drop(fin);
+        let finished = finish_all_done(&tx, &touched, now)?;
         tx.commit()?;
         Ok((claimed, finished))
     }
@@ -472,13 +470,14 @@ impl Writer {
         let mut touched: HashSet<i64> = HashSet::new();
         // Prepared once per batch, not looked up in the statement cache per result.
         let mut find = tx.prepare_cached("SELECT notification_id FROM deliveries WHERE id = ?1")?;
-        let mut sent = tx.prepare_cached(
-            "UPDATE deliveries SET state = 1, attempts = attempts + 1, leased = 0,
-             last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2,
-             apns_id = coalesce(?3, apns_id)
-             WHERE id = ?1",
-        )?;
+        // `Sent` results (nearly all of them) are written by one statement per batch; a
+        // result for a delivery already waiting in it writes the batch first, so results for
+        // the same delivery still apply in order.
+        let mut sent = SentBatch::default();
         for r in results {
+            if sent.ids.contains(&r.delivery_id) {
+                sent.flush(&tx, now)?;
+            }
             // The notification of a delivery this writer leased is known; others (leased
             // before a restart, or results for deliveries purged since) are looked up.
             let nid = match self.leased.remove(&r.delivery_id) {
@@ -490,7 +489,8 @@ impl Writer {
             let Some(nid) = nid else { continue };
             match r.kind {
                 ResultKind::Sent { apns_id } => {
-                    sent.execute(params![r.delivery_id, now, apns_id])?;
+                    sent.ids.insert(r.delivery_id);
+                    sent.rows.push((r.delivery_id, apns_id));
                     touched.insert(nid);
                 }
                 ResultKind::Retry {
@@ -563,15 +563,9 @@ impl Writer {
                 }
             }
         }
-        drop((find, sent));
-        let mut finished = Vec::new();
-        let mut fin = Finisher::new(&tx)?;
-        for nid in touched {
-            if let Some(f) = fin.run(nid, now)? {
-                finished.push(f);
-            }
-        }
-        drop(fin);
+        drop(find);
+        sent.flush(&tx, now)?;
+        let finished = finish_all_done(&tx, &touched, now)?;
         tx.commit()?;
         Ok(finished)
     }
@@ -709,6 +703,81 @@ fn finish(
     )?
     .execute(params![delivery_id, state.code(), status, reason, now])?;
     Ok(())
+}
+
+/// A JSON array of ids, for `json_each`: one statement then covers a whole batch instead of
+/// one execution per row.
+fn json_ids(ids: &[i64]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(ids.len() * 8 + 2);
+    s.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{id}");
+    }
+    s.push(']');
+    s
+}
+
+/// `Sent` results waiting to be written together.
+#[derive(Default)]
+struct SentBatch {
+    ids: HashSet<i64>,
+    rows: Vec<(i64, Option<String>)>,
+}
+
+impl SentBatch {
+    fn flush(&mut self, tx: &Transaction<'_>, now: i64) -> Result<(), StoreError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        // `[[delivery id, apns-id or null], ...]`; serde escapes the ids Apple sent back.
+        let json = serde_json::to_string(&self.rows).map_err(|e| {
+            StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+        })?;
+        tx.prepare_cached(
+            "UPDATE deliveries SET state = 1, attempts = attempts + 1, leased = 0,
+             last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2,
+             apns_id = coalesce(j.apns_id, deliveries.apns_id)
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS apns_id FROM json_each(?1)) AS j
+             WHERE deliveries.id = j.id",
+        )?
+        .execute(params![json, now])?;
+        self.rows.clear();
+        self.ids.clear();
+        Ok(())
+    }
+}
+
+/// [`finish_if_done`] for many notifications with one statement; the order of the returned
+/// list is unspecified (it came from a `HashSet` before too).
+fn finish_all_done(
+    tx: &Transaction<'_>,
+    nids: &HashSet<i64>,
+    now: i64,
+) -> Result<Vec<FinishedNotification>, StoreError> {
+    if nids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = nids.iter().copied().collect();
+    let mut st = tx.prepare_cached(
+        "UPDATE notifications SET finished_at = ?2
+         WHERE id IN (SELECT value FROM json_each(?1))
+           AND fanned_out = 1 AND finished_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM deliveries
+                           WHERE notification_id = notifications.id AND state = 0)
+         RETURNING id, app, ext_id",
+    )?;
+    let rows = st.query_map(params![json_ids(&ids), now], |r| {
+        Ok(FinishedNotification {
+            notification_id: r.get(0)?,
+            app: r.get(1)?,
+            ext_id: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Marks a fully fanned-out notification with no queued delivery left as finished.
