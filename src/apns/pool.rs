@@ -75,6 +75,9 @@ impl Endpoint {
     }
 }
 
+/// Why a connection ended when its driver task vanished without reporting (runtime shutdown).
+const DRIVER_GONE: &str = "connection task ended";
+
 /// How the pool's connections authenticate.
 pub(crate) enum PoolAuth {
     Token(Arc<TokenSigner>),
@@ -631,7 +634,7 @@ impl Pool {
                 r = &mut done => break match r {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("connection task ended".into()),
+                    Err(_) => Err(DRIVER_GONE.into()),
                 },
                 _ = tokio::time::sleep(interval) => {
                     let idle_ms = (conn.born.elapsed().as_millis() as u64)
@@ -659,6 +662,11 @@ impl Pool {
             Ok(()) => {
                 tracing::debug!(pool = %self.label, conn = conn.id, "APNs connection closed");
                 self.retire(&conn, None);
+            }
+            // The driver task was dropped without a word: the runtime is shutting down.
+            Err(reason) if reason == DRIVER_GONE => {
+                tracing::debug!(pool = %self.label, conn = conn.id, "APNs connection dropped at shutdown");
+                self.retire(&conn, Some(reason));
             }
             Err(reason) => {
                 tracing::warn!(pool = %self.label, conn = conn.id, %reason, "APNs connection lost");
