@@ -84,6 +84,8 @@ pub struct Guards {
     burst: u32,
     hold: Duration,
     pause_base_ms: u64,
+    /// Woken when an answer is held, so the recorder needs no timer while nothing is.
+    pub held_signal: tokio::sync::Notify,
 }
 
 impl Guards {
@@ -96,6 +98,7 @@ impl Guards {
             // Held answers must be reported well before their lease ends.
             hold: Duration::from_millis((cfg.lease_ms / 4).clamp(200, 2000)),
             pause_base_ms: cfg.retry_initial_ms.max(1000),
+            held_signal: tokio::sync::Notify::new(),
         }
     }
 
@@ -195,6 +198,7 @@ impl Guards {
                 apns_id: c.apns_id.clone(),
                 attempt: c.attempts + 1,
             });
+            self.held_signal.notify_one();
             return BadTokenVerdict::Hold;
         }
         let held = std::mem::take(&mut win.held);
@@ -206,15 +210,17 @@ impl Guards {
             .into_iter()
             .map(|h| DeliveryResult {
                 delivery_id: h.delivery_id,
-                kind: ResultKind::Retry {
-                    due_at_ms: until_ms,
-                    status: Some(400),
-                    reason: h.reason,
-                    count_attempt: false,
-                },
+                kind: ResultKind::held_until(until_ms, Some(400), h.reason),
             })
             .collect();
         BadTokenVerdict::Burst { until_ms, released }
+    }
+
+    /// Whether any `BadDeviceToken` answer is waiting for its hold to pass.
+    pub fn has_held(&self) -> bool {
+        self.windows
+            .lock()
+            .is_ok_and(|w| w.values().flatten().any(|win| !win.held.is_empty()))
     }
 
     /// Held answers whose hold has passed without a burst: their devices are invalid.
@@ -271,12 +277,7 @@ impl Guards {
             .flat_map(|w| std::mem::take(&mut w.held))
             .map(|h| DeliveryResult {
                 delivery_id: h.delivery_id,
-                kind: ResultKind::Retry {
-                    due_at_ms: now,
-                    status: Some(400),
-                    reason: h.reason,
-                    count_attempt: false,
-                },
+                kind: ResultKind::held_until(now, Some(400), h.reason),
             })
             .collect()
     }

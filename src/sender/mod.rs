@@ -169,12 +169,7 @@ async fn main_loop(
                 let _ = results
                     .send(DeliveryResult {
                         delivery_id: c.delivery_id,
-                        kind: ResultKind::Retry {
-                            due_at_ms: until_ms,
-                            status: None,
-                            reason: "app paused".into(),
-                            count_attempt: false,
-                        },
+                        kind: ResultKind::held_until(until_ms, None, "app paused".into()),
                     })
                     .await;
                 continue;
@@ -243,12 +238,15 @@ async fn recorder(
     let mut stopping = false;
     loop {
         if !stopping {
+            // The timer runs only while answers are held; idle, the recorder just waits.
+            let holding = inner.guards.has_held();
             tokio::select! {
                 r = rx.recv() => match r {
                     Some(r) => batch.push(r),
                     None => stopping = true,
                 },
-                _ = tick.tick() => batch.extend(inner.guards.release_due()),
+                _ = tick.tick(), if holding => batch.extend(inner.guards.release_due()),
+                _ = inner.guards.held_signal.notified(), if !holding => {}
                 _ = stop.changed() => {
                     rx.close();
                     stopping = true;
@@ -403,12 +401,7 @@ impl Inner {
                                 let _ = results.send(r).await;
                             }
                         });
-                        Some(ResultKind::Retry {
-                            due_at_ms: until_ms,
-                            status: Some(status),
-                            reason,
-                            count_attempt: false,
-                        })
+                        Some(ResultKind::held_until(until_ms, Some(status), reason))
                     }
                 }
             }
@@ -444,12 +437,7 @@ impl Inner {
                         "cannot reach APNs; holding this app's deliveries until the next try"
                     );
                 }
-                Some(ResultKind::Retry {
-                    due_at_ms: until_ms,
-                    status: None,
-                    reason,
-                    count_attempt: false,
-                })
+                Some(ResultKind::held_until(until_ms, None, reason))
             }
             Outcome::Retry {
                 status,
@@ -475,12 +463,7 @@ impl Inner {
                         async move { store.note_event("paused", Some(&app_s), &msg).await },
                     );
                 }
-                Some(ResultKind::Retry {
-                    due_at_ms: until_ms,
-                    status,
-                    reason,
-                    count_attempt: false,
-                })
+                Some(ResultKind::held_until(until_ms, status, reason))
             }
             Outcome::Failed { status, reason } => Some(ResultKind::Failed {
                 status: Some(status),

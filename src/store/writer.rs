@@ -82,6 +82,19 @@ pub enum ResultKind {
     },
 }
 
+impl ResultKind {
+    /// Back to the queue until `due_at_ms` without costing an attempt: the answer was not the
+    /// delivery's fault (a paused app, an unreachable APNs, a `BadDeviceToken` burst).
+    pub fn held_until(due_at_ms: i64, status: Option<u16>, reason: String) -> ResultKind {
+        ResultKind::Retry {
+            due_at_ms,
+            status,
+            reason,
+            count_attempt: false,
+        }
+    }
+}
+
 /// A notification whose deliveries are all final: time for its receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedNotification {
