@@ -175,13 +175,8 @@ impl Store {
         &self,
         f: impl FnOnce(&mut writer::Writer) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let job: writer::Job = Box::new(move |w| {
-            let _ = reply.send(f(w));
-        });
-        self.tx
-            .blocking_send(writer::Command::Run(job))
-            .map_err(|_| StoreError::Closed)?;
+        let (cmd, rx) = job(f);
+        self.tx.blocking_send(cmd).map_err(|_| StoreError::Closed)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
@@ -190,14 +185,8 @@ impl Store {
         &self,
         f: impl FnOnce(&mut writer::Writer) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let job: writer::Job = Box::new(move |w| {
-            let _ = reply.send(f(w));
-        });
-        self.tx
-            .send(writer::Command::Run(job))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let (cmd, rx) = job(f);
+        self.tx.send(cmd).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -304,6 +293,17 @@ impl Store {
         let dest = dest.to_path_buf();
         self.call_blocking(move |w| w.backup(&dest))
     }
+}
+
+/// Wraps `f` as a command for the writer thread, with the channel its answer comes back on.
+fn job<R: Send + 'static>(
+    f: impl FnOnce(&mut writer::Writer) -> Result<R, StoreError> + Send + 'static,
+) -> (writer::Command, oneshot::Receiver<Result<R, StoreError>>) {
+    let (reply, rx) = oneshot::channel();
+    let job: writer::Job = Box::new(move |w| {
+        let _ = reply.send(f(w));
+    });
+    (writer::Command::Run(job), rx)
 }
 
 /// What a purge removed.
