@@ -39,8 +39,8 @@ fn filter(level: &str) -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Logs to stdout only (one-shot commands, or when the config cannot be read).
-pub fn init_stdout(level: &str) {
+/// Logs to stderr only: one-shot commands, whose stdout is their own output.
+pub fn init_stderr(level: &str) {
     let _ = tracing_subscriber::registry()
         .with(
             fmt::layer()
@@ -65,7 +65,16 @@ pub fn init_files_only(cfg: &LogConfig) -> Result<LogGuard, LogError> {
 fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
     let Some(dir) = &cfg.dir else {
         if stdout {
-            init_stdout(&cfg.level);
+            // No files: stdout is the daemon's log, every line of it.
+            let _ = tracing_subscriber::registry()
+                .with(
+                    fmt::layer()
+                        .with_target(false)
+                        .with_ansi(std::io::stdout().is_terminal())
+                        .with_writer(std::io::stdout),
+                )
+                .with(filter(&cfg.level))
+                .try_init();
         }
         return Ok(LogGuard {
             _file: None,

@@ -21,7 +21,7 @@ pub const BUNDLE_ID: &str = "com.example.simulated";
 /// Starts the simulator, writes credentials and a config into `dir`, serves until Ctrl-C or
 /// SIGTERM.
 pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32> {
-    crate::logging::init_stdout("info");
+    crate::logging::init_stderr("info");
     let addr: SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen {listen:?} is not an address such as 127.0.0.1:2197"))?;
