@@ -9,6 +9,25 @@ use pushdrop::config::Environment;
 use pushdrop::model::{NotificationRecord, PushType, Record, Target};
 use pushdrop::store::{DeliveryResult, IngestFile, ResultKind, Store};
 
+/// CPU time so far of this process's thread named `pushdrop-store`, in nanoseconds.
+fn writer_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "pushdrop-store" {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            return stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
 fn main() {
     let n: usize = std::env::args()
         .skip(1)
@@ -38,6 +57,7 @@ fn main() {
         })
         .collect();
     let t = Instant::now();
+    let c = writer_cpu_ns();
     store
         .ingest(vec![IngestFile {
             name: "bench.jsonl".into(),
@@ -49,20 +69,25 @@ fn main() {
         }])
         .expect("ingest");
     let ingest = t.elapsed();
+    let ingest_cpu = writer_cpu_ns() - c;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let (mut claim, mut record, mut done) = (Duration::ZERO, Duration::ZERO, 0usize);
+    let (mut claim_cpu, mut record_cpu) = (0u64, 0u64);
     rt.block_on(async {
         loop {
             let t = Instant::now();
-            let (claimed, _) = store
-                .claim_due(pushdrop::model::now_ms(), batch, 60_000)
+            let c = writer_cpu_ns();
+            let claimed = store
+                .claim_due(pushdrop::model::now_ms(), batch)
                 .await
-                .expect("claim");
+                .expect("claim")
+                .deliveries;
             claim += t.elapsed();
+            claim_cpu += writer_cpu_ns() - c;
             if claimed.is_empty() {
                 break;
             }
@@ -75,16 +100,23 @@ fn main() {
                 })
                 .collect();
             let t = Instant::now();
+            let c = writer_cpu_ns();
             store.record_results(results).await.expect("record");
             record += t.elapsed();
+            record_cpu += writer_cpu_ns() - c;
         }
     });
     assert_eq!(done, n, "every delivery claimed once");
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    let cpu = |ns: u64| ns as f64 / 1e3 / n as f64;
     println!(
-        "{n} single-token notifications: ingest {:.2} us, claim {:.2} us, record {:.2} us per delivery (batches of {batch})",
+        "{n} single-token notifications, per delivery (batches of {batch}): \
+         ingest {:.2} us (writer CPU {:.2}), claim {:.2} us (CPU {:.2}), record {:.2} us (CPU {:.2})",
         per(ingest),
+        cpu(ingest_cpu),
         per(claim),
-        per(record)
+        cpu(claim_cpu),
+        per(record),
+        cpu(record_cpu)
     );
 }

@@ -278,9 +278,10 @@ pub struct SenderConfig {
     /// Upper bound of the retry delay.
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
-    /// A claimed delivery becomes claimable again after this long if the claimer died.
-    #[serde(default = "default_lease_ms")]
-    pub lease_ms: u64,
+    /// No longer used: claims live in the daemon's memory. Still accepted, with a warning, so
+    /// that configs written for earlier versions keep loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
@@ -371,7 +372,7 @@ impl Default for SenderConfig {
             max_attempts: default_max_attempts(),
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
-            lease_ms: default_lease_ms(),
+            lease_ms: None,
             shutdown_grace_ms: default_shutdown_grace_ms(),
             bad_token_burst: default_bad_token_burst(),
         }
@@ -443,9 +444,6 @@ fn default_retry_initial_ms() -> u64 {
 }
 fn default_retry_max_ms() -> u64 {
     600_000
-}
-fn default_lease_ms() -> u64 {
-    60_000
 }
 fn default_shutdown_grace_ms() -> u64 {
     10_000
@@ -743,8 +741,12 @@ impl Config {
                 "must not be below retry_initial_ms".into(),
             );
         }
-        if self.sender.lease_ms < 1000 {
-            bad("sender.lease_ms", "must be at least 1000".into());
+        if self.sender.lease_ms.is_some() {
+            warnings.push(ConfigProblem {
+                key: "sender.lease_ms".into(),
+                line: None,
+                message: "is no longer used (claims live in the daemon's memory); remove it".into(),
+            });
         }
 
         // [receipts], [log]
@@ -1086,6 +1088,15 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
     }
 
     #[test]
+    fn retired_lease_ms_loads_with_a_warning() {
+        let text = format!("{GOOD}\n[sender]\nlease_ms = 60000\n");
+        let (_, warnings) = load(&text).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].key, "sender.lease_ms");
+        assert!(warnings[0].message.contains("no longer used"));
+    }
+
+    #[test]
     fn world_readable_key_warns() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("AuthKey.p8");
@@ -1162,8 +1173,11 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             .split("\n## ")
             .next()
             .unwrap_or("");
+        // Retired keys ("no longer used") are still accepted but not part of the default
+        // config the comparison is made with.
         let documented: std::collections::BTreeSet<String> = section
             .lines()
+            .filter(|l| !l.contains("no longer used"))
             .filter_map(|l| l.strip_prefix("| `"))
             .filter_map(|l| l.split('`').next())
             .map(str::to_string)

@@ -18,6 +18,9 @@ use crate::store::{ClaimedDelivery, DeliveryResult, ResultKind};
 const WINDOW: Duration = Duration::from_secs(60);
 /// Below this many `BadDeviceToken` answers a window is never a burst, whatever the ratio.
 const MIN_BURST: u32 = 3;
+/// How long a `BadDeviceToken` answer is held before its device is invalidated: long enough
+/// for a burst (a wrong environment or topic answers every request that way at once) to show.
+const HOLD_MS: u64 = 2000;
 /// Longest pause after repeated credential failures or bursts.
 pub const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
 
@@ -95,8 +98,7 @@ impl Guards {
             any_pause: AtomicBool::new(false),
             windows: Mutex::new(HashMap::new()),
             burst: cfg.bad_token_burst.max(MIN_BURST),
-            // Held answers must be reported well before their lease ends.
-            hold: Duration::from_millis((cfg.lease_ms / 4).clamp(200, 2000)),
+            hold: Duration::from_millis(HOLD_MS),
             pause_base_ms: cfg.retry_initial_ms.max(1000),
             held_signal: tokio::sync::Notify::new(),
         }
@@ -337,14 +339,14 @@ mod tests {
     fn cfg() -> SenderConfig {
         SenderConfig {
             bad_token_burst: 5,
-            lease_ms: 4000,
             ..SenderConfig::default()
         }
     }
 
     #[test]
     fn a_lone_bad_token_is_held_then_invalidated() {
-        let g = Guards::new(&cfg());
+        let mut g = Guards::new(&cfg());
+        g.hold = Duration::from_millis(100);
         for _ in 0..10 {
             g.success("a", Environment::Production);
         }
@@ -356,7 +358,7 @@ mod tests {
             BadTokenVerdict::Hold
         ));
         assert!(g.release_due().is_empty(), "held first");
-        std::thread::sleep(Duration::from_millis(1100));
+        std::thread::sleep(Duration::from_millis(150));
         let r = g.release_due();
         assert_eq!(r.len(), 1);
         assert!(matches!(

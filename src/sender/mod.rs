@@ -1,7 +1,7 @@
 //! The sender: from the queue in SQLite to APNs and back.
 //!
-//! One loop claims due deliveries in batches (with a lease, so a crash mid-send leaves them
-//! claimable again: at-least-once), starts one task per delivery while keeping at most
+//! One loop claims due deliveries in batches (the claim lives in the daemon's memory, so a crash
+//! mid-send leaves them queued and due again: at-least-once), starts one task per delivery while keeping at most
 //! `max_in_flight` in flight, and sleeps until the next due time or until the inbox commits
 //! new work — never a polling loop. Each task sends through the [`ApnsClient`] and turns the
 //! classified [`Outcome`] into a [`ResultKind`]; a recorder task writes results in batched
@@ -104,17 +104,7 @@ async fn main_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let store = inner.store.clone();
-    match store.release_stale_leases().await {
-        Ok(n) if n > 0 => info!(
-            event = "leases_released",
-            deliveries = n,
-            "deliveries claimed before a restart are due again"
-        ),
-        Ok(_) => {}
-        Err(e) => error!(event = "store_error", error = %e, "cannot release stale leases"),
-    }
     let max_in_flight = inner.cfg.sender.max_in_flight;
-    let lease_ms = inner.cfg.sender.lease_ms as i64;
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let (stop_recorder, recorder_stop) = watch::channel(false);
     let recorder = tokio::spawn(recorder(inner.clone(), results_rx, recorder_stop));
@@ -148,7 +138,7 @@ async fn main_loop(
             continue;
         }
         let limit = slots.available_permits().min(CLAIM_BATCH);
-        let (claimed, finished) = match store.claim_due(now, limit, lease_ms).await {
+        let claim = match store.claim_due(now, limit).await {
             Ok(c) => c,
             Err(e) => {
                 error!(event = "store_error", error = %e, "claim failed; retrying in 1 s");
@@ -156,9 +146,9 @@ async fn main_loop(
                 continue;
             }
         };
-        inner.clone().finished(finished);
-        let n = claimed.len();
-        for c in claimed {
+        inner.clone().finished(claim.finished);
+        let n = claim.deliveries.len();
+        for c in claim.deliveries {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
@@ -181,14 +171,14 @@ async fn main_loop(
                 drop(permit);
             });
         }
-        if n == limit {
+        // A full claim: there may be more due right now.
+        let Some(next_due) = claim.idle_until else {
             continue;
-        }
+        };
         // Idle: sleep until the next due moment, new work, or shutdown.
-        let sleep_ms = match store.next_due_ms().await {
-            Ok(Some(t)) => (t - now_ms()).clamp(0, IDLE_RECHECK_MS),
-            Ok(None) => IDLE_RECHECK_MS,
-            Err(_) => 1000,
+        let sleep_ms = match next_due {
+            Some(t) => (t - now_ms()).clamp(0, IDLE_RECHECK_MS),
+            None => IDLE_RECHECK_MS,
         };
         let sleep_ms = if n == 0 { sleep_ms.max(2) } else { sleep_ms };
         tokio::select! {
@@ -218,14 +208,11 @@ async fn main_loop(
     drop(results);
     let _ = stop_recorder.send(true);
     let _ = recorder.await;
-    if let Err(e) = store.release_stale_leases().await {
-        error!(event = "store_error", error = %e, "cannot hand leased deliveries back");
-    }
 }
 
 /// Writes results in batched transactions; releases held `BadDeviceToken` answers when their
 /// window passes. On stop it drains what is buffered and ends, even if abandoned tasks (past
-/// the grace period) still hold senders: their deliveries stay leased and are resent.
+/// the grace period) still hold senders: their deliveries stay queued and are sent again.
 async fn recorder(
     inner: Arc<Inner>,
     mut rx: mpsc::Receiver<DeliveryResult>,
@@ -271,7 +258,7 @@ async fn recorder(
         match inner.store.record_results(std::mem::take(&mut batch)).await {
             Ok(finished) => inner.clone().finished(finished),
             Err(e) => {
-                error!(event = "store_error", error = %e, "cannot record delivery results; they stay leased and will be resent")
+                error!(event = "store_error", error = %e, "cannot record delivery results; those deliveries stay queued and will be sent again")
             }
         }
         if retries {

@@ -22,7 +22,7 @@ use crate::config::Environment;
 use crate::model::{PushType, Record};
 
 pub use schema::SCHEMA_VERSION;
-pub use writer::{ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind};
+pub use writer::{Claim, ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,16 +131,33 @@ impl Store {
         };
         let conn = writer::open_write_connection(path)?;
         let ident = file_ident(path).ok();
+        let spawn_failed = |e| StoreError::Dir {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        // The daemon checkpoints the WAL on a thread of its own, beside the writer (WAL lets
+        // a checkpoint run during writes), instead of inside whichever commit crosses SQLite's
+        // threshold: copying a big file's 45 MiB back into the database then delays no claim.
+        // One-shot commands keep SQLite's automatic checkpoints.
+        let checkpoints = if exclusive {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+            let ckpt = writer::open_checkpoint_connection(path)?;
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            std::thread::Builder::new()
+                .name("pushdrop-ckpt".into())
+                .spawn(move || writer::run_checkpoints(ckpt, rx))
+                .map_err(spawn_failed)?;
+            Some(tx)
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel(1024);
         let new_work = Arc::new(Notify::new());
         let notify = new_work.clone();
         std::thread::Builder::new()
             .name("pushdrop-store".into())
-            .spawn(move || writer::run(conn, rx, notify))
-            .map_err(|e| StoreError::Dir {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+            .spawn(move || writer::run(conn, rx, notify, checkpoints))
+            .map_err(spawn_failed)?;
         Ok(Store {
             tx,
             path: path.to_path_buf(),
@@ -190,41 +207,28 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Makes every delivery leased by a previous (crashed) process claimable at once.
-    pub async fn release_stale_leases(&self) -> Result<usize, StoreError> {
-        self.call(|w| w.release_leases()).await
-    }
-
     /// Expands due `users`/`all` notifications into deliveries, at most about `max_rows`
     /// deliveries per call (in chunks, each its own transaction). Returns how many were made.
     pub async fn fan_out_due(&self, now_ms: i64, max_rows: usize) -> Result<usize, StoreError> {
         self.call(move |w| w.fan_out_due(now_ms, max_rows)).await
     }
 
-    /// Claims up to `limit` due deliveries with a lease until `now_ms + lease_ms`. Deliveries
-    /// that can no longer be sent (past expiration, invalidated device) are finished here and
-    /// reported in the second list instead of being returned.
-    pub async fn claim_due(
-        &self,
-        now_ms: i64,
-        limit: usize,
-        lease_ms: i64,
-    ) -> Result<(Vec<ClaimedDelivery>, Vec<FinishedNotification>), StoreError> {
-        self.call(move |w| w.claim_due(now_ms, limit, lease_ms))
-            .await
+    /// Claims up to `limit` due deliveries for the sender. A claimed delivery is not handed
+    /// out again until its result is recorded; the claim is kept in memory only, so after a
+    /// crash it is simply due again. Deliveries that can no longer be sent (past expiration,
+    /// invalidated device) are finished here instead of being returned.
+    pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claim, StoreError> {
+        self.call(move |w| w.claim_due(now_ms, limit)).await
     }
 
-    /// Records outcomes in one transaction; returns the notifications that became final.
+    /// Records outcomes in one transaction and releases the deliveries' claims; returns the
+    /// notifications that became final. If the transaction fails, the deliveries stay queued
+    /// and are claimed (sent) again.
     pub async fn record_results(
         &self,
         results: Vec<DeliveryResult>,
     ) -> Result<Vec<FinishedNotification>, StoreError> {
         self.call(move |w| w.record_results(results)).await
-    }
-
-    /// The earliest moment something becomes due (a delivery or a scheduled fan-out).
-    pub async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        self.call(|w| w.next_due_ms()).await
     }
 
     /// Requeues failed deliveries: of notification `id` (any app) or, with `None`, all of them.

@@ -103,6 +103,27 @@ const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
     );
     "#,
+    // 2: in-memory claims and a pending count per notification. The sender's claims live in
+    // the daemon's memory (a crash forgets them, which makes the deliveries due again), so no
+    // lease is written per delivery; a notification counts its queued deliveries, so recording
+    // a result needs no per-notification index probe. Indexes that only served leases, the
+    // device's queued deliveries and the purge by delivery are dropped: each cost an index
+    // update per delivery. Purge now goes by the notification's `finished_at`.
+    r#"
+    ALTER TABLE notifications ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    UPDATE notifications SET pending =
+        (SELECT count(*) FROM deliveries WHERE notification_id = notifications.id AND state = 0);
+    UPDATE deliveries SET leased = 0,
+        due_at = min(due_at, CAST(unixepoch('subsec') * 1000 AS INTEGER))
+        WHERE leased = 1;
+    DROP INDEX deliveries_leased;
+    DROP INDEX deliveries_device;
+    DROP INDEX deliveries_finished;
+    DROP INDEX deliveries_notification;
+    DROP INDEX notifications_unfinished;
+    CREATE INDEX notifications_finished ON notifications (finished_at)
+        WHERE finished_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -100,7 +100,7 @@ fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
 }
 
 #[test]
-fn broadcast_fans_out_to_active_devices_and_claims_lease() {
+fn broadcast_fans_out_to_active_devices_and_claims_once() {
     let (_dir, store) = open();
     let mut recs: Vec<Record> = (0..50).map(|i| device("a", i, None)).collect();
     recs.push(Record::Device(DeviceRecord {
@@ -122,11 +122,13 @@ fn broadcast_fans_out_to_active_devices_and_claims_lease() {
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
         assert_eq!(store.fan_out_due(now, 1_000_000).await.unwrap(), 49);
-        let (claimed, fin) = store.claim_due(now, 30, 60_000).await.unwrap();
-        assert_eq!(claimed.len(), 30);
-        assert!(fin.is_empty());
-        let (rest, _) = store.claim_due(now, 100, 60_000).await.unwrap();
-        assert_eq!(rest.len(), 19, "leased deliveries are not claimed twice");
+        let first = store.claim_due(now, 30).await.unwrap();
+        assert_eq!(first.deliveries.len(), 30);
+        assert!(first.finished.is_empty());
+        assert_eq!(first.idle_until, None, "a full claim: more may be due");
+        let rest = store.claim_due(now, 100).await.unwrap().deliveries;
+        assert_eq!(rest.len(), 19, "claimed deliveries are not claimed twice");
+        let claimed = first.deliveries;
         let all: Vec<_> = claimed.into_iter().chain(rest).collect();
         let results = all
             .iter()
@@ -138,7 +140,13 @@ fn broadcast_fans_out_to_active_devices_and_claims_lease() {
         let fin = store.record_results(results).await.unwrap();
         assert_eq!(fin.len(), 1);
         assert_eq!(fin[0].ext_id, "b");
-        assert_eq!(store.next_due_ms().await.unwrap(), None);
+        let after = store.claim_due(now, 100).await.unwrap();
+        assert!(after.deliveries.is_empty());
+        assert_eq!(
+            after.idle_until,
+            Some(None),
+            "nothing queued, nothing scheduled"
+        );
     });
 }
 
@@ -162,7 +170,7 @@ fn invalidation_respects_later_registration() {
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
         store.fan_out_due(now, 100).await.unwrap();
-        let (claimed, _) = store.claim_due(now, 10, 60_000).await.unwrap();
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
         let results = claimed
             .iter()
             .map(|c| DeliveryResult {
@@ -221,7 +229,8 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
-        let (claimed, fin) = store.claim_due(now, 10, 60_000).await.unwrap();
+        let claim = store.claim_due(now, 10).await.unwrap();
+        let (claimed, fin) = (claim.deliveries, claim.finished);
         assert_eq!(
             fin.iter().map(|f| f.ext_id.as_str()).collect::<Vec<_>>(),
             vec!["old"]
@@ -258,10 +267,10 @@ fn batched_results_apply_in_order_per_delivery() {
     let rt = rt();
     let (d, fin) = rt.block_on(async {
         let now = crate::model::now_ms() + 1;
-        let (claimed, _) = store.claim_due(now, 10, 60_000).await.unwrap();
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
         assert_eq!(claimed.len(), 3);
-        let (again, _) = store.claim_due(now, 10, 60_000).await.unwrap();
-        assert!(again.is_empty(), "all three are leased");
+        let again = store.claim_due(now, 10).await.unwrap().deliveries;
+        assert!(again.is_empty(), "all three are in flight");
         let id = |t: u32| {
             claimed
                 .iter()
@@ -271,7 +280,8 @@ fn batched_results_apply_in_order_per_delivery() {
         };
         let (d1, d2, d3) = (id(1), id(2), id(3));
         let results = vec![
-            // d1: sent with Apple's id, then a late retry for it: the retry comes last.
+            // d1: sent with Apple's id, then a stray retry for it: a final delivery stays
+            // final. d2: a retry, so `one` is not finished.
             DeliveryResult {
                 delivery_id: d1,
                 kind: ResultKind::Sent {
@@ -280,7 +290,12 @@ fn batched_results_apply_in_order_per_delivery() {
             },
             DeliveryResult {
                 delivery_id: d2,
-                kind: ResultKind::Sent { apns_id: None },
+                kind: ResultKind::Retry {
+                    due_at_ms: now + 5,
+                    status: Some(500),
+                    reason: "InternalServerError".into(),
+                    count_attempt: true,
+                },
             },
             DeliveryResult {
                 delivery_id: d1,
@@ -302,31 +317,24 @@ fn batched_results_apply_in_order_per_delivery() {
     let fin: Vec<&str> = fin.iter().map(|f| f.ext_id.as_str()).collect();
     assert_eq!(fin, vec!["two"], "`one` still has a queued delivery");
     let r = query::Reader::open(store.path()).unwrap();
-    let row = |id: i64| -> (i64, i64, i64, Option<i64>, Option<String>, String) {
+    let row = |id: i64| -> (i64, i64, Option<i64>, Option<String>, String) {
         r.conn()
             .query_row(
-                "SELECT state, attempts, leased, last_status, last_reason, apns_id
+                "SELECT state, attempts, last_status, last_reason, apns_id
                  FROM deliveries WHERE id = ?1",
                 [id],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                },
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .unwrap()
     };
-    let (s1, a1, l1, st1, r1, apns1) = row(d.0);
-    assert_eq!((s1, a1, l1, st1), (0, 2, 0, Some(500)));
-    assert_eq!(r1.as_deref(), Some("InternalServerError"));
+    let (s1, a1, st1, r1, apns1) = row(d.0);
+    assert_eq!((s1, a1, st1, r1), (1, 1, Some(200), None));
     assert_eq!(apns1, "A\"B");
-    let (s2, a2, l2, st2, r2, apns2) = row(d.1);
-    assert_eq!((s2, a2, l2, st2, r2), (1, 1, 0, Some(200), None));
+    let (s2, a2, st2, r2, apns2) = row(d.1);
+    assert_eq!((s2, a2, st2), (0, 1, Some(500)));
+    assert_eq!(r2.as_deref(), Some("InternalServerError"));
     assert_eq!(apns2.len(), 36, "no apns-id from Apple keeps ours");
-    assert_eq!(row(d.2).0, 1);
+    let (s3, _, _, _, apns3) = row(d.2);
+    assert_eq!(s3, 1);
+    assert_eq!(apns3.len(), 36);
 }

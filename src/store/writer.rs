@@ -33,10 +33,23 @@ pub(super) enum Command {
 /// claims are not held up behind a million-row broadcast.
 const FANOUT_CHUNK: usize = 20_000;
 
+/// The page cache (in KiB, as `PRAGMA cache_size` takes it when negative) for claims, results
+/// and fan-out. Small on purpose: when a B-tree page splits, SQLite parks a page under a
+/// sentinel page number far past the end of the file, and the commit then sweeps the *whole*
+/// page cache to drop pages past the end; with a big cache that sweep costs more than the
+/// rest of a small transaction. Measured with `cargo bench --bench store_cycle`.
+const SMALL_CACHE_KIB: i64 = -8192;
+
+/// The page cache while committing files: a big file's transaction (100,000 notifications
+/// dirty some 45 MiB) then commits without spilling pages to the WAL and reading them back.
+/// Back to [`SMALL_CACHE_KIB`] afterwards; the daemon stays far below its RSS budget.
+const INGEST_CACHE_KIB: i64 = -65536;
+
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
-/// A delivery handed to the sender, leased until it reports back.
+/// A delivery handed to the sender; the writer will not hand it out again until its result
+/// is recorded (or the process restarts).
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub delivery_id: i64,
@@ -103,32 +116,32 @@ pub struct FinishedNotification {
     pub ext_id: String,
 }
 
-/// One due delivery as the claim query reads it: delivery id, notification id, attempts,
-/// apns-id, device id, token, environment, invalidated_at, invalid_reason.
-type DueRow = (
-    i64,
-    i64,
-    u32,
-    String,
-    i64,
-    String,
-    String,
-    Option<i64>,
-    Option<String>,
-);
-
-/// The writer's state: the connection and a small cache of notification data.
+/// The writer's state: the connection, a small cache of notification data, and what the
+/// sender holds.
 pub struct Writer {
     conn: Connection,
     notifications: HashMap<i64, Arc<NotificationInfo>>,
-    /// Delivery id → notification id of the deliveries this writer leased, so recording a
-    /// result needs no lookup. A miss (more than [`LEASED_CACHE`] outstanding, or a lease
-    /// from before a restart) falls back to the table.
-    leased: HashMap<i64, i64>,
+    /// Deliveries handed to the sender whose result is not written yet. Claims skip them.
+    /// This is the lease, kept in memory rather than written per delivery: one process owns
+    /// the database (the daemon's lock file), so only it could claim, and a crash forgets the
+    /// set, which leaves those deliveries queued and due: sent again, at least once.
+    in_flight: HashSet<i64>,
+    /// Where the next claim continues in `(due_at, id)` order, so that a busy queue is not
+    /// re-read past the deliveries already in flight on every claim. `None`: from the start.
+    cursor: Option<(i64, i64)>,
 }
 
-/// Outstanding leases remembered by the writer at most.
-const LEASED_CACHE: usize = 200_000;
+/// What one claim hands the sender.
+#[derive(Debug, Default)]
+pub struct Claim {
+    pub deliveries: Vec<ClaimedDelivery>,
+    /// Notifications that became final while claiming (their last deliveries had expired or
+    /// their devices were invalidated).
+    pub finished: Vec<FinishedNotification>,
+    /// Fewer than asked were due: the earliest moment a queued delivery or a scheduled fan-out
+    /// becomes due, if any. `None` after a full claim (there may be more due right now).
+    pub idle_until: Option<Option<i64>>,
+}
 
 /// Opens the write connection: WAL, foreign keys off (we keep our own invariants and want
 /// bulk speed), a uuid function for set-based fan-out, then migrations.
@@ -146,10 +159,7 @@ pub(super) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // 64 MiB of page cache at most: a big file's transaction (100,000 notifications dirty some
-    // 45 MiB) then commits without spilling pages to the WAL and reading them back, and the
-    // daemon stays far below its RSS budget.
-    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
     conn.create_scalar_function("pd_uuid", 0, FunctionFlags::SQLITE_UTF8, |_| {
         Ok(new_apns_id())
     })?;
@@ -190,11 +200,17 @@ pub fn new_apns_id() -> String {
 }
 
 /// The writer thread's loop; ends when every [`super::Store`] handle is dropped.
-pub(super) fn run(conn: Connection, mut rx: mpsc::Receiver<Command>, new_work: Arc<Notify>) {
+pub(super) fn run(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    new_work: Arc<Notify>,
+    checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+) {
     let mut w = Writer {
         conn,
         notifications: HashMap::new(),
-        leased: HashMap::new(),
+        in_flight: HashSet::new(),
+        cursor: None,
     };
     let mut pending: Option<Command> = None;
     loop {
@@ -222,8 +238,40 @@ pub(super) fn run(conn: Connection, mut rx: mpsc::Receiver<Command>, new_work: A
                 w.ingest_group(batch, &new_work);
             }
         }
+        // Something may have been committed: the checkpointer copies it back in its own time
+        // (a full channel means it already has a request waiting).
+        if let Some(c) = &checkpoints {
+            let _ = c.try_send(());
+        }
     }
 }
+
+/// The checkpointer's own connection to the database (see [`run_checkpoints`]).
+pub(super) fn open_checkpoint_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// Checkpoints after commits, at most every [`CHECKPOINT_EVERY`], so one checkpoint covers
+/// many small commits; ends when the writer thread does. Passive checkpoints never block the
+/// writer or readers; what they cannot copy yet is copied by a later one.
+pub(super) fn run_checkpoints(conn: Connection, requests: std::sync::mpsc::Receiver<()>) {
+    while requests.recv().is_ok() {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        // Requests that came in meanwhile are covered by this checkpoint.
+        while requests.try_recv().is_ok() {}
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed; the next commit retries it");
+        }
+    }
+}
+
+/// The least time between two WAL checkpoints of the daemon.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 type IngestReply = oneshot::Sender<Result<Vec<IngestOutcome>, StoreError>>;
 
@@ -267,13 +315,16 @@ impl Writer {
         groups: &[&Vec<IngestFile>],
     ) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn
+            .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
+        let mut earliest_due = None;
         let result = (|| {
             let tx = self.conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
             for files in groups {
                 let mut outs = Vec::with_capacity(files.len());
                 for f in files.iter() {
-                    outs.push(ingest_file(&tx, f)?);
+                    outs.push(ingest_file(&tx, f, &mut earliest_due)?);
                 }
                 out.push(outs);
             }
@@ -281,19 +332,12 @@ impl Writer {
             Ok(out)
         })();
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        result
-    }
-
-    /// See [`super::Store::release_stale_leases`].
-    pub fn release_leases(&mut self) -> Result<usize, StoreError> {
-        self.leased.clear();
-        let n = self.conn.execute(
-            "UPDATE deliveries SET leased = 0, due_at = ?1 WHERE leased = 1 AND state = 0",
-            [now_ms()],
-        )?;
         self.conn
-            .execute("UPDATE deliveries SET leased = 0 WHERE leased = 1", [])?;
-        Ok(n)
+            .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
+        if let (Ok(_), Some(due)) = (&result, earliest_due) {
+            queued_at(&mut self.cursor, due);
+        }
+        result
     }
 
     /// See [`super::Store::fan_out_due`].
@@ -323,6 +367,8 @@ impl Writer {
                 }
                 let tx = self.conn.transaction()?;
                 let ts = now_ms();
+                let due_at = send_at;
+                queued_at(&mut self.cursor, due_at);
                 let (inserted, next_cursor) = match kind.as_str() {
                     "users" => {
                         let n = tx.prepare_cached(
@@ -331,7 +377,7 @@ impl Writer {
                              WHERE app = ?4 AND active = 1
                                AND user IN (SELECT value FROM json_each(?5))",
                         )?
-                        .execute(params![id, send_at, ts, app, target])?;
+                        .execute(params![id, due_at, ts, app, target])?;
                         (n, None)
                     }
                     _ => {
@@ -349,7 +395,7 @@ impl Writer {
                                      SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
                                      WHERE app = ?4 AND active = 1 AND id > ?5 AND id <= ?6",
                                 )?
-                                .execute(params![id, send_at, ts, app, cursor, last])?;
+                                .execute(params![id, due_at, ts, app, cursor, last])?;
                                 (n, Some(last))
                             }
                         }
@@ -358,18 +404,20 @@ impl Writer {
                 made += inserted;
                 match next_cursor {
                     Some(c) => {
-                        tx.execute(
-                            "UPDATE notifications SET fanout_cursor = ?2 WHERE id = ?1",
-                            params![id, c],
-                        )?;
+                        tx.prepare_cached(
+                            "UPDATE notifications SET fanout_cursor = ?2, pending = pending + ?3
+                             WHERE id = ?1",
+                        )?
+                        .execute(params![id, c, inserted as i64])?;
                         tx.commit()?;
                         cursor = c;
                     }
                     None => {
-                        tx.execute(
-                            "UPDATE notifications SET fanned_out = 1 WHERE id = ?1",
-                            [id],
-                        )?;
+                        tx.prepare_cached(
+                            "UPDATE notifications SET fanned_out = 1, pending = pending + ?2
+                             WHERE id = ?1",
+                        )?
+                        .execute(params![id, inserted as i64])?;
                         finish_if_done(&tx, id, ts)?;
                         tx.commit()?;
                         break;
@@ -381,96 +429,157 @@ impl Writer {
     }
 
     /// See [`super::Store::claim_due`].
-    pub fn claim_due(
-        &mut self,
-        now: i64,
-        limit: usize,
-        lease_ms: i64,
-    ) -> Result<(Vec<super::ClaimedDelivery>, Vec<FinishedNotification>), StoreError> {
+    pub fn claim_due(&mut self, now: i64, limit: usize) -> Result<Claim, StoreError> {
+        let mut taken = Vec::new();
+        let claim = self.claim(now, limit, &mut taken);
+        if claim.is_err() {
+            // Nothing reached the sender: the deliveries stay claimable.
+            for id in taken {
+                self.in_flight.remove(&id);
+            }
+        }
+        claim
+    }
+
+    fn claim(&mut self, now: i64, limit: usize, taken: &mut Vec<i64>) -> Result<Claim, StoreError> {
         let tx = self.conn.transaction()?;
-        let rows: Vec<DueRow> = {
+        let mut claim = Claim::default();
+        let mut expired = Vec::new();
+        let mut invalid = Vec::new();
+        // Walk the queue from the cursor; if that comes back short and did not start at the
+        // beginning, walk once more from the beginning: a delivery can become due behind the
+        // cursor (a clock step backwards, a requeue by another process).
+        let mut from = self.cursor.take();
+        let mut next_due;
+        // Expired or invalidated on the way: finished below, once the walk is done.
+        let mut ending = HashSet::new();
+        loop {
+            let started_at_beginning = from.is_none();
+            next_due = None;
+            let (lo_due, lo_id) = from.unwrap_or((i64::MIN, i64::MIN));
             let mut st = tx.prepare_cached(
-                "SELECT d.id, d.notification_id, d.attempts, d.apns_id, v.id, v.token, v.environment,
-                        v.invalidated_at, v.invalid_reason
-                 FROM deliveries d JOIN devices v ON v.id = d.device_id
-                 WHERE d.state = 0 AND d.due_at <= ?1 ORDER BY d.due_at LIMIT ?2",
+                "SELECT d.id, d.notification_id, d.attempts, d.apns_id, d.due_at,
+                        v.id, v.token, v.environment, v.invalidated_at, v.invalid_reason,
+                        n.app, n.ext_id, n.payload, n.push_type, n.priority, n.topic,
+                        n.collapse_id, n.expiration
+                 FROM deliveries d
+                 JOIN devices v ON v.id = d.device_id
+                 JOIN notifications n ON n.id = d.notification_id
+                 WHERE d.state = 0 AND d.due_at >= ?1 AND (d.due_at > ?1 OR d.id > ?2)
+                 ORDER BY d.due_at, d.id",
             )?;
-            st.query_map(params![now, limit as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?
-        };
-        let mut claimed = Vec::with_capacity(rows.len());
-        let mut touched = HashSet::new();
-        let mut leased_ids = Vec::with_capacity(rows.len());
-        let lease_end = now + lease_ms;
-        for (did, nid, attempts, apns_id, dev_id, token, env, invalidated, reason) in rows {
-            let info = match self.notifications.get(&nid) {
-                Some(i) => i.clone(),
-                None => {
-                    let i = Arc::new(load_notification(&tx, nid)?);
-                    if self.notifications.len() >= NOTIFICATION_CACHE {
-                        self.notifications.clear();
-                    }
-                    self.notifications.insert(nid, i.clone());
-                    i
+            let mut rows = st.query(params![lo_due, lo_id])?;
+            let mut last = None;
+            let mut full = false;
+            while let Some(r) = rows.next()? {
+                let did: i64 = r.get(0)?;
+                let due: i64 = r.get(4)?;
+                if due > now {
+                    next_due = Some(due);
+                    break;
                 }
-            };
-            if info.expiration.is_some_and(|e| e > 0 && e * 1000 <= now) {
-                finish(
-                    &tx,
-                    did,
-                    DeliveryState::Expired,
-                    None,
-                    Some("expired before it could be sent"),
-                    now,
-                )?;
-                touched.insert(nid);
-                continue;
+                last = Some((due, did));
+                if self.in_flight.contains(&did) || ending.contains(&did) {
+                    continue;
+                }
+                let nid: i64 = r.get(1)?;
+                // The notification's shared data is read once and shared by its deliveries
+                // (a broadcast's million deliveries carry one payload).
+                let info = match self.notifications.get(&nid) {
+                    Some(i) => i.clone(),
+                    None => {
+                        let push_type: String = r.get(13)?;
+                        let payload: String = r.get(12)?;
+                        let i = Arc::new(NotificationInfo {
+                            app: r.get(10)?,
+                            ext_id: r.get(11)?,
+                            payload: bytes::Bytes::from(payload),
+                            push_type: PushType::parse(&push_type).unwrap_or(PushType::Alert),
+                            priority: r.get(14)?,
+                            topic: r.get(15)?,
+                            collapse_id: r.get(16)?,
+                            expiration: r.get(17)?,
+                        });
+                        if self.notifications.len() >= NOTIFICATION_CACHE {
+                            self.notifications.clear();
+                        }
+                        self.notifications.insert(nid, i.clone());
+                        i
+                    }
+                };
+                if info.expiration.is_some_and(|e| e > 0 && e * 1000 <= now) {
+                    ending.insert(did);
+                    expired.push(did);
+                } else if r.get::<_, Option<i64>>(8)?.is_some() {
+                    let why: Option<String> = r.get(9)?;
+                    ending.insert(did);
+                    invalid.push((did, why.unwrap_or_else(|| "Unregistered".into())));
+                } else {
+                    self.in_flight.insert(did);
+                    taken.push(did);
+                    let env: String = r.get(7)?;
+                    claim.deliveries.push(super::ClaimedDelivery {
+                        delivery_id: did,
+                        notification_id: nid,
+                        attempts: r.get(2)?,
+                        apns_id: r.get(3)?,
+                        device: DeviceInfo {
+                            id: r.get(5)?,
+                            token: r.get(6)?,
+                            environment: Environment::parse(&env).unwrap_or_default(),
+                        },
+                        notification: info,
+                    });
+                }
+                if claim.deliveries.len() + expired.len() + invalid.len() >= limit {
+                    full = true;
+                    break;
+                }
             }
-            if invalidated.is_some() {
-                let why = reason.unwrap_or_else(|| "Unregistered".into());
-                finish(&tx, did, DeliveryState::InvalidToken, None, Some(&why), now)?;
-                touched.insert(nid);
-                continue;
+            if full {
+                self.cursor = last;
+                break;
             }
-            leased_ids.push(did);
-            if self.leased.len() < LEASED_CACHE {
-                self.leased.insert(did, nid);
+            if started_at_beginning {
+                break;
             }
-            claimed.push(super::ClaimedDelivery {
-                delivery_id: did,
-                notification_id: nid,
-                attempts,
-                apns_id,
-                device: DeviceInfo {
-                    id: dev_id,
-                    token,
-                    environment: Environment::parse(&env).unwrap_or_default(),
-                },
-                notification: info,
+            from = None;
+        }
+        let mut finals = Finals::default();
+        for did in expired {
+            finish(
+                &tx,
+                did,
+                DeliveryState::Expired,
+                None,
+                Some("expired before it could be sent"),
+                now,
+                &mut finals,
+            )?;
+        }
+        for (did, why) in invalid {
+            finish(
+                &tx,
+                did,
+                DeliveryState::InvalidToken,
+                None,
+                Some(&why),
+                now,
+                &mut finals,
+            )?;
+        }
+        claim.finished = finals.settle(&tx, now)?;
+        if self.cursor.is_none() {
+            let fan_out: Option<i64> = tx
+                .prepare_cached("SELECT min(send_at) FROM notifications WHERE fanned_out = 0")?
+                .query_row([], |r| r.get(0))?;
+            claim.idle_until = Some(match (next_due, fan_out) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             });
         }
-        if !leased_ids.is_empty() {
-            tx.prepare_cached(
-                "UPDATE deliveries SET due_at = ?2, leased = 1
-                 WHERE id IN (SELECT value FROM json_each(?1))",
-            )?
-            .execute(params![json_ids(&leased_ids), lease_end])?;
-        }
-        let finished = finish_all_done(&tx, &touched, now)?;
         tx.commit()?;
-        Ok((claimed, finished))
+        Ok(claim)
     }
 
     /// See [`super::Store::record_results`].
@@ -478,33 +587,38 @@ impl Writer {
         &mut self,
         results: Vec<DeliveryResult>,
     ) -> Result<Vec<FinishedNotification>, StoreError> {
+        let ids: Vec<i64> = results.iter().map(|r| r.delivery_id).collect();
+        let recorded = self.record(results);
+        // Written or not, these deliveries are out of the sender's hands: if the transaction
+        // failed they are still queued and due, and the next claim sends them again.
+        for id in ids {
+            self.in_flight.remove(&id);
+        }
+        recorded
+    }
+
+    fn record(
+        &mut self,
+        results: Vec<DeliveryResult>,
+    ) -> Result<Vec<FinishedNotification>, StoreError> {
         let now = now_ms();
         let tx = self.conn.transaction()?;
-        let mut touched: HashSet<i64> = HashSet::new();
-        // Prepared once per batch, not looked up in the statement cache per result.
-        let mut find = tx.prepare_cached("SELECT notification_id FROM deliveries WHERE id = ?1")?;
+        let mut finals = Finals::default();
         // `Sent` results (nearly all of them) are written by one statement per batch; a
         // result for a delivery already waiting in it writes the batch first, so results for
         // the same delivery still apply in order.
         let mut sent = SentBatch::default();
+        // Every statement below only changes a queued delivery (`state = 0`), so a stray
+        // second result for a delivery that is already final changes nothing, and the
+        // notification's pending count only drops for real transitions.
         for r in results {
             if sent.ids.contains(&r.delivery_id) {
-                sent.flush(&tx, now)?;
+                sent.flush(&tx, now, &mut finals)?;
             }
-            // The notification of a delivery this writer leased is known; others (leased
-            // before a restart, or results for deliveries purged since) are looked up.
-            let nid = match self.leased.remove(&r.delivery_id) {
-                Some(nid) => Some(nid),
-                None => find
-                    .query_row([r.delivery_id], |row| row.get(0))
-                    .optional()?,
-            };
-            let Some(nid) = nid else { continue };
             match r.kind {
                 ResultKind::Sent { apns_id } => {
                     sent.ids.insert(r.delivery_id);
                     sent.rows.push((r.delivery_id, apns_id));
-                    touched.insert(nid);
                 }
                 ResultKind::Retry {
                     due_at_ms,
@@ -513,9 +627,9 @@ impl Writer {
                     count_attempt,
                 } => {
                     tx.prepare_cached(
-                        "UPDATE deliveries SET state = 0, attempts = attempts + ?2, leased = 0,
-                         due_at = ?3, last_status = ?4, last_reason = ?5, updated_at = ?6
-                         WHERE id = ?1",
+                        "UPDATE deliveries SET attempts = attempts + ?2, due_at = ?3,
+                         last_status = ?4, last_reason = ?5, updated_at = ?6
+                         WHERE id = ?1 AND state = 0",
                     )?
                     .execute(params![
                         r.delivery_id,
@@ -525,15 +639,20 @@ impl Writer {
                         reason,
                         now
                     ])?;
+                    queued_at(&mut self.cursor, due_at_ms);
                 }
                 ResultKind::Failed { status, reason } => {
-                    tx.prepare_cached(
-                        "UPDATE deliveries SET state = 2, attempts = attempts + 1, leased = 0,
-                         last_status = ?2, last_reason = ?3, updated_at = ?4, finished_at = ?4
-                         WHERE id = ?1",
-                    )?
-                    .execute(params![r.delivery_id, status, reason, now])?;
-                    touched.insert(nid);
+                    let nid = tx
+                        .prepare_cached(
+                            "UPDATE deliveries SET state = 2, attempts = attempts + 1,
+                             last_status = ?2, last_reason = ?3, updated_at = ?4, finished_at = ?4
+                             WHERE id = ?1 AND state = 0 RETURNING notification_id",
+                        )?
+                        .query_row(params![r.delivery_id, status, reason, now], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                        .optional()?;
+                    finals.add(nid);
                 }
                 ResultKind::Expired { reason } => {
                     finish(
@@ -543,114 +662,96 @@ impl Writer {
                         None,
                         Some(&reason),
                         now,
+                        &mut finals,
                     )?;
-                    touched.insert(nid);
                 }
                 ResultKind::InvalidToken {
                     status,
                     reason,
                     invalidated_at_ms,
                 } => {
-                    tx.prepare_cached(
-                        "UPDATE deliveries SET state = 4, attempts = attempts + 1, leased = 0,
-                         last_status = ?2, last_reason = ?3, updated_at = ?4, finished_at = ?4
-                         WHERE id = ?1",
-                    )?
-                    .execute(params![r.delivery_id, status, reason, now])?;
+                    let row = tx
+                        .prepare_cached(
+                            "UPDATE deliveries SET state = 4, attempts = attempts + 1,
+                             last_status = ?2, last_reason = ?3, updated_at = ?4, finished_at = ?4
+                             WHERE id = ?1 AND state = 0 RETURNING notification_id, device_id",
+                        )?
+                        .query_row(params![r.delivery_id, status, reason, now], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                        })
+                        .optional()?;
+                    let Some((nid, device_id)) = row else {
+                        continue;
+                    };
+                    finals.add(Some(nid));
                     // A registration after Apple's timestamp wins: the app got a fresh token
                     // report for this device since, so it is alive.
                     tx.prepare_cached(
                         "UPDATE devices SET invalidated_at = ?2, invalid_reason = ?3, active = 0,
                          updated_at = ?4
-                         WHERE id = (SELECT device_id FROM deliveries WHERE id = ?1)
+                         WHERE id = ?1
                            AND invalidated_at IS NULL
                            AND (registered_at IS NULL OR registered_at <= ?2)",
                     )?
                     .execute(params![
-                        r.delivery_id,
+                        device_id,
                         invalidated_at_ms,
                         reason,
                         now
                     ])?;
-                    touched.insert(nid);
                 }
             }
         }
-        drop(find);
-        sent.flush(&tx, now)?;
-        let finished = finish_all_done(&tx, &touched, now)?;
+        sent.flush(&tx, now, &mut finals)?;
+        let finished = finals.settle(&tx, now)?;
         tx.commit()?;
         Ok(finished)
-    }
-
-    /// See [`super::Store::next_due_ms`].
-    pub fn next_due_ms(&mut self) -> Result<Option<i64>, StoreError> {
-        let d: Option<i64> = self.conn.query_row(
-            "SELECT min(due_at) FROM deliveries WHERE state = 0",
-            [],
-            |r| r.get(0),
-        )?;
-        let n: Option<i64> = self.conn.query_row(
-            "SELECT min(send_at) FROM notifications WHERE fanned_out = 0",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(match (d, n) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
     }
 
     /// See [`super::Store::retry_failed_blocking`].
     pub fn retry_failed(&mut self, id: Option<&str>) -> Result<usize, StoreError> {
         let now = now_ms();
         let tx = self.conn.transaction()?;
-        let n = match id {
-            Some(id) => {
-                tx.execute(
-                    "UPDATE notifications SET finished_at = NULL WHERE ext_id = ?1
-                     AND id IN (SELECT notification_id FROM deliveries WHERE state = 2)",
-                    [id],
-                )?;
-                tx.execute(
-                    "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?2, leased = 0,
-                     finished_at = NULL, updated_at = ?2
-                     WHERE state = 2 AND notification_id IN (SELECT id FROM notifications WHERE ext_id = ?1)",
-                    params![id, now],
-                )?
-            }
-            None => {
-                tx.execute(
-                    "UPDATE notifications SET finished_at = NULL
-                     WHERE id IN (SELECT notification_id FROM deliveries WHERE state = 2)",
-                    [],
-                )?;
-                tx.execute(
-                    "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?1, leased = 0,
-                     finished_at = NULL, updated_at = ?1 WHERE state = 2",
-                    [now],
-                )?
-            }
-        };
+        // The notifications first (their pending counts grow by their failed deliveries),
+        // then the deliveries themselves.
+        tx.execute(
+            "UPDATE notifications SET finished_at = NULL,
+                pending = pending + (SELECT count(*) FROM deliveries
+                                     WHERE notification_id = notifications.id AND state = 2)
+             WHERE (?1 IS NULL OR ext_id = ?1)
+               AND id IN (SELECT notification_id FROM deliveries WHERE state = 2)",
+            [id],
+        )?;
+        let n = tx.execute(
+            "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?2, finished_at = NULL,
+             updated_at = ?2
+             WHERE state = 2
+               AND (?1 IS NULL OR notification_id IN (SELECT id FROM notifications WHERE ext_id = ?1))",
+            params![id, now],
+        )?;
         tx.commit()?;
+        queued_at(&mut self.cursor, now);
         Ok(n)
     }
 
-    /// See [`super::Store::purge_blocking`].
+    /// See [`super::Store::purge_blocking`]. Goes by notification: a finished notification's
+    /// deliveries leave with it once it is past retention, so `show` and receipts never see
+    /// half a notification.
     pub fn purge(&mut self, cutoff: i64) -> Result<PurgeCounts, StoreError> {
         let tx = self.conn.transaction()?;
         let deliveries = tx.execute(
-            "DELETE FROM deliveries WHERE state <> 0 AND finished_at < ?1",
+            "DELETE FROM deliveries WHERE notification_id IN
+                (SELECT id FROM notifications WHERE finished_at < ?1)",
             [cutoff],
         )?;
         let notifications = tx.execute(
-            "DELETE FROM notifications WHERE finished_at IS NOT NULL AND finished_at < ?1
+            "DELETE FROM notifications WHERE finished_at < ?1
              AND NOT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = notifications.id)",
             [cutoff],
         )?;
         let devices = tx.execute(
             "DELETE FROM devices WHERE invalidated_at IS NOT NULL AND active = 0 AND updated_at < ?1
-             AND NOT EXISTS (SELECT 1 FROM deliveries WHERE device_id = devices.id)",
+             AND id NOT IN (SELECT device_id FROM deliveries)",
             [cutoff],
         )?;
         let committed_files = tx.execute(
@@ -702,6 +803,16 @@ impl Writer {
     }
 }
 
+/// Deliveries were queued (or requeued) due at `due_at`: if that is behind the claim cursor,
+/// the next claim starts from the beginning, so the queue is still served in due order (the
+/// walk skips what is in flight, at most `max_in_flight` rows).
+fn queued_at(cursor: &mut Option<(i64, i64)>, due_at: i64) {
+    if cursor.is_some_and(|(due, _)| due_at < due) {
+        *cursor = None;
+    }
+}
+
+/// Ends a queued delivery in a final state other than `sent`.
 fn finish(
     tx: &Transaction<'_>,
     delivery_id: i64,
@@ -709,29 +820,21 @@ fn finish(
     status: Option<u16>,
     reason: Option<&str>,
     now: i64,
+    finals: &mut Finals,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE deliveries SET state = ?2, leased = 0, last_status = coalesce(?3, last_status),
-         last_reason = ?4, updated_at = ?5, finished_at = ?5 WHERE id = ?1",
-    )?
-    .execute(params![delivery_id, state.code(), status, reason, now])?;
+    let nid = tx
+        .prepare_cached(
+            "UPDATE deliveries SET state = ?2, last_status = coalesce(?3, last_status),
+             last_reason = ?4, updated_at = ?5, finished_at = ?5 WHERE id = ?1 AND state = 0
+             RETURNING notification_id",
+        )?
+        .query_row(
+            params![delivery_id, state.code(), status, reason, now],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?;
+    finals.add(nid);
     Ok(())
-}
-
-/// A JSON array of ids, for `json_each`: one statement then covers a whole batch instead of
-/// one execution per row.
-fn json_ids(ids: &[i64]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(ids.len() * 8 + 2);
-    s.push('[');
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        let _ = write!(s, "{id}");
-    }
-    s.push(']');
-    s
 }
 
 /// `Sent` results waiting to be written together.
@@ -742,7 +845,12 @@ struct SentBatch {
 }
 
 impl SentBatch {
-    fn flush(&mut self, tx: &Transaction<'_>, now: i64) -> Result<(), StoreError> {
+    fn flush(
+        &mut self,
+        tx: &Transaction<'_>,
+        now: i64,
+        finals: &mut Finals,
+    ) -> Result<(), StoreError> {
         if self.rows.is_empty() {
             return Ok(());
         }
@@ -750,117 +858,109 @@ impl SentBatch {
         let json = serde_json::to_string(&self.rows).map_err(|e| {
             StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
         })?;
-        tx.prepare_cached(
-            "UPDATE deliveries SET state = 1, attempts = attempts + 1, leased = 0,
+        let mut st = tx.prepare_cached(
+            "UPDATE deliveries SET state = 1, attempts = attempts + 1,
              last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2,
              apns_id = coalesce(j.apns_id, deliveries.apns_id)
              FROM (SELECT value ->> 0 AS id, value ->> 1 AS apns_id FROM json_each(?1)) AS j
-             WHERE deliveries.id = j.id",
-        )?
-        .execute(params![json, now])?;
+             WHERE deliveries.id = j.id AND deliveries.state = 0
+             RETURNING deliveries.notification_id",
+        )?;
+        let mut rows = st.query(params![json, now])?;
+        while let Some(r) = rows.next()? {
+            finals.add(Some(r.get(0)?));
+        }
         self.rows.clear();
         self.ids.clear();
         Ok(())
     }
 }
 
-/// [`finish_if_done`] for many notifications with one statement; the order of the returned
-/// list is unspecified (it came from a `HashSet` before too).
-fn finish_all_done(
-    tx: &Transaction<'_>,
-    nids: &HashSet<i64>,
-    now: i64,
-) -> Result<Vec<FinishedNotification>, StoreError> {
-    if nids.is_empty() {
-        return Ok(Vec::new());
+/// How many deliveries of each notification became final in one transaction.
+#[derive(Default)]
+struct Finals(HashMap<i64, i64>);
+
+impl Finals {
+    fn add(&mut self, notification_id: Option<i64>) {
+        if let Some(nid) = notification_id {
+            *self.0.entry(nid).or_default() += 1;
+        }
     }
-    let ids: Vec<i64> = nids.iter().copied().collect();
-    let mut st = tx.prepare_cached(
-        "UPDATE notifications SET finished_at = ?2
-         WHERE id IN (SELECT value FROM json_each(?1))
-           AND fanned_out = 1 AND finished_at IS NULL
-           AND NOT EXISTS (SELECT 1 FROM deliveries
-                           WHERE notification_id = notifications.id AND state = 0)
-         RETURNING id, app, ext_id",
-    )?;
-    let rows = st.query_map(params![json_ids(&ids), now], |r| {
-        Ok(FinishedNotification {
-            notification_id: r.get(0)?,
-            app: r.get(1)?,
-            ext_id: r.get(2)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+
+    /// Lowers the notifications' pending counts with one statement and returns those that
+    /// became final (fully fanned out, nothing pending); the order is unspecified.
+    fn settle(
+        &self,
+        tx: &Transaction<'_>,
+        now: i64,
+    ) -> Result<Vec<FinishedNotification>, StoreError> {
+        if self.0.is_empty() {
+            return Ok(Vec::new());
+        }
+        use std::fmt::Write;
+        let mut json = String::with_capacity(self.0.len() * 16 + 2);
+        json.push('[');
+        for (i, (nid, k)) in self.0.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            let _ = write!(json, "[{nid},{k}]");
+        }
+        json.push(']');
+        // SET expressions see the row as it was, so `pending - j.k` is the new count.
+        let mut st = tx.prepare_cached(
+            "UPDATE notifications SET pending = pending - j.k,
+                finished_at = CASE WHEN finished_at IS NULL AND fanned_out = 1
+                                        AND pending - j.k <= 0
+                                   THEN ?2 ELSE finished_at END
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS k FROM json_each(?1)) AS j
+             WHERE notifications.id = j.id
+             RETURNING notifications.id, app, ext_id, finished_at = ?2 AND pending <= 0",
+        )?;
+        let mut rows = st.query(params![json, now])?;
+        let mut finished = Vec::new();
+        while let Some(r) = rows.next()? {
+            if r.get::<_, bool>(3)? {
+                finished.push(FinishedNotification {
+                    notification_id: r.get(0)?,
+                    app: r.get(1)?,
+                    ext_id: r.get(2)?,
+                });
+            }
+        }
+        Ok(finished)
+    }
 }
 
-/// Marks a fully fanned-out notification with no queued delivery left as finished.
+/// Marks a fully fanned-out notification with nothing pending as finished (a broadcast that
+/// reached no device, or whose last chunk's deliveries all ended already).
 fn finish_if_done(
     tx: &Transaction<'_>,
     nid: i64,
     now: i64,
 ) -> Result<Option<FinishedNotification>, StoreError> {
-    Finisher::new(tx)?.run(nid, now)
-}
-
-/// [`finish_if_done`] with its statements prepared once, for batches.
-struct Finisher<'c> {
-    check: rusqlite::CachedStatement<'c>,
-    mark: rusqlite::CachedStatement<'c>,
-}
-
-impl<'c> Finisher<'c> {
-    fn new(tx: &'c Transaction<'_>) -> Result<Finisher<'c>, StoreError> {
-        Ok(Finisher {
-            check: tx.prepare_cached(
-                "SELECT app, ext_id FROM notifications n
-                 WHERE id = ?1 AND fanned_out = 1 AND finished_at IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = ?1 AND state = 0)",
-            )?,
-            mark: tx.prepare_cached("UPDATE notifications SET finished_at = ?2 WHERE id = ?1")?,
-        })
-    }
-
-    fn run(&mut self, nid: i64, now: i64) -> Result<Option<FinishedNotification>, StoreError> {
-        let row: Option<(String, String)> = self
-            .check
-            .query_row([nid], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((app, ext_id)) = row else {
-            return Ok(None);
-        };
-        self.mark.execute(params![nid, now])?;
-        Ok(Some(FinishedNotification {
-            notification_id: nid,
-            app,
-            ext_id,
-        }))
-    }
-}
-
-fn load_notification(tx: &Transaction<'_>, nid: i64) -> Result<NotificationInfo, StoreError> {
     Ok(tx
         .prepare_cached(
-            "SELECT app, ext_id, payload, push_type, priority, topic, collapse_id, expiration
-             FROM notifications WHERE id = ?1",
+            "UPDATE notifications SET finished_at = ?2
+             WHERE id = ?1 AND fanned_out = 1 AND pending <= 0 AND finished_at IS NULL
+             RETURNING app, ext_id",
         )?
-        .query_row([nid], |r| {
-            let push_type: String = r.get(3)?;
-            let payload: String = r.get(2)?;
-            Ok(NotificationInfo {
+        .query_row(params![nid, now], |r| {
+            Ok(FinishedNotification {
+                notification_id: nid,
                 app: r.get(0)?,
                 ext_id: r.get(1)?,
-                payload: bytes::Bytes::from(payload),
-                push_type: PushType::parse(&push_type).unwrap_or(PushType::Alert),
-                priority: r.get(4)?,
-                topic: r.get(5)?,
-                collapse_id: r.get(6)?,
-                expiration: r.get(7)?,
             })
-        })?)
+        })
+        .optional()?)
 }
 
 /// Writes one file's records inside the group's transaction.
-fn ingest_file(tx: &Transaction<'_>, f: &IngestFile) -> Result<IngestOutcome, StoreError> {
+fn ingest_file(
+    tx: &Transaction<'_>,
+    f: &IngestFile,
+    earliest_due: &mut Option<i64>,
+) -> Result<IngestOutcome, StoreError> {
     let mut out = IngestOutcome::default();
     let seen: bool = tx
         .prepare_cached(
@@ -880,8 +980,8 @@ fn ingest_file(tx: &Transaction<'_>, f: &IngestFile) -> Result<IngestOutcome, St
     let mut insert_notification = tx.prepare_cached(
         "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
             priority, topic, collapse_id, expiration, send_at, created_at, source_file,
-            fanned_out)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+            fanned_out, pending)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT (app, ext_id) DO NOTHING",
     )?;
     let mut find_device =
@@ -936,6 +1036,17 @@ fn ingest_file(tx: &Transaction<'_>, f: &IngestFile) -> Result<IngestOutcome, St
                     Target::All => (String::new(), false),
                 };
                 let send_at = n.send_at_ms.unwrap_or(now);
+                // A token named twice is one delivery.
+                let tokens: Vec<&str> = match &n.target {
+                    Target::Tokens(t) => {
+                        let mut seen = HashSet::new();
+                        t.iter()
+                            .map(String::as_str)
+                            .filter(|t| seen.insert(*t))
+                            .collect()
+                    }
+                    _ => Vec::new(),
+                };
                 let inserted = insert_notification.execute(params![
                     n.app,
                     ext_id,
@@ -951,49 +1062,39 @@ fn ingest_file(tx: &Transaction<'_>, f: &IngestFile) -> Result<IngestOutcome, St
                     now,
                     f.name,
                     fanned_out as i64,
+                    tokens.len() as i64,
                 ])?;
                 if inserted == 0 {
                     out.duplicates.push((index, ext_id));
                     continue;
                 }
                 let nid = tx.last_insert_rowid();
-                if let Target::Tokens(tokens) = &n.target {
-                    let mut seen = HashSet::new();
-                    let mut queued = 0usize;
-                    for t in tokens {
-                        if !seen.insert(t.as_str()) {
-                            continue;
+                let due_at = send_at;
+                if !tokens.is_empty() {
+                    *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
+                }
+                for t in &tokens {
+                    // Known devices are found with one index lookup; a new token gets its row
+                    // (all writes go through this thread, so nobody can race it in).
+                    let device_id = match find_device
+                        .query_row(params![n.app, t], |r| r.get::<_, i64>(0))
+                        .optional()?
+                    {
+                        Some(id) => id,
+                        None => {
+                            insert_token_device.execute(params![
+                                n.app,
+                                t,
+                                n.environment.as_str(),
+                                now
+                            ])?;
+                            tx.last_insert_rowid()
                         }
-                        // Known devices are found with one index lookup; a new token gets its
-                        // row (all writes go through this thread, so nobody can race it in).
-                        let device_id = match find_device
-                            .query_row(params![n.app, t], |r| r.get::<_, i64>(0))
-                            .optional()?
-                        {
-                            Some(id) => id,
-                            None => {
-                                insert_token_device.execute(params![
-                                    n.app,
-                                    t,
-                                    n.environment.as_str(),
-                                    now
-                                ])?;
-                                tx.last_insert_rowid()
-                            }
-                        };
-                        insert_delivery.execute(params![
-                            nid,
-                            device_id,
-                            send_at,
-                            new_apns_id(),
-                            now
-                        ])?;
-                        queued += 1;
-                    }
-                    // With a delivery queued it cannot be finished yet.
-                    if queued == 0 {
-                        finish_if_done(tx, nid, now)?;
-                    }
+                    };
+                    insert_delivery.execute(params![nid, device_id, due_at, new_apns_id(), now])?;
+                }
+                if fanned_out && tokens.is_empty() {
+                    finish_if_done(tx, nid, now)?;
                 }
                 out.notifications_queued += 1;
                 out.notification_ids.push(ext_id);
