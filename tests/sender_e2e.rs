@@ -161,7 +161,9 @@ fn a_410_invalidates_as_of_its_timestamp_and_only_a_later_registration_reactivat
 fn retries_back_off_then_succeed_fail_after_max_attempts_or_expire() {
     let w = World::new(
         SimOptions::default(),
-        "[sender]\nretry_initial_ms = 200\nretry_max_ms = 400\nmax_attempts = 4\n\n[receipts]\ndir = \"../var/receipts\"\n",
+        // Back-offs of at least 200 + 400 + 400 ms: the 4th attempt always comes after
+        // `late`'s expiration, the next whole second (at most 1 s away).
+        "[sender]\nretry_initial_ms = 400\nretry_max_ms = 800\nmax_attempts = 4\n\n[receipts]\ndir = \"../var/receipts\"\n",
     );
     let (ok, dead, late) = (token(1), token(2), token(3));
     w.script(
@@ -202,8 +204,8 @@ fn retries_back_off_then_succeed_fail_after_max_attempts_or_expire() {
 
     let (state, attempts, _) = w.state_of("ok", &ok);
     assert_eq!((state, attempts), (1, 4), "sent on the 4th attempt");
-    // Three back-offs of at least half of 200, 400, 400 ms.
-    assert!(took >= Duration::from_millis(500), "backed off: {took:?}");
+    // Three back-offs of at least half of 400, 800, 800 ms.
+    assert!(took >= Duration::from_millis(1000), "backed off: {took:?}");
     let (state, attempts, reason) = w.state_of("dead", &dead);
     assert_eq!((state, attempts), (2, 4), "failed after max_attempts");
     assert_eq!(reason.as_deref(), Some("TooManyRequests"));

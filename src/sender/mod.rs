@@ -16,6 +16,7 @@
 
 mod guard;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,9 @@ use crate::config::Config;
 use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
-use crate::store::{ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind, Store};
+use crate::store::{
+    Claim, ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind, Store, StoreError,
+};
 
 use guard::{BadTokenVerdict, Guards};
 
@@ -109,84 +112,103 @@ async fn main_loop(
     let (stop_recorder, recorder_stop) = watch::channel(false);
     let recorder = tokio::spawn(recorder(inner.clone(), results_rx, recorder_stop));
     let new_work = store.new_work();
-    // Claim only when a worthwhile batch fits: claiming the one or two slots that just freed
-    // up would cost a store round trip (and a commit) per delivery under full load.
-    let refill = (max_in_flight / 8).clamp(1, CLAIM_BATCH) as u32;
+    // Claimed deliveries wait here for a free slot; a claim is on its way whenever this runs
+    // low, so slots freed by answers are refilled at once instead of after a store round trip
+    // (which may queue behind a large batch of results). A claim asks for enough to matter:
+    // one per freed slot would cost a store round trip per delivery under full load.
+    let prefetch = (max_in_flight / 4).clamp(1, CLAIM_BATCH);
+    let mut ready: VecDeque<ClaimedDelivery> = VecDeque::with_capacity(prefetch);
+    let mut claiming: Option<JoinHandle<Result<ClaimRound, StoreError>>> = None;
+    // Set when the queue came back short: no claim until then, or until new work arrives.
+    let mut idle_until: Option<tokio::time::Instant> = None;
     // Fan-out is looked at when woken for new or due work, while a fan-out has more rows to
     // make, and every FANOUT_EVERY while busy; not on every claim.
     let mut fanout_pending = true;
     let mut last_fanout = tokio::time::Instant::now();
 
-    while !*stop.borrow() {
-        let now = now_ms();
-        if fanout_pending || last_fanout.elapsed() >= FANOUT_EVERY {
-            match store.fan_out_due(now, FANOUT_ROWS_PER_ROUND).await {
-                Ok(made) => fanout_pending = made >= FANOUT_ROWS_PER_ROUND,
-                Err(e) => {
-                    error!(event = "store_error", error = %e, "fan-out failed; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if claiming.is_none() && idle_until.is_none() && ready.len() <= prefetch / 2 {
+            let fan_out = fanout_pending || last_fanout.elapsed() >= FANOUT_EVERY;
+            if fan_out {
+                last_fanout = tokio::time::Instant::now();
+            }
+            claiming = Some(tokio::spawn(claim_round(
+                store.clone(),
+                prefetch - ready.len(),
+                fan_out,
+            )));
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            permit = slots.clone().acquire_owned(), if !ready.is_empty() => {
+                let (Ok(permit), Some(c)) = (permit, ready.pop_front()) else {
+                    break;
+                };
+                inner.start(c, permit, &results).await;
+            }
+            round = async {
+                match claiming.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            }, if claiming.is_some() => {
+                claiming = None;
+                match round {
+                    Ok(Ok(round)) => {
+                        fanout_pending = round.fanned_out >= FANOUT_ROWS_PER_ROUND;
+                        inner.clone().finished(round.claim.finished);
+                        let n = round.claim.deliveries.len();
+                        ready.extend(round.claim.deliveries);
+                        // Short of due work: sleep until the next due moment or new work.
+                        if let (Some(next_due), false) = (round.claim.idle_until, fanout_pending) {
+                            let ms = match next_due {
+                                Some(t) => (t - now_ms()).clamp(0, IDLE_RECHECK_MS),
+                                None => IDLE_RECHECK_MS,
+                            };
+                            let ms = if n == 0 { ms.max(2) } else { ms };
+                            idle_until = Some(
+                                tokio::time::Instant::now() + Duration::from_millis(ms as u64),
+                            );
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        error!(event = "store_error", error = %e, "claim failed; retrying in 1 s");
+                        idle_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        error!(event = "store_error", error = %e, "claim task failed; retrying in 1 s");
+                        idle_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
                 }
             }
-            last_fanout = tokio::time::Instant::now();
-        }
-        if slots.available_permits() < refill as usize {
-            tokio::select! {
-                p = slots.acquire_many(refill) => drop(p),
-                _ = stop.changed() => {}
+            _ = async {
+                match idle_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            }, if idle_until.is_some() => {
+                idle_until = None;
+                fanout_pending = true;
             }
-            continue;
-        }
-        let limit = slots.available_permits().min(CLAIM_BATCH);
-        let claim = match store.claim_due(now, limit).await {
-            Ok(c) => c,
-            Err(e) => {
-                error!(event = "store_error", error = %e, "claim failed; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+            _ = new_work.notified(), if idle_until.is_some() => {
+                idle_until = None;
+                fanout_pending = true;
             }
-        };
-        inner.clone().finished(claim.finished);
-        let n = claim.deliveries.len();
-        for c in claim.deliveries {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            if let Some(until_ms) = inner
-                .guards
-                .paused_until(&c.notification.app, c.device.environment)
-            {
-                let _ = results
-                    .send(DeliveryResult {
-                        delivery_id: c.delivery_id,
-                        kind: ResultKind::held_until(until_ms, None, "app paused".into()),
-                    })
-                    .await;
-                continue;
-            }
-            let inner = inner.clone();
-            let results = results.clone();
-            tokio::spawn(async move {
-                inner.send_one(c, &results).await;
-                drop(permit);
-            });
         }
-        // A full claim: there may be more due right now.
-        let Some(next_due) = claim.idle_until else {
-            continue;
-        };
-        // Idle: sleep until the next due moment, new work, or shutdown.
-        let sleep_ms = match next_due {
-            Some(t) => (t - now_ms()).clamp(0, IDLE_RECHECK_MS),
-            None => IDLE_RECHECK_MS,
-        };
-        let sleep_ms = if n == 0 { sleep_ms.max(2) } else { sleep_ms };
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(sleep_ms as u64)) => {}
-            _ = new_work.notified() => {}
-            _ = stop.changed() => {}
-        }
-        fanout_pending = true;
+    }
+
+    // Claimed but never started: hand them back (nothing was written for them).
+    if let Some(h) = claiming.take()
+        && let Ok(Ok(round)) = h.await
+    {
+        ready.extend(round.claim.deliveries);
+    }
+    let unsent: Vec<i64> = ready.drain(..).map(|c| c.delivery_id).collect();
+    if !unsent.is_empty() {
+        store.release(unsent).await;
     }
 
     // Shutdown: let in-flight requests finish within the grace period.
@@ -208,6 +230,24 @@ async fn main_loop(
     drop(results);
     let _ = stop_recorder.send(true);
     let _ = recorder.await;
+}
+
+/// What one trip to the store brought back.
+struct ClaimRound {
+    /// Deliveries the fan-out made (when it was asked to run).
+    fanned_out: usize,
+    claim: Claim,
+}
+
+/// Runs due fan-outs (when `fan_out`), then claims up to `limit` deliveries.
+async fn claim_round(store: Store, limit: usize, fan_out: bool) -> Result<ClaimRound, StoreError> {
+    let fanned_out = if fan_out {
+        store.fan_out_due(now_ms(), FANOUT_ROWS_PER_ROUND).await?
+    } else {
+        0
+    };
+    let claim = store.claim_due(now_ms(), limit).await?;
+    Ok(ClaimRound { fanned_out, claim })
 }
 
 /// Writes results in batched transactions; releases held `BadDeviceToken` answers when their
@@ -302,6 +342,35 @@ impl Inner {
                     }
                 }
             }
+        });
+    }
+
+    /// Starts one claimed delivery on its own task, holding `permit` until it is done; a
+    /// delivery of a paused app goes straight back to the queue instead.
+    async fn start(
+        self: &Arc<Self>,
+        c: ClaimedDelivery,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        results: &mpsc::Sender<DeliveryResult>,
+    ) {
+        if let Some(until_ms) = self
+            .guards
+            .paused_until(&c.notification.app, c.device.environment)
+        {
+            drop(permit);
+            let _ = results
+                .send(DeliveryResult {
+                    delivery_id: c.delivery_id,
+                    kind: ResultKind::held_until(until_ms, None, "app paused".into()),
+                })
+                .await;
+            return;
+        }
+        let inner = self.clone();
+        let results = results.clone();
+        tokio::spawn(async move {
+            inner.send_one(c, &results).await;
+            drop(permit);
         });
     }
 

@@ -221,6 +221,16 @@ impl Store {
         self.call(move |w| w.claim_due(now_ms, limit)).await
     }
 
+    /// Hands claimed deliveries back unsent (the sender is stopping): claimable again.
+    pub async fn release(&self, delivery_ids: Vec<i64>) {
+        let _ = self
+            .call(move |w| {
+                w.release(&delivery_ids);
+                Ok(())
+            })
+            .await;
+    }
+
     /// Records outcomes in one transaction and releases the deliveries' claims; returns the
     /// notifications that became final. If the transaction fails, the deliveries stay queued
     /// and are claimed (sent) again.

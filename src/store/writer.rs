@@ -582,6 +582,13 @@ impl Writer {
         Ok(claim)
     }
 
+    /// See [`super::Store::release`].
+    pub fn release(&mut self, delivery_ids: &[i64]) {
+        for id in delivery_ids {
+            self.in_flight.remove(id);
+        }
+    }
+
     /// See [`super::Store::record_results`].
     pub fn record_results(
         &mut self,
