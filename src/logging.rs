@@ -12,6 +12,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat, Rotation};
 
+mod json;
+pub use json::JsonLines;
+
 /// Keeps the background log writers alive; drop it last so buffered lines reach the file.
 pub struct LogGuard {
     _file: Option<WorkerGuard>,
