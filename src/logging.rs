@@ -55,17 +55,37 @@ pub fn init_stderr(level: &str) {
         .try_init();
 }
 
+/// Which formatter writes the JSON log files. Both write the same lines; only the cost differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JsonFormatter {
+    /// [`JsonLines`], the daemon's.
+    #[default]
+    JsonLines,
+    /// tracing-subscriber's own JSON layer, the format `JsonLines` reproduces: the baseline of
+    /// the `log_line` benchmark.
+    TracingSubscriber,
+}
+
 /// Logs to stdout and, with `[log] dir` set, to rotating files there.
 pub fn init(cfg: &LogConfig) -> Result<LogGuard, LogError> {
-    init_with(cfg, true)
+    init_with(cfg, true, JsonFormatter::JsonLines)
+}
+
+/// As [`init`], with the given JSON formatter: lets the `log_line` benchmark compare both
+/// through the daemon's own set-up.
+pub fn init_with_json_formatter(
+    cfg: &LogConfig,
+    json: JsonFormatter,
+) -> Result<LogGuard, LogError> {
+    init_with(cfg, true, json)
 }
 
 /// Logs to the rotating files only (for `pushdrop demo`, whose stdout is its report).
 pub fn init_files_only(cfg: &LogConfig) -> Result<LogGuard, LogError> {
-    init_with(cfg, false)
+    init_with(cfg, false, JsonFormatter::JsonLines)
 }
 
-fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
+fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGuard, LogError> {
     let Some(dir) = &cfg.dir else {
         if stdout {
             // No files: stdout is the daemon's log, every line of it.
@@ -110,15 +130,20 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
         .lossy(false)
         .thread_name("pushdrop-log")
         .finish(std::io::BufWriter::with_capacity(64 * 1024, appender));
-    let file_layer = match cfg.format {
-        LogFormat::Json => fmt::layer()
+    let file_layer = match (cfg.format, json) {
+        // One JSON object per line; see `json` for the format.
+        (LogFormat::Json, JsonFormatter::JsonLines) => fmt::layer()
+            .event_format(JsonLines::new())
+            .with_writer(writer)
+            .boxed(),
+        (LogFormat::Json, JsonFormatter::TracingSubscriber) => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
             .with_writer(writer)
             .boxed(),
-        LogFormat::Text => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
+        (LogFormat::Text, _) => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
     };
     // stdout off the sending threads too (a line per delivery); colours only on a terminal.
     // Lossy: a stdout nobody reads must not stall the daemon; the files have every line.

@@ -225,16 +225,49 @@ const fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
 }
 
+/// Whether any of the 8 bytes in `word` must be escaped: the bit tricks of "determine if a word
+/// has a byte less than n / equal to n", exact for the question "any?".
+const fn word_needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const fn has_zero_byte(x: u64) -> bool {
+        x.wrapping_sub(ONES) & !x & HIGHS != 0
+    }
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
+    below_space
+        || has_zero_byte(word ^ (ONES * b'"' as u64))
+        || has_zero_byte(word ^ (ONES * b'\\' as u64))
+}
+
+/// The index of the first byte at or after `from` that must be escaped, or `bytes.len()`.
+/// Skips 8 safe bytes at a time.
+fn next_escape(bytes: &[u8], from: usize) -> usize {
+    let mut at = from;
+    for chunk in bytes[from..].chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        if word_needs_escape(u64::from_ne_bytes(word)) {
+            break;
+        }
+        at += 8;
+    }
+    bytes[at..]
+        .iter()
+        .position(|&b| needs_escape(b))
+        .map_or(bytes.len(), |i| at + i)
+}
+
 /// Appends `s` escaped as JSON string content: runs of safe bytes are copied whole.
 fn push_escaped(out: &mut String, s: &str) {
     let bytes = s.as_bytes();
     let mut run_start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !needs_escape(b) {
-            continue;
-        }
-        // Splitting at an ASCII byte always falls on a char boundary.
-        out.push_str(&s[run_start..i]);
+    loop {
+        let at = next_escape(bytes, run_start);
+        // `at` is an ASCII byte or the end: always a char boundary.
+        out.push_str(&s[run_start..at]);
+        let Some(&b) = bytes.get(at) else {
+            return;
+        };
         match b {
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
@@ -250,9 +283,8 @@ fn push_escaped(out: &mut String, s: &str) {
                 out.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         }
-        run_start = i + 1;
+        run_start = at + 1;
     }
-    out.push_str(&s[run_start..]);
 }
 
 /// A `fmt::Write` that escapes what `Debug`/`Display` implementations write into it.
@@ -660,10 +692,33 @@ mod tests {
         for c in (0u32..0x80).chain([0xe9, 0x2028, 0x1f680]) {
             all.push(char::from_u32(c).unwrap());
         }
-        for s in [all.as_str(), "", "plain", "\"", "\\\\", "end\n", "ü\u{1}ü"] {
+        let mut samples: Vec<String> = ["", "plain", "\"", "\\\\", "end\n", "ü\u{1}ü"]
+            .map(String::from)
+            .into();
+        samples.push(all);
+        // Each special byte, and neighbours that need no escape, at every offset of strings
+        // long enough for the 8-byte scan, among ASCII and multi-byte text.
+        for len in 0..26 {
+            for at in 0..len {
+                for c in [
+                    '\0', '\u{1f}', '"', '\\', '\n', ' ', '!', '#', '[', ']', '\u{7f}', 'é',
+                ] {
+                    for fill in ['a', 'ü'] {
+                        let mut s: String = std::iter::repeat_n(fill, len).collect();
+                        let byte_at = s.char_indices().nth(at).unwrap().0;
+                        s.replace_range(
+                            byte_at..byte_at + fill.len_utf8(),
+                            c.encode_utf8(&mut [0; 4]),
+                        );
+                        samples.push(s);
+                    }
+                }
+            }
+        }
+        for s in &samples {
             let mut ours = String::new();
             push_str_value(&mut ours, s);
-            assert_eq!(ours, serde_json::to_string(s).unwrap());
+            assert_eq!(ours, serde_json::to_string(s).unwrap(), "{s:?}");
         }
     }
 
