@@ -219,41 +219,51 @@ fn push_str_value(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Whether a byte must be escaped in a JSON string: `"`, `\` and control characters below
-/// 0x20, the set serde_json escapes (it leaves DEL and all non-ASCII text as it is).
-const fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
-}
-
-/// Whether any of the 8 bytes in `word` must be escaped: the bit tricks of "determine if a word
-/// has a byte less than n / equal to n", exact for the question "any?".
-const fn word_needs_escape(word: u64) -> bool {
+/// Marks the bytes of `word` (8 bytes, little-endian) that must be escaped in a JSON string,
+/// in the high bit of each. Those are `"`, `\` and the control characters below 0x20: the set
+/// serde_json escapes (it leaves DEL and all non-ASCII text as it is). The marks come from the
+/// bit tricks for "has a byte less than n / equal to n": bytes above a marked one may be
+/// marked wrongly (a borrow runs upwards), but the lowest mark is always right, and no byte
+/// that needs escaping goes unmarked.
+const fn escape_marks(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    const fn has_zero_byte(x: u64) -> bool {
-        x.wrapping_sub(ONES) & !x & HIGHS != 0
+    const fn zero_bytes(x: u64) -> u64 {
+        x.wrapping_sub(ONES) & !x & HIGHS
     }
-    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
-    below_space
-        || has_zero_byte(word ^ (ONES * b'"' as u64))
-        || has_zero_byte(word ^ (ONES * b'\\' as u64))
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
+    below_space | zero_bytes(word ^ (ONES * b'"' as u64)) | zero_bytes(word ^ (ONES * b'\\' as u64))
 }
 
 /// The index of the first byte at or after `from` that must be escaped, or `bytes.len()`.
-/// Skips 8 safe bytes at a time.
+/// Looks at 8 bytes at a time; the last, partial word is read overlapping the one before it
+/// (whose bytes were found safe), and only text shorter than a word goes byte by byte.
 fn next_escape(bytes: &[u8], from: usize) -> usize {
-    let mut at = from;
-    for chunk in bytes[from..].chunks_exact(8) {
+    let word_at = |at: usize| {
         let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        if word_needs_escape(u64::from_ne_bytes(word)) {
-            break;
+        word.copy_from_slice(&bytes[at..at + 8]);
+        escape_marks(u64::from_le_bytes(word))
+    };
+    let mut at = from;
+    while at + 8 <= bytes.len() {
+        let marks = word_at(at);
+        if marks != 0 {
+            return at + (marks.trailing_zeros() / 8) as usize;
         }
         at += 8;
     }
+    if at == bytes.len() {
+        return at;
+    }
+    if let Some(last) = bytes.len().checked_sub(8).filter(|&last| last >= from) {
+        return match word_at(last) {
+            0 => bytes.len(),
+            marks => last + (marks.trailing_zeros() / 8) as usize,
+        };
+    }
     bytes[at..]
         .iter()
-        .position(|&b| needs_escape(b))
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\')
         .map_or(bytes.len(), |i| at + i)
 }
 
@@ -382,42 +392,11 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io;
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use tracing_subscriber::fmt::MakeWriter;
     use tracing_subscriber::layer::SubscriberExt as _;
 
-    /// Collects what a layer writes.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Sink {
-        fn lines(&self) -> Vec<String> {
-            let bytes = self.0.lock().unwrap().clone();
-            let text = String::from_utf8(bytes).unwrap();
-            assert!(text.is_empty() || text.ends_with('\n'), "{text:?}");
-            text.lines().map(str::to_owned).collect()
-        }
-    }
-
-    impl io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Sink {
-        type Writer = Sink;
-        fn make_writer(&'a self) -> Sink {
-            self.clone()
-        }
-    }
+    use crate::logging::tests::Sink;
 
     #[derive(Debug)]
     #[allow(dead_code)] // read through Debug only
