@@ -3,14 +3,20 @@
 
 use std::io::IsTerminal as _;
 
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata, Subscriber, span};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation as AppenderRotation};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat, Rotation};
+
+mod json;
+pub use json::JsonLines;
 
 /// Keeps the background log writers alive; drop it last so buffered lines reach the file.
 pub struct LogGuard {
@@ -52,17 +58,37 @@ pub fn init_stderr(level: &str) {
         .try_init();
 }
 
+/// Which formatter writes the JSON log files. Both write the same lines; only the cost differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JsonFormatter {
+    /// [`JsonLines`], the daemon's.
+    #[default]
+    JsonLines,
+    /// tracing-subscriber's own JSON layer, the format `JsonLines` reproduces: the baseline of
+    /// the `log_line` benchmark.
+    TracingSubscriber,
+}
+
 /// Logs to stdout and, with `[log] dir` set, to rotating files there.
 pub fn init(cfg: &LogConfig) -> Result<LogGuard, LogError> {
-    init_with(cfg, true)
+    init_with(cfg, true, JsonFormatter::JsonLines)
+}
+
+/// As [`init`], with the given JSON formatter: lets the `log_line` benchmark compare both
+/// through the daemon's own set-up.
+pub fn init_with_json_formatter(
+    cfg: &LogConfig,
+    json: JsonFormatter,
+) -> Result<LogGuard, LogError> {
+    init_with(cfg, true, json)
 }
 
 /// Logs to the rotating files only (for `pushdrop demo`, whose stdout is its report).
 pub fn init_files_only(cfg: &LogConfig) -> Result<LogGuard, LogError> {
-    init_with(cfg, false)
+    init_with(cfg, false, JsonFormatter::JsonLines)
 }
 
-fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
+fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGuard, LogError> {
     let Some(dir) = &cfg.dir else {
         if stdout {
             // No files: stdout is the daemon's log, every line of it.
@@ -107,15 +133,20 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
         .lossy(false)
         .thread_name("pushdrop-log")
         .finish(std::io::BufWriter::with_capacity(64 * 1024, appender));
-    let file_layer = match cfg.format {
-        LogFormat::Json => fmt::layer()
+    let file_layer = match (cfg.format, json) {
+        // One JSON object per line; see `json` for the format.
+        (LogFormat::Json, JsonFormatter::JsonLines) => fmt::layer()
+            .event_format(JsonLines::new())
+            .with_writer(writer)
+            .boxed(),
+        (LogFormat::Json, JsonFormatter::TracingSubscriber) => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
             .with_writer(writer)
             .boxed(),
-        LogFormat::Text => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
+        (LogFormat::Text, _) => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
     };
     // stdout off the sending threads too (a line per delivery); colours only on a terminal.
     // Lossy: a stdout nobody reads must not stall the daemon; the files have every line.
@@ -128,17 +159,13 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
                 std::io::stdout(),
             ));
         (
-            Some(
+            // The files have every delivery line; stdout keeps only the unusual ones.
+            Some(WithoutDeliveryInfo(
                 fmt::layer()
                     .with_target(false)
                     .with_ansi(ansi)
-                    .with_writer(w)
-                    // The files have every delivery line; stdout keeps only the unusual ones.
-                    .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                        !(meta.target() == crate::sender::DELIVERY_TARGET
-                            && *meta.level() >= tracing::Level::INFO)
-                    })),
-            ),
+                    .with_writer(w),
+            )),
             Some(g),
         )
     } else {
@@ -155,4 +182,157 @@ fn init_with(cfg: &LogConfig, stdout: bool) -> Result<LogGuard, LogError> {
     })
 }
 
-use tracing_subscriber::Layer as _;
+/// Passes everything to the wrapped layer except the events of [`DELIVERY_TARGET`] at `info`
+/// and below (sent deliveries, finished notifications): the stdout layer of a daemon with log
+/// files.
+///
+/// Why not a per-layer filter (`with_filter(filter_fn(…))`): one layer that wants a callsite
+/// and another that does not make its interest "sometimes", and then every one of those
+/// events, the most frequent ones, is filtered again, with the thread-local bookkeeping of
+/// per-layer filters. With this wrapper no layer has a filter of its own, the callsites stay
+/// enabled once and for all, and skipping an event costs one comparison. The target has no
+/// spans, so filtering events only is the same as filtering the layer.
+///
+/// [`DELIVERY_TARGET`]: crate::sender::DELIVERY_TARGET
+struct WithoutDeliveryInfo<L>(L);
+
+impl<S: Subscriber, L: Layer<S>> Layer<S> for WithoutDeliveryInfo<L> {
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        if *meta.level() >= tracing::Level::INFO && meta.target() == crate::sender::DELIVERY_TARGET
+        {
+            return;
+        }
+        self.0.on_event(event, ctx);
+    }
+
+    // Everything else as the wrapped layer does it.
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        self.0.register_callsite(metadata)
+    }
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.enabled(metadata, ctx)
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.0.max_level_hint()
+    }
+    fn event_enabled(&self, event: &Event<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.event_enabled(event, ctx)
+    }
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_new_span(attrs, id, ctx);
+    }
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        self.0.on_record(id, values, ctx);
+    }
+    fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_follows_from(id, follows, ctx);
+    }
+    fn on_enter(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_enter(id, ctx);
+    }
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_exit(id, ctx);
+    }
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        self.0.on_close(id, ctx);
+    }
+    fn on_id_change(&self, old: &span::Id, new: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_id_change(old, new, ctx);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::{error, info, warn};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+    use crate::sender::DELIVERY_TARGET;
+
+    /// Collects what a layer writes.
+    #[derive(Clone, Default)]
+    pub(crate) struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Sink {
+        pub(crate) fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().unwrap().clone();
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(text.is_empty() || text.ends_with('\n'), "{text:?}");
+            text.lines().map(str::to_owned).collect()
+        }
+    }
+
+    impl io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Sink {
+        type Writer = Sink;
+        fn make_writer(&'a self) -> Sink {
+            self.clone()
+        }
+    }
+
+    /// The layering of `init_with` with a log dir: the files get every line, stdout all but the
+    /// delivery `info` lines (and still the delivery warnings and errors).
+    #[test]
+    fn stdout_skips_delivery_info_lines_only() {
+        let (stdout, files) = (Sink::default(), Sink::default());
+        let subscriber = tracing_subscriber::registry()
+            .with(Some(WithoutDeliveryInfo(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(false)
+                    .with_writer(stdout.clone()),
+            )))
+            .with(
+                fmt::layer()
+                    .event_format(JsonLines::new())
+                    .with_writer(files.clone())
+                    .boxed(),
+            )
+            .with(EnvFilter::new("info"));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..2 {
+                info!(target: DELIVERY_TARGET, event = "delivery", status = "sent", "delivered");
+                warn!(target: DELIVERY_TARGET, event = "delivery", status = "retry", "will retry");
+                error!(target: DELIVERY_TARGET, event = "delivery", status = "failed", "failed");
+                info!(target: DELIVERY_TARGET, event = "notification_finished", "all deliveries final");
+                info!(event = "ingested", "ingested");
+                info!(target: "pushdrop::delivery_other", "another target");
+                tracing::debug!(target: DELIVERY_TARGET, "below the level");
+            }
+        });
+        let count = |lines: &[String], of: &[&str]| {
+            lines
+                .iter()
+                .filter(|l| of.iter().any(|m| l.contains(m)))
+                .count()
+        };
+        let stdout = stdout.lines();
+        assert_eq!(stdout.len(), 8, "{stdout:#?}");
+        let unusual = ["will retry", "failed", "ingested", "another target"];
+        assert_eq!(count(&stdout, &unusual), 8, "{stdout:#?}");
+        let files = files.lines();
+        assert_eq!(files.len(), 12, "{files:#?}");
+        let routine = ["\"delivered\"", "all deliveries final"];
+        assert_eq!(count(&files, &routine), 4, "{files:#?}");
+        assert_eq!(count(&files, &unusual), 8, "{files:#?}");
+    }
+}
