@@ -52,6 +52,10 @@ const IDLE_RECHECK_MS: i64 = 5_000;
 const FANOUT_EVERY: Duration = Duration::from_millis(100);
 /// Results written per transaction at most.
 const RECORD_BATCH: usize = 2000;
+/// Results worth a transaction without waiting for more.
+const RECORD_ENOUGH: usize = 500;
+/// How long the recorder waits for more results before writing a small batch.
+const RECORD_PATIENCE: Duration = Duration::from_millis(5);
 
 /// A running sender.
 pub struct SenderHandle {
@@ -284,6 +288,23 @@ async fn recorder(
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
+            }
+        }
+        // Under load, a moment's patience makes for fewer, larger transactions (each commit
+        // has a fixed cost); a lone result waits at most RECORD_PATIENCE. Nothing waits on a
+        // result being written except its notification's receipt.
+        if !stopping && !batch.is_empty() && batch.len() < RECORD_ENOUGH {
+            let deadline = tokio::time::Instant::now() + RECORD_PATIENCE;
+            while batch.len() < RECORD_ENOUGH {
+                let room = RECORD_BATCH - batch.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                    Ok(0) => {
+                        stopping = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
             }
         }
         if batch.is_empty() {
