@@ -146,3 +146,55 @@ pub fn migrate(conn: &mut Connection) -> Result<(), super::StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database left by a version with written leases: migration 2 counts each
+    /// notification's queued deliveries and makes leased ones due at once.
+    #[test]
+    fn migration_2_counts_pending_and_frees_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(MIGRATIONS[0]).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            tx.execute_batch(
+                "INSERT INTO devices (id, app, token, environment, created_at, updated_at)
+                 VALUES (1, 'a', 'aa', 'production', 0, 0), (2, 'a', 'bb', 'production', 0, 0);
+                 INSERT INTO notifications (id, app, ext_id, target_kind, target, payload,
+                     push_type, priority, topic, send_at, created_at, fanned_out)
+                 VALUES (1, 'a', 'n', 'tokens', '[]', '{}', 'alert', 10, 't', 0, 0, 1);
+                 INSERT INTO deliveries (notification_id, device_id, state, due_at, leased,
+                     apns_id, updated_at)
+                 VALUES (1, 1, 0, 9999999999999, 1, 'x', 0), (1, 2, 1, 0, 0, 'y', 0);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let pending: i64 = conn
+            .query_row("SELECT pending FROM notifications WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(pending, 1, "one queued delivery, one sent");
+        let (leased, due): (i64, i64) = conn
+            .query_row(
+                "SELECT leased, due_at FROM deliveries WHERE device_id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(leased, 0);
+        assert!(due <= crate::model::now_ms(), "due again at once: {due}");
+    }
+}

@@ -338,3 +338,79 @@ fn batched_results_apply_in_order_per_delivery() {
     assert_eq!(s3, 1);
     assert_eq!(apns3.len(), 36);
 }
+
+#[test]
+fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("done"), Target::Tokens(vec![tok(1)])),
+                notification(Some("half"), Target::Tokens(vec![tok(2), tok(3)])),
+                notification(Some("dead"), Target::Tokens(vec![tok(4)])),
+            ],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
+        assert_eq!(claimed.len(), 4);
+        let results = claimed
+            .iter()
+            .map(|c| DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind: if c.device.token == tok(3) {
+                    // `half` keeps one delivery queued: it is not finished.
+                    ResultKind::Retry {
+                        due_at_ms: now + 60_000,
+                        status: Some(503),
+                        reason: "ServiceUnavailable".into(),
+                        count_attempt: true,
+                    }
+                } else if c.device.token == tok(4) {
+                    ResultKind::InvalidToken {
+                        status: 410,
+                        reason: "Unregistered".into(),
+                        invalidated_at_ms: now,
+                    }
+                } else {
+                    ResultKind::Sent { apns_id: None }
+                },
+            })
+            .collect();
+        let mut fin: Vec<String> = store
+            .record_results(results)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.ext_id)
+            .collect();
+        fin.sort();
+        assert_eq!(fin, vec!["dead", "done"]);
+    });
+    // Nothing is old enough yet.
+    let none = store
+        .purge_blocking(crate::model::now_ms() - 60_000)
+        .unwrap();
+    assert_eq!(
+        (none.deliveries, none.notifications, none.devices),
+        (0, 0, 0)
+    );
+    let n = store.purge_blocking(crate::model::now_ms() + 1).unwrap();
+    assert_eq!(n.deliveries, 2, "`done` and `dead` with their deliveries");
+    assert_eq!(n.notifications, 2);
+    assert_eq!(
+        n.devices, 1,
+        "the invalidated device, once nothing refers to it"
+    );
+    let r = query::Reader::open(store.path()).unwrap();
+    let count = |sql: &str| -> i64 { r.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count("SELECT count(*) FROM notifications WHERE ext_id = 'half'"),
+        1
+    );
+    assert_eq!(count("SELECT count(*) FROM deliveries"), 2, "`half` whole");
+    assert_eq!(count("SELECT count(*) FROM devices"), 3);
+}

@@ -1036,7 +1036,9 @@ fn ingest_file(
                 }
             },
             Record::Notification(n) => {
-                let ext_id = n.id.clone().unwrap_or_else(|| random_uuid().to_string());
+                let ext_id =
+                    n.id.clone()
+                        .unwrap_or_else(|| time_ordered_uuid().to_string());
                 let (target_json, fanned_out) = match &n.target {
                     Target::Tokens(t) => (serde_json::to_string(t).unwrap_or_default(), true),
                     Target::Users(u) => (serde_json::to_string(u).unwrap_or_default(), false),
@@ -1121,4 +1123,14 @@ fn ingest_file(
         now
     ])?;
     Ok(out)
+}
+
+/// A time-ordered (version 7) UUID with random bits from the thread's CSPRNG.
+fn time_ordered_uuid() -> uuid::Uuid {
+    let ms = now_ms().max(0) as u64;
+    let mut b: [u8; 16] = rand::random();
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    uuid::Builder::from_custom_bytes(b)
+        .with_version(uuid::Version::SortRand)
+        .into_uuid()
 }
