@@ -1,9 +1,9 @@
 //! The sender: from the queue in SQLite to APNs and back.
 //!
-//! One loop claims due deliveries in batches (the claim lives in the daemon's memory, so a crash
-//! mid-send leaves them queued and due again: at-least-once), starts one task per delivery while keeping at most
-//! `max_in_flight` in flight, and sleeps until the next due time or until the inbox commits
-//! new work — never a polling loop. Each task sends through the [`ApnsClient`] and turns the
+//! One loop claims due deliveries in batches, a little ahead of free slots (the claim lives in
+//! the daemon's memory, so a crash mid-send leaves them queued and due again: at-least-once),
+//! starts one task per delivery while keeping at most `max_in_flight` in flight, and sleeps
+//! until the next due time or until the inbox commits new work — never a polling loop. Each task sends through the [`ApnsClient`] and turns the
 //! classified [`Outcome`] into a [`ResultKind`]; a recorder task writes results in batched
 //! transactions and writes receipts for notifications that became final.
 //!

@@ -204,7 +204,7 @@ impl Reader {
         }
         let now = now_ms();
         let oldest: Option<i64> = self.conn.query_row(
-            "SELECT min(d.due_at) FROM deliveries d WHERE d.state = 0 AND d.leased = 0 AND d.due_at <= ?1",
+            "SELECT min(d.due_at) FROM deliveries d WHERE d.state = 0 AND d.due_at <= ?1",
             [now],
             |r| r.get(0),
         )?;

@@ -814,7 +814,7 @@ impl Writer {
 /// the next claim starts from the beginning, so the queue is still served in due order (the
 /// walk skips what is in flight, at most `max_in_flight` rows).
 fn queued_at(cursor: &mut Option<(i64, i64)>, due_at: i64) {
-    if cursor.is_some_and(|(due, _)| due_at < due) {
+    if cursor.is_some_and(|(due, _)| due_at <= due) {
         *cursor = None;
     }
 }
