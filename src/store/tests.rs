@@ -414,3 +414,14 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
     assert_eq!(count("SELECT count(*) FROM deliveries"), 2, "`half` whole");
     assert_eq!(count("SELECT count(*) FROM devices"), 3);
 }
+
+#[test]
+fn new_databases_use_8_kib_pages() {
+    let (_dir, store) = open();
+    let r = query::Reader::open(store.path()).unwrap();
+    let size: i64 = r
+        .conn()
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(size, 8192);
+}
