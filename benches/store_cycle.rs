@@ -28,6 +28,18 @@ fn writer_cpu_ns() -> u64 {
     0
 }
 
+/// Device token number `i`: random-looking by default, as Apple's are (so each new device
+/// lands somewhere in the token index), or in index order with `SEQUENTIAL=1`.
+fn token(i: u64, sequential: bool) -> String {
+    if sequential {
+        format!("{i:064x}")
+    } else {
+        // A bijective scramble of i: distinct tokens, no order.
+        let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0x5851_F42D_4C95_7F2D;
+        format!("{h:016x}{i:048x}")
+    }
+}
+
 fn main() {
     let n: usize = std::env::args()
         .skip(1)
@@ -37,6 +49,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(125);
+    let sequential = std::env::var_os("SEQUENTIAL").is_some();
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(&dir.path().join("bench.db"), true).expect("open store");
     let records = (0..n)
@@ -44,7 +57,7 @@ fn main() {
             Record::Notification(NotificationRecord {
                 app: "bench".into(),
                 id: None,
-                target: Target::Tokens(vec![format!("{i:064x}")]),
+                target: Target::Tokens(vec![token(i as u64, sequential)]),
                 payload: format!(r#"{{"aps":{{"alert":"bench {i}"}}}}"#),
                 push_type: PushType::Alert,
                 priority: 10,
@@ -110,8 +123,9 @@ fn main() {
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let cpu = |ns: u64| ns as f64 / 1e3 / n as f64;
     println!(
-        "{n} single-token notifications, per delivery (batches of {batch}): \
+        "{n} single-token notifications ({} tokens), per delivery (batches of {batch}): \
          ingest {:.2} us (writer CPU {:.2}), claim {:.2} us (CPU {:.2}), record {:.2} us (CPU {:.2})",
+        if sequential { "sequential" } else { "random" },
         per(ingest),
         cpu(ingest_cpu),
         per(claim),
