@@ -425,3 +425,41 @@ fn new_databases_use_8_kib_pages() {
         .unwrap();
     assert_eq!(size, 8192);
 }
+
+#[test]
+fn claims_follow_due_order_even_behind_the_cursor() {
+    let (_dir, store) = open();
+    let recs: Vec<Record> = (0..10)
+        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
+        .collect();
+    store.ingest(vec![file("n.jsonl", recs)]).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let first = store.claim_due(now, 4).await.unwrap().deliveries;
+        assert_eq!(first.len(), 4);
+        // One of them is requeued due a second ago: behind the cursor, which stands after the
+        // fourth delivery.
+        let back = first[1].delivery_id;
+        store
+            .record_results(vec![DeliveryResult {
+                delivery_id: back,
+                kind: ResultKind::held_until(now - 1000, None, "test".into()),
+            }])
+            .await
+            .unwrap();
+        let next = store.claim_due(now, 6).await.unwrap().deliveries;
+        assert_eq!(next.len(), 6);
+        assert_eq!(
+            next[0].delivery_id, back,
+            "the earliest due comes first, though the walk had passed it"
+        );
+        // Ten claimed in all, nine of them distinct: only the requeued one came twice.
+        let claimed: std::collections::HashSet<i64> =
+            first.iter().chain(&next).map(|c| c.delivery_id).collect();
+        assert_eq!(claimed.len(), 9, "nothing in flight is claimed twice");
+        let last = store.claim_due(now, 6).await.unwrap();
+        assert_eq!(last.deliveries.len(), 1, "the tenth");
+        assert!(!claimed.contains(&last.deliveries[0].delivery_id));
+    });
+}
