@@ -187,17 +187,7 @@ settle_ms = 200
 [store]
 path = "pushdrop.db"
 
-[apns]
-production_url = "{url}"
-sandbox_url = "{url}"
-ca_file = "{ca}"
-
-[[apps]]
-name = "{APP}"
-bundle_id = "{BUNDLE}"
-environment = "production"
-token = {{ key_file = "{key}", key_id = "{kid}", team_id = "{team}" }}
-
+{sections}
 [sender]
 retry_initial_ms = 200
 retry_max_ms = 2000
@@ -212,11 +202,7 @@ level = "info"
 [admin]
 listen = ""
 "#,
-            url = sim.url(),
-            ca = creds.ca_file.display(),
-            key = creds.key_file.display(),
-            kid = creds.key_id,
-            team = creds.team_id,
+            sections = creds.config_sections(&sim.url(), APP, BUNDLE),
         ),
     )?;
     let (cfg, _) = Config::load(&config_path)?;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::simulator::{SimCredentials, SimOptions, Simulator};
+use crate::simulator::{SimCredentials, SimOptions, Simulator, toml_string};
 
 /// The file the config snippet is written to, inside `--dir`.
 pub const CONFIG_FILE: &str = "pushdrop-simulator.toml";
@@ -121,36 +121,11 @@ pub fn config_snippet(url: &str, dir: &Path, creds: &SimCredentials) -> String {
     let _ = writeln!(s, "[store]");
     let _ = writeln!(s, "path = {}", q(&dir.join("pushdrop.db")));
     let _ = writeln!(s);
-    let _ = writeln!(s, "[apns]");
-    let _ = writeln!(s, "production_url = {}", toml_string(url));
-    let _ = writeln!(s, "sandbox_url = {}", toml_string(url));
-    let _ = writeln!(s, "ca_file = {}", q(&creds.ca_file));
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[[apps]]");
-    let _ = writeln!(s, "name = \"{APP_NAME}\"");
-    let _ = writeln!(s, "bundle_id = \"{BUNDLE_ID}\"");
-    let _ = writeln!(
-        s,
-        "token = {{ key_file = {}, key_id = \"{}\", team_id = \"{}\" }}",
-        q(&creds.key_file),
-        creds.key_id,
-        creds.team_id
-    );
-    let _ = writeln!(
-        s,
-        "# or: certificate = {{ cert_file = {}, key_file = {} }}",
-        q(&creds.client_cert_file),
-        q(&creds.client_key_file)
-    );
+    s.push_str(&creds.config_sections(url, APP_NAME, BUNDLE_ID));
     let _ = writeln!(s);
     let _ = writeln!(s, "[admin]");
     let _ = writeln!(s, "listen = \"\"");
     s
-}
-
-fn toml_string(s: &str) -> String {
-    // A TOML basic string is a JSON string for everything a path can hold.
-    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
 }
 
 #[cfg(test)]

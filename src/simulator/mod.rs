@@ -136,6 +136,35 @@ pub struct SimCredentials {
     pub client_combined_file: PathBuf,
 }
 
+impl SimCredentials {
+    /// The `[apns]` and `[[apps]]` sections of a pushdrop config that sends to the simulator
+    /// at `url` as app `app` (bundle id `bundle_id`) with these credentials (token auth; the
+    /// certificate alternative as a comment). Paths are written as TOML strings, escaped.
+    pub fn config_sections(&self, url: &str, app: &str, bundle_id: &str) -> String {
+        let q = |p: &std::path::Path| toml_string(&p.display().to_string());
+        format!(
+            "[apns]\nproduction_url = {url}\nsandbox_url = {url}\nca_file = {ca}\n\n\
+             [[apps]]\nname = {app}\nbundle_id = {bundle}\n\
+             token = {{ key_file = {key}, key_id = {kid}, team_id = {team} }}\n\
+             # or: certificate = {{ cert_file = {cert}, key_file = {cert_key} }}\n",
+            url = toml_string(url),
+            ca = q(&self.ca_file),
+            app = toml_string(app),
+            bundle = toml_string(bundle_id),
+            key = q(&self.key_file),
+            kid = toml_string(&self.key_id),
+            team = toml_string(&self.team_id),
+            cert = q(&self.client_cert_file),
+            cert_key = q(&self.client_key_file),
+        )
+    }
+}
+
+/// `s` as a TOML basic string; a JSON string is one for everything a path can hold.
+pub(crate) fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
 /// Files of an extra signing key from [`Simulator::add_token_key`].
 #[derive(Debug, Clone)]
 pub struct SimTokenKey {

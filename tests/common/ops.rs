@@ -80,17 +80,7 @@ settle_ms = 200
 [store]
 path = "var/pushdrop.db"
 
-[apns]
-production_url = "{url}"
-sandbox_url = "{url}"
-ca_file = "{ca}"
-
-[[apps]]
-name = "{APP}"
-bundle_id = "{BUNDLE}"
-environment = "production"
-token = {{ key_file = "{key}", key_id = "{kid}", team_id = "{team}" }}
-
+{sections}
 [sender]
 max_in_flight = {in_flight}
 retry_initial_ms = 100
@@ -108,11 +98,7 @@ level = "info"
 [admin]
 listen = "{admin}"
 "#,
-            url = sim.url(),
-            ca = creds.ca_file.display(),
-            key = creds.key_file.display(),
-            kid = creds.key_id,
-            team = creds.team_id,
+            sections = creds.config_sections(&sim.url(), APP, BUNDLE),
             in_flight = o.max_in_flight,
             grace = o.shutdown_grace_ms,
             admin = o.admin,
