@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
             payload: payload.clone(),
         };
         // Warm up: open the connection and lift the one-stream limit.
-        match client.send(make(0)).await {
+        match client.send(&make(0)).await {
             Outcome::Sent { .. } => {}
             o => anyhow::bail!("warm-up push failed: {o:?}"),
         }
@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
                     if i >= n {
                         return (sent, other);
                     }
-                    match client.send(make(i + 1)).await {
+                    match client.send(&make(i + 1)).await {
                         Outcome::Sent { .. } => sent += 1,
                         _ => other += 1,
                     }

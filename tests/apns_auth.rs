@@ -20,7 +20,7 @@ async fn token_auth_is_accepted_and_connection_reused() {
     let client = env.client("");
     within(60, async {
         for i in 0..20 {
-            let o = client.send(push(i)).await;
+            let o = client.send(&push(i)).await;
             assert!(is_sent(&o), "{o:?}");
         }
     })
@@ -79,7 +79,7 @@ async fn wrong_key_kid_or_team_is_refused_with_apples_reason() {
     ];
     for (what, app) in cases {
         let client = ApnsClient::new(&env.config("", &app)).unwrap();
-        let o = within(30, client.send(push(1))).await;
+        let o = within(30, client.send(&push(1))).await;
         assert_eq!(
             o,
             Outcome::PauseApp {
@@ -105,11 +105,11 @@ async fn fixed_key_file_is_picked_up_without_restart() {
         &env.creds.team_id,
     );
     let client = ApnsClient::new(&env.config("", &app)).unwrap();
-    let o = within(30, client.send(push(1))).await;
+    let o = within(30, client.send(&push(1))).await;
     assert_eq!(o.kind(), "pause_app", "{o:?}");
     // The operator puts the right key in place; the next send uses it.
     std::fs::copy(&env.creds.key_file, &key_path).unwrap();
-    let o = within(30, client.send(push(2))).await;
+    let o = within(30, client.send(&push(2))).await;
     assert!(is_sent(&o), "{o:?}");
 }
 
@@ -125,7 +125,7 @@ async fn expired_token_is_refreshed_once_and_never_twice_within_20_minutes() {
     let cfg = env.config("", &env.token_app("app"));
     let client = ApnsClient::with_clock(&cfg, clock).unwrap();
     within(60, async {
-        assert!(is_sent(&client.send(push(1)).await));
+        assert!(is_sent(&client.send(&push(1)).await));
         assert_eq!(client.stats().jwt_mints, 1);
 
         // Apple's clock says the token is over an hour old; ours says 21 minutes passed.
@@ -143,7 +143,7 @@ async fn expired_token_is_refreshed_once_and_never_twice_within_20_minutes() {
         // 20 minutes of the last, whatever happens.
         env.sim.set_clock_skew(10 * 3600);
         for i in 0..10 {
-            let o = client.send(push(10 + i)).await;
+            let o = client.send(&push(10 + i)).await;
             assert_eq!(o.reason(), "ExpiredProviderToken", "{o:?}");
             assert!(
                 matches!(o, Outcome::Retry { .. } | Outcome::AuthRefreshed { .. }),
@@ -175,15 +175,15 @@ async fn token_is_refreshed_proactively_after_50_minutes() {
         Arc::new(move || SystemTime::now() + Duration::from_secs(o2.load(Ordering::SeqCst) as u64));
     let client = ApnsClient::with_clock(&env.config("", &env.token_app("app")), clock).unwrap();
     within(60, async {
-        assert!(is_sent(&client.send(push(1)).await));
+        assert!(is_sent(&client.send(&push(1)).await));
         offset.store(49 * 60, Ordering::SeqCst);
         env.sim.set_clock_skew(49 * 60);
-        assert!(is_sent(&client.send(push(2)).await));
+        assert!(is_sent(&client.send(&push(2)).await));
         assert_eq!(client.stats().jwt_mints, 1);
         offset.store(51 * 60, Ordering::SeqCst);
         env.sim.set_clock_skew(51 * 60);
         // Refreshed before Apple could complain: no ExpiredProviderToken round trip.
-        assert!(is_sent(&client.send(push(3)).await));
+        assert!(is_sent(&client.send(&push(3)).await));
         assert_eq!(client.stats().jwt_mints, 2);
     })
     .await;
@@ -207,12 +207,20 @@ async fn several_apps_with_their_own_keys_and_teams() {
         for i in 0..5 {
             assert!(is_sent(
                 &client
-                    .send(push_for("one", &token(i), pushdrop::model::PushType::Alert))
+                    .send(&push_for(
+                        "one",
+                        &token(i),
+                        pushdrop::model::PushType::Alert
+                    ))
                     .await
             ));
             assert!(is_sent(
                 &client
-                    .send(push_for("two", &token(i), pushdrop::model::PushType::Alert))
+                    .send(&push_for(
+                        "two",
+                        &token(i),
+                        pushdrop::model::PushType::Alert
+                    ))
                     .await
             ));
         }
@@ -243,7 +251,7 @@ async fn certificate_auth_with_a_client_cert_signed_by_the_ca() {
         cert_app("app", &c.client_combined_file, None),
     ] {
         let client = ApnsClient::new(&env.config("", &app)).unwrap();
-        let o = within(30, client.send(push(1))).await;
+        let o = within(30, client.send(&push(1))).await;
         assert!(is_sent(&o), "{o:?}");
     }
     let accepted = env.sim.accepted();
@@ -296,7 +304,7 @@ async fn certificate_auth_with_a_pkcs12_file_and_its_password() {
         pass.display()
     );
     let client = ApnsClient::new(&env.config("", &app)).unwrap();
-    let o = within(30, client.send(push(1))).await;
+    let o = within(30, client.send(&push(1))).await;
     assert!(is_sent(&o), "{o:?}");
 
     // The wrong password is a start-up error naming the file.
@@ -316,7 +324,7 @@ async fn certificate_not_from_the_ca_pauses_the_app_naming_the_file() {
     .await;
     let (cert, key) = foreign_client_cert(env.dir.path());
     let client = ApnsClient::new(&env.config("", &cert_app("app", &cert, Some(&key)))).unwrap();
-    let o = within(30, client.send(push(1))).await;
+    let o = within(30, client.send(&push(1))).await;
     match &o {
         Outcome::PauseApp { reason, .. } => {
             assert!(reason.contains(&cert.display().to_string()), "{reason}");
@@ -326,7 +334,7 @@ async fn certificate_not_from_the_ca_pauses_the_app_naming_the_file() {
     }
     // A token app against a server that wants a certificate: also a clear pause.
     let client = env.client("");
-    let o = within(30, client.send(push(1))).await;
+    let o = within(30, client.send(&push(1))).await;
     match &o {
         Outcome::PauseApp { reason, .. } => {
             assert!(reason.to_lowercase().contains("certificate"), "{reason}")
@@ -335,7 +343,7 @@ async fn certificate_not_from_the_ca_pauses_the_app_naming_the_file() {
     }
     // Requests during the back-off fail fast with the same reason (no connect storm).
     let started = std::time::Instant::now();
-    let o = within(30, client.send(push(2))).await;
+    let o = within(30, client.send(&push(2))).await;
     assert_eq!(o.kind(), "pause_app");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(env.sim.accepted().is_empty());
@@ -353,7 +361,7 @@ async fn untrusted_server_certificate_pauses_the_app() {
     let dir = env.dir.path();
     let (cfg, _) = pushdrop::config::Config::from_toml(&text, &dir.join("p.toml"), dir).unwrap();
     let client = ApnsClient::new(&cfg).unwrap();
-    let o = within(30, client.send(push(1))).await;
+    let o = within(30, client.send(&push(1))).await;
     match &o {
         Outcome::PauseApp { reason, .. } => assert!(reason.contains("ca_file"), "{reason}"),
         other => panic!("expected PauseApp, got {other:?}"),

@@ -98,7 +98,7 @@ async fn abrupt_drops_are_retried_and_the_pool_recovers() {
     env.sim.set_drop_after(None);
     let client2 = env.client("");
     assert!(matches!(
-        within(30, client2.send(push(5000))).await,
+        within(30, client2.send(&push(5000))).await,
         Outcome::Sent { .. }
     ));
 }
@@ -130,18 +130,18 @@ async fn slow_answers_time_out_as_retry_and_others_go_on() {
     }
     within(60, async {
         // The first answer lifts the one-stream limit of a fresh connection.
-        assert!(matches!(client.send(push(99)).await, Outcome::Sent { .. }));
+        assert!(matches!(client.send(&push(99)).await, Outcome::Sent { .. }));
         let mut slow = tokio::task::JoinSet::new();
         for i in 0..20 {
             let c = client.clone();
             slow.spawn(async move {
                 let t = std::time::Instant::now();
-                (c.send(push(i)).await, t.elapsed())
+                (c.send(&push(i)).await, t.elapsed())
             });
         }
         // Fast pushes share the connection meanwhile.
         for i in 100..150 {
-            let o = client.send(push(i)).await;
+            let o = client.send(&push(i)).await;
             assert!(matches!(o, Outcome::Sent { .. }), "{o:?}");
         }
         while let Some(r) = slow.join_next().await {
@@ -164,7 +164,7 @@ async fn slow_answers_time_out_as_retry_and_others_go_on() {
         // The connection survived (PING answered), and the slow tokens go through once fast.
         env.sim.clear_scripts();
         for i in 0..20 {
-            assert!(matches!(client.send(push(i)).await, Outcome::Sent { .. }));
+            assert!(matches!(client.send(&push(i)).await, Outcome::Sent { .. }));
         }
     })
     .await;
@@ -197,7 +197,7 @@ async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
     let outcomes = within(60, async {
         let mut v = Vec::new();
         for i in 0..200 {
-            v.push(client.send(push(i)).await);
+            v.push(client.send(&push(i)).await);
         }
         v
     })
@@ -230,7 +230,7 @@ async fn connection_refused_is_retry_unsent() {
         &env.token_app("app"),
     );
     let client = ApnsClient::new(&cfg).unwrap();
-    match within(30, client.send(push(1))).await {
+    match within(30, client.send(&push(1))).await {
         Outcome::Retry {
             unsent: true,
             reason,
@@ -247,7 +247,7 @@ async fn pushes_go_through_an_http_connect_proxy() {
     let client = env.client(&format!("proxy = \"{}\"", proxy.url));
     within(60, async {
         for i in 0..50 {
-            assert!(matches!(client.send(push(i)).await, Outcome::Sent { .. }));
+            assert!(matches!(client.send(&push(i)).await, Outcome::Sent { .. }));
         }
     })
     .await;
@@ -279,7 +279,7 @@ async fn ten_thousand_pushes_over_one_connection_with_1000_in_flight() {
             tasks.spawn(async move {
                 let n = now_in.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(n, Ordering::SeqCst);
-                let o = c.send(push(i)).await;
+                let o = c.send(&push(i)).await;
                 now_in.fetch_sub(1, Ordering::SeqCst);
                 drop(permit);
                 o
@@ -336,7 +336,7 @@ async fn a_silent_connection_is_found_by_ping_and_replaced() {
         proxy.url
     ));
     within(60, async {
-        assert!(matches!(client.send(push(1)).await, Outcome::Sent { .. }));
+        assert!(matches!(client.send(&push(1)).await, Outcome::Sent { .. }));
         // The network path goes silent: no FIN, no RST, nothing.
         proxy.frozen.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(3500)).await;

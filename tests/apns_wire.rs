@@ -35,7 +35,7 @@ async fn every_push_type_carries_its_topic_suffix_and_priority() {
             }
             req.expiration = Some(1_900_000_000);
             req.collapse_id = Some(format!("c{i}"));
-            let o = client.send(req).await;
+            let o = client.send(&req).await;
             assert!(matches!(o, Outcome::Sent { .. }), "{pt}: {o:?}");
         }
     })
@@ -83,7 +83,7 @@ async fn apns_id_is_kept_and_apples_checks_fail_bad_pushes() {
     within(60, async {
         let req = push(1);
         let id = req.apns_id.clone();
-        match client.send(req).await {
+        match client.send(&req).await {
             Outcome::Sent { apns_id, .. } => assert_eq!(apns_id, id),
             o => panic!("{o:?}"),
         }
@@ -158,7 +158,7 @@ async fn apns_id_is_kept_and_apples_checks_fail_bad_pushes() {
         for (what, change, status, reason) in cases {
             let mut req = push(2);
             change(&mut req);
-            let o = client.send(req).await;
+            let o = client.send(&req).await;
             assert_eq!(
                 o,
                 Outcome::Failed {
@@ -171,12 +171,12 @@ async fn apns_id_is_kept_and_apples_checks_fail_bad_pushes() {
         // A voip payload may be 5120 bytes.
         let mut req = push_for("app", &token(3), PushType::Voip);
         req.payload = Bytes::from(format!(r#"{{"aps":{{}},"x":"{}"}}"#, "y".repeat(5000)));
-        assert!(matches!(client.send(req).await, Outcome::Sent { .. }));
+        assert!(matches!(client.send(&req).await, Outcome::Sent { .. }));
         // Token shape.
         let mut req = push(4);
         req.token = "abc".repeat(21);
         assert_eq!(
-            client.send(req).await,
+            client.send(&req).await,
             Outcome::InvalidToken {
                 status: 400,
                 reason: "BadDeviceToken".into(),
@@ -238,7 +238,7 @@ async fn token_scripts_drive_every_outcome() {
     );
     within(60, async {
         assert_eq!(
-            client.send(push(1)).await,
+            client.send(&push(1)).await,
             Outcome::InvalidToken {
                 status: 410,
                 reason: "Unregistered".into(),
@@ -246,7 +246,7 @@ async fn token_scripts_drive_every_outcome() {
             }
         );
         assert_eq!(
-            client.send(push(2)).await,
+            client.send(&push(2)).await,
             Outcome::InvalidToken {
                 status: 400,
                 reason: "BadDeviceToken".into(),
@@ -268,19 +268,19 @@ async fn token_scripts_drive_every_outcome() {
             }
         );
         assert_eq!(
-            client.send(push(4)).await,
+            client.send(&push(4)).await,
             Outcome::Failed {
                 status: 400,
                 reason: "DeviceTokenNotForTopic".into()
             }
         );
-        assert_eq!(client.send(push(5)).await.kind(), "retry");
-        assert_eq!(client.send(push(6)).await.kind(), "retry");
-        match client.send(push(7)).await {
+        assert_eq!(client.send(&push(5)).await.kind(), "retry");
+        assert_eq!(client.send(&push(6)).await.kind(), "retry");
+        match client.send(&push(7)).await {
             Outcome::Sent { latency, .. } => assert!(latency >= Duration::from_millis(200)),
             o => panic!("{o:?}"),
         }
-        assert_eq!(client.send(push(8)).await.kind(), "invalid_token");
+        assert_eq!(client.send(&push(8)).await.kind(), "invalid_token");
     })
     .await;
 }

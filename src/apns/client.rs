@@ -200,7 +200,7 @@ impl ApnsClient {
 
     /// Sends one push. Never panics; returns within about `request_timeout_ms` (plus the
     /// connect time when a connection must be opened first).
-    pub async fn send(&self, req: PushRequest) -> Outcome {
+    pub async fn send(&self, req: &PushRequest) -> Outcome {
         let Some(pools) = self.inner.pools.get(&req.app) else {
             return Outcome::Failed {
                 status: 0,
@@ -211,7 +211,7 @@ impl ApnsClient {
             Environment::Production => &pools[0],
             Environment::Sandbox => &pools[1],
         };
-        let outcome = send_on(pool, &req).await;
+        let outcome = send_on(pool, req).await;
         if !matches!(outcome, Outcome::Sent { .. }) {
             tracing::debug!(
                 pool = %pool.label,

@@ -412,7 +412,7 @@ impl Inner {
             payload: n.payload.clone(),
         };
         let started = std::time::Instant::now();
-        let mut outcome = self.client.send(req.clone()).await;
+        let mut outcome = self.client.send(&req).await;
         // ExpiredProviderToken: the client minted a fresh token; resend at once, uncounted.
         let mut refreshes = 0;
         while let Outcome::AuthRefreshed { .. } = outcome {
@@ -420,7 +420,7 @@ impl Inner {
                 break;
             }
             refreshes += 1;
-            outcome = self.client.send(req.clone()).await;
+            outcome = self.client.send(&req).await;
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let Some(kind) = self.verdict(&c, outcome, results) else {

@@ -117,7 +117,7 @@ pub async fn deliver(client: &ApnsClient, req: PushRequest) -> Vec<Outcome> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     for attempt in 0u32..60 {
-        let o = client.send(req.clone()).await;
+        let o = client.send(&req).await;
         let again = matches!(o, Outcome::Retry { .. } | Outcome::AuthRefreshed { .. });
         seen.push(o);
         if !again || tokio::time::Instant::now() > deadline {
