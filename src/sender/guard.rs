@@ -315,7 +315,6 @@ mod tests {
     fn claimed(app: &str, env: Environment, device: i64, delivery: i64) -> ClaimedDelivery {
         ClaimedDelivery {
             delivery_id: delivery,
-            notification_id: 1,
             attempts: 0,
             apns_id: "A".into(),
             device: crate::store::DeviceInfo {

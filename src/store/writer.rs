@@ -56,7 +56,6 @@ const NOTIFICATION_CACHE: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub delivery_id: i64,
-    pub notification_id: i64,
     /// Attempts made before this one.
     pub attempts: u32,
     /// Fixed when the delivery was created, so a resend carries the same id.
@@ -527,7 +526,6 @@ impl Writer {
                     let env: String = r.get(7)?;
                     claim.deliveries.push(super::ClaimedDelivery {
                         delivery_id: did,
-                        notification_id: nid,
                         attempts: r.get(2)?,
                         apns_id: r.get(3)?,
                         device: DeviceInfo {
