@@ -89,7 +89,8 @@ fn main() {
             let m = store
                 .fan_out_due(pushdrop::model::now_ms() + 1, 50_000)
                 .await
-                .expect("fan out");
+                .expect("fan out")
+                .0;
             if m == 0 {
                 break made;
             }

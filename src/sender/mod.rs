@@ -245,12 +245,13 @@ struct ClaimRound {
 
 /// Runs due fan-outs (when `fan_out`), then claims up to `limit` deliveries.
 async fn claim_round(store: Store, limit: usize, fan_out: bool) -> Result<ClaimRound, StoreError> {
-    let fanned_out = if fan_out {
+    let (fanned_out, finished) = if fan_out {
         store.fan_out_due(now_ms(), FANOUT_ROWS_PER_ROUND).await?
     } else {
-        0
+        (0, Vec::new())
     };
-    let claim = store.claim_due(now_ms(), limit).await?;
+    let mut claim = store.claim_due(now_ms(), limit).await?;
+    claim.finished.extend(finished);
     Ok(ClaimRound { fanned_out, claim })
 }
 
@@ -448,8 +449,9 @@ impl Inner {
         match outcome {
             Outcome::Sent { apns_id, .. } => {
                 self.guards.success(app, env);
+                // APNs echoes the id it was sent with; only a different one is worth writing.
                 Some(ResultKind::Sent {
-                    apns_id: Some(apns_id),
+                    apns_id: (!apns_id.eq_ignore_ascii_case(&c.apns_id)).then_some(apns_id),
                 })
             }
             Outcome::InvalidToken { status, reason, .. } if status == 400 => {

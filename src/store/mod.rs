@@ -208,8 +208,13 @@ impl Store {
     }
 
     /// Expands due `users`/`all` notifications into deliveries, at most about `max_rows`
-    /// deliveries per call (in chunks, each its own transaction). Returns how many were made.
-    pub async fn fan_out_due(&self, now_ms: i64, max_rows: usize) -> Result<usize, StoreError> {
+    /// deliveries per call (in chunks, each its own transaction). Returns how many were made,
+    /// and the notifications that became final (a broadcast that reached no device).
+    pub async fn fan_out_due(
+        &self,
+        now_ms: i64,
+        max_rows: usize,
+    ) -> Result<(usize, Vec<FinishedNotification>), StoreError> {
         self.call(move |w| w.fan_out_due(now_ms, max_rows)).await
     }
 

@@ -281,9 +281,10 @@ impl Reader {
         let row: Option<Row> = self
             .conn
             .query_row(
-                "SELECT id, app, target_kind, target, payload, push_type, priority, topic, collapse_id,
-                        expiration, send_at, created_at, finished_at, source_file
-                 FROM notifications WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY id LIMIT 1",
+                "SELECT n.id, app, target_kind, target, payload, push_type, priority, topic, collapse_id,
+                        expiration, send_at, created_at, p.finished_at, source_file
+                 FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id
+                 WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY n.id LIMIT 1",
                 params![id, app],
                 |r| {
                     Ok((
@@ -420,7 +421,9 @@ impl Reader {
         let row: Option<(String, String, Option<i64>)> = self
             .conn
             .query_row(
-                "SELECT ext_id, app, finished_at FROM notifications WHERE id = ?1",
+                "SELECT ext_id, app, p.finished_at
+                 FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id
+                 WHERE n.id = ?1",
                 [notification_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )

@@ -121,7 +121,7 @@ fn broadcast_fans_out_to_active_devices_and_claims_once() {
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
-        assert_eq!(store.fan_out_due(now, 1_000_000).await.unwrap(), 49);
+        assert_eq!(store.fan_out_due(now, 1_000_000).await.unwrap().0, 49);
         let first = store.claim_due(now, 30).await.unwrap();
         assert_eq!(first.deliveries.len(), 30);
         assert!(first.finished.is_empty());
@@ -148,6 +148,31 @@ fn broadcast_fans_out_to_active_devices_and_claims_once() {
             "nothing queued, nothing scheduled"
         );
     });
+}
+
+/// A broadcast to an app without active devices is final once its fan-out is done, and the
+/// fan-out says so (its receipt is written then): nothing else would ever finish it.
+#[test]
+fn broadcast_to_no_device_finishes_at_fan_out() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "e.json",
+            vec![notification(Some("empty"), Target::All)],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let (made, fin) = store.fan_out_due(now, 100).await.unwrap();
+        assert_eq!(made, 0);
+        assert_eq!(fin.len(), 1);
+        assert_eq!(fin[0].ext_id, "empty");
+        assert_eq!(store.fan_out_due(now, 100).await.unwrap(), (0, Vec::new()));
+    });
+    let r = query::Reader::open(store.path()).unwrap();
+    let shown = r.show("empty", None, 10).unwrap().unwrap();
+    assert!(shown.finished_at.is_some(), "{shown:?}");
 }
 
 #[test]

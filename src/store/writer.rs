@@ -169,6 +169,7 @@ pub(super) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
     conn.create_scalar_function("pd_uuid", 0, FunctionFlags::SQLITE_UTF8, |_| {
         Ok(new_apns_id())
     })?;
+    rusqlite::vtab::array::load_module(&conn)?;
     super::schema::migrate(&mut conn)?;
     Ok(conn)
 }
@@ -347,7 +348,11 @@ impl Writer {
     }
 
     /// See [`super::Store::fan_out_due`].
-    pub fn fan_out_due(&mut self, now: i64, max_rows: usize) -> Result<usize, StoreError> {
+    pub fn fan_out_due(
+        &mut self,
+        now: i64,
+        max_rows: usize,
+    ) -> Result<(usize, Vec<FinishedNotification>), StoreError> {
         let due: Vec<(i64, String, String, String, i64, i64)> = {
             let mut st = self.conn.prepare_cached(
                 "SELECT id, app, target_kind, target, send_at, fanout_cursor FROM notifications
@@ -366,10 +371,11 @@ impl Writer {
             .collect::<Result<_, _>>()?
         };
         let mut made = 0usize;
+        let mut finished = Vec::new();
         for (id, app, kind, target, send_at, mut cursor) in due {
             loop {
                 if made >= max_rows {
-                    return Ok(made);
+                    return Ok((made, finished));
                 }
                 let tx = self.conn.transaction()?;
                 let ts = now_ms();
@@ -408,30 +414,34 @@ impl Writer {
                     }
                 };
                 made += inserted;
+                // The new deliveries are pending; the fan-out's own pending item goes once
+                // it has made them all.
+                let mut finals = Finals::default();
                 match next_cursor {
                     Some(c) => {
                         tx.prepare_cached(
-                            "UPDATE notifications SET fanout_cursor = ?2, pending = pending + ?3
-                             WHERE id = ?1",
+                            "UPDATE notifications SET fanout_cursor = ?2 WHERE id = ?1",
                         )?
-                        .execute(params![id, c, inserted as i64])?;
+                        .execute(params![id, c])?;
+                        finals.add_n(id, -(inserted as i64));
+                        finals.settle(&tx, ts)?;
                         tx.commit()?;
                         cursor = c;
                     }
                     None => {
-                        tx.prepare_cached(
-                            "UPDATE notifications SET fanned_out = 1, pending = pending + ?2
-                             WHERE id = ?1",
-                        )?
-                        .execute(params![id, inserted as i64])?;
-                        finish_if_done(&tx, id, ts)?;
+                        tx.prepare_cached("UPDATE notifications SET fanned_out = 1 WHERE id = ?1")?
+                            .execute(params![id])?;
+                        finals.add_n(id, 1 - inserted as i64);
+                        let done = finals.settle(&tx, ts)?;
+                        let done = named(&tx, &mut self.notifications, done)?;
                         tx.commit()?;
+                        finished.extend(done);
                         break;
                     }
                 }
             }
         }
-        Ok(made)
+        Ok((made, finished))
     }
 
     /// See [`super::Store::claim_due`].
@@ -573,7 +583,8 @@ impl Writer {
                 &mut finals,
             )?;
         }
-        claim.finished = finals.settle(&tx, now)?;
+        let done = finals.settle(&tx, now)?;
+        claim.finished = named(&tx, &mut self.notifications, done)?;
         if self.cursor.is_none() {
             let fan_out: Option<i64> = tx
                 .prepare_cached("SELECT min(send_at) FROM notifications WHERE fanned_out = 0")?
@@ -628,9 +639,25 @@ impl Writer {
                 sent.flush(&tx, now, &mut finals)?;
             }
             match r.kind {
-                ResultKind::Sent { apns_id } => {
+                ResultKind::Sent { apns_id: None } => {
                     sent.ids.insert(r.delivery_id);
-                    sent.rows.push((r.delivery_id, apns_id));
+                    sent.rows
+                        .push(rusqlite::types::Value::Integer(r.delivery_id));
+                }
+                // APNs named the push differently from the id it was sent with: keep Apple's.
+                ResultKind::Sent {
+                    apns_id: Some(apns_id),
+                } => {
+                    let nid = tx
+                        .prepare_cached(
+                            "UPDATE deliveries SET state = 1, attempts = attempts + 1,
+                             last_status = 200, last_reason = NULL, updated_at = ?2,
+                             finished_at = ?2, apns_id = ?3
+                             WHERE id = ?1 AND state = 0 RETURNING notification_id",
+                        )?
+                        .query_row(params![r.delivery_id, now, apns_id], |r| r.get::<_, i64>(0))
+                        .optional()?;
+                    finals.add(nid);
                 }
                 ResultKind::Retry {
                     due_at_ms,
@@ -715,7 +742,8 @@ impl Writer {
             }
         }
         sent.flush(&tx, now, &mut finals)?;
-        let finished = finals.settle(&tx, now)?;
+        let done = finals.settle(&tx, now)?;
+        let finished = named(&tx, &mut self.notifications, done)?;
         tx.commit()?;
         Ok(finished)
     }
@@ -727,11 +755,11 @@ impl Writer {
         // The notifications first (their pending counts grow by their failed deliveries),
         // then the deliveries themselves.
         tx.execute(
-            "UPDATE notifications SET finished_at = NULL,
+            "UPDATE notification_progress SET finished_at = NULL,
                 pending = pending + (SELECT count(*) FROM deliveries
-                                     WHERE notification_id = notifications.id AND state = 2)
-             WHERE (?1 IS NULL OR ext_id = ?1)
-               AND id IN (SELECT notification_id FROM deliveries WHERE state = 2)",
+                                     WHERE notification_id = notification_progress.id AND state = 2)
+             WHERE id IN (SELECT notification_id FROM deliveries WHERE state = 2)
+               AND (?1 IS NULL OR id IN (SELECT id FROM notifications WHERE ext_id = ?1))",
             [id],
         )?;
         let n = tx.execute(
@@ -753,12 +781,18 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let deliveries = tx.execute(
             "DELETE FROM deliveries WHERE notification_id IN
-                (SELECT id FROM notifications WHERE finished_at < ?1)",
+                (SELECT id FROM notification_progress WHERE finished_at < ?1)",
             [cutoff],
         )?;
         let notifications = tx.execute(
-            "DELETE FROM notifications WHERE finished_at < ?1
-             AND NOT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = notifications.id)",
+            "DELETE FROM notifications
+             WHERE id IN (SELECT id FROM notification_progress WHERE finished_at < ?1)
+               AND NOT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = notifications.id)",
+            [cutoff],
+        )?;
+        tx.execute(
+            "DELETE FROM notification_progress WHERE finished_at < ?1
+             AND NOT EXISTS (SELECT 1 FROM notifications WHERE id = notification_progress.id)",
             [cutoff],
         )?;
         let devices = tx.execute(
@@ -853,7 +887,7 @@ fn finish(
 #[derive(Default)]
 struct SentBatch {
     ids: HashSet<i64>,
-    rows: Vec<(i64, Option<String>)>,
+    rows: Vec<rusqlite::types::Value>,
 }
 
 impl SentBatch {
@@ -866,105 +900,99 @@ impl SentBatch {
         if self.rows.is_empty() {
             return Ok(());
         }
-        // `[[delivery id, apns-id or null], ...]`; serde escapes the ids Apple sent back.
-        let json = serde_json::to_string(&self.rows).map_err(|e| {
-            StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-        })?;
+        // The ids go in as an array (`rarray`): no text to build here and parse in SQLite.
+        let ids = std::rc::Rc::new(std::mem::take(&mut self.rows));
         let mut st = tx.prepare_cached(
             "UPDATE deliveries SET state = 1, attempts = attempts + 1,
-             last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2,
-             apns_id = coalesce(j.apns_id, deliveries.apns_id)
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS apns_id FROM json_each(?1)) AS j
-             WHERE deliveries.id = j.id AND deliveries.state = 0
-             RETURNING deliveries.notification_id",
+             last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
+             WHERE id IN rarray(?1) AND state = 0
+             RETURNING notification_id",
         )?;
-        let mut rows = st.query(params![json, now])?;
+        let mut rows = st.query(params![ids, now])?;
         while let Some(r) = rows.next()? {
             finals.add(Some(r.get(0)?));
         }
-        self.rows.clear();
         self.ids.clear();
         Ok(())
     }
 }
 
-/// How many deliveries of each notification became final in one transaction.
+/// How many items of each notification stopped being pending in one transaction: deliveries
+/// that became final (positive), or deliveries a fan-out made (negative).
 #[derive(Default)]
 struct Finals(HashMap<i64, i64>);
 
 impl Finals {
     fn add(&mut self, notification_id: Option<i64>) {
         if let Some(nid) = notification_id {
-            *self.0.entry(nid).or_default() += 1;
+            self.add_n(nid, 1);
         }
     }
 
-    /// Lowers the notifications' pending counts with one statement and returns those that
-    /// became final (fully fanned out, nothing pending); the order is unspecified.
-    fn settle(
-        &self,
-        tx: &Transaction<'_>,
-        now: i64,
-    ) -> Result<Vec<FinishedNotification>, StoreError> {
-        if self.0.is_empty() {
-            return Ok(Vec::new());
+    fn add_n(&mut self, notification_id: i64, k: i64) {
+        *self.0.entry(notification_id).or_default() += k;
+    }
+
+    /// Lowers the notifications' pending counts (one statement per distinct amount, nearly
+    /// always one in all) and returns the ids of those that became final; the order is
+    /// unspecified.
+    fn settle(&self, tx: &Transaction<'_>, now: i64) -> Result<Vec<i64>, StoreError> {
+        let mut by_k: HashMap<i64, Vec<rusqlite::types::Value>> = HashMap::new();
+        for (&nid, &k) in &self.0 {
+            by_k.entry(k)
+                .or_default()
+                .push(rusqlite::types::Value::Integer(nid));
         }
-        use std::fmt::Write;
-        let mut json = String::with_capacity(self.0.len() * 16 + 2);
-        json.push('[');
-        for (i, (nid, k)) in self.0.iter().enumerate() {
-            if i > 0 {
-                json.push(',');
-            }
-            let _ = write!(json, "[{nid},{k}]");
-        }
-        json.push(']');
-        // SET expressions see the row as it was, so `pending - j.k` is the new count.
-        let mut st = tx.prepare_cached(
-            "UPDATE notifications SET pending = pending - j.k,
-                finished_at = CASE WHEN finished_at IS NULL AND fanned_out = 1
-                                        AND pending - j.k <= 0
-                                   THEN ?2 ELSE finished_at END
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS k FROM json_each(?1)) AS j
-             WHERE notifications.id = j.id
-             RETURNING notifications.id, app, ext_id, finished_at = ?2 AND pending <= 0",
-        )?;
-        let mut rows = st.query(params![json, now])?;
         let mut finished = Vec::new();
-        while let Some(r) = rows.next()? {
-            if r.get::<_, bool>(3)? {
-                finished.push(FinishedNotification {
-                    notification_id: r.get(0)?,
-                    app: r.get(1)?,
-                    ext_id: r.get(2)?,
-                });
+        // SET expressions see the row as it was, RETURNING sees it as it is now.
+        let mut st = tx.prepare_cached(
+            "UPDATE notification_progress SET pending = pending - ?2,
+                finished_at = CASE WHEN finished_at IS NULL AND pending - ?2 <= 0
+                                   THEN ?3 ELSE finished_at END
+             WHERE id IN rarray(?1)
+             RETURNING id, finished_at = ?3 AND pending <= 0",
+        )?;
+        for (k, ids) in by_k {
+            let mut rows = st.query(params![std::rc::Rc::new(ids), k, now])?;
+            while let Some(r) = rows.next()? {
+                if r.get::<_, bool>(1)? {
+                    finished.push(r.get(0)?);
+                }
             }
         }
         Ok(finished)
     }
 }
 
-/// Marks a fully fanned-out notification with nothing pending as finished (a broadcast that
-/// reached no device, or whose last chunk's deliveries all ended already).
-fn finish_if_done(
+/// Names the notifications that became final, from the claim cache where it has them (and
+/// drops them from it: nothing will be claimed for them again), else from their rows.
+fn named(
     tx: &Transaction<'_>,
-    nid: i64,
-    now: i64,
-) -> Result<Option<FinishedNotification>, StoreError> {
-    Ok(tx
-        .prepare_cached(
-            "UPDATE notifications SET finished_at = ?2
-             WHERE id = ?1 AND fanned_out = 1 AND pending <= 0 AND finished_at IS NULL
-             RETURNING app, ext_id",
-        )?
-        .query_row(params![nid, now], |r| {
-            Ok(FinishedNotification {
-                notification_id: nid,
-                app: r.get(0)?,
-                ext_id: r.get(1)?,
-            })
-        })
-        .optional()?)
+    cache: &mut HashMap<i64, Arc<NotificationInfo>>,
+    ids: Vec<i64>,
+) -> Result<Vec<FinishedNotification>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for nid in ids {
+        let (app, ext_id) = match cache.remove(&nid) {
+            Some(info) => (info.app.clone(), info.ext_id.clone()),
+            None => {
+                match tx
+                    .prepare_cached("SELECT app, ext_id FROM notifications WHERE id = ?1")?
+                    .query_row([nid], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+                {
+                    Some(names) => names,
+                    None => continue,
+                }
+            }
+        };
+        out.push(FinishedNotification {
+            notification_id: nid,
+            app,
+            ext_id,
+        });
+    }
+    Ok(out)
 }
 
 /// Writes one file's records inside the group's transaction.
@@ -992,10 +1020,13 @@ fn ingest_file(
     let mut insert_notification = tx.prepare_cached(
         "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
             priority, topic, collapse_id, expiration, send_at, created_at, source_file,
-            fanned_out, pending)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+            fanned_out)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (app, ext_id) DO NOTHING",
     )?;
+    // Progress rows go in together at the end of the file, one statement per pending count
+    // (nearly always one: single-token notifications), not one statement per notification.
+    let mut progress: HashMap<i64, Vec<rusqlite::types::Value>> = HashMap::new();
     let mut find_device =
         tx.prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?;
     let mut insert_token_device = tx.prepare_cached(
@@ -1076,13 +1107,18 @@ fn ingest_file(
                     now,
                     f.name,
                     fanned_out as i64,
-                    tokens.len() as i64,
                 ])?;
                 if inserted == 0 {
                     out.duplicates.push((index, ext_id));
                     continue;
                 }
                 let nid = tx.last_insert_rowid();
+                // Pending: its deliveries, or the fan-out still to come.
+                let pending = if fanned_out { tokens.len() as i64 } else { 1 };
+                progress
+                    .entry(pending)
+                    .or_default()
+                    .push(rusqlite::types::Value::Integer(nid));
                 let due_at = send_at;
                 if !tokens.is_empty() {
                     *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
@@ -1107,13 +1143,17 @@ fn ingest_file(
                     };
                     insert_delivery.execute(params![nid, device_id, due_at, new_apns_id(), now])?;
                 }
-                if fanned_out && tokens.is_empty() {
-                    finish_if_done(tx, nid, now)?;
-                }
                 out.notifications_queued += 1;
                 out.notification_ids.push(ext_id);
             }
         }
+    }
+    for (pending, ids) in progress {
+        tx.prepare_cached(
+            "INSERT INTO notification_progress (id, pending, finished_at)
+             SELECT value, ?2, CASE WHEN ?2 <= 0 THEN ?3 END FROM rarray(?1)",
+        )?
+        .execute(params![std::rc::Rc::new(ids), pending, now])?;
     }
     tx.prepare_cached(
         "INSERT OR IGNORE INTO committed_files (name, sha256, size, ino, mtime_ns, committed_at)
