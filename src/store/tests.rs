@@ -488,3 +488,141 @@ fn claims_follow_due_order_even_behind_the_cursor() {
         assert!(!claimed.contains(&last.deliveries[0].delivery_id));
     });
 }
+
+/// Polls `f` for up to 10 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn count(store: &Store, sql: &str) -> i64 {
+    query::Reader::open(store.path())
+        .unwrap()
+        .conn()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+/// `n` notifications, each to its own token (notification `i` to token `first + i`), the
+/// first one also naming its token twice.
+fn single_token_file(name: &str, first: u32, n: u32) -> IngestFile {
+    let recs = (0..n)
+        .map(|i| {
+            let t = tok(first + i);
+            let tokens = if i == 0 { vec![t.clone(), t] } else { vec![t] };
+            notification(None, Target::Tokens(tokens))
+        })
+        .collect();
+    file(name, recs)
+}
+
+/// The daemon's store commits a big file's notifications first and makes their direct-token
+/// deliveries and device rows right after, in its own time: every notification ends with
+/// exactly one delivery per distinct token, each with its own apns-id, all claimable, and
+/// `status` counts the ones not made yet as queued.
+#[test]
+fn big_files_get_their_token_deliveries_after_the_commit() {
+    let (_dir, store) = open();
+    let n = 3 * super::writer::EXPAND_CHUNK_FOR_TESTS as u32 + 7;
+    let out = store
+        .ingest(vec![single_token_file("big.jsonl", 0, n)])
+        .unwrap();
+    assert_eq!(out[0].notifications_queued, n as usize);
+    let status = query::Reader::open(store.path()).unwrap().status().unwrap();
+    assert_eq!(
+        status.queued, n as i64,
+        "made or not, all are queued: {status:?}"
+    );
+    eventually("all deliveries made", || {
+        count(&store, "SELECT count(*) FROM token_expansions") == 0
+    });
+    assert_eq!(count(&store, "SELECT count(*) FROM deliveries"), n as i64);
+    assert_eq!(
+        count(&store, "SELECT count(DISTINCT apns_id) FROM deliveries"),
+        n as i64
+    );
+    assert_eq!(count(&store, "SELECT count(*) FROM devices"), n as i64);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM notification_progress WHERE pending = 1"
+        ),
+        n as i64
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let claimed = store
+            .claim_due(crate::model::now_ms() + 1, 10 * n as usize)
+            .await
+            .unwrap();
+        assert_eq!(claimed.deliveries.len(), n as usize);
+    });
+}
+
+/// A crash between two expansion transactions: the next start makes the rest, once each.
+#[test]
+fn an_interrupted_expansion_resumes_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let n = 2 * super::writer::EXPAND_CHUNK_FOR_TESTS as u32 + 3;
+    {
+        let store = Store::open(&path, true).unwrap();
+        store
+            .ingest(vec![single_token_file("big.jsonl", 0, n)])
+            .unwrap();
+        eventually("expanded", || {
+            count(&store, "SELECT count(*) FROM token_expansions") == 0
+        });
+    }
+    // As a crash after the first chunk would leave it.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let (first, last): (i64, i64) = conn
+            .query_row("SELECT min(id), max(id) FROM notifications", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        let cut = first + super::writer::EXPAND_CHUNK_FOR_TESTS as i64;
+        conn.execute("DELETE FROM deliveries WHERE notification_id >= ?1", [cut])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO token_expansions (next_id, last_id) VALUES (?1, ?2)",
+            [cut, last],
+        )
+        .unwrap();
+    }
+    // Wait for the first store's writer thread to let go of its connection.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let store = Store::open(&path, true).unwrap();
+    eventually("resumed", || {
+        count(&store, "SELECT count(*) FROM token_expansions") == 0
+    });
+    assert_eq!(count(&store, "SELECT count(*) FROM deliveries"), n as i64);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM (SELECT notification_id FROM deliveries
+             GROUP BY notification_id HAVING count(*) = 1)"
+        ),
+        n as i64,
+        "one delivery per notification"
+    );
+    assert_eq!(count(&store, "SELECT count(*) FROM devices"), n as i64);
+}
+
+/// One-shot commands (`pushdrop ingest`) exit right after the commit: they make every
+/// delivery inside it, however big the file.
+#[test]
+fn one_shot_stores_make_deliveries_inside_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("p.db"), false).unwrap();
+    let n = 2 * super::writer::EXPAND_CHUNK_FOR_TESTS as u32;
+    store
+        .ingest(vec![single_token_file("big.jsonl", 0, n)])
+        .unwrap();
+    assert_eq!(count(&store, "SELECT count(*) FROM deliveries"), n as i64);
+    assert_eq!(count(&store, "SELECT count(*) FROM token_expansions"), 0);
+}

@@ -48,6 +48,24 @@ const SMALL_CACHE_KIB: i64 = -8192;
 /// Back to [`SMALL_CACHE_KIB`] afterwards; the daemon stays far below its RSS budget.
 const INGEST_CACHE_KIB: i64 = -65536;
 
+/// A file with more direct-token deliveries than this has them made after its commit (in the
+/// daemon): its one durable transaction then writes notifications only, and sending starts
+/// while the rest are made. Smaller files make them inline, so a single drop is claimable the
+/// moment it commits.
+const EXPAND_INLINE_MAX: usize = 1000;
+
+/// Notifications expanded per transaction after a big file's commit: a few milliseconds of
+/// the writer's time, so claims and results are never held up for long.
+const EXPAND_CHUNK: usize = 500;
+
+/// For the store's tests: files bigger than this are expanded after their commit.
+#[cfg(test)]
+pub(super) const EXPAND_CHUNK_FOR_TESTS: usize = if EXPAND_INLINE_MAX > EXPAND_CHUNK {
+    EXPAND_INLINE_MAX
+} else {
+    EXPAND_CHUNK
+};
+
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
@@ -131,6 +149,13 @@ pub struct Writer {
     /// Where the next claim continues in `(due_at, id)` order, so that a busy queue is not
     /// re-read past the deliveries already in flight on every claim. `None`: from the start.
     cursor: Option<(i64, i64)>,
+    /// Whether big files' direct-token deliveries are made after their commit (the daemon) or
+    /// inline (one-shot commands, which exit right after).
+    defer_expansion: bool,
+    /// `token_expansions` has rows: the writer works on them whenever no command waits.
+    expansions_pending: bool,
+    /// After a failed expansion: when to try again (on the next command after it).
+    expansion_retry_at: Option<std::time::Instant>,
 }
 
 /// What one claim hands the sender.
@@ -212,22 +237,60 @@ pub(super) fn run(
     mut rx: mpsc::Receiver<Command>,
     new_work: Arc<Notify>,
     checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+    defer_expansion: bool,
 ) {
+    // Expansions a previous run left unfinished (a crash, a stop) resume at once.
+    let expansions_pending = defer_expansion
+        && conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM token_expansions)", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(false);
     let mut w = Writer {
         conn,
         notifications: HashMap::new(),
         in_flight: HashSet::new(),
         cursor: None,
+        defer_expansion,
+        expansions_pending,
+        expansion_retry_at: None,
     };
     let mut pending: Option<Command> = None;
+    // Commands served since the last expansion chunk: a steady stream of claims and results
+    // must not starve the expansion that feeds them.
+    let mut served = 0u32;
     loop {
         let cmd = match pending.take() {
             Some(c) => c,
+            None if w.expansions_pending => match rx.try_recv() {
+                Ok(c) if served < 8 => c,
+                Ok(c) => {
+                    served = 0;
+                    w.expand_some(&new_work);
+                    c
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    served = 0;
+                    w.expand_some(&new_work);
+                    if let Some(c) = &checkpoints {
+                        let _ = c.try_send(());
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            },
             None => match rx.blocking_recv() {
                 Some(c) => c,
                 None => break,
             },
         };
+        served += 1;
+        if let Some(at) = w.expansion_retry_at
+            && std::time::Instant::now() >= at
+        {
+            w.expansion_retry_at = None;
+            w.expansions_pending = true;
+        }
         match cmd {
             Command::Run(job) => job(&mut w),
             Command::Ingest { files, reply } => {
@@ -325,19 +388,30 @@ impl Writer {
         self.conn
             .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
         let mut earliest_due = None;
+        let mut expansions_added = false;
+        let defer = self.defer_expansion;
         let result = (|| {
             let tx = self.conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
             for files in groups {
                 let mut outs = Vec::with_capacity(files.len());
                 for f in files.iter() {
-                    outs.push(ingest_file(&tx, f, &mut earliest_due)?);
+                    outs.push(ingest_file(
+                        &tx,
+                        f,
+                        &mut earliest_due,
+                        defer,
+                        &mut expansions_added,
+                    )?);
                 }
                 out.push(outs);
             }
             tx.commit()?;
             Ok(out)
         })();
+        if result.is_ok() && expansions_added {
+            self.expansions_pending = true;
+        }
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         self.conn
             .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
@@ -345,6 +419,94 @@ impl Writer {
             queued_at(&mut self.cursor, due);
         }
         result
+    }
+
+    /// Makes the deliveries (and new device rows) of up to [`EXPAND_CHUNK`] notifications of
+    /// the oldest pending token expansion, in one transaction that also advances the range, so
+    /// a crash resumes where it stopped. Wakes the sender when deliveries were made.
+    fn expand_some(&mut self, new_work: &Notify) {
+        match self.expand_chunk() {
+            Ok(Some(made)) => {
+                if made > 0 {
+                    new_work.notify_one();
+                }
+            }
+            Ok(None) => self.expansions_pending = false,
+            Err(e) => {
+                // Left as it was, and tried again a second later (with the next command after
+                // that): a broken database is not hammered.
+                tracing::error!(event = "store_error", error = %e, "cannot make a big file's deliveries; retrying in 1 s");
+                self.expansions_pending = false;
+                self.expansion_retry_at =
+                    Some(std::time::Instant::now() + std::time::Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// One expansion transaction; `None` when nothing is left to expand.
+    fn expand_chunk(&mut self) -> Result<Option<usize>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let Some((eid, next_id, last_id)) = tx
+            .prepare_cached(
+                "SELECT id, next_id, last_id FROM token_expansions ORDER BY id LIMIT 1",
+            )?
+            .query_row([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let rows: Vec<(i64, String, String, i64, Option<String>)> = tx
+            .prepare_cached(
+                "SELECT id, app, target, send_at, environment FROM notifications
+                 WHERE id >= ?1 AND id <= ?2 AND target_kind = 'tokens' ORDER BY id LIMIT ?3",
+            )?
+            .query_map(params![next_id, last_id, EXPAND_CHUNK as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let now = now_ms();
+        let mut made = 0;
+        let mut first: Option<(i64, i64)> = None;
+        {
+            let mut direct = TokenDeliveries::prepare(&tx)?;
+            for (nid, app, target, due_at, env) in &rows {
+                let tokens: Vec<String> = match serde_json::from_str(target) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(event = "store_error", notification = nid, error = %e, "a notification's token list is unreadable; it gets no deliveries");
+                        continue;
+                    }
+                };
+                let env = env.as_deref().unwrap_or("production");
+                let mut seen = HashSet::new();
+                for t in tokens.iter().filter(|t| seen.insert(t.as_str())) {
+                    let did = direct.add(*nid, app, t, env, *due_at, now)?;
+                    first = Some(first.map_or((*due_at, did), |f| f.min((*due_at, did))));
+                    made += 1;
+                }
+            }
+        }
+        match rows.last() {
+            Some((last, ..)) if rows.len() == EXPAND_CHUNK && *last < last_id => {
+                tx.prepare_cached("UPDATE token_expansions SET next_id = ?2 WHERE id = ?1")?
+                    .execute(params![eid, last + 1])?;
+            }
+            _ => {
+                tx.prepare_cached("DELETE FROM token_expansions WHERE id = ?1")?
+                    .execute([eid])?;
+            }
+        }
+        tx.commit()?;
+        if let Some((due, id)) = first {
+            queued_at_row(&mut self.cursor, due, id);
+        }
+        Ok(Some(made))
     }
 
     /// See [`super::Store::fan_out_due`].
@@ -858,6 +1020,14 @@ fn queued_at(cursor: &mut Option<(i64, i64)>, due_at: i64) {
     }
 }
 
+/// As [`queued_at`] for new rows whose first `(due_at, id)` is known: rows that sort after
+/// the cursor are found by the walk from it, so only rows before it rewind the walk.
+fn queued_at_row(cursor: &mut Option<(i64, i64)>, due_at: i64, id: i64) {
+    if cursor.is_some_and(|c| (due_at, id) <= c) {
+        *cursor = None;
+    }
+}
+
 /// Ends a queued delivery in a final state other than `sent`.
 fn finish(
     tx: &Transaction<'_>,
@@ -1000,6 +1170,8 @@ fn ingest_file(
     tx: &Transaction<'_>,
     f: &IngestFile,
     earliest_due: &mut Option<i64>,
+    defer: bool,
+    expansions_added: &mut bool,
 ) -> Result<IngestOutcome, StoreError> {
     let mut out = IngestOutcome::default();
     let seen: bool = tx
@@ -1016,27 +1188,22 @@ fn ingest_file(
     }
     let now = now_ms();
     let written = f.written_at_ms();
+    // A big file's direct-token deliveries are made after its commit (see
+    // [`Writer::expand_some`]): its transaction then only writes notifications.
+    let defer = defer && direct_deliveries(&f.records) > EXPAND_INLINE_MAX;
+    let mut deferred: Option<(i64, i64)> = None;
     // Prepared once per file, not looked up in the statement cache per record.
     let mut insert_notification = tx.prepare_cached(
         "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
             priority, topic, collapse_id, expiration, send_at, created_at, source_file,
-            fanned_out)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+            fanned_out, environment)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT (app, ext_id) DO NOTHING",
     )?;
     // Progress rows go in together at the end of the file, one statement per pending count
     // (nearly always one: single-token notifications), not one statement per notification.
     let mut progress: HashMap<i64, Vec<rusqlite::types::Value>> = HashMap::new();
-    let mut find_device =
-        tx.prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?;
-    let mut insert_token_device = tx.prepare_cached(
-        "INSERT INTO devices (app, token, environment, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?4)",
-    )?;
-    let mut insert_delivery = tx.prepare_cached(
-        "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
+    let mut direct = TokenDeliveries::prepare(tx)?;
     for (index, rec) in f.records.iter().enumerate() {
         match rec {
             Record::Device(d) => match d.action {
@@ -1107,6 +1274,7 @@ fn ingest_file(
                     now,
                     f.name,
                     fanned_out as i64,
+                    n.environment.as_str(),
                 ])?;
                 if inserted == 0 {
                     out.duplicates.push((index, ext_id));
@@ -1120,33 +1288,25 @@ fn ingest_file(
                     .or_default()
                     .push(rusqlite::types::Value::Integer(nid));
                 let due_at = send_at;
-                if !tokens.is_empty() {
-                    *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
-                }
-                for t in &tokens {
-                    // Known devices are found with one index lookup; a new token gets its row
-                    // (all writes go through this thread, so nobody can race it in).
-                    let device_id = match find_device
-                        .query_row(params![n.app, t], |r| r.get::<_, i64>(0))
-                        .optional()?
-                    {
-                        Some(id) => id,
-                        None => {
-                            insert_token_device.execute(params![
-                                n.app,
-                                t,
-                                n.environment.as_str(),
-                                now
-                            ])?;
-                            tx.last_insert_rowid()
-                        }
-                    };
-                    insert_delivery.execute(params![nid, device_id, due_at, new_apns_id(), now])?;
+                if defer && !tokens.is_empty() {
+                    deferred = Some(deferred.map_or((nid, nid), |(first, _)| (first, nid)));
+                } else {
+                    if !tokens.is_empty() {
+                        *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
+                    }
+                    for t in &tokens {
+                        direct.add(nid, &n.app, t, n.environment.as_str(), due_at, now)?;
+                    }
                 }
                 out.notifications_queued += 1;
                 out.notification_ids.push(ext_id);
             }
         }
+    }
+    if let Some((first, last)) = deferred {
+        tx.prepare_cached("INSERT INTO token_expansions (next_id, last_id) VALUES (?1, ?2)")?
+            .execute(params![first, last])?;
+        *expansions_added = true;
     }
     for (pending, ids) in progress {
         tx.prepare_cached(
@@ -1168,6 +1328,76 @@ fn ingest_file(
         now
     ])?;
     Ok(out)
+}
+
+/// How many direct-token deliveries a file's notifications name (before de-duplication).
+fn direct_deliveries(records: &[Record]) -> usize {
+    records
+        .iter()
+        .map(|r| match r {
+            Record::Notification(n) => match &n.target {
+                Target::Tokens(t) => t.len(),
+                _ => 0,
+            },
+            Record::Device(_) => 0,
+        })
+        .sum()
+}
+
+/// Makes a delivery to a token named in `to.tokens`, with a device row for a token not seen
+/// before (so that an invalidation is remembered); statements prepared once per use.
+struct TokenDeliveries<'t> {
+    find_device: rusqlite::CachedStatement<'t>,
+    insert_device: rusqlite::CachedStatement<'t>,
+    insert_delivery: rusqlite::CachedStatement<'t>,
+    tx: &'t Transaction<'t>,
+}
+
+impl<'t> TokenDeliveries<'t> {
+    fn prepare(tx: &'t Transaction<'t>) -> Result<TokenDeliveries<'t>, StoreError> {
+        Ok(TokenDeliveries {
+            find_device: tx
+                .prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?,
+            insert_device: tx.prepare_cached(
+                "INSERT INTO devices (app, token, environment, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)",
+            )?,
+            insert_delivery: tx.prepare_cached(
+                "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?,
+            tx,
+        })
+    }
+
+    /// Returns the new delivery's id.
+    fn add(
+        &mut self,
+        nid: i64,
+        app: &str,
+        token: &str,
+        environment: &str,
+        due_at: i64,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        // Known devices are found with one index lookup; a new token gets its row (all writes
+        // go through this thread, so nobody can race it in).
+        let device_id = match self
+            .find_device
+            .query_row(params![app, token], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                self.insert_device
+                    .execute(params![app, token, environment, now])?;
+                self.tx.last_insert_rowid()
+            }
+        };
+        self.insert_delivery
+            .execute(params![nid, device_id, due_at, new_apns_id(), now])?;
+        Ok(self.tx.last_insert_rowid())
+    }
 }
 
 /// A time-ordered (version 7) UUID with random bits from the thread's CSPRNG.
