@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pushdrop::cli;
 
+/// mimalloc instead of the system allocator: see Cargo.toml.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Turns JSON files dropped into an inbox directory into Apple push notifications.
 #[derive(Parser)]
 #[command(name = "pushdrop", version, about)]

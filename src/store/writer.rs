@@ -461,50 +461,47 @@ impl Writer {
         else {
             return Ok(None);
         };
-        let rows: Vec<(i64, String, String, i64, Option<String>)> = tx
-            .prepare_cached(
-                "SELECT id, app, target, send_at, environment FROM notifications
-                 WHERE id >= ?1 AND id <= ?2 AND target_kind = 'tokens' ORDER BY id LIMIT ?3",
-            )?
-            .query_map(params![next_id, last_id, EXPAND_CHUNK as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?
-            .collect::<Result<_, _>>()?;
+        let to = last_id.min(next_id + EXPAND_CHUNK as i64 - 1);
         let now = now_ms();
-        let mut made = 0;
-        let mut first: Option<(i64, i64)> = None;
-        {
-            let mut direct = TokenDeliveries::prepare(&tx)?;
-            for (nid, app, target, due_at, env) in &rows {
-                let tokens: Vec<String> = match serde_json::from_str(target) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::error!(event = "store_error", notification = nid, error = %e, "a notification's token list is unreadable; it gets no deliveries");
-                        continue;
-                    }
-                };
-                let env = env.as_deref().unwrap_or("production");
-                let mut seen = HashSet::new();
-                for t in tokens.iter().filter(|t| seen.insert(t.as_str())) {
-                    let did = direct.add(*nid, app, t, env, *due_at, now)?;
-                    first = Some(first.map_or((*due_at, did), |f| f.min((*due_at, did))));
-                    made += 1;
-                }
-            }
-        }
-        match rows.last() {
-            Some((last, ..)) if rows.len() == EXPAND_CHUNK && *last < last_id => {
-                tx.prepare_cached("UPDATE token_expansions SET next_id = ?2 WHERE id = ?1")?
-                    .execute(params![eid, last + 1])?;
-            }
-            _ => {
-                tx.prepare_cached("DELETE FROM token_expansions WHERE id = ?1")?
-                    .execute([eid])?;
-            }
+        // Set-based, two statements per chunk: new tokens get their device rows, then every
+        // distinct (notification, token) its delivery. A token named twice in one
+        // notification meets the UNIQUE (notification_id, device_id) the second time.
+        tx.prepare_cached(
+            "INSERT INTO devices (app, token, environment, created_at, updated_at)
+             SELECT n.app, j.value, coalesce(n.environment, 'production'), ?3, ?3
+             FROM notifications n, json_each(n.target) j
+             WHERE n.id BETWEEN ?1 AND ?2 AND n.target_kind = 'tokens'
+             ON CONFLICT (app, token) DO NOTHING",
+        )?
+        .execute(params![next_id, to, now])?;
+        let made = tx
+            .prepare_cached(
+                "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                 SELECT n.id,
+                        (SELECT d.id FROM devices d WHERE d.app = n.app AND d.token = j.value),
+                        n.send_at, pd_uuid(), ?3
+                 FROM notifications n, json_each(n.target) j
+                 WHERE n.id BETWEEN ?1 AND ?2 AND n.target_kind = 'tokens'
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![next_id, to, now])?;
+        let first_delivery = tx.last_insert_rowid() - made as i64 + 1;
+        let earliest_due: Option<i64> = tx
+            .prepare_cached(
+                "SELECT min(send_at) FROM notifications
+                 WHERE id BETWEEN ?1 AND ?2 AND target_kind = 'tokens'",
+            )?
+            .query_row(params![next_id, to], |r| r.get(0))?;
+        if to < last_id {
+            tx.prepare_cached("UPDATE token_expansions SET next_id = ?2 WHERE id = ?1")?
+                .execute(params![eid, to + 1])?;
+        } else {
+            tx.prepare_cached("DELETE FROM token_expansions WHERE id = ?1")?
+                .execute([eid])?;
         }
         tx.commit()?;
-        if let Some((due, id)) = first {
-            queued_at_row(&mut self.cursor, due, id);
+        if let (true, Some(due)) = (made > 0, earliest_due) {
+            queued_at_row(&mut self.cursor, due, first_delivery);
         }
         Ok(Some(made))
     }
