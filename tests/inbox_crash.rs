@@ -186,3 +186,39 @@ fn a_file_committed_before_a_crash_is_only_moved_on_restart() {
     daemon.shutdown();
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 2);
 }
+
+/// A big `.jsonl` is committed while it is parsed, in one transaction: SIGKILLed at random
+/// instants during that, the restarted daemon ends with each of its notifications exactly
+/// once, and each with its delivery.
+#[test]
+fn sigkill_during_a_big_files_commit_loses_nothing_and_doubles_nothing() {
+    const N: u64 = 40_000;
+    let env = Env::new();
+    let content: String = (0..N).map(|i| notification("", &token(i)) + "\n").collect();
+    env.drop_file("big.jsonl", content);
+    for _ in 0..4 {
+        let mut child = spawn(&env);
+        std::thread::sleep(Duration::from_millis(rand::random_range(50..700)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let mut child = spawn(&env);
+    wait_for("the big file", || env.processed_names() == ["big.jsonl"]);
+    wait_for("every delivery", || {
+        env.count("SELECT count(*) FROM deliveries") == N as i64
+            && env.count("SELECT count(*) FROM token_expansions") == 0
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), N as i64);
+    assert_eq!(
+        env.count("SELECT count(DISTINCT notification_id) FROM deliveries"),
+        N as i64
+    );
+    assert_eq!(env.count("SELECT count(*) FROM devices"), N as i64);
+    let integrity: String = env
+        .db()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+}

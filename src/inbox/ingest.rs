@@ -133,33 +133,77 @@ pub fn display_name(path: &Path) -> String {
 /// Looks at a file and parses it, never following symlinks and never opening anything but a
 /// regular file. `settled`: see [`Candidate::settled`].
 pub fn examine(path: &Path, cfg: &Config, settled: bool) -> Examined {
+    match read_drop(path, cfg, settled) {
+        Ok(read) => parse_read(read, cfg),
+        Err(e) => e,
+    }
+}
+
+/// A `.jsonl` file at least this big is committed while it is parsed (see
+/// [`Store::begin_ingest`]) instead of after.
+const STREAM_MIN_BYTES: usize = 1 << 20;
+
+/// A drop file read whole, with what identifies this copy of it.
+struct ReadDrop {
+    name: String,
+    kind: FileKind,
+    bytes: Vec<u8>,
+    dev: u64,
+    ino: u64,
+    mtime_ns: i64,
+    /// Unchanged for `settle_ms` (or known to be complete).
+    settled: bool,
+}
+
+impl ReadDrop {
+    /// A `.jsonl` file's last line without its newline yet is still being written.
+    fn last_line_unfinished(&self) -> bool {
+        self.kind == FileKind::Jsonl && !self.settled && self.bytes.last() != Some(&b'\n')
+    }
+
+    fn ingest_file(&self, sha256: String, records: Vec<crate::model::Record>) -> IngestFile {
+        IngestFile {
+            name: self.name.clone(),
+            size: self.bytes.len() as u64,
+            sha256,
+            ino: self.ino,
+            mtime_ns: self.mtime_ns,
+            records,
+        }
+    }
+}
+
+/// The checks before parsing, and the read: what [`examine`] does before it parses.
+fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Examined> {
     let name = display_name(path);
     let Some(kind) = FileKind::from_name(&name) else {
-        return Examined::Ignored("the name does not end in .json or .jsonl".into());
+        return Err(Examined::Ignored(
+            "the name does not end in .json or .jsonl".into(),
+        ));
     };
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Examined::Vanished,
-        Err(e) => return Examined::Failed(format!("cannot stat: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Examined::Vanished),
+        Err(e) => return Err(Examined::Failed(format!("cannot stat: {e}"))),
     };
     let ft = meta.file_type();
     if ft.is_dir() {
-        return Examined::Ignored("a directory".into());
+        return Err(Examined::Ignored("a directory".into()));
     }
     if ft.is_symlink() {
-        return Examined::Reject(Rejection::file(
+        return Err(Examined::Reject(Rejection::file(
             RejectReason::Symlink,
             "is a symbolic link: pushdrop never follows links (the link was moved here; its target was not read)",
-        ));
+        )));
     }
     if !ft.is_file() {
-        return Examined::Reject(Rejection::file(
+        return Err(Examined::Reject(Rejection::file(
             RejectReason::NotRegular,
             format!(
                 "is a {}, not a regular file: it was never opened",
                 special_kind(&meta)
             ),
-        ));
+        )));
     }
     let max = cfg.inbox.max_file_bytes;
     let oversize = |size: u64| {
@@ -169,75 +213,89 @@ pub fn examine(path: &Path, cfg: &Config, settled: bool) -> Examined {
         ))
     };
     if meta.size() > max {
-        return oversize(meta.size());
+        return Err(oversize(meta.size()));
     }
     let mut file = match fsutil::open_nofollow(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Examined::Vanished,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Examined::Vanished),
         // ELOOP: replaced by a symlink since the lstat; look again next time.
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Examined::InProgress("replaced while being opened".into());
+            return Err(Examined::InProgress("replaced while being opened".into()));
         }
-        Err(e) => return Examined::Failed(format!("cannot open: {e}")),
+        Err(e) => return Err(Examined::Failed(format!("cannot open: {e}"))),
     };
     let before = match file.metadata() {
         Ok(m) => m,
-        Err(e) => return Examined::Failed(format!("cannot stat: {e}")),
+        Err(e) => return Err(Examined::Failed(format!("cannot stat: {e}"))),
     };
     if before.dev() != meta.dev() || before.ino() != meta.ino() || !before.file_type().is_file() {
-        return Examined::InProgress("replaced while being opened".into());
+        return Err(Examined::InProgress("replaced while being opened".into()));
     }
     if before.size() > max {
-        return oversize(before.size());
+        return Err(oversize(before.size()));
     }
     let mut bytes = Vec::with_capacity(before.size() as usize + 1);
     if let Err(e) = (&mut file).take(max + 1).read_to_end(&mut bytes) {
-        return Examined::Failed(format!("cannot read: {e}"));
+        return Err(Examined::Failed(format!("cannot read: {e}")));
     }
     if bytes.len() as u64 > max {
-        return oversize(bytes.len() as u64);
+        return Err(oversize(bytes.len() as u64));
     }
     let after = match file.metadata() {
         Ok(m) => m,
-        Err(e) => return Examined::Failed(format!("cannot stat: {e}")),
+        Err(e) => return Err(Examined::Failed(format!("cannot stat: {e}"))),
     };
     if after.size() != before.size()
         || after.mtime() != before.mtime()
         || after.mtime_nsec() != before.mtime_nsec()
         || after.size() != bytes.len() as u64
     {
-        return Examined::InProgress("changed while being read".into());
+        return Err(Examined::InProgress("changed while being read".into()));
     }
     drop(file);
     let mtime_ns = after.mtime() * 1_000_000_000 + after.mtime_nsec();
     let settle = Duration::from_millis(cfg.inbox.settle_ms);
     let settled = settled || mtime_age(&after) >= settle;
-    let parsed = match parse::parse_file(&bytes, kind, cfg) {
+    Ok(ReadDrop {
+        name,
+        kind,
+        bytes,
+        dev: after.dev(),
+        ino: after.ino(),
+        mtime_ns,
+        settled,
+    })
+}
+
+/// What [`examine`] does after the read: parse, and decide.
+fn parse_read(read: ReadDrop, cfg: &Config) -> Examined {
+    let parsed = match parse::parse_file(&read.bytes, read.kind, cfg) {
         Ok(p) => p,
-        Err(r) if r.reason == RejectReason::Truncated && !settled => {
-            return Examined::InProgress("ends early: still being written?".into());
-        }
-        // `: > x.json; cat part >> x.json` closes an empty file first: wait for content.
-        Err(r) if r.reason == RejectReason::Empty && !settled => {
-            return Examined::InProgress("empty: still being written?".into());
-        }
-        Err(r) => return Examined::Reject(r),
+        Err(r) => return parse_failed(r, read.settled),
     };
-    if kind == FileKind::Jsonl && !settled && bytes.last() != Some(&b'\n') {
+    if read.last_line_unfinished() {
         return Examined::InProgress("last line has no newline yet".into());
     }
     Examined::Ready {
-        file: IngestFile {
-            name,
-            size: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            ino: after.ino(),
-            mtime_ns,
-            records: parsed.records,
-        },
-        dev: after.dev(),
+        file: read.ingest_file(hex::encode(Sha256::digest(&read.bytes)), parsed.records),
+        dev: read.dev,
         devices: parsed.devices,
         notifications: parsed.notifications,
+    }
+}
+
+/// A file that did not parse: rejected, or, while it may still be being written, left for
+/// later.
+fn parse_failed(r: Rejection, settled: bool) -> Examined {
+    match r.reason {
+        RejectReason::Truncated if !settled => {
+            Examined::InProgress("ends early: still being written?".into())
+        }
+        // `: > x.json; cat part >> x.json` closes an empty file first: wait for content.
+        RejectReason::Empty if !settled => {
+            Examined::InProgress("empty: still being written?".into())
+        }
+        _ => Examined::Reject(r),
     }
 }
 
@@ -291,7 +349,23 @@ impl Ingestor {
         for c in candidates {
             let started = Instant::now();
             let name = display_name(&c.path);
-            match examine(&c.path, &self.cfg, c.settled) {
+            let examined = match read_drop(&c.path, &self.cfg, c.settled) {
+                Ok(read)
+                    if read.kind == FileKind::Jsonl && read.bytes.len() >= STREAM_MIN_BYTES =>
+                {
+                    match self.stream(read, c.path.clone(), started) {
+                        Ok(r) => {
+                            let outcome = self.accepted(r, &mut dirty);
+                            results.push(outcome);
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Ok(read) => parse_read(read, &self.cfg),
+                Err(e) => e,
+            };
+            match examined {
                 Examined::Ready {
                     file,
                     dev,
@@ -343,19 +417,8 @@ impl Ingestor {
             match self.store.ingest(files) {
                 Ok(outcomes) => {
                     for (r, store) in ready.into_iter().zip(outcomes) {
-                        let (moved_to, move_error) = self.finish_accepted(&r, &mut dirty);
-                        results.push(FileResult {
-                            path: r.path,
-                            name: r.name,
-                            outcome: FileOutcome::Accepted(Accepted {
-                                devices: r.devices,
-                                notifications: r.notifications,
-                                store,
-                                moved_to,
-                                move_error,
-                                elapsed: r.started.elapsed(),
-                            }),
-                        });
+                        let outcome = self.accepted((r, Ok(store)), &mut dirty);
+                        results.push(outcome);
                     }
                 }
                 Err(e) => {
@@ -378,6 +441,88 @@ impl Ingestor {
             self.log(r);
         }
         results
+    }
+
+    /// A big `.jsonl` file, committed while it is parsed (see [`Store::begin_ingest`]): the
+    /// writer inserts each chunk of records while the next is parsed, in one transaction that
+    /// commits only once the whole file parsed without a problem. Anything but a commit (or a
+    /// commit that failed) comes back as what [`examine`] would have said.
+    fn stream(
+        &self,
+        read: ReadDrop,
+        path: PathBuf,
+        started: Instant,
+    ) -> Result<(Ready, Result<IngestOutcome, String>), Examined> {
+        if read.last_line_unfinished() {
+            return Err(Examined::InProgress("last line has no newline yet".into()));
+        }
+        let stream = match self
+            .store
+            .begin_ingest(read.ingest_file(String::new(), Vec::new()))
+        {
+            Ok(s) => s,
+            Err(e) => return Err(Examined::Failed(format!("cannot commit: {e}"))),
+        };
+        let mut writer_gone = false;
+        let parsed = parse::parse_file_streaming(&read.bytes, read.kind, &self.cfg, &mut |chunk| {
+            writer_gone = writer_gone || !stream.send(chunk);
+        });
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(r) => {
+                stream.abandon();
+                return Err(parse_failed(r, read.settled));
+            }
+        };
+        if !writer_gone {
+            stream.send(parsed.records);
+        }
+        let committed = stream
+            .commit(hex::encode(Sha256::digest(&read.bytes)))
+            .map_err(|e| e.to_string());
+        Ok((
+            Ready {
+                path,
+                name: read.name,
+                dev: read.dev,
+                ino: read.ino,
+                devices: parsed.devices,
+                notifications: parsed.notifications,
+                started,
+            },
+            committed,
+        ))
+    }
+
+    /// The result of a committed (or failed) file: moved away once committed.
+    fn accepted(
+        &self,
+        (r, committed): (Ready, Result<IngestOutcome, String>),
+        dirty: &mut BTreeSet<PathBuf>,
+    ) -> FileResult {
+        let store = match committed {
+            Ok(s) => s,
+            Err(e) => {
+                return FileResult {
+                    path: r.path,
+                    name: r.name,
+                    outcome: FileOutcome::Failed(format!("cannot commit: {e}")),
+                };
+            }
+        };
+        let (moved_to, move_error) = self.finish_accepted(&r, dirty);
+        FileResult {
+            path: r.path,
+            name: r.name,
+            outcome: FileOutcome::Accepted(Accepted {
+                devices: r.devices,
+                notifications: r.notifications,
+                store,
+                moved_to,
+                move_error,
+                elapsed: r.started.elapsed(),
+            }),
+        }
     }
 
     /// Moves (or deletes) a committed file, making sure it is still the file that was read:

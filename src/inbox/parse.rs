@@ -183,6 +183,32 @@ pub struct ParsedFile {
 
 /// Parses and validates a drop file's content against the configured apps.
 pub fn parse_file(bytes: &[u8], kind: FileKind, cfg: &Config) -> Result<ParsedFile, Rejection> {
+    parse_into(bytes, kind, cfg, None)
+}
+
+/// Records handed to [`parse_file_streaming`]'s sink at a time.
+pub const STREAM_CHUNK: usize = 2000;
+
+/// As [`parse_file`], but while no problem has been found, hands the valid records to `sink`
+/// in file order, [`STREAM_CHUNK`] at a time, as they are parsed (so that they can be
+/// written while the rest is parsed). On `Ok`, the returned [`ParsedFile`] holds the records
+/// not handed over yet (its counts cover the whole file); on `Err`, whatever the sink got
+/// must be thrown away.
+pub fn parse_file_streaming(
+    bytes: &[u8],
+    kind: FileKind,
+    cfg: &Config,
+    sink: &mut dyn FnMut(Vec<Record>),
+) -> Result<ParsedFile, Rejection> {
+    parse_into(bytes, kind, cfg, Some(sink))
+}
+
+fn parse_into<'t>(
+    bytes: &'t [u8],
+    kind: FileKind,
+    cfg: &Config,
+    sink: Option<&'t mut dyn FnMut(Vec<Record>)>,
+) -> Result<ParsedFile, Rejection> {
     let ctx = Ctx::new(cfg);
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let text = match std::str::from_utf8(bytes) {
@@ -210,7 +236,7 @@ pub fn parse_file(bytes: &[u8], kind: FileKind, cfg: &Config) -> Result<ParsedFi
             "empty file: it holds no records",
         ));
     }
-    let mut acc = Acc::new(text);
+    let mut acc = Acc::new(text, sink);
     match kind {
         FileKind::Json => parse_json(text, &ctx, &mut acc)?,
         FileKind::Jsonl => parse_jsonl(text, &ctx, &mut acc)?,
@@ -264,10 +290,12 @@ struct Acc<'t> {
     problems: Vec<Problem>,
     more_problems: usize,
     reason: RejectReason,
+    /// Takes valid records early (see [`parse_file_streaming`]).
+    sink: Option<&'t mut dyn FnMut(Vec<Record>)>,
 }
 
 impl<'t> Acc<'t> {
-    fn new(text: &'t str) -> Acc<'t> {
+    fn new(text: &'t str, sink: Option<&'t mut dyn FnMut(Vec<Record>)>) -> Acc<'t> {
         Acc {
             text,
             lines: None,
@@ -275,6 +303,7 @@ impl<'t> Acc<'t> {
             problems: Vec::new(),
             more_problems: 0,
             reason: RejectReason::Invalid,
+            sink,
         }
     }
 
@@ -316,6 +345,15 @@ impl<'t> Acc<'t> {
             Record::Notification(_) => self.parsed.notifications += 1,
         }
         self.parsed.records.push(r);
+        if self.parsed.records.len() >= STREAM_CHUNK
+            && self.problems.is_empty()
+            && let Some(sink) = self.sink.as_mut()
+        {
+            sink(std::mem::replace(
+                &mut self.parsed.records,
+                Vec::with_capacity(STREAM_CHUNK),
+            ));
+        }
     }
 
     fn finish(mut self) -> Result<ParsedFile, Rejection> {

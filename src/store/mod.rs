@@ -54,6 +54,8 @@ pub enum StoreError {
     },
     #[error("the store's writer thread has stopped")]
     Closed,
+    #[error("the file's ingest was abandoned before its commit; nothing of it was kept")]
+    Abandoned,
 }
 
 /// One accepted file's records, with what identifies this copy of the file so that a restart
@@ -187,6 +189,27 @@ impl Store {
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
+    /// Starts committing one big file whose records are still being parsed: the writer
+    /// inserts each chunk as it comes, inside one transaction that commits only on
+    /// [`IngestStream::commit`] (and is rolled back if the stream is dropped instead). The
+    /// parse and the inserts overlap; the file is still accepted whole or not at all.
+    /// `file.records` and `file.sha256` are ignored (they come later). Blocking.
+    pub fn begin_ingest(&self, file: IngestFile) -> Result<IngestStream, StoreError> {
+        let (chunks, rx) = std::sync::mpsc::sync_channel(4);
+        let (reply, reply_rx) = oneshot::channel();
+        self.tx
+            .blocking_send(writer::Command::IngestStream {
+                file,
+                chunks: rx,
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        Ok(IngestStream {
+            chunks,
+            reply: reply_rx,
+        })
+    }
+
     /// Runs `f` on the writer thread (blocking caller).
     fn call_blocking<R: Send + 'static>(
         &self,
@@ -311,6 +334,36 @@ impl Store {
     pub fn backup_blocking(&self, dest: &Path) -> Result<(), StoreError> {
         let dest = dest.to_path_buf();
         self.call_blocking(move |w| w.backup(&dest))
+    }
+}
+
+/// A file being committed while it is parsed; see [`Store::begin_ingest`].
+pub struct IngestStream {
+    chunks: std::sync::mpsc::SyncSender<writer::StreamMsg>,
+    reply: oneshot::Receiver<Result<IngestOutcome, StoreError>>,
+}
+
+impl IngestStream {
+    /// Hands the writer the next records (in file order). False once the writer has given
+    /// up on the file (a database error): [`IngestStream::commit`] then says why.
+    pub fn send(&self, records: Vec<Record>) -> bool {
+        self.chunks
+            .send(writer::StreamMsg::Records(records))
+            .is_ok()
+    }
+
+    /// Commits the file, now that all of it parsed; `sha256` identifies its content (see
+    /// [`IngestFile`]). Returns once the commit is durable.
+    pub fn commit(self, sha256: String) -> Result<IngestOutcome, StoreError> {
+        let _ = self.chunks.send(writer::StreamMsg::Commit { sha256 });
+        self.reply.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Drops everything sent so far (the file is rejected or still being written), once the
+    /// writer has rolled it back.
+    pub fn abandon(self) {
+        drop(self.chunks);
+        let _ = self.reply.blocking_recv();
     }
 }
 

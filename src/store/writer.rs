@@ -26,7 +26,22 @@ pub(super) enum Command {
         files: Vec<IngestFile>,
         reply: oneshot::Sender<Result<Vec<IngestOutcome>, StoreError>>,
     },
+    /// One big file whose records arrive in chunks while it is still being parsed; committed
+    /// alone, in one transaction, only on [`StreamMsg::Commit`].
+    IngestStream {
+        file: IngestFile,
+        chunks: std::sync::mpsc::Receiver<StreamMsg>,
+        reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
+    },
     Run(Job),
+}
+
+/// What the parser of a streamed file sends the writer.
+pub(super) enum StreamMsg {
+    /// The next records, in file order.
+    Records(Vec<Record>),
+    /// The file parsed without a problem: commit it. Its content hash, known only now.
+    Commit { sha256: String },
 }
 
 /// Rows added per fan-out transaction: big enough to be fast, small enough that the sender's
@@ -293,6 +308,17 @@ pub(super) fn run(
         }
         match cmd {
             Command::Run(job) => job(&mut w),
+            Command::IngestStream {
+                file,
+                chunks,
+                reply,
+            } => {
+                let res = w.ingest_stream(file, chunks);
+                if matches!(&res, Ok(o) if o.notifications_queued > 0) {
+                    new_work.notify_one();
+                }
+                let _ = reply.send(res);
+            }
             Command::Ingest { files, reply } => {
                 let mut batch = vec![(files, reply)];
                 while batch.len() < 256 {
@@ -504,6 +530,61 @@ impl Writer {
             queued_at_row(&mut self.cursor, due, first_delivery);
         }
         Ok(Some(made))
+    }
+
+    /// See [`super::Store::begin_ingest`]: the transaction stays open while the chunks come
+    /// in, and is rolled back unless the parser sends `Commit`.
+    fn ingest_stream(
+        &mut self,
+        mut file: IngestFile,
+        chunks: std::sync::mpsc::Receiver<StreamMsg>,
+    ) -> Result<IngestOutcome, StoreError> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn
+            .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
+        let mut earliest_due = None;
+        let mut expansions_added = false;
+        let defer = self.defer_expansion;
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            let mut fw = FileWriter::new(&tx, &file, defer)?;
+            loop {
+                match chunks.recv() {
+                    Ok(StreamMsg::Records(records)) => {
+                        for r in &records {
+                            fw.add(r, &mut earliest_due)?;
+                        }
+                    }
+                    Ok(StreamMsg::Commit { sha256 }) => {
+                        file.sha256 = sha256;
+                        break;
+                    }
+                    // Rejected, still being written, or the parser gave up: nothing stays.
+                    Err(_) => return Err(StoreError::Abandoned),
+                }
+            }
+            if already_committed(&tx, &file)? {
+                return Ok(IngestOutcome {
+                    already_committed: true,
+                    ..IngestOutcome::default()
+                });
+            }
+            let out = fw.finish(&file, &mut expansions_added)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.conn
+            .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
+        if let Ok(out) = &result {
+            if expansions_added {
+                self.expansions_pending = true;
+            }
+            if let (Some(due), false) = (earliest_due, out.already_committed) {
+                queued_at(&mut self.cursor, due);
+            }
+        }
+        result
     }
 
     /// See [`super::Store::fan_out_due`].
@@ -1170,38 +1251,87 @@ fn ingest_file(
     defer: bool,
     expansions_added: &mut bool,
 ) -> Result<IngestOutcome, StoreError> {
-    let mut out = IngestOutcome::default();
-    let seen: bool = tx
+    if already_committed(tx, f)? {
+        return Ok(IngestOutcome {
+            already_committed: true,
+            ..IngestOutcome::default()
+        });
+    }
+    // A big file's direct-token deliveries are made after its commit (see
+    // [`Writer::expand_some`]): its transaction then only writes notifications.
+    let defer = defer && direct_deliveries(&f.records) > EXPAND_INLINE_MAX;
+    let mut fw = FileWriter::new(tx, f, defer)?;
+    for rec in &f.records {
+        fw.add(rec, earliest_due)?;
+    }
+    fw.finish(f, expansions_added)
+}
+
+/// Whether this very file (name, content, inode, mtime) was committed before: a crash came
+/// between its commit and its move.
+fn already_committed(tx: &Transaction<'_>, f: &IngestFile) -> Result<bool, StoreError> {
+    Ok(tx
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM committed_files
              WHERE name = ?1 AND sha256 = ?2 AND ino = ?3 AND mtime_ns = ?4)",
         )?
         .query_row(params![f.name, f.sha256, f.ino as i64, f.mtime_ns], |r| {
             r.get(0)
-        })?;
-    if seen {
-        out.already_committed = true;
-        return Ok(out);
+        })?)
+}
+
+/// Writes one file's records, in order, inside a transaction; the statements are prepared
+/// once per file, not looked up in the statement cache per record.
+struct FileWriter<'t> {
+    tx: &'t Transaction<'t>,
+    insert_notification: rusqlite::CachedStatement<'t>,
+    direct: TokenDeliveries<'t>,
+    /// Progress rows go in together at the end of the file, one statement per pending count
+    /// (nearly always one: single-token notifications), not one statement per notification.
+    progress: HashMap<i64, Vec<rusqlite::types::Value>>,
+    /// Make direct-token deliveries after the commit.
+    defer: bool,
+    /// The first and last notification whose deliveries were deferred.
+    deferred: Option<(i64, i64)>,
+    source_file: String,
+    now: i64,
+    written: i64,
+    index: usize,
+    out: IngestOutcome,
+}
+
+impl<'t> FileWriter<'t> {
+    fn new(
+        tx: &'t Transaction<'t>,
+        f: &IngestFile,
+        defer: bool,
+    ) -> Result<FileWriter<'t>, StoreError> {
+        Ok(FileWriter {
+            tx,
+            insert_notification: tx.prepare_cached(
+                "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
+                    priority, topic, collapse_id, expiration, send_at, created_at, source_file,
+                    fanned_out, environment)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                 ON CONFLICT (app, ext_id) DO NOTHING",
+            )?,
+            direct: TokenDeliveries::prepare(tx)?,
+            progress: HashMap::new(),
+            defer,
+            deferred: None,
+            source_file: f.name.clone(),
+            now: now_ms(),
+            written: f.written_at_ms(),
+            index: 0,
+            out: IngestOutcome::default(),
+        })
     }
-    let now = now_ms();
-    let written = f.written_at_ms();
-    // A big file's direct-token deliveries are made after its commit (see
-    // [`Writer::expand_some`]): its transaction then only writes notifications.
-    let defer = defer && direct_deliveries(&f.records) > EXPAND_INLINE_MAX;
-    let mut deferred: Option<(i64, i64)> = None;
-    // Prepared once per file, not looked up in the statement cache per record.
-    let mut insert_notification = tx.prepare_cached(
-        "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
-            priority, topic, collapse_id, expiration, send_at, created_at, source_file,
-            fanned_out, environment)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-         ON CONFLICT (app, ext_id) DO NOTHING",
-    )?;
-    // Progress rows go in together at the end of the file, one statement per pending count
-    // (nearly always one: single-token notifications), not one statement per notification.
-    let mut progress: HashMap<i64, Vec<rusqlite::types::Value>> = HashMap::new();
-    let mut direct = TokenDeliveries::prepare(tx)?;
-    for (index, rec) in f.records.iter().enumerate() {
+
+    /// The file's next record.
+    fn add(&mut self, rec: &Record, earliest_due: &mut Option<i64>) -> Result<(), StoreError> {
+        let (tx, now) = (self.tx, self.now);
+        let index = self.index;
+        self.index += 1;
         match rec {
             Record::Device(d) => match d.action {
                 DeviceAction::Register => {
@@ -1223,8 +1353,8 @@ fn ingest_file(
                                             THEN NULL ELSE invalidated_at END,
                            updated_at = excluded.updated_at",
                     )?
-                    .execute(params![d.app, d.token, d.user, d.environment.as_str(), written, now])?;
-                    out.devices_registered += 1;
+                    .execute(params![d.app, d.token, d.user, d.environment.as_str(), self.written, now])?;
+                    self.out.devices_registered += 1;
                 }
                 DeviceAction::Unregister => {
                     tx.prepare_cached(
@@ -1232,7 +1362,7 @@ fn ingest_file(
                          WHERE app = ?1 AND token = ?2",
                     )?
                     .execute(params![d.app, d.token, now])?;
-                    out.devices_unregistered += 1;
+                    self.out.devices_unregistered += 1;
                 }
             },
             Record::Notification(n) => {
@@ -1256,7 +1386,7 @@ fn ingest_file(
                     }
                     _ => Vec::new(),
                 };
-                let inserted = insert_notification.execute(params![
+                let inserted = self.insert_notification.execute(params![
                     n.app,
                     ext_id,
                     n.target.kind(),
@@ -1269,62 +1399,74 @@ fn ingest_file(
                     n.expiration,
                     send_at,
                     now,
-                    f.name,
+                    self.source_file,
                     fanned_out as i64,
                     n.environment.as_str(),
                 ])?;
                 if inserted == 0 {
-                    out.duplicates.push((index, ext_id));
-                    continue;
+                    self.out.duplicates.push((index, ext_id));
+                    return Ok(());
                 }
                 let nid = tx.last_insert_rowid();
                 // Pending: its deliveries, or the fan-out still to come.
                 let pending = if fanned_out { tokens.len() as i64 } else { 1 };
-                progress
+                self.progress
                     .entry(pending)
                     .or_default()
                     .push(rusqlite::types::Value::Integer(nid));
                 let due_at = send_at;
-                if defer && !tokens.is_empty() {
-                    deferred = Some(deferred.map_or((nid, nid), |(first, _)| (first, nid)));
+                if self.defer && !tokens.is_empty() {
+                    self.deferred =
+                        Some(self.deferred.map_or((nid, nid), |(first, _)| (first, nid)));
                 } else {
                     if !tokens.is_empty() {
                         *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
                     }
                     for t in &tokens {
-                        direct.add(nid, &n.app, t, n.environment.as_str(), due_at, now)?;
+                        self.direct
+                            .add(nid, &n.app, t, n.environment.as_str(), due_at, now)?;
                     }
                 }
-                out.notifications_queued += 1;
-                out.notification_ids.push(ext_id);
+                self.out.notifications_queued += 1;
+                self.out.notification_ids.push(ext_id);
             }
         }
+        Ok(())
     }
-    if let Some((first, last)) = deferred {
-        tx.prepare_cached("INSERT INTO token_expansions (next_id, last_id) VALUES (?1, ?2)")?
-            .execute(params![first, last])?;
-        *expansions_added = true;
-    }
-    for (pending, ids) in progress {
+
+    /// Writes what goes in at the end of the file and what identifies the file.
+    fn finish(
+        self,
+        f: &IngestFile,
+        expansions_added: &mut bool,
+    ) -> Result<IngestOutcome, StoreError> {
+        let (tx, now) = (self.tx, self.now);
+        if let Some((first, last)) = self.deferred {
+            tx.prepare_cached("INSERT INTO token_expansions (next_id, last_id) VALUES (?1, ?2)")?
+                .execute(params![first, last])?;
+            *expansions_added = true;
+        }
+        for (pending, ids) in self.progress {
+            tx.prepare_cached(
+                "INSERT INTO notification_progress (id, pending, finished_at)
+                 SELECT value, ?2, CASE WHEN ?2 <= 0 THEN ?3 END FROM rarray(?1)",
+            )?
+            .execute(params![std::rc::Rc::new(ids), pending, now])?;
+        }
         tx.prepare_cached(
-            "INSERT INTO notification_progress (id, pending, finished_at)
-             SELECT value, ?2, CASE WHEN ?2 <= 0 THEN ?3 END FROM rarray(?1)",
+            "INSERT OR IGNORE INTO committed_files (name, sha256, size, ino, mtime_ns, committed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
-        .execute(params![std::rc::Rc::new(ids), pending, now])?;
+        .execute(params![
+            f.name,
+            f.sha256,
+            f.size as i64,
+            f.ino as i64,
+            f.mtime_ns,
+            now
+        ])?;
+        Ok(self.out)
     }
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO committed_files (name, sha256, size, ino, mtime_ns, committed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        f.name,
-        f.sha256,
-        f.size as i64,
-        f.ino as i64,
-        f.mtime_ns,
-        now
-    ])?;
-    Ok(out)
 }
 
 /// How many direct-token deliveries a file's notifications name (before de-duplication).

@@ -1,0 +1,102 @@
+//! Big `.jsonl` files, which are committed while they are parsed: still accepted whole or
+//! rejected whole, and never taken while their writer is still at work.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::inbox::{Env, Options, device, notification, token, wait_for};
+
+/// `n` notifications without ids (so a second ingest would show), one per line, plus a few
+/// device registrations at the start: well over the 1 MiB from which files are streamed.
+fn big_file(n: u64) -> String {
+    let mut s: String = (0..10).map(|i| device(i, "big") + "\n").collect();
+    for i in 0..n {
+        s.push_str(&notification("", &token(1_000 + i)));
+        s.push('\n');
+    }
+    assert!(s.len() > 2 << 20, "big enough to be streamed: {}", s.len());
+    s
+}
+
+#[test]
+fn a_big_file_is_accepted_whole_and_gets_every_delivery() {
+    let env = Env::new();
+    let daemon = env.start();
+    env.drop_file("big.jsonl", big_file(12_000));
+    wait_for("the big file", || env.processed_names() == ["big.jsonl"]);
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 12_000);
+    assert_eq!(
+        env.count("SELECT count(*) FROM devices WHERE user = 'big'"),
+        10
+    );
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 1);
+    // The deliveries (and the tokens' device rows) are made just after the commit.
+    wait_for("every delivery", || {
+        env.count("SELECT count(*) FROM deliveries") == 12_000
+    });
+    assert_eq!(
+        env.count("SELECT count(DISTINCT notification_id) FROM deliveries"),
+        12_000
+    );
+    assert_eq!(env.count("SELECT count(*) FROM devices"), 12_010);
+    daemon.shutdown();
+}
+
+#[test]
+fn a_big_file_with_a_bad_record_near_its_end_is_rejected_whole() {
+    let env = Env::new();
+    let daemon = env.start();
+    let mut lines: Vec<String> = big_file(12_000).lines().map(str::to_string).collect();
+    let bad = lines.len() - 5;
+    lines[bad] = lines[bad].replace("\"notification\"", "\"notificaton\"");
+    env.drop_file("bad.jsonl", lines.join("\n") + "\n");
+    wait_for("the rejection", || {
+        env.rejected_names().contains(&"bad.jsonl".to_string())
+    });
+    let report = env.report("bad.jsonl");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert_eq!(problems[0]["line"], bad as u64 + 1, "{report}");
+    // Everything the writer had taken before the bad line was found is gone again.
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM devices"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 0);
+    // The daemon goes on.
+    env.drop_file("after.json", notification("after", &token(1)));
+    wait_for("the next file", || {
+        env.processed_names().contains(&"after.json".to_string())
+    });
+    daemon.shutdown();
+}
+
+/// Written in place in three parts, a pause after each (mid-line): never taken early, taken
+/// once when done.
+#[test]
+fn a_big_file_written_in_place_is_taken_once_complete() {
+    let env = Env::with(Options {
+        settle_ms: 1500,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    let content = big_file(12_000);
+    let bytes = content.as_bytes();
+    let mut f = std::fs::File::create(env.inbox.join("slow.jsonl")).unwrap();
+    for part in bytes.chunks(bytes.len().div_ceil(3) + 17) {
+        f.write_all(part).unwrap();
+        f.flush().unwrap();
+        f.sync_data().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            env.rejected_names().is_empty(),
+            "{:?}",
+            env.rejected_names()
+        );
+    }
+    drop(f);
+    wait_for("the slow file", || env.processed_names() == ["slow.jsonl"]);
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 12_000);
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 1);
+    daemon.shutdown();
+}
