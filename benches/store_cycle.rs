@@ -1,7 +1,6 @@
 //! The store's share of one delivery, without network: ingests one file of N single-token
-//! notifications (default 100,000), waits while the writer makes their deliveries (the daemon
-//! does that after a big file's commit), then claims and records them as `sent` in batches
-//! the way the sender does, and prints the writer's cost per delivery for each step. Run:
+//! notifications (default 100,000), then claims and records them as `sent` in batches the
+//! way the sender does, and prints the writer's cost per delivery for each step. Run:
 //! `cargo bench --bench store_cycle [-- N]`.
 
 use std::time::{Duration, Instant};
@@ -84,24 +83,6 @@ fn main() {
         .expect("ingest");
     let ingest = t.elapsed();
     let ingest_cpu = writer_cpu_ns() - c;
-    // The daemon's store makes a big file's deliveries after its commit, in its idle time.
-    let t = Instant::now();
-    let c = writer_cpu_ns();
-    let reader = pushdrop::store::query::Reader::open(store.path()).expect("reader");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while reader
-        .conn()
-        .query_row("SELECT count(*) FROM token_expansions", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .expect("expansions")
-        > 0
-    {
-        assert!(Instant::now() < deadline, "expansion did not finish");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let expand = t.elapsed();
-    let expand_cpu = writer_cpu_ns() - c;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -143,13 +124,10 @@ fn main() {
     let cpu = |ns: u64| ns as f64 / 1e3 / n as f64;
     println!(
         "{n} single-token notifications ({} tokens), per delivery (batches of {batch}): \
-         ingest {:.2} us (writer CPU {:.2}), then deliveries made {:.2} us (CPU {:.2}), \
-         claim {:.2} us (CPU {:.2}), record {:.2} us (CPU {:.2})",
+         ingest {:.2} us (writer CPU {:.2}), claim {:.2} us (CPU {:.2}), record {:.2} us (CPU {:.2})",
         if sequential { "sequential" } else { "random" },
         per(ingest),
         cpu(ingest_cpu),
-        per(expand),
-        cpu(expand_cpu),
         per(claim),
         cpu(claim_cpu),
         per(record),

@@ -260,8 +260,7 @@ fn nothing_due(db: &Path) -> bool {
     };
     let now = now_ms();
     let q: rusqlite::Result<(i64, i64)> = r.conn().query_row(
-        "SELECT (SELECT count(*) FROM deliveries WHERE state = 0)
-                  + (SELECT count(*) FROM token_expansions),
+        "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),
                 (SELECT count(*) FROM notifications WHERE fanned_out = 0 AND send_at <= ?1)",
         [now],
         |row| Ok((row.get(0)?, row.get(1)?)),

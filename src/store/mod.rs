@@ -158,7 +158,7 @@ impl Store {
         let notify = new_work.clone();
         std::thread::Builder::new()
             .name("pushdrop-store".into())
-            .spawn(move || writer::run(conn, rx, notify, checkpoints, exclusive))
+            .spawn(move || writer::run(conn, rx, notify, checkpoints))
             .map_err(spawn_failed)?;
         Ok(Store {
             tx,

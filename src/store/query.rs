@@ -202,25 +202,6 @@ impl Reader {
                 s.queued += n;
             }
         }
-        // A big file's direct-token deliveries not made yet (they are made just after its
-        // commit) are queued all the same.
-        let mut st = self.conn.prepare(
-            "SELECT n.app, sum(p.pending) FROM token_expansions e
-             JOIN notifications n ON n.id BETWEEN e.next_id AND e.last_id AND n.target_kind = 'tokens'
-             JOIN notification_progress p ON p.id = n.id
-             GROUP BY n.app",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        for row in rows {
-            let (app, n) = row?;
-            let e = s.deliveries.entry(app).or_default();
-            for st in DeliveryState::ALL {
-                e.entry(st.as_str()).or_insert(0);
-            }
-            *e.entry(DeliveryState::Queued.as_str()).or_insert(0) += n;
-            *s.totals.entry(DeliveryState::Queued.as_str()).or_insert(0) += n;
-            s.queued += n;
-        }
         let now = now_ms();
         let oldest: Option<i64> = self.conn.query_row(
             "SELECT min(d.due_at) FROM deliveries d WHERE d.state = 0 AND d.due_at <= ?1",

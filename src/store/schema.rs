@@ -129,12 +129,6 @@ const MIGRATIONS: &[&str] = &[
     // pending count; the narrow row costs a fraction of that in pages written per commit.
     // `pending` also counts the fan-out itself (1 until `fanned_out`), so a notification is
     // finished exactly when its pending count reaches 0.
-    //
-    // Also: a big file's direct-token deliveries (and their device rows) may be made after the
-    // file's commit, in small transactions beside the sender's, instead of inside it: the
-    // file's transaction then writes its notifications only, and sending starts sooner.
-    // `token_expansions` holds the notification id ranges still to expand (a crash resumes
-    // them), and each notification keeps the environment new token devices get.
     r#"
     CREATE TABLE notification_progress (
         -- notifications.id
@@ -150,13 +144,6 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX notifications_finished;
     ALTER TABLE notifications DROP COLUMN pending;
     ALTER TABLE notifications DROP COLUMN finished_at;
-    ALTER TABLE notifications ADD COLUMN environment TEXT;
-    CREATE TABLE token_expansions (
-        id      INTEGER PRIMARY KEY,
-        -- `tokens` notifications with next_id <= id <= last_id have no deliveries yet
-        next_id INTEGER NOT NULL,
-        last_id INTEGER NOT NULL
-    );
     "#,
 ];
 

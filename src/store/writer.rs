@@ -63,24 +63,6 @@ const SMALL_CACHE_KIB: i64 = -8192;
 /// Back to [`SMALL_CACHE_KIB`] afterwards; the daemon stays far below its RSS budget.
 const INGEST_CACHE_KIB: i64 = -65536;
 
-/// A file with more direct-token deliveries than this has them made after its commit (in the
-/// daemon): its one durable transaction then writes notifications only, and sending starts
-/// while the rest are made. Smaller files make them inline, so a single drop is claimable the
-/// moment it commits.
-const EXPAND_INLINE_MAX: usize = 1000;
-
-/// Notifications expanded per transaction after a big file's commit: a few milliseconds of
-/// the writer's time, so claims and results are never held up for long.
-const EXPAND_CHUNK: usize = 500;
-
-/// For the store's tests: files bigger than this are expanded after their commit.
-#[cfg(test)]
-pub(super) const EXPAND_CHUNK_FOR_TESTS: usize = if EXPAND_INLINE_MAX > EXPAND_CHUNK {
-    EXPAND_INLINE_MAX
-} else {
-    EXPAND_CHUNK
-};
-
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
@@ -164,13 +146,6 @@ pub struct Writer {
     /// Where the next claim continues in `(due_at, id)` order, so that a busy queue is not
     /// re-read past the deliveries already in flight on every claim. `None`: from the start.
     cursor: Option<(i64, i64)>,
-    /// Whether big files' direct-token deliveries are made after their commit (the daemon) or
-    /// inline (one-shot commands, which exit right after).
-    defer_expansion: bool,
-    /// `token_expansions` has rows: the writer works on them whenever no command waits.
-    expansions_pending: bool,
-    /// After a failed expansion: when to try again (on the next command after it).
-    expansion_retry_at: Option<std::time::Instant>,
 }
 
 /// What one claim hands the sender.
@@ -252,60 +227,22 @@ pub(super) fn run(
     mut rx: mpsc::Receiver<Command>,
     new_work: Arc<Notify>,
     checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
-    defer_expansion: bool,
 ) {
-    // Expansions a previous run left unfinished (a crash, a stop) resume at once.
-    let expansions_pending = defer_expansion
-        && conn
-            .query_row("SELECT EXISTS (SELECT 1 FROM token_expansions)", [], |r| {
-                r.get(0)
-            })
-            .unwrap_or(false);
     let mut w = Writer {
         conn,
         notifications: HashMap::new(),
         in_flight: HashSet::new(),
         cursor: None,
-        defer_expansion,
-        expansions_pending,
-        expansion_retry_at: None,
     };
     let mut pending: Option<Command> = None;
-    // Commands served since the last expansion chunk: a steady stream of claims and results
-    // must not starve the expansion that feeds them.
-    let mut served = 0u32;
     loop {
         let cmd = match pending.take() {
             Some(c) => c,
-            None if w.expansions_pending => match rx.try_recv() {
-                Ok(c) if served < 8 => c,
-                Ok(c) => {
-                    served = 0;
-                    w.expand_some(&new_work);
-                    c
-                }
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    served = 0;
-                    w.expand_some(&new_work);
-                    if let Some(c) = &checkpoints {
-                        let _ = c.try_send(());
-                    }
-                    continue;
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            },
             None => match rx.blocking_recv() {
                 Some(c) => c,
                 None => break,
             },
         };
-        served += 1;
-        if let Some(at) = w.expansion_retry_at
-            && std::time::Instant::now() >= at
-        {
-            w.expansion_retry_at = None;
-            w.expansions_pending = true;
-        }
         match cmd {
             Command::Run(job) => job(&mut w),
             Command::IngestStream {
@@ -414,30 +351,19 @@ impl Writer {
         self.conn
             .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
         let mut earliest_due = None;
-        let mut expansions_added = false;
-        let defer = self.defer_expansion;
         let result = (|| {
             let tx = self.conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
             for files in groups {
                 let mut outs = Vec::with_capacity(files.len());
                 for f in files.iter() {
-                    outs.push(ingest_file(
-                        &tx,
-                        f,
-                        &mut earliest_due,
-                        defer,
-                        &mut expansions_added,
-                    )?);
+                    outs.push(ingest_file(&tx, f, &mut earliest_due)?);
                 }
                 out.push(outs);
             }
             tx.commit()?;
             Ok(out)
         })();
-        if result.is_ok() && expansions_added {
-            self.expansions_pending = true;
-        }
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         self.conn
             .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
@@ -445,91 +371,6 @@ impl Writer {
             queued_at(&mut self.cursor, due);
         }
         result
-    }
-
-    /// Makes the deliveries (and new device rows) of up to [`EXPAND_CHUNK`] notifications of
-    /// the oldest pending token expansion, in one transaction that also advances the range, so
-    /// a crash resumes where it stopped. Wakes the sender when deliveries were made.
-    fn expand_some(&mut self, new_work: &Notify) {
-        match self.expand_chunk() {
-            Ok(Some(made)) => {
-                if made > 0 {
-                    new_work.notify_one();
-                }
-            }
-            Ok(None) => self.expansions_pending = false,
-            Err(e) => {
-                // Left as it was, and tried again a second later (with the next command after
-                // that): a broken database is not hammered.
-                tracing::error!(event = "store_error", error = %e, "cannot make a big file's deliveries; retrying in 1 s");
-                self.expansions_pending = false;
-                self.expansion_retry_at =
-                    Some(std::time::Instant::now() + std::time::Duration::from_secs(1));
-            }
-        }
-    }
-
-    /// One expansion transaction; `None` when nothing is left to expand.
-    fn expand_chunk(&mut self) -> Result<Option<usize>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let Some((eid, next_id, last_id)) = tx
-            .prepare_cached(
-                "SELECT id, next_id, last_id FROM token_expansions ORDER BY id LIMIT 1",
-            )?
-            .query_row([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        let to = last_id.min(next_id + EXPAND_CHUNK as i64 - 1);
-        let now = now_ms();
-        // Set-based, two statements per chunk: new tokens get their device rows, then every
-        // distinct (notification, token) its delivery. A token named twice in one
-        // notification meets the UNIQUE (notification_id, device_id) the second time.
-        tx.prepare_cached(
-            "INSERT INTO devices (app, token, environment, created_at, updated_at)
-             SELECT n.app, j.value, coalesce(n.environment, 'production'), ?3, ?3
-             FROM notifications n, json_each(n.target) j
-             WHERE n.id BETWEEN ?1 AND ?2 AND n.target_kind = 'tokens'
-             ON CONFLICT (app, token) DO NOTHING",
-        )?
-        .execute(params![next_id, to, now])?;
-        let made = tx
-            .prepare_cached(
-                "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
-                 SELECT n.id,
-                        (SELECT d.id FROM devices d WHERE d.app = n.app AND d.token = j.value),
-                        n.send_at, pd_uuid(), ?3
-                 FROM notifications n, json_each(n.target) j
-                 WHERE n.id BETWEEN ?1 AND ?2 AND n.target_kind = 'tokens'
-                 ON CONFLICT DO NOTHING",
-            )?
-            .execute(params![next_id, to, now])?;
-        let first_delivery = tx.last_insert_rowid() - made as i64 + 1;
-        let earliest_due: Option<i64> = tx
-            .prepare_cached(
-                "SELECT min(send_at) FROM notifications
-                 WHERE id BETWEEN ?1 AND ?2 AND target_kind = 'tokens'",
-            )?
-            .query_row(params![next_id, to], |r| r.get(0))?;
-        if to < last_id {
-            tx.prepare_cached("UPDATE token_expansions SET next_id = ?2 WHERE id = ?1")?
-                .execute(params![eid, to + 1])?;
-        } else {
-            tx.prepare_cached("DELETE FROM token_expansions WHERE id = ?1")?
-                .execute([eid])?;
-        }
-        tx.commit()?;
-        if let (true, Some(due)) = (made > 0, earliest_due) {
-            queued_at_row(&mut self.cursor, due, first_delivery);
-        }
-        Ok(Some(made))
     }
 
     /// See [`super::Store::begin_ingest`]: the transaction stays open while the chunks come
@@ -543,11 +384,9 @@ impl Writer {
         self.conn
             .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
         let mut earliest_due = None;
-        let mut expansions_added = false;
-        let defer = self.defer_expansion;
         let result = (|| {
             let tx = self.conn.transaction()?;
-            let mut fw = FileWriter::new(&tx, &file, defer)?;
+            let mut fw = FileWriter::new(&tx, &file)?;
             loop {
                 match chunks.recv() {
                     Ok(StreamMsg::Records(records)) => {
@@ -569,20 +408,17 @@ impl Writer {
                     ..IngestOutcome::default()
                 });
             }
-            let out = fw.finish(&file, &mut expansions_added)?;
+            let out = fw.finish(&file)?;
             tx.commit()?;
             Ok(out)
         })();
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         self.conn
             .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
-        if let Ok(out) = &result {
-            if expansions_added {
-                self.expansions_pending = true;
-            }
-            if let (Some(due), false) = (earliest_due, out.already_committed) {
-                queued_at(&mut self.cursor, due);
-            }
+        if let Ok(out) = &result
+            && let (Some(due), false) = (earliest_due, out.already_committed)
+        {
+            queued_at(&mut self.cursor, due);
         }
         result
     }
@@ -1098,14 +934,6 @@ fn queued_at(cursor: &mut Option<(i64, i64)>, due_at: i64) {
     }
 }
 
-/// As [`queued_at`] for new rows whose first `(due_at, id)` is known: rows that sort after
-/// the cursor are found by the walk from it, so only rows before it rewind the walk.
-fn queued_at_row(cursor: &mut Option<(i64, i64)>, due_at: i64, id: i64) {
-    if cursor.is_some_and(|c| (due_at, id) <= c) {
-        *cursor = None;
-    }
-}
-
 /// Ends a queued delivery in a final state other than `sent`.
 fn finish(
     tx: &Transaction<'_>,
@@ -1248,8 +1076,6 @@ fn ingest_file(
     tx: &Transaction<'_>,
     f: &IngestFile,
     earliest_due: &mut Option<i64>,
-    defer: bool,
-    expansions_added: &mut bool,
 ) -> Result<IngestOutcome, StoreError> {
     if already_committed(tx, f)? {
         return Ok(IngestOutcome {
@@ -1257,14 +1083,11 @@ fn ingest_file(
             ..IngestOutcome::default()
         });
     }
-    // A big file's direct-token deliveries are made after its commit (see
-    // [`Writer::expand_some`]): its transaction then only writes notifications.
-    let defer = defer && direct_deliveries(&f.records) > EXPAND_INLINE_MAX;
-    let mut fw = FileWriter::new(tx, f, defer)?;
+    let mut fw = FileWriter::new(tx, f)?;
     for rec in &f.records {
         fw.add(rec, earliest_due)?;
     }
-    fw.finish(f, expansions_added)
+    fw.finish(f)
 }
 
 /// Whether this very file (name, content, inode, mtime) was committed before: a crash came
@@ -1289,10 +1112,6 @@ struct FileWriter<'t> {
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
-    /// Make direct-token deliveries after the commit.
-    defer: bool,
-    /// The first and last notification whose deliveries were deferred.
-    deferred: Option<(i64, i64)>,
     source_file: String,
     now: i64,
     written: i64,
@@ -1301,24 +1120,18 @@ struct FileWriter<'t> {
 }
 
 impl<'t> FileWriter<'t> {
-    fn new(
-        tx: &'t Transaction<'t>,
-        f: &IngestFile,
-        defer: bool,
-    ) -> Result<FileWriter<'t>, StoreError> {
+    fn new(tx: &'t Transaction<'t>, f: &IngestFile) -> Result<FileWriter<'t>, StoreError> {
         Ok(FileWriter {
             tx,
             insert_notification: tx.prepare_cached(
                 "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
                     priority, topic, collapse_id, expiration, send_at, created_at, source_file,
-                    fanned_out, environment)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                    fanned_out)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT (app, ext_id) DO NOTHING",
             )?,
             direct: TokenDeliveries::prepare(tx)?,
             progress: HashMap::new(),
-            defer,
-            deferred: None,
             source_file: f.name.clone(),
             now: now_ms(),
             written: f.written_at_ms(),
@@ -1401,7 +1214,6 @@ impl<'t> FileWriter<'t> {
                     now,
                     self.source_file,
                     fanned_out as i64,
-                    n.environment.as_str(),
                 ])?;
                 if inserted == 0 {
                     self.out.duplicates.push((index, ext_id));
@@ -1415,17 +1227,12 @@ impl<'t> FileWriter<'t> {
                     .or_default()
                     .push(rusqlite::types::Value::Integer(nid));
                 let due_at = send_at;
-                if self.defer && !tokens.is_empty() {
-                    self.deferred =
-                        Some(self.deferred.map_or((nid, nid), |(first, _)| (first, nid)));
-                } else {
-                    if !tokens.is_empty() {
-                        *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
-                    }
-                    for t in &tokens {
-                        self.direct
-                            .add(nid, &n.app, t, n.environment.as_str(), due_at, now)?;
-                    }
+                if !tokens.is_empty() {
+                    *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
+                }
+                for t in &tokens {
+                    self.direct
+                        .add(nid, &n.app, t, n.environment.as_str(), due_at, now)?;
                 }
                 self.out.notifications_queued += 1;
                 self.out.notification_ids.push(ext_id);
@@ -1435,17 +1242,8 @@ impl<'t> FileWriter<'t> {
     }
 
     /// Writes what goes in at the end of the file and what identifies the file.
-    fn finish(
-        self,
-        f: &IngestFile,
-        expansions_added: &mut bool,
-    ) -> Result<IngestOutcome, StoreError> {
+    fn finish(self, f: &IngestFile) -> Result<IngestOutcome, StoreError> {
         let (tx, now) = (self.tx, self.now);
-        if let Some((first, last)) = self.deferred {
-            tx.prepare_cached("INSERT INTO token_expansions (next_id, last_id) VALUES (?1, ?2)")?
-                .execute(params![first, last])?;
-            *expansions_added = true;
-        }
         for (pending, ids) in self.progress {
             tx.prepare_cached(
                 "INSERT INTO notification_progress (id, pending, finished_at)
@@ -1467,20 +1265,6 @@ impl<'t> FileWriter<'t> {
         ])?;
         Ok(self.out)
     }
-}
-
-/// How many direct-token deliveries a file's notifications name (before de-duplication).
-fn direct_deliveries(records: &[Record]) -> usize {
-    records
-        .iter()
-        .map(|r| match r {
-            Record::Notification(n) => match &n.target {
-                Target::Tokens(t) => t.len(),
-                _ => 0,
-            },
-            Record::Device(_) => 0,
-        })
-        .sum()
 }
 
 /// Makes a delivery to a token named in `to.tokens`, with a device row for a token not seen
@@ -1509,7 +1293,6 @@ impl<'t> TokenDeliveries<'t> {
         })
     }
 
-    /// Returns the new delivery's id.
     fn add(
         &mut self,
         nid: i64,
@@ -1518,7 +1301,7 @@ impl<'t> TokenDeliveries<'t> {
         environment: &str,
         due_at: i64,
         now: i64,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<(), StoreError> {
         // Known devices are found with one index lookup; a new token gets its row (all writes
         // go through this thread, so nobody can race it in).
         let device_id = match self
@@ -1535,7 +1318,7 @@ impl<'t> TokenDeliveries<'t> {
         };
         self.insert_delivery
             .execute(params![nid, device_id, due_at, new_apns_id(), now])?;
-        Ok(self.tx.last_insert_rowid())
+        Ok(())
     }
 }
 

@@ -91,7 +91,6 @@ impl World {
                 .db()
                 .query_row(
                     "SELECT (SELECT count(*) FROM deliveries WHERE state = 0)
-                          + (SELECT count(*) FROM token_expansions)
                           + (SELECT count(*) FROM notifications WHERE fanned_out = 0 AND send_at <= ?1)
                           + (SELECT count(*) = 0 FROM notifications)",
                     [now],
