@@ -2,11 +2,10 @@
 //!
 //! One loop claims due deliveries in batches, a little ahead of free slots (the claim lives in
 //! the daemon's memory, so a crash mid-send leaves them queued and due again: at-least-once),
-//! keeps up to `max_in_flight` of them being sent (futures it polls itself), and sleeps
-//! until the next due time or until the inbox commits new work — never a polling loop. Each
-//! delivery is sent through the [`ApnsClient`], and its classified [`Outcome`] becomes a
-//! [`ResultKind`]; a recorder task writes results in batched transactions and writes
-//! receipts for notifications that became final.
+//! starts one task per delivery while keeping at most `max_in_flight` in flight, and sleeps
+//! until the next due time or until the inbox commits new work — never a polling loop. Each task sends through the [`ApnsClient`] and turns the
+//! classified [`Outcome`] into a [`ResultKind`]; a recorder task writes results in batched
+//! transactions and writes receipts for notifications that became final.
 //!
 //! Two guards stand between APNs' answers and the device registry and queue:
 //! - a credential failure pauses the app and environment with back-off instead of burning every
@@ -21,8 +20,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -58,9 +56,6 @@ const RECORD_BATCH: usize = 2000;
 const RECORD_ENOUGH: usize = 500;
 /// How long the recorder waits for more results before writing a small batch.
 const RECORD_PATIENCE: Duration = Duration::from_millis(5);
-
-/// One delivery being sent (see [`Inner::start`]).
-type Sending = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// A running sender.
 pub struct SenderHandle {
@@ -117,10 +112,7 @@ async fn main_loop(
 ) {
     let store = inner.store.clone();
     let max_in_flight = inner.cfg.sender.max_in_flight;
-    // Deliveries being sent, polled by this task: a future per delivery, not a task per
-    // delivery (a spawned task costs an allocation, a trip through the scheduler and its
-    // reference counting; at tens of thousands of pushes a second that showed).
-    let mut sending: FuturesUnordered<Sending> = FuturesUnordered::new();
+    let slots = Arc::new(Semaphore::new(max_in_flight));
     let (stop_recorder, recorder_stop) = watch::channel(false);
     let recorder = tokio::spawn(recorder(inner.clone(), results_rx, recorder_stop));
     let new_work = store.new_work();
@@ -153,16 +145,14 @@ async fn main_loop(
                 fan_out,
             )));
         }
-        while sending.len() < max_in_flight
-            && let Some(c) = ready.pop_front()
-        {
-            if let Some(f) = inner.start(c, &results).await {
-                sending.push(f);
-            }
-        }
         tokio::select! {
             _ = stop.changed() => {}
-            Some(()) = sending.next(), if !sending.is_empty() => {}
+            permit = slots.clone().acquire_owned(), if !ready.is_empty() => {
+                let (Ok(permit), Some(c)) = (permit, ready.pop_front()) else {
+                    break;
+                };
+                inner.start(c, permit, &results).await;
+            }
             round = async {
                 match claiming.as_mut() {
                     Some(h) => h.await,
@@ -225,20 +215,19 @@ async fn main_loop(
         store.release(unsent).await;
     }
 
-    // Shutdown: let in-flight requests finish within the grace period; what is still out
-    // after it is dropped, and stays queued.
+    // Shutdown: let in-flight requests finish within the grace period.
     let grace = Duration::from_millis(inner.cfg.sender.shutdown_grace_ms);
-    if tokio::time::timeout(grace, async { while sending.next().await.is_some() {} })
+    let all = max_in_flight as u32;
+    if tokio::time::timeout(grace, slots.acquire_many(all))
         .await
         .is_err()
     {
         warn!(
             event = "shutdown_grace_exceeded",
-            in_flight = sending.len(),
+            in_flight = max_in_flight - slots.available_permits(),
             "requests still in flight after the grace period stay queued"
         );
     }
-    drop(sending);
     for r in inner.guards.release_all_held() {
         let _ = results.send(r).await;
     }
@@ -378,28 +367,33 @@ impl Inner {
         });
     }
 
-    /// The sending of one claimed delivery, for the main loop to poll; `None` when its app
-    /// is paused: the delivery went straight back to the queue instead.
+    /// Starts one claimed delivery on its own task, holding `permit` until it is done; a
+    /// delivery of a paused app goes straight back to the queue instead.
     async fn start(
         self: &Arc<Self>,
         c: ClaimedDelivery,
+        permit: tokio::sync::OwnedSemaphorePermit,
         results: &mpsc::Sender<DeliveryResult>,
-    ) -> Option<Sending> {
+    ) {
         if let Some(until_ms) = self
             .guards
             .paused_until(&c.notification.app, c.device.environment)
         {
+            drop(permit);
             let _ = results
                 .send(DeliveryResult {
                     delivery_id: c.delivery_id,
                     kind: ResultKind::held_until(until_ms, None, "app paused".into()),
                 })
                 .await;
-            return None;
+            return;
         }
         let inner = self.clone();
         let results = results.clone();
-        Some(Box::pin(async move { inner.send_one(c, &results).await }))
+        tokio::spawn(async move {
+            inner.send_one(c, &results).await;
+            drop(permit);
+        });
     }
 
     /// Sends one delivery and reports its result.
