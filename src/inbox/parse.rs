@@ -1560,6 +1560,52 @@ mod tests {
         )
     }
 
+    /// The streaming parse hands over full chunks in file order while the file is clean, keeps
+    /// the rest for the caller, and stops handing over at the first problem (the caller must
+    /// then throw away what it got: the file is rejected whole).
+    #[test]
+    fn streaming_hands_over_clean_chunks_in_order() {
+        let n = 2 * STREAM_CHUNK + 500;
+        let lines: Vec<String> = (0..n).map(|i| notif(&format!(r#","id":"n{i}""#))).collect();
+        let mut got: Vec<Vec<Record>> = Vec::new();
+        let text = lines.join("\n") + "\n";
+        let p = parse_file_streaming(text.as_bytes(), FileKind::Jsonl, &one(), &mut |c| {
+            got.push(c)
+        })
+        .unwrap();
+        assert_eq!(
+            got.iter().map(Vec::len).collect::<Vec<_>>(),
+            [STREAM_CHUNK, STREAM_CHUNK]
+        );
+        assert_eq!(p.records.len(), 500);
+        assert_eq!(p.notifications, n);
+        let ids: Vec<String> = got
+            .iter()
+            .flatten()
+            .chain(&p.records)
+            .map(|r| match r {
+                Record::Notification(n) => n.id.clone().unwrap_or_default(),
+                Record::Device(_) => String::new(),
+            })
+            .collect();
+        assert_eq!(ids, (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>());
+
+        let mut bad = lines.clone();
+        bad[STREAM_CHUNK + 10] = notif(r#","priority":7"#);
+        let text = bad.join("\n") + "\n";
+        let mut got = 0;
+        let r = parse_file_streaming(text.as_bytes(), FileKind::Jsonl, &one(), &mut |c| {
+            got += c.len()
+        })
+        .unwrap_err();
+        assert_eq!(
+            got, STREAM_CHUNK,
+            "nothing after the problem is handed over"
+        );
+        assert_eq!(r.problems.len(), 1, "{r}");
+        assert_eq!(r.problems[0].line, Some(STREAM_CHUNK + 11));
+    }
+
     #[test]
     fn device_defaults_and_lowercase_token() {
         let line = format!(
