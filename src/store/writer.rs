@@ -347,23 +347,34 @@ impl Writer {
         &mut self,
         groups: &[&Vec<IngestFile>],
     ) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        self.conn
-            .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
-        let mut earliest_due = None;
-        let result = (|| {
-            let tx = self.conn.transaction()?;
+        self.durably(|conn, earliest_due| {
+            let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
             for files in groups {
                 let mut outs = Vec::with_capacity(files.len());
                 for f in files.iter() {
-                    outs.push(ingest_file(&tx, f, &mut earliest_due)?);
+                    outs.push(ingest_file(&tx, f, earliest_due)?);
                 }
                 out.push(outs);
             }
             tx.commit()?;
             Ok(out)
-        })();
+        })
+    }
+
+    /// Runs a file commit as durability asks: `synchronous = FULL` and the big page cache
+    /// for its transaction, both back to the everyday settings afterwards. `body` notes the
+    /// earliest due time of the deliveries it queued; once it succeeded, a claim walk that is
+    /// past that time starts again from the beginning.
+    fn durably<R>(
+        &mut self,
+        body: impl FnOnce(&mut Connection, &mut Option<i64>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn
+            .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
+        let mut earliest_due = None;
+        let result = body(&mut self.conn, &mut earliest_due);
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         self.conn
             .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
@@ -380,18 +391,14 @@ impl Writer {
         mut file: IngestFile,
         chunks: std::sync::mpsc::Receiver<StreamMsg>,
     ) -> Result<IngestOutcome, StoreError> {
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        self.conn
-            .pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
-        let mut earliest_due = None;
-        let result = (|| {
-            let tx = self.conn.transaction()?;
+        self.durably(|conn, earliest_due| {
+            let tx = conn.transaction()?;
             let mut fw = FileWriter::new(&tx, &file)?;
             loop {
                 match chunks.recv() {
                     Ok(StreamMsg::Records(records)) => {
                         for r in &records {
-                            fw.add(r, &mut earliest_due)?;
+                            fw.add(r, earliest_due)?;
                         }
                     }
                     Ok(StreamMsg::Commit { sha256 }) => {
@@ -402,7 +409,10 @@ impl Writer {
                     Err(_) => return Err(StoreError::Abandoned),
                 }
             }
+            // The content hash only arrives with `Commit`, so a file committed before a
+            // crash is recognised only now; that rare case costs one rolled-back transaction.
             if already_committed(&tx, &file)? {
+                *earliest_due = None;
                 return Ok(IngestOutcome {
                     already_committed: true,
                     ..IngestOutcome::default()
@@ -411,16 +421,7 @@ impl Writer {
             let out = fw.finish(&file)?;
             tx.commit()?;
             Ok(out)
-        })();
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        self.conn
-            .pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
-        if let Ok(out) = &result
-            && let (Some(due), false) = (earliest_due, out.already_committed)
-        {
-            queued_at(&mut self.cursor, due);
-        }
-        result
+        })
     }
 
     /// See [`super::Store::fan_out_due`].
@@ -1013,6 +1014,10 @@ impl Finals {
     /// always one in all) and returns the ids of those that became final; the order is
     /// unspecified.
     fn settle(&self, tx: &Transaction<'_>, now: i64) -> Result<Vec<i64>, StoreError> {
+        // Nearly every claim settles nothing.
+        if self.0.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut by_k: HashMap<i64, Vec<rusqlite::types::Value>> = HashMap::new();
         for (&nid, &k) in &self.0 {
             by_k.entry(k)
@@ -1108,7 +1113,9 @@ fn already_committed(tx: &Transaction<'_>, f: &IngestFile) -> Result<bool, Store
 struct FileWriter<'t> {
     tx: &'t Transaction<'t>,
     insert_notification: rusqlite::CachedStatement<'t>,
-    direct: TokenDeliveries<'t>,
+    find_device: rusqlite::CachedStatement<'t>,
+    insert_token_device: rusqlite::CachedStatement<'t>,
+    insert_delivery: rusqlite::CachedStatement<'t>,
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
@@ -1130,7 +1137,16 @@ impl<'t> FileWriter<'t> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT (app, ext_id) DO NOTHING",
             )?,
-            direct: TokenDeliveries::prepare(tx)?,
+            find_device: tx
+                .prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?,
+            insert_token_device: tx.prepare_cached(
+                "INSERT INTO devices (app, token, environment, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)",
+            )?,
+            insert_delivery: tx.prepare_cached(
+                "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?,
             progress: HashMap::new(),
             source_file: f.name.clone(),
             now: now_ms(),
@@ -1231,13 +1247,41 @@ impl<'t> FileWriter<'t> {
                     *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
                 }
                 for t in &tokens {
-                    self.direct
-                        .add(nid, &n.app, t, n.environment.as_str(), due_at, now)?;
+                    self.deliver_to_token(nid, &n.app, t, n.environment.as_str(), due_at)?;
                 }
                 self.out.notifications_queued += 1;
                 self.out.notification_ids.push(ext_id);
             }
         }
+        Ok(())
+    }
+
+    /// A delivery to a token named in `to.tokens`, with a device row for a token not seen
+    /// before (so that an invalidation is remembered).
+    fn deliver_to_token(
+        &mut self,
+        nid: i64,
+        app: &str,
+        token: &str,
+        environment: &str,
+        due_at: i64,
+    ) -> Result<(), StoreError> {
+        // Known devices are found with one index lookup; a new token gets its row (all writes
+        // go through this thread, so nobody can race it in).
+        let device_id = match self
+            .find_device
+            .query_row(params![app, token], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                self.insert_token_device
+                    .execute(params![app, token, environment, self.now])?;
+                self.tx.last_insert_rowid()
+            }
+        };
+        self.insert_delivery
+            .execute(params![nid, device_id, due_at, new_apns_id(), self.now])?;
         Ok(())
     }
 
@@ -1264,61 +1308,6 @@ impl<'t> FileWriter<'t> {
             now
         ])?;
         Ok(self.out)
-    }
-}
-
-/// Makes a delivery to a token named in `to.tokens`, with a device row for a token not seen
-/// before (so that an invalidation is remembered); statements prepared once per use.
-struct TokenDeliveries<'t> {
-    find_device: rusqlite::CachedStatement<'t>,
-    insert_device: rusqlite::CachedStatement<'t>,
-    insert_delivery: rusqlite::CachedStatement<'t>,
-    tx: &'t Transaction<'t>,
-}
-
-impl<'t> TokenDeliveries<'t> {
-    fn prepare(tx: &'t Transaction<'t>) -> Result<TokenDeliveries<'t>, StoreError> {
-        Ok(TokenDeliveries {
-            find_device: tx
-                .prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?,
-            insert_device: tx.prepare_cached(
-                "INSERT INTO devices (app, token, environment, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?4)",
-            )?,
-            insert_delivery: tx.prepare_cached(
-                "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?,
-            tx,
-        })
-    }
-
-    fn add(
-        &mut self,
-        nid: i64,
-        app: &str,
-        token: &str,
-        environment: &str,
-        due_at: i64,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        // Known devices are found with one index lookup; a new token gets its row (all writes
-        // go through this thread, so nobody can race it in).
-        let device_id = match self
-            .find_device
-            .query_row(params![app, token], |r| r.get::<_, i64>(0))
-            .optional()?
-        {
-            Some(id) => id,
-            None => {
-                self.insert_device
-                    .execute(params![app, token, environment, now])?;
-                self.tx.last_insert_rowid()
-            }
-        };
-        self.insert_delivery
-            .execute(params![nid, device_id, due_at, new_apns_id(), now])?;
-        Ok(())
     }
 }
 
