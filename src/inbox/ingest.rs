@@ -353,10 +353,9 @@ impl Ingestor {
                 Ok(read)
                     if read.kind == FileKind::Jsonl && read.bytes.len() >= STREAM_MIN_BYTES =>
                 {
-                    match self.stream(read, c.path.clone(), started) {
+                    match self.stream(read, c.path.clone(), started, &mut dirty) {
                         Ok(r) => {
-                            let outcome = self.accepted(r, &mut dirty);
-                            results.push(outcome);
+                            results.push(r);
                             continue;
                         }
                         Err(e) => e,
@@ -417,17 +416,12 @@ impl Ingestor {
             match self.store.ingest(files) {
                 Ok(outcomes) => {
                     for (r, store) in ready.into_iter().zip(outcomes) {
-                        let outcome = self.accepted((r, Ok(store)), &mut dirty);
-                        results.push(outcome);
+                        results.push(self.accepted(r, Ok(store), &mut dirty));
                     }
                 }
                 Err(e) => {
                     for r in ready {
-                        results.push(FileResult {
-                            path: r.path,
-                            name: r.name,
-                            outcome: FileOutcome::Failed(format!("cannot commit: {e}")),
-                        });
+                        results.push(self.accepted(r, Err(e.to_string()), &mut dirty));
                     }
                 }
             }
@@ -445,14 +439,15 @@ impl Ingestor {
 
     /// A big `.jsonl` file, committed while it is parsed (see [`Store::begin_ingest`]): the
     /// writer inserts each chunk of records while the next is parsed, in one transaction that
-    /// commits only once the whole file parsed without a problem. Anything but a commit (or a
-    /// commit that failed) comes back as what [`examine`] would have said.
+    /// commits only once the whole file parsed without a problem. A file that did not parse
+    /// (or could not start) comes back as what [`examine`] would have said.
     fn stream(
         &self,
         read: ReadDrop,
         path: PathBuf,
         started: Instant,
-    ) -> Result<(Ready, Result<IngestOutcome, String>), Examined> {
+        dirty: &mut BTreeSet<PathBuf>,
+    ) -> Result<FileResult, Examined> {
         if read.last_line_unfinished() {
             return Err(Examined::InProgress("last line has no newline yet".into()));
         }
@@ -480,24 +475,24 @@ impl Ingestor {
         let committed = stream
             .commit(hex::encode(Sha256::digest(&read.bytes)))
             .map_err(|e| e.to_string());
-        Ok((
-            Ready {
-                path,
-                name: read.name,
-                dev: read.dev,
-                ino: read.ino,
-                devices: parsed.devices,
-                notifications: parsed.notifications,
-                started,
-            },
-            committed,
-        ))
+        let ready = Ready {
+            path,
+            name: read.name,
+            dev: read.dev,
+            ino: read.ino,
+            devices: parsed.devices,
+            notifications: parsed.notifications,
+            started,
+        };
+        Ok(self.accepted(ready, committed, dirty))
     }
 
-    /// The result of a committed (or failed) file: moved away once committed.
+    /// The result of a parsed file's commit: moved away once committed, left in place (to be
+    /// tried again) when the commit failed.
     fn accepted(
         &self,
-        (r, committed): (Ready, Result<IngestOutcome, String>),
+        r: Ready,
+        committed: Result<IngestOutcome, String>,
         dirty: &mut BTreeSet<PathBuf>,
     ) -> FileResult {
         let store = match committed {
