@@ -99,6 +99,58 @@ fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
     assert_eq!(n, 2, "one delivery per distinct token");
 }
 
+/// Tokens named in `to.tokens`, known and new in any order (the writer guesses which from the
+/// token before), each end up with exactly one device row, and every delivery goes to the
+/// device row of its own token.
+#[test]
+fn named_tokens_known_and_new_in_any_order_get_one_device_each() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file("d.json", vec![device("a", 1, Some("alice"))])])
+        .unwrap();
+    // new, known, new, new, known, new again (in the same file), known again.
+    let order = [2, 1, 3, 4, 1, 2, 1];
+    let recs = order
+        .iter()
+        .map(|&i| notification(None, Target::Tokens(vec![tok(i)])))
+        .collect();
+    let out = store.ingest(vec![file("n.jsonl", recs)]).unwrap();
+    assert_eq!(out[0].notifications_queued, order.len());
+
+    let r = query::Reader::open(store.path()).unwrap();
+    let devices: Vec<(String, Option<String>)> = r
+        .conn()
+        .prepare("SELECT token, user FROM devices ORDER BY token")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        devices,
+        vec![
+            (tok(1), Some("alice".to_string())),
+            (tok(2), None),
+            (tok(3), None),
+            (tok(4), None),
+        ],
+        "one row per token; the registered one keeps its user"
+    );
+    let delivered: Vec<String> = r
+        .conn()
+        .prepare(
+            "SELECT v.token FROM deliveries d JOIN devices v ON v.id = d.device_id
+             ORDER BY d.notification_id",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected: Vec<String> = order.iter().map(|&i| tok(i)).collect();
+    assert_eq!(delivered, expected);
+}
+
 #[test]
 fn broadcast_fans_out_to_active_devices_and_claims_once() {
     let (_dir, store) = open();

@@ -1116,6 +1116,9 @@ struct FileWriter<'t> {
     find_device: rusqlite::CachedStatement<'t>,
     insert_token_device: rusqlite::CachedStatement<'t>,
     insert_delivery: rusqlite::CachedStatement<'t>,
+    /// Whether the last token named was new to the registry: then the next one is inserted
+    /// first and only looked up if it exists (see [`FileWriter::deliver_to_token`]).
+    last_token_new: bool,
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
@@ -1141,12 +1144,14 @@ impl<'t> FileWriter<'t> {
                 .prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?,
             insert_token_device: tx.prepare_cached(
                 "INSERT INTO devices (app, token, environment, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?4)",
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (app, token) DO NOTHING",
             )?,
             insert_delivery: tx.prepare_cached(
                 "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?,
+            last_token_new: false,
             progress: HashMap::new(),
             source_file: f.name.clone(),
             now: now_ms(),
@@ -1206,6 +1211,7 @@ impl<'t> FileWriter<'t> {
                 let send_at = n.send_at_ms.unwrap_or(now);
                 // A token named twice is one delivery.
                 let tokens: Vec<&str> = match &n.target {
+                    Target::Tokens(t) if t.len() == 1 => vec![t[0].as_str()],
                     Target::Tokens(t) => {
                         let mut seen = HashSet::new();
                         t.iter()
@@ -1266,18 +1272,35 @@ impl<'t> FileWriter<'t> {
         environment: &str,
         due_at: i64,
     ) -> Result<(), StoreError> {
-        // Known devices are found with one index lookup; a new token gets its row (all writes
-        // go through this thread, so nobody can race it in).
-        let device_id = match self
-            .find_device
-            .query_row(params![app, token], |r| r.get::<_, i64>(0))
-            .optional()?
-        {
-            Some(id) => id,
-            None => {
-                self.insert_token_device
-                    .execute(params![app, token, environment, self.now])?;
-                self.tx.last_insert_rowid()
+        // A known token costs one index lookup, a new one its insert; finding out which it is
+        // costs a second descent of the token index. Files tend to name either tokens the
+        // registry knows (regular senders) or a run of new ones (a first import), so each
+        // token is treated like the one before it: after a new one, the insert goes first (it
+        // fails on a known token, which is then looked up); after a known one, the lookup goes
+        // first. All writes go through this thread, so nobody can race a token in between.
+        let inserted = self.last_token_new
+            && self
+                .insert_token_device
+                .execute(params![app, token, environment, self.now])?
+                == 1;
+        let device_id = if inserted {
+            self.tx.last_insert_rowid()
+        } else {
+            match self
+                .find_device
+                .query_row(params![app, token], |r| r.get::<_, i64>(0))
+                .optional()?
+            {
+                Some(id) => {
+                    self.last_token_new = false;
+                    id
+                }
+                None => {
+                    self.insert_token_device
+                        .execute(params![app, token, environment, self.now])?;
+                    self.last_token_new = true;
+                    self.tx.last_insert_rowid()
+                }
             }
         };
         self.insert_delivery
