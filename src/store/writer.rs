@@ -6,7 +6,7 @@
 //! to a power cut only means a resend, which APNs' `apns-id` makes harmless, while losing an
 //! accepted file's records would break the inbox's promise.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::path::Path;
 use std::sync::Arc;
 
