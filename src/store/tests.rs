@@ -151,6 +151,75 @@ fn named_tokens_known_and_new_in_any_order_get_one_device_each() {
     assert_eq!(delivered, expected);
 }
 
+/// Records of one file that differ in app, topic, push type, target kind and environment are
+/// each written with their own values (the writer binds shared values only when they change).
+#[test]
+fn each_record_keeps_its_own_app_topic_and_push_type_within_a_file() {
+    let (_dir, store) = open();
+    let rec = |app: &str, topic: &str, push_type: PushType, target: Target, env| {
+        Record::Notification(NotificationRecord {
+            app: app.into(),
+            topic: topic.into(),
+            push_type,
+            target,
+            environment: env,
+            ..match notification(None, Target::All) {
+                Record::Notification(n) => n,
+                Record::Device(_) => unreachable!(),
+            }
+        })
+    };
+    let (p, s) = (Environment::Production, Environment::Sandbox);
+    let (alert, voip, bg) = (PushType::Alert, PushType::Voip, PushType::Background);
+    let to = |i| Target::Tokens(vec![tok(i)]);
+    let recs = vec![
+        rec("a", "t.a", alert, to(1), p),
+        rec("a", "t.a", alert, to(2), p),
+        rec("b", "t.b", voip, to(1), s),
+        rec("b", "t.b", voip, Target::Users(vec!["u".into()]), s),
+        rec("a", "t.a2", bg, to(3), p),
+    ];
+    store.ingest(vec![file("mixed.jsonl", recs)]).unwrap();
+    let r = query::Reader::open(store.path()).unwrap();
+    let rows: Vec<(String, String, String, String)> = r
+        .conn()
+        .prepare("SELECT app, topic, push_type, target_kind FROM notifications ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let row = |a: &str, t: &str, p: &str, k: &str| (a.into(), t.into(), p.into(), k.into());
+    assert_eq!(
+        rows,
+        vec![
+            row("a", "t.a", "alert", "tokens"),
+            row("a", "t.a", "alert", "tokens"),
+            row("b", "t.b", "voip", "tokens"),
+            row("b", "t.b", "voip", "users"),
+            row("a", "t.a2", "background", "tokens"),
+        ]
+    );
+    let devices: Vec<(String, String, String)> = r
+        .conn()
+        .prepare("SELECT app, token, environment FROM devices ORDER BY app, token")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let dev = |a: &str, i: u32, e: &str| (a.to_string(), tok(i), e.to_string());
+    assert_eq!(
+        devices,
+        vec![
+            dev("a", 1, "production"),
+            dev("a", 2, "production"),
+            dev("a", 3, "production"),
+            dev("b", 1, "sandbox"),
+        ]
+    );
+}
+
 #[test]
 fn broadcast_fans_out_to_active_devices_and_claims_once() {
     let (_dir, store) = open();

@@ -1119,6 +1119,8 @@ struct FileWriter<'t> {
     /// Whether the last token named was new to the registry: then the next one is inserted
     /// first and only looked up if it exists (see [`FileWriter::deliver_to_token`]).
     last_token_new: bool,
+    /// The text parameters that the records of a file nearly always share, as last bound.
+    bound: Bound,
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
@@ -1129,9 +1131,43 @@ struct FileWriter<'t> {
     out: IngestOutcome,
 }
 
+/// The text parameters of [`FileWriter`]'s statements that the records of a file nearly
+/// always share (its app, topic, push type, …), as last bound. Binding text copies it into
+/// SQLite, and SQLite keeps a statement's bindings between executions, so these are bound
+/// again only when they change.
+#[derive(Default)]
+struct Bound {
+    n_app: BoundText,
+    n_kind: BoundText,
+    n_push_type: BoundText,
+    n_topic: BoundText,
+    f_app: BoundText,
+    i_app: BoundText,
+    i_environment: BoundText,
+}
+
+/// One statement parameter's text as last bound; `None` before the first binding.
+#[derive(Default)]
+struct BoundText(Option<String>);
+
+impl BoundText {
+    fn bind(
+        &mut self,
+        st: &mut rusqlite::Statement<'_>,
+        index: usize,
+        value: &str,
+    ) -> rusqlite::Result<()> {
+        if self.0.as_deref() != Some(value) {
+            st.raw_bind_parameter(index, value)?;
+            self.0 = Some(value.to_owned());
+        }
+        Ok(())
+    }
+}
+
 impl<'t> FileWriter<'t> {
     fn new(tx: &'t Transaction<'t>, f: &IngestFile) -> Result<FileWriter<'t>, StoreError> {
-        Ok(FileWriter {
+        FileWriter {
             tx,
             insert_notification: tx.prepare_cached(
                 "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
@@ -1152,13 +1188,27 @@ impl<'t> FileWriter<'t> {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?,
             last_token_new: false,
+            bound: Bound::default(),
             progress: HashMap::new(),
             source_file: f.name.clone(),
             now: now_ms(),
             written: f.written_at_ms(),
             index: 0,
             out: IngestOutcome::default(),
-        })
+        }
+        .with_file_constants()
+    }
+
+    /// Binds what is the same for every record of the file once: a statement keeps its
+    /// bindings between executions (until it goes back to the statement cache).
+    fn with_file_constants(mut self) -> Result<FileWriter<'t>, StoreError> {
+        let now = self.now;
+        self.insert_notification.raw_bind_parameter(12, now)?;
+        self.insert_notification
+            .raw_bind_parameter(13, self.source_file.as_str())?;
+        self.insert_token_device.raw_bind_parameter(4, now)?;
+        self.insert_delivery.raw_bind_parameter(5, now)?;
+        Ok(self)
     }
 
     /// The file's next record.
@@ -1221,22 +1271,21 @@ impl<'t> FileWriter<'t> {
                     }
                     _ => Vec::new(),
                 };
-                let inserted = self.insert_notification.execute(params![
-                    n.app,
-                    ext_id,
-                    n.target.kind(),
-                    target_json,
-                    n.payload,
-                    n.push_type.as_str(),
-                    n.priority,
-                    n.topic,
-                    n.collapse_id,
-                    n.expiration,
-                    send_at,
-                    now,
-                    self.source_file,
-                    fanned_out as i64,
-                ])?;
+                // Parameters 12 (created_at) and 13 (source_file) are bound for the file.
+                let (st, b) = (&mut self.insert_notification, &mut self.bound);
+                b.n_app.bind(st, 1, &n.app)?;
+                st.raw_bind_parameter(2, ext_id.as_str())?;
+                b.n_kind.bind(st, 3, n.target.kind())?;
+                st.raw_bind_parameter(4, target_json.as_str())?;
+                st.raw_bind_parameter(5, n.payload.as_str())?;
+                b.n_push_type.bind(st, 6, n.push_type.as_str())?;
+                st.raw_bind_parameter(7, n.priority)?;
+                b.n_topic.bind(st, 8, &n.topic)?;
+                st.raw_bind_parameter(9, n.collapse_id.as_deref())?;
+                st.raw_bind_parameter(10, n.expiration)?;
+                st.raw_bind_parameter(11, send_at)?;
+                st.raw_bind_parameter(14, fanned_out as i64)?;
+                let inserted = st.raw_execute()?;
                 if inserted == 0 {
                     self.out.duplicates.push((index, ext_id));
                     return Ok(());
@@ -1278,34 +1327,53 @@ impl<'t> FileWriter<'t> {
         // token is treated like the one before it: after a new one, the insert goes first (it
         // fails on a known token, which is then looked up); after a known one, the lookup goes
         // first. All writes go through this thread, so nobody can race a token in between.
-        let inserted = self.last_token_new
-            && self
-                .insert_token_device
-                .execute(params![app, token, environment, self.now])?
-                == 1;
+        let inserted = self.last_token_new && self.insert_device(app, token, environment)? == 1;
         let device_id = if inserted {
             self.tx.last_insert_rowid()
         } else {
-            match self
-                .find_device
-                .query_row(params![app, token], |r| r.get::<_, i64>(0))
-                .optional()?
-            {
+            let (st, b) = (&mut self.find_device, &mut self.bound);
+            b.f_app.bind(st, 1, app)?;
+            st.raw_bind_parameter(2, token)?;
+            let found = match st.raw_query().next()? {
+                Some(r) => Some(r.get::<_, i64>(0)?),
+                None => None,
+            };
+            match found {
                 Some(id) => {
                     self.last_token_new = false;
                     id
                 }
                 None => {
-                    self.insert_token_device
-                        .execute(params![app, token, environment, self.now])?;
+                    self.insert_device(app, token, environment)?;
                     self.last_token_new = true;
                     self.tx.last_insert_rowid()
                 }
             }
         };
-        self.insert_delivery
-            .execute(params![nid, device_id, due_at, new_apns_id(), self.now])?;
+        // Parameter 5 (updated_at) is bound for the file.
+        let st = &mut self.insert_delivery;
+        st.raw_bind_parameter(1, nid)?;
+        st.raw_bind_parameter(2, device_id)?;
+        st.raw_bind_parameter(3, due_at)?;
+        st.raw_bind_parameter(4, new_apns_id())?;
+        st.raw_execute()?;
         Ok(())
+    }
+
+    /// Inserts a device row for a token named in `to.tokens`, unless the token has one;
+    /// returns the rows inserted.
+    fn insert_device(
+        &mut self,
+        app: &str,
+        token: &str,
+        environment: &str,
+    ) -> Result<usize, StoreError> {
+        // Parameter 4 (created_at, updated_at) is bound for the file.
+        let (st, b) = (&mut self.insert_token_device, &mut self.bound);
+        b.i_app.bind(st, 1, app)?;
+        st.raw_bind_parameter(2, token)?;
+        b.i_environment.bind(st, 3, environment)?;
+        Ok(st.raw_execute()?)
     }
 
     /// Writes what goes in at the end of the file and what identifies the file.
