@@ -581,13 +581,13 @@ impl Writer {
                 let info = match self.notifications.get(&nid) {
                     Some(i) => i.clone(),
                     None => {
-                        let push_type: String = r.get(13)?;
+                        let push_type = r.get_ref(13)?.as_str().unwrap_or_default();
                         let payload: String = r.get(12)?;
                         let i = Arc::new(NotificationInfo {
                             app: r.get(10)?,
                             ext_id: r.get(11)?,
                             payload: bytes::Bytes::from(payload),
-                            push_type: PushType::parse(&push_type).unwrap_or(PushType::Alert),
+                            push_type: PushType::parse(push_type).unwrap_or(PushType::Alert),
                             priority: r.get(14)?,
                             topic: r.get(15)?,
                             collapse_id: r.get(16)?,
@@ -610,7 +610,8 @@ impl Writer {
                 } else {
                     self.in_flight.insert(did);
                     taken.push(did);
-                    let env: String = r.get(7)?;
+                    let env = r.get_ref(7)?.as_str().unwrap_or_default();
+                    let environment = Environment::parse(env).unwrap_or_default();
                     claim.deliveries.push(super::ClaimedDelivery {
                         delivery_id: did,
                         attempts: r.get(2)?,
@@ -618,7 +619,7 @@ impl Writer {
                         device: DeviceInfo {
                             id: r.get(5)?,
                             token: r.get(6)?,
-                            environment: Environment::parse(&env).unwrap_or_default(),
+                            environment,
                         },
                         notification: info,
                     });
@@ -1355,7 +1356,8 @@ impl<'t> FileWriter<'t> {
         st.raw_bind_parameter(1, nid)?;
         st.raw_bind_parameter(2, device_id)?;
         st.raw_bind_parameter(3, due_at)?;
-        st.raw_bind_parameter(4, new_apns_id())?;
+        let mut apns_id = uuid::Uuid::encode_buffer();
+        st.raw_bind_parameter(4, &*random_uuid().hyphenated().encode_upper(&mut apns_id))?;
         st.raw_execute()?;
         Ok(())
     }
