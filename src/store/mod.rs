@@ -89,8 +89,6 @@ pub struct IngestOutcome {
     pub devices_registered: usize,
     pub devices_unregistered: usize,
     pub notifications_queued: usize,
-    /// Notification ids (given or assigned) queued by this file, in file order.
-    pub notification_ids: Vec<String>,
     /// `(record index, id)` of notifications skipped because app and id already existed.
     pub duplicates: Vec<(usize, String)>,
 }

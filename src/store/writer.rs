@@ -1251,9 +1251,11 @@ impl<'t> FileWriter<'t> {
                 }
             },
             Record::Notification(n) => {
-                let ext_id =
-                    n.id.clone()
-                        .unwrap_or_else(|| time_ordered_uuid().to_string());
+                let mut assigned = uuid::Uuid::encode_buffer();
+                let ext_id: &str = match &n.id {
+                    Some(id) => id,
+                    None => time_ordered_uuid().hyphenated().encode_lower(&mut assigned),
+                };
                 let (target_json, fanned_out) = match &n.target {
                     Target::Tokens(t) => (serde_json::to_string(t).unwrap_or_default(), true),
                     Target::Users(u) => (serde_json::to_string(u).unwrap_or_default(), false),
@@ -1275,7 +1277,7 @@ impl<'t> FileWriter<'t> {
                 // Parameters 12 (created_at) and 13 (source_file) are bound for the file.
                 let (st, b) = (&mut self.insert_notification, &mut self.bound);
                 b.n_app.bind(st, 1, &n.app)?;
-                st.raw_bind_parameter(2, ext_id.as_str())?;
+                st.raw_bind_parameter(2, ext_id)?;
                 b.n_kind.bind(st, 3, n.target.kind())?;
                 st.raw_bind_parameter(4, target_json.as_str())?;
                 st.raw_bind_parameter(5, n.payload.as_str())?;
@@ -1288,7 +1290,7 @@ impl<'t> FileWriter<'t> {
                 st.raw_bind_parameter(14, fanned_out as i64)?;
                 let inserted = st.raw_execute()?;
                 if inserted == 0 {
-                    self.out.duplicates.push((index, ext_id));
+                    self.out.duplicates.push((index, ext_id.to_string()));
                     return Ok(());
                 }
                 let nid = tx.last_insert_rowid();
@@ -1306,7 +1308,6 @@ impl<'t> FileWriter<'t> {
                     self.deliver_to_token(nid, &n.app, t, n.environment.as_str(), due_at)?;
                 }
                 self.out.notifications_queued += 1;
-                self.out.notification_ids.push(ext_id);
             }
         }
         Ok(())
