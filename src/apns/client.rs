@@ -434,10 +434,13 @@ fn build_request(
             HeaderValue::from_str(c).map_err(|_| bad_header("apns-collapse-id", &req.token))?,
         );
     }
-    h.insert(
-        H_ID.clone(),
-        HeaderValue::from_str(&req.apns_id).map_err(|_| bad_header("apns-id", &req.token))?,
-    );
+    // Each apns-id is sent once per attempt: worth nothing in HPACK's dynamic table, where it
+    // would push out the headers every request repeats (topic, push type, priority), so they
+    // had to be sent in full again. "Never indexed" keeps it out, as h2 does for `:path`.
+    let mut id =
+        HeaderValue::from_str(&req.apns_id).map_err(|_| bad_header("apns-id", &req.token))?;
+    id.set_sensitive(true);
+    h.insert(H_ID.clone(), id);
     if let Some(j) = jwt {
         h.insert(AUTHORIZATION, j.header.clone());
     }
@@ -476,6 +479,14 @@ mod tests {
         assert_eq!(h["apns-expiration"], "1800000000");
         assert_eq!(h["apns-collapse-id"], "c");
         assert_eq!(h["apns-id"], "123e4567-e89b-12d3-a456-426614174000");
+        assert!(
+            h["apns-id"].is_sensitive(),
+            "a one-off apns-id is sent never-indexed, out of HPACK's table"
+        );
+        assert!(
+            !h["apns-topic"].is_sensitive(),
+            "repeated headers are indexed"
+        );
         assert!(h.get("authorization").is_none());
 
         let bad = PushRequest {
