@@ -398,6 +398,94 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
     assert_eq!(store.retry_failed_blocking(None).unwrap(), 0);
 }
 
+/// A `sent` result only counts for a delivery that was still queued: one that something else
+/// ended while it was in flight, or a second result for a delivery already recorded, leaves
+/// its notification's pending count alone (the batch is written the slow, exact way then).
+#[test]
+fn sent_results_count_only_deliveries_still_queued() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("one"), Target::Tokens(vec![tok(1)])),
+                notification(Some("two"), Target::Tokens(vec![tok(2)])),
+                notification(Some("three"), Target::Tokens(vec![tok(3), tok(4)])),
+            ],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
+        assert_eq!(claimed.len(), 4);
+        let id = |t: u32| {
+            claimed
+                .iter()
+                .find(|c| c.device.token == tok(t))
+                .unwrap()
+                .delivery_id
+        };
+        // Delivery 1 ends behind the sender's back while it is in flight.
+        rusqlite::Connection::open(store.path())
+            .unwrap()
+            .execute(
+                "UPDATE deliveries SET state = 2, finished_at = 1 WHERE id = ?1",
+                [id(1)],
+            )
+            .unwrap();
+        let sent = |ids: &[i64]| -> Vec<DeliveryResult> {
+            ids.iter()
+                .map(|&delivery_id| DeliveryResult {
+                    delivery_id,
+                    kind: ResultKind::Sent { apns_id: None },
+                })
+                .collect()
+        };
+        let names = |f: Vec<FinishedNotification>| -> Vec<String> {
+            f.into_iter().map(|f| f.ext_id).collect()
+        };
+        let fin = store
+            .record_results(sent(&[id(1), id(2), id(3)]))
+            .await
+            .unwrap();
+        assert_eq!(names(fin), vec!["two"], "`one` was not queued any more");
+        // A second result for delivery 2, which is no longer in flight, beside a real one.
+        let fin = store.record_results(sent(&[id(2), id(4)])).await.unwrap();
+        assert_eq!(names(fin), vec!["three"]);
+    });
+    let r = query::Reader::open(store.path()).unwrap();
+    let progress: Vec<(String, i64, bool)> = r
+        .conn()
+        .prepare(
+            "SELECT n.ext_id, p.pending, p.finished_at IS NOT NULL
+             FROM notifications n JOIN notification_progress p ON p.id = n.id ORDER BY n.id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        progress,
+        vec![
+            ("one".to_string(), 1, false),
+            ("two".to_string(), 0, true),
+            ("three".to_string(), 0, true),
+        ]
+    );
+    let state: i64 = r
+        .conn()
+        .query_row(
+            "SELECT state FROM deliveries d JOIN devices v ON v.id = d.device_id
+             WHERE v.token = ?1",
+            [tok(1)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, 2, "the sent result did not overwrite it");
+}
+
 #[test]
 fn batched_results_apply_in_order_per_delivery() {
     let (_dir, store) = open();

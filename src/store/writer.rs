@@ -141,8 +141,9 @@ pub struct Writer {
     /// Deliveries handed to the sender whose result is not written yet. Claims skip them.
     /// This is the lease, kept in memory rather than written per delivery: one process owns
     /// the database (the daemon's lock file), so only it could claim, and a crash forgets the
-    /// set, which leaves those deliveries queued and due: sent again, at least once.
-    in_flight: HashSet<i64>,
+    /// set, which leaves those deliveries queued and due: sent again, at least once. Each
+    /// maps to its notification, which a `sent` result then need not read back.
+    in_flight: HashMap<i64, i64>,
     /// Where the next claim continues in `(due_at, id)` order, so that a busy queue is not
     /// re-read past the deliveries already in flight on every claim. `None`: from the start.
     cursor: Option<(i64, i64)>,
@@ -231,7 +232,7 @@ pub(super) fn run(
     let mut w = Writer {
         conn,
         notifications: HashMap::new(),
-        in_flight: HashSet::new(),
+        in_flight: HashMap::new(),
         cursor: None,
     };
     let mut pending: Option<Command> = None;
@@ -572,7 +573,7 @@ impl Writer {
                     break;
                 }
                 last = Some((due, did));
-                if self.in_flight.contains(&did) || ending.contains(&did) {
+                if self.in_flight.contains_key(&did) || ending.contains(&did) {
                     continue;
                 }
                 let nid: i64 = r.get(1)?;
@@ -608,7 +609,7 @@ impl Writer {
                     ending.insert(did);
                     invalid.push((did, why.unwrap_or_else(|| "Unregistered".into())));
                 } else {
-                    self.in_flight.insert(did);
+                    self.in_flight.insert(did, nid);
                     taken.push(did);
                     let env = r.get_ref(7)?.as_str().unwrap_or_default();
                     let environment = Environment::parse(env).unwrap_or_default();
@@ -714,7 +715,7 @@ impl Writer {
         // notification's pending count only drops for real transitions.
         for r in results {
             if sent.ids.contains(&r.delivery_id) {
-                sent.flush(&tx, now, &mut finals)?;
+                sent.flush(&tx, now, &self.in_flight, &mut finals)?;
             }
             match r.kind {
                 ResultKind::Sent { apns_id: None } => {
@@ -819,7 +820,7 @@ impl Writer {
                 }
             }
         }
-        sent.flush(&tx, now, &mut finals)?;
+        sent.flush(&tx, now, &self.in_flight, &mut finals)?;
         let done = finals.settle(&tx, now)?;
         let finished = named(&tx, &mut self.notifications, done)?;
         tx.commit()?;
@@ -969,17 +970,48 @@ struct SentBatch {
 }
 
 impl SentBatch {
+    /// Writes the batch. Deliveries in flight are queued (nothing else ends a claimed
+    /// delivery) and their notifications are known from the claim, so the common batch is
+    /// one `UPDATE` without `RETURNING` (which SQLite buffers row by row): if it changed every
+    /// row, each of those notifications has one item less pending. Otherwise (a result for a
+    /// delivery not in flight, or one that was no longer queued) it is undone and the
+    /// statement that reads back what it changed runs instead.
     fn flush(
         &mut self,
         tx: &Transaction<'_>,
         now: i64,
+        in_flight: &HashMap<i64, i64>,
         finals: &mut Finals,
     ) -> Result<(), StoreError> {
         if self.rows.is_empty() {
             return Ok(());
         }
+        let notifications: Option<Vec<i64>> = self
+            .ids
+            .iter()
+            .map(|id| in_flight.get(id).copied())
+            .collect();
         // The ids go in as an array (`rarray`): no text to build here and parse in SQLite.
         let ids = std::rc::Rc::new(std::mem::take(&mut self.rows));
+        self.ids.clear();
+        if let Some(notifications) = notifications {
+            tx.execute_batch("SAVEPOINT sent_batch")?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 1, attempts = attempts + 1,
+                     last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
+                     WHERE id IN rarray(?1) AND state = 0",
+                )?
+                .execute(params![ids, now])?;
+            if changed == notifications.len() {
+                tx.execute_batch("RELEASE sent_batch")?;
+                for nid in notifications {
+                    finals.add(Some(nid));
+                }
+                return Ok(());
+            }
+            tx.execute_batch("ROLLBACK TO sent_batch; RELEASE sent_batch")?;
+        }
         let mut st = tx.prepare_cached(
             "UPDATE deliveries SET state = 1, attempts = attempts + 1,
              last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
@@ -990,7 +1022,6 @@ impl SentBatch {
         while let Some(r) = rows.next()? {
             finals.add(Some(r.get(0)?));
         }
-        self.ids.clear();
         Ok(())
     }
 }
