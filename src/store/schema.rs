@@ -228,7 +228,8 @@ mod tests {
     }
 
     /// Migration 3 moves each notification's pending count and finish time into
-    /// `notification_progress`, counting a fan-out still under way as one pending item.
+    /// `notification_progress`, counting a fan-out still under way as one pending item;
+    /// migration 4 drops the index on finish times.
     #[test]
     fn migration_3_moves_progress_and_counts_unfinished_fan_outs() {
         let dir = tempfile::tempdir().unwrap();
@@ -271,5 +272,14 @@ mod tests {
             !cols.iter().any(|c| c == "pending" || c == "finished_at"),
             "{cols:?}"
         );
+        // Migration 4 ran after it: the index on finish times is gone.
+        let index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'notification_progress_finished'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 0);
     }
 }
