@@ -252,8 +252,8 @@ pub(super) fn run(
                 reply,
             } => {
                 let res = w.ingest_stream(file, chunks);
-                if matches!(&res, Ok(o) if o.notifications_queued > 0) {
-                    new_work.notify_one();
+                if let Ok(o) = &res {
+                    wake_if_queued(&new_work, [o]);
                 }
                 let _ = reply.send(res);
             }
@@ -309,6 +309,13 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 
 type IngestReply = oneshot::Sender<Result<Vec<IngestOutcome>, StoreError>>;
 
+/// Wakes the sender when a commit queued notifications (it may be sleeping until then).
+fn wake_if_queued<'a>(new_work: &Notify, outcomes: impl IntoIterator<Item = &'a IngestOutcome>) {
+    if outcomes.into_iter().any(|o| o.notifications_queued > 0) {
+        new_work.notify_one();
+    }
+}
+
 impl Writer {
     /// Commits a group of callers' files in one durable transaction; if that fails, each caller
     /// is tried alone so one bad batch cannot fail the others.
@@ -316,13 +323,7 @@ impl Writer {
         let all: Vec<&Vec<IngestFile>> = batch.iter().map(|(f, _)| f).collect();
         match self.ingest_durably(&all) {
             Ok(outcomes) => {
-                if outcomes
-                    .iter()
-                    .flatten()
-                    .any(|o| o.notifications_queued > 0)
-                {
-                    new_work.notify_one();
-                }
+                wake_if_queued(new_work, outcomes.iter().flatten());
                 for ((_, reply), out) in batch.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(out));
                 }
@@ -330,8 +331,8 @@ impl Writer {
             Err(_) if batch.len() > 1 => {
                 for (files, reply) in batch {
                     let res = self.ingest_durably(&[&files]).map(|mut v| v.remove(0));
-                    if matches!(&res, Ok(o) if o.iter().any(|o| o.notifications_queued > 0)) {
-                        new_work.notify_one();
+                    if let Ok(outcomes) = &res {
+                        wake_if_queued(new_work, outcomes);
                     }
                     let _ = reply.send(res);
                 }
@@ -414,10 +415,7 @@ impl Writer {
             // crash is recognised only now; that rare case costs one rolled-back transaction.
             if already_committed(&tx, &file)? {
                 *earliest_due = None;
-                return Ok(IngestOutcome {
-                    already_committed: true,
-                    ..IngestOutcome::default()
-                });
+                return Ok(committed_before());
             }
             let out = fw.finish(&file)?;
             tx.commit()?;
@@ -714,14 +712,12 @@ impl Writer {
         // second result for a delivery that is already final changes nothing, and the
         // notification's pending count only drops for real transitions.
         for r in results {
-            if sent.ids.contains(&r.delivery_id) {
+            if sent.0.contains(&r.delivery_id) {
                 sent.flush(&tx, now, &self.in_flight, &mut finals)?;
             }
             match r.kind {
                 ResultKind::Sent { apns_id: None } => {
-                    sent.ids.insert(r.delivery_id);
-                    sent.rows
-                        .push(rusqlite::types::Value::Integer(r.delivery_id));
+                    sent.0.insert(r.delivery_id);
                 }
                 // APNs named the push differently from the id it was sent with: keep Apple's.
                 ResultKind::Sent {
@@ -962,11 +958,17 @@ fn finish(
     Ok(())
 }
 
-/// `Sent` results waiting to be written together.
+/// `Sent` results waiting to be written together: their delivery ids.
 #[derive(Default)]
-struct SentBatch {
-    ids: HashSet<i64>,
-    rows: Vec<rusqlite::types::Value>,
+struct SentBatch(HashSet<i64>);
+
+/// Marks a batch of deliveries (`rarray(?1)`) sent at `?2`, those still queued only.
+macro_rules! mark_sent_sql {
+    () => {
+        "UPDATE deliveries SET state = 1, attempts = attempts + 1,
+         last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
+         WHERE id IN rarray(?1) AND state = 0"
+    };
 }
 
 impl SentBatch {
@@ -983,44 +985,36 @@ impl SentBatch {
         in_flight: &HashMap<i64, i64>,
         finals: &mut Finals,
     ) -> Result<(), StoreError> {
-        if self.rows.is_empty() {
+        if self.0.is_empty() {
             return Ok(());
         }
-        let notifications: Option<Vec<i64>> = self
-            .ids
-            .iter()
-            .map(|id| in_flight.get(id).copied())
-            .collect();
+        let notifications: Option<Vec<i64>> =
+            self.0.iter().map(|id| in_flight.get(id).copied()).collect();
         // The ids go in as an array (`rarray`): no text to build here and parse in SQLite.
-        let ids = std::rc::Rc::new(std::mem::take(&mut self.rows));
-        self.ids.clear();
+        let ids: Vec<rusqlite::types::Value> = self
+            .0
+            .drain()
+            .map(rusqlite::types::Value::Integer)
+            .collect();
+        let ids = std::rc::Rc::new(ids);
         if let Some(notifications) = notifications {
             tx.execute_batch("SAVEPOINT sent_batch")?;
             let changed = tx
-                .prepare_cached(
-                    "UPDATE deliveries SET state = 1, attempts = attempts + 1,
-                     last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
-                     WHERE id IN rarray(?1) AND state = 0",
-                )?
+                .prepare_cached(mark_sent_sql!())?
                 .execute(params![ids, now])?;
             if changed == notifications.len() {
                 tx.execute_batch("RELEASE sent_batch")?;
                 for nid in notifications {
-                    finals.add(Some(nid));
+                    finals.add_n(nid, 1);
                 }
                 return Ok(());
             }
             tx.execute_batch("ROLLBACK TO sent_batch; RELEASE sent_batch")?;
         }
-        let mut st = tx.prepare_cached(
-            "UPDATE deliveries SET state = 1, attempts = attempts + 1,
-             last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
-             WHERE id IN rarray(?1) AND state = 0
-             RETURNING notification_id",
-        )?;
+        let mut st = tx.prepare_cached(concat!(mark_sent_sql!(), " RETURNING notification_id"))?;
         let mut rows = st.query(params![ids, now])?;
         while let Some(r) = rows.next()? {
-            finals.add(Some(r.get(0)?));
+            finals.add_n(r.get(0)?, 1);
         }
         Ok(())
     }
@@ -1115,16 +1109,21 @@ fn ingest_file(
     earliest_due: &mut Option<i64>,
 ) -> Result<IngestOutcome, StoreError> {
     if already_committed(tx, f)? {
-        return Ok(IngestOutcome {
-            already_committed: true,
-            ..IngestOutcome::default()
-        });
+        return Ok(committed_before());
     }
     let mut fw = FileWriter::new(tx, f)?;
     for rec in &f.records {
         fw.add(rec, earliest_due)?;
     }
     fw.finish(f)
+}
+
+/// The outcome for a file that [`already_committed`]: nothing written, only to be moved.
+fn committed_before() -> IngestOutcome {
+    IngestOutcome {
+        already_committed: true,
+        ..IngestOutcome::default()
+    }
 }
 
 /// Whether this very file (name, content, inode, mtime) was committed before: a crash came
