@@ -51,6 +51,23 @@ fn open() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// The id of the claimed delivery to token `t`.
+fn delivery_to(claimed: &[ClaimedDelivery], t: u32) -> i64 {
+    claimed
+        .iter()
+        .find(|c| c.device.token == tok(t))
+        .unwrap()
+        .delivery_id
+}
+
+/// A `sent` result (APNs echoed our apns-id).
+fn sent(delivery_id: i64) -> DeliveryResult {
+    DeliveryResult {
+        delivery_id,
+        kind: ResultKind::Sent { apns_id: None },
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -251,13 +268,7 @@ fn broadcast_fans_out_to_active_devices_and_claims_once() {
         assert_eq!(rest.len(), 19, "claimed deliveries are not claimed twice");
         let claimed = first.deliveries;
         let all: Vec<_> = claimed.into_iter().chain(rest).collect();
-        let results = all
-            .iter()
-            .map(|c| DeliveryResult {
-                delivery_id: c.delivery_id,
-                kind: ResultKind::Sent { apns_id: None },
-            })
-            .collect();
+        let results = all.iter().map(|c| sent(c.delivery_id)).collect();
         let fin = store.record_results(results).await.unwrap();
         assert_eq!(fin.len(), 1);
         assert_eq!(fin[0].ext_id, "b");
@@ -419,13 +430,7 @@ fn sent_results_count_only_deliveries_still_queued() {
         let now = crate::model::now_ms() + 1;
         let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
         assert_eq!(claimed.len(), 4);
-        let id = |t: u32| {
-            claimed
-                .iter()
-                .find(|c| c.device.token == tok(t))
-                .unwrap()
-                .delivery_id
-        };
+        let id = |t: u32| delivery_to(&claimed, t);
         // Delivery 1 ends behind the sender's back while it is in flight.
         rusqlite::Connection::open(store.path())
             .unwrap()
@@ -434,24 +439,21 @@ fn sent_results_count_only_deliveries_still_queued() {
                 [id(1)],
             )
             .unwrap();
-        let sent = |ids: &[i64]| -> Vec<DeliveryResult> {
-            ids.iter()
-                .map(|&delivery_id| DeliveryResult {
-                    delivery_id,
-                    kind: ResultKind::Sent { apns_id: None },
-                })
-                .collect()
-        };
+        let sent_all =
+            |ids: &[i64]| -> Vec<DeliveryResult> { ids.iter().map(|&d| sent(d)).collect() };
         let names = |f: Vec<FinishedNotification>| -> Vec<String> {
             f.into_iter().map(|f| f.ext_id).collect()
         };
         let fin = store
-            .record_results(sent(&[id(1), id(2), id(3)]))
+            .record_results(sent_all(&[id(1), id(2), id(3)]))
             .await
             .unwrap();
         assert_eq!(names(fin), vec!["two"], "`one` was not queued any more");
         // A second result for delivery 2, which is no longer in flight, beside a real one.
-        let fin = store.record_results(sent(&[id(2), id(4)])).await.unwrap();
+        let fin = store
+            .record_results(sent_all(&[id(2), id(4)]))
+            .await
+            .unwrap();
         assert_eq!(names(fin), vec!["three"]);
     });
     let r = query::Reader::open(store.path()).unwrap();
@@ -505,13 +507,7 @@ fn batched_results_apply_in_order_per_delivery() {
         assert_eq!(claimed.len(), 3);
         let again = store.claim_due(now, 10).await.unwrap().deliveries;
         assert!(again.is_empty(), "all three are in flight");
-        let id = |t: u32| {
-            claimed
-                .iter()
-                .find(|c| c.device.token == tok(t))
-                .unwrap()
-                .delivery_id
-        };
+        let id = |t: u32| delivery_to(&claimed, t);
         let (d1, d2, d3) = (id(1), id(2), id(3));
         let results = vec![
             // d1: sent with Apple's id, then a stray retry for it: a final delivery stays
@@ -540,10 +536,7 @@ fn batched_results_apply_in_order_per_delivery() {
                     count_attempt: true,
                 },
             },
-            DeliveryResult {
-                delivery_id: d3,
-                kind: ResultKind::Sent { apns_id: None },
-            },
+            sent(d3),
         ];
         let fin = store.record_results(results).await.unwrap();
         ((d1, d2, d3), fin)
