@@ -97,3 +97,53 @@ fn a_big_file_written_in_place_is_taken_once_complete() {
     assert_eq!(env.count("SELECT count(*) FROM committed_files"), 1);
     daemon.shutdown();
 }
+
+/// Files are taken in name order, a streamed one too: a small file named before a big one is
+/// committed before it (its notifications are queued first), one named after it, after it.
+#[test]
+fn a_big_file_is_committed_in_name_order_among_small_ones() {
+    let env = Env::new();
+    env.drop_file("a.json", notification("a-before", &token(1)));
+    env.drop_file("b.jsonl", big_file(12_000));
+    env.drop_file("c.json", notification("c-after", &token(2)));
+    // Written long ago, so the first scan finds all three ready: one batch.
+    for name in ["a.json", "b.jsonl", "c.json"] {
+        std::fs::File::options()
+            .write(true)
+            .open(env.inbox.join(name))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+    }
+    let daemon = env.start();
+    wait_for("all three files", || env.processed_names().len() == 3);
+    let order: Vec<(String, i64)> = env
+        .db()
+        .prepare(
+            "SELECT ext_id, id FROM notifications WHERE ext_id IN ('a-before', 'c-after')
+             ORDER BY id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let big: (i64, i64) = env
+        .db()
+        .query_row(
+            "SELECT min(id), max(id) FROM notifications WHERE source_file = 'b.jsonl'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(order.len(), 2, "{order:?}");
+    assert!(
+        order[0].0 == "a-before" && order[0].1 < big.0,
+        "{order:?} {big:?}"
+    );
+    assert!(
+        order[1].0 == "c-after" && order[1].1 > big.1,
+        "{order:?} {big:?}"
+    );
+    daemon.shutdown();
+}

@@ -156,6 +156,11 @@ struct ReadDrop {
 }
 
 impl ReadDrop {
+    /// Big enough to be committed while it is parsed.
+    fn is_streamed(&self) -> bool {
+        self.kind == FileKind::Jsonl && self.bytes.len() >= STREAM_MIN_BYTES
+    }
+
     /// A `.jsonl` file's last line without its newline yet is still being written.
     fn last_line_unfinished(&self) -> bool {
         self.kind == FileKind::Jsonl && !self.settled && self.bytes.last() != Some(&b'\n')
@@ -338,9 +343,12 @@ impl Ingestor {
         &self.store
     }
 
-    /// Takes a batch of files: every ready one is committed in ONE `Store::ingest` call (one
-    /// fsync), then moved; rejected ones are moved with their report; directories are synced
-    /// once at the end. Logs one line per finished file and updates the metrics.
+    /// Takes a batch of files in name order: the ready ones are committed together in ONE
+    /// `Store::ingest` call (one fsync), then moved, except that a big `.jsonl` is committed
+    /// on its own while it is parsed (the ready files named before it are committed first,
+    /// so files still go in in name order); rejected ones are moved with their report;
+    /// directories are synced once at the end. Logs one line per finished file and updates
+    /// the metrics.
     pub fn process(&self, candidates: Vec<Candidate>) -> Vec<FileResult> {
         let mut results = Vec::with_capacity(candidates.len());
         let mut ready = Vec::new();
@@ -350,9 +358,8 @@ impl Ingestor {
             let started = Instant::now();
             let name = display_name(&c.path);
             let examined = match read_drop(&c.path, &self.cfg, c.settled) {
-                Ok(read)
-                    if read.kind == FileKind::Jsonl && read.bytes.len() >= STREAM_MIN_BYTES =>
-                {
+                Ok(read) if read.is_streamed() => {
+                    self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
                     match self.stream(read, c.path.clone(), started, &mut dirty) {
                         Ok(r) => {
                             results.push(r);
@@ -412,20 +419,7 @@ impl Ingestor {
                 }),
             }
         }
-        if !files.is_empty() {
-            match self.store.ingest(files) {
-                Ok(outcomes) => {
-                    for (r, store) in ready.into_iter().zip(outcomes) {
-                        results.push(self.accepted(r, Ok(store), &mut dirty));
-                    }
-                }
-                Err(e) => {
-                    for r in ready {
-                        results.push(self.accepted(r, Err(e.to_string()), &mut dirty));
-                    }
-                }
-            }
-        }
+        self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
         for d in &dirty {
             if let Err(e) = fsutil::fsync_dir(d) {
                 tracing::error!(event = "fsync_failed", dir = %d.display(), error = %e, "cannot sync directory");
@@ -435,6 +429,31 @@ impl Ingestor {
             self.log(r);
         }
         results
+    }
+
+    /// Commits the ready files gathered so far in one transaction, and moves them.
+    fn commit_ready(
+        &self,
+        ready: &mut Vec<Ready>,
+        files: &mut Vec<IngestFile>,
+        results: &mut Vec<FileResult>,
+        dirty: &mut BTreeSet<PathBuf>,
+    ) {
+        if files.is_empty() {
+            return;
+        }
+        match self.store.ingest(std::mem::take(files)) {
+            Ok(outcomes) => {
+                for (r, store) in ready.drain(..).zip(outcomes) {
+                    results.push(self.accepted(r, Ok(store), dirty));
+                }
+            }
+            Err(e) => {
+                for r in ready.drain(..) {
+                    results.push(self.accepted(r, Err(e.to_string()), dirty));
+                }
+            }
+        }
     }
 
     /// A big `.jsonl` file, committed while it is parsed (see [`Store::begin_ingest`]): the
