@@ -470,6 +470,9 @@ impl Ingestor {
         if read.last_line_unfinished() {
             return Err(Examined::InProgress("last line has no newline yet".into()));
         }
+        // Hashed before the writer is engaged: while the file's transaction is open, every
+        // claim and result waits for it.
+        let sha256 = hex::encode(Sha256::digest(&read.bytes));
         let stream = match self
             .store
             .begin_ingest(read.ingest_file(String::new(), Vec::new()))
@@ -491,9 +494,7 @@ impl Ingestor {
         if !writer_gone {
             stream.send(parsed.records);
         }
-        let committed = stream
-            .commit(hex::encode(Sha256::digest(&read.bytes)))
-            .map_err(|e| e.to_string());
+        let committed = stream.commit(sha256).map_err(|e| e.to_string());
         let ready = Ready {
             path,
             name: read.name,
