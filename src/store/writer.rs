@@ -66,6 +66,15 @@ const INGEST_CACHE_KIB: i64 = -65536;
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
+/// Marks a delivery sent at `?2`, if it is still queued.
+macro_rules! mark_sent_sql {
+    () => {
+        "UPDATE deliveries SET state = 1, attempts = attempts + 1,
+         last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
+         WHERE id = ?1 AND state = 0"
+    };
+}
+
 /// A delivery handed to the sender; the writer will not hand it out again until its result
 /// is recorded (or the process restarts).
 #[derive(Debug, Clone)]
@@ -182,6 +191,9 @@ pub(super) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
+    // The bundled SQLite enforces foreign keys by default: two more B-tree lookups for every
+    // delivery written, and a scan of all deliveries for every device the purge deletes.
+    conn.pragma_update(None, "foreign_keys", false)?;
     conn.create_scalar_function("pd_uuid", 0, FunctionFlags::SQLITE_UTF8, |_| {
         Ok(new_apns_id())
     })?;
@@ -704,20 +716,21 @@ impl Writer {
         let now = now_ms();
         let tx = self.conn.transaction()?;
         let mut finals = Finals::default();
-        // `Sent` results (nearly all of them) are written by one statement per batch; a
-        // result for a delivery already waiting in it writes the batch first, so results for
-        // the same delivery still apply in order.
-        let mut sent = SentBatch::default();
+        let mut sent = tx.prepare_cached(mark_sent_sql!())?;
         // Every statement below only changes a queued delivery (`state = 0`), so a stray
         // second result for a delivery that is already final changes nothing, and the
         // notification's pending count only drops for real transitions.
         for r in results {
-            if sent.0.contains(&r.delivery_id) {
-                sent.flush(&tx, now, &self.in_flight, &mut finals)?;
-            }
             match r.kind {
                 ResultKind::Sent { apns_id: None } => {
-                    sent.0.insert(r.delivery_id);
+                    mark_sent(
+                        &tx,
+                        &mut sent,
+                        r.delivery_id,
+                        now,
+                        &self.in_flight,
+                        &mut finals,
+                    )?;
                 }
                 // APNs named the push differently from the id it was sent with: keep Apple's.
                 ResultKind::Sent {
@@ -816,7 +829,7 @@ impl Writer {
                 }
             }
         }
-        sent.flush(&tx, now, &self.in_flight, &mut finals)?;
+        drop(sent);
         let done = finals.settle(&tx, now)?;
         let finished = named(&tx, &mut self.notifications, done)?;
         tx.commit()?;
@@ -958,66 +971,32 @@ fn finish(
     Ok(())
 }
 
-/// `Sent` results waiting to be written together: their delivery ids.
-#[derive(Default)]
-struct SentBatch(HashSet<i64>);
-
-/// Marks a batch of deliveries (`rarray(?1)`) sent at `?2`, those still queued only.
-macro_rules! mark_sent_sql {
-    () => {
-        "UPDATE deliveries SET state = 1, attempts = attempts + 1,
-         last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
-         WHERE id IN rarray(?1) AND state = 0"
-    };
-}
-
-impl SentBatch {
-    /// Writes the batch. Deliveries in flight are queued (nothing else ends a claimed
-    /// delivery) and their notifications are known from the claim, so the common batch is
-    /// one `UPDATE` without `RETURNING` (which SQLite buffers row by row): if it changed every
-    /// row, each of those notifications has one item less pending. Otherwise (a result for a
-    /// delivery not in flight, or one that was no longer queued) it is undone and the
-    /// statement that reads back what it changed runs instead.
-    fn flush(
-        &mut self,
-        tx: &Transaction<'_>,
-        now: i64,
-        in_flight: &HashMap<i64, i64>,
-        finals: &mut Finals,
-    ) -> Result<(), StoreError> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        let notifications: Option<Vec<i64>> =
-            self.0.iter().map(|id| in_flight.get(id).copied()).collect();
-        // The ids go in as an array (`rarray`): no text to build here and parse in SQLite.
-        let ids: Vec<rusqlite::types::Value> = self
-            .0
-            .drain()
-            .map(rusqlite::types::Value::Integer)
-            .collect();
-        let ids = std::rc::Rc::new(ids);
-        if let Some(notifications) = notifications {
-            tx.execute_batch("SAVEPOINT sent_batch")?;
-            let changed = tx
-                .prepare_cached(mark_sent_sql!())?
-                .execute(params![ids, now])?;
-            if changed == notifications.len() {
-                tx.execute_batch("RELEASE sent_batch")?;
-                for nid in notifications {
-                    finals.add_n(nid, 1);
-                }
-                return Ok(());
-            }
-            tx.execute_batch("ROLLBACK TO sent_batch; RELEASE sent_batch")?;
-        }
-        let mut st = tx.prepare_cached(concat!(mark_sent_sql!(), " RETURNING notification_id"))?;
-        let mut rows = st.query(params![ids, now])?;
-        while let Some(r) = rows.next()? {
-            finals.add_n(r.get(0)?, 1);
-        }
-        Ok(())
+/// Records a `sent` result. A delivery in flight has its notification known from the claim,
+/// so the common case is an `UPDATE` without `RETURNING` (which SQLite buffers in a table of
+/// its own); the number of rows it changed says whether the delivery was still queued. One
+/// statement per delivery, not one per batch: SQLite runs `id IN rarray(?)` through two
+/// temporary B-trees (the ids, then the rows to change), which cost more than the statement.
+fn mark_sent(
+    tx: &Transaction<'_>,
+    st: &mut rusqlite::Statement<'_>,
+    delivery_id: i64,
+    now: i64,
+    in_flight: &HashMap<i64, i64>,
+    finals: &mut Finals,
+) -> Result<(), StoreError> {
+    if let Some(&nid) = in_flight.get(&delivery_id) {
+        st.raw_bind_parameter(1, delivery_id)?;
+        st.raw_bind_parameter(2, now)?;
+        let changed = st.raw_execute()?;
+        finals.add_n(nid, changed as i64);
+    } else {
+        let nid = tx
+            .prepare_cached(concat!(mark_sent_sql!(), " RETURNING notification_id"))?
+            .query_row(params![delivery_id, now], |r| r.get::<_, i64>(0))
+            .optional()?;
+        finals.add(nid);
     }
+    Ok(())
 }
 
 /// How many items of each notification stopped being pending in one transaction: deliveries
@@ -1036,35 +1015,37 @@ impl Finals {
         *self.0.entry(notification_id).or_default() += k;
     }
 
-    /// Lowers the notifications' pending counts (one statement per distinct amount, nearly
-    /// always one in all) and returns the ids of those that became final; the order is
-    /// unspecified.
+    /// Lowers the notifications' pending counts and returns the ids of those that became
+    /// final; the order is unspecified.
+    ///
+    /// One statement per notification and none with `RETURNING`: SQLite runs
+    /// `id IN rarray(?)` through temporary B-trees (the ids, then the rows to change), and
+    /// `RETURNING` buffers its rows in another, each costing more than a statement. So the
+    /// first statement ends the notification if this brings its count to zero (the common
+    /// case: one delivery each), and only when it changed nothing does the second lower it.
     fn settle(&self, tx: &Transaction<'_>, now: i64) -> Result<Vec<i64>, StoreError> {
         // Nearly every claim settles nothing.
         if self.0.is_empty() {
             return Ok(Vec::new());
         }
-        let mut by_k: HashMap<i64, Vec<rusqlite::types::Value>> = HashMap::new();
-        for (&nid, &k) in &self.0 {
-            by_k.entry(k)
-                .or_default()
-                .push(rusqlite::types::Value::Integer(nid));
-        }
         let mut finished = Vec::new();
-        // SET expressions see the row as it was, RETURNING sees it as it is now.
-        let mut st = tx.prepare_cached(
-            "UPDATE notification_progress SET pending = pending - ?2,
-                finished_at = CASE WHEN finished_at IS NULL AND pending - ?2 <= 0
-                                   THEN ?3 ELSE finished_at END
-             WHERE id IN rarray(?1)
-             RETURNING id, finished_at = ?3 AND pending <= 0",
+        let mut finish = tx.prepare_cached(
+            "UPDATE notification_progress SET pending = pending - ?2, finished_at = ?3
+             WHERE id = ?1 AND pending - ?2 <= 0 AND finished_at IS NULL",
         )?;
-        for (k, ids) in by_k {
-            let mut rows = st.query(params![std::rc::Rc::new(ids), k, now])?;
-            while let Some(r) = rows.next()? {
-                if r.get::<_, bool>(1)? {
-                    finished.push(r.get(0)?);
-                }
+        let mut lower = tx.prepare_cached(
+            "UPDATE notification_progress SET pending = pending - ?2 WHERE id = ?1",
+        )?;
+        finish.raw_bind_parameter(3, now)?;
+        for (&nid, &k) in &self.0 {
+            finish.raw_bind_parameter(1, nid)?;
+            finish.raw_bind_parameter(2, k)?;
+            if finish.raw_execute()? == 1 {
+                finished.push(nid);
+            } else {
+                lower.raw_bind_parameter(1, nid)?;
+                lower.raw_bind_parameter(2, k)?;
+                lower.raw_execute()?;
             }
         }
         Ok(finished)
