@@ -56,6 +56,10 @@ pub enum StoreError {
     Closed,
     #[error("the file's ingest was abandoned before its commit; nothing of it was kept")]
     Abandoned,
+    /// Something the writer relies on did not hold (see the message); the file's transaction
+    /// is rolled back rather than written on a guess.
+    #[error("the store's writer found an inconsistency: {0}")]
+    Inconsistent(&'static str),
 }
 
 /// One accepted file's records, with what identifies this copy of the file so that a restart

@@ -690,3 +690,140 @@ fn claims_follow_due_order_even_behind_the_cursor() {
         assert!(!claimed.contains(&last.deliveries[0].delivery_id));
     });
 }
+
+/// What the tables say about an ingest, without times, file names or assigned ids (which
+/// differ from run to run): notifications with their progress, devices, deliveries.
+fn dump(store: &Store) -> Vec<String> {
+    let r = query::Reader::open(store.path()).unwrap();
+    let mut out = Vec::new();
+    let mut rows = |sql: &str| {
+        let mut st = r.conn().prepare(sql).unwrap();
+        let n = st.column_count();
+        let got: Vec<String> = st
+            .query_map([], |row| {
+                let cols: Vec<String> = (0..n)
+                    .map(|i| match row.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Null => "NULL".to_string(),
+                        rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                        rusqlite::types::ValueRef::Text(t) => {
+                            let t = String::from_utf8_lossy(t).into_owned();
+                            // An assigned id: a UUID.
+                            if uuid::Uuid::parse_str(&t).is_ok() {
+                                "<uuid>".to_string()
+                            } else {
+                                t
+                            }
+                        }
+                        other => format!("{other:?}"),
+                    })
+                    .collect();
+                Ok(cols.join("|"))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        out.extend(got);
+    };
+    rows(
+        "SELECT n.id, app, ext_id, target_kind, target, payload, push_type, priority, topic,
+                collapse_id, expiration, fanned_out, p.pending, p.finished_at IS NULL
+         FROM notifications n JOIN notification_progress p USING (id) ORDER BY n.id",
+    );
+    rows(
+        "SELECT id, app, token, user, environment, registered, active, invalidated_at
+         FROM devices ORDER BY id",
+    );
+    rows(
+        "SELECT id, notification_id, device_id, state, attempts, length(apns_id)
+         FROM deliveries ORDER BY id",
+    );
+    out
+}
+
+/// Long runs of notifications are written a batch at a time (one statement for many rows),
+/// everything else record by record. Both must leave the same tables and report the same
+/// duplicates: here one file of 230 records, with the ids it gives repeating within a batch
+/// and across files, a batch of new tokens and one of known and new ones, tokens repeated
+/// within a notification, two apps, every kind of target and device records cutting the
+/// runs, against the same records ingested one file each (always record by record).
+#[test]
+fn batched_ingest_writes_what_record_by_record_ingest_writes() {
+    let recs: Vec<Record> = (0..230u32)
+        .map(|i| {
+            if i % 100 == 7 {
+                return device("a", 1000 + i, Some("u1"));
+            }
+            let id = match i {
+                // Twice within one batch.
+                20 | 50 => Some("twice".to_string()),
+                _ => (i % 3 == 0).then(|| format!("id{}", i % 37)),
+            };
+            let target = if i % 11 == 0 {
+                Target::Users(vec!["u1".into()])
+            } else if i % 13 == 0 {
+                Target::All
+            } else {
+                // The first full batch (records 8 to 71) names new tokens only, the second
+                // (from 108) known and new ones; record 2 a registered one.
+                let t = match i {
+                    2 => 5,
+                    0..108 => 100 + i,
+                    _ => 40 + i,
+                };
+                if i % 4 == 0 {
+                    Target::Tokens(vec![tok(t), tok(t + 5000), tok(t), tok(t + 6000)])
+                } else {
+                    Target::Tokens(vec![tok(t)])
+                }
+            };
+            let Record::Notification(n) = notification(id.as_deref(), target) else {
+                unreachable!()
+            };
+            let sandbox = i % 7 == 0;
+            Record::Notification(NotificationRecord {
+                app: if sandbox { "b" } else { "a" }.into(),
+                environment: if sandbox {
+                    Environment::Sandbox
+                } else {
+                    Environment::Production
+                },
+                payload: format!(r#"{{"aps":{{"alert":"n {i}"}}}}"#),
+                ..n
+            })
+        })
+        .collect();
+    let before = || {
+        let mut pre: Vec<Record> = (0..20).map(|i| device("a", i, Some("u1"))).collect();
+        pre.push(notification(Some("id5"), Target::Tokens(vec![tok(3)])));
+        file("pre.json", pre)
+    };
+
+    let (_d1, batched) = open();
+    batched.ingest(vec![before()]).unwrap();
+    let out = batched
+        .ingest(vec![file("all.jsonl", recs.clone())])
+        .unwrap();
+    let (_d2, single) = open();
+    single.ingest(vec![before()]).unwrap();
+    let mut queued = 0;
+    let mut duplicates = Vec::new();
+    for (i, r) in recs.iter().enumerate() {
+        let o = single
+            .ingest(vec![file(&format!("r{i:03}.json"), vec![r.clone()])])
+            .unwrap();
+        queued += o[0].notifications_queued;
+        duplicates.extend(o[0].duplicates.iter().map(|(_, id)| (i, id.clone())));
+    }
+    assert_eq!(out[0].notifications_queued, queued);
+    assert_eq!(out[0].duplicates, duplicates);
+    assert!(duplicates.len() > 10, "the ids repeat: {duplicates:?}");
+    assert!(
+        duplicates.contains(&(153, "id5".to_string())),
+        "taken before"
+    );
+    assert!(
+        duplicates.contains(&(50, "twice".to_string())),
+        "taken in the batch"
+    );
+    assert_eq!(dump(&batched), dump(&single));
+}

@@ -16,7 +16,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{DeviceInfo, IngestFile, IngestOutcome, NotificationInfo, PurgeCounts, StoreError};
 use crate::config::Environment;
-use crate::model::{DeliveryState, DeviceAction, PushType, Record, Target, now_ms};
+use crate::model::{
+    DeliveryState, DeviceAction, NotificationRecord, PushType, Record, Target, now_ms,
+};
 
 /// Work for the writer thread.
 pub(super) type Job = Box<dyn FnOnce(&mut Writer) + Send>;
@@ -410,11 +412,7 @@ impl Writer {
             let mut fw = FileWriter::new(&tx, &file)?;
             loop {
                 match chunks.recv() {
-                    Ok(StreamMsg::Records(records)) => {
-                        for r in &records {
-                            fw.add(r, earliest_due)?;
-                        }
-                    }
+                    Ok(StreamMsg::Records(records)) => fw.add_all(&records, earliest_due)?,
                     Ok(StreamMsg::Commit { sha256 }) => {
                         file.sha256 = sha256;
                         break;
@@ -1093,9 +1091,7 @@ fn ingest_file(
         return Ok(committed_before());
     }
     let mut fw = FileWriter::new(tx, f)?;
-    for rec in &f.records {
-        fw.add(rec, earliest_due)?;
-    }
+    fw.add_all(&f.records, earliest_due)?;
     fw.finish(f)
 }
 
@@ -1128,11 +1124,20 @@ struct FileWriter<'t> {
     find_device: rusqlite::CachedStatement<'t>,
     insert_token_device: rusqlite::CachedStatement<'t>,
     insert_delivery: rusqlite::CachedStatement<'t>,
+    /// The batch forms of the statements above (see [`FileWriter::add_notifications`]).
+    insert_notifications: rusqlite::CachedStatement<'t>,
+    insert_token_devices: rusqlite::CachedStatement<'t>,
+    /// Deliveries not yet written: they go in [`DELIVERY_BATCH`] rows per statement.
+    deliveries: Vec<NewDelivery>,
+    insert_deliveries: rusqlite::CachedStatement<'t>,
     /// Whether the last token named was new to the registry: then the next one is inserted
-    /// first and only looked up if it exists (see [`FileWriter::deliver_to_token`]).
+    /// first and only looked up if it exists (see [`FileWriter::resolve_device`]).
     last_token_new: bool,
     /// The text parameters that the records of a file nearly always share, as last bound.
     bound: Bound,
+    /// The same for the batch statements, by parameter index.
+    bound_notifications: Vec<BoundText>,
+    bound_devices: Vec<BoundText>,
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
@@ -1199,8 +1204,18 @@ impl<'t> FileWriter<'t> {
                 "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?,
+            insert_notifications: tx.prepare_cached(&batch_insert_notifications_sql())?,
+            insert_token_devices: tx.prepare_cached(&batch_insert_token_devices_sql())?,
+            deliveries: Vec::with_capacity(DELIVERY_BATCH),
+            insert_deliveries: tx.prepare_cached(&batch_insert_deliveries_sql())?,
             last_token_new: false,
             bound: Bound::default(),
+            bound_notifications: (0..NOTIFICATION_BATCH * 12 + 1)
+                .map(|_| BoundText::default())
+                .collect(),
+            bound_devices: (0..DEVICE_BATCH * 3 + 1)
+                .map(|_| BoundText::default())
+                .collect(),
             progress: HashMap::new(),
             source_file: f.name.clone(),
             now: now_ms(),
@@ -1220,6 +1235,14 @@ impl<'t> FileWriter<'t> {
             .raw_bind_parameter(13, self.source_file.as_str())?;
         self.insert_token_device.raw_bind_parameter(4, now)?;
         self.insert_delivery.raw_bind_parameter(5, now)?;
+        self.insert_deliveries
+            .raw_bind_parameter(DELIVERY_BATCH * 4 + 1, now)?;
+        self.insert_notifications
+            .raw_bind_parameter(NOTIFICATION_BATCH * 12 + 1, now)?;
+        self.insert_notifications
+            .raw_bind_parameter(NOTIFICATION_BATCH * 12 + 2, self.source_file.as_str())?;
+        self.insert_token_devices
+            .raw_bind_parameter(DEVICE_BATCH * 3 + 1, now)?;
         Ok(self)
     }
 
@@ -1262,115 +1285,303 @@ impl<'t> FileWriter<'t> {
                 }
             },
             Record::Notification(n) => {
-                let mut assigned = uuid::Uuid::encode_buffer();
-                let ext_id: &str = match &n.id {
-                    Some(id) => id,
-                    None => time_ordered_uuid().hyphenated().encode_lower(&mut assigned),
-                };
-                let (target_json, fanned_out) = match &n.target {
-                    Target::Tokens(t) => (serde_json::to_string(t).unwrap_or_default(), true),
-                    Target::Users(u) => (serde_json::to_string(u).unwrap_or_default(), false),
-                    Target::All => (String::new(), false),
-                };
-                let send_at = n.send_at_ms.unwrap_or(now);
-                // A token named twice is one delivery.
-                let tokens: Vec<&str> = match &n.target {
-                    Target::Tokens(t) if t.len() == 1 => vec![t[0].as_str()],
-                    Target::Tokens(t) => {
-                        let mut seen = HashSet::new();
-                        t.iter()
-                            .map(String::as_str)
-                            .filter(|t| seen.insert(*t))
-                            .collect()
-                    }
-                    _ => Vec::new(),
-                };
+                let p = PreparedNotification::new(n, now);
                 // Parameters 12 (created_at) and 13 (source_file) are bound for the file.
                 let (st, b) = (&mut self.insert_notification, &mut self.bound);
                 b.n_app.bind(st, 1, &n.app)?;
-                st.raw_bind_parameter(2, ext_id)?;
                 b.n_kind.bind(st, 3, n.target.kind())?;
-                st.raw_bind_parameter(4, target_json.as_str())?;
-                st.raw_bind_parameter(5, n.payload.as_str())?;
                 b.n_push_type.bind(st, 6, n.push_type.as_str())?;
-                st.raw_bind_parameter(7, n.priority)?;
                 b.n_topic.bind(st, 8, &n.topic)?;
-                st.raw_bind_parameter(9, n.collapse_id.as_deref())?;
-                st.raw_bind_parameter(10, n.expiration)?;
-                st.raw_bind_parameter(11, send_at)?;
-                st.raw_bind_parameter(14, fanned_out as i64)?;
-                let inserted = st.raw_execute()?;
-                if inserted == 0 {
-                    self.out.duplicates.push((index, ext_id.to_string()));
+                p.bind_row(st, 0, &[2, 4, 5, 7, 9, 10, 11, 14])?;
+                if st.raw_execute()? == 0 {
+                    self.out
+                        .duplicates
+                        .push((index, p.ext_id.as_str().to_string()));
                     return Ok(());
                 }
                 let nid = tx.last_insert_rowid();
-                // Pending: its deliveries, or the fan-out still to come.
-                let pending = if fanned_out { tokens.len() as i64 } else { 1 };
-                self.progress
-                    .entry(pending)
-                    .or_default()
-                    .push(rusqlite::types::Value::Integer(nid));
-                let due_at = send_at;
-                if !tokens.is_empty() {
-                    *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
+                self.queue(&p, nid, earliest_due);
+                for t in &p.tokens {
+                    let device_id = self.resolve_device(&n.app, t, n.environment.as_str())?;
+                    self.push_delivery(nid, device_id, p.send_at)?;
                 }
-                for t in &tokens {
-                    self.deliver_to_token(nid, &n.app, t, n.environment.as_str(), due_at)?;
-                }
-                self.out.notifications_queued += 1;
             }
         }
         Ok(())
     }
 
-    /// A delivery to a token named in `to.tokens`, with a device row for a token not seen
-    /// before (so that an invalidation is remembered).
-    fn deliver_to_token(
+    /// The file's records, in order: runs of [`NOTIFICATION_BATCH`] notifications are written
+    /// a batch at a time, everything else record by record.
+    fn add_all(
         &mut self,
-        nid: i64,
+        records: &[Record],
+        earliest_due: &mut Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut rest = records;
+        while let Some(first) = rest.first() {
+            let run = rest
+                .iter()
+                .take(NOTIFICATION_BATCH)
+                .take_while(|r| matches!(r, Record::Notification(_)))
+                .count();
+            if run == NOTIFICATION_BATCH {
+                self.add_notifications(&rest[..run], earliest_due)?;
+                rest = &rest[run..];
+            } else {
+                self.add(first, earliest_due)?;
+                rest = &rest[1..];
+            }
+        }
+        Ok(())
+    }
+
+    /// [`NOTIFICATION_BATCH`] notification records, written by one statement for their rows,
+    /// one per [`DEVICE_BATCH`] new tokens and one per [`DELIVERY_BATCH`] deliveries.
+    ///
+    /// SQLite gives the rows of one `INSERT` consecutive ids, one more than the largest before
+    /// it, so the ids are known without reading them back. A notification whose id is taken
+    /// (by an earlier file or an earlier record of the batch) is a duplicate, as record by
+    /// record: `ON CONFLICT DO NOTHING` skips it without using up an id.
+    fn add_notifications(
+        &mut self,
+        records: &[Record],
+        earliest_due: &mut Option<i64>,
+    ) -> Result<(), StoreError> {
+        let (tx, now) = (self.tx, self.now);
+        let first_index = self.index;
+        self.index += records.len();
+        let prepared: Vec<PreparedNotification<'_>> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Notification(n) => Some(PreparedNotification::new(n, now)),
+                Record::Device(_) => None,
+            })
+            .collect();
+        let before = max_id(tx, "notifications")?;
+        let (st, b) = (
+            &mut self.insert_notifications,
+            &mut self.bound_notifications,
+        );
+        for (i, p) in prepared.iter().enumerate() {
+            let n = p.record;
+            let base = i * 12;
+            b[base + 1].bind(st, base + 1, &n.app)?;
+            b[base + 3].bind(st, base + 3, n.target.kind())?;
+            b[base + 6].bind(st, base + 6, n.push_type.as_str())?;
+            b[base + 8].bind(st, base + 8, &n.topic)?;
+            p.bind_row(st, base, &[2, 4, 5, 7, 9, 10, 11, 12])?;
+        }
+        let inserted = st.raw_execute()?;
+        check_consecutive(tx, before, inserted)?;
+        // Which rows went in: all of them, unless ids given in the file were taken.
+        let mut ids: Vec<Option<i64>> = Vec::with_capacity(prepared.len());
+        if inserted == prepared.len() {
+            ids.extend((1..=inserted as i64).map(|k| Some(before + k)));
+        } else {
+            let mut find =
+                tx.prepare_cached("SELECT id FROM notifications WHERE app = ?1 AND ext_id = ?2")?;
+            let mut mine = HashSet::new();
+            let mut next = before;
+            for p in &prepared {
+                let found: Option<i64> = find
+                    .query_row(params![p.record.app, p.ext_id.as_str()], |r| r.get(0))
+                    .optional()?;
+                // A row of this batch, and the first record of the batch with this id.
+                let new = found.is_some_and(|id| id > before && mine.insert(id));
+                ids.push(if new {
+                    next += 1;
+                    Some(next)
+                } else {
+                    None
+                });
+            }
+        }
+        // The devices of the tokens named, each once, and then the deliveries.
+        let mut device_of: HashMap<(&str, &str), i64> = HashMap::default();
+        let mut tokens: Vec<(&str, &str, &str)> = Vec::new();
+        for (p, id) in prepared.iter().zip(&ids) {
+            if id.is_none() {
+                continue;
+            }
+            for t in &p.tokens {
+                if let std::collections::hash_map::Entry::Vacant(e) =
+                    device_of.entry((p.record.app.as_str(), t))
+                {
+                    e.insert(0);
+                    tokens.push((&p.record.app, t, p.record.environment.as_str()));
+                }
+            }
+        }
+        self.resolve_devices(&tokens, &mut device_of)?;
+        for (i, (p, id)) in prepared.iter().zip(&ids).enumerate() {
+            let Some(nid) = *id else {
+                self.out
+                    .duplicates
+                    .push((first_index + i, p.ext_id.as_str().to_string()));
+                continue;
+            };
+            self.queue(p, nid, earliest_due);
+            for t in &p.tokens {
+                // Every token of the batch was resolved above.
+                let device_id = device_of.get(&(p.record.app.as_str(), t)).copied().ok_or(
+                    StoreError::Inconsistent("a token of the batch has no device"),
+                )?;
+                self.push_delivery(nid, device_id, p.send_at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping for a notification row just written: its progress row (written at the
+    /// end of the file), the earliest due time, the count.
+    fn queue(&mut self, p: &PreparedNotification<'_>, nid: i64, earliest_due: &mut Option<i64>) {
+        // Pending: its deliveries, or the fan-out still to come.
+        let pending = if p.fanned_out {
+            p.tokens.len() as i64
+        } else {
+            1
+        };
+        self.progress
+            .entry(pending)
+            .or_default()
+            .push(rusqlite::types::Value::Integer(nid));
+        if !p.tokens.is_empty() {
+            let due_at = p.send_at;
+            *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
+        }
+        self.out.notifications_queued += 1;
+    }
+
+    /// The device row of a token named in `to.tokens`, made for a token not seen before (so
+    /// that an invalidation is remembered).
+    fn resolve_device(
+        &mut self,
         app: &str,
         token: &str,
         environment: &str,
-        due_at: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         // A known token costs one index lookup, a new one its insert; finding out which it is
         // costs a second descent of the token index. Files tend to name either tokens the
         // registry knows (regular senders) or a run of new ones (a first import), so each
         // token is treated like the one before it: after a new one, the insert goes first (it
         // fails on a known token, which is then looked up); after a known one, the lookup goes
         // first. All writes go through this thread, so nobody can race a token in between.
-        let inserted = self.last_token_new && self.insert_device(app, token, environment)? == 1;
-        let device_id = if inserted {
-            self.tx.last_insert_rowid()
-        } else {
-            let (st, b) = (&mut self.find_device, &mut self.bound);
-            b.f_app.bind(st, 1, app)?;
-            st.raw_bind_parameter(2, token)?;
-            let found = match st.raw_query().next()? {
-                Some(r) => Some(r.get::<_, i64>(0)?),
-                None => None,
-            };
-            match found {
-                Some(id) => {
-                    self.last_token_new = false;
-                    id
-                }
-                None => {
-                    self.insert_device(app, token, environment)?;
-                    self.last_token_new = true;
-                    self.tx.last_insert_rowid()
-                }
+        if self.last_token_new && self.insert_device(app, token, environment)? == 1 {
+            return Ok(self.tx.last_insert_rowid());
+        }
+        match self.find_device(app, token)? {
+            Some(id) => {
+                self.last_token_new = false;
+                Ok(id)
             }
-        };
-        // Parameter 5 (updated_at) is bound for the file.
-        let st = &mut self.insert_delivery;
-        st.raw_bind_parameter(1, nid)?;
-        st.raw_bind_parameter(2, device_id)?;
-        st.raw_bind_parameter(3, due_at)?;
-        let mut apns_id = uuid::Uuid::encode_buffer();
-        st.raw_bind_parameter(4, &*random_uuid().hyphenated().encode_upper(&mut apns_id))?;
-        st.raw_execute()?;
+            None => {
+                self.insert_device(app, token, environment)?;
+                self.last_token_new = true;
+                Ok(self.tx.last_insert_rowid())
+            }
+        }
+    }
+
+    /// The device rows of `tokens` (app, token, environment; each once) into `device_of`.
+    /// While tokens come new, [`DEVICE_BATCH`] of them go in by one statement; otherwise as
+    /// [`FileWriter::resolve_device`] does.
+    fn resolve_devices<'a>(
+        &mut self,
+        tokens: &[(&'a str, &'a str, &str)],
+        device_of: &mut HashMap<(&'a str, &'a str), i64>,
+    ) -> Result<(), StoreError> {
+        let mut rest = tokens;
+        while !rest.is_empty() {
+            if self.last_token_new && rest.len() >= DEVICE_BATCH {
+                let (chunk, tail) = rest.split_at(DEVICE_BATCH);
+                rest = tail;
+                let before = max_id(self.tx, "devices")?;
+                let (st, b) = (&mut self.insert_token_devices, &mut self.bound_devices);
+                for (i, (app, token, environment)) in chunk.iter().enumerate() {
+                    b[i * 3 + 1].bind(st, i * 3 + 1, app)?;
+                    st.raw_bind_parameter(i * 3 + 2, *token)?;
+                    b[i * 3 + 3].bind(st, i * 3 + 3, environment)?;
+                }
+                let inserted = st.raw_execute()?;
+                check_consecutive(self.tx, before, inserted)?;
+                if inserted == chunk.len() {
+                    for (k, (app, token, _)) in chunk.iter().enumerate() {
+                        device_of.insert((app, token), before + 1 + k as i64);
+                    }
+                    continue;
+                }
+                // Some were known: every token of the chunk has a row now.
+                self.last_token_new = false;
+                for (app, token, _) in chunk {
+                    let id = self
+                        .find_device(app, token)?
+                        .ok_or(StoreError::Inconsistent(
+                            "a token inserted or known has no device row",
+                        ))?;
+                    device_of.insert((app, token), id);
+                }
+            } else {
+                let (app, token, environment) = rest[0];
+                rest = &rest[1..];
+                let id = self.resolve_device(app, token, environment)?;
+                device_of.insert((app, token), id);
+            }
+        }
+        Ok(())
+    }
+
+    fn find_device(&mut self, app: &str, token: &str) -> Result<Option<i64>, StoreError> {
+        let (st, b) = (&mut self.find_device, &mut self.bound);
+        b.f_app.bind(st, 1, app)?;
+        st.raw_bind_parameter(2, token)?;
+        Ok(match st.raw_query().next()? {
+            Some(r) => Some(r.get::<_, i64>(0)?),
+            None => None,
+        })
+    }
+
+    /// A delivery of notification `nid` to a device; written a batch at a time.
+    fn push_delivery(&mut self, nid: i64, device_id: i64, due_at: i64) -> Result<(), StoreError> {
+        let mut apns_id = [0u8; 36];
+        random_uuid().hyphenated().encode_upper(&mut apns_id);
+        self.deliveries.push(NewDelivery {
+            notification_id: nid,
+            device_id,
+            due_at,
+            apns_id,
+        });
+        if self.deliveries.len() == DELIVERY_BATCH {
+            self.flush_deliveries()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the deliveries gathered so far: a full batch by one statement, a shorter one
+    /// (the file's last) row by row.
+    fn flush_deliveries(&mut self) -> Result<(), StoreError> {
+        if self.deliveries.len() == DELIVERY_BATCH {
+            let st = &mut self.insert_deliveries;
+            for (i, d) in self.deliveries.iter().enumerate() {
+                let p = i * 4;
+                st.raw_bind_parameter(p + 1, d.notification_id)?;
+                st.raw_bind_parameter(p + 2, d.device_id)?;
+                st.raw_bind_parameter(p + 3, d.due_at)?;
+                st.raw_bind_parameter(p + 4, d.apns_id_str())?;
+            }
+            // The last parameter (updated_at) is bound for the file.
+            st.raw_execute()?;
+        } else {
+            // Parameter 5 (updated_at) is bound for the file.
+            let st = &mut self.insert_delivery;
+            for d in &self.deliveries {
+                st.raw_bind_parameter(1, d.notification_id)?;
+                st.raw_bind_parameter(2, d.device_id)?;
+                st.raw_bind_parameter(3, d.due_at)?;
+                st.raw_bind_parameter(4, d.apns_id_str())?;
+                st.raw_execute()?;
+            }
+        }
+        self.deliveries.clear();
         Ok(())
     }
 
@@ -1391,7 +1602,8 @@ impl<'t> FileWriter<'t> {
     }
 
     /// Writes what goes in at the end of the file and what identifies the file.
-    fn finish(self, f: &IngestFile) -> Result<IngestOutcome, StoreError> {
+    fn finish(mut self, f: &IngestFile) -> Result<IngestOutcome, StoreError> {
+        self.flush_deliveries()?;
         let (tx, now) = (self.tx, self.now);
         for (pending, ids) in self.progress {
             tx.prepare_cached(
@@ -1414,6 +1626,194 @@ impl<'t> FileWriter<'t> {
         ])?;
         Ok(self.out)
     }
+}
+
+/// A notification record with what its row needs beyond the record itself.
+struct PreparedNotification<'r> {
+    record: &'r NotificationRecord,
+    ext_id: ExtId<'r>,
+    /// `to` as stored: the tokens or users as a JSON array, empty for `all`.
+    target: String,
+    /// Whether its deliveries are made here (named tokens) rather than by a fan-out.
+    fanned_out: bool,
+    send_at: i64,
+    /// The tokens named, each once.
+    tokens: Vec<&'r str>,
+}
+
+/// A notification's id: the file's, or one assigned here.
+enum ExtId<'r> {
+    Given(&'r str),
+    Assigned([u8; 36]),
+}
+
+impl ExtId<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            ExtId::Given(id) => id,
+            // Written by `encode_lower`: ASCII.
+            ExtId::Assigned(buf) => std::str::from_utf8(buf).unwrap_or_default(),
+        }
+    }
+}
+
+impl<'r> PreparedNotification<'r> {
+    fn new(n: &'r NotificationRecord, now: i64) -> PreparedNotification<'r> {
+        let ext_id = match &n.id {
+            Some(id) => ExtId::Given(id),
+            None => {
+                let mut buf = [0u8; 36];
+                time_ordered_uuid().hyphenated().encode_lower(&mut buf);
+                ExtId::Assigned(buf)
+            }
+        };
+        let (target, fanned_out) = match &n.target {
+            Target::Tokens(t) => (serde_json::to_string(t).unwrap_or_default(), true),
+            Target::Users(u) => (serde_json::to_string(u).unwrap_or_default(), false),
+            Target::All => (String::new(), false),
+        };
+        // A token named twice is one delivery.
+        let tokens = match &n.target {
+            Target::Tokens(t) if t.len() == 1 => vec![t[0].as_str()],
+            Target::Tokens(t) => {
+                let mut seen = HashSet::new();
+                t.iter()
+                    .map(String::as_str)
+                    .filter(|t| seen.insert(*t))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        PreparedNotification {
+            record: n,
+            ext_id,
+            target,
+            fanned_out,
+            send_at: n.send_at_ms.unwrap_or(now),
+            tokens,
+        }
+    }
+
+    /// Binds the values that differ from record to record: ext_id, target, payload, priority,
+    /// collapse_id, expiration, send_at and fanned_out, to parameters `base + slots[i]`.
+    fn bind_row(
+        &self,
+        st: &mut rusqlite::Statement<'_>,
+        base: usize,
+        slots: &[usize; 8],
+    ) -> rusqlite::Result<()> {
+        let n = self.record;
+        st.raw_bind_parameter(base + slots[0], self.ext_id.as_str())?;
+        st.raw_bind_parameter(base + slots[1], self.target.as_str())?;
+        st.raw_bind_parameter(base + slots[2], n.payload.as_str())?;
+        st.raw_bind_parameter(base + slots[3], n.priority)?;
+        st.raw_bind_parameter(base + slots[4], n.collapse_id.as_deref())?;
+        st.raw_bind_parameter(base + slots[5], n.expiration)?;
+        st.raw_bind_parameter(base + slots[6], self.send_at)?;
+        st.raw_bind_parameter(base + slots[7], self.fanned_out as i64)
+    }
+}
+
+/// The largest row id of a table (0 when empty).
+fn max_id(tx: &Transaction<'_>, table: &str) -> Result<i64, StoreError> {
+    Ok(tx
+        .prepare_cached(&format!("SELECT coalesce(max(id), 0) FROM {table}"))?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// After an `INSERT` of several rows into a table whose largest id was `before`: SQLite
+/// numbered the `inserted` rows `before + 1 ..= before + inserted`, as it does unless the
+/// largest id ever reaches `i64::MAX`. Batch inserts rely on it.
+fn check_consecutive(tx: &Transaction<'_>, before: i64, inserted: usize) -> Result<(), StoreError> {
+    if inserted > 0 && tx.last_insert_rowid() != before + inserted as i64 {
+        return Err(StoreError::Inconsistent(
+            "new rows were not numbered one above the largest id (has an id reached i64::MAX?)",
+        ));
+    }
+    Ok(())
+}
+
+/// Notifications written by one statement during an ingest (see [`DELIVERY_BATCH`]).
+const NOTIFICATION_BATCH: usize = 64;
+
+/// New token-only devices written by one statement during an ingest.
+const DEVICE_BATCH: usize = 64;
+
+/// `INSERT` of [`NOTIFICATION_BATCH`] notifications: twelve parameters per row, then
+/// `created_at` and `source_file`.
+fn batch_insert_notifications_sql() -> String {
+    let created = NOTIFICATION_BATCH * 12 + 1;
+    let rows: Vec<String> = (0..NOTIFICATION_BATCH)
+        .map(|i| {
+            let p: Vec<String> = (1..=12).map(|k| format!("?{}", i * 12 + k)).collect();
+            // p[11] is fanned_out; created_at and source_file are shared.
+            format!(
+                "({}, ?{created}, ?{}, {})",
+                p[..11].join(", "),
+                created + 1,
+                p[11]
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO notifications (app, ext_id, target_kind, target, payload, push_type,
+            priority, topic, collapse_id, expiration, send_at, created_at, source_file,
+            fanned_out)
+         VALUES {}
+         ON CONFLICT (app, ext_id) DO NOTHING",
+        rows.join(", ")
+    )
+}
+
+/// `INSERT` of [`DEVICE_BATCH`] token-only devices: app, token and environment per row,
+/// then `created_at` (also `updated_at`).
+fn batch_insert_token_devices_sql() -> String {
+    let now = DEVICE_BATCH * 3 + 1;
+    let rows: Vec<String> = (0..DEVICE_BATCH)
+        .map(|i| {
+            let p = i * 3;
+            format!("(?{}, ?{}, ?{}, ?{now}, ?{now})", p + 1, p + 2, p + 3)
+        })
+        .collect();
+    format!(
+        "INSERT INTO devices (app, token, environment, created_at, updated_at) VALUES {}
+         ON CONFLICT (app, token) DO NOTHING",
+        rows.join(", ")
+    )
+}
+
+/// Deliveries written by one statement during an ingest: each statement execution has a cost
+/// of its own (cursors opened and closed, the statement's end), which many rows share.
+const DELIVERY_BATCH: usize = 128;
+
+/// A delivery gathered by [`FileWriter`] and not yet written.
+struct NewDelivery {
+    notification_id: i64,
+    device_id: i64,
+    due_at: i64,
+    apns_id: [u8; 36],
+}
+
+impl NewDelivery {
+    fn apns_id_str(&self) -> &str {
+        // Written by `encode_upper`: ASCII.
+        std::str::from_utf8(&self.apns_id).unwrap_or_default()
+    }
+}
+
+/// `INSERT` of [`DELIVERY_BATCH`] deliveries: four parameters per row, then `updated_at`.
+fn batch_insert_deliveries_sql() -> String {
+    let n = DELIVERY_BATCH * 4 + 1;
+    let rows: Vec<String> = (0..DELIVERY_BATCH)
+        .map(|i| {
+            let p = i * 4;
+            format!("(?{}, ?{}, ?{}, ?{}, ?{n})", p + 1, p + 2, p + 3, p + 4)
+        })
+        .collect();
+    format!(
+        "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at) VALUES {}",
+        rows.join(", ")
+    )
 }
 
 /// A time-ordered (version 7) UUID with random bits from the thread's CSPRNG.
