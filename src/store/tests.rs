@@ -827,3 +827,88 @@ fn batched_ingest_writes_what_record_by_record_ingest_writes() {
     );
     assert_eq!(dump(&batched), dump(&single));
 }
+
+/// Results for runs of consecutive deliveries are written a run at a time, and so are the
+/// pending counts of runs of notifications: a run with a delivery ended behind the sender's
+/// back is written row by row instead, and a notification with a delivery still in flight
+/// inside a run of finished ones stays unfinished.
+#[test]
+fn runs_of_sent_results_count_like_single_ones() {
+    let (_dir, store) = open();
+    let mut recs: Vec<Record> = (0..11)
+        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
+        .collect();
+    recs.insert(
+        5,
+        notification(Some("multi"), Target::Tokens(vec![tok(20), tok(21)])),
+    );
+    store.ingest(vec![file("n.jsonl", recs)]).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let claimed = store.claim_due(now, 20).await.unwrap().deliveries;
+        assert_eq!(claimed.len(), 13);
+        let id = |t: u32| delivery_to(&claimed, t);
+        rusqlite::Connection::open(store.path())
+            .unwrap()
+            .execute(
+                "UPDATE deliveries SET state = 2, finished_at = 1 WHERE id = ?1",
+                [id(8)],
+            )
+            .unwrap();
+        let all_but_21: Vec<DeliveryResult> = claimed
+            .iter()
+            .filter(|c| c.device.token != tok(21))
+            .map(|c| sent(c.delivery_id))
+            .collect();
+        let mut fin: Vec<String> = store
+            .record_results(all_but_21)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.ext_id)
+            .collect();
+        fin.sort();
+        let mut want: Vec<String> = (0..11)
+            .filter(|&i| i != 8)
+            .map(|i| format!("n{i}"))
+            .collect();
+        want.sort();
+        assert_eq!(fin, want, "n8 was not queued any more; multi has one to go");
+        let fin = store.record_results(vec![sent(id(21))]).await.unwrap();
+        assert_eq!(fin[0].ext_id, "multi");
+    });
+    let r = query::Reader::open(store.path()).unwrap();
+    let progress: Vec<(String, i64, bool)> = r
+        .conn()
+        .prepare(
+            "SELECT n.ext_id, p.pending, p.finished_at IS NOT NULL
+             FROM notifications n JOIN notification_progress p ON p.id = n.id ORDER BY n.id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (ext_id, pending, finished) in progress {
+        if ext_id == "n8" {
+            assert_eq!((pending, finished), (1, false), "{ext_id}");
+        } else {
+            assert_eq!((pending, finished), (0, true), "{ext_id}");
+        }
+    }
+    let states: Vec<i64> = r
+        .conn()
+        .prepare("SELECT state FROM deliveries ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(states.iter().filter(|&&s| s == 1).count(), 12);
+    assert_eq!(
+        states.iter().filter(|&&s| s == 2).count(),
+        1,
+        "n8's not overwritten"
+    );
+}

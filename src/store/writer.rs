@@ -715,10 +715,37 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let mut finals = Finals::default();
         let mut sent = tx.prepare_cached(mark_sent_sql!())?;
+        // `Sent` results for deliveries in flight (nearly all results), the only result for
+        // their delivery in this batch, are written by runs of consecutive ids; the others
+        // one by one, in order, below.
+        let mut once: HashMap<i64, u32> = HashMap::default();
+        for r in &results {
+            *once.entry(r.delivery_id).or_default() += 1;
+        }
+        let mut by_run = Vec::new();
+        let mut rest = Vec::new();
+        for r in results {
+            if matches!(r.kind, ResultKind::Sent { apns_id: None })
+                && once.get(&r.delivery_id) == Some(&1)
+                && self.in_flight.contains_key(&r.delivery_id)
+            {
+                by_run.push(r.delivery_id);
+            } else {
+                rest.push(r);
+            }
+        }
+        by_run.sort_unstable();
+        for run in runs(&by_run) {
+            if run.len() < MIN_RUN || !mark_run_sent(&tx, run, now, &self.in_flight, &mut finals)? {
+                for &id in run {
+                    mark_sent(&tx, &mut sent, id, now, &self.in_flight, &mut finals)?;
+                }
+            }
+        }
         // Every statement below only changes a queued delivery (`state = 0`), so a stray
         // second result for a delivery that is already final changes nothing, and the
         // notification's pending count only drops for real transitions.
-        for r in results {
+        for r in rest {
             match r.kind {
                 ResultKind::Sent { apns_id: None } => {
                     mark_sent(
@@ -997,6 +1024,54 @@ fn mark_sent(
     Ok(())
 }
 
+/// Runs shorter than this are written row by row: a run costs two statements.
+const MIN_RUN: usize = 4;
+
+/// Splits sorted ids into runs of consecutive ids.
+fn runs(ids: &[i64]) -> impl Iterator<Item = &[i64]> {
+    ids.chunk_by(|a, b| *b == a + 1)
+}
+
+/// Marks the deliveries `run` (consecutive ids, all in flight) sent by one statement, if all
+/// of them are still queued; returns whether it did. Each statement has a fixed cost well
+/// above that of a row (cursors opened and closed, the statement's end), and a run of ids is
+/// a range, which SQLite walks and changes in one pass (`id IN (…)` would go through two
+/// temporary B-trees). A delivery in flight is nearly always queued; if one is not (ended by
+/// another process), the caller writes the run row by row instead.
+fn mark_run_sent(
+    tx: &Transaction<'_>,
+    run: &[i64],
+    now: i64,
+    in_flight: &HashMap<i64, i64>,
+    finals: &mut Finals,
+) -> Result<bool, StoreError> {
+    let (lo, hi) = (run[0], run[run.len() - 1]);
+    let queued: i64 = tx
+        .prepare_cached("SELECT count(*) FROM deliveries WHERE id BETWEEN ?1 AND ?2 AND state = 0")?
+        .query_row([lo, hi], |r| r.get(0))?;
+    if queued != run.len() as i64 {
+        return Ok(false);
+    }
+    let changed = tx
+        .prepare_cached(
+            "UPDATE deliveries SET state = 1, attempts = attempts + 1,
+             last_status = 200, last_reason = NULL, updated_at = ?3, finished_at = ?3
+             WHERE id BETWEEN ?1 AND ?2 AND state = 0",
+        )?
+        .execute([lo, hi, now])?;
+    if changed != run.len() {
+        return Err(StoreError::Inconsistent(
+            "a run of queued deliveries changed in the middle of a transaction",
+        ));
+    }
+    for id in run {
+        if let Some(&nid) = in_flight.get(id) {
+            finals.add_n(nid, 1);
+        }
+    }
+    Ok(true)
+}
+
 /// How many items of each notification stopped being pending in one transaction: deliveries
 /// that became final (positive), or deliveries a fan-out made (negative).
 #[derive(Default)]
@@ -1016,17 +1091,55 @@ impl Finals {
     /// Lowers the notifications' pending counts and returns the ids of those that became
     /// final; the order is unspecified.
     ///
-    /// One statement per notification and none with `RETURNING`: SQLite runs
-    /// `id IN rarray(?)` through temporary B-trees (the ids, then the rows to change), and
-    /// `RETURNING` buffers its rows in another, each costing more than a statement. So the
-    /// first statement ends the notification if this brings its count to zero (the common
-    /// case: one delivery each), and only when it changed nothing does the second lower it.
+    /// Notifications with one item less each (nearly all: one delivery per notification)
+    /// whose ids form a run are lowered by one statement per run, as in [`mark_run_sent`];
+    /// the others by one statement each (`RETURNING` would buffer its rows in a temporary
+    /// B-tree, dearer than a statement): the first ends the notification if this brings its
+    /// count to zero, and only when it changed nothing does the second lower it.
     fn settle(&self, tx: &Transaction<'_>, now: i64) -> Result<Vec<i64>, StoreError> {
         // Nearly every claim settles nothing.
         if self.0.is_empty() {
             return Ok(Vec::new());
         }
         let mut finished = Vec::new();
+        let mut ones: Vec<i64> = Vec::new();
+        let mut others: Vec<(i64, i64)> = Vec::new();
+        for (&nid, &k) in &self.0 {
+            if k == 1 {
+                ones.push(nid);
+            } else {
+                others.push((nid, k));
+            }
+        }
+        ones.sort_unstable();
+        for run in runs(&ones) {
+            if run.len() < MIN_RUN {
+                others.extend(run.iter().map(|&nid| (nid, 1)));
+                continue;
+            }
+            let (lo, hi) = (run[0], run[run.len() - 1]);
+            // Every notification in the range is in the run: each has one item less.
+            tx.prepare_cached(
+                "UPDATE notification_progress SET pending = pending - 1,
+                    finished_at = CASE WHEN finished_at IS NULL AND pending <= 1
+                                       THEN ?3 ELSE finished_at END
+                 WHERE id BETWEEN ?1 AND ?2",
+            )?
+            .execute([lo, hi, now])?;
+            // Those it ended: their count reached zero now (a notification ended before has
+            // no queued item left to end again).
+            let mut st = tx.prepare_cached(
+                "SELECT id FROM notification_progress
+                 WHERE id BETWEEN ?1 AND ?2 AND pending = 0 AND finished_at = ?3",
+            )?;
+            let mut rows = st.query([lo, hi, now])?;
+            while let Some(r) = rows.next()? {
+                finished.push(r.get(0)?);
+            }
+        }
+        if others.is_empty() {
+            return Ok(finished);
+        }
         let mut finish = tx.prepare_cached(
             "UPDATE notification_progress SET pending = pending - ?2, finished_at = ?3
              WHERE id = ?1 AND pending - ?2 <= 0 AND finished_at IS NULL",
@@ -1035,7 +1148,7 @@ impl Finals {
             "UPDATE notification_progress SET pending = pending - ?2 WHERE id = ?1",
         )?;
         finish.raw_bind_parameter(3, now)?;
-        for (&nid, &k) in &self.0 {
+        for (nid, k) in others {
             finish.raw_bind_parameter(1, nid)?;
             finish.raw_bind_parameter(2, k)?;
             if finish.raw_execute()? == 1 {
