@@ -1237,20 +1237,16 @@ struct FileWriter<'t> {
     find_device: rusqlite::CachedStatement<'t>,
     insert_token_device: rusqlite::CachedStatement<'t>,
     insert_delivery: rusqlite::CachedStatement<'t>,
-    /// The batch forms of the statements above (see [`FileWriter::add_notifications`]).
-    insert_notifications: rusqlite::CachedStatement<'t>,
-    insert_token_devices: rusqlite::CachedStatement<'t>,
+    /// The batch forms of the statements above, made at the file's first batch: a file of
+    /// one record (the common small drop) never needs them.
+    batches: Option<Batches<'t>>,
     /// Deliveries not yet written: they go in [`DELIVERY_BATCH`] rows per statement.
     deliveries: Vec<NewDelivery>,
-    insert_deliveries: rusqlite::CachedStatement<'t>,
     /// Whether the last token named was new to the registry: then the next one is inserted
     /// first and only looked up if it exists (see [`FileWriter::resolve_device`]).
     last_token_new: bool,
     /// The text parameters that the records of a file nearly always share, as last bound.
     bound: Bound,
-    /// The same for the batch statements, by parameter index.
-    bound_notifications: Vec<BoundText>,
-    bound_devices: Vec<BoundText>,
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
@@ -1317,18 +1313,10 @@ impl<'t> FileWriter<'t> {
                 "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?,
-            insert_notifications: tx.prepare_cached(&batch_insert_notifications_sql())?,
-            insert_token_devices: tx.prepare_cached(&batch_insert_token_devices_sql())?,
+            batches: None,
             deliveries: Vec::with_capacity(DELIVERY_BATCH),
-            insert_deliveries: tx.prepare_cached(&batch_insert_deliveries_sql())?,
             last_token_new: false,
             bound: Bound::default(),
-            bound_notifications: (0..NOTIFICATION_BATCH * 12 + 1)
-                .map(|_| BoundText::default())
-                .collect(),
-            bound_devices: (0..DEVICE_BATCH * 3 + 1)
-                .map(|_| BoundText::default())
-                .collect(),
             progress: HashMap::new(),
             source_file: f.name.clone(),
             now: now_ms(),
@@ -1348,14 +1336,6 @@ impl<'t> FileWriter<'t> {
             .raw_bind_parameter(13, self.source_file.as_str())?;
         self.insert_token_device.raw_bind_parameter(4, now)?;
         self.insert_delivery.raw_bind_parameter(5, now)?;
-        self.insert_deliveries
-            .raw_bind_parameter(DELIVERY_BATCH * 4 + 1, now)?;
-        self.insert_notifications
-            .raw_bind_parameter(NOTIFICATION_BATCH * 12 + 1, now)?;
-        self.insert_notifications
-            .raw_bind_parameter(NOTIFICATION_BATCH * 12 + 2, self.source_file.as_str())?;
-        self.insert_token_devices
-            .raw_bind_parameter(DEVICE_BATCH * 3 + 1, now)?;
         Ok(self)
     }
 
@@ -1471,10 +1451,8 @@ impl<'t> FileWriter<'t> {
             })
             .collect();
         let before = max_id(tx, "notifications")?;
-        let (st, b) = (
-            &mut self.insert_notifications,
-            &mut self.bound_notifications,
-        );
+        let batches = self.batches()?;
+        let (st, b) = (&mut batches.notifications, &mut batches.bound_notifications);
         for (i, p) in prepared.iter().enumerate() {
             let n = p.record;
             let base = i * 12;
@@ -1609,7 +1587,8 @@ impl<'t> FileWriter<'t> {
                 let (chunk, tail) = rest.split_at(DEVICE_BATCH);
                 rest = tail;
                 let before = max_id(self.tx, "devices")?;
-                let (st, b) = (&mut self.insert_token_devices, &mut self.bound_devices);
+                let batches = self.batches()?;
+                let (st, b) = (&mut batches.token_devices, &mut batches.bound_devices);
                 for (i, (app, token, environment)) in chunk.iter().enumerate() {
                     b[i * 3 + 1].bind(st, i * 3 + 1, app)?;
                     st.raw_bind_parameter(i * 3 + 2, *token)?;
@@ -1669,12 +1648,44 @@ impl<'t> FileWriter<'t> {
         Ok(())
     }
 
+    /// The batch statements, prepared (and their values shared by the file bound) on first use.
+    fn batches(&mut self) -> Result<&mut Batches<'t>, StoreError> {
+        if self.batches.is_none() {
+            let tx = self.tx;
+            let mut b = Batches {
+                notifications: tx.prepare_cached(&BATCH_INSERT_NOTIFICATIONS)?,
+                token_devices: tx.prepare_cached(&BATCH_INSERT_TOKEN_DEVICES)?,
+                deliveries: tx.prepare_cached(&BATCH_INSERT_DELIVERIES)?,
+                bound_notifications: (0..=NOTIFICATION_BATCH * 12)
+                    .map(|_| BoundText::default())
+                    .collect(),
+                bound_devices: (0..=DEVICE_BATCH * 3)
+                    .map(|_| BoundText::default())
+                    .collect(),
+            };
+            let now = self.now;
+            b.notifications
+                .raw_bind_parameter(NOTIFICATION_BATCH * 12 + 1, now)?;
+            b.notifications
+                .raw_bind_parameter(NOTIFICATION_BATCH * 12 + 2, self.source_file.as_str())?;
+            b.token_devices
+                .raw_bind_parameter(DEVICE_BATCH * 3 + 1, now)?;
+            b.deliveries
+                .raw_bind_parameter(DELIVERY_BATCH * 4 + 1, now)?;
+            self.batches = Some(b);
+        }
+        self.batches.as_mut().ok_or(StoreError::Inconsistent(
+            "the batch statements were not prepared",
+        ))
+    }
+
     /// Writes the deliveries gathered so far: a full batch by one statement, a shorter one
     /// (the file's last) row by row.
     fn flush_deliveries(&mut self) -> Result<(), StoreError> {
         if self.deliveries.len() == DELIVERY_BATCH {
-            let st = &mut self.insert_deliveries;
-            for (i, d) in self.deliveries.iter().enumerate() {
+            let deliveries = std::mem::take(&mut self.deliveries);
+            let st = &mut self.batches()?.deliveries;
+            for (i, d) in deliveries.iter().enumerate() {
                 let p = i * 4;
                 st.raw_bind_parameter(p + 1, d.notification_id)?;
                 st.raw_bind_parameter(p + 2, d.device_id)?;
@@ -1683,6 +1694,7 @@ impl<'t> FileWriter<'t> {
             }
             // The last parameter (updated_at) is bound for the file.
             st.raw_execute()?;
+            self.deliveries = deliveries;
         } else {
             // Parameter 5 (updated_at) is bound for the file.
             let st = &mut self.insert_delivery;
@@ -1739,6 +1751,16 @@ impl<'t> FileWriter<'t> {
         ])?;
         Ok(self.out)
     }
+}
+
+/// [`FileWriter`]'s batch statements, with the text each parameter had when last bound (by
+/// parameter index; see [`Bound`]).
+struct Batches<'t> {
+    notifications: rusqlite::CachedStatement<'t>,
+    token_devices: rusqlite::CachedStatement<'t>,
+    deliveries: rusqlite::CachedStatement<'t>,
+    bound_notifications: Vec<BoundText>,
+    bound_devices: Vec<BoundText>,
 }
 
 /// A notification record with what its row needs beyond the record itself.
@@ -1854,6 +1876,15 @@ const DEVICE_BATCH: usize = 64;
 
 /// `INSERT` of [`NOTIFICATION_BATCH`] notifications: twelve parameters per row, then
 /// `created_at` and `source_file`.
+static BATCH_INSERT_NOTIFICATIONS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(batch_insert_notifications_sql);
+/// `INSERT` of [`DEVICE_BATCH`] token-only devices.
+static BATCH_INSERT_TOKEN_DEVICES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(batch_insert_token_devices_sql);
+/// `INSERT` of [`DELIVERY_BATCH`] deliveries.
+static BATCH_INSERT_DELIVERIES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(batch_insert_deliveries_sql);
+
 fn batch_insert_notifications_sql() -> String {
     let created = NOTIFICATION_BATCH * 12 + 1;
     let rows: Vec<String> = (0..NOTIFICATION_BATCH)
