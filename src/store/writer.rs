@@ -996,11 +996,10 @@ fn finish(
     Ok(())
 }
 
-/// Records a `sent` result. A delivery in flight has its notification known from the claim,
-/// so the common case is an `UPDATE` without `RETURNING` (which SQLite buffers in a table of
-/// its own); the number of rows it changed says whether the delivery was still queued. One
-/// statement per delivery, not one per batch: SQLite runs `id IN rarray(?)` through two
-/// temporary B-trees (the ids, then the rows to change), which cost more than the statement.
+/// Records one `sent` result (runs of them go through [`mark_run_sent`]). A delivery in
+/// flight has its notification known from the claim, so the common case is an `UPDATE`
+/// without `RETURNING` (which SQLite buffers in a temporary B-tree made for each execution);
+/// the number of rows it changed says whether the delivery was still queued.
 fn mark_sent(
     tx: &Transaction<'_>,
     st: &mut rusqlite::Statement<'_>,
