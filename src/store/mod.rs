@@ -56,8 +56,8 @@ pub enum StoreError {
     Closed,
     #[error("the file's ingest was abandoned before its commit; nothing of it was kept")]
     Abandoned,
-    /// Something the writer relies on did not hold (see the message); the file's transaction
-    /// is rolled back rather than written on a guess.
+    /// Something the writer relies on did not hold (see the message); the transaction (a
+    /// file's, or a batch of results') is rolled back rather than written on a guess.
     #[error("the store's writer found an inconsistency: {0}")]
     Inconsistent(&'static str),
 }

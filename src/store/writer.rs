@@ -1244,8 +1244,11 @@ struct FileWriter<'t> {
     /// Whether the last token named was new to the registry: then the next one is inserted
     /// first and only looked up if it exists (see [`FileWriter::resolve_device`]).
     last_token_new: bool,
-    /// The text parameters that the records of a file nearly always share, as last bound.
-    bound: Bound,
+    /// The shared text last bound to `insert_notification`, `find_device` and
+    /// `insert_token_device`.
+    bound_notification: BoundSlots,
+    bound_find: BoundSlots,
+    bound_device: BoundSlots,
     /// Progress rows go in together at the end of the file, one statement per pending count
     /// (nearly always one: single-token notifications), not one statement per notification.
     progress: HashMap<i64, Vec<rusqlite::types::Value>>,
@@ -1256,35 +1259,27 @@ struct FileWriter<'t> {
     out: IngestOutcome,
 }
 
-/// The text parameters of [`FileWriter`]'s statements that the records of a file nearly
-/// always share (its app, topic, push type, …), as last bound. Binding text copies it into
-/// SQLite, and SQLite keeps a statement's bindings between executions, so these are bound
-/// again only when they change.
+/// The text a statement's parameters had when last bound, by parameter index, for the
+/// parameters that the records of a file nearly always share (app, topic, push type,
+/// environment…). Binding text copies it into SQLite, and SQLite keeps a statement's bindings
+/// between executions, so these are bound again only when they change.
 #[derive(Default)]
-struct Bound {
-    n_app: BoundText,
-    n_kind: BoundText,
-    n_push_type: BoundText,
-    n_topic: BoundText,
-    f_app: BoundText,
-    i_app: BoundText,
-    i_environment: BoundText,
-}
+struct BoundSlots(Vec<Option<String>>);
 
-/// One statement parameter's text as last bound; `None` before the first binding.
-#[derive(Default)]
-struct BoundText(Option<String>);
-
-impl BoundText {
+impl BoundSlots {
     fn bind(
         &mut self,
         st: &mut rusqlite::Statement<'_>,
         index: usize,
         value: &str,
     ) -> rusqlite::Result<()> {
-        if self.0.as_deref() != Some(value) {
+        if index >= self.0.len() {
+            self.0.resize(index + 1, None);
+        }
+        let slot = &mut self.0[index];
+        if slot.as_deref() != Some(value) {
             st.raw_bind_parameter(index, value)?;
-            self.0 = Some(value.to_owned());
+            *slot = Some(value.to_owned());
         }
         Ok(())
     }
@@ -1315,7 +1310,9 @@ impl<'t> FileWriter<'t> {
             batches: None,
             deliveries: Vec::with_capacity(DELIVERY_BATCH),
             last_token_new: false,
-            bound: Bound::default(),
+            bound_notification: BoundSlots::default(),
+            bound_find: BoundSlots::default(),
+            bound_device: BoundSlots::default(),
             progress: HashMap::new(),
             source_file: f.name.clone(),
             now: now_ms(),
@@ -1379,12 +1376,8 @@ impl<'t> FileWriter<'t> {
             Record::Notification(n) => {
                 let p = PreparedNotification::new(n, now);
                 // Parameters 12 (created_at) and 13 (source_file) are bound for the file.
-                let (st, b) = (&mut self.insert_notification, &mut self.bound);
-                b.n_app.bind(st, 1, &n.app)?;
-                b.n_kind.bind(st, 3, n.target.kind())?;
-                b.n_push_type.bind(st, 6, n.push_type.as_str())?;
-                b.n_topic.bind(st, 8, &n.topic)?;
-                p.bind_row(st, 0, &[2, 4, 5, 7, 9, 10, 11, 14])?;
+                let st = &mut self.insert_notification;
+                p.bind(st, &mut self.bound_notification, 0, 14)?;
                 if st.raw_execute()? == 0 {
                     self.out
                         .duplicates
@@ -1449,17 +1442,11 @@ impl<'t> FileWriter<'t> {
                 Record::Device(_) => None,
             })
             .collect();
-        let before = max_id(tx, "notifications")?;
+        let before = max_id(tx, MAX_NOTIFICATION_ID)?;
         let batches = self.batches()?;
         let (st, b) = (&mut batches.notifications, &mut batches.bound_notifications);
         for (i, p) in prepared.iter().enumerate() {
-            let n = p.record;
-            let base = i * 12;
-            b[base + 1].bind(st, base + 1, &n.app)?;
-            b[base + 3].bind(st, base + 3, n.target.kind())?;
-            b[base + 6].bind(st, base + 6, n.push_type.as_str())?;
-            b[base + 8].bind(st, base + 8, &n.topic)?;
-            p.bind_row(st, base, &[2, 4, 5, 7, 9, 10, 11, 12])?;
+            p.bind(st, b, i * 12, i * 12 + 12)?;
         }
         let inserted = st.raw_execute()?;
         check_consecutive(tx, before, inserted)?;
@@ -1585,13 +1572,11 @@ impl<'t> FileWriter<'t> {
             if self.last_token_new && rest.len() >= DEVICE_BATCH {
                 let (chunk, tail) = rest.split_at(DEVICE_BATCH);
                 rest = tail;
-                let before = max_id(self.tx, "devices")?;
+                let before = max_id(self.tx, MAX_DEVICE_ID)?;
                 let batches = self.batches()?;
                 let (st, b) = (&mut batches.token_devices, &mut batches.bound_devices);
-                for (i, (app, token, environment)) in chunk.iter().enumerate() {
-                    b[i * 3 + 1].bind(st, i * 3 + 1, app)?;
-                    st.raw_bind_parameter(i * 3 + 2, *token)?;
-                    b[i * 3 + 3].bind(st, i * 3 + 3, environment)?;
+                for (i, &(app, token, environment)) in chunk.iter().enumerate() {
+                    bind_token_device(st, b, i * 3, app, token, environment)?;
                 }
                 let inserted = st.raw_execute()?;
                 check_consecutive(self.tx, before, inserted)?;
@@ -1622,8 +1607,8 @@ impl<'t> FileWriter<'t> {
     }
 
     fn find_device(&mut self, app: &str, token: &str) -> Result<Option<i64>, StoreError> {
-        let (st, b) = (&mut self.find_device, &mut self.bound);
-        b.f_app.bind(st, 1, app)?;
+        let (st, b) = (&mut self.find_device, &mut self.bound_find);
+        b.bind(st, 1, app)?;
         st.raw_bind_parameter(2, token)?;
         Ok(match st.raw_query().next()? {
             Some(r) => Some(r.get::<_, i64>(0)?),
@@ -1655,12 +1640,8 @@ impl<'t> FileWriter<'t> {
                 notifications: tx.prepare_cached(&BATCH_INSERT_NOTIFICATIONS)?,
                 token_devices: tx.prepare_cached(&BATCH_INSERT_TOKEN_DEVICES)?,
                 deliveries: tx.prepare_cached(&BATCH_INSERT_DELIVERIES)?,
-                bound_notifications: (0..=NOTIFICATION_BATCH * 12)
-                    .map(|_| BoundText::default())
-                    .collect(),
-                bound_devices: (0..=DEVICE_BATCH * 3)
-                    .map(|_| BoundText::default())
-                    .collect(),
+                bound_notifications: BoundSlots::default(),
+                bound_devices: BoundSlots::default(),
             };
             let now = self.now;
             b.notifications
@@ -1718,10 +1699,8 @@ impl<'t> FileWriter<'t> {
         environment: &str,
     ) -> Result<usize, StoreError> {
         // Parameter 4 (created_at, updated_at) is bound for the file.
-        let (st, b) = (&mut self.insert_token_device, &mut self.bound);
-        b.i_app.bind(st, 1, app)?;
-        st.raw_bind_parameter(2, token)?;
-        b.i_environment.bind(st, 3, environment)?;
+        let st = &mut self.insert_token_device;
+        bind_token_device(st, &mut self.bound_device, 0, app, token, environment)?;
         Ok(st.raw_execute()?)
     }
 
@@ -1752,14 +1731,13 @@ impl<'t> FileWriter<'t> {
     }
 }
 
-/// [`FileWriter`]'s batch statements, with the text each parameter had when last bound (by
-/// parameter index; see [`Bound`]).
+/// [`FileWriter`]'s batch statements, with the shared text each last had bound.
 struct Batches<'t> {
     notifications: rusqlite::CachedStatement<'t>,
     token_devices: rusqlite::CachedStatement<'t>,
     deliveries: rusqlite::CachedStatement<'t>,
-    bound_notifications: Vec<BoundText>,
-    bound_devices: Vec<BoundText>,
+    bound_notifications: BoundSlots,
+    bound_devices: BoundSlots,
 }
 
 /// A notification record with what its row needs beyond the record itself.
@@ -1828,32 +1806,56 @@ impl<'r> PreparedNotification<'r> {
         }
     }
 
-    /// Binds the values that differ from record to record: ext_id, target, payload, priority,
-    /// collapse_id, expiration, send_at and fanned_out, to parameters `base + slots[i]`.
-    fn bind_row(
+    /// Binds the notification's row to parameters `base + 1 ..= base + 11` (app, ext_id,
+    /// target kind, target, payload, push type, priority, topic, collapse id, expiration,
+    /// send_at) and `fanned_out_at`, the same for the one-row statement and each row of the
+    /// batch one; the text a file's records share goes through `shared`.
+    fn bind(
         &self,
         st: &mut rusqlite::Statement<'_>,
+        shared: &mut BoundSlots,
         base: usize,
-        slots: &[usize; 8],
+        fanned_out_at: usize,
     ) -> rusqlite::Result<()> {
         let n = self.record;
-        st.raw_bind_parameter(base + slots[0], self.ext_id.as_str())?;
-        st.raw_bind_parameter(base + slots[1], self.target.as_str())?;
-        st.raw_bind_parameter(base + slots[2], n.payload.as_str())?;
-        st.raw_bind_parameter(base + slots[3], n.priority)?;
-        st.raw_bind_parameter(base + slots[4], n.collapse_id.as_deref())?;
-        st.raw_bind_parameter(base + slots[5], n.expiration)?;
-        st.raw_bind_parameter(base + slots[6], self.send_at)?;
-        st.raw_bind_parameter(base + slots[7], self.fanned_out as i64)
+        shared.bind(st, base + 1, &n.app)?;
+        st.raw_bind_parameter(base + 2, self.ext_id.as_str())?;
+        shared.bind(st, base + 3, n.target.kind())?;
+        st.raw_bind_parameter(base + 4, self.target.as_str())?;
+        st.raw_bind_parameter(base + 5, n.payload.as_str())?;
+        shared.bind(st, base + 6, n.push_type.as_str())?;
+        st.raw_bind_parameter(base + 7, n.priority)?;
+        shared.bind(st, base + 8, &n.topic)?;
+        st.raw_bind_parameter(base + 9, n.collapse_id.as_deref())?;
+        st.raw_bind_parameter(base + 10, n.expiration)?;
+        st.raw_bind_parameter(base + 11, self.send_at)?;
+        st.raw_bind_parameter(fanned_out_at, self.fanned_out as i64)
     }
 }
 
-/// The largest row id of a table (0 when empty).
-fn max_id(tx: &Transaction<'_>, table: &str) -> Result<i64, StoreError> {
-    Ok(tx
-        .prepare_cached(&format!("SELECT coalesce(max(id), 0) FROM {table}"))?
-        .query_row([], |r| r.get(0))?)
+/// Binds a token-only device (app, token, environment) to parameters `base + 1 ..= base + 3`
+/// of the one-row or the batch insert.
+fn bind_token_device(
+    st: &mut rusqlite::Statement<'_>,
+    shared: &mut BoundSlots,
+    base: usize,
+    app: &str,
+    token: &str,
+    environment: &str,
+) -> rusqlite::Result<()> {
+    shared.bind(st, base + 1, app)?;
+    st.raw_bind_parameter(base + 2, token)?;
+    shared.bind(st, base + 3, environment)
 }
+
+/// The largest row id of a table (0 when empty), by its query:
+/// [`MAX_NOTIFICATION_ID`] or [`MAX_DEVICE_ID`].
+fn max_id(tx: &Transaction<'_>, query: &str) -> Result<i64, StoreError> {
+    Ok(tx.prepare_cached(query)?.query_row([], |r| r.get(0))?)
+}
+
+const MAX_NOTIFICATION_ID: &str = "SELECT coalesce(max(id), 0) FROM notifications";
+const MAX_DEVICE_ID: &str = "SELECT coalesce(max(id), 0) FROM devices";
 
 /// After an `INSERT` of several rows into a table whose largest id was `before`: SQLite
 /// numbered the `inserted` rows `before + 1 ..= before + inserted`, as it does unless the
