@@ -68,6 +68,34 @@ fn sent(delivery_id: i64) -> DeliveryResult {
     }
 }
 
+/// Ends a delivery as `failed` through a connection of its own, as another process could
+/// while the sender has it in flight.
+fn fail_behind_senders_back(store: &Store, delivery_id: i64) {
+    rusqlite::Connection::open(store.path())
+        .unwrap()
+        .execute(
+            "UPDATE deliveries SET state = 2, finished_at = 1 WHERE id = ?1",
+            [delivery_id],
+        )
+        .unwrap();
+}
+
+/// Each notification's id, pending count and whether it is finished, in id order.
+fn progress(store: &Store) -> Vec<(String, i64, bool)> {
+    query::Reader::open(store.path())
+        .unwrap()
+        .conn()
+        .prepare(
+            "SELECT n.ext_id, p.pending, p.finished_at IS NOT NULL
+             FROM notifications n JOIN notification_progress p ON p.id = n.id ORDER BY n.id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -432,13 +460,7 @@ fn sent_results_count_only_deliveries_still_queued() {
         assert_eq!(claimed.len(), 4);
         let id = |t: u32| delivery_to(&claimed, t);
         // Delivery 1 ends behind the sender's back while it is in flight.
-        rusqlite::Connection::open(store.path())
-            .unwrap()
-            .execute(
-                "UPDATE deliveries SET state = 2, finished_at = 1 WHERE id = ?1",
-                [id(1)],
-            )
-            .unwrap();
+        fail_behind_senders_back(&store, id(1));
         let sent_all =
             |ids: &[i64]| -> Vec<DeliveryResult> { ids.iter().map(|&d| sent(d)).collect() };
         let names = |f: Vec<FinishedNotification>| -> Vec<String> {
@@ -456,18 +478,8 @@ fn sent_results_count_only_deliveries_still_queued() {
             .unwrap();
         assert_eq!(names(fin), vec!["three"]);
     });
+    let progress = progress(&store);
     let r = query::Reader::open(store.path()).unwrap();
-    let progress: Vec<(String, i64, bool)> = r
-        .conn()
-        .prepare(
-            "SELECT n.ext_id, p.pending, p.finished_at IS NOT NULL
-             FROM notifications n JOIN notification_progress p ON p.id = n.id ORDER BY n.id",
-        )
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
     assert_eq!(
         progress,
         vec![
@@ -849,13 +861,7 @@ fn runs_of_sent_results_count_like_single_ones() {
         let claimed = store.claim_due(now, 20).await.unwrap().deliveries;
         assert_eq!(claimed.len(), 13);
         let id = |t: u32| delivery_to(&claimed, t);
-        rusqlite::Connection::open(store.path())
-            .unwrap()
-            .execute(
-                "UPDATE deliveries SET state = 2, finished_at = 1 WHERE id = ?1",
-                [id(8)],
-            )
-            .unwrap();
+        fail_behind_senders_back(&store, id(8));
         let all_but_21: Vec<DeliveryResult> = claimed
             .iter()
             .filter(|c| c.device.token != tok(21))
@@ -878,18 +884,8 @@ fn runs_of_sent_results_count_like_single_ones() {
         let fin = store.record_results(vec![sent(id(21))]).await.unwrap();
         assert_eq!(fin[0].ext_id, "multi");
     });
+    let progress = progress(&store);
     let r = query::Reader::open(store.path()).unwrap();
-    let progress: Vec<(String, i64, bool)> = r
-        .conn()
-        .prepare(
-            "SELECT n.ext_id, p.pending, p.finished_at IS NOT NULL
-             FROM notifications n JOIN notification_progress p ON p.id = n.id ORDER BY n.id",
-        )
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
     for (ext_id, pending, finished) in progress {
         if ext_id == "n8" {
             assert_eq!((pending, finished), (1, false), "{ext_id}");
