@@ -68,6 +68,19 @@ fn sent(delivery_id: i64) -> DeliveryResult {
     }
 }
 
+/// Records results; the ids of the notifications they finished, sorted.
+async fn record_finished(store: &Store, results: Vec<DeliveryResult>) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .record_results(results)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.ext_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// Ends a delivery as `failed` through a connection of its own, as another process could
 /// while the sender has it in flight.
 fn fail_behind_senders_back(store: &Store, delivery_id: i64) {
@@ -463,20 +476,11 @@ fn sent_results_count_only_deliveries_still_queued() {
         fail_behind_senders_back(&store, id(1));
         let sent_all =
             |ids: &[i64]| -> Vec<DeliveryResult> { ids.iter().map(|&d| sent(d)).collect() };
-        let names = |f: Vec<FinishedNotification>| -> Vec<String> {
-            f.into_iter().map(|f| f.ext_id).collect()
-        };
-        let fin = store
-            .record_results(sent_all(&[id(1), id(2), id(3)]))
-            .await
-            .unwrap();
-        assert_eq!(names(fin), vec!["two"], "`one` was not queued any more");
+        let fin = record_finished(&store, sent_all(&[id(1), id(2), id(3)])).await;
+        assert_eq!(fin, vec!["two"], "`one` was not queued any more");
         // A second result for delivery 2, which is no longer in flight, beside a real one.
-        let fin = store
-            .record_results(sent_all(&[id(2), id(4)]))
-            .await
-            .unwrap();
-        assert_eq!(names(fin), vec!["three"]);
+        let fin = record_finished(&store, sent_all(&[id(2), id(4)])).await;
+        assert_eq!(fin, vec!["three"]);
     });
     let progress = progress(&store);
     let r = query::Reader::open(store.path()).unwrap();
@@ -619,14 +623,7 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
                 },
             })
             .collect();
-        let mut fin: Vec<String> = store
-            .record_results(results)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|f| f.ext_id)
-            .collect();
-        fin.sort();
+        let fin = record_finished(&store, results).await;
         assert_eq!(fin, vec!["dead", "done"]);
     });
     // Nothing is old enough yet.
@@ -867,14 +864,7 @@ fn runs_of_sent_results_count_like_single_ones() {
             .filter(|c| c.device.token != tok(21))
             .map(|c| sent(c.delivery_id))
             .collect();
-        let mut fin: Vec<String> = store
-            .record_results(all_but_21)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|f| f.ext_id)
-            .collect();
-        fin.sort();
+        let fin = record_finished(&store, all_but_21).await;
         let mut want: Vec<String> = (0..11)
             .filter(|&i| i != 8)
             .map(|i| format!("n{i}"))
