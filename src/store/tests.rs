@@ -452,7 +452,8 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
 
 /// A `sent` result only counts for a delivery that was still queued: one that something else
 /// ended while it was in flight, or a second result for a delivery already recorded, leaves
-/// its notification's pending count alone (the batch is written the slow, exact way then).
+/// its notification's pending count alone, whether its run of ids is written at once or row by
+/// row.
 #[test]
 fn sent_results_count_only_deliveries_still_queued() {
     let (_dir, store) = open();
