@@ -1,4 +1,4 @@
-//! Spots GOAWAY frames on their way into h2.
+//! Spots GOAWAY frames on their way into h2, and gathers h2's writes on their way out.
 //!
 //! RFC 9113 (6.8) says a client that received GOAWAY must not open new streams on that
 //! connection. The `h2` client neither refuses them nor tells its user that a GOAWAY arrived
@@ -70,7 +70,8 @@ impl Signals {
     }
 }
 
-/// The passthrough wrapper around the TLS stream.
+/// The wrapper around the TLS stream: reads pass through (and are watched for GOAWAY), writes
+/// are gathered.
 pub(crate) struct Sniffer<T> {
     inner: T,
     signals: Arc<Signals>,
@@ -321,6 +322,30 @@ mod tests {
         s.flush().await.unwrap();
         assert_eq!(s.inner.writes.len(), 1);
         assert_eq!(s.inner.flushes, 2);
+    }
+
+    /// The first flush of a batch asks to be polled again and writes nothing; the second
+    /// writes the batch.
+    #[test]
+    fn the_first_flush_of_a_batch_is_put_off_once() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut s = Sniffer::new(Wire::default(), Arc::new(Signals::default()));
+        let w = Pin::new(&mut s).poll_write(&mut cx, b"HEADERS 1;");
+        assert!(matches!(w, Poll::Ready(Ok(10))));
+        assert!(Pin::new(&mut s).poll_flush(&mut cx).is_pending());
+        assert!(s.inner.writes.is_empty());
+        let w = Pin::new(&mut s).poll_write(&mut cx, b"HEADERS 2;");
+        assert!(matches!(w, Poll::Ready(Ok(10))));
+        assert!(matches!(
+            Pin::new(&mut s).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(s.inner.writes, vec![b"HEADERS 1;HEADERS 2;".to_vec()]);
+        // The next batch is put off again.
+        let w = Pin::new(&mut s).poll_write(&mut cx, b"HEADERS 3;");
+        assert!(matches!(w, Poll::Ready(Ok(10))));
+        assert!(Pin::new(&mut s).poll_flush(&mut cx).is_pending());
+        assert_eq!(s.inner.writes.len(), 1);
     }
 
     /// A writer that never flushes still gets its bytes out once MAX_GATHER is reached.
