@@ -282,8 +282,8 @@ impl Reader {
             .conn
             .query_row(
                 "SELECT n.id, app, target_kind, target, payload, push_type, priority, topic, collapse_id,
-                        expiration, send_at, created_at, p.finished_at, source_file
-                 FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id
+                        expiration, send_at, created_at, s.finished_at, source_file
+                 FROM notifications n JOIN notification_status s ON s.id = n.id
                  WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY n.id LIMIT 1",
                 params![id, app],
                 |r| {
@@ -421,8 +421,8 @@ impl Reader {
         let row: Option<(String, String, Option<i64>)> = self
             .conn
             .query_row(
-                "SELECT ext_id, app, p.finished_at
-                 FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id
+                "SELECT ext_id, app, s.finished_at
+                 FROM notifications n JOIN notification_status s ON s.id = n.id
                  WHERE n.id = ?1",
                 [notification_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),

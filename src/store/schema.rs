@@ -151,6 +151,22 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DROP INDEX notification_progress_finished;
     "#,
+    // 5: a notification with exactly one delivery, made at ingest (one token named), keeps no
+    // progress row: its delivery's state is its progress, and recording the delivery's result
+    // no longer pays for a second row. This view is where readers find any notification's
+    // pending count and finish time, with or without a row. Older builds would never see such
+    // a notification finish, so the version rises and they refuse the database.
+    r#"
+    CREATE VIEW notification_status AS
+    SELECT n.id AS id,
+           CASE WHEN p.id IS NOT NULL THEN p.pending
+                ELSE (SELECT count(*) FROM deliveries d
+                      WHERE d.notification_id = n.id AND d.state = 0) END AS pending,
+           CASE WHEN p.id IS NOT NULL THEN p.finished_at
+                ELSE (SELECT CASE WHEN min(d.state) > 0 THEN max(d.finished_at) END
+                      FROM deliveries d WHERE d.notification_id = n.id) END AS finished_at
+    FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -99,8 +99,8 @@ fn progress(store: &Store) -> Vec<(String, i64, bool)> {
         .unwrap()
         .conn()
         .prepare(
-            "SELECT n.ext_id, p.pending, p.finished_at IS NOT NULL
-             FROM notifications n JOIN notification_progress p ON p.id = n.id ORDER BY n.id",
+            "SELECT n.ext_id, s.pending, s.finished_at IS NOT NULL
+             FROM notifications n JOIN notification_status s ON s.id = n.id ORDER BY n.id",
         )
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -485,10 +485,12 @@ fn sent_results_count_only_deliveries_still_queued() {
     });
     let progress = progress(&store);
     let r = query::Reader::open(store.path()).unwrap();
+    // `one` is over too, though no result ended it: its single delivery was ended behind the
+    // sender's back, and that delivery's state is its progress.
     assert_eq!(
         progress,
         vec![
-            ("one".to_string(), 1, false),
+            ("one".to_string(), 0, true),
             ("two".to_string(), 0, true),
             ("three".to_string(), 0, true),
         ]
@@ -593,6 +595,8 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
                 notification(Some("done"), Target::Tokens(vec![tok(1)])),
                 notification(Some("half"), Target::Tokens(vec![tok(2), tok(3)])),
                 notification(Some("dead"), Target::Tokens(vec![tok(4)])),
+                notification(Some("pair"), Target::Tokens(vec![tok(5), tok(6)])),
+                notification(Some("later"), Target::Tokens(vec![tok(7)])),
             ],
         )])
         .unwrap();
@@ -600,13 +604,13 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
         let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
-        assert_eq!(claimed.len(), 4);
+        assert_eq!(claimed.len(), 7);
         let results = claimed
             .iter()
             .map(|c| DeliveryResult {
                 delivery_id: c.delivery_id,
-                kind: if c.device.token == tok(3) {
-                    // `half` keeps one delivery queued: it is not finished.
+                // `half` and `later` keep one delivery queued: they are not finished.
+                kind: if c.device.token == tok(3) || c.device.token == tok(7) {
                     ResultKind::Retry {
                         due_at_ms: now + 60_000,
                         status: Some(503),
@@ -625,7 +629,7 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
             })
             .collect();
         let fin = record_finished(&store, results).await;
-        assert_eq!(fin, vec!["dead", "done"]);
+        assert_eq!(fin, vec!["dead", "done", "pair"]);
     });
     // Nothing is old enough yet.
     let none = store
@@ -636,8 +640,11 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
         (0, 0, 0)
     );
     let n = store.purge_blocking(crate::model::now_ms() + 1).unwrap();
-    assert_eq!(n.deliveries, 2, "`done` and `dead` with their deliveries");
-    assert_eq!(n.notifications, 2);
+    assert_eq!(
+        n.deliveries, 4,
+        "`done`, `dead` and `pair` with their deliveries"
+    );
+    assert_eq!(n.notifications, 3);
     assert_eq!(
         n.devices, 1,
         "the invalidated device, once nothing refers to it"
@@ -645,11 +652,105 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
     let r = query::Reader::open(store.path()).unwrap();
     let count = |sql: &str| -> i64 { r.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
     assert_eq!(
-        count("SELECT count(*) FROM notifications WHERE ext_id = 'half'"),
+        count("SELECT count(*) FROM notifications WHERE ext_id IN ('half', 'later')"),
+        2
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM deliveries"),
+        3,
+        "`half` whole, and `later`"
+    );
+    assert_eq!(count("SELECT count(*) FROM devices"), 6);
+    assert_eq!(
+        count("SELECT count(*) FROM notification_progress"),
+        1,
+        "`half`'s; `pair`'s left with it"
+    );
+}
+
+/// A notification with one delivery keeps no progress row: its delivery's state is its
+/// progress. It finishes with that delivery (reported once, shown with the delivery's finish
+/// time), and `retry` makes it unfinished again until its next result.
+#[test]
+fn a_single_delivery_is_its_notifications_progress() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("single"), Target::Tokens(vec![tok(1)])),
+                notification(Some("twice"), Target::Tokens(vec![tok(2), tok(2)])),
+                notification(Some("pair"), Target::Tokens(vec![tok(3), tok(4)])),
+                notification(Some("users"), Target::Users(vec!["u".into()])),
+            ],
+        )])
+        .unwrap();
+    let r = query::Reader::open(store.path()).unwrap();
+    let rows: Vec<String> = r
+        .conn()
+        .prepare(
+            "SELECT n.ext_id FROM notification_progress p JOIN notifications n USING (id)
+             ORDER BY n.id",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec!["pair", "users"],
+        "a token named twice is one delivery"
+    );
+    let finished_at = |id: &str| r.show(id, None, 10).unwrap().unwrap().finished_at;
+    assert_eq!(finished_at("single"), None);
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
+        assert_eq!(claimed.len(), 4);
+        let results = claimed
+            .iter()
+            .map(|c| DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind: if c.device.token == tok(1) {
+                    ResultKind::Failed {
+                        status: Some(400),
+                        reason: "BadTopic".into(),
+                    }
+                } else {
+                    ResultKind::Sent { apns_id: None }
+                },
+            })
+            .collect();
+        let fin = record_finished(&store, results).await;
+        assert_eq!(fin, vec!["pair", "single", "twice"]);
+    });
+    assert!(finished_at("single").is_some());
+    assert_eq!(
+        progress(&store),
+        vec![
+            ("single".to_string(), 0, true),
+            ("twice".to_string(), 0, true),
+            ("pair".to_string(), 0, true),
+            ("users".to_string(), 1, false),
+        ]
+    );
+    assert_eq!(
+        store.retry_failed_blocking(Some("single".into())).unwrap(),
         1
     );
-    assert_eq!(count("SELECT count(*) FROM deliveries"), 2, "`half` whole");
-    assert_eq!(count("SELECT count(*) FROM devices"), 3);
+    assert_eq!(finished_at("single"), None);
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
+        assert_eq!(claimed.len(), 1);
+        let fin = record_finished(&store, vec![sent(claimed[0].delivery_id)]).await;
+        assert_eq!(fin, vec!["single"], "finished again, once");
+        let fin = record_finished(&store, vec![sent(claimed[0].delivery_id)]).await;
+        assert!(fin.is_empty(), "a second result for it finishes nothing");
+    });
+    assert!(finished_at("single").is_some());
 }
 
 #[test]
@@ -736,8 +837,8 @@ fn dump(store: &Store) -> Vec<String> {
     };
     rows(
         "SELECT n.id, app, ext_id, target_kind, target, payload, push_type, priority, topic,
-                collapse_id, expiration, fanned_out, p.pending, p.finished_at IS NULL
-         FROM notifications n JOIN notification_progress p USING (id) ORDER BY n.id",
+                collapse_id, expiration, fanned_out, s.pending, s.finished_at IS NULL
+         FROM notifications n JOIN notification_status s USING (id) ORDER BY n.id",
     );
     rows(
         "SELECT id, app, token, user, environment, registered, active, invalidated_at
@@ -875,14 +976,13 @@ fn runs_of_sent_results_count_like_single_ones() {
         let fin = store.record_results(vec![sent(id(21))]).await.unwrap();
         assert_eq!(fin[0].ext_id, "multi");
     });
+    // Every notification is over now: n8's one delivery was ended behind the sender's back,
+    // and a single delivery's state is its notification's progress (no progress row).
     let progress = progress(&store);
     let r = query::Reader::open(store.path()).unwrap();
+    assert_eq!(progress.len(), 12);
     for (ext_id, pending, finished) in progress {
-        if ext_id == "n8" {
-            assert_eq!((pending, finished), (1, false), "{ext_id}");
-        } else {
-            assert_eq!((pending, finished), (0, true), "{ext_id}");
-        }
+        assert_eq!((pending, finished), (0, true), "{ext_id}");
     }
     let states: Vec<i64> = r
         .conn()

@@ -892,12 +892,28 @@ impl Writer {
     /// half a notification.
     pub fn purge(&mut self, cutoff: i64) -> Result<PurgeCounts, StoreError> {
         let tx = self.conn.transaction()?;
-        let deliveries = tx.execute(
+        // A notification with a single delivery has no progress row (schema 5): it finished
+        // when its delivery did, and goes with it.
+        let mut notifications = tx.execute(
+            "DELETE FROM notifications WHERE id IN
+                (SELECT d.notification_id FROM deliveries d
+                 WHERE d.state <> 0 AND d.finished_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM notification_progress p
+                                   WHERE p.id = d.notification_id))",
+            [cutoff],
+        )?;
+        let mut deliveries = tx.execute(
+            "DELETE FROM deliveries WHERE state <> 0 AND finished_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM notification_progress p
+                               WHERE p.id = deliveries.notification_id)",
+            [cutoff],
+        )?;
+        deliveries += tx.execute(
             "DELETE FROM deliveries WHERE notification_id IN
                 (SELECT id FROM notification_progress WHERE finished_at < ?1)",
             [cutoff],
         )?;
-        let notifications = tx.execute(
+        notifications += tx.execute(
             "DELETE FROM notifications
              WHERE id IN (SELECT id FROM notification_progress WHERE finished_at < ?1)
                AND NOT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = notifications.id)",
@@ -1090,11 +1106,15 @@ impl Finals {
     /// Lowers the notifications' pending counts and returns the ids of those that became
     /// final; the order is unspecified.
     ///
+    /// A notification without a progress row has a single delivery (schema 5): it became
+    /// final with that delivery, which is why it is here, and nothing is written for it.
+    ///
     /// Notifications with one item less each (nearly all: one delivery per notification)
     /// whose ids form a run are lowered by one statement per run, as in [`mark_run_sent`];
     /// the others by one statement each (`RETURNING` would buffer its rows in a temporary
     /// B-tree, dearer than a statement): the first ends the notification if this brings its
-    /// count to zero, and only when it changed nothing does the second lower it.
+    /// count to zero, and only when it changed nothing does the second lower it; when that
+    /// changes nothing either, there is no row.
     fn settle(&self, tx: &Transaction<'_>, now: i64) -> Result<Vec<i64>, StoreError> {
         // Nearly every claim settles nothing.
         if self.0.is_empty() {
@@ -1126,15 +1146,23 @@ impl Finals {
             )?
             .execute([lo, hi, now])?;
             // Those it ended: their count reached zero now (a notification ended before has
-            // no queued item left to end again).
+            // no queued item left to end again); and those without a row, which ended with
+            // their one delivery. A run of those alone finds no row here at all.
             let mut st = tx.prepare_cached(
-                "SELECT id FROM notification_progress
-                 WHERE id BETWEEN ?1 AND ?2 AND pending = 0 AND finished_at = ?3",
+                "SELECT id, pending = 0 AND finished_at = ?3 FROM notification_progress
+                 WHERE id BETWEEN ?1 AND ?2",
             )?;
             let mut rows = st.query([lo, hi, now])?;
+            let mut next = lo;
             while let Some(r) = rows.next()? {
-                finished.push(r.get(0)?);
+                let (id, ended): (i64, bool) = (r.get(0)?, r.get(1)?);
+                finished.extend(next..id);
+                if ended {
+                    finished.push(id);
+                }
+                next = id + 1;
             }
+            finished.extend(next..=hi);
         }
         if others.is_empty() {
             return Ok(finished);
@@ -1155,7 +1183,9 @@ impl Finals {
             } else {
                 lower.raw_bind_parameter(1, nid)?;
                 lower.raw_bind_parameter(2, k)?;
-                lower.raw_execute()?;
+                if lower.raw_execute()? == 0 && k > 0 {
+                    finished.push(nid);
+                }
             }
         }
         Ok(finished)
@@ -1510,7 +1540,8 @@ impl<'t> FileWriter<'t> {
     }
 
     /// Bookkeeping for a notification row just written: its progress row (written at the
-    /// end of the file), the earliest due time, the count.
+    /// end of the file), the earliest due time, the count. A notification with a single
+    /// delivery gets no progress row (schema 5): that delivery's state is its progress.
     fn queue(&mut self, p: &PreparedNotification<'_>, nid: i64, earliest_due: &mut Option<i64>) {
         // Pending: its deliveries, or the fan-out still to come.
         let pending = if p.fanned_out {
@@ -1518,10 +1549,12 @@ impl<'t> FileWriter<'t> {
         } else {
             1
         };
-        self.progress
-            .entry(pending)
-            .or_default()
-            .push(rusqlite::types::Value::Integer(nid));
+        if !(p.fanned_out && pending == 1) {
+            self.progress
+                .entry(pending)
+                .or_default()
+                .push(rusqlite::types::Value::Integer(nid));
+        }
         if !p.tokens.is_empty() {
             let due_at = p.send_at;
             *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
