@@ -1150,7 +1150,7 @@ impl Finals {
             // their one delivery. A run of those alone finds no row here at all.
             let mut st = tx.prepare_cached(
                 "SELECT id, pending = 0 AND finished_at = ?3 FROM notification_progress
-                 WHERE id BETWEEN ?1 AND ?2",
+                 WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
             )?;
             let mut rows = st.query([lo, hi, now])?;
             let mut next = lo;
