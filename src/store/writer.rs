@@ -1110,7 +1110,7 @@ impl Finals {
     /// final with that delivery, which is why it is here, and nothing is written for it.
     ///
     /// Notifications with one item less each (nearly all: one delivery per notification)
-    /// whose ids form a run are lowered by one statement per run, as in [`mark_run_sent`];
+    /// are lowered by one statement per run of consecutive ids, as in [`mark_run_sent`];
     /// the others by one statement each (`RETURNING` would buffer its rows in a temporary
     /// B-tree, dearer than a statement): the first ends the notification if this brings its
     /// count to zero, and only when it changed nothing does the second lower it; when that
@@ -1131,11 +1131,9 @@ impl Finals {
             }
         }
         ones.sort_unstable();
+        // Every run, however short, goes by range: two statements, where notifications without
+        // a progress row would each cost two one by one.
         for run in runs(&ones) {
-            if run.len() < MIN_RUN {
-                others.extend(run.iter().map(|&nid| (nid, 1)));
-                continue;
-            }
             let (lo, hi) = (run[0], run[run.len() - 1]);
             // Every notification in the range is in the run: each has one item less.
             tx.prepare_cached(
