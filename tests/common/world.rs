@@ -67,7 +67,18 @@ impl World {
     }
 
     /// How many 200s each token got at the simulator.
+    ///
+    /// The simulator notes a push once its 200 is on its way, so the daemon can hold (and
+    /// record) a 200 a moment before the simulator's task has noted it: this first waits until
+    /// the simulator has noted at least as many pushes as the database says were sent.
     pub fn accepted_by_token(&self) -> HashMap<String, Vec<Accepted>> {
+        let sent = self
+            .env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1");
+        inbox::wait_for(
+            "the simulator noted every push the daemon has a 200 for",
+            || self.sim.accepted_count() >= sent as u64,
+        );
         let mut m: HashMap<String, Vec<Accepted>> = HashMap::new();
         for a in self.sim.accepted() {
             m.entry(a.token.clone()).or_default().push(a);
