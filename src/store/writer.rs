@@ -68,12 +68,17 @@ const INGEST_CACHE_KIB: i64 = -65536;
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
-/// Marks a delivery sent at `?2`, if it is still queued.
+/// Marks the deliveries `$which` selects sent at `?2`, those still queued only: one
+/// delivery (`id = ?1`) or a run of them (`id BETWEEN ?1 AND ?3`).
 macro_rules! mark_sent_sql {
-    () => {
-        "UPDATE deliveries SET state = 1, attempts = attempts + 1,
-         last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
-         WHERE id = ?1 AND state = 0"
+    ($which:literal) => {
+        concat!(
+            "UPDATE deliveries SET state = 1, attempts = attempts + 1,
+             last_status = 200, last_reason = NULL, updated_at = ?2, finished_at = ?2
+             WHERE ",
+            $which,
+            " AND state = 0"
+        )
     };
 }
 
@@ -714,7 +719,7 @@ impl Writer {
         let now = now_ms();
         let tx = self.conn.transaction()?;
         let mut finals = Finals::default();
-        let mut sent = tx.prepare_cached(mark_sent_sql!())?;
+        let mut sent = tx.prepare_cached(mark_sent_sql!("id = ?1"))?;
         // `Sent` results for deliveries in flight (nearly all results), the only result for
         // their delivery in this batch, are written by runs of consecutive ids; the others
         // one by one, in order, below.
@@ -1031,7 +1036,10 @@ fn mark_sent(
         finals.add_n(nid, changed as i64);
     } else {
         let nid = tx
-            .prepare_cached(concat!(mark_sent_sql!(), " RETURNING notification_id"))?
+            .prepare_cached(concat!(
+                mark_sent_sql!("id = ?1"),
+                " RETURNING notification_id"
+            ))?
             .query_row(params![delivery_id, now], |r| r.get::<_, i64>(0))
             .optional()?;
         finals.add(nid);
@@ -1068,12 +1076,8 @@ fn mark_run_sent(
         return Ok(false);
     }
     let changed = tx
-        .prepare_cached(
-            "UPDATE deliveries SET state = 1, attempts = attempts + 1,
-             last_status = 200, last_reason = NULL, updated_at = ?3, finished_at = ?3
-             WHERE id BETWEEN ?1 AND ?2 AND state = 0",
-        )?
-        .execute([lo, hi, now])?;
+        .prepare_cached(mark_sent_sql!("id BETWEEN ?1 AND ?3"))?
+        .execute([lo, now, hi])?;
     if changed != run.len() {
         return Err(StoreError::Inconsistent(
             "a run of queued deliveries changed in the middle of a transaction",
@@ -1697,11 +1701,7 @@ impl<'t> FileWriter<'t> {
             let deliveries = std::mem::take(&mut self.deliveries);
             let st = &mut self.batches()?.deliveries;
             for (i, d) in deliveries.iter().enumerate() {
-                let p = i * 4;
-                st.raw_bind_parameter(p + 1, d.notification_id)?;
-                st.raw_bind_parameter(p + 2, d.device_id)?;
-                st.raw_bind_parameter(p + 3, d.due_at)?;
-                st.raw_bind_parameter(p + 4, d.apns_id_str())?;
+                d.bind(st, i * 4)?;
             }
             // The last parameter (updated_at) is bound for the file.
             st.raw_execute()?;
@@ -1710,10 +1710,7 @@ impl<'t> FileWriter<'t> {
             // Parameter 5 (updated_at) is bound for the file.
             let st = &mut self.insert_delivery;
             for d in &self.deliveries {
-                st.raw_bind_parameter(1, d.notification_id)?;
-                st.raw_bind_parameter(2, d.device_id)?;
-                st.raw_bind_parameter(3, d.due_at)?;
-                st.raw_bind_parameter(4, d.apns_id_str())?;
+                d.bind(st, 0)?;
                 st.raw_execute()?;
             }
         }
@@ -1971,9 +1968,17 @@ struct NewDelivery {
 }
 
 impl NewDelivery {
-    fn apns_id_str(&self) -> &str {
+    /// Binds the delivery to parameters `base + 1 ..= base + 4` (notification, device, due
+    /// time, apns-id) of the one-row or the batch insert.
+    fn bind(&self, st: &mut rusqlite::Statement<'_>, base: usize) -> rusqlite::Result<()> {
+        st.raw_bind_parameter(base + 1, self.notification_id)?;
+        st.raw_bind_parameter(base + 2, self.device_id)?;
+        st.raw_bind_parameter(base + 3, self.due_at)?;
         // Written by `encode_upper`: ASCII.
-        std::str::from_utf8(&self.apns_id).unwrap_or_default()
+        st.raw_bind_parameter(
+            base + 4,
+            std::str::from_utf8(&self.apns_id).unwrap_or_default(),
+        )
     }
 }
 
