@@ -179,15 +179,11 @@ impl<T: AsyncWrite + Unpin> Sniffer<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffer<T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.out.len() >= MAX_GATHER {
-            ready!(self.poll_drain(cx))?;
-        }
-        self.out.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
