@@ -482,6 +482,10 @@ impl Simulator {
     }
 
     /// Every push answered 200 (up to `record_limit`), in answer order.
+    ///
+    /// A push is noted once its 200 has been handed to HTTP/2 (so a push whose answer could
+    /// not be sent is not in here), which means a client can hold its 200 a moment before the
+    /// push appears: wait for [`Simulator::accepted_count`] to reach what you expect.
     pub fn accepted(&self) -> Vec<Accepted> {
         self.shared
             .accepted
