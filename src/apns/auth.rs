@@ -159,7 +159,10 @@ impl TokenSigner {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs();
+        // Apple's documented header is `alg` and `kid` only. jsonwebtoken adds `"typ":"JWT"`,
+        // which h2 would send with every request: it never indexes `authorization` in HPACK.
         let mut header = Header::new(Algorithm::ES256);
+        header.typ = None;
         header.kid = Some(self.key_id.clone());
         let token = jsonwebtoken::encode(
             &header,
@@ -247,6 +250,26 @@ mod tests {
             assert!(!s.on_expired(&b).unwrap());
         }
         assert_eq!(s.mints.load(Ordering::Relaxed), 2);
+    }
+
+    /// The header Apple documents, and nothing more: every byte of the token goes out with
+    /// every request.
+    #[test]
+    fn token_header_is_alg_and_kid_only() {
+        use base64::Engine as _;
+        let (s, _d) = signer(Arc::new(AtomicI64::new(0)));
+        let jwt = s.current().unwrap();
+        let value = jwt.header.to_str().unwrap();
+        let token = value.strip_prefix("bearer ").unwrap();
+        let head = token.split('.').next().unwrap();
+        let head = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(head)
+            .unwrap();
+        let head: serde_json::Value = serde_json::from_slice(&head).unwrap();
+        assert_eq!(
+            head,
+            serde_json::json!({"alg": "ES256", "kid": "ABC123DEFG"})
+        );
     }
 
     #[test]
