@@ -331,7 +331,7 @@ async fn recorder(
 
 fn log_finished(finished: &[FinishedNotification]) {
     for f in finished {
-        info!(target: DELIVERY_TARGET, event = "notification_finished", id = %f.ext_id, app = %f.app, "all deliveries final");
+        info!(target: DELIVERY_TARGET, event = "notification_finished", id = f.ext_id.as_str(), app = f.app.as_str(), "all deliveries final");
     }
 }
 
@@ -354,8 +354,8 @@ impl Inner {
                     Ok(path) => info!(
                         target: DELIVERY_TARGET,
                         event = "notification_finished",
-                        id = %f.ext_id,
-                        app = %f.app,
+                        id = f.ext_id.as_str(),
+                        app = f.app.as_str(),
                         receipt = %path.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
                         "all deliveries final"
                     ),
@@ -586,6 +586,8 @@ impl Inner {
         }
     }
 
+    /// One line per outcome (SPEC 4.4). Text fields go in as `&str`, not `%Display`: the
+    /// same JSON, without a trip through `core::fmt` for each (this runs once per delivery).
     fn log_outcome(&self, c: &ClaimedDelivery, kind: &ResultKind, attempt: u32, latency_ms: f64) {
         let n = &c.notification;
         let token = token_prefix(&c.device.token);
@@ -634,16 +636,16 @@ impl Inner {
         let status = status.map(i64::from).unwrap_or(0);
         match kind {
             ResultKind::Sent { .. } => info!(
-                target: DELIVERY_TARGET, event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                target: DELIVERY_TARGET, event = "delivery", id = n.ext_id.as_str(), app = n.app.as_str(), token, environment = c.device.environment.as_str(),
                 status = state, http_status = status, reason, apns_id, attempt, latency_ms, "delivered"
             ),
             ResultKind::Retry { due_at_ms, .. } => warn!(
-                target: DELIVERY_TARGET, event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                target: DELIVERY_TARGET, event = "delivery", id = n.ext_id.as_str(), app = n.app.as_str(), token, environment = c.device.environment.as_str(),
                 status = state, http_status = status, reason, apns_id, attempt, latency_ms,
                 retry_in_ms = due_at_ms - now_ms(), "will retry"
             ),
             _ => warn!(
-                target: DELIVERY_TARGET, event = "delivery", id = %n.ext_id, app = %n.app, token, environment = %c.device.environment,
+                target: DELIVERY_TARGET, event = "delivery", id = n.ext_id.as_str(), app = n.app.as_str(), token, environment = c.device.environment.as_str(),
                 status = state, http_status = status, reason, apns_id, attempt, latency_ms, "not delivered"
             ),
         }
