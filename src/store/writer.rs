@@ -723,7 +723,7 @@ impl Writer {
         // `Sent` results for deliveries in flight (nearly all results), the only result for
         // their delivery in this batch, are written by runs of consecutive ids; the others
         // one by one, in order, below.
-        let mut once: HashMap<i64, u32> = HashMap::default();
+        let mut once: HashMap<i64, u32> = HashMap::with_capacity(results.len());
         for r in &results {
             *once.entry(r.delivery_id).or_default() += 1;
         }
@@ -1506,8 +1506,9 @@ impl<'t> FileWriter<'t> {
             }
         }
         // The devices of the tokens named, each once, and then the deliveries.
-        let mut device_of: HashMap<(&str, &str), i64> = HashMap::default();
-        let mut tokens: Vec<(&str, &str, &str)> = Vec::new();
+        let named: usize = prepared.iter().map(|p| p.tokens.len()).sum();
+        let mut device_of: HashMap<(&str, &str), i64> = HashMap::with_capacity(named);
+        let mut tokens: Vec<(&str, &str, &str)> = Vec::with_capacity(named);
         for (p, id) in prepared.iter().zip(&ids) {
             if id.is_none() {
                 continue;
