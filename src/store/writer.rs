@@ -472,10 +472,13 @@ impl Writer {
                 let ts = now_ms();
                 let due_at = send_at;
                 queued_at(&mut self.cursor, due_at);
+                // `OR IGNORE`: a device that already has this notification's delivery keeps
+                // it, and SQLite need not journal the statement's pages to undo it half-way
+                // (see NOTIFICATION_BATCH).
                 let (inserted, next_cursor) = match kind.as_str() {
                     "users" => {
                         let n = tx.prepare_cached(
-                            "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                            "INSERT OR IGNORE INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                              SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
                              WHERE app = ?4 AND active = 1
                                AND user IN (SELECT value FROM json_each(?5))",
@@ -494,7 +497,7 @@ impl Writer {
                             None => (0, None),
                             Some(last) => {
                                 let n = tx.prepare_cached(
-                                    "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                                    "INSERT OR IGNORE INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                                      SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
                                      WHERE app = ?4 AND active = 1 AND id > ?5 AND id <= ?6",
                                 )?
