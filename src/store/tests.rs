@@ -323,6 +323,52 @@ fn broadcast_fans_out_to_active_devices_and_claims_once() {
     });
 }
 
+/// A fan-out that meets a device which already has the notification's delivery (made by an
+/// older build, or by hand) leaves that one as it is and makes the rest: one delivery per
+/// device, and the fan-out does not stop on it.
+#[test]
+fn fan_out_keeps_a_delivery_that_is_already_there() {
+    let (_dir, store) = open();
+    let recs: Vec<Record> = (0..10).map(|i| device("a", i, None)).collect();
+    store.ingest(vec![file("d.jsonl", recs)]).unwrap();
+    store
+        .ingest(vec![file(
+            "b.json",
+            vec![notification(Some("b"), Target::All)],
+        )])
+        .unwrap();
+    let other = rusqlite::Connection::open(store.path()).unwrap();
+    other
+        .execute_batch(&format!(
+            "INSERT INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+             SELECT n.id, v.id, 0, 'F0A3C7B2-0000-4000-8000-000000000003', 0
+             FROM notifications n, devices v WHERE n.ext_id = 'b' AND v.token = '{}';
+             UPDATE notification_progress SET pending = pending + 1
+             WHERE id = (SELECT id FROM notifications WHERE ext_id = 'b');",
+            tok(3)
+        ))
+        .unwrap();
+    drop(other);
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        assert_eq!(store.fan_out_due(now, 1_000_000).await.unwrap().0, 9);
+        let claimed = store.claim_due(now, 100).await.unwrap().deliveries;
+        let mut tokens: Vec<String> = claimed.iter().map(|c| c.device.token.clone()).collect();
+        tokens.sort();
+        let mut want: Vec<String> = (0..10).map(tok).collect();
+        want.sort();
+        assert_eq!(tokens, want, "one delivery per device");
+        let kept = claimed.iter().find(|c| c.device.token == tok(3)).unwrap();
+        assert_eq!(kept.apns_id, "F0A3C7B2-0000-4000-8000-000000000003");
+        let results = claimed.iter().map(|c| sent(c.delivery_id)).collect();
+        assert_eq!(
+            record_finished(&store, results).await,
+            vec!["b".to_string()]
+        );
+    });
+}
+
 /// A broadcast to an app without active devices is final once its fan-out is done, and the
 /// fan-out says so (its receipt is written then): nothing else would ever finish it.
 #[test]
