@@ -68,6 +68,19 @@ const INGEST_CACHE_KIB: i64 = -65536;
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
+/// An `INSERT` of several rows: `INSERT OR IGNORE INTO $rest`. Every `INSERT` of the writer
+/// that may write more than one row goes through this, for one reason: a statement of several
+/// rows that may stop half-way (any constraint left at `ABORT`, `NOT NULL` included) makes
+/// SQLite copy every page it is about to change into a statement journal, so that it can undo
+/// that statement alone. With every constraint at `IGNORE` it cannot stop half-way, and the
+/// copies go (they were 8% of an ingest's writer instructions, `benches/store_cycle`). Each
+/// caller checks that what `IGNORE` may skip is what it meant to skip.
+macro_rules! insert_many {
+    ($rest:literal) => {
+        concat!("INSERT OR IGNORE INTO ", $rest)
+    };
+}
+
 /// Marks the deliveries `$which` selects sent at `?2`, those still queued only: one
 /// delivery (`id = ?1`) or a run of them (`id BETWEEN ?1 AND ?3`).
 macro_rules! mark_sent_sql {
@@ -472,18 +485,17 @@ impl Writer {
                 let ts = now_ms();
                 let due_at = send_at;
                 queued_at(&mut self.cursor, due_at);
-                // `OR IGNORE`: a device that already has this notification's delivery keeps
-                // it, and SQLite need not journal the statement's pages to undo it half-way
-                // (see NOTIFICATION_BATCH).
+                // A device that already has this notification's delivery keeps it.
                 let (inserted, next_cursor) = match kind.as_str() {
                     "users" => {
-                        let n = tx.prepare_cached(
-                            "INSERT OR IGNORE INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                        let n = tx
+                            .prepare_cached(insert_many!(
+                            "deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                              SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
                              WHERE app = ?4 AND active = 1
-                               AND user IN (SELECT value FROM json_each(?5))",
-                        )?
-                        .execute(params![id, due_at, ts, app, target])?;
+                               AND user IN (SELECT value FROM json_each(?5))"
+                        ))?
+                            .execute(params![id, due_at, ts, app, target])?;
                         (n, None)
                     }
                     _ => {
@@ -496,11 +508,11 @@ impl Writer {
                         match last {
                             None => (0, None),
                             Some(last) => {
-                                let n = tx.prepare_cached(
-                                    "INSERT OR IGNORE INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at)
+                                let n = tx.prepare_cached(insert_many!(
+                                    "deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                                      SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
-                                     WHERE app = ?4 AND active = 1 AND id > ?5 AND id <= ?6",
-                                )?
+                                     WHERE app = ?4 AND active = 1 AND id > ?5 AND id <= ?6"
+                                ))?
                                 .execute(params![id, due_at, ts, app, cursor, last])?;
                                 (n, Some(last))
                             }
@@ -1461,7 +1473,7 @@ impl<'t> FileWriter<'t> {
     /// SQLite gives the rows of one `INSERT` consecutive ids, one more than the largest before
     /// it, so the ids are known without reading them back. A notification whose id is taken
     /// (by an earlier file or an earlier record of the batch) is a duplicate, as record by
-    /// record: `OR IGNORE` skips it without using up an id.
+    /// record: the batch statement (`insert_many!`) skips it without using up an id.
     fn add_notifications(
         &mut self,
         records: &[Record],
@@ -1495,8 +1507,8 @@ impl<'t> FileWriter<'t> {
             let mut mine = HashSet::new();
             let mut next = before;
             for p in &prepared {
-                // `OR IGNORE` skips a row for any constraint, not only the id: a row skipped
-                // for something else (which the records' checks make impossible) is no
+                // `insert_many!` skips a row for any constraint, not only the id: a row
+                // skipped for something else (which the records' checks make impossible) is no
                 // duplicate, and the file is not committed.
                 let found: i64 = find
                     .query_row(params![p.record.app, p.ext_id.as_str()], |r| r.get(0))
@@ -1713,8 +1725,9 @@ impl<'t> FileWriter<'t> {
             for (i, d) in deliveries.iter().enumerate() {
                 d.bind(st, i * 4)?;
             }
-            // The last parameter (updated_at) is bound for the file. `OR IGNORE` would skip
-            // a delivery silently; none can conflict (a new notification's tokens, each once).
+            // The last parameter (updated_at) is bound for the file. `insert_many!` would
+            // skip a delivery silently; none can conflict (a new notification's tokens, each
+            // once).
             if st.raw_execute()? != DELIVERY_BATCH {
                 return Err(StoreError::Inconsistent(
                     "a delivery of the batch was not written",
@@ -1752,11 +1765,19 @@ impl<'t> FileWriter<'t> {
         self.flush_deliveries()?;
         let (tx, now) = (self.tx, self.now);
         for (pending, ids) in self.progress {
-            tx.prepare_cached(
-                "INSERT INTO notification_progress (id, pending, finished_at)
-                 SELECT value, ?2, CASE WHEN ?2 <= 0 THEN ?3 END FROM rarray(?1)",
-            )?
-            .execute(params![std::rc::Rc::new(ids), pending, now])?;
+            let want = ids.len();
+            let written = tx
+                .prepare_cached(insert_many!(
+                    "notification_progress (id, pending, finished_at)
+                     SELECT value, ?2, CASE WHEN ?2 <= 0 THEN ?3 END FROM rarray(?1)"
+                ))?
+                .execute(params![std::rc::Rc::new(ids), pending, now])?;
+            // Each is a notification this file just wrote: none has a row yet.
+            if written != want {
+                return Err(StoreError::Inconsistent(
+                    "a notification written by this file already had a progress row",
+                ));
+            }
         }
         tx.prepare_cached(
             "INSERT OR IGNORE INTO committed_files (name, sha256, size, ino, mtime_ns, committed_at)
@@ -1913,13 +1934,6 @@ fn check_consecutive(tx: &Transaction<'_>, before: i64, inserted: usize) -> Resu
 }
 
 /// Notifications written by one statement during an ingest (see [`DELIVERY_BATCH`]).
-///
-/// The batch statements are `INSERT OR IGNORE`, not `ON CONFLICT (…) DO NOTHING`: a
-/// statement of several rows that may stop half-way (any constraint left at `ABORT`, such as
-/// `NOT NULL`) makes SQLite copy every page it touches into a statement journal first, to
-/// undo just that statement. With every constraint at `IGNORE` nothing can stop it half-way.
-/// That copy was 8% of an ingest's writer instructions (`benches/store_cycle`). The callers
-/// check that what was skipped is what they meant to skip.
 const NOTIFICATION_BATCH: usize = 64;
 
 /// New token-only devices written by one statement during an ingest.
@@ -1951,10 +1965,12 @@ fn batch_insert_notifications_sql() -> String {
         })
         .collect();
     format!(
-        "INSERT OR IGNORE INTO notifications (app, ext_id, target_kind, target, payload, push_type,
-            priority, topic, collapse_id, expiration, send_at, created_at, source_file,
-            fanned_out)
-         VALUES {}",
+        insert_many!(
+            "notifications (app, ext_id, target_kind, target, payload, push_type,
+                priority, topic, collapse_id, expiration, send_at, created_at, source_file,
+                fanned_out)
+             VALUES {}"
+        ),
         rows.join(", ")
     )
 }
@@ -1970,7 +1986,7 @@ fn batch_insert_token_devices_sql() -> String {
         })
         .collect();
     format!(
-        "INSERT OR IGNORE INTO devices (app, token, environment, created_at, updated_at) VALUES {}",
+        insert_many!("devices (app, token, environment, created_at, updated_at) VALUES {}"),
         rows.join(", ")
     )
 }
@@ -2012,7 +2028,9 @@ fn batch_insert_deliveries_sql() -> String {
         })
         .collect();
     format!(
-        "INSERT OR IGNORE INTO deliveries (notification_id, device_id, due_at, apns_id, updated_at) VALUES {}",
+        insert_many!(
+            "deliveries (notification_id, device_id, due_at, apns_id, updated_at) VALUES {}"
+        ),
         rows.join(", ")
     )
 }
