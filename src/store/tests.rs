@@ -68,6 +68,17 @@ fn sent(delivery_id: i64) -> DeliveryResult {
     }
 }
 
+/// One result per claimed delivery, chosen by its device's token.
+fn answers(claimed: &[ClaimedDelivery], kind: impl Fn(&str) -> ResultKind) -> Vec<DeliveryResult> {
+    claimed
+        .iter()
+        .map(|c| DeliveryResult {
+            delivery_id: c.delivery_id,
+            kind: kind(&c.device.token),
+        })
+        .collect()
+}
+
 /// Records results; the ids of the notifications they finished, sorted.
 async fn record_finished(store: &Store, results: Vec<DeliveryResult>) -> Vec<String> {
     let mut ids: Vec<String> = store
@@ -415,19 +426,13 @@ fn invalidation_respects_later_registration() {
         let now = crate::model::now_ms() + 1;
         store.fan_out_due(now, 100).await.unwrap();
         let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
-        let results = claimed
-            .iter()
-            .map(|c| DeliveryResult {
-                delivery_id: c.delivery_id,
-                kind: ResultKind::InvalidToken {
-                    status: 410,
-                    reason: "Unregistered".into(),
-                    // device 1: Apple says dead since before its registration (500 ms) → stays;
-                    // device 2: dead since 2 s, after the registration → invalidated.
-                    invalidated_at_ms: if c.device.token == tok(1) { 500 } else { 2000 },
-                },
-            })
-            .collect();
+        let results = answers(&claimed, |token| ResultKind::InvalidToken {
+            status: 410,
+            reason: "Unregistered".into(),
+            // device 1: Apple says dead since before its registration (500 ms) → stays;
+            // device 2: dead since 2 s, after the registration → invalidated.
+            invalidated_at_ms: if token == tok(1) { 500 } else { 2000 },
+        });
         store.record_results(results).await.unwrap();
     });
     let r = query::Reader::open(store.path()).unwrap();
@@ -651,29 +656,25 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
         let now = crate::model::now_ms() + 1;
         let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
         assert_eq!(claimed.len(), 7);
-        let results = claimed
-            .iter()
-            .map(|c| DeliveryResult {
-                delivery_id: c.delivery_id,
-                // `half` and `later` keep one delivery queued: they are not finished.
-                kind: if c.device.token == tok(3) || c.device.token == tok(7) {
-                    ResultKind::Retry {
-                        due_at_ms: now + 60_000,
-                        status: Some(503),
-                        reason: "ServiceUnavailable".into(),
-                        count_attempt: true,
-                    }
-                } else if c.device.token == tok(4) {
-                    ResultKind::InvalidToken {
-                        status: 410,
-                        reason: "Unregistered".into(),
-                        invalidated_at_ms: now,
-                    }
-                } else {
-                    ResultKind::Sent { apns_id: None }
-                },
-            })
-            .collect();
+        let results = answers(&claimed, |token| {
+            // `half` and `later` keep one delivery queued: they are not finished.
+            if token == tok(3) || token == tok(7) {
+                ResultKind::Retry {
+                    due_at_ms: now + 60_000,
+                    status: Some(503),
+                    reason: "ServiceUnavailable".into(),
+                    count_attempt: true,
+                }
+            } else if token == tok(4) {
+                ResultKind::InvalidToken {
+                    status: 410,
+                    reason: "Unregistered".into(),
+                    invalidated_at_ms: now,
+                }
+            } else {
+                ResultKind::Sent { apns_id: None }
+            }
+        });
         let fin = record_finished(&store, results).await;
         assert_eq!(fin, vec!["dead", "done", "pair"]);
     });
@@ -755,20 +756,16 @@ fn a_single_delivery_is_its_notifications_progress() {
         let now = crate::model::now_ms() + 1;
         let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
         assert_eq!(claimed.len(), 4);
-        let results = claimed
-            .iter()
-            .map(|c| DeliveryResult {
-                delivery_id: c.delivery_id,
-                kind: if c.device.token == tok(1) {
-                    ResultKind::Failed {
-                        status: Some(400),
-                        reason: "BadTopic".into(),
-                    }
-                } else {
-                    ResultKind::Sent { apns_id: None }
-                },
-            })
-            .collect();
+        let results = answers(&claimed, |token| {
+            if token == tok(1) {
+                ResultKind::Failed {
+                    status: Some(400),
+                    reason: "BadTopic".into(),
+                }
+            } else {
+                ResultKind::Sent { apns_id: None }
+            }
+        });
         let fin = record_finished(&store, results).await;
         assert_eq!(fin, vec!["pair", "single", "twice"]);
     });
