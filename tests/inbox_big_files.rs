@@ -1,5 +1,6 @@
-//! Big `.jsonl` files, which are committed while they are parsed: still accepted whole or
-//! rejected whole, and never taken while their writer is still at work.
+//! Big files, which are committed while they are parsed: still accepted whole or rejected
+//! whole, and never taken while their writer is still at work. `.jsonl` files and `.json`
+//! arrays alike.
 
 mod common;
 
@@ -8,24 +9,34 @@ use std::time::Duration;
 
 use common::inbox::{Env, Options, device, notification, token, wait_for};
 
-/// `n` notifications without ids (so a second ingest would show), one per line, plus a few
-/// device registrations at the start: well over the 1 MiB from which files are streamed.
-fn big_file(n: u64) -> String {
-    let mut s: String = (0..10).map(|i| device(i, "big") + "\n").collect();
-    for i in 0..n {
-        s.push_str(&notification("", &token(1_000 + i)));
-        s.push('\n');
-    }
+/// `n` notifications without ids (so a second ingest would show) after a few device
+/// registrations, one record per element: well over the 1 MiB from which files are streamed.
+fn big_records(n: u64) -> Vec<String> {
+    let mut records: Vec<String> = (0..10).map(|i| device(i, "big")).collect();
+    records.extend((0..n).map(|i| notification("", &token(1_000 + i))));
+    records
+}
+
+/// The records one per line (`.jsonl`).
+fn jsonl(records: &[String]) -> String {
+    let s = records.join("\n") + "\n";
     assert!(s.len() > 2 << 20, "big enough to be streamed: {}", s.len());
     s
 }
 
-#[test]
-fn a_big_file_is_accepted_whole_and_gets_every_delivery() {
-    let env = Env::new();
-    let daemon = env.start();
-    env.drop_file("big.jsonl", big_file(12_000));
-    wait_for("the big file", || env.processed_names() == ["big.jsonl"]);
+/// The records as one JSON array (`.json`), an element per line.
+fn json_array(records: &[String]) -> String {
+    let s = format!("[\n{}\n]\n", records.join(",\n"));
+    assert!(s.len() > 2 << 20, "big enough to be streamed: {}", s.len());
+    s
+}
+
+fn big_file(n: u64) -> String {
+    jsonl(&big_records(n))
+}
+
+/// What a big file of [`big_records`]`(12_000)` leaves once accepted.
+fn assert_all_of_it_committed(env: &Env) {
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 12_000);
     assert_eq!(
         env.count("SELECT count(*) FROM devices WHERE user = 'big'"),
@@ -38,6 +49,32 @@ fn a_big_file_is_accepted_whole_and_gets_every_delivery() {
         12_000
     );
     assert_eq!(env.count("SELECT count(*) FROM devices"), 12_010);
+}
+
+/// What a rejected big file leaves: nothing.
+fn assert_none_of_it_stayed(env: &Env) {
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM devices"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 0);
+}
+
+#[test]
+fn a_big_file_is_accepted_whole_and_gets_every_delivery() {
+    let env = Env::new();
+    let daemon = env.start();
+    env.drop_file("big.jsonl", big_file(12_000));
+    wait_for("the big file", || env.processed_names() == ["big.jsonl"]);
+    assert_all_of_it_committed(&env);
+    daemon.shutdown();
+}
+
+#[test]
+fn a_big_json_array_is_accepted_whole_and_gets_every_delivery() {
+    let env = Env::new();
+    let daemon = env.start();
+    env.drop_file("big.json", json_array(&big_records(12_000)));
+    wait_for("the big file", || env.processed_names() == ["big.json"]);
+    assert_all_of_it_committed(&env);
     daemon.shutdown();
 }
 
@@ -57,14 +94,31 @@ fn a_big_file_with_a_bad_record_near_its_end_is_rejected_whole() {
     assert_eq!(problems.len(), 1, "{report}");
     assert_eq!(problems[0]["line"], bad as u64 + 1, "{report}");
     // Everything the writer had taken before the bad line was found is gone again.
-    assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
-    assert_eq!(env.count("SELECT count(*) FROM devices"), 0);
-    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 0);
+    assert_none_of_it_stayed(&env);
     // The daemon goes on.
     env.drop_file("after.json", notification("after", &token(1)));
     wait_for("the next file", || {
         env.processed_names().contains(&"after.json".to_string())
     });
+    daemon.shutdown();
+}
+
+#[test]
+fn a_big_json_array_with_a_bad_record_near_its_end_is_rejected_whole() {
+    let env = Env::new();
+    let daemon = env.start();
+    let mut records = big_records(12_000);
+    let bad = records.len() - 5;
+    records[bad] = records[bad].replace("\"notification\"", "\"notificaton\"");
+    env.drop_file("bad.json", json_array(&records));
+    wait_for("the rejection", || {
+        env.rejected_names().contains(&"bad.json".to_string())
+    });
+    let report = env.report("bad.json");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert_eq!(problems[0]["record"], bad as u64, "{report}");
+    assert_none_of_it_stayed(&env);
     daemon.shutdown();
 }
 
@@ -95,6 +149,36 @@ fn a_big_file_written_in_place_is_taken_once_complete() {
     wait_for("the slow file", || env.processed_names() == ["slow.jsonl"]);
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 12_000);
     assert_eq!(env.count("SELECT count(*) FROM committed_files"), 1);
+    daemon.shutdown();
+}
+
+/// A `.json` array written in place: until its closing bracket it ends early, and it is
+/// neither rejected nor partly taken meanwhile; once complete it goes in once.
+#[test]
+fn a_big_json_array_written_in_place_is_taken_once_complete() {
+    let env = Env::with(Options {
+        settle_ms: 1500,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    let content = json_array(&big_records(12_000));
+    let bytes = content.as_bytes();
+    let mut f = std::fs::File::create(env.inbox.join("slow.json")).unwrap();
+    for part in bytes.chunks(bytes.len().div_ceil(3) + 17) {
+        f.write_all(part).unwrap();
+        f.flush().unwrap();
+        f.sync_data().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            env.rejected_names().is_empty(),
+            "{:?}",
+            env.rejected_names()
+        );
+        assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
+    }
+    drop(f);
+    wait_for("the slow file", || env.processed_names() == ["slow.json"]);
+    assert_all_of_it_committed(&env);
     daemon.shutdown();
 }
 

@@ -139,8 +139,8 @@ pub fn examine(path: &Path, cfg: &Config, settled: bool) -> Examined {
     }
 }
 
-/// A `.jsonl` file at least this big is committed while it is parsed (see
-/// [`Store::begin_ingest`]) instead of after.
+/// A file at least this big is committed while it is parsed (see [`Store::begin_ingest`])
+/// instead of after: its parsed records never all wait in memory at once.
 const STREAM_MIN_BYTES: usize = 1 << 20;
 
 /// A drop file read whole, with what identifies this copy of it.
@@ -158,7 +158,7 @@ struct ReadDrop {
 impl ReadDrop {
     /// Big enough to be committed while it is parsed.
     fn is_streamed(&self) -> bool {
-        self.kind == FileKind::Jsonl && self.bytes.len() >= STREAM_MIN_BYTES
+        self.bytes.len() >= STREAM_MIN_BYTES
     }
 
     /// A `.jsonl` file's last line without its newline yet is still being written.
@@ -456,10 +456,13 @@ impl Ingestor {
         }
     }
 
-    /// A big `.jsonl` file, committed while it is parsed (see [`Store::begin_ingest`]): the
-    /// writer inserts each chunk of records while the next is parsed, in one transaction that
-    /// commits only once the whole file parsed without a problem. A file that did not parse
-    /// (or could not start) comes back as what [`examine`] would have said.
+    /// A big file, committed while it is parsed (see [`Store::begin_ingest`]): the writer
+    /// inserts each chunk of records while the next is parsed, in one transaction that
+    /// commits only once the whole file parsed without a problem. The writer is engaged by
+    /// the first clean chunk, not before: a file that fails early never holds it (a `.json`
+    /// that ends early, still being written, fails its syntax pass before any record is
+    /// looked at, at every look until it is complete). A file that did not parse (or could
+    /// not start) comes back as what [`examine`] would have said.
     fn stream(
         &self,
         read: ReadDrop,
@@ -473,23 +476,32 @@ impl Ingestor {
         // Hashed before the writer is engaged: while the file's transaction is open, every
         // claim and result waits for it.
         let sha256 = hex::encode(Sha256::digest(&read.bytes));
-        let stream = match self
-            .store
-            .begin_ingest(read.ingest_file(String::new(), Vec::new()))
-        {
-            Ok(s) => s,
-            Err(e) => return Err(Examined::Failed(format!("cannot commit: {e}"))),
+        let begin = || {
+            self.store
+                .begin_ingest(read.ingest_file(String::new(), Vec::new()))
         };
+        let mut stream = None;
         let mut writer_gone = false;
         let parsed = parse::parse_file_streaming(&read.bytes, read.kind, &self.cfg, &mut |chunk| {
-            writer_gone = writer_gone || !stream.send(chunk);
+            // A writer that could not start or went away: said below, once the parse is done.
+            writer_gone = writer_gone
+                || match stream.get_or_insert_with(begin) {
+                    Ok(s) => !s.send(chunk),
+                    Err(_) => true,
+                };
         });
         let parsed = match parsed {
             Ok(p) => p,
             Err(r) => {
-                stream.abandon();
+                if let Some(Ok(s)) = stream {
+                    s.abandon();
+                }
                 return Err(parse_failed(r, read.settled));
             }
+        };
+        let stream = match stream.unwrap_or_else(begin) {
+            Ok(s) => s,
+            Err(e) => return Err(Examined::Failed(format!("cannot commit: {e}"))),
         };
         if !writer_gone {
             stream.send(parsed.records);
