@@ -51,119 +51,75 @@ fn assert_all_of_it_committed(env: &Env) {
     assert_eq!(env.count("SELECT count(*) FROM devices"), 12_010);
 }
 
-/// What a rejected big file leaves: nothing.
-fn assert_none_of_it_stayed(env: &Env) {
-    assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
-    assert_eq!(env.count("SELECT count(*) FROM devices"), 0);
-    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 0);
+/// Drops `content` as `name` into a running daemon: it is accepted with every delivery.
+fn accepted_whole(name: &str, content: String) {
+    let env = Env::new();
+    let daemon = env.start();
+    env.drop_file(name, content);
+    wait_for("the big file", || env.processed_names() == [name]);
+    assert_all_of_it_committed(&env);
+    daemon.shutdown();
 }
 
 #[test]
 fn a_big_file_is_accepted_whole_and_gets_every_delivery() {
-    let env = Env::new();
-    let daemon = env.start();
-    env.drop_file("big.jsonl", big_file(12_000));
-    wait_for("the big file", || env.processed_names() == ["big.jsonl"]);
-    assert_all_of_it_committed(&env);
-    daemon.shutdown();
+    accepted_whole("big.jsonl", big_file(12_000));
 }
 
 #[test]
 fn a_big_json_array_is_accepted_whole_and_gets_every_delivery() {
-    let env = Env::new();
-    let daemon = env.start();
-    env.drop_file("big.json", json_array(&big_records(12_000)));
-    wait_for("the big file", || env.processed_names() == ["big.json"]);
-    assert_all_of_it_committed(&env);
-    daemon.shutdown();
+    accepted_whole("big.json", json_array(&big_records(12_000)));
 }
 
-#[test]
-fn a_big_file_with_a_bad_record_near_its_end_is_rejected_whole() {
-    let env = Env::new();
-    let daemon = env.start();
-    let mut lines: Vec<String> = big_file(12_000).lines().map(str::to_string).collect();
-    let bad = lines.len() - 5;
-    lines[bad] = lines[bad].replace("\"notification\"", "\"notificaton\"");
-    env.drop_file("bad.jsonl", lines.join("\n") + "\n");
-    wait_for("the rejection", || {
-        env.rejected_names().contains(&"bad.jsonl".to_string())
-    });
-    let report = env.report("bad.jsonl");
-    let problems = report["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 1, "{report}");
-    assert_eq!(problems[0]["line"], bad as u64 + 1, "{report}");
-    // Everything the writer had taken before the bad line was found is gone again.
-    assert_none_of_it_stayed(&env);
-    // The daemon goes on.
-    env.drop_file("after.json", notification("after", &token(1)));
-    wait_for("the next file", || {
-        env.processed_names().contains(&"after.json".to_string())
-    });
-    daemon.shutdown();
-}
-
-#[test]
-fn a_big_json_array_with_a_bad_record_near_its_end_is_rejected_whole() {
+/// Drops [`big_records`] with record `bad` (near the end) broken, as `name` made by `format`:
+/// the file is rejected with that one problem, nothing of it stays (the writer had taken the
+/// records before it), and the daemon goes on. Returns the problem.
+fn rejected_whole(name: &str, format: fn(&[String]) -> String) -> (usize, serde_json::Value) {
     let env = Env::new();
     let daemon = env.start();
     let mut records = big_records(12_000);
     let bad = records.len() - 5;
     records[bad] = records[bad].replace("\"notification\"", "\"notificaton\"");
-    env.drop_file("bad.json", json_array(&records));
+    env.drop_file(name, format(&records));
     wait_for("the rejection", || {
-        env.rejected_names().contains(&"bad.json".to_string())
+        env.rejected_names().contains(&name.to_string())
     });
-    let report = env.report("bad.json");
+    let report = env.report(name);
     let problems = report["problems"].as_array().unwrap();
     assert_eq!(problems.len(), 1, "{report}");
-    assert_eq!(problems[0]["record"], bad as u64, "{report}");
-    assert_none_of_it_stayed(&env);
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM devices"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 0);
+    env.drop_file("after.json", notification("after", &token(1)));
+    wait_for("the next file", || {
+        env.processed_names().contains(&"after.json".to_string())
+    });
     daemon.shutdown();
+    (bad, problems[0].clone())
 }
 
-/// Written in place in three parts, a pause after each (mid-line): never taken early, taken
-/// once when done.
 #[test]
-fn a_big_file_written_in_place_is_taken_once_complete() {
+fn a_big_file_with_a_bad_record_near_its_end_is_rejected_whole() {
+    let (bad, problem) = rejected_whole("bad.jsonl", jsonl);
+    assert_eq!(problem["line"], bad as u64 + 1, "{problem}");
+}
+
+#[test]
+fn a_big_json_array_with_a_bad_record_near_its_end_is_rejected_whole() {
+    let (bad, problem) = rejected_whole("bad.json", json_array);
+    assert_eq!(problem["record"], bad as u64, "{problem}");
+}
+
+/// Writes `content` in place as `name`, in three parts with a pause after each (mid-record):
+/// meanwhile it is neither rejected nor partly taken; once complete it goes in once.
+fn taken_once_complete(name: &str, content: String) {
     let env = Env::with(Options {
         settle_ms: 1500,
         ..Options::default()
     });
     let daemon = env.start();
-    let content = big_file(12_000);
     let bytes = content.as_bytes();
-    let mut f = std::fs::File::create(env.inbox.join("slow.jsonl")).unwrap();
-    for part in bytes.chunks(bytes.len().div_ceil(3) + 17) {
-        f.write_all(part).unwrap();
-        f.flush().unwrap();
-        f.sync_data().unwrap();
-        std::thread::sleep(Duration::from_millis(400));
-        assert!(
-            env.rejected_names().is_empty(),
-            "{:?}",
-            env.rejected_names()
-        );
-    }
-    drop(f);
-    wait_for("the slow file", || env.processed_names() == ["slow.jsonl"]);
-    assert_eq!(env.count("SELECT count(*) FROM notifications"), 12_000);
-    assert_eq!(env.count("SELECT count(*) FROM committed_files"), 1);
-    daemon.shutdown();
-}
-
-/// A `.json` array written in place: until its closing bracket it ends early, and it is
-/// neither rejected nor partly taken meanwhile; once complete it goes in once.
-#[test]
-fn a_big_json_array_written_in_place_is_taken_once_complete() {
-    let env = Env::with(Options {
-        settle_ms: 1500,
-        ..Options::default()
-    });
-    let daemon = env.start();
-    let content = json_array(&big_records(12_000));
-    let bytes = content.as_bytes();
-    let mut f = std::fs::File::create(env.inbox.join("slow.json")).unwrap();
+    let mut f = std::fs::File::create(env.inbox.join(name)).unwrap();
     for part in bytes.chunks(bytes.len().div_ceil(3) + 17) {
         f.write_all(part).unwrap();
         f.flush().unwrap();
@@ -177,9 +133,20 @@ fn a_big_json_array_written_in_place_is_taken_once_complete() {
         assert_eq!(env.count("SELECT count(*) FROM notifications"), 0);
     }
     drop(f);
-    wait_for("the slow file", || env.processed_names() == ["slow.json"]);
+    wait_for("the slow file", || env.processed_names() == [name]);
     assert_all_of_it_committed(&env);
     daemon.shutdown();
+}
+
+#[test]
+fn a_big_file_written_in_place_is_taken_once_complete() {
+    taken_once_complete("slow.jsonl", big_file(12_000));
+}
+
+/// Until its closing bracket a `.json` array ends early.
+#[test]
+fn a_big_json_array_written_in_place_is_taken_once_complete() {
+    taken_once_complete("slow.json", json_array(&big_records(12_000)));
 }
 
 /// Files are taken in name order, a streamed one too: a small file named before a big one is
