@@ -158,14 +158,16 @@ pub struct DeviceQuery {
     pub limit: usize,
 }
 
-/// RFC 3339 of a millisecond timestamp.
+/// RFC 3339 of a millisecond timestamp, in UTC with always three decimals
+/// (`2026-11-30T22:13:14.500Z`): the well-known format drops trailing zeros, which made
+/// columns of times in `status`, `show` and `devices` ragged.
 pub fn rfc3339_ms(ms: i64) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&format).ok())
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -468,5 +470,28 @@ impl Reader {
             problems,
             sent_tokens,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_ms;
+
+    /// Every time has its three decimals, so times line up in a column; each still parses
+    /// as RFC 3339.
+    #[test]
+    fn times_always_carry_milliseconds() {
+        for (ms, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (1_500, "1970-01-01T00:00:01.500Z"),
+            (1_796_073_194_424, "2026-11-30T21:13:14.424Z"),
+            (1_796_073_194_400, "2026-11-30T21:13:14.400Z"),
+        ] {
+            assert_eq!(rfc3339_ms(ms), text);
+            let parsed =
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .unwrap();
+            assert_eq!(parsed.unix_timestamp_nanos() / 1_000_000, ms as i128);
+        }
     }
 }
