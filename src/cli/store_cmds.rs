@@ -153,12 +153,12 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
         return Ok(0);
     }
     println!(
-        "{:<14} {:<16} {:<11} {:<14} {:<20} token",
+        "{:<14} {:<16} {:<11} {:<14} {:<24} token",
         "app", "user", "env", "state", "invalid since"
     );
     for d in &rows {
         println!(
-            "{:<14} {:<16} {:<11} {:<14} {:<20} {}{}",
+            "{:<14} {:<16} {:<11} {:<14} {:<24} {}{}",
             d.app,
             d.user.as_deref().unwrap_or("-"),
             d.environment,
