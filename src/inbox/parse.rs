@@ -1325,7 +1325,7 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
         }
     };
     let before = problems.len();
-    tree.find_duplicates("payload", problems);
+    tree.find_duplicates(&mut String::from("payload"), problems);
     let Pv::Object(top) = &tree else {
         problems.push(fp(
             "payload",
@@ -1366,24 +1366,40 @@ enum Pv {
 }
 
 impl Pv {
-    fn find_duplicates(&self, path: &str, problems: &mut Vec<FieldProblem>) {
+    /// Reports every key found twice in one object, at any depth, by its path. `path` is the
+    /// value's own; it is extended for each key and element and restored after, so a path is
+    /// only spelled out for a problem, not formatted for every key of every payload.
+    fn find_duplicates(&self, path: &mut String, problems: &mut Vec<FieldProblem>) {
         match self {
             Pv::Object(fields) => {
-                let mut seen = HashSet::with_capacity(fields.len());
-                for (k, v) in fields {
-                    let p = format!("{path}.{k}");
-                    if !seen.insert(k.as_str()) {
+                // Payload objects have a handful of keys: comparing each with those before it
+                // beats building a set, up to a size.
+                let mut seen = (fields.len() > 16).then(|| HashSet::with_capacity(fields.len()));
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    let dup = match &mut seen {
+                        Some(seen) => !seen.insert(k.as_str()),
+                        None => fields[..i].iter().any(|(before, _)| before == k),
+                    };
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(k);
+                    if dup {
                         problems.push(fp(
-                            excerpt(&p).into_owned(),
+                            excerpt(path).into_owned(),
                             format!("duplicate key \"{}\"", excerpt(k)),
                         ));
                     }
-                    v.find_duplicates(&p, problems);
+                    v.find_duplicates(path, problems);
+                    path.truncate(len);
                 }
             }
             Pv::Array(items) => {
                 for (i, v) in items.iter().enumerate() {
-                    v.find_duplicates(&format!("{path}[{i}]"), problems);
+                    let len = path.len();
+                    // Writing to a String cannot fail.
+                    let _ = fmt::Write::write_fmt(path, format_args!("[{i}]"));
+                    v.find_duplicates(path, problems);
+                    path.truncate(len);
                 }
             }
             Pv::Scalar => {}
@@ -1725,6 +1741,23 @@ mod tests {
             FileKind::Json,
         );
         assert_eq!(r.problems[0].field.as_deref(), Some("to.users"), "{r:?}");
+        // In an array's element, and in an object too big for the pairwise comparison: each
+        // named by its whole path, and a clean sibling before it not at all.
+        let keys: Vec<String> = (0..20).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let r = problems(
+            &format!(
+                r#"{{"type":"notification","to":{{"all":true}},"payload":{{"aps":{{}},
+                "list":[{{"x":1}},{{"x":1,"x":2}}],"big":{{{},"k3":0}}}}}}"#,
+                keys.join(",")
+            ),
+            FileKind::Json,
+        );
+        let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+        assert_eq!(
+            fields,
+            [Some("payload.list[1].x"), Some("payload.big.k3")],
+            "{r:?}"
+        );
     }
 
     #[test]
