@@ -488,14 +488,13 @@ impl Writer {
                 // A device that already has this notification's delivery keeps it.
                 let (inserted, next_cursor) = match kind.as_str() {
                     "users" => {
-                        let n = tx
-                            .prepare_cached(insert_many!(
+                        let mut st = tx.prepare_cached(insert_many!(
                             "deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                              SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
                              WHERE app = ?4 AND active = 1
                                AND user IN (SELECT value FROM json_each(?5))"
-                        ))?
-                            .execute(params![id, due_at, ts, app, target])?;
+                        ))?;
+                        let n = st.execute(params![id, due_at, ts, app, target])?;
                         (n, None)
                     }
                     _ => {
@@ -508,12 +507,12 @@ impl Writer {
                         match last {
                             None => (0, None),
                             Some(last) => {
-                                let n = tx.prepare_cached(insert_many!(
+                                let mut st = tx.prepare_cached(insert_many!(
                                     "deliveries (notification_id, device_id, due_at, apns_id, updated_at)
                                      SELECT ?1, id, ?2, pd_uuid(), ?3 FROM devices
                                      WHERE app = ?4 AND active = 1 AND id > ?5 AND id <= ?6"
-                                ))?
-                                .execute(params![id, due_at, ts, app, cursor, last])?;
+                                ))?;
+                                let n = st.execute(params![id, due_at, ts, app, cursor, last])?;
                                 (n, Some(last))
                             }
                         }
