@@ -79,6 +79,17 @@ fn answers(claimed: &[ClaimedDelivery], kind: impl Fn(&str) -> ResultKind) -> Ve
         .collect()
 }
 
+/// Ingests `devices` (one file), then a broadcast `b` to app `a` (another), not fanned out yet.
+fn registered_then_broadcast(store: &Store, devices: Vec<Record>) {
+    store.ingest(vec![file("d.jsonl", devices)]).unwrap();
+    store
+        .ingest(vec![file(
+            "b.json",
+            vec![notification(Some("b"), Target::All)],
+        )])
+        .unwrap();
+}
+
 /// Records results; the ids of the notifications they finished, sorted.
 async fn record_finished(store: &Store, results: Vec<DeliveryResult>) -> Vec<String> {
     let mut ids: Vec<String> = store
@@ -301,13 +312,7 @@ fn broadcast_fans_out_to_active_devices_and_claims_once() {
         action: DeviceAction::Unregister,
     }));
     recs.push(device("other", 99, None));
-    store.ingest(vec![file("d.jsonl", recs)]).unwrap();
-    store
-        .ingest(vec![file(
-            "b.json",
-            vec![notification(Some("b"), Target::All)],
-        )])
-        .unwrap();
+    registered_then_broadcast(&store, recs);
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -340,14 +345,7 @@ fn broadcast_fans_out_to_active_devices_and_claims_once() {
 #[test]
 fn fan_out_keeps_a_delivery_that_is_already_there() {
     let (_dir, store) = open();
-    let recs: Vec<Record> = (0..10).map(|i| device("a", i, None)).collect();
-    store.ingest(vec![file("d.jsonl", recs)]).unwrap();
-    store
-        .ingest(vec![file(
-            "b.json",
-            vec![notification(Some("b"), Target::All)],
-        )])
-        .unwrap();
+    registered_then_broadcast(&store, (0..10).map(|i| device("a", i, None)).collect());
     let other = rusqlite::Connection::open(store.path()).unwrap();
     other
         .execute_batch(&format!(
