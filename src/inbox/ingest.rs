@@ -344,11 +344,11 @@ impl Ingestor {
     }
 
     /// Takes a batch of files in name order: the ready ones are committed together in ONE
-    /// `Store::ingest` call (one fsync), then moved, except that a big `.jsonl` is committed
-    /// on its own while it is parsed (the ready files named before it are committed first,
-    /// so files still go in in name order); rejected ones are moved with their report;
-    /// directories are synced once at the end. Logs one line per finished file and updates
-    /// the metrics.
+    /// `Store::ingest` call (one fsync), then moved, except that a big file (of either kind)
+    /// is committed on its own while it is parsed (the ready files named before it are
+    /// committed first, so files still go in in name order); rejected ones are moved with
+    /// their report; directories are synced once at the end. Logs one line per finished file
+    /// and updates the metrics.
     pub fn process(&self, candidates: Vec<Candidate>) -> Vec<FileResult> {
         let mut results = Vec::with_capacity(candidates.len());
         let mut ready = Vec::new();

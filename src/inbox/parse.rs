@@ -1370,6 +1370,7 @@ impl Pv {
     /// value's own; it is extended for each key and element and restored after, so a path is
     /// only spelled out for a problem, not formatted for every key of every payload.
     fn find_duplicates(&self, path: &mut String, problems: &mut Vec<FieldProblem>) {
+        use std::fmt::Write as _;
         match self {
             Pv::Object(fields) => {
                 // Payload objects have a handful of keys: comparing each with those before it
@@ -1397,7 +1398,7 @@ impl Pv {
                 for (i, v) in items.iter().enumerate() {
                     let len = path.len();
                     // Writing to a String cannot fail.
-                    let _ = fmt::Write::write_fmt(path, format_args!("[{i}]"));
+                    let _ = write!(path, "[{i}]");
                     v.find_duplicates(path, problems);
                     path.truncate(len);
                 }
