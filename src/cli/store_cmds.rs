@@ -16,12 +16,20 @@ pub struct DeviceFilter {
     pub limit: usize,
 }
 
-/// Opens the database read-only, creating and migrating it first if it does not exist yet.
+/// Opens the database read-only, creating and migrating it first if it does not exist yet or
+/// is not migrated yet (a daemon starting for the first time may have just created the file:
+/// the migration then waits for the daemon's, and finds it done).
 fn reader(cfg: &Config) -> anyhow::Result<Reader> {
-    if !cfg.store.path.exists() {
-        Store::open(&cfg.store.path, false)?;
+    let path = &cfg.store.path;
+    let migrated = path.exists()
+        && Reader::open(path)?
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
+            >= crate::store::SCHEMA_VERSION;
+    if !migrated {
+        Store::open(path, false)?;
     }
-    Ok(Reader::open(&cfg.store.path)?)
+    Ok(Reader::open(path)?)
 }
 
 /// `pushdrop status [--json]`.

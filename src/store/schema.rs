@@ -173,21 +173,38 @@ const MIGRATIONS: &[&str] = &[
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the database up to [`SCHEMA_VERSION`]; refuses a database from a newer build.
+///
+/// Two processes may open a new database at the same moment (the daemon's first start and an
+/// operator's `pushdrop status`). Each migration therefore reads the version *inside* an
+/// `IMMEDIATE` transaction, which holds the write lock from its start: the second process
+/// waits for the first, then finds the migration done, instead of running it again and
+/// failing on tables that already exist.
 pub fn migrate(conn: &mut Connection) -> Result<(), super::StoreError> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if current > SCHEMA_VERSION {
-        return Err(super::StoreError::TooNew {
-            found: current,
-            supported: SCHEMA_VERSION,
-        });
+    let version = |c: &Connection| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0));
+    let too_new = |found| super::StoreError::TooNew {
+        found,
+        supported: SCHEMA_VERSION,
+    };
+    // Up to date, the usual case: no write lock taken.
+    match version(conn)? {
+        v if v > SCHEMA_VERSION => return Err(too_new(v)),
+        SCHEMA_VERSION => return Ok(()),
+        _ => {}
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        let tx = conn.transaction()?;
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current = version(&tx)?;
+        if current > SCHEMA_VERSION {
+            return Err(too_new(current));
+        }
+        let Some(sql) = MIGRATIONS.get(current as usize) else {
+            // Done (by this process or another): nothing was written, the rollback is free.
+            return Ok(());
+        };
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.pragma_update(None, "user_version", current + 1)?;
         tx.commit()?;
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1040,3 +1040,32 @@ fn runs_of_sent_results_count_like_single_ones() {
         "n8's not overwritten"
     );
 }
+
+#[test]
+fn processes_opening_a_new_database_at_once_migrate_it_once() {
+    // The daemon's first start and an operator's `pushdrop status` may create the database
+    // together; before migrations took the write lock first, one of them failed with "table
+    // devices already exists" about every other time.
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..20 {
+        let path = dir.path().join(format!("race-{round}.db"));
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    writer::open_write_connection(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for o in openers {
+            o.join().unwrap().unwrap();
+        }
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema::SCHEMA_VERSION);
+    }
+}

@@ -190,6 +190,28 @@ pub struct Claim {
     pub idle_until: Option<Option<i64>>,
 }
 
+/// How long the write connection waits for another process's lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Switches the database to WAL. On a new file that takes an exclusive lock SQLite does not
+/// wait for (the busy handler is not called), so when another process opens the same new
+/// database at that moment (the daemon's first start and a `pushdrop status`), this tries
+/// again for as long as any other lock would be waited for.
+fn set_wal(conn: &Connection) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// Opens the write connection: WAL, foreign keys off (we keep our own invariants and want
 /// bulk speed), a uuid function for set-based fan-out, then migrations.
 pub(super) fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -198,7 +220,7 @@ pub(super) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
         path: path.to_path_buf(),
         source,
     })?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // Every statement the writer runs stays prepared: rusqlite's default of 16 is fewer than
     // the ingest, claim, result and fan-out paths use together, and an evicted statement is
     // re-parsed on its next use.
@@ -207,7 +229,7 @@ pub(super) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
     // make a file's commit some 6% cheaper (`scripts/bench-ingest`, `benches/store_cycle`),
     // and single-file commits stay as fast. Only possible before the file's first write.
     conn.pragma_update(None, "page_size", PAGE_SIZE)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    set_wal(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", SMALL_CACHE_KIB)?;
@@ -318,7 +340,7 @@ pub(super) fn open_checkpoint_connection(path: &Path) -> Result<Connection, Stor
         path: path.to_path_buf(),
         source,
     })?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
 }
 
