@@ -98,6 +98,9 @@ enum Command {
         /// Simulated latency per answer, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// A TOML file of scripted answers (per token, per connection); re-read on SIGHUP.
+        #[arg(long)]
+        script: Option<PathBuf>,
     },
     /// Validates the configuration file.
     CheckConfig,
@@ -137,7 +140,8 @@ fn main() -> ExitCode {
             listen,
             dir,
             latency_ms,
-        } => cli::simulate::simulate(&listen, &dir, latency_ms),
+            script,
+        } => cli::simulate::simulate(&listen, &dir, latency_ms, script.as_deref()),
         Command::CheckConfig => cli::check_config(config),
         Command::Backup { dest } => cli::store_cmds::backup(config, &dest),
     };

@@ -163,3 +163,179 @@ fn container_healthcheck_follows_the_daemon() {
     daemon.shutdown();
     assert!(!healthcheck(port), "unhealthy once stopped");
 }
+
+/// Kills a spawned process when the test ends, passed or not.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    Child(cmd.stdout(out).stderr(err).spawn().unwrap())
+}
+
+/// `pushdrop show ID --json` once the notification is finished: token → (state, attempts,
+/// last reason).
+fn finished(
+    config: &Path,
+    logs: &Path,
+    id: &str,
+) -> std::collections::HashMap<String, (String, i64, String)> {
+    let mut shown = serde_json::Value::Null;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while shown["finished_at"].is_null() {
+        let out = common::ops::pushdrop_cmd(config)
+            .args(["show", id, "--json"])
+            .output()
+            .unwrap();
+        shown = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = ["simulate.log", "run.log"]
+                .iter()
+                .map(|f| std::fs::read_to_string(logs.join(f)).unwrap_or_default())
+                .collect();
+            panic!(
+                "{id} not finished: {}\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                logs[0],
+                logs[1]
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    shown["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["token"].as_str().unwrap().to_string(),
+                (
+                    d["state"].as_str().unwrap().to_string(),
+                    d["attempts"].as_i64().unwrap(),
+                    d["last_reason"].as_str().unwrap_or("").to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gone, flaky, wrong_topic, fine) = (
+        "a1".repeat(16),
+        "b2".repeat(16),
+        "c3".repeat(16),
+        "d4".repeat(16),
+    );
+    let script = dir.path().join("script.toml");
+    std::fs::write(
+        &script,
+        format!(
+            "[tokens]\n\
+             \"{gone}\" = {{ status = 410, timestamp_ms = 1796000000000 }}\n\
+             \"{flaky}\" = {{ status = 503, first = 2 }}\n\
+             \"{wrong_topic}\" = {{ status = 400, reason = \"DeviceTokenNotForTopic\" }}\n"
+        ),
+    )
+    .unwrap();
+    let sim_dir = dir.path().join("sim");
+    let sim_log = dir.path().join("simulate.log");
+    let sim = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+            .args(["simulate", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(&sim_dir)
+            .arg("--script")
+            .arg(&script),
+        &sim_log,
+    );
+    let config = sim_dir.join("pushdrop-simulator.toml");
+    wait_for("the simulator's config", || {
+        std::fs::read_to_string(&sim_log).is_ok_and(|l| l.contains("Ctrl-C stops"))
+    });
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[sender]\nretry_initial_ms = 20\n");
+    std::fs::write(&config, text).unwrap();
+    let inbox = sim_dir.join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let _daemon = spawn_logged(
+        common::ops::pushdrop_cmd(&config).arg("run"),
+        &dir.path().join("run.log"),
+    );
+    let drop = |name: &str, id: &str, tokens: &[&String]| {
+        let line = serde_json::json!({"type": "notification", "id": id,
+            "to": {"tokens": tokens}, "payload": {"aps": {"alert": "hi"}}});
+        let tmp = dir.path().join(name);
+        std::fs::write(&tmp, format!("{line}\n")).unwrap();
+        std::fs::rename(&tmp, inbox.join(name)).unwrap();
+    };
+
+    drop("1.jsonl", "n1", &[&gone, &flaky, &wrong_topic, &fine]);
+    let got = finished(&config, dir.path(), "n1");
+    let want = |s: &str, a: i64, r: &str| (s.to_string(), a, r.to_string());
+    assert_eq!(got[&gone], want("invalid_token", 1, "Unregistered"));
+    assert_eq!(got[&flaky], want("sent", 3, ""));
+    assert_eq!(
+        got[&wrong_topic],
+        want("failed", 1, "DeviceTokenNotForTopic")
+    );
+    assert_eq!(got[&fine], want("sent", 1, ""));
+
+    // A new script replaces the old one: `fine` is now gone, `flaky` is well again.
+    std::fs::write(
+        &script,
+        format!("[tokens]\n\"{fine}\" = {{ status = 410, reason = \"ExpiredToken\" }}\n"),
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &sim.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for("the script re-read", || {
+        std::fs::read_to_string(&sim_log).is_ok_and(|l| l.contains("simulator script re-read"))
+    });
+    drop("2.jsonl", "n2", &[&flaky, &fine]);
+    let got = finished(&config, dir.path(), "n2");
+    assert_eq!(got[&flaky], want("sent", 1, ""));
+    assert_eq!(got[&fine], want("invalid_token", 1, "ExpiredToken"));
+
+    // A bad script is refused at start with the bad-config exit code, naming file and line.
+    std::fs::write(
+        &script,
+        format!("[tokens]\n\"{fine}\" = {{ status = 200 }}\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .args(["simulate", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir.path().join("sim2"))
+        .arg("--script")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("script.toml") && err.contains("line 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn readme_simulator_script_is_a_valid_script() {
+    let readme = read("README.md");
+    let from = readme.find("`--script FILE` scripts").unwrap();
+    let block = &readme[from..];
+    let start = block.find("```toml\n").unwrap() + "```toml\n".len();
+    let end = start + block[start..].find("```").unwrap();
+    let script = pushdrop::simulator::SimScript::parse(&block[start..end], 0).unwrap();
+    assert_eq!(script.tokens.len(), 5);
+    assert_eq!(script.goaway_after, Some(100));
+}

@@ -1,5 +1,8 @@
 //! `pushdrop simulate`: the APNs simulator as a server, for users' own integration tests.
 //!
+//! `--script FILE` scripts its answers per token and per connection (see
+//! [`crate::simulator::SimScript`]); SIGHUP re-reads the file.
+//!
 //! For benchmarks (`scripts/bench-send`), `PUSHDROP_SIM_ARRIVALS=FILE` makes the simulator
 //! append `<UNIX ns> <token> <apns-id>` per accepted push to FILE; unset, nothing is written.
 
@@ -9,7 +12,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::simulator::{SimCredentials, SimOptions, Simulator, toml_string};
+use crate::simulator::{SimCredentials, SimOptions, SimScript, Simulator, toml_string};
 
 /// The file the config snippet is written to, inside `--dir`.
 pub const CONFIG_FILE: &str = "pushdrop-simulator.toml";
@@ -19,12 +22,26 @@ pub const APP_NAME: &str = "simulated";
 pub const BUNDLE_ID: &str = "com.example.simulated";
 
 /// Starts the simulator, writes credentials and a config into `dir`, serves until Ctrl-C or
-/// SIGTERM.
-pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32> {
+/// SIGTERM. A bad `script` stops it before it listens, with exit code 64 (a bad config).
+pub fn simulate(
+    listen: &str,
+    dir: &Path,
+    latency_ms: u64,
+    script: Option<&Path>,
+) -> anyhow::Result<i32> {
     crate::logging::init_stderr("info");
     let addr: SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen {listen:?} is not an address such as 127.0.0.1:2197"))?;
+    let latency = std::time::Duration::from_millis(latency_ms);
+    let first_script = match script.map(|p| SimScript::load(p, crate::model::now_ms())) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("pushdrop: {e}");
+            return Ok(super::EXIT_BAD_CONFIG);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -32,7 +49,7 @@ pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32
     runtime.block_on(async {
         let sim = Simulator::start(SimOptions {
             listen: addr,
-            latency: std::time::Duration::from_millis(latency_ms),
+            latency,
             // A long-running server must not grow: count accepted pushes, keep none.
             record_limit: 0,
             arrivals_file: std::env::var_os("PUSHDROP_SIM_ARRIVALS")
@@ -41,6 +58,9 @@ pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32
             ..SimOptions::default()
         })
         .await?;
+        if let Some(s) = &first_script {
+            s.apply(&sim, latency);
+        }
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let creds = sim
             .write_credentials(&dir)
@@ -66,8 +86,16 @@ pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32
             "Copy its [apns] and [[apps]] sections into your config, or run pushdrop with --config {}",
             config.display()
         );
+        if let Some(p) = script {
+            println!(
+                "  script:              {} ({} token{}; SIGHUP re-reads it)",
+                p.display(),
+                first_script.as_ref().map_or(0, |s| s.tokens.len()),
+                if first_script.as_ref().is_some_and(|s| s.tokens.len() == 1) { "" } else { "s" }
+            );
+        }
         println!("Ctrl-C stops.");
-        wait_for_stop().await;
+        serve_until_stop(&sim, script, latency).await;
         println!(
             "served {} requests on {} connections; {} accepted",
             sim.requests(),
@@ -79,25 +107,34 @@ pub fn simulate(listen: &str, dir: &Path, latency_ms: u64) -> anyhow::Result<i32
     })
 }
 
-async fn wait_for_stop() {
-    #[cfg(unix)]
-    {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-        match term {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+/// Waits for Ctrl-C or SIGTERM; meanwhile each SIGHUP re-reads the script (a bad one is
+/// logged and the running script kept, so a harness's typo does not stop the server).
+async fn serve_until_stop(sim: &Simulator, script: Option<&Path>, latency: std::time::Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            Some(()) = async { term.as_mut()?.recv().await } => return,
+            Some(()) = async { hup.as_mut()?.recv().await } => {
+                let Some(path) = script else {
+                    tracing::warn!("SIGHUP: no --script to re-read");
+                    continue;
+                };
+                match SimScript::load(path, crate::model::now_ms()) {
+                    Ok(s) => {
+                        s.apply(sim, latency);
+                        tracing::info!(
+                            script = %path.display(),
+                            tokens = s.tokens.len(),
+                            "simulator script re-read"
+                        );
+                    }
+                    Err(e) => tracing::error!("{e}; the previous script stays in force"),
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -26,6 +26,7 @@
 //! that connection has been authorised. A client that honours the rule never sees a refusal.
 
 pub(crate) mod certs;
+mod script;
 mod server;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use bytes::Bytes;
 
 /// A random 10-character id of the shape of Apple's key and team ids.
 pub use certs::apple_id;
+pub use script::{ScriptError, ScriptProblem, SimScript};
 
 /// How the simulator behaves. `Default` gives a well-behaved APNs on `127.0.0.1:0`.
 #[derive(Debug, Clone)]
@@ -92,6 +94,8 @@ impl Default for SimOptions {
 pub enum TokenScript {
     /// 410 `Unregistered` with this `timestamp` (ms since the epoch).
     Unregistered { timestamp_ms: i64 },
+    /// 410 `ExpiredToken` with this `timestamp` (ms since the epoch).
+    ExpiredToken { timestamp_ms: i64 },
     /// 400 `BadDeviceToken`.
     BadDeviceToken,
     /// The first `n` requests get `status`/`reason`, later ones are accepted.
@@ -261,6 +265,9 @@ impl Shared {
         match &s.script {
             TokenScript::Unregistered { timestamp_ms } => {
                 Err((410, "Unregistered".into(), Some(*timestamp_ms)))
+            }
+            TokenScript::ExpiredToken { timestamp_ms } => {
+                Err((410, "ExpiredToken".into(), Some(*timestamp_ms)))
             }
             TokenScript::BadDeviceToken => Err((400, "BadDeviceToken".into(), None)),
             TokenScript::FailFirst { n, status, reason } => {

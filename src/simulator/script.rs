@@ -1,0 +1,463 @@
+//! A script file for `pushdrop simulate`: how the simulator should misbehave, for users whose
+//! integration tests are not written in Rust and so cannot call [`Simulator::script`].
+//!
+//! The file is TOML, read at start (`--script FILE`) and again on SIGHUP, so a test harness
+//! can change the scenario without restarting the server (and without new credentials):
+//!
+//! ```toml
+//! latency_ms = 0                       # before every answer
+//! goaway_after = 0                     # connections opened from now on: GOAWAY after N streams
+//! drop_after = 0                       # ... or an abrupt close after N streams (0: never)
+//! streams_one_until_authorized = false # APNs' one stream until the first authorised request
+//!
+//! [tokens]
+//! "789224b6…" = { status = 410, timestamp_ms = 1796000000000 }  # Unregistered as of then
+//! "0a281d3d…" = { status = 400 }                                 # BadDeviceToken
+//! "8c68b5de…" = { status = 503, first = 2 }                      # twice 503, then 200
+//! "5f1ce9a0…" = { delay_ms = 2000 }                              # a slow answer
+//! "77aa01bc…" = { status = 400, reason = "DeviceTokenNotForTopic" }
+//! ```
+//!
+//! A reload replaces everything: token scripts not in the new file are dropped (and the
+//! "first N tries" counts start again), connection settings not in it go back to their
+//! defaults.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Simulator, TokenScript};
+
+/// A script that could not be used: the file, and every problem with its line.
+#[derive(Debug, thiserror::Error)]
+#[error("bad simulator script {}:{}", path.display(), render(.problems))]
+pub struct ScriptError {
+    pub path: PathBuf,
+    pub problems: Vec<ScriptProblem>,
+}
+
+/// One problem of a script file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptProblem {
+    /// 1-based; `None` when the problem is the whole file's (it cannot be read).
+    pub line: Option<usize>,
+    /// The dotted key, e.g. `tokens."8c68…".status`.
+    pub key: String,
+    pub message: String,
+}
+
+fn render(problems: &[ScriptProblem]) -> String {
+    let mut s = String::new();
+    for p in problems {
+        match p.line {
+            Some(l) => s.push_str(&format!("\n  line {l}: {}: {}", p.key, p.message)),
+            None => s.push_str(&format!("\n  {}: {}", p.key, p.message)),
+        }
+    }
+    s
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    latency_ms: Option<u64>,
+    goaway_after: Option<u32>,
+    drop_after: Option<u32>,
+    streams_one_until_authorized: Option<bool>,
+    #[serde(default)]
+    tokens: BTreeMap<String, toml::Spanned<Entry>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    status: Option<u16>,
+    reason: Option<String>,
+    timestamp_ms: Option<i64>,
+    first: Option<u32>,
+    delay_ms: Option<u64>,
+}
+
+/// What a script file asks for, checked and ready to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimScript {
+    /// `None`: keep what the command line said (`--latency-ms`).
+    pub latency: Option<Duration>,
+    pub goaway_after: Option<u32>,
+    pub drop_after: Option<u32>,
+    pub streams_one_until_authorized: bool,
+    /// Lower-case tokens and their behaviour.
+    pub tokens: Vec<(String, TokenScript)>,
+}
+
+impl SimScript {
+    /// Reads and checks a script file. `now_ms` is the default `timestamp` of a 410 that
+    /// names none (the time the script is read: "unregistered just now").
+    pub fn load(path: &Path, now_ms: i64) -> Result<SimScript, ScriptError> {
+        let fail = |problems| ScriptError {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(vec![ScriptProblem {
+                line: None,
+                key: "(file)".into(),
+                message: format!("cannot read it: {e}"),
+            }])
+        })?;
+        SimScript::parse(&text, now_ms).map_err(fail)
+    }
+
+    /// Checks a script's text; every problem found, each with its line.
+    pub fn parse(text: &str, now_ms: i64) -> Result<SimScript, Vec<ScriptProblem>> {
+        let file: File = toml::from_str(text).map_err(|e| {
+            vec![ScriptProblem {
+                line: e.span().map(|s| line_of_offset(text, s.start)),
+                key: key_at(text, e.span().map_or(0, |s| s.start)),
+                message: e.message().trim().to_string(),
+            }]
+        })?;
+        let mut problems = Vec::new();
+        let mut tokens = Vec::new();
+        for (token, entry) in &file.tokens {
+            let line = Some(line_of_offset(text, entry.span().start));
+            let mut bad = |field: &str, message: String| {
+                problems.push(ScriptProblem {
+                    line,
+                    key: if field.is_empty() {
+                        format!("tokens.\"{token}\"")
+                    } else {
+                        format!("tokens.\"{token}\".{field}")
+                    },
+                    message,
+                })
+            };
+            // The rule drop files follow, so a token pushdrop accepts can be scripted.
+            let token = match crate::inbox::parse::check_token(token) {
+                Ok(t) => t,
+                Err(why) => {
+                    bad("", why);
+                    continue;
+                }
+            };
+            match entry_script(entry.get_ref(), now_ms) {
+                Ok(s) => tokens.push((token, s)),
+                Err((field, why)) => bad(field, why),
+            }
+        }
+        if file.goaway_after == Some(0) {
+            problems.push(top_level(
+                text,
+                "goaway_after",
+                "must be at least 1 (leave it out for never)",
+            ));
+        }
+        if file.drop_after == Some(0) {
+            problems.push(top_level(
+                text,
+                "drop_after",
+                "must be at least 1 (leave it out for never)",
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(SimScript {
+            latency: file.latency_ms.map(Duration::from_millis),
+            goaway_after: file.goaway_after,
+            drop_after: file.drop_after,
+            streams_one_until_authorized: file.streams_one_until_authorized.unwrap_or(false),
+            tokens,
+        })
+    }
+
+    /// Makes the simulator behave as the script says, replacing any earlier script.
+    /// `default_latency` is what applies when the script names no `latency_ms`.
+    pub fn apply(&self, sim: &Simulator, default_latency: Duration) {
+        sim.clear_scripts();
+        for (token, s) in &self.tokens {
+            sim.script(token, s.clone());
+        }
+        sim.set_latency(self.latency.unwrap_or(default_latency));
+        sim.set_goaway_after(self.goaway_after);
+        sim.set_drop_after(self.drop_after);
+        sim.set_streams_one_until_authorized(self.streams_one_until_authorized);
+    }
+}
+
+/// The behaviour one `[tokens]` entry asks for, or the field at fault and why.
+fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, String)> {
+    if let Some(ms) = e.delay_ms {
+        if e.status.is_some() || e.reason.is_some() || e.first.is_some() || e.timestamp_ms.is_some()
+        {
+            return Err((
+                "delay_ms",
+                "goes alone: a slow answer is otherwise a normal one (no status, reason, first or timestamp_ms)"
+                    .into(),
+            ));
+        }
+        return Ok(TokenScript::Delay(Duration::from_millis(ms)));
+    }
+    let Some(status) = e.status else {
+        return Err((
+            "status",
+            "missing: give an error status (400, 410, 429, 500, 503, …) or delay_ms".into(),
+        ));
+    };
+    if !(400..=599).contains(&status) {
+        return Err((
+            "status",
+            format!("{status} is not an error answer (400 to 599)"),
+        ));
+    }
+    let reason = match (&e.reason, default_reason(status)) {
+        (Some(r), _) if r.is_empty() || !r.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            return Err((
+                "reason",
+                format!("{r:?} is not a reason such as \"BadDeviceToken\" (letters and digits)"),
+            ));
+        }
+        (Some(r), _) => r.clone(),
+        (None, Some(r)) => r.to_string(),
+        (None, None) => {
+            return Err((
+                "reason",
+                format!("missing: status {status} has no default reason; give Apple's"),
+            ));
+        }
+    };
+    if e.timestamp_ms.is_some() && status != 410 {
+        return Err(("timestamp_ms", "only a 410 carries a timestamp".into()));
+    }
+    if status == 410 {
+        if e.first.is_some() {
+            return Err(("first", "a 410 is for good: the device is gone".into()));
+        }
+        let timestamp_ms = e.timestamp_ms.unwrap_or(now_ms);
+        return Ok(match reason.as_str() {
+            "Unregistered" => TokenScript::Unregistered { timestamp_ms },
+            "ExpiredToken" => TokenScript::ExpiredToken { timestamp_ms },
+            other => {
+                return Err((
+                    "reason",
+                    format!("{other:?}: a 410 is \"Unregistered\" or \"ExpiredToken\""),
+                ));
+            }
+        });
+    }
+    Ok(match e.first {
+        Some(0) => {
+            return Err((
+                "first",
+                "must be at least 1 (leave it out for always)".into(),
+            ));
+        }
+        Some(n) => TokenScript::FailFirst { n, status, reason },
+        None if status == 400 && reason == "BadDeviceToken" => TokenScript::BadDeviceToken,
+        None => TokenScript::Reason { status, reason },
+    })
+}
+
+/// Apple's reason for the statuses that have an obvious one.
+fn default_reason(status: u16) -> Option<&'static str> {
+    Some(match status {
+        400 => "BadDeviceToken",
+        410 => "Unregistered",
+        429 => "TooManyRequests",
+        500 => "InternalServerError",
+        503 => "ServiceUnavailable",
+        _ => return None,
+    })
+}
+
+fn top_level(text: &str, key: &str, message: &str) -> ScriptProblem {
+    let line = text.lines().position(|l| {
+        l.trim_start()
+            .strip_prefix(key)
+            .is_some_and(|r| r.trim_start().starts_with('='))
+    });
+    ScriptProblem {
+        line: line.map(|l| l + 1),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key on the line a TOML error points at, under its table (`tokens."ab…".status`).
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix('[').and_then(|r| r.split(']').next()))
+        .map(str::trim);
+    let key = line.split('=').next().unwrap_or("").trim();
+    match (table, key.is_empty() || line.starts_with('[')) {
+        (_, true) if line.starts_with('[') => line.trim_matches(['[', ']']).trim().to_string(),
+        (Some(t), true) => t.to_string(),
+        (None, true) => "(file)".into(),
+        (Some(t), false) => format!("{t}.{key}"),
+        (None, false) => key.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: &str = "789224b6789224b6789224b6789224b6789224b6789224b6789224b6789224b6";
+    const T2: &str = "0a281d3d0a281d3d0a281d3d0a281d3d";
+
+    fn parse(text: &str) -> Result<SimScript, Vec<ScriptProblem>> {
+        SimScript::parse(text, 1_000)
+    }
+
+    #[test]
+    fn every_kind_of_entry_becomes_its_script() {
+        let s = parse(&format!(
+            "latency_ms = 5\ngoaway_after = 10\nstreams_one_until_authorized = true\n\
+             [tokens]\n\
+             \"{T1}\" = {{ status = 410, timestamp_ms = 77 }}\n\
+             \"{}\" = {{ status = 410 }}\n\
+             \"{T2}\" = {{ status = 400 }}\n\
+             \"{}\" = {{ status = 503, first = 2 }}\n\
+             \"{}\" = {{ delay_ms = 250 }}\n\
+             \"{}\" = {{ status = 400, reason = \"DeviceTokenNotForTopic\" }}\n\
+             \"{}\" = {{ status = 410, reason = \"ExpiredToken\" }}\n",
+            "11".repeat(16),
+            "22".repeat(16),
+            "33".repeat(16),
+            "44".repeat(16),
+            "AB".repeat(16),
+        ))
+        .unwrap();
+        assert_eq!(s.latency, Some(Duration::from_millis(5)));
+        assert_eq!(s.goaway_after, Some(10));
+        assert_eq!(s.drop_after, None);
+        assert!(s.streams_one_until_authorized);
+        let by: std::collections::HashMap<_, _> = s.tokens.into_iter().collect();
+        assert_eq!(by[T1], TokenScript::Unregistered { timestamp_ms: 77 });
+        assert_eq!(
+            by[&"11".repeat(16)],
+            TokenScript::Unregistered {
+                timestamp_ms: 1_000
+            }
+        );
+        assert_eq!(by[T2], TokenScript::BadDeviceToken);
+        assert_eq!(
+            by[&"22".repeat(16)],
+            TokenScript::FailFirst {
+                n: 2,
+                status: 503,
+                reason: "ServiceUnavailable".into()
+            }
+        );
+        assert_eq!(
+            by[&"33".repeat(16)],
+            TokenScript::Delay(Duration::from_millis(250))
+        );
+        assert_eq!(
+            by[&"44".repeat(16)],
+            TokenScript::Reason {
+                status: 400,
+                reason: "DeviceTokenNotForTopic".into()
+            }
+        );
+        // Tokens are matched in lower case, as pushdrop sends them.
+        assert_eq!(
+            by[&"ab".repeat(16)],
+            TokenScript::ExpiredToken {
+                timestamp_ms: 1_000
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_a_well_behaved_apns() {
+        let s = parse("").unwrap();
+        assert!(s.tokens.is_empty());
+        assert_eq!(
+            (s.latency, s.goaway_after, s.drop_after),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn every_bad_entry_is_named_with_its_line_and_field() {
+        let text = format!(
+            "drop_after = 0\n[tokens]\n\
+             \"{T1}\" = {{ status = 200 }}\n\
+             \"xyz\" = {{ status = 400 }}\n\
+             \"{T2}\" = {{ status = 403 }}\n\
+             \"{}\" = {{ delay_ms = 5, status = 503 }}\n\
+             \"{}\" = {{ status = 410, first = 1 }}\n\
+             \"{}\" = {{ reason = \"BadTopic\" }}\n",
+            "11".repeat(16),
+            "22".repeat(16),
+            "33".repeat(16),
+        );
+        let problems = parse(&text).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> =
+            problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+        let k = |t: &str, f: &str| format!("tokens.\"{t}\".{f}");
+        assert!(
+            got.contains(&(Some(3), k(T1, "status").as_str())),
+            "{problems:?}"
+        );
+        assert!(got.contains(&(Some(4), "tokens.\"xyz\"")), "{problems:?}");
+        assert!(
+            got.contains(&(Some(5), k(T2, "reason").as_str())),
+            "{problems:?}"
+        );
+        assert!(
+            got.contains(&(Some(6), k(&"11".repeat(16), "delay_ms").as_str())),
+            "{problems:?}"
+        );
+        assert!(
+            got.contains(&(Some(7), k(&"22".repeat(16), "first").as_str())),
+            "{problems:?}"
+        );
+        assert!(
+            got.contains(&(Some(8), k(&"33".repeat(16), "status").as_str())),
+            "{problems:?}"
+        );
+        assert!(got.contains(&(Some(1), "drop_after")), "{problems:?}");
+        assert_eq!(problems.len(), 7, "{problems:?}");
+    }
+
+    #[test]
+    fn a_typo_is_named_with_its_line() {
+        let problems = parse(&format!("[tokens]\n\"{T1}\" = {{ stauts = 410 }}\n")).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, Some(2));
+        assert!(problems[0].message.contains("stauts"), "{problems:?}");
+        let problems = parse("latency = 5\n").unwrap_err();
+        assert_eq!(
+            (problems[0].line, problems[0].key.as_str()),
+            (Some(1), "latency")
+        );
+    }
+
+    #[test]
+    fn a_missing_file_names_the_file() {
+        let err = SimScript::load(Path::new("/nonexistent/script.toml"), 0).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("/nonexistent/script.toml") && text.contains("cannot read"),
+            "{text}"
+        );
+    }
+}
