@@ -348,3 +348,58 @@ fn a_dropped_file_reaches_an_idle_daemon_quickly() {
     // interval or settle delay stands between a renamed file and APNs.
     assert!(took < Duration::from_secs(2), "took {took:?}");
 }
+
+#[test]
+fn work_queued_beside_a_running_daemon_goes_out_without_waiting_for_the_idle_recheck() {
+    // `pushdrop ingest` and `pushdrop retry` commit from another process: the idle daemon
+    // notices their commits (SQLite's data_version) instead of finding them at its 5 s
+    // backstop. The bound below is a fifth of that backstop, twelve times the probe's period.
+    let quick = Duration::from_secs(3);
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let (t1, t2) = (token(31), token(32));
+    w.script(
+        &t2,
+        TokenScript::Reason {
+            status: 400,
+            reason: "DeviceTokenNotForTopic".into(),
+        },
+    );
+    let daemon = w.env.start();
+    // Idle for a moment, so the sender sleeps.
+    std::thread::sleep(Duration::from_millis(600));
+    let staged = w.env.dir.path().join("beside.jsonl");
+    std::fs::write(
+        &staged,
+        [
+            notification_to("beside-1", &format!(r#"{{"tokens":["{t1}"]}}"#), ""),
+            notification_to("beside-2", &format!(r#"{{"tokens":["{t2}"]}}"#), ""),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = w.env.pushdrop(&["ingest", staged.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let ingested = Instant::now();
+    wait_for("ingested beside the daemon: sent", || {
+        w.sim.accepted_count() == 1
+    });
+    assert!(ingested.elapsed() < quick, "took {:?}", ingested.elapsed());
+    w.wait_idle("both final");
+    assert_eq!(w.state_of("beside-2", &t2).0, 2, "failed");
+
+    std::thread::sleep(Duration::from_millis(600));
+    w.sim.clear_scripts();
+    let out = w.env.pushdrop(&["retry", "beside-2"]);
+    assert!(out.status.success(), "{out:?}");
+    let retried = Instant::now();
+    wait_for("retried beside the daemon: sent", || {
+        w.sim.accepted_count() == 2
+    });
+    assert!(retried.elapsed() < quick, "took {:?}", retried.elapsed());
+    daemon.shutdown();
+    assert_eq!(
+        w.state_of("beside-2", &t2).0,
+        1,
+        "sent after pushdrop retry"
+    );
+}

@@ -44,10 +44,14 @@ pub const DELIVERY_TARGET: &str = "pushdrop::delivery";
 const CLAIM_BATCH: usize = 1000;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
 const FANOUT_ROWS_PER_ROUND: usize = 50_000;
-/// The longest idle sleep. The inbox wakes the sender at once; this only bounds how late work
-/// queued by another process (`pushdrop ingest`, `pushdrop retry` beside a running daemon) is
-/// noticed. One indexed query per interval costs nothing measurable.
+/// The longest idle sleep. The inbox wakes the sender at once, and [`EXTERNAL_PROBE`] notices
+/// another process's commits; this recheck is the backstop behind both. One indexed query per
+/// interval costs nothing measurable.
 const IDLE_RECHECK_MS: i64 = 5_000;
+/// While idle, how often the sender asks whether another process committed to the database
+/// (`pushdrop ingest`, `pushdrop retry` beside the running daemon): work queued that way
+/// goes out within this, not after the idle recheck. A read of SQLite's WAL index.
+const EXTERNAL_PROBE: Duration = Duration::from_millis(250);
 /// While busy sending, due fan-outs are looked for this often.
 const FANOUT_EVERY: Duration = Duration::from_millis(100);
 /// Results written per transaction at most.
@@ -200,6 +204,12 @@ async fn main_loop(
             _ = new_work.notified(), if idle_until.is_some() => {
                 idle_until = None;
                 fanout_pending = true;
+            }
+            _ = tokio::time::sleep(EXTERNAL_PROBE), if idle_until.is_some() => {
+                if store.changed_elsewhere().await {
+                    idle_until = None;
+                    fanout_pending = true;
+                }
             }
         }
     }

@@ -176,6 +176,8 @@ pub struct Writer {
     /// Where the next claim continues in `(due_at, id)` order, so that a busy queue is not
     /// re-read past the deliveries already in flight on every claim. `None`: from the start.
     cursor: Option<(i64, i64)>,
+    /// SQLite's `data_version` at the last [`Writer::changed_elsewhere`], once asked.
+    data_version: Option<i64>,
 }
 
 /// What one claim hands the sender.
@@ -288,6 +290,7 @@ pub(super) fn run(
         notifications: HashMap::new(),
         in_flight: HashMap::new(),
         cursor: None,
+        data_version: None,
     };
     let mut pending: Option<Command> = None;
     loop {
@@ -1000,6 +1003,15 @@ impl Writer {
             params![now_ms(), kind, app, message],
         )?;
         Ok(())
+    }
+
+    /// See [`super::Store::changed_elsewhere`]. A connection's `data_version` moves only
+    /// with commits of *other* connections, so the daemon's own writes do not count.
+    pub fn changed_elsewhere(&mut self) -> Result<bool, StoreError> {
+        let v: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        Ok(self.data_version.replace(v).is_some_and(|old| old != v))
     }
 
     /// See [`super::Store::check_writable`].
