@@ -353,7 +353,7 @@ fn a_dropped_file_reaches_an_idle_daemon_quickly() {
 fn work_queued_beside_a_running_daemon_goes_out_without_waiting_for_the_idle_recheck() {
     // `pushdrop ingest` and `pushdrop retry` commit from another process: the idle daemon
     // notices their commits (SQLite's data_version) instead of finding them at its 5 s
-    // backstop. The bound below is a fifth of that backstop, twelve times the probe's period.
+    // backstop. The bound below is three times the probe's period, most of the backstop.
     let quick = Duration::from_secs(3);
     let w = World::new(SimOptions::default(), FAST_SENDER);
     let (t1, t2) = (token(31), token(32));

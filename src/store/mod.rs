@@ -263,8 +263,8 @@ impl Store {
 
     /// Whether another process committed to the database since the last call (`pushdrop
     /// ingest`, `retry` or `purge` beside the running daemon), so the idle sender can look for
-    /// their work without polling the queue. The first call only takes the baseline. Costs
-    /// a read of the WAL index, no query of any table.
+    /// their work without polling the queue. Counts from the store's opening. Costs a read
+    /// of the WAL index, no query of any table.
     pub async fn changed_elsewhere(&self) -> bool {
         self.call(|w| w.changed_elsewhere()).await.unwrap_or(false)
     }

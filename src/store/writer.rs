@@ -292,7 +292,10 @@ pub(super) fn run(
         cursor: None,
         data_version: None,
     };
+    // The baseline of `changed_elsewhere`: from here on, other processes' commits count.
+    let _ = w.changed_elsewhere();
     let mut pending: Option<Command> = None;
+    let mut changes = w.conn.total_changes();
     loop {
         let cmd = match pending.take() {
             Some(c) => c,
@@ -329,11 +332,16 @@ pub(super) fn run(
                 w.ingest_group(batch, &new_work);
             }
         }
-        // Something may have been committed: the checkpointer copies it back in its own time
-        // (a full channel means it already has a request waiting).
-        if let Some(c) = &checkpoints {
+        // Rows were written: the checkpointer copies them back in its own time (a full channel
+        // means it already has a request waiting). Commands that only read (an idle sender's
+        // claims and probes) leave it asleep.
+        let now_changes = w.conn.total_changes();
+        if now_changes != changes
+            && let Some(c) = &checkpoints
+        {
             let _ = c.try_send(());
         }
+        changes = now_changes;
     }
 }
 
