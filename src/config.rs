@@ -854,7 +854,8 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-fn line_of_offset(text: &str, offset: usize) -> usize {
+/// The 1-based line of a byte offset into `text` (TOML errors give offsets).
+pub(crate) fn line_of_offset(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())]
         .bytes()
         .filter(|&b| b == b'\n')

@@ -29,6 +29,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{Simulator, TokenScript};
+use crate::config::line_of_offset;
 
 /// A script that could not be used: the file, and every problem with its line.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +273,7 @@ fn default_reason(status: u16) -> Option<&'static str> {
     })
 }
 
+/// A problem of a top-level key, on the line that sets it.
 fn top_level(text: &str, key: &str, message: &str) -> ScriptProblem {
     let line = text.lines().position(|l| {
         l.trim_start()
@@ -283,14 +285,6 @@ fn top_level(text: &str, key: &str, message: &str) -> ScriptProblem {
         key: key.into(),
         message: message.into(),
     }
-}
-
-fn line_of_offset(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
 }
 
 /// The key on the line a TOML error points at, under its table (`tokens."ab…".status`).
