@@ -1069,3 +1069,73 @@ fn processes_opening_a_new_database_at_once_migrate_it_once() {
         assert_eq!(v, schema::SCHEMA_VERSION);
     }
 }
+
+#[test]
+fn a_purge_by_another_process_does_not_leave_the_daemon_a_stale_notification() {
+    // `pushdrop purge` beside the daemon deletes every finished notification; SQLite then
+    // hands the next notification the id of the last one purged. The daemon's writer keeps
+    // the shared data of notifications it claimed, and must not send the old payload: it
+    // drops a notification's entry when the notification finishes, and only finished ones
+    // are purged.
+    let (dir, store) = open();
+    let with_payload = |id: &str, alert: &str| {
+        let mut n = notification(Some(id), Target::Tokens(vec![tok(1)]));
+        if let Record::Notification(r) = &mut n {
+            r.payload = format!(r#"{{"aps":{{"alert":"{alert}"}}}}"#);
+        }
+        n
+    };
+    store
+        .ingest(vec![file(
+            "old.json",
+            vec![with_payload("old", "old news")],
+        )])
+        .unwrap();
+    let rt = rt();
+    let now = crate::model::now_ms() + 1;
+    let old = rt.block_on(store.claim_due(now, 10)).unwrap().deliveries;
+    assert_eq!(
+        &old[0].notification.payload[..],
+        br#"{"aps":{"alert":"old news"}}"#
+    );
+    rt.block_on(store.record_results(vec![sent(old[0].delivery_id)]))
+        .unwrap();
+    let old_nid: i64 = rusqlite::Connection::open(dir.path().join("db/p.db"))
+        .unwrap()
+        .query_row(
+            "SELECT id FROM notifications WHERE ext_id = 'old'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+
+    // Another process (its own connection) purges everything finished.
+    let cli = Store::open(&dir.path().join("db/p.db"), false).unwrap();
+    let purged = cli.purge_blocking(crate::model::now_ms() + 60_000).unwrap();
+    assert_eq!(purged.notifications, 1);
+    drop(cli);
+
+    store
+        .ingest(vec![file("new.json", vec![with_payload("new", "fresh")])])
+        .unwrap();
+    // The id was indeed reused.
+    let ro = rusqlite::Connection::open(dir.path().join("db/p.db")).unwrap();
+    let nid: i64 = ro
+        .query_row(
+            "SELECT id FROM notifications WHERE ext_id = 'new'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(nid, old_nid);
+    let new = rt
+        .block_on(store.claim_due(crate::model::now_ms() + 1, 10))
+        .unwrap()
+        .deliveries;
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].notification.ext_id, "new");
+    assert_eq!(
+        &new[0].notification.payload[..],
+        br#"{"aps":{"alert":"fresh"}}"#
+    );
+}
