@@ -168,13 +168,14 @@ async fn status_json(state: &AdminState) -> Result<String, String> {
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
 }
 
-/// Ready = not shutting down, the inbox watcher runs, and the database takes writes.
+/// Ready = not shutting down, the inbox watcher runs on its folder, and the database takes
+/// writes.
 async fn readiness(state: &AdminState) -> Result<(), String> {
     if state.shutting_down.load(Ordering::SeqCst) {
         return Err("shutting down".into());
     }
     if !(state.inbox_alive)() {
-        return Err("inbox watcher is not running".into());
+        return Err("inbox watcher is not running, or the inbox folder is gone".into());
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
         Ok(Ok(())) => Ok(()),

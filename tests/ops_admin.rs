@@ -151,3 +151,65 @@ fn readyz_is_unready_while_shutdown_lets_in_flight_requests_finish() {
         "admin endpoint closed"
     );
 }
+
+#[test]
+fn an_inbox_folder_deleted_and_made_again_is_watched_again() {
+    let env = Ops::new(OpsOptions::default());
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+    assert_eq!(get(admin, "/readyz").status, 200);
+
+    std::fs::remove_dir_all(&env.inbox).unwrap();
+    wait_for("/readyz says the inbox is gone", || {
+        let r = get(admin, "/readyz");
+        r.status == 503 && r.body.contains("inbox")
+    });
+    std::fs::create_dir(&env.inbox).unwrap();
+    wait_for("/readyz ready again", || {
+        get(admin, "/readyz").status == 200
+    });
+
+    // Taken through the new folder's events, not at the next safety scan (30 s away): the
+    // old watch went with the old folder.
+    let dropped = std::time::Instant::now();
+    env.drop_file("after.json", notification("after", &token(7)));
+    let receipt = env.receipts.join("after.json");
+    wait_for("receipt", || receipt.exists());
+    assert!(
+        dropped.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        dropped.elapsed()
+    );
+    assert!(env.inbox.join("processed/after.json").exists());
+
+    // And the new watch does not feed on the loop's own reads of the folder (each scan is an
+    // event on it): the inbox threads sleep.
+    let before = inbox_threads_cpu();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let spent = inbox_threads_cpu() - before;
+    assert!(
+        spent < std::time::Duration::from_millis(500),
+        "{spent:?} in 2 s"
+    );
+    daemon.shutdown();
+}
+
+/// CPU time of this process's inbox threads (every in-process daemon's).
+fn inbox_threads_cpu() -> std::time::Duration {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut ticks = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "pushdrop-inbox" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    }
+    std::time::Duration::from_millis(ticks * 1000 / hz)
+}

@@ -31,6 +31,8 @@ const BATCH_FILES: usize = 1000;
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// Retention of processed files is checked this often.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// While the inbox folder is gone, how often pushdrop looks for it.
+const MISSING_RECHECK: Duration = Duration::from_secs(1);
 /// Longest wait before retrying a file that could not be read, committed or moved.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -55,7 +57,6 @@ pub struct InboxHandle {
     tx: mpsc::Sender<Msg>,
     alive: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    watcher: Option<RecommendedWatcher>,
 }
 
 impl InboxHandle {
@@ -63,14 +64,13 @@ impl InboxHandle {
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Msg::Stop);
-        // No more events: the notify thread ends with the watcher.
-        self.watcher.take();
+        // The loop owns the watcher: its notify thread ends with the loop.
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 
-    /// Whether the watcher thread is running (for `/readyz`).
+    /// Whether the watcher thread is running and its folder exists (for `/readyz`).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
@@ -113,17 +113,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
     let mut poll = cfg.inbox.watch == WatchMode::Poll;
     let mut watcher = None;
     if !poll {
-        let etx = tx.clone();
-        let made = RecommendedWatcher::new(
-            move |ev: notify::Result<notify::Event>| {
-                if wanted(&ev) {
-                    let _ = etx.send(Msg::Event(ev));
-                }
-            },
-            notify::Config::default(),
-        )
-        .and_then(|mut w| w.watch(&inbox, RecursiveMode::NonRecursive).map(|()| w));
-        match made {
+        match watch_inbox(&inbox, &tx) {
             Ok(w) => watcher = Some(w),
             Err(e) => {
                 tracing::warn!(event = "watch_unavailable", dir = %inbox.display(), error = %e, "cannot watch the inbox for events; polling it instead");
@@ -131,6 +121,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
             }
         }
     }
+    let watched = dir_ident(&inbox);
 
     let stop = Arc::new(AtomicBool::new(false));
     let alive = Arc::new(AtomicBool::new(true));
@@ -150,6 +141,10 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         next_scan: Instant::now(),
         next_sweep: Instant::now(),
         last_scan_error: None,
+        events: watcher.map(|w| (w, tx.clone())),
+        watched,
+        missing: false,
+        alive: alive.clone(),
     };
     let alive_flag = alive.clone();
     let cfg_dir = lp.inbox.clone();
@@ -166,8 +161,34 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         tx,
         alive,
         thread: Some(thread),
-        watcher,
     })
+}
+
+/// A kernel watch on the inbox folder, its events sent to the loop.
+fn watch_inbox(inbox: &Path, tx: &mpsc::Sender<Msg>) -> notify::Result<RecommendedWatcher> {
+    let etx = tx.clone();
+    let dir = inbox.to_path_buf();
+    let mut w = RecommendedWatcher::new(
+        move |ev: notify::Result<notify::Event>| {
+            // The folder's own removal or move too: the loop then waits for it to come back.
+            // (Not its other events: every scan's read of the folder is one.)
+            let own = matches!(&ev, Ok(e)
+                if matches!(e.kind, EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)))
+                    && e.paths.iter().any(|p| p == &dir));
+            if own || wanted(&ev) {
+                let _ = etx.send(Msg::Event(ev));
+            }
+        },
+        notify::Config::default(),
+    )?;
+    w.watch(inbox, RecursiveMode::NonRecursive)?;
+    Ok(w)
+}
+
+/// Device and inode of a folder: a folder deleted and made again is another one, whose
+/// events the old watch no longer reports.
+fn dir_ident(p: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -259,6 +280,14 @@ struct Loop {
     next_scan: Instant,
     next_sweep: Instant,
     last_scan_error: Option<String>,
+    /// The kernel watch and the sender its events go to; `None` when polling.
+    events: Option<(RecommendedWatcher, mpsc::Sender<Msg>)>,
+    /// The folder the watch is on.
+    watched: Option<(u64, u64)>,
+    /// The inbox folder is gone; looked for every [`MISSING_RECHECK`].
+    missing: bool,
+    /// Cleared while the folder is gone, so `/readyz` says so.
+    alive: Arc<AtomicBool>,
 }
 
 impl Loop {
@@ -375,6 +404,10 @@ impl Loop {
         let started = Instant::now();
         self.scan_requested = false;
         self.next_scan = started + self.poll_every.unwrap_or(self.scan_every);
+        if !self.inbox_in_place() {
+            self.next_scan = started + MISSING_RECHECK;
+            return;
+        }
         let entries = match std::fs::read_dir(&self.inbox) {
             Ok(e) => e,
             Err(e) => {
@@ -408,6 +441,42 @@ impl Loop {
         crate::metrics::get()
             .inbox_scan_duration_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Whether the inbox folder is there and watched. A folder deleted (and perhaps made
+    /// again) is noticed at the next scan, which the folder's own removal event asks for:
+    /// pushdrop says so, keeps looking every [`MISSING_RECHECK`], and once a folder is there
+    /// again, watches that one. It does not make the folder itself: a deploy script's
+    /// `mkdir` of its own would then fail.
+    fn inbox_in_place(&mut self) -> bool {
+        let now = dir_ident(&self.inbox);
+        let Some(ident) = now else {
+            if !self.missing {
+                tracing::error!(event = "inbox_missing", dir = %self.inbox.display(), "the inbox folder is gone; no files are taken until it is back");
+                self.missing = true;
+                self.alive.store(false, Ordering::SeqCst);
+            }
+            return false;
+        };
+        if !self.missing && now == self.watched {
+            return true;
+        }
+        if let Some((watcher, tx)) = self.events.take() {
+            // A new watch for the new folder (the old one went with its folder).
+            drop(watcher);
+            match watch_inbox(&self.inbox, &tx) {
+                Ok(w) => self.events = Some((w, tx)),
+                Err(e) => {
+                    tracing::warn!(event = "watch_unavailable", dir = %self.inbox.display(), error = %e, "cannot watch the inbox for events; polling it instead");
+                    self.poll_every = Some(Duration::from_millis(self.cfg.inbox.poll_interval_ms));
+                }
+            }
+        }
+        tracing::info!(event = "inbox_back", dir = %self.inbox.display(), "the inbox folder is there again; taking files");
+        self.watched = Some(ident);
+        self.missing = false;
+        self.alive.store(true, Ordering::SeqCst);
+        true
     }
 
     /// Looks at candidates that are due, processes the ready ones (in name order, in batches);
