@@ -389,6 +389,9 @@ fn work_queued_beside_a_running_daemon_goes_out_without_waiting_for_the_idle_rec
 
     std::thread::sleep(Duration::from_millis(600));
     w.sim.clear_scripts();
+    let out = w.env.pushdrop(&["retry", "beside-3"]);
+    assert_eq!(out.status.code(), Some(1), "an unknown id: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no notification with id \"beside-3\""));
     let out = w.env.pushdrop(&["retry", "beside-2"]);
     assert!(out.status.success(), "{out:?}");
     let retried = Instant::now();

@@ -187,6 +187,18 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
 pub fn retry(config: &Path, id: Option<&str>) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let store = Store::open(&cfg.store.path, false)?;
+    // A mistyped id is an error, as for `show`, not "0 requeued".
+    if let Some(id) = id {
+        let known: bool = reader(&cfg)?.conn().query_row(
+            "SELECT EXISTS (SELECT 1 FROM notifications WHERE ext_id = ?1)",
+            [id],
+            |r| r.get(0),
+        )?;
+        if !known {
+            eprintln!("pushdrop: no notification with id {id:?}");
+            return Ok(1);
+        }
+    }
     let n = store.retry_failed_blocking(id.map(str::to_string))?;
     match id {
         Some(id) => println!("requeued {n} failed deliveries of {id}"),
