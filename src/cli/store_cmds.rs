@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::store::Store;
 use crate::store::query::{DeviceQuery, Reader};
+use crate::store::{Store, StoreError};
 
 /// Filters of `pushdrop devices`.
 pub struct DeviceFilter {
@@ -21,14 +21,16 @@ pub struct DeviceFilter {
 /// the migration then waits for the daemon's, and finds it done).
 fn reader(cfg: &Config) -> anyhow::Result<Reader> {
     let path = &cfg.store.path;
-    let migrated = path.exists()
-        && Reader::open(path)?
+    if path.exists() {
+        let r = Reader::open(path)?;
+        let version: i64 = r
             .conn()
-            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
-            >= crate::store::SCHEMA_VERSION;
-    if !migrated {
-        Store::open(path, false)?;
+            .query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if version >= crate::store::SCHEMA_VERSION {
+            return Ok(r);
+        }
     }
+    Store::open(path, false)?;
     Ok(Reader::open(path)?)
 }
 
@@ -187,19 +189,14 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
 pub fn retry(config: &Path, id: Option<&str>) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let store = Store::open(&cfg.store.path, false)?;
-    // A mistyped id is an error, as for `show`, not "0 requeued".
-    if let Some(id) = id {
-        let known: bool = reader(&cfg)?.conn().query_row(
-            "SELECT EXISTS (SELECT 1 FROM notifications WHERE ext_id = ?1)",
-            [id],
-            |r| r.get(0),
-        )?;
-        if !known {
-            eprintln!("pushdrop: no notification with id {id:?}");
+    let n = match store.retry_failed_blocking(id.map(str::to_string)) {
+        // A mistyped id is an error, as for `show`.
+        Err(e @ StoreError::UnknownNotification(_)) => {
+            eprintln!("pushdrop: {e}");
             return Ok(1);
         }
-    }
-    let n = store.retry_failed_blocking(id.map(str::to_string))?;
+        r => r?,
+    };
     match id {
         Some(id) => println!("requeued {n} failed deliveries of {id}"),
         None => println!("requeued {n} failed deliveries"),

@@ -52,6 +52,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no notification with id {0:?}")]
+    UnknownNotification(String),
     #[error("the store's writer thread has stopped")]
     Closed,
     #[error("the file's ingest was abandoned before its commit; nothing of it was kept")]
@@ -280,6 +282,7 @@ impl Store {
     }
 
     /// Requeues failed deliveries: of notification `id` (any app) or, with `None`, all of them.
+    /// An `id` no notification has is [`StoreError::UnknownNotification`], not "0 requeued".
     pub fn retry_failed_blocking(&self, id: Option<String>) -> Result<usize, StoreError> {
         self.call_blocking(move |w| w.retry_failed(id.as_deref()))
     }

@@ -917,6 +917,16 @@ impl Writer {
     pub fn retry_failed(&mut self, id: Option<&str>) -> Result<usize, StoreError> {
         let now = now_ms();
         let tx = self.conn.transaction()?;
+        if let Some(id) = id {
+            let known: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM notifications WHERE ext_id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?;
+            if !known {
+                return Err(StoreError::UnknownNotification(id.to_string()));
+            }
+        }
         // The notifications first (their pending counts grow by their failed deliveries),
         // then the deliveries themselves.
         tx.execute(
