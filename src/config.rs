@@ -911,7 +911,7 @@ fn serde_problems(text: &str) -> Vec<ConfigProblem> {
 /// The dotted key a serde error is about: the key of the line its span starts on, under the
 /// table header above it (`[sender]` → `sender.max_attempts`, the second `[[apps]]` →
 /// `apps[1].bundle_id`).
-fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
+pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else {
         return "(file)".into();
     };

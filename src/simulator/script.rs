@@ -6,8 +6,8 @@
 //!
 //! ```toml
 //! latency_ms = 0                       # before every answer
-//! goaway_after = 0                     # connections opened from now on: GOAWAY after N streams
-//! drop_after = 0                       # ... or an abrupt close after N streams (0: never)
+//! goaway_after = 100                   # connections opened from now on: GOAWAY after N streams
+//! drop_after = 50                      # ... or an abrupt close after N streams (leave out: never)
 //! streams_one_until_authorized = false # APNs' one stream until the first authorised request
 //!
 //! [tokens]
@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{Simulator, TokenScript};
-use crate::config::line_of_offset;
+use crate::config::{key_of_toml_error, line_of_offset};
 
 /// A script that could not be used: the file, and every problem with its line.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ fn render(problems: &[ScriptProblem]) -> String {
     s
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     latency_ms: Option<u64>,
@@ -71,7 +71,7 @@ struct File {
     tokens: BTreeMap<String, toml::Spanned<Entry>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Entry {
     status: Option<u16>,
@@ -116,7 +116,7 @@ impl SimScript {
         let file: File = toml::from_str(text).map_err(|e| {
             vec![ScriptProblem {
                 line: e.span().map(|s| line_of_offset(text, s.start)),
-                key: key_at(text, e.span().map_or(0, |s| s.start)),
+                key: key_of_toml_error(text, &e),
                 message: e.message().trim().to_string(),
             }]
         })?;
@@ -284,27 +284,6 @@ fn top_level(text: &str, key: &str, message: &str) -> ScriptProblem {
         line: line.map(|l| l + 1),
         key: key.into(),
         message: message.into(),
-    }
-}
-
-/// The key on the line a TOML error points at, under its table (`tokens."ab…".status`).
-fn key_at(text: &str, offset: usize) -> String {
-    let offset = offset.min(text.len());
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
-    let table = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix('[').and_then(|r| r.split(']').next()))
-        .map(str::trim);
-    let key = line.split('=').next().unwrap_or("").trim();
-    match (table, key.is_empty() || line.starts_with('[')) {
-        (_, true) if line.starts_with('[') => line.trim_matches(['[', ']']).trim().to_string(),
-        (Some(t), true) => t.to_string(),
-        (None, true) => "(file)".into(),
-        (Some(t), false) => format!("{t}.{key}"),
-        (None, false) => key.to_string(),
     }
 }
 
