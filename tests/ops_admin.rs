@@ -184,32 +184,12 @@ fn an_inbox_folder_deleted_and_made_again_is_watched_again() {
 
     // And the new watch does not feed on the loop's own reads of the folder (each scan is an
     // event on it): the inbox threads sleep.
-    let before = inbox_threads_cpu();
+    let before = common::world::threads_cpu("pushdrop-inbox");
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let spent = inbox_threads_cpu() - before;
+    let spent = common::world::threads_cpu("pushdrop-inbox") - before;
     assert!(
         spent < std::time::Duration::from_millis(500),
         "{spent:?} in 2 s"
     );
     daemon.shutdown();
-}
-
-/// CPU time of this process's inbox threads (every in-process daemon's).
-fn inbox_threads_cpu() -> std::time::Duration {
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let mut ticks = 0;
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "pushdrop-inbox" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    }
-    std::time::Duration::from_millis(ticks * 1000 / hz)
 }

@@ -172,7 +172,22 @@ pub fn forward(rt: &tokio::runtime::Runtime, port: u16, to: SocketAddr) {
 
 /// CPU time (user + system) this process has used so far.
 pub fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap())
+}
+
+/// CPU time of this process's threads named `name` (every in-process daemon's).
+pub fn threads_cpu(name: &str) -> Duration {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| stat_cpu(&stat))
+        .sum()
+}
+
+/// User + system time of a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Duration {
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
