@@ -3,27 +3,14 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ops::{APP, Ops, OpsOptions, device, open_ro, pushdrop_cmd, wait_for};
+use common::ops::{APP, Ops, OpsOptions, device, open_ro, pushdrop_cmd, spawn_logged, wait_for};
 use pushdrop::simulator::SimOptions;
 
 const DEVICES: u64 = 2000;
 const BROADCASTS: u64 = 2;
 const TOTAL: i64 = (DEVICES * BROADCASTS) as i64;
-
-/// Kills the daemon if the test fails half-way.
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// What one copy holds.
 #[derive(Debug)]
@@ -80,15 +67,10 @@ fn backup_while_sending_gives_consistent_copies() {
         },
         ..OpsOptions::default()
     });
-    let out = std::fs::File::create(env.dir.path().join("daemon.out")).unwrap();
-    let child = pushdrop_cmd(&env.config_path)
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("pushdrop run starts");
-    let mut daemon = Running(Some(child));
+    let mut daemon = spawn_logged(
+        pushdrop_cmd(&env.config_path).arg("run"),
+        &env.dir.path().join("daemon.out"),
+    );
     let daemon_log = || std::fs::read_to_string(env.dir.path().join("daemon.out")).unwrap();
 
     let devices: String = (0..DEVICES).map(|n| device(n, "u") + "\n").collect();
@@ -139,7 +121,7 @@ fn backup_while_sending_gives_consistent_copies() {
 
     wait_for("everything sent", || sent_now() == TOTAL);
     assert_eq!(env.sim.accepted_count(), TOTAL as u64);
-    let mut child = daemon.0.take().unwrap();
+    let mut child = daemon.take();
     // SAFETY: sending a signal to our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::ops::{APP, Ops, OpsOptions, device, wait_for};
+use common::ops::{APP, Ops, OpsOptions, device, spawn_logged, wait_for};
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
@@ -164,22 +164,6 @@ fn container_healthcheck_follows_the_daemon() {
     assert!(!healthcheck(port), "unhealthy once stopped");
 }
 
-/// Kills a spawned process when the test ends, passed or not.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    let err = out.try_clone().unwrap();
-    Child(cmd.stdout(out).stderr(err).spawn().unwrap())
-}
-
 /// `pushdrop show ID --json` once the notification is finished: token → (state, attempts,
 /// last reason).
 fn finished(
@@ -295,7 +279,7 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
     )
     .unwrap();
     let hup = Command::new("kill")
-        .args(["-HUP", &sim.0.id().to_string()])
+        .args(["-HUP", &sim.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());

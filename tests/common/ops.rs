@@ -173,6 +173,43 @@ listen = "{admin}"
     }
 }
 
+/// A process a test spawned: killed when the test ends, passed or failed half-way, unless the
+/// test took it back to stop it its own way.
+pub struct Spawned(Option<std::process::Child>);
+
+impl Spawned {
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().expect("not taken").id()
+    }
+
+    /// The child, no longer killed on drop.
+    pub fn take(&mut self) -> std::process::Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns `cmd` with no stdin and its stdout and stderr into the file `log`.
+pub fn spawn_logged(cmd: &mut std::process::Command, log: &Path) -> Spawned {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    Spawned(Some(child))
+}
+
 /// The binary with `--config path`.
 pub fn pushdrop_cmd(config: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"));
