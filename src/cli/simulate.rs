@@ -86,12 +86,12 @@ pub fn simulate(
             "Copy its [apns] and [[apps]] sections into your config, or run pushdrop with --config {}",
             config.display()
         );
-        if let Some(p) = script {
+        if let (Some(p), Some(s)) = (script, &first_script) {
+            let n = s.tokens.len();
             println!(
-                "  script:              {} ({} token{}; SIGHUP re-reads it)",
+                "  script:              {} ({n} token{}; SIGHUP re-reads it)",
                 p.display(),
-                first_script.as_ref().map_or(0, |s| s.tokens.len()),
-                if first_script.as_ref().is_some_and(|s| s.tokens.len() == 1) { "" } else { "s" }
+                if n == 1 { "" } else { "s" }
             );
         }
         println!("Ctrl-C stops.");

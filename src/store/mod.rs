@@ -264,9 +264,9 @@ impl Store {
     }
 
     /// Whether another process committed to the database since the last call (`pushdrop
-    /// ingest`, `retry` or `purge` beside the running daemon), so the idle sender can look for
-    /// their work without polling the queue. Counts from the store's opening. Costs a read
-    /// of the WAL index, no query of any table.
+    /// ingest`, `retry` or `purge` beside the running daemon), so the idle sender looks for
+    /// their work only when there is some. Counts from the store's opening. Costs a read of
+    /// the WAL index, no query of any table.
     pub async fn changed_elsewhere(&self) -> bool {
         self.call(|w| w.changed_elsewhere()).await.unwrap_or(false)
     }
