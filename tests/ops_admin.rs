@@ -76,6 +76,68 @@ fn health_status_and_readiness_follow_the_store() {
     daemon.shutdown();
 }
 
+/// A readiness probe must not loosen the daemon's hold on its database. SQLite's locks are
+/// POSIX record locks, which a process loses on *any* close of the file: when `/readyz`
+/// opened and closed the database file to test it for writing, the next command run beside
+/// the daemon believed itself the database's last user, checkpointed it and deleted the WAL
+/// the daemon was still writing to; what the daemon committed afterwards was gone at its next
+/// start.
+#[test]
+fn readyz_probes_leave_commands_beside_the_daemon_harmless() {
+    let env = Ops::new(OpsOptions::default());
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+    env.drop_file("a.json", notification("before", &token(1)));
+    wait_for("the first push", || env.sim.accepted_count() == 1);
+    let wal = env.db.with_extension("db-wal");
+    assert!(wal.exists(), "the daemon's WAL");
+    // The daemon runs in this process: its SQLite connections' locks are this process's.
+    let held = posix_locks_held(&env.db);
+    assert!(held > 0, "the daemon holds SQLite's lock on its database");
+    for _ in 0..3 {
+        assert_eq!(get(admin, "/readyz").status, 200);
+    }
+    assert_eq!(
+        posix_locks_held(&env.db),
+        held,
+        "/readyz released SQLite's locks on the database"
+    );
+    for args in [&["purge"][..], &["status"], &["retry", "--failed"]] {
+        let out = env.pushdrop(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert!(wal.exists(), "`pushdrop {args:?}` deleted the daemon's WAL");
+    }
+    env.drop_file("b.json", notification("after", &token(2)));
+    wait_for("the second push", || env.sim.accepted_count() == 2);
+    wait_for("its receipt", || env.receipts.join("after.json").exists());
+    daemon.shutdown();
+    // What the daemon committed after the commands is in the database.
+    let out = env.pushdrop(&["show", "after"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sent"),
+        "{out:?}"
+    );
+}
+
+/// POSIX record locks this process holds on `path`'s file, from `/proc/locks`.
+fn posix_locks_held(path: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino().to_string();
+    let pid = std::process::id().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            // "1: POSIX  ADVISORY  READ 6561 fe:00:11116584 1073741826 1073742335"
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"POSIX")
+                && f.get(4) == Some(&pid.as_str())
+                && f.get(5).and_then(|d| d.rsplit(':').next()) == Some(ino.as_str())
+        })
+        .count()
+}
+
 #[test]
 fn readyz_is_unready_while_shutdown_lets_in_flight_requests_finish() {
     let env = Ops::new(OpsOptions {

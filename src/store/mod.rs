@@ -111,6 +111,23 @@ pub struct Store {
     _lock: Arc<Option<LockFile>>,
 }
 
+/// Whether this process may write `path`, asked with `access(2)`: the database file must
+/// never be opened and closed outside SQLite. SQLite's locks are POSIX record locks, and a
+/// process loses all of them on a file when it closes *any* descriptor of it; a command run
+/// beside the daemon would then take itself for the database's last user, checkpoint it and
+/// delete the WAL the daemon still writes to.
+fn writable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("the path holds a NUL byte"))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call; access() only reads it.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Device and inode of a file.
 fn file_ident(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -329,10 +346,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(unwritable)?;
+        writable(&path).map_err(unwritable)?;
         if let Some(ident) = self.ident
             && file_ident(&path).map_err(unwritable)? != ident
         {
