@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::config::Environment;
-use crate::model::{DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target};
+use crate::model::{
+    DeliveryState, DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target,
+};
 
 fn tok(i: u32) -> String {
     format!("{i:08x}{}", "ab".repeat(28))
@@ -1137,5 +1139,171 @@ fn a_purge_by_another_process_does_not_leave_the_daemon_a_stale_notification() {
     assert_eq!(
         &new[0].notification.payload[..],
         br#"{"aps":{"alert":"fresh"}}"#
+    );
+}
+
+/// The state of the delivery of notification `ext_id` (single-token notifications).
+fn delivery_state(store: &Store, ext_id: &str) -> i64 {
+    query::Reader::open(store.path())
+        .unwrap()
+        .conn()
+        .query_row(
+            "SELECT d.state FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE n.ext_id = ?1",
+            [ext_id],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// Deliveries a file commits are handed to the sender without a read back; one whose device
+/// Apple declares dead in the meantime must still end `invalid_token` unsent, as a claim from
+/// the queue would end it.
+#[test]
+fn a_handed_off_delivery_to_a_device_invalidated_meanwhile_is_not_sent() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("first"), Target::Tokens(vec![tok(1)])),
+                notification(Some("second"), Target::Tokens(vec![tok(1)])),
+                notification(Some("other"), Target::Tokens(vec![tok(2)])),
+            ],
+        )])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let first = store.claim_due(now, 1).await.unwrap().deliveries;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].device.token, tok(1));
+        store
+            .record_results(answers(&first, |_| ResultKind::InvalidToken {
+                status: 410,
+                reason: "Unregistered".into(),
+                invalidated_at_ms: now,
+            }))
+            .await
+            .unwrap();
+        let claim = store.claim_due(now, 10).await.unwrap();
+        let tokens: Vec<&str> = claim
+            .deliveries
+            .iter()
+            .map(|c| c.device.token.as_str())
+            .collect();
+        assert_eq!(tokens, vec![tok(2)], "nothing more for the dead token");
+        let finished: Vec<&str> = claim.finished.iter().map(|f| f.ext_id.as_str()).collect();
+        assert_eq!(finished, vec!["second"]);
+    });
+    assert_eq!(
+        delivery_state(&store, "second"),
+        DeliveryState::InvalidToken as i64
+    );
+}
+
+/// A device registered in the same commit as a notification naming it, after that
+/// notification: its delivery goes out to the environment the registration gave it.
+#[test]
+fn a_registration_after_a_notification_in_the_same_commit_decides_its_environment() {
+    let (_dir, store) = open();
+    let Record::Device(mut sandbox) = device("a", 5, None) else {
+        unreachable!()
+    };
+    sandbox.environment = Environment::Sandbox;
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("n"), Target::Tokens(vec![tok(5)])),
+                Record::Device(sandbox),
+            ],
+        )])
+        .unwrap();
+    let claimed = rt()
+        .block_on(store.claim_due(crate::model::now_ms() + 1, 10))
+        .unwrap()
+        .deliveries;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].device.environment, Environment::Sandbox);
+}
+
+/// A hand-off whose notification expires before the sender takes it ends `expired`, unsent.
+#[test]
+fn a_handed_off_delivery_that_expires_before_it_is_taken_ends_expired() {
+    let (_dir, store) = open();
+    let mut n = notification(Some("soon"), Target::Tokens(vec![tok(3)]));
+    if let Record::Notification(n) = &mut n {
+        n.expiration = Some(crate::model::now_ms() / 1000 + 2);
+    }
+    store.ingest(vec![file("e.json", vec![n])]).unwrap();
+    let claim = rt()
+        .block_on(store.claim_due(crate::model::now_ms() + 5_000, 10))
+        .unwrap();
+    assert!(claim.deliveries.is_empty());
+    assert_eq!(claim.finished.len(), 1);
+    assert_eq!(
+        delivery_state(&store, "soon"),
+        DeliveryState::Expired as i64
+    );
+}
+
+/// A file with more deliveries due than the writer hands over: the rest come from the queue,
+/// each delivery is claimed once, and a retry due now comes before the waiting hand-offs.
+#[test]
+fn a_file_beyond_the_hand_off_limit_is_claimed_once_each_and_retries_come_first() {
+    let (_dir, store) = open();
+    let n = writer::HANDOFF_MAX_IN_TESTS as u32 + 150;
+    let recs: Vec<Record> = (0..n)
+        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
+        .collect();
+    store.ingest(vec![file("big.jsonl", recs)]).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let mut seen = std::collections::HashSet::new();
+        let first = store.claim_due(now, 50).await.unwrap().deliveries;
+        assert_eq!(first.len(), 50);
+        seen.extend(first.iter().map(|c| c.delivery_id));
+        // One back to the queue, due before the file's deliveries; the rest sent.
+        let back = first[7].delivery_id;
+        let results = first
+            .iter()
+            .map(|c| match c.delivery_id {
+                id if id == back => DeliveryResult {
+                    delivery_id: id,
+                    kind: ResultKind::held_until(now - 60_000, Some(503), "test".into()),
+                },
+                id => sent(id),
+            })
+            .collect();
+        store.record_results(results).await.unwrap();
+        let next = store.claim_due(now, 50).await.unwrap().deliveries;
+        assert_eq!(next[0].delivery_id, back, "the retry before the hand-offs");
+        let mut all = next;
+        seen.remove(&back);
+        loop {
+            for c in &all {
+                assert!(
+                    seen.insert(c.delivery_id),
+                    "claimed twice: {}",
+                    c.delivery_id
+                );
+            }
+            store
+                .record_results(all.iter().map(|c| sent(c.delivery_id)).collect())
+                .await
+                .unwrap();
+            all = store.claim_due(now, 50).await.unwrap().deliveries;
+            if all.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), n as usize);
+    });
+    assert!(
+        progress(&store)
+            .iter()
+            .all(|(_, pending, done)| *pending == 0 && *done)
     );
 }

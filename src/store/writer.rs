@@ -68,6 +68,23 @@ const INGEST_CACHE_KIB: i64 = -65536;
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
 
+/// Deliveries the writer holds for the sender at most (see [`Writer::handoff`]), about 600
+/// bytes each with their notification's data. When a file commits deliveries that are due
+/// now, the writer has everything a send needs in hand: keeping it saves the claim that would
+/// read it back from SQLite (some 11,000 instructions per delivery, a tenth of the daemon's
+/// work end to end). Beyond this many, the rest of a big file waits in the queue as before.
+const HANDOFF_MAX: usize = if cfg!(test) {
+    HANDOFF_MAX_IN_TESTS
+} else {
+    65_536
+};
+
+/// [`HANDOFF_MAX`] in the store's unit tests, which cross it with a few hundred deliveries.
+#[cfg(test)]
+pub(super) const HANDOFF_MAX_IN_TESTS: usize = 200;
+#[cfg(not(test))]
+const HANDOFF_MAX_IN_TESTS: usize = 0;
+
 /// An `INSERT` of several rows: `INSERT OR IGNORE INTO $rest`. Every `INSERT` of the writer
 /// that may write more than one row goes through this, for one reason: a statement of several
 /// rows that may stop half-way (any constraint left at `ABORT`, `NOT NULL` included) makes
@@ -178,6 +195,88 @@ pub struct Writer {
     cursor: Option<(i64, i64)>,
     /// SQLite's `data_version` at the last [`Writer::changed_elsewhere`], once asked.
     data_version: Option<i64>,
+    /// Deliveries a file just committed, due now, for the next claims.
+    handoff: HandOffQueue,
+}
+
+/// Deliveries a file just committed, due now, handed to the sender by the next claims
+/// without reading them back (see [`HANDOFF_MAX`]). Each is in the writer's `in_flight`
+/// already, so claims that walk the queue skip it.
+#[derive(Default)]
+struct HandOffQueue {
+    deliveries: std::collections::VecDeque<HandedOff>,
+    /// Devices invalidated while deliveries wait here: a hand-off to one of them is given
+    /// back to the queue, where the claim ends it as `invalid_token` unsent.
+    invalidated: HashSet<i64>,
+    /// The earliest due time of a delivery that went back to the queue while deliveries
+    /// wait here: once it is due, claims walk the queue before taking hand-offs, so a retry
+    /// does not wait behind a big file.
+    queued_behind: Option<i64>,
+}
+
+impl HandOffQueue {
+    /// A delivery went (back) to the queue, due at `due_at`.
+    fn queued(&mut self, due_at: i64) {
+        if !self.deliveries.is_empty() {
+            self.queued_behind = Some(self.queued_behind.map_or(due_at, |d| d.min(due_at)));
+        }
+    }
+
+    /// A device was invalidated.
+    fn invalidated(&mut self, device_id: i64) {
+        if !self.deliveries.is_empty() {
+            self.invalidated.insert(device_id);
+        }
+    }
+
+    /// Whether the queue's walk should come before the hand-offs at `now`.
+    fn queue_first(&self, now: i64) -> bool {
+        self.queued_behind.is_some_and(|due| due <= now)
+    }
+
+    /// Takes deliveries into `out` until it holds `limit`. One that expired meanwhile, or
+    /// whose device was invalidated since, goes back to the queue (out of `in_flight`), where
+    /// the claim's walk ends it as a claim of it would have.
+    fn take(
+        &mut self,
+        now: i64,
+        limit: usize,
+        out: &mut Vec<ClaimedDelivery>,
+        taken: &mut Vec<i64>,
+        in_flight: &mut HashMap<i64, i64>,
+        notifications: &mut HashMap<i64, Arc<NotificationInfo>>,
+    ) {
+        while out.len() < limit {
+            let Some(h) = self.deliveries.pop_front() else {
+                break;
+            };
+            let d = h.delivery;
+            let info = &d.notification;
+            if info.expiration.is_some_and(|e| e > 0 && e * 1000 <= now)
+                || self.invalidated.contains(&d.device.id)
+            {
+                in_flight.remove(&d.delivery_id);
+                continue;
+            }
+            // As a claim does: results and receipts find the notification's names here.
+            if notifications.len() >= NOTIFICATION_CACHE {
+                notifications.clear();
+            }
+            notifications.insert(h.notification_id, info.clone());
+            taken.push(d.delivery_id);
+            out.push(d);
+        }
+        if self.deliveries.is_empty() {
+            self.invalidated.clear();
+            self.queued_behind = None;
+        }
+    }
+}
+
+/// A delivery in [`Writer::handoff`], with its notification's row id.
+struct HandedOff {
+    notification_id: i64,
+    delivery: ClaimedDelivery,
 }
 
 /// What one claim hands the sender.
@@ -291,6 +390,7 @@ pub(super) fn run(
         in_flight: HashMap::new(),
         cursor: None,
         data_version: None,
+        handoff: HandOffQueue::default(),
     };
     // The baseline of `changed_elsewhere`: from here on, other processes' commits count.
     let _ = w.changed_elsewhere();
@@ -414,19 +514,40 @@ impl Writer {
         &mut self,
         groups: &[&Vec<IngestFile>],
     ) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
-        self.durably(|conn, earliest_due| {
+        let room = HANDOFF_MAX.saturating_sub(self.handoff.deliveries.len());
+        let (out, handoffs) = self.durably(|conn, earliest_due| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
+            let mut handoffs = HandOffs::new(room);
             for files in groups {
                 let mut outs = Vec::with_capacity(files.len());
                 for f in files.iter() {
-                    outs.push(ingest_file(&tx, f, earliest_due)?);
+                    let (o, h) = ingest_file(&tx, f, earliest_due, handoffs.room)?;
+                    outs.push(o);
+                    handoffs.absorb(h);
                 }
                 out.push(outs);
             }
             tx.commit()?;
-            Ok(out)
-        })
+            Ok((out, handoffs))
+        })?;
+        self.take_handoffs(handoffs);
+        Ok(out)
+    }
+
+    /// Holds the deliveries a commit handed over for the next claims.
+    fn take_handoffs(&mut self, h: HandOffs) {
+        // A registration in the same transaction may have changed a device after its
+        // delivery was handed over (its environment): those go through the claim, which reads
+        // the device as it is now.
+        if h.registered {
+            return;
+        }
+        for d in h.deliveries {
+            self.in_flight
+                .insert(d.delivery.delivery_id, d.notification_id);
+            self.handoff.deliveries.push_back(d);
+        }
     }
 
     /// Runs a file commit as durability asks: `synchronous = FULL` and the big page cache
@@ -458,9 +579,10 @@ impl Writer {
         mut file: IngestFile,
         chunks: std::sync::mpsc::Receiver<StreamMsg>,
     ) -> Result<IngestOutcome, StoreError> {
-        self.durably(|conn, earliest_due| {
+        let room = HANDOFF_MAX.saturating_sub(self.handoff.deliveries.len());
+        let (out, handoffs) = self.durably(|conn, earliest_due| {
             let tx = conn.transaction()?;
-            let mut fw = FileWriter::new(&tx, &file)?;
+            let mut fw = FileWriter::new(&tx, &file, room)?;
             loop {
                 match chunks.recv() {
                     Ok(StreamMsg::Records(records)) => fw.add_all(&records, earliest_due)?,
@@ -476,12 +598,14 @@ impl Writer {
             // crash is recognised only now; that rare case costs one rolled-back transaction.
             if already_committed(&tx, &file)? {
                 *earliest_due = None;
-                return Ok(committed_before());
+                return Ok((committed_before(), HandOffs::new(0)));
             }
             let out = fw.finish(&file)?;
             tx.commit()?;
             Ok(out)
-        })
+        })?;
+        self.take_handoffs(handoffs);
+        Ok(out)
     }
 
     /// See [`super::Store::fan_out_due`].
@@ -518,6 +642,7 @@ impl Writer {
                 let ts = now_ms();
                 let due_at = send_at;
                 queued_at(&mut self.cursor, due_at);
+                self.handoff.queued(due_at);
                 // A device that already has this notification's delivery keeps it.
                 let (inserted, next_cursor) = match kind.as_str() {
                     "users" => {
@@ -596,8 +721,25 @@ impl Writer {
     }
 
     fn claim(&mut self, now: i64, limit: usize, taken: &mut Vec<i64>) -> Result<Claim, StoreError> {
-        let tx = self.conn.transaction()?;
         let mut claim = Claim::default();
+        // Hand-offs first, unless a delivery went back to the queue due before now since they
+        // were handed over (a retry): the queue's walk, in due order, goes first then.
+        let queue_first = self.handoff.queue_first(now);
+        if !queue_first {
+            self.handoff.take(
+                now,
+                limit,
+                &mut claim.deliveries,
+                taken,
+                &mut self.in_flight,
+                &mut self.notifications,
+            );
+            if claim.deliveries.len() >= limit {
+                // There may be more due right now: no idle time.
+                return Ok(claim);
+            }
+        }
+        let tx = self.conn.transaction()?;
         let mut expired = Vec::new();
         let mut invalid = Vec::new();
         // Walk the queue from the cursor; if that comes back short and did not start at the
@@ -699,6 +841,21 @@ impl Writer {
             }
             from = None;
         }
+        if queue_first {
+            if self.cursor.is_none() {
+                // Everything due in the queue is claimed.
+                self.handoff.queued_behind = None;
+            }
+            let room = limit.saturating_sub(expired.len() + invalid.len());
+            self.handoff.take(
+                now,
+                room,
+                &mut claim.deliveries,
+                taken,
+                &mut self.in_flight,
+                &mut self.notifications,
+            );
+        }
         let mut finals = Finals::default();
         for did in expired {
             finish(
@@ -724,7 +881,7 @@ impl Writer {
         }
         let done = finals.settle(&tx, now)?;
         claim.finished = named(&tx, &mut self.notifications, done)?;
-        if self.cursor.is_none() {
+        if self.cursor.is_none() && self.handoff.deliveries.is_empty() {
             let fan_out: Option<i64> = tx
                 .prepare_cached("SELECT min(send_at) FROM notifications WHERE fanned_out = 0")?
                 .query_row([], |r| r.get(0))?;
@@ -844,6 +1001,7 @@ impl Writer {
                         now
                     ])?;
                     queued_at(&mut self.cursor, due_at_ms);
+                    self.handoff.queued(due_at_ms);
                 }
                 ResultKind::Failed { status, reason } => {
                     let nid = tx
@@ -888,6 +1046,7 @@ impl Writer {
                         continue;
                     };
                     finals.add(Some(nid));
+                    self.handoff.invalidated(device_id);
                     // A registration after Apple's timestamp wins: the app got a fresh token
                     // report for this device since, so it is alive.
                     tx.prepare_cached(
@@ -946,6 +1105,7 @@ impl Writer {
         )?;
         tx.commit()?;
         queued_at(&mut self.cursor, now);
+        self.handoff.queued(now);
         Ok(n)
     }
 
@@ -1296,13 +1456,58 @@ fn ingest_file(
     tx: &Transaction<'_>,
     f: &IngestFile,
     earliest_due: &mut Option<i64>,
-) -> Result<IngestOutcome, StoreError> {
+    handoff_room: usize,
+) -> Result<(IngestOutcome, HandOffs), StoreError> {
     if already_committed(tx, f)? {
-        return Ok(committed_before());
+        return Ok((committed_before(), HandOffs::new(0)));
     }
-    let mut fw = FileWriter::new(tx, f)?;
+    let mut fw = FileWriter::new(tx, f, handoff_room)?;
     fw.add_all(&f.records, earliest_due)?;
     fw.finish(f)
+}
+
+/// Deliveries of a transaction to hand to the sender once it commits (see
+/// [`Writer::handoff`]).
+struct HandOffs {
+    deliveries: Vec<HandedOff>,
+    /// How many more may be added.
+    room: usize,
+    /// A device record registered a device in the transaction.
+    registered: bool,
+}
+
+impl HandOffs {
+    /// Delivery `id`, just written, if it was promised a hand-off.
+    fn add(&mut self, id: i64, d: &mut NewDelivery) {
+        if let Some((device, notification)) = d.handoff.take() {
+            self.deliveries.push(HandedOff {
+                notification_id: d.notification_id,
+                delivery: ClaimedDelivery {
+                    delivery_id: id,
+                    attempts: 0,
+                    // Written by `encode_upper`: ASCII.
+                    apns_id: String::from_utf8_lossy(&d.apns_id).into_owned(),
+                    device,
+                    notification,
+                },
+            });
+        }
+    }
+
+    fn new(room: usize) -> HandOffs {
+        HandOffs {
+            deliveries: Vec::new(),
+            room,
+            registered: false,
+        }
+    }
+
+    /// Adds the hand-offs of the transaction's next file.
+    fn absorb(&mut self, other: HandOffs) {
+        self.room = self.room.saturating_sub(other.deliveries.len());
+        self.registered |= other.registered;
+        self.deliveries.extend(other.deliveries);
+    }
 }
 
 /// The outcome for a file that [`already_committed`]: nothing written, only to be moved.
@@ -1355,6 +1560,9 @@ struct FileWriter<'t> {
     written: i64,
     index: usize,
     out: IngestOutcome,
+    /// Deliveries due now, for the sender once the transaction commits; `room` counts down
+    /// as deliveries are promised one, before their ids are known.
+    handoff: HandOffs,
 }
 
 /// The text a statement's parameters had when last bound, by parameter index, for the
@@ -1384,7 +1592,11 @@ impl BoundSlots {
 }
 
 impl<'t> FileWriter<'t> {
-    fn new(tx: &'t Transaction<'t>, f: &IngestFile) -> Result<FileWriter<'t>, StoreError> {
+    fn new(
+        tx: &'t Transaction<'t>,
+        f: &IngestFile,
+        handoff_room: usize,
+    ) -> Result<FileWriter<'t>, StoreError> {
         FileWriter {
             tx,
             insert_notification: tx.prepare_cached(
@@ -1394,8 +1606,10 @@ impl<'t> FileWriter<'t> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT (app, ext_id) DO NOTHING",
             )?,
-            find_device: tx
-                .prepare_cached("SELECT id FROM devices WHERE app = ?1 AND token = ?2")?,
+            find_device: tx.prepare_cached(
+                "SELECT id, environment, invalidated_at IS NULL FROM devices
+                 WHERE app = ?1 AND token = ?2",
+            )?,
             insert_token_device: tx.prepare_cached(
                 "INSERT INTO devices (app, token, environment, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?4)
@@ -1417,6 +1631,7 @@ impl<'t> FileWriter<'t> {
             written: f.written_at_ms(),
             index: 0,
             out: IngestOutcome::default(),
+            handoff: HandOffs::new(handoff_room),
         }
         .with_file_constants()
     }
@@ -1461,6 +1676,7 @@ impl<'t> FileWriter<'t> {
                     )?
                     .execute(params![d.app, d.token, d.user, d.environment.as_str(), self.written, now])?;
                     self.out.devices_registered += 1;
+                    self.handoff.registered = true;
                 }
                 DeviceAction::Unregister => {
                     tx.prepare_cached(
@@ -1484,9 +1700,10 @@ impl<'t> FileWriter<'t> {
                 }
                 let nid = tx.last_insert_rowid();
                 self.queue(&p, nid, earliest_due);
+                let info = self.handoff_info(&p);
                 for t in &p.tokens {
-                    let device_id = self.resolve_device(&n.app, t, n.environment.as_str())?;
-                    self.push_delivery(nid, device_id, p.send_at)?;
+                    let device = self.resolve_device(&n.app, t, n.environment)?;
+                    self.push_delivery(nid, device, t, p.send_at, info.as_ref())?;
                 }
             }
         }
@@ -1579,8 +1796,8 @@ impl<'t> FileWriter<'t> {
         }
         // The devices of the tokens named, each once, and then the deliveries.
         let named: usize = prepared.iter().map(|p| p.tokens.len()).sum();
-        let mut device_of: HashMap<(&str, &str), i64> = HashMap::with_capacity(named);
-        let mut tokens: Vec<(&str, &str, &str)> = Vec::with_capacity(named);
+        let mut device_of: HashMap<(&str, &str), Resolved> = HashMap::with_capacity(named);
+        let mut tokens: Vec<(&str, &str, Environment)> = Vec::with_capacity(named);
         for (p, id) in prepared.iter().zip(&ids) {
             if id.is_none() {
                 continue;
@@ -1589,8 +1806,8 @@ impl<'t> FileWriter<'t> {
                 if let std::collections::hash_map::Entry::Vacant(e) =
                     device_of.entry((p.record.app.as_str(), t))
                 {
-                    e.insert(0);
-                    tokens.push((&p.record.app, t, p.record.environment.as_str()));
+                    e.insert((0, None));
+                    tokens.push((&p.record.app, t, p.record.environment));
                 }
             }
         }
@@ -1603,12 +1820,13 @@ impl<'t> FileWriter<'t> {
                 continue;
             };
             self.queue(p, nid, earliest_due);
+            let info = self.handoff_info(p);
             for t in &p.tokens {
                 // Every token of the batch was resolved above.
-                let device_id = device_of.get(&(p.record.app.as_str(), t)).copied().ok_or(
+                let device = device_of.get(&(p.record.app.as_str(), t)).copied().ok_or(
                     StoreError::Inconsistent("a token of the batch has no device"),
                 )?;
-                self.push_delivery(nid, device_id, p.send_at)?;
+                self.push_delivery(nid, device, t, p.send_at, info.as_ref())?;
             }
         }
         Ok(())
@@ -1643,26 +1861,26 @@ impl<'t> FileWriter<'t> {
         &mut self,
         app: &str,
         token: &str,
-        environment: &str,
-    ) -> Result<i64, StoreError> {
+        environment: Environment,
+    ) -> Result<Resolved, StoreError> {
         // A known token costs one index lookup, a new one its insert; finding out which it is
         // costs a second descent of the token index. Files tend to name either tokens the
         // registry knows (regular senders) or a run of new ones (a first import), so each
         // token is treated like the one before it: after a new one, the insert goes first (it
         // fails on a known token, which is then looked up); after a known one, the lookup goes
         // first. All writes go through this thread, so nobody can race a token in between.
-        if self.last_token_new && self.insert_device(app, token, environment)? == 1 {
-            return Ok(self.tx.last_insert_rowid());
+        if self.last_token_new && self.insert_device(app, token, environment.as_str())? == 1 {
+            return Ok((self.tx.last_insert_rowid(), Some(environment)));
         }
         match self.find_device(app, token)? {
-            Some(id) => {
+            Some(found) => {
                 self.last_token_new = false;
-                Ok(id)
+                Ok(found)
             }
             None => {
-                self.insert_device(app, token, environment)?;
+                self.insert_device(app, token, environment.as_str())?;
                 self.last_token_new = true;
-                Ok(self.tx.last_insert_rowid())
+                Ok((self.tx.last_insert_rowid(), Some(environment)))
             }
         }
     }
@@ -1672,8 +1890,8 @@ impl<'t> FileWriter<'t> {
     /// [`FileWriter::resolve_device`] does.
     fn resolve_devices<'a>(
         &mut self,
-        tokens: &[(&'a str, &'a str, &str)],
-        device_of: &mut HashMap<(&'a str, &'a str), i64>,
+        tokens: &[(&'a str, &'a str, Environment)],
+        device_of: &mut HashMap<(&'a str, &'a str), Resolved>,
     ) -> Result<(), StoreError> {
         let mut rest = tokens;
         while !rest.is_empty() {
@@ -1684,13 +1902,13 @@ impl<'t> FileWriter<'t> {
                 let batches = self.batches()?;
                 let (st, b) = (&mut batches.token_devices, &mut batches.bound_devices);
                 for (i, &(app, token, environment)) in chunk.iter().enumerate() {
-                    bind_token_device(st, b, i * 3, app, token, environment)?;
+                    bind_token_device(st, b, i * 3, app, token, environment.as_str())?;
                 }
                 let inserted = st.raw_execute()?;
                 check_consecutive(self.tx, before, inserted)?;
                 if inserted == chunk.len() {
-                    for (k, (app, token, _)) in chunk.iter().enumerate() {
-                        device_of.insert((app, token), before + 1 + k as i64);
+                    for (k, &(app, token, environment)) in chunk.iter().enumerate() {
+                        device_of.insert((app, token), (before + 1 + k as i64, Some(environment)));
                     }
                     continue;
                 }
@@ -1714,25 +1932,77 @@ impl<'t> FileWriter<'t> {
         Ok(())
     }
 
-    fn find_device(&mut self, app: &str, token: &str) -> Result<Option<i64>, StoreError> {
+    fn find_device(&mut self, app: &str, token: &str) -> Result<Option<Resolved>, StoreError> {
         let (st, b) = (&mut self.find_device, &mut self.bound_find);
         b.bind(st, 1, app)?;
         st.raw_bind_parameter(2, token)?;
         Ok(match st.raw_query().next()? {
-            Some(r) => Some(r.get::<_, i64>(0)?),
+            Some(r) => {
+                // An invalidated device's deliveries go through the claim, which ends them.
+                let valid: bool = r.get(2)?;
+                let environment = r.get_ref(1)?.as_str().ok().and_then(Environment::parse);
+                Some((r.get(0)?, environment.filter(|_| valid)))
+            }
             None => None,
         })
     }
 
-    /// A delivery of notification `nid` to a device; written a batch at a time.
-    fn push_delivery(&mut self, nid: i64, device_id: i64, due_at: i64) -> Result<(), StoreError> {
+    /// The data a send of `p` needs, when its deliveries can be handed to the sender at
+    /// commit: due now, not expired, and room left.
+    fn handoff_info(&self, p: &PreparedNotification<'_>) -> Option<Arc<NotificationInfo>> {
+        let n = p.record;
+        if self.handoff.room == 0
+            || self.handoff.registered
+            || p.send_at > self.now
+            || n.expiration.is_some_and(|e| e * 1000 <= self.now)
+        {
+            return None;
+        }
+        Some(Arc::new(NotificationInfo {
+            app: n.app.clone(),
+            ext_id: p.ext_id.as_str().to_owned(),
+            payload: bytes::Bytes::from(n.payload.clone()),
+            push_type: n.push_type,
+            priority: n.priority,
+            topic: n.topic.clone(),
+            collapse_id: n.collapse_id.clone(),
+            expiration: n.expiration,
+        }))
+    }
+
+    /// A delivery of notification `nid` to a device; written a batch at a time. With `info`
+    /// (see [`FileWriter::handoff_info`]) and a valid device, it is also handed to the sender
+    /// once the transaction commits.
+    fn push_delivery(
+        &mut self,
+        nid: i64,
+        (device_id, environment): Resolved,
+        token: &str,
+        due_at: i64,
+        info: Option<&Arc<NotificationInfo>>,
+    ) -> Result<(), StoreError> {
         let mut apns_id = [0u8; 36];
         random_uuid().hyphenated().encode_upper(&mut apns_id);
+        let handoff = match (info, environment) {
+            (Some(info), Some(environment)) if self.handoff.room > 0 => {
+                self.handoff.room -= 1;
+                Some((
+                    DeviceInfo {
+                        id: device_id,
+                        token: token.to_owned(),
+                        environment,
+                    },
+                    info.clone(),
+                ))
+            }
+            _ => None,
+        };
         self.deliveries.push(NewDelivery {
             notification_id: nid,
             device_id,
             due_at,
             apns_id,
+            handoff,
         });
         if self.deliveries.len() == DELIVERY_BATCH {
             self.flush_deliveries()?;
@@ -1770,8 +2040,15 @@ impl<'t> FileWriter<'t> {
     /// Writes the deliveries gathered so far: a full batch by one statement, a shorter one
     /// (the file's last) row by row.
     fn flush_deliveries(&mut self) -> Result<(), StoreError> {
-        if self.deliveries.len() == DELIVERY_BATCH {
-            let deliveries = std::mem::take(&mut self.deliveries);
+        let tx = self.tx;
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        if deliveries.len() == DELIVERY_BATCH {
+            // The ids of the rows are known only from the largest before them.
+            let before = if deliveries.iter().any(|d| d.handoff.is_some()) {
+                Some(max_id(tx, MAX_DELIVERY_ID)?)
+            } else {
+                None
+            };
             let st = &mut self.batches()?.deliveries;
             for (i, d) in deliveries.iter().enumerate() {
                 d.bind(st, i * 4)?;
@@ -1784,16 +2061,23 @@ impl<'t> FileWriter<'t> {
                     "a delivery of the batch was not written",
                 ));
             }
-            self.deliveries = deliveries;
+            if let Some(before) = before {
+                check_consecutive(tx, before, DELIVERY_BATCH)?;
+                for (k, d) in deliveries.iter_mut().enumerate() {
+                    self.handoff.add(before + 1 + k as i64, d);
+                }
+            }
         } else {
             // Parameter 5 (updated_at) is bound for the file.
             let st = &mut self.insert_delivery;
-            for d in &self.deliveries {
+            for d in deliveries.iter_mut() {
                 d.bind(st, 0)?;
                 st.raw_execute()?;
+                self.handoff.add(tx.last_insert_rowid(), d);
             }
         }
-        self.deliveries.clear();
+        deliveries.clear();
+        self.deliveries = deliveries;
         Ok(())
     }
 
@@ -1812,7 +2096,7 @@ impl<'t> FileWriter<'t> {
     }
 
     /// Writes what goes in at the end of the file and what identifies the file.
-    fn finish(mut self, f: &IngestFile) -> Result<IngestOutcome, StoreError> {
+    fn finish(mut self, f: &IngestFile) -> Result<(IngestOutcome, HandOffs), StoreError> {
         self.flush_deliveries()?;
         let (tx, now) = (self.tx, self.now);
         for (pending, ids) in self.progress {
@@ -1842,7 +2126,7 @@ impl<'t> FileWriter<'t> {
             f.mtime_ns,
             now
         ])?;
-        Ok(self.out)
+        Ok((self.out, self.handoff))
     }
 }
 
@@ -1971,6 +2255,11 @@ fn max_id(tx: &Transaction<'_>, query: &str) -> Result<i64, StoreError> {
 
 const MAX_NOTIFICATION_ID: &str = "SELECT coalesce(max(id), 0) FROM notifications";
 const MAX_DEVICE_ID: &str = "SELECT coalesce(max(id), 0) FROM devices";
+const MAX_DELIVERY_ID: &str = "SELECT coalesce(max(id), 0) FROM deliveries";
+
+/// A device resolved at ingest: its row id, and its environment unless it is invalidated
+/// (then its deliveries are not handed to the sender at commit).
+type Resolved = (i64, Option<Environment>);
 
 /// After an `INSERT` of several rows into a table whose largest id was `before`: SQLite
 /// numbered the `inserted` rows `before + 1 ..= before + inserted`, as it does unless the
@@ -2052,6 +2341,8 @@ struct NewDelivery {
     device_id: i64,
     due_at: i64,
     apns_id: [u8; 36],
+    /// For the sender at commit (see [`Writer::handoff`]).
+    handoff: Option<(DeviceInfo, Arc<NotificationInfo>)>,
 }
 
 impl NewDelivery {
