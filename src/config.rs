@@ -515,6 +515,16 @@ impl Config {
     /// Reads, parses and validates the config file; relative paths become absolute against the
     /// file's folder. Returns warnings beside the config (world-readable keys and the like).
     pub fn load(path: &Path) -> Result<(Config, ConfigWarnings), ConfigError> {
+        Config::load_checked(path, |_| Vec::new())
+    }
+
+    /// [`Config::load`], with more checks by `extra` on the loaded config (the commands that
+    /// send check the contents of key and certificate files this way); its problems are
+    /// named by key and line like the config's own.
+    pub fn load_checked(
+        path: &Path,
+        extra: impl FnOnce(&Config) -> Vec<ConfigProblem>,
+    ) -> Result<(Config, ConfigWarnings), ConfigError> {
         let fail = |key: &str, message: String| ConfigError {
             path: path.to_path_buf(),
             problems: vec![ConfigProblem {
@@ -530,7 +540,7 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        Config::from_toml(&text, &abs, &base)
+        Config::from_toml_checked(&text, &abs, &base, extra)
     }
 
     /// Parses and validates config text as if it were the file `source` in folder `base_dir`.
@@ -538,6 +548,15 @@ impl Config {
         text: &str,
         source: &Path,
         base_dir: &Path,
+    ) -> Result<(Config, ConfigWarnings), ConfigError> {
+        Config::from_toml_checked(text, source, base_dir, |_| Vec::new())
+    }
+
+    fn from_toml_checked(
+        text: &str,
+        source: &Path,
+        base_dir: &Path,
+        extra: impl FnOnce(&Config) -> Vec<ConfigProblem>,
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
         let mut cfg: Config = match toml::from_str(text) {
             Ok(c) => c,
@@ -553,6 +572,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
         cfg.resolve_and_check(&mut problems, &mut warnings);
+        problems.extend(extra(&cfg));
         let doc = toml_edit::ImDocument::parse(text).ok();
         let locate = |mut p: ConfigProblem| {
             if p.line.is_none() {
@@ -613,6 +633,14 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .map(&abs)
             .unwrap_or_else(|| self.inbox.dir.join("rejected"));
+        for (key, dir) in [
+            ("inbox.processed_dir", &processed),
+            ("inbox.rejected_dir", &rejected),
+        ] {
+            if *dir == self.inbox.dir {
+                bad(key, "must not be the inbox folder itself".into());
+            }
+        }
         if processed == rejected {
             bad(
                 "inbox.rejected_dir",

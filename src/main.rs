@@ -1,6 +1,6 @@
 //! The `pushdrop` command line: parses arguments and hands over to the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -14,14 +14,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "pushdrop", version, about)]
 struct Cli {
-    /// The configuration file.
-    #[arg(
-        long,
-        global = true,
-        env = "PUSHDROP_CONFIG",
-        default_value = "config/pushdrop.toml"
-    )]
-    config: PathBuf,
+    /// The configuration file [default: config/pushdrop.toml] (`demo` and `simulate` need
+    /// none, and check one only when it is named).
+    #[arg(long, global = true, env = "PUSHDROP_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,7 +106,25 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = cli.config.as_path();
+    if matches!(
+        cli.command,
+        Command::Status { .. }
+            | Command::Show { .. }
+            | Command::Devices { .. }
+            | Command::Validate { .. }
+            | Command::CheckConfig
+    ) {
+        cli::quiet_on_closed_pipe();
+    }
+    // `demo` and `simulate` use no config; one named all the same must be a good one.
+    let named = cli.config.as_deref();
+    if matches!(cli.command, Command::Demo { .. } | Command::Simulate { .. })
+        && let Some(path) = named
+        && let Err(e) = cli::load_config(path)
+    {
+        return cli::exit(Err(e));
+    }
+    let config = named.unwrap_or(Path::new("config/pushdrop.toml"));
     let result = match cli.command {
         Command::Run => cli::run::run(config),
         Command::Demo { examples, keep } => cli::demo::demo(examples.as_deref(), keep),

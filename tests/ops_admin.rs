@@ -118,6 +118,22 @@ fn readyz_probes_leave_commands_beside_the_daemon_harmless() {
         String::from_utf8_lossy(&out.stdout).contains("sent"),
         "{out:?}"
     );
+
+    // Read into a pipe that closes early (`| head -1`), a command ends quietly.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#""$0" --config "$1" show after | head -1; "$0" --config "$1" status | head -1"#)
+        .arg(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg(&env.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        2,
+        "{out:?}"
+    );
 }
 
 /// POSIX record locks this process holds on `path`'s file, from `/proc/locks`.

@@ -52,7 +52,8 @@ fn deployed(text: &str, mode: u32) -> Deployed {
     } else {
         etc.join(key)
     };
-    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    // A usable .p8: check-config reads the key, as `run` does.
+    std::fs::copy(repo("config/AuthKey_ABC123DEFG.p8"), &key).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
     Deployed { dir, config }
 }
@@ -184,6 +185,41 @@ fn bad_config_names_key_and_line_and_every_command_exits_64() {
         !d.dir.path().join("var/lib/pushdrop/pushdrop.db").exists(),
         "no database is created from a bad config"
     );
+
+    // `demo` and `simulate` need no config, but one that is named must be good.
+    let sim_dir = d.dir.path().join("sim");
+    for args in [
+        vec!["demo"],
+        vec![
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            sim_dir.to_str().unwrap(),
+        ],
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+            .arg("--config")
+            .arg(&d.config)
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.and_then(|s| s.code()), Some(64), "{args:?}");
+    }
 }
 
 /// Writes `text` (with the deployment folders moved under `root`) over `config`.
@@ -206,4 +242,62 @@ fn a_type_error_names_its_key() {
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(stdout.contains(": sender.max_attempts: "), "{stdout}");
+}
+
+/// What would stop `run` is a bad config, for `check-config` and `run` alike (exit 64, key and
+/// line named): a key file that holds no usable key, a CA file that holds no certificate, and
+/// processed or rejected files kept in the inbox folder itself.
+#[test]
+fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_bad_configs() {
+    let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    let d = deployed(&good, 0o600);
+    let etc = d.dir.path().join("etc/pushdrop");
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+
+    std::fs::write(etc.join("AuthKey_ABC123DEFG.p8"), "not a key\n").unwrap();
+    for args in [&["check-config"][..], &["run"]] {
+        let out = pushdrop(&d.config, args);
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {said}");
+        assert!(
+            said.contains(&format!(
+                "line {}: apps[0].token.key_file: ",
+                line_of(&good, "key_file")
+            )) && said.contains("not a PKCS#8 EC P-256 (.p8) private key"),
+            "{args:?}: {said}"
+        );
+    }
+    std::fs::copy(
+        repo("config/AuthKey_ABC123DEFG.p8"),
+        etc.join("AuthKey_ABC123DEFG.p8"),
+    )
+    .unwrap();
+
+    std::fs::write(etc.join("ca.pem"), "garbage\n").unwrap();
+    let with_ca = good.replace("ca_file = \"\"", "ca_file = \"ca.pem\"");
+    let config = pushdrop_with(&d.config, &with_ca, d.dir.path());
+    let out = pushdrop(&config, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "line {}: apns.ca_file: ",
+            line_of(&with_ca, "ca_file")
+        )) && stdout.contains("holds no PEM certificate"),
+        "{stdout}"
+    );
+
+    let inside = good.replace(
+        "[inbox]\n",
+        "[inbox]\nprocessed_dir = \"/var/spool/pushdrop/inbox\"\n",
+    );
+    let config = pushdrop_with(&d.config, &inside, d.dir.path());
+    let out = pushdrop(&config, &["check-config"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    assert!(
+        stdout.contains("inbox.processed_dir: must not be the inbox folder itself"),
+        "{stdout}"
+    );
 }

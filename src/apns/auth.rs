@@ -65,7 +65,7 @@ struct Claims<'a> {
     iat: u64,
 }
 
-fn read_key(path: &Path) -> Result<EncodingKey, ApnsError> {
+pub(crate) fn read_key(path: &Path) -> Result<EncodingKey, ApnsError> {
     let pem = std::fs::read(path).map_err(|e| ApnsError::Key {
         path: path.to_path_buf(),
         message: format!("cannot read: {e}"),

@@ -24,6 +24,52 @@ pub use auth::{Clock, system_clock};
 pub use client::{ApnsClient, ClientStats, PushRequest};
 pub use outcome::Outcome;
 
+/// What would stop the client from starting, by config key: the contents of the CA file and
+/// of every app's key or certificate (the config itself only checks that they exist, so that
+/// `pushdrop status` works for an operator who may not read the keys). For `check-config` and
+/// `run`, so that a bad key file is a bad config (exit 64) named by its key and line.
+pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::ConfigProblem> {
+    let mut problems = Vec::new();
+    let mut bad = |key: String, e: ApnsError| {
+        problems.push(crate::config::ConfigProblem {
+            key,
+            line: None,
+            message: e.to_string(),
+        })
+    };
+    // Files that do not exist are reported by the config already.
+    let present = |p: &std::path::Path| p.is_file();
+    let roots = match cfg.apns.ca_file.as_deref().filter(|p| present(p)) {
+        Some(ca) => match tls::roots(Some(ca)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                bad("apns.ca_file".into(), e);
+                None
+            }
+        },
+        None => tls::roots(None).ok(),
+    };
+    for (i, app) in cfg.apps.iter().enumerate() {
+        // Both or neither given is reported by the config already.
+        match (&app.token, &app.certificate) {
+            (Some(t), None) if present(&t.key_file) => {
+                if let Err(e) = auth::read_key(&t.key_file) {
+                    bad(format!("apps[{i}].token.key_file"), e);
+                }
+            }
+            (None, Some(c)) if present(&c.cert_file) => {
+                if let Some(roots) = &roots
+                    && let Err(e) = tls::client_config(roots.clone(), Some(c))
+                {
+                    bad(format!("apps[{i}].certificate.cert_file"), e);
+                }
+            }
+            _ => {}
+        }
+    }
+    problems
+}
+
 /// A configuration problem found while setting up the client (bad key, certificate or URL).
 /// Network trouble is never an `ApnsError`: it is an [`Outcome`] of a send.
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,28 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// [`load_config`] for the commands that send (`run`): the contents of key, certificate and
+/// CA files are checked too, so that a bad one is a bad config.
+pub fn load_config_to_send(path: &Path) -> anyhow::Result<Config> {
+    let (cfg, warnings) = Config::load_checked(path, crate::apns::credential_problems)?;
+    for w in warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    Ok(cfg)
+}
+
+/// For commands that only print what they read (`status`, `show`, `devices`, `validate`,
+/// `check-config`): a closed pipe ends the process quietly, as it ends `cat` or `grep`
+/// (`pushdrop show ID | head -3`), instead of a panic in the middle of printing. Rust
+/// ignores SIGPIPE by default; the daemon and the commands that write keep it that way.
+pub fn quiet_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread starts; no
+    // handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Turns a command's result into the process exit code, printing the error if any.
 pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
     match result {
@@ -38,7 +60,7 @@ pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
 
 /// `pushdrop check-config`: every problem with key and line; exit 64 if there is one.
 pub fn check_config(path: &Path) -> anyhow::Result<i32> {
-    match Config::load(path) {
+    match Config::load_checked(path, crate::apns::credential_problems) {
         Ok((cfg, warnings)) => {
             for w in &warnings {
                 println!("warning: {w}");
