@@ -11,6 +11,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The `reason` label of a delivery outcome or a retry: Apple's reason (one CamelCase word,
+/// such as `BadDeviceToken`; the part before a `;` that pushdrop may add), or `other` for
+/// pushdrop's own descriptions (connection errors, timeouts, "expired before it could be
+/// sent"), whose free text would open a new time series per message. The log line carries
+/// the whole text.
+pub fn reason_label(reason: &str) -> &str {
+    let head = reason.split(';').next().unwrap_or_default().trim();
+    if !head.is_empty() && head.len() <= 64 && head.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        head
+    } else {
+        "other"
+    }
+}
+
 /// Label set of one reason (rejection reason, APNs reason).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {

@@ -203,5 +203,44 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     assert_eq!(status["totals"]["invalid_token"], 2);
     assert_eq!(status["deliveries"][APP]["queued"], 0);
 
+    // Outcomes decided without a request count as outcomes too: a notification to the token
+    // Apple declared dead, and one whose expiration passed before it could be sent.
+    let requests = env.sim.requests();
+    let too_late = format!(
+        r#"{{"type":"notification","id":"too-late","app":"{APP}","to":{{"tokens":["{}"]}},"payload":{{"aps":{{"alert":"late"}}}},"expiration":{}}}"#,
+        token(6),
+        now_ms() / 1000 - 10
+    );
+    env.drop_file(
+        "f-unsendable.jsonl",
+        format!("{}\n{too_late}\n", notification("dead-again", &gone)),
+    );
+    for id in ["dead-again", "too-late"] {
+        let receipt = env.receipts.join(format!("{id}.json"));
+        wait_for(&format!("receipt {id}"), || receipt.exists());
+    }
+    let m = ops::parse_metrics(&get(admin, "/metrics").body);
+    let count = |f: &str, l: &[(&str, &str)]| sample(&m, f, l).unwrap_or(0.0) as i64;
+    assert_eq!(
+        count(
+            "pushdrop_deliveries",
+            &[("outcome", "invalid_token"), ("reason", "Unregistered")]
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            "pushdrop_deliveries",
+            &[("outcome", "expired"), ("reason", "other")]
+        ),
+        1
+    );
+    assert_eq!(
+        sum(&m, "pushdrop_deliveries", &[]) as i64,
+        env.count("SELECT count(*) FROM deliveries"),
+        "every final delivery is counted once"
+    );
+    assert_eq!(env.sim.requests(), requests, "neither was sent");
+
     daemon.shutdown();
 }

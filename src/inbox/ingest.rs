@@ -704,8 +704,10 @@ impl Ingestor {
                     })
                     .inc_by(a.store.notifications_queued as u64);
                 m.duplicates.inc_by(dups as u64);
+                let (id, ids, app) = logged_names(&a.store);
+                let (id, ids, app) = (id, ids.as_deref(), app.as_deref());
                 if dups > 0 {
-                    let ids: Vec<&str> = a
+                    let dup_ids: Vec<&str> = a
                         .store
                         .duplicates
                         .iter()
@@ -715,10 +717,13 @@ impl Ingestor {
                     tracing::warn!(
                         event = "ingested",
                         file = %r.name,
+                        id,
+                        ids,
+                        app,
                         devices = a.devices,
                         notifications = a.store.notifications_queued,
                         duplicates = dups,
-                        duplicate_ids = %ids.join(","),
+                        duplicate_ids = %dup_ids.join(","),
                         ms,
                         "duplicate notification ids were skipped (already queued)"
                     );
@@ -726,6 +731,9 @@ impl Ingestor {
                     tracing::info!(
                         event = "ingested",
                         file = %r.name,
+                        id,
+                        ids,
+                        app,
                         devices = a.devices,
                         notifications = a.store.notifications_queued,
                         duplicates = 0,
@@ -777,6 +785,26 @@ impl Ingestor {
             }
         }
     }
+}
+
+/// What names a file's notifications in its `ingested` line: `id` when it queued one
+/// notification, `ids` (the first [`crate::store::LOGGED_IDS`], comma-separated, `…` after
+/// them when there were more) when it queued several, and its records' `app`(s).
+fn logged_names(o: &IngestOutcome) -> (Option<&str>, Option<String>, Option<String>) {
+    let (id, ids) = match o.queued_ids.as_slice() {
+        [] => (None, None),
+        [one] if o.notifications_queued == 1 => (Some(one.as_str()), None),
+        many => {
+            let more = if o.notifications_queued > many.len() {
+                ",…"
+            } else {
+                ""
+            };
+            (None, Some(format!("{}{more}", many.join(","))))
+        }
+    };
+    let app = (!o.apps.is_empty()).then(|| o.apps.join(","));
+    (id, ids, app)
 }
 
 /// Removes files in `processed_dir` older than `keep_processed_days` (0 keeps them forever).

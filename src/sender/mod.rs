@@ -30,7 +30,8 @@ use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
 use crate::store::{
-    Claim, ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind, Store, StoreError,
+    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, ResultKind, Store,
+    StoreError,
 };
 
 use guard::{BadTokenVerdict, Guards};
@@ -172,6 +173,7 @@ async fn main_loop(
                 match round {
                     Ok(Ok(round)) => {
                         fanout_pending = round.fanned_out >= FANOUT_ROWS_PER_ROUND;
+                        inner.log_ended(&round.claim.ended);
                         inner.clone().finished(round.claim.finished);
                         let n = round.claim.deliveries.len();
                         ready.extend(round.claim.deliveries);
@@ -585,13 +587,15 @@ impl Inner {
             && due > exp * 1000
         {
             return ResultKind::Expired {
+                status,
                 reason: format!("{reason}; expiration passed before the next attempt"),
+                count_attempt,
             };
         }
         metrics::get()
             .retries
             .get_or_create(&ReasonLabel {
-                reason: reason.clone(),
+                reason: metrics::reason_label(&reason).to_string(),
             })
             .inc();
         ResultKind::Retry {
@@ -599,6 +603,27 @@ impl Inner {
             status,
             reason,
             count_attempt,
+        }
+    }
+
+    /// Deliveries the claim ended unsent (expired, or to a device already invalidated) are
+    /// outcomes too: one line and one count each, with the attempts made before, no HTTP
+    /// status and no latency.
+    fn log_ended(&self, ended: &[EndedDelivery]) {
+        for e in ended {
+            let kind = match e.state {
+                DeliveryState::InvalidToken => ResultKind::InvalidToken {
+                    status: 0,
+                    reason: e.reason.clone(),
+                    invalidated_at_ms: 0,
+                },
+                _ => ResultKind::Expired {
+                    status: None,
+                    reason: e.reason.clone(),
+                    count_attempt: false,
+                },
+            };
+            self.log_outcome(&e.delivery, &kind, e.delivery.attempts, 0.0);
         }
     }
 
@@ -618,8 +643,8 @@ impl Inner {
             ResultKind::Failed { status, reason } => {
                 (DeliveryState::Failed.as_str(), *status, reason, &c.apns_id)
             }
-            ResultKind::Expired { reason } => {
-                (DeliveryState::Expired.as_str(), None, reason, &c.apns_id)
+            ResultKind::Expired { status, reason, .. } => {
+                (DeliveryState::Expired.as_str(), *status, reason, &c.apns_id)
             }
             ResultKind::InvalidToken { status, reason, .. } => (
                 DeliveryState::InvalidToken.as_str(),
@@ -645,7 +670,7 @@ impl Inner {
                 .deliveries
                 .get_or_create(&OutcomeLabel {
                     outcome: state.to_string(),
-                    reason: reason.to_string(),
+                    reason: metrics::reason_label(reason).to_string(),
                 })
                 .inc();
         }

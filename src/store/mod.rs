@@ -22,7 +22,9 @@ use crate::config::Environment;
 use crate::model::{PushType, Record};
 
 pub use schema::SCHEMA_VERSION;
-pub use writer::{Claim, ClaimedDelivery, DeliveryResult, FinishedNotification, ResultKind};
+pub use writer::{
+    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, ResultKind,
+};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,10 @@ impl IngestFile {
     }
 }
 
+/// Notification ids an [`IngestOutcome`] keeps for the log: the `ingested` line of a file is
+/// one line, however many notifications it holds.
+pub const LOGGED_IDS: usize = 20;
+
 /// What the commit of one file did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
@@ -95,6 +101,11 @@ pub struct IngestOutcome {
     pub devices_registered: usize,
     pub devices_unregistered: usize,
     pub notifications_queued: usize,
+    /// The ids of the first [`LOGGED_IDS`] notifications queued (assigned ones included), for
+    /// the file's `ingested` log line.
+    pub queued_ids: Vec<String>,
+    /// The apps the file's records named, each once.
+    pub apps: Vec<String>,
     /// `(record index, id)` of notifications skipped because app and id already existed.
     pub duplicates: Vec<(usize, String)>,
 }

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::{DeviceInfo, IngestFile, IngestOutcome, NotificationInfo, PurgeCounts, StoreError};
 use crate::config::Environment;
 use crate::model::{
-    DeliveryState, DeviceAction, NotificationRecord, PushType, Record, Target, now_ms,
+    DeliveryState, DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target, now_ms,
 };
 
 /// Work for the writer thread.
@@ -125,6 +125,18 @@ pub struct ClaimedDelivery {
     pub notification: Arc<NotificationInfo>,
 }
 
+/// A delivery a claim ended without sending it.
+#[derive(Debug, Clone)]
+pub struct EndedDelivery {
+    pub delivery: ClaimedDelivery,
+    /// `Expired` or `InvalidToken`.
+    pub state: DeliveryState,
+    pub reason: String,
+}
+
+/// Why a claim ends a delivery whose expiration passed.
+const EXPIRED_UNSENT: &str = "expired before it could be sent";
+
 /// What happened to a claimed delivery.
 #[derive(Debug, Clone)]
 pub struct DeliveryResult {
@@ -147,8 +159,13 @@ pub enum ResultKind {
     },
     /// Final failure with Apple's reason.
     Failed { status: Option<u16>, reason: String },
-    /// The expiration passed before it could be sent.
-    Expired { reason: String },
+    /// The expiration passed before it could be sent (again); `status` and `count_attempt`
+    /// describe the attempt just made, if one was.
+    Expired {
+        status: Option<u16>,
+        reason: String,
+        count_attempt: bool,
+    },
     /// The token is dead (410 or 400 `BadDeviceToken`); the device is invalidated as of
     /// `invalidated_at_ms` unless it registered again after that.
     InvalidToken {
@@ -286,6 +303,9 @@ pub struct Claim {
     /// Notifications that became final while claiming (their last deliveries had expired or
     /// their devices were invalidated).
     pub finished: Vec<FinishedNotification>,
+    /// Deliveries the claim ended without a send: expired, or to a device already
+    /// invalidated. Each is an outcome to log and count like one APNs decided.
+    pub ended: Vec<EndedDelivery>,
     /// Fewer than asked were due: the earliest moment a queued delivery or a scheduled fan-out
     /// becomes due, if any. `None` after a full claim (there may be more due right now).
     pub idle_until: Option<Option<i64>>,
@@ -803,29 +823,44 @@ impl Writer {
                         i
                     }
                 };
-                if info.expiration.is_some_and(|e| e > 0 && e * 1000 <= now) {
+                let env = r.get_ref(7)?.as_str().unwrap_or_default();
+                let delivery = super::ClaimedDelivery {
+                    delivery_id: did,
+                    attempts: r.get(2)?,
+                    apns_id: r.get(3)?,
+                    device: DeviceInfo {
+                        id: r.get(5)?,
+                        token: r.get(6)?,
+                        environment: Environment::parse(env).unwrap_or_default(),
+                    },
+                    notification: info,
+                };
+                if delivery
+                    .notification
+                    .expiration
+                    .is_some_and(|e| e > 0 && e * 1000 <= now)
+                {
                     ending.insert(did);
                     expired.push(did);
+                    claim.ended.push(EndedDelivery {
+                        delivery,
+                        state: DeliveryState::Expired,
+                        reason: EXPIRED_UNSENT.into(),
+                    });
                 } else if r.get::<_, Option<i64>>(8)?.is_some() {
                     let why: Option<String> = r.get(9)?;
+                    let why = why.unwrap_or_else(|| "Unregistered".into());
                     ending.insert(did);
-                    invalid.push((did, why.unwrap_or_else(|| "Unregistered".into())));
+                    invalid.push((did, why.clone()));
+                    claim.ended.push(EndedDelivery {
+                        delivery,
+                        state: DeliveryState::InvalidToken,
+                        reason: why,
+                    });
                 } else {
                     self.in_flight.insert(did, nid);
                     taken.push(did);
-                    let env = r.get_ref(7)?.as_str().unwrap_or_default();
-                    let environment = Environment::parse(env).unwrap_or_default();
-                    claim.deliveries.push(super::ClaimedDelivery {
-                        delivery_id: did,
-                        attempts: r.get(2)?,
-                        apns_id: r.get(3)?,
-                        device: DeviceInfo {
-                            id: r.get(5)?,
-                            token: r.get(6)?,
-                            environment,
-                        },
-                        notification: info,
-                    });
+                    claim.deliveries.push(delivery);
                 }
                 if claim.deliveries.len() + expired.len() + invalid.len() >= limit {
                     full = true;
@@ -861,9 +896,9 @@ impl Writer {
             finish(
                 &tx,
                 did,
-                DeliveryState::Expired,
+                (DeliveryState::Expired, false),
                 None,
-                Some("expired before it could be sent"),
+                Some(EXPIRED_UNSENT),
                 now,
                 &mut finals,
             )?;
@@ -872,7 +907,7 @@ impl Writer {
             finish(
                 &tx,
                 did,
-                DeliveryState::InvalidToken,
+                (DeliveryState::InvalidToken, false),
                 None,
                 Some(&why),
                 now,
@@ -1016,12 +1051,16 @@ impl Writer {
                         .optional()?;
                     finals.add(nid);
                 }
-                ResultKind::Expired { reason } => {
+                ResultKind::Expired {
+                    status,
+                    reason,
+                    count_attempt,
+                } => {
                     finish(
                         &tx,
                         r.delivery_id,
-                        DeliveryState::Expired,
-                        None,
+                        (DeliveryState::Expired, count_attempt),
+                        status,
                         Some(&reason),
                         now,
                         &mut finals,
@@ -1222,7 +1261,7 @@ fn queued_at(cursor: &mut Option<(i64, i64)>, due_at: i64) {
 fn finish(
     tx: &Transaction<'_>,
     delivery_id: i64,
-    state: DeliveryState,
+    (state, attempted): (DeliveryState, bool),
     status: Option<u16>,
     reason: Option<&str>,
     now: i64,
@@ -1231,11 +1270,19 @@ fn finish(
     let nid = tx
         .prepare_cached(
             "UPDATE deliveries SET state = ?2, last_status = coalesce(?3, last_status),
-             last_reason = ?4, updated_at = ?5, finished_at = ?5 WHERE id = ?1 AND state = 0
+             last_reason = ?4, updated_at = ?5, finished_at = ?5, attempts = attempts + ?6
+             WHERE id = ?1 AND state = 0
              RETURNING notification_id",
         )?
         .query_row(
-            params![delivery_id, state.code(), status, reason, now],
+            params![
+                delivery_id,
+                state.code(),
+                status,
+                reason,
+                now,
+                attempted as i64
+            ],
             |r| r.get::<_, i64>(0),
         )
         .optional()?;
@@ -1654,39 +1701,10 @@ impl<'t> FileWriter<'t> {
         let index = self.index;
         self.index += 1;
         match rec {
-            Record::Device(d) => match d.action {
-                DeviceAction::Register => {
-                    tx.prepare_cached(
-                        "INSERT INTO devices (app, token, user, environment, registered, registered_at,
-                                              active, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, 1, ?5, 1, ?6, ?6)
-                         ON CONFLICT (app, token) DO UPDATE SET
-                           user = coalesce(excluded.user, user),
-                           environment = excluded.environment,
-                           registered = 1,
-                           registered_at = max(coalesce(registered_at, 0), excluded.registered_at),
-                           unregistered_at = NULL,
-                           invalid_reason = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
-                                            THEN NULL ELSE invalid_reason END,
-                           active = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
-                                    THEN 1 ELSE 0 END,
-                           invalidated_at = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
-                                            THEN NULL ELSE invalidated_at END,
-                           updated_at = excluded.updated_at",
-                    )?
-                    .execute(params![d.app, d.token, d.user, d.environment.as_str(), self.written, now])?;
-                    self.out.devices_registered += 1;
-                    self.handoff.registered = true;
-                }
-                DeviceAction::Unregister => {
-                    tx.prepare_cached(
-                        "UPDATE devices SET unregistered_at = ?3, active = 0, updated_at = ?3
-                         WHERE app = ?1 AND token = ?2",
-                    )?
-                    .execute(params![d.app, d.token, now])?;
-                    self.out.devices_unregistered += 1;
-                }
-            },
+            Record::Device(d) => {
+                self.note_app(&d.app);
+                self.add_device(d)?;
+            }
             Record::Notification(n) => {
                 let p = PreparedNotification::new(n, now);
                 // Parameters 12 (created_at) and 13 (source_file) are bound for the file.
@@ -1705,6 +1723,46 @@ impl<'t> FileWriter<'t> {
                     let device = self.resolve_device(&n.app, t, n.environment)?;
                     self.push_delivery(nid, device, t, p.send_at, info.as_ref())?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A device record: registration (which re-activates a device invalidated before it) or
+    /// removal.
+    fn add_device(&mut self, d: &DeviceRecord) -> Result<(), StoreError> {
+        let (tx, now) = (self.tx, self.now);
+        match d.action {
+            DeviceAction::Register => {
+                tx.prepare_cached(
+                    "INSERT INTO devices (app, token, user, environment, registered, registered_at,
+                                          active, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, 1, ?5, 1, ?6, ?6)
+                     ON CONFLICT (app, token) DO UPDATE SET
+                       user = coalesce(excluded.user, user),
+                       environment = excluded.environment,
+                       registered = 1,
+                       registered_at = max(coalesce(registered_at, 0), excluded.registered_at),
+                       unregistered_at = NULL,
+                       invalid_reason = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
+                                        THEN NULL ELSE invalid_reason END,
+                       active = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
+                                THEN 1 ELSE 0 END,
+                       invalidated_at = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
+                                        THEN NULL ELSE invalidated_at END,
+                       updated_at = excluded.updated_at",
+                )?
+                .execute(params![d.app, d.token, d.user, d.environment.as_str(), self.written, now])?;
+                self.out.devices_registered += 1;
+                self.handoff.registered = true;
+            }
+            DeviceAction::Unregister => {
+                tx.prepare_cached(
+                    "UPDATE devices SET unregistered_at = ?3, active = 0, updated_at = ?3
+                     WHERE app = ?1 AND token = ?2",
+                )?
+                .execute(params![d.app, d.token, now])?;
+                self.out.devices_unregistered += 1;
             }
         }
         Ok(())
@@ -1853,6 +1911,17 @@ impl<'t> FileWriter<'t> {
             *earliest_due = Some(earliest_due.map_or(due_at, |e: i64| e.min(due_at)));
         }
         self.out.notifications_queued += 1;
+        if self.out.queued_ids.len() < super::LOGGED_IDS {
+            self.out.queued_ids.push(p.ext_id.as_str().to_owned());
+        }
+        self.note_app(&p.record.app);
+    }
+
+    /// Remembers the app of a record for the outcome (files name one app, or a few).
+    fn note_app(&mut self, app: &str) {
+        if !self.out.apps.iter().any(|a| a == app) {
+            self.out.apps.push(app.to_owned());
+        }
     }
 
     /// The device row of a token named in `to.tokens`, made for a token not seen before (so
