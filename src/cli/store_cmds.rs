@@ -120,11 +120,8 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
         n.source_file.as_deref().unwrap_or("-")
     );
     println!("send at       {}", n.send_at);
-    if let Some(e) = n.expiration {
-        println!(
-            "expiration    {}",
-            crate::store::query::rfc3339_ms(e * 1000)
-        );
+    if let Some(e) = &n.expiration {
+        println!("expiration    {e}");
     }
     println!("finished      {}", n.finished_at.as_deref().unwrap_or("no"));
     let counts: Vec<String> = n.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -392,10 +392,16 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
     let first = text.trim_start().as_bytes().first().copied();
     let mut elements: Vec<&'t RawValue> = Vec::new();
     let mut de = serde_json::Deserializer::from_str(text);
+    // Whether the array itself was read whole (an error after it is the file's, not a
+    // record's).
+    let mut array_done = false;
     let res = match first {
         Some(b'[') => de
             .deserialize_seq(CollectRaw(&mut elements))
-            .and_then(|()| de.end()),
+            .and_then(|()| {
+                array_done = true;
+                de.end()
+            }),
         Some(b'{') => <&RawValue>::deserialize(&mut de).and_then(|v| {
             elements.push(v);
             de.end()
@@ -424,7 +430,7 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
         return Err(Rejection {
             reason,
             problems: vec![Problem {
-                record: (first == Some(b'[')).then_some(elements.len()),
+                record: (first == Some(b'[') && !array_done).then_some(elements.len()),
                 line: Some(e.line()),
                 field: None,
                 message: format!(
@@ -551,15 +557,10 @@ fn record<'t>(
     };
     for p in problems {
         let line = match (&fields, &p.field) {
-            (Some(entries), Some(field)) => {
-                let top = field.split(['.', '[']).next().unwrap_or(field);
-                entries
-                    .iter()
-                    .find(|(k, _)| k == top)
-                    .and_then(|(_, v)| acc.offset_of(v.get()))
-                    .map(|o| acc.line_of_offset(o))
-                    .unwrap_or(record_line)
-            }
+            (Some(entries), Some(field)) => locate(entries, field)
+                .and_then(|v| acc.offset_of(v.get()))
+                .map(|o| acc.line_of_offset(o))
+                .unwrap_or(record_line),
             _ => record_line,
         };
         acc.push(
@@ -581,10 +582,20 @@ struct FieldProblem {
 }
 
 fn fp(field: impl Into<String>, message: impl Into<String>) -> FieldProblem {
+    let field = field.into();
     FieldProblem {
-        field: Some(field.into()),
+        field: Some(short_path(&field).into_owned()),
         message: message.into(),
     }
+}
+
+/// A field path with every key in it cut to an excerpt: a report never echoes a long piece
+/// of the file, and a key is a piece of the file.
+fn short_path(path: &str) -> Cow<'_, str> {
+    if path.split('.').all(|k| k.chars().count() <= EXCERPT_CHARS) {
+        return Cow::Borrowed(path);
+    }
+    Cow::Owned(path.split('.').map(excerpt).collect::<Vec<_>>().join("."))
 }
 
 /// A record as it appears in the file, every field optional; [`check`] turns it into a
@@ -701,6 +712,67 @@ impl<'de, 'v> Visitor<'de> for CollectRaw<'v, 'de> {
     }
 }
 
+/// The value a field path names in a record (`to.tokens[1]`: the second token), followed as
+/// deep as the record goes, so that a problem is reported on the line of the offending value
+/// rather than of its top-level field. A key that appears twice names its last appearance,
+/// where a duplicate is reported.
+fn locate<'t>(entries: &[(Cow<'t, str>, &'t RawValue)], path: &str) -> Option<&'t RawValue> {
+    // A long key is in the path as an excerpt (see `short_path`).
+    let last = |entries: &[(Cow<'t, str>, &'t RawValue)], key: &str| {
+        let matches = |k: &str| match key.strip_suffix('…') {
+            Some(start) => k.starts_with(start) && k.chars().count() > EXCERPT_CHARS,
+            None => k == key,
+        };
+        entries
+            .iter()
+            .rev()
+            .find(|(k, _)| matches(k))
+            .map(|(_, v)| *v)
+    };
+    let mut keys = path.split('.');
+    let (top, top_index) = split_index(keys.next()?);
+    let mut at = index_into(last(entries, top)?, top_index);
+    for key in keys {
+        let (key, index) = split_index(key);
+        let Some(next) = entries_of(at).and_then(|e| last(&e, key)) else {
+            break;
+        };
+        at = index_into(next, index);
+    }
+    Some(at)
+}
+
+/// `tokens[1][2]` → (`tokens`, `[1][2]`).
+fn split_index(key: &str) -> (&str, &str) {
+    key.find('[').map_or((key, ""), |i| key.split_at(i))
+}
+
+/// Follows `[n]` steps into arrays as far as they go.
+fn index_into<'t>(mut v: &'t RawValue, indexes: &str) -> &'t RawValue {
+    for n in indexes
+        .split(['[', ']'])
+        .filter(|s| !s.is_empty())
+        .map_while(|s| s.parse::<usize>().ok())
+    {
+        match serde_json::from_str::<Vec<&'t RawValue>>(v.get())
+            .ok()
+            .and_then(|a| a.get(n).copied())
+        {
+            Some(e) => v = e,
+            None => break,
+        }
+    }
+    v
+}
+
+/// The entries of a value that is an object.
+fn entries_of(v: &RawValue) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
+    v.get()
+        .trim_start()
+        .starts_with('{')
+        .then(|| entries(v.get()).ok())?
+}
+
 /// A record's keys in file order, duplicates kept, values unparsed.
 fn entries(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::Error> {
     struct Entries;
@@ -794,9 +866,13 @@ fn serde_problem(base: &str, inner: &str) -> FieldProblem {
     fp(base, format!("wrong type: {inner}"))
 }
 
+/// The path of field `name` under `base`; serde's path of an unknown or duplicate field
+/// already ends with the field itself.
 fn join(base: &str, name: &str) -> String {
     if base.is_empty() || base == "." {
         name.to_string()
+    } else if base == name || base.ends_with(&format!(".{name}")) {
+        base.to_string()
     } else {
         format!("{base}.{name}")
     }
@@ -1912,5 +1988,79 @@ mod tests {
         let r = problems(&text, FileKind::Jsonl);
         assert_eq!(r.problems.len(), MAX_PROBLEMS + 1);
         assert!(r.problems.last().unwrap().message.contains("5 more"));
+    }
+
+    /// Field paths name the field once, keys in them are excerpts, and in a `.json` file the
+    /// line is the offending value's, however deep it sits.
+    #[test]
+    fn nested_problems_are_named_once_shortly_and_on_their_own_line() {
+        let text = format!(
+            r#"[
+  {{
+    "type": "notification",
+    "to": {{
+      "users": ["a"],
+      "bogus": 1
+    }},
+    "payload": {{
+      "aps": {{"alert": "hi"}},
+      "custom": {{
+        "k": 1,
+        "k": 2
+      }}
+    }}
+  }},
+  {{
+    "type": "notification",
+    "to": {{
+      "tokens": [
+        "{TOKEN}",
+        "xyz"
+      ]
+    }},
+    "payload": {{"aps": {{}}}},
+    "{long}": 1
+  }}
+]"#,
+            long = "Q".repeat(5000)
+        );
+        let r = problems(&text, FileKind::Json);
+        let got: Vec<(Option<usize>, Option<usize>, String)> = r
+            .problems
+            .iter()
+            .map(|p| (p.record, p.line, p.field.clone().unwrap_or_default()))
+            .collect();
+        let cut = format!("{}…", "Q".repeat(EXCERPT_CHARS - 1));
+        assert_eq!(
+            got,
+            vec![
+                (Some(0), Some(6), "to.bogus".to_string()),
+                (Some(0), Some(12), "payload.custom.k".to_string()),
+                (Some(1), Some(25), cut),
+                (Some(1), Some(21), "to.tokens[1]".to_string()),
+            ],
+            "{:?}",
+            r.problems
+        );
+        let report =
+            serde_json::to_string(&r.problems.iter().map(|p| &p.message).collect::<Vec<_>>())
+                .unwrap();
+        assert!(!report.contains(&"Q".repeat(100)), "{report}");
+    }
+
+    /// Text after a complete array is the file's problem, not a record's.
+    #[test]
+    fn trailing_text_after_the_array_names_no_record() {
+        let r = problems(&format!("[{}] x", notif("")), FileKind::Json);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert_eq!(r.problems[0].record, None, "{:?}", r.problems);
+        assert!(
+            r.problems[0].message.contains("trailing"),
+            "{:?}",
+            r.problems
+        );
+        // Inside the array, the record it broke in is named.
+        let r = problems(&format!("[{}, {{\"type\" 1}}]", notif("")), FileKind::Json);
+        assert_eq!(r.problems[0].record, Some(1), "{:?}", r.problems);
     }
 }

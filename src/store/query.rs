@@ -90,7 +90,8 @@ pub struct ShowNotification {
     pub priority: i64,
     pub topic: String,
     pub collapse_id: Option<String>,
-    pub expiration: Option<i64>,
+    /// RFC 3339, as every time `show` prints (the record may have given UNIX seconds).
+    pub expiration: Option<String>,
     pub send_at: String,
     pub created_at: String,
     pub finished_at: Option<String>,
@@ -347,7 +348,7 @@ impl Reader {
             priority,
             topic,
             collapse_id,
-            expiration,
+            expiration: expiration.map(|e: i64| rfc3339_ms(e.saturating_mul(1000))),
             send_at: rfc3339_ms(send_at),
             created_at: rfc3339_ms(created_at),
             finished_at: finished_at.map(rfc3339_ms),
