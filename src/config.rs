@@ -894,6 +894,9 @@ pub(crate) fn line_of_offset(text: &str, offset: usize) -> usize {
 /// Every problem serde finds in the text, not just the first: after each error on a
 /// `key = value` line, that line is blanked and the text parsed again (at most 50 rounds). A
 /// "missing field" caused by our own blanking is not reported.
+/// The top-level tables a config must have.
+const TOP_LEVEL_REQUIRED: &[&str] = &["inbox"];
+
 fn serde_problems(text: &str) -> Vec<ConfigProblem> {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let mut blanked_keys: Vec<String> = Vec::new();
@@ -903,9 +906,22 @@ fn serde_problems(text: &str) -> Vec<ConfigProblem> {
         let Err(e) = toml::from_str::<Config>(&current) else {
             break;
         };
-        let line = e.span().map(|s| line_of_offset(&current, s.start));
-        let key = key_of_toml_error(&current, &e);
+        let mut line = e.span().map(|s| line_of_offset(&current, s.start));
+        let mut key = key_of_toml_error(&current, &e);
         let message = e.message().trim().to_string();
+        // A missing field is named under the table that lacks it; a missing top-level table
+        // has no line (serde points at the file's start).
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            if TOP_LEVEL_REQUIRED.contains(&field) {
+                key = field.to_string();
+                line = None;
+            } else if !key.ends_with(field) {
+                key = format!("{key}.{field}");
+            }
+        }
         let consequence = blanked_keys.iter().any(|k| {
             let field = k.rsplit('.').next().unwrap_or(k);
             message.starts_with(&format!("missing field `{field}`"))
@@ -1071,6 +1087,27 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         assert_eq!(p.line, Some(4), "{p}");
         assert_eq!(p.key, "inbox.settle_msec", "{p}");
         assert!(p.message.contains("settle_msec"), "{p}");
+    }
+
+    #[test]
+    fn a_missing_field_is_named_under_its_table() {
+        let key_line = |text: &str| {
+            let err = load(text).unwrap_err();
+            (err.problems[0].key.clone(), err.problems[0].line)
+        };
+        // A missing table has no line of its own.
+        let no_inbox = GOOD.replace("[inbox]\ndir = \"inbox\"\n", "");
+        assert_eq!(key_line(&no_inbox), ("inbox".to_string(), None));
+        let no_bundle = GOOD.replace("bundle_id = \"com.example.a\"\n", "");
+        assert_eq!(
+            key_line(&no_bundle),
+            ("apps.bundle_id".to_string(), Some(5))
+        );
+        let no_key_file = GOOD.replace("key_file = \"KEY\", ", "");
+        assert_eq!(
+            key_line(&no_key_file),
+            ("apps[0].token.key_file".to_string(), Some(8))
+        );
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub enum StoreError {
     },
     #[error("no notification with id {0:?}")]
     UnknownNotification(String),
+    #[error("notification id {id:?} exists for apps {apps}: name one with --app")]
+    AmbiguousId { id: String, apps: String },
     #[error("the store's writer thread has stopped")]
     Closed,
     #[error("the file's ingest was abandoned before its commit; nothing of it was kept")]

@@ -281,6 +281,20 @@ impl Reader {
             Option<i64>,
             Option<String>,
         );
+        if app.is_none() {
+            // The same id in two apps: say so rather than show one of them.
+            let apps: Vec<String> = self
+                .conn
+                .prepare_cached("SELECT app FROM notifications WHERE ext_id = ?1 ORDER BY app")?
+                .query_map([id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if apps.len() > 1 {
+                return Err(StoreError::AmbiguousId {
+                    id: id.to_string(),
+                    apps: apps.join(", "),
+                });
+            }
+        }
         let row: Option<Row> = self
             .conn
             .query_row(

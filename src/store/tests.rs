@@ -1307,3 +1307,29 @@ fn a_file_beyond_the_hand_off_limit_is_claimed_once_each_and_retries_come_first(
             .all(|(_, pending, done)| *pending == 0 && *done)
     );
 }
+
+/// The same id in two apps: `show` without an app says so instead of showing one of them.
+#[test]
+fn show_names_the_apps_of_an_id_that_two_apps_use() {
+    let (_dir, store) = open();
+    let mut other = notification(Some("same"), Target::Tokens(vec![tok(2)]));
+    if let Record::Notification(n) = &mut other {
+        n.app = "b".into();
+    }
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("same"), Target::Tokens(vec![tok(1)])),
+                other,
+            ],
+        )])
+        .unwrap();
+    let r = query::Reader::open(store.path()).unwrap();
+    match r.show("same", None, 10) {
+        Err(StoreError::AmbiguousId { apps, .. }) => assert_eq!(apps, "a, b"),
+        other => panic!("{other:?}"),
+    }
+    let b = r.show("same", Some("b"), 10).unwrap().unwrap();
+    assert_eq!(b.app, "b");
+}
