@@ -75,6 +75,7 @@ struct Held {
     token: String,
     apns_id: String,
     attempt: u32,
+    latency_ms: f64,
 }
 
 /// Pauses and the `BadDeviceToken` hold, per app and environment.
@@ -179,7 +180,12 @@ impl Guards {
     }
 
     /// A 400 `BadDeviceToken` for claimed delivery `c`: held, or the proof of a burst.
-    pub fn bad_device_token(&self, c: &ClaimedDelivery, reason: &str) -> BadTokenVerdict {
+    pub fn bad_device_token(
+        &self,
+        c: &ClaimedDelivery,
+        reason: &str,
+        latency_ms: f64,
+    ) -> BadTokenVerdict {
         let (app, env) = (c.notification.app.as_str(), c.device.environment);
         let Ok(mut windows) = self.windows.lock() else {
             return BadTokenVerdict::Hold;
@@ -198,6 +204,7 @@ impl Guards {
                 id: c.notification.ext_id.clone(),
                 token: token_prefix(&c.device.token).to_string(),
                 apns_id: c.apns_id.clone(),
+                latency_ms,
                 attempt: c.attempts + 1,
             });
             self.held_signal.notify_one();
@@ -245,13 +252,13 @@ impl Guards {
                     event = "delivery", id = %h.id, app = %app, token = %h.token,
                     environment = %env, status = "invalid_token", http_status = 400,
                     reason = %h.reason, apns_id = %h.apns_id, attempt = h.attempt,
-                    "not delivered"
+                    latency_ms = h.latency_ms, "not delivered"
                 );
                 metrics::get()
                     .deliveries
                     .get_or_create(&OutcomeLabel {
                         outcome: "invalid_token".into(),
-                        reason: h.reason.clone(),
+                        reason: metrics::reason_label(&h.reason).to_string(),
                     })
                     .inc();
                 out.push(DeliveryResult {
@@ -352,7 +359,8 @@ mod tests {
         assert!(matches!(
             g.bad_device_token(
                 &claimed("a", Environment::Production, 70, 7),
-                "BadDeviceToken"
+                "BadDeviceToken",
+                1.0
             ),
             BadTokenVerdict::Hold
         ));
@@ -372,19 +380,19 @@ mod tests {
         let g = Guards::new(&cfg());
         let env = Environment::Sandbox;
         assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 10, 1), "BadDeviceToken"),
+            g.bad_device_token(&claimed("a", env, 10, 1), "BadDeviceToken", 1.0),
             BadTokenVerdict::Hold
         ));
         assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 20, 2), "BadDeviceToken"),
+            g.bad_device_token(&claimed("a", env, 20, 2), "BadDeviceToken", 1.0),
             BadTokenVerdict::Hold
         ));
         // The same device again is no new evidence.
         assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 20, 9), "BadDeviceToken"),
+            g.bad_device_token(&claimed("a", env, 20, 9), "BadDeviceToken", 1.0),
             BadTokenVerdict::Hold
         ));
-        match g.bad_device_token(&claimed("a", env, 30, 3), "BadDeviceToken") {
+        match g.bad_device_token(&claimed("a", env, 30, 3), "BadDeviceToken", 1.0) {
             BadTokenVerdict::Burst { released, .. } => {
                 assert_eq!(released.len(), 3);
                 assert!(released.iter().all(|r| matches!(

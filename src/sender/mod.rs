@@ -442,7 +442,7 @@ impl Inner {
             outcome = self.client.send(&req).await;
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let Some(kind) = self.verdict(&c, outcome, results) else {
+        let Some(kind) = self.verdict(&c, outcome, latency_ms, results) else {
             return; // held by the BadDeviceToken guard
         };
         self.log_outcome(&c, &kind, attempt, latency_ms);
@@ -459,6 +459,7 @@ impl Inner {
         &self,
         c: &ClaimedDelivery,
         outcome: Outcome,
+        latency_ms: f64,
         results: &mpsc::Sender<DeliveryResult>,
     ) -> Option<ResultKind> {
         let app = c.notification.app.as_str();
@@ -473,7 +474,7 @@ impl Inner {
                 })
             }
             Outcome::InvalidToken { status, reason, .. } if status == 400 => {
-                match self.guards.bad_device_token(c, &reason) {
+                match self.guards.bad_device_token(c, &reason, latency_ms) {
                     BadTokenVerdict::Hold => None,
                     BadTokenVerdict::Burst { until_ms, released } => {
                         error!(
@@ -607,8 +608,8 @@ impl Inner {
     }
 
     /// Deliveries the claim ended unsent (expired, or to a device already invalidated) are
-    /// outcomes too: one line and one count each, with the attempts made before, no HTTP
-    /// status and no latency.
+    /// outcomes too: one line and one count each, with the attempts made before, and HTTP
+    /// status and latency 0 (no request was made).
     fn log_ended(&self, ended: &[EndedDelivery]) {
         for e in ended {
             let kind = match e.state {

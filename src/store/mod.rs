@@ -192,7 +192,7 @@ impl Store {
         let notify = new_work.clone();
         std::thread::Builder::new()
             .name("pushdrop-store".into())
-            .spawn(move || writer::run(conn, rx, notify, checkpoints))
+            .spawn(move || writer::run(conn, rx, notify, checkpoints, exclusive))
             .map_err(spawn_failed)?;
         Ok(Store {
             tx,

@@ -224,6 +224,8 @@ pub struct Writer {
 /// already, so claims that walk the queue skip it.
 #[derive(Default)]
 struct HandOffQueue {
+    /// At most this many wait ([`HANDOFF_MAX`], or 0 in a store no sender claims from).
+    max: usize,
     deliveries: std::collections::VecDeque<HandedOff>,
     /// Devices invalidated while deliveries wait here: a hand-off to one of them is given
     /// back to the queue, where the claim ends it as `invalid_token` unsent.
@@ -401,11 +403,14 @@ pub fn new_apns_id() -> String {
 }
 
 /// The writer thread's loop; ends when every [`super::Store`] handle is dropped.
+/// The writer thread's loop. `sends`: a sender claims from this store (the daemon), so
+/// committed deliveries are worth handing over; a one-shot command's store keeps none.
 pub(super) fn run(
     conn: Connection,
     mut rx: mpsc::Receiver<Command>,
     new_work: Arc<Notify>,
     checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+    sends: bool,
 ) {
     let mut w = Writer {
         conn,
@@ -413,7 +418,10 @@ pub(super) fn run(
         in_flight: HashMap::new(),
         cursor: None,
         data_version: None,
-        handoff: HandOffQueue::default(),
+        handoff: HandOffQueue {
+            max: if sends { HANDOFF_MAX } else { 0 },
+            ..HandOffQueue::default()
+        },
     };
     // The baseline of `changed_elsewhere`: from here on, other processes' commits count.
     let _ = w.changed_elsewhere();
@@ -537,7 +545,10 @@ impl Writer {
         &mut self,
         groups: &[&Vec<IngestFile>],
     ) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
-        let room = HANDOFF_MAX.saturating_sub(self.handoff.deliveries.len());
+        let room = self
+            .handoff
+            .max
+            .saturating_sub(self.handoff.deliveries.len());
         let (out, handoffs) = self.durably(|conn, earliest_due| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
@@ -602,7 +613,10 @@ impl Writer {
         mut file: IngestFile,
         chunks: std::sync::mpsc::Receiver<StreamMsg>,
     ) -> Result<IngestOutcome, StoreError> {
-        let room = HANDOFF_MAX.saturating_sub(self.handoff.deliveries.len());
+        let room = self
+            .handoff
+            .max
+            .saturating_sub(self.handoff.deliveries.len());
         let (out, handoffs) = self.durably(|conn, earliest_due| {
             let tx = conn.transaction()?;
             let mut fw = FileWriter::new(&tx, &file, room)?;
