@@ -236,16 +236,38 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
         },
     );
     let daemon = w.env.start();
+    // Two failing the same way: status lists the kind once.
     w.env.drop_file(
-        "n.json",
-        notification_to("p", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+        "n.jsonl",
+        format!(
+            "{}\n{}\n",
+            notification_to("p", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+            notification_to("q", &format!(r#"{{"tokens":["{t}"]}}"#), "")
+        ),
     );
     w.wait_idle("final");
+    wait_for("noted for status", || {
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'failed'")
+            >= 1
+    });
     daemon.shutdown();
     let (state, attempts, reason) = w.state_of("p", &t);
     assert_eq!((state, attempts), (2, 1));
     assert_eq!(reason.as_deref(), Some("DeviceTokenNotForTopic"));
-    assert_eq!(w.sim.requests(), 1, "no retry");
+    assert_eq!(w.sim.requests(), 2, "no retry");
+    let out = w.env.pushdrop(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors = status["recent_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["kind"], "failed");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("400 DeviceTokenNotForTopic"),
+        "{errors:?}"
+    );
 }
 
 #[test]

@@ -88,7 +88,16 @@ struct Inner {
     /// The `sent` series of the deliveries counter, looked up once (on the first success, so
     /// it appears in /metrics when it has something to say), not per delivery.
     sent_counter: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
+    /// When a `failed`/`expired` outcome of an (app, state, reason) was last noted for
+    /// `pushdrop status`'s recent errors: at most one a minute each, so a config mistake that
+    /// fails every delivery leaves one line there, not a million rows.
+    noted_failures: std::sync::Mutex<
+        std::collections::HashMap<(String, &'static str, String), std::time::Instant>,
+    >,
 }
+
+/// How often one kind of failed delivery is noted among `status`'s recent errors.
+const NOTE_FAILURES_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the sender on the current tokio runtime.
 pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle {
@@ -106,6 +115,7 @@ pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle
         client,
         receipts,
         sent_counter: std::sync::OnceLock::new(),
+        noted_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
     SenderHandle { stop, task }
@@ -628,6 +638,41 @@ impl Inner {
         }
     }
 
+    /// A failed or expired delivery among `status`'s recent errors, once a minute per (app,
+    /// state, reason).
+    fn note_failure(
+        &self,
+        c: &ClaimedDelivery,
+        state: &'static str,
+        status: Option<u16>,
+        reason: &str,
+        label: &str,
+    ) {
+        let app = c.notification.app.as_str();
+        let key = (app.to_string(), state, label.to_string());
+        {
+            let mut noted = self
+                .noted_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if noted
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < NOTE_FAILURES_EVERY)
+            {
+                return;
+            }
+            noted.insert(key, std::time::Instant::now());
+        }
+        let status = status.map(|s| format!("{s} ")).unwrap_or_default();
+        let message = format!(
+            "delivery {state}: {status}{reason} (notification {}, token {}…; more like it within a minute are not listed)",
+            c.notification.ext_id,
+            token_prefix(&c.device.token)
+        );
+        let (store, app) = (self.store.clone(), app.to_string());
+        tokio::spawn(async move { store.note_event(state, Some(&app), &message).await });
+    }
+
     /// One line per outcome (SPEC 4.4). Text fields go in as `&str`, not `%Display`: the
     /// same JSON, without a trip through `core::fmt` for each (this runs once per delivery).
     fn log_outcome(&self, c: &ClaimedDelivery, kind: &ResultKind, attempt: u32, latency_ms: f64) {
@@ -667,13 +712,17 @@ impl Inner {
                 })
                 .inc();
         } else if state != "retry" {
+            let label = metrics::reason_label(reason);
             metrics::get()
                 .deliveries
                 .get_or_create(&OutcomeLabel {
                     outcome: state.to_string(),
-                    reason: metrics::reason_label(reason).to_string(),
+                    reason: label.to_string(),
                 })
                 .inc();
+            if matches!(kind, ResultKind::Failed { .. } | ResultKind::Expired { .. }) {
+                self.note_failure(c, state, status, reason, label);
+            }
         }
         let status = status.map(i64::from).unwrap_or(0);
         match kind {
