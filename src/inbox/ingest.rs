@@ -198,7 +198,7 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
     if ft.is_symlink() {
         return Err(Examined::Reject(Rejection::file(
             RejectReason::Symlink,
-            "is a symbolic link: pushdrop never follows links (the link was moved here; its target was not read)",
+            "is a symbolic link: pushdrop never follows links, so the link itself is rejected and its target is not read",
         )));
     }
     if !ft.is_file() {

@@ -1567,13 +1567,40 @@ fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
     }
 }
 
-/// serde_json's message without its " at line X column Y" tail (we say where ourselves).
+/// serde_json's message without its " at line X column Y" tail (we say where ourselves), with
+/// Rust's type names and parser terms put in a dropper's words.
 fn serde_message(e: &serde_json::Error) -> String {
     let s = e.to_string();
-    match s.rfind(" at line ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
+    let s = match s.rfind(" at line ") {
+        Some(i) => &s[..i],
+        None => &s,
+    };
+    const PLAIN: &[(&str, &str)] = &[
+        ("expected i64", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        (
+            "recursion limit exceeded",
+            "nested too deeply (more than 128 levels of arrays and objects)",
+        ),
+        (
+            "unexpected end of hex escape",
+            "a \\u escape is cut short or is half a surrogate pair",
+        ),
+        (
+            "lone leading surrogate in hex escape",
+            "a \\u escape is half a surrogate pair",
+        ),
+    ];
+    let mut out = s.to_string();
+    for (from, to) in PLAIN {
+        if out.contains(from) {
+            out = out.replace(from, to);
+        }
     }
+    out
 }
 
 /// At most [`EXCERPT_CHARS`] characters of file content.
@@ -2062,5 +2089,29 @@ mod tests {
         // Inside the array, the record it broke in is named.
         let r = problems(&format!("[{}, {{\"type\" 1}}]", notif("")), FileKind::Json);
         assert_eq!(r.problems[0].record, Some(1), "{:?}", r.problems);
+    }
+
+    /// Messages speak a dropper's language, not Rust's or the parser's.
+    #[test]
+    fn messages_avoid_rust_type_names_and_parser_terms() {
+        let deep = format!(
+            r#"{{"type":"notification","to":{{"all":true}},"payload":{{"aps":{{}},"x":{}{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let text = format!("{}\n{deep}\n", notif(r#","priority":"x""#));
+        let r = problems(&text, FileKind::Jsonl);
+        let messages: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            messages[0].contains("expected a whole number"),
+            "{messages:?}"
+        );
+        assert!(messages[1].contains("nested too deeply"), "{messages:?}");
+        assert!(
+            !messages
+                .iter()
+                .any(|m| m.contains("i64") || m.contains("recursion")),
+            "{messages:?}"
+        );
     }
 }
