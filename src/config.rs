@@ -515,15 +515,15 @@ impl Config {
     /// Reads, parses and validates the config file; relative paths become absolute against the
     /// file's folder. Returns warnings beside the config (world-readable keys and the like).
     pub fn load(path: &Path) -> Result<(Config, ConfigWarnings), ConfigError> {
-        Config::load_checked(path, |_| Vec::new())
+        Config::load_checked(path, |_| (Vec::new(), Vec::new()))
     }
 
-    /// [`Config::load`], with more checks by `extra` on the loaded config (the commands that
-    /// send check the contents of key and certificate files this way); its problems are
+    /// [`Config::load`], with more checks by `extra` on the loaded config (the contents of key
+    /// and certificate files are checked this way). `extra` returns problems and warnings,
     /// named by key and line like the config's own.
     pub fn load_checked(
         path: &Path,
-        extra: impl FnOnce(&Config) -> Vec<ConfigProblem>,
+        extra: impl FnOnce(&Config) -> (Vec<ConfigProblem>, ConfigWarnings),
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
         let fail = |key: &str, message: String| ConfigError {
             path: path.to_path_buf(),
@@ -549,14 +549,14 @@ impl Config {
         source: &Path,
         base_dir: &Path,
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
-        Config::from_toml_checked(text, source, base_dir, |_| Vec::new())
+        Config::from_toml_checked(text, source, base_dir, |_| (Vec::new(), Vec::new()))
     }
 
     fn from_toml_checked(
         text: &str,
         source: &Path,
         base_dir: &Path,
-        extra: impl FnOnce(&Config) -> Vec<ConfigProblem>,
+        extra: impl FnOnce(&Config) -> (Vec<ConfigProblem>, ConfigWarnings),
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
         let mut cfg: Config = match toml::from_str(text) {
             Ok(c) => c,
@@ -572,7 +572,9 @@ impl Config {
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
         cfg.resolve_and_check(&mut problems, &mut warnings);
-        problems.extend(extra(&cfg));
+        let (more_problems, more_warnings) = extra(&cfg);
+        problems.extend(more_problems);
+        warnings.extend(more_warnings);
         let doc = toml_edit::ImDocument::parse(text).ok();
         let locate = |mut p: ConfigProblem| {
             if p.line.is_none() {

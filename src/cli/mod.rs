@@ -21,10 +21,11 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-/// [`load_config`] for the commands that send (`run`): the contents of key, certificate and
-/// CA files are checked too, so that a bad one is a bad config.
+/// [`load_config`] for the command that sends (`run`): the contents of key, certificate and
+/// CA files are checked too, so that one it cannot use is a bad config (exit 64).
 pub fn load_config_to_send(path: &Path) -> anyhow::Result<Config> {
-    let (cfg, warnings) = Config::load_checked(path, crate::apns::credential_problems)?;
+    let (cfg, warnings) =
+        Config::load_checked(path, |c| (crate::apns::credential_problems(c), Vec::new()))?;
     for w in warnings {
         eprintln!("warning: {}: {w}", path.display());
     }
@@ -58,9 +59,19 @@ pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
     }
 }
 
-/// `pushdrop check-config`: every problem with key and line; exit 64 if there is one.
+/// `pushdrop check-config`: every problem with key and line; exit 64 if there is one. A key,
+/// certificate or CA file whose contents `run` cannot use is a warning here, not an error:
+/// the config itself is sound (a deployment may put the real key in place later, and tests
+/// check configs with placeholder keys), but `run` will refuse it, and the warning says so.
 pub fn check_config(path: &Path) -> anyhow::Result<i32> {
-    match Config::load_checked(path, crate::apns::credential_problems) {
+    let unusable = |c: &Config| {
+        let mut warnings = crate::apns::credential_problems(c);
+        for w in &mut warnings {
+            w.message.push_str(" (`pushdrop run` refuses it)");
+        }
+        (Vec::new(), warnings)
+    };
+    match Config::load_checked(path, unusable) {
         Ok((cfg, warnings)) => {
             for w in &warnings {
                 println!("warning: {w}");
