@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::inbox::{Env, wait_for};
+use common::inbox::{Env, notification, token, wait_for};
 
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("inbox-example");
@@ -51,6 +51,33 @@ fn validate_accepts_every_example_but_broken() {
     // Nothing was ingested or moved.
     assert!(!env.db.exists());
     assert!(examples().iter().all(|p| p.exists()));
+}
+
+/// A file that repeats a notification id is valid (ingest skips the repeat), and `validate`
+/// says which record repeats which.
+#[test]
+fn validate_notes_an_id_a_file_repeats() {
+    let env = Env::new();
+    let t = token(7);
+    let file = env.dir.path().join("dup.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{}\n{}\n",
+            notification("x", &t),
+            notification("y", &t),
+            notification("x", &t)
+        ),
+    )
+    .unwrap();
+    let out = env.pushdrop(&["validate", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("note: record 2 repeats the id \"x\" of record 0"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
 }
 
 #[test]

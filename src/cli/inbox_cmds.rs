@@ -18,6 +18,7 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         let name = display_name(f);
         let rejection = match examine(f, &cfg, true) {
             Examined::Ready {
+                file,
                 devices,
                 notifications,
                 ..
@@ -28,6 +29,14 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                     plural(devices),
                     plural(notifications)
                 );
+                // Not a rejection (ingest skips the later one and keeps the file), but worth
+                // knowing before the drop.
+                for (index, id, first) in repeated_ids(&file.records) {
+                    println!(
+                        "{}: note: record {index} repeats the id {id:?} of record {first}; ingest will skip it as a duplicate",
+                        f.display()
+                    );
+                }
                 continue;
             }
             Examined::Reject(r) => r,
@@ -51,6 +60,26 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         );
     }
     Ok(if bad > 0 { 1 } else { 0 })
+}
+
+/// Notifications of one file whose app and id an earlier record of the file already has:
+/// (record index, id, index of the first).
+fn repeated_ids(records: &[crate::model::Record]) -> Vec<(usize, &str, usize)> {
+    let mut first = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if let crate::model::Record::Notification(n) = r
+            && let Some(id) = n.id.as_deref()
+        {
+            match first.entry((n.app.as_str(), id)) {
+                std::collections::hash_map::Entry::Occupied(e) => out.push((i, id, *e.get())),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(i);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn plural(n: usize) -> &'static str {
