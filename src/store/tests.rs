@@ -1253,7 +1253,7 @@ fn a_handed_off_delivery_that_expires_before_it_is_taken_ends_expired() {
 #[test]
 fn a_file_beyond_the_hand_off_limit_is_claimed_once_each_and_retries_come_first() {
     let (_dir, store) = open();
-    let n = writer::HANDOFF_MAX_IN_TESTS as u32 + 150;
+    let n = writer::HANDOFF_MAX as u32 + 150;
     let recs: Vec<Record> = (0..n)
         .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
         .collect();

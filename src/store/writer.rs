@@ -76,17 +76,8 @@ const NOTIFICATION_CACHE: usize = 4096;
 /// The hand-offs are made while the file's transaction fills the big ingest page cache, so
 /// they add to the daemon's peak memory: 65,536 of them took a 100,000-notification file's
 /// peak RSS from 129 to 177 MB, which would put a 64 MiB file past 200 MB.
-const HANDOFF_MAX: usize = if cfg!(test) {
-    HANDOFF_MAX_IN_TESTS
-} else {
-    32_768
-};
-
-/// [`HANDOFF_MAX`] in the store's unit tests, which cross it with a few hundred deliveries.
-#[cfg(test)]
-pub(super) const HANDOFF_MAX_IN_TESTS: usize = 200;
-#[cfg(not(test))]
-const HANDOFF_MAX_IN_TESTS: usize = 0;
+/// The store's unit tests cross it with a few hundred deliveries.
+pub(super) const HANDOFF_MAX: usize = if cfg!(test) { 200 } else { 32_768 };
 
 /// An `INSERT` of several rows: `INSERT OR IGNORE INTO $rest`. Every `INSERT` of the writer
 /// that may write more than one row goes through this, for one reason: a statement of several
@@ -237,6 +228,11 @@ struct HandOffQueue {
 }
 
 impl HandOffQueue {
+    /// How many more deliveries a commit may hand over.
+    fn room(&self) -> usize {
+        self.max.saturating_sub(self.deliveries.len())
+    }
+
     /// A delivery went (back) to the queue, due at `due_at`.
     fn queued(&mut self, due_at: i64) {
         if !self.deliveries.is_empty() {
@@ -545,10 +541,7 @@ impl Writer {
         &mut self,
         groups: &[&Vec<IngestFile>],
     ) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
-        let room = self
-            .handoff
-            .max
-            .saturating_sub(self.handoff.deliveries.len());
+        let room = self.handoff.room();
         let (out, handoffs) = self.durably(|conn, earliest_due| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(groups.len());
@@ -613,10 +606,7 @@ impl Writer {
         mut file: IngestFile,
         chunks: std::sync::mpsc::Receiver<StreamMsg>,
     ) -> Result<IngestOutcome, StoreError> {
-        let room = self
-            .handoff
-            .max
-            .saturating_sub(self.handoff.deliveries.len());
+        let room = self.handoff.room();
         let (out, handoffs) = self.durably(|conn, earliest_due| {
             let tx = conn.transaction()?;
             let mut fw = FileWriter::new(&tx, &file, room)?;
@@ -1566,9 +1556,9 @@ impl HandOffs {
         }
     }
 
-    /// Adds the hand-offs of the transaction's next file.
+    /// Adds the hand-offs of the transaction's next file, which started with this `room`.
     fn absorb(&mut self, other: HandOffs) {
-        self.room = self.room.saturating_sub(other.deliveries.len());
+        self.room = other.room;
         self.registered |= other.registered;
         self.deliveries.extend(other.deliveries);
     }
