@@ -116,18 +116,13 @@ fn main() -> ExitCode {
     ) {
         cli::quiet_on_closed_pipe();
     }
-    // `demo` and `simulate` use no config; one named all the same must be a good one.
     let named = cli.config.as_deref();
-    if matches!(cli.command, Command::Demo { .. } | Command::Simulate { .. })
-        && let Some(path) = named
-        && let Err(e) = cli::load_config(path)
-    {
-        return cli::exit(Err(e));
-    }
     let config = named.unwrap_or(Path::new("config/pushdrop.toml"));
     let result = match cli.command {
         Command::Run => cli::run::run(config),
-        Command::Demo { examples, keep } => cli::demo::demo(examples.as_deref(), keep),
+        Command::Demo { examples, keep } => {
+            cli::check_named_config(named).and_then(|()| cli::demo::demo(examples.as_deref(), keep))
+        }
         Command::Validate { files } => cli::inbox_cmds::validate(config, &files),
         Command::Ingest { files } => cli::inbox_cmds::ingest(config, &files),
         Command::Status { json } => cli::store_cmds::status(config, json),
@@ -155,7 +150,8 @@ fn main() -> ExitCode {
             dir,
             latency_ms,
             script,
-        } => cli::simulate::simulate(&listen, &dir, latency_ms, script.as_deref()),
+        } => cli::check_named_config(named)
+            .and_then(|()| cli::simulate::simulate(&listen, &dir, latency_ms, script.as_deref())),
         Command::CheckConfig => cli::check_config(config),
         Command::Backup { dest } => cli::store_cmds::backup(config, &dest),
     };

@@ -21,6 +21,15 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// For the commands that use no config (`demo`, `simulate`): one named all the same
+/// (`--config`, `PUSHDROP_CONFIG`) must be a good one.
+pub fn check_named_config(named: Option<&Path>) -> anyhow::Result<()> {
+    match named {
+        Some(path) => load_config(path).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// [`load_config`] for the command that sends (`run`): the contents of key, certificate and
 /// CA files are checked too, so that one it cannot use is a bad config (exit 64).
 pub fn load_config_to_send(path: &Path) -> anyhow::Result<Config> {
