@@ -210,14 +210,35 @@ fn finished(
         .collect()
 }
 
+/// The `delivery` lines of notification `id` in the JSON log files of `dir`, in order.
+fn delivery_lines(dir: &Path, id: &str) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| l["event"] == "delivery" && l["id"] == id)
+        .collect()
+}
+
 #[test]
 fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
-    let (gone, flaky, wrong_topic, fine) = (
+    let (gone, flaky, wrong_topic, fine, bad) = (
         "a1".repeat(16),
         "b2".repeat(16),
         "c3".repeat(16),
         "d4".repeat(16),
+        "e5".repeat(16),
     );
     let script = dir.path().join("script.toml");
     std::fs::write(
@@ -226,7 +247,8 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
             "[tokens]\n\
              \"{gone}\" = {{ status = 410, timestamp_ms = 1796000000000 }}\n\
              \"{flaky}\" = {{ status = 503, first = 2 }}\n\
-             \"{wrong_topic}\" = {{ status = 400, reason = \"DeviceTokenNotForTopic\" }}\n"
+             \"{wrong_topic}\" = {{ status = 400, reason = \"DeviceTokenNotForTopic\" }}\n\
+             \"{bad}\" = {{ status = 400 }}\n"
         ),
     )
     .unwrap();
@@ -245,7 +267,7 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
         std::fs::read_to_string(&sim_log).is_ok_and(|l| l.contains("Ctrl-C stops"))
     });
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[sender]\nretry_initial_ms = 20\n");
+    text.push_str("\n[sender]\nretry_initial_ms = 20\n\n[log]\ndir = \"log\"\n");
     std::fs::write(&config, text).unwrap();
     let inbox = sim_dir.join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -261,7 +283,7 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
         std::fs::rename(&tmp, inbox.join(name)).unwrap();
     };
 
-    drop("1.jsonl", "n1", &[&gone, &flaky, &wrong_topic, &fine]);
+    drop("1.jsonl", "n1", &[&gone, &flaky, &wrong_topic, &fine, &bad]);
     let got = finished(&config, dir.path(), "n1");
     let want = |s: &str, a: i64, r: &str| (s.to_string(), a, r.to_string());
     assert_eq!(got[&gone], want("invalid_token", 1, "Unregistered"));
@@ -271,6 +293,49 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
         want("failed", 1, "DeviceTokenNotForTopic")
     );
     assert_eq!(got[&fine], want("sent", 1, ""));
+    // A lone BadDeviceToken is no burst: held a moment, then the device is invalid.
+    assert_eq!(got[&bad], want("invalid_token", 1, "BadDeviceToken"));
+
+    // SPEC 4.4: every delivery outcome is one line of the log file, with the notification's
+    // id, app, token prefix, status, reason, apns-id, attempt and latency.
+    let lines = delivery_lines(&sim_dir.join("log"), "n1");
+    let of = |t: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["token"] == t[..8]).collect()
+    };
+    let expect = [
+        (&gone, vec![("invalid_token", 410, "Unregistered", 1)]),
+        (
+            &flaky,
+            vec![
+                ("retry", 503, "ServiceUnavailable", 1),
+                ("retry", 503, "ServiceUnavailable", 2),
+                ("sent", 200, "", 3),
+            ],
+        ),
+        (
+            &wrong_topic,
+            vec![("failed", 400, "DeviceTokenNotForTopic", 1)],
+        ),
+        (&fine, vec![("sent", 200, "", 1)]),
+        (&bad, vec![("invalid_token", 400, "BadDeviceToken", 1)]),
+    ];
+    assert_eq!(lines.len(), 7, "{lines:#?}");
+    for (token, outcomes) in expect {
+        let got = of(token);
+        assert_eq!(got.len(), outcomes.len(), "{token}: {got:#?}");
+        for (line, (status, http, reason, attempt)) in got.iter().zip(outcomes) {
+            assert_eq!(line["app"], "simulated", "{line}");
+            assert_eq!(line["status"], status, "{line}");
+            assert_eq!(line["http_status"], http, "{line}");
+            assert_eq!(line["reason"], reason, "{line}");
+            assert_eq!(line["attempt"], attempt, "{line}");
+            assert_eq!(line["apns_id"].as_str().map(str::len), Some(36), "{line}");
+            assert!(
+                line["latency_ms"].as_f64().is_some_and(|l| l > 0.0),
+                "{line}"
+            );
+        }
+    }
 
     // A new script replaces the old one: `fine` is now gone, `flaky` is well again.
     std::fs::write(

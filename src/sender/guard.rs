@@ -7,11 +7,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{Environment, SenderConfig};
-use crate::metrics::{self, OutcomeLabel, PauseLabel};
-use crate::model::{now_ms, token_prefix};
+use crate::metrics::{self, PauseLabel};
+use crate::model::now_ms;
 use crate::store::{ClaimedDelivery, DeliveryResult, ResultKind};
 
 /// How long the burst detector looks back.
@@ -25,9 +25,6 @@ const HOLD_MS: u64 = 2000;
 pub const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
 
 type Key = (String, Environment);
-
-/// Both environments, in the order of [`env_index`].
-const ENVS: [Environment; 2] = [Environment::Production, Environment::Sandbox];
 
 fn env_index(env: Environment) -> usize {
     match env {
@@ -66,16 +63,20 @@ struct Window {
 }
 
 struct Held {
-    delivery_id: i64,
+    /// The delivery as it was sent, for its log line when the hold ends.
+    delivery: ClaimedDelivery,
     reason: String,
     at: Instant,
     at_ms: i64,
-    /// For the delivery's log line when the hold ends.
-    id: String,
-    token: String,
-    apns_id: String,
-    attempt: u32,
     latency_ms: f64,
+}
+
+/// A held `BadDeviceToken` answer whose hold passed without a burst: the device is invalid.
+/// The sender logs and counts it like any other outcome.
+pub struct Released {
+    pub delivery: ClaimedDelivery,
+    pub kind: ResultKind,
+    pub latency_ms: f64,
 }
 
 /// Pauses and the `BadDeviceToken` hold, per app and environment.
@@ -197,15 +198,11 @@ impl Guards {
         let burst = bad >= self.burst || (bad >= MIN_BURST && bad > win.ok);
         if !burst {
             win.held.push(Held {
-                delivery_id: c.delivery_id,
+                delivery: c.clone(),
                 reason: reason.to_string(),
                 at: Instant::now(),
                 at_ms: now_ms(),
-                id: c.notification.ext_id.clone(),
-                token: token_prefix(&c.device.token).to_string(),
-                apns_id: c.apns_id.clone(),
                 latency_ms,
-                attempt: c.attempts + 1,
             });
             self.held_signal.notify_one();
             return BadTokenVerdict::Hold;
@@ -218,7 +215,7 @@ impl Guards {
         let released = held
             .into_iter()
             .map(|h| DeliveryResult {
-                delivery_id: h.delivery_id,
+                delivery_id: h.delivery.delivery_id,
                 kind: ResultKind::held_until(until_ms, Some(400), h.reason),
             })
             .collect();
@@ -233,43 +230,25 @@ impl Guards {
     }
 
     /// Held answers whose hold has passed without a burst: their devices are invalid.
-    pub fn release_due(&self) -> Vec<DeliveryResult> {
+    pub fn release_due(&self) -> Vec<Released> {
         let Ok(mut windows) = self.windows.lock() else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for ((app, env), win) in windows
-            .iter_mut()
-            .flat_map(|(app, envs)| envs.iter_mut().zip(ENVS).map(move |(w, e)| ((app, e), w)))
-        {
+        for win in windows.values_mut().flatten() {
             let (due, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut win.held)
                 .into_iter()
                 .partition(|h| h.at.elapsed() >= self.hold);
             win.held = keep;
-            for h in due {
-                warn!(
-                    target: super::DELIVERY_TARGET,
-                    event = "delivery", id = %h.id, app = %app, token = %h.token,
-                    environment = %env, status = "invalid_token", http_status = 400,
-                    reason = %h.reason, apns_id = %h.apns_id, attempt = h.attempt,
-                    latency_ms = h.latency_ms, "not delivered"
-                );
-                metrics::get()
-                    .deliveries
-                    .get_or_create(&OutcomeLabel {
-                        outcome: "invalid_token".into(),
-                        reason: metrics::reason_label(&h.reason).to_string(),
-                    })
-                    .inc();
-                out.push(DeliveryResult {
-                    delivery_id: h.delivery_id,
-                    kind: ResultKind::InvalidToken {
-                        status: 400,
-                        reason: h.reason,
-                        invalidated_at_ms: h.at_ms,
-                    },
-                });
-            }
+            out.extend(due.into_iter().map(|h| Released {
+                delivery: h.delivery,
+                kind: ResultKind::InvalidToken {
+                    status: 400,
+                    reason: h.reason,
+                    invalidated_at_ms: h.at_ms,
+                },
+                latency_ms: h.latency_ms,
+            }));
         }
         out
     }
@@ -285,7 +264,7 @@ impl Guards {
             .flatten()
             .flat_map(|w| std::mem::take(&mut w.held))
             .map(|h| DeliveryResult {
-                delivery_id: h.delivery_id,
+                delivery_id: h.delivery.delivery_id,
                 kind: ResultKind::held_until(now, Some(400), h.reason),
             })
             .collect()

@@ -305,7 +305,13 @@ async fn recorder(
                     Some(r) => batch.push(r),
                     None => stopping = true,
                 },
-                _ = tick.tick(), if holding => batch.extend(inner.guards.release_due()),
+                _ = tick.tick(), if holding => {
+                    for r in inner.guards.release_due() {
+                        let d = &r.delivery;
+                        inner.log_outcome(d, &r.kind, d.attempts + 1, r.latency_ms);
+                        batch.push(DeliveryResult { delivery_id: d.delivery_id, kind: r.kind });
+                    }
+                }
                 _ = inner.guards.held_signal.notified(), if !holding => {}
                 _ = stop.changed() => {
                     rx.close();
