@@ -26,6 +26,9 @@ pub const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
 
 type Key = (String, Environment);
 
+/// Both environments, in the order of [`env_index`].
+const ENVS: [Environment; 2] = [Environment::Production, Environment::Sandbox];
+
 fn env_index(env: Environment) -> usize {
     match env {
         Environment::Production => 0,
@@ -37,6 +40,10 @@ fn env_index(env: Environment) -> usize {
 pub enum BadTokenVerdict {
     /// Held for a moment; the guard reports it later (invalid, or released by a burst).
     Hold,
+    /// The app and environment are paused (a burst, or its credentials): an answer now says
+    /// nothing about the device (it was sent before the pause, under the config that caused
+    /// it). The delivery waits for the pause to end, its attempt not counted.
+    Paused { until_ms: i64 },
     /// A burst: the app and environment are paused until `until_ms`; `released` are the held
     /// answers handed back to the queue, not invalidated.
     Burst {
@@ -188,6 +195,9 @@ impl Guards {
         latency_ms: f64,
     ) -> BadTokenVerdict {
         let (app, env) = (c.notification.app.as_str(), c.device.environment);
+        if let Some(until_ms) = self.paused_until(app, env) {
+            return BadTokenVerdict::Paused { until_ms };
+        }
         let Ok(mut windows) = self.windows.lock() else {
             return BadTokenVerdict::Hold;
         };
@@ -210,8 +220,10 @@ impl Guards {
         let held = std::mem::take(&mut win.held);
         // A fresh window after the pause: the next burst must prove itself again.
         *win = Window::default();
-        drop(windows);
+        // Paused before the window is let go: an answer of the same round taken next must
+        // find the pause, not an empty window that would hold it as a lone dead device.
         let (until_ms, _) = self.pause(app, env, "bad_device_token_burst", MAX_PAUSE_MS);
+        drop(windows);
         let released = held
             .into_iter()
             .map(|h| DeliveryResult {
@@ -229,26 +241,37 @@ impl Guards {
             .is_ok_and(|w| w.values().flatten().any(|win| !win.held.is_empty()))
     }
 
-    /// Held answers whose hold has passed without a burst: their devices are invalid.
+    /// Held answers whose hold has passed without a burst: their devices are invalid. Unless
+    /// the app and environment are paused by then: the answers go back to the queue, as a
+    /// burst would have sent them, and wait for the pause to end.
     pub fn release_due(&self) -> Vec<Released> {
         let Ok(mut windows) = self.windows.lock() else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for win in windows.values_mut().flatten() {
-            let (due, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut win.held)
-                .into_iter()
-                .partition(|h| h.at.elapsed() >= self.hold);
-            win.held = keep;
-            out.extend(due.into_iter().map(|h| Released {
-                delivery: h.delivery,
-                kind: ResultKind::InvalidToken {
-                    status: 400,
-                    reason: h.reason,
-                    invalidated_at_ms: h.at_ms,
-                },
-                latency_ms: h.latency_ms,
-            }));
+        for (app, envs) in windows.iter_mut() {
+            for (win, env) in envs.iter_mut().zip(ENVS) {
+                let (due, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut win.held)
+                    .into_iter()
+                    .partition(|h| h.at.elapsed() >= self.hold);
+                win.held = keep;
+                if due.is_empty() {
+                    continue;
+                }
+                let paused = self.paused_until(app, env);
+                out.extend(due.into_iter().map(|h| Released {
+                    delivery: h.delivery,
+                    kind: match paused {
+                        Some(until_ms) => ResultKind::held_until(until_ms, Some(400), h.reason),
+                        None => ResultKind::InvalidToken {
+                            status: 400,
+                            reason: h.reason,
+                            invalidated_at_ms: h.at_ms,
+                        },
+                    },
+                    latency_ms: h.latency_ms,
+                }));
+            }
         }
         out
     }
@@ -354,6 +377,35 @@ mod tests {
         assert_eq!(g.paused_until("a", Environment::Production), None);
     }
 
+    /// An answer during a pause proves nothing about its device: it waits for the pause to
+    /// end. A held answer whose hold ends during a pause goes back to the queue too.
+    #[test]
+    fn answers_during_a_pause_invalidate_nothing() {
+        let mut g = Guards::new(&cfg());
+        g.hold = Duration::from_millis(50);
+        let env = Environment::Production;
+        for _ in 0..10 {
+            g.success("a", env);
+        }
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 1, 1), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Hold
+        ));
+        let (until, _) = g.pause("a", env, "credentials", MAX_PAUSE_MS);
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 2, 2), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Paused { until_ms } if until_ms == until
+        ));
+        std::thread::sleep(Duration::from_millis(80));
+        let r = g.release_due();
+        assert_eq!(r.len(), 1);
+        assert!(
+            matches!(r[0].kind, ResultKind::Retry { due_at_ms, count_attempt: false, .. } if due_at_ms == until),
+            "{:?}",
+            r[0].kind
+        );
+    }
+
     #[test]
     fn a_burst_pauses_and_invalidates_nothing() {
         let g = Guards::new(&cfg());
@@ -382,9 +434,14 @@ mod tests {
                     }
                 )));
             }
-            BadTokenVerdict::Hold => panic!("3 of 3 answers bad is a burst"),
+            _ => panic!("3 of 3 answers bad is a burst"),
         }
         assert!(g.paused_until("a", env).is_some());
+        // A straggler of the same round, answering after the burst, waits for the pause.
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 40, 4), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Paused { .. }
+        ));
         assert_eq!(g.paused_until("a", Environment::Production), None);
         assert!(g.release_due().is_empty());
     }

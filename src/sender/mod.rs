@@ -492,6 +492,9 @@ impl Inner {
             Outcome::InvalidToken { status, reason, .. } if status == 400 => {
                 match self.guards.bad_device_token(c, &reason, latency_ms) {
                     BadTokenVerdict::Hold => None,
+                    BadTokenVerdict::Paused { until_ms } => {
+                        Some(ResultKind::held_until(until_ms, Some(status), reason))
+                    }
                     BadTokenVerdict::Burst { until_ms, released } => {
                         error!(
                             event = "app_paused",
