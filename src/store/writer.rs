@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rusqlite::functions::FunctionFlags;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{DeviceInfo, IngestFile, IngestOutcome, NotificationInfo, PurgeCounts, StoreError};
@@ -543,7 +543,7 @@ impl Writer {
     ) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
         let room = self.handoff.room();
         let (out, handoffs) = self.durably(|conn, earliest_due| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut out = Vec::with_capacity(groups.len());
             let mut handoffs = HandOffs::new(room);
             for files in groups {
@@ -608,7 +608,7 @@ impl Writer {
     ) -> Result<IngestOutcome, StoreError> {
         let room = self.handoff.room();
         let (out, handoffs) = self.durably(|conn, earliest_due| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut fw = FileWriter::new(&tx, &file, room)?;
             loop {
                 match chunks.recv() {
@@ -665,7 +665,9 @@ impl Writer {
                 if made >= max_rows {
                     return Ok((made, finished));
                 }
-                let tx = self.conn.transaction()?;
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let ts = now_ms();
                 let due_at = send_at;
                 queued_at(&mut self.cursor, due_at);
@@ -766,7 +768,9 @@ impl Writer {
                 return Ok(claim);
             }
         }
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut expired = Vec::new();
         let mut invalid = Vec::new();
         // Walk the queue from the cursor; if that comes back short and did not start at the
@@ -963,7 +967,9 @@ impl Writer {
         results: Vec<DeliveryResult>,
     ) -> Result<Vec<FinishedNotification>, StoreError> {
         let now = now_ms();
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut finals = Finals::default();
         let mut sent = tx.prepare_cached(mark_sent_sql!("id = ?1"))?;
         // `Sent` results for deliveries in flight (nearly all results), the only result for
@@ -1121,7 +1127,9 @@ impl Writer {
     /// See [`super::Store::retry_failed_blocking`].
     pub fn retry_failed(&mut self, id: Option<&str>) -> Result<usize, StoreError> {
         let now = now_ms();
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some(id) = id {
             let known: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM notifications WHERE ext_id = ?1)",
@@ -1159,7 +1167,9 @@ impl Writer {
     /// deliveries leave with it once it is past retention, so `show` and receipts never see
     /// half a notification.
     pub fn purge(&mut self, cutoff: i64) -> Result<PurgeCounts, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         // A notification with a single delivery has no progress row (schema 5): it finished
         // when its delivery did, and goes with it.
         let mut notifications = tx.execute(
