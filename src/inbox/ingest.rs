@@ -100,11 +100,77 @@ impl FileOutcome {
 struct Ready {
     path: PathBuf,
     name: String,
-    dev: u64,
-    ino: u64,
+    /// What was read and committed: the file as it was then, to tell whether the file moved
+    /// afterwards is still that file, and still holds only what was read.
+    read: ReadIdentity,
     devices: usize,
     notifications: usize,
     started: Instant,
+}
+
+impl Ready {
+    /// A parsed file, `(devices, notifications)` counted, about to be committed as `file`.
+    fn new(
+        path: PathBuf,
+        name: String,
+        dev: u64,
+        file: &IngestFile,
+        (devices, notifications): (usize, usize),
+        started: Instant,
+    ) -> Ready {
+        let kind = FileKind::from_name(&name).unwrap_or(FileKind::Json);
+        Ready {
+            path,
+            name,
+            read: ReadIdentity {
+                dev,
+                ino: file.ino,
+                size: file.size,
+                mtime_ns: file.mtime_ns,
+                sha256: file.sha256.clone(),
+                kind,
+            },
+            devices,
+            notifications,
+            started,
+        }
+    }
+}
+
+/// The identity and content of a file as it was read.
+struct ReadIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    sha256: String,
+    kind: FileKind,
+}
+
+/// What the file a committed name leads to is, compared with what was read.
+enum AfterRead {
+    /// The same file, unchanged (or on another file system, where this cannot be told).
+    Same,
+    /// Another file: a writer renamed a new one over the name.
+    Replaced,
+    /// The same file with other content: a writer wrote to it again after the read.
+    Changed,
+}
+
+impl ReadIdentity {
+    fn compare(&self, m: &std::fs::Metadata) -> AfterRead {
+        if m.dev() != self.dev {
+            AfterRead::Same
+        } else if m.ino() != self.ino {
+            AfterRead::Replaced
+        } else if m.size() != self.size
+            || m.mtime() * 1_000_000_000 + m.mtime_nsec() != self.mtime_ns
+        {
+            AfterRead::Changed
+        } else {
+            AfterRead::Same
+        }
+    }
 }
 
 /// The result of looking at one file without committing anything.
@@ -354,6 +420,7 @@ impl Ingestor {
         let mut ready = Vec::new();
         let mut files = Vec::new();
         let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut logged = 0;
         for c in candidates {
             let started = Instant::now();
             let name = display_name(&c.path);
@@ -363,6 +430,12 @@ impl Ingestor {
                     match self.stream(read, c.path.clone(), started, &mut dirty) {
                         Ok(r) => {
                             results.push(r);
+                            // A big file takes a while: its line (and those of the files
+                            // committed before it) need not wait for the rest of the batch.
+                            for r in &results[logged..] {
+                                self.log(r);
+                            }
+                            logged = results.len();
                             continue;
                         }
                         Err(e) => e,
@@ -378,15 +451,14 @@ impl Ingestor {
                     devices,
                     notifications,
                 } => {
-                    ready.push(Ready {
-                        path: c.path,
+                    ready.push(Ready::new(
+                        c.path,
                         name,
                         dev,
-                        ino: file.ino,
-                        devices,
-                        notifications,
+                        &file,
+                        (devices, notifications),
                         started,
-                    });
+                    ));
                     files.push(file);
                 }
                 Examined::Reject(r) => {
@@ -425,7 +497,7 @@ impl Ingestor {
                 tracing::error!(event = "fsync_failed", dir = %d.display(), error = %e, "cannot sync directory");
             }
         }
-        for r in &results {
+        for r in &results[logged..] {
             self.log(r);
         }
         results
@@ -506,12 +578,19 @@ impl Ingestor {
         if !writer_gone {
             stream.send(parsed.records);
         }
+        let identity = ReadIdentity {
+            dev: read.dev,
+            ino: read.ino,
+            size: read.bytes.len() as u64,
+            mtime_ns: read.mtime_ns,
+            sha256: sha256.clone(),
+            kind: read.kind,
+        };
         let committed = stream.commit(sha256).map_err(|e| e.to_string());
         let ready = Ready {
             path,
             name: read.name,
-            dev: read.dev,
-            ino: read.ino,
+            read: identity,
             devices: parsed.devices,
             notifications: parsed.notifications,
             started,
@@ -552,63 +631,146 @@ impl Ingestor {
         }
     }
 
-    /// Moves (or deletes) a committed file, making sure it is still the file that was read:
-    /// a writer may have renamed a new file over the name since.
+    /// Moves (or deletes) a committed file, making sure that what leaves the inbox is the file
+    /// that was read and holds nothing more: a writer may have renamed a new file over the
+    /// name, or written to the file again, since the read. The file is first moved out of the
+    /// way (to `processed_dir`, or to a hidden name when it is to be deleted), then what was
+    /// moved is compared with what was read: a new file goes back into the inbox, and lines
+    /// appended to a `.jsonl` come back as a file of their own. Nothing unread is ever moved
+    /// away or deleted.
     fn finish_accepted(
         &self,
         r: &Ready,
         dirty: &mut BTreeSet<PathBuf>,
     ) -> (Option<PathBuf>, Option<String>) {
         match std::fs::symlink_metadata(&r.path) {
-            Ok(m) if m.dev() == r.dev && m.ino() == r.ino => {}
-            Ok(_) => {
+            Ok(m) if matches!(r.read.compare(&m), AfterRead::Replaced) => {
                 tracing::warn!(event = "replaced", file = %r.name, "file was replaced after it was read; the new file will be taken separately");
                 return (None, None);
             }
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, None),
             Err(e) => return (None, Some(format!("cannot stat: {e}"))),
         }
-        if let Some(parent) = r.path.parent() {
-            dirty.insert(parent.to_path_buf());
-        }
-        if !self.cfg.inbox.keep_processed {
-            return match std::fs::remove_file(&r.path) {
-                Ok(()) => (None, None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
-                Err(e) => (None, Some(format!("cannot delete: {e}"))),
-            };
-        }
-        let dir = self.cfg.processed_dir();
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            return (None, Some(format!("cannot create {}: {e}", dir.display())));
-        }
-        dirty.insert(dir.to_path_buf());
+        let Some(inbox) = r.path.parent() else {
+            return (None, Some("path has no folder".into()));
+        };
         let Some(fname) = r.path.file_name() else {
             return (None, Some("path has no file name".into()));
         };
-        for n in 0..10_000 {
-            let dest = dir.join(fsutil::nth_name(fname, n));
-            match fsutil::move_noreplace(&r.path, &dest) {
-                Ok(()) => {
-                    // Same-file check after the move closes the race with a writer that
-                    // renamed a new file over the name between our stat and our rename.
-                    match std::fs::symlink_metadata(&dest) {
-                        Ok(m) if m.ino() != r.ino && m.dev() == r.dev => {
-                            tracing::warn!(event = "replaced", file = %r.name, "file was replaced while being moved; putting the new one back");
-                            if let Err(e) = fsutil::rename_noreplace(&dest, &r.path) {
-                                tracing::error!(event = "move_back_failed", file = %r.name, error = %e, dest = %dest.display(), "a newly dropped file ended up in processed_dir without being ingested; drop it again");
-                            }
-                            return (None, None);
-                        }
-                        _ => return (Some(dest), None),
-                    }
+        dirty.insert(inbox.to_path_buf());
+        let keep = self.cfg.inbox.keep_processed;
+        let moved = if keep {
+            let dir = self.cfg.processed_dir();
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                return (None, Some(format!("cannot create {}: {e}", dir.display())));
+            }
+            dirty.insert(dir.to_path_buf());
+            move_to_free_name(&r.path, dir, fname)
+        } else {
+            // Deleted through a hidden name in the inbox (which the scan ignores), so that
+            // the name's current file is never deleted unseen.
+            let hidden = inbox.join(hidden_name());
+            match fsutil::rename_noreplace(&r.path, &hidden) {
+                Ok(()) => Ok(Some(hidden)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("cannot delete: {e}")),
+            }
+        };
+        let dest = match moved {
+            Ok(Some(d)) => d,
+            Ok(None) => return (None, None),
+            Err(e) => return (None, Some(e)),
+        };
+        let after = match std::fs::symlink_metadata(&dest) {
+            Ok(m) => r.read.compare(&m),
+            Err(_) => AfterRead::Same,
+        };
+        match after {
+            AfterRead::Same => {}
+            AfterRead::Replaced => {
+                put_back(
+                    &dest,
+                    inbox,
+                    fname,
+                    &r.name,
+                    "file was replaced while being moved",
+                );
+                return (None, None);
+            }
+            AfterRead::Changed => {
+                if !self.take_appended(r, &dest, inbox, fname) {
+                    put_back(
+                        &dest,
+                        inbox,
+                        fname,
+                        &r.name,
+                        "file changed after it was read and committed: the changed file is taken again (records without an id that it still holds will be sent again)",
+                    );
+                    return (None, None);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, None),
-                Err(e) => return (None, Some(format!("cannot move to {}: {e}", dir.display()))),
             }
         }
-        (None, Some("no free name in processed_dir".into()))
+        if keep {
+            return (Some(dest), None);
+        }
+        match std::fs::remove_file(&dest) {
+            Ok(()) => (None, None),
+            Err(e) => (None, Some(format!("cannot delete {}: {e}", dest.display()))),
+        }
+    }
+
+    /// A `.jsonl` that grew after the read, its committed bytes untouched: the lines appended
+    /// since go back into the inbox as a file of their own (written atomically), so the file
+    /// itself can leave. False when the change is anything else.
+    fn take_appended(
+        &self,
+        r: &Ready,
+        moved: &Path,
+        inbox: &Path,
+        fname: &std::ffi::OsStr,
+    ) -> bool {
+        if r.read.kind != FileKind::Jsonl {
+            return false;
+        }
+        let mut bytes = Vec::new();
+        let read = fsutil::open_nofollow(moved).and_then(|f| {
+            f.take(self.cfg.inbox.max_file_bytes.saturating_add(1))
+                .read_to_end(&mut bytes)
+        });
+        let size = r.read.size as usize;
+        if read.is_err()
+            || bytes.len() <= size
+            || hex::encode(Sha256::digest(&bytes[..size])) != r.read.sha256
+        {
+            return false;
+        }
+        let tail = &bytes[size..];
+        let written =
+            fsutil::write_atomic(inbox, &hidden_name(), tail).and_then(
+                |tmp| match move_to_free_name(&tmp, inbox, fname) {
+                    Ok(Some(p)) => Ok(p),
+                    Ok(None) => Err(std::io::Error::other("vanished")),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        Err(std::io::Error::other(e))
+                    }
+                },
+            );
+        match written {
+            Ok(taken_as) => {
+                tracing::warn!(
+                    event = "appended_after_read", file = %r.name, bytes = tail.len() as u64,
+                    taken_as = %display_name(&taken_as),
+                    "lines were appended to the file after it was read and committed; they are taken as a file of their own"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(event = "appended_after_read", file = %r.name, error = %e, "lines were appended to the file after it was read, and cannot be split off; the file is taken again");
+                false
+            }
+        }
     }
 
     /// Writes the report, then moves the file (or link, or FIFO — never opened) beside it.
@@ -809,7 +971,15 @@ fn logged_names(o: &IngestOutcome) -> (Option<&str>, Option<String>, Option<Stri
 
 /// Removes files in `processed_dir` older than `keep_processed_days` (0 keeps them forever).
 /// Age counts from when the file was moved there (its ctime), not from when it was written.
+/// Also removes pushdrop's own temporary files (`.pushdrop-*.tmp`) left in the inbox and in
+/// `rejected_dir` by a crash, once they are an hour old.
 pub fn sweep_processed(cfg: &Config) -> usize {
+    for dir in [cfg.inbox.dir.as_path(), cfg.rejected_dir()] {
+        let left = sweep_temp_files(dir, TEMP_FILE_AGE, SystemTime::now());
+        if left > 0 {
+            tracing::info!(event = "retention", dir = %dir.display(), removed = left as u64, "removed temporary files a crash left behind");
+        }
+    }
     let days = cfg.inbox.keep_processed_days;
     if days == 0 {
         return 0;
@@ -824,6 +994,84 @@ pub fn sweep_processed(cfg: &Config) -> usize {
         tracing::info!(event = "retention", dir = %dir.display(), removed, days, "removed old processed files");
     }
     removed
+}
+
+/// How old a `.pushdrop-*.tmp` file must be before the retention sweep takes it for a crash's
+/// leftover.
+const TEMP_FILE_AGE: Duration = Duration::from_secs(3600);
+
+/// Removes pushdrop's temporary files (`.pushdrop-*.tmp`) of `dir` older than `max_age`.
+fn sweep_temp_files(dir: &Path, max_age: Duration, now: SystemTime) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(".pushdrop-") && name.ends_with(".tmp")) {
+            continue;
+        }
+        let Ok(m) = e.metadata() else { continue };
+        if m.file_type().is_file()
+            && now
+                .duration_since(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(m.mtime().max(0) as u64),
+                )
+                .unwrap_or(Duration::ZERO)
+                > max_age
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
+/// the inbox.
+fn hidden_name() -> OsString {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!(
+        ".pushdrop-out-{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+    .into()
+}
+
+/// Moves `from` into `dir` under `name`, or `stem~n.ext` when taken; `None` if `from` is
+/// gone.
+fn move_to_free_name(
+    from: &Path,
+    dir: &Path,
+    name: &std::ffi::OsStr,
+) -> Result<Option<PathBuf>, String> {
+    for n in 0..10_000 {
+        let dest = dir.join(fsutil::nth_name(name, n));
+        match fsutil::move_noreplace(from, &dest) {
+            Ok(()) => return Ok(Some(dest)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot move to {}: {e}", dir.display())),
+        }
+    }
+    Err(format!("no free name in {}", dir.display()))
+}
+
+/// Puts a file that must not leave the inbox unread back into it, under its name or, when a
+/// writer has dropped another file there meanwhile, the next free `stem~n.ext`.
+fn put_back(moved: &Path, inbox: &Path, fname: &std::ffi::OsStr, name: &str, why: &str) {
+    match move_to_free_name(moved, inbox, fname) {
+        Ok(Some(back)) => {
+            tracing::warn!(event = "replaced", file = %name, taken_as = %display_name(&back), "{why}; putting it back to be taken separately")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(event = "move_back_failed", file = %name, error = %e, dest = %moved.display(), "a file that was not ingested could not be put back into the inbox; drop it again")
+        }
+    }
 }
 
 /// Removes regular files of `dir` last changed (moved or written) more than `max_age` before
@@ -855,6 +1103,197 @@ pub fn sweep_dir(dir: &Path, max_age: Duration, now: SystemTime) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ingestor on a temp dir: inbox `inbox/`, database `pushdrop.db`, one app.
+    fn ingestor(dir: &Path, keep_processed: bool) -> Ingestor {
+        let path = dir.join("pushdrop.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[inbox]\ndir = \"inbox\"\nkeep_processed = {keep_processed}\n\
+                 [store]\npath = \"pushdrop.db\"\n\
+                 [[apps]]\nname = \"a\"\nbundle_id = \"com.example.a\"\n\
+                 token = {{ key_file = \"k.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("inbox")).unwrap();
+        std::fs::write(dir.join("k.p8"), "placeholder: nothing is sent").unwrap();
+        let (cfg, _) = Config::load(&path).unwrap();
+        let store = Store::open(&cfg.store.path, false).unwrap();
+        Ingestor::new(Arc::new(cfg), store)
+    }
+
+    fn line(id: &str) -> String {
+        format!(
+            "{{\"type\":\"notification\",\"id\":\"{id}\",\"to\":{{\"tokens\":[\"{}\"]}},\"payload\":{{\"aps\":{{}}}}}}\n",
+            "ab".repeat(16)
+        )
+    }
+
+    /// Reads, parses and commits `path` as the watcher does, without moving it yet.
+    fn commit_unmoved(ing: &Ingestor, path: &Path) -> Ready {
+        let read = read_drop(path, &ing.cfg, true).unwrap_or_else(|_| panic!("read"));
+        let Examined::Ready {
+            file,
+            dev,
+            devices,
+            notifications,
+        } = parse_read(read, &ing.cfg)
+        else {
+            panic!("not ready")
+        };
+        let name = display_name(path);
+        let r = Ready::new(
+            path.to_path_buf(),
+            name,
+            dev,
+            &file,
+            (devices, notifications),
+            Instant::now(),
+        );
+        ing.store.ingest(vec![file]).unwrap();
+        r
+    }
+
+    fn ext_ids(ing: &Ingestor) -> Vec<String> {
+        let c = rusqlite::Connection::open(&ing.cfg.store.path).unwrap();
+        let mut st = c
+            .prepare("SELECT ext_id FROM notifications ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// Lines appended to a `.jsonl` after it was read and committed are not moved away unread:
+    /// they come back into the inbox as a file of their own, which the next look ingests.
+    #[test]
+    fn lines_appended_after_the_read_are_taken_as_a_file_of_their_own() {
+        for keep in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let ing = ingestor(d.path(), keep);
+            let inbox = d.path().join("inbox");
+            let path = inbox.join("a.jsonl");
+            std::fs::write(&path, line("n1") + &line("n2")).unwrap();
+            let r = commit_unmoved(&ing, &path);
+            // A writer appends (the same file, in place) before the move.
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            std::io::Write::write_all(&mut f, line("n3").as_bytes()).unwrap();
+            drop(f);
+            let mut dirty = BTreeSet::new();
+            let (moved, err) = ing.finish_accepted(&r, &mut dirty);
+            assert_eq!(err, None);
+            assert_eq!(moved.is_some(), keep);
+            // Under the name itself, free again once the file left.
+            let tail = inbox.join("a.jsonl");
+            assert_eq!(std::fs::read_to_string(&tail).unwrap(), line("n3"));
+            let left: Vec<_> = std::fs::read_dir(&inbox)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "processed")
+                .collect();
+            assert_eq!(
+                left,
+                vec![std::ffi::OsString::from("a.jsonl")],
+                "keep {keep}"
+            );
+            ing.process(vec![Candidate {
+                path: tail,
+                settled: true,
+            }]);
+            assert_eq!(ext_ids(&ing), ["n1", "n2", "n3"], "keep {keep}");
+        }
+    }
+
+    /// A `.json` rewritten in place after the read goes back into the inbox whole.
+    #[test]
+    fn a_file_rewritten_after_the_read_is_taken_again() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true);
+        let path = d.path().join("inbox/a.json");
+        std::fs::write(&path, line("n1")).unwrap();
+        let r = commit_unmoved(&ing, &path);
+        std::fs::write(&path, line("n2")).unwrap();
+        let (moved, err) = ing.finish_accepted(&r, &mut BTreeSet::new());
+        assert_eq!((moved, err), (None, None));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n2"));
+        ing.process(vec![Candidate {
+            path: path.clone(),
+            settled: true,
+        }]);
+        assert_eq!(ext_ids(&ing), ["n1", "n2"]);
+        assert!(!path.exists());
+    }
+
+    /// A file renamed over the name after the read stays in the inbox, unread and unmoved.
+    #[test]
+    fn a_file_renamed_over_the_name_after_the_read_stays() {
+        for keep in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let ing = ingestor(d.path(), keep);
+            let path = d.path().join("inbox/a.jsonl");
+            std::fs::write(&path, line("n1")).unwrap();
+            let r = commit_unmoved(&ing, &path);
+            let tmp = d.path().join("new.tmp");
+            std::fs::write(&tmp, line("n2")).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            let (moved, err) = ing.finish_accepted(&r, &mut BTreeSet::new());
+            assert_eq!((moved, err), (None, None));
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n2"));
+        }
+    }
+
+    /// Put back under the next free name when a writer dropped another file under the name.
+    #[test]
+    fn put_back_never_overwrites() {
+        let d = tempfile::tempdir().unwrap();
+        let inbox = d.path().join("inbox");
+        std::fs::create_dir_all(&inbox).unwrap();
+        let moved = d.path().join("moved.jsonl");
+        std::fs::write(&moved, "old").unwrap();
+        std::fs::write(inbox.join("a.jsonl"), "newer").unwrap();
+        put_back(
+            &moved,
+            &inbox,
+            std::ffi::OsStr::new("a.jsonl"),
+            "a.jsonl",
+            "test",
+        );
+        assert_eq!(
+            std::fs::read_to_string(inbox.join("a.jsonl")).unwrap(),
+            "newer"
+        );
+        assert_eq!(
+            std::fs::read_to_string(inbox.join("a~1.jsonl")).unwrap(),
+            "old"
+        );
+        assert!(!moved.exists());
+    }
+
+    #[test]
+    fn only_old_pushdrop_temp_files_are_swept() {
+        let d = tempfile::tempdir().unwrap();
+        for n in [
+            ".pushdrop-1-0.tmp",
+            ".pushdrop-out-1-0.tmp",
+            "a.tmp",
+            ".other.tmp",
+        ] {
+            std::fs::write(d.path().join(n), "x").unwrap();
+        }
+        assert_eq!(
+            sweep_temp_files(d.path(), TEMP_FILE_AGE, SystemTime::now()),
+            0
+        );
+        let later = SystemTime::now() + 2 * TEMP_FILE_AGE;
+        assert_eq!(sweep_temp_files(d.path(), TEMP_FILE_AGE, later), 2);
+        assert!(d.path().join("a.tmp").exists() && d.path().join(".other.tmp").exists());
+    }
 
     #[test]
     fn retention_removes_only_old_files() {
