@@ -207,3 +207,43 @@ fn the_daemon_takes_the_examples() {
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
     daemon.shutdown();
 }
+
+/// `pushdrop ingest` beside another writer (the daemon committing a big file) waits for the
+/// database's write lock instead of failing with "database is locked".
+#[test]
+fn one_shot_ingest_waits_for_the_write_lock() {
+    let env = Env::new();
+    // The database exists (ingest made it); another connection now holds its write lock.
+    let first = env.dir.path().join("first.jsonl");
+    std::fs::write(&first, notification("first", &token(1)) + "\n").unwrap();
+    assert_eq!(
+        env.pushdrop(&["ingest", first.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let db = env.db.clone();
+    let holder = std::thread::spawn(move || {
+        let mut c = rusqlite::Connection::open(db).unwrap();
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        tx.commit().unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let second = env.dir.path().join("second.jsonl");
+    std::fs::write(&second, notification("second", &token(2)) + "\n").unwrap();
+    let out = env.pushdrop(&["ingest", second.to_str().unwrap()]);
+    holder.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 2);
+}
