@@ -106,6 +106,14 @@ pub struct StoreConfig {
     pub keep_finished_days: u32,
 }
 
+impl StoreConfig {
+    /// `keep_finished_days` in milliseconds: the purge removes what finished longer ago
+    /// than this, and the start-up receipt sweep looks no further back.
+    pub fn keep_finished_ms(&self) -> i64 {
+        i64::from(self.keep_finished_days) * 86_400_000
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {

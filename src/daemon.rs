@@ -149,7 +149,7 @@ impl Daemon {
 
 /// Purges finished work past `[store] keep_finished_days`, at start and hourly.
 async fn purge_loop(cfg: Arc<Config>, store: Store) {
-    let keep_ms = i64::from(cfg.store.keep_finished_days) * 86_400_000;
+    let keep_ms = cfg.store.keep_finished_ms();
     loop {
         match store.purge(crate::model::now_ms() - keep_ms).await {
             Ok(c) if c.deliveries + c.notifications + c.devices > 0 => tracing::info!(

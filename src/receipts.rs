@@ -1,13 +1,22 @@
 //! Receipts: with `[receipts] dir` set, every notification whose deliveries are all final gets
 //! `<dir>/<id>.json`, so a dropper that cannot read logs still learns what happened. Files are
 //! written atomically (temporary name, fsync, rename), so a reader never sees half a receipt.
+//!
+//! The database says a notification finished before its receipt is written, so a crash in
+//! between would lose the receipt: at start the daemon sweeps the notifications finished
+//! within the retention window and writes the receipts that are missing
+//! ([`Receipts::recover`]), and removes the temporary files a crash left behind.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use crate::store::StoreError;
 use crate::store::query::Reader;
+use crate::store::{FinishedNotification, StoreError};
+
+/// Finished notifications looked at per read of the start-up sweep.
+const SWEEP_PAGE: usize = 500;
 
 /// Why a receipt could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +38,34 @@ pub struct Receipts {
     max_sent_tokens: usize,
     reader: Mutex<Option<Reader>>,
     db: PathBuf,
+    /// Set once the temporary files a previous process left were removed (how many). Every
+    /// write waits for it, so the clean-up never removes a file this process is writing.
+    swept_temp: OnceLock<usize>,
+}
+
+/// What [`Receipts::recover`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Finished notifications looked at (one `stat` of their receipt each).
+    pub checked: usize,
+    /// Receipts that were missing and are written now.
+    pub written: usize,
+    /// Whether the sweep was asked to stop before it was through.
+    pub stopped: bool,
+}
+
+/// Whether `name` is one of the temporary files [`Receipts::write`] makes: `.<id>.json.tmp`,
+/// `<id>` made of the characters a notification id may hold.
+fn is_temp_name(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".json.tmp"))
+        .is_some_and(|id| {
+            !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+        })
 }
 
 impl Receipts {
@@ -39,12 +76,109 @@ impl Receipts {
             max_sent_tokens,
             reader: Mutex::new(None),
             db: db.to_path_buf(),
+            swept_temp: OnceLock::new(),
+        }
+    }
+
+    /// Removes the temporary files (`.<id>.json.tmp`) that a process killed while writing
+    /// receipts left behind, once per process; returns how many. Nothing else in the folder
+    /// is touched. Blocking (reads the folder).
+    pub fn remove_stale_temp_files(&self) -> usize {
+        *self.swept_temp.get_or_init(|| {
+            let entries = match std::fs::read_dir(&self.dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+                Err(e) => {
+                    tracing::warn!(event = "receipt_error", dir = %self.dir.display(), error = %e, "cannot list the receipts folder to remove stale temporary files");
+                    return 0;
+                }
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+                let name = entry.file_name();
+                if !is_file || !name.to_str().is_some_and(is_temp_name) {
+                    continue;
+                }
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(event = "receipt_error", file = %entry.path().display(), error = %e, "cannot remove a stale temporary receipt file")
+                    }
+                }
+            }
+            removed
+        })
+    }
+
+    /// Writes the missing receipts of the notifications that finished between `since_ms` and
+    /// `until_ms`: one `stat` per finished notification, a write where there is no
+    /// `<id>.json`. Calls `written` after each receipt it wrote. Stops early (between two
+    /// receipts) once `stop` is set; the next start picks up the rest. Returns at the first
+    /// store or write error (an unwritable folder fails every receipt alike). Blocking.
+    pub fn recover(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        stop: &AtomicBool,
+        mut written: impl FnMut(&FinishedNotification, &Path),
+    ) -> Result<Recovered, ReceiptError> {
+        self.remove_stale_temp_files();
+        let mut done = Recovered::default();
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = {
+                let mut guard = self.reader.lock().map_err(|_| ReceiptError::Poisoned)?;
+                if guard.is_none() {
+                    *guard = Some(Reader::open(&self.db)?);
+                }
+                let Some(reader) = guard.as_ref() else {
+                    return Ok(done);
+                };
+                let after = after.as_ref().map(|(a, i)| (a.as_str(), i.as_str()));
+                reader.finished_between(since_ms, until_ms, after, SWEEP_PAGE)?
+            };
+            for f in &page {
+                if stop.load(Ordering::Relaxed) {
+                    done.stopped = true;
+                    return Ok(done);
+                }
+                done.checked += 1;
+                let path = self.dir.join(format!("{}.json", f.ext_id));
+                match std::fs::symlink_metadata(&path) {
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(ReceiptError::Io { path, source }),
+                }
+                if let Some(path) = self.write_data(f.notification_id, true)? {
+                    done.written += 1;
+                    written(f, &path);
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == SWEEP_PAGE => {
+                    after = Some((last.app.clone(), last.ext_id.clone()))
+                }
+                _ => return Ok(done),
+            }
         }
     }
 
     /// Writes the receipt of a finished notification; returns its path (None if the
     /// notification is gone, e.g. purged). Blocking.
     pub fn write(&self, notification_id: i64) -> Result<Option<PathBuf>, ReceiptError> {
+        self.write_data(notification_id, false)
+    }
+
+    /// Writes a receipt; with `only_finished`, not for a notification that is no longer
+    /// finished (requeued by `pushdrop retry`: its receipt comes when it finishes again).
+    fn write_data(
+        &self,
+        notification_id: i64,
+        only_finished: bool,
+    ) -> Result<Option<PathBuf>, ReceiptError> {
+        self.remove_stale_temp_files();
         let mut guard = self.reader.lock().map_err(|_| ReceiptError::Poisoned)?;
         if guard.is_none() {
             *guard = Some(Reader::open(&self.db)?);
@@ -55,6 +189,9 @@ impl Receipts {
         let Some(data) = reader.receipt(notification_id, self.max_sent_tokens)? else {
             return Ok(None);
         };
+        if only_finished && !data.finished {
+            return Ok(None);
+        }
         drop(guard);
         let path = self.dir.join(format!("{}.json", data.id));
         let io = |source| ReceiptError::Io {
@@ -70,5 +207,34 @@ impl Receipts {
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         Ok(Some(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_temp_name;
+
+    /// Only the temporary names receipts are written under count as stale temp files.
+    #[test]
+    fn temp_names_are_only_the_receipt_writers_own() {
+        for name in [
+            ".a.json.tmp",
+            ".budget-2026:11@x_y.json.tmp",
+            "..json.tmp.json.tmp",
+        ] {
+            assert!(is_temp_name(name), "{name}");
+        }
+        for name in [
+            "a.json",
+            ".a.json",
+            "a.json.tmp",
+            ".json.tmp",
+            ".a b.json.tmp",
+            ".a/b.json.tmp",
+            ".a.tmp",
+            ".ä.json.tmp",
+        ] {
+            assert!(!is_temp_name(name), "{name}");
+        }
     }
 }

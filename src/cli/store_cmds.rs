@@ -205,7 +205,7 @@ pub fn retry(config: &Path, id: Option<&str>) -> anyhow::Result<i32> {
 pub fn purge(config: &Path) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let store = Store::open(&cfg.store.path, false)?;
-    let cutoff = crate::model::now_ms() - i64::from(cfg.store.keep_finished_days) * 86_400_000;
+    let cutoff = crate::model::now_ms() - cfg.store.keep_finished_ms();
     let c = store.purge_blocking(cutoff)?;
     println!(
         "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {} days",

@@ -18,10 +18,11 @@ mod guard;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info, warn};
 
 use crate::apns::{ApnsClient, Outcome, PushRequest};
@@ -64,18 +65,67 @@ const RECORD_ENOUGH: usize = 500;
 /// How long the recorder waits for more results before writing a small batch.
 const RECORD_PATIENCE: Duration = Duration::from_millis(5);
 
+/// The least a shutdown waits for receipts being written, even once the grace period is over.
+/// Receipts are small local files; a second covers hundreds.
+const RECEIPTS_AT_LEAST: Duration = Duration::from_secs(1);
+
 /// A running sender.
 pub struct SenderHandle {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    receipts: Option<Arc<ReceiptWork>>,
+    grace: Duration,
 }
 
 impl SenderHandle {
     /// Stops claiming, gives in-flight requests up to `[sender] shutdown_grace_ms` to finish,
-    /// records their results and hands everything else back to the queue.
+    /// records their results and hands everything else back to the queue; then waits for the
+    /// receipts of the notifications that finished, so that each has its receipt and its
+    /// `notification_finished` line before the process exits. That wait ends with the grace
+    /// period too, but gets at least [`RECEIPTS_AT_LEAST`] (the in-flight requests may have
+    /// used it all); a receipt still missing then is written at the next start. The start-up
+    /// sweep, if still running, stops between two receipts (the next start resumes it).
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.grace;
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(work) = self.receipts {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            work.wait(left.max(RECEIPTS_AT_LEAST)).await;
+        }
+    }
+}
+
+/// Receipt writing under way (blocking tasks), so that a shutdown can wait for it.
+struct ReceiptWork {
+    receipts: Receipts,
+    tasks: std::sync::Mutex<JoinSet<()>>,
+    /// Asks the start-up sweep to stop (shutdown).
+    stop_sweep: AtomicBool,
+}
+
+impl ReceiptWork {
+    /// Runs `f` on the blocking pool, tracked.
+    fn spawn(self: &Arc<Self>, f: impl FnOnce(&ReceiptWork) + Send + 'static) {
+        let work = self.clone();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // Reap the tasks that are done, so the set holds only the running ones.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn_blocking(move || f(&work));
+    }
+
+    /// Stops the sweep and waits up to `limit` for the receipts being written.
+    async fn wait(&self, limit: Duration) {
+        self.stop_sweep.store(true, Ordering::Relaxed);
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(limit, pending).await.is_err() {
+            warn!(
+                event = "shutdown_receipts_pending",
+                tasks = tasks.len(),
+                "receipts still being written after the grace period; the missing ones are written at the next start"
+            );
+        }
     }
 }
 
@@ -83,7 +133,7 @@ struct Inner {
     cfg: Arc<Config>,
     store: Store,
     client: ApnsClient,
-    receipts: Option<Receipts>,
+    receipts: Option<Arc<ReceiptWork>>,
     guards: Guards,
     /// The `sent` series of the deliveries counter, looked up once (on the first success, so
     /// it appears in /metrics when it has something to say), not per delivery.
@@ -103,22 +153,82 @@ const NOTE_FAILURES_EVERY: Duration = Duration::from_secs(60);
 pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle {
     let (stop, stop_rx) = watch::channel(false);
     let (results_tx, results_rx) = mpsc::channel(cfg.sender.max_in_flight * 2 + RECORD_BATCH);
-    let receipts = cfg
-        .receipts
-        .dir
-        .as_deref()
-        .map(|d| Receipts::new(d, &cfg.store.path, cfg.receipts.max_sent_tokens));
+    let receipts = cfg.receipts.dir.as_deref().map(|d| {
+        Arc::new(ReceiptWork {
+            receipts: Receipts::new(d, &cfg.store.path, cfg.receipts.max_sent_tokens),
+            tasks: std::sync::Mutex::new(JoinSet::new()),
+            stop_sweep: AtomicBool::new(false),
+        })
+    });
+    if let Some(work) = &receipts {
+        // Everything this sender finishes is finished from now on and gets its receipt on
+        // the normal path; the sweep covers what finished before, within retention.
+        let until_ms = now_ms();
+        let since_ms = until_ms - cfg.store.keep_finished_ms();
+        work.spawn(move |work| recover_receipts(work, since_ms, until_ms));
+    }
+    let grace = Duration::from_millis(cfg.sender.shutdown_grace_ms);
     let inner = Arc::new(Inner {
         guards: Guards::new(&cfg.sender),
+        receipts: receipts.clone(),
         cfg,
         store,
         client,
-        receipts,
         sent_counter: std::sync::OnceLock::new(),
         noted_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
-    SenderHandle { stop, task }
+    SenderHandle {
+        stop,
+        task,
+        receipts,
+        grace,
+    }
+}
+
+/// The start-up sweep: removes the temporary files a crash left in the receipts folder and
+/// writes the receipts of notifications that finished between `since_ms` and `until_ms`
+/// without one (the process stopped between the commit that finished them and their
+/// receipt), each with its `notification_finished` line; then one `receipts_recovered` line.
+fn recover_receipts(work: &ReceiptWork, since_ms: i64, until_ms: i64) {
+    let started = std::time::Instant::now();
+    let stale_temp_files = work.receipts.remove_stale_temp_files();
+    let done = work
+        .receipts
+        .recover(since_ms, until_ms, &work.stop_sweep, |f, path| {
+            log_receipt_written(f, path, true)
+        });
+    match done {
+        Ok(done) => info!(
+            event = "receipts_recovered",
+            count = done.written,
+            checked = done.checked,
+            stale_temp_files,
+            stopped = done.stopped,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "receipts missing after the last stop written"
+        ),
+        Err(e) => error!(
+            event = "receipt_error",
+            error = %e,
+            stale_temp_files,
+            "cannot write the receipts missing after the last stop; trying again at the next start"
+        ),
+    }
+}
+
+/// The `notification_finished` line of a notification whose receipt was written (`late`:
+/// by the start-up sweep, after a stop that came between its finish and its receipt).
+fn log_receipt_written(f: &FinishedNotification, path: &std::path::Path, late: bool) {
+    info!(
+        target: DELIVERY_TARGET,
+        event = "notification_finished",
+        id = f.ext_id.as_str(),
+        app = f.app.as_str(),
+        receipt = %path.display(),
+        late,
+        "all deliveries final"
+    );
 }
 
 async fn main_loop(
@@ -184,7 +294,7 @@ async fn main_loop(
                     Ok(Ok(round)) => {
                         fanout_pending = round.fanned_out >= FANOUT_ROWS_PER_ROUND;
                         inner.log_ended(&round.claim.ended);
-                        inner.clone().finished(round.claim.finished);
+                        inner.finished(round.claim.finished);
                         let n = round.claim.deliveries.len();
                         ready.extend(round.claim.deliveries);
                         // Short of due work: sleep until the next due moment or new work.
@@ -352,7 +462,7 @@ async fn recorder(
             .iter()
             .any(|r| matches!(r.kind, ResultKind::Retry { .. }));
         match inner.store.record_results(std::mem::take(&mut batch)).await {
-            Ok(finished) => inner.clone().finished(finished),
+            Ok(finished) => inner.finished(finished),
             Err(e) => {
                 error!(event = "store_error", error = %e, "cannot record delivery results; those deliveries stay queued and will be sent again")
             }
@@ -371,30 +481,23 @@ fn log_finished(finished: &[FinishedNotification]) {
 
 impl Inner {
     /// Logs finished notifications and writes their receipts (off the async threads).
-    fn finished(self: Arc<Self>, finished: Vec<FinishedNotification>) {
+    fn finished(&self, finished: Vec<FinishedNotification>) {
         if finished.is_empty() {
             return;
         }
-        if self.receipts.is_none() {
+        let Some(work) = &self.receipts else {
             log_finished(&finished);
             return;
-        }
-        tokio::task::spawn_blocking(move || {
-            let Some(receipts) = &self.receipts else {
-                return;
-            };
+        };
+        // Tracked, so that a shutdown waits for these receipts.
+        work.spawn(move |work| {
             for f in finished {
-                match receipts.write(f.notification_id) {
-                    Ok(path) => info!(
-                        target: DELIVERY_TARGET,
-                        event = "notification_finished",
-                        id = f.ext_id.as_str(),
-                        app = f.app.as_str(),
-                        receipt = %path.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-                        "all deliveries final"
-                    ),
+                match work.receipts.write(f.notification_id) {
+                    Ok(Some(path)) => log_receipt_written(&f, &path, false),
+                    // Purged meanwhile: nothing to write a receipt from.
+                    Ok(None) => log_finished(std::slice::from_ref(&f)),
                     Err(e) => {
-                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt")
+                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; it is written at the next start")
                     }
                 }
             }

@@ -40,6 +40,8 @@ use serde::Serialize;
 
 use crate::model::{DeliveryState, now_ms};
 
+use super::FinishedNotification;
+
 /// `pushdrop status` and `/status`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
@@ -139,6 +141,10 @@ pub struct ReceiptData {
     /// Sent tokens, when there are few enough.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_tokens: Option<Vec<String>>,
+    /// Whether every delivery is final now (false for a notification `pushdrop retry`
+    /// requeued since it finished). Not part of the receipt.
+    #[serde(skip)]
+    pub finished: bool,
 }
 
 /// A token that did not get the push.
@@ -484,7 +490,47 @@ impl Reader {
             counts,
             problems,
             sent_tokens,
+            finished: finished_at.is_some(),
         }))
+    }
+
+    /// One page of the notifications that finished between `since_ms` and `until_ms`
+    /// (inclusive), in (app, id) order: at most `limit` of them, those after `after` (the
+    /// app and id of the previous page's last one). A page is one short read, so walking a
+    /// large window holds no read transaction open between pages (and no checkpoint waits
+    /// for the walk). The walk follows the (app, id) index and reads no notification row;
+    /// each finish time is one lookup by id. (The finish time is the one of the
+    /// `notification_status` view, spelled out: joining the view would read every
+    /// notification's row.)
+    pub fn finished_between(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<FinishedNotification>, StoreError> {
+        let (after_app, after_id) = after.unwrap_or(("", ""));
+        let mut st = self.conn.prepare_cached(
+            "SELECT n.id, n.app, n.ext_id
+             FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id
+             WHERE (n.app, n.ext_id) > (?1, ?2)
+               AND CASE WHEN p.id IS NOT NULL THEN p.finished_at
+                        ELSE (SELECT CASE WHEN min(d.state) > 0 THEN max(d.finished_at) END
+                              FROM deliveries d WHERE d.notification_id = n.id) END
+                   BETWEEN ?3 AND ?4
+             ORDER BY n.app, n.ext_id LIMIT ?5",
+        )?;
+        let rows = st.query_map(
+            params![after_app, after_id, since_ms, until_ms, limit as i64],
+            |r| {
+                Ok(FinishedNotification {
+                    notification_id: r.get(0)?,
+                    app: r.get(1)?,
+                    ext_id: r.get(2)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

@@ -1333,3 +1333,66 @@ fn show_names_the_apps_of_an_id_that_two_apps_use() {
     let b = r.show("same", Some("b"), 10).unwrap().unwrap();
     assert_eq!(b.app, "b");
 }
+
+/// The start-up receipt sweep's query: finished notifications within a time window, single
+/// deliveries (no progress row) and multi-delivery ones alike, page by page in (app, id)
+/// order; unfinished ones and those finished before the window are left out.
+#[test]
+fn finished_between_pages_through_finished_notifications_of_a_window() {
+    let (_dir, store) = open();
+    let mut records: Vec<Record> = (0..7)
+        .map(|i| notification(Some(&format!("one-{i}")), Target::Tokens(vec![tok(i)])))
+        .collect();
+    records.push(notification(
+        Some("pair"),
+        Target::Tokens(vec![tok(10), tok(11)]),
+    ));
+    records.push(notification(
+        Some("open-pair"),
+        Target::Tokens(vec![tok(12), tok(13)]),
+    ));
+    records.push(notification(Some("queued"), Target::Tokens(vec![tok(14)])));
+    store.ingest(vec![file("n.jsonl", records)]).unwrap();
+    let start = crate::model::now_ms();
+    rt().block_on(async {
+        let claimed = store
+            .claim_due(crate::model::now_ms() + 1, 100)
+            .await
+            .unwrap()
+            .deliveries;
+        let results = claimed
+            .iter()
+            .filter(|c| c.device.token != tok(13) && c.device.token != tok(14))
+            .map(|c| sent(c.delivery_id))
+            .collect();
+        record_finished(&store, results).await;
+    });
+    let end = crate::model::now_ms();
+    // One of them finished long ago, before the window.
+    rusqlite::Connection::open(store.path())
+        .unwrap()
+        .execute(
+            "UPDATE deliveries SET finished_at = 5 WHERE notification_id =
+                (SELECT id FROM notifications WHERE ext_id = 'one-6')",
+            [],
+        )
+        .unwrap();
+    let r = query::Reader::open(store.path()).unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let key = after.as_ref().map(|(a, i)| (a.as_str(), i.as_str()));
+        let page = r.finished_between(start, end, key, 3).unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().map(|f| f.ext_id.clone()));
+        match page.last() {
+            Some(l) if page.len() == 3 => after = Some((l.app.clone(), l.ext_id.clone())),
+            _ => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["one-0", "one-1", "one-2", "one-3", "one-4", "one-5", "pair"]
+    );
+    assert!(r.finished_between(0, start - 1, None, 10).unwrap().len() == 1);
+}
