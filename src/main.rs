@@ -78,6 +78,9 @@ enum Command {
     Retry {
         #[arg(required_unless_present = "failed", conflicts_with = "failed")]
         id: Option<String>,
+        /// The app of the notification, when two apps use its id.
+        #[arg(long, requires = "id")]
+        app: Option<String>,
         #[arg(long)]
         failed: bool,
     },
@@ -143,7 +146,9 @@ fn main() -> ExitCode {
             },
             json,
         ),
-        Command::Retry { id, failed: _ } => cli::store_cmds::retry(config, id.as_deref()),
+        Command::Retry { id, app, failed: _ } => {
+            cli::store_cmds::retry(config, id.as_deref(), app.as_deref())
+        }
         Command::Purge => cli::store_cmds::purge(config),
         Command::Simulate {
             listen,

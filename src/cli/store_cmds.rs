@@ -183,12 +183,12 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
 }
 
 /// `pushdrop retry ID | --failed`.
-pub fn retry(config: &Path, id: Option<&str>) -> anyhow::Result<i32> {
+pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let store = Store::open(&cfg.store.path, false)?;
-    let n = match store.retry_failed_blocking(id.map(str::to_string)) {
-        // A mistyped id is an error, as for `show`.
-        Err(e @ StoreError::UnknownNotification(_)) => {
+    let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
+        // A mistyped id, or one two apps use, is an error, as for `show`.
+        Err(e @ (StoreError::UnknownNotification(_) | StoreError::AmbiguousId { .. })) => {
             eprintln!("pushdrop: {e}");
             return Ok(1);
         }

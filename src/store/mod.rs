@@ -311,10 +311,15 @@ impl Store {
         self.call(move |w| w.record_results(results)).await
     }
 
-    /// Requeues failed deliveries: of notification `id` (any app) or, with `None`, all of them.
-    /// An `id` no notification has is [`StoreError::UnknownNotification`], not "0 requeued".
-    pub fn retry_failed_blocking(&self, id: Option<String>) -> Result<usize, StoreError> {
-        self.call_blocking(move |w| w.retry_failed(id.as_deref()))
+    /// Requeues failed deliveries: of notification `id` (of `app`, which must be named when
+    /// two apps use the id: [`StoreError::AmbiguousId`]) or, with `None`, all of them. An `id`
+    /// no notification has is [`StoreError::UnknownNotification`], not "0 requeued".
+    pub fn retry_failed_blocking(
+        &self,
+        id: Option<String>,
+        app: Option<String>,
+    ) -> Result<usize, StoreError> {
+        self.call_blocking(move |w| w.retry_failed(id.as_deref(), app.as_deref()))
     }
 
     /// Deletes finished deliveries and notifications, invalid devices and committed-file

@@ -497,8 +497,11 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
             .unwrap();
         assert_eq!(fin.len(), 1);
     });
-    assert_eq!(store.retry_failed_blocking(Some("f".into())).unwrap(), 1);
-    assert_eq!(store.retry_failed_blocking(None).unwrap(), 0);
+    assert_eq!(
+        store.retry_failed_blocking(Some("f".into()), None).unwrap(),
+        1
+    );
+    assert_eq!(store.retry_failed_blocking(None, None).unwrap(), 0);
 }
 
 /// A `sent` result only counts for a delivery that was still queued: one that something else
@@ -780,7 +783,9 @@ fn a_single_delivery_is_its_notifications_progress() {
         ]
     );
     assert_eq!(
-        store.retry_failed_blocking(Some("single".into())).unwrap(),
+        store
+            .retry_failed_blocking(Some("single".into()), None)
+            .unwrap(),
         1
     );
     assert_eq!(finished_at("single"), None);
@@ -1332,6 +1337,21 @@ fn show_names_the_apps_of_an_id_that_two_apps_use() {
     }
     let b = r.show("same", Some("b"), 10).unwrap().unwrap();
     assert_eq!(b.app, "b");
+    // `retry` likewise: it needs the app, and then touches only that app's notification.
+    match store.retry_failed_blocking(Some("same".into()), None) {
+        Err(StoreError::AmbiguousId { apps, .. }) => assert_eq!(apps, "a, b"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.retry_failed_blocking(Some("same".into()), Some("c".into())),
+        Err(StoreError::UnknownNotification(_))
+    ));
+    assert_eq!(
+        store
+            .retry_failed_blocking(Some("same".into()), Some("b".into()))
+            .unwrap(),
+        0
+    );
 }
 
 /// The start-up receipt sweep's query: finished notifications within a time window, single

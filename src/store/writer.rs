@@ -1125,21 +1125,42 @@ impl Writer {
     }
 
     /// See [`super::Store::retry_failed_blocking`].
-    pub fn retry_failed(&mut self, id: Option<&str>) -> Result<usize, StoreError> {
+    pub fn retry_failed(
+        &mut self,
+        id: Option<&str>,
+        app: Option<&str>,
+    ) -> Result<usize, StoreError> {
         let now = now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(id) = id {
-            let known: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM notifications WHERE ext_id = ?1)",
-                [id],
-                |r| r.get(0),
-            )?;
-            if !known {
-                return Err(StoreError::UnknownNotification(id.to_string()));
+        // The one notification named, by its row id.
+        let only: Option<i64> = match id {
+            None => None,
+            Some(id) => {
+                let found: Vec<(i64, String)> = tx
+                    .prepare(
+                        "SELECT id, app FROM notifications
+                         WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY app",
+                    )?
+                    .query_map(params![id, app], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                match found.as_slice() {
+                    [] => return Err(StoreError::UnknownNotification(id.to_string())),
+                    [(nid, _)] => Some(*nid),
+                    many => {
+                        return Err(StoreError::AmbiguousId {
+                            id: id.to_string(),
+                            apps: many
+                                .iter()
+                                .map(|(_, a)| a.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        });
+                    }
+                }
             }
-        }
+        };
         // The notifications first (their pending counts grow by their failed deliveries),
         // then the deliveries themselves.
         tx.execute(
@@ -1147,15 +1168,14 @@ impl Writer {
                 pending = pending + (SELECT count(*) FROM deliveries
                                      WHERE notification_id = notification_progress.id AND state = 2)
              WHERE id IN (SELECT notification_id FROM deliveries WHERE state = 2)
-               AND (?1 IS NULL OR id IN (SELECT id FROM notifications WHERE ext_id = ?1))",
-            [id],
+               AND (?1 IS NULL OR id = ?1)",
+            [only],
         )?;
         let n = tx.execute(
             "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?2, finished_at = NULL,
              updated_at = ?2
-             WHERE state = 2
-               AND (?1 IS NULL OR notification_id IN (SELECT id FROM notifications WHERE ext_id = ?1))",
-            params![id, now],
+             WHERE state = 2 AND (?1 IS NULL OR notification_id = ?1)",
+            params![only, now],
         )?;
         tx.commit()?;
         queued_at(&mut self.cursor, now);
