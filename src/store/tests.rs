@@ -502,6 +502,32 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
         1
     );
     assert_eq!(store.retry_failed_blocking(None, None).unwrap(), 0);
+    // Its device is found dead meanwhile: the requeued delivery ends unsent at its claim, and
+    // the 400 of its earlier BadTopic answer is not left beside the new reason.
+    let c = rusqlite::Connection::open(store.path()).unwrap();
+    c.execute(
+        "UPDATE devices SET invalidated_at = 1, invalid_reason = 'Unregistered', active = 0",
+        [],
+    )
+    .unwrap();
+    rt.block_on(async {
+        let claim = store
+            .claim_due(crate::model::now_ms() + 1, 10)
+            .await
+            .unwrap();
+        assert!(claim.deliveries.is_empty());
+        assert_eq!(claim.ended.len(), 1);
+    });
+    let (state, status, reason): (i64, Option<i64>, String) = c
+        .query_row(
+            "SELECT d.state, d.last_status, d.last_reason FROM deliveries d
+             JOIN notifications n ON n.id = d.notification_id WHERE n.ext_id = 'f'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(state, DeliveryState::InvalidToken.code());
+    assert_eq!(status, None, "{reason}");
 }
 
 /// A `sent` result only counts for a delivery that was still queued: one that something else

@@ -1294,7 +1294,9 @@ fn queued_at(cursor: &mut Option<(i64, i64)>, due_at: i64) {
     }
 }
 
-/// Ends a queued delivery in a final state other than `sent`.
+/// Ends a queued delivery in a final state other than `sent`. `status` is the HTTP status of
+/// the answer that ended it, `None` when none did (ended unsent, or no answer at all): an
+/// earlier attempt's status is not left beside this reason, which it would misdescribe.
 fn finish(
     tx: &Transaction<'_>,
     delivery_id: i64,
@@ -1306,7 +1308,7 @@ fn finish(
 ) -> Result<(), StoreError> {
     let nid = tx
         .prepare_cached(
-            "UPDATE deliveries SET state = ?2, last_status = coalesce(?3, last_status),
+            "UPDATE deliveries SET state = ?2, last_status = ?3,
              last_reason = ?4, updated_at = ?5, finished_at = ?5, attempts = attempts + ?6
              WHERE id = ?1 AND state = 0
              RETURNING notification_id",
