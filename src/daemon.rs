@@ -34,6 +34,13 @@ pub enum DaemonError {
     Admin(#[from] AdminError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "the database {path} takes no writes (pushdrop would send without being able to record what it sent)"
+    )]
+    Unwritable {
+        path: std::path::PathBuf,
+        source: StoreError,
+    },
 }
 
 /// The running parts of the daemon.
@@ -60,6 +67,14 @@ impl Daemon {
             .build()
             .map_err(DaemonError::Runtime)?;
         let store = Store::open(&cfg.store.path, true)?;
+        // A database that opens but takes no writes (read-only file or folder) would have the
+        // sender send every due delivery again and again, its results never recorded.
+        store
+            .heartbeat_blocking()
+            .map_err(|source| DaemonError::Unwritable {
+                path: cfg.store.path.clone(),
+                source,
+            })?;
         let client = ApnsClient::new(&cfg)?;
         let shutting_down = Arc::new(AtomicBool::new(false));
         let inbox = inbox::start(cfg.clone(), store.clone())?;

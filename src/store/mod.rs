@@ -375,6 +375,12 @@ impl Store {
         self.call(|w| w.heartbeat()).await
     }
 
+    /// One small write (the heartbeat row): proof, before the daemon sends anything, that the
+    /// database takes writes.
+    pub fn heartbeat_blocking(&self) -> Result<(), StoreError> {
+        self.call_blocking(|w| w.heartbeat())
+    }
+
     /// Writes a consistent copy of the database to `dest` (`VACUUM INTO`), safe while sending.
     pub fn backup_blocking(&self, dest: &Path) -> Result<(), StoreError> {
         let dest = dest.to_path_buf();
