@@ -657,6 +657,19 @@ impl Config {
                 "must differ from processed_dir".into(),
             );
         }
+        // Folders pushdrop makes when missing; something else already under the name is a
+        // mistake no command could get past.
+        for (key, dir) in [
+            ("inbox.dir", &self.inbox.dir),
+            ("inbox.processed_dir", &processed),
+            ("inbox.rejected_dir", &rejected),
+        ] {
+            if let Ok(m) = std::fs::metadata(dir)
+                && !m.is_dir()
+            {
+                bad(key, format!("{} exists and is not a folder", dir.display()));
+            }
+        }
         self.inbox.processed_dir = Some(processed);
         self.inbox.rejected_dir = Some(rejected);
         if self.inbox.max_file_bytes == 0 {

@@ -247,7 +247,8 @@ fn a_type_error_names_its_key() {
 /// What `run` cannot use: a key file that holds no usable key or a CA file that holds no
 /// certificate makes `run` exit 64 naming key and line, and draws a warning from
 /// `check-config` (whose config is sound: placeholder keys are common in templates and
-/// tests); processed or rejected files kept in the inbox folder itself are a bad config.
+/// tests); processed or rejected files kept in the inbox folder itself, or in a "folder" that
+/// is a file, are a bad config.
 #[test]
 fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
     let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
@@ -315,4 +316,22 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
         stdout.contains("inbox.processed_dir: must not be the inbox folder itself"),
         "{stdout}"
     );
+
+    // A folder pushdrop would make, already taken by a file.
+    let taken = d.dir.path().join("a-file");
+    std::fs::write(&taken, "x").unwrap();
+    let on_a_file = good.replace(
+        "[inbox]\n",
+        &format!("[inbox]\nprocessed_dir = \"{}\"\n", taken.display()),
+    );
+    let config = pushdrop_with(&d.config, &on_a_file, d.dir.path());
+    for cmd in ["check-config", "run"] {
+        let out = pushdrop(&config, &[cmd]);
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {said}");
+        assert!(
+            said.contains("inbox.processed_dir: ") && said.contains("exists and is not a folder"),
+            "{cmd}: {said}"
+        );
+    }
 }
