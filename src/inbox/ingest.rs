@@ -903,6 +903,15 @@ impl Ingestor {
                     );
                 }
             }
+            // Not moved: the file stays in the inbox and is looked at again, so it is not
+            // counted (or listed in `status`) as a rejection each time, only said to be stuck.
+            FileOutcome::Rejected(Rejected {
+                move_error: Some(e),
+                reason,
+                ..
+            }) => {
+                tracing::error!(event = "move_failed", file = %r.name, reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
+            }
             FileOutcome::Rejected(rej) => {
                 m.files_rejected
                     .get_or_create(&ReasonLabel {
@@ -924,9 +933,6 @@ impl Ingestor {
                     reasons = %reasons.join("; "),
                     report = %rej.report.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
                 );
-                if let Some(e) = &rej.move_error {
-                    tracing::error!(event = "move_failed", file = %r.name, error = %e, "rejected file could not be moved to rejected_dir; will retry");
-                }
                 self.store.note_event_blocking(
                     "rejected",
                     None,
@@ -1106,11 +1112,16 @@ mod tests {
 
     /// An ingestor on a temp dir: inbox `inbox/`, database `pushdrop.db`, one app.
     fn ingestor(dir: &Path, keep_processed: bool) -> Ingestor {
+        ingestor_with(dir, &format!("keep_processed = {keep_processed}"))
+    }
+
+    /// [`ingestor`] with more `[inbox]` settings.
+    fn ingestor_with(dir: &Path, inbox: &str) -> Ingestor {
         let path = dir.join("pushdrop.toml");
         std::fs::write(
             &path,
             format!(
-                "[inbox]\ndir = \"inbox\"\nkeep_processed = {keep_processed}\n\
+                "[inbox]\ndir = \"inbox\"\n{inbox}\n\
                  [store]\npath = \"pushdrop.db\"\n\
                  [[apps]]\nname = \"a\"\nbundle_id = \"com.example.a\"\n\
                  token = {{ key_file = \"k.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }}\n"
@@ -1273,6 +1284,37 @@ mod tests {
             "old"
         );
         assert!(!moved.exists());
+    }
+
+    /// A rejected file that cannot be moved stays in the inbox, and is not counted as a new
+    /// rejection (nor listed in `status`) at every look.
+    #[test]
+    fn a_rejection_that_cannot_be_moved_is_not_counted_again_and_again() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
+        let ing = ingestor_with(d.path(), "rejected_dir = \"blocker/rejected\"");
+        let path = d.path().join("inbox/bad.json");
+        std::fs::write(&path, r#"{"type":"device","tokn":"ab"}"#).unwrap();
+        for _ in 0..3 {
+            let r = ing.process(vec![Candidate {
+                path: path.clone(),
+                settled: true,
+            }]);
+            assert!(
+                matches!(&r[0].outcome, FileOutcome::Rejected(rej) if rej.move_error.is_some()),
+                "{r:?}"
+            );
+        }
+        assert!(path.exists(), "stays in the inbox");
+        let c = rusqlite::Connection::open(&ing.cfg.store.path).unwrap();
+        let listed: i64 = c
+            .query_row(
+                "SELECT count(*) FROM events WHERE kind = 'rejected'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(listed, 0);
     }
 
     #[test]
