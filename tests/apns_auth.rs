@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use common::sim::*;
 use pushdrop::apns::{ApnsClient, Clock, Outcome};
-use pushdrop::simulator::SimOptions;
+use pushdrop::simulator::{SimOptions, Simulator};
 
 fn is_sent(o: &Outcome) -> bool {
     matches!(o, Outcome::Sent { .. })
@@ -366,4 +366,73 @@ async fn untrusted_server_certificate_pauses_the_app() {
         Outcome::PauseApp { reason, .. } => assert!(reason.contains("ca_file"), "{reason}"),
         other => panic!("expected PauseApp, got {other:?}"),
     }
+}
+
+/// A simulator restarted on the folder an earlier start wrote its credentials to uses them
+/// again (`pushdrop simulate --dir`): a client set up from the first start's files — CA, `.p8`
+/// key, key and team ids, client certificate — is trusted by the second one, on the same
+/// port, with nothing rewritten.
+#[tokio::test]
+async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = SimOptions {
+        kept_credentials: Some(dir.path().to_path_buf()),
+        ..SimOptions::default()
+    };
+    let first = Simulator::start(kept.clone()).await.unwrap();
+    assert!(!first.credentials_reused(), "nothing to keep yet");
+    let creds = first.write_credentials(dir.path()).unwrap();
+    let addr = first.addr();
+    let ca_before = std::fs::read_to_string(&creds.ca_file).unwrap();
+    first.shutdown().await;
+
+    let second = Simulator::start(SimOptions {
+        listen: addr,
+        ..kept.clone()
+    })
+    .await
+    .unwrap();
+    assert!(second.credentials_reused());
+    assert_eq!(second.key_id(), creds.key_id);
+    assert_eq!(second.team_id(), creds.team_id);
+    let app = token_app(
+        "app",
+        BUNDLE,
+        &creds.key_file,
+        &creds.key_id,
+        &creds.team_id,
+    ) + &cert_app(
+        "certapp",
+        &creds.client_cert_file,
+        Some(&creds.client_key_file),
+    );
+    let cfg = config_for(&second.url(), &creds.ca_file, dir.path(), "", &app);
+    let client = ApnsClient::new(&cfg).unwrap();
+    within(30, async {
+        let o = client.send(&push(1)).await;
+        assert!(is_sent(&o), "token auth: {o:?}");
+        let o = client
+            .send(&push_for(
+                "certapp",
+                &token(2),
+                pushdrop::model::PushType::Alert,
+            ))
+            .await;
+        assert!(is_sent(&o), "certificate auth: {o:?}");
+    })
+    .await;
+    second.write_credentials(dir.path()).unwrap();
+    assert_eq!(std::fs::read_to_string(&creds.ca_file).unwrap(), ca_before);
+    second.shutdown().await;
+
+    // Credentials that do not belong together (a CA key that did not sign the CA) are made
+    // anew rather than used.
+    std::fs::write(
+        dir.path().join("ca-key.pem"),
+        std::fs::read_to_string(&creds.client_key_file).unwrap(),
+    )
+    .unwrap();
+    let third = Simulator::start(kept).await.unwrap();
+    assert!(!third.credentials_reused());
+    third.shutdown().await;
 }

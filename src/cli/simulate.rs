@@ -46,8 +46,10 @@ pub fn simulate(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     runtime.block_on(async {
         let sim = Simulator::start(SimOptions {
+            kept_credentials: Some(dir.clone()),
             listen: addr,
             latency,
             // A long-running server must not grow: count accepted pushes, keep none.
@@ -61,7 +63,6 @@ pub fn simulate(
         if let Some(s) = &first_script {
             s.apply(&sim, latency);
         }
-        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let creds = sim
             .write_credentials(&dir)
             .with_context(|| format!("cannot write credentials into {}", dir.display()))?;
@@ -69,6 +70,14 @@ pub fn simulate(
         std::fs::write(&config, config_snippet(&sim.url(), &dir, &creds))
             .with_context(|| format!("cannot write {}", config.display()))?;
         println!("APNs simulator listening on {}", sim.url());
+        if sim.credentials_reused() {
+            println!(
+                "  credentials:         kept from an earlier start in {} (delete them for new ones)",
+                dir.display()
+            );
+        } else {
+            println!("  credentials:         made anew in {}", dir.display());
+        }
         println!("  CA certificate:      {}", creds.ca_file.display());
         println!(
             "  token key:           {} (key_id {}, team_id {})",

@@ -1,6 +1,7 @@
 //! The simulator's generated credentials: a CA, a server certificate for loopback, a client
-//! certificate for certificate auth, and `.p8` signing keys for token auth. All fresh per
-//! start, so nothing secret ever lives in the repository.
+//! certificate for certificate auth, and `.p8` signing keys for token auth. Made at start (so
+//! nothing secret ever lives in the repository), or read back from the folder an earlier start
+//! wrote them to ([`load_kept`]), so that a restarted simulator is trusted by the same config.
 
 use std::path::Path;
 
@@ -14,6 +15,8 @@ use super::SimError;
 /// Everything certificate-shaped the simulator made at start.
 pub(crate) struct Certs {
     pub ca_pem: String,
+    /// The CA's private key (PKCS#8 PEM), kept so a later start can sign with the same CA.
+    pub ca_key_pem: String,
     pub ca_der: rustls::pki_types::CertificateDer<'static>,
     pub server_cert_der: rustls::pki_types::CertificateDer<'static>,
     pub server_key_der: Vec<u8>,
@@ -50,9 +53,9 @@ pub fn apple_id() -> String {
         .collect()
 }
 
-/// Makes the CA, the server certificate (valid for `server_names`) and a client certificate.
-pub(crate) fn generate(server_names: &[String]) -> Result<Certs, SimError> {
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err("CA key"))?;
+/// The CA's parameters: the same at every start, so a kept CA key signs certificates that
+/// chain to the kept CA certificate.
+fn ca_params() -> Result<CertificateParams, SimError> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
     ca_params.distinguished_name = dn("pushdrop simulator CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -61,9 +64,40 @@ pub(crate) fn generate(server_names: &[String]) -> Result<Certs, SimError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err("CA"))?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    Ok(ca_params)
+}
 
+/// Makes the CA, the server certificate (valid for `server_names`) and a client certificate.
+pub(crate) fn generate(server_names: &[String]) -> Result<Certs, SimError> {
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err("CA key"))?;
+    let ca_cert = ca_params()?.self_signed(&ca_key).map_err(cert_err("CA"))?;
+    let client_key =
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err("client key"))?;
+    let mut cp = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client"))?;
+    cp.distinguished_name = dn("pushdrop simulator client");
+    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let client_cert = cp
+        .signed_by(&client_key, &issuer)
+        .map_err(cert_err("client"))?;
+    with_server_cert(
+        server_names,
+        issuer,
+        ca_cert.pem(),
+        ca_key_pem,
+        (client_cert.pem(), client_key.serialize_pem()),
+    )
+}
+
+/// The certificates with a fresh server certificate signed by `issuer` (the CA).
+fn with_server_cert(
+    server_names: &[String],
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    ca_key_pem: String,
+    (client_cert_pem, client_key_pem): (String, String),
+) -> Result<Certs, SimError> {
     let server_key =
         KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err("server key"))?;
     let mut sp = CertificateParams::new(server_names.to_vec()).map_err(cert_err("server"))?;
@@ -72,24 +106,75 @@ pub(crate) fn generate(server_names: &[String]) -> Result<Certs, SimError> {
     let server_cert = sp
         .signed_by(&server_key, &issuer)
         .map_err(cert_err("server"))?;
-
-    let client_key =
-        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err("client key"))?;
-    let mut cp = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client"))?;
-    cp.distinguished_name = dn("pushdrop simulator client");
-    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = cp
-        .signed_by(&client_key, &issuer)
-        .map_err(cert_err("client"))?;
-
+    let ca_der = pem_cert_der(&ca_pem).ok_or_else(|| SimError::Cert("CA: not PEM".into()))?;
     Ok(Certs {
-        ca_pem: ca_cert.pem(),
-        ca_der: ca_cert.der().clone(),
+        ca_pem,
+        ca_key_pem,
+        ca_der,
         server_cert_der: server_cert.der().clone(),
         server_key_der: server_key.serialize_der(),
-        client_cert_pem: client_cert.pem(),
-        client_key_pem: client_key.serialize_pem(),
+        client_cert_pem,
+        client_key_pem,
     })
+}
+
+/// The DER of the first certificate of a PEM text.
+fn pem_cert_der(pem: &str) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()
+}
+
+/// Files of a simulator folder, beside those [`super::Simulator::write_credentials`] names.
+pub(crate) const CA_KEY_FILE: &str = "ca-key.pem";
+pub(crate) const IDS_FILE: &str = "simulator-ids.toml";
+
+/// The key and team id of the primary `.p8` key, in [`IDS_FILE`].
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct KeptIds {
+    pub key_id: String,
+    pub team_id: String,
+}
+
+/// The credentials an earlier start wrote into `dir`, with a new server certificate for
+/// `server_names`: `None` unless all of them are there and belong together (the CA key signs
+/// for the CA certificate, each key matches its certificate).
+pub(crate) fn load_kept(dir: &Path, server_names: &[String]) -> Option<(Certs, TokenKey)> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let ids: KeptIds = toml::from_str(&read(IDS_FILE)?).ok()?;
+    let (ca_pem, ca_key_pem) = (read("ca.pem")?, read(CA_KEY_FILE)?);
+    let (client_cert_pem, client_key_pem) = (read("client.pem")?, read("client-key.pem")?);
+    let p8_pem = read(&format!("AuthKey_{}.p8", ids.key_id))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).ok()?;
+    let holds = |cert_pem: &str, key: &KeyPair| {
+        pem_cert_der(cert_pem).is_some_and(|der| {
+            let public = key.public_key_raw();
+            der.windows(public.len()).any(|w| w == public)
+        })
+    };
+    let client_key = KeyPair::from_pem(&client_key_pem).ok()?;
+    if !holds(&ca_pem, &ca_key) || !holds(&client_cert_pem, &client_key) {
+        return None;
+    }
+    let token_key = KeyPair::from_pem(&p8_pem).ok()?;
+    let decoding =
+        jsonwebtoken::DecodingKey::from_ec_pem(token_key.public_key_pem().as_bytes()).ok()?;
+    let issuer = Issuer::new(ca_params().ok()?, ca_key);
+    let certs = with_server_cert(
+        server_names,
+        issuer,
+        ca_pem,
+        ca_key_pem,
+        (client_cert_pem, client_key_pem),
+    )
+    .ok()?;
+    Some((
+        certs,
+        TokenKey {
+            key_id: ids.key_id,
+            team_id: ids.team_id,
+            p8_pem,
+            decoding,
+        },
+    ))
 }
 
 /// A new `.p8` key with fresh key and team ids.

@@ -69,6 +69,11 @@ pub struct SimOptions {
     /// `<UNIX time in ns> <token> <apns-id>`, so a drop-to-APNs latency can be measured from
     /// outside. `pushdrop simulate` sets it from the `PUSHDROP_SIM_ARRIVALS` variable.
     pub arrivals_file: Option<PathBuf>,
+    /// A folder an earlier start wrote its credentials to ([`Simulator::write_credentials`]):
+    /// the CA, `.p8` key (with its key and team ids) and client certificate found there are
+    /// used again, so a config that trusted that start trusts this one. Made anew when any
+    /// is missing or they do not belong together.
+    pub kept_credentials: Option<PathBuf>,
 }
 
 impl Default for SimOptions {
@@ -85,6 +90,7 @@ impl Default for SimOptions {
             record_limit: 1_000_000,
             server_names: Vec::new(),
             arrivals_file: None,
+            kept_credentials: None,
         }
     }
 }
@@ -311,6 +317,8 @@ pub struct Simulator {
     shared: Arc<Shared>,
     certs: certs::Certs,
     primary: Arc<certs::TokenKey>,
+    /// The credentials are those of an earlier start ([`SimOptions::kept_credentials`]).
+    reused: bool,
     stop: tokio::sync::watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -323,8 +331,15 @@ impl Simulator {
             names.push(opts.listen.ip().to_string());
         }
         names.extend(opts.server_names.iter().cloned());
-        let certs = certs::generate(&names)?;
-        let primary = Arc::new(certs::token_key()?);
+        let kept = opts
+            .kept_credentials
+            .as_deref()
+            .and_then(|dir| certs::load_kept(dir, &names));
+        let reused = kept.is_some();
+        let (certs, primary) = match kept {
+            Some((c, k)) => (c, Arc::new(k)),
+            None => (certs::generate(&names)?, Arc::new(certs::token_key()?)),
+        };
         let tls = server::tls_config(&certs, opts.require_client_cert)?;
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
@@ -384,9 +399,15 @@ impl Simulator {
             shared,
             certs,
             primary,
+            reused,
             stop,
             task: Some(task),
         })
+    }
+
+    /// Whether the credentials are an earlier start's ([`SimOptions::kept_credentials`]).
+    pub fn credentials_reused(&self) -> bool {
+        self.reused
     }
 
     /// The base URL for `[apns] production_url`/`sandbox_url`.
@@ -432,6 +453,13 @@ impl Simulator {
             client_combined_file: dir.join("client-combined.pem"),
         };
         certs::write_file(&creds.ca_file, &c.ca_pem, false)?;
+        certs::write_file(&dir.join(certs::CA_KEY_FILE), &c.ca_key_pem, true)?;
+        let ids = certs::KeptIds {
+            key_id: self.primary.key_id.clone(),
+            team_id: self.primary.team_id.clone(),
+        };
+        let ids = toml::to_string(&ids).map_err(|e| SimError::Cert(format!("ids: {e}")))?;
+        certs::write_file(&dir.join(certs::IDS_FILE), &ids, false)?;
         certs::write_file(&creds.key_file, &self.primary.p8_pem, true)?;
         certs::write_file(&creds.client_cert_file, &c.client_cert_pem, false)?;
         certs::write_file(&creds.client_key_file, &c.client_key_pem, true)?;
