@@ -42,6 +42,35 @@ use crate::model::{DeliveryState, now_ms};
 
 use super::FinishedNotification;
 
+/// The row id of notification `id` of `app` (of any app when `None`): `None` when there is
+/// none, [`StoreError::AmbiguousId`] when no app is named and two apps use the id (`show` and
+/// `retry` must not pick one of them).
+pub(super) fn notification_row_id(
+    conn: &rusqlite::Connection,
+    id: &str,
+    app: Option<&str>,
+) -> Result<Option<i64>, StoreError> {
+    let found: Vec<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT id, app FROM notifications
+             WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY app",
+        )?
+        .query_map(params![id, app], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [(nid, _)] => Ok(Some(*nid)),
+        many => Err(StoreError::AmbiguousId {
+            id: id.to_string(),
+            apps: many
+                .iter()
+                .map(|(_, a)| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
 /// `pushdrop status` and `/status`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
@@ -287,28 +316,17 @@ impl Reader {
             Option<i64>,
             Option<String>,
         );
-        if app.is_none() {
-            // The same id in two apps: say so rather than show one of them.
-            let apps: Vec<String> = self
-                .conn
-                .prepare_cached("SELECT app FROM notifications WHERE ext_id = ?1 ORDER BY app")?
-                .query_map([id], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            if apps.len() > 1 {
-                return Err(StoreError::AmbiguousId {
-                    id: id.to_string(),
-                    apps: apps.join(", "),
-                });
-            }
-        }
+        let Some(nid) = notification_row_id(&self.conn, id, app)? else {
+            return Ok(None);
+        };
         let row: Option<Row> = self
             .conn
             .query_row(
                 "SELECT n.id, app, target_kind, target, payload, push_type, priority, topic, collapse_id,
                         expiration, send_at, created_at, s.finished_at, source_file
                  FROM notifications n JOIN notification_status s ON s.id = n.id
-                 WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY n.id LIMIT 1",
-                params![id, app],
+                 WHERE n.id = ?1",
+                [nid],
                 |r| {
                     Ok((
                         r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?,

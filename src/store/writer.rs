@@ -1137,29 +1137,10 @@ impl Writer {
         // The one notification named, by its row id.
         let only: Option<i64> = match id {
             None => None,
-            Some(id) => {
-                let found: Vec<(i64, String)> = tx
-                    .prepare(
-                        "SELECT id, app FROM notifications
-                         WHERE ext_id = ?1 AND (?2 IS NULL OR app = ?2) ORDER BY app",
-                    )?
-                    .query_map(params![id, app], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?;
-                match found.as_slice() {
-                    [] => return Err(StoreError::UnknownNotification(id.to_string())),
-                    [(nid, _)] => Some(*nid),
-                    many => {
-                        return Err(StoreError::AmbiguousId {
-                            id: id.to_string(),
-                            apps: many
-                                .iter()
-                                .map(|(_, a)| a.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        });
-                    }
-                }
-            }
+            Some(id) => Some(
+                super::query::notification_row_id(&tx, id, app)?
+                    .ok_or_else(|| StoreError::UnknownNotification(id.to_string()))?,
+            ),
         };
         // The notifications first (their pending counts grow by their failed deliveries),
         // then the deliveries themselves.
