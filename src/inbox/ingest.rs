@@ -163,9 +163,7 @@ impl ReadIdentity {
             AfterRead::Same
         } else if m.ino() != self.ino {
             AfterRead::Replaced
-        } else if m.size() != self.size
-            || m.mtime() * 1_000_000_000 + m.mtime_nsec() != self.mtime_ns
-        {
+        } else if m.size() != self.size || mtime_ns(m) != self.mtime_ns {
             AfterRead::Changed
         } else {
             AfterRead::Same
@@ -324,7 +322,7 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
         return Err(Examined::InProgress("changed while being read".into()));
     }
     drop(file);
-    let mtime_ns = after.mtime() * 1_000_000_000 + after.mtime_nsec();
+    let mtime_ns = mtime_ns(&after);
     let settle = Duration::from_millis(cfg.inbox.settle_ms);
     let settled = settled || mtime_age(&after) >= settle;
     Ok(ReadDrop {
@@ -382,6 +380,12 @@ fn special_kind(meta: &std::fs::Metadata) -> &'static str {
     } else {
         "special file"
     }
+}
+
+/// A file's mtime in nanoseconds since the epoch: with its size and inode, what tells one
+/// version of a file from the next.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
 /// How long ago a file was last modified (zero when its mtime is in the future).
@@ -981,7 +985,7 @@ fn logged_names(o: &IngestOutcome) -> (Option<&str>, Option<String>, Option<Stri
 /// `rejected_dir` by a crash, once they are an hour old.
 pub fn sweep_processed(cfg: &Config) -> usize {
     for dir in [cfg.inbox.dir.as_path(), cfg.rejected_dir()] {
-        let left = sweep_temp_files(dir, TEMP_FILE_AGE, SystemTime::now());
+        let left = sweep_dir(dir, TEMP_FILE_AGE, SystemTime::now(), is_temp_file);
         if left > 0 {
             tracing::info!(event = "retention", dir = %dir.display(), removed = left as u64, "removed temporary files a crash left behind");
         }
@@ -995,6 +999,7 @@ pub fn sweep_processed(cfg: &Config) -> usize {
         dir,
         Duration::from_secs(u64::from(days) * 86_400),
         SystemTime::now(),
+        |_| true,
     );
     if removed > 0 {
         tracing::info!(event = "retention", dir = %dir.display(), removed, days, "removed old processed files");
@@ -1006,32 +1011,10 @@ pub fn sweep_processed(cfg: &Config) -> usize {
 /// leftover.
 const TEMP_FILE_AGE: Duration = Duration::from_secs(3600);
 
-/// Removes pushdrop's temporary files (`.pushdrop-*.tmp`) of `dir` older than `max_age`.
-fn sweep_temp_files(dir: &Path, max_age: Duration, now: SystemTime) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with(".pushdrop-") && name.ends_with(".tmp")) {
-            continue;
-        }
-        let Ok(m) = e.metadata() else { continue };
-        if m.file_type().is_file()
-            && now
-                .duration_since(
-                    SystemTime::UNIX_EPOCH + Duration::from_secs(m.mtime().max(0) as u64),
-                )
-                .unwrap_or(Duration::ZERO)
-                > max_age
-            && std::fs::remove_file(e.path()).is_ok()
-        {
-            removed += 1;
-        }
-    }
-    removed
+/// Whether `name` is one of pushdrop's temporary files (`.pushdrop-*.tmp`).
+fn is_temp_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.starts_with(b".pushdrop-") && name.ends_with(b".tmp")
 }
 
 /// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
@@ -1080,14 +1063,22 @@ fn put_back(moved: &Path, inbox: &Path, fname: &std::ffi::OsStr, name: &str, why
     }
 }
 
-/// Removes regular files of `dir` last changed (moved or written) more than `max_age` before
-/// `now`; returns how many.
-pub fn sweep_dir(dir: &Path, max_age: Duration, now: SystemTime) -> usize {
+/// Removes the regular files of `dir` whose name `matches` and that were last changed (moved
+/// or written) more than `max_age` before `now`; returns how many.
+pub fn sweep_dir(
+    dir: &Path,
+    max_age: Duration,
+    now: SystemTime,
+    matches: impl Fn(&std::ffi::OsStr) -> bool,
+) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for e in entries.flatten() {
+        if !matches(&e.file_name()) {
+            continue;
+        }
         let Ok(m) = e.metadata() else { continue };
         if !m.file_type().is_file() {
             continue;
@@ -1329,11 +1320,11 @@ mod tests {
             std::fs::write(d.path().join(n), "x").unwrap();
         }
         assert_eq!(
-            sweep_temp_files(d.path(), TEMP_FILE_AGE, SystemTime::now()),
+            sweep_dir(d.path(), TEMP_FILE_AGE, SystemTime::now(), is_temp_file),
             0
         );
         let later = SystemTime::now() + 2 * TEMP_FILE_AGE;
-        assert_eq!(sweep_temp_files(d.path(), TEMP_FILE_AGE, later), 2);
+        assert_eq!(sweep_dir(d.path(), TEMP_FILE_AGE, later, is_temp_file), 2);
         assert!(d.path().join("a.tmp").exists() && d.path().join(".other.tmp").exists());
     }
 
@@ -1343,10 +1334,10 @@ mod tests {
         std::fs::write(d.path().join("a.json"), "{}").unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
         let week = Duration::from_secs(7 * 86_400);
-        assert_eq!(sweep_dir(d.path(), week, SystemTime::now()), 0);
+        assert_eq!(sweep_dir(d.path(), week, SystemTime::now(), |_| true), 0);
         assert!(d.path().join("a.json").exists());
         let later = SystemTime::now() + Duration::from_secs(8 * 86_400);
-        assert_eq!(sweep_dir(d.path(), week, later), 1);
+        assert_eq!(sweep_dir(d.path(), week, later, |_| true), 1);
         assert!(!d.path().join("a.json").exists());
         assert!(d.path().join("sub").is_dir());
     }

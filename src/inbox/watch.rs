@@ -517,11 +517,7 @@ impl Loop {
                 // Symlinks, FIFOs, devices: rejected without being opened.
                 ready_now = true;
             } else {
-                let sig = (
-                    meta.size(),
-                    meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-                    meta.ino(),
-                );
+                let sig = (meta.size(), ingest::mtime_ns(&meta), meta.ino());
                 let age = ingest::mtime_age(&meta);
                 if c.seen != Some(sig) {
                     c.seen = Some(sig);
