@@ -102,43 +102,15 @@ struct Ready {
     name: String,
     /// What was read and committed: the file as it was then, to tell whether the file moved
     /// afterwards is still that file, and still holds only what was read.
-    read: ReadIdentity,
+    read: Box<ReadIdentity>,
     devices: usize,
     notifications: usize,
     started: Instant,
 }
 
-impl Ready {
-    /// A parsed file, `(devices, notifications)` counted, about to be committed as `file`.
-    fn new(
-        path: PathBuf,
-        name: String,
-        dev: u64,
-        file: &IngestFile,
-        (devices, notifications): (usize, usize),
-        started: Instant,
-    ) -> Ready {
-        let kind = FileKind::from_name(&name).unwrap_or(FileKind::Json);
-        Ready {
-            path,
-            name,
-            read: ReadIdentity {
-                dev,
-                ino: file.ino,
-                size: file.size,
-                mtime_ns: file.mtime_ns,
-                sha256: file.sha256.clone(),
-                kind,
-            },
-            devices,
-            notifications,
-            started,
-        }
-    }
-}
-
-/// The identity and content of a file as it was read.
-struct ReadIdentity {
+/// The identity and content of a file as it was read: after its commit, what tells whether
+/// the file about to leave the inbox is still that file and holds nothing more.
+pub struct ReadIdentity {
     dev: u64,
     ino: u64,
     size: u64,
@@ -176,7 +148,7 @@ pub enum Examined {
     /// Parsed; counts of devices and notifications, and the file for the store.
     Ready {
         file: IngestFile,
-        dev: u64,
+        read: Box<ReadIdentity>,
         devices: usize,
         notifications: usize,
     },
@@ -228,6 +200,17 @@ impl ReadDrop {
     /// A `.jsonl` file's last line without its newline yet is still being written.
     fn last_line_unfinished(&self) -> bool {
         self.kind == FileKind::Jsonl && !self.settled && self.bytes.last() != Some(&b'\n')
+    }
+
+    fn identity(&self, sha256: String) -> Box<ReadIdentity> {
+        Box::new(ReadIdentity {
+            dev: self.dev,
+            ino: self.ino,
+            size: self.bytes.len() as u64,
+            mtime_ns: self.mtime_ns,
+            sha256,
+            kind: self.kind,
+        })
     }
 
     fn ingest_file(&self, sha256: String, records: Vec<crate::model::Record>) -> IngestFile {
@@ -345,9 +328,10 @@ fn parse_read(read: ReadDrop, cfg: &Config) -> Examined {
     if read.last_line_unfinished() {
         return Examined::InProgress("last line has no newline yet".into());
     }
+    let sha256 = hex::encode(Sha256::digest(&read.bytes));
     Examined::Ready {
-        file: read.ingest_file(hex::encode(Sha256::digest(&read.bytes)), parsed.records),
-        dev: read.dev,
+        read: read.identity(sha256.clone()),
+        file: read.ingest_file(sha256, parsed.records),
         devices: parsed.devices,
         notifications: parsed.notifications,
     }
@@ -451,18 +435,18 @@ impl Ingestor {
             match examined {
                 Examined::Ready {
                     file,
-                    dev,
+                    read,
                     devices,
                     notifications,
                 } => {
-                    ready.push(Ready::new(
-                        c.path,
+                    ready.push(Ready {
+                        path: c.path,
                         name,
-                        dev,
-                        &file,
-                        (devices, notifications),
+                        read,
+                        devices,
+                        notifications,
                         started,
-                    ));
+                    });
                     files.push(file);
                 }
                 Examined::Reject(r) => {
@@ -582,14 +566,7 @@ impl Ingestor {
         if !writer_gone {
             stream.send(parsed.records);
         }
-        let identity = ReadIdentity {
-            dev: read.dev,
-            ino: read.ino,
-            size: read.bytes.len() as u64,
-            mtime_ns: read.mtime_ns,
-            sha256: sha256.clone(),
-            kind: read.kind,
-        };
+        let identity = read.identity(sha256.clone());
         let committed = stream.commit(sha256).map_err(|e| e.to_string());
         let ready = Ready {
             path,
@@ -1138,22 +1115,21 @@ mod tests {
         let read = read_drop(path, &ing.cfg, true).unwrap_or_else(|_| panic!("read"));
         let Examined::Ready {
             file,
-            dev,
+            read,
             devices,
             notifications,
         } = parse_read(read, &ing.cfg)
         else {
             panic!("not ready")
         };
-        let name = display_name(path);
-        let r = Ready::new(
-            path.to_path_buf(),
-            name,
-            dev,
-            &file,
-            (devices, notifications),
-            Instant::now(),
-        );
+        let r = Ready {
+            path: path.to_path_buf(),
+            name: display_name(path),
+            read,
+            devices,
+            notifications,
+            started: Instant::now(),
+        };
         ing.store.ingest(vec![file]).unwrap();
         r
     }
