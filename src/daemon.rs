@@ -35,11 +35,13 @@ pub enum DaemonError {
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error(
-        "the database {path} takes no writes (pushdrop would send without being able to record what it sent)"
+        "the database {path} takes no writes{hint} (pushdrop would send without being able to record what it sent)"
     )]
     Unwritable {
         path: std::path::PathBuf,
-        source: StoreError,
+        /// The files this process may not write, when that is why.
+        hint: String,
+        source: Box<StoreError>,
     },
 }
 
@@ -77,12 +79,20 @@ impl Daemon {
         let store = Store::open(&cfg.store.path, true)?;
         // A database that opens but takes no writes (read-only file or folder) would have the
         // sender send every due delivery again and again, its results never recorded.
-        store
-            .heartbeat_blocking()
-            .map_err(|source| DaemonError::Unwritable {
+        store.heartbeat_blocking().map_err(|source| {
+            let blocked = crate::store::not_writable(&cfg.store.path);
+            let hint = if blocked.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<String> = blocked.iter().map(|p| p.display().to_string()).collect();
+                format!("; not writable by this user: {}", names.join(", "))
+            };
+            DaemonError::Unwritable {
                 path: cfg.store.path.clone(),
-                source,
-            })?;
+                hint,
+                source: Box::new(source),
+            }
+        })?;
         let client = ApnsClient::new(&cfg)?;
         let shutting_down = Arc::new(AtomicBool::new(false));
         let inbox = inbox::start(cfg.clone(), store.clone())?;

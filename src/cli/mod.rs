@@ -62,10 +62,27 @@ pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
                 eprintln!("pushdrop: {ce}");
                 return ExitCode::from(EXIT_BAD_CONFIG as u8);
             }
-            eprintln!("pushdrop: {e:#}");
+            eprintln!("pushdrop: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line, each said once: many errors name their cause in
+/// their own message (`cannot open database X: <cause>`), and `{:#}` would then repeat it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || line.contains(&said) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&said);
+    }
+    line
 }
 
 /// `pushdrop check-config`: every problem with key and line; exit 64 if there is one. A key,
@@ -99,5 +116,25 @@ pub fn check_config(path: &Path) -> anyhow::Result<i32> {
             println!("{e}");
             Ok(EXIT_BAD_CONFIG)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        // StoreError::Unwritable names its cause in its message and also gives it as source().
+        let store = crate::store::StoreError::Unwritable {
+            path: "db/p.db".into(),
+            source: std::io::Error::other("read-only file system"),
+        };
+        let e = anyhow::Error::new(store).context("cannot start");
+        assert_eq!(e.chain().count(), 3);
+        assert_eq!(
+            super::error_chain(&e),
+            "cannot start: database db/p.db is not writable: read-only file system"
+        );
+        let e = anyhow::Error::new(std::io::Error::other("no such file")).context("cannot open x");
+        assert_eq!(super::error_chain(&e), "cannot open x: no such file");
     }
 }

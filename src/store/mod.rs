@@ -459,6 +459,38 @@ pub struct DeviceInfo {
     pub environment: Environment,
 }
 
+/// The database's files (and its folder) this process may not write, so that a refusal can
+/// name them: SQLite gives the `-wal` and `-shm` files it creates the database file's mode,
+/// so after a start on a read-only database they stay read-only when the database itself is
+/// made writable again.
+pub fn not_writable(db: &Path) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut paths = vec![db.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        paths.push(PathBuf::from(name));
+    }
+    if let Some(dir) = db.parent() {
+        paths.push(if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir.to_path_buf()
+        });
+    }
+    paths
+        .into_iter()
+        .filter(|p| {
+            let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+                return false;
+            };
+            // SAFETY: access() reads a NUL-terminated path we own; a missing file is not
+            // reported (SQLite creates it when it can).
+            p.exists() && unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0
+        })
+        .collect()
+}
+
 /// An advisory lock (`flock`) on `<db>.lock`: two daemons on one database would each think
 /// they own the leases.
 struct LockFile {

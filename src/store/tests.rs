@@ -150,6 +150,25 @@ fn second_exclusive_open_is_refused() {
 }
 
 #[test]
+fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let shm = dir.path().join("p.db-shm");
+    // No -wal: a missing file is not named (SQLite makes it when it can).
+    for f in [&db, &shm] {
+        std::fs::write(f, b"").unwrap();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let expected = if root { vec![] } else { vec![db.clone(), shm] };
+    assert_eq!(not_writable(&db), expected);
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(!not_writable(&db).contains(&db));
+}
+
+#[test]
 fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
     let (_dir, store) = open();
     let f = file(
