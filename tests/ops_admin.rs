@@ -55,6 +55,20 @@ fn health_status_and_readiness_follow_the_store() {
     assert_eq!(from_admin["devices"]["buxheti"]["active"], 3);
     assert_eq!(from_admin["recent_errors"][0]["kind"], "rejected");
 
+    // The registry by app; a mistyped app is an error, not an empty list.
+    let out = env.pushdrop(&["devices", "--app", "buxheti", "--user", "u"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 device(s)"),
+        "{out:?}"
+    );
+    let out = env.pushdrop(&["devices", "--app", "buxhet"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no app \"buxhet\""),
+        "{out:?}"
+    );
+
     // The database file is replaced under the running daemon (a restore done the wrong way,
     // a clean-up script): its writes would go to a file nobody will ever open again. This
     // holds as root too, where permissions stop nothing.

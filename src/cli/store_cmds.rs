@@ -155,6 +155,19 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
         invalid_only: f.invalid,
         limit: f.limit,
     })?;
+    // A mistyped app would otherwise list nothing and succeed. An app no longer in the
+    // config still lists the devices the store keeps for it.
+    if let Some(app) = f.app.as_deref()
+        && rows.is_empty()
+        && !cfg.apps.iter().any(|a| a.name == app)
+    {
+        let names: Vec<&str> = cfg.apps.iter().map(|a| a.name.as_str()).collect();
+        eprintln!(
+            "pushdrop: no app {app:?} in the config or the device registry (configured: {})",
+            names.join(", ")
+        );
+        return Ok(1);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
