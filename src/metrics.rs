@@ -74,6 +74,7 @@ pub struct Metrics {
     pub reconnects: Counter,
     pub jwt_refreshes: Counter,
     pub inbox_scan_duration_seconds: Histogram,
+    pub inbox_stuck_files: Gauge,
     pub app_paused: Family<PauseLabel, Gauge>,
 }
 
@@ -93,6 +94,7 @@ impl Metrics {
             reconnects: Counter::default(),
             jwt_refreshes: Counter::default(),
             inbox_scan_duration_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            inbox_stuck_files: Gauge::default(),
             app_paused: Family::default(),
         };
         let mut r = Registry::with_prefix("pushdrop");
@@ -156,6 +158,11 @@ impl Metrics {
             "inbox_scan_duration_seconds",
             "Time of one full inbox directory scan",
             m.inbox_scan_duration_seconds.clone(),
+        );
+        r.register(
+            "inbox_stuck_files",
+            "Files committed or rejected that cannot be moved out of the inbox",
+            m.inbox_stuck_files.clone(),
         );
         r.register(
             "app_paused",

@@ -385,11 +385,33 @@ pub fn mtime_age(meta: &std::fs::Metadata) -> Duration {
 pub struct Ingestor {
     cfg: Arc<Config>,
     store: Store,
+    /// Files handled (committed or rejected) that could not be moved out of the inbox: they
+    /// are looked at again at every scan, and `pushdrop_inbox_stuck_files` counts them so that
+    /// a `processed_dir` or `rejected_dir` that takes no files does not go unnoticed.
+    stuck: Arc<std::sync::Mutex<BTreeSet<PathBuf>>>,
 }
 
 impl Ingestor {
     pub fn new(cfg: Arc<Config>, store: Store) -> Ingestor {
-        Ingestor { cfg, store }
+        Ingestor {
+            cfg,
+            store,
+            stuck: Arc::default(),
+        }
+    }
+
+    /// Notes whether a handled file is stuck in the inbox; true when it was not stuck before.
+    fn set_stuck(&self, path: &Path, stuck: bool) -> bool {
+        let mut set = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if stuck {
+            set.insert(path.to_path_buf())
+        } else {
+            set.remove(path)
+        };
+        // A stuck file someone removed by hand is stuck no longer.
+        set.retain(|p| p.symlink_metadata().is_ok());
+        metrics::get().inbox_stuck_files.set(set.len() as i64);
+        changed
     }
 
     /// The store files are committed to.
@@ -826,12 +848,26 @@ impl Ingestor {
             FileOutcome::Accepted(a) => {
                 let ms = a.elapsed.as_millis() as u64;
                 if let Some(e) = &a.move_error {
-                    tracing::error!(event = "move_failed", file = %r.name, error = %e, "records committed but the file could not be moved; will retry");
-                    return;
+                    // The records are committed (and said so below, once); the file stays.
+                    if self.set_stuck(&r.path, true) {
+                        self.store.note_event_blocking(
+                            "move_failed",
+                            None,
+                            &format!("{}: committed but cannot be moved: {e}", r.name),
+                        );
+                    }
+                    tracing::error!(event = "move_failed", file = %r.name, error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again at the next scan");
+                    if a.store.already_committed {
+                        return;
+                    }
+                } else {
+                    self.set_stuck(&r.path, false);
                 }
                 let dups = a.store.duplicates.len();
                 if a.store.already_committed {
-                    tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed before a restart; moved it");
+                    if a.move_error.is_none() {
+                        tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed earlier (before a restart, or its move failed); moved it now");
+                    }
                     return;
                 }
                 m.files_ingested.inc();
@@ -891,9 +927,17 @@ impl Ingestor {
                 reason,
                 ..
             }) => {
+                if self.set_stuck(&r.path, true) {
+                    self.store.note_event_blocking(
+                        "move_failed",
+                        None,
+                        &format!("{}: rejected but cannot be moved: {e}", r.name),
+                    );
+                }
                 tracing::error!(event = "move_failed", file = %r.name, reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
             }
             FileOutcome::Rejected(rej) => {
+                self.set_stuck(&r.path, false);
                 m.files_rejected
                     .get_or_create(&ReasonLabel {
                         reason: rej.reason.code().into(),
@@ -930,6 +974,7 @@ impl Ingestor {
                 tracing::debug!(event = "ignored", file = %r.name, why = %why);
             }
             FileOutcome::Vanished => {
+                self.set_stuck(&r.path, false);
                 tracing::debug!(event = "vanished", file = %r.name);
             }
         }
@@ -1282,6 +1327,54 @@ mod tests {
             )
             .unwrap();
         assert_eq!(listed, 0);
+        assert_eq!(events(&ing, "move_failed"), 1, "noted once for status");
+        assert_eq!(ing.stuck.lock().unwrap().len(), 1);
+    }
+
+    fn events(ing: &Ingestor, kind: &str) -> i64 {
+        let c = rusqlite::Connection::open(&ing.cfg.store.path).unwrap();
+        c.query_row("SELECT count(*) FROM events WHERE kind = ?1", [kind], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_committed_file_that_cannot_be_moved_counts_as_stuck_until_it_moves() {
+        let d = tempfile::tempdir().unwrap();
+        let blocker = d.path().join("blocker");
+        std::fs::write(&blocker, "a file, not a folder").unwrap();
+        let ing = ingestor_with(d.path(), "processed_dir = \"blocker/processed\"");
+        let path = d.path().join("inbox/n.jsonl");
+        std::fs::write(&path, line("n1")).unwrap();
+        let take = || {
+            let r = ing.process(vec![Candidate {
+                path: path.clone(),
+                settled: true,
+            }]);
+            match r.into_iter().next().map(|r| r.outcome) {
+                Some(FileOutcome::Accepted(a)) => a,
+                other => panic!("{other:?}"),
+            }
+        };
+        let first = take();
+        assert!(first.move_error.is_some() && !first.store.already_committed);
+        assert_eq!(first.store.notifications_queued, 1);
+        for _ in 0..2 {
+            let again = take();
+            assert!(again.move_error.is_some() && again.store.already_committed);
+        }
+        assert!(path.exists(), "stays in the inbox");
+        assert_eq!(events(&ing, "move_failed"), 1, "noted once for status");
+        assert_eq!(ing.stuck.lock().unwrap().len(), 1);
+        assert_eq!(ext_ids(&ing), ["n1"], "committed once");
+        // The folder can be made: the file moves and is stuck no longer.
+        std::fs::remove_file(&blocker).unwrap();
+        let moved = take();
+        assert!(moved.move_error.is_none() && moved.store.already_committed);
+        assert!(!path.exists());
+        assert!(d.path().join("blocker/processed/n.jsonl").exists());
+        assert!(ing.stuck.lock().unwrap().is_empty());
     }
 
     #[test]
