@@ -306,6 +306,15 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
         0
     );
     assert_eq!(w.queued(), 30, "everything still queued");
+    // Every answer went back to the queue as a retry, and was counted as one (this is the
+    // only test here that meets BadDeviceToken; the metrics are the process's).
+    let retries = pushdrop::metrics::get()
+        .retries
+        .get_or_create(&pushdrop::metrics::ReasonLabel {
+            reason: "BadDeviceToken".into(),
+        })
+        .get();
+    assert_eq!(retries, w.sim.requests() as u64);
     let status = w.env.pushdrop(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("BadDeviceToken"), "status says why: {text}");

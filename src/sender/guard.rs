@@ -48,7 +48,7 @@ pub enum BadTokenVerdict {
     /// answers handed back to the queue, not invalidated.
     Burst {
         until_ms: i64,
-        released: Vec<DeliveryResult>,
+        released: Vec<Released>,
     },
 }
 
@@ -226,9 +226,10 @@ impl Guards {
         drop(windows);
         let released = held
             .into_iter()
-            .map(|h| DeliveryResult {
-                delivery_id: h.delivery.delivery_id,
+            .map(|h| Released {
+                delivery: h.delivery,
                 kind: ResultKind::held_until(until_ms, Some(400), h.reason),
+                latency_ms: h.latency_ms,
             })
             .collect();
         BadTokenVerdict::Burst { until_ms, released }

@@ -606,6 +606,18 @@ impl Inner {
                             reason = "BadDeviceToken burst",
                             "many devices of this app answered BadDeviceToken at once: the app's environment or topic is probably wrong in the config; pausing it and invalidating nothing"
                         );
+                        // The held answers go back to the queue, each with its line.
+                        let released: Vec<DeliveryResult> = released
+                            .into_iter()
+                            .map(|r| {
+                                let d = &r.delivery;
+                                self.log_outcome(d, &r.kind, d.attempts + 1, r.latency_ms);
+                                DeliveryResult {
+                                    delivery_id: d.delivery_id,
+                                    kind: r.kind,
+                                }
+                            })
+                            .collect();
                         let store = self.store.clone();
                         let app_s = app.to_string();
                         let results = results.clone();
@@ -715,12 +727,6 @@ impl Inner {
                 count_attempt,
             };
         }
-        metrics::get()
-            .retries
-            .get_or_create(&ReasonLabel {
-                reason: metrics::reason_label(&reason).to_string(),
-            })
-            .inc();
         ResultKind::Retry {
             due_at_ms: due,
             status,
@@ -823,7 +829,16 @@ impl Inner {
                         .clone()
                 })
                 .inc();
-        } else if state != "retry" {
+        } else if state == "retry" {
+            // Every `retry` line counts, a held answer (paused app, BadDeviceToken burst,
+            // APNs unreachable) as much as a back-off.
+            metrics::get()
+                .retries
+                .get_or_create(&ReasonLabel {
+                    reason: metrics::reason_label(reason).to_string(),
+                })
+                .inc();
+        } else {
             let label = metrics::reason_label(reason);
             metrics::get()
                 .deliveries
