@@ -152,3 +152,31 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
         ["first.json", "second.jsonl", "third.json"]
     );
 }
+
+/// Files renamed into the inbox while pushdrop was stopped carry no event: one younger than
+/// settle_ms at start-up must settle first. A file named after it, already old enough, waits
+/// for it, so that the files go in in name order (devices before the broadcast that needs
+/// them), not oldest first.
+#[test]
+fn files_found_at_start_are_taken_in_name_order_not_oldest_first() {
+    let env = Env::with(Options {
+        settle_ms: 1000,
+        ..Options::default()
+    });
+    env.drop_file("02-second.json", notification("second", &token(2)));
+    std::thread::sleep(Duration::from_millis(1200));
+    env.drop_file("01-first.json", notification("first", &token(1)));
+    let daemon = env.start();
+    wait_for("both files", || env.processed_names().len() == 2);
+    daemon.shutdown();
+    let db = env.db();
+    let mut st = db
+        .prepare("SELECT ext_id FROM notifications ORDER BY id")
+        .unwrap();
+    let order: Vec<String> = st
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(order, ["first", "second"]);
+}

@@ -249,6 +249,8 @@ struct Cand {
     check_at: Instant,
     /// Failed attempts in a row; such a file is retried alone so it cannot hold up others.
     failures: u32,
+    /// Since when it has been ready while a file named before it was still settling.
+    held_since: Option<Instant>,
 }
 
 impl Cand {
@@ -259,6 +261,7 @@ impl Cand {
             stable_since: now,
             check_at: now,
             failures: 0,
+            held_since: None,
         }
     }
 }
@@ -488,8 +491,18 @@ impl Loop {
         let mut bytes = 0u64;
         let mut more = false;
         let mut gone = Vec::new();
+        // Name order: while a file named earlier is still settling (written in place, or
+        // found at start-up younger than settle_ms, with no event to say it is complete), a
+        // ready file named after it waits for it, up to settle_ms. Files renamed into an
+        // inbox while pushdrop was stopped are thus taken in name order, not oldest first. A
+        // file backing off after a failure holds nobody up.
+        let mut settling_before: Option<Instant> = None;
         for (name, c) in self.cands.iter_mut() {
             if c.check_at > now {
+                if c.failures == 0 {
+                    settling_before =
+                        Some(settling_before.map_or(c.check_at, |t| t.min(c.check_at)));
+                }
                 continue;
             }
             if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES || solo.is_some() {
@@ -532,7 +545,18 @@ impl Loop {
                 }
             }
             if !ready_now {
+                if c.failures == 0 {
+                    settling_before =
+                        Some(settling_before.map_or(c.check_at, |t| t.min(c.check_at)));
+                }
                 continue;
+            }
+            if let Some(earlier) = settling_before {
+                let until = *c.held_since.get_or_insert(now) + self.settle;
+                if now < until {
+                    c.check_at = earlier.min(until);
+                    continue;
+                }
             }
             bytes += meta.size();
             let cand = Candidate { path, settled };
