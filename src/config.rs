@@ -647,11 +647,11 @@ impl Config {
             ("inbox.processed_dir", &processed),
             ("inbox.rejected_dir", &rejected),
         ] {
-            if *dir == self.inbox.dir {
+            if same_folder(dir, &self.inbox.dir) {
                 bad(key, "must not be the inbox folder itself".into());
             }
         }
-        if processed == rejected {
+        if same_folder(&processed, &rejected) {
             bad(
                 "inbox.rejected_dir",
                 "must differ from processed_dir".into(),
@@ -766,7 +766,11 @@ impl Config {
                 }
                 (None, Some(c)) => {
                     c.cert_file = abs(&c.cert_file);
-                    check_secret_file(&c.cert_file, &k("certificate.cert_file"), &mut bad, &mut Vec::new());
+                    // Without a key_file, the cert_file holds the private key (PEM with the
+                    // key, or PKCS#12) and deserves the same care as a key file.
+                    let mut ignored = Vec::new();
+                    let cert_warnings = if c.key_file.is_none() { &mut *warnings } else { &mut ignored };
+                    check_secret_file(&c.cert_file, &k("certificate.cert_file"), &mut bad, cert_warnings);
                     if let Some(kf) = &mut c.key_file {
                         *kf = abs(kf);
                         check_secret_file(kf, &k("certificate.key_file"), &mut bad, warnings);
@@ -883,6 +887,15 @@ fn check_secret_file(
         Ok(_) => bad(key, format!("{} is not a regular file", path.display())),
         Err(e) => bad(key, format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// The same folder, by name or (for folders that exist) through a symlink.
+fn same_folder(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
 }
 
 /// Removes `.` and `..` components lexically, so messages show `/srv/var/inbox` rather than
@@ -1197,6 +1210,60 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             Config::from_toml(&text, &dir.path().join("p.toml"), dir.path()).unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].message.contains("chmod 600"));
+    }
+
+    #[test]
+    fn a_cert_file_holding_the_private_key_warns_when_others_may_read_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["push.p12", "push.pass", "cert.pem", "key.pem"] {
+            let p = dir.path().join(f);
+            std::fs::write(&p, "x").unwrap();
+            let mode = if f.ends_with(".pass") || f == "key.pem" {
+                0o600
+            } else {
+                0o644
+            };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let with = |auth: &str| {
+            let text = GOOD.replace(
+                r#"token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }"#,
+                auth,
+            );
+            Config::from_toml(&text, &dir.path().join("p.toml"), dir.path())
+                .unwrap()
+                .1
+        };
+        // PKCS#12 (or a PEM with its key): the cert_file is the secret.
+        let w = with(r#"certificate = { cert_file = "push.p12", password_file = "push.pass" }"#);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].key, "apps[0].certificate.cert_file");
+        // The key in a file of its own: the certificate is public.
+        let w = with(r#"certificate = { cert_file = "cert.pem", key_file = "key.pem" }"#);
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_processed_or_rejected_dir_that_is_the_inbox_through_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("inbox")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("inbox"), dir.path().join("alias")).unwrap();
+        let key = dir.path().join("AuthKey.p8");
+        std::fs::write(&key, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = GOOD.replace("KEY", &key.display().to_string()).replace(
+            "dir = \"inbox\"",
+            "dir = \"inbox\"\nrejected_dir = \"alias\"",
+        );
+        let err = Config::from_toml(&text, &dir.path().join("p.toml"), dir.path()).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "inbox.rejected_dir", "{err}");
+        assert!(
+            err.problems[0].message.contains("inbox folder itself"),
+            "{err}"
+        );
     }
 
     #[test]
