@@ -566,23 +566,42 @@ impl Config {
         base_dir: &Path,
         extra: impl FnOnce(&Config) -> (Vec<ConfigProblem>, ConfigWarnings),
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
-        let mut cfg: Config = match toml::from_str(text) {
-            Ok(c) => c,
+        let (mut cfg, mut problems, touched) = match toml::from_str::<Config>(text) {
+            Ok(c) => (c, Vec::new(), None),
             Err(_) => {
-                return Err(ConfigError {
-                    path: source.to_path_buf(),
-                    problems: serde_problems(text),
-                });
+                let found = serde_problems(text);
+                let Some(repaired) = found.repaired else {
+                    return Err(ConfigError {
+                        path: source.to_path_buf(),
+                        problems: found.problems,
+                    });
+                };
+                (repaired, found.problems, Some(found.touched))
             }
         };
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source = source.to_path_buf();
-        let mut problems = Vec::new();
+        let mut checked = Vec::new();
         let mut warnings = Vec::new();
-        cfg.resolve_and_check(&mut problems, &mut warnings);
+        cfg.resolve_and_check(&mut checked, &mut warnings);
         let (more_problems, more_warnings) = extra(&cfg);
-        problems.extend(more_problems);
+        checked.extend(more_problems);
         warnings.extend(more_warnings);
+        match &touched {
+            // Checked on a repaired text: what the repairs touched says nothing.
+            Some(touched) => {
+                let untouched = |p: &ConfigProblem| {
+                    !touched.iter().any(|k| {
+                        p.key == *k
+                            || p.key.starts_with(&format!("{k}."))
+                            || p.key.starts_with(&format!("{k}["))
+                    })
+                };
+                problems.extend(checked.into_iter().filter(untouched));
+                warnings.retain(untouched);
+            }
+            None => problems = checked,
+        }
         let doc = toml_edit::ImDocument::parse(text).ok();
         let locate = |mut p: ConfigProblem| {
             if p.line.is_none() {
@@ -927,41 +946,104 @@ pub(crate) fn line_of_offset(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// Every problem serde finds in the text, not just the first: after each error on a
-/// `key = value` line, that line is blanked and the text parsed again (at most 50 rounds). A
-/// "missing field" caused by our own blanking is not reported.
 /// The top-level tables a config must have.
 const TOP_LEVEL_REQUIRED: &[&str] = &["inbox"];
 
-fn serde_problems(text: &str) -> Vec<ConfigProblem> {
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let mut blanked_keys: Vec<String> = Vec::new();
+/// Values tried in turn for a missing field, until one has the field's type.
+const PLACEHOLDERS: &[&str] = &["\"pushdrop-placeholder\"", "0", "false", "[]", "{}"];
+
+/// What [`serde_problems`] found, and the config of the text it repaired on the way (when the
+/// repairs made it parse), with the keys it touched: its value checks can still be run, so
+/// that a type error does not hide a bad value elsewhere.
+struct SerdeFindings {
+    problems: Vec<ConfigProblem>,
+    repaired: Option<Config>,
+    touched: Vec<String>,
+}
+
+/// Every problem serde finds in the text, not just the first. After each error the text is
+/// repaired and parsed again (at most 50 rounds): a bad `key = value` line is blanked, an
+/// unknown table is blanked with its keys, a missing field gets a placeholder line after its
+/// table's header. Problems caused by these repairs are not reported, and lines are the
+/// file's own.
+fn serde_problems(text: &str) -> SerdeFindings {
+    // Each current line with its line number in the file (None for inserted lines).
+    let mut lines: Vec<(String, Option<usize>)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (l.to_string(), Some(i + 1)))
+        .collect();
+    let mut touched: Vec<String> = Vec::new();
     let mut problems = Vec::new();
+    // Inserted placeholder lines (current index) and which placeholder each holds.
+    let mut tries: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    let mut repaired = None;
     for _ in 0..50 {
-        let current = lines.join("\n");
-        let Err(e) = toml::from_str::<Config>(&current) else {
-            break;
+        let current = lines
+            .iter()
+            .map(|(l, _)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = match toml::from_str::<Config>(&current) {
+            Ok(cfg) => {
+                repaired = Some(cfg);
+                break;
+            }
+            Err(e) => e,
         };
-        let mut line = e.span().map(|s| line_of_offset(&current, s.start));
+        let at = e.span().map(|s| line_of_offset(&current, s.start));
+        let idx = at.map(|l| l - 1).filter(|&i| i < lines.len());
         let mut key = key_of_toml_error(&current, &e);
         let message = e.message().trim().to_string();
-        // A missing field is named under the table that lacks it; a missing top-level table
-        // has no line (serde points at the file's start).
-        if let Some(field) = message
+        let missing = message
             .strip_prefix("missing field `")
             .and_then(|r| r.split('`').next())
+            .map(str::to_string);
+        // An error on a line we inserted: that placeholder has the wrong type; try the next.
+        if let Some(i) = idx.filter(|&i| lines[i].1.is_none() && missing.is_none()) {
+            let Some(n) = tries
+                .get(&i)
+                .map(|n| n + 1)
+                .filter(|&n| n < PLACEHOLDERS.len())
+            else {
+                break;
+            };
+            let field = lines[i]
+                .0
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            lines[i].0 = format!("{field} = {}", PLACEHOLDERS[n]);
+            tries.insert(i, n);
+            continue;
+        }
+        // An unknown key inside an inline table is reported at the table's line: name it.
+        // Blanking that line below touches the inline table's key too.
+        if let Some(field) = message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+            && !key.ends_with(field)
         {
-            if TOP_LEVEL_REQUIRED.contains(&field) {
-                key = field.to_string();
+            touched.push(key.clone());
+            key = format!("{key}.{field}");
+        }
+        let mut line = idx.and_then(|i| lines[i].1);
+        // A missing field is named under the table that lacks it; a missing top-level table
+        // has no line (serde points at the file's start).
+        if let Some(field) = &missing {
+            if TOP_LEVEL_REQUIRED.contains(&field.as_str()) {
+                key = field.clone();
                 line = None;
-            } else if !key.ends_with(field) {
+            } else if !key.ends_with(field.as_str()) {
                 key = format!("{key}.{field}");
             }
         }
-        let consequence = blanked_keys.iter().any(|k| {
+        let consequence = touched.iter().any(|k| {
             let field = k.rsplit('.').next().unwrap_or(k);
             message.starts_with(&format!("missing field `{field}`"))
-        });
+        }) || (missing.is_some() && idx.is_some_and(|i| lines[i].1.is_none()));
         if !consequence {
             problems.push(ConfigProblem {
                 key: key.clone(),
@@ -969,13 +1051,41 @@ fn serde_problems(text: &str) -> Vec<ConfigProblem> {
                 message,
             });
         }
-        // Go on only past a plain `key = value` line; anything else ends the search.
-        match line.and_then(|l| lines.get_mut(l - 1).map(|t| (l, t))) {
-            Some((_, t)) if t.contains('=') && !t.trim_start().starts_with('[') => {
-                t.clear();
-                blanked_keys.push(key);
+        touched.push(key);
+        if let Some(field) = missing {
+            // A placeholder for the missing field: after its table's header, or a missing
+            // top-level table at the end.
+            if TOP_LEVEL_REQUIRED.contains(&field.as_str()) {
+                lines.push((format!("[{field}]"), None));
+                continue;
             }
-            _ => break,
+            let Some(i) = idx.filter(|&i| lines[i].0.trim_start().starts_with('[')) else {
+                break;
+            };
+            lines.insert(i + 1, (format!("{field} = {}", PLACEHOLDERS[0]), None));
+            // Indexes of inserted lines after this one move down by one.
+            tries = tries
+                .into_iter()
+                .map(|(j, n)| (if j > i { j + 1 } else { j }, n))
+                .collect();
+            tries.insert(i + 1, 0);
+            continue;
+        }
+        let Some(i) = idx else { break };
+        let t = lines[i].0.trim_start().to_string();
+        if t.starts_with('[') {
+            // An unknown table: blank it with every key under it.
+            lines[i].0.clear();
+            for (l, _) in lines.iter_mut().skip(i + 1) {
+                if l.trim_start().starts_with('[') {
+                    break;
+                }
+                l.clear();
+            }
+        } else if t.contains('=') {
+            lines[i].0.clear();
+        } else {
+            break;
         }
     }
     if problems.is_empty() {
@@ -985,7 +1095,11 @@ fn serde_problems(text: &str) -> Vec<ConfigProblem> {
             message: "the file does not parse".into(),
         });
     }
-    problems
+    SerdeFindings {
+        problems,
+        repaired,
+        touched,
+    }
 }
 
 /// The dotted key a serde error is about: the key of the line its span starts on, under the
@@ -1011,6 +1125,12 @@ pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
         } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
             table = name.trim().to_string();
         }
+    }
+    if let Some(name) = line.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+        // An array table's header: which one of them.
+        let name = name.trim().to_string();
+        let n = counts.get(&name).copied().unwrap_or(0);
+        return format!("{name}[{n}]");
     }
     if line.starts_with('[') {
         return line.trim_matches(['[', ']']).trim().to_string();
@@ -1137,7 +1257,7 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let no_bundle = GOOD.replace("bundle_id = \"com.example.a\"\n", "");
         assert_eq!(
             key_line(&no_bundle),
-            ("apps.bundle_id".to_string(), Some(5))
+            ("apps[0].bundle_id".to_string(), Some(5))
         );
         let no_key_file = GOOD.replace("key_file = \"KEY\", ", "");
         assert_eq!(
@@ -1264,6 +1384,65 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             err.problems[0].message.contains("inbox folder itself"),
             "{err}"
         );
+    }
+
+    /// Every error, whatever its kind: an unknown table, a missing field or a type error does
+    /// not hide the errors after it, nor the value checks of the rest of the file.
+    #[test]
+    fn every_error_is_named_not_only_those_before_the_first_hard_one() {
+        let keys = |text: &str| -> Vec<(String, Option<usize>)> {
+            load(text)
+                .unwrap_err()
+                .problems
+                .into_iter()
+                .map(|p| (p.key, p.line))
+                .collect()
+        };
+        let token =
+            r#"token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }"#;
+        let text = format!(
+            "[inbox]\ndir = \"i\"\nsettle_ms = \"x\"\n[[apps]]\nname = \"a\"\nbundle_id = \"x.y\"\n\
+             environment = \"prod\"\n{token}\n[sendr]\nmax = 1\n[log]\nformat = \"xml\"\n\
+             [apns]\nconnections = 0\n"
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                ("inbox.settle_ms".to_string(), Some(3)),
+                ("apps[0].environment".to_string(), Some(7)),
+                ("sendr".to_string(), Some(9)),
+                ("log.format".to_string(), Some(12)),
+                ("apns.connections".to_string(), Some(14)),
+            ]
+        );
+        // Missing fields, in the second of two apps too; a missing [inbox] beside a bad value.
+        let text = format!(
+            "[inbox]\nsettle_ms = 5\n[[apps]]\nname = \"a\"\n{token}\n[[apps]]\n\
+             bundle_id = \"x.z\"\n{token}\n[log]\nformat = \"xml\"\n"
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                ("inbox.dir".to_string(), Some(1)),
+                ("apps[0].bundle_id".to_string(), Some(3)),
+                ("apps[1].name".to_string(), Some(6)),
+                ("log.format".to_string(), Some(10)),
+            ]
+        );
+        let text = format!(
+            "[[apps]]\nname = \"a\"\nbundle_id = \"x.y\"\n{}\n",
+            token.replace("ABC123DEFG", "ABC")
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                ("apps[0].token.key_id".to_string(), Some(4)),
+                ("inbox".to_string(), None),
+            ]
+        );
+        // An unknown key in an inline table is named with its table.
+        let text = GOOD.replace("key_id =", "kid = \"X\", key_id =");
+        assert_eq!(keys(&text), [("apps[0].token.kid".to_string(), Some(8))]);
     }
 
     #[test]
