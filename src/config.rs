@@ -844,7 +844,7 @@ impl Config {
             bad(
                 "admin.listen",
                 format!(
-                    "{:?} is not host:port (an IP address and port)",
+                    "{:?} is not an IP address and port such as 127.0.0.1:9464 or [::1]:9464 (host names are not looked up), or \"\" to disable",
                     self.admin.listen
                 ),
             );

@@ -947,9 +947,10 @@ fn suggestion(key: &str) -> Option<&'static str> {
     }
     let key = key.to_ascii_lowercase();
     let known = || DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied();
+    // Close, for its length: "tokn" is "token", but "foo" is not "to".
     known()
         .map(|f| (distance(&key, f), f))
-        .filter(|(d, _)| *d <= 2)
+        .filter(|(d, _)| *d <= 2 && d * 2 <= key.chars().count())
         .min()
         .map(|(_, f)| f)
         // Abbreviations: "prio" for "priority", "env" for "environment".
@@ -1582,6 +1583,10 @@ fn serde_message(e: &serde_json::Error) -> String {
         ("expected u8", "expected a whole number"),
         ("expected f64", "expected a number"),
         (
+            "expected struct RawTarget",
+            "expected an object: {\"tokens\": [...]}, {\"users\": [...]} or {\"all\": true}",
+        ),
+        (
             "recursion limit exceeded",
             "nested too deeply (more than 128 levels of arrays and objects)",
         ),
@@ -1817,6 +1822,28 @@ mod tests {
             .find(|p| p.field.as_deref() == Some("tokn"))
             .unwrap();
         assert!(tokn.message.contains("did you mean \"token\""), "{tokn:?}");
+    }
+
+    #[test]
+    fn messages_name_no_internal_types_and_suggest_only_near_fields() {
+        let r = problems(
+            r#"{"type":"notification","to":"all","payload":{"aps":{}}}"#,
+            FileKind::Json,
+        );
+        let to = r.problems.iter().find(|p| p.field.as_deref() == Some("to"));
+        let to = to.expect("a problem with `to`");
+        assert!(to.message.contains(r#"{"all": true}"#), "{to:?}");
+        assert!(!to.message.contains("Raw"), "{to:?}");
+        let r = problems(
+            r#"{"type":"device","token":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","foo":1}"#,
+            FileKind::Json,
+        );
+        let foo = r
+            .problems
+            .iter()
+            .find(|p| p.field.as_deref() == Some("foo"));
+        let foo = foo.expect("a problem with `foo`");
+        assert!(!foo.message.contains("did you mean"), "{foo:?}");
     }
 
     #[test]
