@@ -105,8 +105,21 @@ async fn fixed_key_file_is_picked_up_without_restart() {
         &env.creds.team_id,
     );
     let client = ApnsClient::new(&env.config("", &app)).unwrap();
-    let o = within(30, client.send(&push(1))).await;
-    assert_eq!(o.kind(), "pause_app", "{o:?}");
+    for i in 0..4 {
+        let o = within(30, client.send(&push(1 + i))).await;
+        assert_eq!(o.kind(), "pause_app", "{o:?}");
+    }
+    // Each refusal retires its connection, which is closed, not left open beside the next.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while env.sim.open_connections() > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        env.sim.open_connections() <= 1,
+        "{} open",
+        env.sim.open_connections()
+    );
+    assert_eq!(env.sim.connections(), 4);
     // The operator puts the right key in place; the next send uses it.
     std::fs::copy(&env.creds.key_file, &key_path).unwrap();
     let o = within(30, client.send(&push(2))).await;

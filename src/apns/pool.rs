@@ -172,7 +172,10 @@ impl Drop for Lease {
         let c = &self.conn;
         c.last_active_ms
             .store(c.born.elapsed().as_millis() as u64, Ordering::Relaxed);
-        c.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // The last request on a retired connection: its supervisor may close it now.
+        if c.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && c.is_closing() {
+            c.check.notify_one();
+        }
         if self.pool.waiting.load(Ordering::SeqCst) > 0 {
             self.pool.notify.notify_one();
         }
@@ -643,6 +646,14 @@ impl Pool {
                 }
                 _ = conn.check.notified() => true,
             };
+            // Retired (credentials refused, GOAWAY) and idle: closed, not kept open beside
+            // its successor until the server drops it.
+            if conn.is_closing() {
+                if conn.in_flight.load(Ordering::SeqCst) == 0 {
+                    break Ok(());
+                }
+                continue;
+            }
             if !probe {
                 continue;
             }
@@ -681,6 +692,7 @@ impl Pool {
     /// get a connect storm).
     pub fn retire(&self, conn: &Conn, broken: Option<String>) {
         conn.signals.closing.store(true, Ordering::Release);
+        conn.check.notify_one();
         let mut st = self.lock();
         let slot = &mut st.slots[conn.slot];
         if slot.conn.as_ref().is_some_and(|c| c.id == conn.id) {

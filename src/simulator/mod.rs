@@ -55,7 +55,7 @@ pub struct SimOptions {
     pub streams_one_until_authorized: bool,
     /// Send a graceful GOAWAY once a connection has carried this many streams.
     pub goaway_after: Option<u32>,
-    /// Drop the TCP connection (no GOAWAY, no answers) when it has carried this many streams.
+    /// Drop the TCP connection (no GOAWAY, no answers) when a stream arrives after this many.
     pub drop_after: Option<u32>,
     /// Refuse TLS handshakes without a client certificate signed by the simulator's CA.
     pub require_client_cert: bool,
@@ -227,6 +227,7 @@ pub(crate) struct Shared {
     pub(crate) accepted_total: AtomicU64,
     pub(crate) requests: AtomicUsize,
     pub(crate) connections: AtomicU64,
+    pub(crate) open_connections: AtomicU64,
     pub(crate) record_limit: usize,
     pub(crate) bundle_ids: Vec<String>,
     pub(crate) max_streams: u32,
@@ -374,6 +375,7 @@ impl Simulator {
             accepted_total: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
             connections: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
             record_limit: opts.record_limit,
             bundle_ids: opts.bundle_ids.clone(),
             max_streams: opts.max_concurrent_streams.max(1),
@@ -542,6 +544,11 @@ impl Simulator {
     /// TLS connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// HTTP/2 connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open_connections.load(Ordering::Relaxed)
     }
 
     /// Latency before every answer, from now on.

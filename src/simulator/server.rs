@@ -131,6 +131,15 @@ async fn serve_connection(
             return;
         }
     };
+    // Counted open until this function returns, however it returns.
+    struct Open(Arc<super::Shared>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    shared.open_connections.fetch_add(1, Ordering::Relaxed);
+    let _open = Open(shared.clone());
     let conn = Arc::new(ConnState {
         id: shared.connections.fetch_add(1, Ordering::Relaxed) + 1,
         client_cert,
@@ -154,9 +163,9 @@ async fn serve_connection(
             }
             Some(Ok((request, respond))) => {
                 streams += 1;
-                if drop_after == Some(streams) {
-                    // Abrupt: the socket closes with this stream and every other in flight
-                    // unanswered.
+                if drop_after.is_some_and(|n| streams > n) {
+                    // Abrupt, like goaway_after counted: N streams carried, the next one
+                    // closes the socket, unanswered with every other still in flight.
                     shared.requests.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
                     return;
