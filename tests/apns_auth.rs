@@ -158,8 +158,10 @@ async fn expired_token_is_refreshed_once_and_never_twice_within_20_minutes() {
         for i in 0..10 {
             let o = client.send(&push(10 + i)).await;
             assert_eq!(o.reason(), "ExpiredProviderToken", "{o:?}");
+            // Never spends an attempt: a pause (or, for a request signed with the token
+            // before, an immediate resend).
             assert!(
-                matches!(o, Outcome::Retry { .. } | Outcome::AuthRefreshed { .. }),
+                matches!(o, Outcome::PauseApp { .. } | Outcome::AuthRefreshed { .. }),
                 "{o:?}"
             );
         }

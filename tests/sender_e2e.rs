@@ -439,3 +439,30 @@ fn work_queued_beside_a_running_daemon_goes_out_without_waiting_for_the_idle_rec
         "sent after pushdrop retry"
     );
 }
+
+/// SPEC 4.3: `ExpiredProviderToken` is never counted as an attempt, even when the token is
+/// too young to be replaced (the app then pauses briefly instead).
+#[test]
+fn expired_provider_token_spends_no_attempt() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let t = token(7);
+    w.script(
+        &t,
+        TokenScript::FailFirst {
+            n: 2,
+            status: 403,
+            reason: "ExpiredProviderToken".into(),
+        },
+    );
+    let daemon = w.env.start();
+    w.env.drop_file(
+        "n.json",
+        notification_to("clock", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+    );
+    wait_for("delivered", || w.sim.accepted_count() == 1);
+    w.wait_idle("final");
+    daemon.shutdown();
+    let (state, attempts, _) = w.state_of("clock", &t);
+    assert_eq!((state, attempts), (1, 1), "sent, the refusals not counted");
+    assert_eq!(w.sim.requests(), 3);
+}

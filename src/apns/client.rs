@@ -356,15 +356,17 @@ fn expired(pool: &Pool, used: Option<&Jwt>) -> Outcome {
     };
     match signer.on_expired(used) {
         Ok(true) => Outcome::AuthRefreshed { reason },
+        // Too young to replace (Apple refuses a new token within 20 minutes of the last):
+        // every request with it would be refused alike, so the app pauses with back-off, its
+        // deliveries keeping their attempts, until a new token may be minted.
         Ok(false) => {
             tracing::warn!(
                 pool = %pool.label,
                 "APNs calls a provider token younger than 20 minutes expired; is this host's clock right?"
             );
-            Outcome::Retry {
+            Outcome::PauseApp {
                 status: Some(403),
                 reason,
-                unsent: false,
             }
         }
         Err(e) => Outcome::PauseApp {
