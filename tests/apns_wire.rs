@@ -341,6 +341,24 @@ async fn simulator_checks_what_apple_checks() {
             c.request("POST", &path, &bad, body).await,
             (400, "InvalidPushType".into())
         );
+        // Values that are not plain text are malformed, not absent; a collapse id is measured
+        // in bytes.
+        let long_id = format!("{}é", "c".repeat(63));
+        for (name, value, reason) in [
+            ("apns-push-type", "alerté", "InvalidPushType"),
+            ("apns-priority", "1é", "BadPriority"),
+            ("apns-expiration", "1é", "BadExpirationDate"),
+            ("apns-id", "é", "BadMessageId"),
+            ("apns-collapse-id", long_id.as_str(), "BadCollapseId"),
+        ] {
+            let mut bad = ok.clone();
+            bad.push((name, value));
+            assert_eq!(
+                c.request("POST", &path, &bad, body).await,
+                (400, reason.into()),
+                "{name}: {value}"
+            );
+        }
         assert_eq!(
             c.request("POST", "/3/device/", &ok, body).await,
             (400, "MissingDeviceToken".into())

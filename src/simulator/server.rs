@@ -319,13 +319,26 @@ async fn read_body(mut body: RecvStream) -> Result<Bytes, h2::Error> {
     })
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Reject> {
+/// A header's value, once: a repeated header is `DuplicateHeaders`, and a value that is not
+/// plain text (bytes outside visible ASCII) is `bad`, as Apple finds it malformed, not absent.
+fn header<'a>(h: &'a HeaderMap, name: &str, bad: &'static str) -> Result<Option<&'a str>, Reject> {
+    match header_bytes(h, name)? {
+        None => Ok(None),
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .filter(|s| s.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            .map(Some)
+            .ok_or_else(|| reject(400, bad)),
+    }
+}
+
+fn header_bytes<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a [u8]>, Reject> {
     let mut all = h.get_all(name).iter();
     let Some(v) = all.next() else { return Ok(None) };
     if all.next().is_some() {
         return Err(reject(400, "DuplicateHeaders"));
     }
-    Ok(v.to_str().ok())
+    Ok(Some(v.as_bytes()))
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -358,11 +371,11 @@ fn check(
     let key_id = check_auth(shared, conn, headers)?;
     conn.authorised.store(true, Ordering::Release);
 
-    let push_type = match header(headers, "apns-push-type")? {
+    let push_type = match header(headers, "apns-push-type", "InvalidPushType")? {
         None => PushType::Alert,
         Some(s) => PushType::parse(s).ok_or_else(|| reject(400, "InvalidPushType"))?,
     };
-    let topic = match header(headers, "apns-topic")? {
+    let topic = match header(headers, "apns-topic", "BadTopic")? {
         Some(t) if !t.is_empty() => t.to_string(),
         // A certificate names its topic; a token does not.
         _ if conn.client_cert => shared.bundle_ids.first().cloned().unwrap_or_default(),
@@ -388,25 +401,26 @@ fn check(
             return Err(reject(400, "TopicDisallowed"));
         }
     }
-    let priority = match header(headers, "apns-priority")? {
+    let priority = match header(headers, "apns-priority", "BadPriority")? {
         None => 10,
         Some(s) => s.parse::<u8>().map_err(|_| reject(400, "BadPriority"))?,
     };
     if !push_type.allows_priority(priority) {
         return Err(reject(400, "BadPriority"));
     }
-    let expiration = match header(headers, "apns-expiration")? {
+    let expiration = match header(headers, "apns-expiration", "BadExpirationDate")? {
         None => None,
         Some(s) => match s.parse::<i64>() {
             Ok(e) if e >= 0 => Some(e),
             _ => return Err(reject(400, "BadExpirationDate")),
         },
     };
-    let collapse_id = match header(headers, "apns-collapse-id")? {
+    // Apple's limit is 64 bytes, whatever the characters.
+    let collapse_id = match header_bytes(headers, "apns-collapse-id")? {
         Some(c) if c.len() > 64 => return Err(reject(400, "BadCollapseId")),
-        c => c.map(str::to_string),
+        c => c.map(|c| String::from_utf8_lossy(c).into_owned()),
     };
-    if let Some(id) = header(headers, "apns-id")?
+    if let Some(id) = header(headers, "apns-id", "BadMessageId")?
         && !is_uuid(id)
     {
         return Err(reject(400, "BadMessageId"));
