@@ -136,7 +136,7 @@ impl Metrics {
         );
         r.register(
             "send_latency_seconds",
-            "Time from request start to APNs answer",
+            "Time from a push's request (a wait for a connection or stream included) to APNs' answer",
             m.send_latency_seconds.clone(),
         );
         r.register(
