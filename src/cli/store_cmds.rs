@@ -44,8 +44,8 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
     }
     println!("database      {}", cfg.store.path.display());
     println!(
-        "queued        {} (oldest due {:.1} s ago), {} notification(s) scheduled or fanning out",
-        s.queued, s.oldest_queued_age_s, s.scheduled_notifications
+        "queued        {} ({} due later; the oldest due {:.1} s ago), {} notification(s) still to fan out",
+        s.queued, s.queued_later, s.oldest_queued_age_s, s.scheduled_notifications
     );
     if s.deliveries.is_empty() {
         println!("deliveries    none yet");

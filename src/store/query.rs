@@ -82,7 +82,10 @@ pub struct Status {
     pub queued: i64,
     /// Seconds the oldest due-but-unsent delivery has been waiting (0 when none).
     pub oldest_queued_age_s: f64,
-    /// Notifications waiting for their `send_at` or still fanning out.
+    /// Queued deliveries not due yet: a `send_at` ahead, a retry's back-off, a paused app.
+    pub queued_later: i64,
+    /// Notifications waiting for their `send_at` or still fanning out (broadcasts and
+    /// `users` targets, whose deliveries are made at fan-out).
     pub scheduled_notifications: i64,
     /// Devices by app: active, invalid, unregistered.
     pub devices: BTreeMap<String, DeviceCounts>,
@@ -247,6 +250,11 @@ impl Reader {
             |r| r.get(0),
         )?;
         s.oldest_queued_age_s = oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        s.queued_later = self.conn.query_row(
+            "SELECT count(*) FROM deliveries d WHERE d.state = 0 AND d.due_at > ?1",
+            [now],
+            |r| r.get(0),
+        )?;
         s.scheduled_notifications = self.conn.query_row(
             "SELECT count(*) FROM notifications WHERE fanned_out = 0",
             [],

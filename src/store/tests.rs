@@ -169,6 +169,25 @@ fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
 }
 
 #[test]
+fn status_counts_deliveries_scheduled_for_later() {
+    let (_dir, store) = open();
+    let mut later = notification(Some("later"), Target::Tokens(vec![tok(1), tok(2)]));
+    if let Record::Notification(n) = &mut later {
+        n.send_at_ms = Some(crate::model::now_ms() + 3_600_000);
+    }
+    let now = notification(Some("now"), Target::Tokens(vec![tok(3)]));
+    store
+        .ingest(vec![file("n.json", vec![later, now])])
+        .unwrap();
+    let s = query::Reader::open(store.path()).unwrap().status().unwrap();
+    assert_eq!((s.queued, s.queued_later), (3, 2));
+    assert_eq!(
+        s.scheduled_notifications, 0,
+        "token targets fan out at ingest"
+    );
+}
+
+#[test]
 fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
     let (_dir, store) = open();
     let f = file(
