@@ -318,6 +318,10 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     let status = w.env.pushdrop(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("BadDeviceToken"), "status says why: {text}");
+    assert!(
+        text.contains("\npaused "),
+        "status says it is paused now: {text}"
+    );
 }
 
 #[test]
@@ -465,4 +469,16 @@ fn expired_provider_token_spends_no_attempt() {
     let (state, attempts, _) = w.state_of("clock", &t);
     assert_eq!((state, attempts), (1, 1), "sent, the refusals not counted");
     assert_eq!(w.sim.requests(), 3);
+    // The pause is over, and status says so.
+    let out = w.env.pushdrop(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["paused"], serde_json::json!([]), "{s}");
+    let kinds: Vec<&str> = s["recent_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"resumed"), "{s}");
+    assert!(kinds[1..].iter().all(|k| *k == "paused"), "{s}");
 }

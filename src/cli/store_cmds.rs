@@ -73,6 +73,14 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
             d.active, d.invalid, d.unregistered, d.unregistered_tokens_only
         );
     }
+    for e in &s.paused {
+        println!(
+            "paused        {}: {} (since {})",
+            e.app.as_deref().unwrap_or("-"),
+            e.message,
+            e.at
+        );
+    }
     if !s.recent_errors.is_empty() {
         println!("recent errors");
         for e in &s.recent_errors {

@@ -163,7 +163,9 @@ impl Guards {
     }
 
     /// A 200 for the app and environment: its credentials and config are fine.
-    pub fn success(&self, app: &str, env: Environment) {
+    /// Returns the kind of the pause this answer ended, if it ended one.
+    pub fn success(&self, app: &str, env: Environment) -> Option<String> {
+        let mut ended = None;
         if self.any_pause.load(Ordering::Acquire) {
             let key = (app.to_string(), env);
             if let Ok(mut pauses) = self.pauses.lock()
@@ -175,6 +177,7 @@ impl Guards {
                 }
                 set_paused_metric(app, env, &p.kind, 0);
                 info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
+                ended = Some(p.kind);
             }
         }
         if let Ok(mut w) = self.windows.lock() {
@@ -185,6 +188,7 @@ impl Guards {
             roll(win);
             win.ok += 1;
         }
+        ended
     }
 
     /// A 400 `BadDeviceToken` for claimed delivery `c`: held, or the proof of a burst.

@@ -586,7 +586,19 @@ impl Inner {
         let s = &self.cfg.sender;
         match outcome {
             Outcome::Sent { apns_id, .. } => {
-                self.guards.success(app, env);
+                // A pause `status` lists (credentials, a burst) is said to be over there too.
+                if let Some(kind) = self.guards.success(app, env)
+                    && kind != "unreachable"
+                {
+                    let store = self.store.clone();
+                    let (app_s, msg) = (
+                        app.to_string(),
+                        format!("{env}: APNs accepts the app again"),
+                    );
+                    tokio::spawn(
+                        async move { store.note_event("resumed", Some(&app_s), &msg).await },
+                    );
+                }
                 // APNs echoes the id it was sent with; only a different one is worth writing.
                 Some(ResultKind::Sent {
                     apns_id: (!apns_id.eq_ignore_ascii_case(&c.apns_id)).then_some(apns_id),

@@ -91,6 +91,9 @@ pub struct Status {
     pub devices: BTreeMap<String, DeviceCounts>,
     /// Invalidated devices, all apps together.
     pub invalid_devices: i64,
+    /// Apps and environments paused now, as the daemon last said (its `paused` event with
+    /// no `resumed` after it), oldest first.
+    pub paused: Vec<EventRow>,
     /// The latest problems (rejections, pauses, credential errors), newest first.
     pub recent_errors: Vec<EventRow>,
 }
@@ -284,6 +287,28 @@ impl Reader {
             s.invalid_devices += c.invalid;
             s.devices.insert(app, c);
         }
+        // Each app and environment's last word on pauses (the message starts with the
+        // environment).
+        let mut st = self.conn.prepare(
+            "SELECT at, kind, app, message FROM events
+             WHERE kind IN ('paused', 'resumed') AND app IS NOT NULL ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(EventRow {
+                at: rfc3339_ms(r.get(0)?),
+                kind: r.get(1)?,
+                app: r.get(2)?,
+                message: r.get(3)?,
+            })
+        })?;
+        let mut last: BTreeMap<(String, String), EventRow> = BTreeMap::new();
+        for row in rows {
+            let row = row?;
+            let env = row.message.split(':').next().unwrap_or("").to_string();
+            last.insert((row.app.clone().unwrap_or_default(), env), row);
+        }
+        s.paused = last.into_values().filter(|e| e.kind == "paused").collect();
+        s.paused.sort_by(|a, b| a.at.cmp(&b.at));
         let mut st = self
             .conn
             .prepare("SELECT at, kind, app, message FROM events ORDER BY id DESC LIMIT 10")?;
