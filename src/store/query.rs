@@ -117,6 +117,16 @@ pub struct EventRow {
     pub message: String,
 }
 
+/// An `events` row read as `SELECT at, kind, app, message`.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        at: rfc3339_ms(r.get(0)?),
+        kind: r.get(1)?,
+        app: r.get(2)?,
+        message: r.get(3)?,
+    })
+}
+
 /// A notification and its deliveries, for `pushdrop show`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShowNotification {
@@ -293,14 +303,7 @@ impl Reader {
             "SELECT at, kind, app, message FROM events
              WHERE kind IN ('paused', 'resumed') AND app IS NOT NULL ORDER BY id",
         )?;
-        let rows = st.query_map([], |r| {
-            Ok(EventRow {
-                at: rfc3339_ms(r.get(0)?),
-                kind: r.get(1)?,
-                app: r.get(2)?,
-                message: r.get(3)?,
-            })
-        })?;
+        let rows = st.query_map([], event_row)?;
         let mut last: BTreeMap<(String, String), EventRow> = BTreeMap::new();
         for row in rows {
             let row = row?;
@@ -312,15 +315,7 @@ impl Reader {
         let mut st = self
             .conn
             .prepare("SELECT at, kind, app, message FROM events ORDER BY id DESC LIMIT 10")?;
-        let rows = st.query_map([], |r| {
-            Ok(EventRow {
-                at: rfc3339_ms(r.get(0)?),
-                kind: r.get(1)?,
-                app: r.get(2)?,
-                message: r.get(3)?,
-            })
-        })?;
-        for row in rows {
+        for row in st.query_map([], event_row)? {
             s.recent_errors.push(row?);
         }
         Ok(s)
