@@ -120,6 +120,20 @@ async fn fixed_key_file_is_picked_up_without_restart() {
         env.sim.open_connections()
     );
     assert_eq!(env.sim.connections(), 4);
+    // Many at once: an unauthorised connection carries one stream at a time, and the ones
+    // waiting when the credentials are refused share that answer instead of each trying a
+    // connection of its own.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let client = client.clone();
+        tasks.spawn(async move { client.send(&push(100 + i)).await });
+    }
+    while let Some(o) = tasks.join_next().await {
+        let o = o.unwrap();
+        assert_eq!(o.kind(), "pause_app", "{o:?}");
+    }
+    let made = env.sim.connections();
+    assert!(made <= 4 + 2, "{made} connections for 50 refused pushes");
     // The operator puts the right key in place; the next send uses it.
     std::fs::copy(&env.creds.key_file, &key_path).unwrap();
     let o = within(30, client.send(&push(2))).await;

@@ -230,13 +230,14 @@ impl ApnsClient {
 const MAX_REROUTES: u32 = 3;
 
 async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
-    let deadline = Instant::now() + pool_timeout(pool);
+    let began = Instant::now();
+    let deadline = began + pool_timeout(pool);
     // Timed from here, a wait for a connection or a free stream included: the answer's
     // latency as the delivery saw it, the figure its log line gives too.
     let started = std::time::Instant::now();
     let mut reroutes = 0;
     loop {
-        let lease = match pool.acquire(deadline).await {
+        let lease = match pool.acquire(began, deadline).await {
             Ok(l) => l,
             Err(o) => return o,
         };
@@ -287,7 +288,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                             if let (PoolAuth::Token(s), Some(j)) = (&pool.auth, &jwt) {
                                 s.on_rejected(j);
                             }
-                            pool.retire(&lease.conn, None);
+                            pool.refuse(&lease.conn, o.clone());
                             tracing::warn!(pool = %pool.label, reason = o.reason(), "APNs rejected the app's credentials");
                         }
                         o

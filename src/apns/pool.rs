@@ -141,6 +141,10 @@ struct Slot {
     retry_at: Option<Instant>,
     last_error: Option<Outcome>,
     opened_before: bool,
+    /// When APNs last refused the credentials on this slot's connection, and how: requests
+    /// that began before then fail with it instead of each opening a connection of its own
+    /// to be refused in turn (an unauthorised connection carries one stream at a time).
+    refused: Option<(Instant, Outcome)>,
 }
 
 struct State {
@@ -259,8 +263,13 @@ impl Pool {
         self.notify.notify_waiters();
     }
 
-    /// Waits for a free stream (opening connections as needed) until `deadline`.
-    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Lease, Outcome> {
+    /// Waits for a free stream (opening connections as needed) until `deadline`, for a
+    /// request that began at `began`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        began: Instant,
+        deadline: Instant,
+    ) -> Result<Lease, Outcome> {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -280,7 +289,7 @@ impl Pool {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let wait_until = match self.try_acquire() {
+            let wait_until = match self.try_acquire(began) {
                 Ok(lease) => return Ok(lease),
                 Err(Wait::Until(t)) => t,
                 Err(Wait::Notified) => deadline,
@@ -330,7 +339,7 @@ impl Pool {
         })
     }
 
-    fn try_acquire(self: &Arc<Self>) -> Result<Lease, Wait> {
+    fn try_acquire(self: &Arc<Self>, began: Instant) -> Result<Lease, Wait> {
         let mut st = self.lock();
         if st.closed {
             return Err(Wait::Fail(Outcome::Retry {
@@ -376,6 +385,12 @@ impl Pool {
             let slot = &mut st.slots[i];
             if slot.conn.as_ref().is_some_and(|c| !c.is_closing()) || slot.connecting {
                 live = true;
+                continue;
+            }
+            if let Some((at, o)) = &slot.refused
+                && began <= *at
+            {
+                pause = Some(o.clone());
                 continue;
             }
             if let Some(t) = slot.retry_at
@@ -711,10 +726,20 @@ impl Pool {
         self.notify.notify_waiters();
     }
 
+    /// APNs refused the credentials on `conn` with `outcome`: the connection is retired, and
+    /// the requests already waiting for a stream fail with the same outcome (the app pauses)
+    /// instead of trying a connection each. Requests that begin later connect anew, with
+    /// the credentials as they are then.
+    pub fn refuse(&self, conn: &Conn, outcome: Outcome) {
+        self.lock().slots[conn.slot].refused = Some((Instant::now(), outcome));
+        self.retire(conn, None);
+    }
+
     /// The first answer that is not an authentication error lifts the one-stream limit.
     pub fn mark_authorised(&self, conn: &Conn) {
         if !conn.authorised.swap(true, Ordering::AcqRel) {
             let mut st = self.lock();
+            st.slots[conn.slot].refused = None;
             st.slots[conn.slot].failures = 0;
             drop(st);
             self.notify.notify_waiters();
