@@ -103,6 +103,23 @@ async fn abrupt_drops_are_retried_and_the_pool_recovers() {
     ));
 }
 
+/// `drop_after = N` counts like `goaway_after`: a connection answers its N streams, then
+/// dies on the next one, also when the streams arrive together (as a client's do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_after_n_streams_answers_those_n() {
+    let env = start(SimOptions {
+        drop_after: Some(3),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    let (finals, _) = within(120, blast(&client, 60)).await;
+    assert_all_sent(&finals);
+    assert_eq!(distinct_tokens(&env), 60, "none lost");
+    let conns = env.sim.connections();
+    assert!(conns <= 40, "{conns} connections for 60 pushes at 3 each");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stream_until_authorised_then_many() {
     let env = start(SimOptions {

@@ -7,7 +7,7 @@
 //! ```toml
 //! latency_ms = 0                       # before every answer
 //! goaway_after = 100                   # connections opened from now on: GOAWAY after N streams
-//! drop_after = 50                      # ... or an abrupt close after N streams (leave out: never)
+//! drop_after = 50                      # ... or an abrupt close once N streams are answered (leave out: never)
 //! streams_one_until_authorized = false # APNs' one stream until the first authorised request
 //!
 //! [tokens]

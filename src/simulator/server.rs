@@ -150,6 +150,8 @@ async fn serve_connection(
     let goaway_after = shared.goaway_after();
     let drop_after = shared.drop_after();
     let mut streams: u32 = 0;
+    // Streams whose answers are still being made.
+    let answering = Arc::new(AtomicUsize::new(0));
     loop {
         let next = tokio::select! {
             n = h2.accept() => n,
@@ -164,18 +166,32 @@ async fn serve_connection(
             Some(Ok((request, respond))) => {
                 streams += 1;
                 if drop_after.is_some_and(|n| streams > n) {
-                    // Abrupt, like goaway_after counted: N streams carried, the next one
-                    // closes the socket, unanswered with every other still in flight.
+                    // Abrupt, like goaway_after counted: the N streams carried are answered,
+                    // then the socket closes without a word, this stream and any later one
+                    // unanswered.
                     shared.requests.fetch_add(1, Ordering::Relaxed);
+                    drop((request, respond));
+                    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while answering.load(Ordering::Acquire) > 0 {
+                        tokio::select! {
+                            // Driving the connection sends the answers; late streams are
+                            // dropped unanswered.
+                            n = h2.accept() => if !matches!(n, Some(Ok(_))) { break },
+                            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                            _ = tokio::time::sleep_until(until) => break,
+                            _ = stop.changed() => return,
+                        }
+                    }
                     tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
                     return;
                 }
-                tokio::spawn(handle_stream(
-                    shared.clone(),
-                    conn.clone(),
-                    request,
-                    respond,
-                ));
+                answering.fetch_add(1, Ordering::AcqRel);
+                let done = answering.clone();
+                let (sh, co) = (shared.clone(), conn.clone());
+                tokio::spawn(async move {
+                    handle_stream(sh, co, request, respond).await;
+                    done.fetch_sub(1, Ordering::AcqRel);
+                });
                 if goaway_after == Some(streams) {
                     tracing::debug!(conn = conn.id, streams, "simulator: GOAWAY");
                     h2.graceful_shutdown();
