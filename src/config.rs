@@ -683,10 +683,13 @@ impl Config {
             ("inbox.processed_dir", &processed),
             ("inbox.rejected_dir", &rejected),
         ] {
-            if let Ok(m) = std::fs::metadata(dir)
-                && !m.is_dir()
+            // The folder, or one above it that pushdrop would have to make it in.
+            if let Some((p, _)) = dir
+                .ancestors()
+                .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)))
+                .find(|(_, m)| !m.is_dir())
             {
-                bad(key, format!("{} exists and is not a folder", dir.display()));
+                bad(key, format!("{} exists and is not a folder", p.display()));
             }
         }
         self.inbox.processed_dir = Some(processed);
@@ -1382,6 +1385,29 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         assert_eq!(err.problems[0].key, "inbox.rejected_dir", "{err}");
         assert!(
             err.problems[0].message.contains("inbox folder itself"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_folder_under_a_file_is_refused_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blocker"), "a file").unwrap();
+        let key = dir.path().join("AuthKey.p8");
+        std::fs::write(&key, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = GOOD.replace("KEY", &key.display().to_string()).replace(
+            "dir = \"inbox\"",
+            "dir = \"inbox\"\nprocessed_dir = \"blocker/processed\"",
+        );
+        let err = Config::from_toml(&text, &dir.path().join("p.toml"), dir.path()).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "inbox.processed_dir", "{err}");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("blocker exists and is not a folder"),
             "{err}"
         );
     }

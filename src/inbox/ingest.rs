@@ -1303,8 +1303,9 @@ mod tests {
     #[test]
     fn a_rejection_that_cannot_be_moved_is_not_counted_again_and_again() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
         let ing = ingestor_with(d.path(), "rejected_dir = \"blocker/rejected\"");
+        // After the config's check: a file where the folder's parent should be.
+        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
         let path = d.path().join("inbox/bad.json");
         std::fs::write(&path, r#"{"type":"device","tokn":"ab"}"#).unwrap();
         for _ in 0..3 {
@@ -1343,8 +1344,9 @@ mod tests {
     fn a_committed_file_that_cannot_be_moved_counts_as_stuck_until_it_moves() {
         let d = tempfile::tempdir().unwrap();
         let blocker = d.path().join("blocker");
-        std::fs::write(&blocker, "a file, not a folder").unwrap();
         let ing = ingestor_with(d.path(), "processed_dir = \"blocker/processed\"");
+        // After the config's check: a file where the folder's parent should be.
+        std::fs::write(&blocker, "a file, not a folder").unwrap();
         let path = d.path().join("inbox/n.jsonl");
         std::fs::write(&path, line("n1")).unwrap();
         let take = || {
