@@ -860,13 +860,15 @@ impl Ingestor {
                     if a.store.already_committed {
                         return;
                     }
-                } else {
-                    self.set_stuck(&r.path, false);
+                } else if self.set_stuck(&r.path, false) {
+                    // Its `ingested` line was written when it committed.
+                    tracing::info!(event = "moved", file = %r.name, already_committed = true, "file committed earlier could be moved at last");
+                    return;
                 }
                 let dups = a.store.duplicates.len();
                 if a.store.already_committed {
                     if a.move_error.is_none() {
-                        tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed earlier (before a restart, or its move failed); moved it now");
+                        tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed before a restart; moved it");
                     }
                     return;
                 }
