@@ -76,11 +76,13 @@ impl Daemon {
             .enable_all()
             .build()
             .map_err(DaemonError::Runtime)?;
-        let store = Store::open(&cfg.store.path, true)?;
         // A database that opens but takes no writes (read-only file or folder) would have the
-        // sender send every due delivery again and again, its results never recorded.
-        store.heartbeat_blocking().map_err(|source| {
-            let blocked = crate::store::not_writable(&cfg.store.path);
+        // sender send every due delivery again and again, its results never recorded. Whether
+        // the open or the first write finds that out, the refusal names what this user may not
+        // write.
+        let path = &cfg.store.path;
+        let refuse = |source: StoreError| {
+            let blocked = crate::store::not_writable(path);
             let hint = if blocked.is_empty() {
                 String::new()
             } else {
@@ -88,11 +90,17 @@ impl Daemon {
                 format!("; not writable by this user: {}", names.join(", "))
             };
             DaemonError::Unwritable {
-                path: cfg.store.path.clone(),
+                path: path.clone(),
                 hint,
                 source: Box::new(source),
             }
-        })?;
+        };
+        let store = match Store::open(path, true) {
+            Ok(s) => s,
+            Err(e) if !crate::store::not_writable(path).is_empty() => return Err(refuse(e)),
+            Err(e) => return Err(e.into()),
+        };
+        store.heartbeat_blocking().map_err(refuse)?;
         let client = ApnsClient::new(&cfg)?;
         let shutting_down = Arc::new(AtomicBool::new(false));
         let inbox = inbox::start(cfg.clone(), store.clone())?;

@@ -41,6 +41,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot open the lock file {path} (the database's folder must be writable): {source}")]
+    LockFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "database {path} is in use by another pushdrop process (lock file {lock}); stop it first"
     )]
@@ -508,7 +513,7 @@ impl LockFile {
             .truncate(false)
             .write(true)
             .open(&lock)
-            .map_err(|source| StoreError::Dir {
+            .map_err(|source| StoreError::LockFile {
                 path: lock.clone(),
                 source,
             })?;
