@@ -1043,10 +1043,10 @@ fn serde_problems(text: &str) -> SerdeFindings {
                 key = format!("{key}.{field}");
             }
         }
-        let consequence = touched.iter().any(|k| {
-            let field = k.rsplit('.').next().unwrap_or(k);
-            message.starts_with(&format!("missing field `{field}`"))
-        }) || (missing.is_some() && idx.is_some_and(|i| lines[i].1.is_none()));
+        // A field found missing because a repair blanked it (the same key, not the same
+        // field of another table) is no new problem.
+        let consequence = (missing.is_some() && touched.contains(&key))
+            || (missing.is_some() && idx.is_some_and(|i| lines[i].1.is_none()));
         if !consequence {
             problems.push(ConfigProblem {
                 key: key.clone(),
@@ -1464,6 +1464,18 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             [
                 ("apps[0].token.key_id".to_string(), Some(4)),
                 ("inbox".to_string(), None),
+            ]
+        );
+        // The same field missing in two tables: both named.
+        let text = format!(
+            "[inbox]\ndir = \"i\"\n[[apps]]\nbundle_id = \"x.y\"\n{token}\n[[apps]]\n\
+             bundle_id = \"x.z\"\n{token}\n"
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                ("apps[0].name".to_string(), Some(3)),
+                ("apps[1].name".to_string(), Some(6)),
             ]
         );
         // An unknown key in an inline table is named with its table.
