@@ -1022,14 +1022,19 @@ fn serde_problems(text: &str) -> SerdeFindings {
             tries.insert(i, n);
             continue;
         }
-        // An unknown key inside an inline table is reported at the table's line: name it.
-        // Blanking that line below touches the inline table's key too.
+        // An unknown key inside an inline table is reported at the table's line: name it, and
+        // take just that key out of the line, so the table's other keys are still checked
+        // (or, when that fails, blank the line, which touches the whole table).
+        let mut inline_repair = None;
         if let Some(field) = message
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
             && !key.ends_with(field)
         {
-            touched.push(key.clone());
+            inline_repair = idx.and_then(|i| without_inline_key(&lines[i].0, field));
+            if inline_repair.is_none() {
+                touched.push(key.clone());
+            }
             key = format!("{key}.{field}");
         }
         let mut line = idx.and_then(|i| lines[i].1);
@@ -1075,6 +1080,10 @@ fn serde_problems(text: &str) -> SerdeFindings {
             continue;
         }
         let Some(i) = idx else { break };
+        if let Some(repaired) = inline_repair {
+            lines[i].0 = repaired;
+            continue;
+        }
         let t = lines[i].0.trim_start().to_string();
         if t.starts_with('[') {
             // An unknown table: blank it with every key under it.
@@ -1103,6 +1112,14 @@ fn serde_problems(text: &str) -> SerdeFindings {
         repaired,
         touched,
     }
+}
+
+/// A `key = { ... }` line without `field` in its inline table, if the line parses as such.
+fn without_inline_key(line: &str, field: &str) -> Option<String> {
+    let mut doc: toml_edit::DocumentMut = line.parse().ok()?;
+    let (_, item) = doc.iter_mut().next()?;
+    item.as_value_mut()?.as_inline_table_mut()?.remove(field)?;
+    Some(doc.to_string().trim_end().to_string())
 }
 
 /// The dotted key a serde error is about: the key of the line its span starts on, under the
@@ -1481,6 +1498,19 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         // An unknown key in an inline table is named with its table.
         let text = GOOD.replace("key_id =", "kid = \"X\", key_id =");
         assert_eq!(keys(&text), [("apps[0].token.kid".to_string(), Some(8))]);
+        // ... each of them, and the rest of that table is still checked.
+        let text = GOOD.replace(
+            r#"key_id = "ABC123DEFG""#,
+            r#"kid = "X", foo = 1, key_id = "ABC""#,
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                ("apps[0].token.kid".to_string(), Some(8)),
+                ("apps[0].token.foo".to_string(), Some(8)),
+                ("apps[0].token.key_id".to_string(), Some(8)),
+            ]
+        );
     }
 
     #[test]
