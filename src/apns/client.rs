@@ -288,7 +288,16 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                             if let (PoolAuth::Token(s), Some(j)) = (&pool.auth, &jwt) {
                                 s.on_rejected(j);
                             }
-                            pool.refuse(&lease.conn, o.clone());
+                            // The requests waiting for a stream share the refusal; they
+                            // were not sent, so their outcome carries no HTTP status.
+                            let shared = match &o {
+                                Outcome::PauseApp { reason, .. } => Outcome::PauseApp {
+                                    status: None,
+                                    reason: reason.clone(),
+                                },
+                                other => other.clone(),
+                            };
+                            pool.refuse(&lease.conn, shared);
                             tracing::warn!(pool = %pool.label, reason = o.reason(), "APNs rejected the app's credentials");
                         }
                         o

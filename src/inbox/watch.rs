@@ -39,8 +39,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Why the inbox could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
-    #[error("cannot create inbox folder {path}: {source}")]
+    #[error("cannot create inbox.{key} ({path}): {source}")]
     Dir {
+        key: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -101,12 +102,19 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
             });
         }
     }
-    let mut dirs = vec![inbox.clone(), cfg.rejected_dir().to_path_buf()];
+    let mut dirs = vec![
+        ("dir", inbox.clone()),
+        ("rejected_dir", cfg.rejected_dir().to_path_buf()),
+    ];
     if cfg.inbox.keep_processed {
-        dirs.push(cfg.processed_dir().to_path_buf());
+        dirs.push(("processed_dir", cfg.processed_dir().to_path_buf()));
     }
-    for d in dirs {
-        std::fs::create_dir_all(&d).map_err(|source| InboxError::Dir { path: d, source })?;
+    for (key, d) in dirs {
+        std::fs::create_dir_all(&d).map_err(|source| InboxError::Dir {
+            key,
+            path: d,
+            source,
+        })?;
     }
 
     let (tx, rx) = mpsc::channel();
