@@ -101,6 +101,18 @@ impl Daemon {
             Err(e) => return Err(e.into()),
         };
         store.heartbeat_blocking().map_err(refuse)?;
+        // Pauses live in the daemon's memory: a new start tries every app at once, so a pause
+        // an earlier run noted for `status` is over.
+        if let Ok(paused) = crate::store::query::Reader::open(path).and_then(|r| r.paused()) {
+            for p in paused {
+                let env = p.message.split(':').next().unwrap_or("");
+                store.note_event_blocking(
+                    "resumed",
+                    p.app.as_deref(),
+                    &format!("{env}: pause lifted by the restart"),
+                );
+            }
+        }
         let client = ApnsClient::new(&cfg)?;
         let shutting_down = Arc::new(AtomicBool::new(false));
         let inbox = inbox::start(cfg.clone(), store.clone())?;

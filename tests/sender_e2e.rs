@@ -322,6 +322,15 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
         text.contains("\npaused "),
         "status says it is paused now: {text}"
     );
+    // Pauses live in the daemon's memory: a restart lifts them, and says so.
+    w.sim.clear_scripts();
+    let daemon = w.env.start();
+    w.wait_idle("sent after the restart");
+    daemon.shutdown();
+    let out = w.env.pushdrop(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["paused"], serde_json::json!([]), "{s}");
+    assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
 
 #[test]

@@ -297,21 +297,7 @@ impl Reader {
             s.invalid_devices += c.invalid;
             s.devices.insert(app, c);
         }
-        // Each app and environment's last word on pauses (the message starts with the
-        // environment).
-        let mut st = self.conn.prepare(
-            "SELECT at, kind, app, message FROM events
-             WHERE kind IN ('paused', 'resumed') AND app IS NOT NULL ORDER BY id",
-        )?;
-        let rows = st.query_map([], event_row)?;
-        let mut last: BTreeMap<(String, String), EventRow> = BTreeMap::new();
-        for row in rows {
-            let row = row?;
-            let env = row.message.split(':').next().unwrap_or("").to_string();
-            last.insert((row.app.clone().unwrap_or_default(), env), row);
-        }
-        s.paused = last.into_values().filter(|e| e.kind == "paused").collect();
-        s.paused.sort_by(|a, b| a.at.cmp(&b.at));
+        s.paused = self.paused()?;
         let mut st = self
             .conn
             .prepare("SELECT at, kind, app, message FROM events ORDER BY id DESC LIMIT 10")?;
@@ -319,6 +305,24 @@ impl Reader {
             s.recent_errors.push(row?);
         }
         Ok(s)
+    }
+
+    /// The apps and environments paused, as the daemon last said: each one's last `paused`
+    /// or `resumed` event (its message starts with the environment) is a `paused` one.
+    pub fn paused(&self) -> Result<Vec<EventRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT at, kind, app, message FROM events
+             WHERE kind IN ('paused', 'resumed') AND app IS NOT NULL ORDER BY id",
+        )?;
+        let mut last: BTreeMap<(String, String), EventRow> = BTreeMap::new();
+        for row in st.query_map([], event_row)? {
+            let row = row?;
+            let env = row.message.split(':').next().unwrap_or("").to_string();
+            last.insert((row.app.clone().unwrap_or_default(), env), row);
+        }
+        let mut paused: Vec<EventRow> = last.into_values().filter(|e| e.kind == "paused").collect();
+        paused.sort_by(|a, b| a.at.cmp(&b.at));
+        Ok(paused)
     }
 
     /// A notification by its id (and app, when ids repeat across apps).
