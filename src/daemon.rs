@@ -67,9 +67,10 @@ impl Daemon {
         // threads of their own, and blocking work goes to tokio's blocking pool. With a second
         // worker, each request's task and its connection's task would run on different
         // threads, wake each other across them and contend for h2's per-connection lock:
-        // `scripts/bench-send` measured 17 us of daemon CPU per delivery with two workers and
-        // 13 us with one, and 15% more deliveries/s. One thread sends far more than APNs takes
-        // from one sender.
+        // `scripts/bench-send` measured 16-18 us of daemon CPU per delivery with two workers
+        // and 13-14 us with one, and 9-25% more deliveries/s, when the machine ran slow (no
+        // difference when it ran fast). One thread sends far more than APNs takes from one
+        // sender.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("pushdrop-async")
@@ -97,6 +98,7 @@ impl Daemon {
         };
         let store = match Store::open(path, true) {
             Ok(s) => s,
+            Err(e @ StoreError::Locked { .. }) => return Err(e.into()),
             Err(e) if !crate::store::not_writable(path).is_empty() => return Err(refuse(e)),
             Err(e) => return Err(e.into()),
         };
