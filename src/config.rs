@@ -1050,8 +1050,8 @@ fn serde_problems(text: &str) -> SerdeFindings {
         }
         // A field found missing because a repair blanked it (the same key, not the same
         // field of another table) is no new problem.
-        let consequence = (missing.is_some() && touched.contains(&key))
-            || (missing.is_some() && idx.is_some_and(|i| lines[i].1.is_none()));
+        let consequence = missing.is_some()
+            && (touched.contains(&key) || idx.is_some_and(|i| lines[i].1.is_none()));
         if !consequence {
             problems.push(ConfigProblem {
                 key: key.clone(),
