@@ -1223,13 +1223,17 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<(Config, ConfigWarnings), ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("AuthKey.p8");
+        load_in(tempfile::tempdir().unwrap().path(), text)
+    }
+
+    /// Loads `text` as `dir/p.toml`, with `KEY` naming a key file (mode 600) made in `dir`.
+    fn load_in(dir: &Path, text: &str) -> Result<(Config, ConfigWarnings), ConfigError> {
+        let key = dir.join("AuthKey.p8");
         std::fs::write(&key, "x").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let text = text.replace("KEY", &key.display().to_string());
-        Config::from_toml(&text, &dir.path().join("p.toml"), dir.path())
+        Config::from_toml(&text, &dir.join("p.toml"), dir)
     }
 
     const GOOD: &str = r#"
@@ -1389,15 +1393,11 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("inbox")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("inbox"), dir.path().join("alias")).unwrap();
-        let key = dir.path().join("AuthKey.p8");
-        std::fs::write(&key, "x").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let text = GOOD.replace("KEY", &key.display().to_string()).replace(
+        let text = GOOD.replace(
             "dir = \"inbox\"",
             "dir = \"inbox\"\nrejected_dir = \"alias\"",
         );
-        let err = Config::from_toml(&text, &dir.path().join("p.toml"), dir.path()).unwrap_err();
+        let err = load_in(dir.path(), &text).unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].key, "inbox.rejected_dir", "{err}");
         assert!(
@@ -1410,15 +1410,11 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
     fn a_folder_under_a_file_is_refused_naming_its_key() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("blocker"), "a file").unwrap();
-        let key = dir.path().join("AuthKey.p8");
-        std::fs::write(&key, "x").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let text = GOOD.replace("KEY", &key.display().to_string()).replace(
+        let text = GOOD.replace(
             "dir = \"inbox\"",
             "dir = \"inbox\"\nprocessed_dir = \"blocker/processed\"",
         );
-        let err = Config::from_toml(&text, &dir.path().join("p.toml"), dir.path()).unwrap_err();
+        let err = load_in(dir.path(), &text).unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].key, "inbox.processed_dir", "{err}");
         assert!(
