@@ -336,25 +336,21 @@ async fn read_body(mut body: RecvStream) -> Result<Bytes, h2::Error> {
 }
 
 /// A header's value, once: a repeated header is `DuplicateHeaders`, and a value that is not
-/// plain text (bytes outside visible ASCII) is `bad`, as Apple finds it malformed, not absent.
+/// plain text (`HeaderValue::to_str`'s visible ASCII) is `bad`, as Apple finds it malformed,
+/// not absent.
 fn header<'a>(h: &'a HeaderMap, name: &str, bad: &'static str) -> Result<Option<&'a str>, Reject> {
-    match header_bytes(h, name)? {
-        None => Ok(None),
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .filter(|s| s.bytes().all(|b| (0x20..0x7f).contains(&b)))
-            .map(Some)
-            .ok_or_else(|| reject(400, bad)),
-    }
+    single_header(h, name)?
+        .map(|v| v.to_str().map_err(|_| reject(400, bad)))
+        .transpose()
 }
 
-fn header_bytes<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a [u8]>, Reject> {
+fn single_header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a HeaderValue>, Reject> {
     let mut all = h.get_all(name).iter();
     let Some(v) = all.next() else { return Ok(None) };
     if all.next().is_some() {
         return Err(reject(400, "DuplicateHeaders"));
     }
-    Ok(Some(v.as_bytes()))
+    Ok(Some(v))
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -432,9 +428,9 @@ fn check(
         },
     };
     // Apple's limit is 64 bytes, whatever the characters.
-    let collapse_id = match header_bytes(headers, "apns-collapse-id")? {
+    let collapse_id = match single_header(headers, "apns-collapse-id")? {
         Some(c) if c.len() > 64 => return Err(reject(400, "BadCollapseId")),
-        c => c.map(|c| String::from_utf8_lossy(c).into_owned()),
+        c => c.map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned()),
     };
     if let Some(id) = header(headers, "apns-id", "BadMessageId")?
         && !is_uuid(id)
