@@ -230,11 +230,10 @@ impl ApnsClient {
 const MAX_REROUTES: u32 = 3;
 
 async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
+    // Latency is timed from here, a wait for a connection or a free stream included: the
+    // answer's latency as the delivery saw it, the figure its log line gives too.
     let began = Instant::now();
     let deadline = began + pool_timeout(pool);
-    // Timed from here, a wait for a connection or a free stream included: the answer's
-    // latency as the delivery saw it, the figure its log line gives too.
-    let started = std::time::Instant::now();
     let mut reroutes = 0;
     loop {
         let lease = match pool.acquire(began, deadline).await {
@@ -266,7 +265,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                 apns_id,
                 body,
             } => {
-                let latency = started.elapsed();
+                let latency = began.elapsed();
                 crate::metrics::get()
                     .send_latency_seconds
                     .observe(latency.as_secs_f64());
@@ -288,16 +287,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                             if let (PoolAuth::Token(s), Some(j)) = (&pool.auth, &jwt) {
                                 s.on_rejected(j);
                             }
-                            // The requests waiting for a stream share the refusal; they
-                            // were not sent, so their outcome carries no HTTP status.
-                            let shared = match &o {
-                                Outcome::PauseApp { reason, .. } => Outcome::PauseApp {
-                                    status: None,
-                                    reason: reason.clone(),
-                                },
-                                other => other.clone(),
-                            };
-                            pool.refuse(&lease.conn, shared);
+                            pool.refuse(&lease.conn, o.reason());
                             tracing::warn!(pool = %pool.label, reason = o.reason(), "APNs rejected the app's credentials");
                         }
                         o

@@ -141,9 +141,10 @@ struct Slot {
     retry_at: Option<Instant>,
     last_error: Option<Outcome>,
     opened_before: bool,
-    /// When APNs last refused the credentials on this slot's connection, and how: requests
-    /// that began before then fail with it instead of each opening a connection of its own
-    /// to be refused in turn (an unauthorised connection carries one stream at a time).
+    /// When APNs last refused the credentials on this slot's connection, and the pause that
+    /// means: requests that began before then take it instead of each opening a connection
+    /// of its own to be refused in turn (an unauthorised connection carries one stream at a
+    /// time).
     refused: Option<(Instant, Outcome)>,
 }
 
@@ -726,12 +727,16 @@ impl Pool {
         self.notify.notify_waiters();
     }
 
-    /// APNs refused the credentials on `conn` with `outcome`: the connection is retired, and
-    /// the requests already waiting for a stream fail with the same outcome (the app pauses)
-    /// instead of trying a connection each. Requests that begin later connect anew, with
-    /// the credentials as they are then.
-    pub fn refuse(&self, conn: &Conn, outcome: Outcome) {
-        self.lock().slots[conn.slot].refused = Some((Instant::now(), outcome));
+    /// APNs refused the credentials on `conn` for `reason`: the connection is retired, and
+    /// the requests already waiting for a stream pause the app for the same reason (with no
+    /// HTTP status: they were not sent) instead of trying a connection each. Requests that
+    /// begin later connect anew, with the credentials as they are then.
+    pub fn refuse(&self, conn: &Conn, reason: &str) {
+        let pause = Outcome::PauseApp {
+            status: None,
+            reason: reason.to_string(),
+        };
+        self.lock().slots[conn.slot].refused = Some((Instant::now(), pause));
         self.retire(conn, None);
     }
 
