@@ -414,6 +414,14 @@ impl Ingestor {
         changed
     }
 
+    /// A handled file that stays in the inbox: counted, and listed in `status` once.
+    fn stuck(&self, r: &FileResult, why: &str) {
+        if self.set_stuck(&r.path, true) {
+            self.store
+                .note_event_blocking("move_failed", None, &format!("{}: {why}", r.name));
+        }
+    }
+
     /// The store files are committed to.
     pub fn store(&self) -> &Store {
         &self.store
@@ -849,13 +857,7 @@ impl Ingestor {
                 let ms = a.elapsed.as_millis() as u64;
                 if let Some(e) = &a.move_error {
                     // The records are committed (and said so below, once); the file stays.
-                    if self.set_stuck(&r.path, true) {
-                        self.store.note_event_blocking(
-                            "move_failed",
-                            None,
-                            &format!("{}: committed but cannot be moved: {e}", r.name),
-                        );
-                    }
+                    self.stuck(r, &format!("committed but cannot be moved: {e}"));
                     tracing::error!(event = "move_failed", file = %r.name, error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again at the next scan");
                     if a.store.already_committed {
                         return;
@@ -867,9 +869,7 @@ impl Ingestor {
                 }
                 let dups = a.store.duplicates.len();
                 if a.store.already_committed {
-                    if a.move_error.is_none() {
-                        tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed before a restart; moved it");
-                    }
+                    tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed before a restart; moved it");
                     return;
                 }
                 m.files_ingested.inc();
@@ -929,13 +929,7 @@ impl Ingestor {
                 reason,
                 ..
             }) => {
-                if self.set_stuck(&r.path, true) {
-                    self.store.note_event_blocking(
-                        "move_failed",
-                        None,
-                        &format!("{}: rejected but cannot be moved: {e}", r.name),
-                    );
-                }
+                self.stuck(r, &format!("rejected but cannot be moved: {e}"));
                 tracing::error!(event = "move_failed", file = %r.name, reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
             }
             FileOutcome::Rejected(rej) => {
