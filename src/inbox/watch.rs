@@ -262,6 +262,12 @@ struct Cand {
 }
 
 impl Cand {
+    /// While it waits (to settle, or to be looked at again), until when it holds up the
+    /// files named after it; never when it is backing off after a failure.
+    fn holds_up_until(&self) -> Option<Instant> {
+        (self.failures == 0).then_some(self.check_at)
+    }
+
     fn new(now: Instant) -> Cand {
         Cand {
             hinted: false,
@@ -271,6 +277,13 @@ impl Cand {
             failures: 0,
             held_since: None,
         }
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
     }
 }
 
@@ -507,10 +520,7 @@ impl Loop {
         let mut settling_before: Option<Instant> = None;
         for (name, c) in self.cands.iter_mut() {
             if c.check_at > now {
-                if c.failures == 0 {
-                    settling_before =
-                        Some(settling_before.map_or(c.check_at, |t| t.min(c.check_at)));
-                }
+                settling_before = earliest(settling_before, c.holds_up_until());
                 continue;
             }
             if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES || solo.is_some() {
@@ -553,10 +563,7 @@ impl Loop {
                 }
             }
             if !ready_now {
-                if c.failures == 0 {
-                    settling_before =
-                        Some(settling_before.map_or(c.check_at, |t| t.min(c.check_at)));
-                }
+                settling_before = earliest(settling_before, c.holds_up_until());
                 continue;
             }
             if let Some(earlier) = settling_before {
