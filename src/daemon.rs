@@ -82,8 +82,7 @@ impl Daemon {
         // the open or the first write finds that out, the refusal names what this user may not
         // write.
         let path = &cfg.store.path;
-        let refuse = |source: StoreError| {
-            let blocked = crate::store::not_writable(path);
+        let refuse = |source: StoreError, blocked: Vec<std::path::PathBuf>| {
             let hint = if blocked.is_empty() {
                 String::new()
             } else {
@@ -99,19 +98,26 @@ impl Daemon {
         let store = match Store::open(path, true) {
             Ok(s) => s,
             Err(e @ StoreError::Locked { .. }) => return Err(e.into()),
-            Err(e) if !crate::store::not_writable(path).is_empty() => return Err(refuse(e)),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                let blocked = crate::store::not_writable(path);
+                return Err(if blocked.is_empty() {
+                    e.into()
+                } else {
+                    refuse(e, blocked)
+                });
+            }
         };
-        store.heartbeat_blocking().map_err(refuse)?;
+        store
+            .heartbeat_blocking()
+            .map_err(|e| refuse(e, crate::store::not_writable(path)))?;
         // Pauses live in the daemon's memory: a new start tries every app at once, so a pause
         // an earlier run noted for `status` is over.
         if let Ok(paused) = crate::store::query::Reader::open(path).and_then(|r| r.paused()) {
             for p in paused {
-                let env = p.message.split(':').next().unwrap_or("");
                 store.note_event_blocking(
                     "resumed",
                     p.app.as_deref(),
-                    &format!("{env}: pause lifted by the restart"),
+                    &format!("{}: pause lifted by the restart", p.environment()),
                 );
             }
         }

@@ -117,6 +117,14 @@ pub struct EventRow {
     pub message: String,
 }
 
+impl EventRow {
+    /// The environment a `paused` or `resumed` event is about: its message starts with it
+    /// (`production: InvalidProviderToken`).
+    pub fn environment(&self) -> &str {
+        self.message.split(':').next().unwrap_or("")
+    }
+}
+
 /// An `events` row read as `SELECT at, kind, app, message`.
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
@@ -317,8 +325,11 @@ impl Reader {
         let mut last: BTreeMap<(String, String), EventRow> = BTreeMap::new();
         for row in st.query_map([], event_row)? {
             let row = row?;
-            let env = row.message.split(':').next().unwrap_or("").to_string();
-            last.insert((row.app.clone().unwrap_or_default(), env), row);
+            let key = (
+                row.app.clone().unwrap_or_default(),
+                row.environment().to_string(),
+            );
+            last.insert(key, row);
         }
         let mut paused: Vec<EventRow> = last.into_values().filter(|e| e.kind == "paused").collect();
         paused.sort_by(|a, b| a.at.cmp(&b.at));
