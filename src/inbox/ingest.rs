@@ -403,6 +403,10 @@ impl Ingestor {
     /// Notes whether a handled file is stuck in the inbox; true when it was not stuck before.
     fn set_stuck(&self, path: &Path, stuck: bool) -> bool {
         let mut set = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        if !stuck && set.is_empty() {
+            // The usual case, at every file: nothing stuck, nothing to update.
+            return false;
+        }
         let changed = if stuck {
             set.insert(path.to_path_buf())
         } else {
