@@ -246,8 +246,11 @@ async fn main_loop(
     // Claimed deliveries wait here for a free slot; a claim is on its way whenever this runs
     // low, so slots freed by answers are refilled at once instead of after a store round trip
     // (which may queue behind a large batch of results). A claim asks for enough to matter:
-    // one per freed slot would cost a store round trip per delivery under full load.
-    let prefetch = (max_in_flight / 4).clamp(1, CLAIM_BATCH);
+    // one per freed slot would cost a store round trip per delivery under full load. The
+    // queue holds a whole window: with a quarter of one, the window fell to a few hundred
+    // requests (at times a few dozen) whenever a claim waited behind a batch of results, and
+    // 100,000 deliveries ran with some 640 in flight on average instead of some 910.
+    let prefetch = max_in_flight.clamp(1, CLAIM_BATCH);
     let mut ready: VecDeque<ClaimedDelivery> = VecDeque::with_capacity(prefetch);
     let mut claiming: Option<JoinHandle<Result<ClaimRound, StoreError>>> = None;
     // Set when the queue came back short: no claim until then, or until new work arrives.
