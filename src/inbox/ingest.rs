@@ -816,12 +816,16 @@ impl Ingestor {
             for n in 0..10_000 {
                 let moved_name = fsutil::nth_name(&fname, n);
                 let dest = dir.join(&moved_name);
-                if std::fs::symlink_metadata(&dest).is_ok() {
+                let report_name = fsutil::report_name(&moved_name);
+                // Either name taken: a file dropped as `x.json.error.json` is no report, and
+                // a report written over it would lose it.
+                if std::fs::symlink_metadata(&dest).is_ok()
+                    || std::fs::symlink_metadata(dir.join(&report_name)).is_ok()
+                {
                     continue;
                 }
-                let report_path =
-                    fsutil::write_atomic(dir, &fsutil::report_name(&moved_name), report.as_bytes())
-                        .map_err(|e| format!("cannot write report in {}: {e}", dir.display()))?;
+                let report_path = fsutil::write_atomic(dir, &report_name, report.as_bytes())
+                    .map_err(|e| format!("cannot write report in {}: {e}", dir.display()))?;
                 match fsutil::move_noreplace(path, &dest) {
                     Ok(()) => return Ok(Some((dest, report_path))),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -1296,6 +1300,35 @@ mod tests {
             "old"
         );
         assert!(!moved.exists());
+    }
+
+    /// A rejected file named like another's report (`x.json.error.json`) is never overwritten
+    /// by that report: the later file takes the next free name, and both stay.
+    #[test]
+    fn a_report_never_overwrites_a_rejected_file_of_that_name() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true);
+        let reject = |name: &str, body: &str| {
+            let path = d.path().join("inbox").join(name);
+            std::fs::write(&path, body).unwrap();
+            let r = ing.process(vec![Candidate {
+                path,
+                settled: true,
+            }]);
+            assert!(matches!(&r[0].outcome, FileOutcome::Rejected(_)), "{r:?}");
+        };
+        reject("c.json.error.json", r#"{"type":"devise","n":1}"#);
+        reject("c.json", r#"{"type":"devise","n":2}"#);
+        let rejected = d.path().join("inbox/rejected");
+        let first = std::fs::read_to_string(rejected.join("c.json.error.json")).unwrap();
+        assert!(
+            first.contains(r#""n":1"#),
+            "the first file is intact: {first}"
+        );
+        let second = std::fs::read_to_string(rejected.join("c~1.json")).unwrap();
+        assert!(second.contains(r#""n":2"#), "{second}");
+        let report = std::fs::read_to_string(rejected.join("c~1.json.error.json")).unwrap();
+        assert!(report.contains("c.json"), "{report}");
     }
 
     /// A rejected file that cannot be moved stays in the inbox, and is not counted as a new

@@ -216,6 +216,21 @@ fn parse_into<'t>(
         Err(e) => {
             let at = e.valid_up_to();
             let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            // The file ends inside a character: cut off mid-write, like a `.json` that ends
+            // early, so it waits for `settle_ms` before it is rejected as truncated.
+            if e.error_len().is_none() {
+                return Err(Rejection {
+                    reason: RejectReason::Truncated,
+                    problems: vec![Problem {
+                        record: None,
+                        line: Some(line),
+                        field: None,
+                        message: format!(
+                            "ends inside a UTF-8 character at byte offset {at} (line {line}): the file was cut off"
+                        ),
+                    }],
+                });
+            }
             return Err(Rejection {
                 reason: RejectReason::NotUtf8,
                 problems: vec![Problem {
@@ -2000,6 +2015,11 @@ mod tests {
         let r = parse_file(b"{\"type\":\n\xff}", FileKind::Json, &one()).unwrap_err();
         assert_eq!(r.reason, RejectReason::NotUtf8);
         assert_eq!(r.problems[0].line, Some(2));
+        // Cut off inside a character: still being written, not a wrong encoding.
+        for kind in [FileKind::Json, FileKind::Jsonl] {
+            let r = parse_file(b"{\"type\":\"caf\xc3", kind, &one()).unwrap_err();
+            assert_eq!(r.reason, RejectReason::Truncated, "{kind:?}");
+        }
         let r = problems(&notif("")[..30], FileKind::Json);
         assert_eq!(r.reason, RejectReason::Truncated);
         let r = problems(

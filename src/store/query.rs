@@ -151,7 +151,9 @@ pub struct ShowNotification {
     pub created_at: String,
     pub finished_at: Option<String>,
     pub source_file: Option<String>,
-    pub payload: serde_json::Value,
+    /// The payload exactly as stored and sent (SPEC §2: "sent as is"), not re-serialised:
+    /// key order, number spelling and escapes stay the dropper's.
+    pub payload: Box<serde_json::value::RawValue>,
     pub counts: BTreeMap<&'static str, i64>,
     pub deliveries: Vec<DeliveryRow>,
 }
@@ -434,7 +436,7 @@ impl Reader {
             created_at: rfc3339_ms(created_at),
             finished_at: finished_at.map(rfc3339_ms),
             source_file,
-            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+            payload: raw_payload(payload),
             counts,
             deliveries,
         }))
@@ -593,6 +595,15 @@ impl Reader {
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// A stored payload as raw JSON. Ingest only stores valid JSON; should a row hold anything
+/// else, it is shown as a JSON string rather than hidden.
+fn raw_payload(text: String) -> Box<serde_json::value::RawValue> {
+    if serde_json::from_str::<&serde_json::value::RawValue>(&text).is_err() {
+        return serde_json::value::to_raw_value(&text).unwrap_or_default();
+    }
+    serde_json::value::RawValue::from_string(text).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1480,3 +1480,24 @@ fn finished_between_pages_through_finished_notifications_of_a_window() {
     );
     assert!(r.finished_between(0, start - 1, None, 10).unwrap().len() == 1);
 }
+
+/// `show` gives the payload as stored and sent (SPEC §2, "sent as is"): key order, number
+/// spelling and escapes are the dropper's, not re-serialised.
+#[test]
+fn show_gives_the_payload_as_sent() {
+    let (_dir, store) = open();
+    let text = r#"{"z": 1, "aps": {"alert": "caf\u00e9 \/ x", "badge": 1.50}, "big": 12345678901234567890123}"#;
+    let Record::Notification(mut n) = notification(Some("asis"), Target::Tokens(vec![tok(1)]))
+    else {
+        unreachable!()
+    };
+    n.payload = text.into();
+    store
+        .ingest(vec![file("p.json", vec![Record::Notification(n)])])
+        .unwrap();
+    let r = query::Reader::open(store.path()).unwrap();
+    let shown = r.show("asis", None, 10).unwrap().unwrap();
+    assert_eq!(shown.payload.get(), text);
+    let json = serde_json::to_string(&shown).unwrap();
+    assert!(json.contains(text), "{json}");
+}
