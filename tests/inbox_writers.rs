@@ -77,6 +77,39 @@ fn in_place_slow_writer_is_ingested_once_when_polling() {
     slow_writer_is_ingested_once(true);
 }
 
+/// A writer that keeps its file open and pauses longer than `settle_ms` between records: the
+/// file is taken once the writer closes it, with every record. Taken at the first settled
+/// pause, the records written afterwards went to the moved file and were never ingested.
+#[test]
+fn a_file_held_open_is_taken_when_its_writer_closes_it() {
+    let env = Env::with(Options {
+        settle_ms: 200,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    let path = env.inbox.join("held.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..4 {
+        let line = notification(&format!("held-{i}"), &token(i)).replace('\n', "") + "\n";
+        f.write_all(line.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(
+            env.processed_names().is_empty(),
+            "taken while its writer still had it open, after record {i}"
+        );
+    }
+    drop(f);
+    wait_for("the closed file", || {
+        env.processed_names() == ["held.jsonl"]
+    });
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id LIKE 'held-%'"),
+        4
+    );
+    daemon.shutdown();
+}
+
 #[test]
 fn ten_thousand_files_are_ingested_exactly_once() {
     const N: usize = 10_000;

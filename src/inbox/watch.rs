@@ -6,6 +6,12 @@
 //! its mtime is already `settle_ms` old; otherwise once its size and mtime have been stable for
 //! `settle_ms`. A truncated `.json` (or a `.jsonl` whose last line has no newline yet) is
 //! waited for until it has been unchanged for `settle_ms`, and only then rejected.
+//!
+//! With kernel events, a file written since its writer last closed it is still open for
+//! writing: it waits for that close however long the writer pauses, since whatever the writer
+//! wrote after the take would go to the moved (or deleted) file. Settling alone decides only
+//! where no event can tell (polling, files written while pushdrop was stopped, and after an
+//! event queue overflow).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
@@ -31,6 +37,8 @@ const BATCH_FILES: usize = 1000;
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// Retention of processed files is checked this often.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// A file open for writing this long without a change is logged once: its writer may hang.
+const OPEN_WRITER_WARN: Duration = Duration::from_secs(60);
 /// While the inbox folder is gone, how often pushdrop looks for it.
 const MISSING_RECHECK: Duration = Duration::from_secs(1);
 /// Longest wait before retrying a file that could not be read, committed or moved.
@@ -246,10 +254,19 @@ fn completes(kind: &EventKind) -> bool {
     )
 }
 
+/// Whether the event is a write to the file's data (`IN_MODIFY`): its writer has it open.
+fn writes(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Modify(ModifyKind::Data(_)))
+}
+
 /// What the loop knows about a file in the inbox.
 struct Cand {
     /// Renamed in or closed after writing since the last look: take it at once.
     hinted: bool,
+    /// Written since its writer last closed it (kernel events only): wait for the close.
+    writing: bool,
+    /// The long wait for the writer's close was logged.
+    warned: bool,
     /// (size, mtime_ns, ino) at the last look, and since when it has been so.
     seen: Option<(u64, i64, u64)>,
     stable_since: Instant,
@@ -271,6 +288,8 @@ impl Cand {
     fn new(now: Instant) -> Cand {
         Cand {
             hinted: false,
+            writing: false,
+            warned: false,
             seen: None,
             stable_since: now,
             check_at: now,
@@ -383,8 +402,13 @@ impl Loop {
                 "kernel event queue overflowed; rescanning the inbox"
             );
             self.scan_requested = true;
+            // Closes may be among the lost events: settling decides again.
+            for c in self.cands.values_mut() {
+                c.writing = false;
+            }
         }
         let complete = completes(&ev.kind);
+        let written = writes(&ev.kind);
         for p in &ev.paths {
             if p == &self.inbox {
                 // The folder itself changed (moved, deleted, permissions): look again.
@@ -404,6 +428,11 @@ impl Loop {
                 .or_insert_with(|| Cand::new(now));
             if complete {
                 c.hinted = true;
+                c.writing = false;
+            } else if written {
+                // Open again after a close (or first written in place): not complete.
+                c.hinted = false;
+                c.writing = true;
             }
             if c.failures == 0 {
                 c.check_at = now;
@@ -556,8 +585,16 @@ impl Loop {
                 }
                 let stable = now.duration_since(c.stable_since);
                 settled = age >= self.settle || stable >= self.settle;
-                ready_now = c.hinted || settled;
-                if !ready_now {
+                ready_now = c.hinted || (settled && !c.writing);
+                if !ready_now && settled {
+                    // Settled, but its writer has it open: the close event wakes the loop;
+                    // this look is only the safety net.
+                    c.check_at = now + self.settle.max(Duration::from_secs(1));
+                    if !c.warned && stable >= OPEN_WRITER_WARN {
+                        c.warned = true;
+                        tracing::warn!(event = "open_for_writing", file = %name.to_string_lossy(), unchanged_s = stable.as_secs(), "a file in the inbox is still open for writing; it is taken once its writer closes it");
+                    }
+                } else if !ready_now {
                     let wait = self.settle.saturating_sub(age.max(stable));
                     c.check_at = now + wait.max(Duration::from_millis(10));
                 }
