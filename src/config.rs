@@ -1037,6 +1037,15 @@ fn serde_problems(text: &str) -> SerdeFindings {
             }
             key = format!("{key}.{field}");
         }
+        // A bad value inside an inline table: only that key is taken out of the line.
+        if inline_repair.is_none()
+            && missing.is_none()
+            && let (Some(i), Some(span)) = (idx, e.span())
+        {
+            let col = span.start - current[..span.start].rfind('\n').map_or(0, |p| p + 1);
+            inline_repair = inline_key_at(&lines[i].0, col)
+                .and_then(|inner| without_inline_key(&lines[i].0, &inner));
+        }
         let mut line = idx.and_then(|i| lines[i].1);
         // A missing field is named under the table that lacks it; a missing top-level table
         // has no line (serde points at the file's start).
@@ -1067,9 +1076,16 @@ fn serde_problems(text: &str) -> SerdeFindings {
                 lines.push((format!("[{field}]"), None));
                 continue;
             }
-            let Some(i) = idx.filter(|&i| lines[i].0.trim_start().starts_with('[')) else {
-                break;
-            };
+            let Some(i) = idx else { break };
+            if !lines[i].0.trim_start().starts_with('[') {
+                // Missing from an inline table (`token = { ... }`): the placeholder goes
+                // into the table. Its fields are all strings, which the first placeholder is.
+                let Some(filled) = with_inline_key(&lines[i].0, &field, PLACEHOLDERS[0]) else {
+                    break;
+                };
+                lines[i].0 = filled;
+                continue;
+            }
             lines.insert(i + 1, (format!("{field} = {}", PLACEHOLDERS[0]), None));
             // Indexes of inserted lines after this one move down by one.
             tries = tries
@@ -1122,6 +1138,28 @@ fn without_inline_key(line: &str, field: &str) -> Option<String> {
     Some(doc.to_string().trim_end().to_string())
 }
 
+/// A `key = { ... }` line with `field = value` added to its inline table.
+fn with_inline_key(line: &str, field: &str, value: &str) -> Option<String> {
+    let mut doc: toml_edit::DocumentMut = line.parse().ok()?;
+    let value: toml_edit::Value = value.parse().ok()?;
+    let (_, item) = doc.iter_mut().next()?;
+    item.as_value_mut()?
+        .as_inline_table_mut()?
+        .insert(field, value);
+    Some(doc.to_string().trim_end().to_string())
+}
+
+/// The key of a `key = { ... }` line's inline table whose value holds byte `at` of the line.
+fn inline_key_at(line: &str, at: usize) -> Option<String> {
+    let doc = toml_edit::ImDocument::parse(line).ok()?;
+    let (_, item) = doc.as_table().iter().next()?;
+    item.as_value()?
+        .as_inline_table()?
+        .iter()
+        .find(|(_, v)| v.span().is_some_and(|s| s.contains(&at)))
+        .map(|(k, _)| k.to_string())
+}
+
 /// The dotted key a serde error is about: the key of the line its span starts on, under the
 /// table header above it (`[sender]` → `sender.max_attempts`, the second `[[apps]]` →
 /// `apps[1].bundle_id`).
@@ -1131,7 +1169,8 @@ pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
     };
     let start = span.start.min(text.len());
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let raw_line = text[line_start..].lines().next().unwrap_or("");
+    let line = raw_line.trim();
     // The table the line sits in, and for arrays of tables, which one.
     let mut table = String::new();
     let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
@@ -1162,11 +1201,16 @@ pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
         .trim()
         .trim_matches('"')
         .to_string();
-    match (table.is_empty(), key.is_empty()) {
-        (_, true) if table.is_empty() => "(file)".into(),
-        (_, true) => table,
+    let key = match (table.is_empty(), key.is_empty()) {
+        (_, true) if table.is_empty() => return "(file)".into(),
+        (_, true) => return table,
         (true, false) => key,
         (false, false) => format!("{table}.{key}"),
+    };
+    // A bad value inside an inline table: named by its own key (`apps[0].token.key_file`).
+    match inline_key_at(raw_line, start - line_start) {
+        Some(inner) => format!("{key}.{inner}"),
+        None => key,
     }
 }
 
@@ -1491,6 +1535,19 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
                 ("apps[1].name".to_string(), Some(6)),
             ]
         );
+        // A field missing from an inline table hides nothing after it.
+        let text =
+            GOOD.replace(r#", team_id = "DEF123GHIJ""#, "") + "\n[sender]\nmax_in_flight = 0\n";
+        assert_eq!(
+            keys(&text),
+            [
+                ("apps[0].token.team_id".to_string(), Some(8)),
+                ("sender.max_in_flight".to_string(), Some(11)),
+            ]
+        );
+        // A wrong type inside an inline table is named by its key.
+        let text = GOOD.replace(r#"key_id = "ABC123DEFG""#, "key_id = 5");
+        assert_eq!(keys(&text), [("apps[0].token.key_id".to_string(), Some(8))]);
         // An unknown key in an inline table is named with its table.
         let text = GOOD.replace("key_id =", "kid = \"X\", key_id =");
         assert_eq!(keys(&text), [("apps[0].token.kid".to_string(), Some(8))]);
