@@ -30,6 +30,14 @@ fn reader(cfg: &Config) -> anyhow::Result<Reader> {
             return Ok(r);
         }
     }
+    if !path.exists() {
+        // Not an error (a fresh install shows an empty queue), but a mistyped store.path
+        // would otherwise go unnoticed.
+        eprintln!(
+            "note: no database at {} yet (store.path); created an empty one",
+            path.display()
+        );
+    }
     Store::open(path, false)?;
     Ok(Reader::open(path)?)
 }
