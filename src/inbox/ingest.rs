@@ -969,7 +969,7 @@ impl Ingestor {
                 );
             }
             FileOutcome::Failed(why) => {
-                tracing::error!(event = "ingest_failed", file = %r.name, error = %why, "will retry");
+                tracing::error!(event = "ingest_failed", file = %r.name, error = %why, "the file is left in place (the daemon tries it again later)");
             }
             FileOutcome::InProgress(why) => {
                 tracing::debug!(event = "in_progress", file = %r.name, why = %why);
