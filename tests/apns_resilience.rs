@@ -232,6 +232,63 @@ async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
     server.abort();
 }
 
+/// The sender pauses an unreachable APNs and decides when to try again: `connect_by` makes
+/// the pool connect then, however long its own back-off has grown (a long outage would
+/// otherwise keep failing on the old error, without a connect, long after APNs is back).
+#[tokio::test]
+async fn connect_by_cuts_the_pools_back_off_short() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let env = start(SimOptions::default()).await;
+    let cfg = config_for(
+        &format!("https://{addr}"),
+        &env.creds.ca_file,
+        env.dir.path(),
+        "request_timeout_ms = 200",
+        &env.token_app("app"),
+    );
+    let client = ApnsClient::new(&cfg).unwrap();
+    // Fail until the pool backs off for longer than a request may wait.
+    within(60, async {
+        let mut i = 0;
+        loop {
+            let before = attempts.load(Ordering::SeqCst);
+            let o = client.send(&push(i)).await;
+            assert!(matches!(o, Outcome::Retry { unsent: true, .. }), "{o:?}");
+            i += 1;
+            if before > 3 && attempts.load(Ordering::SeqCst) == before {
+                break;
+            }
+        }
+    })
+    .await;
+    let n = attempts.load(Ordering::SeqCst);
+    let o = client.send(&push(1000)).await;
+    assert!(matches!(o, Outcome::Retry { unsent: true, .. }), "{o:?}");
+    assert_eq!(attempts.load(Ordering::SeqCst), n, "still backing off");
+    client.connect_by(
+        "app",
+        pushdrop::config::Environment::Production,
+        std::time::Instant::now(),
+    );
+    within(10, client.send(&push(1001))).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        n + 1,
+        "a connect right after connect_by"
+    );
+    server.abort();
+}
+
 #[tokio::test]
 async fn connection_refused_is_retry_unsent() {
     let port = {

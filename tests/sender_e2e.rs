@@ -370,11 +370,21 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
         0,
         "an unreachable APNs costs no attempts"
     );
+    // A longer outage: the pool's own connect back-off (which alone would grow to tens of
+    // seconds by now) must not outlast the sender's pauses, which are capped by
+    // retry_max_ms here.
+    std::thread::sleep(Duration::from_secs(6));
     // APNs comes up.
+    let up = Instant::now();
     world::forward(&w.rt, port, w.sim.addr());
     w.wait_idle("delivered once APNs is up");
+    let took = up.elapsed();
     daemon.shutdown();
     assert_eq!(w.accepted_by_token().len(), 200);
+    assert!(
+        took < Duration::from_secs(4),
+        "the queue went out {took:?} after APNs came up (pauses last at most 1 s)"
+    );
 }
 
 #[test]

@@ -198,6 +198,21 @@ impl ApnsClient {
         }
     }
 
+    /// The next connect of the app and environment's pool happens no later than `at`, even
+    /// when its own back-off after failed connects runs longer. The sender's pause of an
+    /// unreachable APNs decides when to try again; the pool's back-off is there against
+    /// connect storms between such tries, and must not outlast them (the first try after the
+    /// pause would otherwise fail on the old error without connecting).
+    pub fn connect_by(&self, app: &str, environment: Environment, at: std::time::Instant) {
+        if let Some(pools) = self.inner.pools.get(app) {
+            let pool = match environment {
+                Environment::Production => &pools[0],
+                Environment::Sandbox => &pools[1],
+            };
+            pool.connect_by(at.into());
+        }
+    }
+
     /// Sends one push. Never panics; returns within about `request_timeout_ms` (plus the
     /// connect time when a connection must be opened first).
     pub async fn send(&self, req: &PushRequest) -> Outcome {

@@ -317,6 +317,16 @@ impl Pool {
         }
     }
 
+    /// See [`super::ApnsClient::connect_by`]: slots backing off past `at` try again at `at`.
+    pub fn connect_by(&self, at: Instant) {
+        let mut st = self.lock();
+        for slot in &mut st.slots {
+            if slot.retry_at.is_some_and(|t| t > at) {
+                slot.retry_at = Some(at);
+            }
+        }
+    }
+
     /// When every slot is backing off past `deadline`: the error that put it there.
     fn backoff_error(&self, deadline: Instant) -> Option<Outcome> {
         let st = self.lock();

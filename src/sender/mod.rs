@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsClient, Outcome, PushRequest};
 use crate::config::Config;
@@ -564,10 +564,24 @@ impl Inner {
             outcome = self.client.send(&req).await;
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // No request left (APNs unreachable): held quietly, as by a pause (see `verdict`).
+        let unsent = matches!(
+            outcome,
+            Outcome::Retry {
+                status: None,
+                unsent: true,
+                ..
+            }
+        );
         let Some(kind) = self.verdict(&c, outcome, latency_ms, results) else {
             return; // held by the BadDeviceToken guard
         };
-        self.log_outcome(&c, &kind, attempt, latency_ms);
+        if unsent {
+            let n = &c.notification;
+            debug!(target: DELIVERY_TARGET, event = "delivery_held", id = n.ext_id.as_str(), app = n.app.as_str(), token = token_prefix(&c.device.token), environment = c.device.environment.as_str(), apns_id = c.apns_id.as_str(), "APNs unreachable: not sent, back in the queue until the next try");
+        } else {
+            self.log_outcome(&c, &kind, attempt, latency_ms);
+        }
         let _ = results
             .send(DeliveryResult {
                 delivery_id: c.delivery_id,
@@ -666,7 +680,8 @@ impl Inner {
             }
             // No connection to APNs at all (refused, unreachable, TLS trouble): that is the
             // app and environment's problem, not this delivery's. Pause them quietly with
-            // back-off instead of cycling every queued delivery through a dead pool.
+            // back-off instead of cycling every queued delivery through a dead pool; the pool
+            // connects again when the pause ends, however long its own back-off.
             Outcome::Retry {
                 status: None,
                 reason,
@@ -675,6 +690,9 @@ impl Inner {
                 let cap = s.retry_max_ms.min(60_000);
                 let (until_ms, new) = self.guards.pause(app, env, "unreachable", cap);
                 if new {
+                    let wait = Duration::from_millis((until_ms - now_ms()).max(0) as u64);
+                    self.client
+                        .connect_by(app, env, std::time::Instant::now() + wait);
                     warn!(
                         event = "apns_unreachable",
                         app,
