@@ -131,7 +131,7 @@ impl Metrics {
         r.register("queue_depth", "Deliveries by state", m.queue_depth.clone());
         r.register(
             "oldest_queued_age_seconds",
-            "Age of the oldest queued delivery that is due",
+            "Seconds the oldest queued delivery has waited since its notification was due",
             m.oldest_queued_age_seconds.clone(),
         );
         r.register(

@@ -370,6 +370,14 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
         0,
         "an unreachable APNs costs no attempts"
     );
+    // `status` shows how long the queue has waited, pauses and all.
+    let out = w.env.pushdrop(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let age = s["oldest_queued_age_s"].as_f64().unwrap();
+    assert!(
+        age >= 3.0,
+        "oldest queued age {age} s during the outage: {s}"
+    );
     // A longer outage: the pool's own connect back-off (which alone would grow to tens of
     // seconds by now) must not outlast the sender's pauses, which are capped by
     // retry_max_ms here.

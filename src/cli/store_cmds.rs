@@ -52,7 +52,7 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
     }
     println!("database      {}", cfg.store.path.display());
     println!(
-        "queued        {} ({} due later; the oldest due {:.1} s ago), {} notification(s) still to fan out",
+        "queued        {} ({} due later; the oldest waiting for {:.1} s), {} notification(s) still to fan out",
         s.queued, s.queued_later, s.oldest_queued_age_s, s.scheduled_notifications
     );
     if s.deliveries.is_empty() {

@@ -80,7 +80,8 @@ pub struct Status {
     pub deliveries: BTreeMap<String, BTreeMap<&'static str, i64>>,
     /// Deliveries still queued, all apps together.
     pub queued: i64,
-    /// Seconds the oldest due-but-unsent delivery has been waiting (0 when none).
+    /// Seconds the oldest queued delivery has been waiting since its notification was due (0
+    /// when none): back-offs and pauses count, a `send_at` still ahead does not.
     pub oldest_queued_age_s: f64,
     /// Queued deliveries not due yet: a `send_at` ahead, a retry's back-off, a paused app.
     pub queued_later: i64,
@@ -267,8 +268,11 @@ impl Reader {
             }
         }
         let now = now_ms();
+        // Waiting since its notification was due (its `send_at`, or its ingest): a back-off
+        // or a pause moves a delivery's own due time on, and must not hide that it waits.
         let oldest: Option<i64> = self.conn.query_row(
-            "SELECT min(d.due_at) FROM deliveries d WHERE d.state = 0 AND d.due_at <= ?1",
+            "SELECT min(n.send_at) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.state = 0 AND n.send_at <= ?1",
             [now],
             |r| r.get(0),
         )?;
