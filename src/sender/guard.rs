@@ -162,6 +162,16 @@ impl Guards {
         (until_ms, true)
     }
 
+    /// Whether the app and environment's pause is the first of its run: no re-pause since
+    /// the last success (or the start). A run of pauses is one incident for `status`.
+    pub fn first_pause(&self, app: &str, env: Environment) -> bool {
+        self.pauses
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&(app.to_string(), env)).map(|p| p.level == 0))
+            .unwrap_or(true)
+    }
+
     /// A 200 for the app and environment: its credentials and config are fine.
     /// Returns the kind of the pause this answer ended, if it ended one.
     pub fn success(&self, app: &str, env: Environment) -> Option<String> {
@@ -459,6 +469,7 @@ mod tests {
         };
         let (a, new) = g.pause("a", Environment::Production, "credentials", MAX_PAUSE_MS);
         assert!(new);
+        assert!(g.first_pause("a", Environment::Production));
         let (b, again) = g.pause("a", Environment::Production, "credentials", MAX_PAUSE_MS);
         assert!(!again);
         assert_eq!(a, b);
@@ -467,5 +478,11 @@ mod tests {
         assert!(new2);
         let level = g.pauses.lock().unwrap()[&("a".to_string(), Environment::Production)].level;
         assert_eq!(level, 1);
+        // A re-pause is the same incident: `status` lists the first only.
+        assert!(!g.first_pause("a", Environment::Production));
+        assert!(
+            g.first_pause("a", Environment::Sandbox),
+            "not paused at all"
+        );
     }
 }

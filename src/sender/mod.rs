@@ -650,14 +650,18 @@ impl Inner {
                         let store = self.store.clone();
                         let app_s = app.to_string();
                         let results = results.clone();
+                        // Listed in `status` once per run of pauses, not at every re-pause.
+                        let note = self.guards.first_pause(app, env);
                         tokio::spawn(async move {
-                            store
-                                .note_event(
-                                    "paused",
-                                    Some(&app_s),
-                                    &format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."),
-                                )
-                                .await;
+                            if note {
+                                store
+                                    .note_event(
+                                        "paused",
+                                        Some(&app_s),
+                                        &format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."),
+                                    )
+                                    .await;
+                            }
                             for r in released {
                                 let _ = results.send(r).await;
                             }
@@ -722,11 +726,13 @@ impl Inner {
                         resume_in_ms = until_ms - now_ms(),
                         "APNs refused the app's credentials; pausing it (fix the key or certificate file: it is re-read on the next try)"
                     );
-                    let store = self.store.clone();
-                    let (app_s, msg) = (app.to_string(), format!("{env}: {reason}"));
-                    tokio::spawn(
-                        async move { store.note_event("paused", Some(&app_s), &msg).await },
-                    );
+                    if self.guards.first_pause(app, env) {
+                        let store = self.store.clone();
+                        let (app_s, msg) = (app.to_string(), format!("{env}: {reason}"));
+                        tokio::spawn(async move {
+                            store.note_event("paused", Some(&app_s), &msg).await
+                        });
+                    }
                 }
                 Some(ResultKind::held_until(until_ms, status, reason))
             }
