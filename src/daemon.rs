@@ -242,10 +242,11 @@ pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// SIGTERM and SIGINT, caught.
+/// SIGTERM and SIGINT, caught; SIGHUP, caught and ignored.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -254,14 +255,24 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Waits for one of them; returns its name.
+    /// Waits for SIGTERM or SIGINT; returns its name. SIGHUP, which killed the daemon on the
+    /// spot (a closed terminal, a logrotate `postrotate` habit), is logged and ignored: there
+    /// is nothing to reload, and the log files rotate by themselves.
     async fn wait(mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => tracing::info!(
+                    event = "signal_ignored",
+                    signal = "SIGHUP",
+                    "SIGHUP ignored: nothing to reload (a config change needs a restart) and logs rotate by themselves; SIGTERM stops pushdrop"
+                ),
+            }
         }
     }
 }

@@ -87,7 +87,18 @@ fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
         env.processed_names()
             .contains(&"zz-marker.json".to_string())
     });
+    // SIGHUP is ignored (it used to kill the daemon on the spot).
     // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon survives SIGHUP"
+    );
+    // SAFETY: as above.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
         0
