@@ -97,6 +97,14 @@ impl Metrics {
             inbox_stuck_files: Gauge::default(),
             app_paused: Family::default(),
         };
+        // Every rejection reason is there at 0 from the start: a series that first appears
+        // at 1 has an `increase()` of 0, and an alert on the first rejected file after a
+        // start would never fire.
+        for reason in crate::inbox::parse::RejectReason::INBOX {
+            m.files_rejected.get_or_create(&ReasonLabel {
+                reason: reason.code().into(),
+            });
+        }
         let mut r = Registry::with_prefix("pushdrop");
         r.register(
             "files_ingested",

@@ -122,6 +122,13 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
         "{}",
         reply.body
     );
+    // A reason that never happened is there at 0 (an alert on increase() sees its first).
+    assert_eq!(
+        sample(&m, "pushdrop_files_rejected", &[("reason", "oversize")]),
+        Some(0.0),
+        "{}",
+        reply.body
+    );
     assert_eq!(
         count("pushdrop_records_ingested", &[("type", "device")]),
         DEVICES as i64

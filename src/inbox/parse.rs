@@ -111,6 +111,19 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// The reasons a watched inbox can reject for (`bad_name` and `unreadable` only come
+    /// from `validate`): each has its `files_rejected` series from the start, at 0.
+    pub const INBOX: [RejectReason; 8] = [
+        RejectReason::Empty,
+        RejectReason::NotUtf8,
+        RejectReason::Parse,
+        RejectReason::Truncated,
+        RejectReason::Invalid,
+        RejectReason::Oversize,
+        RejectReason::Symlink,
+        RejectReason::NotRegular,
+    ];
+
     /// The metric label / log code.
     pub fn code(self) -> &'static str {
         match self {
