@@ -718,13 +718,20 @@ impl Inner {
                     self.guards
                         .pause(app, env, "credentials", guard::MAX_PAUSE_MS);
                 if new {
+                    // A token refused as expired while younger than 20 minutes: the key is
+                    // fine, this machine's clock is not.
+                    let hint = if reason.contains("ExpiredProviderToken") {
+                        "APNs says the provider token expired, but it is younger than 20 minutes: check this machine's clock (NTP); pausing the app"
+                    } else {
+                        "APNs refused the app's credentials; pausing it (fix the key or certificate file: it is re-read on the next try)"
+                    };
                     error!(
                         event = "app_paused",
                         app,
                         environment = %env,
                         reason = %reason,
                         resume_in_ms = until_ms - now_ms(),
-                        "APNs refused the app's credentials; pausing it (fix the key or certificate file: it is re-read on the next try)"
+                        "{hint}"
                     );
                     if self.guards.first_pause(app, env) {
                         let store = self.store.clone();
