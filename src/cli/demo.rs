@@ -242,6 +242,10 @@ listen = ""
             "try: pushdrop --config {}/pushdrop.toml status",
             kept.display()
         );
+    } else {
+        println!(
+            "\nthe demo folder (and the receipts above) is removed now; `pushdrop demo --keep` keeps it"
+        );
     }
     Ok(0)
 }
