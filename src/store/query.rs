@@ -141,7 +141,11 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
 pub struct ShowNotification {
     pub id: String,
     pub app: String,
+    /// For people: `all`, `tokens: [...]`, `users: [...]`.
     pub target: String,
+    /// For scripts: the record's `to`, as JSON (`{"tokens": [...]}`, `{"users": [...]}`,
+    /// `{"all": true}`).
+    pub to: serde_json::Value,
     pub push_type: String,
     pub priority: i64,
     pub topic: String,
@@ -423,9 +427,18 @@ impl Reader {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let to = match kind.as_str() {
+            "all" => serde_json::json!({ "all": true }),
+            k => {
+                let list = serde_json::from_str(&target)
+                    .unwrap_or_else(|_| serde_json::Value::String(target.clone()));
+                serde_json::json!({ k: list })
+            }
+        };
         Ok(Some(ShowNotification {
             id: id.to_string(),
             app,
+            to,
             target: if kind == "all" {
                 "all".into()
             } else {

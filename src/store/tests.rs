@@ -1498,6 +1498,8 @@ fn show_gives_the_payload_as_sent() {
     let r = query::Reader::open(store.path()).unwrap();
     let shown = r.show("asis", None, 10).unwrap().unwrap();
     assert_eq!(shown.payload.get(), text);
+    // The target, structured for scripts.
+    assert_eq!(shown.to, serde_json::json!({ "tokens": [tok(1)] }));
     let json = serde_json::to_string(&shown).unwrap();
     assert!(json.contains(text), "{json}");
 }
