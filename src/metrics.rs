@@ -101,7 +101,7 @@ impl Metrics {
         // at 1 has an `increase()` of 0, and an alert on the first rejected file after a
         // start would never fire.
         for reason in crate::inbox::parse::RejectReason::INBOX {
-            m.files_rejected.get_or_create(&ReasonLabel {
+            let _ = m.files_rejected.get_or_create(&ReasonLabel {
                 reason: reason.code().into(),
             });
         }
