@@ -382,6 +382,14 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     // seconds by now) must not outlast the sender's pauses, which are capped by
     // retry_max_ms here.
     std::thread::sleep(Duration::from_secs(6));
+    // Once the requests gave up waiting for a connection, the app is paused: `status` lists
+    // the outage once.
+    let paused = || {
+        let out = w.env.pushdrop(&["status", "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["paused"].as_array().map_or(0, |p| p.len())
+    };
+    wait_for("the outage listed in status", || paused() == 1);
     // APNs comes up.
     let up = Instant::now();
     world::forward(&w.rt, port, w.sim.addr());
@@ -389,6 +397,13 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     let took = up.elapsed();
     daemon.shutdown();
     assert_eq!(w.accepted_by_token().len(), 200);
+    let out = w.env.pushdrop(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        s["paused"],
+        serde_json::json!([]),
+        "the outage's end is noted: {s}"
+    );
     assert!(
         took < Duration::from_secs(4),
         "the queue went out {took:?} after APNs came up (pauses last at most 1 s)"

@@ -603,10 +603,9 @@ impl Inner {
         let s = &self.cfg.sender;
         match outcome {
             Outcome::Sent { apns_id, .. } => {
-                // A pause `status` lists (credentials, a burst) is said to be over there too.
-                if let Some(kind) = self.guards.success(app, env)
-                    && kind != "unreachable"
-                {
+                // A pause `status` lists (credentials, a burst, an outage) is said to be over
+                // there too.
+                if self.guards.success(app, env).is_some() {
                     let store = self.store.clone();
                     let (app_s, msg) = (
                         app.to_string(),
@@ -697,6 +696,18 @@ impl Inner {
                     let wait = Duration::from_millis((until_ms - now_ms()).max(0) as u64);
                     self.client
                         .connect_by(app, env, std::time::Instant::now() + wait);
+                    // `status` lists the outage once (its `paused` list and recent errors),
+                    // until the first 200 notes its end.
+                    if self.guards.first_pause(app, env) {
+                        let store = self.store.clone();
+                        let (app_s, msg) = (
+                            app.to_string(),
+                            format!("{env}: APNs unreachable: {reason}"),
+                        );
+                        tokio::spawn(async move {
+                            store.note_event("paused", Some(&app_s), &msg).await
+                        });
+                    }
                     warn!(
                         event = "apns_unreachable",
                         app,
