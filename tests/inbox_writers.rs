@@ -107,6 +107,24 @@ fn a_file_held_open_is_taken_when_its_writer_closes_it() {
         env.count("SELECT count(*) FROM notifications WHERE ext_id LIKE 'held-%'"),
         4
     );
+    // Created, then nothing written for longer than settle_ms: not rejected as empty.
+    let mut f = std::fs::File::create(env.inbox.join("late.jsonl")).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        env.rejected_names().is_empty(),
+        "rejected before its writer wrote: {:?}",
+        env.rejected_names()
+    );
+    let line = notification("late-0", &token(9)).replace('\n', "") + "\n";
+    f.write_all(line.as_bytes()).unwrap();
+    drop(f);
+    wait_for("the late file", || {
+        env.processed_names() == ["held.jsonl", "late.jsonl"]
+    });
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id = 'late-0'"),
+        1
+    );
     daemon.shutdown();
 }
 

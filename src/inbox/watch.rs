@@ -265,6 +265,10 @@ struct Cand {
     hinted: bool,
     /// Written since its writer last closed it (kernel events only): wait for the close.
     writing: bool,
+    /// Created (kernel event) and not closed since: while it is still empty, its writer
+    /// may not have written yet. (A hard link made into the inbox is created too, but is
+    /// not empty; and only an empty file waits for this.)
+    created: bool,
     /// The long wait for the writer's close was logged.
     warned: bool,
     /// (size, mtime_ns, ino) at the last look, and since when it has been so.
@@ -289,6 +293,7 @@ impl Cand {
         Cand {
             hinted: false,
             writing: false,
+            created: false,
             warned: false,
             seen: None,
             stable_since: now,
@@ -405,10 +410,12 @@ impl Loop {
             // Closes may be among the lost events: settling decides again.
             for c in self.cands.values_mut() {
                 c.writing = false;
+                c.created = false;
             }
         }
         let complete = completes(&ev.kind);
         let written = writes(&ev.kind);
+        let created = matches!(ev.kind, EventKind::Create(_));
         for p in &ev.paths {
             if p == &self.inbox {
                 // The folder itself changed (moved, deleted, permissions): look again.
@@ -429,6 +436,9 @@ impl Loop {
             if complete {
                 c.hinted = true;
                 c.writing = false;
+                c.created = false;
+            } else if created {
+                c.created = true;
             } else if written {
                 // Open again after a close (or first written in place): not complete.
                 c.hinted = false;
@@ -585,7 +595,8 @@ impl Loop {
                 }
                 let stable = now.duration_since(c.stable_since);
                 settled = age >= self.settle || stable >= self.settle;
-                ready_now = c.hinted || (settled && !c.writing);
+                let unwritten = c.created && meta.size() == 0;
+                ready_now = c.hinted || (settled && !c.writing && !unwritten);
                 if !ready_now && settled {
                     // Settled, but its writer has it open: the close event wakes the loop;
                     // this look is only the safety net.
