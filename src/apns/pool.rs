@@ -140,6 +140,10 @@ struct Slot {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Outcome>,
+    /// The last try to open a connection failed (APNs unreachable, not a connection that
+    /// broke): requests then take the error at once instead of waiting out the back-off, and
+    /// the sender's pause decides when to try again (see [`super::ApnsClient::connect_by`]).
+    connect_failed: bool,
     opened_before: bool,
     /// When APNs last refused the credentials on this slot's connection, and the pause that
     /// means: requests that began before then take it instead of each opening a connection
@@ -296,9 +300,7 @@ impl Pool {
                 Err(Wait::Notified) => deadline,
                 Err(Wait::Fail(o)) => return Err(o),
             };
-            if wait_until >= deadline
-                && let Some(o) = self.backoff_error(deadline)
-            {
+            if let Some(o) = self.backoff_error(deadline) {
                 return Err(o);
             }
             let until = wait_until.min(deadline);
@@ -327,7 +329,8 @@ impl Pool {
         }
     }
 
-    /// When every slot is backing off past `deadline`: the error that put it there.
+    /// When every slot is backing off past `deadline`, or after a failed connect: the error
+    /// that put it there.
     fn backoff_error(&self, deadline: Instant) -> Option<Outcome> {
         let st = self.lock();
         let mut err = None;
@@ -336,7 +339,7 @@ impl Pool {
                 return None;
             }
             match slot.retry_at {
-                Some(t) if t >= deadline => err = slot.last_error.clone(),
+                Some(t) if t >= deadline || slot.connect_failed => err = slot.last_error.clone(),
                 _ => return None,
             }
         }
@@ -470,6 +473,7 @@ impl Pool {
                     slot.opened_before = true;
                     slot.retry_at = None;
                     slot.last_error = None;
+                    slot.connect_failed = false;
                     slot.conn = Some(conn.clone());
                     self.shared.connects.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::get().connections_open.inc();
@@ -482,6 +486,7 @@ impl Pool {
                 slot.failures += 1;
                 let delay = backoff(slot.failures);
                 slot.retry_at = Some(Instant::now() + delay);
+                slot.connect_failed = true;
                 tracing::warn!(
                     pool = %self.label,
                     failures = slot.failures,
@@ -724,6 +729,7 @@ impl Pool {
         if slot.conn.as_ref().is_some_and(|c| c.id == conn.id) {
             slot.conn = None;
             if let Some(reason) = broken {
+                slot.connect_failed = false;
                 slot.failures += 1;
                 slot.retry_at = Some(Instant::now() + backoff(slot.failures));
                 slot.last_error = Some(Outcome::Retry {
