@@ -1160,6 +1160,19 @@ fn inline_key_at(line: &str, at: usize) -> Option<String> {
         .map(|(k, _)| k.to_string())
 }
 
+/// A sub-table header's name with the index of the array-of-tables entry it belongs to:
+/// `[apps.token]` after the second `[[apps]]` is `apps[1].token`. `counts` holds how many
+/// entries of each array of tables came before.
+fn within_array(name: &str, counts: &std::collections::HashMap<String, usize>) -> String {
+    match name.split_once('.') {
+        Some((head, rest)) => match counts.get(head.trim()) {
+            Some(&n) if n > 0 => format!("{}[{}].{}", head.trim(), n - 1, rest.trim()),
+            _ => name.to_string(),
+        },
+        None => name.to_string(),
+    }
+}
+
 /// The dotted key a serde error is about: the key of the line its span starts on, under the
 /// table header above it (`[sender]` → `sender.max_attempts`, the second `[[apps]]` →
 /// `apps[1].bundle_id`).
@@ -1182,7 +1195,7 @@ pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
             table = format!("{name}[{n}]");
             *n += 1;
         } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().to_string();
+            table = within_array(name.trim(), &counts);
         }
     }
     if let Some(name) = line.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
@@ -1192,7 +1205,7 @@ pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
         return format!("{name}[{n}]");
     }
     if line.starts_with('[') {
-        return line.trim_matches(['[', ']']).trim().to_string();
+        return within_array(line.trim_matches(['[', ']']).trim(), &counts);
     }
     let key = line
         .split('=')
@@ -1545,6 +1558,10 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
                 ("sender.max_in_flight".to_string(), Some(11)),
             ]
         );
+        // The same in the sub-table form: named with its app's index, placeholder unreported.
+        let text = "[inbox]\ndir = \"i\"\n[[apps]]\nname = \"a\"\nbundle_id = \"x.y\"\n\
+                    [apps.token]\nkey_file = \"KEY\"\nkey_id = \"ABC123DEFG\"\n";
+        assert_eq!(keys(text), [("apps[0].token.team_id".to_string(), Some(6))]);
         // A wrong type inside an inline table is named by its key.
         let text = GOOD.replace(r#"key_id = "ABC123DEFG""#, "key_id = 5");
         assert_eq!(keys(&text), [("apps[0].token.key_id".to_string(), Some(8))]);

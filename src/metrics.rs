@@ -100,7 +100,7 @@ impl Metrics {
         // Every rejection reason is there at 0 from the start: a series that first appears
         // at 1 has an `increase()` of 0, and an alert on the first rejected file after a
         // start would never fire.
-        for reason in crate::inbox::parse::RejectReason::INBOX {
+        for reason in crate::inbox::parse::RejectReason::ALL {
             let _ = m.files_rejected.get_or_create(&ReasonLabel {
                 reason: reason.code().into(),
             });

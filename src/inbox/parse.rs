@@ -111,9 +111,8 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    /// The reasons a watched inbox can reject for (`bad_name` and `unreadable` only come
-    /// from `validate`): each has its `files_rejected` series from the start, at 0.
-    pub const INBOX: [RejectReason; 8] = [
+    /// Every reason: each has its `files_rejected` series from the start, at 0.
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Empty,
         RejectReason::NotUtf8,
         RejectReason::Parse,
@@ -122,6 +121,8 @@ impl RejectReason {
         RejectReason::Oversize,
         RejectReason::Symlink,
         RejectReason::NotRegular,
+        RejectReason::BadName,
+        RejectReason::Unreadable,
     ];
 
     /// The metric label / log code.
