@@ -378,8 +378,11 @@ async fn certificate_not_from_the_ca_pauses_the_app_naming_the_file() {
     assert!(env.sim.accepted().is_empty());
 }
 
+/// A server certificate this side does not trust is TLS trouble on the way, not the app's
+/// credentials: unsent, as for an unreachable APNs (the sender then pauses quietly and lists
+/// the reason in `status`), with the hint to set `ca_file`.
 #[tokio::test]
-async fn untrusted_server_certificate_pauses_the_app() {
+async fn untrusted_server_certificate_is_unreachable_with_a_hint() {
     let env = start(SimOptions::default()).await;
     // No ca_file: the simulator's CA is not among the web PKI roots.
     let text = format!(
@@ -392,8 +395,12 @@ async fn untrusted_server_certificate_pauses_the_app() {
     let client = ApnsClient::new(&cfg).unwrap();
     let o = within(30, client.send(&push(1))).await;
     match &o {
-        Outcome::PauseApp { reason, .. } => assert!(reason.contains("ca_file"), "{reason}"),
-        other => panic!("expected PauseApp, got {other:?}"),
+        Outcome::Retry {
+            status: None,
+            reason,
+            unsent: true,
+        } => assert!(reason.contains("ca_file"), "{reason}"),
+        other => panic!("expected an unsent Retry, got {other:?}"),
     }
 }
 

@@ -542,20 +542,26 @@ impl Pool {
             .connect(ep.server_name.clone(), tcp)
             .await
             .map_err(|e| {
-                let is_tls = e
-                    .get_ref()
-                    .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some());
-                if is_tls {
-                    Outcome::PauseApp {
+                let tls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+                match tls_error {
+                    // The server refused the handshake (a client certificate it does not
+                    // take): the app's credentials, as SPEC 4.3 pauses for.
+                    Some(rustls::Error::AlertReceived(_)) => Outcome::PauseApp {
                         status: None,
                         reason: self.tls_reason(&e.to_string()),
-                    }
-                } else {
-                    Outcome::Retry {
+                    },
+                    // Anything else is TLS trouble on the way (a server certificate this side
+                    // does not trust, no TLS at that port): APNs is unreachable from here.
+                    Some(_) => Outcome::Retry {
+                        status: None,
+                        reason: self.tls_reason(&e.to_string()),
+                        unsent: true,
+                    },
+                    None => Outcome::Retry {
                         status: None,
                         reason: format!("TLS handshake with {} failed: {e}", ep.authority),
                         unsent: true,
-                    }
+                    },
                 }
             })?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
