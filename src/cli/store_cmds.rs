@@ -30,7 +30,9 @@ fn reader(cfg: &Config) -> anyhow::Result<Reader> {
             return Ok(r);
         }
     }
-    if !path.exists() {
+    let new = !path.exists();
+    Store::open(path, false)?;
+    if new {
         // Not an error (a fresh install shows an empty queue), but a mistyped store.path
         // would otherwise go unnoticed.
         eprintln!(
@@ -38,7 +40,6 @@ fn reader(cfg: &Config) -> anyhow::Result<Reader> {
             path.display()
         );
     }
-    Store::open(path, false)?;
     Ok(Reader::open(path)?)
 }
 
