@@ -797,7 +797,6 @@ impl Ingestor {
         dirty: &mut BTreeSet<PathBuf>,
     ) -> FileOutcome {
         let Rejection { reason, problems } = rejection;
-        let report = ErrorReport::new(name, reason, &problems).to_json();
         let dir = self.cfg.rejected_dir();
         let mut rejected = Rejected {
             reason,
@@ -824,8 +823,13 @@ impl Ingestor {
                 {
                     continue;
                 }
-                let report_path = fsutil::write_atomic(dir, &report_name, report.as_bytes())
-                    .map_err(|e| format!("cannot write report in {}: {e}", dir.display()))?;
+                let mut report = ErrorReport::new(name, reason, &problems);
+                if moved_name != fname {
+                    report.stored_as = Some(moved_name.to_string_lossy().into_owned());
+                }
+                let report_path =
+                    fsutil::write_atomic(dir, &report_name, report.to_json().as_bytes())
+                        .map_err(|e| format!("cannot write report in {}: {e}", dir.display()))?;
                 match fsutil::move_noreplace(path, &dest) {
                     Ok(()) => return Ok(Some((dest, report_path))),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -1328,7 +1332,12 @@ mod tests {
         let second = std::fs::read_to_string(rejected.join("c~1.json")).unwrap();
         assert!(second.contains(r#""n":2"#), "{second}");
         let report = std::fs::read_to_string(rejected.join("c~1.json.error.json")).unwrap();
-        assert!(report.contains("c.json"), "{report}");
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(report["file"], "c.json");
+        assert_eq!(
+            report["stored_as"], "c~1.json",
+            "which copy the report is of"
+        );
     }
 
     /// A rejected file that cannot be moved stays in the inbox, and is not counted as a new

@@ -9,6 +9,10 @@ use super::parse::{Problem, RejectReason};
 pub struct ErrorReport<'a> {
     /// The file's name as it was dropped.
     pub file: &'a str,
+    /// The name it was moved to in `rejected_dir`, when that is not `file` (a name taken
+    /// there already, or a name too long for the `~N` suffix): which copy this report is of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_as: Option<String>,
     /// RFC 3339, UTC.
     pub rejected_at: String,
     /// Short code: `parse`, `invalid`, `oversize`, `symlink`, …
@@ -22,6 +26,7 @@ impl<'a> ErrorReport<'a> {
     pub fn new(file: &'a str, reason: RejectReason, problems: &'a [Problem]) -> ErrorReport<'a> {
         ErrorReport {
             file,
+            stored_as: None,
             rejected_at: now_rfc3339(),
             reason: reason.code(),
             problems,
