@@ -39,6 +39,70 @@ pub enum LogError {
     },
 }
 
+/// The text formats' writer: each event's text ends in its one line break, and a line break,
+/// carriage return or other control byte inside it (from a file name, an error message, a
+/// dropped value) is written as an escape (`\n`, `\u{1}`), so that nobody can forge or split
+/// log lines, or send a terminal control sequence, by naming a file. ESC stays when the
+/// output has colours (`ansi`), which use it. (The JSON format escapes such bytes itself.)
+#[derive(Clone)]
+struct OneLine<M> {
+    inner: M,
+    ansi: bool,
+}
+
+impl<M> OneLine<M> {
+    fn new(inner: M, ansi: bool) -> OneLine<M> {
+        OneLine { inner, ansi }
+    }
+}
+
+impl<'a, M: fmt::MakeWriter<'a>> fmt::MakeWriter<'a> for OneLine<M> {
+    type Writer = OneLineWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        OneLineWriter {
+            inner: self.inner.make_writer(),
+            ansi: self.ansi,
+        }
+    }
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        OneLineWriter {
+            inner: self.inner.make_writer_for(meta),
+            ansi: self.ansi,
+        }
+    }
+}
+
+struct OneLineWriter<W> {
+    inner: W,
+    ansi: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for OneLineWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        let plain = |b: u8| b >= 0x20 && b != 0x7f || b == b'\t' || (b == 0x1b && self.ansi);
+        if body.iter().all(|&b| plain(b)) {
+            self.inner.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b if plain(b) => out.push(b),
+                b => out.extend_from_slice(format!("\\u{{{b:x}}}").as_bytes()),
+            }
+        }
+        out.extend_from_slice(&buf[body.len()..]);
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
@@ -52,7 +116,10 @@ pub fn init_stderr(level: &str) {
             fmt::layer()
                 .with_target(false)
                 .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr),
+                .with_writer(OneLine::new(
+                    std::io::stderr,
+                    std::io::stderr().is_terminal(),
+                )),
         )
         .with(filter(level))
         .try_init();
@@ -97,7 +164,10 @@ fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGu
                     fmt::layer()
                         .with_target(false)
                         .with_ansi(std::io::stdout().is_terminal())
-                        .with_writer(std::io::stdout),
+                        .with_writer(OneLine::new(
+                            std::io::stdout,
+                            std::io::stdout().is_terminal(),
+                        )),
                 )
                 .with(filter(&cfg.level))
                 .try_init();
@@ -146,7 +216,10 @@ fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGu
             .with_span_list(false)
             .with_writer(writer)
             .boxed(),
-        (LogFormat::Text, _) => fmt::layer().with_ansi(false).with_writer(writer).boxed(),
+        (LogFormat::Text, _) => fmt::layer()
+            .with_ansi(false)
+            .with_writer(OneLine::new(writer, false))
+            .boxed(),
     };
     // stdout off the sending threads too (a line per delivery); colours only on a terminal.
     // Lossy: a stdout nobody reads must not stall the daemon; the files have every line.
@@ -164,7 +237,7 @@ fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGu
                 fmt::layer()
                     .with_target(false)
                     .with_ansi(ansi)
-                    .with_writer(w),
+                    .with_writer(OneLine::new(w, ansi)),
             )),
             Some(g),
         )
@@ -287,6 +360,31 @@ pub(crate) mod tests {
         fn make_writer(&'a self) -> Sink {
             self.clone()
         }
+    }
+
+    /// Text lines stay one line each, whatever a field holds: a file name with a line break
+    /// or a control byte cannot forge or split log lines.
+    #[test]
+    fn text_lines_escape_line_breaks_and_control_bytes() {
+        let sink = Sink::default();
+        let subscriber = tracing_subscriber::registry().with(
+            fmt::layer()
+                .with_ansi(false)
+                .with_writer(OneLine::new(sink.clone(), false)),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let name = "new\nline \u{1}\u{1b}[31m.json";
+            warn!(event = "rejected", file = %name, report = %format!("dir/{name}.error.json"), "rejected");
+            info!(event = "plain", file = "a.json", "nothing to escape\there");
+        });
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].contains(r"file=new\nline \u{1}\u{1b}[31m.json"),
+            "{lines:#?}"
+        );
+        assert!(lines[0].contains(r"report=dir/new\nline"), "{lines:#?}");
+        assert!(lines[1].contains("nothing to escape\there"), "{lines:#?}");
     }
 
     /// The layering of `init_with` with a log dir: the files get every line, stdout all but the

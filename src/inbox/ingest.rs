@@ -660,7 +660,11 @@ impl Ingestor {
     ) -> (Option<PathBuf>, Option<String>) {
         match std::fs::symlink_metadata(&r.path) {
             Ok(m) if matches!(r.read.compare(&m), AfterRead::Replaced) => {
-                tracing::warn!(event = "replaced", file = %r.name, "file was replaced after it was read; the new file will be taken separately");
+                tracing::warn!(
+                    event = "replaced",
+                    file = r.name.as_str(),
+                    "file was replaced after it was read; the new file will be taken separately"
+                );
                 return (None, None);
             }
             Ok(_) => {}
@@ -775,14 +779,14 @@ impl Ingestor {
         match written {
             Ok(taken_as) => {
                 tracing::warn!(
-                    event = "appended_after_read", file = %r.name, bytes = tail.len() as u64,
+                    event = "appended_after_read", file = r.name.as_str(), bytes = tail.len() as u64,
                     taken_as = %display_name(&taken_as),
                     "lines were appended to the file after it was read and committed; they are taken as a file of their own"
                 );
                 true
             }
             Err(e) => {
-                tracing::error!(event = "appended_after_read", file = %r.name, error = %e, "lines were appended to the file after it was read, and cannot be split off; the file is taken again");
+                tracing::error!(event = "appended_after_read", file = r.name.as_str(), error = %e, "lines were appended to the file after it was read, and cannot be split off; the file is taken again");
                 false
             }
         }
@@ -870,18 +874,32 @@ impl Ingestor {
                 if let Some(e) = &a.move_error {
                     // The records are committed (and said so below, once); the file stays.
                     self.stuck(r, &format!("committed but cannot be moved: {e}"));
-                    tracing::error!(event = "move_failed", file = %r.name, error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again at the next scan");
+                    tracing::error!(event = "move_failed", file = r.name.as_str(), error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again at the next scan");
                     if a.store.already_committed {
                         return;
                     }
                 } else if self.set_stuck(&r.path, false) {
                     // Its `ingested` line was written when it committed.
-                    tracing::info!(event = "moved", file = %r.name, already_committed = true, "file committed earlier could be moved at last");
+                    tracing::info!(
+                        event = "moved",
+                        file = r.name.as_str(),
+                        already_committed = true,
+                        "file committed earlier could be moved at last"
+                    );
                     return;
                 }
                 let dups = a.store.duplicates.len();
                 if a.store.already_committed {
-                    tracing::info!(event = "ingested", file = %r.name, already_committed = true, devices = 0, notifications = 0, duplicates = 0, ms, "file was committed before a restart; moved it");
+                    tracing::info!(
+                        event = "ingested",
+                        file = r.name.as_str(),
+                        already_committed = true,
+                        devices = 0,
+                        notifications = 0,
+                        duplicates = 0,
+                        ms,
+                        "file was committed before a restart; moved it"
+                    );
                     return;
                 }
                 m.files_ingested.inc();
@@ -909,7 +927,7 @@ impl Ingestor {
                         .collect();
                     tracing::warn!(
                         event = "ingested",
-                        file = %r.name,
+                        file = r.name.as_str(),
                         id,
                         ids,
                         app,
@@ -923,7 +941,7 @@ impl Ingestor {
                 } else {
                     tracing::info!(
                         event = "ingested",
-                        file = %r.name,
+                        file = r.name.as_str(),
                         id,
                         ids,
                         app,
@@ -942,7 +960,7 @@ impl Ingestor {
                 ..
             }) => {
                 self.stuck(r, &format!("rejected but cannot be moved: {e}"));
-                tracing::error!(event = "move_failed", file = %r.name, reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
+                tracing::error!(event = "move_failed", file = r.name.as_str(), reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
             }
             FileOutcome::Rejected(rej) => {
                 self.set_stuck(&r.path, false);
@@ -960,7 +978,7 @@ impl Ingestor {
                     rej.problems.iter().take(5).map(|p| p.to_string()).collect();
                 tracing::warn!(
                     event = "rejected",
-                    file = %r.name,
+                    file = r.name.as_str(),
                     reason = rej.reason.code(),
                     problems = rej.problems.len(),
                     reasons = %reasons.join("; "),
@@ -973,17 +991,17 @@ impl Ingestor {
                 );
             }
             FileOutcome::Failed(why) => {
-                tracing::error!(event = "ingest_failed", file = %r.name, error = %why, "the file is left in place (the daemon tries it again later)");
+                tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place (the daemon tries it again later)");
             }
             FileOutcome::InProgress(why) => {
-                tracing::debug!(event = "in_progress", file = %r.name, why = %why);
+                tracing::debug!(event = "in_progress", file = r.name.as_str(), why = %why);
             }
             FileOutcome::Ignored(why) => {
-                tracing::debug!(event = "ignored", file = %r.name, why = %why);
+                tracing::debug!(event = "ignored", file = r.name.as_str(), why = %why);
             }
             FileOutcome::Vanished => {
                 self.set_stuck(&r.path, false);
-                tracing::debug!(event = "vanished", file = %r.name);
+                tracing::debug!(event = "vanished", file = r.name.as_str());
             }
         }
     }
@@ -1084,11 +1102,16 @@ fn move_to_free_name(
 fn put_back(moved: &Path, inbox: &Path, fname: &std::ffi::OsStr, name: &str, why: &str) {
     match move_to_free_name(moved, inbox, fname) {
         Ok(Some(back)) => {
-            tracing::warn!(event = "replaced", file = %name, taken_as = %display_name(&back), "{why}; putting it back to be taken separately")
+            tracing::warn!(
+                event = "replaced",
+                file = name,
+                taken_as = display_name(&back).as_str(),
+                "{why}; putting it back to be taken separately"
+            )
         }
         Ok(None) => {}
         Err(e) => {
-            tracing::error!(event = "move_back_failed", file = %name, error = %e, dest = %moved.display(), "a file that was not ingested could not be put back into the inbox; drop it again")
+            tracing::error!(event = "move_back_failed", file = name, error = %e, dest = %moved.display(), "a file that was not ingested could not be put back into the inbox; drop it again")
         }
     }
 }

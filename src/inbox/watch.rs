@@ -576,7 +576,11 @@ impl Loop {
             };
             let ft = meta.file_type();
             if ft.is_dir() {
-                tracing::debug!(event = "ignored", file = %name.to_string_lossy(), "a directory");
+                tracing::debug!(
+                    event = "ignored",
+                    file = &*name.to_string_lossy(),
+                    "a directory"
+                );
                 self.ignored.insert(name.clone());
                 gone.push(name.clone());
                 continue;
@@ -603,7 +607,12 @@ impl Loop {
                     c.check_at = now + self.settle.max(Duration::from_secs(1));
                     if !c.warned && stable >= OPEN_WRITER_WARN {
                         c.warned = true;
-                        tracing::warn!(event = "open_for_writing", file = %name.to_string_lossy(), unchanged_s = stable.as_secs(), "a file in the inbox is still open for writing; it is taken once its writer closes it");
+                        tracing::warn!(
+                            event = "open_for_writing",
+                            file = &*name.to_string_lossy(),
+                            unchanged_s = stable.as_secs(),
+                            "a file in the inbox is still open for writing; it is taken once its writer closes it"
+                        );
                     }
                 } else if !ready_now {
                     let wait = self.settle.saturating_sub(age.max(stable));
