@@ -188,9 +188,14 @@ async fn slow_answers_time_out_as_retry_and_others_go_on() {
     assert_eq!(client.stats().connects, 1);
 }
 
-#[tokio::test]
-async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
-    // A server that accepts TCP and hangs up at once, counting attempts.
+/// A server that accepts TCP and hangs up at once, counting connection attempts, and a
+/// client of it (`request_timeout_ms = 200`). The simulator is only there for its credentials.
+async fn hang_up_server() -> (
+    ApnsClient,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+    SimEnv,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let attempts = Arc::new(AtomicUsize::new(0));
@@ -210,6 +215,12 @@ async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
         &env.token_app("app"),
     );
     let client = ApnsClient::new(&cfg).unwrap();
+    (client, attempts, server, env)
+}
+
+#[tokio::test]
+async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
+    let (client, attempts, server, _env) = hang_up_server().await;
     let started = std::time::Instant::now();
     let outcomes = within(60, async {
         let mut v = Vec::new();
@@ -237,25 +248,7 @@ async fn unreachable_host_is_retry_unsent_without_a_connect_storm() {
 /// otherwise keep failing on the old error, without a connect, long after APNs is back).
 #[tokio::test]
 async fn connect_by_cuts_the_pools_back_off_short() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let a = attempts.clone();
-    let server = tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            a.fetch_add(1, Ordering::SeqCst);
-            drop(s);
-        }
-    });
-    let env = start(SimOptions::default()).await;
-    let cfg = config_for(
-        &format!("https://{addr}"),
-        &env.creds.ca_file,
-        env.dir.path(),
-        "request_timeout_ms = 200",
-        &env.token_app("app"),
-    );
-    let client = ApnsClient::new(&cfg).unwrap();
+    let (client, attempts, server, _env) = hang_up_server().await;
     // Fail until the pool backs off for longer than a request may wait.
     within(60, async {
         let mut i = 0;
