@@ -198,17 +198,22 @@ impl ApnsClient {
         }
     }
 
+    /// The pool of an app and environment: a device's own environment picks the host.
+    fn pool(&self, app: &str, environment: Environment) -> Option<&Arc<Pool>> {
+        let pools = self.inner.pools.get(app)?;
+        Some(match environment {
+            Environment::Production => &pools[0],
+            Environment::Sandbox => &pools[1],
+        })
+    }
+
     /// The next connect of the app and environment's pool happens no later than `at`, even
     /// when its own back-off after failed connects runs longer. The sender's pause of an
     /// unreachable APNs decides when to try again; the pool's back-off is there against
     /// connect storms between such tries, and must not outlast them (the first try after the
     /// pause would otherwise fail on the old error without connecting).
     pub fn connect_by(&self, app: &str, environment: Environment, at: std::time::Instant) {
-        if let Some(pools) = self.inner.pools.get(app) {
-            let pool = match environment {
-                Environment::Production => &pools[0],
-                Environment::Sandbox => &pools[1],
-            };
+        if let Some(pool) = self.pool(app, environment) {
             pool.connect_by(at.into());
         }
     }
@@ -216,15 +221,11 @@ impl ApnsClient {
     /// Sends one push. Never panics; returns within about `request_timeout_ms` (plus the
     /// connect time when a connection must be opened first).
     pub async fn send(&self, req: &PushRequest) -> Outcome {
-        let Some(pools) = self.inner.pools.get(&req.app) else {
+        let Some(pool) = self.pool(&req.app, req.environment) else {
             return Outcome::Failed {
                 status: 0,
                 reason: format!("app {:?} is not configured", req.app),
             };
-        };
-        let pool = match req.environment {
-            Environment::Production => &pools[0],
-            Environment::Sandbox => &pools[1],
         };
         let outcome = send_on(pool, req).await;
         if !matches!(outcome, Outcome::Sent { .. }) {
