@@ -173,9 +173,9 @@ impl Guards {
     }
 
     /// A 200 for the app and environment: its credentials and config are fine.
-    /// Returns the kind of the pause this answer ended, if it ended one.
-    pub fn success(&self, app: &str, env: Environment) -> Option<String> {
-        let mut ended = None;
+    /// Returns whether this answer ended a pause.
+    pub fn success(&self, app: &str, env: Environment) -> bool {
+        let mut ended = false;
         if self.any_pause.load(Ordering::Acquire) {
             let key = (app.to_string(), env);
             if let Ok(mut pauses) = self.pauses.lock()
@@ -187,7 +187,7 @@ impl Guards {
                 }
                 set_paused_metric(app, env, &p.kind, 0);
                 info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
-                ended = Some(p.kind);
+                ended = true;
             }
         }
         if let Ok(mut w) = self.windows.lock() {

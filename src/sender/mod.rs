@@ -26,7 +26,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsClient, Outcome, PushRequest};
-use crate::config::Config;
+use crate::config::{Config, Environment};
 use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
@@ -605,15 +605,8 @@ impl Inner {
             Outcome::Sent { apns_id, .. } => {
                 // A pause `status` lists (credentials, a burst, an outage) is said to be over
                 // there too.
-                if self.guards.success(app, env).is_some() {
-                    let store = self.store.clone();
-                    let (app_s, msg) = (
-                        app.to_string(),
-                        format!("{env}: APNs accepts the app again"),
-                    );
-                    tokio::spawn(
-                        async move { store.note_event("resumed", Some(&app_s), &msg).await },
-                    );
+                if self.guards.success(app, env) {
+                    self.note("resumed", app, format!("{env}: APNs accepts the app again"));
                 }
                 // APNs echoes the id it was sent with; only a different one is worth writing.
                 Some(ResultKind::Sent {
@@ -646,21 +639,9 @@ impl Inner {
                                 }
                             })
                             .collect();
-                        let store = self.store.clone();
-                        let app_s = app.to_string();
+                        self.note_pause(app, env, format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."));
                         let results = results.clone();
-                        // Listed in `status` once per run of pauses, not at every re-pause.
-                        let note = self.guards.first_pause(app, env);
                         tokio::spawn(async move {
-                            if note {
-                                store
-                                    .note_event(
-                                        "paused",
-                                        Some(&app_s),
-                                        &format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."),
-                                    )
-                                    .await;
-                            }
                             for r in released {
                                 let _ = results.send(r).await;
                             }
@@ -696,18 +677,9 @@ impl Inner {
                     let wait = Duration::from_millis((until_ms - now_ms()).max(0) as u64);
                     self.client
                         .connect_by(app, env, std::time::Instant::now() + wait);
-                    // `status` lists the outage once (its `paused` list and recent errors),
-                    // until the first 200 notes its end.
-                    if self.guards.first_pause(app, env) {
-                        let store = self.store.clone();
-                        let (app_s, msg) = (
-                            app.to_string(),
-                            format!("{env}: APNs unreachable: {reason}"),
-                        );
-                        tokio::spawn(async move {
-                            store.note_event("paused", Some(&app_s), &msg).await
-                        });
-                    }
+                    // In `status` (its `paused` list and recent errors) until the first 200
+                    // notes its end.
+                    self.note_pause(app, env, format!("{env}: APNs unreachable: {reason}"));
                     warn!(
                         event = "apns_unreachable",
                         app,
@@ -744,13 +716,7 @@ impl Inner {
                         resume_in_ms = until_ms - now_ms(),
                         "{hint}"
                     );
-                    if self.guards.first_pause(app, env) {
-                        let store = self.store.clone();
-                        let (app_s, msg) = (app.to_string(), format!("{env}: {reason}"));
-                        tokio::spawn(async move {
-                            store.note_event("paused", Some(&app_s), &msg).await
-                        });
-                    }
+                    self.note_pause(app, env, format!("{env}: {reason}"));
                 }
                 Some(ResultKind::held_until(until_ms, status, reason))
             }
@@ -844,8 +810,21 @@ impl Inner {
             c.notification.ext_id,
             token_prefix(&c.device.token)
         );
+        self.note(state, app, message);
+    }
+
+    /// An event among `status`'s recent errors, written off the sending path.
+    fn note(&self, kind: &'static str, app: &str, message: String) {
         let (store, app) = (self.store.clone(), app.to_string());
-        tokio::spawn(async move { store.note_event(state, Some(&app), &message).await });
+        tokio::spawn(async move { store.note_event(kind, Some(&app), &message).await });
+    }
+
+    /// A pause for `status`: once per run of pauses (a re-pause after a failed try is the
+    /// same incident), until a `resumed` ends it.
+    fn note_pause(&self, app: &str, env: Environment, message: String) {
+        if self.guards.first_pause(app, env) {
+            self.note("paused", app, message);
+        }
     }
 
     /// One line per outcome (SPEC 4.4). Text fields go in as `&str`, not `%Display`: the
@@ -887,8 +866,9 @@ impl Inner {
                 })
                 .inc();
         } else if state == "retry" {
-            // Every `retry` line counts, a held answer (paused app, BadDeviceToken burst,
-            // APNs unreachable) as much as a back-off.
+            // Every `retry` line counts, an answer held by a pause (credentials, a
+            // BadDeviceToken burst) as much as a back-off. (A delivery held because APNs is
+            // unreachable was not sent: `send_one` gives it no line.)
             metrics::get()
                 .retries
                 .get_or_create(&ReasonLabel {
