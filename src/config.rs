@@ -911,8 +911,9 @@ fn check_secret_file(
     }
 }
 
-/// The same folder, by name or (for folders that exist) through a symlink.
-fn same_folder(a: &Path, b: &Path) -> bool {
+/// The same folder, by name or (for folders that exist) through a symlink. The config's
+/// check, and the inbox's again when it starts.
+pub(crate) fn same_folder(a: &Path, b: &Path) -> bool {
     a == b
         || matches!(
             (std::fs::canonicalize(a), std::fs::canonicalize(b)),
@@ -1130,23 +1131,30 @@ fn serde_problems(text: &str) -> SerdeFindings {
     }
 }
 
-/// A `key = { ... }` line without `field` in its inline table, if the line parses as such.
-fn without_inline_key(line: &str, field: &str) -> Option<String> {
+/// A `key = { ... }` line with its inline table changed by `edit`, if the line parses as such
+/// and `edit` succeeds.
+fn edit_inline_table(
+    line: &str,
+    edit: impl FnOnce(&mut toml_edit::InlineTable) -> Option<()>,
+) -> Option<String> {
     let mut doc: toml_edit::DocumentMut = line.parse().ok()?;
     let (_, item) = doc.iter_mut().next()?;
-    item.as_value_mut()?.as_inline_table_mut()?.remove(field)?;
+    edit(item.as_value_mut()?.as_inline_table_mut()?)?;
     Some(doc.to_string().trim_end().to_string())
+}
+
+/// A `key = { ... }` line without `field` in its inline table.
+fn without_inline_key(line: &str, field: &str) -> Option<String> {
+    edit_inline_table(line, |t| t.remove(field).map(drop))
 }
 
 /// A `key = { ... }` line with `field = value` added to its inline table.
 fn with_inline_key(line: &str, field: &str, value: &str) -> Option<String> {
-    let mut doc: toml_edit::DocumentMut = line.parse().ok()?;
     let value: toml_edit::Value = value.parse().ok()?;
-    let (_, item) = doc.iter_mut().next()?;
-    item.as_value_mut()?
-        .as_inline_table_mut()?
-        .insert(field, value);
-    Some(doc.to_string().trim_end().to_string())
+    edit_inline_table(line, |t| {
+        t.insert(field, value);
+        Some(())
+    })
 }
 
 /// The key of a `key = { ... }` line's inline table whose value holds byte `at` of the line.

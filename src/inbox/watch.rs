@@ -103,7 +103,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         ("processed_dir", cfg.processed_dir()),
         ("rejected_dir", cfg.rejected_dir()),
     ] {
-        if same_dir(dir, &inbox) {
+        if crate::config::same_folder(dir, &inbox) {
             return Err(InboxError::SameDir {
                 key,
                 path: dir.to_path_buf(),
@@ -205,16 +205,6 @@ fn watch_inbox(inbox: &Path, tx: &mpsc::Sender<Msg>) -> notify::Result<Recommend
 /// events the old watch no longer reports.
 fn dir_ident(p: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    if a == b {
-        return true;
-    }
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// Marks the inbox dead when its thread ends, even by panic.
