@@ -244,21 +244,36 @@ fn completes(kind: &EventKind) -> bool {
     )
 }
 
-/// Whether the event is a write to the file's data (`IN_MODIFY`): its writer has it open.
-fn writes(kind: &EventKind) -> bool {
-    matches!(kind, EventKind::Modify(ModifyKind::Data(_)))
+/// What kernel events said about a file's writer since the file was last closed or renamed
+/// in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// Nothing: settling decides (also polling, and after an event queue overflow).
+    Unknown,
+    /// Created and not closed since. While it is still empty its writer may not have
+    /// written yet; a hard link made into the inbox is created too, but not empty.
+    Created,
+    /// Written (`IN_MODIFY`) since its last close: its writer has it open.
+    Writing,
+}
+
+impl Writer {
+    /// Whether the file waits for its writer's close, however long it has been unchanged.
+    fn holds(self, size: u64) -> bool {
+        match self {
+            Writer::Unknown => false,
+            Writer::Created => size == 0,
+            Writer::Writing => true,
+        }
+    }
 }
 
 /// What the loop knows about a file in the inbox.
 struct Cand {
     /// Renamed in or closed after writing since the last look: take it at once.
     hinted: bool,
-    /// Written since its writer last closed it (kernel events only): wait for the close.
-    writing: bool,
-    /// Created (kernel event) and not closed since: while it is still empty, its writer
-    /// may not have written yet. (A hard link made into the inbox is created too, but is
-    /// not empty; and only an empty file waits for this.)
-    created: bool,
+    /// Its writer, as kernel events tell.
+    writer: Writer,
     /// The long wait for the writer's close was logged.
     warned: bool,
     /// (size, mtime_ns, ino) at the last look, and since when it has been so.
@@ -282,8 +297,7 @@ impl Cand {
     fn new(now: Instant) -> Cand {
         Cand {
             hinted: false,
-            writing: false,
-            created: false,
+            writer: Writer::Unknown,
             warned: false,
             seen: None,
             stable_since: now,
@@ -399,13 +413,15 @@ impl Loop {
             self.scan_requested = true;
             // Closes may be among the lost events: settling decides again.
             for c in self.cands.values_mut() {
-                c.writing = false;
-                c.created = false;
+                c.writer = Writer::Unknown;
             }
         }
         let complete = completes(&ev.kind);
-        let written = writes(&ev.kind);
-        let created = matches!(ev.kind, EventKind::Create(_));
+        let writer = match ev.kind {
+            EventKind::Create(_) => Some(Writer::Created),
+            EventKind::Modify(ModifyKind::Data(_)) => Some(Writer::Writing),
+            _ => None,
+        };
         for p in &ev.paths {
             if p == &self.inbox {
                 // The folder itself changed (moved, deleted, permissions): look again.
@@ -425,14 +441,13 @@ impl Loop {
                 .or_insert_with(|| Cand::new(now));
             if complete {
                 c.hinted = true;
-                c.writing = false;
-                c.created = false;
-            } else if created {
-                c.created = true;
-            } else if written {
-                // Open again after a close (or first written in place): not complete.
-                c.hinted = false;
-                c.writing = true;
+                c.writer = Writer::Unknown;
+            } else if let Some(w) = writer {
+                if w == Writer::Writing {
+                    // Written again after a close: not complete.
+                    c.hinted = false;
+                }
+                c.writer = w;
             }
             if c.failures == 0 {
                 c.check_at = now;
@@ -589,8 +604,7 @@ impl Loop {
                 }
                 let stable = now.duration_since(c.stable_since);
                 settled = age >= self.settle || stable >= self.settle;
-                let unwritten = c.created && meta.size() == 0;
-                ready_now = c.hinted || (settled && !c.writing && !unwritten);
+                ready_now = c.hinted || (settled && !c.writer.holds(meta.size()));
                 if !ready_now && settled {
                     // Settled, but its writer has it open: the close event wakes the loop;
                     // this look is only the safety net.
