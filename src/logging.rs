@@ -111,15 +111,13 @@ fn filter(level: &str) -> EnvFilter {
 
 /// Logs to stderr only: one-shot commands, whose stdout is their own output.
 pub fn init_stderr(level: &str) {
+    let ansi = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::registry()
         .with(
             fmt::layer()
                 .with_target(false)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(OneLine::new(
-                    std::io::stderr,
-                    std::io::stderr().is_terminal(),
-                )),
+                .with_ansi(ansi)
+                .with_writer(OneLine::new(std::io::stderr, ansi)),
         )
         .with(filter(level))
         .try_init();
@@ -159,15 +157,13 @@ fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGu
     let Some(dir) = &cfg.dir else {
         if stdout {
             // No files: stdout is the daemon's log, every line of it.
+            let ansi = std::io::stdout().is_terminal();
             let _ = tracing_subscriber::registry()
                 .with(
                     fmt::layer()
                         .with_target(false)
-                        .with_ansi(std::io::stdout().is_terminal())
-                        .with_writer(OneLine::new(
-                            std::io::stdout,
-                            std::io::stdout().is_terminal(),
-                        )),
+                        .with_ansi(ansi)
+                        .with_writer(OneLine::new(std::io::stdout, ansi)),
                 )
                 .with(filter(&cfg.level))
                 .try_init();
