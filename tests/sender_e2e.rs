@@ -256,8 +256,7 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
     assert_eq!((state, attempts), (2, 1));
     assert_eq!(reason.as_deref(), Some("DeviceTokenNotForTopic"));
     assert_eq!(w.sim.requests(), 2, "no retry");
-    let out = w.env.pushdrop(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = w.env.status_json();
     let errors = status["recent_errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0]["kind"], "failed");
@@ -327,8 +326,7 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     let daemon = w.env.start();
     w.wait_idle("sent after the restart");
     daemon.shutdown();
-    let out = w.env.pushdrop(&["status", "--json"]);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = w.env.status_json();
     assert_eq!(s["paused"], serde_json::json!([]), "{s}");
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
@@ -371,8 +369,7 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
         "an unreachable APNs costs no attempts"
     );
     // `status` shows how long the queue has waited, pauses and all.
-    let out = w.env.pushdrop(&["status", "--json"]);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = w.env.status_json();
     let age = s["oldest_queued_age_s"].as_f64().unwrap();
     assert!(
         age >= 3.0,
@@ -385,8 +382,7 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     // Once the requests gave up waiting for a connection, the app is paused: `status` lists
     // the outage once.
     let paused = || {
-        let out = w.env.pushdrop(&["status", "--json"]);
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let s = w.env.status_json();
         s["paused"].as_array().map_or(0, |p| p.len())
     };
     wait_for("the outage listed in status", || paused() == 1);
@@ -397,8 +393,7 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     let took = up.elapsed();
     daemon.shutdown();
     assert_eq!(w.accepted_by_token().len(), 200);
-    let out = w.env.pushdrop(&["status", "--json"]);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = w.env.status_json();
     assert_eq!(
         s["paused"],
         serde_json::json!([]),
@@ -512,8 +507,7 @@ fn expired_provider_token_spends_no_attempt() {
     assert_eq!((state, attempts), (1, 1), "sent, the refusals not counted");
     assert_eq!(w.sim.requests(), 3);
     // The pause is over, and status says so.
-    let out = w.env.pushdrop(&["status", "--json"]);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = w.env.status_json();
     assert_eq!(s["paused"], serde_json::json!([]), "{s}");
     let kinds: Vec<&str> = s["recent_errors"]
         .as_array()

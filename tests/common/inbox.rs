@@ -235,6 +235,13 @@ listen = ""
             .output()
             .expect("run pushdrop")
     }
+
+    /// `pushdrop status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.pushdrop(&["status", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
 }
 
 /// Polls `cond` until it holds; panics after 60 s (generous for a slow shared machine).
