@@ -203,6 +203,10 @@ pub fn parse_file(bytes: &[u8], kind: FileKind, cfg: &Config) -> Result<ParsedFi
 /// Records handed to [`parse_file_streaming`]'s sink at a time.
 pub const STREAM_CHUNK: usize = 2000;
 
+/// Records in the first chunk: the writer, which is slower than the parser, starts as soon
+/// as a few records are known to be valid instead of after a whole chunk's parse.
+pub const FIRST_STREAM_CHUNK: usize = 250;
+
 /// As [`parse_file`], but while no problem has been found, hands the valid records to `sink`
 /// in file order, [`STREAM_CHUNK`] at a time, as they are parsed (so that they can be
 /// written while the rest is parsed). On `Ok`, the returned [`ParsedFile`] holds the records
@@ -321,6 +325,8 @@ struct Acc<'t> {
     reason: RejectReason,
     /// Takes valid records early (see [`parse_file_streaming`]).
     sink: Option<&'t mut dyn FnMut(Vec<Record>)>,
+    /// Records the sink gets next time ([`FIRST_STREAM_CHUNK`], then [`STREAM_CHUNK`]).
+    chunk: usize,
 }
 
 impl<'t> Acc<'t> {
@@ -333,6 +339,7 @@ impl<'t> Acc<'t> {
             more_problems: 0,
             reason: RejectReason::Invalid,
             sink,
+            chunk: FIRST_STREAM_CHUNK,
         }
     }
 
@@ -374,7 +381,7 @@ impl<'t> Acc<'t> {
             Record::Notification(_) => self.parsed.notifications += 1,
         }
         self.parsed.records.push(r);
-        if self.parsed.records.len() >= STREAM_CHUNK
+        if self.parsed.records.len() >= self.chunk
             && self.problems.is_empty()
             && let Some(sink) = self.sink.as_mut()
         {
@@ -382,6 +389,7 @@ impl<'t> Acc<'t> {
                 &mut self.parsed.records,
                 Vec::with_capacity(STREAM_CHUNK),
             ));
+            self.chunk = STREAM_CHUNK;
         }
     }
 
@@ -1714,12 +1722,12 @@ mod tests {
         )
     }
 
-    /// The streaming parse hands over full chunks in file order while the file is clean, keeps
+    /// The streaming parse hands over a small first chunk, then full ones, in file order while the file is clean, keeps
     /// the rest for the caller, and stops handing over at the first problem (the caller must
     /// then throw away what it got: the file is rejected whole).
     #[test]
     fn streaming_hands_over_clean_chunks_in_order() {
-        let n = 2 * STREAM_CHUNK + 500;
+        let n = FIRST_STREAM_CHUNK + 2 * STREAM_CHUNK + 500;
         let lines: Vec<String> = (0..n).map(|i| notif(&format!(r#","id":"n{i}""#))).collect();
         let mut got: Vec<Vec<Record>> = Vec::new();
         let text = lines.join("\n") + "\n";
@@ -1729,7 +1737,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             got.iter().map(Vec::len).collect::<Vec<_>>(),
-            [STREAM_CHUNK, STREAM_CHUNK]
+            [FIRST_STREAM_CHUNK, STREAM_CHUNK, STREAM_CHUNK]
         );
         assert_eq!(p.records.len(), 500);
         assert_eq!(p.notifications, n);
@@ -1745,7 +1753,7 @@ mod tests {
         assert_eq!(ids, (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>());
 
         let mut bad = lines.clone();
-        bad[STREAM_CHUNK + 10] = notif(r#","priority":7"#);
+        bad[FIRST_STREAM_CHUNK + STREAM_CHUNK + 10] = notif(r#","priority":7"#);
         let text = bad.join("\n") + "\n";
         let mut got = 0;
         let r = parse_file_streaming(text.as_bytes(), FileKind::Jsonl, &one(), &mut |c| {
@@ -1753,11 +1761,15 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(
-            got, STREAM_CHUNK,
+            got,
+            FIRST_STREAM_CHUNK + STREAM_CHUNK,
             "nothing after the problem is handed over"
         );
         assert_eq!(r.problems.len(), 1, "{r}");
-        assert_eq!(r.problems[0].line, Some(STREAM_CHUNK + 11));
+        assert_eq!(
+            r.problems[0].line,
+            Some(FIRST_STREAM_CHUNK + STREAM_CHUNK + 11)
+        );
     }
 
     #[test]
