@@ -335,6 +335,32 @@ async fn simulator_checks_what_apple_checks() {
             c.request("POST", &path, &dup, body).await,
             (400, "DuplicateHeaders".into())
         );
+        // A second token, even a garbled one, is a repeated header like any other.
+        let mut dup = ok.clone();
+        dup.push(("authorization", "bearer x.y.z"));
+        assert_eq!(
+            c.request("POST", &path, &dup, body).await,
+            (400, "DuplicateHeaders".into())
+        );
+        // Without `apns-push-type`, the topic's suffix says the kind: a VoIP push may be
+        // 5120 bytes, and a plain topic is an alert's, which may not.
+        let voip_topic = format!("{BUNDLE}.voip");
+        let voip: Vec<(&str, &str)> = vec![("authorization", &jwt), ("apns-topic", &voip_topic)];
+        let big = format!(r#"{{"aps":{{}},"x":"{}"}}"#, "y".repeat(5000));
+        assert_eq!(
+            c.request("POST", &path, &voip, big.as_bytes()).await,
+            (200, String::new())
+        );
+        assert_eq!(
+            c.request("POST", &path, &ok, big.as_bytes()).await,
+            (413, "PayloadTooLarge".into())
+        );
+        // JSON whose string is not UTF-8 is not JSON.
+        assert_eq!(
+            c.request("POST", &path, &ok, b"{\"aps\":{},\"x\":\"\xff\"}")
+                .await,
+            (400, "BadPayload".into())
+        );
         let mut bad = ok.clone();
         bad.push(("apns-push-type", "fax"));
         assert_eq!(

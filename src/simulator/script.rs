@@ -122,6 +122,8 @@ impl SimScript {
         })?;
         let mut problems = Vec::new();
         let mut tokens = Vec::new();
+        // Tokens match in any case: two spellings of one token would script it twice.
+        let mut spelled: std::collections::HashMap<String, &str> = Default::default();
         for (token, entry) in &file.tokens {
             let line = Some(line_of_offset(text, entry.span().start));
             let mut bad = |field: &str, message: String| {
@@ -136,6 +138,7 @@ impl SimScript {
                 })
             };
             // The rule drop files follow, so a token pushdrop accepts can be scripted.
+            let token_text = token;
             let token = match crate::inbox::parse::check_token(token) {
                 Ok(t) => t,
                 Err(why) => {
@@ -143,6 +146,13 @@ impl SimScript {
                     continue;
                 }
             };
+            if let Some(first) = spelled.insert(token.clone(), token_text) {
+                bad(
+                    "",
+                    format!("the same token as \"{first}\" (tokens match in any case)"),
+                );
+                continue;
+            }
             match entry_script(entry.get_ref(), now_ms) {
                 Ok(s) => tokens.push((token, s)),
                 Err((field, why)) => bad(field, why),
@@ -220,7 +230,19 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
                 format!("{r:?} is not a reason such as \"BadDeviceToken\" (letters and digits)"),
             ));
         }
-        (Some(r), _) => r.clone(),
+        (Some(r), _) => match apple_reasons(status) {
+            // A typo would otherwise be answered as if Apple said it.
+            Some(known) if !known.contains(&r.as_str()) => {
+                return Err((
+                    "reason",
+                    format!(
+                        "{r:?} is not one of Apple's reasons for a {status}: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            _ => r.clone(),
+        },
         (None, Some(r)) => r.to_string(),
         (None, None) => {
             return Err((
@@ -258,6 +280,47 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
         Some(n) => TokenScript::FailFirst { n, status, reason },
         None if status == 400 && reason == "BadDeviceToken" => TokenScript::BadDeviceToken,
         None => TokenScript::Reason { status, reason },
+    })
+}
+
+/// Apple's documented reasons for a status; `None` for the statuses Apple documents none for
+/// (a script may give those any reason, say for a proxy's 502).
+fn apple_reasons(status: u16) -> Option<&'static [&'static str]> {
+    Some(match status {
+        400 => &[
+            "BadCollapseId",
+            "BadDeviceToken",
+            "BadExpirationDate",
+            "BadMessageId",
+            "BadPriority",
+            "BadTopic",
+            "DeviceTokenNotForTopic",
+            "DuplicateHeaders",
+            "IdleTimeout",
+            "InvalidPushType",
+            "MissingDeviceToken",
+            "MissingTopic",
+            "PayloadEmpty",
+            "TopicDisallowed",
+        ],
+        403 => &[
+            "BadCertificate",
+            "BadCertificateEnvironment",
+            "BadEnvironmentKeyInToken",
+            "ExpiredProviderToken",
+            "Forbidden",
+            "InvalidProviderToken",
+            "MissingProviderToken",
+            "UnrelatedKeyIdInToken",
+        ],
+        404 => &["BadPath"],
+        405 => &["MethodNotAllowed"],
+        410 => &["ExpiredToken", "Unregistered"],
+        413 => &["PayloadTooLarge"],
+        429 => &["TooManyProviderTokenUpdates", "TooManyRequests"],
+        500 => &["InternalServerError"],
+        503 => &["ServiceUnavailable", "Shutdown"],
+        _ => return None,
     })
 }
 
@@ -409,6 +472,56 @@ mod tests {
         );
         assert!(got.contains(&(Some(1), "drop_after")), "{problems:?}");
         assert_eq!(problems.len(), 7, "{problems:?}");
+    }
+
+    /// A reason is checked against Apple's list for its status (a typo would otherwise be
+    /// answered as Apple's word); a status Apple documents no reason for takes any.
+    #[test]
+    fn a_reason_must_be_apples_for_its_status() {
+        let text = format!(
+            "[tokens]\n\
+             \"{T1}\" = {{ status = 400, reason = \"DeviceTokenNotForTpoic\" }}\n\
+             \"{T2}\" = {{ status = 400, reason = \"Unregistered\" }}\n\
+             \"{}\" = {{ status = 503, reason = \"Shutdown\" }}\n\
+             \"{}\" = {{ status = 502, reason = \"BadGateway\" }}\n",
+            "11".repeat(16),
+            "22".repeat(16),
+        );
+        let problems = parse(&text).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> =
+            problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(3), format!("tokens.\"{T2}\".reason").as_str()),
+                (Some(2), format!("tokens.\"{T1}\".reason").as_str()),
+            ],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].message.contains("DeviceTokenNotForTopic"),
+            "lists Apple's: {problems:?}"
+        );
+        let ok = parse(&format!(
+            "[tokens]\n\"{T2}\" = {{ status = 503, reason = \"Shutdown\" }}\n\
+             \"{T1}\" = {{ status = 502, reason = \"BadGateway\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.tokens.len(), 2);
+    }
+
+    #[test]
+    fn one_token_in_two_spellings_is_a_problem() {
+        let upper = T2.to_uppercase();
+        let problems = parse(&format!(
+            "[tokens]\n\"{T2}\" = {{ status = 400 }}\n\"{upper}\" = {{ status = 410 }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].message.contains("tokens match in any case"),
+            "{problems:?}"
+        );
     }
 
     #[test]

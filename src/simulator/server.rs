@@ -152,6 +152,9 @@ async fn serve_connection(
     let mut streams: u32 = 0;
     // Streams whose answers are still being made.
     let answering = Arc::new(AtomicUsize::new(0));
+    // Streams that came after `drop_after`'s last: held unanswered until the connection is
+    // gone, so that not even a stream reset is sent for them.
+    let mut unanswered = Vec::new();
     loop {
         let next = tokio::select! {
             n = h2.accept() => n,
@@ -167,23 +170,39 @@ async fn serve_connection(
                 streams += 1;
                 if drop_after.is_some_and(|n| streams > n) {
                     // Abrupt, like goaway_after counted: the N streams carried are answered,
-                    // then the socket closes without a word, this stream and any later one
-                    // unanswered.
+                    // then the socket closes without a word (no GOAWAY, no stream reset),
+                    // this stream and any later one unanswered.
                     shared.requests.fetch_add(1, Ordering::Relaxed);
-                    drop((request, respond));
+                    unanswered.push((request, respond));
                     let until = tokio::time::Instant::now() + Duration::from_secs(10);
                     while answering.load(Ordering::Acquire) > 0 {
                         tokio::select! {
                             // Driving the connection sends the answers; late streams are
-                            // dropped unanswered.
-                            n = h2.accept() => if !matches!(n, Some(Ok(_))) { break },
+                            // held unanswered.
+                            n = h2.accept() => match n {
+                                Some(Ok(late)) => unanswered.push(late),
+                                _ => break,
+                            },
                             _ = tokio::time::sleep(Duration::from_millis(1)) => {}
                             _ = tokio::time::sleep_until(until) => break,
                             _ = stop.changed() => return,
                         }
                     }
                     tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
+                    // The connection (and its socket) first: a stream handle dropped while
+                    // the connection lives would have it send a reset.
+                    drop(h2);
+                    drop(unanswered);
                     return;
+                }
+                if goaway_after.is_some_and(|n| streams > n) {
+                    // Sent before the client saw the GOAWAY: not processed, and said so, as
+                    // a server that shuts a connection down does, so that the client sends
+                    // it again on a new connection.
+                    shared.requests.fetch_add(1, Ordering::Relaxed);
+                    let (_, mut respond) = (request, respond);
+                    respond.send_reset(Reason::REFUSED_STREAM);
+                    continue;
                 }
                 answering.fetch_add(1, Ordering::AcqRel);
                 let done = answering.clone();
@@ -383,16 +402,23 @@ fn check(
     let key_id = check_auth(shared, conn, headers)?;
     conn.authorised.store(true, Ordering::Release);
 
-    let push_type = match header(headers, "apns-push-type", "InvalidPushType")? {
-        None => PushType::Alert,
-        Some(s) => PushType::parse(s).ok_or_else(|| reject(400, "InvalidPushType"))?,
-    };
+    let push_type = header(headers, "apns-push-type", "InvalidPushType")?
+        .map(|s| PushType::parse(s).ok_or_else(|| reject(400, "InvalidPushType")))
+        .transpose()?;
     let topic = match header(headers, "apns-topic", "BadTopic")? {
         Some(t) if !t.is_empty() => t.to_string(),
         // A certificate names its topic; a token does not.
         _ if conn.client_cert => shared.bundle_ids.first().cloned().unwrap_or_default(),
         _ => return Err(reject(400, "MissingTopic")),
     };
+    // Apple requires `apns-push-type` on watchOS only and recommends it elsewhere: without
+    // it, the topic's suffix says the kind (`.voip` is a VoIP push), else it is an alert.
+    let push_type = push_type.unwrap_or_else(|| {
+        PushType::ALL
+            .into_iter()
+            .find(|p| !p.topic_suffix().is_empty() && topic.ends_with(p.topic_suffix()))
+            .unwrap_or(PushType::Alert)
+    });
     if push_type != PushType::Mdm && !topic.is_empty() {
         let suffix = push_type.topic_suffix();
         let base = if suffix.is_empty() {
@@ -456,6 +482,8 @@ fn check(
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|&b| b == b'{')
+        // Checked apart: skipping over a string does not check its UTF-8.
+        && std::str::from_utf8(payload).is_ok()
         && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
     if !json_object {
         // Apple documents no reason for a malformed payload; this one says what is wrong.
@@ -495,7 +523,7 @@ fn check_auth(
     if conn.client_cert {
         return Ok(None);
     }
-    let value = match headers.get(http::header::AUTHORIZATION) {
+    let value = match single_header(headers, http::header::AUTHORIZATION.as_str())? {
         None => return Err(reject(403, "MissingProviderToken")),
         Some(v) => v,
     };
