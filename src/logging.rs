@@ -134,9 +134,37 @@ pub enum JsonFormatter {
     TracingSubscriber,
 }
 
+/// Where a process's log lines go besides the files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Console {
+    /// The daemon: stdout is its log.
+    Stdout,
+    /// One-shot commands: stdout is their own output.
+    Stderr,
+    /// `demo`: stdout is its report, and its lines are in the files.
+    Off,
+}
+
 /// Logs to stdout and, with `[log] dir` set, to rotating files there.
 pub fn init(cfg: &LogConfig) -> Result<LogGuard, LogError> {
-    init_with(cfg, true, JsonFormatter::JsonLines)
+    init_with(cfg, Console::Stdout, JsonFormatter::JsonLines)
+}
+
+/// Logs to stderr and, with `[log] dir` set, to the rotating files: for one-shot commands
+/// that change what the daemon holds (`ingest`, `retry`, `purge`). An operator following the
+/// log sees their files and requeues beside the daemon's own lines (SPEC 4.4: every ingest
+/// is a line in the rotating log). Where the files cannot be opened (a log folder this user
+/// may not write), stderr alone, with a warning: the command's work matters more than its
+/// log line.
+pub fn init_one_shot(cfg: &LogConfig) -> Option<LogGuard> {
+    match init_with(cfg, Console::Stderr, JsonFormatter::JsonLines) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            init_stderr(&cfg.level);
+            tracing::warn!(error = %e, "this command's lines go to stderr only");
+            None
+        }
+    }
 }
 
 /// As [`init`], with the given JSON formatter: lets the `log_line` benchmark compare both
@@ -145,17 +173,20 @@ pub fn init_with_json_formatter(
     cfg: &LogConfig,
     json: JsonFormatter,
 ) -> Result<LogGuard, LogError> {
-    init_with(cfg, true, json)
+    init_with(cfg, Console::Stdout, json)
 }
 
 /// Logs to the rotating files only (for `pushdrop demo`, whose stdout is its report).
 pub fn init_files_only(cfg: &LogConfig) -> Result<LogGuard, LogError> {
-    init_with(cfg, false, JsonFormatter::JsonLines)
+    init_with(cfg, Console::Off, JsonFormatter::JsonLines)
 }
 
-fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGuard, LogError> {
+fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<LogGuard, LogError> {
     let Some(dir) = &cfg.dir else {
-        if stdout {
+        if console == Console::Stderr {
+            init_stderr(&cfg.level);
+        }
+        if console == Console::Stdout {
             // No files: stdout is the daemon's log, every line of it.
             let ansi = std::io::stdout().is_terminal();
             let _ = tracing_subscriber::registry()
@@ -219,7 +250,7 @@ fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGu
     };
     // stdout off the sending threads too (a line per delivery); colours only on a terminal.
     // Lossy: a stdout nobody reads must not stall the daemon; the files have every line.
-    let (stdout_layer, stdout_guard) = if stdout {
+    let (stdout_layer, stdout_guard) = if console == Console::Stdout {
         let ansi = std::io::stdout().is_terminal();
         let (w, g) = NonBlockingBuilder::default()
             .thread_name("pushdrop-stdout")
@@ -240,8 +271,17 @@ fn init_with(cfg: &LogConfig, stdout: bool, json: JsonFormatter) -> Result<LogGu
     } else {
         (None, None)
     };
+    // A one-shot command's few lines: written at once, in order with what it prints.
+    let stderr_layer = (console == Console::Stderr).then(|| {
+        let ansi = std::io::stderr().is_terminal();
+        fmt::layer()
+            .with_target(false)
+            .with_ansi(ansi)
+            .with_writer(OneLine::new(std::io::stderr, ansi))
+    });
     let _ = tracing_subscriber::registry()
         .with(stdout_layer)
+        .with(stderr_layer)
         .with(file_layer)
         .with(filter(&cfg.level))
         .try_init();

@@ -192,6 +192,53 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
     );
 }
 
+/// SPEC 4.4: every ingest is a line in the rotating log, also one made by `pushdrop ingest`
+/// while (or without) the daemon runs; so are `retry` and `purge`.
+#[test]
+fn one_shot_commands_write_their_lines_to_the_rotating_log() {
+    let env = Env::new();
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let text = text.replace(
+        "[log]\n",
+        "[log]\ndir = \"../var/log\"\nformat = \"json\"\n",
+    );
+    let text = text.replace("format = \"text\"\n", "");
+    std::fs::write(&env.config_path, text).unwrap();
+    let staging = env.dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let mut args = vec!["ingest".to_string()];
+    for f in examples() {
+        let dest = staging.join(f.file_name().unwrap());
+        std::fs::copy(&f, &dest).unwrap();
+        args.push(dest.to_str().unwrap().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.pushdrop(&args);
+    assert_eq!(out.status.code(), Some(1), "broken.json is rejected");
+    for cmd in [&["retry", "--failed"][..], &["purge"][..]] {
+        let out = env.pushdrop(cmd);
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}");
+    }
+    let log_dir = env.dir.path().join("var/log");
+    let mut lines = String::new();
+    for e in std::fs::read_dir(&log_dir).unwrap() {
+        lines.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+    }
+    let events: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let with = |event: &str, file: &str| {
+        events
+            .iter()
+            .any(|e| e["event"] == event && (file.is_empty() || e["file"] == file))
+    };
+    assert!(with("ingested", "devices.jsonl"), "{lines}");
+    assert!(with("rejected", "broken.json"), "{lines}");
+    assert!(with("requeued", ""), "{lines}");
+    assert!(with("purged", ""), "{lines}");
+}
+
 #[test]
 fn the_daemon_takes_the_examples() {
     let env = Env::new();

@@ -215,6 +215,7 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
 /// `pushdrop retry ID | --failed`.
 pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
+    let _log = crate::logging::init_one_shot(&cfg.log);
     let store = Store::open(&cfg.store.path, false)?;
     let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
         // A mistyped id, or one two apps use, is an error, as for `show`.
@@ -228,18 +229,34 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         Some(id) => println!("requeued {n} failed deliveries of {id}"),
         None => println!("requeued {n} failed deliveries"),
     }
+    tracing::info!(
+        event = "requeued",
+        id = id.unwrap_or(""),
+        app = app.unwrap_or(""),
+        deliveries = n,
+        "failed deliveries requeued by `pushdrop retry`"
+    );
     Ok(0)
 }
 
 /// `pushdrop purge`.
 pub fn purge(config: &Path) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
+    let _log = crate::logging::init_one_shot(&cfg.log);
     let store = Store::open(&cfg.store.path, false)?;
     let cutoff = crate::model::now_ms() - cfg.store.keep_finished_ms();
     let c = store.purge_blocking(cutoff)?;
     println!(
         "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {} days",
         c.deliveries, c.notifications, c.devices, c.committed_files, cfg.store.keep_finished_days
+    );
+    tracing::info!(
+        event = "purged",
+        deliveries = c.deliveries,
+        notifications = c.notifications,
+        devices = c.devices,
+        committed_files = c.committed_files,
+        "purged by `pushdrop purge`"
     );
     Ok(0)
 }
