@@ -828,7 +828,25 @@ impl Config {
 
         // [receipts], [log]
         if let Some(d) = &self.receipts.dir {
-            self.receipts.dir = Some(abs(d));
+            let d = abs(d);
+            // A receipt is a `.json` file: in the inbox it would be taken as a drop file (and
+            // rejected), and in processed_dir or rejected_dir swept with the files there.
+            let inbox = &self.inbox;
+            for (name, dir) in [
+                ("the inbox folder", Some(&inbox.dir)),
+                ("processed_dir", inbox.processed_dir.as_ref()),
+                ("rejected_dir", inbox.rejected_dir.as_ref()),
+            ] {
+                if dir.is_some_and(|dir| same_folder(&d, dir)) {
+                    bad(
+                        "receipts.dir",
+                        format!(
+                            "must not be {name}: receipts are .json files, which would be taken or swept as drop files"
+                        ),
+                    );
+                }
+            }
+            self.receipts.dir = Some(d);
         }
         if let Some(d) = &self.log.dir {
             self.log.dir = Some(abs(d));
@@ -1469,6 +1487,24 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             err.problems[0].message.contains("inbox folder itself"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_receipts_dir_among_the_inbox_folders_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (receipts, named) in [
+            ("inbox", "the inbox folder"),
+            ("inbox/processed", "processed_dir"),
+            ("inbox/rejected", "rejected_dir"),
+        ] {
+            let text = format!("{GOOD}\n[receipts]\ndir = \"{receipts}\"\n");
+            let err = load_in(dir.path(), &text).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{err}");
+            assert_eq!(err.problems[0].key, "receipts.dir", "{err}");
+            assert!(err.problems[0].message.contains(named), "{err}");
+        }
+        let text = format!("{GOOD}\n[receipts]\ndir = \"receipts\"\n");
+        assert!(load_in(dir.path(), &text).is_ok());
     }
 
     #[test]
