@@ -1271,6 +1271,80 @@ fn a_handed_off_delivery_to_a_device_invalidated_meanwhile_is_not_sent() {
     );
 }
 
+fn unregister(i: u32) -> Record {
+    Record::Device(DeviceRecord {
+        app: "a".into(),
+        token: tok(i),
+        user: None,
+        environment: Environment::Production,
+        action: DeviceAction::Unregister,
+    })
+}
+
+/// A device record that unregisters a device ends the deliveries queued for it before, also
+/// those handed to the sender and waiting: `failed`, unsent (the user signed out; an operator
+/// can stop sends to a dead token). A notification naming the token after that is sent.
+#[test]
+fn deliveries_queued_for_a_device_unregistered_since_are_not_sent() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(Some("before"), Target::Tokens(vec![tok(1)])),
+                notification(Some("other"), Target::Tokens(vec![tok(2)])),
+            ],
+        )])
+        .unwrap();
+    // Later than the notifications' creation, at millisecond resolution.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    store
+        .ingest(vec![file("gone.jsonl", vec![unregister(1)])])
+        .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let now = crate::model::now_ms() + 1;
+        let claim = store.claim_due(now, 10).await.unwrap();
+        let tokens: Vec<&str> = claim
+            .deliveries
+            .iter()
+            .map(|c| c.device.token.as_str())
+            .collect();
+        assert_eq!(tokens, vec![tok(2)], "nothing for the unregistered device");
+        let ended: Vec<(&str, DeliveryState, &str)> = claim
+            .ended
+            .iter()
+            .map(|e| {
+                (
+                    e.delivery.notification.ext_id.as_str(),
+                    e.state,
+                    e.reason.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ended,
+            vec![("before", DeliveryState::Failed, writer::UNREGISTERED_UNSENT)]
+        );
+    });
+    assert_eq!(
+        delivery_state(&store, "before"),
+        DeliveryState::Failed as i64
+    );
+    store
+        .ingest(vec![file(
+            "again.jsonl",
+            vec![notification(Some("after"), Target::Tokens(vec![tok(1)]))],
+        )])
+        .unwrap();
+    let claimed = rt
+        .block_on(store.claim_due(crate::model::now_ms() + 1, 10))
+        .unwrap()
+        .deliveries;
+    assert_eq!(claimed.len(), 1, "named since the unregistration: sent");
+    assert_eq!(claimed[0].notification.ext_id, "after");
+}
+
 /// A device registered in the same commit as a notification naming it, after that
 /// notification: its delivery goes out to the environment the registration gave it.
 #[test]

@@ -130,6 +130,9 @@ pub struct EndedDelivery {
 
 /// Why a claim ends a delivery whose expiration passed.
 const EXPIRED_UNSENT: &str = "expired before it could be sent";
+/// The reason of a queued delivery whose device a device record unregistered after the
+/// notification was made: the user signed out, the app was removed; it is not sent.
+pub(super) const UNREGISTERED_UNSENT: &str = "device unregistered before it could be sent";
 
 /// What happened to a claimed delivery.
 #[derive(Debug, Clone)]
@@ -218,9 +221,9 @@ struct HandOffQueue {
     /// At most this many wait ([`HANDOFF_MAX`], or 0 in a store no sender claims from).
     max: usize,
     deliveries: std::collections::VecDeque<HandedOff>,
-    /// Devices invalidated while deliveries wait here: a hand-off to one of them is given
-    /// back to the queue, where the claim ends it as `invalid_token` unsent.
-    invalidated: HashSet<i64>,
+    /// Devices invalidated or unregistered while deliveries wait here: a hand-off to one of
+    /// them is given back to the queue, where the claim ends it unsent.
+    gone: HashSet<i64>,
     /// The earliest due time of a delivery that went back to the queue while deliveries
     /// wait here: once it is due, claims walk the queue before taking hand-offs, so a retry
     /// does not wait behind a big file.
@@ -240,10 +243,10 @@ impl HandOffQueue {
         }
     }
 
-    /// A device was invalidated.
-    fn invalidated(&mut self, device_id: i64) {
+    /// A device was invalidated or unregistered.
+    fn device_gone(&mut self, device_id: i64) {
         if !self.deliveries.is_empty() {
-            self.invalidated.insert(device_id);
+            self.gone.insert(device_id);
         }
     }
 
@@ -253,7 +256,7 @@ impl HandOffQueue {
     }
 
     /// Takes deliveries into `out` until it holds `limit`. One that expired meanwhile, or
-    /// whose device was invalidated since, goes back to the queue (out of `in_flight`), where
+    /// whose device was invalidated or unregistered since, goes back to the queue (out of `in_flight`), where
     /// the claim's walk ends it as a claim of it would have.
     fn take(
         &mut self,
@@ -271,7 +274,7 @@ impl HandOffQueue {
             let d = h.delivery;
             let info = &d.notification;
             if info.expiration.is_some_and(|e| e > 0 && e * 1000 <= now)
-                || self.invalidated.contains(&d.device.id)
+                || self.gone.contains(&d.device.id)
             {
                 in_flight.remove(&d.delivery_id);
                 continue;
@@ -285,7 +288,7 @@ impl HandOffQueue {
             out.push(d);
         }
         if self.deliveries.is_empty() {
-            self.invalidated.clear();
+            self.gone.clear();
             self.queued_behind = None;
         }
     }
@@ -567,13 +570,17 @@ impl Writer {
         // A registration in the same transaction may have changed a device after its
         // delivery was handed over (its environment): those go through the claim, which reads
         // the device as it is now.
-        if h.registered {
-            return;
+        if !h.registered {
+            for d in h.deliveries {
+                self.in_flight
+                    .insert(d.delivery.delivery_id, d.notification_id);
+                self.handoff.deliveries.push_back(d);
+            }
         }
-        for d in h.deliveries {
-            self.in_flight
-                .insert(d.delivery.delivery_id, d.notification_id);
-            self.handoff.deliveries.push_back(d);
+        // Waiting hand-offs to a device unregistered since go back to the queue, whose claim
+        // ends them unsent.
+        for device_id in h.unregistered {
+            self.handoff.device_gone(device_id);
         }
     }
 
@@ -773,6 +780,7 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut expired = Vec::new();
         let mut invalid = Vec::new();
+        let mut unregistered = Vec::new();
         // Walk the queue from the cursor; if that comes back short and did not start at the
         // beginning, walk once more from the beginning: a delivery can become due behind the
         // cursor (a clock step backwards, a requeue by another process).
@@ -788,7 +796,7 @@ impl Writer {
                 "SELECT d.id, d.notification_id, d.attempts, d.apns_id, d.due_at,
                         v.id, v.token, v.environment, v.invalidated_at, v.invalid_reason,
                         n.app, n.ext_id, n.payload, n.push_type, n.priority, n.topic,
-                        n.collapse_id, n.expiration
+                        n.collapse_id, n.expiration, v.unregistered_at, n.created_at
                  FROM deliveries d
                  JOIN devices v ON v.id = d.device_id
                  JOIN notifications n ON n.id = d.notification_id
@@ -868,12 +876,27 @@ impl Writer {
                         state: DeliveryState::InvalidToken,
                         reason: why,
                     });
+                } else if r
+                    .get::<_, Option<i64>>(18)?
+                    .is_some_and(|at| at >= r.get::<_, i64>(19).unwrap_or(i64::MAX))
+                {
+                    // Unregistered after the notification was made (a later notification
+                    // naming the token itself is sent: the dropper asked for it since).
+                    ending.insert(did);
+                    unregistered.push(did);
+                    claim.ended.push(EndedDelivery {
+                        delivery,
+                        state: DeliveryState::Failed,
+                        reason: UNREGISTERED_UNSENT.into(),
+                    });
                 } else {
                     self.in_flight.insert(did, nid);
                     taken.push(did);
                     claim.deliveries.push(delivery);
                 }
-                if claim.deliveries.len() + expired.len() + invalid.len() >= limit {
+                if claim.deliveries.len() + expired.len() + invalid.len() + unregistered.len()
+                    >= limit
+                {
                     full = true;
                     break;
                 }
@@ -892,7 +915,7 @@ impl Writer {
                 // Everything due in the queue is claimed.
                 self.handoff.queued_behind = None;
             }
-            let room = limit.saturating_sub(expired.len() + invalid.len());
+            let room = limit.saturating_sub(expired.len() + invalid.len() + unregistered.len());
             self.handoff.take(
                 now,
                 room,
@@ -921,6 +944,17 @@ impl Writer {
                 (DeliveryState::InvalidToken, false),
                 None,
                 Some(&why),
+                now,
+                &mut finals,
+            )?;
+        }
+        for did in unregistered {
+            finish(
+                &tx,
+                did,
+                (DeliveryState::Failed, false),
+                None,
+                Some(UNREGISTERED_UNSENT),
                 now,
                 &mut finals,
             )?;
@@ -1098,7 +1132,7 @@ impl Writer {
                         continue;
                     };
                     finals.add(Some(nid));
-                    self.handoff.invalidated(device_id);
+                    self.handoff.device_gone(device_id);
                     // A registration after Apple's timestamp wins: the app got a fresh token
                     // report for this device since, so it is alive.
                     tx.prepare_cached(
@@ -1541,6 +1575,8 @@ struct HandOffs {
     room: usize,
     /// A device record registered a device in the transaction.
     registered: bool,
+    /// Devices device records unregistered in the transaction.
+    unregistered: Vec<i64>,
 }
 
 impl HandOffs {
@@ -1566,6 +1602,7 @@ impl HandOffs {
             deliveries: Vec::new(),
             room,
             registered: false,
+            unregistered: Vec::new(),
         }
     }
 
@@ -1573,6 +1610,7 @@ impl HandOffs {
     fn absorb(&mut self, other: HandOffs) {
         self.room = other.room;
         self.registered |= other.registered;
+        self.unregistered.extend(other.unregistered);
         self.deliveries.extend(other.deliveries);
     }
 }
@@ -1777,11 +1815,14 @@ impl<'t> FileWriter<'t> {
                 self.handoff.registered = true;
             }
             DeviceAction::Unregister => {
-                tx.prepare_cached(
-                    "UPDATE devices SET unregistered_at = ?3, active = 0, updated_at = ?3
-                     WHERE app = ?1 AND token = ?2",
-                )?
-                .execute(params![d.app, d.token, now])?;
+                let id: Option<i64> = tx
+                    .prepare_cached(
+                        "UPDATE devices SET unregistered_at = ?3, active = 0, updated_at = ?3
+                         WHERE app = ?1 AND token = ?2 RETURNING id",
+                    )?
+                    .query_row(params![d.app, d.token, now], |r| r.get(0))
+                    .optional()?;
+                self.handoff.unregistered.extend(id);
                 self.out.devices_unregistered += 1;
             }
         }
