@@ -1271,6 +1271,62 @@ fn a_handed_off_delivery_to_a_device_invalidated_meanwhile_is_not_sent() {
     );
 }
 
+/// A fan-out that finds no active device for a listed user, or none at all for a broadcast,
+/// says so (a log line and an `unreached` event in `status`): a misspelt user id does not
+/// pass unseen.
+#[test]
+fn a_fan_out_that_reaches_nobody_says_so() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![file("d.jsonl", vec![device("a", 1, Some("alice"))])])
+        .unwrap();
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                notification(
+                    Some("users"),
+                    Target::Users(vec!["alice".into(), "ghost".into()]),
+                ),
+                notification(Some("known"), Target::Users(vec!["alice".into()])),
+            ],
+        )])
+        .unwrap();
+    let events = |store: &Store| -> Vec<String> {
+        query::Reader::open(store.path())
+            .unwrap()
+            .conn()
+            .prepare("SELECT message FROM events WHERE kind = 'unreached' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let rt = rt();
+    let now = crate::model::now_ms() + 1;
+    assert_eq!(rt.block_on(store.fan_out_due(now, 1000)).unwrap().0, 2);
+    let said = events(&store);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("notification users") && said[0].contains("user ghost"),
+        "{said:?}"
+    );
+    // An app with no active device at all: a broadcast reaches nobody.
+    let (_dir2, empty) = open();
+    empty
+        .ingest(vec![file(
+            "b.json",
+            vec![notification(Some("b"), Target::All)],
+        )])
+        .unwrap();
+    let now = crate::model::now_ms() + 1;
+    assert_eq!(rt.block_on(empty.fan_out_due(now, 1000)).unwrap().0, 0);
+    let said = events(&empty);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("no active device"), "{said:?}");
+}
+
 fn unregister(i: u32) -> Record {
     Record::Device(DeviceRecord {
         app: "a".into(),

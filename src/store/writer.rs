@@ -668,6 +668,9 @@ impl Writer {
         let mut made = 0usize;
         let mut finished = Vec::new();
         for (id, app, kind, target, send_at, mut cursor) in due {
+            // Deliveries this notification's fan-out made, chunks before this call included
+            // (a broadcast resumes at its cursor, which is past devices it reached).
+            let mut reached = cursor > 0;
             loop {
                 if made >= max_rows {
                     return Ok((made, finished));
@@ -689,6 +692,19 @@ impl Writer {
                                AND user IN (SELECT value FROM json_each(?5))"
                         ))?;
                         let n = st.execute(params![id, due_at, ts, app, target])?;
+                        // Users without an active device: a misspelt user id must not pass
+                        // unseen (a receipt of zeros says little about why).
+                        let nobody: Vec<String> = tx
+                            .prepare_cached(
+                                "SELECT value FROM json_each(?2) WHERE value NOT IN
+                                   (SELECT user FROM devices
+                                    WHERE app = ?1 AND active = 1 AND user IS NOT NULL)",
+                            )?
+                            .query_map(params![app, target], |r| r.get(0))?
+                            .collect::<Result<_, _>>()?;
+                        if !nobody.is_empty() {
+                            unreached(&tx, id, &app, &nobody, ts)?;
+                        }
                         (n, None)
                     }
                     _ => {
@@ -713,6 +729,10 @@ impl Writer {
                     }
                 };
                 made += inserted;
+                reached |= inserted > 0;
+                if kind == "all" && next_cursor.is_none() && !reached {
+                    unreached(&tx, id, &app, &[], ts)?;
+                }
                 // The new deliveries are pending; the fan-out's own pending item goes once
                 // it has made them all.
                 let mut finals = Finals::default();
@@ -1523,6 +1543,41 @@ impl Finals {
 
 /// Names the notifications that became final, from the claim cache where it has them (and
 /// drops them from it: nothing will be claimed for them again), else from their rows.
+
+/// Says (log line and an `unreached` event for `status`) that notification `id`'s fan-out
+/// found no active device for the `users` listed, or, with none listed, for its app at all.
+fn unreached(
+    tx: &Transaction<'_>,
+    id: i64,
+    app: &str,
+    users: &[String],
+    now: i64,
+) -> Result<(), StoreError> {
+    let ext_id: String = tx
+        .prepare_cached("SELECT ext_id FROM notifications WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    let message = if users.is_empty() {
+        format!("notification {ext_id}: app {app} has no active device; it reached nobody")
+    } else {
+        const SHOWN: usize = 10;
+        let mut named: Vec<&str> = users.iter().take(SHOWN).map(String::as_str).collect();
+        if users.len() > SHOWN {
+            named.push("…");
+        }
+        format!(
+            "notification {ext_id}: no active device for user{} {} (not registered, unregistered or invalidated)",
+            if users.len() == 1 { "" } else { "s" },
+            named.join(", ")
+        )
+    };
+    tracing::warn!(event = "unreached", id = %ext_id, app, "{message}");
+    tx.prepare_cached(
+        "INSERT INTO events (at, kind, app, message) VALUES (?1, 'unreached', ?2, ?3)",
+    )?
+    .execute(params![now, app, message])?;
+    Ok(())
+}
+
 fn named(
     tx: &Transaction<'_>,
     cache: &mut HashMap<i64, Arc<NotificationInfo>>,
