@@ -1541,9 +1541,6 @@ impl Finals {
     }
 }
 
-/// Names the notifications that became final, from the claim cache where it has them (and
-/// drops them from it: nothing will be claimed for them again), else from their rows.
-
 /// Says (log line and an `unreached` event for `status`) that notification `id`'s fan-out
 /// found no active device for the `users` listed, or, with none listed, for its app at all.
 fn unreached(
@@ -1578,6 +1575,8 @@ fn unreached(
     Ok(())
 }
 
+/// Names the notifications that became final, from the claim cache where it has them (and
+/// drops them from it: nothing will be claimed for them again), else from their rows.
 fn named(
     tx: &Transaction<'_>,
     cache: &mut HashMap<i64, Arc<NotificationInfo>>,
