@@ -145,7 +145,7 @@ impl Receipts {
                     return Ok(done);
                 }
                 done.checked += 1;
-                let path = self.dir.join(format!("{}.json", f.ext_id));
+                let path = self.path_for(&f.app, &f.ext_id);
                 match std::fs::symlink_metadata(&path) {
                     Ok(_) => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -162,6 +162,26 @@ impl Receipts {
                 }
                 _ => return Ok(done),
             }
+        }
+    }
+
+    /// Where the receipt of `app`'s notification `id` goes: `<dir>/<id>.json`, as the contract
+    /// says, unless that file holds another app's receipt (ids are unique per app only); then
+    /// `<dir>/<app>/<id>.json`, so that no app's receipt replaces another's.
+    fn path_for(&self, app: &str, id: &str) -> PathBuf {
+        let plain = self.dir.join(format!("{id}.json"));
+        #[derive(serde::Deserialize)]
+        struct Owner {
+            app: String,
+        }
+        let other_app = std::fs::read(&plain)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Owner>(&b).ok())
+            .is_some_and(|o| o.app != app);
+        if other_app {
+            self.dir.join(app_folder(app)).join(format!("{id}.json"))
+        } else {
+            plain
         }
     }
 
@@ -193,13 +213,14 @@ impl Receipts {
             return Ok(None);
         }
         drop(guard);
-        let path = self.dir.join(format!("{}.json", data.id));
+        let path = self.path_for(&data.app, &data.id);
         let io = |source| ReceiptError::Io {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(&self.dir).map_err(io)?;
-        let tmp = self.dir.join(format!(".{}.json.tmp", data.id));
+        let folder = path.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(folder).map_err(io)?;
+        let tmp = folder.join(format!(".{}.json.tmp", data.id));
         let mut body = serde_json::to_vec_pretty(&data).map_err(|e| io(e.into()))?;
         body.push(b'\n');
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -210,9 +231,49 @@ impl Receipts {
     }
 }
 
+/// An app's name as a folder name: bytes other than ASCII letters, digits, `-`, `_` and
+/// (not first) `.` are written `%XX`, so no name reaches outside the receipts folder.
+fn app_folder(app: &str) -> String {
+    let mut out = String::with_capacity(app.len());
+    for (i, b) in app.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_temp_name;
+    use super::{app_folder, is_temp_name};
+
+    /// Ids are unique per app only: a receipt never replaces another app's of the same id.
+    #[test]
+    fn a_second_apps_receipt_of_the_same_id_goes_into_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = super::Receipts::new(dir.path(), &dir.path().join("none.db"), 10);
+        std::fs::write(
+            dir.path().join("same.json"),
+            r#"{"id": "same", "app": "alpha", "counts": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.path_for("alpha", "same"), dir.path().join("same.json"));
+        assert_eq!(
+            r.path_for("beta", "same"),
+            dir.path().join("beta").join("same.json")
+        );
+        assert_eq!(r.path_for("beta", "fresh"), dir.path().join("fresh.json"));
+    }
+
+    #[test]
+    fn an_app_name_never_leaves_the_receipts_folder() {
+        assert_eq!(app_folder("buxheti"), "buxheti");
+        assert_eq!(app_folder("info.buxheti"), "info.buxheti");
+        assert_eq!(app_folder(".."), "%2E.");
+        assert_eq!(app_folder("a/b"), "a%2Fb");
+    }
 
     /// Only the temporary names receipts are written under count as stale temp files.
     #[test]
