@@ -62,6 +62,19 @@ fn health_status_and_readiness_follow_the_store() {
         String::from_utf8_lossy(&out.stdout).contains("3 device(s)"),
         "{out:?}"
     );
+    // A list cut at --limit says so (on stderr, so the table stays parseable).
+    let out = env.pushdrop(&["devices", "--app", "buxheti", "--limit", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 device(s)"),
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("showing the first 2 devices; more match"),
+        "{out:?}"
+    );
+    let out = env.pushdrop(&["devices", "--app", "buxheti", "--limit", "3"]);
+    assert!(out.stderr.is_empty(), "{out:?}");
     let out = env.pushdrop(&["devices", "--app", "buxhet"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(

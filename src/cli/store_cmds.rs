@@ -166,12 +166,21 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
 /// `pushdrop devices`.
 pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
-    let rows = reader(&cfg)?.devices(&DeviceQuery {
+    // One more than asked: whether the list is cut short, which is then said.
+    let mut rows = reader(&cfg)?.devices(&DeviceQuery {
         app: f.app.clone(),
         user: f.user.clone(),
         invalid_only: f.invalid,
-        limit: f.limit,
+        limit: f.limit.saturating_add(1),
     })?;
+    let cut = rows.len() > f.limit;
+    rows.truncate(f.limit);
+    if cut {
+        eprintln!(
+            "pushdrop: showing the first {} devices; more match (raise --limit, or narrow with --app/--user)",
+            f.limit
+        );
+    }
     // A mistyped app would otherwise list nothing and succeed. An app no longer in the
     // config still lists the devices the store keeps for it.
     if let Some(app) = f.app.as_deref()
