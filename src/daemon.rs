@@ -230,16 +230,39 @@ async fn purge_loop(cfg: Arc<Config>, store: Store) {
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
 pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
     no_huge_pages();
-    let _log = crate::logging::init(&cfg.log)?;
+    // Shared with the thread that handles a second signal, which flushes it before it exits.
+    let log = Arc::new(std::sync::Mutex::new(Some(crate::logging::init(&cfg.log)?)));
     let signal_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     // Handlers first: a SIGTERM that arrives while the parts start is then a clean stop too.
-    let signals = signal_rt.block_on(async { Signals::install() })?;
+    let mut signals = signal_rt.block_on(async { Signals::install() })?;
     let daemon = Daemon::start(Arc::new(cfg))?;
     let signal = signal_rt.block_on(signals.wait());
     tracing::info!(event = "signal", signal, "shutting down");
+    // A second SIGTERM or SIGINT during the grace period (Ctrl-C twice) stops at once, with
+    // the exit status of a process the signal killed. Nothing is lost by it: a request in
+    // flight stays queued and goes out again at the next start (at-least-once).
+    let log_for_exit = log.clone();
+    let _ = std::thread::Builder::new()
+        .name("pushdrop-signals".into())
+        .spawn(move || {
+            let second = signal_rt.block_on(signals.wait());
+            tracing::warn!(
+                event = "signal",
+                signal = second,
+                "second signal: stopping at once; requests in flight stay queued and are sent again at the next start"
+            );
+            if let Ok(mut guard) = log_for_exit.lock() {
+                drop(guard.take());
+            }
+            std::process::exit(if second == "SIGINT" { 130 } else { 143 });
+        });
     daemon.shutdown();
+    // The last lines reach the files (the signal thread holds the other handle).
+    if let Ok(mut guard) = log.lock() {
+        drop(guard.take());
+    }
     Ok(0)
 }
 
@@ -275,7 +298,7 @@ impl Signals {
     /// Waits for SIGTERM or SIGINT; returns its name. SIGHUP, which killed the daemon on the
     /// spot (a closed terminal, a logrotate `postrotate` habit), is logged and ignored: there
     /// is nothing to reload, and the log files rotate by themselves.
-    async fn wait(mut self) -> &'static str {
+    async fn wait(&mut self) -> &'static str {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",

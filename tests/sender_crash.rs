@@ -153,3 +153,34 @@ fn sigterm_finishes_in_flight_requests_and_loses_nothing() {
         "a graceful stop sends nothing twice"
     );
 }
+
+/// A second signal during the grace period (Ctrl-C twice) stops at once, with the status of a
+/// process the signal killed; what was in flight goes out after the restart.
+#[test]
+fn a_second_signal_stops_at_once_and_loses_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    let n = 50u64;
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(3000),
+            ..SimOptions::default()
+        },
+        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = 20000\n"),
+    );
+    let mut child = spawn(&w.env);
+    w.env.drop_file("n.jsonl", notifications(n));
+    wait_for("requests in flight", || w.sim.requests() >= 10);
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    signal(&child, libc::SIGINT);
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status:?} {:?}", status.signal());
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    let mut child = spawn(&w.env);
+    w.wait_idle("everything delivered after the restart");
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    assert_eq!(w.accepted_by_token().len(), n as usize, "nothing lost");
+}
