@@ -106,11 +106,13 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n",
-        ));
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+        // RFC 9110: a 405 lists the methods the resource takes.
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return Ok(r);
     }
     let text = "text/plain; charset=utf-8";
     Ok(match req.uri().path() {

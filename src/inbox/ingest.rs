@@ -951,7 +951,7 @@ impl Ingestor {
                         duplicates = dups,
                         duplicate_ids = %dup_ids.join(","),
                         ms,
-                        "duplicate notification ids were skipped (already queued)"
+                        "duplicate notification ids were skipped (their app already has a notification with that id)"
                     );
                 } else {
                     tracing::info!(
