@@ -78,6 +78,39 @@ fn users_target_reaches_only_their_active_devices() {
     assert_eq!(r["sent_tokens"].as_array().map(Vec::len), Some(3));
 }
 
+/// A 410 timestamp ahead of our clock counts as now: a registration written after the
+/// answer re-activates the device instead of waiting for Apple's clock.
+#[test]
+fn a_410_timestamp_from_the_future_counts_as_now() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let t = token(8);
+    w.script(
+        &t,
+        TokenScript::Unregistered {
+            timestamp_ms: pushdrop::model::now_ms() + 3600 * 1000,
+        },
+    );
+    let daemon = w.env.start();
+    w.env.drop_file(
+        "a-n1.json",
+        notification_to("n1", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+    );
+    wait_for("invalidated", || {
+        w.env
+            .count("SELECT count(*) FROM devices WHERE invalidated_at IS NOT NULL")
+            == 1
+    });
+    let at = w.env.count("SELECT invalidated_at FROM devices");
+    assert!(at <= pushdrop::model::now_ms(), "not in the future: {at}");
+    w.sim.clear_scripts();
+    std::thread::sleep(Duration::from_millis(20));
+    drop_aged(&w.env, "b-devices.jsonl", &device(8, "zed"), Duration::ZERO);
+    wait_for("re-activated", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 1
+    });
+    daemon.shutdown();
+}
+
 #[test]
 fn a_410_invalidates_as_of_its_timestamp_and_only_a_later_registration_reactivates() {
     let w = World::new(SimOptions::default(), FAST_SENDER);

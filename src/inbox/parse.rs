@@ -1722,9 +1722,9 @@ mod tests {
         )
     }
 
-    /// The streaming parse hands over a small first chunk, then full ones, in file order while the file is clean, keeps
-    /// the rest for the caller, and stops handing over at the first problem (the caller must
-    /// then throw away what it got: the file is rejected whole).
+    /// The streaming parse hands over a small first chunk, then full ones, in file order while
+    /// the file is clean, keeps the rest for the caller, and stops handing over at the first
+    /// problem (the caller must then throw away what it got: the file is rejected whole).
     #[test]
     fn streaming_hands_over_clean_chunks_in_order() {
         let n = FIRST_STREAM_CHUNK + 2 * STREAM_CHUNK + 500;

@@ -657,7 +657,9 @@ impl Inner {
             } => Some(ResultKind::InvalidToken {
                 status,
                 reason,
-                invalidated_at_ms: timestamp_ms.unwrap_or_else(now_ms),
+                // Never later than now: a timestamp from a clock ahead of ours would keep
+                // a device invalid through registrations made before it.
+                invalidated_at_ms: timestamp_ms.map_or_else(now_ms, |t| t.min(now_ms())),
             }),
             Outcome::AuthRefreshed { reason } => {
                 Some(self.retry_or_give_up(c, None, reason, false))
@@ -746,7 +748,7 @@ impl Inner {
         {
             return ResultKind::Expired {
                 status,
-                reason: format!("{reason}; expiration passed before the next attempt"),
+                reason: format!("{reason}; the next attempt would come after the expiration"),
                 count_attempt,
             };
         }

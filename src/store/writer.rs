@@ -256,8 +256,8 @@ impl HandOffQueue {
     }
 
     /// Takes deliveries into `out` until it holds `limit`. One that expired meanwhile, or
-    /// whose device was invalidated or unregistered since, goes back to the queue (out of `in_flight`), where
-    /// the claim's walk ends it as a claim of it would have.
+    /// whose device was invalidated or unregistered since, goes back to the queue (out of
+    /// `in_flight`), where the claim's walk ends it as a claim of it would have.
     fn take(
         &mut self,
         now: i64,
