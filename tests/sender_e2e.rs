@@ -551,3 +551,49 @@ fn expired_provider_token_spends_no_attempt() {
     assert_eq!(kinds.first(), Some(&"resumed"), "{s}");
     assert!(kinds[1..].iter().all(|k| *k == "paused"), "{s}");
 }
+
+/// Streams APNs refuses unprocessed (here: a GOAWAY every 5 streams, and one stream on
+/// each new connection until its first authorised request) are sent again at once: no
+/// reason to pause the app as if APNs were unreachable.
+#[test]
+fn refused_streams_are_sent_again_without_pausing_the_app() {
+    let w = World::new(
+        SimOptions {
+            streams_one_until_authorized: true,
+            goaway_after: Some(5),
+            ..SimOptions::default()
+        },
+        FAST_SENDER,
+    );
+    let daemon = w.env.start();
+    let n = 40u64;
+    let lines: String = (0..n)
+        .map(|i| {
+            notification_to(
+                &format!("r{i}"),
+                &format!(r#"{{"tokens":["{}"]}}"#, token(100 + i)),
+                "",
+            ) + "\n"
+        })
+        .collect();
+    w.env.drop_file("n.jsonl", lines);
+    wait_for("all sent", || w.sim.accepted_count() >= n);
+    w.wait_idle("all final");
+    daemon.shutdown();
+    assert!(
+        w.sim.requests() > n as usize,
+        "the simulator refused some streams: {} requests",
+        w.sim.requests()
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'paused'"),
+        0,
+        "no pause for refused streams"
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1 AND attempts = 1"),
+        n as i64
+    );
+}

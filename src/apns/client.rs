@@ -242,8 +242,12 @@ impl ApnsClient {
     }
 }
 
-/// How often a request that never left is re-routed to another stream before giving up.
+/// How often a request APNs did not process is sent again at once; later tries wait a
+/// moment first (see [`REROUTE_WAIT`]), until the request's deadline.
 const MAX_REROUTES: u32 = 3;
+
+/// The first wait before a try past [`MAX_REROUTES`]; it doubles up to 32 times this.
+const REROUTE_WAIT: Duration = Duration::from_millis(5);
 
 async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
     // Latency is timed from here, a wait for a connection or a free stream included: the
@@ -311,23 +315,26 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                     Classified::ExpiredToken => expired(pool, jwt.as_deref()),
                 };
             }
-            Exchange::NotSent(reason) => {
+            // Not processed by APNs (a refused stream, a connection going away): sent again at
+            // once, on another connection where this one is gone. A server that keeps
+            // refusing (one stream until the first authorised request) frees a slot with
+            // each answer, so after a few tries the next waits a moment; only one that
+            // refuses until the deadline makes this an unsent retry, which pauses the app
+            // like an unreachable APNs.
+            Exchange::NotSent(reason) | Exchange::GoAway(reason) => {
                 drop(lease);
                 reroutes += 1;
-                if reroutes > MAX_REROUTES || Instant::now() >= deadline {
+                if Instant::now() >= deadline {
                     return Outcome::Retry {
                         status: None,
                         reason,
                         unsent: true,
                     };
                 }
-            }
-            Exchange::GoAway(reason) => {
-                return Outcome::Retry {
-                    status: None,
-                    reason,
-                    unsent: true,
-                };
+                if reroutes > MAX_REROUTES {
+                    let wait = REROUTE_WAIT * 2u32.pow((reroutes - MAX_REROUTES - 1).min(5));
+                    tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
+                }
             }
             Exchange::Timeout => {
                 return Outcome::Retry {
