@@ -212,7 +212,15 @@ impl Daemon {
 async fn purge_loop(cfg: Arc<Config>, store: Store) {
     let keep_ms = cfg.store.keep_finished_ms();
     loop {
-        match store.purge(crate::model::now_ms() - keep_ms).await {
+        let inbox = cfg.inbox.dir.clone();
+        let in_inbox = tokio::task::spawn_blocking(move || crate::inbox::drop_names(&inbox))
+            .await
+            .ok()
+            .flatten();
+        match store
+            .purge(crate::model::now_ms() - keep_ms, in_inbox)
+            .await
+        {
             Ok(c) if c.deliveries + c.notifications + c.devices > 0 => tracing::info!(
                 event = "purged",
                 deliveries = c.deliveries,

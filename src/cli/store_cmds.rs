@@ -254,7 +254,7 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
     let _log = crate::logging::init_one_shot(&cfg.log);
     let store = Store::open(&cfg.store.path, false)?;
     let cutoff = crate::model::now_ms() - cfg.store.keep_finished_ms();
-    let c = store.purge_blocking(cutoff)?;
+    let c = store.purge_blocking(cutoff, crate::inbox::drop_names(&cfg.inbox.dir))?;
     println!(
         "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {} days",
         c.deliveries, c.notifications, c.devices, c.committed_files, cfg.store.keep_finished_days

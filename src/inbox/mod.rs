@@ -16,6 +16,21 @@ pub mod watch;
 pub use ingest::{Candidate, FileOutcome, FileResult, Ingestor};
 pub use watch::{InboxError, InboxHandle, start};
 
+/// The names (as the store records them) of the drop files in `dir` now, or `None` when
+/// the folder cannot be read. The purge keeps the committed-file records of these (and all
+/// of them on `None`).
+pub fn drop_names(dir: &std::path::Path) -> Option<Vec<String>> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.ok()?;
+        if is_drop_name(&e.file_name()) {
+            names.push(ingest::display_name(&e.path()));
+        }
+    }
+    Some(names)
+}
+
 /// Whether a directory entry's name is one the inbox takes: `*.json` or `*.jsonl`, not a
 /// dotfile (writers stage files under dot names before renaming them in).
 pub fn is_drop_name(name: &std::ffi::OsStr) -> bool {

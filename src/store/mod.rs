@@ -328,14 +328,26 @@ impl Store {
     }
 
     /// Deletes finished deliveries and notifications, invalid devices and committed-file
-    /// records older than `cutoff_ms`.
-    pub fn purge_blocking(&self, cutoff_ms: i64) -> Result<PurgeCounts, StoreError> {
-        self.call_blocking(move |w| w.purge(cutoff_ms))
+    /// records older than `cutoff_ms`, except the records of files named in
+    /// `still_in_inbox` (the drop files in the inbox now: see [`crate::inbox::drop_names`];
+    /// `None`, an inbox that could not be listed, keeps every record), which keep a committed
+    /// file whose move failed from being taken again.
+    pub fn purge_blocking(
+        &self,
+        cutoff_ms: i64,
+        still_in_inbox: Option<Vec<String>>,
+    ) -> Result<PurgeCounts, StoreError> {
+        self.call_blocking(move |w| w.purge(cutoff_ms, still_in_inbox.as_deref()))
     }
 
     /// Async form of [`Store::purge_blocking`].
-    pub async fn purge(&self, cutoff_ms: i64) -> Result<PurgeCounts, StoreError> {
-        self.call(move |w| w.purge(cutoff_ms)).await
+    pub async fn purge(
+        &self,
+        cutoff_ms: i64,
+        still_in_inbox: Option<Vec<String>>,
+    ) -> Result<PurgeCounts, StoreError> {
+        self.call(move |w| w.purge(cutoff_ms, still_in_inbox.as_deref()))
+            .await
     }
 
     /// Remembers a problem for `pushdrop status` (rejections, pauses, auth failures).

@@ -747,13 +747,15 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
     });
     // Nothing is old enough yet.
     let none = store
-        .purge_blocking(crate::model::now_ms() - 60_000)
+        .purge_blocking(crate::model::now_ms() - 60_000, Some(Vec::new()))
         .unwrap();
     assert_eq!(
         (none.deliveries, none.notifications, none.devices),
         (0, 0, 0)
     );
-    let n = store.purge_blocking(crate::model::now_ms() + 1).unwrap();
+    let n = store
+        .purge_blocking(crate::model::now_ms() + 1, Some(Vec::new()))
+        .unwrap();
     assert_eq!(
         n.deliveries, 4,
         "`done`, `dead` and `pair` with their deliveries"
@@ -1182,7 +1184,9 @@ fn a_purge_by_another_process_does_not_leave_the_daemon_a_stale_notification() {
 
     // Another process (its own connection) purges everything finished.
     let cli = Store::open(&dir.path().join("db/p.db"), false).unwrap();
-    let purged = cli.purge_blocking(crate::model::now_ms() + 60_000).unwrap();
+    let purged = cli
+        .purge_blocking(crate::model::now_ms() + 60_000, Some(Vec::new()))
+        .unwrap();
     assert_eq!(purged.notifications, 1);
     drop(cli);
 
@@ -1325,6 +1329,39 @@ fn a_fan_out_that_reaches_nobody_says_so() {
     let said = events(&empty);
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(said[0].contains("no active device"), "{said:?}");
+}
+
+/// A committed file still in the inbox (its move failed) keeps its record through a purge
+/// however old, or the next look would take it again as a new file; so does every record
+/// when the inbox could not be listed.
+#[test]
+fn the_purge_keeps_the_record_of_a_committed_file_still_in_the_inbox() {
+    let (_dir, store) = open();
+    store
+        .ingest(vec![
+            file("stuck.json", vec![device("a", 1, None)]),
+            file("moved.json", vec![device("a", 2, None)]),
+        ])
+        .unwrap();
+    let records = |store: &Store| -> Vec<String> {
+        query::Reader::open(store.path())
+            .unwrap()
+            .conn()
+            .prepare("SELECT name FROM committed_files ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let later = crate::model::now_ms() + 60_000;
+    let n = store.purge_blocking(later, None).unwrap();
+    assert_eq!(n.committed_files, 0, "an unlisted inbox keeps every record");
+    let n = store
+        .purge_blocking(later, Some(vec!["stuck.json".into()]))
+        .unwrap();
+    assert_eq!(n.committed_files, 1);
+    assert_eq!(records(&store), vec!["stuck.json"]);
 }
 
 fn unregister(i: u32) -> Record {

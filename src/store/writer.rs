@@ -1246,7 +1246,11 @@ impl Writer {
     /// See [`super::Store::purge_blocking`]. Goes by notification: a finished notification's
     /// deliveries leave with it once it is past retention, so `show` and receipts never see
     /// half a notification.
-    pub fn purge(&mut self, cutoff: i64) -> Result<PurgeCounts, StoreError> {
+    pub fn purge(
+        &mut self,
+        cutoff: i64,
+        still_in_inbox: Option<&[String]>,
+    ) -> Result<PurgeCounts, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1287,10 +1291,18 @@ impl Writer {
              AND id NOT IN (SELECT device_id FROM deliveries)",
             [cutoff],
         )?;
-        let committed_files = tx.execute(
-            "DELETE FROM committed_files WHERE committed_at < ?1",
-            [cutoff],
-        )?;
+        // A committed file still in the inbox (its move failed: a full disk, a folder it may
+        // not write) keeps its record however old: without it, the next look would take the
+        // file as new and queue its notifications again.
+        let committed_files = match still_in_inbox.map(serde_json::to_string) {
+            Some(Ok(keep)) => tx.execute(
+                "DELETE FROM committed_files WHERE committed_at < ?1
+                   AND name NOT IN (SELECT value FROM json_each(?2))",
+                params![cutoff, keep],
+            )?,
+            // The inbox could not be listed: no record goes this time.
+            _ => 0,
+        };
         tx.execute(
             "DELETE FROM events WHERE id <= (SELECT max(id) - 1000 FROM events)",
             [],
