@@ -86,17 +86,12 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 /// `pushdrop check-config`: every problem with key and line; exit 64 if there is one. A key,
-/// certificate or CA file whose contents `run` cannot use is a warning here, not an error:
-/// the config itself is sound (a deployment may put the real key in place later, and tests
-/// check configs with placeholder keys), but `run` will refuse it, and the warning says so.
+/// certificate or CA file whose contents `run` cannot use (a certificate and key that do not
+/// match, a PKCS#12 password that does not open it) is an error here as it is for `run`: a
+/// config check that passes what the daemon refuses would let a deploy step (systemd's
+/// `ExecStartPre`) pass a daemon that cannot start.
 pub fn check_config(path: &Path) -> anyhow::Result<i32> {
-    let unusable = |c: &Config| {
-        let mut warnings = crate::apns::credential_problems(c);
-        for w in &mut warnings {
-            w.message.push_str(" (`pushdrop run` refuses it)");
-        }
-        (Vec::new(), warnings)
-    };
+    let unusable = |c: &Config| (crate::apns::credential_problems(c), Vec::new());
     match Config::load_checked(path, unusable) {
         Ok((cfg, warnings)) => {
             for w in &warnings {
