@@ -749,6 +749,10 @@ impl Ingestor {
             }
         }
         if keep {
+            // Retention counts from the move: the file's mtime says when it came, where
+            // pushdrop may set it (else the writer's mtime stays, and retention counts from
+            // that).
+            let _ = fsutil::touch_mtime(&dest);
             return (Some(dest), None);
         }
         match std::fs::remove_file(&dest) {
@@ -1151,8 +1155,10 @@ pub fn sweep_dir(
         if !m.file_type().is_file() {
             continue;
         }
-        let newest = m.mtime().max(m.ctime());
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(newest.max(0) as u64);
+        // The mtime, which the move into processed_dir sets: an operator can age a file with
+        // `touch -d`, and a `chmod` or a restore (which change the ctime) does not make an
+        // old file young again.
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(m.mtime().max(0) as u64);
         if now.duration_since(at).unwrap_or(Duration::ZERO) > max_age
             && std::fs::remove_file(e.path()).is_ok()
         {
@@ -1491,5 +1497,46 @@ mod tests {
         assert_eq!(sweep_dir(d.path(), week, later, |_| true), 1);
         assert!(!d.path().join("a.json").exists());
         assert!(d.path().join("sub").is_dir());
+        // Aged the way an operator would (`touch -d "8 days ago"`).
+        let old = d.path().join("old.json");
+        std::fs::write(&old, "{}").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(8 * 86_400))
+            .unwrap();
+        assert_eq!(sweep_dir(d.path(), week, SystemTime::now(), |_| true), 1);
+        assert!(!old.exists());
+    }
+
+    /// The move into processed_dir stamps the file with the time it came, so retention counts
+    /// from then, not from when its writer wrote it.
+    #[test]
+    fn a_processed_file_is_stamped_with_the_time_it_was_moved() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true);
+        let path = d.path().join("inbox/n.jsonl");
+        std::fs::write(&path, line("stamped") + "\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(30 * 86_400))
+            .unwrap();
+        let results = ing.process(vec![Candidate {
+            path: path.clone(),
+            settled: true,
+        }]);
+        assert!(
+            matches!(results[0].outcome, FileOutcome::Accepted(_)),
+            "{:?}",
+            results[0].outcome
+        );
+        let moved = d.path().join("inbox/processed/n.jsonl");
+        let age = SystemTime::now()
+            .duration_since(std::fs::metadata(&moved).unwrap().modified().unwrap())
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(60), "{age:?}");
     }
 }
