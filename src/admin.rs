@@ -142,11 +142,27 @@ async fn handle(
                 }
                 m.oldest_queued_age_seconds.set(s.oldest_queued_age_s);
             }
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics::encode(),
-            )
+            // OpenMetrics to those who ask for it (Prometheus does, first); the Prometheus
+            // text format (0.0.4) to everyone else (curl, older scrapers).
+            let open_metrics = req
+                .headers()
+                .get_all(hyper::header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            if open_metrics {
+                reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics::encode(),
+                )
+            } else {
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics::encode_prometheus(),
+                )
+            }
         }
         "/" => reply(
             StatusCode::OK,

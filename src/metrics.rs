@@ -188,11 +188,68 @@ pub fn get() -> &'static Metrics {
     &METRICS.get_or_init(Metrics::new).0
 }
 
-/// The Prometheus text exposition of every metric.
+/// The OpenMetrics text exposition of every metric (what Prometheus asks for first).
 pub fn encode() -> String {
     let (_, registry) = METRICS.get_or_init(Metrics::new);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+/// The same in the Prometheus text format (0.0.4), for a scraper or person that does not ask
+/// for OpenMetrics: a counter's `# HELP` and `# TYPE` lines name it with `_total` as its
+/// samples do, and there is no `# UNIT` or `# EOF` line.
+pub fn encode_prometheus() -> String {
+    to_prometheus_text(&encode())
+}
+
+/// Rewrites an OpenMetrics exposition (as `prometheus_client` writes it: no exemplars, no
+/// `_created` samples) in the Prometheus text format.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_prometheus_text_names_counters_with_total_and_has_no_eof() {
+        let om = "# HELP a_files Files.\n# TYPE a_files counter\n# UNIT a_files files\n\
+                  a_files_total 3\n# HELP b Depth.\n# TYPE b gauge\nb{state=\"x\"} 1\n# EOF\n";
+        assert_eq!(
+            super::to_prometheus_text(om),
+            "# HELP a_files_total Files.\n# TYPE a_files_total counter\na_files_total 3\n\
+             # HELP b Depth.\n# TYPE b gauge\nb{state=\"x\"} 1\n"
+        );
+    }
 }

@@ -76,9 +76,9 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     wait_for("rejections", || env.inbox_pending() == 0);
 
     // The counters of a file move with its log line, just after the file left the inbox.
-    let mut reply = get(admin, "/metrics");
+    let mut reply = ops::get_open_metrics(admin);
     wait_for("file counters", || {
-        reply = get(admin, "/metrics");
+        reply = ops::get_open_metrics(admin);
         let m = ops::parse_metrics(&reply.body);
         sum(&m, "pushdrop_files_rejected", &[]) == 2.0
             && sample(&m, "pushdrop_files_ingested", &[]) == Some(3.0)
@@ -92,6 +92,29 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
         reply.content_type
     );
     assert!(reply.body.ends_with("# EOF\n"), "{}", reply.body);
+    // Asked for nothing in particular (curl, an older scraper): the Prometheus text format,
+    // whose counters' TYPE lines carry `_total` like their samples.
+    let plain = get(admin, "/metrics");
+    assert!(
+        plain.content_type.starts_with("text/plain; version=0.0.4"),
+        "{}",
+        plain.content_type
+    );
+    assert!(
+        plain
+            .body
+            .contains("# TYPE pushdrop_files_ingested_total counter\n"),
+        "{}",
+        plain.body
+    );
+    assert!(!plain.body.contains("# EOF"), "{}", plain.body);
+    let families = openmetrics_parser::prometheus::parse_prometheus(&plain.body)
+        .unwrap_or_else(|e| panic!("not Prometheus text: {e:?}\n{}", plain.body));
+    assert!(
+        families.families.contains_key("pushdrop_deliveries_total"),
+        "{:?}",
+        families.families.keys().collect::<Vec<_>>()
+    );
     let m = ops::parse_metrics(&reply.body);
     let count = |f: &str, l: &[(&str, &str)]| sample(&m, f, l).unwrap_or(0.0) as i64;
 
@@ -226,7 +249,7 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
         let receipt = env.receipts.join(format!("{id}.json"));
         wait_for(&format!("receipt {id}"), || receipt.exists());
     }
-    let m = ops::parse_metrics(&get(admin, "/metrics").body);
+    let m = ops::parse_metrics(&ops::get_open_metrics(admin).body);
     let count = |f: &str, l: &[(&str, &str)]| sample(&m, f, l).unwrap_or(0.0) as i64;
     assert_eq!(
         count(

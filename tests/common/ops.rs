@@ -235,11 +235,26 @@ pub struct HttpReply {
 
 /// A plain HTTP/1.1 request, the way a probe or Prometheus asks (`Connection: close`).
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> HttpReply {
+    http_with(addr, method, path, "")
+}
+
+/// `/metrics` as Prometheus asks for it: OpenMetrics first.
+pub fn get_open_metrics(addr: SocketAddr) -> HttpReply {
+    http_with(
+        addr,
+        "GET",
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    )
+}
+
+/// As [`http`], with extra header lines (each ending in `\r\n`).
+pub fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> HttpReply {
     let mut s = TcpStream::connect(addr).expect("connect to the admin endpoint");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
