@@ -198,3 +198,43 @@ fn a_big_file_is_committed_in_name_order_among_small_ones() {
     );
     daemon.shutdown();
 }
+
+/// A burst of drops into a running daemon (a script renaming files in one after another,
+/// last name first) is taken in name order, as a scan would take them, although the first
+/// rename's event arrives before the others are made.
+#[test]
+fn a_burst_of_drops_is_taken_in_name_order() {
+    let env = Env::new();
+    let daemon = env.start();
+    let names = ["e", "d", "c", "b", "a"];
+    for (i, n) in names.iter().enumerate() {
+        let tmp = env.inbox.join(format!(".{n}.tmp"));
+        std::fs::write(
+            &tmp,
+            notification(&format!("burst-{n}"), &token(10 + i as u64)),
+        )
+        .unwrap();
+    }
+    for n in names {
+        std::fs::rename(
+            env.inbox.join(format!(".{n}.tmp")),
+            env.inbox.join(format!("{n}.json")),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    wait_for("all five files", || env.processed_names().len() == 5);
+    let order: Vec<String> = env
+        .db()
+        .prepare("SELECT ext_id FROM notifications ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        order,
+        ["burst-a", "burst-b", "burst-c", "burst-d", "burst-e"]
+    );
+    daemon.shutdown();
+}

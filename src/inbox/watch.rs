@@ -43,6 +43,12 @@ const OPEN_WRITER_WARN: Duration = Duration::from_secs(60);
 const MISSING_RECHECK: Duration = Duration::from_secs(1);
 /// Longest wait before retrying a file that could not be read, committed or moved.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// After the first event of an idle spell, how long events must pause before the files are
+/// looked at, and the longest such a wait lasts: a burst of drops (a script that renames
+/// files in one after another, a millisecond or two apart) is then taken in name order, as
+/// the contract asks, at the cost of this much latency for a lone file.
+const GATHER_QUIET: Duration = Duration::from_millis(3);
+const GATHER_MAX: Duration = Duration::from_millis(15);
 
 /// Why the inbox could not start.
 #[derive(Debug, thiserror::Error)]
@@ -372,6 +378,9 @@ impl Loop {
                     if !self.handle(msg) {
                         break;
                     }
+                    if !more && !self.gather() {
+                        break;
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -392,6 +401,26 @@ impl Loop {
             }
         }
         tracing::info!(event = "inbox_stopped");
+    }
+
+    /// Takes the events that follow the first one of an idle spell until they pause for
+    /// [`GATHER_QUIET`] (at most [`GATHER_MAX`]); false on stop.
+    fn gather(&mut self) -> bool {
+        let until = Instant::now() + GATHER_MAX;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            match self.rx.recv_timeout(GATHER_QUIET.min(left)) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        return false;
+                    }
+                }
+                Err(_) => return true,
+            }
+        }
     }
 
     /// Applies one message; false on stop.
