@@ -722,6 +722,13 @@ impl Config {
         }
         if !self.apns.proxy.is_empty() {
             match self.apns.proxy.parse::<http::Uri>() {
+                // Credentials in the URL would be a secret written into the config (secrets
+                // are referred to by path), and pushdrop sends none to the proxy: refused
+                // rather than silently left out of every CONNECT.
+                Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => bad(
+                    "apns.proxy",
+                    "holds credentials (user:password@): pushdrop keeps no secret in its config and sends no proxy credentials; let the proxy admit this host by its address".into(),
+                ),
                 Ok(u)
                     if u.scheme_str() == Some("http")
                         && u.host().is_some()
@@ -1625,6 +1632,20 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
                 ("apps[0].token.key_id".to_string(), Some(8)),
             ]
         );
+    }
+
+    #[test]
+    fn proxy_credentials_are_refused_not_dropped() {
+        let with = |proxy: &str| GOOD.to_string() + &format!("\n[apns]\nproxy = \"{proxy}\"\n");
+        let err = load(&with("http://u:hunter2@127.0.0.1:3128")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "apns.proxy", "{err}");
+        assert!(err.problems[0].message.contains("credentials"), "{err}");
+        assert!(
+            !err.to_string().contains("hunter2"),
+            "never echoes it: {err}"
+        );
+        assert!(load(&with("http://127.0.0.1:3128")).is_ok());
     }
 
     #[test]
