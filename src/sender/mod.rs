@@ -708,7 +708,9 @@ impl Inner {
                     let hint = if reason.contains("ExpiredProviderToken") {
                         "APNs says the provider token expired, but it is younger than 20 minutes: check this machine's clock (NTP); pausing the app"
                     } else {
-                        "APNs refused the app's credentials; pausing it (fix the key or certificate file: it is re-read on the next try)"
+                        // Refused by APNs, or unusable here (a certificate and key that do not
+                        // match): the reason says which.
+                        "the app's credentials were refused or cannot be used (see reason); pausing it (fix the key or certificate file: it is re-read on the next try)"
                     };
                     error!(
                         event = "app_paused",
