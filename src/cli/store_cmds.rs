@@ -109,6 +109,45 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
 }
 
 /// `pushdrop show ID`.
+/// Text for a terminal: control characters (C0, DEL, C1, which a terminal may take for
+/// commands: U+009B starts an escape sequence) written as `\u{..}`, so data from drop files
+/// cannot move the cursor or recolour the screen.
+fn safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// A payload's JSON text for a terminal, still the same JSON: DEL and C1 characters (which
+/// JSON allows raw inside strings) written as `\u00XX` escapes. C0 characters cannot be
+/// raw inside a JSON string, and outside one they are whitespace, kept as stored.
+fn json_terminal_safe(json: &str) -> std::borrow::Cow<'_, str> {
+    let risky = |c: char| ('\u{7f}'..='\u{9f}').contains(&c);
+    if !json.chars().any(risky) {
+        return json.into();
+    }
+    json.chars()
+        .map(|c| {
+            if risky(c) {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let Some(n) = reader(&cfg)?.show(id, app, 10_000)? else {
@@ -119,8 +158,8 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
         println!("{}", serde_json::to_string_pretty(&n)?);
         return Ok(0);
     }
-    println!("notification  {} (app {})", n.id, n.app);
-    println!("target        {}", n.target);
+    println!("notification  {} (app {})", n.id, safe(&n.app));
+    println!("target        {}", safe(&n.target));
     println!(
         "push          {} priority {} topic {}{}",
         n.push_type,
@@ -128,13 +167,13 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
         n.topic,
         n.collapse_id
             .as_deref()
-            .map(|c| format!(" collapse-id {c}"))
+            .map(|c| format!(" collapse-id {}", safe(c)))
             .unwrap_or_default()
     );
     println!(
         "created       {} from {}",
         n.created_at,
-        n.source_file.as_deref().unwrap_or("-")
+        safe(n.source_file.as_deref().unwrap_or("-"))
     );
     println!("send at       {}", n.send_at);
     if let Some(e) = &n.expiration {
@@ -143,7 +182,7 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
     println!("finished      {}", n.finished_at.as_deref().unwrap_or("no"));
     let counts: Vec<String> = n.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("deliveries    {}", counts.join(", "));
-    println!("payload       {}", n.payload);
+    println!("payload       {}", json_terminal_safe(n.payload.get()));
     for d in &n.deliveries {
         println!(
             "  {} {:<10} {:<13} attempts {} apns-id {}{}",
@@ -153,8 +192,8 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
             d.attempts,
             d.apns_id,
             match (&d.last_status, &d.last_reason) {
-                (Some(s), Some(r)) => format!(" last {s} {r}"),
-                (None, Some(r)) => format!(" last {r}"),
+                (Some(s), Some(r)) => format!(" last {s} {}", safe(r)),
+                (None, Some(r)) => format!(" last {}", safe(r)),
                 (Some(s), None) => format!(" last {s}"),
                 _ => String::new(),
             }
@@ -286,4 +325,25 @@ pub fn backup(config: &Path, dest: &Path) -> anyhow::Result<i32> {
         dest.display()
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::{json_terminal_safe, safe};
+
+    #[test]
+    fn control_characters_never_reach_the_terminal_raw() {
+        assert_eq!(safe("plain é"), "plain é");
+        assert_eq!(safe("a\nb\u{9b}31m\u{7f}"), "a\\u{a}b\\u{9b}31m\\u{7f}");
+        let payload = "{\"aps\":{\"alert\":\"x\u{9b}31m\u{7f}\"},\n \"k\":1}";
+        let shown = json_terminal_safe(payload);
+        assert_eq!(
+            shown,
+            "{\"aps\":{\"alert\":\"x\\u009b31m\\u007f\"},\n \"k\":1}"
+        );
+        // Still the same JSON.
+        let a: serde_json::Value = serde_json::from_str(payload).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(a, b);
+    }
 }
