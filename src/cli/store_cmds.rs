@@ -86,7 +86,7 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
         println!(
             "paused        {}: {} (since {})",
             e.app.as_deref().unwrap_or("-"),
-            e.message,
+            safe(&e.message),
             e.at
         );
     }
@@ -101,7 +101,7 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
                     .as_deref()
                     .map(|a| format!("[{a}] "))
                     .unwrap_or_default(),
-                e.message
+                safe(&e.message)
             );
         }
     }
@@ -245,14 +245,14 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
         println!(
             "{:<14} {:<16} {:<11} {:<14} {:<24} {}{}",
             d.app,
-            d.user.as_deref().unwrap_or("-"),
+            safe(d.user.as_deref().unwrap_or("-")),
             d.environment,
             d.state,
             d.invalidated_at.as_deref().unwrap_or("-"),
             d.token,
             d.invalid_reason
                 .as_deref()
-                .map(|r| format!(" ({r})"))
+                .map(|r| format!(" ({})", safe(r)))
                 .unwrap_or_default()
         );
     }
