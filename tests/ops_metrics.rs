@@ -117,6 +117,18 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     );
     let m = ops::parse_metrics(&reply.body);
     let count = |f: &str, l: &[(&str, &str)]| sample(&m, f, l).unwrap_or(0.0) as i64;
+    // Not paused is a 0, not a missing series, for every app, environment and cause.
+    for reason in ["credentials", "unreachable", "bad_device_token_burst"] {
+        assert_eq!(
+            sample(
+                &m,
+                "pushdrop_app_paused",
+                &[("app", APP), ("environment", "sandbox"), ("reason", reason)]
+            ),
+            Some(0.0),
+            "{reason}"
+        );
+    }
 
     // Counters are typed as counters (their samples carry `_total`).
     for f in [

@@ -309,7 +309,27 @@ impl Guards {
     }
 }
 
+/// The causes a pause names in `pushdrop_app_paused`.
+const PAUSE_KINDS: [&str; 3] = ["credentials", "unreachable", "bad_device_token_burst"];
+
+/// Every app's `pushdrop_app_paused` series at 0 from the start, each environment and cause:
+/// a dashboard shows "not paused" rather than no data, and an alert sees its series change.
+pub fn paused_metric_at_zero<'a>(apps: impl IntoIterator<Item = &'a str>) {
+    for app in apps {
+        for env in [Environment::Production, Environment::Sandbox] {
+            for kind in PAUSE_KINDS {
+                let _ = metrics::get().app_paused.get_or_create(&PauseLabel {
+                    app: app.to_string(),
+                    environment: env.to_string(),
+                    reason: kind.to_string(),
+                });
+            }
+        }
+    }
+}
+
 fn set_paused_metric(app: &str, env: Environment, kind: &str, v: i64) {
+    debug_assert!(PAUSE_KINDS.contains(&kind), "{kind}");
     metrics::get()
         .app_paused
         .get_or_create(&PauseLabel {

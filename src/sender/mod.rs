@@ -168,6 +168,7 @@ pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle
         work.spawn(move |work| recover_receipts(work, since_ms, until_ms));
     }
     let grace = Duration::from_millis(cfg.sender.shutdown_grace_ms);
+    guard::paused_metric_at_zero(cfg.apps.iter().map(|a| a.name.as_str()));
     let inner = Arc::new(Inner {
         guards: Guards::new(&cfg.sender),
         receipts: receipts.clone(),
