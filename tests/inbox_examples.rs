@@ -92,10 +92,9 @@ fn bad_config_exits_64() {
     }
 }
 
-#[test]
-fn ingest_command_commits_and_moves_like_the_watcher() {
-    let env = Env::new();
-    // Copies outside the inbox: `pushdrop ingest` takes any path.
+/// `pushdrop ingest` of copies of the examples, made in a staging folder outside the inbox
+/// (`pushdrop ingest` takes any path); the folder and the command's output.
+fn ingest_examples(env: &Env) -> (std::path::PathBuf, std::process::Output) {
     let staging = env.dir.path().join("staging");
     std::fs::create_dir(&staging).unwrap();
     let mut args = vec!["ingest".to_string()];
@@ -105,7 +104,13 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
         args.push(dest.to_str().unwrap().to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env.pushdrop(&args);
+    (staging, env.pushdrop(&args))
+}
+
+#[test]
+fn ingest_command_commits_and_moves_like_the_watcher() {
+    let env = Env::new();
+    let (staging, out) = ingest_examples(&env);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -204,16 +209,7 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
     );
     let text = text.replace("format = \"text\"\n", "");
     std::fs::write(&env.config_path, text).unwrap();
-    let staging = env.dir.path().join("staging");
-    std::fs::create_dir(&staging).unwrap();
-    let mut args = vec!["ingest".to_string()];
-    for f in examples() {
-        let dest = staging.join(f.file_name().unwrap());
-        std::fs::copy(&f, &dest).unwrap();
-        args.push(dest.to_str().unwrap().to_string());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env.pushdrop(&args);
+    let (_, out) = ingest_examples(&env);
     assert_eq!(out.status.code(), Some(1), "broken.json is rejected");
     for cmd in [&["retry", "--failed"][..], &["purge"][..]] {
         let out = env.pushdrop(cmd);

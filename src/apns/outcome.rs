@@ -128,7 +128,7 @@ pub(crate) fn classify(status: u16, reason: &str, timestamp_ms: Option<i64>) -> 
             unsent: false,
         }),
         (400..=499, r) => {
-            if !KNOWN_FAILED_REASONS.contains(&r) {
+            if !apple_reasons(status).is_some_and(|known| known.contains(&r)) {
                 tracing::warn!(
                     status,
                     reason = r,
@@ -151,24 +151,47 @@ pub(crate) fn classify(status: u16, reason: &str, timestamp_ms: Option<i64>) -> 
     }
 }
 
-/// Apple's documented reasons that fail one notification for good.
-const KNOWN_FAILED_REASONS: &[&str] = &[
-    "BadCollapseId",
-    "BadExpirationDate",
-    "BadMessageId",
-    "BadPriority",
-    "BadTopic",
-    "DeviceTokenNotForTopic",
-    "DuplicateHeaders",
-    "InvalidPushType",
-    "MissingDeviceToken",
-    "MissingTopic",
-    "PayloadEmpty",
-    "TopicDisallowed",
-    "BadPath",
-    "MethodNotAllowed",
-    "PayloadTooLarge",
-];
+/// Apple's documented reasons for a status; `None` for the statuses Apple documents none for
+/// (a proxy's 502, say). The simulator's scripts are checked against it, and an answer with
+/// a reason Apple does not list for its status is logged as unknown.
+pub fn apple_reasons(status: u16) -> Option<&'static [&'static str]> {
+    Some(match status {
+        400 => &[
+            "BadCollapseId",
+            "BadDeviceToken",
+            "BadExpirationDate",
+            "BadMessageId",
+            "BadPriority",
+            "BadTopic",
+            "DeviceTokenNotForTopic",
+            "DuplicateHeaders",
+            "IdleTimeout",
+            "InvalidPushType",
+            "MissingDeviceToken",
+            "MissingTopic",
+            "PayloadEmpty",
+            "TopicDisallowed",
+        ],
+        403 => &[
+            "BadCertificate",
+            "BadCertificateEnvironment",
+            "BadEnvironmentKeyInToken",
+            "ExpiredProviderToken",
+            "Forbidden",
+            "InvalidProviderToken",
+            "MissingProviderToken",
+            "UnrelatedKeyIdInToken",
+        ],
+        404 => &["BadPath"],
+        405 => &["MethodNotAllowed"],
+        410 => &["ExpiredToken", "Unregistered"],
+        413 => &["PayloadTooLarge"],
+        429 => &["TooManyProviderTokenUpdates", "TooManyRequests"],
+        500 => &["InternalServerError"],
+        503 => &["ServiceUnavailable", "Shutdown"],
+        _ => return None,
+    })
+}
 
 /// The JSON body of an APNs error answer.
 #[derive(Debug, Default, serde::Deserialize)]

@@ -230,7 +230,7 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
                 format!("{r:?} is not a reason such as \"BadDeviceToken\" (letters and digits)"),
             ));
         }
-        (Some(r), _) => match apple_reasons(status) {
+        (Some(r), _) => match crate::apns::outcome::apple_reasons(status) {
             // A typo would otherwise be answered as if Apple said it.
             Some(known) if !known.contains(&r.as_str()) => {
                 return Err((
@@ -280,47 +280,6 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
         Some(n) => TokenScript::FailFirst { n, status, reason },
         None if status == 400 && reason == "BadDeviceToken" => TokenScript::BadDeviceToken,
         None => TokenScript::Reason { status, reason },
-    })
-}
-
-/// Apple's documented reasons for a status; `None` for the statuses Apple documents none for
-/// (a script may give those any reason, say for a proxy's 502).
-fn apple_reasons(status: u16) -> Option<&'static [&'static str]> {
-    Some(match status {
-        400 => &[
-            "BadCollapseId",
-            "BadDeviceToken",
-            "BadExpirationDate",
-            "BadMessageId",
-            "BadPriority",
-            "BadTopic",
-            "DeviceTokenNotForTopic",
-            "DuplicateHeaders",
-            "IdleTimeout",
-            "InvalidPushType",
-            "MissingDeviceToken",
-            "MissingTopic",
-            "PayloadEmpty",
-            "TopicDisallowed",
-        ],
-        403 => &[
-            "BadCertificate",
-            "BadCertificateEnvironment",
-            "BadEnvironmentKeyInToken",
-            "ExpiredProviderToken",
-            "Forbidden",
-            "InvalidProviderToken",
-            "MissingProviderToken",
-            "UnrelatedKeyIdInToken",
-        ],
-        404 => &["BadPath"],
-        405 => &["MethodNotAllowed"],
-        410 => &["ExpiredToken", "Unregistered"],
-        413 => &["PayloadTooLarge"],
-        429 => &["TooManyProviderTokenUpdates", "TooManyRequests"],
-        500 => &["InternalServerError"],
-        503 => &["ServiceUnavailable", "Shutdown"],
-        _ => return None,
     })
 }
 

@@ -1215,6 +1215,19 @@ fn a_purge_by_another_process_does_not_leave_the_daemon_a_stale_notification() {
     );
 }
 
+/// The first column of `sql`'s rows, as text, read through a connection of its own.
+fn texts(store: &Store, sql: &str) -> Vec<String> {
+    query::Reader::open(store.path())
+        .unwrap()
+        .conn()
+        .prepare(sql)
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// The state of the delivery of notification `ext_id` (single-token notifications).
 fn delivery_state(store: &Store, ext_id: &str) -> i64 {
     query::Reader::open(store.path())
@@ -1296,16 +1309,11 @@ fn a_fan_out_that_reaches_nobody_says_so() {
             ],
         )])
         .unwrap();
-    let events = |store: &Store| -> Vec<String> {
-        query::Reader::open(store.path())
-            .unwrap()
-            .conn()
-            .prepare("SELECT message FROM events WHERE kind = 'unreached' ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+    let events = |store: &Store| {
+        texts(
+            store,
+            "SELECT message FROM events WHERE kind = 'unreached' ORDER BY id",
+        )
     };
     let rt = rt();
     let now = crate::model::now_ms() + 1;
@@ -1343,17 +1351,7 @@ fn the_purge_keeps_the_record_of_a_committed_file_still_in_the_inbox() {
             file("moved.json", vec![device("a", 2, None)]),
         ])
         .unwrap();
-    let records = |store: &Store| -> Vec<String> {
-        query::Reader::open(store.path())
-            .unwrap()
-            .conn()
-            .prepare("SELECT name FROM committed_files ORDER BY name")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    };
+    let records = |store: &Store| texts(store, "SELECT name FROM committed_files ORDER BY name");
     let later = crate::model::now_ms() + 60_000;
     let n = store.purge_blocking(later, None).unwrap();
     assert_eq!(n.committed_files, 0, "an unlisted inbox keeps every record");
