@@ -109,16 +109,12 @@ fn filter(level: &str) -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Logs to stderr only: one-shot commands, whose stdout is their own output.
+/// Logs to stderr only: `simulate`, and the one-shot commands whose log files cannot be
+/// opened (stdout is their own output).
 pub fn init_stderr(level: &str) {
     let ansi = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::registry()
-        .with(
-            fmt::layer()
-                .with_target(false)
-                .with_ansi(ansi)
-                .with_writer(OneLine::new(std::io::stderr, ansi)),
-        )
+        .with(console_layer(std::io::stderr, ansi))
         .with(filter(level))
         .try_init();
 }
@@ -132,6 +128,22 @@ pub enum JsonFormatter {
     /// tracing-subscriber's own JSON layer, the format `JsonLines` reproduces: the baseline of
     /// the `log_line` benchmark.
     TracingSubscriber,
+}
+
+/// A console's text layer (stdout or stderr): no target, colours only on a terminal, each
+/// event on one line whatever its fields hold.
+fn console_layer<S, W>(
+    writer: W,
+    ansi: bool,
+) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, OneLine<W>>
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + 'static,
+{
+    fmt::layer()
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(OneLine::new(writer, ansi))
 }
 
 /// Where a process's log lines go besides the files.
@@ -190,12 +202,7 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             // No files: stdout is the daemon's log, every line of it.
             let ansi = std::io::stdout().is_terminal();
             let _ = tracing_subscriber::registry()
-                .with(
-                    fmt::layer()
-                        .with_target(false)
-                        .with_ansi(ansi)
-                        .with_writer(OneLine::new(std::io::stdout, ansi)),
-                )
+                .with(console_layer(std::io::stdout, ansi))
                 .with(filter(&cfg.level))
                 .try_init();
         }
@@ -260,25 +267,15 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             ));
         (
             // The files have every delivery line; stdout keeps only the unusual ones.
-            Some(WithoutDeliveryInfo(
-                fmt::layer()
-                    .with_target(false)
-                    .with_ansi(ansi)
-                    .with_writer(OneLine::new(w, ansi)),
-            )),
+            Some(WithoutDeliveryInfo(console_layer(w, ansi))),
             Some(g),
         )
     } else {
         (None, None)
     };
     // A one-shot command's few lines: written at once, in order with what it prints.
-    let stderr_layer = (console == Console::Stderr).then(|| {
-        let ansi = std::io::stderr().is_terminal();
-        fmt::layer()
-            .with_target(false)
-            .with_ansi(ansi)
-            .with_writer(OneLine::new(std::io::stderr, ansi))
-    });
+    let stderr_layer = (console == Console::Stderr)
+        .then(|| console_layer(std::io::stderr, std::io::stderr().is_terminal()));
     let _ = tracing_subscriber::registry()
         .with(stdout_layer)
         .with(stderr_layer)
