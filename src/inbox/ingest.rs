@@ -1500,14 +1500,19 @@ mod tests {
         // Aged the way an operator would (`touch -d "8 days ago"`).
         let old = d.path().join("old.json");
         std::fs::write(&old, "{}").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&old)
-            .unwrap()
-            .set_modified(SystemTime::now() - Duration::from_secs(8 * 86_400))
-            .unwrap();
+        backdate(&old, Duration::from_secs(8 * 86_400));
         assert_eq!(sweep_dir(d.path(), week, SystemTime::now(), |_| true), 1);
         assert!(!old.exists());
+    }
+
+    /// Sets a file's mtime `age` back, as `touch -d` does.
+    fn backdate(path: &Path, age: Duration) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
     }
 
     /// The move into processed_dir stamps the file with the time it came, so retention counts
@@ -1518,12 +1523,7 @@ mod tests {
         let ing = ingestor(d.path(), true);
         let path = d.path().join("inbox/n.jsonl");
         std::fs::write(&path, line("stamped") + "\n").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(SystemTime::now() - Duration::from_secs(30 * 86_400))
-            .unwrap();
+        backdate(&path, Duration::from_secs(30 * 86_400));
         let results = ing.process(vec![Candidate {
             path: path.clone(),
             settled: true,
