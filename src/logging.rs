@@ -80,19 +80,30 @@ struct OneLineWriter<W> {
 impl<W: std::io::Write> std::io::Write for OneLineWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        // C1 controls (U+0080..U+009F, which a terminal may read as commands: U+009B starts
+        // an escape sequence) are two bytes in UTF-8, 0xC2 then 0x80..=0x9F.
+        let c1 = |i: usize| {
+            body[i] == 0xc2 && body.get(i + 1).is_some_and(|b| (0x80..=0x9f).contains(b))
+        };
         let plain = |b: u8| b >= 0x20 && b != 0x7f || b == b'\t' || (b == 0x1b && self.ansi);
-        if body.iter().all(|&b| plain(b)) {
+        if body.iter().all(|&b| plain(b)) && !(0..body.len()).any(c1) {
             self.inner.write_all(buf)?;
             return Ok(buf.len());
         }
         let mut out = Vec::with_capacity(buf.len() + 16);
-        for &b in body {
-            match b {
+        let mut i = 0;
+        while i < body.len() {
+            match body[i] {
+                _ if c1(i) => {
+                    out.extend_from_slice(format!("\\u{{{:x}}}", body[i + 1]).as_bytes());
+                    i += 1;
+                }
                 b'\n' => out.extend_from_slice(b"\\n"),
                 b'\r' => out.extend_from_slice(b"\\r"),
                 b if plain(b) => out.push(b),
                 b => out.extend_from_slice(format!("\\u{{{b:x}}}").as_bytes()),
             }
+            i += 1;
         }
         out.extend_from_slice(&buf[body.len()..]);
         self.inner.write_all(&out)?;
@@ -409,8 +420,12 @@ pub(crate) mod tests {
             let name = "new\nline \u{1}\u{1b}[31m.json";
             warn!(event = "rejected", file = %name, report = %format!("dir/{name}.error.json"), "rejected");
             info!(event = "plain", file = "a.json", "nothing to escape\there");
+            warn!(event = "rejected", file = %"c1\u{9b}2J.json", "rejected");
         });
-        let lines = sink.lines();
+        let mut lines = sink.lines();
+        // A C1 control (U+009B starts a terminal escape sequence) is escaped too.
+        let c1 = lines.pop().unwrap_or_default();
+        assert!(c1.contains(r"file=c1\u{9b}2J.json"), "{c1}");
         assert_eq!(lines.len(), 2, "{lines:#?}");
         assert!(
             lines[0].contains(r"file=new\nline \u{1}\u{1b}[31m.json"),
