@@ -170,15 +170,7 @@ impl Receipts {
     /// `<dir>/<app>/<id>.json`, so that no app's receipt replaces another's.
     fn path_for(&self, app: &str, id: &str) -> PathBuf {
         let plain = self.dir.join(format!("{id}.json"));
-        #[derive(serde::Deserialize)]
-        struct Owner {
-            app: String,
-        }
-        let other_app = std::fs::read(&plain)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Owner>(&b).ok())
-            .is_some_and(|o| o.app != app);
-        if other_app {
+        if receipt_app(&plain).is_some_and(|owner| owner != app) {
             self.dir.join(app_folder(app)).join(format!("{id}.json"))
         } else {
             plain
@@ -229,6 +221,27 @@ impl Receipts {
         std::fs::rename(&tmp, &path).map_err(io)?;
         Ok(Some(path))
     }
+}
+
+/// The app a receipt file names, read from its first KiB only: a receipt names its id, then
+/// its app, at its top, and the rest (every failed token) may be long; the start-up sweep
+/// asks this of every receipt in the retention window.
+fn receipt_app(path: &Path) -> Option<String> {
+    use std::io::Read;
+    const KEY: &str = "\"app\":";
+    let mut head = Vec::with_capacity(1024);
+    std::fs::File::open(path)
+        .ok()?
+        .take(1024)
+        .read_to_end(&mut head)
+        .ok()?;
+    let head = String::from_utf8_lossy(&head);
+    // An id holds no `"`, so the first `"app":` is the key.
+    let value = head[head.find(KEY)? + KEY.len()..].trim_start();
+    serde_json::Deserializer::from_str(value)
+        .into_iter::<String>()
+        .next()?
+        .ok()
 }
 
 /// An app's name as a folder name: bytes other than ASCII letters, digits, `-`, `_` and
