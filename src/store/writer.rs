@@ -721,9 +721,11 @@ impl Writer {
                         // unseen (a receipt of zeros says little about why).
                         let nobody: Vec<String> = tx
                             .prepare_cached(
-                                "SELECT value FROM json_each(?2) WHERE value NOT IN
-                                   (SELECT user FROM devices
-                                    WHERE app = ?1 AND active = 1 AND user IS NOT NULL)",
+                                // One index probe (devices_user) per listed user, not a
+                                // list of every user of the app.
+                                "SELECT j.value FROM json_each(?2) j WHERE NOT EXISTS
+                                   (SELECT 1 FROM devices
+                                    WHERE app = ?1 AND user = j.value AND active = 1)",
                             )?
                             .query_map(params![app, target], |r| r.get(0))?
                             .collect::<Result<_, _>>()?;
