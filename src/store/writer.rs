@@ -123,7 +123,7 @@ pub struct ClaimedDelivery {
 #[derive(Debug, Clone)]
 pub struct EndedDelivery {
     pub delivery: ClaimedDelivery,
-    /// `Expired` or `InvalidToken`.
+    /// `Expired`, `InvalidToken`, or `Failed` (its device unregistered).
     pub state: DeliveryState,
     pub reason: String,
 }
@@ -825,15 +825,12 @@ impl Writer {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut expired = Vec::new();
-        let mut invalid = Vec::new();
-        let mut unregistered = Vec::new();
         // Walk the queue from the cursor; if that comes back short and did not start at the
         // beginning, walk once more from the beginning: a delivery can become due behind the
         // cursor (a clock step backwards, a requeue by another process).
         let mut from = self.cursor.take();
         let mut next_due;
-        // Expired or invalidated on the way: finished below, once the walk is done.
+        // Ended on the way (expired, invalidated, unregistered): the walk skips them.
         let mut ending = HashSet::new();
         loop {
             let started_at_beginning = from.is_none();
@@ -901,49 +898,45 @@ impl Writer {
                     },
                     notification: info,
                 };
-                if delivery
+                // Ended here without a request (finished below, once the walk is done).
+                let end = if delivery
                     .notification
                     .expiration
                     .is_some_and(|e| e > 0 && e * 1000 <= now)
                 {
-                    ending.insert(did);
-                    expired.push(did);
-                    claim.ended.push(EndedDelivery {
-                        delivery,
-                        state: DeliveryState::Expired,
-                        reason: EXPIRED_UNSENT.into(),
-                    });
+                    Some((DeliveryState::Expired, EXPIRED_UNSENT.to_string()))
                 } else if r.get::<_, Option<i64>>(8)?.is_some() {
                     let why: Option<String> = r.get(9)?;
-                    let why = why.unwrap_or_else(|| "Unregistered".into());
-                    ending.insert(did);
-                    invalid.push((did, why.clone()));
-                    claim.ended.push(EndedDelivery {
-                        delivery,
-                        state: DeliveryState::InvalidToken,
-                        reason: why,
-                    });
+                    Some((
+                        DeliveryState::InvalidToken,
+                        why.unwrap_or_else(|| "Unregistered".into()),
+                    ))
                 } else if r
                     .get::<_, Option<i64>>(18)?
                     .is_some_and(|at| at >= r.get::<_, i64>(19).unwrap_or(i64::MAX))
                 {
                     // Unregistered after the notification was made (a later notification
                     // naming the token itself is sent: the dropper asked for it since).
-                    ending.insert(did);
-                    unregistered.push(did);
-                    claim.ended.push(EndedDelivery {
-                        delivery,
-                        state: DeliveryState::Failed,
-                        reason: UNREGISTERED_UNSENT.into(),
-                    });
+                    Some((DeliveryState::Failed, UNREGISTERED_UNSENT.to_string()))
                 } else {
-                    self.in_flight.insert(did, nid);
-                    taken.push(did);
-                    claim.deliveries.push(delivery);
+                    None
+                };
+                match end {
+                    Some((state, reason)) => {
+                        ending.insert(did);
+                        claim.ended.push(EndedDelivery {
+                            delivery,
+                            state,
+                            reason,
+                        });
+                    }
+                    None => {
+                        self.in_flight.insert(did, nid);
+                        taken.push(did);
+                        claim.deliveries.push(delivery);
+                    }
                 }
-                if claim.deliveries.len() + expired.len() + invalid.len() + unregistered.len()
-                    >= limit
-                {
+                if claim.deliveries.len() + claim.ended.len() >= limit {
                     full = true;
                     break;
                 }
@@ -962,7 +955,7 @@ impl Writer {
                 // Everything due in the queue is claimed.
                 self.handoff.queued_behind = None;
             }
-            let room = limit.saturating_sub(expired.len() + invalid.len() + unregistered.len());
+            let room = limit.saturating_sub(claim.ended.len());
             self.handoff.take(
                 now,
                 room,
@@ -973,35 +966,13 @@ impl Writer {
             );
         }
         let mut finals = Finals::default();
-        for did in expired {
+        for e in &claim.ended {
             finish(
                 &tx,
-                did,
-                (DeliveryState::Expired, false),
+                e.delivery.delivery_id,
+                (e.state, false),
                 None,
-                Some(EXPIRED_UNSENT),
-                now,
-                &mut finals,
-            )?;
-        }
-        for (did, why) in invalid {
-            finish(
-                &tx,
-                did,
-                (DeliveryState::InvalidToken, false),
-                None,
-                Some(&why),
-                now,
-                &mut finals,
-            )?;
-        }
-        for did in unregistered {
-            finish(
-                &tx,
-                did,
-                (DeliveryState::Failed, false),
-                None,
-                Some(UNREGISTERED_UNSENT),
+                Some(&e.reason),
                 now,
                 &mut finals,
             )?;
