@@ -224,14 +224,7 @@ fn a_burst_of_drops_is_taken_in_name_order() {
         std::thread::sleep(Duration::from_micros(300));
     }
     wait_for("all five files", || env.processed_names().len() == 5);
-    let order: Vec<String> = env
-        .db()
-        .prepare("SELECT ext_id FROM notifications ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let order = env.texts("SELECT ext_id FROM notifications ORDER BY id");
     assert_eq!(
         order,
         ["burst-a", "burst-b", "burst-c", "burst-d", "burst-e"]

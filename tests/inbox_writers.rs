@@ -220,14 +220,6 @@ fn files_found_at_start_are_taken_in_name_order_not_oldest_first() {
     let daemon = env.start();
     wait_for("both files", || env.processed_names().len() == 2);
     daemon.shutdown();
-    let db = env.db();
-    let mut st = db
-        .prepare("SELECT ext_id FROM notifications ORDER BY id")
-        .unwrap();
-    let order: Vec<String> = st
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let order = env.texts("SELECT ext_id FROM notifications ORDER BY id");
     assert_eq!(order, ["first", "second"]);
 }

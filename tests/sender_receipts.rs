@@ -63,16 +63,10 @@ fn receipts_dir(env: &Env) -> PathBuf {
 
 /// Ids of the notifications whose deliveries are all final, per the database.
 fn finished_ids(env: &Env) -> Vec<String> {
-    env.db()
-        .prepare(
-            "SELECT n.ext_id FROM notifications n JOIN notification_status s ON s.id = n.id
-             WHERE s.finished_at IS NOT NULL ORDER BY n.id",
-        )
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    env.texts(
+        "SELECT n.ext_id FROM notifications n JOIN notification_status s ON s.id = n.id
+         WHERE s.finished_at IS NOT NULL ORDER BY n.id",
+    )
 }
 
 /// The ids that have a receipt file.

@@ -226,6 +226,17 @@ listen = ""
         self.db().query_row(sql, [], |r| r.get(0)).expect(sql)
     }
 
+    /// The first column of `sql`'s rows, as text.
+    pub fn texts(&self, sql: &str) -> Vec<String> {
+        self.db()
+            .prepare(sql)
+            .expect(sql)
+            .query_map([], |r| r.get(0))
+            .expect(sql)
+            .collect::<Result<_, _>>()
+            .expect(sql)
+    }
+
     /// Runs the binary with this config.
     pub fn pushdrop(&self, args: &[&str]) -> std::process::Output {
         std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
