@@ -518,7 +518,7 @@ fn record<'t>(
 ) {
     // Fast path: typed deserialization, then the semantic checks.
     let mut problems = Vec::new();
-    if let Ok(raw) = serde_json::from_str::<RawRecord<'t>>(text) {
+    if let Ok(ObjectOnly(raw)) = serde_json::from_str::<ObjectOnly<RawRecord<'t>>>(text) {
         if let Some(r) = check(&raw, &HashSet::new(), ctx, &mut problems)
             && problems.is_empty()
         {
@@ -654,7 +654,7 @@ struct RawRecord<'a> {
     action: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "object_only")]
     to: Option<RawTarget<'a>>,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
@@ -696,6 +696,51 @@ struct RawTarget<'a> {
     users: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     all: Option<bool>,
+}
+
+/// What a field that must be a JSON object is expected to look like, for the error message.
+trait ObjectShape {
+    const EXPECTING: &'static str;
+}
+
+impl ObjectShape for RawRecord<'_> {
+    const EXPECTING: &'static str = "a JSON object";
+}
+
+impl ObjectShape for RawTarget<'_> {
+    const EXPECTING: &'static str =
+        "an object: {\"tokens\": [...]}, {\"users\": [...]} or {\"all\": true}";
+}
+
+/// A record, or its `to`, read from a JSON object only. serde's derived structs also take an
+/// array and read its items by position, so `"to": [null, null, true]` would pass as a
+/// broadcast: a typo must not.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de> + ObjectShape> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de> + ObjectShape> Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(T::EXPECTING)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+            .map(ObjectOnly)
+    }
+}
+
+/// `#[serde(deserialize_with)]` for an optional object-only field.
+fn object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + ObjectShape,
+{
+    Option::<ObjectOnly<T>>::deserialize(d).map(|o| o.map(|o| o.0))
 }
 
 /// `expiration` / `send_at`: RFC 3339 text or whole UNIX seconds.
@@ -943,7 +988,7 @@ fn slow_path(
             "environment" => raw.environment = field_value(key, v, p),
             "action" => raw.action = field_value(key, v, p),
             "id" => raw.id = field_value(key, v, p),
-            "to" => raw.to = field_value(key, v, p),
+            "to" => raw.to = field_value::<ObjectOnly<_>>(key, v, p).map(|o| o.0),
             "payload" => raw.payload = field_value(key, v, p),
             "push_type" => raw.push_type = field_value(key, v, p),
             "priority" => raw.priority = field_value(key, v, p),
@@ -1993,6 +2038,37 @@ mod tests {
                 "{bad}: {r:?}"
             );
         }
+    }
+
+    /// serde's derived structs read an array by position; here that would turn a typo into
+    /// a broadcast.
+    #[test]
+    fn an_array_is_not_a_record_nor_a_target() {
+        let rec =
+            |to: &str| format!(r#"{{"type":"notification","to":{to},"payload":{{"aps":{{}}}}}}"#);
+        for bad in [r#"[null,null,true]"#, &format!(r#"[["{TOKEN}"]]"#)] {
+            for kind in [FileKind::Json, FileKind::Jsonl] {
+                let r = problems(&rec(bad), kind);
+                assert_eq!(r.problems.len(), 1, "{bad}: {r:?}");
+                assert_eq!(r.problems[0].field.as_deref(), Some("to"), "{bad}: {r:?}");
+                assert!(
+                    r.problems[0].message.contains("expected an object"),
+                    "{bad}: {r:?}"
+                );
+            }
+        }
+        let line = format!(r#"["device","buxheti","{TOKEN}"]"#);
+        let r = parse_file(
+            line.as_bytes(),
+            FileKind::Jsonl,
+            &cfg(&[("buxheti", "com.b")]),
+        )
+        .unwrap_err();
+        assert_eq!(r.problems.len(), 1, "{r:?}");
+        assert!(
+            r.problems[0].message.contains("must be a JSON object"),
+            "{r:?}"
+        );
     }
 
     #[test]
