@@ -246,8 +246,13 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     assert_eq!(status["deliveries"][APP]["queued"], 0);
 
     // Outcomes decided without a request count as outcomes too: a notification to the token
-    // Apple declared dead, and one whose expiration passed before it could be sent.
+    // Apple declared dead, one whose expiration passed before it could be sent, and one to a
+    // device unregistered after it was made (`failed`, as `show` and the receipt say).
     let requests = env.sim.requests();
+    let logged_out = format!(
+        r#"{{"type":"device","app":"{APP}","token":"{}","action":"unregister"}}"#,
+        token(7)
+    );
     let too_late = format!(
         r#"{{"type":"notification","id":"too-late","app":"{APP}","to":{{"tokens":["{}"]}},"payload":{{"aps":{{"alert":"late"}}}},"expiration":{}}}"#,
         token(6),
@@ -255,13 +260,18 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     );
     env.drop_file(
         "f-unsendable.jsonl",
-        format!("{}\n{too_late}\n", notification("dead-again", &gone)),
+        format!(
+            "{}\n{too_late}\n{}\n{logged_out}\n",
+            notification("dead-again", &gone),
+            notification("logged-out", &token(7))
+        ),
     );
-    for id in ["dead-again", "too-late"] {
+    for id in ["dead-again", "too-late", "logged-out"] {
         let receipt = env.receipts.join(format!("{id}.json"));
         wait_for(&format!("receipt {id}"), || receipt.exists());
     }
-    let m = ops::parse_metrics(&ops::get_open_metrics(admin).body);
+    let m_text = ops::get_open_metrics(admin).body;
+    let m = ops::parse_metrics(&m_text);
     let count = |f: &str, l: &[(&str, &str)]| sample(&m, f, l).unwrap_or(0.0) as i64;
     assert_eq!(
         count(
@@ -275,6 +285,16 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
             "pushdrop_deliveries",
             &[("outcome", "expired"), ("reason", "other")]
         ),
+        1
+    );
+    assert_eq!(
+        sum(&m, "pushdrop_deliveries", &[("outcome", "failed")]) as i64,
+        1,
+        "{}",
+        m_text
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries WHERE state = 2"),
         1
     );
     assert_eq!(

@@ -364,6 +364,58 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
 
+/// The README's way out of a burst of tokens that really are dead: unregister them. Their
+/// deliveries end unsent, and with nothing left to send the pause ends by itself instead of
+/// waiting, alerting, for the app's next notification.
+#[test]
+fn unregistering_a_bursts_dead_tokens_ends_their_deliveries_and_then_the_pause() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    for n in 0..30 {
+        w.script(&token(n), TokenScript::BadDeviceToken);
+    }
+    let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(0..30, "u"));
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 30
+    });
+    w.env
+        .drop_file("b-all.json", notification_to("dead", r#"{"all":true}"#, ""));
+    wait_for("pause recorded", || {
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'paused'")
+            >= 1
+    });
+    let gone: String = (0..30)
+        .map(|n| {
+            format!(
+                "{{\"type\":\"device\",\"app\":\"{}\",\"token\":\"{}\",\"action\":\"unregister\"}}\n",
+                inbox::APP,
+                token(n)
+            )
+        })
+        .collect();
+    w.env.drop_file("c-gone.jsonl", gone);
+    wait_for("deliveries ended", || {
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 2")
+            == 30
+    });
+    wait_for("pause over", || {
+        w.env.status_json()["paused"] == serde_json::json!([])
+    });
+    daemon.shutdown();
+    let s = w.env.status_json();
+    assert!(
+        s.to_string().contains("nothing left to send"),
+        "status says why: {s}"
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM devices WHERE invalidated_at IS NOT NULL"),
+        0
+    );
+}
+
 #[test]
 fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     let port = world::free_port();

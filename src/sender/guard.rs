@@ -172,6 +172,42 @@ impl Guards {
             .unwrap_or(true)
     }
 
+    /// Ends the pauses whose time is up when nothing is left to send: no answer will come to
+    /// end them (a 200) or renew them, and an app whose dead tokens the operator unregistered
+    /// would otherwise stay paused, alerting, until its next notification. Returns the apps
+    /// and environments resumed.
+    pub fn lapse_idle(&self) -> Vec<(String, Environment)> {
+        if !self.any_pause.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let Ok(mut pauses) = self.pauses.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let over: Vec<Key> = pauses
+            .iter()
+            .filter(|(_, p)| p.until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &over {
+            if let Some(p) = pauses.remove(key) {
+                let (app, env) = (key.0.as_str(), key.1);
+                set_paused_metric(app, env, &p.kind, 0);
+                info!(
+                    event = "app_resumed",
+                    app,
+                    environment = %env,
+                    cause = %p.kind,
+                    "the pause is over with nothing left to send; the next notification goes out as usual"
+                );
+            }
+        }
+        if pauses.is_empty() {
+            self.any_pause.store(false, Ordering::Release);
+        }
+        over
+    }
+
     /// A 200 for the app and environment: its credentials and config are fine.
     /// Returns whether this answer ended a pause.
     pub fn success(&self, app: &str, env: Environment) -> bool {

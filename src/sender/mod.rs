@@ -301,6 +301,22 @@ async fn main_loop(
                         inner.finished(round.claim.finished);
                         let n = round.claim.deliveries.len();
                         ready.extend(round.claim.deliveries);
+                        // Nothing queued, in flight or held: a pause whose time is up has no
+                        // answer left to end it.
+                        if n == 0
+                            && ready.is_empty()
+                            && round.claim.idle_until == Some(None)
+                            && slots.available_permits() == max_in_flight
+                            && !inner.guards.has_held()
+                        {
+                            for (app, env) in inner.guards.lapse_idle() {
+                                inner.note(
+                                    "resumed",
+                                    &app,
+                                    format!("{env}: the pause is over with nothing left to send"),
+                                );
+                            }
+                        }
                         // Short of due work: sleep until the next due moment or new work.
                         if let (Some(next_due), false) = (round.claim.idle_until, fanout_pending) {
                             let ms = match next_due {
@@ -763,9 +779,9 @@ impl Inner {
         }
     }
 
-    /// Deliveries the claim ended unsent (expired, or to a device already invalidated) are
-    /// outcomes too: one line and one count each, with the attempts made before, and HTTP
-    /// status and latency 0 (no request was made).
+    /// Deliveries the claim ended unsent (expired, to a device already invalidated, or to one
+    /// unregistered since) are outcomes too: one line and one count each, with the attempts
+    /// made before, and HTTP status and latency 0 (no request was made).
     fn log_ended(&self, ended: &[EndedDelivery]) {
         for e in ended {
             let kind = match e.state {
@@ -773,6 +789,10 @@ impl Inner {
                     status: 0,
                     reason: e.reason.clone(),
                     invalidated_at_ms: 0,
+                },
+                DeliveryState::Failed => ResultKind::Failed {
+                    status: None,
+                    reason: e.reason.clone(),
                 },
                 _ => ResultKind::Expired {
                     status: None,
