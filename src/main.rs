@@ -78,8 +78,9 @@ enum Command {
     Retry {
         #[arg(required_unless_present = "failed", conflicts_with = "failed")]
         id: Option<String>,
-        /// The app of the notification, when two apps use its id.
-        #[arg(long, requires = "id")]
+        /// The app of the notification, when two apps use its id; with --failed, only that
+        /// app's failed deliveries.
+        #[arg(long)]
         app: Option<String>,
         #[arg(long)]
         failed: bool,

@@ -264,6 +264,19 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
 pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let _log = crate::logging::init_one_shot(&cfg.log);
+    // A mistyped app would otherwise requeue nothing and succeed. An app no longer in the
+    // config may still have failed deliveries in the store.
+    if let Some(app) = app
+        && !cfg.apps.iter().any(|a| a.name == app)
+        && id.is_none()
+    {
+        let names: Vec<&str> = cfg.apps.iter().map(|a| a.name.as_str()).collect();
+        eprintln!(
+            "pushdrop: no app {app:?} in the config (configured: {}); nothing requeued",
+            names.join(", ")
+        );
+        return Ok(1);
+    }
     let store = Store::open(&cfg.store.path, false)?;
     let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
         // A mistyped id, or one two apps use, is an error, as for `show`.
@@ -273,9 +286,10 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         }
         r => r?,
     };
-    match id {
-        Some(id) => println!("requeued {n} failed deliveries of {id}"),
-        None => println!("requeued {n} failed deliveries"),
+    match (id, app) {
+        (Some(id), _) => println!("requeued {n} failed deliveries of {id}"),
+        (None, Some(app)) => println!("requeued {n} failed deliveries of app {app}"),
+        (None, None) => println!("requeued {n} failed deliveries"),
     }
     tracing::info!(
         event = "requeued",

@@ -317,7 +317,8 @@ impl Store {
     }
 
     /// Requeues failed deliveries: of notification `id` (of `app`, which must be named when
-    /// two apps use the id: [`StoreError::AmbiguousId`]) or, with `None`, all of them. An `id`
+    /// two apps use the id: [`StoreError::AmbiguousId`]) or, with `None`, all of them (of
+    /// `app` only, when named). An `id`
     /// no notification has is [`StoreError::UnknownNotification`], not "0 requeued".
     pub fn retry_failed_blocking(
         &self,

@@ -1583,6 +1583,67 @@ fn show_names_the_apps_of_an_id_that_two_apps_use() {
     );
 }
 
+/// `retry --failed --app b`: only app b's failed deliveries go back to the queue.
+#[test]
+fn retry_of_all_failed_deliveries_may_be_limited_to_one_app() {
+    let (_dir, store) = open();
+    let mut records = Vec::new();
+    for (app, id, tokens) in [
+        ("a", "a-1", vec![tok(1)]),
+        ("b", "b-1", vec![tok(2)]),
+        ("b", "b-2", vec![tok(3), tok(4)]),
+    ] {
+        let mut n = notification(Some(id), Target::Tokens(tokens));
+        if let Record::Notification(n) = &mut n {
+            n.app = app.into();
+        }
+        records.push(n);
+    }
+    store.ingest(vec![file("n.jsonl", records)]).unwrap();
+    rt().block_on(async {
+        let claimed = store
+            .claim_due(crate::model::now_ms() + 1, 10)
+            .await
+            .unwrap()
+            .deliveries;
+        assert_eq!(claimed.len(), 4);
+        let failed = claimed
+            .iter()
+            .map(|c| DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind: ResultKind::Failed {
+                    status: Some(400),
+                    reason: "BadTopic".into(),
+                },
+            })
+            .collect();
+        store.record_results(failed).await.unwrap();
+    });
+    assert_eq!(
+        store.retry_failed_blocking(None, Some("b".into())).unwrap(),
+        3
+    );
+    let c = rusqlite::Connection::open(store.path()).unwrap();
+    let queued: Vec<String> = c
+        .prepare(
+            "SELECT n.ext_id FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.state = 0 ORDER BY d.id",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(queued, ["b-1", "b-2", "b-2"]);
+    // b-2 is unfinished again, with both its deliveries pending.
+    assert!(
+        progress(&store)
+            .iter()
+            .any(|(_, pending, done)| *pending == 2 && !*done)
+    );
+    assert_eq!(store.retry_failed_blocking(None, None).unwrap(), 1);
+}
+
 /// The start-up receipt sweep's query: finished notifications within a time window, single
 /// deliveries (no progress row) and multi-delivery ones alike, page by page in (app, id)
 /// order; unfinished ones and those finished before the window are left out.

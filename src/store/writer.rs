@@ -1194,6 +1194,8 @@ impl Writer {
                     .ok_or_else(|| StoreError::UnknownNotification(id.to_string()))?,
             ),
         };
+        // All failed deliveries of one app (`--failed --app`): its notifications, by id.
+        let of_app = if only.is_none() { app } else { None };
         // The notifications first (their pending counts grow by their failed deliveries),
         // then the deliveries themselves.
         tx.execute(
@@ -1201,14 +1203,16 @@ impl Writer {
                 pending = pending + (SELECT count(*) FROM deliveries
                                      WHERE notification_id = notification_progress.id AND state = 2)
              WHERE id IN (SELECT notification_id FROM deliveries WHERE state = 2)
-               AND (?1 IS NULL OR id = ?1)",
-            [only],
+               AND (?1 IS NULL OR id = ?1)
+               AND (?2 IS NULL OR id IN (SELECT id FROM notifications WHERE app = ?2))",
+            params![only, of_app],
         )?;
         let n = tx.execute(
             "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?2, finished_at = NULL,
              updated_at = ?2
-             WHERE state = 2 AND (?1 IS NULL OR notification_id = ?1)",
-            params![only, now],
+             WHERE state = 2 AND (?1 IS NULL OR notification_id = ?1)
+               AND (?3 IS NULL OR notification_id IN (SELECT id FROM notifications WHERE app = ?3))",
+            params![only, now, of_app],
         )?;
         tx.commit()?;
         queued_at(&mut self.cursor, now);
