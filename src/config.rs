@@ -863,6 +863,21 @@ impl Config {
                 "log.level",
                 format!("{:?} is not a tracing filter", self.log.level),
             );
+        } else if let Some(word) = self.log.level.split(',').map(str::trim).find(|d| {
+            // A bare word is a module name to log at every level, and every other module is
+            // then off: "inf" for "info" would silence the whole log.
+            !d.is_empty()
+                && !d.contains(['=', '[', '{', ':'])
+                && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_err()
+        }) {
+            bad(
+                "log.level",
+                format!(
+                    "{word:?} is not a level (trace, debug, info, warn, error, off); a module \
+                     takes one after '=', e.g. \"info,pushdrop::delivery=warn\""
+                ),
+            );
         }
 
         // [admin]
@@ -1512,6 +1527,29 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         }
         let text = format!("{GOOD}\n[receipts]\ndir = \"receipts\"\n");
         assert!(load_in(dir.path(), &text).is_ok());
+    }
+
+    /// A bare word in a tracing filter names a module and turns every other one off.
+    #[test]
+    fn a_log_level_typo_is_refused_rather_than_silencing_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        for level in ["inf", "warn,pushdrp"] {
+            let text = format!("{GOOD}\n[log]\nlevel = \"{level}\"\n");
+            let err = load_in(dir.path(), &text).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{err}");
+            assert_eq!(err.problems[0].key, "log.level", "{err}");
+            assert!(err.problems[0].message.contains("is not a level"), "{err}");
+        }
+        for level in [
+            "debug",
+            "INFO",
+            "info,pushdrop::delivery=warn",
+            "off",
+            "warn,h2=error",
+        ] {
+            let text = format!("{GOOD}\n[log]\nlevel = \"{level}\"\n");
+            assert!(load_in(dir.path(), &text).is_ok(), "{level}");
+        }
     }
 
     #[test]

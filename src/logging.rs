@@ -2,6 +2,7 @@
 //! `[log] dir`. Every log line of the daemon goes through `tracing`.
 
 use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 
 use tracing::subscriber::Interest;
 use tracing::{Event, Metadata, Subscriber, span};
@@ -231,11 +232,17 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
         Rotation::Daily => AppenderRotation::DAILY,
         Rotation::Never => AppenderRotation::NEVER,
     };
+    let keep = cfg.keep_files.max(2);
+    prune_for_start(
+        dir,
+        &current_log_name(cfg.rotation, time::OffsetDateTime::now_utc()),
+        keep,
+    );
     let appender = RollingFileAppender::builder()
         .rotation(rotation)
         .filename_prefix("pushdrop")
         .filename_suffix("log")
-        .max_log_files(cfg.keep_files.max(1))
+        .max_log_files(keep)
         .build(dir)
         .map_err(|e| LogError::Appender {
             dir: dir.clone(),
@@ -365,6 +372,56 @@ impl<S: Subscriber, L: Layer<S>> Layer<S> for WithoutDeliveryInfo<L> {
     }
 }
 
+/// The name of the file tracing-appender writes at `now` (UTC, as it names them).
+fn current_log_name(rotation: Rotation, now: time::OffsetDateTime) -> String {
+    let d = now.date();
+    let day = format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day());
+    match rotation {
+        Rotation::Never => "pushdrop.log".into(),
+        Rotation::Daily => format!("pushdrop.{day}.log"),
+        Rotation::Hourly => format!("pushdrop.{day}-{:02}.log", now.hour()),
+    }
+}
+
+/// tracing-appender prunes its folder when it starts, oldest first by creation time, down to
+/// `keep - 1` files, counting the file of the current period that it is about to append to.
+/// That file is the oldest when the others were copied or restored in after it was made, and
+/// would be deleted with the lines already written to it. Pruning the others first, the same
+/// way, leaves the appender nothing to do. (Its prune at a rotation runs before the new file
+/// exists; the file it leaves is then the newest.)
+fn prune_for_start(dir: &Path, current: &str, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut current_exists = false;
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !meta.is_file() || !name.starts_with("pushdrop") || !name.ends_with("log") {
+            continue;
+        }
+        if name == current {
+            current_exists = true;
+            continue;
+        }
+        let made = meta.created().or_else(|_| meta.modified());
+        others.push((made.unwrap_or(std::time::UNIX_EPOCH), e.path()));
+    }
+    let room = keep
+        .saturating_sub(1)
+        .saturating_sub(usize::from(current_exists));
+    if others.len() > room {
+        others.sort();
+        let excess = others.len() - room;
+        for (_, path) in others.into_iter().take(excess) {
+            // Should this fail, the appender's own prune tries again.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io;
@@ -375,6 +432,56 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::sender::DELIVERY_TARGET;
+
+    #[test]
+    fn the_current_periods_file_is_named_as_the_appender_names_it() {
+        let t = time::macros::datetime!(2026-12-01 07:05 UTC);
+        assert_eq!(
+            current_log_name(Rotation::Daily, t),
+            "pushdrop.2026-12-01.log"
+        );
+        assert_eq!(
+            current_log_name(Rotation::Hourly, t),
+            "pushdrop.2026-12-01-07.log"
+        );
+        assert_eq!(current_log_name(Rotation::Never, t), "pushdrop.log");
+    }
+
+    /// Files restored into the log folder after today's was made: today's is the oldest by
+    /// creation time, and the start-up prune kept deleting the lines already written to it.
+    #[test]
+    fn the_start_up_prune_never_takes_the_file_about_to_be_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = current_log_name(Rotation::Daily, time::OffsetDateTime::now_utc());
+        std::fs::write(dir.path().join(&today), "earlier lines\n").unwrap();
+        for (i, old) in ["pushdrop.2020-01-01.log", "pushdrop.2020-01-02.log"]
+            .iter()
+            .enumerate()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20 * (i as u64 + 1)));
+            std::fs::write(dir.path().join(old), "restored\n").unwrap();
+        }
+        std::fs::write(dir.path().join("other.txt"), "not a log").unwrap();
+        let cfg = LogConfig {
+            dir: Some(dir.path().to_path_buf()),
+            keep_files: 3,
+            ..LogConfig::default()
+        };
+        drop(init_files_only(&cfg).unwrap());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        // keep_files 3: today's, and the newest other one (the appender leaves room for a
+        // file it makes, as at a rotation, and counts today's when it exists).
+        assert_eq!(
+            names,
+            ["other.txt", "pushdrop.2020-01-02.log", today.as_str()]
+        );
+        let text = std::fs::read_to_string(dir.path().join(&today)).unwrap();
+        assert!(text.starts_with("earlier lines\n"), "{text}");
+    }
 
     /// Collects what a layer writes.
     #[derive(Clone, Default)]
