@@ -147,6 +147,14 @@ async fn one_stream_until_authorised_then_many() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_answers_time_out_as_retry_and_others_go_on() {
+    // The latency histogram's sum (process-wide: other tests add their short answers).
+    let latency_sum = || -> f64 {
+        pushdrop::metrics::encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("pushdrop_send_latency_seconds_sum "))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    let sum_before = latency_sum();
     let env = start(SimOptions::default()).await;
     let client = env.client("request_timeout_ms = 300");
     for i in 0..20 {
@@ -186,6 +194,9 @@ async fn slow_answers_time_out_as_retry_and_others_go_on() {
                 "timed out at the request timeout, not the answer"
             );
         }
+        // A timed-out request is in the latency histogram, at the timeout.
+        let timed = latency_sum() - sum_before;
+        assert!(timed >= 20.0 * 0.3, "{timed}");
         // The connection survived (PING answered), and the slow tokens go through once fast.
         env.sim.clear_scripts();
         for i in 0..20 {

@@ -337,6 +337,10 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                 }
             }
             Exchange::Timeout => {
+                // A hanging APNs shows in the histogram too, at the timeout.
+                crate::metrics::get()
+                    .send_latency_seconds
+                    .observe(began.elapsed().as_secs_f64());
                 return Outcome::Retry {
                     status: None,
                     reason: format!(
