@@ -43,6 +43,9 @@ pub(crate) struct Jwt {
 
 struct State {
     key: Option<EncodingKey>,
+    /// The key file's bytes `key` was read from: a rejected key that is still the same file
+    /// mints no new token before [`MIN_TOKEN_AGE`].
+    pem: Vec<u8>,
     current: Option<Arc<Jwt>>,
     /// Set after Apple rejected the key: the next mint re-reads the key file, so a fixed key
     /// is picked up without a restart.
@@ -66,11 +69,18 @@ struct Claims<'a> {
 }
 
 pub(crate) fn read_key(path: &Path) -> Result<EncodingKey, ApnsError> {
-    let pem = std::fs::read(path).map_err(|e| ApnsError::Key {
+    parse_key(path, &read_pem(path)?)
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, ApnsError> {
+    std::fs::read(path).map_err(|e| ApnsError::Key {
         path: path.to_path_buf(),
         message: format!("cannot read: {e}"),
-    })?;
-    EncodingKey::from_ec_pem(&pem).map_err(|e| ApnsError::Key {
+    })
+}
+
+fn parse_key(path: &Path, pem: &[u8]) -> Result<EncodingKey, ApnsError> {
+    EncodingKey::from_ec_pem(pem).map_err(|e| ApnsError::Key {
         path: path.to_path_buf(),
         message: format!("not a PKCS#8 EC P-256 (.p8) private key: {e}"),
     })
@@ -83,7 +93,8 @@ impl TokenSigner {
         clock: Clock,
         mints: Arc<AtomicU64>,
     ) -> Result<TokenSigner, ApnsError> {
-        let key = read_key(&cfg.key_file)?;
+        let pem = read_pem(&cfg.key_file)?;
+        let key = parse_key(&cfg.key_file, &pem)?;
         Ok(TokenSigner {
             key_file: cfg.key_file.clone(),
             key_id: cfg.key_id.clone(),
@@ -91,6 +102,7 @@ impl TokenSigner {
             clock,
             state: Mutex::new(State {
                 key: Some(key),
+                pem,
                 current: None,
                 reload: false,
             }),
@@ -110,15 +122,28 @@ impl TokenSigner {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// The token to use now: the cached one, or a new one when it is 50 minutes old (or the
-    /// key was rejected).
+    /// The token to use now: the cached one, or a new one when it is 50 minutes old, or when
+    /// the key was rejected and its file has changed since (or the token is 20 minutes old).
     pub fn current(&self) -> Result<Arc<Jwt>, ApnsError> {
         let mut st = self.lock();
-        if let Some(j) = &st.current
-            && !st.reload
-            && self.age(j) < REFRESH_AFTER
+        if let Some(j) = st.current.clone()
+            && self.age(&j) < REFRESH_AFTER
         {
-            return Ok(j.clone());
+            if !st.reload {
+                return Ok(j);
+            }
+            // Rejected (`InvalidProviderToken` and friends): the key file is read again, so a
+            // fixed key is used at once. The same key mints nothing new before the token is 20
+            // minutes old (one token per key, reused): another token of a key Apple refuses
+            // tells it nothing new, and each try of a paused app would count as a refresh.
+            let pem = read_pem(&self.key_file)?;
+            if pem == st.pem && self.age(&j) < MIN_TOKEN_AGE {
+                st.reload = false;
+                return Ok(j);
+            }
+            st.key = Some(parse_key(&self.key_file, &pem)?);
+            st.pem = pem;
+            st.reload = false;
         }
         self.mint(&mut st)
     }
@@ -148,7 +173,9 @@ impl TokenSigner {
 
     fn mint(&self, st: &mut State) -> Result<Arc<Jwt>, ApnsError> {
         if st.reload || st.key.is_none() {
-            st.key = Some(read_key(&self.key_file)?);
+            let pem = read_pem(&self.key_file)?;
+            st.key = Some(parse_key(&self.key_file, &pem)?);
+            st.pem = pem;
             st.reload = false;
         }
         let Some(key) = st.key.as_ref() else {
@@ -270,6 +297,23 @@ mod tests {
             head,
             serde_json::json!({"alg": "ES256", "kid": "ABC123DEFG"})
         );
+    }
+
+    /// Each try of an app paused for its credentials asks for a token: the same key file
+    /// gives the same token, until it is 20 minutes old.
+    #[test]
+    fn a_rejected_key_that_did_not_change_mints_nothing_new() {
+        let t = Arc::new(AtomicI64::new(0));
+        let (s, _d) = signer(t.clone());
+        let a = s.current().unwrap();
+        for _ in 0..3 {
+            s.on_rejected(&a);
+            assert_eq!(s.current().unwrap().generation, a.generation);
+        }
+        t.fetch_add(MIN_TOKEN_AGE.as_secs() as i64, Ordering::SeqCst);
+        s.on_rejected(&a);
+        assert_eq!(s.current().unwrap().generation, a.generation + 1);
+        assert_eq!(s.mints.load(Ordering::SeqCst), 2);
     }
 
     #[test]
