@@ -676,22 +676,6 @@ impl Config {
                 "must differ from processed_dir".into(),
             );
         }
-        // Folders pushdrop makes when missing; something else already under the name is a
-        // mistake no command could get past.
-        for (key, dir) in [
-            ("inbox.dir", &self.inbox.dir),
-            ("inbox.processed_dir", &processed),
-            ("inbox.rejected_dir", &rejected),
-        ] {
-            // The folder, or one above it that pushdrop would have to make it in.
-            if let Some((p, _)) = dir
-                .ancestors()
-                .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)))
-                .find(|(_, m)| !m.is_dir())
-            {
-                bad(key, format!("{} exists and is not a folder", p.display()));
-            }
-        }
         self.inbox.processed_dir = Some(processed);
         self.inbox.rejected_dir = Some(rejected);
         if self.inbox.max_file_bytes == 0 {
@@ -892,6 +876,33 @@ impl Config {
                 ),
             );
         }
+    }
+
+    /// The inbox folders that cannot be made because something else is already under the
+    /// name: a config no command that takes or moves files could get past (`run`, `ingest`,
+    /// `check-config`). The commands that only read the store leave them to those: an
+    /// operator needs `status` most when the daemon cannot move files.
+    pub fn folder_problems(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        for (key, dir) in [
+            ("inbox.dir", &self.inbox.dir),
+            ("inbox.processed_dir", &self.processed_dir().to_path_buf()),
+            ("inbox.rejected_dir", &self.rejected_dir().to_path_buf()),
+        ] {
+            // The folder, or one above it that pushdrop would have to make it in.
+            if let Some((p, _)) = dir
+                .ancestors()
+                .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)))
+                .find(|(_, m)| !m.is_dir())
+            {
+                problems.push(ConfigProblem {
+                    key: key.into(),
+                    line: None,
+                    message: format!("{} exists and is not a folder", p.display()),
+                });
+            }
+        }
+        problems
     }
 
     /// `[inbox] processed_dir`, resolved.
@@ -1560,7 +1571,14 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             "dir = \"inbox\"",
             "dir = \"inbox\"\nprocessed_dir = \"blocker/processed\"",
         );
-        let err = load_in(dir.path(), &text).unwrap_err();
+        // Only the commands that take or move files check it (`status` must still work).
+        assert!(load_in(dir.path(), &text).is_ok());
+        let key = dir.path().join("AuthKey.p8");
+        let text = text.replace("KEY", &key.display().to_string());
+        let err = Config::from_toml_checked(&text, &dir.path().join("p.toml"), dir.path(), |c| {
+            (c.folder_problems(), Vec::new())
+        })
+        .unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].key, "inbox.processed_dir", "{err}");
         assert!(

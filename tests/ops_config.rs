@@ -323,8 +323,11 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
         &format!("[inbox]\nprocessed_dir = \"{}\"\n", taken.display()),
     );
     let config = pushdrop_with(&d.config, &on_a_file, d.dir.path());
-    for cmd in ["check-config", "run"] {
-        let out = pushdrop(&config, &[cmd]);
+    for cmd in ["check-config", "run", "ingest"] {
+        let out = pushdrop(
+            &config,
+            &[cmd, "x.json"][..if cmd == "ingest" { 2 } else { 1 }],
+        );
         let said = text(&out.stdout) + &text(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{cmd}: {said}");
         assert!(
@@ -332,4 +335,8 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
             "{cmd}: {said}"
         );
     }
+    // The commands that only read the store still answer: `status` is what the operator
+    // needs when the daemon cannot move files.
+    let out = pushdrop(&config, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

@@ -90,7 +90,7 @@ fn plural(n: usize) -> &'static str {
 /// `processed_dir` (deleted with `keep_processed = false`), rejected ones moved to
 /// `rejected_dir` with their report, wherever they were. Exit 1 if any file was not accepted.
 pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
-    let cfg = Arc::new(super::load_config(config)?);
+    let cfg = Arc::new(super::load_config_for_files(config)?);
     let _log = crate::logging::init_one_shot(&cfg.log);
     let store = Store::open(&cfg.store.path, false)?;
     let ingestor = Ingestor::new(cfg, store);

@@ -30,11 +30,34 @@ pub fn check_named_config(named: Option<&Path>) -> anyhow::Result<()> {
     }
 }
 
-/// [`load_config`] for the command that sends (`run`): the contents of key, certificate and
-/// CA files are checked too, so that one it cannot use is a bad config (exit 64).
+/// [`load_config`] for the commands that take or move drop files (`ingest`): inbox folders
+/// that cannot be made are a bad config (exit 64).
+pub fn load_config_for_files(path: &Path) -> anyhow::Result<Config> {
+    let (cfg, warnings) = Config::load_checked(path, |c| (c.folder_problems(), Vec::new()))?;
+    for w in warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    Ok(cfg)
+}
+
+/// Everything `run` and `check-config` check beyond [`load_config`]: inbox folders that
+/// cannot be made, and key, certificate and CA files whose contents cannot be used.
+fn run_problems(
+    c: &Config,
+) -> (
+    Vec<crate::config::ConfigProblem>,
+    crate::config::ConfigWarnings,
+) {
+    let mut problems = c.folder_problems();
+    problems.extend(crate::apns::credential_problems(c));
+    (problems, Vec::new())
+}
+
+/// [`load_config`] for the command that sends (`run`): inbox folders and the contents of
+/// key, certificate and CA files are checked too, so that one it cannot use is a bad config
+/// (exit 64).
 pub fn load_config_to_send(path: &Path) -> anyhow::Result<Config> {
-    let (cfg, warnings) =
-        Config::load_checked(path, |c| (crate::apns::credential_problems(c), Vec::new()))?;
+    let (cfg, warnings) = Config::load_checked(path, run_problems)?;
     for w in warnings {
         eprintln!("warning: {}: {w}", path.display());
     }
@@ -91,8 +114,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 /// config check that passes what the daemon refuses would let a deploy step (systemd's
 /// `ExecStartPre`) pass a daemon that cannot start.
 pub fn check_config(path: &Path) -> anyhow::Result<i32> {
-    let unusable = |c: &Config| (crate::apns::credential_problems(c), Vec::new());
-    match Config::load_checked(path, unusable) {
+    match Config::load_checked(path, run_problems) {
         Ok((cfg, warnings)) => {
             for w in &warnings {
                 println!("warning: {w}");
