@@ -340,3 +340,38 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
     let out = pushdrop(&config, &["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// A database a newer pushdrop has migrated: every command refuses it, those that only read
+/// too (a newer build's tables may mean something else).
+#[test]
+fn a_newer_database_is_refused_by_every_command() {
+    let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    let d = deployed(&good, 0o600);
+    let out = pushdrop(&d.config, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let db = pushdrop::config::Config::load(&d.config)
+        .unwrap()
+        .0
+        .store
+        .path;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["show", "x"],
+        &["devices"],
+        &["retry", "--failed"],
+        &["purge"],
+    ] {
+        let out = pushdrop(&d.config, args);
+        let said = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("schema version 99 is newer than this pushdrop supports"),
+            "{args:?}: {said}"
+        );
+    }
+}

@@ -26,7 +26,15 @@ fn reader(cfg: &Config) -> anyhow::Result<Reader> {
         let version: i64 = r
             .conn()
             .query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        if version >= crate::store::SCHEMA_VERSION {
+        if version > crate::store::SCHEMA_VERSION {
+            // A newer build's tables may mean something else: as `run` does, refuse.
+            return Err(crate::store::StoreError::TooNew {
+                found: version,
+                supported: crate::store::SCHEMA_VERSION,
+            }
+            .into());
+        }
+        if version == crate::store::SCHEMA_VERSION {
             return Ok(r);
         }
     }
