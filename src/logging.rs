@@ -185,7 +185,7 @@ pub fn init_one_shot(cfg: &LogConfig) -> Option<LogGuard> {
         Ok(guard) => Some(guard),
         Err(e) => {
             init_stderr(&cfg.level);
-            tracing::warn!(error = %e, "this command's lines go to stderr only");
+            tracing::warn!(event = "log_files_unavailable", error = %e, "this command's lines go to stderr only");
             None
         }
     }
@@ -481,6 +481,61 @@ pub(crate) mod tests {
         );
         let text = std::fs::read_to_string(dir.path().join(&today)).unwrap();
         assert!(text.starts_with("earlier lines\n"), "{text}");
+    }
+
+    /// The README promises an `event` on every line operators see (info and above): a line
+    /// without one cannot be selected by `jq 'select(.event == …)'`. Checked on the source,
+    /// since most of these lines need a failing network or disk to be written.
+    #[test]
+    fn every_info_warn_and_error_line_names_its_event() {
+        fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    rust_files(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        rust_files(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut missing = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for m in ["info!(", "warn!(", "error!("] {
+                for (at, _) in code.match_indices(m) {
+                    if code[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+                        continue;
+                    }
+                    let rest = &code[at + m.len()..];
+                    let mut depth = 1;
+                    let end = rest
+                        .char_indices()
+                        .find(|&(_, c)| {
+                            match c {
+                                '(' => depth += 1,
+                                ')' => depth -= 1,
+                                _ => {}
+                            }
+                            depth == 0
+                        })
+                        .map_or(rest.len(), |(i, _)| i);
+                    if !rest[..end].contains("event") {
+                        let line = code[..at].lines().count();
+                        missing.push(format!("{}:{line}", f.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "log lines without an event: {missing:?}"
+        );
     }
 
     /// Collects what a layer writes.

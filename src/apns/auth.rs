@@ -217,7 +217,7 @@ impl TokenSigner {
         st.current = Some(jwt.clone());
         self.mints.fetch_add(1, Ordering::Relaxed);
         crate::metrics::get().jwt_refreshes.inc();
-        tracing::info!(key_id = %self.key_id, team_id = %self.team_id, iat, "minted APNs provider token");
+        tracing::info!(event = "jwt_minted", key_id = %self.key_id, team_id = %self.team_id, iat, "minted APNs provider token");
         Ok(jwt)
     }
 }

@@ -308,7 +308,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                                 s.on_rejected(j);
                             }
                             pool.refuse(&lease.conn, o.reason());
-                            tracing::warn!(pool = %pool.label, reason = o.reason(), "APNs rejected the app's credentials");
+                            tracing::warn!(event = "apns_credentials_rejected", pool = %pool.label, reason = o.reason(), "APNs rejected the app's credentials");
                         }
                         o
                     }
@@ -390,6 +390,7 @@ fn expired(pool: &Pool, used: Option<&Jwt>) -> Outcome {
         // deliveries keeping their attempts, until a new token may be minted.
         Ok(false) => {
             tracing::warn!(
+                event = "jwt_expired_too_young",
                 pool = %pool.label,
                 "APNs calls a provider token younger than 20 minutes expired; is this host's clock right?"
             );

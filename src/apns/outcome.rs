@@ -110,6 +110,7 @@ pub(crate) fn classify(status: u16, reason: &str, timestamp_ms: Option<i64>) -> 
         (403, r) => {
             if !AUTH_PAUSE_REASONS.contains(&r) {
                 tracing::warn!(
+                    event = "apns_unknown_reason",
                     status,
                     reason = r,
                     "unknown APNs reason; pausing the app as for any 403"
@@ -130,6 +131,7 @@ pub(crate) fn classify(status: u16, reason: &str, timestamp_ms: Option<i64>) -> 
         (400..=499, r) => {
             if !apple_reasons(status).is_some_and(|known| known.contains(&r)) {
                 tracing::warn!(
+                    event = "apns_unknown_reason",
                     status,
                     reason = r,
                     "unknown APNs reason; failing the delivery as for any 4xx"
@@ -141,7 +143,12 @@ pub(crate) fn classify(status: u16, reason: &str, timestamp_ms: Option<i64>) -> 
             })
         }
         _ => {
-            tracing::warn!(status, reason, "unexpected APNs status; will retry");
+            tracing::warn!(
+                event = "apns_unexpected_status",
+                status,
+                reason,
+                "unexpected APNs status; will retry"
+            );
             done(Outcome::Retry {
                 status: Some(status),
                 reason: reason_s,

@@ -488,6 +488,7 @@ impl Pool {
                 slot.retry_at = Some(Instant::now() + delay);
                 slot.connect_failed = true;
                 tracing::warn!(
+                    event = "apns_connect_failed",
                     pool = %self.label,
                     failures = slot.failures,
                     retry_in_ms = delay.as_millis() as u64,
@@ -717,7 +718,7 @@ impl Pool {
                 self.retire(&conn, Some(reason));
             }
             Err(reason) => {
-                tracing::warn!(pool = %self.label, conn = conn.id, %reason, "APNs connection lost");
+                tracing::warn!(event = "apns_connection_lost", pool = %self.label, conn = conn.id, %reason, "APNs connection lost");
                 self.retire(&conn, Some(reason));
             }
         }

@@ -128,19 +128,20 @@ async fn serve_until_stop(sim: &Simulator, script: Option<&Path>, latency: std::
             Some(()) = async { term.as_mut()?.recv().await } => return,
             Some(()) = async { hup.as_mut()?.recv().await } => {
                 let Some(path) = script else {
-                    tracing::warn!("SIGHUP: no --script to re-read");
+                    tracing::warn!(event = "sim_sighup", "SIGHUP: no --script to re-read");
                     continue;
                 };
                 match SimScript::load(path, crate::model::now_ms()) {
                     Ok(s) => {
                         s.apply(sim, latency);
                         tracing::info!(
+                            event = "sim_script_reloaded",
                             script = %path.display(),
                             tokens = s.tokens.len(),
                             "simulator script re-read"
                         );
                     }
-                    Err(e) => tracing::error!("{e}; the previous script stays in force"),
+                    Err(e) => tracing::error!(event = "sim_script_refused", "{e}; the previous script stays in force"),
                 }
             }
         }

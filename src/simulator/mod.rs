@@ -395,7 +395,7 @@ impl Simulator {
             shared.clone(),
             stop_rx,
         ));
-        tracing::info!(%addr, "APNs simulator listening");
+        tracing::info!(event = "sim_listening", %addr, "APNs simulator listening");
         Ok(Simulator {
             addr,
             shared,

@@ -64,7 +64,7 @@ pub(crate) async fn accept_loop(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(error = %e, "simulator: accept failed");
+                    tracing::warn!(event = "sim_accept_failed", error = %e, "simulator: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
