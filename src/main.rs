@@ -91,7 +91,7 @@ enum Command {
     Simulate {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2197")]
-        listen: String,
+        listen: std::net::SocketAddr,
         /// Folder to write the CA, a .p8 key and a matching config snippet into.
         #[arg(long, default_value = "simulator")]
         dir: PathBuf,
@@ -109,6 +109,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `PUSHDROP_CONFIG=` (set, but empty) means the default, as an unset one does; clap would
+    // call it a missing value of `--config`, an option the user never gave.
+    if std::env::var_os("PUSHDROP_CONFIG").is_some_and(|v| v.is_empty()) {
+        // SAFETY: the first thing the process does, before any other thread exists.
+        unsafe { std::env::remove_var("PUSHDROP_CONFIG") };
+    }
     let cli = Cli::parse();
     if matches!(
         cli.command,
@@ -157,7 +163,7 @@ fn main() -> ExitCode {
             latency_ms,
             script,
         } => cli::check_named_config(named)
-            .and_then(|()| cli::simulate::simulate(&listen, &dir, latency_ms, script.as_deref())),
+            .and_then(|()| cli::simulate::simulate(listen, &dir, latency_ms, script.as_deref())),
         Command::CheckConfig => cli::check_config(config),
         Command::Backup { dest } => cli::store_cmds::backup(config, &dest),
     };

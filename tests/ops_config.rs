@@ -375,3 +375,33 @@ fn a_newer_database_is_refused_by_every_command() {
         );
     }
 }
+
+/// Exit 2 is a bad command line, whatever the option; `PUSHDROP_CONFIG=` (empty) means the
+/// default path, as an unset one does.
+#[test]
+fn a_bad_command_line_exits_2_and_an_empty_config_variable_means_the_default() {
+    let bin = env!("CARGO_BIN_EXE_pushdrop");
+    for args in [
+        &["simulate", "--listen", "nonsense"][..],
+        &["no-such-command"],
+        &["status", "--no-such-flag"],
+    ] {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("check-config")
+        .env("PUSHDROP_CONFIG", "")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{said}");
+    assert!(said.contains("config/pushdrop.toml"), "{said}");
+}

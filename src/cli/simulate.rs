@@ -24,15 +24,12 @@ pub const BUNDLE_ID: &str = "com.example.simulated";
 /// Starts the simulator, writes credentials and a config into `dir`, serves until Ctrl-C or
 /// SIGTERM. A bad `script` stops it before it listens, with exit code 64 (a bad config).
 pub fn simulate(
-    listen: &str,
+    addr: SocketAddr,
     dir: &Path,
     latency_ms: u64,
     script: Option<&Path>,
 ) -> anyhow::Result<i32> {
     crate::logging::init_stderr("info");
-    let addr: SocketAddr = listen
-        .parse()
-        .with_context(|| format!("--listen {listen:?} is not an address such as 127.0.0.1:2197"))?;
     let latency = std::time::Duration::from_millis(latency_ms);
     let first_script = match script.map(|p| SimScript::load(p, crate::model::now_ms())) {
         None => None,
