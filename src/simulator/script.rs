@@ -224,10 +224,11 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
         ));
     }
     let reason = match (&e.reason, default_reason(status)) {
-        (Some(r), _) if r.is_empty() || !r.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+        // A status Apple does not document (a proxy's 502) takes any text, as a proxy's would.
+        (Some(r), _) if r.trim().is_empty() || r.chars().any(char::is_control) => {
             return Err((
                 "reason",
-                format!("{r:?} is not a reason such as \"BadDeviceToken\" (letters and digits)"),
+                format!("{r:?} is not a reason such as \"BadDeviceToken\" (text on one line)"),
             ));
         }
         (Some(r), _) => match crate::apns::outcome::apple_reasons(status) {
@@ -463,10 +464,16 @@ mod tests {
         );
         let ok = parse(&format!(
             "[tokens]\n\"{T2}\" = {{ status = 503, reason = \"Shutdown\" }}\n\
-             \"{T1}\" = {{ status = 502, reason = \"BadGateway\" }}\n"
+             \"{T1}\" = {{ status = 502, reason = \"Bad \\\"Gateway\\\"\" }}\n"
         ))
         .unwrap();
         assert_eq!(ok.tokens.len(), 2);
+        assert!(
+            parse(&format!(
+                "[tokens]\n\"{T1}\" = {{ status = 502, reason = \" \" }}\n"
+            ))
+            .is_err()
+        );
     }
 
     #[test]

@@ -308,8 +308,8 @@ async fn handle_stream(
         }
         Err(r) => {
             let body = match r.timestamp {
-                Some(ts) => format!(r#"{{"reason":"{}","timestamp":{ts}}}"#, r.reason),
-                None => format!(r#"{{"reason":"{}"}}"#, r.reason),
+                Some(ts) => serde_json::json!({ "reason": r.reason, "timestamp": ts }).to_string(),
+                None => serde_json::json!({ "reason": r.reason }).to_string(),
             };
             let mut resp = Response::new(());
             *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
