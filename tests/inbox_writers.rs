@@ -128,6 +128,73 @@ fn a_file_held_open_is_taken_when_its_writer_closes_it() {
     daemon.shutdown();
 }
 
+/// Writers whose file is complete by every sign the inbox sees, and who still write on: one
+/// that renamed its file in and writes through its old descriptor, and the second of two
+/// appenders after the first closed. The kernel knows they hold it open for writing (a read
+/// lease is refused), so nothing they write is left behind in the moved file.
+fn writers_still_holding_the_file_lose_nothing(poll: bool) {
+    let env = Env::with(Options {
+        settle_ms: 200,
+        poll,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    let line = |id: &str, n: u64| notification(id, &token(n)).replace('\n', "") + "\n";
+    // Renamed in, then written on.
+    let outside = env.dir.path().join("renamed.jsonl");
+    let mut renamed = std::fs::File::create(&outside).unwrap();
+    renamed.write_all(line("renamed-0", 0).as_bytes()).unwrap();
+    std::fs::rename(&outside, env.inbox.join("renamed.jsonl")).unwrap();
+    // Two appenders: b writes and keeps the file; a writes and closes.
+    let shared = env.inbox.join("shared.jsonl");
+    let open_append = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&shared)
+            .unwrap()
+    };
+    let mut b = open_append();
+    b.write_all(line("shared-b0", 10).as_bytes()).unwrap();
+    let mut a = open_append();
+    a.write_all(line("shared-a0", 11).as_bytes()).unwrap();
+    drop(a);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        env.processed_names().is_empty(),
+        "taken while a writer still had it open: {:?}",
+        env.processed_names()
+    );
+    renamed.write_all(line("renamed-1", 1).as_bytes()).unwrap();
+    b.write_all(line("shared-b1", 12).as_bytes()).unwrap();
+    drop(renamed);
+    drop(b);
+    wait_for("both files", || {
+        env.processed_names() == ["renamed.jsonl", "shared.jsonl"]
+    });
+    assert_eq!(
+        env.texts("SELECT ext_id FROM notifications ORDER BY ext_id"),
+        [
+            "renamed-0",
+            "renamed-1",
+            "shared-a0",
+            "shared-b0",
+            "shared-b1"
+        ]
+    );
+    daemon.shutdown();
+}
+
+#[test]
+fn writers_still_holding_the_file_lose_nothing_with_events() {
+    writers_still_holding_the_file_lose_nothing(false);
+}
+
+#[test]
+fn writers_still_holding_the_file_lose_nothing_when_polling() {
+    writers_still_holding_the_file_lose_nothing(true);
+}
+
 #[test]
 fn ten_thousand_files_are_ingested_exactly_once() {
     const N: usize = 10_000;

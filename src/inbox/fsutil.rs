@@ -101,6 +101,41 @@ pub fn open_nofollow(path: &Path) -> io::Result<std::fs::File> {
         .open(path)
 }
 
+/// Whether another process has `file` (opened read-only) open for writing, asked of the
+/// kernel: Linux refuses a read lease (EAGAIN) while any process holds the file open for
+/// writing. The lease is dropped at once. `None` where the kernel cannot tell: a file of
+/// another owner when pushdrop lacks CAP_LEASE, a file system without leases (NFS, some
+/// overlays), leases turned off (`fs.leases-enable = 0`).
+///
+/// Why: events and settling tell when a writer last *wrote* and *closed*, not whether another
+/// writer still holds the file open (a file renamed in and written on through its old
+/// descriptor, two appenders of which one closed). What such a writer wrote after the take
+/// would go to the moved file and be lost.
+pub fn open_for_writing_elsewhere(file: &std::fs::File) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // A writer opening the file while the lease is held makes the kernel signal the lease's
+    // holder with SIGIO, whose default action ends the process. Nothing else in pushdrop
+    // uses SIGIO.
+    static IGNORE_SIGIO: std::sync::Once = std::sync::Once::new();
+    IGNORE_SIGIO.call_once(|| {
+        // SAFETY: sets the disposition of one signal to "ignore"; no handler code runs.
+        unsafe {
+            libc::signal(libc::SIGIO, libc::SIG_IGN);
+        }
+    });
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns for the duration of the call.
+    if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
 /// Sets `path`'s modification time to now (not following a symlink). The kernel allows it to
 /// the file's owner and to anyone who may write the file; elsewhere it fails, and the caller
 /// goes on without it.

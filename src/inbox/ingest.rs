@@ -286,6 +286,11 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
     if before.size() > max {
         return Err(oversize(before.size()));
     }
+    if fsutil::open_for_writing_elsewhere(&file) == Some(true) {
+        return Err(Examined::InProgress(
+            "another process has it open for writing".into(),
+        ));
+    }
     let mut bytes = Vec::with_capacity(before.size() as usize + 1);
     if let Err(e) = (&mut file).take(max + 1).read_to_end(&mut bytes) {
         return Err(Examined::Failed(format!("cannot read: {e}")));
