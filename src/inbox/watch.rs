@@ -45,10 +45,11 @@ const MISSING_RECHECK: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// After the first event of an idle spell, how long events must pause before the files are
 /// looked at, and the longest such a wait lasts: a burst of drops (a script that renames
-/// files in one after another, a millisecond or two apart) is then taken in name order, as
-/// the contract asks, at the cost of this much latency for a lone file.
-const GATHER_QUIET: Duration = Duration::from_millis(3);
-const GATHER_MAX: Duration = Duration::from_millis(15);
+/// files in one after another, a few milliseconds apart: `mv` in a shell loop takes about
+/// two) is then taken in name order, as the contract asks, at the cost of `GATHER_QUIET` of
+/// latency for a lone file. A steady stream of drops is looked at every `GATHER_MAX`.
+const GATHER_QUIET: Duration = Duration::from_millis(5);
+const GATHER_MAX: Duration = Duration::from_millis(100);
 
 /// Why the inbox could not start.
 #[derive(Debug, thiserror::Error)]
