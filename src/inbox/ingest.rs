@@ -852,7 +852,11 @@ impl Ingestor {
                     continue;
                 }
                 let mut report = ErrorReport::new(name, reason, &problems);
-                if moved_name != fname {
+                // Whenever the report is not simply `<stored name>.error.json` (a name taken,
+                // or one too long to take the suffix), it names the file it is about.
+                let mut plain = moved_name.clone();
+                plain.push(".error.json");
+                if moved_name != fname || report_name != plain {
                     report.stored_as = Some(moved_name.to_string_lossy().into_owned());
                 }
                 let report_path =
@@ -1387,6 +1391,20 @@ mod tests {
             report["stored_as"], "c~1.json",
             "which copy the report is of"
         );
+        // A name that fits, but not with `.error.json`: its report's name is cut, so the
+        // report says which file it is about.
+        let long = format!("{}.json", "r".repeat(250));
+        reject(&long, "{");
+        let reports: Vec<String> = std::fs::read_dir(&rejected)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("rrr") && n.ends_with(".error.json"))
+            .collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(rejected.join(&long).exists());
+        let report = std::fs::read_to_string(rejected.join(&reports[0])).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(report["stored_as"], long.as_str());
     }
 
     /// A rejected file that cannot be moved stays in the inbox, and is not counted as a new
