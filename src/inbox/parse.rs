@@ -450,7 +450,10 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                     record: None,
                     line: Some(1),
                     field: None,
-                    message: "a .json file holds one JSON object or an array of objects".into(),
+                    message: format!(
+                        "a .json file holds one JSON object or an array of objects{}",
+                        invisible_hint(text)
+                    ),
                 }],
             });
         }
@@ -561,9 +564,10 @@ fn record<'t>(
                     )
                 } else {
                     format!(
-                        "JSON syntax error: {} (column {})",
+                        "JSON syntax error: {} (column {}){}",
                         serde_message(&e),
-                        e.column()
+                        e.column(),
+                        invisible_hint(text)
                     )
                 };
                 acc.push(
@@ -609,6 +613,18 @@ fn record<'t>(
                 message: sanitize(&p.message),
             },
         );
+    }
+}
+
+/// For a syntax error: characters a dropper cannot see in an editor, said by name.
+fn invisible_hint(text: &str) -> &'static str {
+    if text.contains('\u{feff}') {
+        "; it holds a byte-order mark (U+FEFF), which is taken only as the file's very first \
+         character (two of them, or one after a space, are not)"
+    } else if text.contains('\0') {
+        "; it holds a NUL byte"
+    } else {
+        ""
     }
 }
 
@@ -1189,12 +1205,18 @@ fn check_device(
     }))
 }
 
+/// The longest user id (a device's `user`, and each of `to.users`).
+const MAX_USER_BYTES: usize = 1024;
+
 fn check_user(u: &str) -> Result<Option<String>, String> {
     if u.is_empty() {
         return Err("must not be empty (leave \"user\" out instead)".into());
     }
-    if u.len() > 1024 {
-        return Err(format!("is {} bytes long; at most 1024", u.len()));
+    if u.len() > MAX_USER_BYTES {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_USER_BYTES}",
+            u.len()
+        ));
     }
     Ok(Some(u.to_string()))
 }
@@ -1448,6 +1470,13 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         for (i, u) in users.iter().enumerate() {
             if u.is_empty() {
                 problems.push(fp(format!("to.users[{i}]"), "must not be empty"));
+                ok = false;
+            } else if u.len() > MAX_USER_BYTES {
+                // No device can have it: a device's user is held to the same limit.
+                problems.push(fp(
+                    format!("to.users[{i}]"),
+                    format!("is {} bytes long; at most {MAX_USER_BYTES}", u.len()),
+                ));
                 ok = false;
             }
         }
@@ -2031,6 +2060,7 @@ mod tests {
             r#"{"users":[]}"#,
             r#"{"tokens":[]}"#,
             r#"{"everyone":true}"#,
+            &format!(r#"{{"users":["{}"]}}"#, "u".repeat(1025)),
         ] {
             let r = problems(&rec(bad), FileKind::Json);
             assert!(
@@ -2109,6 +2139,18 @@ mod tests {
 
     #[test]
     fn file_level_failures() {
+        // Characters an editor does not show are named: a second byte-order mark, a stray
+        // one in a later line, a NUL.
+        let n = notif("");
+        for (bytes, kind) in [
+            (format!("\u{feff}\u{feff}{n}"), FileKind::Json),
+            (format!("{n}\n\u{feff}{n}\n"), FileKind::Jsonl),
+        ] {
+            let r = parse_file(bytes.as_bytes(), kind, &one()).unwrap_err();
+            assert!(r.problems[0].message.contains("byte-order mark"), "{r:?}");
+        }
+        let r = problems(&format!("{n}\0\n"), FileKind::Jsonl);
+        assert!(r.problems[0].message.contains("NUL byte"), "{r:?}");
         assert_eq!(problems("", FileKind::Json).reason, RejectReason::Empty);
         assert_eq!(
             problems(" \n\n", FileKind::Jsonl).reason,
