@@ -388,3 +388,23 @@ fn readme_simulator_script_is_a_valid_script() {
     assert_eq!(script.tokens.len(), 5);
     assert_eq!(script.goaway_after, Some(100));
 }
+
+/// The README's first drop-file example is a valid `.jsonl` for the shipped config's app.
+#[test]
+fn readme_drop_file_example_is_a_valid_jsonl() {
+    let readme = read("README.md");
+    let from = readme.find("## Drop files").unwrap();
+    let block = &readme[from..];
+    let start = block.find("```json\n").unwrap() + "```json\n".len();
+    let end = start + block[start..].find("```").unwrap();
+    let cfg = pushdrop::config::Config::load(&repo("config/pushdrop.toml"))
+        .unwrap()
+        .0;
+    let parsed = pushdrop::inbox::parse::parse_file(
+        block[start..end].as_bytes(),
+        pushdrop::inbox::parse::FileKind::Jsonl,
+        &cfg,
+    )
+    .unwrap_or_else(|r| panic!("{r:?}"));
+    assert_eq!(parsed.records.len(), 2);
+}
