@@ -105,7 +105,8 @@ pub struct DeviceCounts {
     pub active: i64,
     pub invalid: i64,
     pub unregistered: i64,
-    /// Tokens only named in `to.tokens`, never registered.
+    /// Tokens only named in `to.tokens`, never registered (nor unregistered: an unregister
+    /// record counts in `unregistered`, as `devices` lists it).
     pub unregistered_tokens_only: i64,
 }
 
@@ -295,8 +296,8 @@ impl Reader {
             "SELECT app,
                     sum(active = 1),
                     sum(invalidated_at IS NOT NULL),
-                    sum(registered = 1 AND unregistered_at IS NOT NULL AND invalidated_at IS NULL),
-                    sum(registered = 0 AND invalidated_at IS NULL)
+                    sum(unregistered_at IS NOT NULL AND invalidated_at IS NULL),
+                    sum(registered = 0 AND unregistered_at IS NULL AND invalidated_at IS NULL)
              FROM devices GROUP BY app",
         )?;
         let rows = st.query_map([], |r| {

@@ -168,6 +168,56 @@ fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
     assert!(!not_writable(&db).contains(&db));
 }
 
+/// `status` counts devices by the state `devices` lists them in: a token only named in
+/// `to.tokens` and then unregistered is unregistered in both.
+#[test]
+fn status_device_counts_agree_with_the_device_list() {
+    let (_dir, store) = open();
+    let unregister = |i: u32| {
+        Record::Device(DeviceRecord {
+            app: "a".into(),
+            token: tok(i),
+            user: None,
+            environment: Environment::Production,
+            action: DeviceAction::Unregister,
+        })
+    };
+    store
+        .ingest(vec![file(
+            "n.jsonl",
+            vec![
+                device("a", 1, None),
+                device("a", 2, None),
+                notification(Some("direct"), Target::Tokens(vec![tok(3), tok(4)])),
+                unregister(2),
+                unregister(4),
+            ],
+        )])
+        .unwrap();
+    let r = query::Reader::open(store.path()).unwrap();
+    let counts = &r.status().unwrap().devices["a"];
+    let listed = r
+        .devices(&query::DeviceQuery {
+            app: None,
+            user: None,
+            invalid_only: false,
+            limit: 10,
+        })
+        .unwrap();
+    let listed = |state: &str| listed.iter().filter(|d| d.state == state).count() as i64;
+    assert_eq!(counts.active, listed("active"));
+    assert_eq!(counts.unregistered, listed("unregistered"));
+    assert_eq!(counts.unregistered_tokens_only, listed("not registered"));
+    assert_eq!(
+        (
+            counts.active,
+            counts.unregistered,
+            counts.unregistered_tokens_only
+        ),
+        (1, 2, 1)
+    );
+}
+
 #[test]
 fn status_counts_deliveries_scheduled_for_later() {
     let (_dir, store) = open();
