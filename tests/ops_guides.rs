@@ -401,7 +401,7 @@ fn readme_drop_file_example_is_a_valid_jsonl() {
         .unwrap()
         .0;
     let parsed = pushdrop::inbox::parse::parse_file(
-        block[start..end].as_bytes(),
+        &block.as_bytes()[start..end],
         pushdrop::inbox::parse::FileKind::Jsonl,
         &cfg,
     )
