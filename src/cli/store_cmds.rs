@@ -299,13 +299,30 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         (None, Some(app)) => println!("requeued {n} failed deliveries of app {app}"),
         (None, None) => println!("requeued {n} failed deliveries"),
     }
-    tracing::info!(
-        event = "requeued",
-        id = id.unwrap_or(""),
-        app = app.unwrap_or(""),
-        deliveries = n,
-        "failed deliveries requeued by `pushdrop retry`"
-    );
+    // The fields say what was asked: one notification (`id`, its `app` when named), or all
+    // failed deliveries (`scope`), of one app when named.
+    let what = "failed deliveries requeued by `pushdrop retry`";
+    match (id, app) {
+        (Some(id), Some(app)) => {
+            tracing::info!(event = "requeued", id, app, deliveries = n, "{what}")
+        }
+        (Some(id), None) => tracing::info!(event = "requeued", id, deliveries = n, "{what}"),
+        (None, Some(app)) => {
+            tracing::info!(
+                event = "requeued",
+                scope = "all failed",
+                app,
+                deliveries = n,
+                "{what}"
+            )
+        }
+        (None, None) => tracing::info!(
+            event = "requeued",
+            scope = "all failed",
+            deliveries = n,
+            "{what}"
+        ),
+    }
     Ok(0)
 }
 
