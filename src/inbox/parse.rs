@@ -1505,10 +1505,14 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
     let tree: Pv = match serde_json::from_str(text) {
         Ok(t) => t,
         Err(e) => {
-            problems.push(fp(
-                "payload",
-                format!("cannot be read: {}", serde_message(&e)),
-            ));
+            // Where in the payload, read again with its path kept (only for a bad payload:
+            // the path's bookkeeping is not paid on the way every good one takes).
+            let mut de = serde_json::Deserializer::from_str(text);
+            let field = match serde_path_to_error::deserialize::<_, Pv>(&mut de) {
+                Err(e) if e.path().to_string() != "." => format!("payload.{}", e.path()),
+                _ => "payload".to_string(),
+            };
+            problems.push(fp(field, format!("cannot be read: {}", serde_message(&e))));
             return None;
         }
     };
@@ -2135,6 +2139,28 @@ mod tests {
         assert!(r.problems[0].message.contains("unknown app"));
         let line = format!(r#"{{"type":"device","app":"b","token":"{TOKEN}"}}"#);
         assert!(parse_file(line.as_bytes(), FileKind::Jsonl, &c).is_ok());
+    }
+
+    /// A value the payload cannot hold is named by its path and found on its own line.
+    #[test]
+    fn a_bad_value_deep_in_a_payload_is_named_where_it_is() {
+        for (bad, msg) in [
+            (r#""bad \ud800 here""#, "surrogate"),
+            ("1e999", "out of range"),
+        ] {
+            let text = format!(
+                "{{\n  \"type\": \"notification\",\n  \"to\": {{\"all\": true}},\n  \"payload\": {{\n    \"aps\": {{\n      \"alert\": {{\n        \"title\": \"t\",\n        \"body\": {bad}\n      }}\n    }}\n  }}\n}}\n"
+            );
+            let r = problems(&text, FileKind::Json);
+            assert_eq!(r.problems.len(), 1, "{r:?}");
+            assert_eq!(
+                r.problems[0].field.as_deref(),
+                Some("payload.aps.alert.body"),
+                "{r:?}"
+            );
+            assert_eq!(r.problems[0].line, Some(8), "{r:?}");
+            assert!(r.problems[0].message.contains(msg), "{r:?}");
+        }
     }
 
     #[test]
