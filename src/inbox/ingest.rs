@@ -926,7 +926,7 @@ impl Ingestor {
                         notifications = 0,
                         duplicates = 0,
                         ms,
-                        "file was committed before a restart; moved it"
+                        "file was committed already (before a restart, or by another pushdrop process); moved it"
                     );
                     return;
                 }
