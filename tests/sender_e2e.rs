@@ -566,8 +566,49 @@ fn work_queued_beside_a_running_daemon_goes_out_without_waiting_for_the_idle_rec
     );
 }
 
-/// SPEC 4.3: `ExpiredProviderToken` is never counted as an attempt, even when the token is
-/// too young to be replaced (the app then pauses briefly instead).
+/// SPEC 4.2/4.3 on a daemon just started: APNs calls its token expired; a new token is made
+/// at once and the push resent with it at once, no attempt spent, no pause.
+#[test]
+fn expired_provider_token_is_answered_with_a_new_token_and_an_immediate_resend() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let t = token(8);
+    w.script(
+        &t,
+        TokenScript::FailFirst {
+            n: 1,
+            status: 403,
+            reason: "ExpiredProviderToken".into(),
+        },
+    );
+    let daemon = w.env.start();
+    let mints = || {
+        pushdrop::metrics::encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("pushdrop_jwt_refreshes_total "))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let before = mints();
+    let dropped = Instant::now();
+    w.env.drop_file(
+        "n.json",
+        notification_to("fresh", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+    );
+    wait_for("delivered", || w.sim.accepted_count() == 1);
+    let took = dropped.elapsed();
+    w.wait_idle("final");
+    daemon.shutdown();
+    let (state, attempts, _) = w.state_of("fresh", &t);
+    assert_eq!((state, attempts), (1, 1), "sent, the refusal not counted");
+    assert_eq!(w.sim.requests(), 2);
+    // Well under a pause's second (the back-off of a paused app).
+    assert!(took < Duration::from_millis(900), "{took:?}");
+    assert!(mints() > before, "a new token was minted");
+    let s = w.env.status_json();
+    assert_eq!(s["recent_errors"], serde_json::json!([]), "no pause: {s}");
+}
+
+/// SPEC 4.3: `ExpiredProviderToken` is never counted as an attempt, even when the token a
+/// refresh just made is called expired too (the app then pauses briefly instead).
 #[test]
 fn expired_provider_token_spends_no_attempt() {
     let w = World::new(SimOptions::default(), FAST_SENDER);

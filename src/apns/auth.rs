@@ -50,6 +50,9 @@ struct State {
     /// Set after Apple rejected the key: the next mint re-reads the key file, so a fixed key
     /// is picked up without a restart.
     reload: bool,
+    /// When an `ExpiredProviderToken` answer last made a new token: at most one such refresh
+    /// per 20 minutes.
+    last_forced: Option<SystemTime>,
 }
 
 /// Mints and caches the provider token of one key.
@@ -105,6 +108,7 @@ impl TokenSigner {
                 pem,
                 current: None,
                 reload: false,
+                last_forced: None,
             }),
             mints,
         })
@@ -149,16 +153,25 @@ impl TokenSigner {
     }
 
     /// After APNs answered `ExpiredProviderToken` to a request signed with `used`: returns
-    /// whether a newer token is now in place (minted here, or by a concurrent request). A
-    /// token younger than 20 minutes is never replaced, whatever APNs says.
+    /// whether a newer token is now in place (minted here, or by a concurrent request). The
+    /// answer makes a new token at once, but never twice within 20 minutes: a token such a
+    /// refresh made that APNs still calls expired (a clock far off) is kept, and the caller
+    /// pauses the app instead of minting in a loop.
     pub fn on_expired(&self, used: &Jwt) -> Result<bool, ApnsError> {
         let mut st = self.lock();
+        let now = (self.clock)();
+        let forced_lately = st.last_forced.is_some_and(|t| {
+            now.duration_since(t)
+                .is_ok_and(|since| since < MIN_TOKEN_AGE)
+                || t > now
+        });
         match &st.current {
             Some(j) if j.generation != used.generation => return Ok(true),
-            Some(j) if self.age(j) < MIN_TOKEN_AGE => return Ok(false),
+            Some(j) if self.age(j) < MIN_TOKEN_AGE && forced_lately => return Ok(false),
             _ => {}
         }
         self.mint(&mut st)?;
+        st.last_forced = Some(now);
         Ok(true)
     }
 
@@ -264,19 +277,22 @@ mod tests {
         let t = Arc::new(AtomicI64::new(0));
         let (s, _d) = signer(t.clone());
         let a = s.current().unwrap();
-        // Younger than 20 minutes: kept.
-        t.store(19 * 60, Ordering::Relaxed);
-        assert!(!s.on_expired(&a).unwrap());
-        t.store(21 * 60, Ordering::Relaxed);
+        // The first answer makes a new token at once, however young the one it named.
+        t.store(60, Ordering::Relaxed);
         assert!(s.on_expired(&a).unwrap());
         let b = s.current().unwrap();
         assert_eq!(b.generation, 2);
-        // Many requests signed with the old token come back expired: no new mint.
+        // Many requests signed with the old token come back expired: no new mint; the new
+        // one called expired too (a clock far off): kept, for 20 minutes.
+        t.store(19 * 60, Ordering::Relaxed);
         for _ in 0..10 {
             assert!(s.on_expired(&a).unwrap());
             assert!(!s.on_expired(&b).unwrap());
         }
         assert_eq!(s.mints.load(Ordering::Relaxed), 2);
+        t.store(21 * 60, Ordering::Relaxed);
+        assert!(s.on_expired(&b).unwrap());
+        assert_eq!(s.current().unwrap().generation, 3);
     }
 
     /// The header Apple documents, and nothing more: every byte of the token goes out with

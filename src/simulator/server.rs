@@ -104,6 +104,9 @@ struct ConnAuth {
     bound_kid: Option<String>,
     /// The last verified `authorization` header, so ES256 is verified once per token.
     verified: Option<(HeaderValue, i64, String)>,
+    /// This connection was told its token expired: the new token it asked for is no update
+    /// "too often".
+    expired_said: bool,
 }
 
 async fn serve_connection(
@@ -288,6 +291,15 @@ async fn handle_stream(
         },
         Err(r) => Err(r),
     };
+    if let Err(r) = &result
+        && r.status == 403
+        && r.reason == "ExpiredProviderToken"
+    {
+        conn.auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expired_said = true;
+    }
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -575,6 +587,7 @@ fn check_auth(
     if let Some((_, prev_iat, _)) = &auth.verified
         && claims.iat > *prev_iat
         && claims.iat - prev_iat < TOKEN_MIN_UPDATE_S
+        && !auth.expired_said
     {
         return Err(reject(429, "TooManyProviderTokenUpdates"));
     }
@@ -582,6 +595,7 @@ fn check_auth(
         return Err(reject(403, "ExpiredProviderToken"));
     }
     auth.verified = Some((value.clone(), claims.iat, kid.clone()));
+    auth.expired_said = false;
     Ok(Some(kid))
 }
 
