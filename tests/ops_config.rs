@@ -58,12 +58,15 @@ fn deployed(text: &str, mode: u32) -> Deployed {
     Deployed { dir, config }
 }
 
-fn assert_ok(d: &Deployed) -> String {
+/// `check-config` passes; its (stdout, stderr): the verdict, and warnings (on stderr, as
+/// every command gives them).
+fn assert_ok(d: &Deployed) -> (String, String) {
     let out = pushdrop(&d.config, &["check-config"]);
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains(": ok (1 app,"), "{stdout}");
-    stdout
+    (stdout, stderr)
 }
 
 /// The `pushdrop.toml: |` block of the ConfigMap, unindented.
@@ -98,8 +101,8 @@ fn shipped_configs_pass_check_config() {
         ),
     ] {
         let d = deployed(&text, 0o600);
-        let stdout = assert_ok(&d);
-        assert!(!stdout.contains("warning"), "{name}: {stdout}");
+        let (stdout, stderr) = assert_ok(&d);
+        assert!(!stderr.contains("warning"), "{name}: {stderr}");
         assert!(
             stdout.contains(&d.dir.path().display().to_string()),
             "{name}: paths are resolved and shown: {stdout}"
@@ -111,13 +114,13 @@ fn shipped_configs_pass_check_config() {
 fn a_key_others_can_read_is_a_warning_not_an_error() {
     let text = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
     let d = deployed(&text, 0o644);
-    let stdout = assert_ok(&d);
+    let (_, stderr) = assert_ok(&d);
     assert!(
-        stdout.contains("warning: line ")
-            && stdout.contains(": apps[0].token.key_file:")
-            && stdout.contains("mode 644")
-            && stdout.contains("chmod 600"),
-        "{stdout}"
+        stderr.contains("warning: line ")
+            && stderr.contains(": apps[0].token.key_file:")
+            && stderr.contains("mode 644")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
     );
 }
 
@@ -131,7 +134,7 @@ fn bad_config_names_key_and_line_and_every_command_exits_64() {
     let d = deployed(&bad, 0o600);
     let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
     let out = pushdrop(&d.config, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     // (Serde stops at the first unknown key, named without its table; see the report.)
     assert!(
@@ -145,7 +148,7 @@ fn bad_config_names_key_and_line_and_every_command_exits_64() {
     let bad_type = good.replace("max_attempts = 8", "max_attempts = \"eight\"");
     let d2 = deployed(&bad_type, 0o600);
     let out = pushdrop(&d2.config, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(
         stdout.contains(&format!("line {}: ", line_of("max_attempts")))
@@ -157,7 +160,7 @@ fn bad_config_names_key_and_line_and_every_command_exits_64() {
     std::fs::remove_file(d2.dir.path().join("etc/pushdrop/AuthKey_ABC123DEFG.p8")).unwrap();
     let fixed = pushdrop_with(&d2.config, &good, d2.dir.path());
     let out = pushdrop(&fixed, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(stdout.contains("apps[0].token.key_file"), "{stdout}");
 
@@ -239,7 +242,7 @@ fn a_type_error_names_its_key() {
     let bad = good.replace("max_attempts = 8", "max_attempts = \"eight\"");
     let d = deployed(&bad, 0o600);
     let out = pushdrop(&d.config, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(stdout.contains(": sender.max_attempts: "), "{stdout}");
 }
@@ -271,7 +274,7 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
         "{said}"
     );
     let out = pushdrop(&d.config, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(
         named(&stdout, "apps[0].token.key_file", key_line, why),
@@ -288,7 +291,7 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
     let config = pushdrop_with(&d.config, &with_ca, d.dir.path());
     let ca_line = line_of(&with_ca, "ca_file");
     let out = pushdrop(&config, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(
         named(&stdout, "apns.ca_file", ca_line, "holds no PEM certificate"),
@@ -308,7 +311,7 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
     );
     let config = pushdrop_with(&d.config, &inside, d.dir.path());
     let out = pushdrop(&config, &["check-config"]);
-    let stdout = text(&out.stdout);
+    let stdout = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
     assert!(
         stdout.contains("inbox.processed_dir: must not be the inbox folder itself"),

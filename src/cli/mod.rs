@@ -115,9 +115,11 @@ fn error_chain(e: &anyhow::Error) -> String {
 /// `ExecStartPre`) pass a daemon that cannot start.
 pub fn check_config(path: &Path) -> anyhow::Result<i32> {
     match Config::load_checked(path, run_problems) {
+        // Problems and warnings on stderr, as every command gives them; the verdict of a good
+        // config on stdout.
         Ok((cfg, warnings)) => {
             for w in &warnings {
-                println!("warning: {w}");
+                eprintln!("warning: {w}");
             }
             println!(
                 "{}: ok ({} app{}, inbox {}, store {})",
@@ -130,7 +132,7 @@ pub fn check_config(path: &Path) -> anyhow::Result<i32> {
             Ok(0)
         }
         Err(e) => {
-            println!("{e}");
+            eprintln!("{e}");
             Ok(EXIT_BAD_CONFIG)
         }
     }
