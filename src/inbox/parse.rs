@@ -263,7 +263,7 @@ fn parse_into<'t>(
             });
         }
     };
-    if text.trim().is_empty() {
+    if is_json_blank(text) {
         return Err(Rejection::file(
             RejectReason::Empty,
             "empty file: it holds no records",
@@ -426,7 +426,11 @@ fn reason_rank(r: RejectReason) -> u8 {
 }
 
 fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(), Rejection> {
-    let first = text.trim_start().as_bytes().first().copied();
+    let first = text
+        .trim_start_matches(JSON_WHITESPACE)
+        .as_bytes()
+        .first()
+        .copied();
     let mut elements: Vec<&'t RawValue> = Vec::new();
     let mut de = serde_json::Deserializer::from_str(text);
     // Whether the array itself was read whole (an error after it is the file's, not a
@@ -474,10 +478,11 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                 line: Some(e.line()),
                 field: None,
                 message: format!(
-                    "{what}: {} (line {}, column {})",
+                    "{what}: {} (line {}, column {}){}",
                     serde_message(&e),
                     e.line(),
-                    e.column()
+                    e.column(),
+                    invisible_hint(text)
                 ),
             }],
         });
@@ -488,13 +493,21 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
     Ok(())
 }
 
+/// JSON's whitespace: space, tab, line feed, carriage return. Not Unicode's: a line of
+/// no-break spaces is not a blank line but an error.
+const JSON_WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
+
+fn is_json_blank(text: &str) -> bool {
+    text.trim_matches(JSON_WHITESPACE).is_empty()
+}
+
 fn parse_jsonl<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(), Rejection> {
     let mut index = 0;
     let ends_with_newline = text.ends_with('\n');
     let mut lines = text.split('\n').enumerate().peekable();
     while let Some((i, line)) = lines.next() {
         let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
+        if is_json_blank(line) {
             continue;
         }
         let last_unterminated = lines.peek().is_none() && !ends_with_newline;
@@ -2177,6 +2190,15 @@ mod tests {
         }
         let r = problems(&format!("{n}\0\n"), FileKind::Jsonl);
         assert!(r.problems[0].message.contains("NUL byte"), "{r:?}");
+        let r = problems(&format!("[{n},\u{feff}{n}]"), FileKind::Json);
+        assert!(r.problems[0].message.contains("byte-order mark"), "{r:?}");
+        // JSON's whitespace only: a line of no-break spaces is no blank line.
+        let r = problems(&format!("{n}\n\u{a0}\u{a0}\n"), FileKind::Jsonl);
+        assert_eq!(r.problems[0].line, Some(2), "{r:?}");
+        assert_eq!(
+            problems("\u{a0}\n", FileKind::Jsonl).reason,
+            RejectReason::Parse
+        );
         assert_eq!(problems("", FileKind::Json).reason, RejectReason::Empty);
         assert_eq!(
             problems(" \n\n", FileKind::Jsonl).reason,
