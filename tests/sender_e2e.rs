@@ -268,38 +268,51 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
             reason: "DeviceTokenNotForTopic".into(),
         },
     );
+    // Two reasons Apple does not list (one metrics label, "other"), told apart in status.
+    let (t2, t3) = (token(10), token(11));
+    for (tok, reason) in [(&t2, "Teapot"), (&t3, "Kettle")] {
+        w.script(
+            tok,
+            TokenScript::Reason {
+                status: 418,
+                reason: reason.into(),
+            },
+        );
+    }
     let daemon = w.env.start();
     // Two failing the same way: status lists the kind once.
     w.env.drop_file(
         "n.jsonl",
         format!(
-            "{}\n{}\n",
+            "{}\n{}\n{}\n{}\n",
             notification_to("p", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
-            notification_to("q", &format!(r#"{{"tokens":["{t}"]}}"#), "")
+            notification_to("q", &format!(r#"{{"tokens":["{t}"]}}"#), ""),
+            notification_to("r", &format!(r#"{{"tokens":["{t2}"]}}"#), ""),
+            notification_to("s", &format!(r#"{{"tokens":["{t3}"]}}"#), "")
         ),
     );
     w.wait_idle("final");
     wait_for("noted for status", || {
         w.env
             .count("SELECT count(*) FROM events WHERE kind = 'failed'")
-            >= 1
+            >= 3
     });
     daemon.shutdown();
     let (state, attempts, reason) = w.state_of("p", &t);
     assert_eq!((state, attempts), (2, 1));
     assert_eq!(reason.as_deref(), Some("DeviceTokenNotForTopic"));
-    assert_eq!(w.sim.requests(), 2, "no retry");
+    assert_eq!(w.sim.requests(), 4, "no retry");
     let status = w.env.status_json();
     let errors = status["recent_errors"].as_array().unwrap();
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(errors[0]["kind"], "failed");
-    assert!(
-        errors[0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("400 DeviceTokenNotForTopic"),
-        "{errors:?}"
-    );
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors.iter().all(|e| e["kind"] == "failed"), "{errors:?}");
+    for said in ["400 DeviceTokenNotForTopic", "418 Teapot", "418 Kettle"] {
+        let n = errors
+            .iter()
+            .filter(|e| e["message"].as_str().unwrap().contains(said))
+            .count();
+        assert_eq!(n, 1, "{said}: {errors:?}");
+    }
 }
 
 #[test]

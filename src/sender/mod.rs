@@ -148,6 +148,8 @@ struct Inner {
 
 /// How often one kind of failed delivery is noted among `status`'s recent errors.
 const NOTE_FAILURES_EVERY: Duration = Duration::from_secs(60);
+/// The most (app, state, reason) kinds remembered for that.
+const NOTED_FAILURES_MAX: usize = 1024;
 
 /// Starts the sender on the current tokio runtime.
 pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle {
@@ -812,10 +814,10 @@ impl Inner {
         state: &'static str,
         status: Option<u16>,
         reason: &str,
-        label: &str,
     ) {
         let app = c.notification.app.as_str();
-        let key = (app.to_string(), state, label.to_string());
+        let status = status.map(|s| format!("{s} ")).unwrap_or_default();
+        let key = (app.to_string(), state, format!("{status}{reason}"));
         {
             let mut noted = self
                 .noted_failures
@@ -827,9 +829,16 @@ impl Inner {
             {
                 return;
             }
+            // Reasons are Apple's few, or pushdrop's own words; should some carry ever-new
+            // text, the map still stays small.
+            if noted.len() >= NOTED_FAILURES_MAX {
+                noted.retain(|_, t| t.elapsed() < NOTE_FAILURES_EVERY);
+                if noted.len() >= NOTED_FAILURES_MAX {
+                    noted.clear();
+                }
+            }
             noted.insert(key, std::time::Instant::now());
         }
-        let status = status.map(|s| format!("{s} ")).unwrap_or_default();
         let message = format!(
             "delivery {state}: {status}{reason} (notification {}, token {}…; more like it within a minute are not listed)",
             c.notification.ext_id,
@@ -912,7 +921,7 @@ impl Inner {
                 })
                 .inc();
             if matches!(kind, ResultKind::Failed { .. } | ResultKind::Expired { .. }) {
-                self.note_failure(c, state, status, reason, label);
+                self.note_failure(c, state, status, reason);
             }
         }
         let status = status.map(i64::from).unwrap_or(0);
