@@ -270,7 +270,7 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
     );
     // Two reasons Apple does not list (one metrics label, "other"), told apart in status.
     let (t2, t3) = (token(10), token(11));
-    for (tok, reason) in [(&t2, "Teapot"), (&t3, "Kettle")] {
+    for (tok, reason) in [(&t2, "I am a teapot"), (&t3, "Kettle is off")] {
         w.script(
             tok,
             TokenScript::Reason {
@@ -306,7 +306,11 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
     let errors = status["recent_errors"].as_array().unwrap();
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors.iter().all(|e| e["kind"] == "failed"), "{errors:?}");
-    for said in ["400 DeviceTokenNotForTopic", "418 Teapot", "418 Kettle"] {
+    for said in [
+        "400 DeviceTokenNotForTopic",
+        "418 I am a teapot",
+        "418 Kettle is off",
+    ] {
         let n = errors
             .iter()
             .filter(|e| e["message"].as_str().unwrap().contains(said))
