@@ -884,11 +884,15 @@ impl Config {
     /// operator needs `status` most when the daemon cannot move files.
     pub fn folder_problems(&self) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
-        for (key, dir) in [
-            ("inbox.dir", &self.inbox.dir),
-            ("inbox.processed_dir", &self.processed_dir().to_path_buf()),
-            ("inbox.rejected_dir", &self.rejected_dir().to_path_buf()),
-        ] {
+        let mut dirs = vec![
+            ("inbox.dir", self.inbox.dir.clone()),
+            ("inbox.rejected_dir", self.rejected_dir().to_path_buf()),
+        ];
+        // With `keep_processed = false` committed files are deleted: no processed folder.
+        if self.inbox.keep_processed {
+            dirs.push(("inbox.processed_dir", self.processed_dir().to_path_buf()));
+        }
+        for (key, dir) in &dirs {
             // The folder, or one above it that pushdrop would have to make it in.
             if let Some((p, _)) = dir
                 .ancestors()
@@ -896,7 +900,7 @@ impl Config {
                 .find(|(_, m)| !m.is_dir())
             {
                 problems.push(ConfigProblem {
-                    key: key.into(),
+                    key: (*key).into(),
                     line: None,
                     message: format!("{} exists and is not a folder", p.display()),
                 });
@@ -1581,6 +1585,11 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         .unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].key, "inbox.processed_dir", "{err}");
+        // Committed files deleted: there is no processed folder to make.
+        let deleting = text.replace("dir = \"inbox\"", "dir = \"inbox\"\nkeep_processed = false");
+        let (cfg, _) =
+            Config::from_toml(&deleting, &dir.path().join("p.toml"), dir.path()).unwrap();
+        assert!(cfg.folder_problems().is_empty());
         assert!(
             err.problems[0]
                 .message
