@@ -842,26 +842,8 @@ impl Config {
         if let Some(d) = &self.log.dir {
             self.log.dir = Some(abs(d));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            bad(
-                "log.level",
-                format!("{:?} is not a tracing filter", self.log.level),
-            );
-        } else if let Some(word) = self.log.level.split(',').map(str::trim).find(|d| {
-            // A bare word is a module name to log at every level, and every other module is
-            // then off: "inf" for "info" would silence the whole log.
-            !d.is_empty()
-                && !d.contains(['=', '[', '{', ':'])
-                && d.parse::<tracing_subscriber::filter::LevelFilter>()
-                    .is_err()
-        }) {
-            bad(
-                "log.level",
-                format!(
-                    "{word:?} is not a level (trace, debug, info, warn, error, off); a module \
-                     takes one after '=', e.g. \"info,pushdrop::delivery=warn\""
-                ),
-            );
+        if let Some(why) = log_filter_problem(&self.log.level) {
+            bad("log.level", why);
         }
 
         // [admin]
@@ -937,6 +919,29 @@ impl Config {
             Environment::Sandbox => &self.apns.sandbox_url,
         }
     }
+}
+
+/// What is wrong with a tracing filter (`[log] level`, `RUST_LOG`), if anything. Beside
+/// syntax: an empty filter, and a bare word that is not a level, both of which a tracing
+/// filter takes and which log nothing of pushdrop's (a bare word is a module name to log at
+/// every level, and every other module is then off: "inf" for "info" silences the log).
+pub(crate) fn log_filter_problem(filter: &str) -> Option<String> {
+    if filter.trim().is_empty() {
+        return Some("is empty: give a level such as \"info\"".into());
+    }
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Some(format!("{filter:?} is not a tracing filter"));
+    }
+    let word = filter.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '[', '{', ':'])
+            && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+    })?;
+    Some(format!(
+        "{word:?} is not a level (trace, debug, info, warn, error, off); a module takes one \
+         after '=', e.g. \"info,pushdrop::delivery=warn\""
+    ))
 }
 
 /// A key or certificate must exist; a private key readable by group or others draws a warning.
@@ -1548,12 +1553,16 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
     #[test]
     fn a_log_level_typo_is_refused_rather_than_silencing_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        for level in ["inf", "warn,pushdrp"] {
+        for level in ["inf", "warn,pushdrp", "", " "] {
             let text = format!("{GOOD}\n[log]\nlevel = \"{level}\"\n");
             let err = load_in(dir.path(), &text).unwrap_err();
             assert_eq!(err.problems.len(), 1, "{err}");
             assert_eq!(err.problems[0].key, "log.level", "{err}");
-            assert!(err.problems[0].message.contains("is not a level"), "{err}");
+            let why = &err.problems[0].message;
+            assert!(
+                why.contains("is not a level") || why.contains("is empty"),
+                "{err}"
+            );
         }
         for level in [
             "debug",

@@ -115,10 +115,24 @@ impl<W: std::io::Write> std::io::Write for OneLineWriter<W> {
     }
 }
 
+/// `RUST_LOG` when it is set and usable, else the config's level. An empty `RUST_LOG` is
+/// unset; one that would log nothing of pushdrop's (a typo) is set aside with a warning on
+/// stderr rather than silence the daemon.
 fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    if let Some(v) = from_env {
+        match crate::config::log_filter_problem(&v) {
+            None => {
+                if let Ok(f) = EnvFilter::try_new(&v) {
+                    return f;
+                }
+            }
+            Some(why) => eprintln!("warning: RUST_LOG: {why}; using [log] level {level:?}"),
+        }
+    }
+    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// Logs to stderr only: `simulate`, and the one-shot commands whose log files cannot be

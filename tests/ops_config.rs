@@ -408,3 +408,31 @@ fn a_bad_command_line_exits_2_and_an_empty_config_variable_means_the_default() {
     assert_eq!(out.status.code(), Some(64), "{said}");
     assert!(said.contains("config/pushdrop.toml"), "{said}");
 }
+
+/// A `RUST_LOG` that would log nothing of pushdrop's (a typo, or empty) does not silence it:
+/// an empty one is unset, a bad one is set aside with a warning.
+#[test]
+fn a_bad_or_empty_rust_log_does_not_silence_the_log() {
+    let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    let d = deployed(&good, 0o600);
+    for (value, warned) in [("inf", true), ("", false), ("warn,pushdrop=inf", true)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+            .arg("--config")
+            .arg(&d.config)
+            .arg("purge")
+            .env("RUST_LOG", value)
+            .output()
+            .unwrap();
+        let said = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{value:?}: {said}");
+        assert!(
+            said.contains("purged"),
+            "{value:?}: the purge is logged: {said}"
+        );
+        assert_eq!(
+            said.contains("warning: RUST_LOG"),
+            warned,
+            "{value:?}: {said}"
+        );
+    }
+}
