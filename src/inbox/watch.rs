@@ -102,6 +102,16 @@ enum Msg {
     Stop,
 }
 
+/// What an inbox message was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Stop,
+    /// A drop file (or the folder, or a rescan): worth gathering the events after it for.
+    DropFile,
+    /// Another name: a dotfile, a `*.tmp`, a subfolder's entry.
+    Other,
+}
+
 /// Starts watching `[inbox] dir`: adds the kernel watch, then scans (so files present at start
 /// are taken), in a thread of its own.
 pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> {
@@ -374,15 +384,20 @@ impl Loop {
                 self.next_deadline()
                     .saturating_duration_since(Instant::now())
             };
+            // Only an event about a drop file starts a gather (once per wake-up): a dropper
+            // writing its next file under a temp name must not hold up the one it renamed.
+            let mut gathered = more;
             match self.rx.recv_timeout(timeout) {
-                Ok(msg) => {
-                    if !self.handle(msg) {
-                        break;
+                Ok(msg) => match self.handle(msg) {
+                    Handled::Stop => break,
+                    Handled::DropFile => {
+                        gathered = true;
+                        if !self.gather() {
+                            break;
+                        }
                     }
-                    if !more && !self.gather() {
-                        break;
-                    }
-                }
+                    Handled::Other => {}
+                },
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // Only the handle's sender is left and it is gone: nobody can stop us.
@@ -392,11 +407,16 @@ impl Loop {
             // Drain what else has arrived, bounded so a storm cannot starve the work.
             for _ in 0..100_000 {
                 match self.rx.try_recv() {
-                    Ok(msg) => {
-                        if !self.handle(msg) {
-                            return;
+                    Ok(msg) => match self.handle(msg) {
+                        Handled::Stop => return,
+                        Handled::DropFile if !gathered => {
+                            gathered = true;
+                            if !self.gather() {
+                                return;
+                            }
                         }
-                    }
+                        _ => {}
+                    },
                     Err(_) => break,
                 }
             }
@@ -404,43 +424,49 @@ impl Loop {
         tracing::info!(event = "inbox_stopped");
     }
 
-    /// Takes the events that follow the first one of an idle spell until they pause for
-    /// [`GATHER_QUIET`] (at most [`GATHER_MAX`]); false on stop.
+    /// Takes the events that follow the first one of an idle spell until events about drop
+    /// files pause for [`GATHER_QUIET`] (at most [`GATHER_MAX`]); false on stop. Events
+    /// about other names (a temp file being written) do not keep it waiting.
     fn gather(&mut self) -> bool {
         let until = Instant::now() + GATHER_MAX;
+        let mut quiet_at = Instant::now() + GATHER_QUIET;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
+            let left = quiet_at
+                .min(until)
+                .saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return true;
             }
-            match self.rx.recv_timeout(GATHER_QUIET.min(left)) {
-                Ok(msg) => {
-                    if !self.handle(msg) {
-                        return false;
-                    }
-                }
+            match self.rx.recv_timeout(left) {
+                Ok(msg) => match self.handle(msg) {
+                    Handled::Stop => return false,
+                    Handled::DropFile => quiet_at = Instant::now() + GATHER_QUIET,
+                    Handled::Other => {}
+                },
                 Err(_) => return true,
             }
         }
     }
 
-    /// Applies one message; false on stop.
-    fn handle(&mut self, msg: Msg) -> bool {
+    /// Applies one message.
+    fn handle(&mut self, msg: Msg) -> Handled {
         let ev = match msg {
-            Msg::Stop => return false,
+            Msg::Stop => return Handled::Stop,
             Msg::Event(Ok(ev)) => ev,
             Msg::Event(Err(e)) => {
                 tracing::warn!(event = "watch_error", error = %e, "inbox watch reported an error; rescanning");
                 self.scan_requested = true;
-                return true;
+                return Handled::DropFile;
             }
         };
+        let mut handled = Handled::Other;
         if ev.need_rescan() {
             tracing::info!(
                 event = "watch_overflow",
                 "kernel event queue overflowed; rescanning the inbox"
             );
             self.scan_requested = true;
+            handled = Handled::DropFile;
             // Closes may be among the lost events: settling decides again.
             for c in self.cands.values_mut() {
                 c.writer = Writer::Unknown;
@@ -456,12 +482,14 @@ impl Loop {
             if p == &self.inbox {
                 // The folder itself changed (moved, deleted, permissions): look again.
                 self.scan_requested = true;
+                handled = Handled::DropFile;
                 continue;
             }
             let Some(name) = p.file_name() else { continue };
             if p.parent() != Some(self.inbox.as_path()) || !super::is_drop_name(name) {
                 continue;
             }
+            handled = Handled::DropFile;
             // Something happened to the name: whatever it is now, look at it again.
             self.ignored.remove(name);
             let now = Instant::now();
@@ -483,7 +511,7 @@ impl Loop {
                 c.check_at = now;
             }
         }
-        true
+        handled
     }
 
     fn next_deadline(&self) -> Instant {
