@@ -225,6 +225,10 @@ impl ReadDrop {
     }
 }
 
+/// Why a file is not taken yet when the kernel says another process holds it open for
+/// writing (see [`fsutil::open_for_writing_elsewhere`]).
+pub(crate) const OPEN_ELSEWHERE: &str = "another process has it open for writing";
+
 /// The checks before parsing, and the read: what [`examine`] does before it parses.
 fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Examined> {
     let name = display_name(path);
@@ -287,9 +291,7 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
         return Err(oversize(before.size()));
     }
     if fsutil::open_for_writing_elsewhere(&file) == Some(true) {
-        return Err(Examined::InProgress(
-            "another process has it open for writing".into(),
-        ));
+        return Err(Examined::InProgress(OPEN_ELSEWHERE.into()));
     }
     let mut bytes = Vec::with_capacity(before.size() as usize + 1);
     if let Err(e) = (&mut file).take(max + 1).read_to_end(&mut bytes) {

@@ -293,6 +293,8 @@ struct Cand {
     writer: Writer,
     /// The long wait for the writer's close was logged.
     warned: bool,
+    /// Since when the kernel has said another process holds it open for writing.
+    open_elsewhere_since: Option<Instant>,
     /// (size, mtime_ns, ino) at the last look, and since when it has been so.
     seen: Option<(u64, i64, u64)>,
     stable_since: Instant,
@@ -316,6 +318,7 @@ impl Cand {
             hinted: false,
             writer: Writer::Unknown,
             warned: false,
+            open_elsewhere_since: None,
             seen: None,
             stable_since: now,
             check_at: now,
@@ -739,10 +742,24 @@ impl Loop {
             };
             c.hinted = false;
             match r {
-                FileOutcome::InProgress(_) => {
+                FileOutcome::InProgress(why) => {
                     // Look again once it has had time to settle.
                     c.seen = None;
                     c.check_at = now + (self.settle / 4).max(Duration::from_millis(10));
+                    if why == ingest::OPEN_ELSEWHERE {
+                        let since = *c.open_elsewhere_since.get_or_insert(now);
+                        if !c.warned && now.duration_since(since) >= OPEN_WRITER_WARN {
+                            c.warned = true;
+                            tracing::warn!(
+                                event = "open_for_writing",
+                                file = &*name.to_string_lossy(),
+                                open_s = now.duration_since(since).as_secs(),
+                                "a file in the inbox is still open for writing by another process; it is taken once its writer closes it"
+                            );
+                        }
+                    } else {
+                        c.open_elsewhere_since = None;
+                    }
                 }
                 _ => {
                     c.failures += 1;
