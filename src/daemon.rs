@@ -20,6 +20,8 @@ use crate::store::{Store, StoreError};
 
 /// How often finished work past retention is purged while the daemon runs.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// How often old log files are pruned while the daemon runs.
+const LOG_PRUNE_EVERY: Duration = Duration::from_secs(300);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -208,10 +210,19 @@ impl Daemon {
     }
 }
 
-/// Purges finished work past `[store] keep_finished_days`, at start and hourly.
+/// Purges finished work past `[store] keep_finished_days`, at start and hourly, and prunes
+/// old log files every few minutes (a rotation makes one more).
 async fn purge_loop(cfg: Arc<Config>, store: Store) {
     let keep_ms = cfg.store.keep_finished_ms();
+    let mut next_purge = tokio::time::Instant::now();
     loop {
+        let log = cfg.log.clone();
+        let _ = tokio::task::spawn_blocking(move || crate::logging::prune_logs(&log)).await;
+        if tokio::time::Instant::now() < next_purge {
+            tokio::time::sleep(LOG_PRUNE_EVERY).await;
+            continue;
+        }
+        next_purge = tokio::time::Instant::now() + PURGE_EVERY;
         let inbox = cfg.inbox.dir.clone();
         let in_inbox = tokio::task::spawn_blocking(move || crate::inbox::drop_names(&inbox))
             .await
@@ -231,7 +242,7 @@ async fn purge_loop(cfg: Arc<Config>, store: Store) {
             Ok(_) => {}
             Err(e) => tracing::error!(event = "store_error", error = %e, "purge failed"),
         }
-        tokio::time::sleep(PURGE_EVERY).await;
+        tokio::time::sleep(LOG_PRUNE_EVERY).await;
     }
 }
 

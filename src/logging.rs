@@ -246,17 +246,13 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
         Rotation::Daily => AppenderRotation::DAILY,
         Rotation::Never => AppenderRotation::NEVER,
     };
-    let keep = cfg.keep_files.max(2);
-    prune_for_start(
-        dir,
-        &current_log_name(cfg.rotation, time::OffsetDateTime::now_utc()),
-        keep,
-    );
+    // Old files are pruned here and by the daemon every few minutes (`prune_logs`), not by
+    // the appender: it goes by creation time and may take the file it writes.
+    prune_logs(cfg);
     let appender = RollingFileAppender::builder()
         .rotation(rotation)
         .filename_prefix("pushdrop")
         .filename_suffix("log")
-        .max_log_files(keep)
         .build(dir)
         .map_err(|e| LogError::Appender {
             dir: dir.clone(),
@@ -397,41 +393,45 @@ fn current_log_name(rotation: Rotation, now: time::OffsetDateTime) -> String {
     }
 }
 
-/// tracing-appender prunes its folder when it starts, oldest first by creation time, down to
-/// `keep - 1` files, counting the file of the current period that it is about to append to.
-/// That file is the oldest when the others were copied or restored in after it was made, and
-/// would be deleted with the lines already written to it. Pruning the others first, the same
-/// way, leaves the appender nothing to do. (Its prune at a rotation runs before the new file
-/// exists; the file it leaves is then the newest.)
-fn prune_for_start(dir: &Path, current: &str, keep: usize) {
+/// Keeps the newest `[log] keep_files` log files (at least 2), the one being written
+/// included: every `pushdrop*log` file in `[log] dir` counts, and the oldest go first by the
+/// date in their names (a file copied or restored in later is not thereby new). The file of
+/// the current period is never deleted. Called at start and every few minutes by the daemon,
+/// so after a rotation the folder holds one file more for a few minutes at most.
+///
+/// Why not tracing-appender's own `max_log_files`: it goes by creation time, so a file
+/// restored into the folder after the current one was made made the current one the
+/// "oldest", deleted with the lines already in it.
+pub fn prune_logs(cfg: &LogConfig) {
+    let Some(dir) = cfg.dir.as_deref() else {
+        return;
+    };
+    let current = current_log_name(cfg.rotation, time::OffsetDateTime::now_utc());
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut current_exists = false;
-    let mut others: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    let mut others: Vec<String> = Vec::new();
     for e in entries.flatten() {
-        let Ok(meta) = e.metadata() else { continue };
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !meta.is_file() || !name.starts_with("pushdrop") || !name.ends_with("log") {
+        if name == current
+            || !name.starts_with("pushdrop")
+            || !name.ends_with("log")
+            || !e.file_type().is_ok_and(|t| t.is_file())
+        {
             continue;
         }
-        if name == current {
-            current_exists = true;
-            continue;
-        }
-        let made = meta.created().or_else(|_| meta.modified());
-        others.push((made.unwrap_or(std::time::UNIX_EPOCH), e.path()));
+        others.push(name.to_string());
     }
-    let room = keep
-        .saturating_sub(1)
-        .saturating_sub(usize::from(current_exists));
+    // The current file counts whether or not its first line has made it yet.
+    let room = cfg.keep_files.max(2) - 1;
     if others.len() > room {
+        // `pushdrop.2026-11-30.log` < `pushdrop.2026-12-01-07.log` < `pushdrop.log`: by date.
         others.sort();
         let excess = others.len() - room;
-        for (_, path) in others.into_iter().take(excess) {
-            // Should this fail, the appender's own prune tries again.
-            let _ = std::fs::remove_file(path);
+        for name in others.into_iter().take(excess) {
+            // Should this fail, the next prune tries again.
+            let _ = std::fs::remove_file(dir.join(name));
         }
     }
 }
@@ -464,13 +464,18 @@ pub(crate) mod tests {
     /// Files restored into the log folder after today's was made: today's is the oldest by
     /// creation time, and the start-up prune kept deleting the lines already written to it.
     #[test]
-    fn the_start_up_prune_never_takes_the_file_about_to_be_appended_to() {
+    fn the_prune_goes_by_the_dates_in_the_names_and_never_takes_the_current_file() {
         let dir = tempfile::tempdir().unwrap();
         let today = current_log_name(Rotation::Daily, time::OffsetDateTime::now_utc());
         std::fs::write(dir.path().join(&today), "earlier lines\n").unwrap();
-        for (i, old) in ["pushdrop.2020-01-01.log", "pushdrop.2020-01-02.log"]
-            .iter()
-            .enumerate()
+        for (i, old) in [
+            "pushdrop.2020-01-03.log",
+            "pushdrop.2020-01-02.log",
+            "pushdrop.2019-12-31.log",
+            "pushdrop.2020-01-01.log",
+        ]
+        .iter()
+        .enumerate()
         {
             std::thread::sleep(std::time::Duration::from_millis(20 * (i as u64 + 1)));
             std::fs::write(dir.path().join(old), "restored\n").unwrap();
@@ -487,11 +492,16 @@ pub(crate) mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        // keep_files 3: today's, and the newest other one (the appender leaves room for a
-        // file it makes, as at a rotation, and counts today's when it exists).
+        // keep_files 3: today's and the two newest others by the dates in their names
+        // (2020-01-01 was restored last: the newest by creation time).
         assert_eq!(
             names,
-            ["other.txt", "pushdrop.2020-01-02.log", today.as_str()]
+            [
+                "other.txt",
+                "pushdrop.2020-01-02.log",
+                "pushdrop.2020-01-03.log",
+                today.as_str()
+            ]
         );
         let text = std::fs::read_to_string(dir.path().join(&today)).unwrap();
         assert!(text.starts_with("earlier lines\n"), "{text}");
