@@ -2,7 +2,6 @@
 //! `[log] dir`. Every log line of the daemon goes through `tracing`.
 
 use std::io::IsTerminal as _;
-use std::path::{Path, PathBuf};
 
 use tracing::subscriber::Interest;
 use tracing::{Event, Metadata, Subscriber, span};
@@ -439,6 +438,7 @@ pub fn prune_logs(cfg: &LogConfig) {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io;
+    use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};
 
     use tracing::{error, info, warn};
