@@ -215,10 +215,17 @@ impl Receipts {
         let tmp = folder.join(format!(".{}.json.tmp", data.id));
         let mut body = serde_json::to_vec_pretty(&data).map_err(|e| io(e.into()))?;
         body.push(b'\n');
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            // A full disk leaves no empty temp file behind to take an inode more.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         Ok(Some(path))
     }
 }

@@ -299,3 +299,44 @@ fn sigkill_then_restart_writes_the_missing_receipts_and_removes_stale_temp_files
             == missing_before.len()
     );
 }
+
+/// A receipt that cannot be written (its folder unusable: full, read-only, here a file in its
+/// place) is said in `status` and written while the daemon runs once the folder is usable
+/// again, not only at its next start; no temporary file is left behind.
+#[test]
+fn a_receipt_that_could_not_be_written_is_written_once_it_can_be() {
+    let w = World::new(SimOptions::default(), common::world::FAST_SENDER);
+    let dir = receipts_dir(&w.env);
+    let daemon = w.env.start();
+    w.env.drop_file(
+        "a.json",
+        notification_to("first", &format!(r#"{{"tokens":["{}"]}}"#, token(1)), ""),
+    );
+    wait_for("first receipt", || dir.join("first.json").exists());
+    // The folder becomes unusable.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, "not a folder").unwrap();
+    w.env.drop_file(
+        "b.json",
+        notification_to("second", &format!(r#"{{"tokens":["{}"]}}"#, token(2)), ""),
+    );
+    wait_for("the failure in status", || {
+        w.env.status_json()["recent_errors"]
+            .to_string()
+            .contains("cannot write the receipt of second")
+    });
+    // Usable again: written within the retry period, no restart.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.join("second.json").exists() {
+        assert!(Instant::now() < deadline, "second receipt never written");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.shutdown();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["second.json"], "no temporary file left: {names:?}");
+}

@@ -102,9 +102,40 @@ struct ReceiptWork {
     tasks: std::sync::Mutex<JoinSet<()>>,
     /// Asks the start-up sweep to stop (shutdown).
     stop_sweep: AtomicBool,
+    /// Receipts that could not be written (a full disk, a read-only folder), tried again
+    /// every [`RECEIPT_RETRY_EVERY`]; beyond [`RECEIPT_RETRY_MAX`], the next start's sweep.
+    failed: std::sync::Mutex<Vec<FinishedNotification>>,
+    /// When such a failure was last noted for `status`: once a minute at most.
+    noted_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// How often receipts that could not be written are tried again.
+const RECEIPT_RETRY_EVERY: Duration = Duration::from_secs(10);
+/// The most failed receipts remembered for that (the start-up sweep writes any others).
+const RECEIPT_RETRY_MAX: usize = 100_000;
+
 impl ReceiptWork {
+    /// A receipt that could not be written: kept to try again, and said in `status` (once a
+    /// minute), since a dropper waiting for it sees nothing else.
+    fn note_failed(&self, store: &Store, f: FinishedNotification, error: &str) {
+        let message = format!(
+            "cannot write the receipt of {}: {error}; tried again every 10 s",
+            f.ext_id
+        );
+        let app = f.app.clone();
+        {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.len() < RECEIPT_RETRY_MAX {
+                failed.push(f);
+            }
+        }
+        let mut noted = self.noted_at.lock().unwrap_or_else(|p| p.into_inner());
+        if noted.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
+            *noted = Some(std::time::Instant::now());
+            store.note_event_blocking("receipt_error", Some(&app), &message);
+        }
+    }
+
     /// Runs `f` on the blocking pool, tracked.
     fn spawn(self: &Arc<Self>, f: impl FnOnce(&ReceiptWork) + Send + 'static) {
         let work = self.clone();
@@ -160,6 +191,8 @@ pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle
             receipts: Receipts::new(d, &cfg.store.path, cfg.receipts.max_sent_tokens),
             tasks: std::sync::Mutex::new(JoinSet::new()),
             stop_sweep: AtomicBool::new(false),
+            failed: std::sync::Mutex::new(Vec::new()),
+            noted_at: std::sync::Mutex::new(None),
         })
     });
     if let Some(work) = &receipts {
@@ -245,6 +278,17 @@ async fn main_loop(
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let (stop_recorder, recorder_stop) = watch::channel(false);
     let recorder = tokio::spawn(recorder(inner.clone(), results_rx, recorder_stop));
+    // Receipts that could not be written are tried again while the daemon runs, not only at
+    // its next start: a dropper may be waiting for one.
+    let receipt_retries = tokio::spawn({
+        let inner = inner.clone();
+        async move {
+            loop {
+                tokio::time::sleep(RECEIPT_RETRY_EVERY).await;
+                inner.retry_receipts();
+            }
+        }
+    });
     let new_work = store.new_work();
     // Claimed deliveries wait here for a free slot; a claim is on its way whenever this runs
     // low, so slots freed by answers are refilled at once instead of after a store round trip
@@ -375,6 +419,7 @@ async fn main_loop(
         store.release(unsent).await;
     }
 
+    receipt_retries.abort();
     // Shutdown: let in-flight requests finish within the grace period.
     let grace = Duration::from_millis(inner.cfg.sender.shutdown_grace_ms);
     let all = max_in_flight as u32;
@@ -512,6 +557,7 @@ impl Inner {
             return;
         };
         // Tracked, so that a shutdown waits for these receipts.
+        let store = self.store.clone();
         work.spawn(move |work| {
             for f in finished {
                 match work.receipts.write(f.notification_id) {
@@ -519,7 +565,36 @@ impl Inner {
                     // Purged meanwhile: nothing to write a receipt from.
                     Ok(None) => log_finished(std::slice::from_ref(&f)),
                     Err(e) => {
-                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; it is written at the next start")
+                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; tried again every 10 s, and at the next start");
+                        work.note_failed(&store, f, &e.to_string());
+                    }
+                }
+            }
+        });
+    }
+
+    /// Tries the receipts that could not be written again, in order, up to the first that
+    /// still fails (a disk still full is one error line per round, not one per receipt).
+    fn retry_receipts(&self) {
+        let Some(work) = &self.receipts else {
+            return;
+        };
+        let failed = std::mem::take(&mut *work.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        if failed.is_empty() {
+            return;
+        }
+        work.spawn(move |work| {
+            let mut rest = failed.into_iter();
+            while let Some(f) = rest.next() {
+                match work.receipts.write(f.notification_id) {
+                    Ok(Some(path)) => log_receipt_written(&f, &path, true),
+                    Ok(None) => log_finished(std::slice::from_ref(&f)),
+                    Err(e) => {
+                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "still cannot write receipts; tried again in 10 s");
+                        let mut failed = work.failed.lock().unwrap_or_else(|p| p.into_inner());
+                        failed.push(f);
+                        failed.extend(rest);
+                        break;
                     }
                 }
             }
