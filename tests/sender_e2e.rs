@@ -707,3 +707,55 @@ fn refused_streams_are_sent_again_without_pausing_the_app() {
         n as i64
     );
 }
+
+/// SPEC 4.5 at a stop: requests on the wire are finished; those still waiting for a stream
+/// (here behind a fresh connection's one-stream rule and slow answers) are not sent during
+/// the grace period, so a stop that might not wait for their answers cannot send them twice.
+#[test]
+fn a_stop_sends_nothing_that_had_not_gone_out() {
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(1500),
+            streams_one_until_authorized: true,
+            ..SimOptions::default()
+        },
+        FAST_SENDER,
+    );
+    let daemon = w.env.start();
+    let lines: String = (0..20u64)
+        .map(|i| {
+            notification_to(
+                &format!("s{i}"),
+                &format!(r#"{{"tokens":["{}"]}}"#, token(60 + i)),
+                "",
+            ) + "\n"
+        })
+        .collect();
+    w.env.drop_file("n.jsonl", lines);
+    wait_for("the first request out", || w.sim.requests() >= 1);
+    let stopped = Instant::now();
+    daemon.shutdown();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(w.sim.requests(), 1, "only the request on the wire went out");
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1"),
+        1
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 0 AND attempts = 0"),
+        19,
+        "the rest queued, no attempt spent"
+    );
+    let s = w.env.status_json();
+    assert_eq!(
+        s["paused"],
+        serde_json::json!([]),
+        "a stop is no outage: {s}"
+    );
+}

@@ -218,6 +218,18 @@ impl ApnsClient {
         }
     }
 
+    /// At a stop: requests that have not gone out yet (waiting for a connection or a free
+    /// stream) end as unsent retries instead of going out during the grace period, whose
+    /// answers the stop might not wait for (they would be sent again after the restart).
+    /// Requests already written finish.
+    pub fn close_to_new_requests(&self) {
+        for pools in self.inner.pools.values() {
+            for pool in pools {
+                pool.close_to_new_requests();
+            }
+        }
+    }
+
     /// Sends one push. Never panics; returns within about `request_timeout_ms` (plus the
     /// connect time when a connection must be opened first).
     pub async fn send(&self, req: &PushRequest) -> Outcome {

@@ -167,6 +167,8 @@ pub(crate) struct Pool {
     state: Mutex<State>,
     notify: Notify,
     waiting: AtomicUsize,
+    /// Set when the sender stops: requests still waiting for a stream are not sent.
+    closing: AtomicBool,
 }
 
 /// A stream slot on a connection, held from before the request is written until its answer
@@ -240,6 +242,7 @@ impl Pool {
                 closed: false,
             }),
             notify: Notify::new(),
+            closing: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
         }
     }
@@ -294,6 +297,13 @@ impl Pool {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(Outcome::Retry {
+                    status: None,
+                    reason: "the daemon is stopping: not sent".into(),
+                    unsent: true,
+                });
+            }
             let wait_until = match self.try_acquire(began) {
                 Ok(lease) => return Ok(lease),
                 Err(Wait::Until(t)) => t,
@@ -317,6 +327,12 @@ impl Pool {
                 });
             }
         }
+    }
+
+    /// See [`super::ApnsClient::close_to_new_requests`].
+    pub fn close_to_new_requests(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
     }
 
     /// See [`super::ApnsClient::connect_by`]: slots backing off past `at` try again at `at`.

@@ -164,6 +164,8 @@ struct Inner {
     cfg: Arc<Config>,
     store: Store,
     client: ApnsClient,
+    /// Set at a stop: a request that could not go out is held, not a sign of an outage.
+    stopping: AtomicBool,
     receipts: Option<Arc<ReceiptWork>>,
     guards: Guards,
     /// The `sent` series of the deliveries counter, looked up once (on the first success, so
@@ -212,6 +214,7 @@ pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle
         client,
         sent_counter: std::sync::OnceLock::new(),
         noted_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
+        stopping: AtomicBool::new(false),
     });
     let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
     SenderHandle {
@@ -420,6 +423,10 @@ async fn main_loop(
     }
 
     receipt_retries.abort();
+    // Requests not yet written stay queued, unsent: the grace period is for the answers to
+    // those on the wire.
+    inner.stopping.store(true, Ordering::SeqCst);
+    inner.client.close_to_new_requests();
     // Shutdown: let in-flight requests finish within the grace period.
     let grace = Duration::from_millis(inner.cfg.sender.shutdown_grace_ms);
     let all = max_in_flight as u32;
@@ -762,6 +769,13 @@ impl Inner {
             // app and environment's problem, not this delivery's. Pause them quietly with
             // back-off instead of cycling every queued delivery through a dead pool; the pool
             // connects again when the pause ends, however long its own back-off.
+            Outcome::Retry {
+                status: None,
+                reason,
+                unsent: true,
+            } if self.stopping.load(Ordering::SeqCst) => {
+                Some(ResultKind::held_until(now_ms(), None, reason))
+            }
             Outcome::Retry {
                 status: None,
                 reason,
