@@ -20,6 +20,8 @@ use crate::store::{Store, StoreError};
 
 /// How often finished work past retention is purged while the daemon runs.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// A repeat of the stop signal this soon after it is the same stop, not a second one.
+const SAME_SIGNAL_WINDOW: Duration = Duration::from_millis(250);
 /// How often old log files are pruned while the daemon runs.
 const LOG_PRUNE_EVERY: Duration = Duration::from_secs(300);
 
@@ -258,6 +260,7 @@ pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
     let mut signals = signal_rt.block_on(async { Signals::install() })?;
     let daemon = Daemon::start(Arc::new(cfg))?;
     let signal = signal_rt.block_on(signals.wait());
+    let first_at = std::time::Instant::now();
     tracing::info!(event = "signal", signal, "shutting down");
     // A second SIGTERM or SIGINT during the grace period (Ctrl-C twice) stops at once, with
     // the exit status of a process the signal killed. Nothing is lost by it: a request in
@@ -266,7 +269,17 @@ pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
     let _ = std::thread::Builder::new()
         .name("pushdrop-signals".into())
         .spawn(move || {
-            let second = signal_rt.block_on(signals.wait());
+            let second = loop {
+                let second = signal_rt.block_on(signals.wait());
+                // The same signal again at once is one stop sent twice (`timeout` signals
+                // its child and then the child's process group), not an operator's second
+                // Ctrl-C.
+                if second == signal && first_at.elapsed() < SAME_SIGNAL_WINDOW {
+                    tracing::info!(event = "signal_repeated", signal = second, "the same signal again at once: taken as one stop");
+                    continue;
+                }
+                break second;
+            };
             tracing::warn!(
                 event = "signal",
                 signal = second,

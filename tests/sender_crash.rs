@@ -184,3 +184,25 @@ fn a_second_signal_stops_at_once_and_loses_nothing() {
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
     assert_eq!(w.accepted_by_token().len(), n as usize, "nothing lost");
 }
+
+/// One stop sent twice at once (`timeout` signals its child, then the child's process group)
+/// is one clean stop, not "Ctrl-C twice".
+#[test]
+fn the_same_signal_twice_at_once_is_one_clean_stop() {
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(1000),
+            ..SimOptions::default()
+        },
+        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = 20000\n"),
+    );
+    let mut child = spawn(&w.env);
+    w.env.drop_file("n.jsonl", notifications(20));
+    wait_for("requests in flight", || w.sim.requests() >= 1);
+    signal(&child, libc::SIGTERM);
+    // Far enough apart that the first is taken before the second (two pending ones merge).
+    std::thread::sleep(Duration::from_millis(40));
+    signal(&child, libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
