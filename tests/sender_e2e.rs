@@ -319,8 +319,9 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
     }
 }
 
-#[test]
-fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
+/// 30 registered devices whose tokens all answer `BadDeviceToken`, a broadcast `id` to
+/// them, and the app paused for the burst.
+fn paused_by_a_burst(id: &str) -> (World, pushdrop::daemon::Daemon) {
     let w = World::new(SimOptions::default(), FAST_SENDER);
     for n in 0..30 {
         w.script(&token(n), TokenScript::BadDeviceToken);
@@ -330,15 +331,19 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     wait_for("registered", || {
         w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 30
     });
-    w.env.drop_file(
-        "b-all.json",
-        notification_to("wrong-env", r#"{"all":true}"#, ""),
-    );
+    w.env
+        .drop_file("b-all.json", notification_to(id, r#"{"all":true}"#, ""));
     wait_for("pause recorded", || {
         w.env
             .count("SELECT count(*) FROM events WHERE kind = 'paused'")
             >= 1
     });
+    (w, daemon)
+}
+
+#[test]
+fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
+    let (w, daemon) = paused_by_a_burst("wrong-env");
     // Longer than a lone BadDeviceToken is held (2 s): answers that came in after the burst,
     // while the app was paused, must not be taken for lone dead devices when their hold ends.
     std::thread::sleep(Duration::from_millis(3000));
@@ -355,15 +360,15 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
         0
     );
     assert_eq!(w.queued(), 30, "everything still queued");
-    // Every answer went back to the queue as a retry, and was counted as one (this is the
-    // only test here that meets BadDeviceToken; the metrics are the process's).
+    // Every answer went back to the queue as a retry, and was counted as one (the metrics
+    // are the process's: another test here meets BadDeviceToken too, so at least these).
     let retries = pushdrop::metrics::get()
         .retries
         .get_or_create(&pushdrop::metrics::ReasonLabel {
             reason: "BadDeviceToken".into(),
         })
         .get();
-    assert_eq!(retries, w.sim.requests() as u64);
+    assert!(retries >= w.sim.requests() as u64, "{retries}");
     let status = w.env.pushdrop(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("BadDeviceToken"), "status says why: {text}");
@@ -386,22 +391,7 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
 /// waiting, alerting, for the app's next notification.
 #[test]
 fn unregistering_a_bursts_dead_tokens_ends_their_deliveries_and_then_the_pause() {
-    let w = World::new(SimOptions::default(), FAST_SENDER);
-    for n in 0..30 {
-        w.script(&token(n), TokenScript::BadDeviceToken);
-    }
-    let daemon = w.env.start();
-    w.env.drop_file("a-devices.jsonl", devices(0..30, "u"));
-    wait_for("registered", || {
-        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 30
-    });
-    w.env
-        .drop_file("b-all.json", notification_to("dead", r#"{"all":true}"#, ""));
-    wait_for("pause recorded", || {
-        w.env
-            .count("SELECT count(*) FROM events WHERE kind = 'paused'")
-            >= 1
-    });
+    let (w, daemon) = paused_by_a_burst("dead");
     let gone: String = (0..30)
         .map(|n| {
             format!(
