@@ -173,15 +173,6 @@ fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
 #[test]
 fn status_device_counts_agree_with_the_device_list() {
     let (_dir, store) = open();
-    let unregister = |i: u32| {
-        Record::Device(DeviceRecord {
-            app: "a".into(),
-            token: tok(i),
-            user: None,
-            environment: Environment::Production,
-            action: DeviceAction::Unregister,
-        })
-    };
     store
         .ingest(vec![file(
             "n.jsonl",
@@ -394,13 +385,7 @@ fn each_record_keeps_its_own_app_topic_and_push_type_within_a_file() {
 fn broadcast_fans_out_to_active_devices_and_claims_once() {
     let (_dir, store) = open();
     let mut recs: Vec<Record> = (0..50).map(|i| device("a", i, None)).collect();
-    recs.push(Record::Device(DeviceRecord {
-        app: "a".into(),
-        token: tok(3),
-        user: None,
-        environment: Environment::Production,
-        action: DeviceAction::Unregister,
-    }));
+    recs.push(unregister(3));
     recs.push(device("other", 99, None));
     registered_then_broadcast(&store, recs);
     let rt = rt();
