@@ -162,7 +162,7 @@ fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
 }
 
 /// The window the random kills may miss: records committed, then the process died before the
-/// move. On restart the file is recognised (name, content, inode, mtime) and only moved.
+/// move. On restart the file is recognised (its name and content) and only moved.
 #[test]
 fn a_file_committed_before_a_crash_is_only_moved_on_restart() {
     use pushdrop::inbox::ingest::{Examined, examine};
@@ -187,6 +187,19 @@ fn a_file_committed_before_a_crash_is_only_moved_on_restart() {
     daemon.shutdown();
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
     assert!(env.inbox_names().is_empty());
+
+    // The same file put back (a copy: new inode, new mtime), as a crash between commit and
+    // move would leave it: only moved again, not ingested twice.
+    std::fs::copy(
+        env.inbox.join("processed/window.json"),
+        env.inbox.join("window.json"),
+    )
+    .unwrap();
+    let daemon = env.start();
+    wait_for("the copy moved", || env.inbox_names().is_empty());
+    daemon.shutdown();
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
+    std::fs::remove_file(env.inbox.join("processed/window~1.json")).unwrap();
 
     // Same name, new content: a new file, ingested.
     env.drop_file("window.json", notification("", &token(2)));

@@ -180,10 +180,23 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
         "a rejected file is rejected whole"
     );
 
-    // Ingesting the same content again: notification ids are duplicates, nothing queued twice.
+    // The same file again (same name and content): committed before, only moved.
     let again = staging.join("broadcast.json");
     std::fs::copy(examples()[0].clone(), &again).unwrap();
     let out = env.pushdrop(&["ingest", again.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("already committed earlier"), "{stdout}");
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
+    assert!(
+        env.processed_names()
+            .contains(&"broadcast~1.json".to_string())
+    );
+    // The same content under another name: a new file, whose notification ids are
+    // duplicates: nothing queued twice.
+    let renamed = staging.join("broadcast-again.json");
+    std::fs::copy(examples()[0].clone(), &renamed).unwrap();
+    let out = env.pushdrop(&["ingest", renamed.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
@@ -191,10 +204,6 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
         "{stdout}"
     );
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
-    assert!(
-        env.processed_names()
-            .contains(&"broadcast~1.json".to_string())
-    );
 }
 
 /// SPEC 4.4: every ingest is a line in the rotating log, also one made by `pushdrop ingest`

@@ -79,7 +79,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE state <> 0;
 
     -- Files whose records are committed: a restart after a crash between commit and move
-    -- recognises them (same name, content and identity) and only moves them.
+    -- recognises them (same name and content) and only moves them.
     CREATE TABLE committed_files (
         name         TEXT NOT NULL,
         sha256       TEXT NOT NULL,

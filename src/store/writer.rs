@@ -1691,17 +1691,16 @@ fn committed_before() -> IngestOutcome {
     }
 }
 
-/// Whether this very file (name, content, inode, mtime) was committed before: a crash came
-/// between its commit and its move.
+/// Whether a file of this name and content was committed before (within retention): a crash
+/// came between its commit and its move, or the file was put back into the inbox. SPEC 1:
+/// pushdrop remembers the names and content hashes of the files it committed and never
+/// ingests one twice; a copy (a new inode, a new mtime) is the same file by that rule.
 fn already_committed(tx: &Transaction<'_>, f: &IngestFile) -> Result<bool, StoreError> {
     Ok(tx
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM committed_files
-             WHERE name = ?1 AND sha256 = ?2 AND ino = ?3 AND mtime_ns = ?4)",
+            "SELECT EXISTS (SELECT 1 FROM committed_files WHERE name = ?1 AND sha256 = ?2)",
         )?
-        .query_row(params![f.name, f.sha256, f.ino as i64, f.mtime_ns], |r| {
-            r.get(0)
-        })?)
+        .query_row(params![f.name, f.sha256], |r| r.get(0))?)
 }
 
 /// Writes one file's records, in order, inside a transaction; the statements are prepared
