@@ -749,3 +749,28 @@ fn a_stop_sends_nothing_that_had_not_gone_out() {
         "a stop is no outage: {s}"
     );
 }
+
+/// An `expiration` before `send_at` is accepted; the delivery ends `expired` when it comes
+/// due, without a request (SPEC 4.3: never sent after the expiration).
+#[test]
+fn an_expiration_before_send_at_ends_expired_unsent() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let daemon = w.env.start();
+    let now_s = pushdrop::model::now_ms() / 1000;
+    w.env.drop_file(
+        "n.json",
+        notification_to(
+            "too-late",
+            &format!(r#"{{"tokens":["{}"]}}"#, token(3)),
+            &format!(r#","send_at":{},"expiration":{}"#, now_s + 2, now_s + 1),
+        ),
+    );
+    wait_for("ended", || {
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 3")
+            == 1
+    });
+    daemon.shutdown();
+    assert_eq!(w.sim.requests(), 0, "never sent");
+    assert_eq!(world::receipt(&w.env, "too-late")["counts"]["expired"], 1);
+}

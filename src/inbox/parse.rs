@@ -1397,15 +1397,8 @@ fn check_notification(
         },
         None => Some(None),
     };
-    if let (Some(Some(exp)), Some(Some(send))) = (expiration, send_at_ms)
-        && exp > 0
-        && exp * 1000 <= send
-    {
-        problems.push(fp(
-            "expiration",
-            "is not after send_at: the notification would expire before it may be sent",
-        ));
-    }
+    // An `expiration` at or before `send_at` is no error: the delivery ends `expired` when it
+    // comes due, unsent, as SPEC 4.3 has it, and its receipt says so.
     let app = app?;
     Some(Record::Notification(NotificationRecord {
         app: app.name.clone(),
