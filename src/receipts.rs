@@ -7,7 +7,6 @@
 //! within the retention window and writes the receipts that are missing
 //! ([`Receipts::recover`]), and removes the temporary files a crash left behind.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -215,17 +214,9 @@ impl Receipts {
         let tmp = folder.join(format!(".{}.json.tmp", data.id));
         let mut body = serde_json::to_vec_pretty(&data).map_err(|e| io(e.into()))?;
         body.push(b'\n');
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            // A full disk leaves no empty temp file behind to take an inode more.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true).create(true).truncate(true);
+        crate::inbox::fsutil::write_and_rename(&open, &tmp, &path, &body).map_err(io)?;
         Ok(Some(path))
     }
 }

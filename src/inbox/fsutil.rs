@@ -182,21 +182,31 @@ pub fn write_atomic(dir: &Path, name: &OsStr, content: &[u8]) -> io::Result<Path
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        let dest = dir.join(name);
-        std::fs::rename(&tmp, &dest)?;
-        Ok(dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let dest = dir.join(name);
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    write_and_rename(&open, &tmp, &dest, content)?;
+    Ok(dest)
+}
+
+/// Opens `tmp` with `open`, writes `content`, syncs it and renames it to `dest`: readers of
+/// `dest` see the whole content or nothing. A temporary file this made is removed when a
+/// later step fails (a full disk), so none is left to take an inode more.
+pub fn write_and_rename(
+    open: &std::fs::OpenOptions,
+    tmp: &Path,
+    dest: &Path,
+    content: &[u8],
+) -> io::Result<()> {
+    let mut f = open.open(tmp)?;
+    let written = f
+        .write_all(content)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(tmp, dest));
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
     }
-    result
+    written
 }
 
 /// `base + suffix`, shortened to fit [`NAME_MAX`] by cutting `base` and adding a short hash of
