@@ -42,7 +42,7 @@ pub(crate) struct Jwt {
 }
 
 struct State {
-    key: Option<EncodingKey>,
+    key: EncodingKey,
     /// The key file's bytes `key` was read from: a rejected key that is still the same file
     /// mints no new token before [`MIN_TOKEN_AGE`].
     pem: Vec<u8>,
@@ -104,7 +104,7 @@ impl TokenSigner {
             team_id: cfg.team_id.clone(),
             clock,
             state: Mutex::new(State {
-                key: Some(key),
+                key,
                 pem,
                 current: None,
                 reload: false,
@@ -145,11 +145,17 @@ impl TokenSigner {
                 st.reload = false;
                 return Ok(j);
             }
-            st.key = Some(parse_key(&self.key_file, &pem)?);
-            st.pem = pem;
-            st.reload = false;
+            self.load(&mut st, pem)?;
         }
         self.mint(&mut st)
+    }
+
+    /// Takes `pem` as the key from now on (a rejected key's file read again).
+    fn load(&self, st: &mut State, pem: Vec<u8>) -> Result<(), ApnsError> {
+        st.key = parse_key(&self.key_file, &pem)?;
+        st.pem = pem;
+        st.reload = false;
+        Ok(())
     }
 
     /// After APNs answered `ExpiredProviderToken` to a request signed with `used`: returns
@@ -185,15 +191,10 @@ impl TokenSigner {
     }
 
     fn mint(&self, st: &mut State) -> Result<Arc<Jwt>, ApnsError> {
-        if st.reload || st.key.is_none() {
-            let pem = read_pem(&self.key_file)?;
-            st.key = Some(parse_key(&self.key_file, &pem)?);
-            st.pem = pem;
-            st.reload = false;
+        if st.reload {
+            self.load(st, read_pem(&self.key_file)?)?;
         }
-        let Some(key) = st.key.as_ref() else {
-            unreachable!("key loaded just above")
-        };
+        let key = &st.key;
         let now = (self.clock)();
         let iat = now
             .duration_since(UNIX_EPOCH)
