@@ -184,28 +184,36 @@ impl Guards {
             return Vec::new();
         };
         let now = Instant::now();
-        let over: Vec<Key> = pauses
-            .iter()
-            .filter(|(_, p)| p.until <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in &over {
-            if let Some(p) = pauses.remove(key) {
-                let (app, env) = (key.0.as_str(), key.1);
-                set_paused_metric(app, env, &p.kind, 0);
-                info!(
-                    event = "app_resumed",
-                    app,
-                    environment = %env,
-                    cause = %p.kind,
-                    "the pause is over with nothing left to send; the next notification goes out as usual"
-                );
-            }
+        let over: Vec<(Key, Pause)> = pauses.extract_if(|_, p| p.until <= now).collect();
+        self.ended(
+            &pauses,
+            over.iter().map(|((app, env), p)| (app.as_str(), *env, p)),
+        );
+        for ((app, env), p) in &over {
+            info!(
+                event = "app_resumed",
+                app,
+                environment = %env,
+                cause = %p.kind,
+                "the pause is over with nothing left to send; the next notification goes out as usual"
+            );
+        }
+        over.into_iter().map(|(key, _)| key).collect()
+    }
+
+    /// The bookkeeping of pauses just removed from `pauses`: their metric series back to 0,
+    /// and the flag every delivery asks cleared when none is left.
+    fn ended<'p>(
+        &self,
+        pauses: &HashMap<Key, Pause>,
+        removed: impl IntoIterator<Item = (&'p str, Environment, &'p Pause)>,
+    ) {
+        for (app, env, p) in removed {
+            set_paused_metric(app, env, &p.kind, 0);
         }
         if pauses.is_empty() {
             self.any_pause.store(false, Ordering::Release);
         }
-        over
     }
 
     /// A 200 for the app and environment: its credentials and config are fine.
@@ -218,10 +226,7 @@ impl Guards {
                 && pauses.get(&key).is_some_and(|p| p.until <= Instant::now())
                 && let Some(p) = pauses.remove(&key)
             {
-                if pauses.is_empty() {
-                    self.any_pause.store(false, Ordering::Release);
-                }
-                set_paused_metric(app, env, &p.kind, 0);
+                self.ended(&pauses, [(app, env, &p)]);
                 info!(event = "app_resumed", app, environment = %env, "APNs accepts the app again");
                 ended = true;
             }
