@@ -115,6 +115,22 @@ const RECEIPT_RETRY_EVERY: Duration = Duration::from_secs(10);
 const RECEIPT_RETRY_MAX: usize = 100_000;
 
 impl ReceiptWork {
+    /// Writes the receipt of `f` and logs it (`late`: not as its notification finished); the
+    /// notification back with the error when it could not be written.
+    fn write_one(
+        &self,
+        f: FinishedNotification,
+        late: bool,
+    ) -> Result<(), (FinishedNotification, crate::receipts::ReceiptError)> {
+        match self.receipts.write(f.notification_id) {
+            Ok(Some(path)) => log_receipt_written(&f, &path, late),
+            // Purged meanwhile: nothing to write a receipt from.
+            Ok(None) => log_finished(std::slice::from_ref(&f)),
+            Err(e) => return Err((f, e)),
+        }
+        Ok(())
+    }
+
     /// A receipt that could not be written: kept to try again, and said in `status` (once a
     /// minute), since a dropper waiting for it sees nothing else.
     fn note_failed(&self, store: &Store, f: FinishedNotification, error: &str) {
@@ -567,14 +583,9 @@ impl Inner {
         let store = self.store.clone();
         work.spawn(move |work| {
             for f in finished {
-                match work.receipts.write(f.notification_id) {
-                    Ok(Some(path)) => log_receipt_written(&f, &path, false),
-                    // Purged meanwhile: nothing to write a receipt from.
-                    Ok(None) => log_finished(std::slice::from_ref(&f)),
-                    Err(e) => {
-                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; tried again every 10 s, and at the next start");
-                        work.note_failed(&store, f, &e.to_string());
-                    }
+                if let Err((f, e)) = work.write_one(f, false) {
+                    error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; tried again every 10 s, and at the next start");
+                    work.note_failed(&store, f, &e.to_string());
                 }
             }
         });
@@ -593,16 +604,12 @@ impl Inner {
         work.spawn(move |work| {
             let mut rest = failed.into_iter();
             while let Some(f) = rest.next() {
-                match work.receipts.write(f.notification_id) {
-                    Ok(Some(path)) => log_receipt_written(&f, &path, true),
-                    Ok(None) => log_finished(std::slice::from_ref(&f)),
-                    Err(e) => {
-                        error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "still cannot write receipts; tried again in 10 s");
-                        let mut failed = work.failed.lock().unwrap_or_else(|p| p.into_inner());
-                        failed.push(f);
-                        failed.extend(rest);
-                        break;
-                    }
+                if let Err((f, e)) = work.write_one(f, true) {
+                    error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "still cannot write receipts; tried again in 10 s");
+                    let mut failed = work.failed.lock().unwrap_or_else(|p| p.into_inner());
+                    failed.push(f);
+                    failed.extend(rest);
+                    break;
                 }
             }
         });
