@@ -121,14 +121,14 @@ impl ReceiptWork {
         &self,
         f: FinishedNotification,
         late: bool,
-    ) -> Result<(), (FinishedNotification, crate::receipts::ReceiptError)> {
+    ) -> Option<(FinishedNotification, crate::receipts::ReceiptError)> {
         match self.receipts.write(f.notification_id) {
             Ok(Some(path)) => log_receipt_written(&f, &path, late),
             // Purged meanwhile: nothing to write a receipt from.
             Ok(None) => log_finished(std::slice::from_ref(&f)),
-            Err(e) => return Err((f, e)),
+            Err(e) => return Some((f, e)),
         }
-        Ok(())
+        None
     }
 
     /// A receipt that could not be written: kept to try again, and said in `status` (once a
@@ -583,7 +583,7 @@ impl Inner {
         let store = self.store.clone();
         work.spawn(move |work| {
             for f in finished {
-                if let Err((f, e)) = work.write_one(f, false) {
+                if let Some((f, e)) = work.write_one(f, false) {
                     error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; tried again every 10 s, and at the next start");
                     work.note_failed(&store, f, &e.to_string());
                 }
@@ -604,7 +604,7 @@ impl Inner {
         work.spawn(move |work| {
             let mut rest = failed.into_iter();
             while let Some(f) = rest.next() {
-                if let Err((f, e)) = work.write_one(f, true) {
+                if let Some((f, e)) = work.write_one(f, true) {
                     error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "still cannot write receipts; tried again in 10 s");
                     let mut failed = work.failed.lock().unwrap_or_else(|p| p.into_inner());
                     failed.push(f);
