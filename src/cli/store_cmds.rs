@@ -300,29 +300,15 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         (None, None) => println!("requeued {n} failed deliveries"),
     }
     // The fields say what was asked: one notification (`id`, its `app` when named), or all
-    // failed deliveries (`scope`), of one app when named.
-    let what = "failed deliveries requeued by `pushdrop retry`";
-    match (id, app) {
-        (Some(id), Some(app)) => {
-            tracing::info!(event = "requeued", id, app, deliveries = n, "{what}")
-        }
-        (Some(id), None) => tracing::info!(event = "requeued", id, deliveries = n, "{what}"),
-        (None, Some(app)) => {
-            tracing::info!(
-                event = "requeued",
-                scope = "all failed",
-                app,
-                deliveries = n,
-                "{what}"
-            )
-        }
-        (None, None) => tracing::info!(
-            event = "requeued",
-            scope = "all failed",
-            deliveries = n,
-            "{what}"
-        ),
-    }
+    // failed deliveries (`scope`), of one app when named. A `None` field is left out.
+    tracing::info!(
+        event = "requeued",
+        id,
+        scope = id.is_none().then_some("all failed"),
+        app,
+        deliveries = n,
+        "failed deliveries requeued by `pushdrop retry`"
+    );
     Ok(0)
 }
 
