@@ -47,6 +47,11 @@ fn file(name: &str, records: Vec<Record>) -> IngestFile {
     }
 }
 
+/// Ingests one file of `records` named `name`, which must commit.
+fn ingest(store: &Store, name: &str, records: Vec<Record>) {
+    store.ingest(vec![file(name, records)]).unwrap();
+}
+
 fn open() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("db/p.db"), true).unwrap();
@@ -83,13 +88,8 @@ fn answers(claimed: &[ClaimedDelivery], kind: impl Fn(&str) -> ResultKind) -> Ve
 
 /// Ingests `devices` (one file), then a broadcast `b` to app `a` (another), not fanned out yet.
 fn registered_then_broadcast(store: &Store, devices: Vec<Record>) {
-    store.ingest(vec![file("d.jsonl", devices)]).unwrap();
-    store
-        .ingest(vec![file(
-            "b.json",
-            vec![notification(Some("b"), Target::All)],
-        )])
-        .unwrap();
+    ingest(store, "d.jsonl", devices);
+    ingest(store, "b.json", vec![notification(Some("b"), Target::All)]);
 }
 
 /// Records results; the ids of the notifications they finished, sorted.
@@ -173,18 +173,17 @@ fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
 #[test]
 fn status_device_counts_agree_with_the_device_list() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                device("a", 1, None),
-                device("a", 2, None),
-                notification(Some("direct"), Target::Tokens(vec![tok(3), tok(4)])),
-                unregister(2),
-                unregister(4),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            device("a", 1, None),
+            device("a", 2, None),
+            notification(Some("direct"), Target::Tokens(vec![tok(3), tok(4)])),
+            unregister(2),
+            unregister(4),
+        ],
+    );
     let r = query::Reader::open(store.path()).unwrap();
     let counts = &r.status().unwrap().devices["a"];
     let listed = r
@@ -217,9 +216,7 @@ fn status_counts_deliveries_scheduled_for_later() {
         n.send_at_ms = Some(crate::model::now_ms() + 3_600_000);
     }
     let now = notification(Some("now"), Target::Tokens(vec![tok(3)]));
-    store
-        .ingest(vec![file("n.json", vec![later, now])])
-        .unwrap();
+    ingest(&store, "n.json", vec![later, now]);
     let s = query::Reader::open(store.path()).unwrap().status().unwrap();
     assert_eq!((s.queued, s.queued_later), (3, 2));
     assert_eq!(
@@ -266,9 +263,7 @@ fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
 #[test]
 fn named_tokens_known_and_new_in_any_order_get_one_device_each() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file("d.json", vec![device("a", 1, Some("alice"))])])
-        .unwrap();
+    ingest(&store, "d.json", vec![device("a", 1, Some("alice"))]);
     // new, known, new, new, known, new again (in the same file), known again.
     let order = [2, 1, 3, 4, 1, 2, 1];
     let recs = order
@@ -340,7 +335,7 @@ fn each_record_keeps_its_own_app_topic_and_push_type_within_a_file() {
         rec("b", "t.b", voip, Target::Users(vec!["u".into()]), s),
         rec("a", "t.a2", bg, to(3), p),
     ];
-    store.ingest(vec![file("mixed.jsonl", recs)]).unwrap();
+    ingest(&store, "mixed.jsonl", recs);
     let r = query::Reader::open(store.path()).unwrap();
     let rows: Vec<(String, String, String, String)> = r
         .conn()
@@ -458,12 +453,11 @@ fn fan_out_keeps_a_delivery_that_is_already_there() {
 #[test]
 fn broadcast_to_no_device_finishes_at_fan_out() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "e.json",
-            vec![notification(Some("empty"), Target::All)],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "e.json",
+        vec![notification(Some("empty"), Target::All)],
+    );
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -482,18 +476,12 @@ fn broadcast_to_no_device_finishes_at_fan_out() {
 fn invalidation_respects_later_registration() {
     let (_dir, store) = open();
     // Registered with file mtime 1 s after the epoch.
-    store
-        .ingest(vec![file(
-            "d.jsonl",
-            vec![device("a", 1, None), device("a", 2, None)],
-        )])
-        .unwrap();
-    store
-        .ingest(vec![file(
-            "n.json",
-            vec![notification(Some("n"), Target::All)],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "d.jsonl",
+        vec![device("a", 1, None), device("a", 2, None)],
+    );
+    ingest(&store, "n.json", vec![notification(Some("n"), Target::All)]);
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -541,13 +529,12 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
     if let Record::Notification(n) = &mut n {
         n.expiration = Some(1);
     }
-    store.ingest(vec![file("e.json", vec![n])]).unwrap();
-    store
-        .ingest(vec![file(
-            "f.json",
-            vec![notification(Some("f"), Target::Tokens(vec![tok(8)]))],
-        )])
-        .unwrap();
+    ingest(&store, "e.json", vec![n]);
+    ingest(
+        &store,
+        "f.json",
+        vec![notification(Some("f"), Target::Tokens(vec![tok(8)]))],
+    );
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -610,16 +597,15 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
 #[test]
 fn sent_results_count_only_deliveries_still_queued() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("one"), Target::Tokens(vec![tok(1)])),
-                notification(Some("two"), Target::Tokens(vec![tok(2)])),
-                notification(Some("three"), Target::Tokens(vec![tok(3), tok(4)])),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("one"), Target::Tokens(vec![tok(1)])),
+            notification(Some("two"), Target::Tokens(vec![tok(2)])),
+            notification(Some("three"), Target::Tokens(vec![tok(3), tok(4)])),
+        ],
+    );
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -663,15 +649,14 @@ fn sent_results_count_only_deliveries_still_queued() {
 #[test]
 fn batched_results_apply_in_order_per_delivery() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("one"), Target::Tokens(vec![tok(1), tok(2)])),
-                notification(Some("two"), Target::Tokens(vec![tok(3)])),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("one"), Target::Tokens(vec![tok(1), tok(2)])),
+            notification(Some("two"), Target::Tokens(vec![tok(3)])),
+        ],
+    );
     let rt = rt();
     let (d, fin) = rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -741,18 +726,17 @@ fn batched_results_apply_in_order_per_delivery() {
 #[test]
 fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("done"), Target::Tokens(vec![tok(1)])),
-                notification(Some("half"), Target::Tokens(vec![tok(2), tok(3)])),
-                notification(Some("dead"), Target::Tokens(vec![tok(4)])),
-                notification(Some("pair"), Target::Tokens(vec![tok(5), tok(6)])),
-                notification(Some("later"), Target::Tokens(vec![tok(7)])),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("done"), Target::Tokens(vec![tok(1)])),
+            notification(Some("half"), Target::Tokens(vec![tok(2), tok(3)])),
+            notification(Some("dead"), Target::Tokens(vec![tok(4)])),
+            notification(Some("pair"), Target::Tokens(vec![tok(5), tok(6)])),
+            notification(Some("later"), Target::Tokens(vec![tok(7)])),
+        ],
+    );
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -825,17 +809,16 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
 #[test]
 fn a_single_delivery_is_its_notifications_progress() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("single"), Target::Tokens(vec![tok(1)])),
-                notification(Some("twice"), Target::Tokens(vec![tok(2), tok(2)])),
-                notification(Some("pair"), Target::Tokens(vec![tok(3), tok(4)])),
-                notification(Some("users"), Target::Users(vec!["u".into()])),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("single"), Target::Tokens(vec![tok(1)])),
+            notification(Some("twice"), Target::Tokens(vec![tok(2), tok(2)])),
+            notification(Some("pair"), Target::Tokens(vec![tok(3), tok(4)])),
+            notification(Some("users"), Target::Users(vec!["u".into()])),
+        ],
+    );
     let r = query::Reader::open(store.path()).unwrap();
     let rows: Vec<String> = r
         .conn()
@@ -919,7 +902,7 @@ fn claims_follow_due_order_even_behind_the_cursor() {
     let recs: Vec<Record> = (0..10)
         .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
         .collect();
-    store.ingest(vec![file("n.jsonl", recs)]).unwrap();
+    ingest(&store, "n.jsonl", recs);
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -1102,7 +1085,7 @@ fn runs_of_sent_results_count_like_single_ones() {
         5,
         notification(Some("multi"), Target::Tokens(vec![tok(20), tok(21)])),
     );
-    store.ingest(vec![file("n.jsonl", recs)]).unwrap();
+    ingest(&store, "n.jsonl", recs);
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -1193,12 +1176,7 @@ fn a_purge_by_another_process_does_not_leave_the_daemon_a_stale_notification() {
         }
         n
     };
-    store
-        .ingest(vec![file(
-            "old.json",
-            vec![with_payload("old", "old news")],
-        )])
-        .unwrap();
+    ingest(&store, "old.json", vec![with_payload("old", "old news")]);
     let rt = rt();
     let now = crate::model::now_ms() + 1;
     let old = rt.block_on(store.claim_due(now, 10)).unwrap().deliveries;
@@ -1225,9 +1203,7 @@ fn a_purge_by_another_process_does_not_leave_the_daemon_a_stale_notification() {
     assert_eq!(purged.notifications, 1);
     drop(cli);
 
-    store
-        .ingest(vec![file("new.json", vec![with_payload("new", "fresh")])])
-        .unwrap();
+    ingest(&store, "new.json", vec![with_payload("new", "fresh")]);
     // The id was indeed reused.
     let ro = rusqlite::Connection::open(dir.path().join("db/p.db")).unwrap();
     let nid: i64 = ro
@@ -1283,16 +1259,15 @@ fn delivery_state(store: &Store, ext_id: &str) -> i64 {
 #[test]
 fn a_handed_off_delivery_to_a_device_invalidated_meanwhile_is_not_sent() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("first"), Target::Tokens(vec![tok(1)])),
-                notification(Some("second"), Target::Tokens(vec![tok(1)])),
-                notification(Some("other"), Target::Tokens(vec![tok(2)])),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("first"), Target::Tokens(vec![tok(1)])),
+            notification(Some("second"), Target::Tokens(vec![tok(1)])),
+            notification(Some("other"), Target::Tokens(vec![tok(2)])),
+        ],
+    );
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -1329,21 +1304,18 @@ fn a_handed_off_delivery_to_a_device_invalidated_meanwhile_is_not_sent() {
 #[test]
 fn a_fan_out_that_reaches_nobody_says_so() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file("d.jsonl", vec![device("a", 1, Some("alice"))])])
-        .unwrap();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(
-                    Some("users"),
-                    Target::Users(vec!["alice".into(), "ghost".into()]),
-                ),
-                notification(Some("known"), Target::Users(vec!["alice".into()])),
-            ],
-        )])
-        .unwrap();
+    ingest(&store, "d.jsonl", vec![device("a", 1, Some("alice"))]);
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(
+                Some("users"),
+                Target::Users(vec!["alice".into(), "ghost".into()]),
+            ),
+            notification(Some("known"), Target::Users(vec!["alice".into()])),
+        ],
+    );
     let events = |store: &Store| {
         texts(
             store,
@@ -1361,12 +1333,7 @@ fn a_fan_out_that_reaches_nobody_says_so() {
     );
     // An app with no active device at all: a broadcast reaches nobody.
     let (_dir2, empty) = open();
-    empty
-        .ingest(vec![file(
-            "b.json",
-            vec![notification(Some("b"), Target::All)],
-        )])
-        .unwrap();
+    ingest(&empty, "b.json", vec![notification(Some("b"), Target::All)]);
     let now = crate::model::now_ms() + 1;
     assert_eq!(rt.block_on(empty.fan_out_due(now, 1000)).unwrap().0, 0);
     let said = events(&empty);
@@ -1413,20 +1380,17 @@ fn unregister(i: u32) -> Record {
 #[test]
 fn deliveries_queued_for_a_device_unregistered_since_are_not_sent() {
     let (_dir, store) = open();
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("before"), Target::Tokens(vec![tok(1)])),
-                notification(Some("other"), Target::Tokens(vec![tok(2)])),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("before"), Target::Tokens(vec![tok(1)])),
+            notification(Some("other"), Target::Tokens(vec![tok(2)])),
+        ],
+    );
     // Later than the notifications' creation, at millisecond resolution.
     std::thread::sleep(std::time::Duration::from_millis(5));
-    store
-        .ingest(vec![file("gone.jsonl", vec![unregister(1)])])
-        .unwrap();
+    ingest(&store, "gone.jsonl", vec![unregister(1)]);
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -1457,12 +1421,11 @@ fn deliveries_queued_for_a_device_unregistered_since_are_not_sent() {
         delivery_state(&store, "before"),
         DeliveryState::Failed as i64
     );
-    store
-        .ingest(vec![file(
-            "again.jsonl",
-            vec![notification(Some("after"), Target::Tokens(vec![tok(1)]))],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "again.jsonl",
+        vec![notification(Some("after"), Target::Tokens(vec![tok(1)]))],
+    );
     let claimed = rt
         .block_on(store.claim_due(crate::model::now_ms() + 1, 10))
         .unwrap()
@@ -1480,15 +1443,14 @@ fn a_registration_after_a_notification_in_the_same_commit_decides_its_environmen
         unreachable!()
     };
     sandbox.environment = Environment::Sandbox;
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("n"), Target::Tokens(vec![tok(5)])),
-                Record::Device(sandbox),
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("n"), Target::Tokens(vec![tok(5)])),
+            Record::Device(sandbox),
+        ],
+    );
     let claimed = rt()
         .block_on(store.claim_due(crate::model::now_ms() + 1, 10))
         .unwrap()
@@ -1505,7 +1467,7 @@ fn a_handed_off_delivery_that_expires_before_it_is_taken_ends_expired() {
     if let Record::Notification(n) = &mut n {
         n.expiration = Some(crate::model::now_ms() / 1000 + 2);
     }
-    store.ingest(vec![file("e.json", vec![n])]).unwrap();
+    ingest(&store, "e.json", vec![n]);
     let claim = rt()
         .block_on(store.claim_due(crate::model::now_ms() + 5_000, 10))
         .unwrap();
@@ -1526,7 +1488,7 @@ fn a_file_beyond_the_hand_off_limit_is_claimed_once_each_and_retries_come_first(
     let recs: Vec<Record> = (0..n)
         .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
         .collect();
-    store.ingest(vec![file("big.jsonl", recs)]).unwrap();
+    ingest(&store, "big.jsonl", recs);
     let rt = rt();
     rt.block_on(async {
         let now = crate::model::now_ms() + 1;
@@ -1585,15 +1547,14 @@ fn show_names_the_apps_of_an_id_that_two_apps_use() {
     if let Record::Notification(n) = &mut other {
         n.app = "b".into();
     }
-    store
-        .ingest(vec![file(
-            "n.jsonl",
-            vec![
-                notification(Some("same"), Target::Tokens(vec![tok(1)])),
-                other,
-            ],
-        )])
-        .unwrap();
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![
+            notification(Some("same"), Target::Tokens(vec![tok(1)])),
+            other,
+        ],
+    );
     let r = query::Reader::open(store.path()).unwrap();
     match r.show("same", None, 10) {
         Err(StoreError::AmbiguousId { apps, .. }) => assert_eq!(apps, "a, b"),
@@ -1634,7 +1595,7 @@ fn retry_of_all_failed_deliveries_may_be_limited_to_one_app() {
         }
         records.push(n);
     }
-    store.ingest(vec![file("n.jsonl", records)]).unwrap();
+    ingest(&store, "n.jsonl", records);
     rt().block_on(async {
         let claimed = store
             .claim_due(crate::model::now_ms() + 1, 10)
@@ -1697,7 +1658,7 @@ fn finished_between_pages_through_finished_notifications_of_a_window() {
         Target::Tokens(vec![tok(12), tok(13)]),
     ));
     records.push(notification(Some("queued"), Target::Tokens(vec![tok(14)])));
-    store.ingest(vec![file("n.jsonl", records)]).unwrap();
+    ingest(&store, "n.jsonl", records);
     let start = crate::model::now_ms();
     rt().block_on(async {
         let claimed = store
@@ -1753,9 +1714,7 @@ fn show_gives_the_payload_as_sent() {
         unreachable!()
     };
     n.payload = text.into();
-    store
-        .ingest(vec![file("p.json", vec![Record::Notification(n)])])
-        .unwrap();
+    ingest(&store, "p.json", vec![Record::Notification(n)]);
     let r = query::Reader::open(store.path()).unwrap();
     let shown = r.show("asis", None, 10).unwrap().unwrap();
     assert_eq!(shown.payload.get(), text);
