@@ -14,6 +14,20 @@ fn devices(range: std::ops::Range<u64>, user: &str) -> String {
     range.map(|n| device(n, user) + "\n").collect()
 }
 
+/// A `.jsonl` of one notification per token of `tokens`, with ids `<prefix><n>` counted from 0.
+fn one_token_each(prefix: &str, tokens: std::ops::Range<u64>) -> String {
+    tokens
+        .enumerate()
+        .map(|(i, t)| {
+            notification_to(
+                &format!("{prefix}{i}"),
+                &format!(r#"{{"tokens":["{}"]}}"#, token(t)),
+                "",
+            ) + "\n"
+        })
+        .collect()
+}
+
 #[test]
 fn broadcast_reaches_every_registered_device_exactly_once() {
     let w = World::new(SimOptions::default(), FAST_SENDER);
@@ -667,16 +681,8 @@ fn refused_streams_are_sent_again_without_pausing_the_app() {
     );
     let daemon = w.env.start();
     let n = 40u64;
-    let lines: String = (0..n)
-        .map(|i| {
-            notification_to(
-                &format!("r{i}"),
-                &format!(r#"{{"tokens":["{}"]}}"#, token(100 + i)),
-                "",
-            ) + "\n"
-        })
-        .collect();
-    w.env.drop_file("n.jsonl", lines);
+    w.env
+        .drop_file("n.jsonl", one_token_each("r", 100..100 + n));
     wait_for("all sent", || w.sim.accepted_count() >= n);
     w.wait_idle("all final");
     daemon.shutdown();
@@ -712,16 +718,7 @@ fn a_stop_sends_nothing_that_had_not_gone_out() {
         FAST_SENDER,
     );
     let daemon = w.env.start();
-    let lines: String = (0..20u64)
-        .map(|i| {
-            notification_to(
-                &format!("s{i}"),
-                &format!(r#"{{"tokens":["{}"]}}"#, token(60 + i)),
-                "",
-            ) + "\n"
-        })
-        .collect();
-    w.env.drop_file("n.jsonl", lines);
+    w.env.drop_file("n.jsonl", one_token_each("s", 60..80));
     wait_for("the first request out", || w.sim.requests() >= 1);
     let stopped = Instant::now();
     daemon.shutdown();
