@@ -15,12 +15,13 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat, Rotation};
 
+mod batch;
 mod json;
 pub use json::JsonLines;
 
 /// Keeps the background log writers alive; drop it last so buffered lines reach the file.
 pub struct LogGuard {
-    _file: Option<WorkerGuard>,
+    _file: Option<batch::BatchGuard>,
     _stdout: Option<WorkerGuard>,
 }
 
@@ -257,13 +258,14 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             dir: dir.clone(),
             message: e.to_string(),
         })?;
-    // Written by a background thread, a batch of lines per write (the worker flushes whenever
-    // its queue runs dry). Never lossy: every delivery outcome must reach the file, so a
-    // stalled disk slows the sender down instead of dropping lines.
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("pushdrop-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, appender));
+    // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
+    // every delivery outcome must reach the file, so a stalled disk slows the sender down
+    // instead of dropping lines.
+    let (writer, guard) =
+        batch::batched(appender, "pushdrop-log").map_err(|e| LogError::Appender {
+            dir: dir.clone(),
+            message: format!("cannot start the log writer thread: {e}"),
+        })?;
     let file_layer = match (cfg.format, json) {
         // One JSON object per line; see `json` for the format.
         (LogFormat::Json, JsonFormatter::JsonLines) => fmt::layer()
