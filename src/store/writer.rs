@@ -60,10 +60,14 @@ const PAGE_SIZE: i64 = 8192;
 /// rest of a small transaction. Measured with `cargo bench --bench store_cycle`.
 const SMALL_CACHE_KIB: i64 = -8192;
 
-/// The page cache while committing files: a big file's transaction (100,000 notifications
-/// dirty some 45 MiB) then commits without spilling pages to the WAL and reading them back.
-/// Back to [`SMALL_CACHE_KIB`] afterwards; the daemon stays far below its RSS budget.
-const INGEST_CACHE_KIB: i64 = -65536;
+/// The page cache while committing files. A big file's transaction (100,000 notifications
+/// dirty some 55 MiB) spills pages to the WAL before its commit; its B-trees grow at their
+/// right edges, so a spilled page is rarely wanted again. A cache that held the whole
+/// transaction (64 MiB, until December 2026) took longer: every page of it was memory fresh
+/// from the kernel (page faults, 15% of the commit), given back after the commit and faulted
+/// in again by the next big file. `scripts/bench-send`: ingest 0.36–0.44 s against
+/// 0.42–0.51 s. Back to [`SMALL_CACHE_KIB`] afterwards.
+const INGEST_CACHE_KIB: i64 = -16384;
 
 /// Notifications whose shared data the writer keeps at hand for claims.
 const NOTIFICATION_CACHE: usize = 4096;
