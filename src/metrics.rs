@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -50,10 +50,34 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// A label value that comes from outside (an app's name in the config may hold any
+/// character): written with the exposition format's escapes for `\\`, `"` and line breaks.
+/// prometheus-client writes a `String` label as it is, and one unescaped quote makes the
+/// whole scrape unreadable, every series lost, not just this one.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LabelText(pub String);
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        let mut rest = self.0.as_str();
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 /// Label set of a paused app and environment.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PauseLabel {
-    pub app: String,
+    pub app: LabelText,
     pub environment: String,
     /// `credentials`, `unreachable` or `bad_device_token_burst`.
     pub reason: String,
@@ -242,6 +266,27 @@ fn to_prometheus_text(open_metrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_app_name_with_quotes_backslashes_and_line_breaks_is_escaped_in_its_label() {
+        super::get()
+            .app_paused
+            .get_or_create(&super::PauseLabel {
+                app: super::LabelText("we\"ird\\app\nx".into()),
+                environment: "sandbox".into(),
+                reason: "credentials".into(),
+            })
+            .set(1);
+        let text = super::encode_prometheus();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pushdrop_app_paused{") && l.contains("ird"))
+            .unwrap();
+        assert_eq!(
+            line,
+            r#"pushdrop_app_paused{app="we\"ird\\app\nx",environment="sandbox",reason="credentials"} 1"#
+        );
+    }
+
     #[test]
     fn the_prometheus_text_names_counters_with_total_and_has_no_eof() {
         let om = "# HELP a_files Files.\n# TYPE a_files counter\n# UNIT a_files files\n\

@@ -360,7 +360,7 @@ pub fn paused_metric_at_zero<'a>(apps: impl IntoIterator<Item = &'a str>) {
         for env in [Environment::Production, Environment::Sandbox] {
             for kind in PAUSE_KINDS {
                 let _ = metrics::get().app_paused.get_or_create(&PauseLabel {
-                    app: app.to_string(),
+                    app: metrics::LabelText(app.to_string()),
                     environment: env.to_string(),
                     reason: kind.to_string(),
                 });
@@ -374,7 +374,7 @@ fn set_paused_metric(app: &str, env: Environment, kind: &str, v: i64) {
     metrics::get()
         .app_paused
         .get_or_create(&PauseLabel {
-            app: app.to_string(),
+            app: metrics::LabelText(app.to_string()),
             environment: env.to_string(),
             reason: kind.to_string(),
         })
