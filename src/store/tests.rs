@@ -1723,3 +1723,34 @@ fn show_gives_the_payload_as_sent() {
     let json = serde_json::to_string(&shown).unwrap();
     assert!(json.contains(text), "{json}");
 }
+
+/// Registering again without `user` keeps the device's user, but not after an unregister:
+/// a phone that signed out and registered again anonymously is no longer the old user's.
+#[test]
+fn a_registration_without_user_keeps_it_unless_the_device_was_unregistered() {
+    let (_dir, store) = open();
+    ingest(
+        &store,
+        "reg.jsonl",
+        vec![device("a", 1, Some("carol")), device("a", 2, Some("carol"))],
+    );
+    ingest(&store, "out.jsonl", vec![unregister(1)]);
+    ingest(
+        &store,
+        "again.jsonl",
+        vec![device("a", 1, None), device("a", 2, None)],
+    );
+    let carols: Vec<(String, &str)> = query::Reader::open(store.path())
+        .unwrap()
+        .devices(&query::DeviceQuery {
+            app: None,
+            user: Some("carol".into()),
+            invalid_only: false,
+            limit: 10,
+        })
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.token, d.state))
+        .collect();
+    assert_eq!(carols, vec![(tok(2), "active")]);
+}

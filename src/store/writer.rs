@@ -1868,7 +1868,12 @@ impl<'t> FileWriter<'t> {
                                           active, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, 1, ?5, 1, ?6, ?6)
                      ON CONFLICT (app, token) DO UPDATE SET
-                       user = coalesce(excluded.user, user),
+                       -- A record without `user` keeps the device's, unless the device was
+                       -- unregistered: registering again after that starts afresh, so a
+                       -- phone signed out and registered anonymously (maybe by someone else)
+                       -- is not the old user's any more.
+                       user = CASE WHEN unregistered_at IS NULL THEN coalesce(excluded.user, user)
+                                   ELSE excluded.user END,
                        environment = excluded.environment,
                        registered = 1,
                        registered_at = max(coalesce(registered_at, 0), excluded.registered_at),
