@@ -77,6 +77,31 @@ fn in_place_slow_writer_is_ingested_once_when_polling() {
     slow_writer_is_ingested_once(true);
 }
 
+/// Polling slower than `scan_interval_s`: the inbox is still listed every `scan_interval_s`.
+#[test]
+fn polling_lists_the_inbox_at_least_every_scan_interval() {
+    let env = Env::with(Options {
+        poll: true,
+        poll_interval_ms: 600_000,
+        scan_interval_s: 1,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    // After the start-up scan.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(env.inbox.join("late.jsonl"), device(1, "late") + "\n").unwrap();
+    let dropped = std::time::Instant::now();
+    wait_for("the file dropped after the first scan", || {
+        env.processed_names() == ["late.jsonl"]
+    });
+    assert!(
+        dropped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        dropped.elapsed()
+    );
+    daemon.shutdown();
+}
+
 /// A writer that keeps its file open and pauses longer than `settle_ms` between records: the
 /// file is taken once the writer closes it, with every record. Taken at the first settled
 /// pause, the records written afterwards went to the moved file and were never ingested.

@@ -532,7 +532,12 @@ impl Loop {
     fn scan(&mut self) {
         let started = Instant::now();
         self.scan_requested = false;
-        self.next_scan = started + self.poll_every.unwrap_or(self.scan_every);
+        // Polling lists the inbox every `poll_interval_ms`, and still at least every
+        // `scan_interval_s` (SPEC 1) when the poll interval is the longer.
+        self.next_scan = started
+            + self
+                .poll_every
+                .map_or(self.scan_every, |p| p.min(self.scan_every));
         if !self.inbox_in_place() {
             self.next_scan = started + MISSING_RECHECK;
             return;

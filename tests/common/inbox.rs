@@ -19,6 +19,8 @@ pub struct Options {
     pub settle_ms: u64,
     pub max_file_bytes: u64,
     pub poll: bool,
+    /// With `poll`: how often the inbox is listed.
+    pub poll_interval_ms: u64,
     pub scan_interval_s: u64,
     pub keep_processed: bool,
     /// Extra apps besides `buxheti`: (name, bundle id).
@@ -46,6 +48,7 @@ impl Default for Options {
             settle_ms: 300,
             max_file_bytes: 64 * 1024 * 1024,
             poll: false,
+            poll_interval_ms: 100,
             scan_interval_s: 30,
             keep_processed: true,
             extra_apps: Vec::new(),
@@ -105,7 +108,7 @@ dir = "../var/inbox"
 settle_ms = {settle}
 max_file_bytes = {max}
 watch = "{watch}"
-poll_interval_ms = 100
+poll_interval_ms = {poll_ms}
 scan_interval_s = {scan}
 keep_processed = {keep}
 
@@ -133,6 +136,7 @@ listen = ""
             settle = o.settle_ms,
             max = o.max_file_bytes,
             watch = if o.poll { "poll" } else { "events" },
+            poll_ms = o.poll_interval_ms,
             scan = o.scan_interval_s,
             keep = o.keep_processed,
         );
