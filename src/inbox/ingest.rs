@@ -920,7 +920,9 @@ impl Ingestor {
                 }
                 let dups = a.store.duplicates.len();
                 if a.store.already_committed {
-                    tracing::info!(
+                    // A warning: after a crash this is the spool doing its job, but a dropper
+                    // that drops the same file again (a cron job's fixed file) sends nothing.
+                    tracing::warn!(
                         event = "ingested",
                         file = r.name.as_str(),
                         already_committed = true,
@@ -928,7 +930,12 @@ impl Ingestor {
                         notifications = 0,
                         duplicates = 0,
                         ms,
-                        "file was committed already (before a restart, or by another pushdrop process); moved it"
+                        "a file of this name and content was committed before (by this daemon before a restart, another pushdrop process, or a dropper that dropped it again); not ingested again, {}",
+                        if self.cfg.inbox.keep_processed {
+                            "moved to processed_dir"
+                        } else {
+                            "deleted"
+                        }
                     );
                     return;
                 }
