@@ -115,7 +115,18 @@ impl Daemon {
             .heartbeat_blocking()
             .map_err(|e| refuse(e, crate::store::not_writable(path)))?;
         // Pauses live in the daemon's memory: a new start tries every app at once, so a pause
-        // an earlier run noted for `status` is over.
+        // an earlier run noted for `status` is over, and what it held is due.
+        match store.release_held_blocking() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                event = "held_released",
+                deliveries = n,
+                "deliveries held by a pause before the restart are due now"
+            ),
+            Err(e) => {
+                tracing::warn!(event = "held_released", error = %e, "could not make held deliveries due; they wait for their old back-off")
+            }
+        }
         if let Ok(paused) = crate::store::query::Reader::open(path).and_then(|r| r.paused()) {
             for p in paused {
                 store.note_event_blocking(

@@ -336,7 +336,11 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
 /// 30 registered devices whose tokens all answer `BadDeviceToken`, a broadcast `id` to
 /// them, and the app paused for the burst.
 fn paused_by_a_burst(id: &str) -> (World, pushdrop::daemon::Daemon) {
-    let w = World::new(SimOptions::default(), FAST_SENDER);
+    paused_by_a_burst_with(id, FAST_SENDER)
+}
+
+fn paused_by_a_burst_with(id: &str, extra_toml: &str) -> (World, pushdrop::daemon::Daemon) {
+    let w = World::new(SimOptions::default(), extra_toml);
     for n in 0..30 {
         w.script(&token(n), TokenScript::BadDeviceToken);
     }
@@ -398,6 +402,31 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     let s = w.env.status_json();
     assert_eq!(s["paused"], serde_json::json!([]), "{s}");
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
+}
+
+/// A restart lifts the pauses and makes what they held due at once: after an operator
+/// restarted to fix the config, the held deliveries do not wait out the old pause (here
+/// 10 minutes).
+#[test]
+fn a_restart_sends_what_a_pause_held_at_once() {
+    let (w, daemon) = paused_by_a_burst_with("held", "[sender]\nretry_initial_ms = 600000\n");
+    wait_for("every delivery answered and held", || {
+        w.env.count(
+            "SELECT count(*) FROM deliveries WHERE state = 0 AND held = 1
+               AND due_at > CAST(unixepoch('subsec') * 1000 AS INTEGER) + 60000",
+        ) == 30
+    });
+    daemon.shutdown();
+    w.sim.clear_scripts();
+    let daemon = w.env.start();
+    w.wait_idle("sent after the restart");
+    daemon.shutdown();
+    assert_eq!(w.accepted_by_token().len(), 30);
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE held = 1"),
+        0
+    );
 }
 
 /// The README's way out of a burst of tokens that really are dead: unregister them. Their

@@ -351,6 +351,15 @@ impl Store {
             .await
     }
 
+    /// Makes the held deliveries due now: those an earlier run put back without spending an
+    /// attempt, for a pause (credentials, unreachable APNs, a `BadDeviceToken` burst) or a
+    /// request it never sent. Pauses live in the daemon's memory, so a start lifts them; the
+    /// deliveries they held would otherwise wait out the old back-off (up to 15 minutes)
+    /// after an operator restarted to fix the cause. Returns how many.
+    pub fn release_held_blocking(&self) -> Result<usize, StoreError> {
+        self.call_blocking(|w| w.release_held(crate::model::now_ms()))
+    }
+
     /// Remembers a problem for `pushdrop status` (rejections, pauses, auth failures).
     pub fn note_event_blocking(&self, kind: &str, app: Option<&str>, message: &str) {
         let (kind, app, message) = (

@@ -167,6 +167,12 @@ const MIGRATIONS: &[&str] = &[
                       FROM deliveries d WHERE d.notification_id = n.id) END AS finished_at
     FROM notifications n LEFT JOIN notification_progress p ON p.id = n.id;
     "#,
+    // 6: a queued delivery put back without spending an attempt (its app paused, or a request
+    // that was never sent) is `held`: it waits for the daemon's own state, not for APNs, and
+    // the next start, which lifts every pause, makes it due at once.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1093,7 +1093,7 @@ impl Writer {
                 } => {
                     tx.prepare_cached(
                         "UPDATE deliveries SET attempts = attempts + ?2, due_at = ?3,
-                         last_status = ?4, last_reason = ?5, updated_at = ?6
+                         last_status = ?4, last_reason = ?5, updated_at = ?6, held = 1 - ?2
                          WHERE id = ?1 AND state = 0",
                     )?
                     .execute(params![
@@ -1310,6 +1310,20 @@ impl Writer {
             params![now_ms(), kind, app, message],
         )?;
         Ok(())
+    }
+
+    /// See [`super::Store::release_held_blocking`].
+    pub fn release_held(&mut self, now: i64) -> Result<usize, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE deliveries SET due_at = ?1, held = 0
+             WHERE state = 0 AND due_at > ?1 AND held = 1",
+            [now],
+        )?;
+        if n > 0 {
+            queued_at(&mut self.cursor, now);
+            self.handoff.queued(now);
+        }
+        Ok(n)
     }
 
     /// See [`super::Store::changed_elsewhere`]. A connection's `data_version` moves only
