@@ -67,6 +67,12 @@ struct Window {
     /// to one dead device, make a burst.
     bad: std::collections::HashSet<i64>,
     held: Vec<Held>,
+    /// A burst paused the app and environment, and no 200 has come since: its config is
+    /// still in doubt, so a `BadDeviceToken` answer is more of the same burst, however long
+    /// after it, not a dead device. Answers spaced wider than the hold (steady traffic to
+    /// a wrong environment) otherwise found a fresh window after each pause and invalidated
+    /// one device each.
+    suspect: bool,
 }
 
 struct Held {
@@ -238,6 +244,7 @@ impl Guards {
             };
             roll(win);
             win.ok += 1;
+            win.suspect = false;
         }
         ended
     }
@@ -260,7 +267,7 @@ impl Guards {
         roll(win);
         win.bad.insert(c.device.id);
         let bad = win.bad.len() as u32;
-        let burst = bad >= self.burst || (bad >= MIN_BURST && bad > win.ok);
+        let burst = win.suspect || bad >= self.burst || (bad >= MIN_BURST && bad > win.ok);
         if !burst {
             win.held.push(Held {
                 delivery: c.clone(),
@@ -273,8 +280,11 @@ impl Guards {
             return BadTokenVerdict::Hold;
         }
         let held = std::mem::take(&mut win.held);
-        // A fresh window after the pause: the next burst must prove itself again.
-        *win = Window::default();
+        // A fresh window after the pause, in doubt until a 200.
+        *win = Window {
+            suspect: true,
+            ..Window::default()
+        };
         // Paused before the window is let go: an answer of the same round taken next must
         // find the pause, not an empty window that would hold it as a lone dead device.
         let (until_ms, _) = self.pause(app, env, "bad_device_token_burst", MAX_PAUSE_MS);
@@ -520,6 +530,41 @@ mod tests {
         ));
         assert_eq!(g.paused_until("a", Environment::Production), None);
         assert!(g.release_due().is_empty());
+    }
+
+    /// After a burst, until a 200 shows the config is right, a `BadDeviceToken` is more of
+    /// the burst however long after it: it pauses again, and invalidates nothing.
+    #[test]
+    fn after_a_burst_a_late_bad_token_pauses_again_until_a_success() {
+        let g = Guards {
+            pause_base_ms: 1,
+            ..Guards::new(&cfg())
+        };
+        let env = Environment::Production;
+        for (device, delivery) in [(1, 1), (2, 2)] {
+            assert!(matches!(
+                g.bad_device_token(&claimed("a", env, device, delivery), "BadDeviceToken", 1.0),
+                BadTokenVerdict::Hold
+            ));
+        }
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 3, 3), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Burst { .. }
+        ));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(g.paused_until("a", env), None, "the 1 ms pause is over");
+        // One device alone, after the pause: still the burst.
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 3, 4), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Burst { .. }
+        ));
+        std::thread::sleep(Duration::from_millis(5));
+        // A 200 clears the doubt: a lone answer after it is a dead device again.
+        g.success("a", env);
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 4, 5), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Hold
+        ));
     }
 
     #[test]
