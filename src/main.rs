@@ -101,6 +101,11 @@ enum Command {
         /// A TOML file of scripted answers (per token, per connection); re-read on SIGHUP.
         #[arg(long)]
         script: Option<PathBuf>,
+        /// A bundle id the simulated team may push to (repeatable; default
+        /// com.example.simulated). Other topics get 400 TopicDisallowed, as from Apple; "*"
+        /// allows any.
+        #[arg(long = "bundle-id", value_name = "ID")]
+        bundle_ids: Vec<String>,
     },
     /// Validates the configuration file.
     CheckConfig,
@@ -162,8 +167,10 @@ fn main() -> ExitCode {
             dir,
             latency_ms,
             script,
-        } => cli::check_named_config(named)
-            .and_then(|()| cli::simulate::simulate(listen, &dir, latency_ms, script.as_deref())),
+            bundle_ids,
+        } => cli::check_named_config(named).and_then(|()| {
+            cli::simulate::simulate(listen, &dir, latency_ms, script.as_deref(), &bundle_ids)
+        }),
         Command::CheckConfig => cli::check_config(config),
         Command::Backup { dest } => cli::store_cmds::backup(config, &dest),
     };

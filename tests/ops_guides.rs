@@ -356,6 +356,16 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
     assert_eq!(got[&flaky], want("sent", 1, ""));
     assert_eq!(got[&fine], want("invalid_token", 1, "ExpiredToken"));
 
+    // The simulated team may push to its own bundle id only, as with Apple.
+    let foreign = serde_json::json!({"type": "notification", "id": "n3",
+        "to": {"tokens": [&flaky]}, "topic": "com.example.someone-else",
+        "payload": {"aps": {"alert": "hi"}}});
+    let tmp = dir.path().join("3.jsonl");
+    std::fs::write(&tmp, format!("{foreign}\n")).unwrap();
+    std::fs::rename(&tmp, inbox.join("3.jsonl")).unwrap();
+    let got = finished(&config, dir.path(), "n3");
+    assert_eq!(got[&flaky], want("failed", 1, "TopicDisallowed"));
+
     // A bad script is refused at start with the bad-config exit code, naming file and line.
     std::fs::write(
         &script,

@@ -18,17 +18,29 @@ use crate::simulator::{SimCredentials, SimOptions, SimScript, Simulator, toml_st
 pub const CONFIG_FILE: &str = "pushdrop-simulator.toml";
 /// The app of the written config.
 pub const APP_NAME: &str = "simulated";
-/// Its bundle id.
+/// Its bundle id, and the one topic the simulated team may push to without `--bundle-id`.
 pub const BUNDLE_ID: &str = "com.example.simulated";
 
 /// Starts the simulator, writes credentials and a config into `dir`, serves until Ctrl-C or
 /// SIGTERM. A bad `script` stops it before it listens, with exit code 64 (a bad config).
+/// `bundle_ids`: the topics (bundle ids, before any push type's suffix) it accepts, as Apple
+/// accepts a team's own apps only; empty means [`BUNDLE_ID`], `*` any.
 pub fn simulate(
     addr: SocketAddr,
     dir: &Path,
     latency_ms: u64,
     script: Option<&Path>,
+    bundle_ids: &[String],
 ) -> anyhow::Result<i32> {
+    let sim_topics = match bundle_ids {
+        [] => vec![BUNDLE_ID.to_string()],
+        ids if ids.iter().any(|b| b == "*") => Vec::new(),
+        ids => ids.to_vec(),
+    };
+    let config_bundle_id = sim_topics
+        .first()
+        .map_or(BUNDLE_ID, String::as_str)
+        .to_owned();
     crate::logging::init_stderr("info");
     let latency = std::time::Duration::from_millis(latency_ms);
     let first_script = match script.map(|p| SimScript::load(p, crate::model::now_ms())) {
@@ -51,6 +63,7 @@ pub fn simulate(
             latency,
             // A long-running server must not grow: count accepted pushes, keep none.
             record_limit: 0,
+            bundle_ids: sim_topics.clone(),
             arrivals_file: std::env::var_os("PUSHDROP_SIM_ARRIVALS")
                 .filter(|v| !v.is_empty())
                 .map(Into::into),
@@ -64,7 +77,10 @@ pub fn simulate(
             .write_credentials(&dir)
             .with_context(|| format!("cannot write credentials into {}", dir.display()))?;
         let config = dir.join(CONFIG_FILE);
-        std::fs::write(&config, config_snippet(&sim.url(), &dir, &creds))
+        std::fs::write(
+            &config,
+            config_snippet(&sim.url(), &dir, &creds, &config_bundle_id),
+        )
             .with_context(|| format!("cannot write {}", config.display()))?;
         println!("APNs simulator listening on {}", sim.url());
         if sim.credentials_reused() {
@@ -86,6 +102,10 @@ pub fn simulate(
             "  client certificate:  {} (key {})",
             creds.client_cert_file.display(),
             creds.client_key_file.display()
+        );
+        println!(
+            "  topics:              {} (other bundle ids: 400 TopicDisallowed; --bundle-id names yours)",
+            if sim_topics.is_empty() { "any".to_string() } else { sim_topics.join(", ") }
         );
         println!("  config:              {}", config.display());
         println!(
@@ -147,7 +167,7 @@ async fn serve_until_stop(sim: &Simulator, script: Option<&Path>, latency: std::
 
 /// A complete, valid config for the simulator: usable as is, or as a source of the
 /// `[apns]` and `[[apps]]` sections.
-pub fn config_snippet(url: &str, dir: &Path, creds: &SimCredentials) -> String {
+pub fn config_snippet(url: &str, dir: &Path, creds: &SimCredentials, bundle_id: &str) -> String {
     let q = |p: &Path| toml_string(&p.display().to_string());
     let mut s = String::new();
     let _ = writeln!(
@@ -165,7 +185,7 @@ pub fn config_snippet(url: &str, dir: &Path, creds: &SimCredentials) -> String {
     let _ = writeln!(s, "[store]");
     let _ = writeln!(s, "path = {}", q(&dir.join("pushdrop.db")));
     let _ = writeln!(s);
-    s.push_str(&creds.config_sections(url, APP_NAME, BUNDLE_ID));
+    s.push_str(&creds.config_sections(url, APP_NAME, bundle_id));
     let _ = writeln!(s);
     let _ = writeln!(s, "[admin]");
     let _ = writeln!(s, "listen = \"\"");
@@ -181,7 +201,7 @@ mod tests {
         let sim = Simulator::start(SimOptions::default()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let creds = sim.write_credentials(dir.path()).unwrap();
-        let text = config_snippet(&sim.url(), dir.path(), &creds);
+        let text = config_snippet(&sim.url(), dir.path(), &creds, BUNDLE_ID);
         let (cfg, warnings) =
             crate::config::Config::from_toml(&text, &dir.path().join(CONFIG_FILE), dir.path())
                 .unwrap();
