@@ -212,6 +212,14 @@ fn finished(
 
 /// The `delivery` lines of notification `id` in the JSON log files of `dir`, in order.
 fn delivery_lines(dir: &Path, id: &str) -> Vec<serde_json::Value> {
+    log_lines(dir)
+        .into_iter()
+        .filter(|l| l["event"] == "delivery" && l["id"] == id)
+        .collect()
+}
+
+/// Every line of the JSON log files of `dir`, in order.
+fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -226,7 +234,6 @@ fn delivery_lines(dir: &Path, id: &str) -> Vec<serde_json::Value> {
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
                 .collect::<Vec<_>>()
         })
-        .filter(|l| l["event"] == "delivery" && l["id"] == id)
         .collect()
 }
 
@@ -298,6 +305,13 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
 
     // SPEC 4.4: every delivery outcome is one line of the log file, with the notification's
     // id, app, token prefix, status, reason, apns-id, attempt and latency.
+    let ingested: Vec<serde_json::Value> = log_lines(&sim_dir.join("log"))
+        .into_iter()
+        .filter(|l| l["event"] == "ingested" && l["file"] == "1.jsonl")
+        .collect();
+    assert_eq!(ingested.len(), 1, "{ingested:#?}");
+    assert_eq!(ingested[0]["status"], "accepted", "{ingested:#?}");
+    assert_eq!(ingested[0]["id"], "n1", "{ingested:#?}");
     let lines = delivery_lines(&sim_dir.join("log"), "n1");
     let of = |t: &str| -> Vec<&serde_json::Value> {
         lines.iter().filter(|l| l["token"] == t[..8]).collect()

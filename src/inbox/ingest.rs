@@ -925,6 +925,7 @@ impl Ingestor {
                     tracing::warn!(
                         event = "ingested",
                         file = r.name.as_str(),
+                        status = "already_committed",
                         already_committed = true,
                         devices = 0,
                         notifications = 0,
@@ -965,6 +966,7 @@ impl Ingestor {
                     tracing::warn!(
                         event = "ingested",
                         file = r.name.as_str(),
+                        status = "accepted",
                         id,
                         ids,
                         app,
@@ -979,6 +981,7 @@ impl Ingestor {
                     tracing::info!(
                         event = "ingested",
                         file = r.name.as_str(),
+                        status = "accepted",
                         id,
                         ids,
                         app,
@@ -1016,6 +1019,7 @@ impl Ingestor {
                 tracing::warn!(
                     event = "rejected",
                     file = r.name.as_str(),
+                    status = "rejected",
                     reason = rej.reason.code(),
                     problems = rej.problems.len(),
                     reasons = %reasons.join("; "),
