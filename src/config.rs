@@ -758,7 +758,7 @@ impl Config {
                     format!("{:?} is not a bundle id", app.bundle_id),
                 );
             }
-            match (&mut app.token, &mut app.certificate) {
+            match (&app.token, &app.certificate) {
                 (Some(_), Some(_)) => bad(
                     &k("token"),
                     "give either token or certificate, not both".into(),
@@ -767,31 +767,48 @@ impl Config {
                     &k("token"),
                     "missing: give token = { key_file, key_id, team_id } or certificate = { cert_file, key_file }".into(),
                 ),
-                (Some(t), None) => {
-                    t.key_file = abs(&t.key_file);
-                    check_secret_file(&t.key_file, &k("token.key_file"), &mut bad, warnings);
-                    if t.key_id.len() != 10 || !t.key_id.chars().all(|c| c.is_ascii_alphanumeric()) {
-                        bad(&k("token.key_id"), format!("{:?} is not a 10-character key id", t.key_id));
-                    }
-                    if t.team_id.len() != 10 || !t.team_id.chars().all(|c| c.is_ascii_alphanumeric()) {
-                        bad(&k("token.team_id"), format!("{:?} is not a 10-character team id", t.team_id));
-                    }
+                _ => {}
+            }
+            // Both checked when both are given: every problem named in one go.
+            if let Some(t) = &mut app.token {
+                t.key_file = abs(&t.key_file);
+                check_secret_file(&t.key_file, &k("token.key_file"), &mut bad, warnings);
+                if t.key_id.len() != 10 || !t.key_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    bad(
+                        &k("token.key_id"),
+                        format!("{:?} is not a 10-character key id", t.key_id),
+                    );
                 }
-                (None, Some(c)) => {
-                    c.cert_file = abs(&c.cert_file);
-                    // Without a key_file, the cert_file holds the private key (PEM with the
-                    // key, or PKCS#12) and deserves the same care as a key file.
-                    let mut ignored = Vec::new();
-                    let cert_warnings = if c.key_file.is_none() { &mut *warnings } else { &mut ignored };
-                    check_secret_file(&c.cert_file, &k("certificate.cert_file"), &mut bad, cert_warnings);
-                    if let Some(kf) = &mut c.key_file {
-                        *kf = abs(kf);
-                        check_secret_file(kf, &k("certificate.key_file"), &mut bad, warnings);
-                    }
-                    if let Some(pf) = &mut c.password_file {
-                        *pf = abs(pf);
-                        check_secret_file(pf, &k("certificate.password_file"), &mut bad, warnings);
-                    }
+                if t.team_id.len() != 10 || !t.team_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    bad(
+                        &k("token.team_id"),
+                        format!("{:?} is not a 10-character team id", t.team_id),
+                    );
+                }
+            }
+            if let Some(c) = &mut app.certificate {
+                c.cert_file = abs(&c.cert_file);
+                // Without a key_file, the cert_file holds the private key (PEM with the
+                // key, or PKCS#12) and deserves the same care as a key file.
+                let mut ignored = Vec::new();
+                let cert_warnings = if c.key_file.is_none() {
+                    &mut *warnings
+                } else {
+                    &mut ignored
+                };
+                check_secret_file(
+                    &c.cert_file,
+                    &k("certificate.cert_file"),
+                    &mut bad,
+                    cert_warnings,
+                );
+                if let Some(kf) = &mut c.key_file {
+                    *kf = abs(kf);
+                    check_secret_file(kf, &k("certificate.key_file"), &mut bad, warnings);
+                }
+                if let Some(pf) = &mut c.password_file {
+                    *pf = abs(pf);
+                    check_secret_file(pf, &k("certificate.password_file"), &mut bad, warnings);
                 }
             }
         }
@@ -1453,6 +1470,24 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             vec![
                 ("apps[0].token.key_id", Some(8)),
                 ("sender.max_attempts", Some(11))
+            ],
+            "{err}"
+        );
+    }
+
+    /// An app with both `token` and `certificate`: that, and the problems inside each.
+    #[test]
+    fn both_credentials_and_the_problems_inside_each_are_named() {
+        let text =
+            GOOD.replace("DEF123GHIJ", "bad") + "certificate = { cert_file = \"missing.pem\" }\n";
+        let err = load(&text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "apps[0].token",
+                "apps[0].token.team_id",
+                "apps[0].certificate.cert_file"
             ],
             "{err}"
         );
