@@ -170,8 +170,11 @@ const MIGRATIONS: &[&str] = &[
     // 6: a queued delivery put back without spending an attempt (its app paused, or a request
     // that was never sent) is `held`: it waits for the daemon's own state, not for APNs, and
     // the next start, which lifts every pause, makes it due at once.
+    // Of the queued deliveries an older build left, those with an answer but no attempt spent
+    // can only have been held that way.
     r#"
     ALTER TABLE deliveries ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    UPDATE deliveries SET held = 1 WHERE state = 0 AND attempts = 0 AND last_reason IS NOT NULL;
     "#,
 ];
 
@@ -264,6 +267,45 @@ mod tests {
             .unwrap();
         assert_eq!(leased, 0);
         assert!(due <= crate::model::now_ms(), "due again at once: {due}");
+    }
+
+    /// Migration 6: the queued deliveries an older build put back without spending an attempt
+    /// (an answer, no attempt) are marked held; one that spent an attempt, or never had an
+    /// answer, is not.
+    #[test]
+    fn migration_6_marks_what_an_older_build_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            // Deliveries only: their notifications and devices do not matter here.
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            let tx = conn.transaction().unwrap();
+            for m in &MIGRATIONS[..5] {
+                tx.execute_batch(m).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 5).unwrap();
+            tx.execute_batch(
+                "INSERT INTO deliveries (id, notification_id, device_id, state, attempts, due_at,
+                     apns_id, last_reason, updated_at)
+                 VALUES (1, 1, 1, 0, 0, 99, 'a', 'app paused', 0),
+                        (2, 1, 2, 0, 1, 99, 'b', 'ServiceUnavailable', 0),
+                        (3, 1, 3, 0, 0, 99, 'c', NULL, 0),
+                        (4, 1, 4, 1, 0, 99, 'd', 'app paused', 0);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        let held: Vec<i64> = conn
+            .prepare("SELECT id FROM deliveries WHERE held = 1 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(held, vec![1]);
     }
 
     /// Migration 3 moves each notification's pending count and finish time into
