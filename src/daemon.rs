@@ -116,17 +116,22 @@ impl Daemon {
             .map_err(|e| refuse(e, crate::store::not_writable(path)))?;
         // Pauses live in the daemon's memory: a new start tries every app at once, so a pause
         // an earlier run noted for `status` is over, and what it held is due.
-        match store.release_held_blocking() {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                event = "held_released",
-                deliveries = n,
-                "deliveries held by a pause before the restart are due now"
-            ),
-            Err(e) => {
-                tracing::warn!(event = "held_released", error = %e, "could not make held deliveries due; they wait for their old back-off")
+        let held = match store.release_held_blocking() {
+            Ok(h) => {
+                if h.deliveries > 0 {
+                    tracing::info!(
+                        event = "held_released",
+                        deliveries = h.deliveries,
+                        "deliveries held by a pause before the restart are due now"
+                    );
+                }
+                h
             }
-        }
+            Err(e) => {
+                tracing::warn!(event = "held_released", error = %e, "could not make held deliveries due; they wait for their old back-off");
+                Default::default()
+            }
+        };
         if let Ok(paused) = crate::store::query::Reader::open(path).and_then(|r| r.paused()) {
             for p in paused {
                 store.note_event_blocking(
@@ -141,7 +146,7 @@ impl Daemon {
         let inbox = inbox::start(cfg.clone(), store.clone())?;
         let alive = inbox.liveness();
         let (sender, admin, purge) = runtime.block_on(async {
-            let sender = sender::start(cfg.clone(), store.clone(), client);
+            let sender = sender::start(cfg.clone(), store.clone(), client, &held.bursts);
             let admin = if cfg.admin.listen.is_empty() {
                 None
             } else {

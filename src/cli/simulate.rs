@@ -103,10 +103,14 @@ pub fn simulate(
             creds.client_cert_file.display(),
             creds.client_key_file.display()
         );
-        println!(
-            "  topics:              {} (other bundle ids: 400 TopicDisallowed; --bundle-id names yours)",
-            if sim_topics.is_empty() { "any".to_string() } else { sim_topics.join(", ") }
-        );
+        if sim_topics.is_empty() {
+            println!("  topics:              any (--bundle-id '*')");
+        } else {
+            println!(
+                "  topics:              {} (other bundle ids: 400 TopicDisallowed; --bundle-id names yours)",
+                sim_topics.join(", ")
+            );
+        }
         println!("  config:              {}", config.display());
         println!(
             "Copy its [apns] and [[apps]] sections into your config, or run pushdrop with --config {}",

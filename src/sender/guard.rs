@@ -249,6 +249,14 @@ impl Guards {
         ended
     }
 
+    /// Takes a `BadDeviceToken` for the app and environment as more of a burst until a 200:
+    /// the last run stopped while a burst held some of its deliveries.
+    pub fn suspect(&self, app: &str, env: Environment) {
+        if let Ok(mut w) = self.windows.lock() {
+            w.entry(app.to_string()).or_default()[env_index(env)].suspect = true;
+        }
+    }
+
     /// A 400 `BadDeviceToken` for claimed delivery `c`: held, or the proof of a burst.
     pub fn bad_device_token(
         &self,
@@ -564,6 +572,13 @@ mod tests {
         assert!(matches!(
             g.bad_device_token(&claimed("a", env, 4, 5), "BadDeviceToken", 1.0),
             BadTokenVerdict::Hold
+        ));
+        // A start after a run that stopped during a burst begins in doubt.
+        let restarted = Guards::new(&cfg());
+        restarted.suspect("a", env);
+        assert!(matches!(
+            restarted.bad_device_token(&claimed("a", env, 3, 6), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Burst { .. }
         ));
     }
 

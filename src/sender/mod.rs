@@ -201,7 +201,14 @@ const NOTE_FAILURES_EVERY: Duration = Duration::from_secs(60);
 const NOTED_FAILURES_MAX: usize = 1024;
 
 /// Starts the sender on the current tokio runtime.
-pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle {
+/// `bursts`: the apps and environments a `BadDeviceToken` burst was holding when the last
+/// run stopped; their answers stay in doubt until a 200 (see [`Guards::suspect`]).
+pub fn start(
+    cfg: Arc<Config>,
+    store: Store,
+    client: ApnsClient,
+    bursts: &[(String, crate::config::Environment)],
+) -> SenderHandle {
     let (stop, stop_rx) = watch::channel(false);
     let (results_tx, results_rx) = mpsc::channel(cfg.sender.max_in_flight * 2 + RECORD_BATCH);
     let receipts = cfg.receipts.dir.as_deref().map(|d| {
@@ -222,8 +229,12 @@ pub fn start(cfg: Arc<Config>, store: Store, client: ApnsClient) -> SenderHandle
     }
     let grace = Duration::from_millis(cfg.sender.shutdown_grace_ms);
     guard::paused_metric_at_zero(cfg.apps.iter().map(|a| a.name.as_str()));
+    let guards = Guards::new(&cfg.sender);
+    for (app, env) in bursts {
+        guards.suspect(app, *env);
+    }
     let inner = Arc::new(Inner {
-        guards: Guards::new(&cfg.sender),
+        guards,
         receipts: receipts.clone(),
         cfg,
         store,

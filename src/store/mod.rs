@@ -23,7 +23,8 @@ use crate::model::{PushType, Record};
 
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
-    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, ResultKind,
+    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, HeldReleased,
+    ResultKind,
 };
 
 /// Why a store operation failed.
@@ -355,8 +356,9 @@ impl Store {
     /// attempt, for a pause (credentials, unreachable APNs, a `BadDeviceToken` burst) or a
     /// request it never sent. Pauses live in the daemon's memory, so a start lifts them; the
     /// deliveries they held would otherwise wait out the old back-off (up to 15 minutes)
-    /// after an operator restarted to fix the cause. Returns how many.
-    pub fn release_held_blocking(&self) -> Result<usize, StoreError> {
+    /// after an operator restarted to fix the cause. Says how many, and which apps and
+    /// environments a `BadDeviceToken` burst was holding.
+    pub fn release_held_blocking(&self) -> Result<HeldReleased, StoreError> {
         self.call_blocking(|w| w.release_held(crate::model::now_ms()))
     }
 

@@ -1754,3 +1754,54 @@ fn a_registration_without_user_keeps_it_unless_the_device_was_unregistered() {
         .collect();
     assert_eq!(carols, vec![(tok(2), "active")]);
 }
+
+/// A start makes the held deliveries due, says how many, and names the apps and environments
+/// a `BadDeviceToken` burst was holding (their config is still in doubt). A retry that
+/// spent an attempt keeps its back-off.
+#[test]
+fn release_held_makes_held_deliveries_due_and_names_bursts() {
+    let (_dir, store) = open();
+    let recs: Vec<Record> = (0..3)
+        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
+        .collect();
+    ingest(&store, "n.jsonl", recs);
+    let rt = rt();
+    let later = crate::model::now_ms() + 600_000;
+    rt.block_on(async {
+        let claimed = store
+            .claim_due(crate::model::now_ms() + 1, 3)
+            .await
+            .unwrap()
+            .deliveries;
+        let kinds = [
+            ResultKind::held_until(later, Some(400), "BadDeviceToken".into()),
+            ResultKind::held_until(later, Some(403), "InvalidProviderToken".into()),
+            ResultKind::Retry {
+                due_at_ms: later,
+                status: Some(503),
+                reason: "ServiceUnavailable".into(),
+                count_attempt: true,
+            },
+        ];
+        let results = claimed
+            .iter()
+            .zip(kinds)
+            .map(|(c, kind)| DeliveryResult {
+                delivery_id: c.delivery_id,
+                kind,
+            })
+            .collect();
+        store.record_results(results).await.unwrap();
+    });
+    let released = store.release_held_blocking().unwrap();
+    assert_eq!(released.deliveries, 2);
+    assert_eq!(
+        released.bursts,
+        vec![("a".to_string(), Environment::Production)]
+    );
+    let due = rt
+        .block_on(store.claim_due(crate::model::now_ms() + 1, 10))
+        .unwrap()
+        .deliveries;
+    assert_eq!(due.len(), 2, "the 503's back-off stands");
+}

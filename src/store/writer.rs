@@ -189,6 +189,15 @@ impl ResultKind {
     }
 }
 
+/// What [`Writer::release_held`] made due.
+#[derive(Debug, Default)]
+pub struct HeldReleased {
+    pub deliveries: usize,
+    /// The apps and environments some of whose deliveries a `BadDeviceToken` burst held: their
+    /// config was in doubt when the last run stopped, and still is until a 200.
+    pub bursts: Vec<(String, Environment)>,
+}
+
 /// A notification whose deliveries are all final: time for its receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedNotification {
@@ -1318,7 +1327,22 @@ impl Writer {
     }
 
     /// See [`super::Store::release_held_blocking`].
-    pub fn release_held(&mut self, now: i64) -> Result<usize, StoreError> {
+    pub fn release_held(&mut self, now: i64) -> Result<HeldReleased, StoreError> {
+        let bursts = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT n.app, v.environment FROM deliveries d
+                 JOIN notifications n ON n.id = d.notification_id
+                 JOIN devices v ON v.id = d.device_id
+                 WHERE d.state = 0 AND d.held = 1 AND d.last_status = 400
+                   AND d.last_reason = 'BadDeviceToken'",
+            )?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .filter_map(|r| match r {
+                Ok((app, env)) => Environment::parse(&env).map(|e| Ok((app, e))),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let n = self.conn.execute(
             "UPDATE deliveries SET due_at = ?1, held = 0
              WHERE state = 0 AND due_at > ?1 AND held = 1",
@@ -1328,7 +1352,10 @@ impl Writer {
             queued_at(&mut self.cursor, now);
             self.handoff.queued(now);
         }
-        Ok(n)
+        Ok(HeldReleased {
+            deliveries: n,
+            bursts,
+        })
     }
 
     /// See [`super::Store::changed_elsewhere`]. A connection's `data_version` moves only
