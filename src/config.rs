@@ -746,6 +746,15 @@ impl Config {
             let k = |f: &str| format!("apps[{i}].{f}");
             if app.name.is_empty() {
                 bad(&k("name"), "must not be empty".into());
+            } else if app.name.chars().any(char::is_control) {
+                // It is printed in `status` tables, log lines and metric labels.
+                bad(
+                    &k("name"),
+                    format!(
+                        "{:?} holds a control character (a line break, a tab…)",
+                        app.name
+                    ),
+                );
             } else if !names.insert(app.name.clone()) {
                 bad(
                     &k("name"),
@@ -1473,6 +1482,14 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_app_name_with_a_line_break_is_refused() {
+        let text = GOOD.replace("name = \"a\"", "name = \"a\\nb\"");
+        let err = load(&text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec!["apps[0].name"], "{err}");
     }
 
     /// An app with both `token` and `certificate`: that, and the problems inside each.
