@@ -47,6 +47,13 @@ fn file(name: &str, records: Vec<Record>) -> IngestFile {
     }
 }
 
+/// `n` notifications with ids `n0`, `n1`…, each to its own token `tok(i)`.
+fn one_token_each(n: u32) -> Vec<Record> {
+    (0..n)
+        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
+        .collect()
+}
+
 /// Ingests one file of `records` named `name`, which must commit.
 fn ingest(store: &Store, name: &str, records: Vec<Record>) {
     store.ingest(vec![file(name, records)]).unwrap();
@@ -899,9 +906,7 @@ fn new_databases_use_8_kib_pages() {
 #[test]
 fn claims_follow_due_order_even_behind_the_cursor() {
     let (_dir, store) = open();
-    let recs: Vec<Record> = (0..10)
-        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
-        .collect();
+    let recs = one_token_each(10);
     ingest(&store, "n.jsonl", recs);
     let rt = rt();
     rt.block_on(async {
@@ -1078,9 +1083,7 @@ fn batched_ingest_writes_what_record_by_record_ingest_writes() {
 #[test]
 fn runs_of_sent_results_count_like_single_ones() {
     let (_dir, store) = open();
-    let mut recs: Vec<Record> = (0..11)
-        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
-        .collect();
+    let mut recs = one_token_each(11);
     recs.insert(
         5,
         notification(Some("multi"), Target::Tokens(vec![tok(20), tok(21)])),
@@ -1485,9 +1488,7 @@ fn a_handed_off_delivery_that_expires_before_it_is_taken_ends_expired() {
 fn a_file_beyond_the_hand_off_limit_is_claimed_once_each_and_retries_come_first() {
     let (_dir, store) = open();
     let n = writer::HANDOFF_MAX as u32 + 150;
-    let recs: Vec<Record> = (0..n)
-        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
-        .collect();
+    let recs = one_token_each(n);
     ingest(&store, "big.jsonl", recs);
     let rt = rt();
     rt.block_on(async {
@@ -1761,9 +1762,7 @@ fn a_registration_without_user_keeps_it_unless_the_device_was_unregistered() {
 #[test]
 fn release_held_makes_held_deliveries_due_and_names_bursts() {
     let (_dir, store) = open();
-    let recs: Vec<Record> = (0..3)
-        .map(|i| notification(Some(&format!("n{i}")), Target::Tokens(vec![tok(i)])))
-        .collect();
+    let recs = one_token_each(3);
     ingest(&store, "n.jsonl", recs);
     let rt = rt();
     let later = crate::model::now_ms() + 600_000;
