@@ -57,6 +57,18 @@ fn notifications(n: u64) -> String {
         .collect()
 }
 
+/// A simulator answering after `latency_ms`, and a daemon config with `shutdown_grace_ms`:
+/// the set-up of the stop tests.
+fn stopping_world(latency_ms: u64, grace_ms: u64) -> World {
+    World::new(
+        SimOptions {
+            latency: Duration::from_millis(latency_ms),
+            ..SimOptions::default()
+        },
+        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = {grace_ms}\n"),
+    )
+}
+
 #[test]
 fn sigkill_while_sending_then_restart_delivers_everything_with_the_same_apns_ids() {
     let n = 1500u64;
@@ -112,13 +124,7 @@ fn sigkill_while_sending_then_restart_delivers_everything_with_the_same_apns_ids
 #[test]
 fn sigterm_finishes_in_flight_requests_and_loses_nothing() {
     let n = 400u64;
-    let w = World::new(
-        SimOptions {
-            latency: Duration::from_millis(300),
-            ..SimOptions::default()
-        },
-        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = 3000\n"),
-    );
+    let w = stopping_world(300, 3000);
     let mut child = spawn(&w.env);
     w.env.drop_file("n.jsonl", notifications(n));
     wait_for("sending under way", || w.sim.accepted_count() >= 50);
@@ -160,13 +166,7 @@ fn sigterm_finishes_in_flight_requests_and_loses_nothing() {
 fn a_second_signal_stops_at_once_and_loses_nothing() {
     use std::os::unix::process::ExitStatusExt;
     let n = 50u64;
-    let w = World::new(
-        SimOptions {
-            latency: Duration::from_millis(3000),
-            ..SimOptions::default()
-        },
-        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = 20000\n"),
-    );
+    let w = stopping_world(3000, 20000);
     let mut child = spawn(&w.env);
     w.env.drop_file("n.jsonl", notifications(n));
     wait_for("requests in flight", || w.sim.requests() >= 10);
@@ -189,13 +189,7 @@ fn a_second_signal_stops_at_once_and_loses_nothing() {
 /// is one clean stop, not "Ctrl-C twice".
 #[test]
 fn the_same_signal_twice_at_once_is_one_clean_stop() {
-    let w = World::new(
-        SimOptions {
-            latency: Duration::from_millis(1000),
-            ..SimOptions::default()
-        },
-        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\nshutdown_grace_ms = 20000\n"),
-    );
+    let w = stopping_world(1000, 20000);
     let mut child = spawn(&w.env);
     w.env.drop_file("n.jsonl", notifications(20));
     wait_for("requests in flight", || w.sim.requests() >= 1);
