@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod inbox;
+pub mod lockfile;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -245,3 +245,66 @@ fn sigkill_during_a_big_files_commit_loses_nothing_and_doubles_nothing() {
         .unwrap();
     assert_eq!(integrity, "ok");
 }
+
+/// Two daemons on one inbox, each with a database of its own, would both ingest every file
+/// and send it twice: the second is refused, and the first keeps taking files alone.
+#[test]
+fn a_second_daemon_on_the_same_inbox_is_refused_even_with_its_own_database() {
+    let env = Env::new();
+    let mut first = spawn(&env);
+    wait_for("the first daemon's start", || {
+        std::fs::read_to_string(env.dir.path().join("run.log"))
+            .is_ok_and(|log| log.contains("inbox_started"))
+    });
+    // Its own database, the same inbox reached through a link to the folder.
+    let link = env.dir.path().join("inbox-link");
+    std::os::unix::fs::symlink(&env.inbox, &link).unwrap();
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("../var/pushdrop.db", "../var/second.db")
+        .replace("../var/inbox", &link.display().to_string());
+    let second_config = env.dir.path().join("config/second.toml");
+    std::fs::write(&second_config, text).unwrap();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg("--config")
+        .arg(&second_config)
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            second.wait().unwrap();
+            first.kill().unwrap();
+            panic!("a second daemon on the same inbox kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
+    assert!(
+        stderr.contains("watched by another pushdrop daemon") && stderr.contains("inbox-link"),
+        "says why: {stderr}"
+    );
+
+    env.drop_file("a.jsonl", notification("only-once", &token(1)));
+    wait_for("the file taken", || env.processed_names() == ["a.jsonl"]);
+    assert!(env.inbox_names().is_empty(), "no lock file in the inbox");
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The lock goes with the process, however it ends: the next daemon starts.
+    let mut next = spawn(&env);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        next.try_wait().unwrap().is_none(),
+        "a daemon starts after a kill -9"
+    );
+    next.kill().unwrap();
+    next.wait().unwrap();
+}

@@ -64,6 +64,10 @@ pub enum InboxError {
     SameDir { key: &'static str, path: PathBuf },
     #[error("cannot start the inbox thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "inbox {dir} is watched by another pushdrop daemon (it holds the folder's lock); two daemons on one inbox would each take the same files and send them twice: stop it first, or give each daemon its own inbox"
+    )]
+    Locked { dir: PathBuf },
 }
 
 /// The running inbox. Dropping it without [`InboxHandle::stop`] leaves the thread running
@@ -141,6 +145,17 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
             source,
         })?;
     }
+    // One daemon per inbox, as per database: two daemons with databases of their own would
+    // both ingest each file dropped. The lock is on the folder itself (every path to it,
+    // links included, finds the same one), and puts no file of ours in it.
+    let lock = match crate::lockfile::try_exclusive_dir(&inbox) {
+        Ok(Some(file)) => Some(file),
+        Ok(None) => return Err(InboxError::Locked { dir: inbox.clone() }),
+        Err(e) => {
+            tracing::warn!(event = "inbox_unlocked", dir = %inbox.display(), error = %e, "cannot lock the inbox folder (a network filesystem?): a second daemon on this inbox would not be refused");
+            None
+        }
+    };
 
     let (tx, rx) = mpsc::channel();
     let mut poll = cfg.inbox.watch == WatchMode::Poll;
@@ -185,6 +200,8 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         .name("pushdrop-inbox".into())
         .spawn(move || {
             let _alive = AliveGuard(alive_flag);
+            // Held while this loop takes files, let go when it ends.
+            let _lock = lock;
             lp.run();
         })
         .map_err(InboxError::Thread)?;

@@ -42,7 +42,9 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open the lock file {path} (the database's folder must be writable): {source}")]
+    #[error(
+        "cannot take the lock file {path}: {source} (the database's folder must be writable, on a filesystem with file locks)"
+    )]
     LockFile {
         path: PathBuf,
         source: std::io::Error,
@@ -496,7 +498,7 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
     let mut paths = vec![db.to_path_buf()];
     for suffix in ["-wal", "-shm"] {
-        let mut name = db.as_os_str().to_owned();
+        let mut name = real_path(db).into_os_string();
         name.push(suffix);
         paths.push(PathBuf::from(name));
     }
@@ -521,35 +523,46 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
 }
 
 /// An advisory lock (`flock`) on `<db>.lock`: two daemons on one database would each think
-/// they own the leases.
+/// they own the leases, and send everything twice.
+///
+/// The lock sits beside the database's real file, symbolic links resolved: a second daemon
+/// that reaches the same database through a link (to the file or to a folder on its path)
+/// must find the same lock. (SQLite resolves links too, so both would share one database and
+/// one WAL.) Hard links are two names of one file that nothing can tell apart by name: the
+/// README says not to use them.
 struct LockFile {
     _file: std::fs::File,
 }
 
+/// The database's path with its symbolic links resolved: the file's own when it exists, else
+/// its folder's (the file is about to be created there). Unresolvable: the path as given.
+fn real_path(db: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(db) {
+        return p;
+    }
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), db.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => db.to_path_buf(),
+    }
+}
+
 impl LockFile {
     fn acquire(db: &Path) -> Result<LockFile, StoreError> {
-        use std::os::fd::AsRawFd;
-        let mut name = db.as_os_str().to_owned();
+        let mut name = real_path(db).into_os_string();
         name.push(".lock");
         let lock = PathBuf::from(name);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .map_err(|source| StoreError::LockFile {
-                path: lock.clone(),
-                source,
-            })?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(StoreError::Locked {
+        match crate::lockfile::try_exclusive(&lock) {
+            Ok(Some(file)) => Ok(LockFile { _file: file }),
+            Ok(None) => Err(StoreError::Locked {
                 path: db.to_path_buf(),
                 lock,
-            });
+            }),
+            Err(source) => Err(StoreError::LockFile { path: lock, source }),
         }
-        Ok(LockFile { _file: file })
     }
 }
 

@@ -157,6 +157,28 @@ fn second_exclusive_open_is_refused() {
 }
 
 #[test]
+fn a_second_daemon_reaching_the_database_through_a_link_is_refused() {
+    let (dir, _store) = open();
+    // A link to the file, and a link to its folder: each is the same database.
+    let file_link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(dir.path().join("db/p.db"), &file_link).unwrap();
+    let dir_link = dir.path().join("linked-dir");
+    std::os::unix::fs::symlink(dir.path().join("db"), &dir_link).unwrap();
+    for path in [file_link, dir_link.join("p.db")] {
+        match Store::open(&path, true) {
+            Err(StoreError::Locked { lock, .. }) => {
+                assert_eq!(
+                    std::fs::canonicalize(&lock).unwrap(),
+                    std::fs::canonicalize(dir.path().join("db/p.db.lock")).unwrap(),
+                    "the lock beside the real file"
+                );
+            }
+            other => panic!("{}: expected Locked, got {:?}", path.display(), other.err()),
+        }
+    }
+}
+
+#[test]
 fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
