@@ -19,6 +19,24 @@ mod batch;
 mod json;
 pub use json::JsonLines;
 
+/// The log files' writer of this process, for [`flush_files`].
+static FILE_WRITER: std::sync::Mutex<Option<batch::Batched>> = std::sync::Mutex::new(None);
+
+/// Returns once every line logged so far is written to the log file (out of this process:
+/// a kill -9 after this cannot lose it). Blocks while the writer writes; at once when there
+/// is no log file. Called before an event is put on record, so that the record never holds
+/// what the log lost: the sender's recorder before it commits delivery results, the inbox
+/// after it logs a file's fate.
+pub fn flush_files() {
+    let writer = FILE_WRITER
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(w) = writer {
+        w.flush();
+    }
+}
+
 /// Keeps the background log writers alive; drop it last so buffered lines reach the file.
 pub struct LogGuard {
     _file: Option<batch::BatchGuard>,
@@ -266,6 +284,7 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             dir: dir.clone(),
             message: format!("cannot start the log writer thread: {e}"),
         })?;
+    *FILE_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer.clone());
     let file_layer = match (cfg.format, json) {
         // One JSON object per line; see `json` for the format.
         (LogFormat::Json, JsonFormatter::JsonLines) => fmt::layer()

@@ -200,3 +200,68 @@ fn the_same_signal_twice_at_once_is_one_clean_stop() {
     let status = wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// The log's promise under a kill -9: every outcome the database holds has its line in the
+/// log file (lines are written out before their results are committed). The kill comes as
+/// soon as results are on record, sooner than the log writer's 10 ms of gathering.
+#[test]
+fn after_a_sigkill_every_outcome_on_record_has_its_log_line() {
+    let n = 3000u64;
+    let w = World::new(
+        SimOptions::default(),
+        &format!("[sender]\nmax_in_flight = {MAX_IN_FLIGHT}\n"),
+    );
+    let text = std::fs::read_to_string(&w.env.config_path)
+        .unwrap()
+        .replace("[log]\n", "[log]\ndir = \"../var/log\"\n")
+        .replace("format = \"text\"", "format = \"json\"");
+    std::fs::write(&w.env.config_path, text).unwrap();
+    let mut child = spawn(&w.env);
+    w.env.drop_file("n.jsonl", notifications(n));
+    wait_for("the database", || w.env.db.exists());
+    let db = w.env.db();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent: i64 = db
+            .query_row("SELECT count(*) FROM deliveries WHERE state = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(0);
+        if sent >= 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no results recorded");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal(&child, libc::SIGKILL);
+    wait_exit(&mut child, Duration::from_secs(10));
+
+    let recorded: HashSet<String> = w
+        .env
+        .texts(
+            "SELECT n.ext_id FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.state = 1",
+        )
+        .into_iter()
+        .collect();
+    let mut logged = HashSet::new();
+    for e in std::fs::read_dir(w.env.dir.path().join("var/log")).unwrap() {
+        for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // a line cut by the kill
+            };
+            if v["event"] == "delivery" && v["status"] == "sent" {
+                logged.insert(v["id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(recorded.len() >= 300, "{} on record", recorded.len());
+    let missing: Vec<&String> = recorded.difference(&logged).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} sent deliveries on record have no log line, e.g. {:?}",
+        missing.len(),
+        recorded.len(),
+        missing.iter().take(3).collect::<Vec<_>>()
+    );
+}

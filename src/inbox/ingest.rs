@@ -469,6 +469,7 @@ impl Ingestor {
                             for r in &results[logged..] {
                                 self.log(r);
                             }
+                            crate::logging::flush_files();
                             logged = results.len();
                             continue;
                         }
@@ -534,6 +535,9 @@ impl Ingestor {
         for r in &results[logged..] {
             self.log(r);
         }
+        // The files are moved: their lines go to the file now, not a batch later (a kill -9
+        // would lose them while nothing else would say what became of the files).
+        crate::logging::flush_files();
         results
     }
 

@@ -10,6 +10,11 @@
 //!
 //! Never lossy: when the writer cannot keep up (a stalled disk), a producer waits once the
 //! buffer holds [`MAX_BUFFER`] bytes, so the daemon slows down instead of dropping lines.
+//!
+//! A kill -9 loses what is still buffered. So that this never includes a line whose event is
+//! already on record (a delivery result in the database, a file moved out of the inbox),
+//! [`flush`] writes out every line logged so far before it returns: the sender's recorder calls
+//! it before it commits results, the inbox after it logs a file's fate.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -28,6 +33,12 @@ const KEEP_CAPACITY: usize = 1024 * 1024;
 struct State {
     buf: Vec<u8>,
     closing: bool,
+    /// Bytes appended since the start, and bytes handed to the sink (written, or lost to a
+    /// write error): a [`flush`] waits until the second reaches what the first was.
+    appended: u64,
+    handed: u64,
+    /// The `appended` mark some [`flush`] waits for: the writer gathers no longer then.
+    wanted: u64,
 }
 
 struct Shared {
@@ -36,6 +47,8 @@ struct Shared {
     lines: Condvar,
     /// Producers wait here while the buffer is full.
     room: Condvar,
+    /// [`flush`] waits here for a batch to be handed to the sink.
+    handed: Condvar,
 }
 
 impl Shared {
@@ -66,6 +79,7 @@ pub fn batched<W: Write + Send + 'static>(
         state: Mutex::new(State::default()),
         lines: Condvar::new(),
         room: Condvar::new(),
+        handed: Condvar::new(),
     });
     let worker = shared.clone();
     let thread = std::thread::Builder::new()
@@ -94,7 +108,7 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W) {
             return; // closing, and everything is written
         }
         let until = Instant::now() + GATHER;
-        while !st.closing && st.buf.len() < EARLY {
+        while !st.closing && st.buf.len() < EARLY && st.wanted <= st.handed {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -106,6 +120,7 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W) {
                 .0;
         }
         std::mem::swap(&mut st.buf, &mut batch);
+        let upto = st.appended;
         drop(st);
         shared.room.notify_all();
         match sink.write_all(&batch).and_then(|()| sink.flush()) {
@@ -119,6 +134,27 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W) {
         }
         batch.clear();
         batch.shrink_to(KEEP_CAPACITY);
+        shared.lock().handed = upto;
+        shared.handed.notify_all();
+    }
+}
+
+impl Batched {
+    /// Returns once every line logged before the call is handed to the sink (written out of
+    /// this process, so a kill -9 cannot lose it), without waiting for the batch to fill.
+    /// At once when the writer is closing (it writes everything before it stops).
+    pub fn flush(&self) {
+        let shared = &*self.shared;
+        let mut st = shared.lock();
+        let target = st.appended;
+        if st.handed >= target || st.closing {
+            return;
+        }
+        st.wanted = st.wanted.max(target);
+        shared.lines.notify_one();
+        while st.handed < target && !st.closing {
+            st = shared.handed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -126,6 +162,7 @@ impl Drop for BatchGuard {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.lines.notify_one();
+        self.shared.handed.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -144,6 +181,7 @@ impl Write for BatchedLine<'_> {
         }
         let first = st.buf.is_empty();
         st.buf.extend_from_slice(line);
+        st.appended += line.len() as u64;
         let big = st.buf.len() >= EARLY && st.buf.len() - line.len() < EARLY;
         drop(st);
         // The writer sleeps until a batch begins, and gathers until it is big: only those two
@@ -220,6 +258,26 @@ mod tests {
             assert_eq!(mine, want);
         }
         assert!(writes < 1000, "{writes} writes for 20,000 lines");
+    }
+
+    #[test]
+    fn flush_returns_once_every_line_before_it_is_in_the_sink() {
+        use tracing_subscriber::fmt::MakeWriter as _;
+        let sink = Sink::default();
+        let (w, guard) = batched(sink.clone(), "test-log").unwrap();
+        for round in 0..50 {
+            let line = format!("line {round}\n");
+            w.make_writer().write_all(line.as_bytes()).unwrap();
+            w.flush();
+            // Written before flush returned, not GATHER later.
+            let text = String::from_utf8(sink.0.lock().unwrap().0.clone()).unwrap();
+            assert!(text.ends_with(&line), "round {round}: {text:?}");
+        }
+        // Nothing to write: at once. Closing: at once, the close writes everything.
+        w.flush();
+        drop(guard);
+        w.make_writer().write_all(b"after the close\n").unwrap();
+        w.flush();
     }
 
     #[test]
