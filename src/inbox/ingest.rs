@@ -78,6 +78,8 @@ pub struct Accepted {
 pub struct Rejected {
     pub reason: RejectReason,
     pub problems: Vec<Problem>,
+    /// The notification ids the file named (see [`parse::NamedIds`]).
+    pub ids: parse::NamedIds,
     pub moved_to: Option<PathBuf>,
     pub report: Option<PathBuf>,
     /// The file could not be moved to `rejected_dir`: it stays and is retried.
@@ -830,11 +832,16 @@ impl Ingestor {
         rejection: Rejection,
         dirty: &mut BTreeSet<PathBuf>,
     ) -> FileOutcome {
-        let Rejection { reason, problems } = rejection;
+        let Rejection {
+            reason,
+            problems,
+            ids,
+        } = rejection;
         let dir = self.cfg.rejected_dir();
         let mut rejected = Rejected {
             reason,
             problems: Vec::new(),
+            ids,
             moved_to: None,
             report: None,
             move_error: None,
@@ -1020,10 +1027,13 @@ impl Ingestor {
                     .unwrap_or_default();
                 let reasons: Vec<String> =
                     rej.problems.iter().take(5).map(|p| p.to_string()).collect();
+                let (id, ids) = id_fields(&rej.ids.first, rej.ids.total);
                 tracing::warn!(
                     event = "rejected",
                     file = r.name.as_str(),
                     status = "rejected",
+                    id,
+                    ids = ids.as_deref(),
                     reason = rej.reason.code(),
                     problems = rej.problems.len(),
                     reasons = %reasons.join("; "),
@@ -1056,20 +1066,22 @@ impl Ingestor {
 /// notification, `ids` (the first [`crate::store::LOGGED_IDS`], comma-separated, `…` after
 /// them when there were more) when it queued several, and its records' `app`(s).
 fn logged_names(o: &IngestOutcome) -> (Option<&str>, Option<String>, Option<String>) {
-    let (id, ids) = match o.queued_ids.as_slice() {
-        [] => (None, None),
-        [one] if o.notifications_queued == 1 => (Some(one.as_str()), None),
-        many => {
-            let more = if o.notifications_queued > many.len() {
-                ",…"
-            } else {
-                ""
-            };
-            (None, Some(format!("{}{more}", many.join(","))))
-        }
-    };
+    let (id, ids) = id_fields(&o.queued_ids, o.notifications_queued);
     let app = (!o.apps.is_empty()).then(|| o.apps.join(","));
     (id, ids, app)
+}
+
+/// `id` for the one notification of a file, or `ids` for several: the `first` of `total`,
+/// comma-separated, `…` after them when there were more.
+fn id_fields(first: &[String], total: usize) -> (Option<&str>, Option<String>) {
+    match first {
+        [] => (None, None),
+        [one] if total == 1 => (Some(one.as_str()), None),
+        many => {
+            let more = if total > many.len() { ",…" } else { "" };
+            (None, Some(format!("{}{more}", many.join(","))))
+        }
+    }
 }
 
 /// Removes files in `processed_dir` older than `keep_processed_days` (0 keeps them forever).

@@ -156,6 +156,17 @@ pub struct Rejection {
     pub reason: RejectReason,
     /// At most [`MAX_PROBLEMS`] problems, then one that says how many more there were.
     pub problems: Vec<Problem>,
+    /// The notification ids the file's records name, valid or not (for the log line: the
+    /// dropper may know its notifications by id rather than by file).
+    pub ids: NamedIds,
+}
+
+/// The first [`crate::store::LOGGED_IDS`] well-formed notification ids of a file's records,
+/// and how many there were in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamedIds {
+    pub first: Vec<String>,
+    pub total: usize,
 }
 
 impl Rejection {
@@ -169,6 +180,7 @@ impl Rejection {
                 field: None,
                 message: message.into(),
             }],
+            ids: NamedIds::default(),
         }
     }
 }
@@ -247,6 +259,7 @@ fn parse_into<'t>(
                             "ends inside a UTF-8 character at byte offset {at} (line {line}): the file was cut off"
                         ),
                     }],
+                    ids: NamedIds::default(),
                 });
             }
             return Err(Rejection {
@@ -260,6 +273,7 @@ fn parse_into<'t>(
                         bytes.get(at).copied().unwrap_or(0)
                     ),
                 }],
+                ids: NamedIds::default(),
             });
         }
     };
@@ -327,6 +341,8 @@ struct Acc<'t> {
     sink: Option<&'t mut dyn FnMut(Vec<Record>)>,
     /// Records the sink gets next time ([`FIRST_STREAM_CHUNK`], then [`STREAM_CHUNK`]).
     chunk: usize,
+    /// The notification ids named so far (for a rejection's log line).
+    ids: NamedIds,
 }
 
 impl<'t> Acc<'t> {
@@ -340,6 +356,20 @@ impl<'t> Acc<'t> {
             reason: RejectReason::Invalid,
             sink,
             chunk: FIRST_STREAM_CHUNK,
+            ids: NamedIds::default(),
+        }
+    }
+
+    /// Remembers the id a notification record names, when it is a well-formed one (a bad id
+    /// is a problem of its own, and may be anything).
+    fn note_id(&mut self, raw: &RawRecord<'_>) {
+        if let (Some("notification"), Some(id)) = (raw.kind.as_deref(), raw.id.as_deref())
+            && check_id(id).is_ok()
+        {
+            if self.ids.first.len() < crate::store::LOGGED_IDS {
+                self.ids.first.push(id.to_owned());
+            }
+            self.ids.total += 1;
         }
     }
 
@@ -411,6 +441,7 @@ impl<'t> Acc<'t> {
         Err(Rejection {
             reason: self.reason,
             problems: self.problems,
+            ids: self.ids,
         })
     }
 }
@@ -459,6 +490,7 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                         invisible_hint(text)
                     ),
                 }],
+                ids: NamedIds::default(),
             });
         }
     };
@@ -485,6 +517,7 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                     invisible_hint(text)
                 ),
             }],
+            ids: NamedIds::default(),
         });
     }
     for (index, raw) in elements.into_iter().enumerate() {
@@ -535,6 +568,7 @@ fn record<'t>(
     // Fast path: typed deserialization, then the semantic checks.
     let mut problems = Vec::new();
     if let Ok(ObjectOnly(raw)) = serde_json::from_str::<ObjectOnly<RawRecord<'t>>>(text) {
+        acc.note_id(&raw);
         if let Some(r) = check(&raw, &HashSet::new(), ctx, &mut problems)
             && problems.is_empty()
         {
@@ -550,6 +584,7 @@ fn record<'t>(
         // Slow path: field by field, every problem.
         match slow_path(text) {
             Ok((raw, bad, mut field_problems)) => {
+                acc.note_id(&raw);
                 problems.append(&mut field_problems);
                 check(&raw, &bad, ctx, &mut problems);
             }
@@ -1916,6 +1951,29 @@ mod tests {
 
     fn problems(text: &str, kind: FileKind) -> Rejection {
         parse(text, kind).unwrap_err()
+    }
+
+    #[test]
+    fn a_rejection_names_the_well_formed_notification_ids_of_the_file() {
+        let text = [
+            notif(r#","id":"first""#),
+            notif(r#","id":"second","priority":7"#),
+            // A bad id is a problem of its own, not a name for the log.
+            notif(r#","id":"bad/id""#),
+            r#"{"type":"device","token":"00ff00ff00ff00ff00ff00ff00ff00ff","id":"dev"}"#.into(),
+            r#"{"type":"notification","id":"third","to":{"all":true},"payload":{"aps":{}},"extra":1}"#
+                .into(),
+        ]
+        .join("\n");
+        let r = problems(&text, FileKind::Jsonl);
+        assert_eq!(r.ids.first, ["first", "second", "third"]);
+        assert_eq!(r.ids.total, 3);
+        let many: String = (0..30)
+            .map(|i| notif(&format!(r#","id":"n{i}","priority":7"#)) + "\n")
+            .collect();
+        let r = problems(&many, FileKind::Jsonl);
+        assert_eq!(r.ids.first.len(), crate::store::LOGGED_IDS);
+        assert_eq!(r.ids.total, 30);
     }
 
     #[test]
