@@ -156,8 +156,8 @@ pub struct Rejection {
     pub reason: RejectReason,
     /// At most [`MAX_PROBLEMS`] problems, then one that says how many more there were.
     pub problems: Vec<Problem>,
-    /// The notification ids the file's records name, valid or not (for the log line: the
-    /// dropper may know its notifications by id rather than by file).
+    /// The well-formed notification ids the file's records name, whether or not the records
+    /// are valid (for the log line: a dropper may know its notifications by id, not by file).
     pub ids: NamedIds,
 }
 
