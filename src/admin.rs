@@ -131,16 +131,19 @@ async fn handle(
         },
         "/metrics" => {
             // Queue figures are read at scrape time, so they are exact, not sampled.
-            if let Ok(s) = status(&state).await {
+            let path = state.store.path().to_path_buf();
+            let figures =
+                tokio::task::spawn_blocking(move || Reader::open(&path)?.queue_figures()).await;
+            if let Ok(Ok((totals, oldest_age_s))) = figures {
                 let m = metrics::get();
-                for (k, v) in &s.totals {
+                for (k, v) in &totals {
                     m.queue_depth
                         .get_or_create(&StateLabel {
                             state: k.to_string(),
                         })
                         .set(*v);
                 }
-                m.oldest_queued_age_seconds.set(s.oldest_queued_age_s);
+                m.oldest_queued_age_seconds.set(oldest_age_s);
             }
             // OpenMetrics to those who ask for it (Prometheus does, first); the Prometheus
             // text format (0.0.4) to everyone else (curl, older scrapers).

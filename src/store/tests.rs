@@ -255,6 +255,37 @@ fn status_counts_deliveries_scheduled_for_later() {
 }
 
 #[test]
+fn a_scrape_reads_the_same_queue_figures_as_status() {
+    let (_dir, store) = open();
+    ingest(&store, "n.json", one_token_each(5));
+    {
+        let c = rusqlite::Connection::open(store.path()).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        c.execute("UPDATE deliveries SET state = 1 WHERE id <= 2", [])
+            .unwrap();
+        c.execute("UPDATE deliveries SET state = 4 WHERE id = 3", [])
+            .unwrap();
+    }
+    let r = query::Reader::open(store.path()).unwrap();
+    let s = r.status().unwrap();
+    let (totals, oldest_age_s) = r.queue_figures().unwrap();
+    assert_eq!(totals, s.totals);
+    let want: Vec<(&str, i64)> = vec![
+        ("expired", 0),
+        ("failed", 0),
+        ("invalid_token", 1),
+        ("queued", 2),
+        ("sent", 2),
+    ];
+    assert_eq!(totals.into_iter().collect::<Vec<_>>(), want);
+    assert!(
+        (oldest_age_s - s.oldest_queued_age_s).abs() < 1.0,
+        "{oldest_age_s} against {}",
+        s.oldest_queued_age_s
+    );
+}
+
+#[test]
 fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
     let (_dir, store) = open();
     let f = file(
