@@ -186,10 +186,13 @@ impl Store {
         let checkpoints = if exclusive {
             conn.pragma_update(None, "wal_autocheckpoint", 0)?;
             let ckpt = writer::open_checkpoint_connection(path)?;
+            let mut wal = real_path(path).into_os_string();
+            wal.push("-wal");
+            let wal = PathBuf::from(wal);
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name("pushdrop-ckpt".into())
-                .spawn(move || writer::run_checkpoints(ckpt, rx))
+                .spawn(move || writer::run_checkpoints(ckpt, wal, rx))
                 .map_err(spawn_failed)?;
             Some(tx)
         } else {

@@ -255,6 +255,27 @@ fn status_counts_deliveries_scheduled_for_later() {
 }
 
 #[test]
+fn the_daemon_gives_back_the_disk_of_a_big_commits_wal() {
+    let (dir, store) = open();
+    ingest(&store, "big.json", one_token_each(3000));
+    let wal = dir.path().join("db/p.db-wal");
+    let size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert!(size() > 1024 * 1024, "the commit went through the WAL");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while size() > super::writer::WAL_KEEP {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL stays at {} bytes",
+            size()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Nothing lost by it.
+    let r = query::Reader::open(store.path()).unwrap();
+    assert_eq!(r.queue_figures().unwrap().0["queued"], 3000);
+}
+
+#[test]
 fn a_scrape_reads_the_same_queue_figures_as_status() {
     let (_dir, store) = open();
     ingest(&store, "n.json", one_token_each(5));

@@ -526,16 +526,55 @@ pub(super) fn open_checkpoint_connection(path: &Path) -> Result<Connection, Stor
 /// Checkpoints after commits, at most every [`CHECKPOINT_EVERY`], so one checkpoint covers
 /// many small commits; ends when the writer thread does. Passive checkpoints never block the
 /// writer or readers; what they cannot copy yet is copied by a later one.
-pub(super) fn run_checkpoints(conn: Connection, requests: std::sync::mpsc::Receiver<()>) {
+///
+/// SQLite reuses the WAL file from its start once it is all copied, but never makes it
+/// smaller: a big file's commit (some 200 MB of WAL for a 64 MiB drop) would keep that much
+/// disk for good. So when a checkpoint copied everything and the WAL is over [`WAL_KEEP`],
+/// the file is truncated (a `TRUNCATE` checkpoint, which then has nothing left to copy).
+pub(super) fn run_checkpoints(
+    conn: Connection,
+    wal: std::path::PathBuf,
+    requests: std::sync::mpsc::Receiver<()>,
+) {
     while requests.recv().is_ok() {
         std::thread::sleep(CHECKPOINT_EVERY);
         // Requests that came in meanwhile are covered by this checkpoint.
         while requests.try_recv().is_ok() {}
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed; the next commit retries it");
+        // (busy, frames in the WAL, frames copied)
+        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        });
+        match done {
+            Ok((0, log, copied))
+                if log == copied && std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_KEEP) =>
+            {
+                // A TRUNCATE checkpoint holds new writes back while it waits for readers: it
+                // gets 10 ms, or it is left for a later round.
+                let _ = conn.busy_timeout(std::time::Duration::from_millis(10));
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                    tracing::debug!(event = "checkpoint_failed", error = %e, "the WAL could not be truncated now; tried again after the next commit");
+                }
+                let _ = conn.busy_timeout(BUSY_TIMEOUT);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed; the next commit retries it");
+            }
         }
     }
 }
+
+/// The WAL size the checkpointer leaves alone (see [`run_checkpoints`]): a few seconds of
+/// sending's writes, which would only grow it again.
+pub(super) const WAL_KEEP: u64 = if cfg!(test) {
+    256 * 1024
+} else {
+    64 * 1024 * 1024
+};
 
 /// The least time between two WAL checkpoints of the daemon. A second, not less: while the
 /// sender records results it rewrites the same pages (the queue index, the progress rows)
