@@ -422,6 +422,12 @@ fn current_log_name(rotation: Rotation, now: time::OffsetDateTime) -> String {
 /// Why not tracing-appender's own `max_log_files`: it goes by creation time, so a file
 /// restored into the folder after the current one was made made the current one the
 /// "oldest", deleted with the lines already in it.
+/// Whether a log file's name carries the appender's date (`pushdrop.<year>…`).
+fn is_dated(name: &str) -> bool {
+    name.strip_prefix("pushdrop.")
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 pub fn prune_logs(cfg: &LogConfig) {
     let Some(dir) = cfg.dir.as_deref() else {
         return;
@@ -446,8 +452,10 @@ pub fn prune_logs(cfg: &LogConfig) {
     // The current file counts whether or not its first line has made it yet.
     let room = cfg.keep_files.max(2) - 1;
     if others.len() > room {
-        // `pushdrop.2026-11-30.log` < `pushdrop.2026-12-01-07.log` < `pushdrop.log`: by date.
-        others.sort();
+        // By date: `pushdrop.2026-11-30.log` < `pushdrop.2026-12-01-07.log`. A name without
+        // a date (`pushdrop.log`, left by `rotation = "never"`, or a copy's) is older than
+        // every dated one: it goes first, or it would hold a place for good.
+        others.sort_by(|a, b| (is_dated(a), a).cmp(&(is_dated(b), b)));
         let excess = others.len() - room;
         for name in others.into_iter().take(excess) {
             // Should this fail, the next prune tries again.
@@ -502,6 +510,8 @@ pub(crate) mod tests {
             std::fs::write(dir.path().join(old), "restored\n").unwrap();
         }
         std::fs::write(dir.path().join("other.txt"), "not a log").unwrap();
+        // Left by `rotation = "never"`: undated, so older than every dated file.
+        std::fs::write(dir.path().join("pushdrop.log"), "never rotated\n").unwrap();
         let cfg = LogConfig {
             dir: Some(dir.path().to_path_buf()),
             keep_files: 3,
