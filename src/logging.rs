@@ -17,6 +17,7 @@ use crate::config::{LogConfig, LogFormat, Rotation};
 
 mod batch;
 mod json;
+mod text;
 pub use json::JsonLines;
 
 /// The log files' writer of this process, for [`flush_files`].
@@ -179,12 +180,13 @@ pub enum JsonFormatter {
 fn console_layer<S, W>(
     writer: W,
     ansi: bool,
-) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, OneLine<W>>
+) -> fmt::Layer<S, text::QuotedFields, fmt::format::Format, OneLine<W>>
 where
     S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     W: for<'w> fmt::MakeWriter<'w> + 'static,
 {
     fmt::layer()
+        .fmt_fields(text::QuotedFields)
         .with_target(false)
         .with_ansi(ansi)
         .with_writer(OneLine::new(writer, ansi))
@@ -299,6 +301,7 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             .with_writer(writer)
             .boxed(),
         (LogFormat::Text, _) => fmt::layer()
+            .fmt_fields(text::QuotedFields)
             .with_ansi(false)
             .with_writer(OneLine::new(writer, false))
             .boxed(),
