@@ -886,8 +886,8 @@ impl Config {
         }
     }
 
-    /// The inbox folders that cannot be made because something else is already under the
-    /// name: a config no command that takes or moves files could get past (`run`, `ingest`,
+    /// The inbox and log folders that cannot be made because something else is already under
+    /// the name: a config no command that takes or moves files could get past (`run`, `ingest`,
     /// `check-config`). The commands that only read the store leave them to those: an
     /// operator needs `status` most when the daemon cannot move files.
     pub fn folder_problems(&self) -> Vec<ConfigProblem> {
@@ -899,6 +899,10 @@ impl Config {
         // With `keep_processed = false` committed files are deleted: no processed folder.
         if self.inbox.keep_processed {
             dirs.push(("inbox.processed_dir", self.processed_dir().to_path_buf()));
+        }
+        // These commands log to the rotating files too, and cannot start without them.
+        if let Some(d) = &self.log.dir {
+            dirs.push(("log.dir", d.clone()));
         }
         for (key, dir) in &dirs {
             // The folder, or one above it that pushdrop would have to make it in.
@@ -1657,6 +1661,12 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
                 .contains("blocker exists and is not a folder"),
             "{err}"
         );
+        // The log folder too: `run` could not start its log.
+        let logging = format!("{deleting}\n[log]\ndir = \"blocker\"\n");
+        let (cfg, _) = Config::from_toml(&logging, &dir.path().join("p.toml"), dir.path()).unwrap();
+        let problems = cfg.folder_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "log.dir");
     }
 
     /// Every error, whatever its kind: an unknown table, a missing field or a type error does
