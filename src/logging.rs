@@ -261,23 +261,15 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
         dir: dir.clone(),
         source,
     })?;
-    let rotation = match cfg.rotation {
-        Rotation::Hourly => AppenderRotation::HOURLY,
-        Rotation::Daily => AppenderRotation::DAILY,
-        Rotation::Never => AppenderRotation::NEVER,
-    };
     // Old files are pruned here and by the daemon every few minutes (`prune_logs`), not by
     // the appender: it goes by creation time and may take the file it writes.
     prune_logs(cfg);
-    let appender = RollingFileAppender::builder()
-        .rotation(rotation)
-        .filename_prefix("pushdrop")
-        .filename_suffix("log")
-        .build(dir)
-        .map_err(|e| LogError::Appender {
-            dir: dir.clone(),
-            message: e.to_string(),
-        })?;
+    let appender = Reopening {
+        appender: open_appender(dir, cfg.rotation)?,
+        dir: dir.clone(),
+        rotation: cfg.rotation,
+        checked: std::time::Instant::now(),
+    };
     // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
     // every delivery outcome must reach the file, so a stalled disk slows the sender down
     // instead of dropping lines.
@@ -405,6 +397,71 @@ impl<S: Subscriber, L: Layer<S>> Layer<S> for WithoutDeliveryInfo<L> {
     }
 }
 
+fn open_appender(
+    dir: &std::path::Path,
+    rotation: Rotation,
+) -> Result<RollingFileAppender, LogError> {
+    let rotation = match rotation {
+        Rotation::Hourly => AppenderRotation::HOURLY,
+        Rotation::Daily => AppenderRotation::DAILY,
+        Rotation::Never => AppenderRotation::NEVER,
+    };
+    RollingFileAppender::builder()
+        .rotation(rotation)
+        .filename_prefix("pushdrop")
+        .filename_suffix("log")
+        .build(dir)
+        .map_err(|e| LogError::Appender {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// How often the log writer looks whether its file is still there.
+const REOPEN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The rolling appender, opened again when its file is gone: the appender keeps writing to
+/// the file it has open, so a log folder removed or renamed (or the file moved away by a
+/// rotation tool) would swallow every line from then on, unseen. At most [`REOPEN_CHECK`]
+/// after that, a new file (and folder) takes the lines.
+struct Reopening {
+    appender: RollingFileAppender,
+    dir: std::path::PathBuf,
+    rotation: Rotation,
+    checked: std::time::Instant,
+}
+
+impl Reopening {
+    fn check(&mut self) {
+        let name = current_log_name(self.rotation, time::OffsetDateTime::now_utc());
+        if self.dir.join(&name).exists() {
+            return;
+        }
+        // Also the first write of a new period (the appender makes its file then): opening
+        // it again then does no harm.
+        let _ = std::fs::create_dir_all(&self.dir);
+        match open_appender(&self.dir, self.rotation) {
+            Ok(a) => self.appender = a,
+            // No log line can say so (this is the log): stderr.
+            Err(e) => eprintln!("pushdrop: the log file {name} is gone and {e}"),
+        }
+    }
+}
+
+impl std::io::Write for Reopening {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.checked.elapsed() >= REOPEN_CHECK {
+            self.checked = std::time::Instant::now();
+            self.check();
+        }
+        self.appender.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.appender.flush()
+    }
+}
+
 /// The name of the file tracing-appender writes at `now` (UTC, as it names them).
 fn current_log_name(rotation: Rotation, now: time::OffsetDateTime) -> String {
     let d = now.date();
@@ -416,6 +473,12 @@ fn current_log_name(rotation: Rotation, now: time::OffsetDateTime) -> String {
     }
 }
 
+/// Whether a log file's name carries the appender's date (`pushdrop.<year>…`).
+fn is_dated(name: &str) -> bool {
+    name.strip_prefix("pushdrop.")
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// Keeps the newest `[log] keep_files` log files (at least 2), the one being written
 /// included: every `pushdrop*log` file in `[log] dir` counts, and the oldest go first by the
 /// date in their names (a file copied or restored in later is not thereby new). The file of
@@ -425,12 +488,6 @@ fn current_log_name(rotation: Rotation, now: time::OffsetDateTime) -> String {
 /// Why not tracing-appender's own `max_log_files`: it goes by creation time, so a file
 /// restored into the folder after the current one was made made the current one the
 /// "oldest", deleted with the lines already in it.
-/// Whether a log file's name carries the appender's date (`pushdrop.<year>…`).
-fn is_dated(name: &str) -> bool {
-    name.strip_prefix("pushdrop.")
-        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-}
-
 pub fn prune_logs(cfg: &LogConfig) {
     let Some(dir) = cfg.dir.as_deref() else {
         return;
@@ -491,6 +548,36 @@ pub(crate) mod tests {
             "pushdrop.2026-12-01-07.log"
         );
         assert_eq!(current_log_name(Rotation::Never, t), "pushdrop.log");
+    }
+
+    /// A log folder removed under the daemon: the next write after the check interval goes
+    /// to a new folder and file, not into the removed file.
+    #[test]
+    fn a_removed_log_folder_is_made_again_and_written() {
+        use std::io::Write as _;
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("log");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = Reopening {
+            appender: open_appender(&dir, Rotation::Never).unwrap(),
+            dir: dir.clone(),
+            rotation: Rotation::Never,
+            checked: std::time::Instant::now(),
+        };
+        w.write_all(b"before\n").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The interval is up.
+        w.checked = std::time::Instant::now() - REOPEN_CHECK * 2;
+        w.write_all(b"after\n").unwrap();
+        w.flush().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("pushdrop.log")).unwrap(),
+            "after\n"
+        );
+        // Within the interval nothing is looked at.
+        std::fs::remove_dir_all(&dir).unwrap();
+        w.write_all(b"unseen\n").unwrap();
+        assert!(!dir.exists());
     }
 
     /// Files restored into the log folder after today's was made: today's is the oldest by
