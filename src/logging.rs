@@ -269,6 +269,7 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
         dir: dir.clone(),
         rotation: cfg.rotation,
         checked: std::time::Instant::now(),
+        failing: false,
     };
     // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
     // every delivery outcome must reach the file, so a stalled disk slows the sender down
@@ -429,6 +430,7 @@ struct Reopening {
     dir: std::path::PathBuf,
     rotation: Rotation,
     checked: std::time::Instant,
+    failing: bool,
 }
 
 impl Reopening {
@@ -441,9 +443,16 @@ impl Reopening {
         // it again then does no harm.
         let _ = std::fs::create_dir_all(&self.dir);
         match open_appender(&self.dir, self.rotation) {
-            Ok(a) => self.appender = a,
-            // No log line can say so (this is the log): stderr.
-            Err(e) => eprintln!("pushdrop: the log file {name} is gone and {e}"),
+            Ok(a) => {
+                self.appender = a;
+                self.failing = false;
+            }
+            // No log line can say so (this is the log): stderr, once per failing spell.
+            Err(e) if !self.failing => {
+                self.failing = true;
+                eprintln!("pushdrop: the log file {name} is gone and {e}");
+            }
+            Err(_) => {}
         }
     }
 }
@@ -563,6 +572,7 @@ pub(crate) mod tests {
             dir: dir.clone(),
             rotation: Rotation::Never,
             checked: std::time::Instant::now(),
+            failing: false,
         };
         w.write_all(b"before\n").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
