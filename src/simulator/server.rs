@@ -88,6 +88,110 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// How long a closed connection's socket keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The connection's socket, closed as a server that shuts down on purpose closes it: a
+/// FIN, then whatever the client still sends is read and dropped until it closes too (at
+/// most [`LINGER`]). Closed with requests of the client unread, the kernel would answer
+/// them with a reset, and a reset makes the client's kernel throw away what it had not read
+/// yet: the last answers and the GOAWAY that says which streams to send again. Those streams
+/// then end as "connection reset", their attempt spent, and an answered one is sent twice.
+/// `abrupt` skips all that, for `drop_after`'s connection that just goes away.
+struct Lingering {
+    io: Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    abrupt: Arc<AtomicBool>,
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(tls) = self.io.take() else {
+            return;
+        };
+        if self.abrupt.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let (mut tcp, _) = tls.into_inner();
+            let _ = tcp.shutdown().await;
+            let mut sink = [0u8; 16 * 1024];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = tcp.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().io.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut().io.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut().io.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_write_vectored(cx, bufs),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().io.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_flush(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().io.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
 /// Per-connection state the stream tasks share.
 struct ConnState {
     id: u64,
@@ -119,6 +223,11 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .is_some_and(|c| !c.is_empty());
+    let abrupt = Arc::new(AtomicBool::new(false));
+    let tls = Lingering {
+        io: Some(tls),
+        abrupt: abrupt.clone(),
+    };
     let mut h2 = match h2::server::Builder::new()
         .max_concurrent_streams(shared.max_streams)
         .initial_window_size(1 << 20)
@@ -192,6 +301,7 @@ async fn serve_connection(
                         }
                     }
                     tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
+                    abrupt.store(true, Ordering::Relaxed);
                     // The connection (and its socket) first: a stream handle dropped while
                     // the connection lives would have it send a reset.
                     drop(h2);
