@@ -96,10 +96,15 @@ impl SenderHandle {
     }
 }
 
+/// Receipt work waiting for one of the [`RECEIPT_TASKS`] tasks.
+type ReceiptJob = Box<dyn FnOnce(&ReceiptWork) + Send>;
+
 /// Receipt writing under way (blocking tasks), so that a shutdown can wait for it.
 struct ReceiptWork {
     receipts: Receipts,
     tasks: std::sync::Mutex<JoinSet<()>>,
+    /// Jobs not started yet, and how many tasks are taking them (at most [`RECEIPT_TASKS`]).
+    queue: std::sync::Mutex<(std::collections::VecDeque<ReceiptJob>, usize)>,
     /// Asks the start-up sweep to stop (shutdown).
     stop_sweep: AtomicBool,
     /// Receipts that could not be written (a full disk, a read-only folder), tried again
@@ -108,6 +113,11 @@ struct ReceiptWork {
     /// When such a failure was last noted for `status`: once a minute at most.
     noted_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Blocking tasks writing receipts at once. Each receipt waits for an fsync, so a few run
+/// side by side; a task per batch of finished notifications, as before, took 50,000
+/// receipts' daemon from 11 to 91 threads.
+const RECEIPT_TASKS: usize = 4;
 
 /// How often receipts that could not be written are tried again.
 const RECEIPT_RETRY_EVERY: Duration = Duration::from_secs(10);
@@ -152,13 +162,38 @@ impl ReceiptWork {
         }
     }
 
-    /// Runs `f` on the blocking pool, tracked.
+    /// Runs `f` on the blocking pool, tracked: on a task of its own while fewer than
+    /// [`RECEIPT_TASKS`] run, else after the jobs queued before it.
     fn spawn(self: &Arc<Self>, f: impl FnOnce(&ReceiptWork) + Send + 'static) {
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.0.push_back(Box::new(f));
+            if queue.1 >= RECEIPT_TASKS {
+                return;
+            }
+            queue.1 += 1;
+        }
         let work = self.clone();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         // Reap the tasks that are done, so the set holds only the running ones.
         while tasks.try_join_next().is_some() {}
-        tasks.spawn_blocking(move || f(&work));
+        tasks.spawn_blocking(move || {
+            loop {
+                let job = {
+                    let mut queue = work.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    match queue.0.pop_front() {
+                        Some(job) => job,
+                        None => {
+                            queue.1 -= 1;
+                            return;
+                        }
+                    }
+                };
+                // A job that panics (none should) must not take this task's place with it:
+                // the queue would wait for a task that is gone.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&work)));
+            }
+        });
     }
 
     /// Stops the sweep and waits up to `limit` for the receipts being written.
@@ -215,6 +250,7 @@ pub fn start(
         Arc::new(ReceiptWork {
             receipts: Receipts::new(d, &cfg.store.path, cfg.receipts.max_sent_tokens),
             tasks: std::sync::Mutex::new(JoinSet::new()),
+            queue: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)),
             stop_sweep: AtomicBool::new(false),
             failed: std::sync::Mutex::new(Vec::new()),
             noted_at: std::sync::Mutex::new(None),
