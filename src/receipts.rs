@@ -80,32 +80,14 @@ impl Receipts {
     }
 
     /// Removes the temporary files (`.<id>.json.tmp`) that a process killed while writing
-    /// receipts left behind, once per process; returns how many. Nothing else in the folder
-    /// is touched. Blocking (reads the folder).
+    /// receipts left behind, once per process; returns how many. They are in the folder, or
+    /// in an app's folder inside it (a second app's receipt of the same id). Nothing else is
+    /// touched. Blocking (reads the folders).
     pub fn remove_stale_temp_files(&self) -> usize {
         *self.swept_temp.get_or_init(|| {
-            let entries = match std::fs::read_dir(&self.dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
-                Err(e) => {
-                    tracing::warn!(event = "receipt_error", dir = %self.dir.display(), error = %e, "cannot list the receipts folder to remove stale temporary files");
-                    return 0;
-                }
-            };
             let mut removed = 0;
-            for entry in entries.flatten() {
-                let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-                let name = entry.file_name();
-                if !is_file || !name.to_str().is_some_and(is_temp_name) {
-                    continue;
-                }
-                match std::fs::remove_file(entry.path()) {
-                    Ok(()) => removed += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(event = "receipt_error", file = %entry.path().display(), error = %e, "cannot remove a stale temporary receipt file")
-                    }
-                }
+            for sub in remove_temp_files_in(&self.dir, &mut removed) {
+                remove_temp_files_in(&sub, &mut removed);
             }
             removed
         })
@@ -221,6 +203,41 @@ impl Receipts {
     }
 }
 
+/// Removes the receipt writer's temporary files directly in `dir`, counting them into
+/// `removed`; returns the folders found there (the apps' folders).
+fn remove_temp_files_in(dir: &Path, removed: &mut usize) -> Vec<PathBuf> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(event = "receipt_error", dir = %dir.display(), error = %e, "cannot list a receipts folder to remove stale temporary files");
+            return Vec::new();
+        }
+    };
+    let mut folders = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            folders.push(entry.path());
+            continue;
+        }
+        let name = entry.file_name();
+        if !kind.is_file() || !name.to_str().is_some_and(is_temp_name) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => *removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(event = "receipt_error", file = %entry.path().display(), error = %e, "cannot remove a stale temporary receipt file")
+            }
+        }
+    }
+    folders
+}
+
 /// The app a receipt file names, read from its first KiB only: a receipt names its id, then
 /// its app, at its top, and the rest (every failed token) may be long; the start-up sweep
 /// asks this of every receipt in the retention window.
@@ -258,7 +275,7 @@ fn app_folder(app: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{app_folder, is_temp_name};
+    use super::{Receipts, app_folder, is_temp_name};
 
     /// Ids are unique per app only: a receipt never replaces another app's of the same id.
     #[test]
@@ -287,6 +304,30 @@ mod tests {
     }
 
     /// Only the temporary names receipts are written under count as stale temp files.
+    #[test]
+    fn stale_temp_files_go_from_the_folder_and_the_apps_folders_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("a1");
+        let deeper = app.join("deeper");
+        std::fs::create_dir_all(&deeper).unwrap();
+        for p in [
+            dir.path().join(".x.json.tmp"),
+            app.join(".y.json.tmp"),
+            deeper.join(".z.json.tmp"),
+            dir.path().join("x.json"),
+            app.join("y.json"),
+        ] {
+            std::fs::write(p, "{}").unwrap();
+        }
+        let r = Receipts::new(dir.path(), &dir.path().join("none.db"), 10);
+        assert_eq!(r.remove_stale_temp_files(), 2);
+        assert!(!dir.path().join(".x.json.tmp").exists());
+        assert!(!app.join(".y.json.tmp").exists());
+        // Not a folder the writer makes; and receipts stay.
+        assert!(deeper.join(".z.json.tmp").exists());
+        assert!(dir.path().join("x.json").exists() && app.join("y.json").exists());
+    }
+
     #[test]
     fn temp_names_are_only_the_receipt_writers_own() {
         for name in [
