@@ -89,6 +89,50 @@ async fn goaway_after_n_streams_drains_and_reconnects() {
     );
 }
 
+/// SPEC 4.3: GOAWAY'd streams are resent on a new connection, spending no attempt, also
+/// with several connections churning at once. A server that closed its socket while the
+/// client's next requests were still arriving had the kernel reset the connection, which
+/// threw away its last answers and its GOAWAY unread: those pushes came back as
+/// "connection reset" (an attempt spent), and an answered one was sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaways_on_several_connections_spend_no_attempt_and_answer_nothing_twice() {
+    let env = start(SimOptions {
+        goaway_after: Some(50),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("connections = 3");
+    let n = 6000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let client = client.clone();
+        tasks.spawn(async move { deliver(&client, push(i)).await });
+    }
+    let mut spent = Vec::new();
+    let mut finals = Vec::new();
+    while let Some(r) = within(120, tasks.join_next()).await {
+        let seen = r.unwrap();
+        spent.extend(
+            seen.iter()
+                .filter(|o| matches!(o, Outcome::Retry { unsent: false, .. }))
+                .map(|o| o.reason().to_string()),
+        );
+        finals.push(seen.last().unwrap().clone());
+    }
+    assert_all_sent(&finals);
+    assert!(
+        spent.is_empty(),
+        "{} pushes spent an attempt, e.g. {:?}",
+        spent.len(),
+        spent.first()
+    );
+    assert_eq!(
+        env.sim.accepted().len(),
+        n as usize,
+        "nothing answered twice"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abrupt_drops_are_retried_and_the_pool_recovers() {
     let env = start(SimOptions {

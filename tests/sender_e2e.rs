@@ -733,46 +733,6 @@ fn refused_streams_are_sent_again_without_pausing_the_app() {
     );
 }
 
-/// SPEC 4.3: GOAWAY'd streams are resent on a new connection, spending no attempt, also
-/// with several connections churning at once. A server that closed its socket while the
-/// client's next requests were still arriving had the kernel reset the connection, which
-/// threw away its last answers and its GOAWAY unread: those deliveries spent an attempt on
-/// "connection reset", and one answered stream went out twice.
-#[test]
-fn goaways_on_several_connections_spend_no_attempt_and_send_nothing_twice() {
-    let w = World::new(
-        SimOptions {
-            goaway_after: Some(50),
-            ..SimOptions::default()
-        },
-        FAST_SENDER,
-    );
-    let text = std::fs::read_to_string(&w.env.config_path)
-        .unwrap()
-        .replace("[apns]\n", "[apns]\nconnections = 3\n");
-    std::fs::write(&w.env.config_path, text).unwrap();
-    let daemon = w.env.start();
-    let n = 6000u64;
-    w.env
-        .drop_file("n.jsonl", one_token_each("g", 10_000..10_000 + n));
-    wait_for("all sent", || w.sim.accepted_count() >= n);
-    w.wait_idle("all final");
-    daemon.shutdown();
-    assert_eq!(
-        w.env
-            .count("SELECT count(*) FROM deliveries WHERE state = 1 AND attempts = 1"),
-        n as i64,
-        "every delivery sent at its first attempt"
-    );
-    let twice: Vec<String> = w
-        .accepted_by_token()
-        .into_iter()
-        .filter(|(_, got)| got.len() > 1)
-        .map(|(t, _)| t)
-        .collect();
-    assert!(twice.is_empty(), "sent twice: {twice:?}");
-}
-
 /// SPEC 4.5 at a stop: requests on the wire are finished; those still waiting for a stream
 /// (here behind a fresh connection's one-stream rule and slow answers) are not sent during
 /// the grace period, so a stop that might not wait for their answers cannot send them twice.
