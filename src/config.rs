@@ -916,6 +916,16 @@ impl Config {
                     line: None,
                     message: format!("{} exists and is not a folder", p.display()),
                 });
+            } else if let Some(p) = dir.ancestors().find(|p| {
+                std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+                    && std::fs::metadata(p).is_err()
+            }) {
+                // A link to nothing: no folder can be made under its name.
+                problems.push(ConfigProblem {
+                    key: (*key).into(),
+                    line: None,
+                    message: format!("{} is a symbolic link to nothing", p.display()),
+                });
             }
         }
         problems
@@ -1667,6 +1677,17 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let problems = cfg.folder_problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].key, "log.dir");
+        // A link to nothing cannot be made a folder either.
+        std::os::unix::fs::symlink("nowhere", dir.path().join("dangling")).unwrap();
+        let dangling = format!("{deleting}\n[log]\ndir = \"dangling\"\n");
+        let (cfg, _) =
+            Config::from_toml(&dangling, &dir.path().join("p.toml"), dir.path()).unwrap();
+        let problems = cfg.folder_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].message.contains("symbolic link to nothing"),
+            "{problems:?}"
+        );
     }
 
     /// Every error, whatever its kind: an unknown table, a missing field or a type error does

@@ -538,18 +538,32 @@ struct LockFile {
 }
 
 /// The database's path with its symbolic links resolved: the file's own when it exists, else
-/// its folder's (the file is about to be created there). Unresolvable: the path as given.
+/// its folder's (the file is about to be created there), following a link to a file not
+/// made yet to where SQLite will make it. Unresolvable: the path as given.
 fn real_path(db: &Path) -> PathBuf {
-    if let Ok(p) = std::fs::canonicalize(db) {
-        return p;
+    let mut path = db.to_path_buf();
+    // A link to a link to … a file not made yet: a few hops, not a loop.
+    for _ in 0..40 {
+        if let Ok(p) = std::fs::canonicalize(&path) {
+            return p;
+        }
+        match std::fs::read_link(&path) {
+            Ok(target) => {
+                path = match path.parent() {
+                    Some(dir) => dir.join(target),
+                    None => target,
+                };
+            }
+            Err(_) => break,
+        }
     }
-    let dir = match db.parent() {
+    let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    match (std::fs::canonicalize(dir), db.file_name()) {
+    match (std::fs::canonicalize(dir), path.file_name()) {
         (Ok(d), Some(name)) => d.join(name),
-        _ => db.to_path_buf(),
+        _ => path,
     }
 }
 

@@ -178,6 +178,22 @@ fn a_second_daemon_reaching_the_database_through_a_link_is_refused() {
     }
 }
 
+/// A link to a database not made yet: SQLite makes the file where the link points, and the
+/// lock must be beside it, where a daemon given the real path looks.
+#[test]
+fn a_link_to_a_database_not_made_yet_locks_beside_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("real")).unwrap();
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink("real/new.db", &link).unwrap();
+    let _first = Store::open(&link, true).unwrap();
+    assert!(dir.path().join("real/new.db").exists());
+    match Store::open(&dir.path().join("real/new.db"), true) {
+        Err(StoreError::Locked { .. }) => {}
+        other => panic!("expected Locked, got {:?}", other.err()),
+    }
+}
+
 #[test]
 fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
     use std::os::unix::fs::PermissionsExt;
