@@ -308,3 +308,59 @@ fn a_second_daemon_on_the_same_inbox_is_refused_even_with_its_own_database() {
     next.kill().unwrap();
     next.wait().unwrap();
 }
+
+/// An inbox folder deleted and made again under a running daemon is a new folder with a
+/// lock of its own: a second daemon may take it, and then the first takes no files from it
+/// (it says so), instead of both taking the same files.
+#[test]
+fn an_inbox_made_again_under_a_daemon_is_not_shared_with_the_daemon_that_took_it() {
+    let env = Env::with(common::inbox::Options {
+        scan_interval_s: 1,
+        ..common::inbox::Options::default()
+    });
+    let mut first = spawn(&env);
+    let log = env.dir.path().join("run.log");
+    let said = |what: &str| std::fs::read_to_string(&log).is_ok_and(|l| l.contains(what));
+    wait_for("the first daemon's start", || said("inbox_started"));
+    std::fs::remove_dir_all(&env.inbox).unwrap();
+    std::fs::create_dir_all(&env.inbox).unwrap();
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("../var/pushdrop.db", "../var/second.db");
+    let second_config = env.dir.path().join("config/second.toml");
+    std::fs::write(&second_config, text).unwrap();
+    let second_log = std::fs::File::create(env.dir.path().join("second.log")).unwrap();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg("--config")
+        .arg(&second_config)
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(second_log.try_clone().unwrap())
+        .stderr(second_log)
+        .spawn()
+        .unwrap();
+    let second_said = |what: &str| {
+        std::fs::read_to_string(env.dir.path().join("second.log")).is_ok_and(|l| l.contains(what))
+    };
+    wait_for("the second daemon's start", || second_said("inbox_started"));
+    wait_for("the first daemon sees the folder is not its own", || {
+        said("inbox_taken")
+    });
+    env.drop_file("a.jsonl", notification("once", &token(1)));
+    wait_for("the file taken", || env.processed_names() == ["a.jsonl"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let count = |db: &str| -> i64 {
+        let c = rusqlite::Connection::open(env.dir.path().join("var").join(db)).unwrap();
+        c.query_row("SELECT count(*) FROM notifications", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        (count("pushdrop.db"), count("second.db")),
+        (0, 1),
+        "only the daemon holding the new folder took the file"
+    );
+    for child in [&mut first, &mut second] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -193,6 +193,8 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         watched,
         missing: false,
         alive: alive.clone(),
+        lock,
+        taken: false,
     };
     let alive_flag = alive.clone();
     let cfg_dir = lp.inbox.clone();
@@ -200,8 +202,8 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         .name("pushdrop-inbox".into())
         .spawn(move || {
             let _alive = AliveGuard(alive_flag);
-            // Held while this loop takes files, let go when it ends.
-            let _lock = lock;
+            // The loop holds the inbox's lock while it takes files, and lets it go when it
+            // ends.
             lp.run();
         })
         .map_err(InboxError::Thread)?;
@@ -377,6 +379,12 @@ struct Loop {
     missing: bool,
     /// Cleared while the folder is gone, so `/readyz` says so.
     alive: Arc<AtomicBool>,
+    /// The lock of the folder being watched (see [`start`]); `None` where folders cannot be
+    /// locked.
+    lock: Option<std::fs::File>,
+    /// The folder there now is locked by another daemon: said once, looked at again every
+    /// [`MISSING_RECHECK`].
+    taken: bool,
 }
 
 impl Loop {
@@ -611,6 +619,28 @@ impl Loop {
         };
         if !self.missing && now == self.watched {
             return true;
+        }
+        // Another folder under the name: its own lock, or another daemon's files.
+        if now != self.watched || self.taken {
+            match crate::lockfile::try_exclusive_dir(&self.inbox) {
+                Ok(Some(file)) => {
+                    self.lock = Some(file);
+                    self.taken = false;
+                }
+                Ok(None) => {
+                    if !self.taken {
+                        tracing::error!(event = "inbox_taken", dir = %self.inbox.display(), "the inbox folder was made again and another pushdrop daemon holds it now; no files are taken from it until that one stops");
+                        self.taken = true;
+                    }
+                    self.missing = true;
+                    self.alive.store(false, Ordering::SeqCst);
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(event = "inbox_unlocked", dir = %self.inbox.display(), error = %e, "cannot lock the inbox folder (a network filesystem?): a second daemon on this inbox would not be refused");
+                    self.lock = None;
+                }
+            }
         }
         if let Some((watcher, tx)) = self.events.take() {
             // A new watch for the new folder (the old one went with its folder).
