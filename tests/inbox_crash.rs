@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::inbox::{Env, device, notification, token, wait_for};
+use common::ops::{pushdrop_cmd, spawn_logged};
 
 fn spawn(env: &Env) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -251,62 +252,68 @@ fn sigkill_during_a_big_files_commit_loses_nothing_and_doubles_nothing() {
 #[test]
 fn a_second_daemon_on_the_same_inbox_is_refused_even_with_its_own_database() {
     let env = Env::new();
-    let mut first = spawn(&env);
+    let run = |config: &std::path::Path, log: &str| {
+        let mut cmd = pushdrop_cmd(config);
+        cmd.arg("run");
+        spawn_logged(&mut cmd, &env.dir.path().join(log))
+    };
+    let said = |log: &str, what: &str| {
+        std::fs::read_to_string(env.dir.path().join(log)).is_ok_and(|l| l.contains(what))
+    };
+    let mut first = run(&env.config_path, "first.log");
     wait_for("the first daemon's start", || {
-        std::fs::read_to_string(env.dir.path().join("run.log"))
-            .is_ok_and(|log| log.contains("inbox_started"))
+        said("first.log", "inbox_started")
     });
     // Its own database, the same inbox reached through a link to the folder.
     let link = env.dir.path().join("inbox-link");
     std::os::unix::fs::symlink(&env.inbox, &link).unwrap();
-    let text = std::fs::read_to_string(&env.config_path)
-        .unwrap()
-        .replace("../var/pushdrop.db", "../var/second.db")
-        .replace("../var/inbox", &link.display().to_string());
-    let second_config = env.dir.path().join("config/second.toml");
-    std::fs::write(&second_config, text).unwrap();
-    let mut second = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
-        .arg("--config")
-        .arg(&second_config)
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let second_config = second_config(&env, Some(&link));
+    let mut second = run(&second_config, "second.log").take();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while second.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
         if std::time::Instant::now() > deadline {
             second.kill().unwrap();
             second.wait().unwrap();
-            first.kill().unwrap();
             panic!("a second daemon on the same inbox kept running");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = second.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
+    };
+    let log = std::fs::read_to_string(env.dir.path().join("second.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "refused: {log}");
     assert!(
-        stderr.contains("watched by another pushdrop daemon") && stderr.contains("inbox-link"),
-        "says why: {stderr}"
+        log.contains("watched by another pushdrop daemon") && log.contains("inbox-link"),
+        "says why: {log}"
     );
 
     env.drop_file("a.jsonl", notification("only-once", &token(1)));
     wait_for("the file taken", || env.processed_names() == ["a.jsonl"]);
     assert!(env.inbox_names().is_empty(), "no lock file in the inbox");
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 1);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    let mut killed = first.take();
+    killed.kill().unwrap();
+    killed.wait().unwrap();
     // The lock goes with the process, however it ends: the next daemon starts.
-    let mut next = spawn(&env);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        next.try_wait().unwrap().is_none(),
-        "a daemon starts after a kill -9"
-    );
-    next.kill().unwrap();
-    next.wait().unwrap();
+    let _next = run(&env.config_path, "next.log");
+    wait_for("a daemon starts after a kill -9", || {
+        said("next.log", "inbox_started")
+    });
+}
+
+/// The config of a second daemon beside `env`'s: a database of its own, and the inbox
+/// through `inbox` when given.
+fn second_config(env: &Env, inbox: Option<&std::path::Path>) -> std::path::PathBuf {
+    let mut text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("../var/pushdrop.db", "../var/second.db");
+    if let Some(inbox) = inbox {
+        text = text.replace("../var/inbox", &inbox.display().to_string());
+    }
+    let path = env.dir.path().join("config/second.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// An inbox folder deleted and made again under a running daemon is a new folder with a
@@ -318,33 +325,26 @@ fn an_inbox_made_again_under_a_daemon_is_not_shared_with_the_daemon_that_took_it
         scan_interval_s: 1,
         ..common::inbox::Options::default()
     });
-    let mut first = spawn(&env);
-    let log = env.dir.path().join("run.log");
-    let said = |what: &str| std::fs::read_to_string(&log).is_ok_and(|l| l.contains(what));
-    wait_for("the first daemon's start", || said("inbox_started"));
+    let run = |config: &std::path::Path, log: &str| {
+        let mut cmd = pushdrop_cmd(config);
+        cmd.arg("run");
+        spawn_logged(&mut cmd, &env.dir.path().join(log))
+    };
+    let said = |log: &str, what: &str| {
+        std::fs::read_to_string(env.dir.path().join(log)).is_ok_and(|l| l.contains(what))
+    };
+    let _first = run(&env.config_path, "first.log");
+    wait_for("the first daemon's start", || {
+        said("first.log", "inbox_started")
+    });
     std::fs::remove_dir_all(&env.inbox).unwrap();
     std::fs::create_dir_all(&env.inbox).unwrap();
-    let text = std::fs::read_to_string(&env.config_path)
-        .unwrap()
-        .replace("../var/pushdrop.db", "../var/second.db");
-    let second_config = env.dir.path().join("config/second.toml");
-    std::fs::write(&second_config, text).unwrap();
-    let second_log = std::fs::File::create(env.dir.path().join("second.log")).unwrap();
-    let mut second = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
-        .arg("--config")
-        .arg(&second_config)
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(second_log.try_clone().unwrap())
-        .stderr(second_log)
-        .spawn()
-        .unwrap();
-    let second_said = |what: &str| {
-        std::fs::read_to_string(env.dir.path().join("second.log")).is_ok_and(|l| l.contains(what))
-    };
-    wait_for("the second daemon's start", || second_said("inbox_started"));
+    let _second = run(&second_config(&env, None), "second.log");
+    wait_for("the second daemon's start", || {
+        said("second.log", "inbox_started")
+    });
     wait_for("the first daemon sees the folder is not its own", || {
-        said("inbox_taken")
+        said("first.log", "inbox_taken")
     });
     env.drop_file("a.jsonl", notification("once", &token(1)));
     wait_for("the file taken", || env.processed_names() == ["a.jsonl"]);
@@ -359,8 +359,4 @@ fn an_inbox_made_again_under_a_daemon_is_not_shared_with_the_daemon_that_took_it
         (0, 1),
         "only the daemon holding the new folder took the file"
     );
-    for child in [&mut first, &mut second] {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
 }
