@@ -131,10 +131,7 @@ async fn handle(
         },
         "/metrics" => {
             // Queue figures are read at scrape time, so they are exact, not sampled.
-            let path = state.store.path().to_path_buf();
-            let figures =
-                tokio::task::spawn_blocking(move || Reader::open(&path)?.queue_figures()).await;
-            if let Ok(Ok((totals, oldest_age_s))) = figures {
+            if let Ok((totals, oldest_age_s)) = read(&state, Reader::queue_figures).await {
                 let m = metrics::get();
                 for (k, v) in &totals {
                     m.queue_depth
@@ -176,16 +173,20 @@ async fn handle(
     })
 }
 
-async fn status(state: &AdminState) -> Result<crate::store::query::Status, String> {
+/// Runs `query` on a read-only connection of its own, off the async threads.
+async fn read<T: Send + 'static>(
+    state: &AdminState,
+    query: fn(&Reader) -> Result<T, crate::store::StoreError>,
+) -> Result<T, String> {
     let path = state.store.path().to_path_buf();
-    tokio::task::spawn_blocking(move || Reader::open(&path).and_then(|r| r.status()))
+    tokio::task::spawn_blocking(move || Reader::open(&path).and_then(|r| query(&r)))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
 }
 
 async fn status_json(state: &AdminState) -> Result<String, String> {
-    let s = status(state).await?;
+    let s = read(state, Reader::status).await?;
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
 }
 
