@@ -905,26 +905,20 @@ impl Config {
             dirs.push(("log.dir", d.clone()));
         }
         for (key, dir) in &dirs {
-            // The folder, or one above it that pushdrop would have to make it in.
-            if let Some((p, _)) = dir
-                .ancestors()
-                .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)))
-                .find(|(_, m)| !m.is_dir())
-            {
+            // The folder, or one above it that pushdrop would have to make it in: a file, or
+            // a link to nothing, under its name.
+            let blocked = dir.ancestors().find_map(|p| match std::fs::metadata(p) {
+                Ok(m) if !m.is_dir() => Some(format!("{} exists and is not a folder", p.display())),
+                Ok(_) => None,
+                Err(_) => std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| m.file_type().is_symlink())
+                    .then(|| format!("{} is a symbolic link to nothing", p.display())),
+            });
+            if let Some(message) = blocked {
                 problems.push(ConfigProblem {
                     key: (*key).into(),
                     line: None,
-                    message: format!("{} exists and is not a folder", p.display()),
-                });
-            } else if let Some(p) = dir.ancestors().find(|p| {
-                std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
-                    && std::fs::metadata(p).is_err()
-            }) {
-                // A link to nothing: no folder can be made under its name.
-                problems.push(ConfigProblem {
-                    key: (*key).into(),
-                    line: None,
-                    message: format!("{} is a symbolic link to nothing", p.display()),
+                    message,
                 });
             }
         }
