@@ -145,17 +145,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
             source,
         })?;
     }
-    // One daemon per inbox, as per database: two daemons with databases of their own would
-    // both ingest each file dropped. The lock is on the folder itself (every path to it,
-    // links included, finds the same one), and puts no file of ours in it.
-    let lock = match crate::lockfile::try_exclusive_dir(&inbox) {
-        Ok(Some(file)) => Some(file),
-        Ok(None) => return Err(InboxError::Locked { dir: inbox.clone() }),
-        Err(e) => {
-            tracing::warn!(event = "inbox_unlocked", dir = %inbox.display(), error = %e, "cannot lock the inbox folder (a network filesystem?): a second daemon on this inbox would not be refused");
-            None
-        }
-    };
+    let lock = lock_inbox(&inbox).map_err(|Taken| InboxError::Locked { dir: inbox.clone() })?;
 
     let (tx, rx) = mpsc::channel();
     let mut poll = cfg.inbox.watch == WatchMode::Poll;
@@ -214,6 +204,24 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         alive,
         thread: Some(thread),
     })
+}
+
+/// Another daemon holds the inbox folder's lock.
+struct Taken;
+
+/// One daemon per inbox, as per database: two daemons with databases of their own would both
+/// ingest each file dropped. The lock is on the folder itself (every path to it, links
+/// included, finds the same one), and puts no file of ours in it. `Ok(None)` where folders
+/// cannot be locked (some network filesystems): said, and the daemon runs without the guard.
+fn lock_inbox(dir: &Path) -> Result<Option<std::fs::File>, Taken> {
+    match crate::lockfile::try_exclusive_dir(dir) {
+        Ok(Some(file)) => Ok(Some(file)),
+        Ok(None) => Err(Taken),
+        Err(e) => {
+            tracing::warn!(event = "inbox_unlocked", dir = %dir.display(), error = %e, "cannot lock the inbox folder (a network filesystem?): a second daemon on this inbox would not be refused");
+            Ok(None)
+        }
+    }
 }
 
 /// A kernel watch on the inbox folder, its events sent to the loop.
@@ -622,12 +630,12 @@ impl Loop {
         }
         // Another folder under the name: its own lock, or another daemon's files.
         if now != self.watched || self.taken {
-            match crate::lockfile::try_exclusive_dir(&self.inbox) {
-                Ok(Some(file)) => {
-                    self.lock = Some(file);
+            match lock_inbox(&self.inbox) {
+                Ok(lock) => {
+                    self.lock = lock;
                     self.taken = false;
                 }
-                Ok(None) => {
+                Err(Taken) => {
                     if !self.taken {
                         tracing::error!(event = "inbox_taken", dir = %self.inbox.display(), "the inbox folder was made again and another pushdrop daemon holds it now; no files are taken from it until that one stops");
                         self.taken = true;
@@ -635,10 +643,6 @@ impl Loop {
                     self.missing = true;
                     self.alive.store(false, Ordering::SeqCst);
                     return false;
-                }
-                Err(e) => {
-                    tracing::warn!(event = "inbox_unlocked", dir = %self.inbox.display(), error = %e, "cannot lock the inbox folder (a network filesystem?): a second daemon on this inbox would not be refused");
-                    self.lock = None;
                 }
             }
         }
