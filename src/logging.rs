@@ -264,13 +264,7 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
     // Old files are pruned here and by the daemon every few minutes (`prune_logs`), not by
     // the appender: it goes by creation time and may take the file it writes.
     prune_logs(cfg);
-    let appender = Reopening {
-        appender: open_appender(dir, cfg.rotation)?,
-        dir: dir.clone(),
-        rotation: cfg.rotation,
-        checked: std::time::Instant::now(),
-        failing: false,
-    };
+    let appender = Reopening::new(dir, cfg.rotation)?;
     // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
     // every delivery outcome must reach the file, so a stalled disk slows the sender down
     // instead of dropping lines.
@@ -434,6 +428,16 @@ struct Reopening {
 }
 
 impl Reopening {
+    fn new(dir: &std::path::Path, rotation: Rotation) -> Result<Reopening, LogError> {
+        Ok(Reopening {
+            appender: open_appender(dir, rotation)?,
+            dir: dir.to_path_buf(),
+            rotation,
+            checked: std::time::Instant::now(),
+            failing: false,
+        })
+    }
+
     fn check(&mut self) {
         let name = current_log_name(self.rotation, time::OffsetDateTime::now_utc());
         if self.dir.join(&name).exists() {
@@ -567,13 +571,7 @@ pub(crate) mod tests {
         let top = tempfile::tempdir().unwrap();
         let dir = top.path().join("log");
         std::fs::create_dir_all(&dir).unwrap();
-        let mut w = Reopening {
-            appender: open_appender(&dir, Rotation::Never).unwrap(),
-            dir: dir.clone(),
-            rotation: Rotation::Never,
-            checked: std::time::Instant::now(),
-            failing: false,
-        };
+        let mut w = Reopening::new(&dir, Rotation::Never).unwrap();
         w.write_all(b"before\n").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         // The interval is up.
