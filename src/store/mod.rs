@@ -186,9 +186,7 @@ impl Store {
         let checkpoints = if exclusive {
             conn.pragma_update(None, "wal_autocheckpoint", 0)?;
             let ckpt = writer::open_checkpoint_connection(path)?;
-            let mut wal = real_path(path).into_os_string();
-            wal.push("-wal");
-            let wal = PathBuf::from(wal);
+            let wal = beside(path, "-wal");
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name("pushdrop-ckpt".into())
@@ -501,9 +499,7 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
     let mut paths = vec![db.to_path_buf()];
     for suffix in ["-wal", "-shm"] {
-        let mut name = real_path(db).into_os_string();
-        name.push(suffix);
-        paths.push(PathBuf::from(name));
+        paths.push(beside(db, suffix));
     }
     if let Some(dir) = db.parent() {
         paths.push(if dir.as_os_str().is_empty() {
@@ -535,6 +531,14 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
 /// README says not to use them.
 struct LockFile {
     _file: std::fs::File,
+}
+
+/// The file SQLite (or the daemon) keeps beside the database: its real path, links resolved,
+/// and `suffix` (`-wal`, `-shm`, `.lock`).
+fn beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = real_path(db).into_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// The database's path with its symbolic links resolved: the file's own when it exists, else
@@ -569,9 +573,7 @@ fn real_path(db: &Path) -> PathBuf {
 
 impl LockFile {
     fn acquire(db: &Path) -> Result<LockFile, StoreError> {
-        let mut name = real_path(db).into_os_string();
-        name.push(".lock");
-        let lock = PathBuf::from(name);
+        let lock = beside(db, ".lock");
         match crate::lockfile::try_exclusive(&lock) {
             Ok(Some(file)) => Ok(LockFile { _file: file }),
             Ok(None) => Err(StoreError::Locked {
