@@ -99,12 +99,19 @@ impl SenderHandle {
 /// Receipt work waiting for one of the [`RECEIPT_TASKS`] tasks.
 type ReceiptJob = Box<dyn FnOnce(&ReceiptWork) + Send>;
 
+#[derive(Default)]
+struct ReceiptQueue {
+    /// Not started yet.
+    jobs: std::collections::VecDeque<ReceiptJob>,
+    /// Tasks taking them, at most [`RECEIPT_TASKS`].
+    tasks: usize,
+}
+
 /// Receipt writing under way (blocking tasks), so that a shutdown can wait for it.
 struct ReceiptWork {
     receipts: Receipts,
     tasks: std::sync::Mutex<JoinSet<()>>,
-    /// Jobs not started yet, and how many tasks are taking them (at most [`RECEIPT_TASKS`]).
-    queue: std::sync::Mutex<(std::collections::VecDeque<ReceiptJob>, usize)>,
+    queue: std::sync::Mutex<ReceiptQueue>,
     /// Asks the start-up sweep to stop (shutdown).
     stop_sweep: AtomicBool,
     /// Receipts that could not be written (a full disk, a read-only folder), tried again
@@ -167,11 +174,11 @@ impl ReceiptWork {
     fn spawn(self: &Arc<Self>, f: impl FnOnce(&ReceiptWork) + Send + 'static) {
         {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.0.push_back(Box::new(f));
-            if queue.1 >= RECEIPT_TASKS {
+            queue.jobs.push_back(Box::new(f));
+            if queue.tasks >= RECEIPT_TASKS {
                 return;
             }
-            queue.1 += 1;
+            queue.tasks += 1;
         }
         let work = self.clone();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,10 +188,10 @@ impl ReceiptWork {
             loop {
                 let job = {
                     let mut queue = work.queue.lock().unwrap_or_else(|p| p.into_inner());
-                    match queue.0.pop_front() {
+                    match queue.jobs.pop_front() {
                         Some(job) => job,
                         None => {
-                            queue.1 -= 1;
+                            queue.tasks -= 1;
                             return;
                         }
                     }
@@ -250,7 +257,7 @@ pub fn start(
         Arc::new(ReceiptWork {
             receipts: Receipts::new(d, &cfg.store.path, cfg.receipts.max_sent_tokens),
             tasks: std::sync::Mutex::new(JoinSet::new()),
-            queue: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)),
+            queue: std::sync::Mutex::default(),
             stop_sweep: AtomicBool::new(false),
             failed: std::sync::Mutex::new(Vec::new()),
             noted_at: std::sync::Mutex::new(None),
