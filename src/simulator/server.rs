@@ -91,32 +91,44 @@ pub(crate) async fn accept_loop(
 /// How long a closed connection's socket keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// The connection's socket, closed as a server that shuts down on purpose closes it: a
-/// FIN, then whatever the client still sends is read and dropped until it closes too (at
-/// most [`LINGER`]). Closed with requests of the client unread, the kernel would answer
-/// them with a reset, and a reset makes the client's kernel throw away what it had not read
-/// yet: the last answers and the GOAWAY that says which streams to send again. Those streams
-/// then end as "connection reset", their attempt spent, and an answered one is sent twice.
-/// `abrupt` skips all that, for `drop_after`'s connection that just goes away.
-struct Lingering {
-    io: Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-    abrupt: Arc<AtomicBool>,
+/// A second handle on a connection's socket, so that its close is the one a server that
+/// shuts down on purpose makes: when the HTTP/2 connection is done and drops its own handle,
+/// this one sends a FIN, then reads and drops whatever the client still sends until it
+/// closes too (at most [`LINGER`]). Closed with requests of the client unread, the kernel
+/// would answer them with a reset, and a reset makes the client's kernel throw away what it
+/// had not read yet: the last answers and the GOAWAY that says which streams to send again.
+/// Those streams then end as "connection reset", their attempt spent, and an answered one is
+/// sent twice. [`Linger::abrupt`] lets the socket go at once instead, for `drop_after`'s
+/// connection that just goes away.
+struct Linger(Option<std::net::TcpStream>);
+
+impl Linger {
+    fn new(tcp: &tokio::net::TcpStream) -> Linger {
+        use std::os::fd::AsFd as _;
+        Linger(
+            tcp.as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(std::net::TcpStream::from),
+        )
+    }
+
+    fn abrupt(&mut self) {
+        self.0 = None;
+    }
 }
 
-impl Drop for Lingering {
+impl Drop for Linger {
     fn drop(&mut self) {
-        let Some(tls) = self.io.take() else {
-            return;
-        };
-        if self.abrupt.load(Ordering::Relaxed) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        let (Some(tcp), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) else {
             return;
         };
         rt.spawn(async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            let (mut tcp, _) = tls.into_inner();
+            // The descriptor is a copy of a non-blocking one (the flag is the socket's).
+            let Ok(mut tcp) = tokio::net::TcpStream::from_std(tcp) else {
+                return;
+            };
             let _ = tcp.shutdown().await;
             let mut sink = [0u8; 16 * 1024];
             let _ = tokio::time::timeout(LINGER, async {
@@ -128,67 +140,6 @@ impl Drop for Lingering {
             })
             .await;
         });
-    }
-}
-
-impl tokio::io::AsyncRead for Lingering {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut().io.as_mut() {
-            Some(io) => std::pin::Pin::new(io).poll_read(cx, buf),
-            None => std::task::Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Lingering {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut().io.as_mut() {
-            Some(io) => std::pin::Pin::new(io).poll_write(cx, buf),
-            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut().io.as_mut() {
-            Some(io) => std::pin::Pin::new(io).poll_write_vectored(cx, bufs),
-            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut().io.as_mut() {
-            Some(io) => std::pin::Pin::new(io).poll_flush(cx),
-            None => std::task::Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut().io.as_mut() {
-            Some(io) => std::pin::Pin::new(io).poll_shutdown(cx),
-            None => std::task::Poll::Ready(Ok(())),
-        }
     }
 }
 
@@ -223,11 +174,8 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .is_some_and(|c| !c.is_empty());
-    let abrupt = Arc::new(AtomicBool::new(false));
-    let tls = Lingering {
-        io: Some(tls),
-        abrupt: abrupt.clone(),
-    };
+    // Declared before the connection, so dropped after it.
+    let mut linger = Linger::new(tls.get_ref().0);
     let mut h2 = match h2::server::Builder::new()
         .max_concurrent_streams(shared.max_streams)
         .initial_window_size(1 << 20)
@@ -301,7 +249,7 @@ async fn serve_connection(
                         }
                     }
                     tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
-                    abrupt.store(true, Ordering::Relaxed);
+                    linger.abrupt();
                     // The connection (and its socket) first: a stream handle dropped while
                     // the connection lives would have it send a reset.
                     drop(h2);
