@@ -252,14 +252,8 @@ fn sigkill_during_a_big_files_commit_loses_nothing_and_doubles_nothing() {
 #[test]
 fn a_second_daemon_on_the_same_inbox_is_refused_even_with_its_own_database() {
     let env = Env::new();
-    let run = |config: &std::path::Path, log: &str| {
-        let mut cmd = pushdrop_cmd(config);
-        cmd.arg("run");
-        spawn_logged(&mut cmd, &env.dir.path().join(log))
-    };
-    let said = |log: &str, what: &str| {
-        std::fs::read_to_string(env.dir.path().join(log)).is_ok_and(|l| l.contains(what))
-    };
+    let run = |config: &std::path::Path, log: &str| run_logged(&env, config, log);
+    let said = |log: &str, what: &str| log_says(&env, log, what);
     let mut first = run(&env.config_path, "first.log");
     wait_for("the first daemon's start", || {
         said("first.log", "inbox_started")
@@ -302,6 +296,18 @@ fn a_second_daemon_on_the_same_inbox_is_refused_even_with_its_own_database() {
     });
 }
 
+/// `pushdrop run` on `config`, its output into `log` in `env`'s folder; killed when dropped.
+fn run_logged(env: &Env, config: &std::path::Path, log: &str) -> common::ops::Spawned {
+    let mut cmd = pushdrop_cmd(config);
+    cmd.arg("run");
+    spawn_logged(&mut cmd, &env.dir.path().join(log))
+}
+
+/// Whether `log` in `env`'s folder holds `what` yet.
+fn log_says(env: &Env, log: &str, what: &str) -> bool {
+    std::fs::read_to_string(env.dir.path().join(log)).is_ok_and(|l| l.contains(what))
+}
+
 /// The config of a second daemon beside `env`'s: a database of its own, and the inbox
 /// through `inbox` when given.
 fn second_config(env: &Env, inbox: Option<&std::path::Path>) -> std::path::PathBuf {
@@ -325,14 +331,8 @@ fn an_inbox_made_again_under_a_daemon_is_not_shared_with_the_daemon_that_took_it
         scan_interval_s: 1,
         ..common::inbox::Options::default()
     });
-    let run = |config: &std::path::Path, log: &str| {
-        let mut cmd = pushdrop_cmd(config);
-        cmd.arg("run");
-        spawn_logged(&mut cmd, &env.dir.path().join(log))
-    };
-    let said = |log: &str, what: &str| {
-        std::fs::read_to_string(env.dir.path().join(log)).is_ok_and(|l| l.contains(what))
-    };
+    let run = |config: &std::path::Path, log: &str| run_logged(&env, config, log);
+    let said = |log: &str, what: &str| log_says(&env, log, what);
     let _first = run(&env.config_path, "first.log");
     wait_for("the first daemon's start", || {
         said("first.log", "inbox_started")
