@@ -11,21 +11,31 @@ use common::sim::*;
 use pushdrop::apns::{ApnsClient, Outcome};
 use pushdrop::simulator::{SimOptions, TokenScript};
 
-/// Sends `n` pushes at once (each retried like the sender would) and returns every final
-/// outcome plus the number of `Retry` outcomes seen on the way.
-async fn blast(client: &ApnsClient, n: u32) -> (Vec<Outcome>, usize) {
+/// Sends `n` pushes at once, each retried like the sender would, and returns every
+/// outcome each one met, its final one last.
+async fn blast_seen(client: &ApnsClient, n: u32) -> Vec<Vec<Outcome>> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let client = client.clone();
         tasks.spawn(async move { deliver(&client, push(i)).await });
     }
-    let mut finals = Vec::new();
-    let mut retries = 0;
+    let mut seen = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        let seen = r.unwrap();
-        retries += seen.iter().filter(|o| o.kind() == "retry").count();
-        finals.push(seen.last().unwrap().clone());
+        seen.push(r.unwrap());
     }
+    seen
+}
+
+/// Sends `n` pushes at once (each retried like the sender would) and returns every final
+/// outcome plus the number of `Retry` outcomes seen on the way.
+async fn blast(client: &ApnsClient, n: u32) -> (Vec<Outcome>, usize) {
+    let seen = blast_seen(client, n).await;
+    let retries = seen
+        .iter()
+        .flatten()
+        .filter(|o| o.kind() == "retry")
+        .count();
+    let finals = seen.iter().map(|s| s.last().unwrap().clone()).collect();
     (finals, retries)
 }
 
@@ -103,22 +113,14 @@ async fn goaways_on_several_connections_spend_no_attempt_and_answer_nothing_twic
     .await;
     let client = env.client("connections = 3");
     let n = 6000;
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let client = client.clone();
-        tasks.spawn(async move { deliver(&client, push(i)).await });
-    }
-    let mut spent = Vec::new();
-    let mut finals = Vec::new();
-    while let Some(r) = within(120, tasks.join_next()).await {
-        let seen = r.unwrap();
-        spent.extend(
-            seen.iter()
-                .filter(|o| matches!(o, Outcome::Retry { unsent: false, .. }))
-                .map(|o| o.reason().to_string()),
-        );
-        finals.push(seen.last().unwrap().clone());
-    }
+    let seen = within(120, blast_seen(&client, n)).await;
+    let spent: Vec<&str> = seen
+        .iter()
+        .flatten()
+        .filter(|o| matches!(o, Outcome::Retry { unsent: false, .. }))
+        .map(|o| o.reason())
+        .collect();
+    let finals: Vec<Outcome> = seen.iter().map(|s| s.last().unwrap().clone()).collect();
     assert_all_sent(&finals);
     assert!(
         spent.is_empty(),
