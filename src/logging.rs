@@ -29,13 +29,22 @@ static FILE_WRITER: std::sync::Mutex<Option<batch::Batched>> = std::sync::Mutex:
 /// what the log lost: the sender's recorder before it commits delivery results, the inbox
 /// after it logs a file's fate.
 pub fn flush_files() {
-    let writer = FILE_WRITER
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    if let Some(w) = writer {
+    if let Some(w) = file_writer() {
         w.flush();
     }
+}
+
+/// Whether [`flush_files`] would have anything to wait for: async callers ask this first,
+/// and take a blocking thread for the flush only then.
+pub fn files_pending() -> bool {
+    file_writer().is_some_and(|w| w.pending())
+}
+
+fn file_writer() -> Option<batch::Batched> {
+    FILE_WRITER
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 /// Keeps the background log writers alive; drop it last so buffered lines reach the file.

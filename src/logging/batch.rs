@@ -140,6 +140,13 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W) {
 }
 
 impl Batched {
+    /// Whether lines are waiting to be handed to the sink (what [`Batched::flush`] waits
+    /// for); does not block.
+    pub fn pending(&self) -> bool {
+        let st = self.shared.lock();
+        st.handed < st.appended && !st.closing
+    }
+
     /// Returns once every line logged before the call is handed to the sink (written out of
     /// this process, so a kill -9 cannot lose it), without waiting for the batch to fill.
     /// At once when the writer is closing (it writes everything before it stops).

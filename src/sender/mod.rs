@@ -608,7 +608,9 @@ async fn recorder(
         // Each result's log line was logged before the result came here: written out first,
         // so that a kill -9 after the commit cannot leave an outcome on record without its
         // line (one uncommitted is sent again, and logged again, after the restart).
-        let _ = tokio::task::spawn_blocking(crate::logging::flush_files).await;
+        if crate::logging::files_pending() {
+            let _ = tokio::task::spawn_blocking(crate::logging::flush_files).await;
+        }
         match inner.store.record_results(std::mem::take(&mut batch)).await {
             Ok(finished) => inner.finished(finished),
             Err(e) => {
