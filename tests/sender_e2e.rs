@@ -474,7 +474,15 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
         "[sender]\nretry_initial_ms = 200\nretry_max_ms = 1000\n",
         Some(format!("https://127.0.0.1:{port}")),
     );
-    let daemon = w.env.start();
+    // The real binary: its CPU is its own, not shared with the tests running beside this one
+    // in the same process.
+    let mut cmd = common::ops::pushdrop_cmd(&w.env.config_path);
+    cmd.arg("run");
+    let log = w.env.dir.path().join("run.log");
+    let mut daemon = common::ops::spawn_logged(&mut cmd, &log);
+    wait_for("the daemon's start", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("event=\"started\""))
+    });
     let tokens: String = (0..200)
         .map(|n| {
             notification_to(
@@ -490,9 +498,9 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     });
     // Nothing listens: the sender must wait quietly, not spin.
     std::thread::sleep(Duration::from_millis(500));
-    let cpu0 = world::process_cpu();
+    let cpu0 = world::process_cpu(daemon.id());
     std::thread::sleep(Duration::from_secs(3));
-    let spent = world::process_cpu() - cpu0;
+    let spent = world::process_cpu(daemon.id()) - cpu0;
     assert!(
         spent < Duration::from_millis(600),
         "waiting for APNs used {spent:?} of CPU in 3 s"
@@ -526,7 +534,12 @@ fn apns_down_at_start_then_up_delivers_everything_without_burning_cpu() {
     world::forward(&w.rt, port, w.sim.addr());
     w.wait_idle("delivered once APNs is up");
     let took = up.elapsed();
-    daemon.shutdown();
+    let mut daemon = daemon.take();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(daemon.id() as i32, libc::SIGTERM);
+    }
+    daemon.wait().unwrap();
     assert_eq!(w.accepted_by_token().len(), 200);
     let s = w.env.status_json();
     assert_eq!(

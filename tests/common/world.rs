@@ -170,9 +170,9 @@ pub fn forward(rt: &tokio::runtime::Runtime, port: u16, to: SocketAddr) {
     });
 }
 
-/// CPU time (user + system) this process has used so far.
-pub fn process_cpu() -> Duration {
-    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap())
+/// CPU time (user + system) the process `pid` has used so far.
+pub fn process_cpu(pid: u32) -> Duration {
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
 }
 
 /// CPU time of this process's threads named `name` (every in-process daemon's).
