@@ -292,6 +292,49 @@ fn the_daemon_gives_back_the_disk_of_a_big_commits_wal() {
 }
 
 #[test]
+fn status_counts_each_apps_deliveries_with_one_app_or_several() {
+    let (_dir, store) = open();
+    ingest(&store, "a.json", one_token_each(3));
+    ingest(&store, "d.json", vec![device("a", 20, None)]);
+    // Queued deliveries and active devices by app.
+    let by_app = |store: &Store| {
+        let s = query::Reader::open(store.path()).unwrap().status().unwrap();
+        let queued: Vec<_> = s
+            .deliveries
+            .iter()
+            .map(|(app, states)| (app.clone(), states["queued"]))
+            .collect();
+        let active: Vec<_> = s
+            .devices
+            .iter()
+            .map(|(app, c)| (app.clone(), c.active))
+            .collect();
+        (queued, active)
+    };
+    let a = |n| ("a".to_string(), n);
+    let b = |n| ("b".to_string(), n);
+    assert_eq!(by_app(&store), (vec![a(3)], vec![a(1)]));
+    let of_b = |i| match notification(Some(&format!("b{i}")), Target::Tokens(vec![tok(i)])) {
+        Record::Notification(n) => Record::Notification(NotificationRecord {
+            app: "b".into(),
+            ..n
+        }),
+        Record::Device(_) => unreachable!(),
+    };
+    ingest(
+        &store,
+        "b.json",
+        vec![
+            of_b(7),
+            of_b(8),
+            device("b", 21, None),
+            device("b", 22, None),
+        ],
+    );
+    assert_eq!(by_app(&store), (vec![a(3), b(2)], vec![a(1), b(2)]));
+}
+
+#[test]
 fn a_scrape_reads_the_same_queue_figures_as_status() {
     let (_dir, store) = open();
     ingest(&store, "n.json", one_token_each(5));
