@@ -44,12 +44,17 @@ const MISSING_RECHECK: Duration = Duration::from_secs(1);
 /// Longest wait before retrying a file that could not be read, committed or moved.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// After the first event of an idle spell, how long events must pause before the files are
-/// looked at, and the longest such a wait lasts: a burst of drops (a script that renames
-/// files in one after another, a few milliseconds apart: `mv` in a shell loop takes about
-/// two) is then taken in name order, as the contract asks, at the cost of `GATHER_QUIET` of
-/// latency for a lone file. A steady stream of drops is looked at every `GATHER_MAX`.
-const GATHER_QUIET: Duration = Duration::from_millis(5);
-const GATHER_MAX: Duration = Duration::from_millis(100);
+/// looked at: a burst of drops (a script that renames files in one after another, a few
+/// milliseconds apart: `mv` in a shell loop takes two, and five or more on a loaded machine)
+/// is then taken in name order, as the contract asks, at the cost of `GATHER_QUIET` of
+/// latency for a lone file. Once a burst shows its pace, the pause it must make is
+/// `GATHER_PACE` times its longest gap so far (at most `GATHER_QUIET_MAX`): a loop slowed by
+/// load is not cut in two at its next hiccup. A steady stream of drops is looked at every
+/// `GATHER_MAX`.
+const GATHER_QUIET: Duration = Duration::from_millis(8);
+const GATHER_PACE: u32 = 3;
+const GATHER_QUIET_MAX: Duration = Duration::from_millis(50);
+const GATHER_MAX: Duration = Duration::from_millis(250);
 
 /// Why the inbox could not start.
 #[derive(Debug, thiserror::Error)]
@@ -461,11 +466,14 @@ impl Loop {
     }
 
     /// Takes the events that follow the first one of an idle spell until events about drop
-    /// files pause for [`GATHER_QUIET`] (at most [`GATHER_MAX`]); false on stop. Events
-    /// about other names (a temp file being written) do not keep it waiting.
+    /// files pause for [`GATHER_QUIET`], or [`GATHER_PACE`] times the burst's longest gap
+    /// (at most [`GATHER_MAX`] in all); false on stop. Events about other names (a temp file
+    /// being written) do not keep it waiting.
     fn gather(&mut self) -> bool {
-        let until = Instant::now() + GATHER_MAX;
-        let mut quiet_at = Instant::now() + GATHER_QUIET;
+        let start = Instant::now();
+        let until = start + GATHER_MAX;
+        let (mut last, mut quiet) = (start, GATHER_QUIET);
+        let mut quiet_at = start + quiet;
         loop {
             let left = quiet_at
                 .min(until)
@@ -476,7 +484,12 @@ impl Loop {
             match self.rx.recv_timeout(left) {
                 Ok(msg) => match self.handle(msg) {
                     Handled::Stop => return false,
-                    Handled::DropFile => quiet_at = Instant::now() + GATHER_QUIET,
+                    Handled::DropFile => {
+                        let now = Instant::now();
+                        let pace = (now - last) * GATHER_PACE;
+                        quiet = quiet.max(pace.min(GATHER_QUIET_MAX));
+                        (last, quiet_at) = (now, now + quiet);
+                    }
                     Handled::Other => {}
                 },
                 Err(_) => return true,
