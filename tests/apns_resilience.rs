@@ -482,3 +482,35 @@ async fn a_silent_connection_is_found_by_ping_and_replaced() {
     assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 2);
     assert_eq!(client.stats().connects, 2);
 }
+
+/// APNs may cap a connection's streams (one until it authorises a token, its SETTINGS after)
+/// and answer slowly. A request waiting for a stream is not timed out for that wait: each
+/// push has the timeout from when it goes out, so none is retried, and none is sent twice
+/// (a request timed out while APNs had it would be sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_free_stream_is_not_a_timeout() {
+    let env = start(SimOptions {
+        max_concurrent_streams: 1,
+        latency: Duration::from_millis(200),
+        ..SimOptions::default()
+    })
+    .await;
+    // Six pushes one after another take 1.2 s, twice the timeout.
+    let client = env.client("connections = 1\nrequest_timeout_ms = 600");
+    let outcomes = within(30, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..6 {
+            let client = client.clone();
+            tasks.spawn(async move { client.send(&push(i)).await });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            outcomes.push(r.unwrap());
+        }
+        outcomes
+    })
+    .await;
+    assert_all_sent(&outcomes);
+    assert_eq!(env.sim.accepted_count(), 6, "each push went out once");
+    assert_eq!(distinct_tokens(&env), 6);
+}

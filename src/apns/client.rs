@@ -230,8 +230,9 @@ impl ApnsClient {
         }
     }
 
-    /// Sends one push. Never panics; returns within about `request_timeout_ms` (plus the
-    /// connect time when a connection must be opened first).
+    /// Sends one push. Never panics; returns within about `request_timeout_ms` of the
+    /// request going out (before that: the connect time when a connection must be opened,
+    /// and the wait for a free stream when every connection carries all APNs allows).
     pub async fn send(&self, req: &PushRequest) -> Outcome {
         let Some(pool) = self.pool(&req.app, req.environment) else {
             return Outcome::Failed {
@@ -265,13 +266,23 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
     // Latency is timed from here, a wait for a connection or a free stream included: the
     // answer's latency as the delivery saw it, the figure its log line gives too.
     let began = Instant::now();
-    let deadline = began + pool_timeout(pool);
+    let timeout = pool_timeout(pool);
+    // Connecting, and sending again what APNs did not process, end `timeout` after the
+    // request began or first went out. An answer has `timeout` from when its request went out:
+    // the wait for a free stream on a busy connection (APNs allows one until it authorises a
+    // token, and caps them after) is not APNs failing to answer, and a request timed out for
+    // it would be sent again although APNs had it: a duplicate push.
+    let mut deadline = began + timeout;
+    let mut first_sent: Option<Instant> = None;
     let mut reroutes = 0;
     loop {
         let lease = match pool.acquire(began, deadline).await {
             Ok(l) => l,
             Err(o) => return o,
         };
+        let now = Instant::now();
+        deadline = deadline.max(*first_sent.get_or_insert(now) + timeout);
+        let answer_by = now + timeout;
         let jwt = match &pool.auth {
             PoolAuth::Token(s) => match s.current() {
                 Ok(j) => Some(j),
@@ -289,7 +300,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
             Err(o) => return o,
         };
         let exchange = pool
-            .exchange(&lease.conn, request, req.payload.clone(), deadline)
+            .exchange(&lease.conn, request, req.payload.clone(), answer_by)
             .await;
         match exchange {
             Exchange::Answer {

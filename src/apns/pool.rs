@@ -271,8 +271,11 @@ impl Pool {
         self.notify.notify_waiters();
     }
 
-    /// Waits for a free stream (opening connections as needed) until `deadline`, for a
-    /// request that began at `began`.
+    /// Waits for a free stream (opening connections as needed) for a request that began at
+    /// `began`. Connecting ends at `deadline`; a wait for a stream on open connections that
+    /// all carry as many as APNs allows has no end of its own: each of those streams ends
+    /// with its answer or its own timeout, and a slow APNs that caps the streams (one per
+    /// connection until it authorises a token) is not an unreachable one.
     pub async fn acquire(
         self: &Arc<Self>,
         began: Instant,
@@ -308,6 +311,10 @@ impl Pool {
                 Ok(lease) => return Ok(lease),
                 Err(Wait::Until(t)) => t,
                 Err(Wait::Notified) => deadline,
+                Err(Wait::Streams) => {
+                    notified.await;
+                    continue;
+                }
                 Err(Wait::Fail(o)) => return Err(o),
             };
             if let Some(o) = self.backoff_error(deadline) {
@@ -380,11 +387,13 @@ impl Pool {
         }
         let mut best: Option<(&Arc<Conn>, usize, usize)> = None;
         let mut spare = 0usize;
+        let mut open = false;
         for slot in &st.slots {
             let Some(c) = &slot.conn else { continue };
             if c.is_closing() {
                 continue;
             }
+            open = true;
             let limit = c.limit();
             let n = c.in_flight.load(Ordering::SeqCst);
             if n < limit {
@@ -436,6 +445,9 @@ impl Pool {
             live = true;
             let pool = self.clone();
             tokio::spawn(async move { pool.connect_slot(i).await });
+        }
+        if open {
+            return Err(Wait::Streams);
         }
         if live {
             return Err(Wait::Notified);
@@ -871,6 +883,9 @@ impl Pool {
 enum Wait {
     /// Wait for a notification (a stream freed, a connection opened).
     Notified,
+    /// Every open connection carries all the streams it may: wait for one to end, however
+    /// long (each ends by its answer or its own timeout).
+    Streams,
     /// Every slot backs off until then.
     Until(Instant),
     /// Give up with this outcome.
