@@ -201,18 +201,32 @@ pub fn apple_reasons(status: u16) -> Option<&'static [&'static str]> {
 }
 
 /// The JSON body of an APNs error answer.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default)]
 pub(crate) struct ErrorBody {
-    #[serde(default)]
     pub reason: String,
-    #[serde(default)]
     pub timestamp: Option<i64>,
 }
 
 /// Parses an error body; a body that is not Apple's JSON yields an empty reason (the status
-/// class then decides).
+/// class then decides). Each field is read on its own: a `timestamp` of an odd shape (a
+/// string, a fraction) must not cost the answer its `reason`.
 pub(crate) fn parse_error_body(body: &[u8]) -> ErrorBody {
-    serde_json::from_slice(body).unwrap_or_default()
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return ErrorBody::default();
+    };
+    let timestamp = match v.get("timestamp") {
+        Some(serde_json::Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    ErrorBody {
+        reason: v
+            .get("reason")
+            .and_then(|r| r.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        timestamp,
+    }
 }
 
 /// Pulls Apple's `reason` out of the debug data of a GOAWAY, which h2 only shows through the
@@ -311,6 +325,14 @@ mod tests {
         let b = parse_error_body(br#"{"reason":"Unregistered","timestamp":1700000000000}"#);
         assert_eq!(b.reason, "Unregistered");
         assert_eq!(b.timestamp, Some(1_700_000_000_000));
+        // An odd timestamp keeps the reason, and a number in a string is still read.
+        let b = parse_error_body(br#"{"reason":"Unregistered","timestamp":"soon"}"#);
+        assert_eq!((b.reason.as_str(), b.timestamp), ("Unregistered", None));
+        let b = parse_error_body(br#"{"reason":"ExpiredToken","timestamp":"1700000000000"}"#);
+        assert_eq!(
+            (b.reason.as_str(), b.timestamp),
+            ("ExpiredToken", Some(1_700_000_000_000))
+        );
         let b = parse_error_body(b"<html>bad gateway</html>");
         assert_eq!(b.reason, "");
         assert_eq!(b.timestamp, None);
