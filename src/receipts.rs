@@ -192,7 +192,7 @@ impl Receipts {
             source,
         };
         let folder = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(folder).map_err(io)?;
+        crate::inbox::fsutil::make_dirs(folder).map_err(io)?;
         let tmp = folder.join(format!(".{}.json.tmp", data.id));
         let mut body = serde_json::to_vec_pretty(&data).map_err(|e| io(e.into()))?;
         body.push(b'\n');

@@ -168,6 +168,30 @@ pub fn touch_mtime(path: &Path) -> io::Result<()> {
     }
 }
 
+/// `create_dir_all`, whose error says what is wrong when something other than a folder
+/// stands on the path (the OS only says "File exists" or "Not a directory").
+pub fn make_dirs(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
+        ) {
+            return e;
+        }
+        // A link to a folder is a folder here; a link to nothing is in the way.
+        let blocker = dir
+            .ancestors()
+            .find(|a| a.symlink_metadata().is_ok() && !a.is_dir());
+        match blocker {
+            Some(b) => io::Error::new(
+                e.kind(),
+                format!("{} is in the way: it is not a folder", b.display()),
+            ),
+            None => e,
+        }
+    })
+}
+
 /// Makes renames and creations in `dir` durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -254,6 +278,22 @@ pub fn report_name(moved: &OsStr) -> OsString {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_file_in_the_way_of_a_folder_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("receipts"), "x").unwrap();
+        let e = make_dirs(&d.path().join("receipts/app")).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("receipts is in the way: it is not a folder"),
+            "{e}"
+        );
+        let e = make_dirs(&d.path().join("receipts")).unwrap_err();
+        assert!(e.to_string().contains("is in the way"), "{e}");
+        make_dirs(&d.path().join("a/b")).unwrap();
+        make_dirs(&d.path().join("a/b")).unwrap();
+    }
     use super::*;
 
     #[test]

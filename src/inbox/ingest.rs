@@ -712,7 +712,7 @@ impl Ingestor {
         let keep = self.cfg.inbox.keep_processed;
         let moved = if keep {
             let dir = self.cfg.processed_dir();
-            if let Err(e) = std::fs::create_dir_all(dir) {
+            if let Err(e) = fsutil::make_dirs(dir) {
                 return (None, Some(format!("cannot create {}: {e}", dir.display())));
             }
             dirty.insert(dir.to_path_buf());
@@ -847,8 +847,7 @@ impl Ingestor {
             move_error: None,
         };
         let result = (|| -> Result<Option<(PathBuf, PathBuf)>, String> {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            fsutil::make_dirs(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let fname: OsString = path
                 .file_name()
                 .map(|n| n.to_os_string())
