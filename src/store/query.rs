@@ -371,11 +371,13 @@ impl Reader {
     }
 
     /// Seconds the oldest queued delivery has waited since its notification was due (its
-    /// `send_at`, or its ingest): a back-off or a pause moves a delivery's own due time on,
-    /// and must not hide that it waits. 0 when none waits.
+    /// `send_at`, or its ingest), or since `retry` put it back in the queue: a back-off or a
+    /// pause moves a delivery's own due time on, and must not hide that it waits. 0 when
+    /// none waits.
     fn oldest_queued_age_s(&self, now: i64) -> Result<f64, StoreError> {
         let oldest: Option<i64> = self.conn.query_row(
-            "SELECT min(n.send_at) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+            "SELECT min(max(n.send_at, coalesce(d.requeued_at, 0)))
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
              WHERE d.state = 0 AND n.send_at <= ?1",
             [now],
             |r| r.get(0),

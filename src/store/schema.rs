@@ -176,6 +176,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE deliveries ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     UPDATE deliveries SET held = 1 WHERE state = 0 AND attempts = 0 AND last_reason IS NOT NULL;
     "#,
+    // 7: when `pushdrop retry` last put a failed delivery back in the queue. Its wait (in
+    // `status` and `pushdrop_oldest_queued_age_seconds`) counts from then, not from its
+    // notification's due time, which may be days before: a requeued old notification must
+    // not look stuck at once.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN requeued_at INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.

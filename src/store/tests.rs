@@ -270,6 +270,37 @@ fn status_counts_deliveries_scheduled_for_later() {
     );
 }
 
+/// A delivery's wait counts from its notification's due time, or from the `retry` that put it
+/// back in the queue: an old notification retried now does not look stuck.
+#[test]
+fn a_retried_delivery_waits_since_its_retry() {
+    let (_dir, store) = open();
+    let mut old = notification(Some("old"), Target::Tokens(vec![tok(1)]));
+    if let Record::Notification(n) = &mut old {
+        n.send_at_ms = Some(crate::model::now_ms() - 3_600_000);
+    }
+    ingest(&store, "n.json", vec![old]);
+    let age = || {
+        query::Reader::open(store.path())
+            .unwrap()
+            .status()
+            .unwrap()
+            .oldest_queued_age_s
+    };
+    assert!(age() >= 3_600.0, "{}", age());
+    let c = rusqlite::Connection::open(store.path()).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    c.execute("UPDATE deliveries SET state = 2", []).unwrap();
+    assert_eq!(age(), 0.0);
+    assert_eq!(
+        store
+            .retry_failed_blocking(Some("old".into()), None)
+            .unwrap(),
+        1
+    );
+    assert!(age() < 60.0, "{}", age());
+}
+
 #[test]
 fn the_daemon_gives_back_the_disk_of_a_big_commits_wal() {
     let (dir, store) = open();

@@ -1266,7 +1266,7 @@ impl Writer {
         )?;
         let n = tx.execute(
             "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?2, finished_at = NULL,
-             updated_at = ?2
+             updated_at = ?2, requeued_at = ?2
              WHERE state = 2 AND (?1 IS NULL OR notification_id = ?1)
                AND (?3 IS NULL OR notification_id IN (SELECT id FROM notifications WHERE app = ?3))",
             params![only, now, of_app],
