@@ -141,10 +141,9 @@ fn readyz_probes_leave_commands_beside_the_daemon_harmless() {
     // What the daemon committed after the commands is in the database.
     let out = env.pushdrop(&["show", "after"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("sent"),
-        "{out:?}"
-    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("sent"), "{out:?}");
+    assert!(shown.contains(&token(2)), "the whole token: {shown}");
 
     // Read into a pipe that closes early (`| head -1`), a command ends quietly.
     let out = std::process::Command::new("sh")

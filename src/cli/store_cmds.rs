@@ -191,10 +191,12 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
     let counts: Vec<String> = n.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("deliveries    {}", counts.join(", "));
     println!("payload       {}", json_terminal_safe(n.payload.get()));
+    // Whole tokens (only log lines shorten them): two tokens may share their first digits,
+    // and an operator pastes one into `devices` or their own registry.
     for d in &n.deliveries {
         println!(
             "  {} {:<10} {:<13} attempts {} apns-id {}{}",
-            crate::model::token_prefix(&d.token),
+            safe(&d.token),
             d.environment,
             d.state,
             d.attempts,
