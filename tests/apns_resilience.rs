@@ -514,3 +514,40 @@ async fn a_wait_for_a_free_stream_is_not_a_timeout() {
     assert_eq!(env.sim.accepted_count(), 6, "each push went out once");
     assert_eq!(distinct_tokens(&env), 6);
 }
+
+/// But a connection on which APNs stops answering is not one to queue behind: once no answer
+/// came within the timeout, the requests waiting for its streams give up (unsent, their
+/// attempts kept; the sender pauses the app as unreachable) instead of going out one by one,
+/// each waiting out the timeout of the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_do_not_queue_behind_a_connection_that_stopped_answering() {
+    let env = start(SimOptions {
+        max_concurrent_streams: 1,
+        latency: Duration::from_secs(30),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("connections = 1\nrequest_timeout_ms = 400");
+    let started = std::time::Instant::now();
+    let outcomes = within(30, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let client = client.clone();
+            tasks.spawn(async move { client.send(&push(i)).await });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            outcomes.push(r.unwrap());
+        }
+        outcomes
+    })
+    .await;
+    // One by one, eight would take 3.2 s.
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+    let unsent = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Retry { unsent: true, .. }))
+        .count();
+    assert!(unsent >= 5, "{outcomes:?}");
+}

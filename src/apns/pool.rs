@@ -113,6 +113,8 @@ pub(crate) struct Conn {
     check: Notify,
     /// Milliseconds since `born` of the last finished request.
     last_active_ms: AtomicU64,
+    /// Milliseconds since `born` of the last answer APNs gave on it.
+    last_answer_ms: AtomicU64,
     born: Instant,
     driver: tokio::task::AbortHandle,
 }
@@ -130,6 +132,13 @@ impl Conn {
 
     fn is_closing(&self) -> bool {
         self.signals.closing.load(Ordering::Acquire)
+    }
+
+    /// Until when requests may wait for its streams without a deadline of their own: `window`
+    /// after APNs last answered on it (or after it opened). While it answers, its streams
+    /// free up; one whose streams all hang is not one to queue behind.
+    fn progress_until(&self, window: Duration) -> Instant {
+        self.born + Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed)) + window
     }
 }
 
@@ -272,10 +281,10 @@ impl Pool {
     }
 
     /// Waits for a free stream (opening connections as needed) for a request that began at
-    /// `began`. Connecting ends at `deadline`; a wait for a stream on open connections that
-    /// all carry as many as APNs allows has no end of its own: each of those streams ends
-    /// with its answer or its own timeout, and a slow APNs that caps the streams (one per
-    /// connection until it authorises a token) is not an unreachable one.
+    /// `began`, until `deadline`. A wait for a stream on open connections that all carry as
+    /// many as APNs allows has no end of its own while APNs answers on one of them (within
+    /// the request timeout): a slow APNs that caps the streams (one per connection until it
+    /// authorises a token) is not an unreachable one. Once none answers, `deadline` holds.
     pub async fn acquire(
         self: &Arc<Self>,
         began: Instant,
@@ -311,8 +320,8 @@ impl Pool {
                 Ok(lease) => return Ok(lease),
                 Err(Wait::Until(t)) => t,
                 Err(Wait::Notified) => deadline,
-                Err(Wait::Streams) => {
-                    notified.await;
+                Err(Wait::Streams(until)) => {
+                    let _ = tokio::time::timeout_at(until, notified).await;
                     continue;
                 }
                 Err(Wait::Fail(o)) => return Err(o),
@@ -387,13 +396,14 @@ impl Pool {
         }
         let mut best: Option<(&Arc<Conn>, usize, usize)> = None;
         let mut spare = 0usize;
-        let mut open = false;
+        let mut progress_until: Option<Instant> = None;
         for slot in &st.slots {
             let Some(c) = &slot.conn else { continue };
             if c.is_closing() {
                 continue;
             }
-            open = true;
+            progress_until =
+                progress_until.max(Some(c.progress_until(self.shared.request_timeout)));
             let limit = c.limit();
             let n = c.in_flight.load(Ordering::SeqCst);
             if n < limit {
@@ -446,8 +456,8 @@ impl Pool {
             let pool = self.clone();
             tokio::spawn(async move { pool.connect_slot(i).await });
         }
-        if open {
-            return Err(Wait::Streams);
+        if let Some(until) = progress_until.filter(|&t| t > now) {
+            return Err(Wait::Streams(until));
         }
         if live {
             return Err(Wait::Notified);
@@ -645,6 +655,7 @@ impl Pool {
             signals,
             check: Notify::new(),
             last_active_ms: AtomicU64::new(0),
+            last_answer_ms: AtomicU64::new(0),
             born: Instant::now(),
             driver: driver.abort_handle(),
         });
@@ -833,11 +844,15 @@ impl Pool {
                 conn.check.notify_one();
                 Exchange::Timeout
             }
-            Ok(Ok((status, apns_id, body))) => Exchange::Answer {
-                status,
-                apns_id,
-                body,
-            },
+            Ok(Ok((status, apns_id, body))) => {
+                conn.last_answer_ms
+                    .store(conn.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+                Exchange::Answer {
+                    status,
+                    apns_id,
+                    body,
+                }
+            }
             Ok(Err(e)) => self.stream_error(conn, e),
         }
     }
@@ -883,9 +898,10 @@ impl Pool {
 enum Wait {
     /// Wait for a notification (a stream freed, a connection opened).
     Notified,
-    /// Every open connection carries all the streams it may: wait for one to end, however
-    /// long (each ends by its answer or its own timeout).
-    Streams,
+    /// Every open connection carries all the streams it may, and one of them answers:
+    /// wait for a stream to end (each ends by its answer or its own timeout), looking again
+    /// when that connection would count as hanging.
+    Streams(Instant),
     /// Every slot backs off until then.
     Until(Instant),
     /// Give up with this outcome.
