@@ -75,13 +75,15 @@ enum Command {
         limit: usize,
     },
     /// Requeues failed deliveries of one notification, or all of them.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "failed"])))]
     Retry {
-        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        /// The notification whose failed deliveries to requeue.
         id: Option<String>,
         /// The app of the notification, when two apps use its id; with --failed, only that
         /// app's failed deliveries.
         #[arg(long)]
         app: Option<String>,
+        /// Every failed delivery instead.
         #[arg(long)]
         failed: bool,
     },

@@ -338,14 +338,28 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
 
 /// `pushdrop backup DEST`.
 pub fn backup(config: &Path, dest: &Path) -> anyhow::Result<i32> {
+    use std::os::unix::fs::OpenOptionsExt;
     let cfg = super::load_config(config)?;
-    if dest.exists() {
-        anyhow::bail!("{} exists; backup writes a new file", dest.display());
-    }
     let store = Store::open(&cfg.store.path, false)?;
-    store
-        .backup_blocking(dest)
-        .with_context(|| format!("backup to {}", dest.display()))?;
+    // Made empty first, readable by its owner only: the copy holds the device registry, and
+    // `VACUUM INTO` would make it with the umask's mode (often 644). SQLite writes into an
+    // empty file.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            anyhow::bail!("{} exists; backup writes a new file", dest.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("backup to {}", dest.display())),
+    }
+    if let Err(e) = store.backup_blocking(dest) {
+        let _ = std::fs::remove_file(dest);
+        return Err(e).with_context(|| format!("backup to {}", dest.display()));
+    }
     println!(
         "wrote a consistent copy of {} to {}",
         cfg.store.path.display(),
