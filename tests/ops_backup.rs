@@ -111,6 +111,14 @@ fn backup_while_sending_gives_consistent_copies() {
         "later copies never hold less: {copies:?}"
     );
 
+    // A copy holds the device registry: its owner alone may read it, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(env.dir.path().join("backup-0.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
     // A backup never overwrites a file.
     let existing = env.dir.path().join("backup-0.db");
     let before = std::fs::read(&existing).unwrap();
