@@ -904,17 +904,24 @@ impl Config {
         if let Some(d) = &self.log.dir {
             dirs.push(("log.dir", d.clone()));
         }
+        // A blocker is named once, for the first key it blocks: the default processed and
+        // rejected folders sit in the inbox, whose own blocker is theirs too.
+        let mut named = std::collections::HashSet::new();
         for (key, dir) in &dirs {
             // The folder, or one above it that pushdrop would have to make it in: a file, or
             // a link to nothing, under its name.
             let blocked = dir.ancestors().find_map(|p| match std::fs::metadata(p) {
-                Ok(m) if !m.is_dir() => Some(format!("{} exists and is not a folder", p.display())),
+                Ok(m) if !m.is_dir() => {
+                    Some((p, format!("{} exists and is not a folder", p.display())))
+                }
                 Ok(_) => None,
                 Err(_) => std::fs::symlink_metadata(p)
                     .is_ok_and(|m| m.file_type().is_symlink())
-                    .then(|| format!("{} is a symbolic link to nothing", p.display())),
+                    .then(|| (p, format!("{} is a symbolic link to nothing", p.display()))),
             });
-            if let Some(message) = blocked {
+            if let Some((blocker, message)) = blocked
+                && named.insert(blocker.to_path_buf())
+            {
                 problems.push(ConfigProblem {
                     key: (*key).into(),
                     line: None,
@@ -1682,6 +1689,16 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             problems[0].message.contains("symbolic link to nothing"),
             "{problems:?}"
         );
+        // An inbox that is a file blocks its default processed and rejected folders too:
+        // named once, for the inbox.
+        let blocked = text.replace(
+            "dir = \"inbox\"\nprocessed_dir = \"blocker/processed\"",
+            "dir = \"blocker\"",
+        );
+        let (cfg, _) = Config::from_toml(&blocked, &dir.path().join("p.toml"), dir.path()).unwrap();
+        let problems = cfg.folder_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "inbox.dir");
     }
 
     /// Every error, whatever its kind: an unknown table, a missing field or a type error does
