@@ -181,6 +181,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         cands: BTreeMap::new(),
         ignored: HashSet::new(),
         scan_requested: true,
+        burst: None,
         next_scan: Instant::now(),
         next_sweep: Instant::now(),
         last_scan_error: None,
@@ -381,6 +382,9 @@ struct Loop {
     /// Directories and the like already seen (not re-examined on every scan).
     ignored: HashSet<OsString>,
     scan_requested: bool,
+    /// The last drop event the gathering saw, and the longest gap of the burst it belongs to:
+    /// a burst taken in pieces keeps its pace, so its next piece waits as long as it did.
+    burst: Option<(Instant, Duration)>,
     next_scan: Instant,
     next_sweep: Instant,
     last_scan_error: Option<String>,
@@ -467,34 +471,56 @@ impl Loop {
 
     /// Takes the events that follow the first one of an idle spell until events about drop
     /// files pause for [`GATHER_QUIET`], or [`GATHER_PACE`] times the burst's longest gap
-    /// (at most [`GATHER_MAX`] in all); false on stop. Events about other names (a temp file
-    /// being written) do not keep it waiting.
+    /// (at most [`GATHER_MAX`] in all), then asks for a listing of the inbox; false on stop.
+    /// Events about other names (a temp file being written) do not keep it waiting.
     fn gather(&mut self) -> bool {
         let start = Instant::now();
         let until = start + GATHER_MAX;
-        let (mut last, mut quiet) = (start, GATHER_QUIET);
-        let mut quiet_at = start + quiet;
-        loop {
-            let left = quiet_at
-                .min(until)
-                .saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return true;
+        // Within a pause this burst could still make, the burst goes on at its pace.
+        let mut longest = match self.burst {
+            Some((at, longest)) if start - at <= GATHER_QUIET_MAX.max(longest * GATHER_PACE) => {
+                longest.max(start - at)
             }
-            match self.rx.recv_timeout(left) {
-                Ok(msg) => match self.handle(msg) {
-                    Handled::Stop => return false,
-                    Handled::DropFile => {
-                        let now = Instant::now();
-                        let pace = (now - last) * GATHER_PACE;
-                        quiet = quiet.max(pace.min(GATHER_QUIET_MAX));
-                        (last, quiet_at) = (now, now + quiet);
-                    }
-                    Handled::Other => {}
-                },
-                Err(_) => return true,
+            _ => Duration::ZERO,
+        };
+        let pace =
+            |longest: Duration| (longest * GATHER_PACE).clamp(GATHER_QUIET, GATHER_QUIET_MAX);
+        let mut last = start;
+        let mut quiet_at = start + pace(longest);
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let msg = if now >= quiet_at {
+                // This thread may have run late on a busy machine: what arrived meanwhile
+                // belongs to the burst, and is no pause.
+                match self.rx.try_recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
+            } else {
+                match self.rx.recv_timeout(quiet_at.min(until) - now) {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
+            };
+            match self.handle(msg) {
+                Handled::Stop => return false,
+                Handled::DropFile => {
+                    let now = Instant::now();
+                    longest = longest.max(now - last);
+                    (last, quiet_at) = (now, now + pace(longest));
+                }
+                Handled::Other => {}
             }
         }
+        self.burst = Some((last, longest));
+        // The kernel's events may come late too (the watcher's own thread waits for a core):
+        // a listing now finds every file renamed in so far, and one named before the others
+        // holds them up until its event says it is complete (or it settles).
+        self.scan_requested = true;
+        true
     }
 
     /// Applies one message.
