@@ -551,3 +551,21 @@ async fn requests_do_not_queue_behind_a_connection_that_stopped_answering() {
         .count();
     assert!(unsent >= 5, "{outcomes:?}");
 }
+
+/// A server whose SETTINGS allow no stream at all takes no request: nothing is handed to a
+/// connection that cannot carry it (where it would wait unsent until its timeout and spend an
+/// attempt); each push ends unsent, its attempt kept, as with an unreachable APNs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_allowing_no_stream_gets_no_request() {
+    let env = start(SimOptions {
+        max_concurrent_streams: 0,
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("connections = 1\nrequest_timeout_ms = 300");
+    for i in 0..2 {
+        let o = within(10, client.send(&push(i))).await;
+        assert!(matches!(o, Outcome::Retry { unsent: true, .. }), "{o:?}");
+    }
+    assert_eq!(env.sim.requests(), 0);
+}

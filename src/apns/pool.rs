@@ -120,13 +120,14 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// The streams it may carry at once. A server that announces 0 gets none: `h2` would
+    /// hold such a request unsent until it timed out, and spend its attempt.
     fn limit(&self) -> usize {
+        let announced = self.send.current_max_send_streams();
         if self.authorised.load(Ordering::Acquire) {
-            self.send
-                .current_max_send_streams()
-                .clamp(1, MAX_STREAMS_PER_CONN)
+            announced.min(MAX_STREAMS_PER_CONN)
         } else {
-            1
+            announced.min(1)
         }
     }
 

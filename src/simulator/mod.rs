@@ -49,7 +49,8 @@ pub struct SimOptions {
     pub listen: SocketAddr,
     /// Added before every answer.
     pub latency: Duration,
-    /// SETTINGS_MAX_CONCURRENT_STREAMS (APNs: 1000).
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (APNs: 1000; 0, a server that takes no request at
+    /// all, only for tests).
     pub max_concurrent_streams: u32,
     /// Refuse a second concurrent stream until a request on the connection was authorised.
     pub streams_one_until_authorized: bool,
@@ -378,7 +379,7 @@ impl Simulator {
             open_connections: AtomicU64::new(0),
             record_limit: opts.record_limit,
             bundle_ids: opts.bundle_ids.clone(),
-            max_streams: opts.max_concurrent_streams.max(1),
+            max_streams: opts.max_concurrent_streams,
             live: Live {
                 latency_us: AtomicU64::new(opts.latency.as_micros() as u64),
                 goaway_after: AtomicU32::new(opts.goaway_after.unwrap_or(0)),
