@@ -181,7 +181,6 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         cands: BTreeMap::new(),
         ignored: HashSet::new(),
         scan_requested: true,
-        burst: None,
         next_scan: Instant::now(),
         next_sweep: Instant::now(),
         last_scan_error: None,
@@ -382,9 +381,6 @@ struct Loop {
     /// Directories and the like already seen (not re-examined on every scan).
     ignored: HashSet<OsString>,
     scan_requested: bool,
-    /// The last drop event the gathering saw, and the longest gap of the burst it belongs to:
-    /// a burst taken in pieces keeps its pace, so its next piece waits as long as it did.
-    burst: Option<(Instant, Duration)>,
     next_scan: Instant,
     next_sweep: Instant,
     last_scan_error: Option<String>,
@@ -476,13 +472,9 @@ impl Loop {
     fn gather(&mut self) -> bool {
         let start = Instant::now();
         let until = start + GATHER_MAX;
-        // Within a pause this burst could still make, the burst goes on at its pace.
-        let mut longest = match self.burst {
-            Some((at, longest)) if start - at <= GATHER_QUIET_MAX.max(longest * GATHER_PACE) => {
-                longest.max(start - at)
-            }
-            _ => Duration::ZERO,
-        };
+        // Each gather starts from the lone file's pause: a dropper that drops one file at a
+        // time, each once the one before is taken, must not pay a burst's pause for it.
+        let mut longest = Duration::ZERO;
         let pace =
             |longest: Duration| (longest * GATHER_PACE).clamp(GATHER_QUIET, GATHER_QUIET_MAX);
         let mut last = start;
@@ -515,7 +507,6 @@ impl Loop {
                 Handled::Other => {}
             }
         }
-        self.burst = Some((last, longest));
         // The kernel's events may come late too (the watcher's own thread waits for a core):
         // a listing now finds every file renamed in so far, and one named before the others
         // holds them up until its event says it is complete (or it settles).
