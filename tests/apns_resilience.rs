@@ -569,3 +569,78 @@ async fn a_server_allowing_no_stream_gets_no_request() {
     }
     assert_eq!(env.sim.requests(), 0);
 }
+
+/// A connection that sat idle longer than the timeout is not taken for a hanging one when a
+/// batch arrives: the requests waiting for its one stream go out as the answers come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_after_an_idle_spell_waits_for_the_streams_it_needs() {
+    let env = start(SimOptions {
+        max_concurrent_streams: 1,
+        latency: Duration::from_millis(100),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("connections = 1\nrequest_timeout_ms = 300");
+    assert!(matches!(
+        within(10, client.send(&push(0))).await,
+        Outcome::Sent { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Eight at 100 ms each: the last waits more than twice the timeout for its stream.
+    let outcomes = within(30, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 1..9 {
+            let client = client.clone();
+            tasks.spawn(async move { client.send(&push(i)).await });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            outcomes.push(r.unwrap());
+        }
+        outcomes
+    })
+    .await;
+    assert_all_sent(&outcomes);
+    assert_eq!(env.sim.accepted_count(), 9);
+    assert_eq!(env.sim.connections(), 1);
+}
+
+/// A connection on which a request gets no answer at all within the timeout hangs: it is
+/// replaced, and the requests behind it go out on a new connection instead of each spending
+/// an attempt on the silent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_answers_nothing_is_replaced() {
+    let env = start(SimOptions {
+        max_concurrent_streams: 1,
+        ..SimOptions::default()
+    })
+    .await;
+    env.sim
+        .script(&token(0), TokenScript::Delay(Duration::from_secs(30)));
+    let client = env.client("connections = 1\nrequest_timeout_ms = 300");
+    let outcomes = within(30, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        let c = client.clone();
+        tasks.spawn(async move { (0, c.send(&push(0)).await) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 1..5 {
+            let client = client.clone();
+            tasks.spawn(async move { (i, deliver(&client, push(i)).await.pop().unwrap()) });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            outcomes.push(r.unwrap());
+        }
+        outcomes
+    })
+    .await;
+    for (i, o) in &outcomes {
+        if *i == 0 {
+            assert!(matches!(o, Outcome::Retry { unsent: false, .. }), "{o:?}");
+        } else {
+            assert!(matches!(o, Outcome::Sent { .. }), "push {i}: {o:?}");
+        }
+    }
+    assert_eq!(env.sim.accepted_count(), 4, "each of the others once");
+    assert!(env.sim.connections() >= 2);
+}

@@ -113,7 +113,7 @@ pub(crate) struct Conn {
     check: Notify,
     /// Milliseconds since `born` of the last finished request.
     last_active_ms: AtomicU64,
-    /// Milliseconds since `born` of the last answer APNs gave on it.
+    /// Milliseconds since `born` of the last answer APNs gave on it, plus one (0: none yet).
     last_answer_ms: AtomicU64,
     born: Instant,
     driver: tokio::task::AbortHandle,
@@ -330,9 +330,11 @@ impl Pool {
             if let Some(o) = self.backoff_error(deadline) {
                 return Err(o);
             }
-            let until = wait_until.min(deadline);
-            if tokio::time::timeout_at(until, notified).await.is_err() && Instant::now() >= deadline
-            {
+            if Instant::now() >= deadline {
+                // Nothing free, and no connection that answers: those open (a server that
+                // allows no stream, or whose streams all hang) are replaced, so that the next
+                // try connects anew.
+                self.retire_silent();
                 return Err(Outcome::Retry {
                     status: None,
                     reason: format!(
@@ -343,7 +345,39 @@ impl Pool {
                     unsent: true,
                 });
             }
+            // Woken or not, everything is looked at again: a connection may have answered.
+            let _ = tokio::time::timeout_at(wait_until.min(deadline), notified).await;
         }
+    }
+
+    /// Retires the open connections that gave no answer within the request timeout (none
+    /// since they opened, or none for that long while requests waited for them).
+    fn retire_silent(&self) {
+        let now = Instant::now();
+        let silent: Vec<Arc<Conn>> = self
+            .lock()
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.clone())
+            .filter(|c| !c.is_closing() && c.progress_until(self.shared.request_timeout) <= now)
+            .collect();
+        for c in silent {
+            self.retire_stalled(&c);
+        }
+    }
+
+    /// Takes a connection APNs stopped answering on out of service, with the back-off of a
+    /// broken one: its requests in flight run out their own timeouts, new ones go to a new
+    /// connection, and while every new one hangs too, requests are held unsent (the app
+    /// pauses as unreachable) instead of each spending an attempt on a connection that
+    /// answers nothing.
+    fn retire_stalled(&self, conn: &Conn) {
+        let reason = format!(
+            "no answer from APNs on this connection within {} ms",
+            self.shared.request_timeout.as_millis()
+        );
+        tracing::warn!(event = "apns_connection_stalled", pool = %self.label, conn = conn.id, %reason, "APNs stopped answering on a connection; opening another");
+        self.retire(conn, Some(reason));
     }
 
     /// See [`super::ApnsClient::close_to_new_requests`].
@@ -829,6 +863,7 @@ impl Pool {
             return Exchange::NotSent("connection is going away (GOAWAY)".into());
         }
         let mut send = conn.send.clone();
+        let sent_at = conn.born.elapsed().as_millis() as u64;
         let (response, mut body) = match send.send_request(request, payload.is_empty()) {
             Ok(x) => x,
             Err(e) => {
@@ -843,11 +878,19 @@ impl Pool {
         match tokio::time::timeout_at(deadline, read_response(response)).await {
             Err(_) => {
                 conn.check.notify_one();
+                // No answer at all on the connection since this request went out: it hangs.
+                if conn.last_answer_ms.load(Ordering::Relaxed) <= sent_at && !conn.is_closing() {
+                    self.retire_stalled(conn);
+                }
                 Exchange::Timeout
             }
             Ok(Ok((status, apns_id, body))) => {
-                conn.last_answer_ms
-                    .store(conn.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+                // One past the millisecond, so that an answer in the millisecond a request went
+                // out counts as after it, and 0 stays "none yet".
+                conn.last_answer_ms.store(
+                    conn.born.elapsed().as_millis() as u64 + 1,
+                    Ordering::Relaxed,
+                );
                 Exchange::Answer {
                     status,
                     apns_id,
