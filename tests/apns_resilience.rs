@@ -39,6 +39,23 @@ async fn blast(client: &ApnsClient, n: u32) -> (Vec<Outcome>, usize) {
     (finals, retries)
 }
 
+/// Sends pushes `ids` at once, one request each (no retry), and returns their outcomes.
+async fn send_at_once(client: &ApnsClient, ids: std::ops::Range<u32>) -> Vec<Outcome> {
+    within(30, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in ids {
+            let client = client.clone();
+            tasks.spawn(async move { client.send(&push(i)).await });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            outcomes.push(r.unwrap());
+        }
+        outcomes
+    })
+    .await
+}
+
 fn assert_all_sent(finals: &[Outcome]) {
     let not_sent: Vec<_> = finals
         .iter()
@@ -497,19 +514,7 @@ async fn a_wait_for_a_free_stream_is_not_a_timeout() {
     .await;
     // Six pushes one after another take 1.2 s, twice the timeout.
     let client = env.client("connections = 1\nrequest_timeout_ms = 600");
-    let outcomes = within(30, async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..6 {
-            let client = client.clone();
-            tasks.spawn(async move { client.send(&push(i)).await });
-        }
-        let mut outcomes = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            outcomes.push(r.unwrap());
-        }
-        outcomes
-    })
-    .await;
+    let outcomes = send_at_once(&client, 0..6).await;
     assert_all_sent(&outcomes);
     assert_eq!(env.sim.accepted_count(), 6, "each push went out once");
     assert_eq!(distinct_tokens(&env), 6);
@@ -529,19 +534,7 @@ async fn requests_do_not_queue_behind_a_connection_that_stopped_answering() {
     .await;
     let client = env.client("connections = 1\nrequest_timeout_ms = 400");
     let started = std::time::Instant::now();
-    let outcomes = within(30, async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..8 {
-            let client = client.clone();
-            tasks.spawn(async move { client.send(&push(i)).await });
-        }
-        let mut outcomes = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            outcomes.push(r.unwrap());
-        }
-        outcomes
-    })
-    .await;
+    let outcomes = send_at_once(&client, 0..8).await;
     // One by one, eight would take 3.2 s.
     let took = started.elapsed();
     assert!(took < Duration::from_millis(2000), "{took:?}");
@@ -587,19 +580,7 @@ async fn a_batch_after_an_idle_spell_waits_for_the_streams_it_needs() {
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Eight at 100 ms each: the last waits more than twice the timeout for its stream.
-    let outcomes = within(30, async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 1..9 {
-            let client = client.clone();
-            tasks.spawn(async move { client.send(&push(i)).await });
-        }
-        let mut outcomes = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            outcomes.push(r.unwrap());
-        }
-        outcomes
-    })
-    .await;
+    let outcomes = send_at_once(&client, 1..9).await;
     assert_all_sent(&outcomes);
     assert_eq!(env.sim.accepted_count(), 9);
     assert_eq!(env.sim.connections(), 1);
