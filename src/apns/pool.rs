@@ -362,7 +362,7 @@ impl Pool {
             .filter(|c| !c.is_closing() && c.progress_until(self.shared.request_timeout) <= now)
             .collect();
         for c in silent {
-            self.retire_stalled(&c);
+            self.retire_stalled(&c, "no answer and no free stream");
         }
     }
 
@@ -371,9 +371,9 @@ impl Pool {
     /// connection, and while every new one hangs too, requests are held unsent (the app
     /// pauses as unreachable) instead of each spending an attempt on a connection that
     /// answers nothing.
-    fn retire_stalled(&self, conn: &Conn) {
+    fn retire_stalled(&self, conn: &Conn, what: &str) {
         let reason = format!(
-            "no answer from APNs on this connection within {} ms",
+            "{what} from APNs on this connection within {} ms",
             self.shared.request_timeout.as_millis()
         );
         tracing::warn!(event = "apns_connection_stalled", pool = %self.label, conn = conn.id, %reason, "APNs stopped answering on a connection; opening another");
@@ -880,7 +880,7 @@ impl Pool {
                 conn.check.notify_one();
                 // No answer at all on the connection since this request went out: it hangs.
                 if conn.last_answer_ms.load(Ordering::Relaxed) <= sent_at && !conn.is_closing() {
-                    self.retire_stalled(conn);
+                    self.retire_stalled(conn, "no answer");
                 }
                 Exchange::Timeout
             }
