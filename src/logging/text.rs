@@ -94,31 +94,18 @@ impl Visit for Visitor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::logging::tests::Sink;
     use tracing_subscriber::layer::SubscriberExt as _;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn no_value_can_pass_for_fields_of_its_own() {
-        let buf = Buf::default();
-        let sink = buf.clone();
+        let sink = Sink::default();
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .fmt_fields(QuotedFields)
                 .with_ansi(false)
                 .without_time()
-                .with_writer(move || sink.clone()),
+                .with_writer(sink.clone()),
         );
         let forged = r#"zz event="ingested" status="accepted""#;
         tracing::subscriber::with_default(subscriber, || {
@@ -131,9 +118,9 @@ mod tests {
                 "file rejected"
             );
         });
-        let line = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines = sink.lines();
         assert_eq!(
-            line.trim(),
+            lines.join("\n").trim(),
             r#"WARN pushdrop::logging::text::tests: file rejected event="rejected" file="f.json" problems=1 ok=false reasons="record 0, field zz event=\"ingested\" status=\"accepted\": unknown field""#
         );
     }
