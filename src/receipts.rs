@@ -303,7 +303,8 @@ mod tests {
         assert_eq!(app_folder("a/b"), "a%2Fb");
     }
 
-    /// Only the temporary names receipts are written under count as stale temp files.
+    /// The start-up sweep takes temp files from the receipts folder and the apps' folders in
+    /// it, nothing deeper, and leaves receipts alone.
     #[test]
     fn stale_temp_files_go_from_the_folder_and_the_apps_folders_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -328,6 +329,7 @@ mod tests {
         assert!(dir.path().join("x.json").exists() && app.join("y.json").exists());
     }
 
+    /// Only the temporary names receipts are written under count as stale temp files.
     #[test]
     fn temp_names_are_only_the_receipt_writers_own() {
         for name in [
