@@ -273,7 +273,6 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
     // token, and caps them after) is not APNs failing to answer, and a request timed out for
     // it would be sent again although APNs had it: a duplicate push.
     let mut deadline = began + timeout;
-    let mut first_sent: Option<Instant> = None;
     let mut reroutes = 0;
     loop {
         let lease = match pool.acquire(began, deadline).await {
@@ -281,7 +280,10 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
             Err(o) => return o,
         };
         let now = Instant::now();
-        deadline = deadline.max(*first_sent.get_or_insert(now) + timeout);
+        if reroutes == 0 {
+            // The first time it goes out.
+            deadline = deadline.max(now + timeout);
+        }
         let answer_by = now + timeout;
         let jwt = match &pool.auth {
             PoolAuth::Token(s) => match s.current() {
