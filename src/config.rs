@@ -910,22 +910,18 @@ impl Config {
         for (key, dir) in &dirs {
             // The folder, or one above it that pushdrop would have to make it in: a file, or
             // a link to nothing, under its name.
-            let blocked = dir.ancestors().find_map(|p| match std::fs::metadata(p) {
-                Ok(m) if !m.is_dir() => {
-                    Some((p, format!("{} exists and is not a folder", p.display())))
-                }
-                Ok(_) => None,
-                Err(_) => std::fs::symlink_metadata(p)
-                    .is_ok_and(|m| m.file_type().is_symlink())
-                    .then(|| (p, format!("{} is a symbolic link to nothing", p.display()))),
-            });
-            if let Some((blocker, message)) = blocked
-                && named.insert(blocker.to_path_buf())
+            if let Some(b) = crate::inbox::fsutil::in_the_way(dir)
+                && named.insert(b.path.to_path_buf())
             {
+                let what = if b.dangling {
+                    "is a symbolic link to nothing"
+                } else {
+                    "exists and is not a folder"
+                };
                 problems.push(ConfigProblem {
                     key: (*key).into(),
                     line: None,
-                    message,
+                    message: format!("{} {what}", b.path.display()),
                 });
             }
         }

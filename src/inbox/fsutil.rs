@@ -178,17 +178,37 @@ pub fn make_dirs(dir: &Path) -> io::Result<()> {
         ) {
             return e;
         }
-        // A link to a folder is a folder here; a link to nothing is in the way.
-        let blocker = dir
-            .ancestors()
-            .find(|a| a.symlink_metadata().is_ok() && !a.is_dir());
-        match blocker {
+        match in_the_way(dir) {
             Some(b) => io::Error::new(
                 e.kind(),
-                format!("{} is in the way: it is not a folder", b.display()),
+                format!("{} is in the way: it is not a folder", b.path.display()),
             ),
             None => e,
         }
+    })
+}
+
+/// What stands where a folder (or one above it) must be made.
+pub struct Blocker<'a> {
+    pub path: &'a Path,
+    /// A symbolic link to nothing, rather than a file (or a link to one).
+    pub dangling: bool,
+}
+
+/// The first of `dir` and the folders above it that exists and is not a folder: a file, or a
+/// link to nothing (a link to a folder is a folder here). `None` when `dir` can be made.
+pub fn in_the_way(dir: &Path) -> Option<Blocker<'_>> {
+    dir.ancestors().find_map(|p| match std::fs::metadata(p) {
+        Ok(m) => (!m.is_dir()).then_some(Blocker {
+            path: p,
+            dangling: false,
+        }),
+        Err(_) => std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.file_type().is_symlink())
+            .then_some(Blocker {
+                path: p,
+                dangling: true,
+            }),
     })
 }
 
