@@ -106,13 +106,24 @@ enum Command {
         /// A bundle id the simulated team may push to (repeatable; default
         /// com.example.simulated). Other topics get 400 TopicDisallowed, as from Apple; "*"
         /// allows any.
-        #[arg(long = "bundle-id", value_name = "ID")]
+        #[arg(long = "bundle-id", value_name = "ID", value_parser = bundle_id_arg)]
         bundle_ids: Vec<String>,
     },
     /// Validates the configuration file.
     CheckConfig,
     /// Writes a consistent copy of the database, safe while the daemon runs.
     Backup { dest: PathBuf },
+}
+
+/// `--bundle-id`: what `check-config` takes as a bundle id, or `*`.
+fn bundle_id_arg(s: &str) -> Result<String, String> {
+    if s == "*" || pushdrop::config::is_bundle_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a bundle id (not empty, no spaces), nor \"*\""
+        ))
+    }
 }
 
 fn main() -> ExitCode {

@@ -468,7 +468,26 @@ async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
         std::fs::read_to_string(&creds.client_key_file).unwrap(),
     )
     .unwrap();
-    let third = Simulator::start(kept).await.unwrap();
+    let third = Simulator::start(kept.clone()).await.unwrap();
     assert!(!third.credentials_reused());
+    assert_eq!(
+        third.credentials_not_kept(),
+        Some("ca-key.pem is not the key of ca.pem")
+    );
+    // The first start's key is replaced, not left beside the new one.
+    let new_creds = third.write_credentials(dir.path()).unwrap();
+    assert!(new_creds.key_file.exists());
+    assert!(!creds.key_file.exists(), "the replaced .p8 is still there");
     third.shutdown().await;
+
+    // A missing file is named.
+    std::fs::remove_file(dir.path().join("client.pem")).unwrap();
+    let fourth = Simulator::start(kept).await.unwrap();
+    assert!(!fourth.credentials_reused());
+    let why = fourth
+        .credentials_not_kept()
+        .unwrap_or_default()
+        .to_string();
+    assert!(why.starts_with("client.pem: "), "{why}");
+    fourth.shutdown().await;
 }

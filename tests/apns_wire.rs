@@ -374,6 +374,11 @@ async fn simulator_checks_what_apple_checks() {
             ("apns-push-type", "alerté", "InvalidPushType"),
             ("apns-priority", "1é", "BadPriority"),
             ("apns-expiration", "1é", "BadExpirationDate"),
+            // Numbers spelled otherwise than plainly are not Apple's values either.
+            ("apns-priority", "05", "BadPriority"),
+            ("apns-priority", "+5", "BadPriority"),
+            ("apns-expiration", "+100", "BadExpirationDate"),
+            ("apns-expiration", "-1", "BadExpirationDate"),
             ("apns-id", "é", "BadMessageId"),
             ("apns-collapse-id", long_id.as_str(), "BadCollapseId"),
         ] {
@@ -421,4 +426,89 @@ async fn simulator_checks_what_apple_checks() {
         within(30, c.request("POST", &path, &newer_h, body)).await,
         (429, "TooManyProviderTokenUpdates".into())
     );
+}
+
+/// "One stream until the first authorised request" lasts until that request's answer has gone
+/// out, as Apple raises the limit after authorising: streams a client opens while the first
+/// answer is still on its way (a slow APNs) are refused unprocessed.
+#[tokio::test]
+async fn a_second_stream_is_refused_until_an_authorised_answer_went_out() {
+    let env = start(SimOptions {
+        streams_one_until_authorized: true,
+        latency: Duration::from_millis(300),
+        ..SimOptions::default()
+    })
+    .await;
+    let auth = format!("bearer {}", jwt(&env, now_s()));
+    let c = RawConn::open(&env).await;
+    let four = |first: u32| {
+        let mut set = tokio::task::JoinSet::new();
+        for i in first..first + 4 {
+            let (mut c, auth) = (c.clone(), auth.clone());
+            set.spawn(async move {
+                let path = format!("/3/device/{}", token(i));
+                let headers = [("authorization", auth.as_str()), ("apns-topic", BUNDLE)];
+                // Opened one after the other, 20 ms apart: the first answer is 300 ms away.
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(i - first))).await;
+                (
+                    i,
+                    c.try_request("POST", &path, &headers, br#"{"aps":{}}"#)
+                        .await,
+                )
+            });
+        }
+        set
+    };
+    within(60, async {
+        let mut answers: Vec<_> = four(0).join_all().await;
+        answers.sort_by_key(|(i, _)| *i);
+        assert_eq!(answers[0].1, Ok((200, String::new())), "{answers:?}");
+        for (i, a) in &answers[1..] {
+            assert_eq!(*a, Err(h2::Reason::REFUSED_STREAM), "stream {i}");
+        }
+        // Once an answer is out, many at once.
+        for (i, a) in four(10).join_all().await {
+            assert_eq!(a, Ok((200, String::new())), "stream {i}");
+        }
+    })
+    .await;
+}
+
+/// A scripted delay beside an error makes a slow error answer (a client's timeout meeting a
+/// 503), not a slow 200.
+#[tokio::test]
+async fn a_slow_error_answer_comes_after_its_delay() {
+    let env = start(SimOptions::default()).await;
+    let t = token(7);
+    env.sim.script(
+        &t,
+        TokenScript::Slow {
+            delay: Duration::from_millis(400),
+            then: Box::new(TokenScript::Reason {
+                status: 503,
+                reason: "ServiceUnavailable".into(),
+            }),
+        },
+    );
+    let auth = format!("bearer {}", jwt(&env, now_s()));
+    let mut c = RawConn::open(&env).await;
+    within(60, async {
+        let headers = [("authorization", auth.as_str()), ("apns-topic", BUNDLE)];
+        let began = std::time::Instant::now();
+        let answer = c
+            .request(
+                "POST",
+                &format!("/3/device/{t}"),
+                &headers,
+                br#"{"aps":{}}"#,
+            )
+            .await;
+        assert_eq!(answer, (503, "ServiceUnavailable".into()));
+        assert!(
+            began.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            began.elapsed()
+        );
+    })
+    .await;
 }

@@ -386,6 +386,26 @@ fn a_bad_command_line_exits_2_and_an_empty_config_variable_means_the_default() {
     let bin = env!("CARGO_BIN_EXE_pushdrop");
     for args in [
         &["simulate", "--listen", "nonsense"][..],
+        // A bundle id its own config would carry and check-config refuse. (Were it taken, the
+        // folder it cannot write would end the simulator at once, with exit 1.)
+        &[
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            "/proc/pushdrop-none",
+            "--bundle-id",
+            "",
+        ],
+        &[
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            "/proc/pushdrop-none",
+            "--bundle-id",
+            "has space",
+        ],
         &["no-such-command"],
         &["status", "--no-such-flag"],
     ] {

@@ -88,6 +88,11 @@ pub fn simulate(
                 "  credentials:         kept from an earlier start in {} (delete them for new ones)",
                 dir.display()
             );
+        } else if let Some(why) = sim.credentials_not_kept() {
+            println!(
+                "  credentials:         made anew in {} (the earlier ones could not be used: {why})",
+                dir.display()
+            );
         } else {
             println!("  credentials:         made anew in {}", dir.display());
         }

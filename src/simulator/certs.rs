@@ -135,29 +135,56 @@ pub(crate) struct KeptIds {
 }
 
 /// The credentials an earlier start wrote into `dir`, with a new server certificate for
-/// `server_names`: `None` unless all of them are there and belong together (the CA key signs
-/// for the CA certificate, each key matches its certificate).
-pub(crate) fn load_kept(dir: &Path, server_names: &[String]) -> Option<(Certs, TokenKey)> {
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-    let ids: KeptIds = toml::from_str(&read(IDS_FILE)?).ok()?;
-    let (ca_pem, ca_key_pem) = (read("ca.pem")?, read(CA_KEY_FILE)?);
-    let (client_cert_pem, client_key_pem) = (read("client.pem")?, read("client-key.pem")?);
-    let p8_pem = read(&format!("AuthKey_{}.p8", ids.key_id))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).ok()?;
+/// `server_names`. `Ok(None)`: no earlier start wrote there. `Err`: one did, but its files
+/// are not all there or do not belong together (the CA key must sign for the CA certificate,
+/// each key match its certificate); says which, and names the old `.p8` key file when there
+/// is one, to be replaced.
+pub(crate) fn load_kept(
+    dir: &Path,
+    server_names: &[String],
+) -> Result<Option<(Certs, TokenKey)>, NotKept> {
+    let read =
+        |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"));
+    let ids_text = match std::fs::read_to_string(dir.join(IDS_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(NotKept::why(format!("{IDS_FILE}: {e}"))),
+    };
+    let ids: KeptIds = toml::from_str(&ids_text)
+        .map_err(|e| NotKept::why(format!("{IDS_FILE}: {}", e.message())))?;
+    let p8_name = format!("AuthKey_{}.p8", ids.key_id);
+    let old_key = dir.join(&p8_name);
+    let old_key = old_key.exists().then_some(old_key);
+    let fail = |why: String| NotKept {
+        why,
+        old_key_file: old_key.clone(),
+    };
+    let ca_pem = read("ca.pem").map_err(fail)?;
+    let ca_key_pem = read(CA_KEY_FILE).map_err(fail)?;
+    let client_cert_pem = read("client.pem").map_err(fail)?;
+    let client_key_pem = read("client-key.pem").map_err(fail)?;
+    let p8_pem = read(&p8_name).map_err(fail)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| fail(format!("{CA_KEY_FILE} is not a key: {e}")))?;
     let holds = |cert_pem: &str, key: &KeyPair| {
         pem_cert_der(cert_pem).is_some_and(|der| {
             let public = key.public_key_raw();
             der.windows(public.len()).any(|w| w == public)
         })
     };
-    let client_key = KeyPair::from_pem(&client_key_pem).ok()?;
-    if !holds(&ca_pem, &ca_key) || !holds(&client_cert_pem, &client_key) {
-        return None;
+    let client_key = KeyPair::from_pem(&client_key_pem)
+        .map_err(|e| fail(format!("client-key.pem is not a key: {e}")))?;
+    if !holds(&ca_pem, &ca_key) {
+        return Err(fail(format!("{CA_KEY_FILE} is not the key of ca.pem")));
     }
-    let token_key = KeyPair::from_pem(&p8_pem).ok()?;
-    let decoding =
-        jsonwebtoken::DecodingKey::from_ec_pem(token_key.public_key_pem().as_bytes()).ok()?;
-    let issuer = Issuer::new(ca_params().ok()?, ca_key);
+    if !holds(&client_cert_pem, &client_key) {
+        return Err(fail("client-key.pem is not the key of client.pem".into()));
+    }
+    let token_key =
+        KeyPair::from_pem(&p8_pem).map_err(|e| fail(format!("{p8_name} is not a key: {e}")))?;
+    let decoding = jsonwebtoken::DecodingKey::from_ec_pem(token_key.public_key_pem().as_bytes())
+        .map_err(|e| fail(format!("{p8_name}: {e}")))?;
+    let issuer = Issuer::new(ca_params().map_err(|e| fail(e.to_string()))?, ca_key);
     let certs = with_server_cert(
         server_names,
         issuer,
@@ -165,8 +192,8 @@ pub(crate) fn load_kept(dir: &Path, server_names: &[String]) -> Option<(Certs, T
         ca_key_pem,
         (client_cert_pem, client_key_pem),
     )
-    .ok()?;
-    Some((
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(Some((
         certs,
         TokenKey {
             key_id: ids.key_id,
@@ -174,7 +201,24 @@ pub(crate) fn load_kept(dir: &Path, server_names: &[String]) -> Option<(Certs, T
             p8_pem,
             decoding,
         },
-    ))
+    )))
+}
+
+/// Why an earlier start's credentials are not used again.
+#[derive(Debug)]
+pub(crate) struct NotKept {
+    pub why: String,
+    /// That start's `.p8` key, which the new one replaces.
+    pub old_key_file: Option<std::path::PathBuf>,
+}
+
+impl NotKept {
+    fn why(why: String) -> NotKept {
+        NotKept {
+            why,
+            old_key_file: None,
+        }
+    }
 }
 
 /// A new `.p8` key with fresh key and team ids.

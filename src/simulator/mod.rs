@@ -22,8 +22,9 @@
 //! One limitation, by design of the `h2` crate: a server cannot change its
 //! SETTINGS_MAX_CONCURRENT_STREAMS after the handshake, so "one stream until authorised"
 //! (what APNs does for token auth) is emulated: the server announces `max_concurrent_streams`
-//! but answers any second concurrent stream with RST_STREAM(REFUSED_STREAM) until a request on
-//! that connection has been authorised. A client that honours the rule never sees a refusal.
+//! but answers any second concurrent stream with RST_STREAM(REFUSED_STREAM) until the answer to
+//! an authorised request on that connection has gone out. A client that honours the rule never
+//! sees a refusal.
 
 pub(crate) mod certs;
 mod script;
@@ -111,6 +112,44 @@ pub enum TokenScript {
     Delay(Duration),
     /// Always this answer.
     Reason { status: u16, reason: String },
+    /// What `then` says, after this delay: a slow error answer (a request timeout meeting a
+    /// 503) as much as a slow normal one.
+    Slow {
+        delay: Duration,
+        then: Box<TokenScript>,
+    },
+}
+
+/// What the simulator answers a request under a token script: an error answer.
+type ScriptedError = (u16, String, Option<i64>);
+
+impl TokenScript {
+    /// The delay before the answer, and the answer (`Ok`: the usual checks' answer) for the
+    /// `seen`th request to the token.
+    fn answer(&self, seen: u32) -> (Duration, Result<(), ScriptedError>) {
+        let error = match self {
+            TokenScript::Unregistered { timestamp_ms } => {
+                (410, "Unregistered".into(), Some(*timestamp_ms))
+            }
+            TokenScript::ExpiredToken { timestamp_ms } => {
+                (410, "ExpiredToken".into(), Some(*timestamp_ms))
+            }
+            TokenScript::BadDeviceToken => (400, "BadDeviceToken".into(), None),
+            TokenScript::FailFirst { n, status, reason } => {
+                if seen > *n {
+                    return (Duration::ZERO, Ok(()));
+                }
+                (*status, reason.clone(), None)
+            }
+            TokenScript::Delay(d) => return (*d, Ok(())),
+            TokenScript::Reason { status, reason } => (*status, reason.clone(), None),
+            TokenScript::Slow { delay, then } => {
+                let (d, answer) = then.answer(seen);
+                return (*delay + d, answer);
+            }
+        };
+        (Duration::ZERO, Err(error))
+    }
 }
 
 /// A push the simulator answered with 200.
@@ -261,33 +300,17 @@ impl Shared {
 
     /// The scripted answer for this token, if any: `Ok(delay)` to go on (after a delay), or
     /// `Err((status, reason, timestamp))`.
-    pub(crate) fn scripted(&self, token: &str) -> Result<Duration, (u16, String, Option<i64>)> {
+    /// The extra delay and the answer that a token's script asks for.
+    pub(crate) fn scripted(&self, token: &str) -> (Duration, Result<(), ScriptedError>) {
         if !self.has_scripts.load(Ordering::Relaxed) {
-            return Ok(Duration::ZERO);
+            return (Duration::ZERO, Ok(()));
         }
         let mut scripts = self.scripts.lock().unwrap_or_else(|p| p.into_inner());
         let Some(s) = scripts.get_mut(token) else {
-            return Ok(Duration::ZERO);
+            return (Duration::ZERO, Ok(()));
         };
         s.seen += 1;
-        match &s.script {
-            TokenScript::Unregistered { timestamp_ms } => {
-                Err((410, "Unregistered".into(), Some(*timestamp_ms)))
-            }
-            TokenScript::ExpiredToken { timestamp_ms } => {
-                Err((410, "ExpiredToken".into(), Some(*timestamp_ms)))
-            }
-            TokenScript::BadDeviceToken => Err((400, "BadDeviceToken".into(), None)),
-            TokenScript::FailFirst { n, status, reason } => {
-                if s.seen <= *n {
-                    Err((*status, reason.clone(), None))
-                } else {
-                    Ok(Duration::ZERO)
-                }
-            }
-            TokenScript::Delay(d) => Ok(*d),
-            TokenScript::Reason { status, reason } => Err((*status, reason.clone(), None)),
-        }
+        s.script.answer(s.seen)
     }
 
     pub(crate) fn record(&self, a: Accepted) {
@@ -321,6 +344,8 @@ pub struct Simulator {
     primary: Arc<certs::TokenKey>,
     /// The credentials are those of an earlier start ([`SimOptions::kept_credentials`]).
     reused: bool,
+    /// Why an earlier start's credentials were not used again.
+    not_kept: Option<certs::NotKept>,
     stop: tokio::sync::watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -333,10 +358,13 @@ impl Simulator {
             names.push(opts.listen.ip().to_string());
         }
         names.extend(opts.server_names.iter().cloned());
-        let kept = opts
-            .kept_credentials
-            .as_deref()
-            .and_then(|dir| certs::load_kept(dir, &names));
+        let (kept, not_kept) = match opts.kept_credentials.as_deref() {
+            None => (None, None),
+            Some(dir) => match certs::load_kept(dir, &names) {
+                Ok(k) => (k, None),
+                Err(why) => (None, Some(why)),
+            },
+        };
         let reused = kept.is_some();
         let (certs, primary) = match kept {
             Some((c, k)) => (c, Arc::new(k)),
@@ -403,6 +431,7 @@ impl Simulator {
             certs,
             primary,
             reused,
+            not_kept,
             stop,
             task: Some(task),
         })
@@ -411,6 +440,12 @@ impl Simulator {
     /// Whether the credentials are an earlier start's ([`SimOptions::kept_credentials`]).
     pub fn credentials_reused(&self) -> bool {
         self.reused
+    }
+
+    /// Why the credentials an earlier start left in [`SimOptions::kept_credentials`] were
+    /// made anew (a missing file, a key that does not match), so the user can tell.
+    pub fn credentials_not_kept(&self) -> Option<&str> {
+        self.not_kept.as_ref().map(|n| n.why.as_str())
     }
 
     /// The base URL for `[apns] production_url`/`sandbox_url`.
@@ -464,6 +499,14 @@ impl Simulator {
         let ids = toml::to_string(&ids).map_err(|e| SimError::Cert(format!("ids: {e}")))?;
         certs::write_file(&dir.join(certs::IDS_FILE), &ids, false)?;
         certs::write_file(&creds.key_file, &self.primary.p8_pem, true)?;
+        // The key an earlier start wrote here is no one's any more: left, it would pile up
+        // beside the new one at each start that makes new credentials.
+        if let Some(old) = self.not_kept.as_ref().and_then(|n| n.old_key_file.as_ref())
+            && old.parent() == Some(dir)
+            && *old != creds.key_file
+        {
+            let _ = std::fs::remove_file(old);
+        }
         certs::write_file(&creds.client_cert_file, &c.client_cert_pem, false)?;
         certs::write_file(&creds.client_key_file, &c.client_key_pem, true)?;
         certs::write_file(

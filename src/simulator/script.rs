@@ -201,15 +201,21 @@ impl SimScript {
 /// The behaviour one `[tokens]` entry asks for, or the field at fault and why.
 fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, String)> {
     if let Some(ms) = e.delay_ms {
-        if e.status.is_some() || e.reason.is_some() || e.first.is_some() || e.timestamp_ms.is_some()
+        let delay = Duration::from_millis(ms);
+        if e.status.is_none() && e.reason.is_none() && e.first.is_none() && e.timestamp_ms.is_none()
         {
-            return Err((
-                "delay_ms",
-                "goes alone: a slow answer is otherwise a normal one (no status, reason, first or timestamp_ms)"
-                    .into(),
-            ));
+            return Ok(TokenScript::Delay(delay));
         }
-        return Ok(TokenScript::Delay(Duration::from_millis(ms)));
+        // A slow error answer: the rest of the entry says which.
+        let rest = Entry {
+            delay_ms: None,
+            reason: e.reason.clone(),
+            ..*e
+        };
+        return Ok(TokenScript::Slow {
+            delay,
+            then: Box::new(entry_script(&rest, now_ms)?),
+        });
     }
     let Some(status) = e.status else {
         return Err((
@@ -254,6 +260,14 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
     };
     if e.timestamp_ms.is_some() && status != 410 {
         return Err(("timestamp_ms", "only a 410 carries a timestamp".into()));
+    }
+    if let Some(ts) = e.timestamp_ms
+        && ts < 0
+    {
+        return Err((
+            "timestamp_ms",
+            format!("{ts} is before 1970: give milliseconds since the epoch"),
+        ));
     }
     if status == 410 {
         if e.first.is_some() {
@@ -332,12 +346,14 @@ mod tests {
              \"{}\" = {{ status = 503, first = 2 }}\n\
              \"{}\" = {{ delay_ms = 250 }}\n\
              \"{}\" = {{ status = 400, reason = \"DeviceTokenNotForTopic\" }}\n\
-             \"{}\" = {{ status = 410, reason = \"ExpiredToken\" }}\n",
+             \"{}\" = {{ status = 410, reason = \"ExpiredToken\" }}\n\
+             \"{}\" = {{ delay_ms = 300, status = 503, first = 1 }}\n",
             "11".repeat(16),
             "22".repeat(16),
             "33".repeat(16),
             "44".repeat(16),
             "AB".repeat(16),
+            "55".repeat(16),
         ))
         .unwrap();
         assert_eq!(s.latency, Some(Duration::from_millis(5)));
@@ -379,6 +395,38 @@ mod tests {
                 timestamp_ms: 1_000
             }
         );
+        // A delay beside an answer makes that answer slow.
+        let slow = &by[&"55".repeat(16)];
+        assert_eq!(
+            slow,
+            &TokenScript::Slow {
+                delay: Duration::from_millis(300),
+                then: Box::new(TokenScript::FailFirst {
+                    n: 1,
+                    status: 503,
+                    reason: "ServiceUnavailable".into()
+                })
+            }
+        );
+        assert_eq!(
+            slow.answer(1),
+            (
+                Duration::from_millis(300),
+                Err((503, "ServiceUnavailable".into(), None))
+            )
+        );
+        assert_eq!(slow.answer(2), (Duration::from_millis(300), Ok(())));
+    }
+
+    #[test]
+    fn a_timestamp_before_1970_is_refused() {
+        let problems = parse(&format!(
+            "[tokens]\n\"{T1}\" = {{ status = 410, timestamp_ms = -5 }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, format!("tokens.\"{T1}\".timestamp_ms"));
+        assert!(problems[0].message.contains("before 1970"), "{problems:?}");
     }
 
     #[test]
@@ -398,7 +446,7 @@ mod tests {
              \"{T1}\" = {{ status = 200 }}\n\
              \"xyz\" = {{ status = 400 }}\n\
              \"{T2}\" = {{ status = 403 }}\n\
-             \"{}\" = {{ delay_ms = 5, status = 503 }}\n\
+             \"{}\" = {{ delay_ms = 5, status = 200 }}\n\
              \"{}\" = {{ status = 410, first = 1 }}\n\
              \"{}\" = {{ reason = \"BadTopic\" }}\n",
             "11".repeat(16),
@@ -419,7 +467,7 @@ mod tests {
             "{problems:?}"
         );
         assert!(
-            got.contains(&(Some(6), k(&"11".repeat(16), "delay_ms").as_str())),
+            got.contains(&(Some(6), k(&"11".repeat(16), "status").as_str())),
             "{problems:?}"
         );
         assert!(

@@ -326,6 +326,7 @@ async fn handle_stream(
         Ok(p) => p,
         Err(_) => return, // the client reset the stream
     };
+    let mut authorised = false;
     let result = check(
         &shared,
         &conn,
@@ -333,20 +334,22 @@ async fn handle_stream(
         &parts.uri,
         &parts.headers,
         &payload,
+        &mut authorised,
     );
     let mut delay = shared.latency();
     let result = match result {
-        Ok(accepted) => match shared.scripted(&accepted.token) {
-            Ok(extra) => {
-                delay += extra;
-                Ok(accepted)
+        Ok(accepted) => {
+            let (extra, answer) = shared.scripted(&accepted.token);
+            delay += extra;
+            match answer {
+                Ok(()) => Ok(accepted),
+                Err((status, reason, timestamp)) => Err(Reject {
+                    status,
+                    reason: reason.into(),
+                    timestamp,
+                }),
             }
-            Err((status, reason, timestamp)) => Err(Reject {
-                status,
-                reason: reason.into(),
-                timestamp,
-            }),
-        },
+        }
         Err(r) => Err(r),
     };
     if let Err(r) = &result
@@ -392,6 +395,11 @@ async fn handle_stream(
                 let _ = stream.send_data(Bytes::from(body), true);
             }
         }
+    }
+    // APNs raises its stream limit once it has authorised a request, which a client learns
+    // from the answer: until then (a slow answer included) a second stream is refused.
+    if authorised {
+        conn.authorised.store(true, Ordering::Release);
     }
 }
 
@@ -452,6 +460,7 @@ fn is_uuid(s: &str) -> bool {
 
 /// Apple's checks, in roughly Apple's order: method, path, credentials, headers, token,
 /// payload.
+/// `authorised` is set once the credentials passed, whatever the later checks say.
 fn check(
     shared: &Shared,
     conn: &ConnState,
@@ -459,6 +468,7 @@ fn check(
     uri: &http::Uri,
     headers: &HeaderMap,
     payload: &Bytes,
+    authorised: &mut bool,
 ) -> Result<Accepted, Reject> {
     if method != Method::POST {
         return Err(reject(405, "MethodNotAllowed"));
@@ -470,7 +480,7 @@ fn check(
         return Err(reject(404, "BadPath"));
     }
     let key_id = check_auth(shared, conn, headers)?;
-    conn.authorised.store(true, Ordering::Release);
+    *authorised = true;
 
     let push_type = header(headers, "apns-push-type", "InvalidPushType")?
         .map(|s| PushType::parse(s).ok_or_else(|| reject(400, "InvalidPushType")))
@@ -511,17 +521,24 @@ fn check(
     }
     let priority = match header(headers, "apns-priority", "BadPriority")? {
         None => 10,
-        Some(s) => s.parse::<u8>().map_err(|_| reject(400, "BadPriority"))?,
+        // Apple's values spelled plainly: "05" or "+5" is not a priority a client sends.
+        Some("10") => 10,
+        Some("5") => 5,
+        Some("1") => 1,
+        Some(_) => return Err(reject(400, "BadPriority")),
     };
     if !push_type.allows_priority(priority) {
         return Err(reject(400, "BadPriority"));
     }
     let expiration = match header(headers, "apns-expiration", "BadExpirationDate")? {
         None => None,
-        Some(s) => match s.parse::<i64>() {
-            Ok(e) if e >= 0 => Some(e),
-            _ => return Err(reject(400, "BadExpirationDate")),
+        // Seconds since the epoch, in digits only ("+100" and "-1" are not dates).
+        Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => match s.parse::<i64>()
+        {
+            Ok(e) => Some(e),
+            Err(_) => return Err(reject(400, "BadExpirationDate")),
         },
+        Some(_) => return Err(reject(400, "BadExpirationDate")),
     };
     // Apple's limit is 64 bytes, whatever the characters.
     let collapse_id = match single_header(headers, "apns-collapse-id")? {

@@ -288,6 +288,7 @@ pub fn now_s() -> u64 {
 
 /// An HTTP/2 connection to the simulator built by hand, for requests the client would never
 /// send (wrong method, bad headers, no token).
+#[derive(Clone)]
 pub struct RawConn {
     send: h2::client::SendRequest<Bytes>,
 }
@@ -327,6 +328,19 @@ impl RawConn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, String) {
+        self.try_request(method, path, headers, body)
+            .await
+            .unwrap_or_else(|r| panic!("{method} {path}: stream reset ({r:?})"))
+    }
+
+    /// [`RawConn::request`], or the reason the server reset the stream with.
+    pub async fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(u16, String), h2::Reason> {
         let mut b = http::Request::builder()
             .method(method)
             .uri(format!("https://localhost{path}"));
@@ -342,7 +356,10 @@ impl RawConn {
                 .send_data(Bytes::copy_from_slice(body), true)
                 .unwrap();
         }
-        let resp = resp.await.unwrap();
+        let resp = match resp.await {
+            Ok(r) => r,
+            Err(e) => return Err(e.reason().unwrap_or_else(|| panic!("{e}"))),
+        };
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         let mut buf = Vec::new();
@@ -355,6 +372,6 @@ impl RawConn {
             let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
             v["reason"].as_str().unwrap_or("").to_string()
         };
-        (status, reason)
+        Ok((status, reason))
     }
 }
