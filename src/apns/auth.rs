@@ -83,10 +83,25 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, ApnsError> {
 }
 
 fn parse_key(path: &Path, pem: &[u8]) -> Result<EncodingKey, ApnsError> {
-    EncodingKey::from_ec_pem(pem).map_err(|e| ApnsError::Key {
+    let bad = |e: String| ApnsError::Key {
         path: path.to_path_buf(),
         message: format!("not a PKCS#8 EC P-256 (.p8) private key: {e}"),
-    })
+    };
+    let key = EncodingKey::from_ec_pem(pem).map_err(|e| bad(e.to_string()))?;
+    // `from_ec_pem` takes any EC key; one on another curve (P-384, secp256k1) fails only when
+    // it signs. One signature now (tens of microseconds, once per read) makes `check-config`
+    // and the start refuse it, instead of an app paused for good at its first push.
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        &Claims { iss: "", iat: 0 },
+        &key,
+    )
+    .map_err(|e| {
+        bad(format!(
+            "it cannot sign ES256 ({e}): is it on another curve?"
+        ))
+    })?;
+    Ok(key)
 }
 
 impl TokenSigner {
@@ -258,6 +273,18 @@ mod tests {
             TokenSigner::new(&cfg, clock, Arc::new(AtomicU64::new(0))).unwrap(),
             dir,
         )
+    }
+
+    #[test]
+    fn an_ec_key_on_another_curve_is_refused_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("AuthKey_P384.p8");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        std::fs::write(&path, key.serialize_pem()).unwrap();
+        let Err(ApnsError::Key { message, .. }) = read_key(&path) else {
+            panic!("a P-384 key was taken for an APNs key");
+        };
+        assert!(message.contains("another curve"), "{message}");
     }
 
     #[test]
