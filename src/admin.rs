@@ -56,13 +56,34 @@ impl AdminHandle {
     }
 }
 
-/// Binds `listen` and serves until stopped.
-pub async fn start(listen: &str, state: AdminState) -> Result<AdminHandle, AdminError> {
+/// The admin endpoint's socket, bound before the daemon takes any file: a port in use stops
+/// the start before the inbox has moved a file or the sender sent a push.
+pub struct AdminListener {
+    listen: String,
+    listener: std::net::TcpListener,
+}
+
+/// Binds `listen`.
+pub fn bind(listen: &str) -> Result<AdminListener, AdminError> {
     let err = |source| AdminError {
         addr: listen.to_string(),
         source,
     };
-    let listener = TcpListener::bind(listen).await.map_err(err)?;
+    let listener = std::net::TcpListener::bind(listen).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(AdminListener {
+        listen: listen.to_string(),
+        listener,
+    })
+}
+
+/// Serves on a bound listener until stopped (within a tokio runtime).
+pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandle, AdminError> {
+    let err = |source| AdminError {
+        addr: bound.listen.clone(),
+        source,
+    };
+    let listener = TcpListener::from_std(bound.listener).map_err(err)?;
     let addr = listener.local_addr().map_err(err)?;
     let (stop, mut stop_rx) = watch::channel(false);
     info!(event = "admin_listening", %addr, "admin endpoint: /healthz /readyz /status /metrics");

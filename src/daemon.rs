@@ -143,19 +143,27 @@ impl Daemon {
         }
         let client = ApnsClient::new(&cfg)?;
         let shutting_down = Arc::new(AtomicBool::new(false));
+        // Bound before the inbox takes a file: a start that fails on the port (in use) must
+        // not have moved files away first.
+        let admin_listener = if cfg.admin.listen.is_empty() {
+            None
+        } else {
+            Some(admin::bind(&cfg.admin.listen)?)
+        };
         let inbox = inbox::start(cfg.clone(), store.clone())?;
         let alive = inbox.liveness();
         let (sender, admin, purge) = runtime.block_on(async {
             let sender = sender::start(cfg.clone(), store.clone(), client, &held.bursts);
-            let admin = if cfg.admin.listen.is_empty() {
-                None
-            } else {
-                let state = AdminState {
-                    store: store.clone(),
-                    inbox_alive: Arc::new(move || alive.load(Ordering::SeqCst)),
-                    shutting_down: shutting_down.clone(),
-                };
-                Some(admin::start(&cfg.admin.listen, state).await?)
+            let admin = match admin_listener {
+                None => None,
+                Some(listener) => {
+                    let state = AdminState {
+                        store: store.clone(),
+                        inbox_alive: Arc::new(move || alive.load(Ordering::SeqCst)),
+                        shutting_down: shutting_down.clone(),
+                    };
+                    Some(admin::start(listener, state).await?)
+                }
             };
             let purge = tokio::spawn(purge_loop(cfg.clone(), store.clone()));
             Ok::<_, DaemonError>((sender, admin, purge))

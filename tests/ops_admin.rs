@@ -297,3 +297,32 @@ fn an_inbox_folder_deleted_and_made_again_is_watched_again() {
     );
     daemon.shutdown();
 }
+
+/// A daemon that cannot listen on its admin port (another process has it) fails to start
+/// before it takes a file: the inbox keeps everything for the start that succeeds.
+#[test]
+fn an_admin_port_in_use_stops_the_start_before_any_file_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let env = Ops::new(OpsOptions {
+        admin: format!("127.0.0.1:{port}"),
+        ..OpsOptions::default()
+    });
+    env.drop_file("early.json", notification("early", &token(1)));
+    let cfg = env.config();
+    let err = match pushdrop::daemon::Daemon::start(cfg) {
+        Ok(_) => panic!("started on a port in use"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&port.to_string()), "{err}");
+    // Given time to (wrongly) take it, the file is still there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(env.inbox_pending(), 1);
+    assert!(!env.inbox.join("processed/early.json").exists());
+
+    drop(taken);
+    let daemon = env.start();
+    let receipt = env.receipts.join("early.json");
+    wait_for("receipt", || receipt.exists());
+    daemon.shutdown();
+}

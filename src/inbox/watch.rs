@@ -87,6 +87,10 @@ pub struct InboxHandle {
 impl InboxHandle {
     /// Stops taking files, lets the batch in hand finish (commit and move), joins the thread.
     pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Msg::Stop);
         // The loop owns the watcher: its notify thread ends with the loop.
@@ -103,6 +107,15 @@ impl InboxHandle {
     /// The liveness flag itself, for checks that outlive a borrow (the admin endpoint).
     pub fn liveness(&self) -> Arc<AtomicBool> {
         self.alive.clone()
+    }
+}
+
+/// A daemon whose start fails after the inbox started (or a test that drops its handle) stops
+/// the watcher too, its batch in hand finished and logged, rather than leave it taking files
+/// while the process ends.
+impl Drop for InboxHandle {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 
