@@ -1099,11 +1099,13 @@ pub fn sweep_processed(cfg: &Config) -> usize {
         return 0;
     }
     let dir = cfg.processed_dir();
+    // Drop files only (what the inbox moves there keeps its `.json`/`.jsonl` name): a
+    // `processed_dir` shared with other files (the config's folder, say) loses none of them.
     let removed = sweep_dir(
         dir,
         Duration::from_secs(u64::from(days) * 86_400),
         SystemTime::now(),
-        |_| true,
+        super::is_drop_name,
     );
     if removed > 0 {
         tracing::info!(event = "retention", dir = %dir.display(), removed, days, "removed old processed files");
@@ -1537,23 +1539,51 @@ mod tests {
     }
 
     #[test]
-    fn retention_removes_only_old_files() {
+    fn retention_removes_only_old_drop_files() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a.json"), "{}").unwrap();
+        std::fs::write(d.path().join("a~1.jsonl"), "{}").unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
+        // What else an operator keeps in the folder stays, however old.
+        let others = ["pushdrop.toml", "notes.txt", "AuthKey_X.p8", ".hidden.json"];
+        for n in others {
+            std::fs::write(d.path().join(n), "x").unwrap();
+        }
         let week = Duration::from_secs(7 * 86_400);
-        assert_eq!(sweep_dir(d.path(), week, SystemTime::now(), |_| true), 0);
+        let sweep = |now| sweep_dir(d.path(), week, now, crate::inbox::is_drop_name);
+        assert_eq!(sweep(SystemTime::now()), 0);
         assert!(d.path().join("a.json").exists());
         let later = SystemTime::now() + Duration::from_secs(8 * 86_400);
-        assert_eq!(sweep_dir(d.path(), week, later, |_| true), 1);
+        assert_eq!(sweep(later), 2);
         assert!(!d.path().join("a.json").exists());
         assert!(d.path().join("sub").is_dir());
+        for n in others {
+            assert!(d.path().join(n).exists(), "{n} was removed");
+        }
         // Aged the way an operator would (`touch -d "8 days ago"`).
         let old = d.path().join("old.json");
         std::fs::write(&old, "{}").unwrap();
         backdate(&old, Duration::from_secs(8 * 86_400));
-        assert_eq!(sweep_dir(d.path(), week, SystemTime::now(), |_| true), 1);
+        assert_eq!(sweep(SystemTime::now()), 1);
         assert!(!old.exists());
+    }
+
+    /// A `processed_dir` that is the config's own folder (a probe's setup): retention takes
+    /// the old drop files there, and not the config, the key or the database.
+    #[test]
+    fn retention_in_a_shared_folder_spares_what_is_not_a_drop_file() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor_with(d.path(), "processed_dir = \".\"\nkeep_processed_days = 1");
+        std::fs::write(d.path().join("done.json"), "{}").unwrap();
+        let names = ["done.json", "pushdrop.toml", "k.p8", "pushdrop.db"];
+        for n in names {
+            backdate(&d.path().join(n), Duration::from_secs(3 * 86_400));
+        }
+        assert_eq!(sweep_processed(&ing.cfg), 1);
+        assert!(!d.path().join("done.json").exists());
+        for n in &names[1..] {
+            assert!(d.path().join(n).exists(), "{n} was removed");
+        }
     }
 
     /// Sets a file's mtime `age` back, as `touch -d` does.
