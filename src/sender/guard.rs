@@ -178,9 +178,12 @@ impl Guards {
             .unwrap_or(true)
     }
 
-    /// Ends the pauses whose time is up when nothing is left to send: no answer will come to
-    /// end them (a 200) or renew them, and an app whose dead tokens the operator unregistered
-    /// would otherwise stay paused, alerting, until its next notification. Returns the apps
+    /// Ends the burst pauses whose time is up when nothing is left to send: no answer will
+    /// come to end them (a 200) or renew them, and an app whose dead tokens the operator
+    /// unregistered (the README's way out of a burst) would otherwise stay paused, alerting,
+    /// until its next notification. A credentials or unreachable pause stays: its cause is
+    /// not known to be gone (a wrong key is still wrong when the notifications it held have
+    /// expired), so it still shows, and alerts, until a push goes through. Returns the apps
     /// and environments resumed.
     pub fn lapse_idle(&self) -> Vec<(String, Environment)> {
         if !self.any_pause.load(Ordering::Acquire) {
@@ -190,7 +193,9 @@ impl Guards {
             return Vec::new();
         };
         let now = Instant::now();
-        let over: Vec<(Key, Pause)> = pauses.extract_if(|_, p| p.until <= now).collect();
+        let over: Vec<(Key, Pause)> = pauses
+            .extract_if(|_, p| p.until <= now && p.kind == BURST)
+            .collect();
         self.ended(
             &pauses,
             over.iter().map(|((app, env), p)| (app.as_str(), *env, p)),
@@ -295,7 +300,7 @@ impl Guards {
         };
         // Paused before the window is let go: an answer of the same round taken next must
         // find the pause, not an empty window that would hold it as a lone dead device.
-        let (until_ms, _) = self.pause(app, env, "bad_device_token_burst", MAX_PAUSE_MS);
+        let (until_ms, _) = self.pause(app, env, BURST, MAX_PAUSE_MS);
         drop(windows);
         let released = held
             .into_iter()
@@ -368,8 +373,11 @@ impl Guards {
     }
 }
 
+/// The cause of a pause for a burst of `BadDeviceToken` answers.
+const BURST: &str = "bad_device_token_burst";
+
 /// The causes a pause names in `pushdrop_app_paused`.
-const PAUSE_KINDS: [&str; 3] = ["credentials", "unreachable", "bad_device_token_burst"];
+const PAUSE_KINDS: [&str; 3] = ["credentials", "unreachable", BURST];
 
 /// Every app's `pushdrop_app_paused` series at 0 from the start, each environment and cause:
 /// a dashboard shows "not paused" rather than no data, and an alert sees its series change.
@@ -580,6 +588,25 @@ mod tests {
             restarted.bad_device_token(&claimed("a", env, 3, 6), "BadDeviceToken", 1.0),
             BadTokenVerdict::Burst { .. }
         ));
+    }
+
+    /// With nothing left to send, a burst's pause whose time is up ends (its dead tokens were
+    /// unregistered); a credentials or unreachable one stays until a push goes through.
+    #[test]
+    fn only_a_bursts_pause_lapses_when_idle() {
+        let g = Guards {
+            pause_base_ms: 1,
+            ..Guards::new(&cfg())
+        };
+        let env = Environment::Production;
+        g.pause("burst", env, BURST, MAX_PAUSE_MS);
+        g.pause("key", env, "credentials", MAX_PAUSE_MS);
+        g.pause("net", env, "unreachable", MAX_PAUSE_MS);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(g.lapse_idle(), vec![("burst".to_string(), env)]);
+        assert_eq!(g.pauses.lock().unwrap().len(), 2);
+        assert!(g.success("key", env), "a 200 ends it");
+        assert!(g.lapse_idle().is_empty());
     }
 
     #[test]
