@@ -294,7 +294,8 @@ pub struct SenderConfig {
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
     /// `BadDeviceToken` answers for this many distinct devices of one app and environment
-    /// within a minute pause that app and environment instead of invalidating the devices.
+    /// within a minute, at least a tenth of its answers, pause that app and environment
+    /// instead of invalidating the devices.
     #[serde(default = "default_bad_token_burst")]
     pub bad_token_burst: u32,
 }

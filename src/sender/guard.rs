@@ -18,6 +18,10 @@ use crate::store::{ClaimedDelivery, DeliveryResult, ResultKind};
 const WINDOW: Duration = Duration::from_secs(60);
 /// Below this many `BadDeviceToken` answers a window is never a burst, whatever the ratio.
 const MIN_BURST: u32 = 3;
+/// `bad_token_burst` devices make a burst only when they are at least this share (percent)
+/// of the window's answers: 25 dead tokens among 5,000 accepted pushes are dead phones, a
+/// registry with a tenth of its tokens refused is a config (or registration) mistake.
+const BURST_SHARE_PERCENT: u64 = 10;
 /// How long a `BadDeviceToken` answer is held before its device is invalidated: long enough
 /// for a burst (a wrong environment or topic answers every request that way at once) to show.
 const HOLD_MS: u64 = 2000;
@@ -280,7 +284,10 @@ impl Guards {
         roll(win);
         win.bad.insert(c.device.id);
         let bad = win.bad.len() as u32;
-        let burst = win.suspect || bad >= self.burst || (bad >= MIN_BURST && bad > win.ok);
+        let share =
+            u64::from(bad) * 100 >= BURST_SHARE_PERCENT * (u64::from(bad) + u64::from(win.ok));
+        let burst =
+            win.suspect || (bad >= self.burst && share) || (bad >= MIN_BURST && bad > win.ok);
         if !burst {
             win.held.push(Held {
                 delivery: c.clone(),
@@ -506,6 +513,39 @@ mod tests {
             "{:?}",
             r[0].kind
         );
+    }
+
+    /// `bad_token_burst` (here 5) dead devices among many accepted pushes are dead devices;
+    /// as a tenth of the answers they are a burst.
+    #[test]
+    fn a_few_dead_tokens_among_many_good_are_no_burst() {
+        let g = Guards::new(&cfg());
+        let env = Environment::Production;
+        for _ in 0..5000 {
+            g.success("big", env);
+        }
+        for d in 0..25 {
+            assert!(
+                matches!(
+                    g.bad_device_token(&claimed("big", env, d, d), "BadDeviceToken", 1.0),
+                    BadTokenVerdict::Hold
+                ),
+                "device {d} of 25 among 5,000 accepted"
+            );
+        }
+        // The tenth dead device among 90 accepted pushes is a tenth of the answers.
+        for _ in 0..90 {
+            g.success("mid", env);
+        }
+        let verdicts: Vec<bool> = (0..20)
+            .map(|d| {
+                matches!(
+                    g.bad_device_token(&claimed("mid", env, d, d), "BadDeviceToken", 1.0),
+                    BadTokenVerdict::Burst { .. }
+                )
+            })
+            .collect();
+        assert_eq!(verdicts.iter().position(|b| *b), Some(9), "{verdicts:?}");
     }
 
     #[test]
