@@ -11,14 +11,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// The `reason` label of a delivery outcome or a retry: Apple's reason (one CamelCase word,
-/// such as `BadDeviceToken`; the part before a `;` that pushdrop may add), or `other` for
-/// pushdrop's own descriptions (connection errors, timeouts, "expired before it could be
-/// sent"), whose free text would open a new time series per message. The log line carries
-/// the whole text.
+/// The `reason` label of a delivery outcome or a retry: one of Apple's documented reasons
+/// (such as `BadDeviceToken`; the part before a `;` that pushdrop may add), or `other` for
+/// anything else: pushdrop's own descriptions (connection errors, timeouts, "expired before
+/// it could be sent") and what a proxy or an unknown server says (a 502's `BadGateway`),
+/// whose free text would open a new time series per message. The log line carries the
+/// whole text.
 pub fn reason_label(reason: &str) -> &str {
     let head = reason.split(';').next().unwrap_or_default().trim();
-    if !head.is_empty() && head.len() <= 64 && head.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if crate::apns::outcome::is_apple_reason(head) {
         head
     } else {
         "other"
@@ -266,6 +267,21 @@ fn to_prometheus_text(open_metrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Apple's reasons are labels; anything else, one word or not, is `other`.
+    #[test]
+    fn only_apples_reasons_become_labels() {
+        for (reason, label) in [
+            ("BadDeviceToken", "BadDeviceToken"),
+            ("Unregistered; the device registered before", "Unregistered"),
+            ("TooManyRequests", "TooManyRequests"),
+            ("BadGateway", "other"),
+            ("no answer from APNs within 10000 ms", "other"),
+            ("", "other"),
+        ] {
+            assert_eq!(super::reason_label(reason), label, "{reason}");
+        }
+    }
+
     #[test]
     fn an_app_name_with_quotes_backslashes_and_line_breaks_is_escaped_in_its_label() {
         super::get()

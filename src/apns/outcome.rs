@@ -200,6 +200,14 @@ pub fn apple_reasons(status: u16) -> Option<&'static [&'static str]> {
     })
 }
 
+/// Whether `reason` is one of Apple's documented reasons, for any status.
+pub fn is_apple_reason(reason: &str) -> bool {
+    [400, 403, 404, 405, 410, 413, 429, 500, 503]
+        .into_iter()
+        .filter_map(apple_reasons)
+        .any(|rs| rs.contains(&reason))
+}
+
 /// The JSON body of an APNs error answer.
 #[derive(Debug, Default)]
 pub(crate) struct ErrorBody {
