@@ -694,6 +694,18 @@ impl Config {
             bad("store.path", "must name a file".into());
         }
         self.store.path = abs(&self.store.path);
+        // Every command opens the store: a folder there would fail each one later, with
+        // SQLite's "unable to open database file" instead of the key at fault.
+        if self.store.path.is_dir() {
+            bad(
+                "store.path",
+                format!(
+                    "{} is a folder: name the database file (e.g. {})",
+                    self.store.path.display(),
+                    self.store.path.join("pushdrop.db").display()
+                ),
+            );
+        }
 
         // [apns]
         for (key, url) in [
@@ -904,6 +916,10 @@ impl Config {
         // These commands log to the rotating files too, and cannot start without them.
         if let Some(d) = &self.log.dir {
             dirs.push(("log.dir", d.clone()));
+        }
+        // The daemon would write no receipt there, each retried every 10 s.
+        if let Some(d) = &self.receipts.dir {
+            dirs.push(("receipts.dir", d.clone()));
         }
         // A blocker is named once, for the first key it blocks: the default processed and
         // rejected folders sit in the inbox, whose own blocker is theirs too.
@@ -1647,6 +1663,18 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         }
     }
 
+    /// Every command opens the store: a folder as `store.path` is a bad config for all.
+    #[test]
+    fn a_folder_as_the_store_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("var")).unwrap();
+        let text = format!("{GOOD}\n[store]\npath = \"var\"\n");
+        let err = load_in(dir.path(), &text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "store.path");
+        assert!(err.problems[0].message.contains("is a folder"), "{err}");
+    }
+
     #[test]
     fn a_folder_under_a_file_is_refused_naming_its_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -1682,6 +1710,13 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let problems = cfg.folder_problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].key, "log.dir");
+        // And the receipts folder: the daemon could write no receipt.
+        let receipts = format!("{deleting}\n[receipts]\ndir = \"blocker\"\n");
+        let (cfg, _) =
+            Config::from_toml(&receipts, &dir.path().join("p.toml"), dir.path()).unwrap();
+        let problems = cfg.folder_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "receipts.dir");
         // A link to nothing cannot be made a folder either.
         std::os::unix::fs::symlink("nowhere", dir.path().join("dangling")).unwrap();
         let dangling = format!("{deleting}\n[log]\ndir = \"dangling\"\n");
