@@ -403,7 +403,37 @@ pub struct Ingestor {
     /// are looked at again at every scan, and `pushdrop_inbox_stuck_files` counts them so that
     /// a `processed_dir` or `rejected_dir` that takes no files does not go unnoticed.
     stuck: Arc<std::sync::Mutex<BTreeSet<PathBuf>>>,
+    /// `.jsonl` files moved out of the inbox, to be looked at once more (the watcher's
+    /// ingestor only: see [`Ingestor::watching`]).
+    moved: Arc<std::sync::Mutex<Vec<Moved>>>,
+    late_looks: bool,
 }
+
+/// A `.jsonl` file moved out of the inbox (into `processed_dir`, or to a hidden name to be
+/// deleted) whose writer may still write into it: an appender that opens the file, writes a
+/// line and closes it can have opened it just before the move, and what it writes lands in
+/// the moved file, where nobody would read it. Looked at again a moment later (and for as
+/// long as the kernel says a writer holds it open): lines found there come back into the
+/// inbox as a file of their own, as for lines appended before the move.
+struct Moved {
+    path: PathBuf,
+    inbox: PathBuf,
+    fname: OsString,
+    name: String,
+    dev: u64,
+    ino: u64,
+    /// Bytes already taken (committed, or split off).
+    taken: u64,
+    due: Instant,
+    looks: u32,
+    /// To be deleted once looked at (`keep_processed = false`).
+    delete: bool,
+}
+
+/// How long after a `.jsonl` file's move it is looked at again.
+const LATE_LOOK_AFTER: Duration = Duration::from_millis(250);
+/// Looks again while a writer holds a moved file open, at most this many times (10 s).
+const LATE_LOOKS_MAX: u32 = 40;
 
 impl Ingestor {
     pub fn new(cfg: Arc<Config>, store: Store) -> Ingestor {
@@ -411,7 +441,100 @@ impl Ingestor {
             cfg,
             store,
             stuck: Arc::default(),
+            moved: Default::default(),
+            late_looks: false,
         }
+    }
+
+    /// The watcher's ingestor: it looks at the `.jsonl` files it moved out once more, a
+    /// moment after the move ([`Ingestor::look_again`]). A one-shot `ingest` has no later.
+    pub fn watching(mut self) -> Ingestor {
+        self.late_looks = true;
+        self
+    }
+
+    /// When the next moved file is due for its second look.
+    pub fn next_look(&self) -> Option<Instant> {
+        let moved = self.moved.lock().unwrap_or_else(|p| p.into_inner());
+        moved.iter().map(|m| m.due).min()
+    }
+
+    /// Looks again at the moved `.jsonl` files that are due (all of them when `all`: the
+    /// watcher is stopping, and nothing waits for a writer any more).
+    pub fn look_again(&self, all: bool) {
+        let now = Instant::now();
+        let due: Vec<Moved> = {
+            let mut moved = self.moved.lock().unwrap_or_else(|p| p.into_inner());
+            if moved.is_empty() {
+                return;
+            }
+            moved.extract_if(.., |m| all || m.due <= now).collect()
+        };
+        for m in due {
+            if let Some(again) = self.look(m, all) {
+                self.moved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(again);
+            }
+        }
+    }
+
+    /// One more look at a moved file: its complete lines written since what was taken go
+    /// back into the inbox. `Some` when it must be looked at again (a writer holds it open).
+    fn look(&self, mut m: Moved, last: bool) -> Option<Moved> {
+        use std::io::Seek as _;
+        let Ok(file) = fsutil::open_nofollow(&m.path) else {
+            return None; // gone (an operator, or retention): nothing left to take
+        };
+        let Ok(meta) = file.metadata() else {
+            return None;
+        };
+        if (meta.dev(), meta.ino()) != (m.dev, m.ino) {
+            return None;
+        }
+        let writer = fsutil::open_for_writing_elsewhere(&file) == Some(true);
+        if meta.size() > m.taken {
+            let mut tail = Vec::new();
+            let read = (&file)
+                .seek(std::io::SeekFrom::Start(m.taken))
+                .and_then(|_| {
+                    (&file)
+                        .take(self.cfg.inbox.max_file_bytes)
+                        .read_to_end(&mut tail)
+                });
+            // Complete lines only: the rest is still being written.
+            let end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if read.is_ok() && end > 0 {
+                match split_off(&tail[..end], &m.inbox, &m.fname) {
+                    Ok(taken_as) => {
+                        tracing::warn!(
+                            event = "appended_after_read", file = m.name.as_str(), bytes = end as u64,
+                            taken_as = %display_name(&taken_as), moved = true,
+                            "lines were written into the file after it was moved out of the inbox (its writer had it open); they are taken as a file of their own"
+                        );
+                        m.taken += end as u64;
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "appended_after_read", file = m.name.as_str(), moved = %m.path.display(), error = %e, "lines were written into the file after it was moved out of the inbox, and cannot be taken: they are in the moved file");
+                        return None;
+                    }
+                }
+            }
+        }
+        if writer && !last && m.looks < LATE_LOOKS_MAX {
+            m.looks += 1;
+            m.due = Instant::now() + LATE_LOOK_AFTER;
+            return Some(m);
+        }
+        if meta.size() > m.taken {
+            tracing::warn!(event = "appended_after_read", file = m.name.as_str(), moved = %m.path.display(), bytes = meta.size() - m.taken, "a line written into the file after it was moved out of the inbox is unfinished: it stays in the moved file");
+            return None;
+        }
+        if m.delete {
+            let _ = std::fs::remove_file(&m.path);
+        }
+        None
     }
 
     /// Notes whether a handled file is stuck in the inbox; true when it was not stuck before.
@@ -732,10 +855,13 @@ impl Ingestor {
             Ok(None) => return (None, None),
             Err(e) => return (None, Some(e)),
         };
-        let after = match std::fs::symlink_metadata(&dest) {
-            Ok(m) => r.read.compare(&m),
-            Err(_) => AfterRead::Same,
+        let dest_meta = std::fs::symlink_metadata(&dest).ok();
+        let after = match &dest_meta {
+            Some(m) => r.read.compare(m),
+            None => AfterRead::Same,
         };
+        // What of the moved file has been taken: what was read, and lines split off below.
+        let mut taken = r.read.size;
         match after {
             AfterRead::Same => {}
             AfterRead::Replaced => {
@@ -749,7 +875,9 @@ impl Ingestor {
                 return (None, None);
             }
             AfterRead::Changed => {
-                if !self.take_appended(r, &dest, inbox, fname) {
+                if let Some(t) = self.take_appended(r, &dest, inbox, fname) {
+                    taken = t;
+                } else {
                     put_back(
                         &dest,
                         inbox,
@@ -766,6 +894,30 @@ impl Ingestor {
             // pushdrop may set it (else the writer's mtime stays, and retention counts from
             // that).
             let _ = fsutil::touch_mtime(&dest);
+        }
+        if self.late_looks
+            && r.read.kind == FileKind::Jsonl
+            && let Some(meta) = &dest_meta
+        {
+            // Deleted (when not kept) after the second look.
+            self.moved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Moved {
+                    path: dest.clone(),
+                    inbox: inbox.to_path_buf(),
+                    fname: fname.to_os_string(),
+                    name: r.name.clone(),
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    taken,
+                    due: Instant::now() + LATE_LOOK_AFTER,
+                    looks: 0,
+                    delete: !keep,
+                });
+            return (keep.then_some(dest), None);
+        }
+        if keep {
             return (Some(dest), None);
         }
         match std::fs::remove_file(&dest) {
@@ -776,16 +928,17 @@ impl Ingestor {
 
     /// A `.jsonl` that grew after the read, its committed bytes untouched: the lines appended
     /// since go back into the inbox as a file of their own (written atomically), so the file
-    /// itself can leave. False when the change is anything else.
+    /// itself can leave. The bytes of the file now taken; `None` when the change is anything
+    /// else.
     fn take_appended(
         &self,
         r: &Ready,
         moved: &Path,
         inbox: &Path,
         fname: &std::ffi::OsStr,
-    ) -> bool {
+    ) -> Option<u64> {
         if r.read.kind != FileKind::Jsonl {
-            return false;
+            return None;
         }
         let mut bytes = Vec::new();
         let read = fsutil::open_nofollow(moved).and_then(|f| {
@@ -794,32 +947,21 @@ impl Ingestor {
         });
         let size = r.read.size as usize;
         if read.is_err() || bytes.len() <= size || content_hash(&bytes[..size]) != r.read.sha256 {
-            return false;
+            return None;
         }
         let tail = &bytes[size..];
-        let written =
-            fsutil::write_atomic(inbox, &hidden_name(), tail).and_then(
-                |tmp| match move_to_free_name(&tmp, inbox, fname) {
-                    Ok(Some(p)) => Ok(p),
-                    Ok(None) => Err(std::io::Error::other("vanished")),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        Err(std::io::Error::other(e))
-                    }
-                },
-            );
-        match written {
+        match split_off(tail, inbox, fname) {
             Ok(taken_as) => {
                 tracing::warn!(
                     event = "appended_after_read", file = r.name.as_str(), bytes = tail.len() as u64,
                     taken_as = %display_name(&taken_as),
                     "lines were appended to the file after it was read and committed; they are taken as a file of their own"
                 );
-                true
+                Some(bytes.len() as u64)
             }
             Err(e) => {
                 tracing::error!(event = "appended_after_read", file = r.name.as_str(), error = %e, "lines were appended to the file after it was read, and cannot be split off; the file is taken again");
-                false
+                None
             }
         }
     }
@@ -1157,6 +1299,20 @@ fn move_to_free_name(
 
 /// Puts a file that must not leave the inbox unread back into it, under its name or, when a
 /// writer has dropped another file there meanwhile, the next free `stem~n.ext`.
+/// Lines written to a file after what was taken of it: into the inbox as a file of their own
+/// (written atomically under a hidden name, then renamed to `fname` or `stem~n.ext`).
+fn split_off(tail: &[u8], inbox: &Path, fname: &std::ffi::OsStr) -> std::io::Result<PathBuf> {
+    let tmp = fsutil::write_atomic(inbox, &hidden_name(), tail)?;
+    match move_to_free_name(&tmp, inbox, fname) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(std::io::Error::other("vanished")),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(std::io::Error::other(e))
+        }
+    }
+}
+
 fn put_back(moved: &Path, inbox: &Path, fname: &std::ffi::OsStr, name: &str, why: &str) {
     match move_to_free_name(moved, inbox, fname) {
         Ok(Some(back)) => {
@@ -1321,6 +1477,52 @@ mod tests {
                 settled: true,
             }]);
             assert_eq!(ext_ids(&ing), ["n1", "n2", "n3"], "keep {keep}");
+        }
+    }
+
+    /// A writer that opened a `.jsonl` before its move and writes after it (an appender that
+    /// opens, writes a line and closes, caught between) writes into the moved file: the
+    /// watcher's second look takes the line back into the inbox, and only then is a file
+    /// that is not kept deleted.
+    #[test]
+    fn a_line_written_into_the_moved_file_is_taken_at_the_second_look() {
+        for keep in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let ing = ingestor(d.path(), keep).watching();
+            let inbox = d.path().join("inbox");
+            let path = inbox.join("a.jsonl");
+            std::fs::write(&path, line("n1")).unwrap();
+            let r = commit_unmoved(&ing, &path);
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let (moved, err) = ing.finish_accepted(&r, &mut BTreeSet::new());
+            assert_eq!(err, None);
+            assert_eq!(moved.is_some(), keep);
+            assert!(!path.exists());
+            std::io::Write::write_all(&mut f, line("n2").as_bytes()).unwrap();
+            drop(f);
+            let due = ing.next_look().expect("a second look is due");
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            ing.look_again(false);
+            assert_eq!(ing.next_look(), None, "keep {keep}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n2"));
+            let left: Vec<_> = std::fs::read_dir(&inbox)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "processed")
+                .collect();
+            assert_eq!(
+                left,
+                vec![std::ffi::OsString::from("a.jsonl")],
+                "keep {keep}"
+            );
+            ing.process(vec![Candidate {
+                path: path.clone(),
+                settled: true,
+            }]);
+            assert_eq!(ext_ids(&ing), ["n1", "n2"], "keep {keep}");
         }
     }
 

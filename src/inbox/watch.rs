@@ -182,7 +182,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
     let stop = Arc::new(AtomicBool::new(false));
     let alive = Arc::new(AtomicBool::new(true));
     let mut lp = Loop {
-        ingestor: Ingestor::new(cfg.clone(), store),
+        ingestor: Ingestor::new(cfg.clone(), store).watching(),
         settle: Duration::from_millis(cfg.inbox.settle_ms),
         poll_every: poll.then(|| Duration::from_millis(cfg.inbox.poll_interval_ms)),
         scan_every: Duration::from_secs(cfg.inbox.scan_interval_s),
@@ -415,6 +415,13 @@ struct Loop {
 
 impl Loop {
     fn run(&mut self) {
+        self.run_until_stopped();
+        // Files moved out a moment ago get their second look now, with no writer waited for.
+        self.ingestor.look_again(true);
+        tracing::info!(event = "inbox_stopped");
+    }
+
+    fn run_until_stopped(&mut self) {
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -427,6 +434,7 @@ impl Loop {
             if self.scan_requested || now >= self.next_scan {
                 self.scan();
             }
+            self.ingestor.look_again(false);
             let more = self.take_ready();
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -475,7 +483,6 @@ impl Loop {
                 }
             }
         }
-        tracing::info!(event = "inbox_stopped");
     }
 
     /// Takes the events that follow the first one of an idle spell until events about drop
@@ -600,6 +607,9 @@ impl Loop {
         }
         for c in self.cands.values() {
             d = d.min(c.check_at);
+        }
+        if let Some(look) = self.ingestor.next_look() {
+            d = d.min(look);
         }
         d
     }
