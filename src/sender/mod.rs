@@ -919,16 +919,18 @@ impl Inner {
         if attempts >= s.max_attempts {
             return ResultKind::Failed { status, reason };
         }
-        let due = now_ms() + backoff_ms(s.retry_initial_ms, s.retry_max_ms, attempts) as i64;
-        if let Some(exp) = c.notification.expiration.filter(|&e| e > 0)
-            && due > exp * 1000
-        {
+        let Some(due) = retry_due(
+            now_ms(),
+            backoff_ms(s.retry_initial_ms, s.retry_max_ms, attempts) as i64,
+            backoff_cap_ms(s.retry_initial_ms, s.retry_max_ms, attempts),
+            c.notification.expiration,
+        ) else {
             return ResultKind::Expired {
                 status,
                 reason: format!("{reason}; the next attempt would come after the expiration"),
                 count_attempt,
             };
-        }
+        };
         ResultKind::Retry {
             due_at_ms: due,
             status,
@@ -1102,15 +1104,56 @@ impl Inner {
 /// Exponential back-off with jitter: attempt n waits between half and all of
 /// `initial * 2^(n-1)`, capped at `max`.
 pub fn backoff_ms(initial: u64, max: u64, attempts: u32) -> u64 {
-    let exp = initial.saturating_mul(1u64 << attempts.saturating_sub(1).min(30));
-    let cap = exp.min(max).max(1);
+    let cap = backoff_cap_ms(initial, max, attempts);
     let jitter = rand::random::<f64>() * 0.5 + 0.5;
     ((cap as f64) * jitter) as u64
+}
+
+/// The back-off before jitter: `initial` doubled per attempt made, at most `max`.
+fn backoff_cap_ms(initial: u64, max: u64, attempts: u32) -> i64 {
+    let exp = initial.saturating_mul(1u64 << attempts.saturating_sub(1).min(30));
+    exp.min(max).max(1).min(i64::MAX as u64) as i64
+}
+
+/// How long before a notification's expiration its last retry is made, when the back-off
+/// would have passed it: time for the request to reach APNs before it expires.
+const LAST_TRY_BEFORE_EXPIRATION_MS: i64 = 500;
+
+/// When a retry is due (ms), `wait` (jittered, out of a back-off of `cap`) from `now`; `None`
+/// when it would come after the notification's expiration (UNIX seconds; 0 or none: never).
+/// A back-off that would pass the expiration leaves one last try just before it, where that
+/// still waits the shortest the jitter could have drawn (half the back-off): the back-off is
+/// kept, and the time left is used.
+fn retry_due(now: i64, wait: i64, cap: i64, expiration_s: Option<i64>) -> Option<i64> {
+    let due = now + wait;
+    let Some(exp_ms) = expiration_s.filter(|&e| e > 0).map(|e| e * 1000) else {
+        return Some(due);
+    };
+    if due <= exp_ms {
+        return Some(due);
+    }
+    let last = exp_ms - LAST_TRY_BEFORE_EXPIRATION_MS;
+    (last >= now + cap / 2).then_some(last)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_back_off_past_the_expiration_leaves_a_last_try_before_it() {
+        // No expiration (or 0): the back-off as drawn.
+        assert_eq!(retry_due(0, 900, 1000, None), Some(900));
+        assert_eq!(retry_due(0, 900, 1000, Some(0)), Some(900));
+        // Within the expiration: as drawn.
+        assert_eq!(retry_due(0, 900, 1000, Some(1)), Some(900));
+        // Past it: half a second before it, if that waits at least half the back-off.
+        assert_eq!(retry_due(500, 1900, 2000, Some(2)), Some(1500));
+        assert_eq!(retry_due(0, 3800, 4000, Some(3)), Some(2500));
+        // Too close: the delivery expires.
+        assert_eq!(retry_due(0, 2100, 4000, Some(2)), None);
+        assert_eq!(retry_due(2000, 900, 1000, Some(2)), None);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
