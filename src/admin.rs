@@ -127,7 +127,11 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET and HEAD only\n",
+        );
         // RFC 9110: a 405 lists the methods the resource takes.
         r.headers_mut().insert(
             hyper::header::ALLOW,

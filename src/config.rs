@@ -491,9 +491,18 @@ pub struct ConfigProblem {
 
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // One problem, one line: the TOML parser's messages can run over two ("invalid table
+        // header" and what it expected), which would read as a problem without a line.
+        let message = self
+            .message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         match self.line {
-            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
-            None => write!(f, "{}: {}", self.key, self.message),
+            Some(line) => write!(f, "line {line}: {}: {message}", self.key),
+            None => write!(f, "{}: {message}", self.key),
         }
     }
 }
@@ -713,6 +722,16 @@ impl Config {
             ("apns.sandbox_url", &self.apns.sandbox_url),
         ] {
             match url.parse::<http::Uri>() {
+                // APNs takes no credentials or query in its URL: they would be a secret in the
+                // config (as for the proxy), or a mistake that is silently dropped.
+                Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => bad(
+                    key,
+                    "holds credentials (user:password@): APNs takes none in its URL".into(),
+                ),
+                Ok(u) if u.query().is_some() || u.path().trim_end_matches('/') != "" => bad(
+                    key,
+                    "has a path or query, which APNs requests would not carry: give https://host[:port] only".into(),
+                ),
                 Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => {}
                 _ => bad(key, format!("{url:?} is not an https:// URL with a host")),
             }
@@ -738,7 +757,12 @@ impl Config {
         }
         if let Some(ca) = &self.apns.ca_file {
             let ca = abs(ca);
-            if !ca.is_file() {
+            if ca.is_dir() {
+                bad(
+                    "apns.ca_file",
+                    format!("{} is a folder, not a PEM file", ca.display()),
+                );
+            } else if !ca.is_file() {
                 bad("apns.ca_file", format!("{} does not exist", ca.display()));
             }
             self.apns.ca_file = Some(ca);
@@ -1853,6 +1877,34 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             "never echoes it: {err}"
         );
         assert!(load(&with("http://127.0.0.1:3128")).is_ok());
+    }
+
+    /// An APNs URL is a host and port: credentials, a path or a query would be dropped
+    /// silently (or be a secret in the config), so they are refused, never echoed.
+    #[test]
+    fn apns_urls_with_credentials_path_or_query_are_refused() {
+        let with =
+            |url: &str| GOOD.to_string() + &format!("\n[apns]\nproduction_url = \"{url}\"\n");
+        for url in [
+            "https://u:hunter2@127.0.0.1:2197",
+            "https://127.0.0.1:2197/apns",
+            "https://127.0.0.1:2197?hunter2",
+        ] {
+            let err = load(&with(url)).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{url}: {err}");
+            assert_eq!(err.problems[0].key, "apns.production_url", "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+        assert!(load(&with("https://127.0.0.1:2197")).is_ok());
+        assert!(load(&with("https://127.0.0.1:2197/")).is_ok());
+    }
+
+    #[test]
+    fn a_problem_is_shown_on_one_line() {
+        let err = load(&GOOD.replace("[[apps]]", "[apps")).unwrap_err();
+        let shown = err.to_string();
+        assert_eq!(shown.lines().count(), 1 + err.problems.len(), "{shown}");
+        assert!(shown.contains("invalid table header; expected"), "{shown}");
     }
 
     #[test]

@@ -148,3 +148,21 @@ fn backup_while_sending_gives_consistent_copies() {
     let last = check_copy(&dest);
     assert_eq!((last.deliveries, last.sent), (TOTAL, TOTAL));
 }
+
+/// A backup of a database that does not exist (a mistyped `store.path`, a daemon that never
+/// ran) is refused instead of passing an empty copy off as one.
+#[test]
+fn a_backup_of_no_database_is_refused() {
+    let env = Ops::new(OpsOptions {
+        admin: String::new(),
+        ..OpsOptions::default()
+    });
+    assert!(!env.db.exists());
+    let dest = env.dir.path().join("copy.db");
+    let out = env.pushdrop(&["backup", dest.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("nothing to back up"), "{said}");
+    assert!(!dest.exists());
+    assert!(!env.db.exists(), "no empty database made either");
+}

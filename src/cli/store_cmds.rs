@@ -38,17 +38,22 @@ fn reader(cfg: &Config) -> anyhow::Result<Reader> {
             return Ok(r);
         }
     }
+    open_store(path)?;
+    Ok(Reader::open(path)?)
+}
+
+/// Opens (and migrates) the store, creating it if missing, and says so: not an error (a fresh
+/// install shows an empty queue), but a mistyped `store.path` would otherwise go unnoticed.
+fn open_store(path: &Path) -> anyhow::Result<Store> {
     let new = !path.exists();
-    Store::open(path, false)?;
+    let store = Store::open(path, false)?;
     if new {
-        // Not an error (a fresh install shows an empty queue), but a mistyped store.path
-        // would otherwise go unnoticed.
         eprintln!(
             "note: no database at {} yet (store.path); created an empty one",
             path.display()
         );
     }
-    Ok(Reader::open(path)?)
+    Ok(store)
 }
 
 /// `pushdrop status [--json]`.
@@ -287,7 +292,7 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         );
         return Ok(1);
     }
-    let store = Store::open(&cfg.store.path, false)?;
+    let store = open_store(&cfg.store.path)?;
     let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
         // A mistyped id, or one two apps use, is an error, as for `show`.
         Err(e @ (StoreError::UnknownNotification(_) | StoreError::AmbiguousId { .. })) => {
@@ -318,7 +323,7 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
 pub fn purge(config: &Path) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let _log = crate::logging::init_one_shot(&cfg.log);
-    let store = Store::open(&cfg.store.path, false)?;
+    let store = open_store(&cfg.store.path)?;
     let cutoff = crate::model::now_ms() - cfg.store.keep_finished_ms();
     let c = store.purge_blocking(cutoff, crate::inbox::drop_names(&cfg.inbox.dir))?;
     println!(
@@ -340,6 +345,14 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
 pub fn backup(config: &Path, dest: &Path) -> anyhow::Result<i32> {
     use std::os::unix::fs::OpenOptionsExt;
     let cfg = super::load_config(config)?;
+    // A copy of a database made just now would be a backup of nothing: a mistyped
+    // store.path must not pass for a backup.
+    if !cfg.store.path.exists() {
+        anyhow::bail!(
+            "no database at {} (store.path): nothing to back up",
+            cfg.store.path.display()
+        );
+    }
     let store = Store::open(&cfg.store.path, false)?;
     // Made empty first, readable by its owner only: the copy holds the device registry, and
     // `VACUUM INTO` would make it with the umask's mode (often 644). SQLite writes into an
