@@ -193,6 +193,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         stop: stop.clone(),
         cands: BTreeMap::new(),
         ignored: HashSet::new(),
+        near_misses: HashSet::new(),
         scan_requested: true,
         next_scan: Instant::now(),
         next_sweep: Instant::now(),
@@ -296,6 +297,12 @@ fn wanted(ev: &notify::Result<notify::Event>) -> bool {
     }
 }
 
+/// A name that would be a drop file's but for the case of its suffix (`A.JSON`, `b.JsonL`).
+fn is_near_drop_name(name: &std::ffi::OsStr) -> bool {
+    let lower = name.to_string_lossy().to_ascii_lowercase();
+    !lower.starts_with('.') && (lower.ends_with(".json") || lower.ends_with(".jsonl"))
+}
+
 /// Whether the event says "this file is complete": it was renamed in, or its writer closed it.
 fn completes(kind: &EventKind) -> bool {
     matches!(
@@ -393,6 +400,8 @@ struct Loop {
     cands: BTreeMap<OsString, Cand>,
     /// Directories and the like already seen (not re-examined on every scan).
     ignored: HashSet<OsString>,
+    /// Names that are drop files' but for the case of the suffix, already warned about.
+    near_misses: HashSet<OsString>,
     scan_requested: bool,
     next_scan: Instant,
     next_sweep: Instant,
@@ -641,9 +650,22 @@ impl Loop {
         };
         self.last_scan_error = None;
         let mut present = HashSet::new();
+        let mut near = HashSet::new();
         for e in entries.flatten() {
             let name = e.file_name();
             if !super::is_drop_name(&name) {
+                // `X.JSON` (Windows tools): not taken, as SPEC names the suffixes; said once
+                // per name, so that a dropper is not left wondering.
+                if is_near_drop_name(&name) {
+                    if !self.near_misses.contains(&name) {
+                        tracing::warn!(
+                            event = "ignored_name",
+                            file = %name.to_string_lossy(),
+                            "a file whose name ends in .json or .jsonl in another case is not taken: rename it with a lower-case suffix"
+                        );
+                    }
+                    near.insert(name);
+                }
                 continue;
             }
             present.insert(name.clone());
@@ -658,6 +680,7 @@ impl Loop {
         }
         self.cands.retain(|n, _| present.contains(n));
         self.ignored.retain(|n| present.contains(n));
+        self.near_misses = near;
         crate::metrics::get()
             .inbox_scan_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -880,5 +903,25 @@ impl Loop {
             }
         }
         more
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    #[test]
+    fn a_drop_suffix_in_another_case_is_a_near_miss() {
+        for name in ["A.JSON", "b.JsonL", "c.Json"] {
+            assert!(super::is_near_drop_name(OsStr::new(name)), "{name}");
+        }
+        // Taken anyway, or not meant as drop files.
+        for name in ["a.json", ".A.JSON", "a.txt", "a.JSON.tmp"] {
+            assert!(
+                !super::is_near_drop_name(OsStr::new(name))
+                    || crate::inbox::is_drop_name(OsStr::new(name)),
+                "{name}"
+            );
+        }
     }
 }
