@@ -409,8 +409,17 @@ fn readme_simulator_script_is_a_valid_script() {
     let start = block.find("```toml\n").unwrap() + "```toml\n".len();
     let end = start + block[start..].find("```").unwrap();
     let script = pushdrop::simulator::SimScript::parse(&block[start..end], 0).unwrap();
-    assert_eq!(script.tokens.len(), 5);
+    assert_eq!(script.tokens.len(), 6);
     assert_eq!(script.goaway_after, Some(100));
+    // The slow 503 is a slow error answer, not a slow normal one.
+    assert!(
+        script
+            .tokens
+            .iter()
+            .any(|(_, t)| matches!(t, pushdrop::simulator::TokenScript::Slow { .. })),
+        "{:?}",
+        script.tokens
+    );
 }
 
 /// The README's first drop-file example is a valid `.jsonl` for the shipped config's app.
