@@ -1297,8 +1297,6 @@ fn move_to_free_name(
     Err(format!("no free name in {}", dir.display()))
 }
 
-/// Puts a file that must not leave the inbox unread back into it, under its name or, when a
-/// writer has dropped another file there meanwhile, the next free `stem~n.ext`.
 /// Lines written to a file after what was taken of it: into the inbox as a file of their own
 /// (written atomically under a hidden name, then renamed to `fname` or `stem~n.ext`).
 fn split_off(tail: &[u8], inbox: &Path, fname: &std::ffi::OsStr) -> std::io::Result<PathBuf> {
@@ -1313,6 +1311,8 @@ fn split_off(tail: &[u8], inbox: &Path, fname: &std::ffi::OsStr) -> std::io::Res
     }
 }
 
+/// Puts a file that must not leave the inbox unread back into it, under its name or, when a
+/// writer has dropped another file there meanwhile, the next free `stem~n.ext`.
 fn put_back(moved: &Path, inbox: &Path, fname: &std::ffi::OsStr, name: &str, why: &str) {
     match move_to_free_name(moved, inbox, fname) {
         Ok(Some(back)) => {
