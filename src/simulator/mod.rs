@@ -298,9 +298,8 @@ impl Shared {
         crate::model::now_ms() / 1000 + self.live.clock_skew_s.load(Ordering::Relaxed)
     }
 
-    /// The scripted answer for this token, if any: `Ok(delay)` to go on (after a delay), or
-    /// `Err((status, reason, timestamp))`.
-    /// The extra delay and the answer that a token's script asks for.
+    /// The extra delay and the answer a token's script asks for: `Ok` to go on with the usual
+    /// answer, or `Err((status, reason, timestamp))`.
     pub(crate) fn scripted(&self, token: &str) -> (Duration, Result<(), ScriptedError>) {
         if !self.has_scripts.load(Ordering::Relaxed) {
             return (Duration::ZERO, Ok(()));
