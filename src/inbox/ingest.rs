@@ -949,7 +949,16 @@ impl Ingestor {
         if read.is_err() || bytes.len() <= size || content_hash(&bytes[..size]) != r.read.sha256 {
             return None;
         }
-        let tail = &bytes[size..];
+        let mut tail = &bytes[size..];
+        if self.late_looks {
+            // Complete lines only: a writer may be between the two writes of a line, whose
+            // rest then goes into the moved file, where the second look takes it whole.
+            let end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if end == 0 {
+                return Some(size as u64);
+            }
+            tail = &tail[..end];
+        }
         match split_off(tail, inbox, fname) {
             Ok(taken_as) => {
                 tracing::warn!(
@@ -957,7 +966,7 @@ impl Ingestor {
                     taken_as = %display_name(&taken_as),
                     "lines were appended to the file after it was read and committed; they are taken as a file of their own"
                 );
-                Some(bytes.len() as u64)
+                Some((size + tail.len()) as u64)
             }
             Err(e) => {
                 tracing::error!(event = "appended_after_read", file = r.name.as_str(), error = %e, "lines were appended to the file after it was read, and cannot be split off; the file is taken again");
@@ -1524,6 +1533,46 @@ mod tests {
             }]);
             assert_eq!(ext_ids(&ing), ["n1", "n2"], "keep {keep}");
         }
+    }
+
+    /// A line written in two writes, the first before the move and the second after it (an
+    /// unbuffered writer, or a line longer than its buffer): taken whole at the second look,
+    /// not cut in two files that would each be rejected.
+    #[test]
+    fn a_line_written_in_two_writes_around_the_move_is_taken_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true).watching();
+        let path = d.path().join("inbox/a.jsonl");
+        std::fs::write(&path, line("n1")).unwrap();
+        let r = commit_unmoved(&ing, &path);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let n2 = line("n2");
+        let (head, rest) = n2.split_at(10);
+        // A whole line and half of the next before the move, the other half after it.
+        std::io::Write::write_all(&mut f, (line("n3") + head).as_bytes()).unwrap();
+        let (moved, err) = ing.finish_accepted(&r, &mut BTreeSet::new());
+        assert_eq!(err, None);
+        assert!(moved.is_some());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n3"));
+        ing.process(vec![Candidate {
+            path: path.clone(),
+            settled: true,
+        }]);
+        std::io::Write::write_all(&mut f, rest.as_bytes()).unwrap();
+        drop(f);
+        let due = ing.next_look().expect("a second look is due");
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        ing.look_again(false);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), n2);
+        ing.process(vec![Candidate {
+            path: path.clone(),
+            settled: true,
+        }]);
+        // In the order they were written whole.
+        assert_eq!(ext_ids(&ing), ["n1", "n3", "n2"]);
     }
 
     /// A `.json` rewritten in place after the read goes back into the inbox whole.
