@@ -714,6 +714,25 @@ impl Config {
                     self.store.path.join("pushdrop.db").display()
                 ),
             );
+        } else if self.store.path.exists() && !self.store.path.is_file() {
+            // A FIFO would hang the commands that read it.
+            bad(
+                "store.path",
+                format!("{} is not a regular file", self.store.path.display()),
+            );
+        } else if let Some(b) = self
+            .store
+            .path
+            .parent()
+            .and_then(crate::inbox::fsutil::in_the_way)
+        {
+            bad(
+                "store.path",
+                format!(
+                    "its folder cannot be made: {} exists and is not a folder",
+                    b.path.display()
+                ),
+            );
         }
 
         // [apns]
@@ -721,38 +740,38 @@ impl Config {
             ("apns.production_url", &self.apns.production_url),
             ("apns.sandbox_url", &self.apns.sandbox_url),
         ] {
-            match url.parse::<http::Uri>() {
-                // APNs takes no credentials or query in its URL: they would be a secret in the
-                // config (as for the proxy), or a mistake that is silently dropped.
-                Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => bad(
-                    key,
-                    "holds credentials (user:password@): APNs takes none in its URL".into(),
-                ),
-                Ok(u) if u.query().is_some() || u.path().trim_end_matches('/') != "" => bad(
-                    key,
-                    "has a path or query, which APNs requests would not carry: give https://host[:port] only".into(),
-                ),
-                Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => {}
-                _ => bad(key, format!("{url:?} is not an https:// URL with a host")),
+            // APNs takes no credentials, path or query in its URL: they would be a secret in
+            // the config (as for the proxy), or a mistake silently dropped.
+            if let Some(why) = url_problem(
+                url,
+                "https",
+                "credentials (user:password@): APNs takes none in its URL",
+            ) {
+                bad(key, why);
             }
         }
         if !self.apns.proxy.is_empty() {
-            match self.apns.proxy.parse::<http::Uri>() {
-                // Credentials in the URL would be a secret written into the config (secrets
-                // are referred to by path), and pushdrop sends none to the proxy: refused
-                // rather than silently left out of every CONNECT.
-                Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => bad(
-                    "apns.proxy",
-                    "holds credentials (user:password@): pushdrop keeps no secret in its config and sends no proxy credentials; let the proxy admit this host by its address".into(),
-                ),
-                Ok(u)
-                    if u.scheme_str() == Some("http")
-                        && u.host().is_some()
-                        && u.port().is_some() => {}
-                _ => bad(
-                    "apns.proxy",
-                    format!("{:?} is not of the form http://host:port", self.apns.proxy),
-                ),
+            // Credentials in the URL would be a secret written into the config (secrets are
+            // referred to by path), and pushdrop sends none to the proxy: refused rather than
+            // silently left out of every CONNECT.
+            match url_problem(
+                &self.apns.proxy,
+                "http",
+                "credentials (user:password@): pushdrop keeps no secret in its config and sends no proxy credentials; let the proxy admit this host by its address",
+            ) {
+                Some(why) => bad("apns.proxy", why),
+                None if !self
+                    .apns
+                    .proxy
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.port().is_some()) =>
+                {
+                    bad(
+                        "apns.proxy",
+                        format!("{:?} is not of the form http://host:port", self.apns.proxy),
+                    )
+                }
+                None => {}
             }
         }
         if let Some(ca) = &self.apns.ca_file {
@@ -761,6 +780,11 @@ impl Config {
                 bad(
                     "apns.ca_file",
                     format!("{} is a folder, not a PEM file", ca.display()),
+                );
+            } else if ca.exists() && !ca.is_file() {
+                bad(
+                    "apns.ca_file",
+                    format!("{} is not a regular file (a PEM file)", ca.display()),
                 );
             } else if !ca.is_file() {
                 bad("apns.ca_file", format!("{} does not exist", ca.display()));
@@ -1421,6 +1445,69 @@ fn line_of_key(text: &str, doc: &toml_edit::ImDocument<&str>, key: &str) -> Opti
     span.map(|s| line_of_offset(text, s.start))
 }
 
+/// Why `url` is not `scheme://host[:port]` (a trailing `/` allowed), or `None`. A URL with
+/// credentials is never echoed, well-formed or not: `creds` says why it is refused instead.
+fn url_problem(url: &str, scheme: &str, creds: &str) -> Option<String> {
+    if url.contains('@') {
+        return Some(format!("holds {creds}"));
+    }
+    let form = format!("{scheme}://host[:port]");
+    let Ok(u) = url.parse::<http::Uri>() else {
+        return Some(format!("{url:?} is not of the form {form}"));
+    };
+    if u.scheme_str() != Some(scheme) || u.host().is_none() {
+        return Some(format!("{url:?} is not of the form {form}"));
+    }
+    if !u.authority().is_some_and(|a| plain_authority(a.as_str())) {
+        return Some(format!(
+            "{url:?}: its host and port are not plain (a host name or address, and digits after `:`): give {form}"
+        ));
+    }
+    if u.query().is_some() || url.contains('#') || u.path().trim_end_matches('/') != "" {
+        return Some(format!(
+            "has a path, query or fragment, which its requests would not carry: give {form} only"
+        ));
+    }
+    None
+}
+
+/// `host`, `host:port` or `[v6]:port`, nothing else (no `;param` after the port).
+fn plain_authority(a: &str) -> bool {
+    let (host_ok, port) = match a.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((h, after)) => (
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'),
+                match after {
+                    "" => None,
+                    p => match p.strip_prefix(':') {
+                        Some(p) => Some(p),
+                        None => return false,
+                    },
+                },
+            ),
+            None => return false,
+        },
+        None => {
+            let (h, p) = match a.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (a, None),
+            };
+            (
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+                p,
+            )
+        }
+    };
+    host_ok
+        && port.is_none_or(|p| {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+        })
+}
+
 /// What can be an app's bundle id (and so an `apns-topic`): not empty, no whitespace. Apple
 /// documents no stricter rule, and the simulator's `--bundle-id` uses the same one, so the
 /// config it writes passes `check-config`.
@@ -1699,6 +1786,23 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         assert!(err.problems[0].message.contains("is a folder"), "{err}");
     }
 
+    /// Nor a FIFO (the reading commands would hang on it), nor a path under a file.
+    #[test]
+    fn a_store_path_that_cannot_be_a_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.db");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::write(dir.path().join("z.json"), "{}").unwrap();
+        for path in ["fifo.db", "z.json/pushdrop.db"] {
+            let text = format!("{GOOD}\n[store]\npath = \"{path}\"\n");
+            let err = load_in(dir.path(), &text).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{path}: {err}");
+            assert_eq!(err.problems[0].key, "store.path", "{err}");
+        }
+    }
+
     #[test]
     fn a_folder_under_a_file_is_refused_naming_its_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -1897,6 +2001,30 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         }
         assert!(load(&with("https://127.0.0.1:2197")).is_ok());
         assert!(load(&with("https://127.0.0.1:2197/")).is_ok());
+        assert!(load(&with("https://[::1]:2197")).is_ok());
+        assert!(load(&with("https://api.push.apple.com")).is_ok());
+        // Malformed ones too, never echoing a password; and what `run` could not use.
+        for url in [
+            "https://user:s3cr3t PW@127.0.0.1",
+            "https://user:hunter2@[::1",
+            "https://127.0.0.1:2197;hunter2",
+            "https://127.0.0.1:2197#hunter2",
+            "http://127.0.0.1:2197",
+        ] {
+            let err = load(&with(url)).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{url}: {err}");
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
+        let proxy = |p: &str| GOOD.to_string() + &format!("\n[apns]\nproxy = \"{p}\"\n");
+        for p in [
+            "http://user:s3cr3t^x@127.0.0.1:3128",
+            "http://127.0.0.1:3128/x",
+            "http://127.0.0.1",
+        ] {
+            let err = load(&proxy(p)).unwrap_err();
+            assert_eq!(err.problems[0].key, "apns.proxy", "{p}: {err}");
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
     }
 
     #[test]
