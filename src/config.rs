@@ -1463,7 +1463,7 @@ fn url_problem(url: &str, scheme: &str, creds: &str) -> Option<String> {
             "{url:?}: its host and port are not plain (a host name or address, and digits after `:`): give {form}"
         ));
     }
-    if u.query().is_some() || url.contains('#') || u.path().trim_end_matches('/') != "" {
+    if u.query().is_some() || url.contains('#') || !u.path().trim_end_matches('/').is_empty() {
         return Some(format!(
             "has a path, query or fragment, which its requests would not carry: give {form} only"
         ));

@@ -441,3 +441,67 @@ fn readme_drop_file_example_is_a_valid_jsonl() {
     .unwrap_or_else(|r| panic!("{r:?}"));
     assert_eq!(parsed.records.len(), 2);
 }
+
+/// The README's first command: `pushdrop demo` tours the example files through the real
+/// daemon and prints what happened, leaving nothing behind in its temp folder's place; a
+/// reader that stops reading, and a Ctrl-C, end it cleanly too.
+#[test]
+fn the_demo_tours_the_examples_and_cleans_up_after_itself() {
+    let bin = env!("CARGO_BIN_EXE_pushdrop");
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = || {
+        let mut c = Command::new(bin);
+        c.arg("demo")
+            .env("TMPDIR", tmp.path())
+            .env_remove("PUSHDROP_CONFIG")
+            .current_dir(tmp.path());
+        c
+    };
+    let left = || std::fs::read_dir(tmp.path()).unwrap().count();
+
+    let out = demo().output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The built-in examples: 4 sent, 5 invalid (two scripted, three unregistered or not
+    // active), the 503-twice device sent on its third attempt, broken.json rejected.
+    assert!(
+        text.contains("DELIVERIES  sent 4, invalid_token 5, failed 0"),
+        "{text}"
+    );
+    assert!(text.contains("8c68b5de…  3 attempts, now sent"), "{text}");
+    assert!(text.contains("broken.json            REJECTED"), "{text}");
+    assert!(text.contains("built into pushdrop"), "{text}");
+    assert_eq!(left(), 0, "the demo folder is removed");
+
+    // `pushdrop demo | head -1`: the reader goes away; the tour ends as usual.
+    let mut child = demo().stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("pushdrop demo"), "{first}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(left(), 0);
+
+    // Ctrl-C while it runs: the daemon stops, the folder goes, exit 130.
+    let mut child = demo()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the demo folder", || left() > 0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signals a child this test started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(said.contains("interrupted"), "{said}");
+    assert_eq!(left(), 0, "{said}");
+}

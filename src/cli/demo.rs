@@ -54,16 +54,27 @@ pub fn demo(examples: Option<&Path>, keep: bool) -> anyhow::Result<i32> {
     rt.block_on(run(examples, keep))
 }
 
-fn load_examples(dir: Option<&Path>) -> anyhow::Result<Vec<(String, String)>> {
+/// The drop files the tour uses, and where they come from (said in its header).
+struct Examples {
+    files: Vec<(String, String)>,
+    source: String,
+}
+
+/// `--examples DIR`; else `./inbox-example/` when there is one (a checkout, where the user
+/// may have edited them); else the built-in copies.
+fn load_examples(dir: Option<&Path>) -> anyhow::Result<Examples> {
     let dir = match dir {
         Some(d) => Some(d.to_path_buf()),
         None => Some(PathBuf::from("inbox-example")).filter(|d| d.is_dir()),
     };
     let Some(dir) = dir else {
-        return Ok(EMBEDDED
-            .iter()
-            .map(|(n, c)| (n.to_string(), c.to_string()))
-            .collect());
+        return Ok(Examples {
+            files: EMBEDDED
+                .iter()
+                .map(|(n, c)| (n.to_string(), c.to_string()))
+                .collect(),
+            source: "inbox-example/, built into pushdrop".into(),
+        });
     };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -85,7 +96,10 @@ fn load_examples(dir: Option<&Path>) -> anyhow::Result<Vec<(String, String)>> {
     if files.is_empty() {
         bail!("no .json or .jsonl files in {}", dir.display());
     }
-    Ok(files)
+    Ok(Examples {
+        files,
+        source: format!("{}/", dir.display()),
+    })
 }
 
 /// Device tokens registered by the examples' `devices*` files, in file order.
@@ -132,10 +146,14 @@ fn drop_file(staging: &Path, inbox: &Path, name: &str, content: &str) -> anyhow:
 
 async fn run(examples: Option<&Path>, keep: bool) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let files = load_examples(examples)?;
+    let examples = load_examples(examples)?;
+    let files = &examples.files;
     let tmp = tempfile::Builder::new()
         .prefix("pushdrop-demo-")
         .tempdir()?;
+    // Ctrl-C or SIGTERM ends the tour early, and it still cleans up after itself (the
+    // daemon stopped, the folder removed unless `--keep`); a second one stops it at once.
+    let stop = Interrupt::install()?;
     let root = tmp.path().to_path_buf();
     for d in ["inbox", "staging", "receipts", "log"] {
         std::fs::create_dir_all(root.join(d))?;
@@ -149,7 +167,7 @@ async fn run(examples: Option<&Path>, keep: bool) -> anyhow::Result<i32> {
     let creds = sim.write_credentials(&root.join("simulator"))?;
 
     // Script a few of the example devices so the tour shows every path.
-    let tokens = registered_tokens(&files);
+    let tokens = registered_tokens(files);
     let mut scripted = Vec::new();
     let mut script = |i: usize, s: TokenScript, what: &str| {
         if let Some(t) = tokens.get(i) {
@@ -214,6 +232,52 @@ listen = ""
         tokio::task::spawn_blocking(move || Daemon::start(cfg)).await??
     };
 
+    let toured = tour(&cfg, &root, files, &stop).await;
+    tokio::task::spawn_blocking(move || daemon.shutdown()).await?;
+    let mut out = match toured {
+        Ok(()) => report(&cfg, &examples, &scripted, &sim, started)?,
+        Err(e) => match stop.signal() {
+            Some((_, code)) => {
+                sim.shutdown().await;
+                let kept = if keep {
+                    format!("kept the demo folder: {}", tmp.keep().display())
+                } else {
+                    "the demo folder is removed".into()
+                };
+                eprintln!("pushdrop demo: interrupted; the daemon stopped, {kept}");
+                return Ok(code);
+            }
+            None => return Err(e),
+        },
+    };
+    sim.shutdown().await;
+    if keep {
+        let kept = tmp.keep();
+        out.push_str(&format!(
+            "\nkept the demo folder: {}\ntry: pushdrop --config {}/pushdrop.toml status\n",
+            kept.display(),
+            kept.display()
+        ));
+    } else {
+        out.push_str(
+            "\nthe demo folder (and the receipts above) is removed now; `pushdrop demo --keep` keeps it\n",
+        );
+    }
+    // A reader that went away (`| head`) or a full disk ends the output, not the tour: the
+    // folder is already kept or removed as asked.
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    Ok(0)
+}
+
+/// What the tour does with the running daemon: drop the files the way a dropper would, and
+/// wait until everything due is final.
+async fn tour(
+    cfg: &Config,
+    root: &Path,
+    files: &[(String, String)],
+    stop: &Interrupt,
+) -> anyhow::Result<()> {
     // Devices first (a dropper registers before it broadcasts), then the rest.
     let inbox = cfg.inbox.dir.clone();
     let staging = root.join("staging");
@@ -222,32 +286,47 @@ listen = ""
     for (name, text) in &devices {
         drop_file(&staging, &inbox, name, text)?;
     }
-    wait_for(Duration::from_secs(30), || inbox_empty(&inbox)).await?;
+    wait_for(stop, Duration::from_secs(30), || inbox_empty(&inbox)).await?;
     for (name, text) in &rest {
         drop_file(&staging, &inbox, name, text)?;
     }
-    wait_for(Duration::from_secs(30), || inbox_empty(&inbox)).await?;
+    wait_for(stop, Duration::from_secs(30), || inbox_empty(&inbox)).await?;
     let db = cfg.store.path.clone();
-    wait_for(Duration::from_secs(60), || nothing_due(&db)).await?;
+    wait_for(stop, Duration::from_secs(60), || nothing_due(&db)).await?;
     // Receipts are written just after the last result; give them a moment.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tokio::task::spawn_blocking(move || daemon.shutdown()).await?;
+    Ok(())
+}
 
-    print_report(&cfg, &files, &scripted, &sim, started)?;
-    sim.shutdown().await;
-    if keep {
-        let kept = tmp.keep();
-        println!("\nkept the demo folder: {}", kept.display());
-        println!(
-            "try: pushdrop --config {}/pushdrop.toml status",
-            kept.display()
-        );
-    } else {
-        println!(
-            "\nthe demo folder (and the receipts above) is removed now; `pushdrop demo --keep` keeps it"
-        );
+/// SIGINT or SIGTERM during the tour: noted here, acted on by the tour's waits.
+struct Interrupt(Arc<std::sync::OnceLock<(&'static str, i32)>>);
+
+impl Interrupt {
+    fn install() -> anyhow::Result<Interrupt> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let got: Arc<std::sync::OnceLock<(&'static str, i32)>> = Arc::default();
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let noted = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let (name, code) = tokio::select! {
+                    _ = int.recv() => ("SIGINT", 130),
+                    _ = term.recv() => ("SIGTERM", 143),
+                };
+                if noted.set((name, code)).is_err() {
+                    // The second: at once, as a signal would have.
+                    std::process::exit(code);
+                }
+            }
+        });
+        Ok(Interrupt(got))
     }
-    Ok(0)
+
+    /// The signal that came, with the exit code it stands for.
+    fn signal(&self) -> Option<(&'static str, i32)> {
+        self.0.get().copied()
+    }
 }
 
 fn inbox_empty(inbox: &Path) -> bool {
@@ -272,9 +351,16 @@ fn nothing_due(db: &Path) -> bool {
     matches!(q, Ok((0, 0)))
 }
 
-async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+async fn wait_for(
+    stop: &Interrupt,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while !done() {
+        if let Some((name, _)) = stop.signal() {
+            bail!("interrupted by {name}");
+        }
         if Instant::now() > deadline {
             bail!("the demo did not settle within {} s", limit.as_secs());
         }
@@ -283,25 +369,39 @@ async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Re
     Ok(())
 }
 
-fn print_report(
+/// The tour's table, as text: written out at once at the end, so that a closed pipe
+/// (`pushdrop demo | head`) costs nothing but the output.
+fn report(
     cfg: &Config,
-    files: &[(String, String)],
+    files: &Examples,
     scripted: &[(String, String)],
     sim: &Simulator,
     started: Instant,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    macro_rules! say {
+        ($($t:tt)*) => {
+            let _ = writeln!(out, $($t)*);
+        };
+    }
     let r = Reader::open(&cfg.store.path)?;
     let c = r.conn();
-    println!(
-        "pushdrop demo: the real daemon, files, SQLite and HTTP/2 over TLS to the built-in APNs simulator\n"
+    say!(
+        "pushdrop demo: the real daemon, files, SQLite and HTTP/2 over TLS to the built-in APNs simulator"
+    );
+    say!(
+        "(the files of {}; written an hour ago, as far as their mtimes tell, so that the devices registered before the 410 scripted below)\n",
+        files.source
     );
 
-    println!("FILES DROPPED ({})", files.len());
+    say!("FILES DROPPED ({})", files.files.len());
     let processed = list(cfg.processed_dir());
     let rejected = list(cfg.rejected_dir());
-    for (name, _) in files {
+    for (name, _) in &files.files {
         if processed.iter().any(|p| p == name) {
-            println!("  {name:<22} accepted -> processed/");
+            say!("  {name:<22} accepted -> processed/");
         } else if rejected.iter().any(|p| p == name) {
             let report =
                 std::fs::read_to_string(cfg.rejected_dir().join(format!("{name}.error.json")))
@@ -311,9 +411,9 @@ fn print_report(
                 .as_ref()
                 .and_then(|v| v["problems"].as_array().cloned())
                 .unwrap_or_default();
-            println!("  {name:<22} REJECTED -> rejected/{name}.error.json");
+            say!("  {name:<22} REJECTED -> rejected/{name}.error.json");
             for p in problems.iter().take(4) {
-                println!(
+                say!(
                     "      record {} {}{}: {}",
                     p["record"],
                     p["line"]
@@ -325,14 +425,21 @@ fn print_report(
                 );
             }
         } else {
-            println!("  {name:<22} ?");
+            say!("  {name:<22} ?");
         }
     }
 
-    println!("\nNOTIFICATIONS");
-    println!(
+    say!("\nNOTIFICATIONS");
+    say!(
         "  {:<26} {:<8} {:<12} {:>6} {:>6} {:>8} {:>8} {:>8}",
-        "id", "target", "push type", "queued", "sent", "failed", "expired", "invalid"
+        "id",
+        "target",
+        "push type",
+        "queued",
+        "sent",
+        "failed",
+        "expired",
+        "invalid"
     );
     let mut st = c.prepare(
         "SELECT n.ext_id, n.target_kind, n.push_type, n.send_at,
@@ -365,14 +472,18 @@ fn print_report(
         } else {
             String::new()
         };
-        println!(
+        say!(
             "  {id:<26} {kind:<8} {push_type:<12} {:>6} {:>6} {:>8} {:>8} {:>8}{scheduled}",
-            n[0], n[1], n[2], n[3], n[4]
+            n[0],
+            n[1],
+            n[2],
+            n[3],
+            n[4]
         );
     }
 
     let totals = r.status()?.totals;
-    println!(
+    say!(
         "\nDELIVERIES  sent {}, invalid_token {}, failed {}, expired {}, queued {}",
         totals["sent"],
         totals["invalid_token"],
@@ -381,12 +492,12 @@ fn print_report(
         totals["queued"]
     );
 
-    println!("\nSCRIPTED DEVICES (what the simulator was told to answer)");
+    say!("\nSCRIPTED DEVICES (what the simulator was told to answer)");
     for (t, what) in scripted {
-        println!("  {}…  {what}", token_prefix(t));
+        say!("  {}…  {what}", token_prefix(t));
     }
 
-    println!("\nRETRIED (delivered after more than one attempt)");
+    say!("\nRETRIED (delivered after more than one attempt)");
     let mut st = c.prepare(
         "SELECT v.token, d.attempts, d.state, coalesce(d.last_reason, '') FROM deliveries d
          JOIN devices v ON v.id = d.device_id WHERE d.attempts > 1 ORDER BY d.id",
@@ -403,7 +514,7 @@ fn print_report(
         let (t, attempts, state, reason) = row?;
         any = true;
         let state = crate::model::DeliveryState::from_code(state).map_or("?", |s| s.as_str());
-        println!(
+        say!(
             "  {}…  {attempts} attempts, now {state}{}",
             token_prefix(&t),
             if reason.is_empty() {
@@ -414,20 +525,20 @@ fn print_report(
         );
     }
     if !any {
-        println!("  none");
+        say!("  none");
     }
 
-    println!("\nINVALIDATED DEVICES");
+    say!("\nINVALIDATED DEVICES");
     let invalid = r.devices(&crate::store::query::DeviceQuery {
         invalid_only: true,
         limit: 100,
         ..Default::default()
     })?;
     if invalid.is_empty() {
-        println!("  none");
+        say!("  none");
     }
     for d in &invalid {
-        println!(
+        say!(
             "  {}…  {} since {} ({})",
             token_prefix(&d.token),
             d.app,
@@ -436,23 +547,23 @@ fn print_report(
         );
     }
 
-    println!(
+    say!(
         "\nSIMULATOR  {} requests over {} HTTP/2 connection(s), {} accepted with 200",
         sim.requests(),
         sim.connections(),
         sim.accepted_count()
     );
 
-    println!("\nRECEIPTS");
+    say!("\nRECEIPTS");
     if let Some(dir) = &cfg.receipts.dir {
         let mut receipts = list(dir);
         receipts.sort();
         for name in receipts {
-            println!("  {}", dir.join(name).display());
+            say!("  {}", dir.join(name).display());
         }
     }
-    println!("\nelapsed {:.2} s", started.elapsed().as_secs_f64());
-    Ok(())
+    say!("\nelapsed {:.2} s", started.elapsed().as_secs_f64());
+    Ok(out)
 }
 
 fn list(dir: &Path) -> Vec<String> {
