@@ -490,7 +490,7 @@ fn the_demo_tours_the_examples_and_cleans_up_after_itself() {
     assert_eq!(left(), 0);
 
     // Ctrl-C while it runs: the daemon stops, the folder goes, exit 130.
-    let mut child = demo()
+    let child = demo()
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
