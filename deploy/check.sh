@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the deployment examples with whatever tools this machine has:
-#   bash deploy/check.sh [path/to/pushdrop]      (default: target/release/pushdrop)
+#   bash deploy/check.sh [path/to/pushdrop]      (default: target/production/pushdrop, else target/release/pushdrop)
 # - deploy/kubernetes.yaml parses as YAML (python3 + PyYAML) and holds the expected objects;
 # - the systemd unit passes `systemd-analyze verify` and gets an exposure score from
 #   `systemd-analyze security --offline`; sysusers/tmpfiles entries apply to a scratch root;
@@ -8,7 +8,9 @@
 # The configs themselves are checked with the real binary by tests/ops_config.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=$(realpath "${1:-target/release/pushdrop}")
+default=target/production/pushdrop
+[ -x "$default" ] || default=target/release/pushdrop
+bin=$(realpath "${1:-$default}") || { echo "no pushdrop binary at ${1:-$default}: build it, or name it" >&2; exit 1; }
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 status=0

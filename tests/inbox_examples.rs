@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 
 use common::inbox::{Env, notification, token, wait_for};
 
+/// One example file, by name.
+fn example(name: &str) -> PathBuf {
+    examples()
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == name))
+        .unwrap_or_else(|| panic!("no inbox-example/{name}"))
+}
+
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("inbox-example");
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -122,15 +130,15 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("devices.jsonl: accepted (6 device records"),
+        stdout.contains("0-devices.jsonl: accepted (6 device records"),
         "{stdout}"
     );
 
     assert_eq!(
         env.processed_names(),
         [
+            "0-devices.jsonl",
             "broadcast.json",
-            "devices.jsonl",
             "scheduled.json",
             "to-users.json",
             "voip.json"
@@ -182,7 +190,7 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
 
     // The same file again (same name and content): committed before, only moved.
     let again = staging.join("broadcast.json");
-    std::fs::copy(examples()[0].clone(), &again).unwrap();
+    std::fs::copy(example("broadcast.json"), &again).unwrap();
     let out = env.pushdrop(&["ingest", again.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -195,7 +203,7 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
     // The same content under another name: a new file, whose notification ids are
     // duplicates: nothing queued twice.
     let renamed = staging.join("broadcast-again.json");
-    std::fs::copy(examples()[0].clone(), &renamed).unwrap();
+    std::fs::copy(example("broadcast.json"), &renamed).unwrap();
     let out = env.pushdrop(&["ingest", renamed.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -238,7 +246,7 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
             .iter()
             .any(|e| e["event"] == event && (file.is_empty() || e["file"] == file))
     };
-    assert!(with("ingested", "devices.jsonl"), "{lines}");
+    assert!(with("ingested", "0-devices.jsonl"), "{lines}");
     assert!(with("rejected", "broken.json"), "{lines}");
     assert!(with("requeued", ""), "{lines}");
     assert!(with("purged", ""), "{lines}");

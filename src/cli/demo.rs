@@ -20,8 +20,8 @@ use crate::store::query::Reader;
 /// The example files, built in so the demo also works outside a checkout.
 const EMBEDDED: &[(&str, &str)] = &[
     (
-        "devices.jsonl",
-        include_str!("../../inbox-example/devices.jsonl"),
+        "0-devices.jsonl",
+        include_str!("../../inbox-example/0-devices.jsonl"),
     ),
     (
         "broadcast.json",
@@ -102,10 +102,10 @@ fn load_examples(dir: Option<&Path>) -> anyhow::Result<Examples> {
     })
 }
 
-/// Device tokens registered by the examples' `devices*` files, in file order.
+/// Device tokens registered by the examples' `*devices*` files, in file order.
 fn registered_tokens(files: &[(String, String)]) -> Vec<String> {
     let mut tokens = Vec::new();
-    for (name, text) in files.iter().filter(|(n, _)| n.starts_with("devices")) {
+    for (name, text) in files.iter().filter(|(n, _)| n.contains("devices")) {
         let values: Vec<serde_json::Value> = if name.ends_with(".jsonl") {
             text.lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
@@ -281,8 +281,7 @@ async fn tour(
     // Devices first (a dropper registers before it broadcasts), then the rest.
     let inbox = cfg.inbox.dir.clone();
     let staging = root.join("staging");
-    let (devices, rest): (Vec<_>, Vec<_>) =
-        files.iter().partition(|(n, _)| n.starts_with("devices"));
+    let (devices, rest): (Vec<_>, Vec<_>) = files.iter().partition(|(n, _)| n.contains("devices"));
     for (name, text) in &devices {
         drop_file(&staging, &inbox, name, text)?;
     }
