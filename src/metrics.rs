@@ -17,13 +17,18 @@ use prometheus_client::registry::Registry;
 /// it could be sent") and what a proxy or an unknown server says (a 502's `BadGateway`),
 /// whose free text would open a new time series per message. The log line carries the
 /// whole text.
-pub fn reason_label(reason: &str) -> &str {
+///
+/// `status` is the HTTP status the reason came with: Apple's word under a status Apple does
+/// not give it with (a proxy's 502 saying `BadDeviceToken`) is not Apple's. Without one (an
+/// outcome pushdrop decided unsent, such as a delivery to a device invalidated before), the
+/// reason it carries over is kept.
+pub fn reason_label(status: Option<u16>, reason: &str) -> &str {
     let head = reason.split(';').next().unwrap_or_default().trim();
-    if crate::apns::outcome::is_apple_reason(head) {
-        head
-    } else {
-        "other"
-    }
+    let apples = match status.filter(|&s| s != 0) {
+        Some(s) => crate::apns::outcome::apple_reasons(s).is_some_and(|rs| rs.contains(&head)),
+        None => crate::apns::outcome::is_apple_reason(head),
+    };
+    if apples { head } else { "other" }
 }
 
 /// Label set of one reason (rejection reason, APNs reason).
@@ -270,15 +275,29 @@ mod tests {
     /// Apple's reasons are labels; anything else, one word or not, is `other`.
     #[test]
     fn only_apples_reasons_become_labels() {
-        for (reason, label) in [
-            ("BadDeviceToken", "BadDeviceToken"),
-            ("Unregistered; the device registered before", "Unregistered"),
-            ("TooManyRequests", "TooManyRequests"),
-            ("BadGateway", "other"),
-            ("no answer from APNs within 10000 ms", "other"),
-            ("", "other"),
+        for (status, reason, label) in [
+            (Some(400), "BadDeviceToken", "BadDeviceToken"),
+            (
+                Some(410),
+                "Unregistered; the device registered before",
+                "Unregistered",
+            ),
+            (Some(429), "TooManyRequests", "TooManyRequests"),
+            (Some(502), "BadGateway", "other"),
+            // Apple's word from a server that is not Apple's (a proxy's 502).
+            (Some(502), "BadDeviceToken", "other"),
+            (Some(400), "InvalidProviderToken", "other"),
+            (None, "no answer from APNs within 10000 ms", "other"),
+            (None, "", "other"),
+            // Decided unsent, carrying the device's invalidation.
+            (None, "Unregistered", "Unregistered"),
+            (Some(0), "Unregistered", "Unregistered"),
         ] {
-            assert_eq!(super::reason_label(reason), label, "{reason}");
+            assert_eq!(
+                super::reason_label(status, reason),
+                label,
+                "{status:?} {reason}"
+            );
         }
     }
 

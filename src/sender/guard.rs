@@ -22,6 +22,10 @@ const MIN_BURST: u32 = 3;
 /// of the window's answers: 25 dead tokens among 5,000 accepted pushes are dead phones, a
 /// registry with a tenth of its tokens refused is a config (or registration) mistake.
 const BURST_SHARE_PERCENT: u64 = 10;
+/// This many times `bad_token_burst` devices refused, and not one push accepted in the window:
+/// a burst at once, without waiting for the hold to end (a wrong environment refuses every
+/// request, and the hold would let thousands more go out first).
+const OVERWHELMING: u32 = 5;
 /// How long a `BadDeviceToken` answer is held before its device is invalidated: long enough
 /// for a burst (a wrong environment or topic answers every request that way at once) to show.
 const HOLD_MS: u64 = 2000;
@@ -86,6 +90,14 @@ struct Held {
     at: Instant,
     at_ms: i64,
     latency_ms: f64,
+}
+
+/// What the end of the holds decided: the answers let go (invalid devices, or back to the
+/// queue), and the apps and environments a burst paused.
+#[derive(Default)]
+pub struct Due {
+    pub released: Vec<Released>,
+    pub bursts: Vec<(String, Environment)>,
 }
 
 /// A held `BadDeviceToken` answer whose hold passed without a burst: the device is invalid.
@@ -283,12 +295,10 @@ impl Guards {
         let win = &mut windows.entry(app.to_string()).or_default()[env_index(env)];
         roll(win);
         win.bad.insert(c.device.id);
-        let bad = win.bad.len() as u32;
-        let share =
-            u64::from(bad) * 100 >= BURST_SHARE_PERCENT * (u64::from(bad) + u64::from(win.ok));
-        let burst =
-            win.suspect || (bad >= self.burst && share) || (bad >= MIN_BURST && bad > win.ok);
-        if !burst {
+        // Judged when the hold ends, on the answers that came meanwhile too: the first
+        // answers of a broadcast are a small sample (its dead tokens may come first).
+        let overwhelming = win.ok == 0 && win.bad.len() as u32 >= self.burst * OVERWHELMING;
+        if !(win.suspect || overwhelming) {
             win.held.push(Held {
                 delivery: c.clone(),
                 reason: reason.to_string(),
@@ -299,8 +309,25 @@ impl Guards {
             self.held_signal.notify_one();
             return BadTokenVerdict::Hold;
         }
+        let (until_ms, released) = self.burst(app, env, win);
+        drop(windows);
+        BadTokenVerdict::Burst { until_ms, released }
+    }
+
+    /// Whether the window's `BadDeviceToken` answers are a burst: at least 3 devices and more
+    /// of them than accepted pushes, or `bad_token_burst` devices that are a tenth of the
+    /// answers.
+    fn is_burst(&self, win: &Window) -> bool {
+        let bad = win.bad.len() as u32;
+        let share =
+            u64::from(bad) * 100 >= BURST_SHARE_PERCENT * (u64::from(bad) + u64::from(win.ok));
+        (bad >= MIN_BURST && bad > win.ok) || (bad >= self.burst && share)
+    }
+
+    /// Pauses the app and environment for a burst; the held answers go back to the queue
+    /// (held until the pause ends), and the window starts afresh, in doubt until a 200.
+    fn burst(&self, app: &str, env: Environment, win: &mut Window) -> (i64, Vec<Released>) {
         let held = std::mem::take(&mut win.held);
-        // A fresh window after the pause, in doubt until a 200.
         *win = Window {
             suspect: true,
             ..Window::default()
@@ -308,7 +335,6 @@ impl Guards {
         // Paused before the window is let go: an answer of the same round taken next must
         // find the pause, not an empty window that would hold it as a lone dead device.
         let (until_ms, _) = self.pause(app, env, BURST, MAX_PAUSE_MS);
-        drop(windows);
         let released = held
             .into_iter()
             .map(|h| Released {
@@ -317,7 +343,7 @@ impl Guards {
                 latency_ms: h.latency_ms,
             })
             .collect();
-        BadTokenVerdict::Burst { until_ms, released }
+        (until_ms, released)
     }
 
     /// Whether any `BadDeviceToken` answer is waiting for its hold to pass.
@@ -327,25 +353,35 @@ impl Guards {
             .is_ok_and(|w| w.values().flatten().any(|win| !win.held.is_empty()))
     }
 
-    /// Held answers whose hold has passed without a burst: their devices are invalid. Unless
-    /// the app and environment are paused by then: the answers go back to the queue, as a
-    /// burst would have sent them, and wait for the pause to end.
-    pub fn release_due(&self) -> Vec<Released> {
+    /// Held answers whose hold has passed, judged with every answer of the window (those
+    /// that came during the hold too). A burst pauses the app and environment and hands
+    /// every held answer back to the queue (the burst is in [`Due::bursts`], for the
+    /// sender to say so loudly). Otherwise their devices are invalid; unless the app and
+    /// environment are paused by then: the answers go back to the queue, as a burst would
+    /// have sent them, and wait for the pause to end.
+    pub fn release_due(&self) -> Due {
+        let mut out = Due::default();
         let Ok(mut windows) = self.windows.lock() else {
-            return Vec::new();
+            return out;
         };
-        let mut out = Vec::new();
         for (app, envs) in windows.iter_mut() {
             for (win, env) in envs.iter_mut().zip(ENVS) {
+                if !win.held.iter().any(|h| h.at.elapsed() >= self.hold) {
+                    continue;
+                }
+                roll(win);
+                if self.paused_until(app, env).is_none() && self.is_burst(win) {
+                    let (_, released) = self.burst(app, env, win);
+                    out.released.extend(released);
+                    out.bursts.push((app.clone(), env));
+                    continue;
+                }
                 let (due, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut win.held)
                     .into_iter()
                     .partition(|h| h.at.elapsed() >= self.hold);
                 win.held = keep;
-                if due.is_empty() {
-                    continue;
-                }
                 let paused = self.paused_until(app, env);
-                out.extend(due.into_iter().map(|h| Released {
+                out.released.extend(due.into_iter().map(|h| Released {
                     delivery: h.delivery,
                     kind: match paused {
                         Some(until_ms) => ResultKind::held_until(until_ms, Some(400), h.reason),
@@ -475,9 +511,9 @@ mod tests {
             ),
             BadTokenVerdict::Hold
         ));
-        assert!(g.release_due().is_empty(), "held first");
+        assert!(g.release_due().released.is_empty(), "held first");
         std::thread::sleep(Duration::from_millis(150));
-        let r = g.release_due();
+        let r = g.release_due().released;
         assert_eq!(r.len(), 1);
         assert!(matches!(
             r[0].kind,
@@ -506,7 +542,7 @@ mod tests {
             BadTokenVerdict::Paused { until_ms } if until_ms == until
         ));
         std::thread::sleep(Duration::from_millis(80));
-        let r = g.release_due();
+        let r = g.release_due().released;
         assert_eq!(r.len(), 1);
         assert!(
             matches!(r[0].kind, ResultKind::Retry { due_at_ms, count_attempt: false, .. } if due_at_ms == until),
@@ -515,69 +551,81 @@ mod tests {
         );
     }
 
-    /// `bad_token_burst` (here 5) dead devices among many accepted pushes are dead devices;
-    /// as a tenth of the answers they are a burst.
+    /// `bad_token_burst` dead devices among many accepted pushes are dead devices; as a
+    /// tenth of the answers they are a burst. Judged when the hold ends, on every answer
+    /// of the window: dead tokens that answer first are no burst when the pushes after them
+    /// go through.
     #[test]
     fn a_few_dead_tokens_among_many_good_are_no_burst() {
-        let g = Guards::new(&cfg());
+        // The default `bad_token_burst` (20): 25 is well under the 100 that pause at once.
+        let mut g = Guards::new(&SenderConfig::default());
+        g.hold = Duration::from_millis(30);
         let env = Environment::Production;
-        for _ in 0..5000 {
-            g.success("big", env);
-        }
         for d in 0..25 {
             assert!(
                 matches!(
                     g.bad_device_token(&claimed("big", env, d, d), "BadDeviceToken", 1.0),
                     BadTokenVerdict::Hold
                 ),
-                "device {d} of 25 among 5,000 accepted"
+                "device {d}: the first answers"
             );
         }
-        // The tenth dead device among 90 accepted pushes is a tenth of the answers.
-        for _ in 0..90 {
+        for _ in 0..5000 {
+            g.success("big", env);
+        }
+        // The twentieth dead device among 180 accepted pushes is a tenth of the answers.
+        for _ in 0..180 {
             g.success("mid", env);
         }
-        let verdicts: Vec<bool> = (0..20)
-            .map(|d| {
-                matches!(
-                    g.bad_device_token(&claimed("mid", env, d, d), "BadDeviceToken", 1.0),
-                    BadTokenVerdict::Burst { .. }
-                )
-            })
-            .collect();
-        assert_eq!(verdicts.iter().position(|b| *b), Some(9), "{verdicts:?}");
+        for d in 0..20 {
+            assert!(matches!(
+                g.bad_device_token(&claimed("mid", env, d, d), "BadDeviceToken", 1.0),
+                BadTokenVerdict::Hold
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        let due = g.release_due();
+        assert_eq!(due.bursts, vec![("mid".to_string(), env)]);
+        let invalid = |app: &str| {
+            due.released
+                .iter()
+                .filter(|r| r.delivery.notification.app == app)
+                .filter(|r| matches!(r.kind, ResultKind::InvalidToken { .. }))
+                .count()
+        };
+        assert_eq!(invalid("big"), 25);
+        assert_eq!(invalid("mid"), 0);
+        assert!(g.paused_until("mid", env).is_some());
+        assert!(g.paused_until("big", env).is_none());
     }
 
     #[test]
     fn a_burst_pauses_and_invalidates_nothing() {
-        let g = Guards::new(&cfg());
+        let mut g = Guards::new(&cfg());
+        g.hold = Duration::from_millis(30);
         let env = Environment::Sandbox;
-        assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 10, 1), "BadDeviceToken", 1.0),
-            BadTokenVerdict::Hold
-        ));
-        assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 20, 2), "BadDeviceToken", 1.0),
-            BadTokenVerdict::Hold
-        ));
-        // The same device again is no new evidence.
-        assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 20, 9), "BadDeviceToken", 1.0),
-            BadTokenVerdict::Hold
-        ));
-        match g.bad_device_token(&claimed("a", env, 30, 3), "BadDeviceToken", 1.0) {
-            BadTokenVerdict::Burst { released, .. } => {
-                assert_eq!(released.len(), 3);
-                assert!(released.iter().all(|r| matches!(
-                    r.kind,
-                    ResultKind::Retry {
-                        count_attempt: false,
-                        ..
-                    }
-                )));
-            }
-            _ => panic!("3 of 3 answers bad is a burst"),
+        for (device, delivery) in [(10, 1), (20, 2), (20, 9), (30, 3)] {
+            // The same device twice is no new evidence.
+            assert!(matches!(
+                g.bad_device_token(&claimed("a", env, device, delivery), "BadDeviceToken", 1.0),
+                BadTokenVerdict::Hold
+            ));
         }
+        std::thread::sleep(Duration::from_millis(40));
+        let due = g.release_due();
+        assert_eq!(
+            due.bursts,
+            vec![("a".to_string(), env)],
+            "3 of 3 answers bad"
+        );
+        assert_eq!(due.released.len(), 4);
+        assert!(due.released.iter().all(|r| matches!(
+            r.kind,
+            ResultKind::Retry {
+                count_attempt: false,
+                ..
+            }
+        )));
         assert!(g.paused_until("a", env).is_some());
         // A straggler of the same round, answering after the burst, waits for the pause.
         assert!(matches!(
@@ -585,28 +633,50 @@ mod tests {
             BadTokenVerdict::Paused { .. }
         ));
         assert_eq!(g.paused_until("a", Environment::Production), None);
-        assert!(g.release_due().is_empty());
+        assert!(g.release_due().released.is_empty());
+    }
+
+    /// A wrong environment refuses every request: `5 × bad_token_burst` devices refused and
+    /// none accepted is a burst at once, before the hold lets more requests go out.
+    #[test]
+    fn overwhelming_refusals_pause_at_once() {
+        let g = Guards::new(&cfg());
+        let env = Environment::Production;
+        let verdicts: Vec<bool> = (0..30)
+            .map(|d| {
+                matches!(
+                    g.bad_device_token(&claimed("a", env, d, d), "BadDeviceToken", 1.0),
+                    BadTokenVerdict::Burst { .. }
+                )
+            })
+            .collect();
+        assert_eq!(verdicts.iter().position(|b| *b), Some(24), "{verdicts:?}");
+        // One accepted push before them, and the hold decides instead.
+        g.success("b", env);
+        assert!((0..30).all(|d| matches!(
+            g.bad_device_token(&claimed("b", env, d, d), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Hold
+        )));
     }
 
     /// After a burst, until a 200 shows the config is right, a `BadDeviceToken` is more of
     /// the burst however long after it: it pauses again, and invalidates nothing.
     #[test]
     fn after_a_burst_a_late_bad_token_pauses_again_until_a_success() {
-        let g = Guards {
+        let mut g = Guards {
             pause_base_ms: 1,
             ..Guards::new(&cfg())
         };
+        g.hold = Duration::from_millis(10);
         let env = Environment::Production;
-        for (device, delivery) in [(1, 1), (2, 2)] {
+        for (device, delivery) in [(1, 1), (2, 2), (3, 3)] {
             assert!(matches!(
                 g.bad_device_token(&claimed("a", env, device, delivery), "BadDeviceToken", 1.0),
                 BadTokenVerdict::Hold
             ));
         }
-        assert!(matches!(
-            g.bad_device_token(&claimed("a", env, 3, 3), "BadDeviceToken", 1.0),
-            BadTokenVerdict::Burst { .. }
-        ));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(g.release_due().bursts.len(), 1);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(g.paused_until("a", env), None, "the 1 ms pause is over");
         // One device alone, after the pause: still the burst.

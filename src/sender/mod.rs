@@ -560,7 +560,11 @@ async fn recorder(
                     None => stopping = true,
                 },
                 _ = tick.tick(), if holding => {
-                    for r in inner.guards.release_due() {
+                    let due = inner.guards.release_due();
+                    for (app, env) in &due.bursts {
+                        inner.announce_burst(app, *env);
+                    }
+                    for r in due.released {
                         let d = &r.delivery;
                         inner.log_outcome(d, &r.kind, d.attempts + 1, r.latency_ms);
                         batch.push(DeliveryResult { delivery_id: d.delivery_id, kind: r.kind });
@@ -788,13 +792,7 @@ impl Inner {
                         Some(ResultKind::held_until(until_ms, Some(status), reason))
                     }
                     BadTokenVerdict::Burst { until_ms, released } => {
-                        error!(
-                            event = "app_paused",
-                            app,
-                            environment = %env,
-                            reason = "BadDeviceToken burst",
-                            "many devices of this app answered BadDeviceToken at once: the app's environment or topic is probably wrong in the config; pausing it and invalidating nothing"
-                        );
+                        self.announce_burst(app, env);
                         // The held answers go back to the queue, each with its line.
                         let released: Vec<DeliveryResult> = released
                             .into_iter()
@@ -807,7 +805,6 @@ impl Inner {
                                 }
                             })
                             .collect();
-                        self.note_pause(app, env, format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."));
                         let results = results.clone();
                         tokio::spawn(async move {
                             for r in released {
@@ -904,6 +901,19 @@ impl Inner {
                 reason,
             }),
         }
+    }
+
+    /// A burst of `BadDeviceToken` answers paused the app and environment: said loudly (the
+    /// log's error, `status`), whether the answer that proved it or the end of a hold found it.
+    fn announce_burst(&self, app: &str, env: Environment) {
+        error!(
+            event = "app_paused",
+            app,
+            environment = %env,
+            reason = "BadDeviceToken burst",
+            "many devices of this app answered BadDeviceToken at once: the app's environment or topic is probably wrong in the config; pausing it and invalidating nothing"
+        );
+        self.note_pause(app, env, format!("{env}: burst of BadDeviceToken answers; check the app's environment and bundle_id. Nothing was invalidated."));
     }
 
     /// A retryable failure: back off with jitter, unless attempts or the expiration run out.
@@ -1066,11 +1076,11 @@ impl Inner {
             metrics::get()
                 .retries
                 .get_or_create(&ReasonLabel {
-                    reason: metrics::reason_label(reason).to_string(),
+                    reason: metrics::reason_label(status, reason).to_string(),
                 })
                 .inc();
         } else {
-            let label = metrics::reason_label(reason);
+            let label = metrics::reason_label(status, reason);
             metrics::get()
                 .deliveries
                 .get_or_create(&OutcomeLabel {
