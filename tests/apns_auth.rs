@@ -482,12 +482,27 @@ async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
 
     // A missing file is named.
     std::fs::remove_file(dir.path().join("client.pem")).unwrap();
-    let fourth = Simulator::start(kept).await.unwrap();
+    let fourth = Simulator::start(kept.clone()).await.unwrap();
     assert!(!fourth.credentials_reused());
     let why = fourth
         .credentials_not_kept()
         .unwrap_or_default()
         .to_string();
     assert!(why.starts_with("client.pem: "), "{why}");
+    fourth.write_credentials(dir.path()).unwrap();
     fourth.shutdown().await;
+
+    // Without the ids file, the keys are no one's: named, and only the new key stays.
+    std::fs::remove_file(dir.path().join("simulator-ids.toml")).unwrap();
+    let fifth = Simulator::start(kept).await.unwrap();
+    let why = fifth.credentials_not_kept().unwrap_or_default().to_string();
+    assert!(why.starts_with("simulator-ids.toml: "), "{why}");
+    let new_key = fifth.write_credentials(dir.path()).unwrap().key_file;
+    let keys: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "p8"))
+        .collect();
+    assert_eq!(keys, vec![new_key]);
+    fifth.shutdown().await;
 }

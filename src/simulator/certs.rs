@@ -147,18 +147,20 @@ pub(crate) fn load_kept(
         |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"));
     let ids_text = match std::fs::read_to_string(dir.join(IDS_FILE)) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Nothing of an earlier start, or only part of it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if dir.join("ca.pem").exists() || !old_keys(dir).is_empty() {
+                Err(NotKept::why(format!("{IDS_FILE}: {e}")))
+            } else {
+                Ok(None)
+            };
+        }
         Err(e) => return Err(NotKept::why(format!("{IDS_FILE}: {e}"))),
     };
     let ids: KeptIds = toml::from_str(&ids_text)
         .map_err(|e| NotKept::why(format!("{IDS_FILE}: {}", e.message())))?;
     let p8_name = format!("AuthKey_{}.p8", ids.key_id);
-    let old_key = dir.join(&p8_name);
-    let old_key = old_key.exists().then_some(old_key);
-    let fail = |why: String| NotKept {
-        why,
-        old_key_file: old_key.clone(),
-    };
+    let fail = NotKept::why;
     let ca_pem = read("ca.pem").map_err(fail)?;
     let ca_key_pem = read(CA_KEY_FILE).map_err(fail)?;
     let client_cert_pem = read("client.pem").map_err(fail)?;
@@ -208,17 +210,28 @@ pub(crate) fn load_kept(
 #[derive(Debug)]
 pub(crate) struct NotKept {
     pub why: String,
-    /// That start's `.p8` key, which the new one replaces.
-    pub old_key_file: Option<std::path::PathBuf>,
 }
 
 impl NotKept {
     fn why(why: String) -> NotKept {
-        NotKept {
-            why,
-            old_key_file: None,
-        }
+        NotKept { why }
     }
+}
+
+/// The `.p8` keys in a simulator folder (`AuthKey_*.p8`).
+pub(crate) fn old_keys(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("AuthKey_") && n.ends_with(".p8"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A new `.p8` key with fresh key and team ids.

@@ -498,13 +498,14 @@ impl Simulator {
         let ids = toml::to_string(&ids).map_err(|e| SimError::Cert(format!("ids: {e}")))?;
         certs::write_file(&dir.join(certs::IDS_FILE), &ids, false)?;
         certs::write_file(&creds.key_file, &self.primary.p8_pem, true)?;
-        // The key an earlier start wrote here is no one's any more: left, it would pile up
+        // The keys earlier starts wrote here are no one's any more: left, they would pile up
         // beside the new one at each start that makes new credentials.
-        if let Some(old) = self.not_kept.as_ref().and_then(|n| n.old_key_file.as_ref())
-            && old.parent() == Some(dir)
-            && *old != creds.key_file
-        {
-            let _ = std::fs::remove_file(old);
+        if self.not_kept.is_some() {
+            for old in certs::old_keys(dir) {
+                if old != creds.key_file {
+                    let _ = std::fs::remove_file(old);
+                }
+            }
         }
         certs::write_file(&creds.client_cert_file, &c.client_cert_pem, false)?;
         certs::write_file(&creds.client_key_file, &c.client_key_pem, true)?;

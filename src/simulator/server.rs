@@ -265,11 +265,19 @@ async fn serve_connection(
                     respond.send_reset(Reason::REFUSED_STREAM);
                     continue;
                 }
+                shared.requests.fetch_add(1, Ordering::Relaxed);
+                // The slot is taken here, in arrival order: the first stream of a new
+                // connection is the one served, as under a real limit of one.
+                let Some(slot) = take_slot(&shared, &conn) else {
+                    let (_, mut respond) = (request, respond);
+                    respond.send_reset(Reason::REFUSED_STREAM);
+                    continue;
+                };
                 answering.fetch_add(1, Ordering::AcqRel);
                 let done = answering.clone();
                 let (sh, co) = (shared.clone(), conn.clone());
                 tokio::spawn(async move {
-                    handle_stream(sh, co, request, respond).await;
+                    handle_stream(sh, co, request, respond, slot).await;
                     done.fetch_sub(1, Ordering::AcqRel);
                 });
                 if goaway_after == Some(streams) {
@@ -281,12 +289,26 @@ async fn serve_connection(
     }
 }
 
-/// Releases the "one stream until authorised" slot.
-struct InFlight<'a>(&'a AtomicUsize);
-impl Drop for InFlight<'_> {
+/// The one stream a connection not yet authorised may carry; released when its answer has
+/// gone out (or the stream ended otherwise).
+struct InFlight(Arc<ConnState>);
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Takes the one-stream slot, in the order the streams arrived: `None` when the connection
+/// is still unauthorised and its one stream is taken (this one is then refused).
+fn take_slot(shared: &Shared, conn: &Arc<ConnState>) -> Option<Option<InFlight>> {
+    if !shared.streams_one() || conn.authorised.load(Ordering::Acquire) {
+        return Some(None);
+    }
+    if conn.in_flight.fetch_add(1, Ordering::AcqRel) >= 1 {
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    Some(Some(InFlight(conn.clone())))
 }
 
 /// An answer that is not 200.
@@ -309,18 +331,9 @@ async fn handle_stream(
     conn: Arc<ConnState>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    slot: Option<InFlight>,
 ) {
-    shared.requests.fetch_add(1, Ordering::Relaxed);
-    let _slot = if shared.streams_one() && !conn.authorised.load(Ordering::Acquire) {
-        if conn.in_flight.fetch_add(1, Ordering::AcqRel) >= 1 {
-            conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-            respond.send_reset(Reason::REFUSED_STREAM);
-            return;
-        }
-        Some(InFlight(&conn.in_flight))
-    } else {
-        None
-    };
+    let _slot = slot;
     let (parts, body) = request.into_parts();
     let payload = match read_body(body).await {
         Ok(p) => p,

@@ -341,6 +341,19 @@ impl RawConn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<(u16, String), h2::Reason> {
+        let resp = self.start(method, path, headers, body).await;
+        RawConn::finish(resp).await
+    }
+
+    /// Sends a request without waiting for its answer ([`RawConn::finish`] does): several
+    /// started in a row go out in that order, before any answer comes.
+    pub async fn start(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> h2::client::ResponseFuture {
         let mut b = http::Request::builder()
             .method(method)
             .uri(format!("https://localhost{path}"));
@@ -356,6 +369,11 @@ impl RawConn {
                 .send_data(Bytes::copy_from_slice(body), true)
                 .unwrap();
         }
+        resp
+    }
+
+    /// The status and Apple's reason of a started request, or its stream's reset reason.
+    pub async fn finish(resp: h2::client::ResponseFuture) -> Result<(u16, String), h2::Reason> {
         let resp = match resp.await {
             Ok(r) => r,
             Err(e) => return Err(e.reason().unwrap_or_else(|| panic!("{e}"))),
