@@ -384,32 +384,28 @@ fn a_newer_database_is_refused_by_every_command() {
 #[test]
 fn a_bad_command_line_exits_2_and_an_empty_config_variable_means_the_default() {
     let bin = env!("CARGO_BIN_EXE_pushdrop");
+    // A bundle id its own config would carry and check-config refuse. (Were it taken, the
+    // folder it cannot write would end the simulator at once, with exit 1.)
+    let bundle = |id| {
+        let dir = ["--dir", "/proc/pushdrop-none"];
+        [
+            &["simulate", "--listen", "127.0.0.1:0"][..],
+            &dir,
+            &["--bundle-id", id],
+        ]
+        .concat()
+    };
     for args in [
-        &["simulate", "--listen", "nonsense"][..],
-        // A bundle id its own config would carry and check-config refuse. (Were it taken, the
-        // folder it cannot write would end the simulator at once, with exit 1.)
-        &[
-            "simulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--dir",
-            "/proc/pushdrop-none",
-            "--bundle-id",
-            "",
-        ],
-        &[
-            "simulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--dir",
-            "/proc/pushdrop-none",
-            "--bundle-id",
-            "has space",
-        ],
-        &["no-such-command"],
-        &["status", "--no-such-flag"],
+        vec!["simulate", "--listen", "nonsense"],
+        bundle(""),
+        bundle("has space"),
+        vec!["no-such-command"],
+        vec!["status", "--no-such-flag"],
     ] {
-        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
         assert_eq!(
             out.status.code(),
             Some(2),

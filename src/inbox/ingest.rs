@@ -1411,6 +1411,27 @@ mod tests {
         )
     }
 
+    /// The inbox's entries but its `processed` folder.
+    fn inbox_entries(inbox: &Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(inbox)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "processed")
+            .collect()
+    }
+
+    /// A writer's descriptor on `path`, in append mode.
+    fn appender(path: &Path) -> std::fs::File {
+        std::fs::OpenOptions::new().append(true).open(path).unwrap()
+    }
+
+    /// Waits for the watcher's second look at the files it moved, and takes it.
+    fn second_look(ing: &Ingestor) {
+        let due = ing.next_look().expect("a second look is due");
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        ing.look_again(false);
+    }
+
     /// Reads, parses and commits `path` as the watcher does, without moving it yet.
     fn commit_unmoved(ing: &Ingestor, path: &Path) -> Ready {
         let read = read_drop(path, &ing.cfg, true).unwrap_or_else(|_| panic!("read"));
@@ -1458,10 +1479,7 @@ mod tests {
             std::fs::write(&path, line("n1") + &line("n2")).unwrap();
             let r = commit_unmoved(&ing, &path);
             // A writer appends (the same file, in place) before the move.
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .unwrap();
+            let mut f = appender(&path);
             std::io::Write::write_all(&mut f, line("n3").as_bytes()).unwrap();
             drop(f);
             let mut dirty = BTreeSet::new();
@@ -1471,16 +1489,7 @@ mod tests {
             // Under the name itself, free again once the file left.
             let tail = inbox.join("a.jsonl");
             assert_eq!(std::fs::read_to_string(&tail).unwrap(), line("n3"));
-            let left: Vec<_> = std::fs::read_dir(&inbox)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .filter(|n| n != "processed")
-                .collect();
-            assert_eq!(
-                left,
-                vec![std::ffi::OsString::from("a.jsonl")],
-                "keep {keep}"
-            );
+            assert_eq!(inbox_entries(&inbox), ["a.jsonl"], "keep {keep}");
             ing.process(vec![Candidate {
                 path: tail,
                 settled: true,
@@ -1502,31 +1511,17 @@ mod tests {
             let path = inbox.join("a.jsonl");
             std::fs::write(&path, line("n1")).unwrap();
             let r = commit_unmoved(&ing, &path);
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .unwrap();
+            let mut f = appender(&path);
             let (moved, err) = ing.finish_accepted(&r, &mut BTreeSet::new());
             assert_eq!(err, None);
             assert_eq!(moved.is_some(), keep);
             assert!(!path.exists());
             std::io::Write::write_all(&mut f, line("n2").as_bytes()).unwrap();
             drop(f);
-            let due = ing.next_look().expect("a second look is due");
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            ing.look_again(false);
+            second_look(&ing);
             assert_eq!(ing.next_look(), None, "keep {keep}");
             assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n2"));
-            let left: Vec<_> = std::fs::read_dir(&inbox)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .filter(|n| n != "processed")
-                .collect();
-            assert_eq!(
-                left,
-                vec![std::ffi::OsString::from("a.jsonl")],
-                "keep {keep}"
-            );
+            assert_eq!(inbox_entries(&inbox), ["a.jsonl"], "keep {keep}");
             ing.process(vec![Candidate {
                 path: path.clone(),
                 settled: true,
@@ -1545,10 +1540,7 @@ mod tests {
         let path = d.path().join("inbox/a.jsonl");
         std::fs::write(&path, line("n1")).unwrap();
         let r = commit_unmoved(&ing, &path);
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let mut f = appender(&path);
         let n2 = line("n2");
         let (head, rest) = n2.split_at(10);
         // A whole line and half of the next before the move, the other half after it.
@@ -1563,9 +1555,7 @@ mod tests {
         }]);
         std::io::Write::write_all(&mut f, rest.as_bytes()).unwrap();
         drop(f);
-        let due = ing.next_look().expect("a second look is due");
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        ing.look_again(false);
+        second_look(&ing);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), n2);
         ing.process(vec![Candidate {
             path: path.clone(),
