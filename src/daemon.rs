@@ -21,7 +21,7 @@ use crate::store::{Store, StoreError};
 /// How often finished work past retention is purged while the daemon runs.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// A repeat of the stop signal this soon after it is the same stop, not a second one.
-const SAME_SIGNAL_WINDOW: Duration = Duration::from_millis(250);
+pub(crate) const SAME_SIGNAL_WINDOW: Duration = Duration::from_millis(250);
 /// How often old log files are pruned while the daemon runs.
 const LOG_PRUNE_EVERY: Duration = Duration::from_secs(300);
 

@@ -134,6 +134,7 @@ fn main() -> ExitCode {
         unsafe { std::env::remove_var("PUSHDROP_CONFIG") };
     }
     let cli = Cli::parse();
+    cli::exit_1_when_output_fails();
     if matches!(
         cli.command,
         Command::Status { .. }

@@ -452,3 +452,28 @@ fn a_bad_or_empty_rust_log_does_not_silence_the_log() {
         );
     }
 }
+
+/// Output that cannot be written (a full disk behind `> file`) ends a command with one line
+/// on stderr and exit 1, not a panic (exit 101).
+#[test]
+fn output_that_cannot_be_written_exits_1_with_a_line_on_stderr() {
+    let d = deployed(
+        &std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap(),
+        0o600,
+    );
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .arg("--config")
+        .arg(&d.config)
+        .arg("check-config")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("cannot write the output"), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+}

@@ -497,8 +497,12 @@ fn the_demo_tours_the_examples_and_cleans_up_after_itself() {
         .unwrap();
     wait_for("the demo folder", || left() > 0);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    // SAFETY: signals a child this test started.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    // Twice at once, as `timeout` sends it (to the child, then to its process group): one
+    // stop, not the second Ctrl-C that ends it at once.
+    for _ in 0..2 {
+        // SAFETY: signals a child this test started.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    }
     let out = child.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{said}");

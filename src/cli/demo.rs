@@ -148,12 +148,13 @@ async fn run(examples: Option<&Path>, keep: bool) -> anyhow::Result<i32> {
     let started = Instant::now();
     let examples = load_examples(examples)?;
     let files = &examples.files;
+    // Ctrl-C, SIGTERM or SIGHUP ends the tour early, and it still cleans up after itself (the
+    // daemon stopped, the folder removed unless `--keep`); a second one stops it at once.
+    // Caught before the folder exists, so none is left by a signal's default action.
+    let stop = Interrupt::install()?;
     let tmp = tempfile::Builder::new()
         .prefix("pushdrop-demo-")
         .tempdir()?;
-    // Ctrl-C or SIGTERM ends the tour early, and it still cleans up after itself (the
-    // daemon stopped, the folder removed unless `--keep`); a second one stops it at once.
-    let stop = Interrupt::install()?;
     let root = tmp.path().to_path_buf();
     for d in ["inbox", "staging", "receipts", "log"] {
         std::fs::create_dir_all(root.join(d))?;
@@ -234,6 +235,11 @@ listen = ""
 
     let toured = tour(&cfg, &root, files, &stop).await;
     tokio::task::spawn_blocking(move || daemon.shutdown()).await?;
+    // A signal after the tour (while the table is made) stops it as one during the tour.
+    let toured = match (toured, stop.signal()) {
+        (Ok(()), Some((name, _))) => Err(anyhow::anyhow!("interrupted by {name}")),
+        (t, _) => t,
+    };
     let mut out = match toured {
         Ok(()) => report(&cfg, &examples, &scripted, &sim, started)?,
         Err(e) => match stop.signal() {
@@ -251,23 +257,32 @@ listen = ""
         },
     };
     sim.shutdown().await;
-    if keep {
-        let kept = tmp.keep();
-        out.push_str(&format!(
+    let kept = keep.then(|| tmp.keep());
+    match &kept {
+        Some(kept) => out.push_str(&format!(
             "\nkept the demo folder: {}\ntry: pushdrop --config {}/pushdrop.toml status\n",
             kept.display(),
             kept.display()
-        ));
-    } else {
-        out.push_str(
+        )),
+        None => out.push_str(
             "\nthe demo folder (and the receipts above) is removed now; `pushdrop demo --keep` keeps it\n",
-        );
+        ),
     }
-    // A reader that went away (`| head`) or a full disk ends the output, not the tour: the
-    // folder is already kept or removed as asked.
+    // A reader that went away (`| head`) ends the output, not the tour: the folder is already
+    // kept or removed as asked. Output that cannot be written otherwise (a full disk) is said
+    // on stderr, with where the kept folder is.
     use std::io::Write as _;
-    let _ = std::io::stdout().lock().write_all(out.as_bytes());
-    Ok(0)
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Ok(()) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => {
+            eprintln!("pushdrop demo: cannot write the output: {e}");
+            if let Some(kept) = kept {
+                eprintln!("pushdrop demo: kept the demo folder: {}", kept.display());
+            }
+            Ok(1)
+        }
+    }
 }
 
 /// What the tour does with the running daemon: drop the files the way a dropper would, and
@@ -297,7 +312,7 @@ async fn tour(
     Ok(())
 }
 
-/// SIGINT or SIGTERM during the tour: noted here, acted on by the tour's waits.
+/// SIGINT, SIGTERM or SIGHUP during the tour: noted here, acted on by the tour's waits.
 struct Interrupt(Arc<std::sync::OnceLock<(&'static str, i32)>>);
 
 impl Interrupt {
@@ -306,16 +321,28 @@ impl Interrupt {
         let got: Arc<std::sync::OnceLock<(&'static str, i32)>> = Arc::default();
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
+        // A closed terminal (an SSH session gone) too.
+        let mut hup = signal(SignalKind::hangup())?;
         let noted = got.clone();
         tokio::spawn(async move {
+            let mut first: Option<(&'static str, Instant)> = None;
             loop {
                 let (name, code) = tokio::select! {
                     _ = int.recv() => ("SIGINT", 130),
                     _ = term.recv() => ("SIGTERM", 143),
+                    _ = hup.recv() => ("SIGHUP", 129),
                 };
-                if noted.set((name, code)).is_err() {
-                    // The second: at once, as a signal would have.
-                    std::process::exit(code);
+                match first {
+                    None => {
+                        first = Some((name, Instant::now()));
+                        let _ = noted.set((name, code));
+                    }
+                    // The same signal again at once is one stop sent twice (`timeout`
+                    // signals its child, then the child's process group).
+                    Some((n, at))
+                        if n == name && at.elapsed() < crate::daemon::SAME_SIGNAL_WINDOW => {}
+                    // A second: at once, as a signal would have.
+                    Some(_) => std::process::exit(code),
                 }
             }
         });

@@ -76,6 +76,26 @@ pub fn quiet_on_closed_pipe() {
     }
 }
 
+/// Output that cannot be written (a full disk behind `> file`, a closed terminal) ends a
+/// command with one line on stderr and exit 1, instead of a panic's message and exit 101.
+/// `println!` panics on such errors; other panics keep the default report.
+pub fn exit_1_when_output_fails() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            eprintln!("pushdrop: cannot write the output: {why}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
+}
+
 /// Turns a command's result into the process exit code, printing the error if any.
 pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
     match result {
