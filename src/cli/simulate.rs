@@ -89,6 +89,8 @@ pub fn simulate(
                 dir.display()
             );
         } else if let Some(why) = sim.credentials_not_kept() {
+            // On one line, as the header's others (a TOML error spans two).
+            let why = why.lines().map(str::trim).collect::<Vec<_>>().join("; ");
             println!(
                 "  credentials:         made anew in {} (the earlier ones could not be used: {why})",
                 dir.display()
