@@ -625,3 +625,48 @@ async fn a_connection_that_answers_nothing_is_replaced() {
     assert_eq!(env.sim.accepted_count(), 4, "each of the others once");
     assert!(env.sim.connections() >= 2);
 }
+
+/// A process that did not run for a while (stopped with SIGSTOP, its VM paused) finds its
+/// timeouts' timers late, with answers unread in its socket: those answers count, and the
+/// push APNs accepted is not sent again.
+#[test]
+fn a_stalled_process_reads_the_answers_that_came_before_timing_out() {
+    // The simulator on a runtime of its own, which goes on while the client's stalls.
+    let sim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let env = sim_rt.block_on(start(SimOptions {
+        latency: Duration::from_millis(1000),
+        ..SimOptions::default()
+    }));
+    let client = env.client("request_timeout_ms = 1500");
+    // One worker, as the daemon's.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A connection first, so that the next request goes out at once.
+        let c = client.clone();
+        let o = tokio::spawn(async move { c.send(&push(1)).await })
+            .await
+            .unwrap();
+        assert!(matches!(o, Outcome::Sent { .. }), "{o:?}");
+        let c = client.clone();
+        let pending = tokio::spawn(async move { c.send(&push(2)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The worker stops for 3 s: the answer (1 s after the request) waits in the socket;
+        // the 1.5 s timeout's timer runs 1.7 s late.
+        tokio::spawn(async { std::thread::sleep(Duration::from_secs(3)) })
+            .await
+            .unwrap();
+        let o = pending.await.unwrap();
+        assert!(matches!(o, Outcome::Sent { .. }), "{o:?}");
+    });
+    assert_eq!(env.sim.requests(), 2, "nothing sent twice");
+    drop(rt);
+    sim_rt.block_on(env.sim.shutdown());
+}

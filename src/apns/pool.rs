@@ -25,6 +25,11 @@ use super::outcome::{Outcome, goaway_reason};
 use super::sniff::{Signals, Sniffer};
 use super::{ApnsError, proxy, tls};
 
+/// A timeout's timer that fires more than this after its deadline found the process stalled.
+const STALLED: Duration = Duration::from_millis(500);
+/// How long, after such a stall, an answer that may already be in the socket is waited for.
+const STALL_GRACE: Duration = Duration::from_millis(500);
+
 /// Requests allowed to wait for a stream in one pool; more get `Retry` at once.
 pub(crate) const MAX_WAITERS: usize = 65_536;
 /// A cap on what a server may announce as its stream limit.
@@ -875,7 +880,20 @@ impl Pool {
             // An error here means the stream is already reset; the response says why.
             let _ = body.send_data(payload, true);
         }
-        match tokio::time::timeout_at(deadline, read_response(response)).await {
+        let mut response = std::pin::pin!(read_response(response));
+        let answer = match tokio::time::timeout_at(deadline, &mut response).await {
+            Ok(a) => Ok(a),
+            // A timer that fires long after its deadline means this process did not run (it
+            // was stopped, its VM paused, its cores taken): answers that came meanwhile wait
+            // unread in the socket, and the timer is served first. They get a moment to be
+            // read before the request counts as unanswered: else a push APNs accepted goes out
+            // again.
+            Err(_) if Instant::now().saturating_duration_since(deadline) > STALLED => {
+                tokio::time::timeout(STALL_GRACE, &mut response).await
+            }
+            Err(e) => Err(e),
+        };
+        match answer {
             Err(_) => {
                 conn.check.notify_one();
                 // No answer at all on the connection since this request went out: it hangs.
