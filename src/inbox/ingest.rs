@@ -556,10 +556,10 @@ impl Ingestor {
     }
 
     /// A handled file that stays in the inbox: counted, and listed in `status` once.
-    fn stuck(&self, r: &FileResult, why: &str) {
+    fn stuck(&self, r: &FileResult, kind: &str, why: &str) {
         if self.set_stuck(&r.path, true) {
             self.store
-                .note_event_blocking("move_failed", None, &format!("{}: {why}", r.name));
+                .note_event_blocking(kind, None, &format!("{}: {why}", r.name));
         }
     }
 
@@ -1064,13 +1064,18 @@ impl Ingestor {
                 let ms = a.elapsed.as_millis() as u64;
                 if let Some(e) = &a.move_error {
                     // The records are committed (and said so below, once); the file stays.
-                    self.stuck(r, &format!("committed but cannot be moved: {e}"));
+                    self.stuck(
+                        r,
+                        "move_failed",
+                        &format!("committed but cannot be moved: {e}"),
+                    );
                     tracing::error!(event = "move_failed", file = r.name.as_str(), error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again at the next scan");
                     if a.store.already_committed {
                         return;
                     }
-                } else if self.set_stuck(&r.path, false) {
-                    // Its `ingested` line was written when it committed.
+                } else if self.set_stuck(&r.path, false) && a.store.already_committed {
+                    // Its `ingested` line was written when it committed. (A file stuck because
+                    // it could not be read or committed is ingested now: logged below.)
                     tracing::info!(
                         event = "moved",
                         file = r.name.as_str(),
@@ -1160,7 +1165,11 @@ impl Ingestor {
                 reason,
                 ..
             }) => {
-                self.stuck(r, &format!("rejected but cannot be moved: {e}"));
+                self.stuck(
+                    r,
+                    "move_failed",
+                    &format!("rejected but cannot be moved: {e}"),
+                );
                 tracing::error!(event = "move_failed", file = r.name.as_str(), reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
             }
             FileOutcome::Rejected(rej) => {
@@ -1196,7 +1205,14 @@ impl Ingestor {
                 );
             }
             FileOutcome::Failed(why) => {
-                tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place (the daemon tries it again later)");
+                if self.late_looks {
+                    // Stuck until it can be read and committed: counted and listed in
+                    // `status` (once), not only logged at every try.
+                    self.stuck(r, "ingest_failed", why);
+                    tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place (the daemon tries it again later)");
+                } else {
+                    tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place, not ingested");
+                }
             }
             FileOutcome::InProgress(why) => {
                 tracing::debug!(event = "in_progress", file = r.name.as_str(), why = %why);
@@ -1710,6 +1726,30 @@ mod tests {
         assert_eq!(listed, 0);
         assert_eq!(events(&ing, "move_failed"), 1, "noted once for status");
         assert_eq!(ing.stuck.lock().unwrap().len(), 1);
+    }
+
+    /// A file the daemon cannot read (or commit) is tried again and again: it counts as
+    /// stuck, and `status` lists it once, until it goes through or goes away.
+    #[test]
+    fn a_file_that_fails_again_and_again_counts_as_stuck_and_is_listed_once() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true).watching();
+        std::fs::write(d.path().join("inbox/locked.jsonl"), "").unwrap();
+        let failed = || FileResult {
+            path: d.path().join("inbox/locked.jsonl"),
+            name: "locked.jsonl".into(),
+            outcome: FileOutcome::Failed("cannot open: Permission denied".into()),
+        };
+        for _ in 0..3 {
+            ing.log(&failed());
+        }
+        assert_eq!(events(&ing, "ingest_failed"), 1, "noted once for status");
+        assert_eq!(ing.stuck.lock().unwrap().len(), 1);
+        ing.log(&FileResult {
+            outcome: FileOutcome::Vanished,
+            ..failed()
+        });
+        assert!(ing.stuck.lock().unwrap().is_empty());
     }
 
     fn events(ing: &Ingestor, kind: &str) -> i64 {
