@@ -27,10 +27,23 @@ pub use writer::{
     ResultKind,
 };
 
+/// SQLite's error, with what a "database is locked" means here: every writer waits up to
+/// 10 s for the write lock, so another process (the daemon, committing a big file, or
+/// stopped while it held the lock) kept it longer than that.
+fn sqlite_text(e: &rusqlite::Error) -> String {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+        format!(
+            "{e} (another pushdrop process, such as the daemon, held the database's write lock for more than 10 s; try again)"
+        )
+    } else {
+        e.to_string()
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
+    #[error("database error: {}", sqlite_text(.0))]
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot open database {path}: {source}")]
     Open {

@@ -1968,3 +1968,24 @@ fn release_held_makes_held_deliveries_due_and_names_bursts() {
         .deliveries;
     assert_eq!(due.len(), 2, "the 503's back-off stands");
 }
+
+/// "database is locked" says what it means for pushdrop: another process held the write lock
+/// longer than the 10 s every writer waits.
+#[test]
+fn a_locked_database_says_who_holds_it() {
+    let busy = rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error {
+            code: rusqlite::ErrorCode::DatabaseBusy,
+            extended_code: 5,
+        },
+        None,
+    );
+    let said = StoreError::Sqlite(busy).to_string();
+    assert!(said.contains("locked"), "{said}");
+    assert!(
+        said.contains("held the database's write lock for more than 10 s"),
+        "{said}"
+    );
+    let other = StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows).to_string();
+    assert!(!other.contains("write lock"), "{other}");
+}
