@@ -212,7 +212,7 @@ impl ReceiptWork {
             warn!(
                 event = "shutdown_receipts_pending",
                 tasks = tasks.len(),
-                "receipts still being written after the grace period; the missing ones are written at the next start"
+                "receipts were still being written when the grace period ended; the stop goes on without waiting, and any receipt left unwritten is written at the next start"
             );
         }
     }
