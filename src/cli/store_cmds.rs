@@ -70,7 +70,7 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
         s.queued, s.queued_later, s.oldest_queued_age_s, s.scheduled_notifications
     );
     if s.deliveries.is_empty() {
-        println!("deliveries    none yet");
+        println!("deliveries    none (none queued, and none finished within keep_finished_days)");
     } else {
         println!(
             "{:<20} {:>9} {:>9} {:>9} {:>9} {:>13}",
