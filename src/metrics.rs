@@ -199,7 +199,7 @@ impl Metrics {
         );
         r.register(
             "inbox_stuck_files",
-            "Files committed or rejected that cannot be moved out of the inbox",
+            "Files that stay in the inbox: committed or rejected but cannot be moved out, or cannot be read or committed",
             m.inbox_stuck_files.clone(),
         );
         r.register(

@@ -25,9 +25,8 @@ use super::outcome::{Outcome, goaway_reason};
 use super::sniff::{Signals, Sniffer};
 use super::{ApnsError, proxy, tls};
 
-/// A timeout's timer that fires more than this after its deadline found the process stalled.
-const STALLED: Duration = Duration::from_millis(500);
-/// How long, after such a stall, an answer that may already be in the socket is waited for.
+/// How long, once a request's timeout has passed, an answer that may already be in the
+/// socket is still waited for.
 const STALL_GRACE: Duration = Duration::from_millis(500);
 
 /// Requests allowed to wait for a stream in one pool; more get `Retry` at once.
@@ -883,15 +882,11 @@ impl Pool {
         let mut response = std::pin::pin!(read_response(response));
         let answer = match tokio::time::timeout_at(deadline, &mut response).await {
             Ok(a) => Ok(a),
-            // A timer that fires long after its deadline means this process did not run (it
-            // was stopped, its VM paused, its cores taken): answers that came meanwhile wait
-            // unread in the socket, and the timer is served first. They get a moment to be
-            // read before the request counts as unanswered: else a push APNs accepted goes out
-            // again.
-            Err(_) if Instant::now().saturating_duration_since(deadline) > STALLED => {
-                tokio::time::timeout(STALL_GRACE, &mut response).await
-            }
-            Err(e) => Err(e),
+            // After a stall of this process (stopped, its VM paused, its cores taken), the
+            // timer may be served before the answers that came meanwhile, unread in the
+            // socket, however long they have waited. They get a moment to be read before the
+            // request counts as unanswered: else a push APNs accepted goes out again.
+            Err(_) => tokio::time::timeout(STALL_GRACE, &mut response).await,
         };
         match answer {
             Err(_) => {

@@ -156,6 +156,7 @@ async fn run(examples: Option<&Path>, keep: bool) -> anyhow::Result<i32> {
         .prefix("pushdrop-demo-")
         .tempdir()?;
     let root = tmp.path().to_path_buf();
+    stop.remove_at_exit((!keep).then(|| root.clone()));
     for d in ["inbox", "staging", "receipts", "log"] {
         std::fs::create_dir_all(root.join(d))?;
     }
@@ -272,9 +273,15 @@ listen = ""
     // kept or removed as asked. Output that cannot be written otherwise (a full disk) is said
     // on stderr, with where the kept folder is.
     use std::io::Write as _;
+    stop.remove_at_exit(None);
     match std::io::stdout().lock().write_all(out.as_bytes()) {
         Ok(()) => Ok(0),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            if let Some(kept) = kept {
+                eprintln!("pushdrop demo: kept the demo folder: {}", kept.display());
+            }
+            Ok(0)
+        }
         Err(e) => {
             eprintln!("pushdrop demo: cannot write the output: {e}");
             if let Some(kept) = kept {
@@ -312,8 +319,12 @@ async fn tour(
     Ok(())
 }
 
-/// SIGINT, SIGTERM or SIGHUP during the tour: noted here, acted on by the tour's waits.
-struct Interrupt(Arc<std::sync::OnceLock<(&'static str, i32)>>);
+/// SIGINT, SIGTERM or SIGHUP during the tour: noted here, acted on by the tour's waits. A
+/// second, other signal ends the process at once, removing the demo folder first unless kept.
+struct Interrupt(
+    Arc<std::sync::OnceLock<(&'static str, i32)>>,
+    Arc<std::sync::Mutex<Option<PathBuf>>>,
+);
 
 impl Interrupt {
     fn install() -> anyhow::Result<Interrupt> {
@@ -324,6 +335,8 @@ impl Interrupt {
         // A closed terminal (an SSH session gone) too.
         let mut hup = signal(SignalKind::hangup())?;
         let noted = got.clone();
+        let folder: Arc<std::sync::Mutex<Option<PathBuf>>> = Arc::default();
+        let to_remove = folder.clone();
         tokio::spawn(async move {
             let mut first: Option<(&'static str, Instant)> = None;
             loop {
@@ -341,12 +354,25 @@ impl Interrupt {
                     // signals its child, then the child's process group).
                     Some((n, at))
                         if n == name && at.elapsed() < crate::daemon::SAME_SIGNAL_WINDOW => {}
-                    // A second: at once, as a signal would have.
-                    Some(_) => std::process::exit(code),
+                    // A second: at once, as a signal would have, but not leaving the
+                    // folder (its keys and database) behind.
+                    Some(_) => {
+                        let dir = to_remove.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        if let Some(dir) = dir {
+                            let _ = std::fs::remove_dir_all(&dir);
+                        }
+                        eprintln!("pushdrop demo: stopped at once by {name}");
+                        std::process::exit(code);
+                    }
                 }
             }
         });
-        Ok(Interrupt(got))
+        Ok(Interrupt(got, folder))
+    }
+
+    /// The folder a second signal removes before it ends the process.
+    fn remove_at_exit(&self, dir: Option<PathBuf>) {
+        *self.1.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
     /// The signal that came, with the exit code it stands for.

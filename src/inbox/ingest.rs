@@ -555,6 +555,17 @@ impl Ingestor {
         changed
     }
 
+    /// Stuck files that are gone (removed by hand) count no longer: asked at every scan, as
+    /// no other file may come to update the count.
+    pub fn forget_gone(&self) {
+        let mut set = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        if set.is_empty() {
+            return;
+        }
+        set.retain(|p| p.symlink_metadata().is_ok());
+        metrics::get().inbox_stuck_files.set(set.len() as i64);
+    }
+
     /// A handled file that stays in the inbox: counted, and listed in `status` once.
     fn stuck(&self, r: &FileResult, kind: &str, why: &str) {
         if self.set_stuck(&r.path, true) {
@@ -1745,6 +1756,12 @@ mod tests {
         }
         assert_eq!(events(&ing, "ingest_failed"), 1, "noted once for status");
         assert_eq!(ing.stuck.lock().unwrap().len(), 1);
+        // Removed by hand: the next scan finds it gone.
+        std::fs::remove_file(d.path().join("inbox/locked.jsonl")).unwrap();
+        ing.forget_gone();
+        assert!(ing.stuck.lock().unwrap().is_empty());
+        std::fs::write(d.path().join("inbox/locked.jsonl"), "").unwrap();
+        ing.log(&failed());
         ing.log(&FileResult {
             outcome: FileOutcome::Vanished,
             ..failed()

@@ -604,6 +604,11 @@ impl Loop {
             }
             if c.failures == 0 {
                 c.check_at = now;
+            } else if complete {
+                // A file backing off after failures (one it could not read, say) that was
+                // renamed in or written and closed again is another file now: look at once.
+                c.failures = 0;
+                c.check_at = now;
             }
         }
         handled
@@ -681,6 +686,8 @@ impl Loop {
         self.cands.retain(|n, _| present.contains(n));
         self.ignored.retain(|n| present.contains(n));
         self.near_misses = near;
+        // A stuck file removed by hand is stuck no longer.
+        self.ingestor.forget_gone();
         crate::metrics::get()
             .inbox_scan_duration_seconds
             .observe(started.elapsed().as_secs_f64());
