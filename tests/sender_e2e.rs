@@ -435,6 +435,15 @@ fn a_restart_sends_what_a_pause_held_at_once() {
 #[test]
 fn unregistering_a_bursts_dead_tokens_ends_their_deliveries_and_then_the_pause() {
     let (w, daemon) = paused_by_a_burst("dead");
+    // A notification scheduled years ahead is queued, not left to send now.
+    w.env.drop_file(
+        "b-later.json",
+        format!(
+            r#"{{"type":"notification","app":"{}","id":"later","to":{{"tokens":["{}"]}},"payload":{{"aps":{{}}}},"send_at":"2030-01-01T00:00:00Z"}}"#,
+            inbox::APP,
+            token(99)
+        ),
+    );
     let gone: String = (0..30)
         .map(|n| {
             format!(

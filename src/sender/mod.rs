@@ -420,11 +420,16 @@ async fn main_loop(
                         inner.finished(round.claim.finished);
                         let n = round.claim.deliveries.len();
                         ready.extend(round.claim.deliveries);
-                        // Nothing queued, in flight or held: a pause whose time is up has no
-                        // answer left to end it.
+                        // Nothing due, in flight or held (a notification scheduled for later
+                        // may be queued): a pause whose time is up has no answer coming to end
+                        // it.
                         if n == 0
                             && ready.is_empty()
-                            && round.claim.idle_until == Some(None)
+                            && match round.claim.idle_until {
+                                Some(None) => true,
+                                Some(Some(next)) => next > now_ms(),
+                                None => false,
+                            }
                             && slots.available_permits() == max_in_flight
                             && !inner.guards.has_held()
                         {
