@@ -549,9 +549,7 @@ impl Ingestor {
         } else {
             set.remove(path)
         };
-        // A stuck file someone removed by hand is stuck no longer.
-        set.retain(|p| p.symlink_metadata().is_ok());
-        metrics::get().inbox_stuck_files.set(set.len() as i64);
+        prune_and_count(&mut set);
         changed
     }
 
@@ -559,11 +557,9 @@ impl Ingestor {
     /// no other file may come to update the count.
     pub fn forget_gone(&self) {
         let mut set = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
-        if set.is_empty() {
-            return;
+        if !set.is_empty() {
+            prune_and_count(&mut set);
         }
-        set.retain(|p| p.symlink_metadata().is_ok());
-        metrics::get().inbox_stuck_files.set(set.len() as i64);
     }
 
     /// A handled file that stays in the inbox: counted, and listed in `status` once.
@@ -1331,6 +1327,12 @@ fn move_to_free_name(
         }
     }
     Err(format!("no free name in {}", dir.display()))
+}
+
+/// Drops the stuck files someone removed by hand (stuck no longer) and publishes the count.
+fn prune_and_count(stuck: &mut BTreeSet<PathBuf>) {
+    stuck.retain(|p| p.symlink_metadata().is_ok());
+    metrics::get().inbox_stuck_files.set(stuck.len() as i64);
 }
 
 /// Lines written to a file after what was taken of it: into the inbox as a file of their own
