@@ -745,6 +745,7 @@ impl Config {
             if let Some(why) = url_problem(
                 url,
                 "https",
+                false,
                 "credentials (user:password@): APNs takes none in its URL",
             ) {
                 bad(key, why);
@@ -754,24 +755,13 @@ impl Config {
             // Credentials in the URL would be a secret written into the config (secrets are
             // referred to by path), and pushdrop sends none to the proxy: refused rather than
             // silently left out of every CONNECT.
-            match url_problem(
+            if let Some(why) = url_problem(
                 &self.apns.proxy,
                 "http",
+                true,
                 "credentials (user:password@): pushdrop keeps no secret in its config and sends no proxy credentials; let the proxy admit this host by its address",
             ) {
-                Some(why) => bad("apns.proxy", why),
-                None if !self
-                    .apns
-                    .proxy
-                    .parse::<http::Uri>()
-                    .is_ok_and(|u| u.port().is_some()) =>
-                {
-                    bad(
-                        "apns.proxy",
-                        format!("{:?} is not of the form http://host:port", self.apns.proxy),
-                    )
-                }
-                None => {}
+                bad("apns.proxy", why);
             }
         }
         if let Some(ca) = &self.apns.ca_file {
@@ -1445,17 +1435,22 @@ fn line_of_key(text: &str, doc: &toml_edit::ImDocument<&str>, key: &str) -> Opti
     span.map(|s| line_of_offset(text, s.start))
 }
 
-/// Why `url` is not `scheme://host[:port]` (a trailing `/` allowed), or `None`. A URL with
-/// credentials is never echoed, well-formed or not: `creds` says why it is refused instead.
-fn url_problem(url: &str, scheme: &str, creds: &str) -> Option<String> {
+/// Why `url` is not `scheme://host[:port]` (the port required with `port`; a trailing `/`
+/// allowed), or `None`. A URL with credentials is never echoed, well-formed or not: `creds`
+/// says why it is refused instead.
+fn url_problem(url: &str, scheme: &str, port: bool, creds: &str) -> Option<String> {
     if url.contains('@') {
         return Some(format!("holds {creds}"));
     }
-    let form = format!("{scheme}://host[:port]");
+    let form = if port {
+        format!("{scheme}://host:port")
+    } else {
+        format!("{scheme}://host[:port]")
+    };
     let Ok(u) = url.parse::<http::Uri>() else {
         return Some(format!("{url:?} is not of the form {form}"));
     };
-    if u.scheme_str() != Some(scheme) || u.host().is_none() {
+    if u.scheme_str() != Some(scheme) || u.host().is_none() || (port && u.port().is_none()) {
         return Some(format!("{url:?} is not of the form {form}"));
     }
     if !u.authority().is_some_and(|a| plain_authority(a.as_str())) {
