@@ -321,10 +321,12 @@ async fn tour(
 
 /// SIGINT, SIGTERM or SIGHUP during the tour: noted here, acted on by the tour's waits. A
 /// second, other signal ends the process at once, removing the demo folder first unless kept.
-struct Interrupt(
-    Arc<std::sync::OnceLock<(&'static str, i32)>>,
-    Arc<std::sync::Mutex<Option<PathBuf>>>,
-);
+struct Interrupt {
+    /// The first signal, with the exit code it stands for.
+    got: Arc<std::sync::OnceLock<(&'static str, i32)>>,
+    /// The folder a second signal removes before it ends the process.
+    folder: Arc<std::sync::Mutex<Option<PathBuf>>>,
+}
 
 impl Interrupt {
     fn install() -> anyhow::Result<Interrupt> {
@@ -367,17 +369,17 @@ impl Interrupt {
                 }
             }
         });
-        Ok(Interrupt(got, folder))
+        Ok(Interrupt { got, folder })
     }
 
     /// The folder a second signal removes before it ends the process.
     fn remove_at_exit(&self, dir: Option<PathBuf>) {
-        *self.1.lock().unwrap_or_else(|p| p.into_inner()) = dir;
+        *self.folder.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
     /// The signal that came, with the exit code it stands for.
     fn signal(&self) -> Option<(&'static str, i32)> {
-        self.0.get().copied()
+        self.got.get().copied()
     }
 }
 
