@@ -428,15 +428,59 @@ async fn simulator_checks_what_apple_checks() {
     );
 }
 
-/// "One stream until the first authorised request" lasts until that request's answer has gone
-/// out, as Apple raises the limit after authorising: streams a client opens while the first
-/// answer is still on its way (a slow APNs) are refused unprocessed.
+/// "One stream until the first authorised request" is said as APNs says it: the SETTINGS a
+/// new connection gets allow one stream, and a SETTINGS frame raises the limit with the first
+/// authorised answer. A client that honours SETTINGS (here `h2`'s) is never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_is_announced_until_an_authorised_answer_raises_the_limit() {
+    let latency = Duration::from_millis(300);
+    let env = start(SimOptions {
+        streams_one_until_authorized: true,
+        latency,
+        ..SimOptions::default()
+    })
+    .await;
+    let auth = format!("bearer {}", jwt(&env, now_s()));
+    let mut c = RawConn::open(&env).await;
+    let headers = [("authorization", auth.as_str()), ("apns-topic", BUNDLE)];
+    within(60, async {
+        while c.stream_limit() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let began = std::time::Instant::now();
+        let mut started = Vec::new();
+        for i in 0..4 {
+            let path = format!("/3/device/{}", token(i));
+            started.push(c.start("POST", &path, &headers, br#"{"aps":{}}"#).await);
+        }
+        for (i, r) in started.into_iter().enumerate() {
+            assert_eq!(
+                RawConn::finish(r).await,
+                Ok((200, String::new())),
+                "stream {i}"
+            );
+        }
+        // The three others waited for the first answer, then went out together.
+        assert!(began.elapsed() >= 2 * latency, "{:?}", began.elapsed());
+        assert_eq!(c.stream_limit(), 1000);
+        assert_eq!((env.sim.requests(), env.sim.accepted_count()), (4, 4));
+        // A new connection starts at one again.
+        let fresh = RawConn::open(&env).await;
+        while fresh.stream_limit() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// A client that opens more streams than the SETTINGS allow (here: the rule was switched on
+/// after the connection opened and announced 1000) has the extra streams refused unprocessed
+/// until an authorised answer has gone out.
 // On a runtime with several workers, as `pushdrop simulate` runs: its scheduler starts the
 // last task spawned first, which would have served the last of four streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_stream_is_refused_until_an_authorised_answer_went_out() {
+async fn streams_beyond_one_are_refused_until_an_authorised_answer_went_out() {
     let env = start(SimOptions {
-        streams_one_until_authorized: true,
         latency: Duration::from_millis(300),
         ..SimOptions::default()
     })
@@ -445,6 +489,10 @@ async fn a_second_stream_is_refused_until_an_authorised_answer_went_out() {
     let mut c = RawConn::open(&env).await;
     let headers = [("authorization", auth.as_str()), ("apns-topic", BUNDLE)];
     within(60, async {
+        while c.stream_limit() != 1000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        env.sim.set_streams_one_until_authorized(true);
         // Four streams at once, in one go: the first is served, as under a limit of one,
         // and the others are refused while its (slow) answer is on its way.
         let mut started = Vec::new();

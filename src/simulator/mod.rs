@@ -19,14 +19,16 @@
 //! GOAWAY after N streams, an abrupt drop after N streams, latency, one stream at a time until
 //! the first authorised request).
 //!
-//! One limitation, by design of the `h2` crate: a server cannot change its
-//! SETTINGS_MAX_CONCURRENT_STREAMS after the handshake, so "one stream until authorised"
-//! (what APNs does for token auth) is emulated: the server announces `max_concurrent_streams`
-//! but answers any second concurrent stream with RST_STREAM(REFUSED_STREAM) until the answer to
-//! an authorised request on that connection has gone out. A client that honours the rule never
-//! sees a refusal.
+//! "One stream until authorised" (what APNs does for token auth) is said in SETTINGS: a
+//! connection opened while the rule holds is announced a limit of one stream, raised to
+//! `max_concurrent_streams` by a SETTINGS frame that goes out just before the first authorised
+//! answer. The `h2` server cannot change its SETTINGS after the handshake, so [`limit`] edits
+//! the frames between it and TLS. A client that opens streams beyond the limit anyway (or on a
+//! connection opened before the rule was switched on) has them answered with
+//! RST_STREAM(REFUSED_STREAM) until that answer has gone out.
 
 pub(crate) mod certs;
+mod limit;
 mod script;
 mod server;
 
@@ -53,7 +55,8 @@ pub struct SimOptions {
     /// SETTINGS_MAX_CONCURRENT_STREAMS (APNs: 1000; 0, a server that takes no request at
     /// all, only for tests).
     pub max_concurrent_streams: u32,
-    /// Refuse a second concurrent stream until a request on the connection was authorised.
+    /// Announce one stream (SETTINGS_MAX_CONCURRENT_STREAMS 1) until a request on the
+    /// connection was authorised, and refuse a second concurrent stream until then.
     pub streams_one_until_authorized: bool,
     /// Send a graceful GOAWAY once a connection has carried this many streams.
     pub goaway_after: Option<u32>,

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::certs::Certs;
+use super::limit::{LimitIo, Raise};
 use super::{Accepted, Shared, SimError};
 use crate::model::PushType;
 
@@ -150,6 +151,8 @@ struct ConnState {
     client_cert: bool,
     auth: std::sync::Mutex<ConnAuth>,
     authorised: AtomicBool,
+    /// Raises the stream limit announced in SETTINGS, when it was lowered to one.
+    raise: Option<Arc<Raise>>,
     in_flight: AtomicUsize,
 }
 
@@ -176,6 +179,10 @@ async fn serve_connection(
         .is_some_and(|c| !c.is_empty());
     // Declared before the connection, so dropped after it.
     let mut linger = Linger::new(tls.get_ref().0);
+    // One stream until authorised is announced in SETTINGS on connections opened while the
+    // rule holds (see `limit`); `take_slot` refuses extra streams on the others.
+    let raise = (shared.streams_one() && shared.max_streams > 1).then(Arc::<Raise>::default);
+    let tls = LimitIo::new(tls, raise.clone(), shared.max_streams);
     let mut h2 = match h2::server::Builder::new()
         .max_concurrent_streams(shared.max_streams)
         .initial_window_size(1 << 20)
@@ -205,6 +212,7 @@ async fn serve_connection(
         client_cert,
         auth: std::sync::Mutex::new(ConnAuth::default()),
         authorised: AtomicBool::new(false),
+        raise,
         in_flight: AtomicUsize::new(0),
     });
     let goaway_after = shared.goaway_after();
@@ -377,6 +385,15 @@ async fn handle_stream(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    // APNs raises its stream limit once it has authorised a request, which a client learns
+    // with the answer: the raise goes out just before it, and until then (a slow answer
+    // included) a second stream is refused.
+    if authorised
+        && !conn.authorised.swap(true, Ordering::AcqRel)
+        && let Some(raise) = &conn.raise
+    {
+        raise.now();
+    }
     let apns_id = match parts.headers.get("apns-id") {
         Some(v) => v.clone(),
         None => HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(
@@ -408,11 +425,6 @@ async fn handle_stream(
                 let _ = stream.send_data(Bytes::from(body), true);
             }
         }
-    }
-    // APNs raises its stream limit once it has authorised a request, which a client learns
-    // from the answer: until then (a slow answer included) a second stream is refused.
-    if authorised {
-        conn.authorised.store(true, Ordering::Release);
     }
 }
 

@@ -320,6 +320,12 @@ impl RawConn {
         RawConn { send }
     }
 
+    /// How many streams the server's SETTINGS let this connection open at once (`h2`'s own
+    /// guess until they arrive).
+    pub fn stream_limit(&self) -> usize {
+        self.send.current_max_send_streams()
+    }
+
     /// Sends one request; returns the status and Apple's reason ("" for 200).
     pub async fn request(
         &mut self,
