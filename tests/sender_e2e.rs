@@ -404,6 +404,49 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
 
+/// When a burst's pause ends, one request goes out first: a config that is still wrong (here
+/// every token refused) costs one refused request per pause, not one per queued delivery.
+#[test]
+fn after_a_bursts_pause_one_request_probes_before_the_rest_go() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    for n in 0..300 {
+        w.script(&token(n), TokenScript::BadDeviceToken);
+    }
+    let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(0..300, "u"));
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 300
+    });
+    w.env.drop_file(
+        "b-all.json",
+        notification_to("probe", r#"{"all":true}"#, ""),
+    );
+    wait_for("every delivery answered and held", || {
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 0 AND held = 1")
+            == 300
+    });
+    let first_round = w.sim.requests();
+    assert!(first_round <= 300, "{first_round}");
+    // The pauses of 1 s and 2 s end in this time, each followed by its probe.
+    std::thread::sleep(Duration::from_millis(3500));
+    let probes = w.sim.requests() - first_round;
+    assert!(
+        (1..=3).contains(&probes),
+        "{probes} requests after the first pause"
+    );
+    // A probe answered 200 ends the doubt: the rest go out at once.
+    w.sim.clear_scripts();
+    w.wait_idle("sent once the tokens are accepted");
+    daemon.shutdown();
+    assert_eq!(w.accepted_by_token().len(), 300);
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM devices WHERE invalidated_at IS NOT NULL"),
+        0
+    );
+}
+
 /// A restart lifts the pauses and makes what they held due at once: after an operator
 /// restarted to fix the config, the held deliveries do not wait out the old pause (here
 /// 10 minutes).

@@ -29,6 +29,9 @@ const OVERWHELMING: u32 = 5;
 /// How long a `BadDeviceToken` answer is held before its device is invalidated: long enough
 /// for a burst (a wrong environment or topic answers every request that way at once) to show.
 const HOLD_MS: u64 = 2000;
+/// How long a probe (see [`Guards::admit`]) may stay unanswered before another may go: the
+/// request's own timeout ends it well before, this only bounds a probe whose end was missed.
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
 /// Longest pause after repeated credential failures or bursts.
 pub const MAX_PAUSE_MS: u64 = 15 * 60 * 1000;
 
@@ -42,6 +45,16 @@ fn env_index(env: Environment) -> usize {
         Environment::Production => 0,
         Environment::Sandbox => 1,
     }
+}
+
+/// Whether a delivery may go out now (see [`Guards::admit`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    Go,
+    /// The one request in flight for an app and environment a burst left in doubt.
+    Probe,
+    /// Another request is that probe: wait for its answer.
+    Wait,
 }
 
 /// What to do with a `BadDeviceToken` answer.
@@ -81,6 +94,8 @@ struct Window {
     /// a wrong environment) otherwise found a fresh window after each pause and invalidated
     /// one device each.
     suspect: bool,
+    /// While `suspect`: when the one request allowed in flight went out.
+    probe: Option<Instant>,
 }
 
 struct Held {
@@ -113,6 +128,10 @@ pub struct Guards {
     pauses: Mutex<HashMap<Key, Pause>>,
     /// Whether `pauses` may hold anything: every delivery asks, almost always in vain.
     any_pause: AtomicBool,
+    /// Whether any window is `suspect`: every delivery asks [`Guards::admit`].
+    any_suspect: AtomicBool,
+    /// Woken when a probe is answered (or a window is no longer in doubt).
+    pub probe_done: tokio::sync::Notify,
     /// Per app (looked up by `&str`, no allocation per answer), per environment.
     windows: Mutex<HashMap<String, [Window; 2]>>,
     burst: u32,
@@ -127,6 +146,8 @@ impl Guards {
         Guards {
             pauses: Mutex::new(HashMap::new()),
             any_pause: AtomicBool::new(false),
+            any_suspect: AtomicBool::new(false),
+            probe_done: tokio::sync::Notify::new(),
             windows: Mutex::new(HashMap::new()),
             burst: cfg.bad_token_burst.max(MIN_BURST),
             hold: Duration::from_millis(HOLD_MS),
@@ -265,9 +286,56 @@ impl Guards {
             };
             roll(win);
             win.ok += 1;
-            win.suspect = false;
+            if win.suspect {
+                win.suspect = false;
+                win.probe = None;
+                let any = w.values().flatten().any(|win| win.suspect);
+                self.any_suspect.store(any, Ordering::Release);
+                self.probe_done.notify_waiters();
+            }
         }
         ended
+    }
+
+    /// After a burst, until a 200, one request at a time goes out for the app and
+    /// environment: a config still wrong when the pause ends is then refused once, and
+    /// paused again, instead of once per request in flight (up to `max_in_flight`). Dead
+    /// tokens of a real burst cost one round trip more, before full speed resumes.
+    pub fn admit(&self, app: &str, env: Environment) -> Admit {
+        if !self.any_suspect.load(Ordering::Acquire) {
+            return Admit::Go;
+        }
+        let Ok(mut w) = self.windows.lock() else {
+            return Admit::Go;
+        };
+        let Some(envs) = w.get_mut(app) else {
+            return Admit::Go;
+        };
+        let win = &mut envs[env_index(env)];
+        if !win.suspect {
+            return Admit::Go;
+        }
+        // A probe refused a moment ago paused it again: no probe until the pause ends.
+        if self.paused_until(app, env).is_some() {
+            return Admit::Wait;
+        }
+        match win.probe {
+            Some(since) if since.elapsed() < PROBE_LIMIT => Admit::Wait,
+            _ => {
+                win.probe = Some(Instant::now());
+                Admit::Probe
+            }
+        }
+    }
+
+    /// The probe of [`Guards::admit`] has its answer (whatever it was): the next may go.
+    pub fn probe_answered(&self, app: &str, env: Environment) {
+        if let Ok(mut w) = self.windows.lock()
+            && let Some(envs) = w.get_mut(app)
+        {
+            envs[env_index(env)].probe = None;
+        }
+        self.probe_done.notify_waiters();
     }
 
     /// Takes a `BadDeviceToken` for the app and environment as more of a burst until a 200:
@@ -275,6 +343,7 @@ impl Guards {
     pub fn suspect(&self, app: &str, env: Environment) {
         if let Ok(mut w) = self.windows.lock() {
             w.entry(app.to_string()).or_default()[env_index(env)].suspect = true;
+            self.any_suspect.store(true, Ordering::Release);
         }
     }
 
@@ -332,6 +401,7 @@ impl Guards {
             suspect: true,
             ..Window::default()
         };
+        self.any_suspect.store(true, Ordering::Release);
         // Paused before the window is let go: an answer of the same round taken next must
         // find the pause, not an empty window that would hold it as a lone dead device.
         let (until_ms, _) = self.pause(app, env, BURST, MAX_PAUSE_MS);
@@ -661,6 +731,53 @@ mod tests {
 
     /// After a burst, until a 200 shows the config is right, a `BadDeviceToken` is more of
     /// the burst however long after it: it pauses again, and invalidates nothing.
+    #[test]
+    fn after_a_burst_one_request_at_a_time_goes_out_until_a_success() {
+        let mut g = Guards {
+            pause_base_ms: 100,
+            ..Guards::new(&cfg())
+        };
+        g.hold = Duration::from_millis(10);
+        let (env, other) = (Environment::Production, Environment::Sandbox);
+        assert_eq!(g.admit("a", env), Admit::Go, "no doubt before a burst");
+        for device in 1..=3 {
+            g.bad_device_token(&claimed("a", env, device, device), "BadDeviceToken", 1.0);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(g.release_due().bursts.len(), 1);
+        assert_eq!(g.admit("a", env), Admit::Wait, "no probe during the pause");
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(g.admit("a", env), Admit::Probe);
+        assert_eq!(g.admit("a", env), Admit::Wait, "one probe at a time");
+        assert_eq!(
+            g.admit("a", other),
+            Admit::Go,
+            "the other environment is no suspect"
+        );
+        assert_eq!(g.admit("b", env), Admit::Go, "nor is another app");
+        // An answer that says nothing (a 503): the next request is the next probe.
+        g.probe_answered("a", env);
+        assert_eq!(g.admit("a", env), Admit::Probe);
+        // A refused probe is the burst again: paused, and probed again after the pause.
+        assert!(matches!(
+            g.bad_device_token(&claimed("a", env, 4, 4), "BadDeviceToken", 1.0),
+            BadTokenVerdict::Burst { .. }
+        ));
+        assert_eq!(g.admit("a", env), Admit::Wait, "no probe during the pause");
+        g.probe_answered("a", env);
+        std::thread::sleep(Duration::from_millis(210));
+        assert_eq!(g.admit("a", env), Admit::Probe);
+        // A 200 ends the doubt: full speed.
+        g.success("a", env);
+        assert_eq!(g.admit("a", env), Admit::Go);
+        assert_eq!(g.admit("a", env), Admit::Go);
+        // A start after a run that stopped during a burst begins with a probe.
+        let restarted = Guards::new(&cfg());
+        restarted.suspect("a", env);
+        assert_eq!(restarted.admit("a", env), Admit::Probe);
+        assert_eq!(restarted.admit("a", env), Admit::Wait);
+    }
+
     #[test]
     fn after_a_burst_a_late_bad_token_pauses_again_until_a_success() {
         let mut g = Guards {

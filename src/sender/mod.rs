@@ -35,13 +35,16 @@ use crate::store::{
     StoreError,
 };
 
-use guard::{BadTokenVerdict, Guards};
+use guard::{Admit, BadTokenVerdict, Guards};
 
 /// The `tracing` target of the one line per delivery outcome and per finished notification
 /// (SPEC 4.4). With `[log] dir` set, its `info` lines go to the files only, not to stdout: at
 /// tens of thousands of deliveries a second, stdout (often journald) is no place for them.
 pub const DELIVERY_TARGET: &str = "pushdrop::delivery";
 
+/// How often a request waiting for its app's probe (see [`Guards::admit`]) looks again on
+/// its own, beside being woken when the probe is answered.
+const PROBE_RECHECK: Duration = Duration::from_secs(1);
 /// Deliveries claimed per store round trip.
 const CLAIM_BATCH: usize = 1000;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
@@ -501,6 +504,7 @@ async fn main_loop(
     // Requests not yet written stay queued, unsent: the grace period is for the answers to
     // those on the wire.
     inner.stopping.store(true, Ordering::SeqCst);
+    inner.guards.probe_done.notify_waiters();
     inner.client.close_to_new_requests();
     // Shutdown: let in-flight requests finish within the grace period.
     let grace = Duration::from_millis(inner.cfg.sender.shutdown_grace_ms);
@@ -708,9 +712,55 @@ impl Inner {
         let inner = self.clone();
         let results = results.clone();
         tokio::spawn(async move {
+            let (app, env) = (c.notification.app.clone(), c.device.environment);
+            let probe = match inner.guards.admit(&app, env) {
+                Admit::Go => false,
+                Admit::Probe => true,
+                Admit::Wait => match inner.wait_for_probe(&c).await {
+                    Ok(probe) => probe,
+                    Err(kind) => {
+                        drop(permit);
+                        let _ = results
+                            .send(DeliveryResult {
+                                delivery_id: c.delivery_id,
+                                kind,
+                            })
+                            .await;
+                        return;
+                    }
+                },
+            };
             inner.send_one(c, &results).await;
+            if probe {
+                inner.guards.probe_answered(&app, env);
+            }
             drop(permit);
         });
+    }
+
+    /// Waits while another request is the probe of its app and environment (see
+    /// [`Guards::admit`]); then whether this one is the next probe. A pause that began
+    /// meanwhile (the probe was refused), or the daemon stopping, sends it back to the queue
+    /// unsent, its attempt not counted.
+    async fn wait_for_probe(&self, c: &ClaimedDelivery) -> Result<bool, ResultKind> {
+        let (app, env) = (c.notification.app.as_str(), c.device.environment);
+        loop {
+            let answered = self.guards.probe_done.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(ResultKind::held_until(now_ms(), None, "stopping".into()));
+            }
+            if let Some(until_ms) = self.guards.paused_until(app, env) {
+                return Err(ResultKind::held_until(until_ms, None, "app paused".into()));
+            }
+            match self.guards.admit(app, env) {
+                Admit::Go => return Ok(false),
+                Admit::Probe => return Ok(true),
+                Admit::Wait => {}
+            }
+            let _ = tokio::time::timeout(PROBE_RECHECK, answered).await;
+        }
     }
 
     /// Sends one delivery and reports its result.
