@@ -243,39 +243,7 @@ fn parse_into<'t>(
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
-        Err(e) => {
-            let at = e.valid_up_to();
-            let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-            // The file ends inside a character: cut off mid-write, like a `.json` that ends
-            // early, so it waits for `settle_ms` before it is rejected as truncated.
-            if e.error_len().is_none() {
-                return Err(Rejection {
-                    reason: RejectReason::Truncated,
-                    problems: vec![Problem {
-                        record: None,
-                        line: Some(line),
-                        field: None,
-                        message: format!(
-                            "ends inside a UTF-8 character at byte offset {at} (line {line}): the file was cut off"
-                        ),
-                    }],
-                    ids: NamedIds::default(),
-                });
-            }
-            return Err(Rejection {
-                reason: RejectReason::NotUtf8,
-                problems: vec![Problem {
-                    record: None,
-                    line: Some(line),
-                    field: None,
-                    message: format!(
-                        "not UTF-8: invalid byte 0x{:02X} at byte offset {at} (line {line}); drop files must be UTF-8",
-                        bytes.get(at).copied().unwrap_or(0)
-                    ),
-                }],
-                ids: NamedIds::default(),
-            });
-        }
+        Err(e) => return Err(not_utf8(bytes, e)),
     };
     if is_json_blank(text) {
         return Err(Rejection::file(
@@ -289,6 +257,65 @@ fn parse_into<'t>(
         FileKind::Jsonl => parse_jsonl(text, &ctx, &mut acc)?,
     }
     acc.finish()
+}
+
+/// The rejection of a file that is not UTF-8, `first` its first bad sequence: every bad
+/// sequence is listed (up to [`MAX_PROBLEMS`]), so that a dropper fixes them all at once. A
+/// file whose only fault is its end, cut inside a character, was cut off mid-write, like a
+/// `.json` that ends early: it waits for `settle_ms` before it is rejected as truncated.
+fn not_utf8(bytes: &[u8], first: std::str::Utf8Error) -> Rejection {
+    let mut problems = Vec::new();
+    let mut more = 0usize;
+    let (mut from, mut line, mut counted) = (0, 1, 0);
+    let mut next = Some(first);
+    while let Some(e) = next {
+        let at = from + e.valid_up_to();
+        line += bytes[counted..at].iter().filter(|&&b| b == b'\n').count();
+        counted = at;
+        let message = match e.error_len() {
+            None if problems.is_empty() => {
+                return Rejection {
+                    reason: RejectReason::Truncated,
+                    problems: vec![Problem {
+                        record: None,
+                        line: Some(line),
+                        field: None,
+                        message: format!(
+                            "ends inside a UTF-8 character at byte offset {at} (line {line}): the file was cut off"
+                        ),
+                    }],
+                    ids: NamedIds::default(),
+                };
+            }
+            None => format!("not UTF-8: ends inside a character at byte offset {at} (line {line})"),
+            Some(_) => format!(
+                "not UTF-8: invalid byte 0x{:02X} at byte offset {at} (line {line}); drop files must be UTF-8",
+                bytes.get(at).copied().unwrap_or(0)
+            ),
+        };
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(Problem {
+                record: None,
+                line: Some(line),
+                field: None,
+                message,
+            });
+        } else {
+            more += 1;
+        }
+        next = e.error_len().and_then(|n| {
+            from = at + n;
+            std::str::from_utf8(&bytes[from..]).err()
+        });
+    }
+    if more > 0 {
+        problems.push(more_problems(more));
+    }
+    Rejection {
+        reason: RejectReason::NotUtf8,
+        problems,
+        ids: NamedIds::default(),
+    }
 }
 
 /// Lookups the record checks need, prepared once per file.
@@ -428,21 +455,23 @@ impl<'t> Acc<'t> {
             return Ok(self.parsed);
         }
         if self.more_problems > 0 {
-            self.problems.push(Problem {
-                record: None,
-                line: None,
-                field: None,
-                message: format!(
-                    "… and {} more problems not listed (only the first {MAX_PROBLEMS} are)",
-                    self.more_problems
-                ),
-            });
+            self.problems.push(more_problems(self.more_problems));
         }
         Err(Rejection {
             reason: self.reason,
             problems: self.problems,
             ids: self.ids,
         })
+    }
+}
+
+/// The last line of a report that lists [`MAX_PROBLEMS`] problems and found more.
+fn more_problems(n: usize) -> Problem {
+    Problem {
+        record: None,
+        line: None,
+        field: None,
+        message: format!("… and {n} more problems not listed (only the first {MAX_PROBLEMS} are)"),
     }
 }
 
@@ -506,7 +535,12 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
         return Err(Rejection {
             reason,
             problems: vec![Problem {
-                record: (first == Some(b'[') && !array_done).then_some(elements.len()),
+                // In the array (not after it), or in the file's one object (not after it).
+                record: if first == Some(b'[') {
+                    (!array_done).then_some(elements.len())
+                } else {
+                    elements.is_empty().then_some(0)
+                },
                 line: Some(e.line()),
                 field: None,
                 message: format!(
@@ -830,6 +864,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
                     .map(TimeRaw::Secs)
                     .map_err(|_| E::custom("UNIX seconds out of range"))
             }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "{v} is not whole UNIX seconds: give a JSON integer such as 1893456000"
+                )))
+            }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(TimeRaw::Text(Cow::Borrowed(v)))
             }
@@ -989,6 +1028,18 @@ fn field_value<'a, T: Deserialize<'a>>(
     }
 }
 
+/// [`field_value`] for an optional field: `null` is the field left out, as on the fast path.
+fn optional<'a, T: Deserialize<'a>>(
+    key: &str,
+    v: &'a RawValue,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<T> {
+    if v.get().trim_matches(JSON_WHITESPACE) == "null" {
+        return None;
+    }
+    field_value(key, v, problems)
+}
+
 /// Turns serde's wording into a problem, pulling the field name out of
 /// "unknown field `x`" / "duplicate field `x`" messages.
 fn serde_problem(base: &str, inner: &str) -> FieldProblem {
@@ -1045,21 +1096,21 @@ fn slow_path(
         let before = problems.len();
         let p = &mut problems;
         match key {
-            "type" => raw.kind = field_value(key, v, p),
-            "app" => raw.app = field_value(key, v, p),
-            "token" => raw.token = field_value(key, v, p),
-            "user" => raw.user = field_value(key, v, p),
-            "environment" => raw.environment = field_value(key, v, p),
-            "action" => raw.action = field_value(key, v, p),
-            "id" => raw.id = field_value(key, v, p),
-            "to" => raw.to = field_value::<ObjectOnly<_>>(key, v, p).map(|o| o.0),
-            "payload" => raw.payload = field_value(key, v, p),
-            "push_type" => raw.push_type = field_value(key, v, p),
-            "priority" => raw.priority = field_value(key, v, p),
-            "topic" => raw.topic = field_value(key, v, p),
-            "collapse_id" => raw.collapse_id = field_value(key, v, p),
-            "expiration" => raw.expiration = field_value(key, v, p),
-            "send_at" => raw.send_at = field_value(key, v, p),
+            "type" => raw.kind = optional(key, v, p),
+            "app" => raw.app = optional(key, v, p),
+            "token" => raw.token = optional(key, v, p),
+            "user" => raw.user = optional(key, v, p),
+            "environment" => raw.environment = optional(key, v, p),
+            "action" => raw.action = optional(key, v, p),
+            "id" => raw.id = optional(key, v, p),
+            "to" => raw.to = optional::<ObjectOnly<_>>(key, v, p).map(|o| o.0),
+            "payload" => raw.payload = optional(key, v, p),
+            "push_type" => raw.push_type = optional(key, v, p),
+            "priority" => raw.priority = optional(key, v, p),
+            "topic" => raw.topic = optional(key, v, p),
+            "collapse_id" => raw.collapse_id = optional(key, v, p),
+            "expiration" => raw.expiration = optional(key, v, p),
+            "send_at" => raw.send_at = optional(key, v, p),
             _ => {
                 let mut msg = format!("unknown field \"{}\"", excerpt(key));
                 if let Some(s) = suggestion(key) {
@@ -1386,13 +1437,12 @@ fn check_notification(
     };
     let topic = match raw.topic.as_deref() {
         Some(t) if t.is_empty() || t.len() > 255 || t.contains(char::is_whitespace) => {
-            problems.push(fp(
-                "topic",
-                format!(
-                    "\"{}\" is not a topic (a bundle id, without spaces)",
-                    excerpt(t)
-                ),
-            ));
+            let why = if t.len() > 255 {
+                format!("is {} bytes long (at most 255)", t.len())
+            } else {
+                "is not a topic (a bundle id, without spaces)".to_string()
+            };
+            problems.push(fp("topic", format!("\"{}\" {why}", excerpt(t))));
             None
         }
         Some(t) => Some(t.to_string()),
@@ -1569,7 +1619,11 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
     let aps = top.iter().find(|(k, _)| k == "aps").map(|(_, v)| v);
     let content_available_only = match aps {
         Some(Pv::Object(fields)) => {
-            !fields.is_empty() && fields.iter().all(|(k, _)| k == "content-available")
+            // Apple's background update is `"content-available": 1`; a 0 asks for none.
+            !fields.is_empty()
+                && fields
+                    .iter()
+                    .all(|(k, v)| k == "content-available" && matches!(v, Pv::One))
         }
         Some(_) => {
             problems.push(fp("payload.aps", "must be a JSON object"));
@@ -1595,6 +1649,8 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
 enum Pv {
     Object(Vec<(String, Pv)>),
     Array(Vec<Pv>),
+    /// The integer 1 (what `content-available` must be for a background push).
+    One,
     Scalar,
 }
 
@@ -1636,7 +1692,7 @@ impl Pv {
                     path.truncate(len);
                 }
             }
-            Pv::Scalar => {}
+            Pv::One | Pv::Scalar => {}
         }
     }
 }
@@ -1657,11 +1713,11 @@ impl<'de> Visitor<'de> for PvVisitor {
     fn visit_bool<E>(self, _: bool) -> Result<Pv, E> {
         Ok(Pv::Scalar)
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Pv, E> {
-        Ok(Pv::Scalar)
+    fn visit_i64<E>(self, v: i64) -> Result<Pv, E> {
+        Ok(if v == 1 { Pv::One } else { Pv::Scalar })
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Pv, E> {
-        Ok(Pv::Scalar)
+    fn visit_u64<E>(self, v: u64) -> Result<Pv, E> {
+        Ok(if v == 1 { Pv::One } else { Pv::Scalar })
     }
     fn visit_f64<E>(self, _: f64) -> Result<Pv, E> {
         Ok(Pv::Scalar)
@@ -1706,6 +1762,11 @@ fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
         TimeRaw::Secs(s) if (0..=MAX_SECS).contains(s) => Ok(s * 1000),
         TimeRaw::Secs(s) => Err(format!(
             "{s} is not a plausible UNIX time in seconds (0 to {MAX_SECS}); milliseconds given by mistake?"
+        )),
+        TimeRaw::Text(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+            "\"{}\" is UNIX seconds in a string: give them as a JSON number ({}), or an RFC 3339 date-time",
+            excerpt(s),
+            excerpt(s)
         )),
         TimeRaw::Text(s) => {
             let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
@@ -1928,6 +1989,12 @@ mod tests {
         };
         assert_eq!(n.push_type, PushType::Background);
         assert_eq!(n.priority, 5);
+        // `content-available: 0` asks for no background update: an alert push by default.
+        let p = parse(&bg.replace(":1}", ":0}"), FileKind::Json).unwrap();
+        let Record::Notification(n) = &p.records[0] else {
+            panic!()
+        };
+        assert_eq!((n.push_type, n.priority), (PushType::Alert, 10));
 
         let voip = notif(
             r#","push_type":"voip","send_at":"2030-01-01T00:00:00Z","expiration":1900000000"#,
@@ -1951,6 +2018,47 @@ mod tests {
 
     fn problems(text: &str, kind: FileKind) -> Rejection {
         parse(text, kind).unwrap_err()
+    }
+
+    #[test]
+    fn null_is_a_field_left_out_when_other_fields_are_wrong_too() {
+        let r = problems(
+            &format!(r#"{{"type":"device","token":"{TOKEN}","user":null,"enviroment":"sandbox"}}"#),
+            FileKind::Json,
+        );
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert_eq!(r.problems[0].field.as_deref(), Some("enviroment"));
+        let r = problems(
+            &notif(r#","id":null,"send_at":null,"expiration":null,"topic":null,"priority":"10""#),
+            FileKind::Json,
+        );
+        let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+        assert_eq!(fields, [Some("priority")], "{:?}", r.problems);
+    }
+
+    #[test]
+    fn unix_seconds_in_a_string_or_with_a_fraction_are_told_how_to_write_them() {
+        let r = problems(&notif(r#","send_at":"1893456000""#), FileKind::Json);
+        assert!(
+            r.problems[0].message.contains("as a JSON number"),
+            "{:?}",
+            r.problems
+        );
+        let r = problems(&notif(r#","expiration":1893456000.5"#), FileKind::Json);
+        assert!(
+            r.problems[0].message.contains("give a JSON integer"),
+            "{:?}",
+            r.problems
+        );
+        let r = problems(
+            &notif(&format!(r#","topic":"{}""#, "a".repeat(300))),
+            FileKind::Json,
+        );
+        assert!(
+            r.problems[0].message.contains("300 bytes long"),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]
@@ -2258,6 +2366,26 @@ mod tests {
         let r = parse_file(b"{\"type\":\n\xff}", FileKind::Json, &one()).unwrap_err();
         assert_eq!(r.reason, RejectReason::NotUtf8);
         assert_eq!(r.problems[0].line, Some(2));
+        // Every bad sequence is listed, a cut-off end among others too.
+        let r = parse_file(
+            b"{}\ncaf\xe9\nna\xefve \xff\xfe\n\xc3",
+            FileKind::Jsonl,
+            &one(),
+        )
+        .unwrap_err();
+        assert_eq!(r.reason, RejectReason::NotUtf8);
+        let lines: Vec<_> = r.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, [2, 3, 3, 3, 4].map(Some), "{:?}", r.problems);
+        assert!(
+            r.problems[1].message.contains("0xEF at byte offset 10"),
+            "{:?}",
+            r.problems
+        );
+        assert!(
+            r.problems[4].message.contains("ends inside a character"),
+            "{:?}",
+            r.problems
+        );
         // Cut off inside a character: still being written, not a wrong encoding.
         for kind in [FileKind::Json, FileKind::Jsonl] {
             let r = parse_file(b"{\"type\":\"caf\xc3", kind, &one()).unwrap_err();
@@ -2265,6 +2393,9 @@ mod tests {
         }
         let r = problems(&notif("")[..30], FileKind::Json);
         assert_eq!(r.reason, RejectReason::Truncated);
+        assert_eq!(r.problems[0].record, Some(0), "the file's one record");
+        let r = problems(&format!("{} x", notif("")), FileKind::Json);
+        assert_eq!(r.problems[0].record, None, "after the record: the file's");
         let r = problems(
             &format!("[{},{}", notif(""), &notif("")[..20]),
             FileKind::Json,
