@@ -678,14 +678,22 @@ fn record<'t>(
             acc.line_of_offset(start)
         }
     };
-    for p in problems {
-        let line = match (&fields, &p.field) {
-            (Some(entries), Some(field)) => locate(entries, field)
-                .and_then(|v| acc.offset_of(v.get()))
-                .map(|o| acc.line_of_offset(o))
-                .unwrap_or(record_line),
-            _ => record_line,
-        };
+    let mut located: Vec<(usize, FieldProblem)> = problems
+        .into_iter()
+        .map(|p| {
+            let line = match (&fields, &p.field) {
+                (Some(entries), Some(field)) => locate(entries, field)
+                    .and_then(|v| acc.offset_of(v.get()))
+                    .map(|o| acc.line_of_offset(o))
+                    .unwrap_or(record_line),
+                _ => record_line,
+            };
+            (line, p)
+        })
+        .collect();
+    // In the order of the file, as a reader goes through it (the checks go field by field).
+    located.sort_by_key(|(line, _)| *line);
+    for (line, p) in located {
         acc.push(
             RejectReason::Invalid,
             Problem {
@@ -2034,6 +2042,18 @@ mod tests {
         );
         let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
         assert_eq!(fields, [Some("priority")], "{:?}", r.problems);
+    }
+
+    #[test]
+    fn a_records_problems_are_listed_in_the_order_of_its_lines() {
+        let text = "[{\"type\": \"notification\",\n \"app\": \"nope\", \"to\": {\"all\": true},\n \"payload\": {\"aps\": {}}, \"prio\": 5}]";
+        let r = problems(text, FileKind::Json);
+        let got: Vec<_> = r
+            .problems
+            .iter()
+            .map(|p| (p.line, p.field.as_deref()))
+            .collect();
+        assert_eq!(got, [(Some(2), Some("app")), (Some(3), Some("prio"))]);
     }
 
     #[test]
