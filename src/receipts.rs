@@ -193,11 +193,27 @@ impl Receipts {
         };
         let folder = path.parent().unwrap_or(&self.dir);
         crate::inbox::fsutil::make_dirs(folder).map_err(io)?;
+        // Something other than a receipt where the receipt goes (a symlink, a FIFO, a
+        // device) is left alone and said, as in the inbox: a rename would replace it.
+        if let Ok(meta) = std::fs::symlink_metadata(&path)
+            && !meta.is_file()
+            && !meta.is_dir()
+        {
+            return Err(io(std::io::Error::other(
+                "is not a regular file (a symlink, FIFO or device): not replaced; remove it",
+            )));
+        }
         let tmp = folder.join(format!(".{}.json.tmp", data.id));
         let mut body = serde_json::to_vec_pretty(&data).map_err(|e| io(e.into()))?;
         body.push(b'\n');
+        // A new file, never through whatever is at the temporary name (a symlink planted
+        // there would have the receipt written into its target): that is removed first.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
         let mut open = std::fs::OpenOptions::new();
-        open.write(true).create(true).truncate(true);
+        open.write(true).create_new(true);
         crate::inbox::fsutil::write_and_rename(&open, &tmp, &path, &body).map_err(io)?;
         Ok(Some(path))
     }
@@ -245,11 +261,12 @@ fn receipt_app(path: &Path) -> Option<String> {
     use std::io::Read;
     const KEY: &str = "\"app\":";
     let mut head = Vec::with_capacity(1024);
-    std::fs::File::open(path)
-        .ok()?
-        .take(1024)
-        .read_to_end(&mut head)
-        .ok()?;
+    // Not through a symlink, not blocking on a FIFO: only a regular file is a receipt.
+    let file = crate::inbox::fsutil::open_nofollow(path).ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    file.take(1024).read_to_end(&mut head).ok()?;
     let head = String::from_utf8_lossy(&head);
     // An id holds no `"`, so the first `"app":` is the key.
     let value = head[head.find(KEY)? + KEY.len()..].trim_start();

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
@@ -339,4 +340,51 @@ fn a_receipt_that_could_not_be_written_is_written_once_it_can_be() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names, ["second.json"], "no temporary file left: {names:?}");
+}
+
+/// What someone left in the receipts folder is never written through or waited on: a
+/// symlink at a receipt's temporary name (the receipt would have gone into its target) is
+/// replaced by the receipt's own file, and a FIFO where a receipt goes (opening it would
+/// block until a reader came) is left alone and said in `status`, while the other receipts
+/// are written.
+#[test]
+fn a_symlink_or_fifo_in_the_receipts_folder_is_not_written_through_or_waited_on() {
+    let w = World::new(SimOptions::default(), common::world::FAST_SENDER);
+    let dir = receipts_dir(&w.env);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = w.env.dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join(".sym.json.tmp")).unwrap();
+    let fifo = dir.join("fifo.json");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let daemon = w.env.start();
+    for (i, id) in ["sym", "fifo", "after"].iter().enumerate() {
+        w.env.drop_file(
+            &format!("{i}.json"),
+            notification_to(id, &format!(r#"{{"tokens":["{}"]}}"#, token(i as u64)), ""),
+        );
+    }
+    wait_for("the other receipts", || {
+        dir.join("sym.json").exists() && dir.join("after.json").exists()
+    });
+    wait_for("the FIFO in status", || {
+        w.env.status_json()["recent_errors"]
+            .to_string()
+            .contains("not a regular file")
+    });
+    let began = Instant::now();
+    daemon.shutdown();
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let sym = std::fs::symlink_metadata(dir.join("sym.json")).unwrap();
+    assert!(sym.is_file(), "the receipt is a file of its own");
+    assert!(!dir.join(".sym.json.tmp").exists());
+    let meta = std::fs::symlink_metadata(&fifo).unwrap();
+    assert!(meta.file_type().is_fifo(), "the FIFO is left alone");
 }
