@@ -865,3 +865,37 @@ fn an_expiration_before_send_at_ends_expired_unsent() {
     assert_eq!(w.sim.requests(), 0, "never sent");
     assert_eq!(world::receipt(&w.env, "too-late")["counts"]["expired"], 1);
 }
+
+/// Results that cannot be written (here another process holds the database's write lock
+/// for longer than a writer waits, as a full disk also refuses them) are kept and written
+/// once the database takes them: their deliveries are not sent again meanwhile, and no new
+/// request starts. Before, each failed write sent its deliveries again.
+#[test]
+fn results_that_cannot_be_written_are_kept_not_sent_again() {
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(300),
+            ..SimOptions::default()
+        },
+        "[sender]\nmax_in_flight = 50\n",
+    );
+    let daemon = w.env.start();
+    let tokens: Vec<String> = (0..200).map(token).collect();
+    let to = format!(r#"{{"tokens":{}}}"#, serde_json::to_string(&tokens).unwrap());
+    w.env.drop_file("a.json", notification_to("locked", &to, ""));
+    wait_for("sending", || w.sim.accepted_count() >= 20);
+    let mut holder = w.env.db_rw();
+    let tx = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    // Longer than the writer's 10 s wait for the lock.
+    std::thread::sleep(Duration::from_secs(12));
+    tx.commit().unwrap();
+    drop(holder);
+    w.wait_idle("everything recorded");
+    daemon.shutdown();
+    let by_token = w.accepted_by_token();
+    assert_eq!(by_token.len(), 200);
+    let twice: Vec<_> = by_token.iter().filter(|(_, a)| a.len() > 1).collect();
+    assert!(twice.is_empty(), "{} tokens got it twice", twice.len());
+}

@@ -31,8 +31,8 @@ use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
 use crate::store::{
-    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, ResultKind, Store,
-    StoreError,
+    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, RecordFailed,
+    ResultKind, Store, StoreError,
 };
 
 use guard::{Admit, BadTokenVerdict, Guards};
@@ -45,6 +45,11 @@ pub const DELIVERY_TARGET: &str = "pushdrop::delivery";
 /// How often a request waiting for its app's probe (see [`Guards::admit`]) looks again on
 /// its own, beside being woken when the probe is answered.
 const PROBE_RECHECK: Duration = Duration::from_secs(1);
+/// How soon results that could not be written are tried again.
+const RECORD_RETRY: Duration = Duration::from_secs(1);
+/// How often they are tried once the sender stops, before they are given up (their
+/// deliveries are then sent again after the restart).
+const RECORD_TRIES_AT_STOP: u32 = 3;
 /// Deliveries claimed per store round trip.
 const CLAIM_BATCH: usize = 1000;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
@@ -227,6 +232,11 @@ struct Inner {
     client: ApnsClient,
     /// Set at a stop: a request that could not go out is held, not a sign of an outage.
     stopping: AtomicBool,
+    /// Results could not be written (the database full or failing): no request starts
+    /// until they are, since each would be sent again for want of its record.
+    results_unwritten: AtomicBool,
+    /// Woken when results that could not be written have been.
+    results_written: tokio::sync::Notify,
     receipts: Option<Arc<ReceiptWork>>,
     guards: Guards,
     /// The `sent` series of the deliveries counter, looked up once (on the first success, so
@@ -288,6 +298,8 @@ pub fn start(
         sent_counter: std::sync::OnceLock::new(),
         noted_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
         stopping: AtomicBool::new(false),
+        results_unwritten: AtomicBool::new(false),
+        results_written: tokio::sync::Notify::new(),
     });
     let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
     SenderHandle {
@@ -401,9 +413,11 @@ async fn main_loop(
                 fan_out,
             )));
         }
+        let unwritten = inner.results_unwritten.load(Ordering::Acquire);
         tokio::select! {
             _ = stop.changed() => {}
-            permit = slots.clone().acquire_owned(), if !ready.is_empty() => {
+            _ = inner.results_written.notified(), if unwritten => {}
+            permit = slots.clone().acquire_owned(), if !ready.is_empty() && !unwritten => {
                 let (Ok(permit), Some(c)) = (permit, ready.pop_front()) else {
                     break;
                 };
@@ -559,8 +573,12 @@ async fn recorder(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let new_work = inner.store.new_work();
     let mut stopping = false;
+    // Tries to write results kept after a failed write, once the sender stops.
+    let mut tries_at_stop = 0;
+    let mut said_unwritten: Option<tokio::time::Instant> = None;
     loop {
-        if !stopping {
+        // Waits for results, unless results kept from a failed write are to be tried again.
+        if !stopping && batch.is_empty() {
             // The timer runs only while answers are held; idle, the recorder just waits.
             let holding = inner.guards.has_held();
             tokio::select! {
@@ -625,9 +643,37 @@ async fn recorder(
             let _ = tokio::task::spawn_blocking(crate::logging::flush_files).await;
         }
         match inner.store.record_results(std::mem::take(&mut batch)).await {
-            Ok(finished) => inner.finished(finished),
-            Err(e) => {
-                error!(event = "store_error", error = %e, "cannot record delivery results; those deliveries stay queued and will be sent again")
+            Ok(finished) => {
+                if inner.results_unwritten.swap(false, Ordering::AcqRel) {
+                    info!(
+                        event = "store_recovered",
+                        "delivery results written again; sending resumes"
+                    );
+                    said_unwritten = None;
+                    inner.results_written.notify_one();
+                }
+                inner.finished(finished);
+            }
+            Err(RecordFailed { error, results }) => {
+                // Kept and written again every RECORD_RETRY; their deliveries stay claimed
+                // and no new request starts meanwhile: a request whose result cannot be
+                // written would be sent again and again.
+                inner.results_unwritten.store(true, Ordering::Release);
+                if stopping {
+                    tries_at_stop += 1;
+                }
+                let give_up = stopping && tries_at_stop >= RECORD_TRIES_AT_STOP;
+                if give_up || results.is_empty() {
+                    error!(event = "store_error", error = %error, results = results.len(), "cannot record delivery results; those deliveries stay queued and will be sent again after the restart");
+                } else {
+                    if said_unwritten.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
+                        error!(event = "store_error", error = %error, results = results.len(), "cannot record delivery results; no request goes out until they are written (tried again every second)");
+                        said_unwritten = Some(tokio::time::Instant::now());
+                    }
+                    batch = results;
+                }
+                tokio::time::sleep(RECORD_RETRY).await;
+                continue;
             }
         }
         if retries {

@@ -24,7 +24,7 @@ use crate::model::{PushType, Record};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
     Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, HeldReleased,
-    ResultKind,
+    RecordFailed, ResultKind,
 };
 
 /// SQLite's error, with what a "database is locked" means here: every writer waits up to
@@ -324,13 +324,20 @@ impl Store {
     }
 
     /// Records outcomes in one transaction and releases the deliveries' claims; returns the
-    /// notifications that became final. If the transaction fails, the deliveries stay queued
-    /// and are claimed (sent) again.
+    /// notifications that became final. If the transaction fails, the results come back with
+    /// the error and their deliveries stay claimed, so that the caller can write them again
+    /// later and nothing is sent twice meanwhile (a closed store gives none back).
     pub async fn record_results(
         &self,
         results: Vec<DeliveryResult>,
-    ) -> Result<Vec<FinishedNotification>, StoreError> {
-        self.call(move |w| w.record_results(results)).await
+    ) -> Result<Vec<FinishedNotification>, RecordFailed> {
+        match self.call(move |w| Ok(w.record_results(results))).await {
+            Ok(recorded) => recorded,
+            Err(error) => Err(RecordFailed {
+                error,
+                results: Vec::new(),
+            }),
+        }
     }
 
     /// Requeues failed deliveries: of notification `id` (of `app`, which must be named when

@@ -189,6 +189,14 @@ impl ResultKind {
     }
 }
 
+/// Results that could not be written (the database full, or failing), handed back with the
+/// error: their deliveries stay claimed, so they are not sent again while the results wait.
+#[derive(Debug)]
+pub struct RecordFailed {
+    pub error: StoreError,
+    pub results: Vec<DeliveryResult>,
+}
+
 /// What [`Writer::release_held`] made due.
 #[derive(Debug, Default)]
 pub struct HeldReleased {
@@ -1060,20 +1068,22 @@ impl Writer {
     pub fn record_results(
         &mut self,
         results: Vec<DeliveryResult>,
-    ) -> Result<Vec<FinishedNotification>, StoreError> {
-        let ids: Vec<i64> = results.iter().map(|r| r.delivery_id).collect();
-        let recorded = self.record(results);
-        // Written or not, these deliveries are out of the sender's hands: if the transaction
-        // failed they are still queued and due, and the next claim sends them again.
-        for id in ids {
-            self.in_flight.remove(&id);
+    ) -> Result<Vec<FinishedNotification>, RecordFailed> {
+        match self.record(&results) {
+            Ok(finished) => {
+                for r in &results {
+                    self.in_flight.remove(&r.delivery_id);
+                }
+                Ok(finished)
+            }
+            // Still claimed, so not sent again while their results wait to be written.
+            Err(error) => Err(RecordFailed { error, results }),
         }
-        recorded
     }
 
     fn record(
         &mut self,
-        results: Vec<DeliveryResult>,
+        results: &[DeliveryResult],
     ) -> Result<Vec<FinishedNotification>, StoreError> {
         let now = now_ms();
         let tx = self
@@ -1085,7 +1095,7 @@ impl Writer {
         // their delivery in this batch, are written by runs of consecutive ids; the others
         // one by one, in order, below.
         let mut once: HashMap<i64, u32> = HashMap::with_capacity(results.len());
-        for r in &results {
+        for r in results {
             *once.entry(r.delivery_id).or_default() += 1;
         }
         let mut by_run = Vec::new();
@@ -1112,7 +1122,7 @@ impl Writer {
         // second result for a delivery that is already final changes nothing, and the
         // notification's pending count only drops for real transitions.
         for r in rest {
-            match r.kind {
+            match &r.kind {
                 ResultKind::Sent { apns_id: None } => {
                     mark_sent(
                         &tx,
@@ -1138,10 +1148,10 @@ impl Writer {
                         .optional()?;
                     finals.add(nid);
                 }
-                ResultKind::Retry {
+                &ResultKind::Retry {
                     due_at_ms,
                     status,
-                    reason,
+                    ref reason,
                     count_attempt,
                 } => {
                     tx.prepare_cached(
@@ -1160,7 +1170,7 @@ impl Writer {
                     queued_at(&mut self.cursor, due_at_ms);
                     self.handoff.queued(due_at_ms);
                 }
-                ResultKind::Failed { status, reason } => {
+                &ResultKind::Failed { status, ref reason } => {
                     let nid = tx
                         .prepare_cached(
                             "UPDATE deliveries SET state = 2, attempts = attempts + 1,
@@ -1173,9 +1183,9 @@ impl Writer {
                         .optional()?;
                     finals.add(nid);
                 }
-                ResultKind::Expired {
+                &ResultKind::Expired {
                     status,
-                    reason,
+                    ref reason,
                     count_attempt,
                 } => {
                     finish(
@@ -1183,14 +1193,14 @@ impl Writer {
                         r.delivery_id,
                         (DeliveryState::Expired, count_attempt),
                         status,
-                        Some(&reason),
+                        Some(reason),
                         now,
                         &mut finals,
                     )?;
                 }
-                ResultKind::InvalidToken {
+                &ResultKind::InvalidToken {
                     status,
-                    reason,
+                    ref reason,
                     invalidated_at_ms,
                 } => {
                     let row = tx

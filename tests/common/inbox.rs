@@ -226,6 +226,13 @@ listen = ""
         c
     }
 
+    /// A connection that may write (the tests' own reads go through [`Env::db`]).
+    pub fn db_rw(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(&self.db).expect("open db");
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    }
+
     pub fn count(&self, sql: &str) -> i64 {
         self.db().query_row(sql, [], |r| r.get(0)).expect(sql)
     }
