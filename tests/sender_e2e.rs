@@ -881,8 +881,12 @@ fn results_that_cannot_be_written_are_kept_not_sent_again() {
     );
     let daemon = w.env.start();
     let tokens: Vec<String> = (0..200).map(token).collect();
-    let to = format!(r#"{{"tokens":{}}}"#, serde_json::to_string(&tokens).unwrap());
-    w.env.drop_file("a.json", notification_to("locked", &to, ""));
+    let to = format!(
+        r#"{{"tokens":{}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    w.env
+        .drop_file("a.json", notification_to("locked", &to, ""));
     wait_for("sending", || w.sim.accepted_count() >= 20);
     let mut holder = w.env.db_rw();
     let tx = holder

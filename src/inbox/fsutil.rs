@@ -64,16 +64,30 @@ pub fn move_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         let target = std::fs::read_link(from)?;
         std::os::unix::fs::symlink(target, to)?;
     } else if meta.file_type().is_file() {
-        let mut src = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags_nofollow()
-            .open(from)?;
-        let mut dst = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(to)?;
-        io::copy(&mut src, &mut dst)?;
-        dst.sync_all()?;
+        // Copied under a hidden temporary name, then renamed: a full disk or a kill during
+        // the copy leaves no cut-off file under the real name (only a `.pushdrop-*.tmp`,
+        // which the retention sweep removes once it is an hour old).
+        if std::fs::symlink_metadata(to).is_ok() {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let tmp = to.with_file_name(temp_name("mv"));
+        let copied = (|| {
+            let mut src = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags_nofollow()
+                .open(from)?;
+            let mut dst = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            io::copy(&mut src, &mut dst)?;
+            dst.sync_all()?;
+            rename_noreplace(&tmp, to)
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     } else {
         return Err(io::Error::other(
             "cannot move a special file across file systems",
@@ -217,15 +231,22 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Writes `content` to `dir/name` atomically: a temporary dotfile, fsync, rename over.
-pub fn write_atomic(dir: &Path, name: &OsStr, content: &[u8]) -> io::Result<PathBuf> {
+/// A unique name for one of pushdrop's temporary files, `.pushdrop-<kind>-<pid>-<n>.tmp`
+/// (hidden and `*.tmp`: the inbox's scan ignores it; the retention sweep removes it once it
+/// is an hour old).
+pub fn temp_name(kind: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".pushdrop-{}-{}.tmp",
+    format!(
+        ".pushdrop-{kind}-{}-{}.tmp",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    )
+}
+
+/// Writes `content` to `dir/name` atomically: a temporary dotfile, fsync, rename over.
+pub fn write_atomic(dir: &Path, name: &OsStr, content: &[u8]) -> io::Result<PathBuf> {
+    let tmp = dir.join(temp_name("new"));
     let dest = dir.join(name);
     let mut open = std::fs::OpenOptions::new();
     open.write(true).create_new(true);
@@ -333,6 +354,42 @@ mod tests {
             report_name(OsStr::new(&(long.clone() + "x"))),
             report_name(OsStr::new(&(long + "y")))
         );
+    }
+
+    /// Across file systems (here the temp folder and `/dev/shm`, where they differ) the file
+    /// is copied under a temporary name and renamed: nothing but the whole file ever has
+    /// the real name, and a name taken stops the move before any copy.
+    #[test]
+    fn a_move_to_another_file_system_shows_only_the_whole_file() {
+        use std::os::unix::fs::MetadataExt;
+        let src = tempfile::tempdir().unwrap();
+        let Ok(dst) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm here: skipped");
+            return;
+        };
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        if dev(src.path()) == dev(dst.path()) {
+            eprintln!("/dev/shm is on the temp folder's file system: skipped");
+            return;
+        }
+        let from = src.path().join("a.jsonl");
+        let body = "x".repeat(1 << 20);
+        std::fs::write(&from, &body).unwrap();
+        let taken = dst.path().join("taken.jsonl");
+        std::fs::write(&taken, "other").unwrap();
+        let e = move_noreplace(&from, &taken).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&taken).unwrap(), "other");
+        let to = dst.path().join("a.jsonl");
+        move_noreplace(&from, &to).unwrap();
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), body);
+        assert!(!from.exists());
+        let mut names: Vec<_> = std::fs::read_dir(dst.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.jsonl", "taken.jsonl"], "no temporary file left");
     }
 
     #[test]

@@ -1259,10 +1259,14 @@ fn id_fields(first: &[String], total: usize) -> (Option<&str>, Option<String>) {
 
 /// Removes files in `processed_dir` older than `keep_processed_days` (0 keeps them forever).
 /// Age counts from when the file was moved there (its ctime), not from when it was written.
-/// Also removes pushdrop's own temporary files (`.pushdrop-*.tmp`) left in the inbox and in
-/// `rejected_dir` by a crash, once they are an hour old.
+/// Also removes pushdrop's own temporary files (`.pushdrop-*.tmp`) left in the inbox,
+/// `rejected_dir` and `processed_dir` by a crash, once they are an hour old.
 pub fn sweep_processed(cfg: &Config) -> usize {
-    for dir in [cfg.inbox.dir.as_path(), cfg.rejected_dir()] {
+    for dir in [
+        cfg.inbox.dir.as_path(),
+        cfg.rejected_dir(),
+        cfg.processed_dir(),
+    ] {
         let left = sweep_dir(dir, TEMP_FILE_AGE, SystemTime::now(), is_temp_file);
         if left > 0 {
             tracing::info!(event = "retention", dir = %dir.display(), removed = left as u64, "removed temporary files a crash left behind");
@@ -1300,14 +1304,7 @@ fn is_temp_file(name: &std::ffi::OsStr) -> bool {
 /// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
 /// the inbox.
 fn hidden_name() -> OsString {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    format!(
-        ".pushdrop-out-{}-{}.tmp",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-    .into()
+    fsutil::temp_name("out").into()
 }
 
 /// Moves `from` into `dir` under `name`, or `stem~n.ext` when taken; `None` if `from` is
