@@ -70,9 +70,9 @@ enum Command {
         invalid: bool,
         #[arg(long)]
         json: bool,
-        /// At most this many rows.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        /// At most this many rows (default: all; a cut list is said on stderr).
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Requeues failed deliveries of one notification, or all of them.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "failed"])))]

@@ -457,8 +457,30 @@ async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
         assert!(is_sent(&o), "certificate auth: {o:?}");
     })
     .await;
+    // Kept files are left as they are, not written again (a reader of one during a restart,
+    // or a second simulator on the folder, would have found it emptied for a moment).
+    let files = |d: &std::path::Path| -> Vec<(String, std::time::SystemTime)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let modified = e.metadata().unwrap().modified().unwrap();
+                (e.file_name().into_string().unwrap(), modified)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(dir.path());
+    // Longer than the file system's time stamps are coarse.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     second.write_credentials(dir.path()).unwrap();
     assert_eq!(std::fs::read_to_string(&creds.ca_file).unwrap(), ca_before);
+    assert_eq!(
+        files(dir.path()),
+        before,
+        "same files, unmodified, no temporary file"
+    );
     second.shutdown().await;
 
     // Credentials that do not belong together (a CA key that did not sign the CA) are made

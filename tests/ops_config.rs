@@ -477,3 +477,42 @@ fn output_that_cannot_be_written_exits_1_with_a_line_on_stderr() {
     assert!(said.contains("cannot write the output"), "{said}");
     assert!(!said.contains("panicked"), "{said}");
 }
+
+/// `pushdrop simulate 2>&1 | grep -m1 listening`, a harness's way to wait until it is ready:
+/// once the reader is gone, the banner's lines cannot be written, and the simulator goes on
+/// serving (it aborted: its panic over stdout could not be said on stderr either). Here the
+/// reader is gone from the start, so that every line meets a closed pipe.
+#[test]
+fn the_simulator_outlives_the_reader_of_its_banner() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dir.path().join("pushdrop-simulator.toml").exists() {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let alive = child.try_wait().unwrap();
+    let connects = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(alive, None, "the simulator ended");
+    assert!(connects, "nothing listens any more");
+}

@@ -89,7 +89,12 @@ pub fn exit_1_when_output_fails() {
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("");
         if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
-            eprintln!("pushdrop: cannot write the output: {why}");
+            // stderr may be closed too (`2>&1 | grep -m1 …`): no second panic over it.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "pushdrop: cannot write the output: {why}"
+            );
             std::process::exit(1);
         }
         default(info);

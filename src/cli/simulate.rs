@@ -21,6 +21,16 @@ pub const APP_NAME: &str = "simulated";
 /// Its bundle id, and the one topic the simulated team may push to without `--bundle-id`.
 pub const BUNDLE_ID: &str = "com.example.simulated";
 
+/// A line of the banner on stdout. A server outlives its banner's reader: a harness that
+/// closed its end of the pipe once it saw the first line (`| grep -m1 listening`) must not
+/// stop it, so a line that cannot be written is dropped.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Starts the simulator, writes credentials and a config into `dir`, serves until Ctrl-C or
 /// SIGTERM. A bad `script` stops it before it listens, with exit code 64 (a bad config).
 /// `bundle_ids`: the topics (bundle ids, before any push type's suffix) it accepts, as Apple
@@ -77,63 +87,65 @@ pub fn simulate(
             .write_credentials(&dir)
             .with_context(|| format!("cannot write credentials into {}", dir.display()))?;
         let config = dir.join(CONFIG_FILE);
-        std::fs::write(
+        crate::simulator::write_text_file(
             &config,
-            config_snippet(&sim.url(), &dir, &creds, &config_bundle_id),
+            &config_snippet(&sim.url(), &dir, &creds, &config_bundle_id),
         )
-            .with_context(|| format!("cannot write {}", config.display()))?;
-        println!("APNs simulator listening on {}", sim.url());
+        .with_context(|| format!("cannot write {}", config.display()))?;
+        // Said once its files are written: a harness that waits for this line reads them.
+        tracing::info!(event = "sim_listening", addr = %sim.addr(), "APNs simulator listening");
+        say!("APNs simulator listening on {}", sim.url());
         if sim.credentials_reused() {
-            println!(
+            say!(
                 "  credentials:         kept from an earlier start in {} (delete them for new ones)",
                 dir.display()
             );
         } else if let Some(why) = sim.credentials_not_kept() {
             // On one line, as the header's others (a TOML error spans two).
             let why = why.lines().map(str::trim).collect::<Vec<_>>().join("; ");
-            println!(
+            say!(
                 "  credentials:         made anew in {} (the earlier ones could not be used: {why})",
                 dir.display()
             );
         } else {
-            println!("  credentials:         made anew in {}", dir.display());
+            say!("  credentials:         made anew in {}", dir.display());
         }
-        println!("  CA certificate:      {}", creds.ca_file.display());
-        println!(
+        say!("  CA certificate:      {}", creds.ca_file.display());
+        say!(
             "  token key:           {} (key_id {}, team_id {})",
             creds.key_file.display(),
             creds.key_id,
             creds.team_id
         );
-        println!(
+        say!(
             "  client certificate:  {} (key {})",
             creds.client_cert_file.display(),
             creds.client_key_file.display()
         );
         if sim_topics.is_empty() {
-            println!("  topics:              any (--bundle-id '*')");
+            say!("  topics:              any (--bundle-id '*')");
         } else {
-            println!(
+            say!(
                 "  topics:              {} (other bundle ids: 400 TopicDisallowed; --bundle-id names yours)",
                 sim_topics.join(", ")
             );
         }
-        println!("  config:              {}", config.display());
-        println!(
+        say!("  config:              {}", config.display());
+        say!(
             "Copy its [apns] and [[apps]] sections into your config, or run pushdrop with --config {}",
             config.display()
         );
         if let (Some(p), Some(s)) = (script, &first_script) {
             let n = s.tokens.len();
-            println!(
+            say!(
                 "  script:              {} ({n} token{}; SIGHUP re-reads it)",
                 p.display(),
                 if n == 1 { "" } else { "s" }
             );
         }
-        println!("Ctrl-C stops.");
+        say!("Ctrl-C stops.");
         serve_until_stop(&sim, script, latency).await;
-        println!(
+        say!(
             "served {} requests on {} connections; {} accepted",
             sim.requests(),
             sim.connections(),

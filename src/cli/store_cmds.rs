@@ -13,7 +13,8 @@ pub struct DeviceFilter {
     pub app: Option<String>,
     pub user: Option<String>,
     pub invalid: bool,
-    pub limit: usize,
+    /// `None`: every matching device.
+    pub limit: Option<usize>,
 }
 
 /// Opens the database read-only, creating and migrating it first if it does not exist yet or
@@ -163,12 +164,12 @@ fn json_terminal_safe(json: &str) -> std::borrow::Cow<'_, str> {
 
 pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
-    let Some(n) = reader(&cfg)?.show(id, app, 10_000)? else {
+    let Some(n) = reader(&cfg)?.show(id, app, usize::MAX)? else {
         eprintln!("pushdrop: no notification with id {id:?}");
         return Ok(1);
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&n)?);
+        print_json(&n)?;
         return Ok(0);
     }
     println!("notification  {} (app {})", n.id, safe(&n.app));
@@ -220,20 +221,18 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
 /// `pushdrop devices`.
 pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
+    let limit = f.limit.unwrap_or(usize::MAX);
     // One more than asked: whether the list is cut short, which is then said.
     let mut rows = reader(&cfg)?.devices(&DeviceQuery {
         app: f.app.clone(),
         user: f.user.clone(),
         invalid_only: f.invalid,
-        limit: f.limit.saturating_add(1),
+        limit: limit.saturating_add(1),
     })?;
-    let cut = rows.len() > f.limit;
-    rows.truncate(f.limit);
+    let cut = rows.len() > limit;
+    rows.truncate(limit);
     if cut {
-        eprintln!(
-            "pushdrop: showing the first {} devices; more match (raise --limit, or narrow with --app/--user)",
-            f.limit
-        );
+        eprintln!("pushdrop: showing the first {limit} devices (--limit); more match");
     }
     // A mistyped app would otherwise list nothing and succeed. An app no longer in the
     // config still lists the devices the store keeps for it.
@@ -249,7 +248,7 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
         return Ok(1);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        print_json(&rows)?;
         return Ok(0);
     }
     println!(
@@ -271,8 +270,26 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
                 .unwrap_or_default()
         );
     }
-    println!("{} device(s)", rows.len());
+    if cut {
+        println!(
+            "{} device(s) shown; more match (--limit {limit})",
+            rows.len()
+        );
+    } else {
+        println!("{} device(s)", rows.len());
+    }
     Ok(0)
+}
+
+/// Writes `value` as pretty JSON and a newline to stdout, as it is serialized: a registry
+/// of a million devices is not built as one string first.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// `pushdrop retry ID | --failed`.

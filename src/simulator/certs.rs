@@ -250,22 +250,35 @@ pub(crate) fn token_key() -> Result<TokenKey, SimError> {
 /// Writes a file; `secret` files get mode 600 from the start (never briefly world-readable).
 pub(crate) fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), SimError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |e: std::io::Error| SimError::Io {
         path: path.to_path_buf(),
         source: e,
     };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    if secret {
-        opts.mode(0o600);
+    // Unchanged (a restart that keeps its credentials): left as it is, so that whoever reads
+    // it meanwhile (a running pushdrop re-reading its key, a second simulator started on the
+    // same folder) never finds it half written. A secret is set back to 600.
+    if std::fs::read(path).is_ok_and(|old| old == contents.as_bytes()) {
+        if secret {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        return Ok(());
     }
-    let mut f = opts.open(path).map_err(io)?;
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
+    // Otherwise written whole under a temporary name, then renamed over.
+    let tmp = path.with_file_name(crate::inbox::fsutil::temp_name("sim"));
+    let written = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        if secret {
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    f.write_all(contents.as_bytes()).map_err(io)?;
-    Ok(())
+    written.map_err(io)
 }

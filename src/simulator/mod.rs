@@ -41,6 +41,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+/// Writes a file of the simulator's folder as its credentials are written: left alone when
+/// unchanged, else whole under a temporary name and renamed (a reader never sees half of it).
+pub fn write_text_file(path: &Path, contents: &str) -> Result<(), SimError> {
+    certs::write_file(path, contents, false)
+}
+
 /// A random 10-character id of the shape of Apple's key and team ids.
 pub use certs::apple_id;
 pub use script::{ScriptError, ScriptProblem, SimScript};
@@ -426,7 +432,7 @@ impl Simulator {
             shared.clone(),
             stop_rx,
         ));
-        tracing::info!(event = "sim_listening", %addr, "APNs simulator listening");
+        tracing::debug!(event = "sim_bound", %addr, "APNs simulator bound");
         Ok(Simulator {
             addr,
             shared,
