@@ -326,3 +326,48 @@ fn an_admin_port_in_use_stops_the_start_before_any_file_is_taken() {
     wait_for("receipt", || receipt.exists());
     daemon.shutdown();
 }
+
+/// `devices` and `show` list everything by default: a registry of more than a thousand
+/// devices, a notification to more than ten thousand (they stopped there, the JSON with no
+/// sign of it). `--limit` cuts the list and says so.
+#[test]
+fn devices_and_show_list_every_row() {
+    let env = Ops::new(OpsOptions::default());
+    let n = 10_005u64;
+    let devices: String = (0..1_005).map(|i| device(i, "u") + "\n").collect();
+    let tokens: Vec<String> = (0..n).map(token).collect();
+    let big = format!(
+        r#"{{"type":"notification","id":"big","to":{{"tokens":{}}},"payload":{{"aps":{{}}}}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    let (a, b) = (env.staging.join("a.jsonl"), env.staging.join("b.json"));
+    std::fs::write(&a, devices).unwrap();
+    std::fs::write(&b, big).unwrap();
+    let out = env.pushdrop(&["ingest", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = env.pushdrop(args);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Every token of the notification has a device row; the 1,005 registered ones too.
+    let all = json(&["devices", "--json"]);
+    assert_eq!(all.as_array().unwrap().len() as u64, n);
+    let shown = json(&["show", "big", "--json"]);
+    assert_eq!(shown["deliveries"].as_array().unwrap().len() as u64, n);
+    let out = env.pushdrop(&["devices", "--user", "u"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.ends_with("1005 device(s)\n"),
+        "{}",
+        &table[table.len() - 80..]
+    );
+    assert!(out.stderr.is_empty(), "{out:?}");
+    let out = env.pushdrop(&["devices", "--limit", "10"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.ends_with("10 device(s) shown; more match (--limit 10)\n"),
+        "{table}"
+    );
+}

@@ -232,7 +232,7 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
     let cut = rows.len() > limit;
     rows.truncate(limit);
     if cut {
-        eprintln!("pushdrop: showing the first {limit} devices (--limit); more match");
+        eprintln!("pushdrop: showing the first {limit} devices; more match (--limit)");
     }
     // A mistyped app would otherwise list nothing and succeed. An app no longer in the
     // config still lists the devices the store keeps for it.
