@@ -1191,8 +1191,19 @@ impl Ingestor {
                     .first()
                     .map(|p| p.to_string())
                     .unwrap_or_default();
-                let reasons: Vec<String> =
-                    rej.problems.iter().take(5).map(|p| p.to_string()).collect();
+                const REASONS: usize = 5;
+                let mut reasons: Vec<String> = rej
+                    .problems
+                    .iter()
+                    .take(REASONS)
+                    .map(|p| p.to_string())
+                    .collect();
+                if rej.problems.len() > REASONS {
+                    reasons.push(format!(
+                        "… and {} more in the report",
+                        rej.problems.len() - REASONS
+                    ));
+                }
                 let (id, ids) = id_fields(&rej.ids.first, rej.ids.total);
                 tracing::warn!(
                     event = "rejected",

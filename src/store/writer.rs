@@ -1670,9 +1670,15 @@ fn unreached(
         format!("notification {ext_id}: app {app} has no active device; it reached nobody")
     } else {
         const SHOWN: usize = 10;
-        let mut named: Vec<&str> = users.iter().take(SHOWN).map(String::as_str).collect();
+        // Quoted and escaped as JSON strings: a user id is the dropper's text, and in a text
+        // log line it must not pass for fields (`event="delivery"`) of its own.
+        let mut named: Vec<String> = users
+            .iter()
+            .take(SHOWN)
+            .map(|u| serde_json::to_string(u).unwrap_or_default())
+            .collect();
         if users.len() > SHOWN {
-            named.push("…");
+            named.push("…".into());
         }
         format!(
             "notification {ext_id}: no active device for user{} {} (not registered, unregistered or invalidated)",
@@ -1938,6 +1944,8 @@ impl<'t> FileWriter<'t> {
                     self.out
                         .duplicates
                         .push((index, p.ext_id.as_str().to_string()));
+                    // A file of duplicates only names its app too.
+                    self.note_app(&p.record.app);
                     return Ok(());
                 }
                 let nid = tx.last_insert_rowid();
@@ -2107,6 +2115,7 @@ impl<'t> FileWriter<'t> {
                 self.out
                     .duplicates
                     .push((first_index + i, p.ext_id.as_str().to_string()));
+                self.note_app(&p.record.app);
                 continue;
             };
             self.queue(p, nid, earliest_due);
