@@ -1444,9 +1444,16 @@ fn check_notification(
         (None, pt) => pt.map(PushType::default_priority),
     };
     let topic = match raw.topic.as_deref() {
-        Some(t) if t.is_empty() || t.len() > 255 || t.contains(char::is_whitespace) => {
+        Some(t)
+            if t.is_empty()
+                || t.len() > 255
+                || t.contains(char::is_whitespace)
+                || !header_safe(t) =>
+        {
             let why = if t.len() > 255 {
                 format!("is {} bytes long (at most 255)", t.len())
+            } else if !header_safe(t) {
+                NOT_HEADER_SAFE.to_string()
             } else {
                 "is not a topic (a bundle id, without spaces)".to_string()
             };
@@ -1464,6 +1471,13 @@ fn check_notification(
             problems.push(fp(
                 "collapse_id",
                 format!("is {} bytes; it must be 1 to 64 bytes", c.len()),
+            ));
+            None
+        }
+        Some(c) if !header_safe(c) => {
+            problems.push(fp(
+                "collapse_id",
+                format!("\"{}\" {NOT_HEADER_SAFE}", excerpt(c)),
             ));
             None
         }
@@ -1761,6 +1775,16 @@ impl<'de> DeserializeSeed<'de> for PvSeed {
         d.deserialize_any(PvVisitor)
     }
 }
+
+/// Whether `s` can go out as an HTTP header value as it is (`apns-topic`,
+/// `apns-collapse-id`): printable ASCII. Checked at ingest, so that a record that could
+/// never be sent is refused with its file rather than failing at each send.
+fn header_safe(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+const NOT_HEADER_SAFE: &str =
+    "holds a character an HTTP header cannot carry (only printable ASCII goes to APNs)";
 
 /// Milliseconds since the epoch of an RFC 3339 string or UNIX seconds.
 fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
@@ -2310,6 +2334,19 @@ mod tests {
         assert_eq!(r.problems[0].field.as_deref(), Some("push_type"));
         let r = problems(&notif(r#","collapse_id":"""#), FileKind::Json);
         assert_eq!(r.problems[0].field.as_deref(), Some("collapse_id"));
+        // What APNs could never be sent as a header is refused at ingest, not at each send.
+        for bad in [
+            r#","collapse_id":"c\u001b]0;x""#,
+            r#","collapse_id":"café""#,
+            r#","topic":"a.b\u0007""#,
+        ] {
+            let r = problems(&notif(bad), FileKind::Json);
+            assert!(
+                r.problems[0].message.contains("HTTP header"),
+                "{bad}: {:?}",
+                r.problems
+            );
+        }
         let r = problems(&notif(r#","id":"a/b""#), FileKind::Json);
         assert_eq!(r.problems[0].field.as_deref(), Some("id"));
         let r = problems(&notif(r#","send_at":"tomorrow""#), FileKind::Json);
@@ -2504,8 +2541,9 @@ mod tests {
             vec![
                 (Some(0), Some(6), "to.bogus".to_string()),
                 (Some(0), Some(12), "payload.custom.k".to_string()),
-                (Some(1), Some(25), cut),
+                // In the order of the lines.
                 (Some(1), Some(21), "to.tokens[1]".to_string()),
+                (Some(1), Some(25), cut),
             ],
             "{:?}",
             r.problems
