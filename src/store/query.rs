@@ -605,7 +605,9 @@ impl Reader {
                 Ok(ReceiptProblem {
                     token: r.get(0)?,
                     state: state_name(r.get(1)?),
-                    status: r.get(2)?,
+                    // No answer from APNs (ended unsent, or no request could be made): null,
+                    // never a made-up 0.
+                    status: r.get::<_, Option<i64>>(2)?.filter(|s| *s != 0),
                     reason: r.get(3)?,
                 })
             })?
