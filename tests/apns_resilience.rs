@@ -191,6 +191,26 @@ async fn a_connection_dropped_after_n_streams_answers_those_n() {
     assert!(conns <= 40, "{conns} connections for 60 pushes at 3 each");
 }
 
+/// A connection that carried its N streams goes away once they are answered, also when
+/// the client sends nothing more (an idle connection dying is what `drop_after` is for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_after_n_streams_goes_away_idle_too() {
+    let env = start(SimOptions {
+        drop_after: Some(1),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = env.client("");
+    let o = within(30, client.send(&push(1))).await;
+    assert!(matches!(o, Outcome::Sent { .. }), "{o:?}");
+    within(30, async {
+        while env.sim.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stream_until_authorised_then_many() {
     let env = start(SimOptions {

@@ -237,32 +237,10 @@ async fn serve_connection(
             Some(Ok((request, respond))) => {
                 streams += 1;
                 if drop_after.is_some_and(|n| streams > n) {
-                    // Abrupt, like goaway_after counted: the N streams carried are answered,
-                    // then the socket closes without a word (no GOAWAY, no stream reset),
-                    // this stream and any later one unanswered.
+                    // Sent before the drop: held unanswered with the connection.
                     shared.requests.fetch_add(1, Ordering::Relaxed);
                     unanswered.push((request, respond));
-                    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-                    while answering.load(Ordering::Acquire) > 0 {
-                        tokio::select! {
-                            // Driving the connection sends the answers; late streams are
-                            // held unanswered.
-                            n = h2.accept() => match n {
-                                Some(Ok(late)) => unanswered.push(late),
-                                _ => break,
-                            },
-                            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
-                            _ = tokio::time::sleep_until(until) => break,
-                            _ = stop.changed() => return,
-                        }
-                    }
-                    tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
-                    linger.abrupt();
-                    // The connection (and its socket) first: a stream handle dropped while
-                    // the connection lives would have it send a reset.
-                    drop(h2);
-                    drop(unanswered);
-                    return;
+                    break;
                 }
                 if goaway_after.is_some_and(|n| streams > n) {
                     // Sent before the client saw the GOAWAY: not processed, and said so, as
@@ -292,9 +270,47 @@ async fn serve_connection(
                     tracing::debug!(conn = conn.id, streams, "simulator: GOAWAY");
                     h2.graceful_shutdown();
                 }
+                if drop_after == Some(streams) {
+                    break;
+                }
             }
         }
     }
+    // `drop_after`: abrupt, like goaway_after counted. The N streams carried are answered
+    // (slow ones waited for 10 s at most), then the socket closes without a word (no GOAWAY,
+    // no stream reset), whether or not the client sends more: streams after the Nth stay
+    // unanswered.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut flushed = false;
+    loop {
+        if answering.load(Ordering::Acquire) == 0 {
+            // The last answers are queued in the connection: driven a moment more, so that
+            // they are written before the socket goes.
+            if flushed {
+                break;
+            }
+            flushed = true;
+        }
+        tokio::select! {
+            // Driving the connection sends the answers; late streams are held unanswered.
+            n = h2.accept() => match n {
+                Some(Ok(late)) => {
+                    shared.requests.fetch_add(1, Ordering::Relaxed);
+                    unanswered.push(late);
+                }
+                _ => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(if flushed { 20 } else { 1 })) => {}
+            _ = tokio::time::sleep_until(until) => break,
+            _ = stop.changed() => return,
+        }
+    }
+    tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
+    linger.abrupt();
+    // The connection (and its socket) first: a stream handle dropped while the connection
+    // lives would have it send a reset.
+    drop(h2);
+    drop(unanswered);
 }
 
 /// The one stream a connection not yet authorised may carry; released when its answer has
