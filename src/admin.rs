@@ -104,13 +104,38 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
             let state = state.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| handle(state.clone(), req));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // A request whose head does not arrive within HEADER_TIMEOUT (a client that
+                // connected and stalled) has its connection closed instead of held forever.
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
     Ok(AdminHandle { addr, stop, task })
+}
+
+/// How long a connection may take to send a request's head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether an `Accept` header value asks for OpenMetrics: one of its media ranges names it,
+/// with a weight above 0 (`q=0` means "not acceptable").
+fn accepts_open_metrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        parts
+            .next()
+            .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+            && !parts.any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
+                })
+            })
+    })
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -174,7 +199,7 @@ async fn handle(
                 .get_all(hyper::header::ACCEPT)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
-                .any(|v| v.contains("application/openmetrics-text"));
+                .any(accepts_open_metrics);
             if open_metrics {
                 reply(
                     StatusCode::OK,
@@ -228,5 +253,25 @@ async fn readiness(state: &AdminState) -> Result<(), String> {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("store not writable: {e}")),
         Err(_) => Err("store did not answer within 2 s".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_open_metrics;
+
+    #[test]
+    fn open_metrics_only_to_those_who_accept_it() {
+        // Prometheus' own header.
+        assert!(accepts_open_metrics(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(accepts_open_metrics("Application/OpenMetrics-Text"));
+        assert!(!accepts_open_metrics("application/openmetrics-text;q=0"));
+        assert!(!accepts_open_metrics(
+            "application/openmetrics-text; q=0.0, text/plain"
+        ));
+        assert!(!accepts_open_metrics("text/plain"));
+        assert!(!accepts_open_metrics("*/*"));
     }
 }
