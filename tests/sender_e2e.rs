@@ -903,3 +903,50 @@ fn results_that_cannot_be_written_are_kept_not_sent_again() {
     let twice: Vec<_> = by_token.iter().filter(|(_, a)| a.len() > 1).collect();
     assert!(twice.is_empty(), "{} tokens got it twice", twice.len());
 }
+
+/// Credentials APNs refuses (here a key id it does not know) pause the app; the requests
+/// that were waiting for the refused connection were never sent, and go back to the queue
+/// quietly: no retry line or count for an answer that never came (there were up to
+/// `max_in_flight` of them at each pause), and no attempt spent.
+#[test]
+fn a_credentials_pause_counts_only_the_answers_apns_gave() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let text = std::fs::read_to_string(&w.env.config_path).unwrap();
+    let at = text.find("key_id = \"").unwrap() + "key_id = \"".len();
+    let text = format!("{}ZZZZZZZZZZ{}", &text[..at], &text[at + 10..]);
+    std::fs::write(&w.env.config_path, text).unwrap();
+    let daemon = w.env.start();
+    let tokens: Vec<String> = (0..300).map(token).collect();
+    let to = format!(
+        r#"{{"tokens":{}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    w.env
+        .drop_file("a.json", notification_to("refused", &to, ""));
+    wait_for("paused", || {
+        w.env.status_json()["paused"]
+            .to_string()
+            .contains("InvalidProviderToken")
+    });
+    // Pauses of 1 s and 2 s end meanwhile, each with its refused try.
+    std::thread::sleep(Duration::from_millis(3500));
+    daemon.shutdown();
+    let retries = pushdrop::metrics::get()
+        .retries
+        .get_or_create(&pushdrop::metrics::ReasonLabel {
+            reason: "InvalidProviderToken".into(),
+        })
+        .get();
+    let answered = w.sim.requests() as u64;
+    assert!(
+        retries <= answered,
+        "{retries} retries counted, {answered} answers"
+    );
+    assert_eq!(w.queued(), 300);
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE attempts > 0"),
+        0,
+        "no attempt spent"
+    );
+}

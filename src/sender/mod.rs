@@ -237,6 +237,8 @@ struct Inner {
     results_unwritten: AtomicBool,
     /// Woken when results that could not be written have been.
     results_written: tokio::sync::Notify,
+    /// The last pause message noted for `status`, per app and environment.
+    pause_notes: std::sync::Mutex<std::collections::HashMap<(String, Environment), String>>,
     receipts: Option<Arc<ReceiptWork>>,
     guards: Guards,
     /// The `sent` series of the deliveries counter, looked up once (on the first success, so
@@ -300,6 +302,7 @@ pub fn start(
         stopping: AtomicBool::new(false),
         results_unwritten: AtomicBool::new(false),
         results_written: tokio::sync::Notify::new(),
+        pause_notes: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let task = tokio::spawn(main_loop(inner, results_tx, results_rx, stop_rx));
     SenderHandle {
@@ -837,21 +840,23 @@ impl Inner {
             outcome = self.client.send(&req).await;
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        // No request left (APNs unreachable): held quietly, as by a pause (see `verdict`).
+        // No request went out (APNs unreachable, or the app's credentials refused before
+        // it was sent): held quietly, as by a pause (see `verdict`), with no retry line or
+        // count for an answer that never came.
         let unsent = matches!(
             outcome,
             Outcome::Retry {
                 status: None,
                 unsent: true,
                 ..
-            }
+            } | Outcome::PauseApp { status: None, .. }
         );
         let Some(kind) = self.verdict(&c, outcome, latency_ms, results) else {
             return; // held by the BadDeviceToken guard
         };
         if unsent {
             let n = &c.notification;
-            debug!(target: DELIVERY_TARGET, event = "delivery_held", id = n.ext_id.as_str(), app = n.app.as_str(), token = token_prefix(&c.device.token), environment = c.device.environment.as_str(), apns_id = c.apns_id.as_str(), "APNs unreachable: not sent, back in the queue until the next try");
+            debug!(target: DELIVERY_TARGET, event = "delivery_held", id = n.ext_id.as_str(), app = n.app.as_str(), token = token_prefix(&c.device.token), environment = c.device.environment.as_str(), apns_id = c.apns_id.as_str(), "not sent (APNs unreachable, or the app paused): back in the queue until the next try");
         } else {
             self.log_outcome(&c, &kind, attempt, latency_ms);
         }
@@ -980,16 +985,27 @@ impl Inner {
                     // fine, this machine's clock is not.
                     let hint = if reason.contains("ExpiredProviderToken") {
                         "APNs says the provider token expired, but it is younger than 20 minutes: check this machine's clock (NTP); pausing the app"
+                    } else if reason.contains("InvalidProviderToken") {
+                        "APNs refused the provider token: check the app's key_id and team_id in the config (a restart picks them up) and its .p8 key file (re-read on the next try); pausing the app"
+                    } else if reason.contains("BadCertificateEnvironment") {
+                        "APNs says the certificate is for the other environment: check the app's environment in the config (a restart picks it up) or its certificate file (re-read on the next try); pausing the app"
                     } else {
                         // Refused by APNs, or unusable here (a certificate and key that do not
                         // match): the reason says which.
                         "the app's credentials were refused or cannot be used (see reason); pausing it (fix the key or certificate file: it is re-read on the next try)"
                     };
+                    // The ids the token was made with, beside the reason (token auth only).
+                    let ids = self.cfg.apps.iter().find(|a| a.name == app).and_then(|a| {
+                        a.token
+                            .as_ref()
+                            .map(|t| format!("key_id {} team_id {}", t.key_id, t.team_id))
+                    });
                     error!(
                         event = "app_paused",
                         app,
                         environment = %env,
                         reason = %reason,
+                        token_ids = ids.as_deref(),
                         resume_in_ms = until_ms - now_ms(),
                         "{hint}"
                     );
@@ -1124,8 +1140,22 @@ impl Inner {
 
     /// A pause for `status`: once per run of pauses (a re-pause after a failed try is the
     /// same incident), until a `resumed` ends it.
+    /// Notes a pause for `status`: the first of a run of pauses, and a later one whose cause
+    /// changed (a wrong key file replaced by an unreadable one): `status` shows the latest.
     fn note_pause(&self, app: &str, env: Environment, message: String) {
-        if self.guards.first_pause(app, env) {
+        let first = self.guards.first_pause(app, env);
+        let changed = match self.pause_notes.lock() {
+            Ok(mut noted) => {
+                let key = (app.to_string(), env);
+                let changed = noted.get(&key) != Some(&message);
+                if changed {
+                    noted.insert(key, message.clone());
+                }
+                changed
+            }
+            Err(_) => true,
+        };
+        if first || changed {
             self.note("paused", app, message);
         }
     }
