@@ -97,8 +97,8 @@ enum Command {
         /// Folder to write the CA, a .p8 key and a matching config snippet into.
         #[arg(long, default_value = "simulator")]
         dir: PathBuf,
-        /// Simulated latency per answer, in milliseconds.
-        #[arg(long, default_value_t = 0)]
+        /// Simulated latency per answer, in milliseconds (at most an hour).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
         latency_ms: u64,
         /// A TOML file of scripted answers (per token, per connection); re-read on SIGHUP.
         #[arg(long)]

@@ -181,7 +181,8 @@ async fn serve_until_stop(sim: &Simulator, script: Option<&Path>, latency: std::
                             "simulator script re-read"
                         );
                     }
-                    Err(e) => tracing::error!(event = "sim_script_refused", "{e}; the previous script stays in force"),
+                    // On one line: a log line is one line.
+                    Err(e) => tracing::error!(event = "sim_script_refused", "{}; the previous script stays in force", e.to_string().replace("\n  ", "; ")),
                 }
             }
         }

@@ -158,6 +158,9 @@ impl SimScript {
                 Err((field, why)) => bad(field, why),
             }
         }
+        if file.latency_ms.is_some_and(|ms| ms > MAX_DELAY_MS) {
+            problems.push(top_level(text, "latency_ms", &too_long()));
+        }
         if file.goaway_after == Some(0) {
             problems.push(top_level(
                 text,
@@ -173,6 +176,8 @@ impl SimScript {
             ));
         }
         if !problems.is_empty() {
+            // In the order of the file.
+            problems.sort_by_key(|p| p.line);
             return Err(problems);
         }
         Ok(SimScript {
@@ -198,9 +203,20 @@ impl SimScript {
     }
 }
 
+/// The longest latency or delay a script (or `--latency-ms`) may ask for: an hour. Longer is
+/// a unit mix-up, and far beyond any client's timeout.
+pub const MAX_DELAY_MS: u64 = 3_600_000;
+
+fn too_long() -> String {
+    format!("at most {MAX_DELAY_MS} (an hour)")
+}
+
 /// The behaviour one `[tokens]` entry asks for, or the field at fault and why.
 fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, String)> {
     if let Some(ms) = e.delay_ms {
+        if ms > MAX_DELAY_MS {
+            return Err(("delay_ms", too_long()));
+        }
         let delay = Duration::from_millis(ms);
         if e.status.is_none() && e.reason.is_none() && e.first.is_none() && e.timestamp_ms.is_none()
         {
@@ -430,6 +446,24 @@ mod tests {
     }
 
     #[test]
+    fn a_latency_or_delay_over_an_hour_is_refused() {
+        let problems = parse(&format!(
+            "latency_ms = 3600001\n[tokens]\n\"{T1}\" = {{ delay_ms = 3600001 }}\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "latency_ms".to_string(),
+                format!("tokens.\"{T1}\".delay_ms")
+            ],
+            "{problems:?}"
+        );
+        assert!(parse("latency_ms = 3600000\n").is_ok());
+    }
+
+    #[test]
     fn an_empty_file_is_a_well_behaved_apns() {
         let s = parse("").unwrap();
         assert!(s.tokens.is_empty());
@@ -501,8 +535,8 @@ mod tests {
         assert_eq!(
             got,
             [
-                (Some(3), format!("tokens.\"{T2}\".reason").as_str()),
                 (Some(2), format!("tokens.\"{T1}\".reason").as_str()),
+                (Some(3), format!("tokens.\"{T2}\".reason").as_str()),
             ],
             "{problems:?}"
         );
