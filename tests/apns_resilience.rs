@@ -690,3 +690,44 @@ fn a_stalled_process_reads_the_answers_that_came_before_timing_out() {
     drop(rt);
     sim_rt.block_on(env.sim.shutdown());
 }
+
+/// A proxy that refuses (407: it wants credentials pushdrop does not send) or never answers
+/// CONNECT is named in the reason, with what to do about a 407.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_refuses_or_hangs_is_named_in_the_reason() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start(SimOptions::default()).await;
+    for (answer, said) in [
+        (
+            Some("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"),
+            "no proxy credentials",
+        ),
+        (None, "took over"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    match answer {
+                        Some(a) => {
+                            let _ = s.write_all(a.as_bytes()).await;
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(30)).await,
+                    }
+                });
+            }
+        });
+        let client = env.client(&format!("proxy = \"{url}\"\nconnect_timeout_ms = 500"));
+        match within(30, client.send(&push(1))).await {
+            Outcome::Retry { reason, .. } => {
+                assert!(reason.contains(&format!("proxy {addr}")), "{reason}");
+                assert!(reason.contains(said), "{reason}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+}

@@ -526,8 +526,9 @@ impl Pool {
             Err(_) => Err(Outcome::Retry {
                 status: None,
                 reason: format!(
-                    "connecting to {} took over {} ms",
+                    "connecting to {}{} took over {} ms",
                     self.endpoint.authority,
+                    self.via(),
                     self.shared.connect_timeout.as_millis()
                 ),
                 unsent: true,
@@ -637,7 +638,11 @@ impl Pool {
                     },
                     None => Outcome::Retry {
                         status: None,
-                        reason: format!("TLS handshake with {} failed: {e}", ep.authority),
+                        reason: format!(
+                            "TLS handshake with {}{} failed: {e}",
+                            ep.authority,
+                            self.via()
+                        ),
                         unsent: true,
                     },
                 }
@@ -699,6 +704,15 @@ impl Pool {
             driver: driver.abort_handle(),
         });
         Ok((conn, ping, done_rx))
+    }
+
+    /// " through proxy …" when connections go through one: a failure's reason names it.
+    fn via(&self) -> String {
+        self.shared
+            .proxy
+            .as_ref()
+            .map(|p| format!(" through proxy {p}"))
+            .unwrap_or_default()
     }
 
     fn tls_reason(&self, detail: &str) -> String {

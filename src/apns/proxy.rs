@@ -43,8 +43,13 @@ pub(crate) async fn connect(proxy: &str, host: &str, port: u16) -> io::Result<Tc
         String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or(&[])).into_owned();
     let code = status_line.split_whitespace().nth(1).unwrap_or("");
     if !code.starts_with('2') {
+        let hint = if code == "407" {
+            " (pushdrop sends no proxy credentials: let the proxy admit this host by its address)"
+        } else {
+            ""
+        };
         return Err(io::Error::other(format!(
-            "proxy {proxy} refused CONNECT {target}: {status_line}"
+            "proxy {proxy} refused CONNECT {target}: {status_line}{hint}"
         )));
     }
     Ok(stream)
