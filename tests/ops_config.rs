@@ -516,3 +516,71 @@ fn the_simulator_outlives_the_reader_of_its_banner() {
     assert_eq!(alive, None, "the simulator ended");
     assert!(connects, "nothing listens any more");
 }
+
+/// A client certificate that works today but not for long draws a warning from
+/// `check-config` (Apple's push certificates last a year): expired, not yet valid, expiring
+/// within 30 days; an encrypted PEM key is refused naming `key_file` and saying why.
+#[test]
+fn a_client_certificate_near_or_past_its_end_is_a_warning() {
+    let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
+    let d = deployed(&good, 0o600);
+    let etc = d.dir.path().join("etc/pushdrop");
+    let with_cert = |from: time::OffsetDateTime, until: time::OffsetDateTime| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["push".into()]).unwrap();
+        params.not_before = from;
+        params.not_after = until;
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_file, key_file) = (etc.join("push.pem"), etc.join("push-key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let token_line = good.lines().find(|l| l.starts_with("token = ")).unwrap();
+        let text = good.replace(
+            token_line,
+            "certificate = { cert_file = \"push.pem\", key_file = \"push-key.pem\" }",
+        );
+        pushdrop_with(&d.config, &text, d.dir.path())
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    for (from, until, said) in [
+        (
+            now - 400 * day,
+            now - 35 * day,
+            "the certificate expired on",
+        ),
+        (now + 10 * day, now + 300 * day, "is not valid before"),
+        (now - 300 * day, now + 10 * day, "renew it"),
+    ] {
+        let config = with_cert(from, until);
+        let out = pushdrop(&config, &["check-config"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("warning: ")
+                && stderr.contains("apps[0].certificate.cert_file: ")
+                && stderr.contains(said),
+            "{said}: {stderr}"
+        );
+    }
+    let config = with_cert(now - day, now + 300 * day);
+    let out = pushdrop(&config, &["check-config"]);
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(
+        etc.join("push-key.pem"),
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = pushdrop(&config, &["check-config"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("apps[0].certificate.key_file: ") && stderr.contains("encrypted"),
+        "{stderr}"
+    );
+}

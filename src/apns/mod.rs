@@ -61,7 +61,17 @@ pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::Co
                 if let Some(roots) = &roots
                     && let Err(e) = tls::client_config(roots.clone(), Some(c))
                 {
-                    bad(format!("apps[{i}].certificate.cert_file"), e);
+                    // The key of the file at fault.
+                    let field = match &e {
+                        ApnsError::Cert { path, .. } if Some(path) == c.key_file.as_ref() => {
+                            "key_file"
+                        }
+                        ApnsError::Cert { path, .. } if Some(path) == c.password_file.as_ref() => {
+                            "password_file"
+                        }
+                        _ => "cert_file",
+                    };
+                    bad(format!("apps[{i}].certificate.{field}"), e);
                 }
             }
             _ => {}
@@ -69,6 +79,93 @@ pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::Co
     }
     problems
 }
+
+/// What `run` and `check-config` say about client certificates that work today but will not
+/// for long: expired or not yet valid (APNs refuses them; Apple's push certificates last a
+/// year), expiring within [`EXPIRY_WARNING_DAYS`], and a `key_file` a PKCS#12 file makes
+/// unused. Files that cannot be read are [`credential_problems`].
+pub fn credential_warnings(cfg: &crate::config::Config) -> Vec<crate::config::ConfigProblem> {
+    let mut warnings = Vec::new();
+    let now = crate::model::now_ms() / 1000;
+    for (i, app) in cfg.apps.iter().enumerate() {
+        let Some(c) = &app.certificate else {
+            continue;
+        };
+        let mut warn = |field: &str, message: String| {
+            warnings.push(crate::config::ConfigProblem {
+                key: format!("apps[{i}].certificate.{field}"),
+                line: None,
+                message,
+            })
+        };
+        let pkcs12 = tls::is_pkcs12(&c.cert_file);
+        if pkcs12 && c.key_file.is_some() {
+            warn(
+                "key_file",
+                "is not used: the PKCS#12 cert_file holds the private key".into(),
+            );
+        }
+        let leaf = if pkcs12 {
+            tls::read_pkcs12(&c.cert_file, c.password_file.as_deref())
+                .ok()
+                .and_then(|(certs, _)| certs.into_iter().next())
+        } else {
+            tls::read_certs(&c.cert_file)
+                .ok()
+                .and_then(|certs| certs.into_iter().next())
+        };
+        let Some(leaf) = leaf else {
+            continue;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+            continue;
+        };
+        let validity = cert.validity();
+        let (from, until) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        let date = |t: i64| {
+            crate::store::query::rfc3339_ms(t.saturating_mul(1000))
+                .get(..10)
+                .unwrap_or("?")
+                .to_string()
+        };
+        if until < now {
+            warn(
+                "cert_file",
+                format!(
+                    "{}: the certificate expired on {}: APNs refuses it (make a new one in the Apple developer account)",
+                    c.cert_file.display(),
+                    date(until)
+                ),
+            );
+        } else if from > now {
+            warn(
+                "cert_file",
+                format!(
+                    "{}: the certificate is not valid before {}",
+                    c.cert_file.display(),
+                    date(from)
+                ),
+            );
+        } else if until - now < EXPIRY_WARNING_DAYS * 86_400 {
+            warn(
+                "cert_file",
+                format!(
+                    "{}: the certificate expires on {} (in {} days): renew it",
+                    c.cert_file.display(),
+                    date(until),
+                    (until - now) / 86_400
+                ),
+            );
+        }
+    }
+    warnings
+}
+
+/// A client certificate expiring within this many days draws a warning.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// A configuration problem found while setting up the client (bad key, certificate or URL).
 /// Network trouble is never an `ApnsError`: it is an [`Outcome`] of a send.

@@ -38,14 +38,24 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApnsError
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    rustls_pemfile::private_key(&mut BufReader::new(file))
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    rustls_pemfile::private_key(&mut text.as_slice())
         .map_err(|e| bad(format!("not a PEM file: {e}")))?
-        .ok_or_else(|| bad("holds no PEM private key".into()))
+        .ok_or_else(|| {
+            let encrypted = text.windows(9).any(|w| w == b"ENCRYPTED");
+            bad(if encrypted {
+                "holds an encrypted private key, which pushdrop does not read: decrypt it \
+                 (`openssl pkey -in KEY -out KEY.plain`, kept mode 600) or give a PKCS#12 \
+                 file with certificate.password_file"
+                    .into()
+            } else {
+                "holds no PEM private key".into()
+            })
+        })
 }
 
 /// A PKCS#12 file is DER, not PEM: its name says `.p12`/`.pfx`, or it does not start like PEM.
-fn is_pkcs12(path: &Path) -> bool {
+pub(crate) fn is_pkcs12(path: &Path) -> bool {
     let by_name = path
         .extension()
         .and_then(|e| e.to_str())
@@ -83,9 +93,13 @@ pub fn read_pkcs12(
         p12_keystore::Pkcs12ImportPolicy::Relaxed,
     )
     .map_err(|e| {
-        bad(format!(
-            "not a readable PKCS#12 file (wrong password?): {e}"
-        ))
+        bad(match password_file {
+            Some(_) => format!("not a readable PKCS#12 file (wrong password?): {e}"),
+            None => format!(
+                "not a readable PKCS#12 file (a password-protected one needs \
+                 certificate.password_file, a file whose first line is the password): {e}"
+            ),
+        })
     })?;
     let (_, chain) = store
         .private_key_chain()

@@ -50,7 +50,7 @@ fn run_problems(
 ) {
     let mut problems = c.folder_problems();
     problems.extend(crate::apns::credential_problems(c));
-    (problems, Vec::new())
+    (problems, crate::apns::credential_warnings(c))
 }
 
 /// [`load_config`] for the command that sends (`run`): inbox folders and the contents of
