@@ -165,7 +165,14 @@ fn json_terminal_safe(json: &str) -> std::borrow::Cow<'_, str> {
 pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let Some(n) = reader(&cfg)?.show(id, app, usize::MAX)? else {
-        eprintln!("pushdrop: no notification with id {id:?}");
+        match app {
+            // A mistyped app is said as such, not as a missing id.
+            Some(app) if !cfg.apps.iter().any(|a| a.name == app) => eprintln!(
+                "pushdrop: no notification with id {id:?} for app {app:?}, which is not in the config"
+            ),
+            Some(app) => eprintln!("pushdrop: no notification with id {id:?} for app {app:?}"),
+            None => eprintln!("pushdrop: no notification with id {id:?}"),
+        }
         return Ok(1);
     };
     if json {
