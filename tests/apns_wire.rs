@@ -428,6 +428,31 @@ async fn simulator_checks_what_apple_checks() {
     );
 }
 
+/// Starts a push to each token of `tokens` on `c`, in that order, without waiting for answers.
+async fn start_pushes(
+    c: &mut RawConn,
+    tokens: std::ops::Range<u32>,
+    headers: &[(&str, &str)],
+) -> Vec<h2::client::ResponseFuture> {
+    let mut started = Vec::new();
+    for i in tokens {
+        let path = format!("/3/device/{}", token(i));
+        started.push(c.start("POST", &path, headers, br#"{"aps":{}}"#).await);
+    }
+    started
+}
+
+/// Every started push answered 200.
+async fn all_sent(started: Vec<h2::client::ResponseFuture>) {
+    for (i, r) in started.into_iter().enumerate() {
+        assert_eq!(
+            RawConn::finish(r).await,
+            Ok((200, String::new())),
+            "stream {i}"
+        );
+    }
+}
+
 /// "One stream until the first authorised request" is said as APNs says it: the SETTINGS a
 /// new connection gets allow one stream, and a SETTINGS frame raises the limit with the first
 /// authorised answer. A client that honours SETTINGS (here `h2`'s) is never refused.
@@ -448,18 +473,8 @@ async fn one_stream_is_announced_until_an_authorised_answer_raises_the_limit() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let began = std::time::Instant::now();
-        let mut started = Vec::new();
-        for i in 0..4 {
-            let path = format!("/3/device/{}", token(i));
-            started.push(c.start("POST", &path, &headers, br#"{"aps":{}}"#).await);
-        }
-        for (i, r) in started.into_iter().enumerate() {
-            assert_eq!(
-                RawConn::finish(r).await,
-                Ok((200, String::new())),
-                "stream {i}"
-            );
-        }
+        let started = start_pushes(&mut c, 0..4, &headers).await;
+        all_sent(started).await;
         // The three others waited for the first answer, then went out together.
         assert!(began.elapsed() >= 2 * latency, "{:?}", began.elapsed());
         assert_eq!(c.stream_limit(), 1000);
@@ -495,11 +510,7 @@ async fn streams_beyond_one_are_refused_until_an_authorised_answer_went_out() {
         env.sim.set_streams_one_until_authorized(true);
         // Four streams at once, in one go: the first is served, as under a limit of one,
         // and the others are refused while its (slow) answer is on its way.
-        let mut started = Vec::new();
-        for i in 0..4 {
-            let path = format!("/3/device/{}", token(i));
-            started.push(c.start("POST", &path, &headers, br#"{"aps":{}}"#).await);
-        }
+        let started = start_pushes(&mut c, 0..4, &headers).await;
         let mut answers = Vec::new();
         for r in started {
             answers.push(RawConn::finish(r).await);
@@ -513,18 +524,8 @@ async fn streams_beyond_one_are_refused_until_an_authorised_answer_went_out() {
             );
         }
         // Once an answer is out, many at once.
-        let mut started = Vec::new();
-        for i in 10..14 {
-            let path = format!("/3/device/{}", token(i));
-            started.push(c.start("POST", &path, &headers, br#"{"aps":{}}"#).await);
-        }
-        for (i, r) in started.into_iter().enumerate() {
-            assert_eq!(
-                RawConn::finish(r).await,
-                Ok((200, String::new())),
-                "stream {i}"
-            );
-        }
+        let started = start_pushes(&mut c, 10..14, &headers).await;
+        all_sent(started).await;
     })
     .await;
 }
