@@ -761,8 +761,8 @@ impl Inner {
         let inner = self.clone();
         let results = results.clone();
         tokio::spawn(async move {
-            let (app, env) = (c.notification.app.clone(), c.device.environment);
-            let probe = match inner.guards.admit(&app, env) {
+            let env = c.device.environment;
+            let probe = match inner.guards.admit(&c.notification.app, env) {
                 Admit::Go => false,
                 Admit::Probe => true,
                 Admit::Wait => match inner.wait_for_probe(&c).await {
@@ -779,8 +779,11 @@ impl Inner {
                     }
                 },
             };
+            // The app's name kept for after the send only for a probe (rare): no allocation
+            // per delivery.
+            let probe_of = probe.then(|| c.notification.app.clone());
             inner.send_one(c, &results).await;
-            if probe {
+            if let Some(app) = probe_of {
                 inner.guards.probe_answered(&app, env);
             }
             drop(permit);
@@ -1138,10 +1141,9 @@ impl Inner {
         tokio::spawn(async move { store.note_event(kind, Some(&app), &message).await });
     }
 
-    /// A pause for `status`: once per run of pauses (a re-pause after a failed try is the
-    /// same incident), until a `resumed` ends it.
-    /// Notes a pause for `status`: the first of a run of pauses, and a later one whose cause
-    /// changed (a wrong key file replaced by an unreadable one): `status` shows the latest.
+    /// Notes a pause for `status`, until a `resumed` ends it: the first of a run of pauses (a
+    /// re-pause after a failed try is the same incident), and a later one whose cause changed
+    /// (a wrong key file replaced by an unreadable one), so that `status` shows the latest.
     fn note_pause(&self, app: &str, env: Environment, message: String) {
         let first = self.guards.first_pause(app, env);
         let changed = match self.pause_notes.lock() {
