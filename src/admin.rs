@@ -103,6 +103,14 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
             };
             let state = state.clone();
             tokio::spawn(async move {
+                // A connection that sends nothing at all is closed too (the head timeout
+                // below starts with the first byte).
+                if !matches!(
+                    tokio::time::timeout(HEADER_TIMEOUT, stream.readable()).await,
+                    Ok(Ok(()))
+                ) {
+                    return;
+                }
                 let svc = service_fn(move |req| handle(state.clone(), req));
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -122,20 +130,26 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
 /// How long a connection may take to send a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Whether an `Accept` header value asks for OpenMetrics: one of its media ranges names it,
-/// with a weight above 0 (`q=0` means "not acceptable").
+/// Whether an `Accept` header value asks for OpenMetrics before the Prometheus text format:
+/// a media range names it with a weight above 0, and at least the weight of any `text/plain`
+/// range (Prometheus asks for OpenMetrics first by default, and can be told to prefer text).
 fn accepts_open_metrics(accept: &str) -> bool {
-    accept.split(',').any(|range| {
+    let (mut open_metrics, mut text) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
         let mut parts = range.split(';').map(str::trim);
-        parts
-            .next()
-            .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
-            && !parts.any(|p| {
-                p.split_once('=').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
-                })
-            })
-    })
+        let kind = parts.next().unwrap_or("");
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if kind.eq_ignore_ascii_case("application/openmetrics-text") {
+            open_metrics = open_metrics.max(q);
+        } else if kind.eq_ignore_ascii_case("text/plain") {
+            text = text.max(q);
+        }
+    }
+    open_metrics > 0.0 && open_metrics >= text
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -273,5 +287,12 @@ mod tests {
         ));
         assert!(!accepts_open_metrics("text/plain"));
         assert!(!accepts_open_metrics("*/*"));
+        // Prometheus told to prefer its text format.
+        assert!(!accepts_open_metrics(
+            "text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0;q=0.4,*/*;q=0.3"
+        ));
+        assert!(!accepts_open_metrics(
+            "text/plain;q=0.9, application/openmetrics-text;q=0.5"
+        ));
     }
 }

@@ -815,7 +815,10 @@ impl Config {
             if !is_bundle_id(&app.bundle_id) {
                 bad(
                     &k("bundle_id"),
-                    format!("{:?} is not a bundle id", app.bundle_id),
+                    format!(
+                        "{:?} is not a bundle id (printable ASCII without spaces)",
+                        app.bundle_id
+                    ),
                 );
             }
             match (&app.token, &app.certificate) {
@@ -1503,16 +1506,25 @@ fn plain_authority(a: &str) -> bool {
         })
 }
 
-/// What can be an app's bundle id (and so an `apns-topic`): not empty, no whitespace. Apple
-/// documents no stricter rule, and the simulator's `--bundle-id` uses the same one, so the
-/// config it writes passes `check-config`.
+/// What can be an app's bundle id (and so an `apns-topic` header): not empty, printable
+/// ASCII without spaces (a control character or non-ASCII could never go out as the header).
+/// Apple documents no stricter rule, and the simulator's `--bundle-id` uses the same one, so
+/// the config it writes passes `check-config`.
 pub fn is_bundle_id(s: &str) -> bool {
-    !s.is_empty() && !s.contains(char::is_whitespace)
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bundle_id_is_printable_ascii_without_spaces() {
+        assert!(is_bundle_id("info.buxheti.shkoder"));
+        for bad in ["", "a b", "com.ex\u{1}am", "com.exämple", "com.ex\tam"] {
+            assert!(!is_bundle_id(bad), "{bad:?}");
+        }
+    }
 
     fn load(text: &str) -> Result<(Config, ConfigWarnings), ConfigError> {
         load_in(tempfile::tempdir().unwrap().path(), text)

@@ -950,3 +950,47 @@ fn a_credentials_pause_counts_only_the_answers_apns_gave() {
         "no attempt spent"
     );
 }
+
+/// A stop while results cannot be written (the write lock held elsewhere for long) ends
+/// within the grace period and a couple of lock waits (10 s each), not when the database
+/// takes writes again: what could not be written is given up, sent again after the restart.
+#[test]
+fn a_stop_while_results_cannot_be_written_does_not_wait_for_the_database() {
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(300),
+            ..SimOptions::default()
+        },
+        "[sender]\nmax_in_flight = 50\nshutdown_grace_ms = 2000\n",
+    );
+    let daemon = w.env.start();
+    let tokens: Vec<String> = (0..200).map(token).collect();
+    let to = format!(
+        r#"{{"tokens":{}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    w.env.drop_file("a.json", notification_to("stop", &to, ""));
+    wait_for("sending", || w.sim.accepted_count() >= 20);
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let mut holder = w.env.db_rw();
+    let lock = std::thread::spawn(move || {
+        let tx = holder
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release.recv_timeout(Duration::from_secs(90));
+        tx.commit().unwrap();
+    });
+    locked.recv().unwrap();
+    // Past the first failed write (10 s waiting for the lock).
+    std::thread::sleep(Duration::from_secs(12));
+    let began = Instant::now();
+    daemon.shutdown();
+    let took = began.elapsed();
+    release_tx.send(()).unwrap();
+    lock.join().unwrap();
+    // The lock is held for up to 90 s: the stop does not wait for it. (A write under way at
+    // the stop, and one more of the shutdown, each wait up to 10 s for the lock.)
+    assert!(took < Duration::from_secs(25), "the stop took {took:?}");
+}

@@ -874,7 +874,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
                 Err(E::custom(format!(
-                    "{v} is not whole UNIX seconds: give a JSON integer such as 1893456000"
+                    "{v:?} is a decimal number or too large: UNIX seconds are a JSON integer such as 1893456000"
                 )))
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -1786,6 +1786,17 @@ fn header_safe(s: &str) -> bool {
 const NOT_HEADER_SAFE: &str =
     "holds a character an HTTP header cannot carry (only printable ASCII goes to APNs)";
 
+/// Whether a time string is a number (UNIX seconds written as a string): `"1893456000"`,
+/// `"+1893456000"`, `"1893456000.5"`.
+fn looks_like_seconds(s: &str) -> bool {
+    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, "0"));
+    !whole.is_empty()
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && !fraction.is_empty()
+        && fraction.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Milliseconds since the epoch of an RFC 3339 string or UNIX seconds.
 fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
     // Year 9999: anything later is a unit mix-up (milliseconds given as seconds).
@@ -1795,7 +1806,7 @@ fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
         TimeRaw::Secs(s) => Err(format!(
             "{s} is not a plausible UNIX time in seconds (0 to {MAX_SECS}); milliseconds given by mistake?"
         )),
-        TimeRaw::Text(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+        TimeRaw::Text(s) if looks_like_seconds(s) => Err(format!(
             "\"{}\" is UNIX seconds in a string: give them as a JSON number ({}), or an RFC 3339 date-time",
             excerpt(s),
             excerpt(s)
@@ -2088,9 +2099,25 @@ mod tests {
             "{:?}",
             r.problems
         );
-        let r = problems(&notif(r#","expiration":1893456000.5"#), FileKind::Json);
+        for bad in [r#""1893456000.5""#, r#""+1893456000""#] {
+            let r = problems(&notif(&format!(r#","send_at":{bad}"#)), FileKind::Json);
+            assert!(
+                r.problems[0].message.contains("as a JSON number"),
+                "{:?}",
+                r.problems
+            );
+        }
+        for bad in ["1893456000.5", "1893456000.0", "99999999999999999999"] {
+            let r = problems(&notif(&format!(r#","expiration":{bad}"#)), FileKind::Json);
+            assert!(
+                r.problems[0].message.contains("a JSON integer"),
+                "{:?}",
+                r.problems
+            );
+        }
+        let r = problems(&notif(r#","expiration":1893456000.0"#), FileKind::Json);
         assert!(
-            r.problems[0].message.contains("give a JSON integer"),
+            r.problems[0].message.contains("1893456000.0 is"),
             "{:?}",
             r.problems
         );

@@ -47,9 +47,6 @@ pub const DELIVERY_TARGET: &str = "pushdrop::delivery";
 const PROBE_RECHECK: Duration = Duration::from_secs(1);
 /// How soon results that could not be written are tried again.
 const RECORD_RETRY: Duration = Duration::from_secs(1);
-/// How often they are tried once the sender stops, before they are given up (their
-/// deliveries are then sent again after the restart).
-const RECORD_TRIES_AT_STOP: u32 = 3;
 /// Deliveries claimed per store round trip.
 const CLAIM_BATCH: usize = 1000;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
@@ -513,7 +510,9 @@ async fn main_loop(
         ready.extend(round.claim.deliveries);
     }
     let unsent: Vec<i64> = ready.drain(..).map(|c| c.delivery_id).collect();
-    if !unsent.is_empty() {
+    // Claims live in memory, so this is tidiness, not safety: skipped while the database
+    // refuses writes, which would hold the stop up for its lock wait.
+    if !unsent.is_empty() && !inner.results_unwritten.load(Ordering::Acquire) {
         store.release(unsent).await;
     }
 
@@ -576,10 +575,14 @@ async fn recorder(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let new_work = inner.store.new_work();
     let mut stopping = false;
-    // Tries to write results kept after a failed write, once the sender stops.
-    let mut tries_at_stop = 0;
     let mut said_unwritten: Option<tokio::time::Instant> = None;
     loop {
+        // A stop is noticed here too: while results kept from a failed write are tried again,
+        // the wait below (which watches for it) is skipped.
+        if !stopping && *stop.borrow() {
+            rx.close();
+            stopping = true;
+        }
         // Waits for results, unless results kept from a failed write are to be tried again.
         if !stopping && batch.is_empty() {
             // The timer runs only while answers are held; idle, the recorder just waits.
@@ -630,6 +633,17 @@ async fn recorder(
                 }
             }
         }
+        // Stopping while the database refuses writes: each try would hold the stop up for
+        // its lock wait (10 s), so what is left is given up; those deliveries are sent again
+        // after the restart.
+        if stopping && inner.results_unwritten.load(Ordering::Acquire) && !batch.is_empty() {
+            error!(
+                event = "store_error",
+                results = batch.len(),
+                "stopping while delivery results cannot be written; those deliveries stay queued and will be sent again after the restart"
+            );
+            batch.clear();
+        }
         if batch.is_empty() {
             if stopping {
                 break;
@@ -662,11 +676,7 @@ async fn recorder(
                 // and no new request starts meanwhile: a request whose result cannot be
                 // written would be sent again and again.
                 inner.results_unwritten.store(true, Ordering::Release);
-                if stopping {
-                    tries_at_stop += 1;
-                }
-                let give_up = stopping && tries_at_stop >= RECORD_TRIES_AT_STOP;
-                if give_up || results.is_empty() {
+                if stopping || results.is_empty() {
                     error!(event = "store_error", error = %error, results = results.len(), "cannot record delivery results; those deliveries stay queued and will be sent again after the restart");
                 } else {
                     if said_unwritten.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
@@ -674,8 +684,8 @@ async fn recorder(
                         said_unwritten = Some(tokio::time::Instant::now());
                     }
                     batch = results;
+                    tokio::time::sleep(RECORD_RETRY).await;
                 }
-                tokio::time::sleep(RECORD_RETRY).await;
                 continue;
             }
         }

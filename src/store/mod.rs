@@ -33,7 +33,7 @@ pub use writer::{
 fn sqlite_text(e: &rusqlite::Error) -> String {
     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
         format!(
-            "{e} (another pushdrop process, such as the daemon, held the database's write lock for more than 10 s; try again)"
+            "{e} (another process (the daemon, a one-shot pushdrop command, a sqlite3 shell) held the database's write lock for more than 10 s; try again)"
         )
     } else {
         e.to_string()
