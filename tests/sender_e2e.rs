@@ -866,28 +866,39 @@ fn an_expiration_before_send_at_ends_expired_unsent() {
     assert_eq!(world::receipt(&w.env, "too-late")["counts"]["expired"], 1);
 }
 
+/// A notification `id` to the first `n` tokens, dropped as `a.json`: one file, `n` deliveries.
+fn drop_to_tokens(w: &World, id: &str, n: u64) {
+    let tokens: Vec<String> = (0..n).map(token).collect();
+    let to = format!(
+        r#"{{"tokens":{}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    w.env.drop_file("a.json", notification_to(id, &to, ""));
+}
+
+/// The set-up of the tests of a database that refuses writes: answers after 300 ms, 50 in
+/// flight (`[sender]` `extra` beside), a notification `id` to 200 tokens being sent.
+fn sending_slowly(id: &str, extra: &str) -> (World, pushdrop::daemon::Daemon) {
+    let w = World::new(
+        SimOptions {
+            latency: Duration::from_millis(300),
+            ..SimOptions::default()
+        },
+        &format!("[sender]\nmax_in_flight = 50\n{extra}"),
+    );
+    let daemon = w.env.start();
+    drop_to_tokens(&w, id, 200);
+    wait_for("sending", || w.sim.accepted_count() >= 20);
+    (w, daemon)
+}
+
 /// Results that cannot be written (here another process holds the database's write lock
 /// for longer than a writer waits, as a full disk also refuses them) are kept and written
 /// once the database takes them: their deliveries are not sent again meanwhile, and no new
 /// request starts. Before, each failed write sent its deliveries again.
 #[test]
 fn results_that_cannot_be_written_are_kept_not_sent_again() {
-    let w = World::new(
-        SimOptions {
-            latency: Duration::from_millis(300),
-            ..SimOptions::default()
-        },
-        "[sender]\nmax_in_flight = 50\n",
-    );
-    let daemon = w.env.start();
-    let tokens: Vec<String> = (0..200).map(token).collect();
-    let to = format!(
-        r#"{{"tokens":{}}}"#,
-        serde_json::to_string(&tokens).unwrap()
-    );
-    w.env
-        .drop_file("a.json", notification_to("locked", &to, ""));
-    wait_for("sending", || w.sim.accepted_count() >= 20);
+    let (w, daemon) = sending_slowly("locked", "");
     let mut holder = w.env.db_rw();
     let tx = holder
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -916,13 +927,7 @@ fn a_credentials_pause_counts_only_the_answers_apns_gave() {
     let text = format!("{}ZZZZZZZZZZ{}", &text[..at], &text[at + 10..]);
     std::fs::write(&w.env.config_path, text).unwrap();
     let daemon = w.env.start();
-    let tokens: Vec<String> = (0..300).map(token).collect();
-    let to = format!(
-        r#"{{"tokens":{}}}"#,
-        serde_json::to_string(&tokens).unwrap()
-    );
-    w.env
-        .drop_file("a.json", notification_to("refused", &to, ""));
+    drop_to_tokens(&w, "refused", 300);
     wait_for("paused", || {
         w.env.status_json()["paused"]
             .to_string()
@@ -956,21 +961,7 @@ fn a_credentials_pause_counts_only_the_answers_apns_gave() {
 /// takes writes again: what could not be written is given up, sent again after the restart.
 #[test]
 fn a_stop_while_results_cannot_be_written_does_not_wait_for_the_database() {
-    let w = World::new(
-        SimOptions {
-            latency: Duration::from_millis(300),
-            ..SimOptions::default()
-        },
-        "[sender]\nmax_in_flight = 50\nshutdown_grace_ms = 2000\n",
-    );
-    let daemon = w.env.start();
-    let tokens: Vec<String> = (0..200).map(token).collect();
-    let to = format!(
-        r#"{{"tokens":{}}}"#,
-        serde_json::to_string(&tokens).unwrap()
-    );
-    w.env.drop_file("a.json", notification_to("stop", &to, ""));
-    wait_for("sending", || w.sim.accepted_count() >= 20);
+    let (w, daemon) = sending_slowly("stop", "shutdown_grace_ms = 2000\n");
     let (locked_tx, locked) = std::sync::mpsc::channel();
     let (release_tx, release) = std::sync::mpsc::channel::<()>();
     let mut holder = w.env.db_rw();
