@@ -98,7 +98,7 @@ enum Command {
         #[arg(long, default_value = "simulator")]
         dir: PathBuf,
         /// Simulated latency per answer, in milliseconds (at most an hour).
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=pushdrop::simulator::MAX_DELAY_MS))]
         latency_ms: u64,
         /// A TOML file of scripted answers (per token, per connection); re-read on SIGHUP.
         #[arg(long)]

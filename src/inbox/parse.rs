@@ -1444,12 +1444,8 @@ fn check_notification(
         (None, pt) => pt.map(PushType::default_priority),
     };
     let topic = match raw.topic.as_deref() {
-        Some(t)
-            if t.is_empty()
-                || t.len() > 255
-                || t.contains(char::is_whitespace)
-                || !header_safe(t) =>
-        {
+        // The config's rule for a bundle id (printable ASCII, no spaces), and Apple's length.
+        Some(t) if t.len() > 255 || !crate::config::is_bundle_id(t) => {
             let why = if t.len() > 255 {
                 format!("is {} bytes long (at most 255)", t.len())
             } else if !header_safe(t) {

@@ -249,7 +249,6 @@ pub(crate) fn token_key() -> Result<TokenKey, SimError> {
 
 /// Writes a file; `secret` files get mode 600 from the start (never briefly world-readable).
 pub(crate) fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), SimError> {
-    use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |e: std::io::Error| SimError::Io {
         path: path.to_path_buf(),
@@ -266,19 +265,10 @@ pub(crate) fn write_file(path: &Path, contents: &str, secret: bool) -> Result<()
     }
     // Otherwise written whole under a temporary name, then renamed over.
     let tmp = path.with_file_name(crate::inbox::fsutil::temp_name("sim"));
-    let written = (|| {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        if secret {
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    if secret {
+        opts.mode(0o600);
     }
-    written.map_err(io)
+    crate::inbox::fsutil::write_and_rename(&opts, &tmp, path, contents.as_bytes()).map_err(io)
 }

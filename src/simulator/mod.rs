@@ -49,7 +49,7 @@ pub fn write_text_file(path: &Path, contents: &str) -> Result<(), SimError> {
 
 /// A random 10-character id of the shape of Apple's key and team ids.
 pub use certs::apple_id;
-pub use script::{ScriptError, ScriptProblem, SimScript};
+pub use script::{MAX_DELAY_MS, ScriptError, ScriptProblem, SimScript};
 
 /// How the simulator behaves. `Default` gives a well-behaved APNs on `127.0.0.1:0`.
 #[derive(Debug, Clone)]
