@@ -291,12 +291,15 @@ pub fn devices(config: &Path, f: &DeviceFilter, json: bool) -> anyhow::Result<i3
 /// Writes `value` as pretty JSON and a newline to stdout, as it is serialized: a registry
 /// of a million devices is not built as one string first.
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use std::io::Write as _;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    out.flush()?;
-    Ok(())
+    serde_json::to_writer_pretty(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush())
+        // Said as `println!`'s failures are (see `cli::exit_1_when_output_fails`).
+        .context("cannot write the output")
 }
 
 /// `pushdrop retry ID | --failed`.
