@@ -729,8 +729,8 @@ mod tests {
         )));
     }
 
-    /// After a burst, until a 200 shows the config is right, a `BadDeviceToken` is more of
-    /// the burst however long after it: it pauses again, and invalidates nothing.
+    /// After a burst, until a 200, one request at a time goes out (a probe); the others wait
+    /// for its answer, and a refused probe pauses again.
     #[test]
     fn after_a_burst_one_request_at_a_time_goes_out_until_a_success() {
         let mut g = Guards {
@@ -778,6 +778,8 @@ mod tests {
         assert_eq!(restarted.admit("a", env), Admit::Wait);
     }
 
+    /// After a burst, until a 200 shows the config is right, a `BadDeviceToken` is more of
+    /// the burst however long after it: it pauses again, and invalidates nothing.
     #[test]
     fn after_a_burst_a_late_bad_token_pauses_again_until_a_success() {
         let mut g = Guards {
