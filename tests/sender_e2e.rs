@@ -333,6 +333,27 @@ fn permanent_rejections_fail_at_once_with_apples_reason() {
     }
 }
 
+/// `n` registered devices whose tokens all answer `BadDeviceToken`, and a broadcast `id` to
+/// them dropped into the running daemon.
+fn broadcast_to_dead_tokens(
+    id: &str,
+    n: u64,
+    extra_toml: &str,
+) -> (World, pushdrop::daemon::Daemon) {
+    let w = World::new(SimOptions::default(), extra_toml);
+    for i in 0..n {
+        w.script(&token(i), TokenScript::BadDeviceToken);
+    }
+    let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(0..n, "u"));
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == n as i64
+    });
+    w.env
+        .drop_file("b-all.json", notification_to(id, r#"{"all":true}"#, ""));
+    (w, daemon)
+}
+
 /// 30 registered devices whose tokens all answer `BadDeviceToken`, a broadcast `id` to
 /// them, and the app paused for the burst.
 fn paused_by_a_burst(id: &str) -> (World, pushdrop::daemon::Daemon) {
@@ -340,17 +361,7 @@ fn paused_by_a_burst(id: &str) -> (World, pushdrop::daemon::Daemon) {
 }
 
 fn paused_by_a_burst_with(id: &str, extra_toml: &str) -> (World, pushdrop::daemon::Daemon) {
-    let w = World::new(SimOptions::default(), extra_toml);
-    for n in 0..30 {
-        w.script(&token(n), TokenScript::BadDeviceToken);
-    }
-    let daemon = w.env.start();
-    w.env.drop_file("a-devices.jsonl", devices(0..30, "u"));
-    wait_for("registered", || {
-        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 30
-    });
-    w.env
-        .drop_file("b-all.json", notification_to(id, r#"{"all":true}"#, ""));
+    let (w, daemon) = broadcast_to_dead_tokens(id, 30, extra_toml);
     wait_for("pause recorded", || {
         w.env
             .count("SELECT count(*) FROM events WHERE kind = 'paused'")
@@ -408,19 +419,7 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
 /// every token refused) costs one refused request per pause, not one per queued delivery.
 #[test]
 fn after_a_bursts_pause_one_request_probes_before_the_rest_go() {
-    let w = World::new(SimOptions::default(), FAST_SENDER);
-    for n in 0..300 {
-        w.script(&token(n), TokenScript::BadDeviceToken);
-    }
-    let daemon = w.env.start();
-    w.env.drop_file("a-devices.jsonl", devices(0..300, "u"));
-    wait_for("registered", || {
-        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 300
-    });
-    w.env.drop_file(
-        "b-all.json",
-        notification_to("probe", r#"{"all":true}"#, ""),
-    );
+    let (w, daemon) = broadcast_to_dead_tokens("probe", 300, FAST_SENDER);
     wait_for("every delivery answered and held", || {
         w.env
             .count("SELECT count(*) FROM deliveries WHERE state = 0 AND held = 1")
