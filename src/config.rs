@@ -576,6 +576,8 @@ impl Config {
         base_dir: &Path,
         extra: impl FnOnce(&Config) -> (Vec<ConfigProblem>, ConfigWarnings),
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
+        // The repaired text, where the file itself is not TOML, to locate value problems in.
+        let mut repaired_text = None;
         let (mut cfg, mut problems, touched) = match toml::from_str::<Config>(text) {
             Ok(c) => (c, Vec::new(), None),
             Err(_) => {
@@ -586,6 +588,7 @@ impl Config {
                         problems: found.problems,
                     });
                 };
+                repaired_text = Some((found.text, found.lines));
                 (repaired, found.problems, Some(found.touched))
             }
         };
@@ -613,9 +616,21 @@ impl Config {
             None => problems = checked,
         }
         let doc = toml_edit::ImDocument::parse(text).ok();
+        // A file that is not TOML (a syntax error, repaired): its keys are found in the
+        // repaired text, whose lines map back to the file's.
+        let repaired_doc = repaired_text
+            .as_ref()
+            .filter(|_| doc.is_none())
+            .and_then(|(t, map)| Some((t, map, toml_edit::ImDocument::parse(t.as_str()).ok()?)));
         let locate = |mut p: ConfigProblem| {
             if p.line.is_none() {
-                p.line = doc.as_ref().and_then(|d| line_of_key(text, d, &p.key));
+                p.line = match (&doc, &repaired_doc) {
+                    (Some(d), _) => line_of_key(text, d, &p.key),
+                    (None, Some((t, map, d))) => {
+                        line_of_key(t, d, &p.key).and_then(|l| map.get(l - 1).copied().flatten())
+                    }
+                    (None, None) => None,
+                };
             }
             p
         };
@@ -1046,6 +1061,18 @@ fn check_secret_file(
     bad: &mut impl FnMut(&str, String),
     warnings: &mut Vec<ConfigProblem>,
 ) {
+    // A key or certificate pasted where its path belongs: refused without echoing it, since
+    // the message goes to a terminal, a journal or a CI log.
+    let text = path.to_string_lossy();
+    if text.contains("-----BEGIN") || text.contains('\n') {
+        bad(
+            key,
+            "holds a key or certificate itself, not a path: secrets are referred to by path, \
+             never inlined; put it in a file readable by pushdrop only and give that file's path"
+                .into(),
+        );
+        return;
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {
             use std::os::unix::fs::PermissionsExt;
@@ -1118,6 +1145,11 @@ struct SerdeFindings {
     problems: Vec<ConfigProblem>,
     repaired: Option<Config>,
     touched: Vec<String>,
+    /// The text as last repaired, and each of its lines' number in the file (`None` for an
+    /// inserted line): the value checks' problems are located in it when the file itself does
+    /// not parse as TOML.
+    text: String,
+    lines: Vec<Option<usize>>,
 }
 
 /// Every problem serde finds in the text, not just the first. After each error the text is
@@ -1153,7 +1185,11 @@ fn serde_problems(text: &str) -> SerdeFindings {
         let at = e.span().map(|s| line_of_offset(&current, s.start));
         let idx = at.map(|l| l - 1).filter(|&i| i < lines.len());
         let mut key = key_of_toml_error(&current, &e);
-        let message = e.message().trim().to_string();
+        // serde names the Rust type a table is read into; the reader knows it as a table.
+        let message = match e.message().trim().split_once("expected struct ") {
+            Some((head, _)) => format!("{head}expected a table"),
+            None => e.message().trim().to_string(),
+        };
         let missing = message
             .strip_prefix("missing field `")
             .and_then(|r| r.split('`').next())
@@ -1185,13 +1221,14 @@ fn serde_problems(text: &str) -> SerdeFindings {
         if let Some(field) = message
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
-            && !key.ends_with(field)
         {
             inline_repair = idx.and_then(|i| without_inline_key(&lines[i].0, field));
-            if inline_repair.is_none() {
-                touched.push(key.clone());
+            if !key.ends_with(field) {
+                if inline_repair.is_none() {
+                    touched.push(key.clone());
+                }
+                key = format!("{key}.{field}");
             }
-            key = format!("{key}.{field}");
         }
         // A bad value inside an inline table: only that key is taken out of the line.
         if inline_repair.is_none()
@@ -1256,6 +1293,19 @@ fn serde_problems(text: &str) -> SerdeFindings {
             lines[i].0 = repaired;
             continue;
         }
+        // Where the text parses as TOML, what goes is the whole entry, however many lines its
+        // value takes (a multi-line string, array or inline table), or the whole table: a
+        // line-by-line repair would leave a value's other lines behind as new errors.
+        if let Some(blank) = e
+            .span()
+            .and_then(|span| lines_to_blank(&current, span.start))
+        {
+            touched.push(blank.path);
+            for (l, _) in &mut lines[blank.lines] {
+                l.clear();
+            }
+            continue;
+        }
         let t = lines[i].0.trim_start().to_string();
         if t.starts_with('[') {
             // An unknown table: blank it with every key under it.
@@ -1283,6 +1333,12 @@ fn serde_problems(text: &str) -> SerdeFindings {
         problems,
         repaired,
         touched,
+        text: lines
+            .iter()
+            .map(|(l, _)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        lines: lines.iter().map(|(_, n)| *n).collect(),
     }
 }
 
@@ -1323,6 +1379,164 @@ fn inline_key_at(line: &str, at: usize) -> Option<String> {
         .map(|(k, _)| k.to_string())
 }
 
+/// An entry of a TOML document that holds a given byte: the dotted path down to the innermost
+/// value holding it (`apps[0].token.key_file`, `log.keep_files[1]`), or the table whose header
+/// holds it; and the bytes of the whole entry (key to end of value) or of that header.
+struct Entry {
+    path: String,
+    /// The entry's own dotted key (the table's, for a header).
+    key: String,
+    span: std::ops::Range<usize>,
+    header: bool,
+}
+
+fn join_key(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// The entry of `table` (a table of a parsed document, its keys under `prefix`) that holds
+/// byte `at`; see [`Entry`].
+fn entry_at(table: &toml_edit::Table, prefix: &str, at: usize) -> Option<Entry> {
+    use toml_edit::Item;
+    for (k, item) in table.iter() {
+        let path = join_key(prefix, k);
+        match item {
+            Item::Value(v) => {
+                let (Some(ks), Some(vs)) = (table.key(k).and_then(|k| k.span()), v.span()) else {
+                    continue;
+                };
+                let span = ks.start.min(vs.start)..ks.end.max(vs.end);
+                if span.contains(&at) {
+                    return Some(Entry {
+                        path: within_value(v, path.clone(), at),
+                        key: path,
+                        span,
+                        header: false,
+                    });
+                }
+            }
+            // A table's span runs from its header to its last entry: what holds `at` and is
+            // no entry of it is its header (or a comment among its entries).
+            Item::Table(t) => {
+                if let Some(e) = entry_at(t, &path, at) {
+                    return Some(e);
+                }
+                if let Some(h) = t.span().filter(|h| h.contains(&at)) {
+                    return Some(Entry {
+                        key: path.clone(),
+                        path,
+                        span: h,
+                        header: true,
+                    });
+                }
+            }
+            Item::ArrayOfTables(a) => {
+                for (i, t) in a.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    if let Some(e) = entry_at(t, &path, at) {
+                        return Some(e);
+                    }
+                    if let Some(h) = t.span().filter(|h| h.contains(&at)) {
+                        return Some(Entry {
+                            key: path.clone(),
+                            path,
+                            span: h,
+                            header: true,
+                        });
+                    }
+                }
+            }
+            Item::None => {}
+        }
+    }
+    None
+}
+
+/// `path` followed down into `v` (an inline table's keys, an array's indexes) to the innermost
+/// value holding byte `at`.
+fn within_value(v: &toml_edit::Value, path: String, at: usize) -> String {
+    use toml_edit::Value;
+    let holds = |x: &Value| x.span().is_some_and(|s| s.contains(&at));
+    match v {
+        Value::InlineTable(t) => t
+            .iter()
+            .find(|(k, x)| {
+                holds(x)
+                    || t.key(k)
+                        .and_then(|k| k.span())
+                        .is_some_and(|s| s.contains(&at))
+            })
+            .map_or(path.clone(), |(k, x)| {
+                within_value(x, join_key(&path, k), at)
+            }),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find(|(_, x)| holds(x))
+            .map_or(path.clone(), |(i, x)| {
+                within_value(x, format!("{path}[{i}]"), at)
+            }),
+        _ => path,
+    }
+}
+
+/// Which lines (0-based, of `text`) a repair blanks for an error at byte `at`, and the path of
+/// what goes with them: the whole entry holding `at`, or a whole table (header and entries,
+/// up to the next header) when `at` is on its header. `None` when `text` does not parse as
+/// TOML or nothing holds `at`.
+struct Blank {
+    lines: std::ops::RangeInclusive<usize>,
+    path: String,
+}
+
+fn lines_to_blank(text: &str, at: usize) -> Option<Blank> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let entry = entry_at(doc.as_table(), "", at)?;
+    let first = line_of_offset(text, entry.span.start) - 1;
+    let last = if entry.header {
+        // Up to the line before the next header, or the end of the text.
+        let mut starts = Vec::new();
+        headers(doc.as_table(), &mut starts);
+        starts
+            .into_iter()
+            .filter(|&s| s > entry.span.start)
+            .min()
+            .map_or(text.lines().count().max(1) - 1, |s| {
+                line_of_offset(text, s).saturating_sub(2).max(first)
+            })
+    } else {
+        line_of_offset(text, entry.span.end.saturating_sub(1).max(entry.span.start)) - 1
+    };
+    Some(Blank {
+        lines: first..=last,
+        path: entry.key,
+    })
+}
+
+/// The start of every table header in `table` and below it.
+fn headers(table: &toml_edit::Table, out: &mut Vec<usize>) {
+    use toml_edit::Item;
+    for (_, item) in table.iter() {
+        match item {
+            Item::Table(t) => {
+                out.extend(t.span().map(|s| s.start));
+                headers(t, out);
+            }
+            Item::ArrayOfTables(a) => {
+                for t in a.iter() {
+                    out.extend(t.span().map(|s| s.start));
+                    headers(t, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// A sub-table header's name with the index of the array-of-tables entry it belongs to:
 /// `[apps.token]` after the second `[[apps]]` is `apps[1].token`. `counts` holds how many
 /// entries of each array of tables came before.
@@ -1344,6 +1558,14 @@ pub(crate) fn key_of_toml_error(text: &str, e: &toml::de::Error) -> String {
         return "(file)".into();
     };
     let start = span.start.min(text.len());
+    // A text that parses as TOML names the value itself, wherever it sits (an element of a
+    // multi-line array, an inline table on a line of its own); the line-based reading below
+    // serves a text that does not parse.
+    if let Ok(doc) = toml_edit::ImDocument::parse(text)
+        && let Some(entry) = entry_at(doc.as_table(), "", start)
+    {
+        return entry.path;
+    }
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let raw_line = text[line_start..].lines().next().unwrap_or("");
     let line = raw_line.trim();
@@ -1616,6 +1838,85 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let bundle = GOOD.replace("bundle_id = \"com.example.a\"", "bundle_id = 5");
         let err = load(&bundle).unwrap_err();
         assert_eq!(err.problems[0].key, "apps[0].bundle_id", "{err}");
+        // A table given as a value is named as a table, not as the type it is read into.
+        let err = load(&GOOD.replace("[inbox]\ndir = \"inbox\"", "inbox = 5")).unwrap_err();
+        assert_eq!(err.problems[0].key, "inbox", "{err}");
+        assert!(
+            err.problems[0].message.ends_with("expected a table"),
+            "{err}"
+        );
+    }
+
+    /// A value written over several lines (a multi-line string, array or inline table) is
+    /// one entry: an error in it names its key and hides nothing after it, and its other lines
+    /// are no errors of their own.
+    #[test]
+    fn a_value_over_several_lines_is_one_entry_in_the_report() {
+        let key_names = |err: &ConfigError| -> Vec<(String, Option<usize>)> {
+            err.problems
+                .iter()
+                .map(|p| (p.key.clone(), p.line))
+                .collect()
+        };
+        let text = GOOD.replace(
+            "dir = \"inbox\"",
+            "dir = \"inbox\"\nextra = \"\"\"\nmulti\nline = 5\n\"\"\"\nscan_interval_s = 0",
+        ) + "\n[log]\nkeep_files = [\n 1,\n 2,\n]\n[sender]\nfoo = { a = 1, b = [\n 2,\n 3 ] }\nmax_attempts = 0\n";
+        let err = load(&text).unwrap_err();
+        assert_eq!(
+            key_names(&err),
+            vec![
+                ("inbox.extra".to_string(), Some(4)),
+                ("inbox.scan_interval_s".to_string(), Some(8)),
+                ("log.keep_files".to_string(), Some(16)),
+                ("sender.foo".to_string(), Some(21)),
+                ("sender.max_attempts".to_string(), Some(24)),
+            ],
+            "{err}"
+        );
+
+        // `[[apps]]` written as an array of inline tables: each entry is named by its index.
+        let apps = "apps = [\n  { name = \"a\", bundle_id = \"com.example.a\", token = { key_file = \"KEY\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" } },\n  { name = \"b\", bundle_id = \"com.example.b\", environment = \"staging\", token = { key_file = \"KEY\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" } },\n]\n[inbox]\ndir = \"inbox\"\n[sender]\nmax_attempts = 0\n";
+        let err = load(apps).unwrap_err();
+        assert_eq!(
+            key_names(&err),
+            vec![
+                ("apps[1].environment".to_string(), Some(3)),
+                ("sender.max_attempts".to_string(), Some(8)),
+            ],
+            "{err}"
+        );
+    }
+
+    /// A key pasted into `key_file` is refused as an inlined secret, and not echoed.
+    #[test]
+    fn a_key_pasted_where_its_path_belongs_is_refused_without_echo() {
+        let pem = "-----BEGIN PRIVATE KEY-----\\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSECRET\\n-----END PRIVATE KEY-----";
+        let err = load(&GOOD.replace("key_file = \"KEY\"", &format!("key_file = \"{pem}\"")))
+            .unwrap_err();
+        let shown = err.to_string();
+        assert_eq!(err.problems.len(), 1, "{shown}");
+        assert_eq!(err.problems[0].key, "apps[0].token.key_file", "{shown}");
+        assert!(shown.contains("never inlined"), "{shown}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+    }
+
+    /// After a TOML syntax error the file is read on, and what is found after it keeps its
+    /// line.
+    #[test]
+    fn problems_after_a_syntax_error_keep_their_lines() {
+        let text = format!("{GOOD}[store\npath = \"x.db\"\n[sender]\nmax_attempts = 0\n");
+        let err = load(&text).unwrap_err();
+        let got: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("store", Some(9)), ("sender.max_attempts", Some(12))],
+            "{err}"
+        );
     }
 
     #[test]
