@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use common::sim::*;
-use pushdrop::apns::{ApnsClient, Clock, Outcome};
-use pushdrop::simulator::{SimOptions, Simulator};
+use pushdrop::apns::{ApnsClient, Clock, Outcome, PushRequest};
+use pushdrop::config::Environment;
+use pushdrop::simulator::{SimOptions, Simulator, TokenScript};
 
 fn is_sent(o: &Outcome) -> bool {
     matches!(o, Outcome::Sent { .. })
@@ -191,6 +192,56 @@ async fn expired_token_is_refreshed_once_and_never_twice_within_20_minutes() {
         let outcomes = deliver(&client, push(30)).await;
         assert!(is_sent(outcomes.last().unwrap()), "{outcomes:?}");
         assert_eq!(client.stats().jwt_mints, 3);
+    })
+    .await;
+}
+
+/// APNs keeps a provider token per connection and refuses a change within 20 minutes
+/// (`TooManyProviderTokenUpdates`) unless it called the old token expired there. A token
+/// minted at once for one connection's `ExpiredProviderToken` stays on that connection: the
+/// other (here the sandbox pool's) keeps its token, and its pushes keep going out.
+#[tokio::test]
+async fn a_forced_refresh_is_not_pushed_onto_other_connections() {
+    let env = start(SimOptions::default()).await;
+    // The first token is two minutes old by APNs' clock, so the refresh is a change APNs sees.
+    let offset = Arc::new(AtomicI64::new(-120));
+    let o2 = offset.clone();
+    let clock: Clock = Arc::new(move || {
+        let now = SystemTime::now();
+        let off = o2.load(Ordering::SeqCst);
+        now - Duration::from_secs((-off).max(0) as u64)
+    });
+    let client = ApnsClient::with_clock(&env.config("", &env.token_app("app")), clock).unwrap();
+    let sandbox = |i| PushRequest {
+        environment: Environment::Sandbox,
+        ..push(i)
+    };
+    within(60, async {
+        assert!(is_sent(&client.send(&push(1)).await));
+        assert!(is_sent(&client.send(&sandbox(2)).await));
+        offset.store(0, Ordering::SeqCst);
+        env.sim.script(
+            &token(3),
+            TokenScript::FailFirst {
+                n: 1,
+                status: 403,
+                reason: "ExpiredProviderToken".into(),
+            },
+        );
+        let outcomes = deliver(&client, push(3)).await;
+        assert_eq!(
+            outcomes.iter().map(Outcome::kind).collect::<Vec<_>>(),
+            vec!["auth_refreshed", "sent"],
+            "{outcomes:?}"
+        );
+        assert_eq!(client.stats().jwt_mints, 2);
+        for i in 10..20 {
+            for req in [push(i), sandbox(i + 100)] {
+                let o = client.send(&req).await;
+                assert!(is_sent(&o), "{:?}: {o:?}", req.environment);
+            }
+        }
+        assert_eq!(client.stats().jwt_mints, 2);
     })
     .await;
 }

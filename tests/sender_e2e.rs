@@ -695,13 +695,17 @@ fn expired_provider_token_is_answered_with_a_new_token_and_an_immediate_resend()
         },
     );
     let daemon = w.env.start();
-    let mints = || {
+    let metric = |name: &str| {
         pushdrop::metrics::encode()
             .lines()
-            .find_map(|l| l.strip_prefix("pushdrop_jwt_refreshes_total "))
+            .find_map(|l| l.strip_prefix(name))
             .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
     };
+    let mints = || metric("pushdrop_jwt_refreshes_total ");
+    // The answer has its `retry` line (SPEC 4.4), which the retries counter counts.
+    let expired_answers = || metric("pushdrop_retries_total{reason=\"ExpiredProviderToken\"} ");
     let before = mints();
+    let answers_before = expired_answers();
     let dropped = Instant::now();
     w.env.drop_file(
         "n.json",
@@ -717,6 +721,7 @@ fn expired_provider_token_is_answered_with_a_new_token_and_an_immediate_resend()
     // Well under a pause's second (the back-off of a paused app).
     assert!(took < Duration::from_millis(900), "{took:?}");
     assert!(mints() > before, "a new token was minted");
+    assert!(expired_answers() > answers_before, "the answer was logged");
     let s = w.env.status_json();
     assert_eq!(s["recent_errors"], serde_json::json!([]), "no pause: {s}");
 }

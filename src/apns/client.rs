@@ -286,7 +286,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
         }
         let answer_by = now + timeout;
         let jwt = match &pool.auth {
-            PoolAuth::Token(s) => match s.current() {
+            PoolAuth::Token(s) => match lease.conn.token(s) {
                 Ok(j) => Some(j),
                 Err(e) => {
                     return Outcome::PauseApp {
@@ -337,7 +337,10 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                         }
                         o
                     }
-                    Classified::ExpiredToken => expired(pool, jwt.as_deref()),
+                    Classified::ExpiredToken => {
+                        lease.conn.token_expired();
+                        expired(pool, jwt.as_deref())
+                    }
                 };
             }
             // Not processed by APNs (a refused stream, a connection going away): sent again at

@@ -20,7 +20,7 @@ use rustls::pki_types::ServerName;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::auth::TokenSigner;
+use super::auth::{Jwt, MIN_TOKEN_AGE, TokenSigner};
 use super::outcome::{Outcome, goaway_reason};
 use super::sniff::{Signals, Sniffer};
 use super::{ApnsError, proxy, tls};
@@ -121,9 +121,41 @@ pub(crate) struct Conn {
     last_answer_ms: AtomicU64,
     born: Instant,
     driver: tokio::task::AbortHandle,
+    /// The provider token this connection sends (token auth), and whether APNs called it
+    /// expired here. APNs tracks tokens per connection and answers
+    /// `TooManyProviderTokenUpdates` when a connection's token changes within 20 minutes
+    /// unless it called the old one expired: a token minted at once for another connection's
+    /// `ExpiredProviderToken` waits here until this connection may take it.
+    token: Mutex<Option<Arc<Jwt>>>,
+    token_expired: AtomicBool,
 }
 
 impl Conn {
+    /// The provider token for the next request on this connection: the signer's current one,
+    /// unless this connection sends an older one that it may not yet replace (see `token`).
+    pub(crate) fn token(&self, signer: &TokenSigner) -> Result<Arc<Jwt>, ApnsError> {
+        let current = signer.current()?;
+        let mut pinned = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pinned.as_ref()
+            && p.generation != current.generation
+            && !self.token_expired.load(Ordering::Acquire)
+            && current
+                .issued
+                .duration_since(p.issued)
+                .map_or(true, |newer| newer < MIN_TOKEN_AGE)
+        {
+            return Ok(p.clone());
+        }
+        self.token_expired.store(false, Ordering::Release);
+        *pinned = Some(current.clone());
+        Ok(current)
+    }
+
+    /// APNs answered `ExpiredProviderToken` to this connection's token: it takes the next one.
+    pub(crate) fn token_expired(&self) {
+        self.token_expired.store(true, Ordering::Release);
+    }
+
     /// The streams it may carry at once. A server that announces 0 gets none: `h2` would
     /// hold such a request unsent until it timed out, and spend its attempt.
     fn limit(&self) -> usize {
@@ -702,6 +734,8 @@ impl Pool {
             last_answer_ms: AtomicU64::new(0),
             born: Instant::now(),
             driver: driver.abort_handle(),
+            token: Mutex::new(None),
+            token_expired: AtomicBool::new(false),
         });
         Ok((conn, ping, done_rx))
     }
