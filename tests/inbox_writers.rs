@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::inbox::{Env, Options, device, notification, token, wait_for};
+use common::inbox::{APP, Env, Options, device, notification, token, wait_for};
 use pushdrop::inbox::{Candidate, FileOutcome, Ingestor};
 
 /// Writes `content` into the inbox in place, in ~20 chunks over ~2 s, flushing each chunk and
@@ -265,6 +265,7 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
     let results = ingestor.process(vec![Candidate {
         path: env.inbox.join("first.json"),
         settled: true,
+        waits_for_earlier: false,
     }]);
     assert!(
         matches!(&results[0].outcome, FileOutcome::Accepted(a) if a.store.duplicates.is_empty())
@@ -272,6 +273,7 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
     let results = ingestor.process(vec![Candidate {
         path: env.inbox.join("second.jsonl"),
         settled: true,
+        waits_for_earlier: false,
     }]);
     let FileOutcome::Accepted(a) = &results[0].outcome else {
         panic!("{:?}", results[0].outcome)
@@ -314,4 +316,45 @@ fn files_found_at_start_are_taken_in_name_order_not_oldest_first() {
     daemon.shutdown();
     let order = env.texts("SELECT ext_id FROM notifications ORDER BY id");
     assert_eq!(order, ["first", "second"]);
+}
+
+/// Name order holds for files that turn out to be still being written when they are looked
+/// at: one renamed in while its writer still has it open, and an empty one. The file named
+/// after them waits for them (up to settle_ms) instead of going first: here the devices come
+/// first and a notification to their user last, which, taken first, would reach nobody.
+#[test]
+fn files_still_being_written_keep_their_place_in_name_order() {
+    let env = Env::with(Options {
+        settle_ms: 1000,
+        ..Options::default()
+    });
+    let daemon = env.start();
+    let outside = env.dir.path().join("devices.tmp");
+    let mut held = std::fs::File::create(&outside).unwrap();
+    held.write_all((device(1, "order") + "\n").as_bytes())
+        .unwrap();
+    held.flush().unwrap();
+    std::fs::rename(&outside, env.inbox.join("b1-devices.jsonl")).unwrap();
+    env.drop_file("b2-empty.json", "");
+    env.drop_file(
+        "b3-note.json",
+        format!(
+            r#"{{"type":"notification","id":"to-user","app":"{APP}","to":{{"users":["order"]}},"payload":{{"aps":{{"alert":"hi"}}}}}}"#
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(held);
+    wait_for("all three files", || {
+        env.processed_names().len() == 2 && !env.rejected_names().is_empty()
+    });
+    daemon.shutdown();
+    assert_eq!(env.processed_names(), ["b1-devices.jsonl", "b3-note.json"]);
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
+             WHERE n.ext_id = 'to-user'"
+        ),
+        1,
+        "the notification was taken before the devices named before it"
+    );
 }

@@ -103,6 +103,7 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         .map(|p| Candidate {
             path: p.clone(),
             settled: true,
+            waits_for_earlier: false,
         })
         .collect();
     let mut results = ingestor.process(candidates);

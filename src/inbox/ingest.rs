@@ -29,6 +29,11 @@ pub struct Candidate {
     /// Whether the caller knows the file has not changed for `settle_ms` (always true for
     /// `pushdrop ingest`): a truncated file is then rejected instead of waited for.
     pub settled: bool,
+    /// Name order: when a file before it in the same batch turns out to be still being
+    /// written (open elsewhere, empty, ending early), it is not taken either, but left for
+    /// the next look. False once it has waited `settle_ms` for the files before it, and for
+    /// `pushdrop ingest`, which takes what it is given.
+    pub waits_for_earlier: bool,
 }
 
 /// What became of one file.
@@ -230,6 +235,10 @@ impl ReadDrop {
 /// Why a file is not taken yet when the kernel says another process holds it open for
 /// writing (see [`fsutil::open_for_writing_elsewhere`]).
 pub(crate) const OPEN_ELSEWHERE: &str = "another process has it open for writing";
+/// How a file left for a file named before it that is still being written is reported
+/// (see [`Candidate::waits_for_earlier`]); the earlier file's name follows.
+pub(crate) const WAITS_FOR_EARLIER: &str =
+    "waits for a file named before it, still being written: ";
 
 /// The checks before parsing, and the read: what [`examine`] does before it parses.
 fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Examined> {
@@ -587,9 +596,22 @@ impl Ingestor {
         let mut files = Vec::new();
         let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
         let mut logged = 0;
+        // The first file of the batch found still being written: the files after it that
+        // wait for earlier ones are not taken before it (name order).
+        let mut unfinished: Option<String> = None;
         for c in candidates {
             let started = Instant::now();
             let name = display_name(&c.path);
+            if c.waits_for_earlier
+                && let Some(earlier) = &unfinished
+            {
+                results.push(FileResult {
+                    outcome: FileOutcome::InProgress(format!("{WAITS_FOR_EARLIER}{earlier}")),
+                    path: c.path,
+                    name,
+                });
+                continue;
+            }
             let examined = match read_drop(&c.path, &self.cfg, c.settled) {
                 Ok(read) if read.is_streamed() => {
                     self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
@@ -629,6 +651,9 @@ impl Ingestor {
                     files.push(file);
                 }
                 Examined::Reject(r) => {
+                    // Name order holds for what leaves the inbox too: the files named before
+                    // it are committed and moved first.
+                    self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
                     let outcome = self.reject(&c.path, &name, r, &mut dirty);
                     results.push(FileResult {
                         path: c.path,
@@ -636,11 +661,14 @@ impl Ingestor {
                         outcome,
                     });
                 }
-                Examined::InProgress(why) => results.push(FileResult {
-                    path: c.path,
-                    name,
-                    outcome: FileOutcome::InProgress(why),
-                }),
+                Examined::InProgress(why) => {
+                    unfinished.get_or_insert_with(|| name.clone());
+                    results.push(FileResult {
+                        path: c.path,
+                        name,
+                        outcome: FileOutcome::InProgress(why),
+                    })
+                }
                 Examined::Ignored(why) => results.push(FileResult {
                     path: c.path,
                     name,
@@ -1530,6 +1558,7 @@ mod tests {
             ing.process(vec![Candidate {
                 path: tail,
                 settled: true,
+                waits_for_earlier: false,
             }]);
             assert_eq!(ext_ids(&ing), ["n1", "n2", "n3"], "keep {keep}");
         }
@@ -1562,6 +1591,7 @@ mod tests {
             ing.process(vec![Candidate {
                 path: path.clone(),
                 settled: true,
+                waits_for_earlier: false,
             }]);
             assert_eq!(ext_ids(&ing), ["n1", "n2"], "keep {keep}");
         }
@@ -1589,6 +1619,7 @@ mod tests {
         ing.process(vec![Candidate {
             path: path.clone(),
             settled: true,
+            waits_for_earlier: false,
         }]);
         std::io::Write::write_all(&mut f, rest.as_bytes()).unwrap();
         drop(f);
@@ -1597,6 +1628,7 @@ mod tests {
         ing.process(vec![Candidate {
             path: path.clone(),
             settled: true,
+            waits_for_earlier: false,
         }]);
         // In the order they were written whole.
         assert_eq!(ext_ids(&ing), ["n1", "n3", "n2"]);
@@ -1617,6 +1649,7 @@ mod tests {
         ing.process(vec![Candidate {
             path: path.clone(),
             settled: true,
+            waits_for_earlier: false,
         }]);
         assert_eq!(ext_ids(&ing), ["n1", "n2"]);
         assert!(!path.exists());
@@ -1679,6 +1712,7 @@ mod tests {
             let r = ing.process(vec![Candidate {
                 path,
                 settled: true,
+                waits_for_earlier: false,
             }]);
             assert!(matches!(&r[0].outcome, FileOutcome::Rejected(_)), "{r:?}");
         };
@@ -1729,6 +1763,7 @@ mod tests {
             let r = ing.process(vec![Candidate {
                 path: path.clone(),
                 settled: true,
+                waits_for_earlier: false,
             }]);
             assert!(
                 matches!(&r[0].outcome, FileOutcome::Rejected(rej) if rej.move_error.is_some()),
@@ -1800,6 +1835,7 @@ mod tests {
             let r = ing.process(vec![Candidate {
                 path: path.clone(),
                 settled: true,
+                waits_for_earlier: false,
             }]);
             match r.into_iter().next().map(|r| r.outcome) {
                 Some(FileOutcome::Accepted(a)) => a,
@@ -1916,6 +1952,7 @@ mod tests {
         let results = ing.process(vec![Candidate {
             path: path.clone(),
             settled: true,
+            waits_for_earlier: false,
         }]);
         assert!(
             matches!(results[0].outcome, FileOutcome::Accepted(_)),

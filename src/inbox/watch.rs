@@ -835,7 +835,13 @@ impl Loop {
                 }
             }
             bytes += meta.size();
-            let cand = Candidate { path, settled };
+            let cand = Candidate {
+                path,
+                settled,
+                // Held up by an earlier file for settle_ms already: it goes now, whatever
+                // the files before it in this batch turn out to be.
+                waits_for_earlier: c.held_since.is_none_or(|h| now < h + self.settle),
+            };
             if c.failures > 0 {
                 if batch.is_empty() {
                     solo = Some((name.clone(), cand));
@@ -879,9 +885,15 @@ impl Loop {
             let Some(c) = self.cands.get_mut(&name) else {
                 continue;
             };
-            c.hinted = false;
             match r {
+                // Left for a file named before it: looked at again with that file, as it
+                // was (a file renamed in is still taken at once), for up to settle_ms.
+                FileOutcome::InProgress(why) if why.starts_with(ingest::WAITS_FOR_EARLIER) => {
+                    c.held_since.get_or_insert(now);
+                    c.check_at = now + (self.settle / 4).max(Duration::from_millis(10));
+                }
                 FileOutcome::InProgress(why) => {
+                    c.hinted = false;
                     // Look again once it has had time to settle.
                     c.seen = None;
                     c.check_at = now + (self.settle / 4).max(Duration::from_millis(10));
@@ -901,6 +913,7 @@ impl Loop {
                     }
                 }
                 _ => {
+                    c.hinted = false;
                     c.failures += 1;
                     let backoff = Duration::from_millis(500)
                         .saturating_mul(1 << c.failures.min(7))
