@@ -50,6 +50,14 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error(
+        "cannot read database {path}: {} (this user needs read access to it and to the -wal and -shm files beside it)",
+        sqlite_text(.source)
+    )]
+    Unreadable {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("cannot create folder {path}: {source}")]
     Dir {
         path: PathBuf,

@@ -24,6 +24,14 @@ impl Reader {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // SQLite opens lazily: a database whose `-wal`/`-shm` files this user may not read
+        // (a restore that left them the owner's only) fails at the first query, with a
+        // message that names no file. Asked here, the failure names it.
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+            .map_err(|source| StoreError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Reader { conn })
     }
 
