@@ -863,6 +863,19 @@ impl Config {
                         format!("{:?} is not a 10-character team id", t.team_id),
                     );
                 }
+                // Apple writes both in upper case and compares them exactly: a copy typed in
+                // lower case draws InvalidProviderToken at the first push.
+                for (field, value) in [("token.key_id", &t.key_id), ("token.team_id", &t.team_id)] {
+                    if value.chars().any(|c| c.is_ascii_lowercase()) {
+                        warnings.push(ConfigProblem {
+                            key: k(field),
+                            line: None,
+                            message: format!(
+                                "{value:?} has lower-case letters: Apple's ids are upper case, and APNs compares them exactly"
+                            ),
+                        });
+                    }
+                }
             }
             if let Some(c) = &mut app.certificate {
                 c.cert_file = abs(&c.cert_file);
@@ -1886,6 +1899,16 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             ],
             "{err}"
         );
+    }
+
+    /// Ids in lower case work as far as the config goes, and then APNs refuses them (it
+    /// compares them exactly): a warning.
+    #[test]
+    fn lower_case_ids_warn() {
+        let text = GOOD.replace("ABC123DEFG", "abc123defg");
+        let (_, warnings) = load(&text).unwrap();
+        let keys: Vec<_> = warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["apps[0].token.key_id"], "{warnings:?}");
     }
 
     /// A key pasted into `key_file` is refused as an inlined secret, and not echoed.
