@@ -133,7 +133,7 @@ pub struct EndedDelivery {
 }
 
 /// Why a claim ends a delivery whose expiration passed.
-const EXPIRED_UNSENT: &str = "expired before it could be sent";
+const EXPIRED_UNSENT: &str = "expired before it could be delivered";
 /// The reason of a queued delivery whose device a device record unregistered after the
 /// notification was made: the user signed out, the app was removed; it is not sent.
 pub(super) const UNREGISTERED_UNSENT: &str = "device unregistered before it could be sent";
