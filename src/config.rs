@@ -514,6 +514,9 @@ pub struct ConfigError {
     pub path: PathBuf,
     /// Every problem, in file order where lines are known.
     pub problems: Vec<ConfigProblem>,
+    /// What would have been warned about had the config loaded: said beside the problems,
+    /// so that fixing them does not bring a second round of news.
+    pub warnings: Vec<ConfigProblem>,
 }
 
 impl fmt::Display for ConfigError {
@@ -521,6 +524,9 @@ impl fmt::Display for ConfigError {
         write!(f, "bad config {}:", self.path.display())?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
+        }
+        for w in &self.warnings {
+            write!(f, "\n  warning: {w}")?;
         }
         Ok(())
     }
@@ -550,6 +556,7 @@ impl Config {
                 line: None,
                 message,
             }],
+            warnings: Vec::new(),
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| fail("(file)", format!("cannot read {}: {e}", path.display())))?;
@@ -576,9 +583,12 @@ impl Config {
         base_dir: &Path,
         extra: impl FnOnce(&Config) -> (Vec<ConfigProblem>, ConfigWarnings),
     ) -> Result<(Config, ConfigWarnings), ConfigError> {
+        // Tables given as arrays are refused before serde reads them by position.
+        let (blanked, positional) = positional_tables(text);
+        let text = blanked.as_deref().unwrap_or(text);
         // The repaired text, where the file itself is not TOML, to locate value problems in.
         let mut repaired_text = None;
-        let (mut cfg, mut problems, touched) = match toml::from_str::<Config>(text) {
+        let (mut cfg, mut problems, mut touched) = match toml::from_str::<Config>(text) {
             Ok(c) => (c, Vec::new(), None),
             Err(_) => {
                 let found = serde_problems(text);
@@ -586,12 +596,20 @@ impl Config {
                     return Err(ConfigError {
                         path: source.to_path_buf(),
                         problems: found.problems,
+                        warnings: Vec::new(),
                     });
                 };
                 repaired_text = Some((found.text, found.lines));
                 (repaired, found.problems, Some(found.touched))
             }
         };
+        if !positional.is_empty() {
+            // What their absence makes serde and the value checks say is no news.
+            let keys: Vec<String> = positional.iter().map(|p| p.key.clone()).collect();
+            problems.retain(|p| !keys.iter().any(|k| within_key(&p.key, k)));
+            touched.get_or_insert_with(Vec::new).extend(keys);
+            problems.extend(positional);
+        }
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source = source.to_path_buf();
         let mut checked = Vec::new();
@@ -603,13 +621,7 @@ impl Config {
         match &touched {
             // Checked on a repaired text: what the repairs touched says nothing.
             Some(touched) => {
-                let untouched = |p: &ConfigProblem| {
-                    !touched.iter().any(|k| {
-                        p.key == *k
-                            || p.key.starts_with(&format!("{k}."))
-                            || p.key.starts_with(&format!("{k}["))
-                    })
-                };
+                let untouched = |p: &ConfigProblem| !touched.iter().any(|k| within_key(&p.key, k));
                 problems.extend(checked.into_iter().filter(untouched));
                 warnings.retain(untouched);
             }
@@ -643,6 +655,7 @@ impl Config {
             Err(ConfigError {
                 path: source.to_path_buf(),
                 problems,
+                warnings,
             })
         }
     }
@@ -781,7 +794,13 @@ impl Config {
         }
         if let Some(ca) = &self.apns.ca_file {
             let ca = abs(ca);
-            if ca.is_dir() {
+            if looks_inlined(&ca) {
+                bad(
+                    "apns.ca_file",
+                    "holds a certificate or key itself, not a path: give the path of a PEM file"
+                        .into(),
+                );
+            } else if ca.is_dir() {
                 bad(
                     "apns.ca_file",
                     format!("{} is a folder, not a PEM file", ca.display()),
@@ -1076,8 +1095,7 @@ fn check_secret_file(
 ) {
     // A key or certificate pasted where its path belongs: refused without echoing it, since
     // the message goes to a terminal, a journal or a CI log.
-    let text = path.to_string_lossy();
-    if text.contains("-----BEGIN") || text.contains('\n') {
+    if looks_inlined(path) {
         bad(
             key,
             "holds a key or certificate itself, not a path: secrets are referred to by path, \
@@ -1104,6 +1122,24 @@ fn check_secret_file(
         Ok(_) => bad(key, format!("{} is not a regular file", path.display())),
         Err(e) => bad(key, format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// Whether a configured path is rather a key or certificate pasted in: PEM armour, line
+/// breaks, or a long run of base64 (the body of a PEM on one line) with upper case, lower
+/// case and digits, which no file name made of words or hex digests has.
+fn looks_inlined(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    if text.contains("-----BEGIN") || text.contains('\n') {
+        return true;
+    }
+    let base64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '=';
+    text.split(|c: char| !base64(c)).any(|run| {
+        // A path's own slashes are not part of a body, unless the run is long anyway.
+        run.len() >= 60
+            && run.chars().any(|c| c.is_ascii_uppercase())
+            && run.chars().any(|c| c.is_ascii_lowercase())
+            && run.chars().any(|c| c.is_ascii_digit())
+    })
 }
 
 /// The same folder, by name or (for folders that exist) through a symlink. The config's
@@ -1390,6 +1426,95 @@ fn inline_key_at(line: &str, at: usize) -> Option<String> {
         .iter()
         .find(|(_, v)| v.span().is_some_and(|s| s.contains(&at)))
         .map(|(k, _)| k.to_string())
+}
+
+/// Whether `key` is `outer` or a key inside it (`apps[0].token` is inside `apps`).
+fn within_key(key: &str, outer: &str) -> bool {
+    key == outer
+        || key
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// The tables a config has, by dotted key; `apps` is an array of them, and `token` and
+/// `certificate` are tables inside each app.
+const TABLE_KEYS: &[&str] = &[
+    "inbox", "store", "apns", "sender", "receipts", "log", "admin",
+];
+const APP_TABLE_KEYS: &[&str] = &["token", "certificate"];
+
+/// Tables written as arrays (`inbox = ["in", "out"]`), which serde would read by position:
+/// each is a problem, and the text comes back with its lines blanked (line numbers kept), so
+/// that nothing of it is read. `None` for the text when there are none (or it is not TOML).
+fn positional_tables(text: &str) -> (Option<String>, Vec<ConfigProblem>) {
+    use toml_edit::{Item, Value};
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return (None, Vec::new());
+    };
+    let root = doc.as_table();
+    // (key, bytes of the entry) of each table given as an array.
+    let mut found: Vec<(String, std::ops::Range<usize>)> = Vec::new();
+    let entry_span = |t: &toml_edit::Table, k: &str, v: &Value| {
+        let start = t.key(k).and_then(|k| k.span()).map(|s| s.start);
+        Some(start?..v.span()?.end)
+    };
+    for &k in TABLE_KEYS {
+        if let Some(Item::Value(v @ Value::Array(_))) = root.get(k)
+            && let Some(span) = entry_span(root, k, v)
+        {
+            found.push((k.to_string(), span));
+        }
+    }
+    match root.get("apps") {
+        Some(Item::ArrayOfTables(a)) => {
+            for (i, t) in a.iter().enumerate() {
+                for &k in APP_TABLE_KEYS {
+                    if let Some(Item::Value(v @ Value::Array(_))) = t.get(k)
+                        && let Some(span) = entry_span(t, k, v)
+                    {
+                        found.push((format!("apps[{i}].{k}"), span));
+                    }
+                }
+            }
+        }
+        Some(Item::Value(v @ Value::Array(apps))) => {
+            let whole = entry_span(root, "apps", v);
+            let bad = apps.iter().enumerate().find_map(|(i, app)| match app {
+                Value::InlineTable(t) => APP_TABLE_KEYS
+                    .iter()
+                    .find(|k| matches!(t.get(k), Some(Value::Array(_))))
+                    .map(|k| format!("apps[{i}].{k}")),
+                _ => Some(format!("apps[{i}]")),
+            });
+            // An inline array goes whole: its lines cannot be taken apart.
+            if let (Some(key), Some(span)) = (bad, whole) {
+                found.push((key, span));
+            }
+        }
+        _ => {}
+    }
+    if found.is_empty() {
+        return (None, Vec::new());
+    }
+    let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    let problems = found
+        .into_iter()
+        .map(|(key, span)| {
+            let first = line_of_offset(text, span.start);
+            let last = line_of_offset(text, span.end.saturating_sub(1).max(span.start));
+            let end = last.min(lines.len());
+            for l in &mut lines[first - 1..end] {
+                l.clear();
+            }
+            ConfigProblem {
+                key,
+                line: Some(first),
+                message: "expected a table, not an array: keys are named, never read by position"
+                    .into(),
+            }
+        })
+        .collect();
+    (Some(lines.join("\n")), problems)
 }
 
 /// An entry of a TOML document that holds a given byte: the dotted path down to the innermost
@@ -1909,6 +2034,50 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let (_, warnings) = load(&text).unwrap();
         let keys: Vec<_> = warnings.iter().map(|w| w.key.as_str()).collect();
         assert_eq!(keys, ["apps[0].token.key_id"], "{warnings:?}");
+        // Beside an error, the warning is still said.
+        let err = load(&text.replace("dir = \"inbox\"", "dir = \"inbox\"\nscan_interval_s = 0"))
+            .unwrap_err();
+        assert_eq!(err.warnings.len(), 1, "{err}");
+        assert!(
+            err.to_string()
+                .contains("warning: line 9: apps[0].token.key_id"),
+            "{err}"
+        );
+    }
+
+    /// A table written as an array would be read by position (serde's way with structs):
+    /// refused, and nothing of it is taken.
+    #[test]
+    fn a_table_written_as_an_array_is_refused_not_read_by_position() {
+        let problems = |text: &str| -> Vec<(String, Option<usize>)> {
+            let err = load(text).unwrap_err();
+            err.problems
+                .iter()
+                .map(|p| (p.key.clone(), p.line))
+                .collect()
+        };
+        let text = "sender = [5, 0]".to_string()
+            + &GOOD.replace(
+                "[inbox]\ndir = \"inbox\"",
+                "inbox = [\"in\", \"out\", \"rej\"]",
+            );
+        assert_eq!(
+            problems(&text),
+            [
+                ("sender".to_string(), Some(1)),
+                ("inbox".to_string(), Some(2))
+            ]
+        );
+        let text = GOOD.replace(
+            "token = { key_file = \"KEY\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }",
+            "token = [\"KEY\", \"ABC123DEFG\", \"DEF123GHIJ\"]",
+        );
+        assert_eq!(problems(&text), [("apps[0].token".to_string(), Some(8))]);
+        let err = load(&text).unwrap_err();
+        assert!(
+            err.problems[0].message.contains("never read by position"),
+            "{err}"
+        );
     }
 
     /// A key pasted into `key_file` is refused as an inlined secret, and not echoed.
@@ -1922,6 +2091,22 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         assert_eq!(err.problems[0].key, "apps[0].token.key_file", "{shown}");
         assert!(shown.contains("never inlined"), "{shown}");
         assert!(!shown.contains("SECRET"), "{shown}");
+        // The body alone, on one line; and a PEM where the CA file's path belongs.
+        let body = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg3IwB3d2NAz2A4QDuJeIuDBcY4o";
+        let err = load(&GOOD.replace("key_file = \"KEY\"", &format!("key_file = \"{body}\"")))
+            .unwrap_err();
+        assert!(!err.to_string().contains(body), "{err}");
+        let err = load(&format!("{GOOD}\n[apns]\nca_file = \"{pem}\"\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "apns.ca_file", "{err}");
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+        // Paths of words, hex digests or Nix-like hashes are paths.
+        for p in [
+            "/var/lib/pushdrop/AuthKey_ABC123DEFG.p8",
+            "/nix/store/0c2ab9sq7mbyx4l0z8a5w1jjqhpv1h2s-keys/key.p8",
+            "/k/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08/key.p8",
+        ] {
+            assert!(!looks_inlined(Path::new(p)), "{p}");
+        }
     }
 
     /// After a TOML syntax error the file is read on, and what is found after it keeps its
