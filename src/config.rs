@@ -1365,10 +1365,10 @@ fn serde_problems(text: &str) -> SerdeFindings {
                 }
                 l.clear();
             }
-        } else if t.contains('=') {
-            lines[i].0.clear();
         } else {
-            break;
+            // A `key = value` line serde or TOML refused, or a line that is no TOML at all
+            // (`dir "x"`): blanked, and the rest of the file is read on.
+            lines[i].0.clear();
         }
     }
     if problems.is_empty() {

@@ -868,13 +868,28 @@ impl Ingestor {
         };
         dirty.insert(inbox.to_path_buf());
         let keep = self.cfg.inbox.keep_processed;
+        // A `processed_dir` on another file system: the file is staged under a hidden name
+        // in the inbox first, by a rename, so that what is compared below is the file that
+        // was under the name at that instant, not a copy of whatever is there while copying.
+        // It is copied over only once it is known to be the file that was read.
+        let mut staged = false;
         let moved = if keep {
             let dir = self.cfg.processed_dir();
             if let Err(e) = fsutil::make_dirs(dir) {
                 return (None, Some(format!("cannot create {}: {e}", dir.display())));
             }
             dirty.insert(dir.to_path_buf());
-            move_to_free_name(&r.path, dir, fname)
+            if same_file_system(inbox, dir) {
+                move_to_free_name(&r.path, dir, fname)
+            } else {
+                staged = true;
+                let hidden = inbox.join(hidden_name());
+                match fsutil::rename_noreplace(&r.path, &hidden) {
+                    Ok(()) => Ok(Some(hidden)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(format!("cannot move: {e}")),
+                }
+            }
         } else {
             // Deleted through a hidden name in the inbox (which the scan ignores), so that
             // the name's current file is never deleted unseen.
@@ -924,6 +939,24 @@ impl Ingestor {
                 }
             }
         }
+        let (dest, dest_meta) = if staged {
+            match move_to_free_name(&dest, self.cfg.processed_dir(), fname) {
+                Ok(Some(d)) => {
+                    let meta = std::fs::symlink_metadata(&d).ok();
+                    (d, meta)
+                }
+                Ok(None) => return (None, None),
+                Err(e) => {
+                    // Back under its own name (it is committed): a later look moves it.
+                    if let Err(back) = fsutil::rename_noreplace(&dest, &r.path) {
+                        tracing::error!(event = "move_back_failed", file = r.name.as_str(), error = %back, dest = %dest.display(), "a committed file could not be put back under its name after its move failed; it stays under this hidden name");
+                    }
+                    return (None, Some(e));
+                }
+            }
+        } else {
+            (dest, dest_meta)
+        };
         if keep {
             // Retention counts from the move: the file's mtime says when it came, where
             // pushdrop may set it (else the writer's mtime stays, and retention counts from
@@ -1342,6 +1375,15 @@ fn is_temp_file(name: &std::ffi::OsStr) -> bool {
 
 /// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
 /// the inbox.
+/// Whether two folders are on one file system (a rename between them works); `true` when
+/// either cannot be looked at, which the move then reports.
+fn same_file_system(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev(),
+        _ => true,
+    }
+}
+
 fn hidden_name() -> OsString {
     fsutil::temp_name("out").into()
 }
