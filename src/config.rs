@@ -2125,6 +2125,15 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             vec![("store", Some(9)), ("sender.max_attempts", Some(12))],
             "{err}"
         );
+        // A line that is no TOML at all (a key without `=`) hides nothing after it.
+        let text = GOOD.replace(
+            "dir = \"inbox\"",
+            "dir = \"inbox\"\nsettle \"x\"\nscan_interval_s = 0",
+        );
+        let err = load(&text).unwrap_err();
+        let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, [Some(4), Some(5)], "{err}");
+        assert_eq!(err.problems[1].key, "inbox.scan_interval_s", "{err}");
     }
 
     #[test]

@@ -595,7 +595,6 @@ impl Ingestor {
         let mut ready = Vec::new();
         let mut files = Vec::new();
         let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut logged = 0;
         // The first file of the batch found still being written: the files after it that
         // wait for earlier ones are not taken before it (name order).
         let mut unfinished: Option<String> = None;
@@ -605,11 +604,14 @@ impl Ingestor {
             if c.waits_for_earlier
                 && let Some(earlier) = &unfinished
             {
-                results.push(FileResult {
-                    outcome: FileOutcome::InProgress(format!("{WAITS_FOR_EARLIER}{earlier}")),
-                    path: c.path,
-                    name,
-                });
+                self.push_logged(
+                    &mut results,
+                    FileResult {
+                        outcome: FileOutcome::InProgress(format!("{WAITS_FOR_EARLIER}{earlier}")),
+                        path: c.path,
+                        name,
+                    },
+                );
                 continue;
             }
             let examined = match read_drop(&c.path, &self.cfg, c.settled) {
@@ -617,14 +619,10 @@ impl Ingestor {
                     self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
                     match self.stream(read, c.path.clone(), started, &mut dirty) {
                         Ok(r) => {
-                            results.push(r);
-                            // A big file takes a while: its line (and those of the files
-                            // committed before it) need not wait for the rest of the batch.
-                            for r in &results[logged..] {
-                                self.log(r);
-                            }
+                            self.push_logged(&mut results, r);
+                            // A big file takes a while: its line need not wait for the rest
+                            // of the batch.
                             crate::logging::flush_files();
-                            logged = results.len();
                             continue;
                         }
                         Err(e) => e,
@@ -655,35 +653,50 @@ impl Ingestor {
                     // it are committed and moved first.
                     self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
                     let outcome = self.reject(&c.path, &name, r, &mut dirty);
-                    results.push(FileResult {
-                        path: c.path,
-                        name,
-                        outcome,
-                    });
+                    self.push_logged(
+                        &mut results,
+                        FileResult {
+                            path: c.path,
+                            name,
+                            outcome,
+                        },
+                    );
                 }
                 Examined::InProgress(why) => {
                     unfinished.get_or_insert_with(|| name.clone());
-                    results.push(FileResult {
+                    self.push_logged(
+                        &mut results,
+                        FileResult {
+                            path: c.path,
+                            name,
+                            outcome: FileOutcome::InProgress(why),
+                        },
+                    )
+                }
+                Examined::Ignored(why) => self.push_logged(
+                    &mut results,
+                    FileResult {
                         path: c.path,
                         name,
-                        outcome: FileOutcome::InProgress(why),
-                    })
-                }
-                Examined::Ignored(why) => results.push(FileResult {
-                    path: c.path,
-                    name,
-                    outcome: FileOutcome::Ignored(why),
-                }),
-                Examined::Vanished => results.push(FileResult {
-                    path: c.path,
-                    name,
-                    outcome: FileOutcome::Vanished,
-                }),
-                Examined::Failed(why) => results.push(FileResult {
-                    path: c.path,
-                    name,
-                    outcome: FileOutcome::Failed(why),
-                }),
+                        outcome: FileOutcome::Ignored(why),
+                    },
+                ),
+                Examined::Vanished => self.push_logged(
+                    &mut results,
+                    FileResult {
+                        path: c.path,
+                        name,
+                        outcome: FileOutcome::Vanished,
+                    },
+                ),
+                Examined::Failed(why) => self.push_logged(
+                    &mut results,
+                    FileResult {
+                        path: c.path,
+                        name,
+                        outcome: FileOutcome::Failed(why),
+                    },
+                ),
             }
         }
         self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
@@ -692,13 +705,18 @@ impl Ingestor {
                 tracing::error!(event = "fsync_failed", dir = %d.display(), error = %e, "cannot sync directory");
             }
         }
-        for r in &results[logged..] {
-            self.log(r);
-        }
         // The files are moved: their lines go to the file now, not a batch later (a kill -9
         // would lose them while nothing else would say what became of the files).
         crate::logging::flush_files();
         results
+    }
+
+    /// Each file's line goes out as soon as its fate is sealed (moved, or left), not after
+    /// the whole batch: a kill -9 during a batch's moves would lose the lines of the files
+    /// already moved (see `[log]` in the README).
+    fn push_logged(&self, results: &mut Vec<FileResult>, r: FileResult) {
+        self.log(&r);
+        results.push(r);
     }
 
     /// Commits the ready files gathered so far in one transaction, and moves them.
@@ -715,12 +733,12 @@ impl Ingestor {
         match self.store.ingest(std::mem::take(files)) {
             Ok(outcomes) => {
                 for (r, store) in ready.drain(..).zip(outcomes) {
-                    results.push(self.accepted(r, Ok(store), dirty));
+                    self.push_logged(results, self.accepted(r, Ok(store), dirty));
                 }
             }
             Err(e) => {
                 for r in ready.drain(..) {
-                    results.push(self.accepted(r, Err(e.to_string()), dirty));
+                    self.push_logged(results, self.accepted(r, Err(e.to_string()), dirty));
                 }
             }
         }
