@@ -28,9 +28,15 @@ impl Reader {
         // (a restore that left them the owner's only) fails at the first query, with a
         // message that names no file. Asked here, the failure names it.
         conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
-            .map_err(|source| StoreError::Unreadable {
-                path: path.to_path_buf(),
-                source,
+            .map_err(|source| {
+                if source.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) {
+                    StoreError::Unreadable {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                } else {
+                    StoreError::Sqlite(source)
+                }
             })?;
         Ok(Reader { conn })
     }
