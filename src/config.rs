@@ -1890,6 +1890,14 @@ mod tests {
         load_in(tempfile::tempdir().unwrap().path(), text)
     }
 
+    /// What a report names: each problem's key and line.
+    fn keys_and_lines(err: &ConfigError) -> Vec<(String, Option<usize>)> {
+        err.problems
+            .iter()
+            .map(|p| (p.key.clone(), p.line))
+            .collect()
+    }
+
     /// Loads `text` as `dir/p.toml`, with `KEY` naming a key file (mode 600) made in `dir`.
     fn load_in(dir: &Path, text: &str) -> Result<(Config, ConfigWarnings), ConfigError> {
         let key = dir.join("AuthKey.p8");
@@ -1990,19 +1998,13 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
     /// are no errors of their own.
     #[test]
     fn a_value_over_several_lines_is_one_entry_in_the_report() {
-        let key_names = |err: &ConfigError| -> Vec<(String, Option<usize>)> {
-            err.problems
-                .iter()
-                .map(|p| (p.key.clone(), p.line))
-                .collect()
-        };
         let text = GOOD.replace(
             "dir = \"inbox\"",
             "dir = \"inbox\"\nextra = \"\"\"\nmulti\nline = 5\n\"\"\"\nscan_interval_s = 0",
         ) + "\n[log]\nkeep_files = [\n 1,\n 2,\n]\n[sender]\nfoo = { a = 1, b = [\n 2,\n 3 ] }\nmax_attempts = 0\n";
         let err = load(&text).unwrap_err();
         assert_eq!(
-            key_names(&err),
+            keys_and_lines(&err),
             vec![
                 ("inbox.extra".to_string(), Some(4)),
                 ("inbox.scan_interval_s".to_string(), Some(8)),
@@ -2017,7 +2019,7 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
         let apps = "apps = [\n  { name = \"a\", bundle_id = \"com.example.a\", token = { key_file = \"KEY\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" } },\n  { name = \"b\", bundle_id = \"com.example.b\", environment = \"staging\", token = { key_file = \"KEY\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" } },\n]\n[inbox]\ndir = \"inbox\"\n[sender]\nmax_attempts = 0\n";
         let err = load(apps).unwrap_err();
         assert_eq!(
-            key_names(&err),
+            keys_and_lines(&err),
             vec![
                 ("apps[1].environment".to_string(), Some(3)),
                 ("sender.max_attempts".to_string(), Some(8)),
@@ -2049,13 +2051,7 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
     /// refused, and nothing of it is taken.
     #[test]
     fn a_table_written_as_an_array_is_refused_not_read_by_position() {
-        let problems = |text: &str| -> Vec<(String, Option<usize>)> {
-            let err = load(text).unwrap_err();
-            err.problems
-                .iter()
-                .map(|p| (p.key.clone(), p.line))
-                .collect()
-        };
+        let problems = |text: &str| keys_and_lines(&load(text).unwrap_err());
         let text = "sender = [5, 0]".to_string()
             + &GOOD.replace(
                 "[inbox]\ndir = \"inbox\"",
