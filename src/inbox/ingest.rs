@@ -604,12 +604,13 @@ impl Ingestor {
             if c.waits_for_earlier
                 && let Some(earlier) = &unfinished
             {
+                let outcome = FileOutcome::InProgress(format!("{WAITS_FOR_EARLIER}{earlier}"));
                 self.push_logged(
                     &mut results,
                     FileResult {
-                        outcome: FileOutcome::InProgress(format!("{WAITS_FOR_EARLIER}{earlier}")),
                         path: c.path,
                         name,
+                        outcome,
                     },
                 );
                 continue;
@@ -631,7 +632,7 @@ impl Ingestor {
                 Ok(read) => parse_read(read, &self.cfg),
                 Err(e) => e,
             };
-            match examined {
+            let outcome = match examined {
                 Examined::Ready {
                     file,
                     read,
@@ -647,57 +648,30 @@ impl Ingestor {
                         started,
                     });
                     files.push(file);
+                    continue;
                 }
                 Examined::Reject(r) => {
                     // Name order holds for what leaves the inbox too: the files named before
                     // it are committed and moved first.
                     self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
-                    let outcome = self.reject(&c.path, &name, r, &mut dirty);
-                    self.push_logged(
-                        &mut results,
-                        FileResult {
-                            path: c.path,
-                            name,
-                            outcome,
-                        },
-                    );
+                    self.reject(&c.path, &name, r, &mut dirty)
                 }
                 Examined::InProgress(why) => {
                     unfinished.get_or_insert_with(|| name.clone());
-                    self.push_logged(
-                        &mut results,
-                        FileResult {
-                            path: c.path,
-                            name,
-                            outcome: FileOutcome::InProgress(why),
-                        },
-                    )
+                    FileOutcome::InProgress(why)
                 }
-                Examined::Ignored(why) => self.push_logged(
-                    &mut results,
-                    FileResult {
-                        path: c.path,
-                        name,
-                        outcome: FileOutcome::Ignored(why),
-                    },
-                ),
-                Examined::Vanished => self.push_logged(
-                    &mut results,
-                    FileResult {
-                        path: c.path,
-                        name,
-                        outcome: FileOutcome::Vanished,
-                    },
-                ),
-                Examined::Failed(why) => self.push_logged(
-                    &mut results,
-                    FileResult {
-                        path: c.path,
-                        name,
-                        outcome: FileOutcome::Failed(why),
-                    },
-                ),
-            }
+                Examined::Ignored(why) => FileOutcome::Ignored(why),
+                Examined::Vanished => FileOutcome::Vanished,
+                Examined::Failed(why) => FileOutcome::Failed(why),
+            };
+            self.push_logged(
+                &mut results,
+                FileResult {
+                    path: c.path,
+                    name,
+                    outcome,
+                },
+            );
         }
         self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
         for d in &dirty {
@@ -1391,8 +1365,6 @@ fn is_temp_file(name: &std::ffi::OsStr) -> bool {
     name.starts_with(b".pushdrop-") && name.ends_with(b".tmp")
 }
 
-/// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
-/// the inbox.
 /// Whether two folders are on one file system (a rename between them works); `true` when
 /// either cannot be looked at, which the move then reports.
 fn same_file_system(a: &Path, b: &Path) -> bool {
@@ -1402,6 +1374,8 @@ fn same_file_system(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
+/// the inbox.
 fn hidden_name() -> OsString {
     fsutil::temp_name("out").into()
 }
