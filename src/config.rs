@@ -1500,15 +1500,14 @@ fn positional_tables(text: &str) -> (Option<String>, Vec<ConfigProblem>) {
     let problems = found
         .into_iter()
         .map(|(key, span)| {
-            let first = line_of_offset(text, span.start);
-            let last = line_of_offset(text, span.end.saturating_sub(1).max(span.start));
-            let end = last.min(lines.len());
-            for l in &mut lines[first - 1..end] {
+            let spanned = lines_of(text, &span);
+            let first = *spanned.start();
+            for l in lines.iter_mut().take(spanned.end() + 1).skip(first) {
                 l.clear();
             }
             ConfigProblem {
                 key,
-                line: Some(first),
+                line: Some(first + 1),
                 message: "expected a table, not an array: keys are named, never read by position"
                     .into(),
             }
@@ -1622,19 +1621,27 @@ fn within_value(v: &toml_edit::Value, path: String, at: usize) -> String {
     }
 }
 
-/// Which lines (0-based, of `text`) a repair blanks for an error at byte `at`, and the path of
-/// what goes with them: the whole entry holding `at`, or a whole table (header and entries,
-/// up to the next header) when `at` is on its header. `None` when `text` does not parse as
-/// TOML or nothing holds `at`.
+/// Lines a repair blanks (0-based, of the text), and the key of what goes with them.
 struct Blank {
     lines: std::ops::RangeInclusive<usize>,
     path: String,
 }
 
+/// The lines (0-based) that bytes `span` of `text` touch.
+fn lines_of(text: &str, span: &std::ops::Range<usize>) -> std::ops::RangeInclusive<usize> {
+    let first = line_of_offset(text, span.start) - 1;
+    let last = line_of_offset(text, span.end.saturating_sub(1).max(span.start)) - 1;
+    first..=last
+}
+
+/// What a repair blanks for an error at byte `at`: the whole entry holding `at`, or a whole
+/// table (header and entries, up to the next header) when `at` is on its header. `None` when
+/// `text` does not parse as TOML or nothing holds `at`.
 fn lines_to_blank(text: &str, at: usize) -> Option<Blank> {
     let doc = toml_edit::ImDocument::parse(text).ok()?;
     let entry = entry_at(doc.as_table(), "", at)?;
-    let first = line_of_offset(text, entry.span.start) - 1;
+    let spanned = lines_of(text, &entry.span);
+    let first = *spanned.start();
     let last = if entry.header {
         // Up to the line before the next header, or the end of the text.
         let mut starts = Vec::new();
@@ -1647,7 +1654,7 @@ fn lines_to_blank(text: &str, at: usize) -> Option<Blank> {
                 line_of_offset(text, s).saturating_sub(2).max(first)
             })
     } else {
-        line_of_offset(text, entry.span.end.saturating_sub(1).max(entry.span.start)) - 1
+        *spanned.end()
     };
     Some(Blank {
         lines: first..=last,
