@@ -845,17 +845,15 @@ impl Inner {
         let mut outcome = self.client.send(&req).await;
         // ExpiredProviderToken: the client minted a fresh token; resend at once, uncounted.
         let mut refreshes = 0;
-        while let Outcome::AuthRefreshed { reason } = outcome {
-            if refreshes == 2 {
-                outcome = Outcome::AuthRefreshed { reason };
-                break;
-            }
+        while refreshes < 2
+            && let Outcome::AuthRefreshed { reason } = &outcome
+        {
             refreshes += 1;
             // APNs answered, so the answer gets its line (SPEC 4.4), as an uncounted retry.
             let answered = ResultKind::Retry {
                 due_at_ms: now_ms(),
                 status: Some(403),
-                reason,
+                reason: reason.clone(),
                 count_attempt: false,
             };
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
