@@ -601,21 +601,14 @@ impl Ingestor {
         for c in candidates {
             let started = Instant::now();
             let name = display_name(&c.path);
-            if c.waits_for_earlier
-                && let Some(earlier) = &unfinished
-            {
-                let outcome = FileOutcome::InProgress(format!("{WAITS_FOR_EARLIER}{earlier}"));
-                self.push_logged(
-                    &mut results,
-                    FileResult {
-                        path: c.path,
-                        name,
-                        outcome,
-                    },
-                );
-                continue;
-            }
-            let examined = match read_drop(&c.path, &self.cfg, c.settled) {
+            let read = match &unfinished {
+                // Not even opened: it waits for the earlier file (name order).
+                Some(earlier) if c.waits_for_earlier => Err(Examined::InProgress(format!(
+                    "{WAITS_FOR_EARLIER}{earlier}"
+                ))),
+                _ => read_drop(&c.path, &self.cfg, c.settled),
+            };
+            let examined = match read {
                 Ok(read) if read.is_streamed() => {
                     self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
                     match self.stream(read, c.path.clone(), started, &mut dirty) {
