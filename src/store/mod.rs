@@ -40,6 +40,17 @@ fn sqlite_text(e: &rusqlite::Error) -> String {
     }
 }
 
+/// What a read-only refusal adds: the files this user may not write, or, when it may write
+/// them all, where else the refusal comes from.
+fn read_only_hint(blocked: &[PathBuf]) -> String {
+    if blocked.is_empty() {
+        " (the files are writable by this user: is the file system mounted read-only?)".into()
+    } else {
+        let names: Vec<String> = blocked.iter().map(|p| p.display().to_string()).collect();
+        format!("; not writable by this user: {}", names.join(", "))
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,11 +63,21 @@ pub enum StoreError {
     },
     #[error(
         "cannot read database {path}: {} (this user needs read access to it and to the -wal and -shm files beside it)",
-        sqlite_text(.source)
+        sqlite_text(.cause)
     )]
     Unreadable {
         path: PathBuf,
-        source: rusqlite::Error,
+        // Not a `source`: the message says it already, and SQLite's own error under it
+        // would repeat it in other words.
+        cause: rusqlite::Error,
+    },
+    /// A write SQLite refused as read-only, with the database's path and the files this
+    /// user may not write: "attempt to write a readonly database" alone names neither.
+    #[error("cannot write database {path}: {}{}", sqlite_text(.cause), read_only_hint(.blocked))]
+    ReadOnly {
+        path: PathBuf,
+        blocked: Vec<PathBuf>,
+        cause: rusqlite::Error,
     },
     #[error("cannot create folder {path}: {source}")]
     Dir {
@@ -250,7 +271,9 @@ impl Store {
         self.tx
             .blocking_send(writer::Command::Ingest { files, reply })
             .map_err(|_| StoreError::Closed)?;
-        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+        rx.blocking_recv()
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| named(&self.path, e))
     }
 
     /// Starts committing one big file whose records are still being parsed: the writer
@@ -271,6 +294,7 @@ impl Store {
         Ok(IngestStream {
             chunks,
             reply: reply_rx,
+            path: self.path.clone(),
         })
     }
 
@@ -281,8 +305,12 @@ impl Store {
     ) -> Result<R, StoreError> {
         let (cmd, rx) = job(f);
         self.tx.blocking_send(cmd).map_err(|_| StoreError::Closed)?;
-        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+        rx.blocking_recv()
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| named(&self.path, e))
     }
+
+
 
     /// Runs `f` on the writer thread (async caller).
     async fn call<R: Send + 'static>(
@@ -291,7 +319,9 @@ impl Store {
     ) -> Result<R, StoreError> {
         let (cmd, rx) = job(f);
         self.tx.send(cmd).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| named(&self.path, e))
     }
 
     /// Expands due `users`/`all` notifications into deliveries, at most about `max_rows`
@@ -452,6 +482,7 @@ impl Store {
 pub struct IngestStream {
     chunks: std::sync::mpsc::SyncSender<writer::StreamMsg>,
     reply: oneshot::Receiver<Result<IngestOutcome, StoreError>>,
+    path: PathBuf,
 }
 
 impl IngestStream {
@@ -467,7 +498,10 @@ impl IngestStream {
     /// [`IngestFile`]). Returns once the commit is durable.
     pub fn commit(self, sha256: String) -> Result<IngestOutcome, StoreError> {
         let _ = self.chunks.send(writer::StreamMsg::Commit { sha256 });
-        self.reply.blocking_recv().map_err(|_| StoreError::Closed)?
+        self.reply
+            .blocking_recv()
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| named(&self.path, e))
     }
 
     /// Drops everything sent so far (the file is rejected or still being written), once the
@@ -475,6 +509,22 @@ impl IngestStream {
     pub fn abandon(self) {
         drop(self.chunks);
         let _ = self.reply.blocking_recv();
+    }
+}
+
+/// Names the database (and what this user may not write) in a read-only refusal.
+fn named(path: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Sqlite(source)
+            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly) =>
+        {
+            StoreError::ReadOnly {
+                path: path.to_path_buf(),
+                blocked: not_writable(path),
+                cause: source,
+            }
+        }
+        e => e,
     }
 }
 

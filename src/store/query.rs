@@ -32,7 +32,7 @@ impl Reader {
                 if source.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) {
                     StoreError::Unreadable {
                         path: path.to_path_buf(),
-                        source,
+                        cause: source,
                     }
                 } else {
                     StoreError::Sqlite(source)

@@ -213,6 +213,27 @@ fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
     assert!(!not_writable(&db).contains(&db));
 }
 
+/// SQLite's "attempt to write a readonly database" names no file: the store's refusal names
+/// the database, and says where to look.
+#[test]
+fn a_read_only_refusal_names_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let refusal = rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+        Some("attempt to write a readonly database".into()),
+    );
+    let text = super::named(&db, StoreError::Sqlite(refusal)).to_string();
+    assert!(
+        text.starts_with(&format!("cannot write database {}: ", db.display())),
+        "{text}"
+    );
+    assert!(text.contains("attempt to write a readonly database"), "{text}");
+    // Other errors pass unchanged.
+    let busy = super::named(&db, StoreError::Closed);
+    assert!(matches!(busy, StoreError::Closed));
+}
+
 /// `status` counts devices by the state `devices` lists them in: a token only named in
 /// `to.tokens` and then unregistered is unregistered in both.
 #[test]
