@@ -558,7 +558,11 @@ impl Ingestor {
         } else {
             set.remove(path)
         };
-        prune_and_count(&mut set);
+        if changed {
+            // Not pruned here: a stat of every stuck file at every file's try made thousands
+            // of stuck files cost millions of stats per retry round. The scan prunes.
+            metrics::get().inbox_stuck_files.set(set.len() as i64);
+        }
         changed
     }
 
@@ -571,12 +575,17 @@ impl Ingestor {
         }
     }
 
-    /// A handled file that stays in the inbox: counted, and listed in `status` once.
-    fn stuck(&self, r: &FileResult, kind: &str, why: &str) {
-        if self.set_stuck(&r.path, true) {
+    /// A handled file that stays in the inbox: counted, and listed in `status` once. True
+    /// the first time: its log line is an error then, and a debug line at every later try
+    /// (the count and `status` keep saying it is stuck), so that a thousand files stuck
+    /// behind a `processed_dir` it may not write do not log a thousand errors a minute.
+    fn stuck(&self, r: &FileResult, kind: &str, why: &str) -> bool {
+        let new = self.set_stuck(&r.path, true);
+        if new {
             self.store
                 .note_event_blocking(kind, None, &format!("{}: {why}", r.name));
         }
+        new
     }
 
     /// The store files are committed to.
@@ -1117,12 +1126,12 @@ impl Ingestor {
                 let ms = a.elapsed.as_millis() as u64;
                 if let Some(e) = &a.move_error {
                     // The records are committed (and said so below, once); the file stays.
-                    self.stuck(
-                        r,
-                        "move_failed",
-                        &format!("committed but cannot be moved: {e}"),
-                    );
-                    tracing::error!(event = "move_failed", file = r.name.as_str(), error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again at the next scan");
+                    let why = format!("committed but cannot be moved: {e}");
+                    if self.stuck(r, "move_failed", &why) {
+                        tracing::error!(event = "move_failed", file = r.name.as_str(), error = %e, "records committed but the file could not be moved; it stays in the inbox and the move is tried again with a back-off");
+                    } else {
+                        tracing::debug!(event = "move_failed", file = r.name.as_str(), error = %e, "the move failed again");
+                    }
                     if a.store.already_committed {
                         return;
                     }
@@ -1218,12 +1227,12 @@ impl Ingestor {
                 reason,
                 ..
             }) => {
-                self.stuck(
-                    r,
-                    "move_failed",
-                    &format!("rejected but cannot be moved: {e}"),
-                );
-                tracing::error!(event = "move_failed", file = r.name.as_str(), reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again");
+                let why = format!("rejected but cannot be moved: {e}");
+                if self.stuck(r, "move_failed", &why) {
+                    tracing::error!(event = "move_failed", file = r.name.as_str(), reason = reason.code(), error = %e, "rejected file could not be moved to rejected_dir; it stays in the inbox and is tried again with a back-off");
+                } else {
+                    tracing::debug!(event = "move_failed", file = r.name.as_str(), reason = reason.code(), error = %e, "the move failed again");
+                }
             }
             FileOutcome::Rejected(rej) => {
                 self.set_stuck(&r.path, false);
@@ -1272,8 +1281,11 @@ impl Ingestor {
                 if self.late_looks {
                     // Stuck until it can be read and committed: counted and listed in
                     // `status` (once), not only logged at every try.
-                    self.stuck(r, "ingest_failed", why);
-                    tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place (the daemon tries it again later)");
+                    if self.stuck(r, "ingest_failed", why) {
+                        tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place (the daemon tries it again later)");
+                    } else {
+                        tracing::debug!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file failed again");
+                    }
                 } else {
                     tracing::error!(event = "ingest_failed", file = r.name.as_str(), error = %why, "the file is left in place, not ingested");
                 }
@@ -1887,6 +1899,53 @@ mod tests {
         assert!(!path.exists());
         assert!(d.path().join("blocker/processed/n.jsonl").exists());
         assert!(ing.stuck.lock().unwrap().is_empty());
+    }
+
+    /// A file stuck behind a `processed_dir` that takes no files logs one error; its later
+    /// failed tries log at debug level only (thousands of stuck files would otherwise log
+    /// thousands of errors at every retry round).
+    #[test]
+    fn a_stuck_file_logs_its_error_once() {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor_with(d.path(), "processed_dir = \"blocker/processed\"");
+        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
+        let path = d.path().join("inbox/n.jsonl");
+        std::fs::write(&path, line("n1")).unwrap();
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                ing.process(vec![Candidate {
+                    path: path.clone(),
+                    settled: true,
+                    waits_for_earlier: false,
+                }]);
+            }
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("event=\"move_failed\""))
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].contains("ERROR"), "{text}");
+        assert!(lines[1..].iter().all(|l| l.contains("DEBUG")), "{text}");
     }
 
     #[test]

@@ -204,6 +204,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
         alive: alive.clone(),
         lock,
         taken: false,
+        retry_turn: false,
     };
     let alive_flag = alive.clone();
     let cfg_dir = lp.inbox.clone();
@@ -420,6 +421,9 @@ struct Loop {
     /// The folder there now is locked by another daemon: said once, looked at again every
     /// [`MISSING_RECHECK`].
     taken: bool,
+    /// The last batch went ahead of a file due for a retry: the next one takes the retry
+    /// first (see [`Loop::take_ready`]).
+    retry_turn: bool,
 }
 
 impl Loop {
@@ -762,12 +766,13 @@ impl Loop {
         // inbox while pushdrop was stopped are thus taken in name order, not oldest first. A
         // file backing off after a failure holds nobody up.
         let mut settling_before: Option<Instant> = None;
+        let retry_first = std::mem::take(&mut self.retry_turn);
         for (name, c) in self.cands.iter_mut() {
             if c.check_at > now {
                 settling_before = earliest(settling_before, c.holds_up_until());
                 continue;
             }
-            if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES || solo.is_some() {
+            if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES {
                 more = true;
                 break;
             }
@@ -842,9 +847,20 @@ impl Loop {
                 // the files before it in this batch turn out to be.
                 waits_for_earlier: c.held_since.is_none_or(|h| now < h + self.settle),
             };
+            // A file that failed before (it could not be read, committed or moved) is tried
+            // on its own, so that it cannot fail a batch; the first one due waits here while
+            // the files after it that were never tried go on. (Thousands of files stuck
+            // behind a `processed_dir` pushdrop may not write, all due again at once, would
+            // otherwise keep a new drop waiting through every one of their tries.) It goes
+            // at the next call, which comes at once; a retry goes first when the previous
+            // call let one wait, so a stream of new files does not starve the retries.
             if c.failures > 0 {
-                if batch.is_empty() {
+                if solo.is_none() {
                     solo = Some((name.clone(), cand));
+                    if retry_first && batch.is_empty() {
+                        more = true;
+                        break;
+                    }
                 } else {
                     more = true;
                 }
@@ -860,6 +876,7 @@ impl Loop {
                 batch.push(s);
             } else {
                 more = true;
+                self.retry_turn = true;
             }
         }
         if batch.is_empty() {
@@ -928,16 +945,121 @@ impl Loop {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use std::ffi::OsStr;
+
+    /// The loop `start` runs, without its thread and its kernel watch: each step by hand.
+    fn test_loop(cfg: Arc<Config>, store: Store) -> Loop {
+        let (_tx, rx) = mpsc::channel();
+        let now = Instant::now();
+        Loop {
+            ingestor: Ingestor::new(cfg.clone(), store).watching(),
+            inbox: cfg.inbox.dir.clone(),
+            rx,
+            stop: Arc::default(),
+            settle: Duration::from_millis(cfg.inbox.settle_ms),
+            poll_every: None,
+            scan_every: Duration::from_secs(cfg.inbox.scan_interval_s),
+            sweep: false,
+            cands: BTreeMap::new(),
+            ignored: HashSet::new(),
+            near_misses: HashSet::new(),
+            scan_requested: false,
+            next_scan: now,
+            next_sweep: now,
+            last_scan_error: None,
+            events: None,
+            watched: None,
+            missing: false,
+            alive: Arc::default(),
+            lock: None,
+            taken: false,
+            retry_turn: false,
+            cfg,
+        }
+    }
+
+    /// Files stuck in the inbox (committed, but `processed_dir` takes no files) and due for
+    /// another try do not hold up a new drop: it goes first, and the retries after it, one
+    /// at a time, taking turns with new files.
+    #[test]
+    fn a_new_drop_does_not_wait_for_the_retries_of_stuck_files() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pushdrop.toml");
+        std::fs::write(
+            &path,
+            "[inbox]\ndir = \"inbox\"\nprocessed_dir = \"blocker/processed\"\n\
+             [store]\npath = \"pushdrop.db\"\n\
+             [[apps]]\nname = \"a\"\nbundle_id = \"com.example.a\"\n\
+             token = { key_file = \"k.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }\n",
+        )
+        .unwrap();
+        let inbox = d.path().join("inbox");
+        std::fs::create_dir_all(&inbox).unwrap();
+        std::fs::write(d.path().join("k.p8"), "placeholder: nothing is sent").unwrap();
+        let (cfg, _) = Config::load(&path).unwrap();
+        let store = Store::open(&cfg.store.path, false).unwrap();
+        // After the config's check: a file where processed_dir's parent should be.
+        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
+        let mut lp = test_loop(Arc::new(cfg), store.clone());
+        let device = |n: u32| {
+            format!(
+                "{{\"type\":\"device\",\"token\":\"{}{n:04}\"}}\n",
+                "ab".repeat(14)
+            )
+        };
+        let committed = |name: &str| {
+            let r = crate::store::query::Reader::open(store.path()).unwrap();
+            let n: i64 = r
+                .conn()
+                .query_row(
+                    "SELECT count(*) FROM committed_files WHERE name = ?1",
+                    [name],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            n == 1
+        };
+        let hint_all = |lp: &mut Loop| {
+            lp.scan();
+            for c in lp.cands.values_mut() {
+                c.hinted = true;
+                c.check_at = Instant::now();
+            }
+        };
+        for n in 0..5 {
+            std::fs::write(inbox.join(format!("a{n}.jsonl")), device(n)).unwrap();
+        }
+        hint_all(&mut lp);
+        while lp.take_ready() {}
+        for n in 0..5 {
+            assert!(committed(&format!("a{n}.jsonl")), "a{n} committed");
+            assert_eq!(lp.cands[OsStr::new(&format!("a{n}.jsonl"))].failures, 1);
+        }
+        // All five are due again, and a new file arrives, named after them.
+        std::fs::write(inbox.join("z.jsonl"), device(9)).unwrap();
+        hint_all(&mut lp);
+        assert!(lp.take_ready(), "more to do");
+        assert!(committed("z.jsonl"), "the new file went first");
+        assert_eq!(
+            lp.cands[OsStr::new("a0.jsonl")].failures,
+            1,
+            "not tried yet"
+        );
+        // Then a retry, alone.
+        assert!(lp.take_ready());
+        assert_eq!(lp.cands[OsStr::new("a0.jsonl")].failures, 2, "tried again");
+        assert_eq!(lp.cands[OsStr::new("a1.jsonl")].failures, 1);
+    }
 
     #[test]
     fn a_drop_suffix_in_another_case_is_a_near_miss() {
         for name in ["A.JSON", "b.JsonL", "c.Json"] {
-            assert!(super::is_near_drop_name(OsStr::new(name)), "{name}");
+            assert!(is_near_drop_name(OsStr::new(name)), "{name}");
         }
         // Not meant as drop files (the scan asks about names it does not take only).
         for name in [".A.JSON", "a.txt", "a.JSON.tmp"] {
-            assert!(!super::is_near_drop_name(OsStr::new(name)), "{name}");
+            assert!(!is_near_drop_name(OsStr::new(name)), "{name}");
         }
     }
 }
