@@ -77,7 +77,8 @@ pub enum StoreError {
     ReadOnly {
         path: PathBuf,
         blocked: Vec<PathBuf>,
-        cause: rusqlite::Error,
+        // Boxed: every `Result` of the store carries this enum's size.
+        cause: Box<rusqlite::Error>,
     },
     #[error("cannot create folder {path}: {source}")]
     Dir {
@@ -310,8 +311,6 @@ impl Store {
             .map_err(|e| named(&self.path, e))
     }
 
-
-
     /// Runs `f` on the writer thread (async caller).
     async fn call<R: Send + 'static>(
         &self,
@@ -521,7 +520,7 @@ fn named(path: &Path, e: StoreError) -> StoreError {
             StoreError::ReadOnly {
                 path: path.to_path_buf(),
                 blocked: not_writable(path),
-                cause: source,
+                cause: Box::new(source),
             }
         }
         e => e,
