@@ -228,10 +228,13 @@ fn a_read_only_refusal_names_the_database() {
         text.starts_with(&format!("cannot write database {}: ", db.display())),
         "{text}"
     );
-    assert!(text.contains("attempt to write a readonly database"), "{text}");
+    assert!(
+        text.contains("attempt to write a readonly database"),
+        "{text}"
+    );
     // Other errors pass unchanged.
-    let busy = super::named(&db, StoreError::Closed);
-    assert!(matches!(busy, StoreError::Closed));
+    let other = super::named(&db, StoreError::Closed);
+    assert!(matches!(other, StoreError::Closed));
 }
 
 /// `status` counts devices by the state `devices` lists them in: a token only named in
