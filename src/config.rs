@@ -107,8 +107,8 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// `keep_finished_days` in milliseconds: the purge removes what finished longer ago
-    /// than this, and the start-up receipt sweep looks no further back.
+    /// `keep_finished_days` in milliseconds (see [`Config::keep_finished_ms`], which the
+    /// purges go by).
     pub fn keep_finished_ms(&self) -> i64 {
         i64::from(self.keep_finished_days) * 86_400_000
     }
@@ -535,7 +535,25 @@ impl fmt::Display for ConfigError {
 /// Non-fatal findings, such as a key file readable by others.
 pub type ConfigWarnings = Vec<ConfigProblem>;
 
+/// With receipts on, a finished notification is kept at least this long, whatever
+/// `keep_finished_days`: its receipt is written from it, and may still be on its way (its
+/// folder unusable for a while, or a crash between the finish and the receipt that the next
+/// start makes good). A purge in between would lose the receipt for good.
+pub const RECEIPT_GRACE_MS: i64 = 3_600_000;
+
 impl Config {
+    /// How long finished work is kept: `keep_finished_days`, but never less than
+    /// [`RECEIPT_GRACE_MS`] with receipts on. The purges' horizon (the daemon's and
+    /// `pushdrop purge`'s), and how far back the start-up receipt sweep looks.
+    pub fn keep_finished_ms(&self) -> i64 {
+        let days = self.store.keep_finished_ms();
+        if self.receipts.dir.is_some() {
+            days.max(RECEIPT_GRACE_MS)
+        } else {
+            days
+        }
+    }
+
     /// Reads, parses and validates the config file; relative paths become absolute against the
     /// file's folder. Returns warnings beside the config (world-readable keys and the like).
     pub fn load(path: &Path) -> Result<(Config, ConfigWarnings), ConfigError> {

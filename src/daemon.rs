@@ -239,7 +239,7 @@ impl Daemon {
 /// Purges finished work past `[store] keep_finished_days`, at start and hourly, and prunes
 /// old log files every few minutes (a rotation makes one more).
 async fn purge_loop(cfg: Arc<Config>, store: Store) {
-    let keep_ms = cfg.store.keep_finished_ms();
+    let keep_ms = cfg.keep_finished_ms();
     let mut next_purge = tokio::time::Instant::now();
     loop {
         let log = cfg.log.clone();

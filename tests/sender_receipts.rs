@@ -301,6 +301,45 @@ fn sigkill_then_restart_writes_the_missing_receipts_and_removes_stale_temp_files
     );
 }
 
+/// With `keep_finished_days = 0`, a purge keeps a notification that finished within the
+/// last hour while receipts are on: its receipt may still be on its way (here it is lost as a
+/// kill between the finish and the receipt would lose it), and the next start writes it from
+/// the notification, which a purge would have taken with it.
+#[test]
+fn a_purge_keeps_a_just_finished_notification_for_its_receipt() {
+    let w = World::new(SimOptions::default(), common::world::FAST_SENDER);
+    let text = std::fs::read_to_string(&w.env.config_path).unwrap();
+    let text = text.replace("[store]\n", "[store]\nkeep_finished_days = 0\n");
+    std::fs::write(&w.env.config_path, text).unwrap();
+    let dir = receipts_dir(&w.env);
+    let daemon = w.env.start();
+    w.env.drop_file(
+        "a.json",
+        notification_to("first", &format!(r#"{{"tokens":["{}"]}}"#, token(1)), ""),
+    );
+    wait_for("the receipt", || dir.join("first.json").exists());
+    daemon.shutdown();
+    std::fs::remove_file(dir.join("first.json")).unwrap();
+    let out = w.env.pushdrop(&["purge"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("older than 60 minutes (receipts are on"),
+        "{said}"
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM notifications WHERE ext_id = 'first'"),
+        1,
+        "kept for its receipt"
+    );
+    let daemon = w.env.start();
+    wait_for("the receipt written at start", || {
+        dir.join("first.json").exists()
+    });
+    daemon.shutdown();
+}
+
 /// A receipt that cannot be written (its folder unusable: full, read-only, here a file in its
 /// place) is said in `status` and written while the daemon runs once the folder is usable
 /// again, not only at its next start; no temporary file is left behind.

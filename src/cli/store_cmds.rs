@@ -351,11 +351,20 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let _log = crate::logging::init_one_shot(&cfg.log);
     let store = open_store(&cfg.store.path)?;
-    let cutoff = crate::model::now_ms() - cfg.store.keep_finished_ms();
+    let cutoff = crate::model::now_ms() - cfg.keep_finished_ms();
     let c = store.purge_blocking(cutoff, crate::inbox::drop_names(&cfg.inbox.dir))?;
+    let horizon = if cfg.keep_finished_ms() > cfg.store.keep_finished_ms() {
+        // Receipts on and a retention shorter than their grace.
+        format!(
+            "{} minutes (receipts are on: a notification is kept that long for its receipt)",
+            crate::config::RECEIPT_GRACE_MS / 60_000
+        )
+    } else {
+        format!("{} days", cfg.store.keep_finished_days)
+    };
     println!(
-        "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {} days",
-        c.deliveries, c.notifications, c.devices, c.committed_files, cfg.store.keep_finished_days
+        "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {horizon}",
+        c.deliveries, c.notifications, c.devices, c.committed_files
     );
     tracing::info!(
         event = "purged",

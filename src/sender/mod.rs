@@ -279,7 +279,7 @@ pub fn start(
         // Everything this sender finishes is finished from now on and gets its receipt on
         // the normal path; the sweep covers what finished before, within retention.
         let until_ms = now_ms();
-        let since_ms = until_ms - cfg.store.keep_finished_ms();
+        let since_ms = until_ms - cfg.keep_finished_ms();
         work.spawn(move |work| recover_receipts(work, since_ms, until_ms));
     }
     let grace = Duration::from_millis(cfg.sender.shutdown_grace_ms);
