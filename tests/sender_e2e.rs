@@ -415,6 +415,44 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
 
+/// A small app with three dead devices of four (SPEC 4.3's burst is many devices): the good
+/// device's 200 shows the config is right, so the three are invalidated, the broadcast
+/// finishes, and nothing pauses. (They used to make a burst at every try, never ending.)
+#[test]
+fn three_dead_devices_of_four_are_invalidated_not_a_burst() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    for i in 1..4 {
+        w.script(&token(i), TokenScript::BadDeviceToken);
+    }
+    let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(0..4, "u"));
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 4
+    });
+    w.env.drop_file(
+        "b-all.json",
+        notification_to("small", r#"{"all":true}"#, ""),
+    );
+    w.wait_idle("the broadcast finished");
+    daemon.shutdown();
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 4"),
+        3
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1"),
+        1
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'paused'"),
+        0,
+        "no pause"
+    );
+}
+
 /// When a burst's pause ends, one request goes out first: a config that is still wrong (here
 /// every token refused) costs one refused request per pause, not one per queued delivery.
 #[test]

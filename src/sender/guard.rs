@@ -96,6 +96,12 @@ struct Window {
     suspect: bool,
     /// While `suspect`: when the one request allowed in flight went out.
     probe: Option<Instant>,
+    /// A push for the app and environment has been accepted since the start (kept as the
+    /// window rolls): its config is right, so a few devices refused are dead devices, not a
+    /// burst. Without it, three dead devices in an app of four made a burst at every try
+    /// (each ended by the good device's next 200) and were never invalidated. Many devices
+    /// (`bad_token_burst`, a tenth of the answers) are still a burst.
+    proven: bool,
 }
 
 struct Held {
@@ -286,6 +292,7 @@ impl Guards {
             };
             roll(win);
             win.ok += 1;
+            win.proven = true;
             if win.suspect {
                 win.suspect = false;
                 win.probe = None;
@@ -383,14 +390,14 @@ impl Guards {
         BadTokenVerdict::Burst { until_ms, released }
     }
 
-    /// Whether the window's `BadDeviceToken` answers are a burst: at least 3 devices and more
-    /// of them than accepted pushes, or `bad_token_burst` devices that are a tenth of the
-    /// answers.
+    /// Whether the window's `BadDeviceToken` answers are a burst: `bad_token_burst` devices
+    /// that are a tenth of the answers, or, before any push of the app and environment was
+    /// accepted, at least 3 devices and more of them than accepted pushes.
     fn is_burst(&self, win: &Window) -> bool {
         let bad = win.bad.len() as u32;
         let share =
             u64::from(bad) * 100 >= BURST_SHARE_PERCENT * (u64::from(bad) + u64::from(win.ok));
-        (bad >= MIN_BURST && bad > win.ok) || (bad >= self.burst && share)
+        (bad >= MIN_BURST && bad > win.ok && !win.proven) || (bad >= self.burst && share)
     }
 
     /// Pauses the app and environment for a burst; the held answers go back to the queue
@@ -399,6 +406,7 @@ impl Guards {
         let held = std::mem::take(&mut win.held);
         *win = Window {
             suspect: true,
+            proven: win.proven,
             ..Window::default()
         };
         self.any_suspect.store(true, Ordering::Release);
@@ -667,6 +675,37 @@ mod tests {
         assert_eq!(invalid("mid"), 0);
         assert!(g.paused_until("mid", env).is_some());
         assert!(g.paused_until("big", env).is_none());
+    }
+
+    /// In a small app, a few dead devices are dead devices once a push of the app and
+    /// environment was accepted (its config is right), even when they outnumber the accepted
+    /// pushes; before that, they are a burst.
+    #[test]
+    fn a_few_dead_devices_of_a_small_app_whose_config_works_are_invalidated() {
+        let mut g = Guards::new(&cfg());
+        g.hold = Duration::from_millis(30);
+        let env = Environment::Production;
+        g.success("small", env);
+        for d in 1..=3 {
+            for app in ["small", "unproven"] {
+                assert!(matches!(
+                    g.bad_device_token(&claimed(app, env, d, d), "BadDeviceToken", 1.0),
+                    BadTokenVerdict::Hold
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        let due = g.release_due();
+        assert_eq!(due.bursts, vec![("unproven".to_string(), env)]);
+        let invalid: Vec<i64> = due
+            .released
+            .iter()
+            .filter(|r| r.delivery.notification.app == "small")
+            .filter(|r| matches!(r.kind, ResultKind::InvalidToken { status: 400, .. }))
+            .map(|r| r.delivery.device.id)
+            .collect();
+        assert_eq!(invalid, [1, 2, 3]);
+        assert_eq!(g.paused_until("small", env), None);
     }
 
     #[test]
