@@ -706,6 +706,26 @@ fn invalidation_respects_later_registration() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(active, vec![(tok(1), 1), (tok(2), 0)]);
+    // Both deliveries are `invalid_token`, as SPEC 4.3 says; the kept device's reason says
+    // it was kept, so that a dropper reading the receipt keeps its token.
+    let reasons: Vec<(String, String)> = r
+        .conn()
+        .prepare(
+            "SELECT v.token, d.last_reason FROM deliveries d JOIN devices v ON v.id = d.device_id
+             WHERE d.state = 4 ORDER BY v.token",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        reasons,
+        vec![
+            (tok(1), format!("Unregistered; {}", writer::DEVICE_KEPT)),
+            (tok(2), "Unregistered".to_string())
+        ]
+    );
 
     // A registration written after the invalidation re-activates; file mtime 3 s.
     let mut later = file("d2.jsonl", vec![device("a", 2, None)]);

@@ -1217,22 +1217,20 @@ impl Writer {
                         continue;
                     };
                     finals.add(Some(nid));
-                    self.handoff.device_gone(device_id);
                     // A registration after Apple's timestamp wins: the app got a fresh token
                     // report for this device since, so it is alive.
-                    tx.prepare_cached(
-                        "UPDATE devices SET invalidated_at = ?2, invalid_reason = ?3, active = 0,
-                         updated_at = ?4
-                         WHERE id = ?1
-                           AND invalidated_at IS NULL
-                           AND (registered_at IS NULL OR registered_at <= ?2)",
-                    )?
-                    .execute(params![
-                        device_id,
-                        invalidated_at_ms,
-                        reason,
-                        now
-                    ])?;
+                    let invalidated = tx
+                        .prepare_cached(
+                            "UPDATE devices SET invalidated_at = ?2, invalid_reason = ?3, active = 0,
+                             updated_at = ?4
+                             WHERE id = ?1
+                               AND invalidated_at IS NULL
+                               AND (registered_at IS NULL OR registered_at <= ?2)",
+                        )?
+                        .execute(params![device_id, invalidated_at_ms, reason, now])?;
+                    if invalidated > 0 || !kept(&tx, r.delivery_id, device_id, reason)? {
+                        self.handoff.device_gone(device_id);
+                    }
                 }
             }
         }
@@ -2596,6 +2594,40 @@ static BATCH_INSERT_NOTIFICATIONS: std::sync::LazyLock<String> =
 /// `INSERT` of [`DEVICE_BATCH`] token-only devices.
 static BATCH_INSERT_TOKEN_DEVICES: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(batch_insert_token_devices_sql);
+/// What a delivery ended `invalid_token` for a device that registered again after APNs'
+/// timestamp says after Apple's reason: the device stays active, so a dropper reading the
+/// receipt must not drop the token from its own registry.
+pub const DEVICE_KEPT: &str =
+    "device kept: it registered again after the time APNs gives for the token's end";
+
+/// After an `invalid_token` answer that invalidated nothing: whether the device is still
+/// valid (it registered again after APNs' timestamp), in which case the delivery's reason
+/// says so ([`DEVICE_KEPT`]) and a line is logged. False for a device already invalid.
+fn kept(
+    tx: &rusqlite::Transaction<'_>,
+    delivery_id: i64,
+    device_id: i64,
+    reason: &str,
+) -> Result<bool, StoreError> {
+    let device: Option<(String, String)> = tx
+        .prepare_cached("SELECT app, token FROM devices WHERE id = ?1 AND invalidated_at IS NULL")?
+        .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((app, token)) = device else {
+        return Ok(false);
+    };
+    tx.prepare_cached("UPDATE deliveries SET last_reason = ?2 WHERE id = ?1")?
+        .execute(params![delivery_id, format!("{reason}; {DEVICE_KEPT}")])?;
+    tracing::info!(
+        event = "device_kept",
+        app = app.as_str(),
+        token = crate::model::token_prefix(&token),
+        reason,
+        "APNs called the token dead as of a time before the device registered again: it stays active"
+    );
+    Ok(true)
+}
+
 /// `INSERT` of [`DELIVERY_BATCH`] deliveries.
 static BATCH_INSERT_DELIVERIES: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(batch_insert_deliveries_sql);
