@@ -248,6 +248,13 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
     };
     assert!(with("ingested", "0-devices.jsonl"), "{lines}");
     assert!(with("rejected", "broken.json"), "{lines}");
+    // SPEC 4.4's `app`, on a rejection too: the app the records of broken.json name.
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "rejected" && e["app"] == common::inbox::APP),
+        "{lines}"
+    );
     assert!(with("requeued", ""), "{lines}");
     assert!(with("purged", ""), "{lines}");
 }

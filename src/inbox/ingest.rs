@@ -1260,12 +1260,19 @@ impl Ingestor {
                     ));
                 }
                 let (id, ids) = id_fields(&rej.ids.first, rej.ids.total);
+                // The apps its records name, or the one app records may leave out.
+                let app = match (&rej.ids.apps[..], &self.cfg.apps[..]) {
+                    ([], [only]) => Some(only.name.clone()),
+                    ([], _) => None,
+                    (named, _) => Some(named.join(",")),
+                };
                 tracing::warn!(
                     event = "rejected",
                     file = r.name.as_str(),
                     status = "rejected",
                     id,
                     ids = ids.as_deref(),
+                    app = app.as_deref(),
                     reason = rej.reason.code(),
                     problems = rej.problems.len(),
                     reasons = %reasons.join("; "),

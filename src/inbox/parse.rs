@@ -162,12 +162,18 @@ pub struct Rejection {
 }
 
 /// The first [`crate::store::LOGGED_IDS`] well-formed notification ids of a file's records,
-/// and how many there were in all.
+/// and how many there were in all; and the apps its records name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NamedIds {
     pub first: Vec<String>,
     pub total: usize,
+    /// The distinct `app` values of the records, in order, at most [`LOGGED_APPS`] (an app
+    /// name a config could hold: at most 64 bytes).
+    pub apps: Vec<String>,
 }
+
+/// How many apps a rejection's log line names.
+pub const LOGGED_APPS: usize = 5;
 
 impl Rejection {
     /// A rejection with one problem of the file as a whole.
@@ -390,6 +396,13 @@ impl<'t> Acc<'t> {
     /// Remembers the id a notification record names, when it is a well-formed one (a bad id
     /// is a problem of its own, and may be anything).
     fn note_id(&mut self, raw: &RawRecord<'_>) {
+        if let Some(app) = raw.app.as_deref()
+            && app.len() <= 64
+            && self.ids.apps.len() < LOGGED_APPS
+            && !self.ids.apps.iter().any(|a| a == app)
+        {
+            self.ids.apps.push(app.to_owned());
+        }
         if let (Some("notification"), Some(id)) = (raw.kind.as_deref(), raw.id.as_deref())
             && check_id(id).is_ok()
         {
@@ -2143,6 +2156,14 @@ mod tests {
         let r = problems(&text, FileKind::Jsonl);
         assert_eq!(r.ids.first, ["first", "second", "third"]);
         assert_eq!(r.ids.total, 3);
+        assert!(r.ids.apps.is_empty(), "no record names an app");
+        let two_apps = [
+            notif(r#","app":"a","priority":7"#),
+            notif(r#","app":"b""#),
+            notif(r#","app":"a""#),
+        ]
+        .join("\n");
+        assert_eq!(problems(&two_apps, FileKind::Jsonl).ids.apps, ["a", "b"]);
         let many: String = (0..30)
             .map(|i| notif(&format!(r#","id":"n{i}","priority":7"#)) + "\n")
             .collect();
