@@ -250,7 +250,12 @@ async fn read<T: Send + 'static>(
 }
 
 async fn status_json(state: &AdminState) -> Result<String, String> {
-    let s = read(state, Reader::status).await?;
+    let mut s = read(state, Reader::status).await?;
+    // The daemon answering is the one that holds the database.
+    s.daemon = Some(crate::store::query::DaemonState {
+        running: true,
+        pid: Some(std::process::id()),
+    });
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
 }
 

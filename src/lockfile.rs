@@ -39,9 +39,67 @@ fn lock(file: File) -> std::io::Result<Option<File>> {
     }
 }
 
+/// Which process holds the `flock` of `path`, from the kernel's list of locks
+/// (`/proc/locks`), without touching the lock: `Some(Some(pid))`, `Some(None)` when nobody
+/// holds it (or the file does not exist), `None` when this system cannot tell (no
+/// `/proc/locks`). Taking the lock to find out would make a daemon starting at that moment
+/// refuse to start.
+pub fn holder(path: &Path) -> Option<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Some(None);
+    };
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(holder_in(&locks, meta.dev(), meta.ino()))
+}
+
+/// The pid of the `FLOCK` on the file (`dev`, `ino`) in the text of `/proc/locks`: lines
+/// such as `1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF` (the device as hexadecimal
+/// major:minor); a waiter's line (`1: -> FLOCK …`) holds nothing.
+fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    // Linux's encoding of a dev_t (as glibc's major() and minor()).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    locks.lines().find_map(|line| {
+        let mut f = line.split_whitespace().skip(1);
+        if f.next()? != "FLOCK" {
+            return None;
+        }
+        let (_, _, pid, file) = (f.next()?, f.next()?, f.next()?, f.next()?);
+        let mut parts = file.split(':');
+        let (maj, min, i) = (parts.next()?, parts.next()?, parts.next()?);
+        let same = u64::from_str_radix(maj, 16).ok()? == major
+            && u64::from_str_radix(min, 16).ok()? == minor
+            && i.parse::<u64>().ok()? == ino;
+        same.then(|| pid.parse().ok()).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holder_of_a_lock_is_found_without_taking_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        assert_eq!(holder(&path), Some(None), "no file, no holder");
+        let held = try_exclusive(&path).unwrap().expect("free at first");
+        if std::path::Path::new("/proc/locks").exists() {
+            assert_eq!(holder(&path), Some(Some(std::process::id())));
+            drop(held);
+            assert_eq!(holder(&path), Some(None));
+            // Looking did not take it.
+            assert!(try_exclusive(&path).unwrap().is_some());
+        }
+        let text = "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 4343 fd:01:1234 0 EOF\n\
+                    2: POSIX  ADVISORY  WRITE 77 fd:01:99 0 EOF\n";
+        let dev = (0xfd << 8) | 0x01;
+        assert_eq!(holder_in(text, dev, 1234), Some(4242));
+        assert_eq!(holder_in(text, dev, 99), None, "a POSIX lock is not ours");
+        assert_eq!(holder_in(text, dev + 1, 1234), None, "another device");
+    }
 
     #[test]
     fn a_held_lock_is_refused_until_it_is_let_go() {

@@ -54,6 +54,11 @@ fn health_status_and_readiness_follow_the_store() {
     assert_eq!(from_admin["totals"]["sent"], 1);
     assert_eq!(from_admin["devices"]["buxheti"]["active"], 3);
     assert_eq!(from_admin["recent_errors"][0]["kind"], "rejected");
+    // The daemon (in this process) holds the database: both say so, with its pid.
+    assert_eq!(
+        from_admin["daemon"],
+        serde_json::json!({"running": true, "pid": std::process::id()})
+    );
 
     // The registry by app; a mistyped app is an error, not an empty list.
     let out = env.pushdrop(&["devices", "--app", "buxheti", "--user", "u"]);
@@ -101,6 +106,18 @@ fn health_status_and_readiness_follow_the_store() {
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
 
     daemon.shutdown();
+    // Stopped: the figures stay, and `status` says nobody holds the database any more.
+    let out = env.pushdrop(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("daemon        not running"),
+        "{out:?}"
+    );
+    let out = env.pushdrop(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        s["daemon"],
+        serde_json::json!({"running": false, "pid": null})
+    );
 }
 
 /// A readiness probe must not loosen the daemon's hold on its database. SQLite's locks are

@@ -60,12 +60,23 @@ fn open_store(path: &Path) -> anyhow::Result<Store> {
 /// `pushdrop status [--json]`.
 pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
-    let s = reader(&cfg)?.status()?;
+    let mut s = reader(&cfg)?.status()?;
+    s.daemon = crate::store::daemon_state(&cfg.store.path);
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
     }
     println!("database      {}", cfg.store.path.display());
+    match &s.daemon {
+        Some(d) if d.running => println!(
+            "daemon        running{}",
+            d.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        ),
+        Some(_) => println!(
+            "daemon        not running (no `pushdrop run` holds the database: pauses below are its last word)"
+        ),
+        None => {}
+    }
     println!(
         "queued        {} ({} due later; the oldest waiting for {:.1} s), {} notification(s) still to fan out",
         s.queued, s.queued_later, s.oldest_queued_age_s, s.scheduled_notifications

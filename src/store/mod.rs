@@ -598,6 +598,17 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether a daemon (`pushdrop run`) holds the database now, and its pid: `None` when this
+/// system cannot tell. For `status`, whose figures and pauses are otherwise the same whether
+/// the daemon runs or stopped an hour ago.
+pub fn daemon_state(db: &Path) -> Option<query::DaemonState> {
+    let pid = crate::lockfile::holder(&beside(db, ".lock"))?;
+    Some(query::DaemonState {
+        running: pid.is_some(),
+        pid,
+    })
+}
+
 /// An advisory lock (`flock`) on `<db>.lock`: two daemons on one database would each think
 /// they own the leases, and send everything twice.
 ///

@@ -111,6 +111,16 @@ pub struct Status {
     pub paused: Vec<EventRow>,
     /// The latest problems (rejections, pauses, credential errors), newest first.
     pub recent_errors: Vec<EventRow>,
+    /// Whether a daemon holds the database (see [`super::daemon_state`]); `null` when this
+    /// system cannot tell.
+    pub daemon: Option<DaemonState>,
+}
+
+/// Whether a daemon runs on the database.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DaemonState {
+    pub running: bool,
+    pub pid: Option<u32>,
 }
 
 /// Device counts of one app.
