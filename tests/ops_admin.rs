@@ -373,6 +373,25 @@ fn devices_and_show_list_every_row() {
     assert_eq!(all.as_array().unwrap().len() as u64, n);
     let shown = json(&["show", "big", "--json"]);
     assert_eq!(shown["deliveries"].as_array().unwrap().len() as u64, n);
+    // The text lists every delivery; its target line is cut (the JSON has it whole).
+    let out = env.pushdrop(&["show", "big"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let target = text.lines().find(|l| l.starts_with("target")).unwrap();
+    assert!(target.len() < 400, "{target}");
+    assert!(target.contains("`show --json` has it whole"), "{target}");
+    assert!(text.lines().count() as u64 > n, "every delivery listed");
+    // An app not in the config is said as such, by `retry` as by `show`.
+    for cmd in [
+        &["show", "big", "--app", "gamma"][..],
+        &["retry", "big", "--app", "gamma"],
+    ] {
+        let out = env.pushdrop(cmd);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("\"gamma\", which is not in the config"),
+            "{out:?}"
+        );
+    }
     let out = env.pushdrop(&["devices", "--user", "u"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -191,7 +191,16 @@ pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::R
         return Ok(0);
     }
     println!("notification  {} (app {})", n.id, safe(&n.app));
-    println!("target        {}", safe(&n.target));
+    // A file's `to.tokens` may hold thousands: the deliveries below list them one by one.
+    const TARGET_SHOWN: usize = 200;
+    match n.target.char_indices().nth(TARGET_SHOWN) {
+        Some((cut, _)) => println!(
+            "target        {}… ({} characters; `show --json` has it whole)",
+            safe(&n.target[..cut]),
+            n.target.chars().count()
+        ),
+        None => println!("target        {}", safe(&n.target)),
+    }
     println!(
         "push          {} priority {} topic {}{}",
         n.push_type,
@@ -332,7 +341,16 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
     }
     let store = open_store(&cfg.store.path)?;
     let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
-        // A mistyped id, or one two apps use, is an error, as for `show`.
+        // A mistyped id (or app), or one two apps use, is an error, as for `show`.
+        Err(StoreError::UnknownNotification(id))
+            if app.is_some_and(|app| !cfg.apps.iter().any(|a| a.name == app)) =>
+        {
+            eprintln!(
+                "pushdrop: no notification with id {id:?} for app {:?}, which is not in the config",
+                app.unwrap_or_default()
+            );
+            return Ok(1);
+        }
         Err(e @ (StoreError::UnknownNotification(_) | StoreError::AmbiguousId { .. })) => {
             eprintln!("pushdrop: {e}");
             return Ok(1);
