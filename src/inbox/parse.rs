@@ -886,8 +886,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
                     .map_err(|_| E::custom("UNIX seconds out of range"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                // JSON's text (1e9, 1.5) is gone by now: say how it was read.
                 Err(E::custom(format!(
-                    "{v:?} is a decimal number or too large: UNIX seconds are a JSON integer such as 1893456000"
+                    "a number written with a fraction or an exponent, or too large (read as {v:?}): UNIX seconds are a JSON integer such as 1893456000"
                 )))
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -2126,7 +2127,16 @@ mod tests {
         }
         let r = problems(&notif(r#","expiration":1893456000.0"#), FileKind::Json);
         assert!(
-            r.problems[0].message.contains("1893456000.0 is"),
+            r.problems[0].message.contains("(read as 1893456000.0)"),
+            "{:?}",
+            r.problems
+        );
+        // The file's own text is gone by then: the message says what made it a decimal.
+        let r = problems(&notif(r#","expiration":1e9"#), FileKind::Json);
+        assert!(
+            r.problems[0]
+                .message
+                .contains("written with a fraction or an exponent"),
             "{:?}",
             r.problems
         );
