@@ -426,6 +426,22 @@ async fn simulator_checks_what_apple_checks() {
         within(30, c.request("POST", &path, &newer_h, body)).await,
         (429, "TooManyProviderTokenUpdates".into())
     );
+    // Apple's "no more than once every 20 minutes", on a fresh connection: a token 20
+    // minutes newer may replace the first one; then neither a still newer one within 20
+    // minutes of that change, nor the older one again (two workers' tokens taking turns).
+    let mut c3 = RawConn::open(&env).await;
+    let at = |iat: u64| format!("bearer {}", jwt_at(&env, iat));
+    let (first, second, third) = (at(now_s() - 3500), at(now_s() - 2200), at(now_s()));
+    for (token, want) in [
+        (&first, (200, String::new())),
+        (&second, (200, String::new())),
+        (&third, (429, "TooManyProviderTokenUpdates".to_string())),
+        (&first, (429, "TooManyProviderTokenUpdates".to_string())),
+        (&second, (200, String::new())),
+    ] {
+        let h: Vec<(&str, &str)> = vec![("authorization", token), ("apns-topic", BUNDLE)];
+        assert_eq!(within(30, c3.request("POST", &path, &h, body)).await, want);
+    }
 }
 
 /// Starts a push to each token of `tokens` on `c`, in that order, without waiting for answers.

@@ -126,8 +126,16 @@ pub(crate) struct Conn {
     /// `TooManyProviderTokenUpdates` when a connection's token changes within 20 minutes
     /// unless it called the old one expired: a token minted at once for another connection's
     /// `ExpiredProviderToken` waits here until this connection may take it.
-    token: Mutex<Option<Arc<Jwt>>>,
+    token: Mutex<Pinned>,
     token_expired: AtomicBool,
+}
+
+/// A connection's provider token, and when it last changed to another (`None` while it sends
+/// its first): APNs counts changes per connection, at most one per 20 minutes.
+#[derive(Default)]
+struct Pinned {
+    jwt: Option<Arc<Jwt>>,
+    changed_at: Option<Instant>,
 }
 
 impl Conn {
@@ -136,18 +144,25 @@ impl Conn {
     pub(crate) fn token(&self, signer: &TokenSigner) -> Result<Arc<Jwt>, ApnsError> {
         let current = signer.current()?;
         let mut pinned = self.token.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = pinned.as_ref()
+        let changed_at = pinned.changed_at;
+        if let Some(p) = pinned.jwt.as_ref()
             && p.generation != current.generation
-            && !self.token_expired.load(Ordering::Acquire)
-            && current
+        {
+            // A change: 20 minutes newer, and 20 minutes after this connection's last change
+            // (a token adopted late, after an idle spell, must not be replaced by the next
+            // forced refresh at once); unless APNs called this connection's token expired.
+            let too_soon = current
                 .issued
                 .duration_since(p.issued)
                 .map_or(true, |newer| newer < MIN_TOKEN_AGE)
-        {
-            return Ok(p.clone());
+                || changed_at.is_some_and(|at| at.elapsed() < MIN_TOKEN_AGE);
+            if too_soon && !self.token_expired.load(Ordering::Acquire) {
+                return Ok(p.clone());
+            }
+            pinned.changed_at = Some(Instant::now());
         }
         self.token_expired.store(false, Ordering::Release);
-        *pinned = Some(current.clone());
+        pinned.jwt = Some(current.clone());
         Ok(current)
     }
 
@@ -734,7 +749,7 @@ impl Pool {
             last_answer_ms: AtomicU64::new(0),
             born: Instant::now(),
             driver: driver.abort_handle(),
-            token: Mutex::new(None),
+            token: Mutex::default(),
             token_expired: AtomicBool::new(false),
         });
         Ok((conn, ping, done_rx))

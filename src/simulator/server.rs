@@ -165,6 +165,9 @@ struct ConnAuth {
     /// This connection was told its token expired: the new token it asked for is no update
     /// "too often".
     expired_said: bool,
+    /// When (simulator seconds) this connection's token last changed; `None` while it sends
+    /// the first one it sent.
+    changed_at: Option<i64>,
 }
 
 async fn serve_connection(
@@ -700,10 +703,17 @@ fn check_auth(
         Some(_) => {}
         None => auth.bound_kid = Some(kid.clone()),
     }
+    // Apple: "update the authentication token no more than once every 20 minutes". A new
+    // token on this connection must be 20 minutes newer than the one it replaces (an older
+    // one, or one minted a moment later by another worker, is an update too often), and come
+    // 20 minutes after the connection's last change; unless the old one was called expired.
+    let changed = auth.verified.is_some();
     if let Some((_, prev_iat, _)) = &auth.verified
-        && claims.iat > *prev_iat
-        && claims.iat - prev_iat < TOKEN_MIN_UPDATE_S
         && !auth.expired_said
+        && (claims.iat - prev_iat < TOKEN_MIN_UPDATE_S
+            || auth
+                .changed_at
+                .is_some_and(|at| now - at < TOKEN_MIN_UPDATE_S))
     {
         return Err(reject(429, "TooManyProviderTokenUpdates"));
     }
@@ -712,6 +722,9 @@ fn check_auth(
     }
     auth.verified = Some((value.clone(), claims.iat, kid.clone()));
     auth.expired_said = false;
+    if changed {
+        auth.changed_at = Some(now);
+    }
     Ok(Some(kid))
 }
 
