@@ -340,6 +340,23 @@ async fn certificate_auth_with_a_client_cert_signed_by_the_ca() {
         accepted.iter().all(|a| a.key_id.is_none()),
         "no JWT with certificate auth"
     );
+    // The simulator's certificate covers several topics (the app, `.voip`, …), as Apple's
+    // universal certificates do: a request must name its topic.
+    let mut raw = RawConn::open_as(&env, Some((&c.client_cert_file, &c.client_key_file))).await;
+    let path = format!("/3/device/{}", token(1));
+    let body = br#"{"aps":{}}"#;
+    assert_eq!(
+        within(30, raw.request("POST", &path, &[], body)).await,
+        (400, "MissingTopic".into())
+    );
+    assert_eq!(
+        within(
+            30,
+            raw.request("POST", &path, &[("apns-topic", BUNDLE)], body)
+        )
+        .await,
+        (200, String::new())
+    );
 }
 
 /// A `.p12` bundle (what Keychain exports) with a password from `password_file`.

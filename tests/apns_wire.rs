@@ -304,6 +304,23 @@ async fn simulator_checks_what_apple_checks() {
             c.request("GET", &path, &ok, b"").await,
             (405, "MethodNotAllowed".into())
         );
+        // The answer to a HEAD carries no body (RFC 9110), or a client sees a protocol error.
+        assert_eq!(
+            c.request("HEAD", &path, &ok, b"").await,
+            (405, String::new())
+        );
+        // The scheme's name in any case.
+        let shouted = jwt.replacen("bearer", "BEARER", 1);
+        assert_eq!(
+            c.request(
+                "POST",
+                &path,
+                &[("authorization", &shouted), ("apns-topic", BUNDLE)],
+                body
+            )
+            .await,
+            (200, String::new())
+        );
         assert_eq!(
             c.request("POST", "/3/other", &ok, body).await,
             (404, "BadPath".into())

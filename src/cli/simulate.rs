@@ -67,6 +67,19 @@ pub fn simulate(
         .context("cannot start the async runtime")?;
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     runtime.block_on(async {
+        let arrivals_file: Option<std::path::PathBuf> = std::env::var_os("PUSHDROP_SIM_ARRIVALS")
+            .filter(|v| !v.is_empty())
+            .map(Into::into);
+        // Opened here first, so that a bad path is said with the variable that named it.
+        if let Some(path) = &arrivals_file {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| {
+                    format!("PUSHDROP_SIM_ARRIVALS: cannot open {}", path.display())
+                })?;
+        }
         let sim = Simulator::start(SimOptions {
             kept_credentials: Some(dir.clone()),
             listen: addr,
@@ -74,9 +87,7 @@ pub fn simulate(
             // A long-running server must not grow: count accepted pushes, keep none.
             record_limit: 0,
             bundle_ids: sim_topics.clone(),
-            arrivals_file: std::env::var_os("PUSHDROP_SIM_ARRIVALS")
-                .filter(|v| !v.is_empty())
-                .map(Into::into),
+            arrivals_file,
             ..SimOptions::default()
         })
         .await?;

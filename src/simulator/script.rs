@@ -234,9 +234,26 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
         });
     }
     let Some(status) = e.status else {
+        // `first`, `reason` and `timestamp_ms` say something about an error answer: they
+        // need its status, whatever else the entry gives.
+        let about: Vec<&str> = [
+            ("first", e.first.is_some()),
+            ("reason", e.reason.is_some()),
+            ("timestamp_ms", e.timestamp_ms.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, given)| given.then_some(k))
+        .collect();
         return Err((
             "status",
-            "missing: give an error status (400, 410, 429, 500, 503, …) or delay_ms".into(),
+            if about.is_empty() {
+                "missing: give an error status (400, 410, 429, 500, 503, …) or delay_ms".into()
+            } else {
+                format!(
+                    "missing: {} needs an error status (400, 410, 429, 500, 503, …)",
+                    about.join(" and ")
+                )
+            },
         ));
     };
     if !(400..=599).contains(&status) {
@@ -514,6 +531,19 @@ mod tests {
         );
         assert!(got.contains(&(Some(1), "drop_after")), "{problems:?}");
         assert_eq!(problems.len(), 7, "{problems:?}");
+    }
+
+    /// `first` (or `reason`, `timestamp_ms`) without a status names what needs it, beside a
+    /// `delay_ms` too (which alone would be a slow 200).
+    #[test]
+    fn first_without_a_status_says_it_needs_one() {
+        let text = format!("[tokens]\n\"{T1}\" = {{ delay_ms = 500, first = 1 }}\n");
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].message.contains("first needs an error status"),
+            "{problems:?}"
+        );
     }
 
     /// A reason is checked against Apple's list for its status (a typo would otherwise be

@@ -440,7 +440,11 @@ async fn handle_stream(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json; charset=utf-8"),
             );
-            if let Ok(mut stream) = respond.send_response(resp, false) {
+            // The answer to a HEAD has no content (RFC 9110): a client takes a body for a
+            // protocol error, and would not see the 405.
+            if parts.method == http::Method::HEAD {
+                let _ = respond.send_response(resp, true);
+            } else if let Ok(mut stream) = respond.send_response(resp, false) {
                 let _ = stream.send_data(Bytes::from(body), true);
             }
         }
@@ -529,10 +533,11 @@ fn check(
     let push_type = header(headers, "apns-push-type", "InvalidPushType")?
         .map(|s| PushType::parse(s).ok_or_else(|| reject(400, "InvalidPushType")))
         .transpose()?;
+    // Required with a token, and with a certificate that covers several topics, as the
+    // simulator's does (the app and its `.voip`, `.complication`, … topics, as Apple's
+    // universal certificates): only a single-topic certificate names its topic.
     let topic = match header(headers, "apns-topic", "BadTopic")? {
         Some(t) if !t.is_empty() => t.to_string(),
-        // A certificate names its topic; a token does not.
-        _ if conn.client_cert => shared.bundle_ids.first().cloned().unwrap_or_default(),
         _ => return Err(reject(400, "MissingTopic")),
     };
     // Apple requires `apns-push-type` on watchOS only and recommends it elsewhere: without
@@ -670,9 +675,11 @@ fn check_auth(
     }
     let invalid = || reject(403, "InvalidProviderToken");
     let text = value.to_str().map_err(|_| invalid())?;
+    // The scheme's name in any case (RFC 9110 11.1), as HTTP servers read it.
     let token = text
-        .strip_prefix("bearer ")
-        .or_else(|| text.strip_prefix("Bearer "))
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t)
         .ok_or_else(invalid)?;
     let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
     if header.alg != jsonwebtoken::Algorithm::ES256 {
@@ -707,8 +714,16 @@ fn check_auth(
     // token on this connection must be 20 minutes newer than the one it replaces (an older
     // one, or one minted a moment later by another worker, is an update too often), and come
     // 20 minutes after the connection's last change; unless the old one was called expired.
-    let changed = auth.verified.is_some();
+    // (The same token under another spelling of its scheme is no change.)
+    let same_token = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .and_then(|t| t.split_once(' '))
+            .is_some_and(|(_, t)| t == token)
+    };
+    let changed = auth.verified.as_ref().is_some_and(|(v, ..)| !same_token(v));
     if let Some((_, prev_iat, _)) = &auth.verified
+        && changed
         && !auth.expired_said
         && (claims.iat - prev_iat < TOKEN_MIN_UPDATE_S
             || auth

@@ -295,16 +295,32 @@ pub struct RawConn {
 
 impl RawConn {
     pub async fn open(env: &SimEnv) -> RawConn {
+        RawConn::open_as(env, None).await
+    }
+
+    /// With `client` = (certificate PEM file, key PEM file): certificate auth.
+    pub async fn open_as(env: &SimEnv, client: Option<(&Path, &Path)>) -> RawConn {
         let mut roots = rustls::RootCertStore::empty();
         let mut pem = env.sim.ca_pem().as_bytes();
         for c in rustls_pemfile::certs(&mut pem) {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(pushdrop::apns::tls::provider())
+        let builder = rustls::ClientConfig::builder_with_provider(pushdrop::apns::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut cfg = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let certs = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
+                    .unwrap()
+                    .unwrap();
+                builder.with_client_auth_cert(certs, key).unwrap()
+            }
+        };
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = tokio::net::TcpStream::connect(env.sim.addr())
             .await
