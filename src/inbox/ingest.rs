@@ -567,11 +567,13 @@ impl Ingestor {
     }
 
     /// Stuck files that are gone (removed by hand) count no longer: asked at every scan, as
-    /// no other file may come to update the count.
-    pub fn forget_gone(&self) {
+    /// no other file may come to update the count, with the drop files' names the scan found
+    /// (no stat per stuck file: thousands of them, at every scan, cost a core).
+    pub fn forget_gone(&self, present: &std::collections::HashSet<OsString>) {
         let mut set = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
         if !set.is_empty() {
-            prune_and_count(&mut set);
+            set.retain(|p| p.file_name().is_some_and(|n| present.contains(n)));
+            metrics::get().inbox_stuck_files.set(set.len() as i64);
         }
     }
 
@@ -860,7 +862,6 @@ impl Ingestor {
         let Some(fname) = r.path.file_name() else {
             return (None, Some("path has no file name".into()));
         };
-        dirty.insert(inbox.to_path_buf());
         let keep = self.cfg.inbox.keep_processed;
         // A `processed_dir` on another file system: the file is staged under a hidden name
         // in the inbox first, by a rename, so that what is compared below is the file that
@@ -872,7 +873,6 @@ impl Ingestor {
             if let Err(e) = fsutil::make_dirs(dir) {
                 return (None, Some(format!("cannot create {}: {e}", dir.display())));
             }
-            dirty.insert(dir.to_path_buf());
             if same_file_system(inbox, dir) {
                 move_to_free_name(&r.path, dir, fname)
             } else {
@@ -897,8 +897,13 @@ impl Ingestor {
         let dest = match moved {
             Ok(Some(d)) => d,
             Ok(None) => return (None, None),
+            // Nothing left the inbox: no folder to sync (a stuck file's every try did).
             Err(e) => return (None, Some(e)),
         };
+        dirty.insert(inbox.to_path_buf());
+        if keep {
+            dirty.insert(self.cfg.processed_dir().to_path_buf());
+        }
         let dest_meta = std::fs::symlink_metadata(&dest).ok();
         let after = match &dest_meta {
             Some(m) => r.read.compare(m),
@@ -1102,9 +1107,11 @@ impl Ingestor {
             }
             Err("no free name in rejected_dir".into())
         })();
-        dirty.insert(dir.to_path_buf());
-        if let Some(parent) = path.parent() {
-            dirty.insert(parent.to_path_buf());
+        if let Ok(Some(_)) = &result {
+            dirty.insert(dir.to_path_buf());
+            if let Some(parent) = path.parent() {
+                dirty.insert(parent.to_path_buf());
+            }
         }
         match result {
             Ok(Some((moved, report))) => {
@@ -1409,12 +1416,6 @@ fn move_to_free_name(
         }
     }
     Err(format!("no free name in {}", dir.display()))
-}
-
-/// Drops the stuck files someone removed by hand (stuck no longer) and publishes the count.
-fn prune_and_count(stuck: &mut BTreeSet<PathBuf>) {
-    stuck.retain(|p| p.symlink_metadata().is_ok());
-    metrics::get().inbox_stuck_files.set(stuck.len() as i64);
 }
 
 /// Lines written to a file after what was taken of it: into the inbox as a file of their own
@@ -1849,7 +1850,7 @@ mod tests {
         assert_eq!(ing.stuck.lock().unwrap().len(), 1);
         // Removed by hand: the next scan finds it gone.
         std::fs::remove_file(d.path().join("inbox/locked.jsonl")).unwrap();
-        ing.forget_gone();
+        ing.forget_gone(&Default::default());
         assert!(ing.stuck.lock().unwrap().is_empty());
         std::fs::write(d.path().join("inbox/locked.jsonl"), "").unwrap();
         ing.log(&failed());

@@ -691,7 +691,7 @@ impl Loop {
         self.ignored.retain(|n| present.contains(n));
         self.near_misses = near;
         // A stuck file removed by hand is stuck no longer.
-        self.ingestor.forget_gone();
+        self.ingestor.forget_gone(&present);
         crate::metrics::get()
             .inbox_scan_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -776,6 +776,12 @@ impl Loop {
                 more = true;
                 break;
             }
+            if c.failures > 0 && solo.is_some() {
+                // Another retry due: a later call takes it. Not looked at now (a stat each,
+                // at every call, made thousands of stuck files cost millions of stats).
+                more = true;
+                continue;
+            }
             let path = self.inbox.join(name);
             let meta = match std::fs::symlink_metadata(&path) {
                 Ok(m) => m,
@@ -855,14 +861,10 @@ impl Loop {
             // at the next call, which comes at once; a retry goes first when the previous
             // call let one wait, so a stream of new files does not starve the retries.
             if c.failures > 0 {
-                if solo.is_none() {
-                    solo = Some((name.clone(), cand));
-                    if retry_first && batch.is_empty() {
-                        more = true;
-                        break;
-                    }
-                } else {
+                solo = Some((name.clone(), cand));
+                if retry_first && batch.is_empty() {
                     more = true;
+                    break;
                 }
                 continue;
             }
