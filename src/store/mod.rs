@@ -216,7 +216,7 @@ impl Store {
         } else {
             None
         };
-        let conn = writer::open_write_connection(path)?;
+        let conn = writer::open_write_connection(path).map_err(|e| named(path, e))?;
         let ident = file_ident(path).ok();
         let spawn_failed = |e| StoreError::Dir {
             path: path.to_path_buf(),

@@ -7,6 +7,21 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::StoreError;
 
+/// `path` as an SQLite `file:` URI: every byte but unreserved ones and `/` percent-encoded
+/// (a `?`, `#` or `%` in a folder's name would otherwise end or garble the path).
+fn file_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri
+}
+
 /// A read-only connection to the database.
 pub struct Reader {
     conn: Connection,
@@ -15,11 +30,31 @@ pub struct Reader {
 impl Reader {
     /// Opens the database read-only; it must exist.
     pub fn open(path: &Path) -> Result<Reader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| StoreError::Open {
+        match Reader::open_as(path, false) {
+            // A database stopped cleanly has no `-wal` and `-shm` files, and a user who may
+            // not write its folder cannot make them, which SQLite wants before it reads a
+            // WAL database. Nothing writes it then (a daemon would have made them), so it is
+            // read as it is on disk: `immutable`.
+            Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                if e.extended_code == rusqlite::ffi::SQLITE_READONLY_DIRECTORY =>
+            {
+                Reader::open_as(path, true)
+            }
+            r => r,
+        }
+    }
+
+    pub(super) fn open_as(path: &Path, immutable: bool) -> Result<Reader, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let opened = if immutable {
+            Connection::open_with_flags(
+                format!("{}?immutable=1", file_uri(path)),
+                flags | OpenFlags::SQLITE_OPEN_URI,
+            )
+        } else {
+            Connection::open_with_flags(path, flags)
+        };
+        let conn = opened.map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;

@@ -213,6 +213,31 @@ fn not_writable_names_the_read_only_database_files_this_user_cannot_write() {
     assert!(!not_writable(&db).contains(&db));
 }
 
+/// A database stopped cleanly, in a folder this user may not write, is read `immutable`
+/// (SQLite would want to make its `-wal` and `-shm` files first): the read must find the
+/// database through its URI, whatever characters its folder's name holds.
+#[test]
+fn a_database_is_read_immutable_through_its_uri() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("a?b#c%d é");
+    std::fs::create_dir(&odd).unwrap();
+    let db = odd.join("p.db");
+    let store = Store::open(&db, false).unwrap();
+    ingest(&store, "d.jsonl", vec![device("a", 1, None)]);
+    drop(store);
+    // As a clean stop leaves it: everything in the database file.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(c);
+    let r = query::Reader::open_as(&db, true).unwrap();
+    let n: i64 = r
+        .conn()
+        .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 /// SQLite's "attempt to write a readonly database" names no file: the store's refusal names
 /// the database, and says where to look.
 #[test]
