@@ -7,15 +7,28 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// Opens (creating) `path` and takes its exclusive lock without waiting: `Ok(None)` when
-/// another process holds it.
+/// Opens (creating) `path` and takes its exclusive lock: `Ok(None)` when another process
+/// holds it. Tried again for a moment before giving up, so that [`holder`]'s brief shared
+/// lock (a `status` asking) never makes a daemon refuse to start.
 pub fn try_exclusive(path: &Path) -> std::io::Result<Option<File>> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)?;
-    lock(file)
+    for _ in 0..10 {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(Some(file));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(None)
 }
 
 /// Takes the exclusive lock of the folder `dir` itself without waiting (`Ok(None)` when
@@ -39,18 +52,40 @@ fn lock(file: File) -> std::io::Result<Option<File>> {
     }
 }
 
-/// Which process holds the `flock` of `path`, from the kernel's list of locks
-/// (`/proc/locks`), without touching the lock: `Some(Some(pid))`, `Some(None)` when nobody
-/// holds it (or the file does not exist), `None` when this system cannot tell (no
-/// `/proc/locks`). Taking the lock to find out would make a daemon starting at that moment
-/// refuse to start.
-pub fn holder(path: &Path) -> Option<Option<u32>> {
+/// Whether a lock is held, and by which process when the kernel says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Held; the pid unless its holder is out of sight (another PID namespace: a sidecar's
+    /// container).
+    By(Option<u32>),
+    Free,
+}
+
+/// Who holds the `flock` of `path`: the kernel's list of locks (`/proc/locks`) names the
+/// process. A holder that list does not show (one in another PID namespace) is found by
+/// asking for a shared lock without waiting, let go at once (a daemon starting at that very
+/// moment retries its own for a while: see [`try_exclusive`]). `None` when this system
+/// cannot tell (the file cannot be opened to ask).
+pub fn holder(path: &Path) -> Option<Held> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(path) else {
-        return Some(None);
+        return Some(Held::Free);
     };
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    Some(holder_in(&locks, meta.dev(), meta.ino()))
+    if let Some(pid) = std::fs::read_to_string("/proc/locks")
+        .ok()
+        .and_then(|locks| holder_in(&locks, meta.dev(), meta.ino()))
+    {
+        return Some(Held::By(Some(pid)));
+    }
+    let file = File::open(path).ok()?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if rc == 0 {
+        // Closing the file lets the shared lock go.
+        return Some(Held::Free);
+    }
+    (std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK))
+        .then_some(Held::By(None))
 }
 
 /// The pid of the `FLOCK` on the file (`dev`, `ino`) in the text of `/proc/locks`: lines
@@ -83,15 +118,18 @@ mod tests {
     fn the_holder_of_a_lock_is_found_without_taking_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.lock");
-        assert_eq!(holder(&path), Some(None), "no file, no holder");
+        assert_eq!(holder(&path), Some(Held::Free), "no file, no holder");
         let held = try_exclusive(&path).unwrap().expect("free at first");
+        let seen = holder(&path);
         if std::path::Path::new("/proc/locks").exists() {
-            assert_eq!(holder(&path), Some(Some(std::process::id())));
-            drop(held);
-            assert_eq!(holder(&path), Some(None));
-            // Looking did not take it.
-            assert!(try_exclusive(&path).unwrap().is_some());
+            assert_eq!(seen, Some(Held::By(Some(std::process::id()))));
+        } else {
+            assert_eq!(seen, Some(Held::By(None)));
         }
+        drop(held);
+        assert_eq!(holder(&path), Some(Held::Free));
+        // Looking did not keep it.
+        assert!(try_exclusive(&path).unwrap().is_some());
         let text = "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF\n\
                     1: -> FLOCK  ADVISORY  WRITE 4343 fd:01:1234 0 EOF\n\
                     2: POSIX  ADVISORY  WRITE 77 fd:01:99 0 EOF\n";

@@ -886,6 +886,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
                     .map_err(|_| E::custom("UNIX seconds out of range"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                // `-0` is an integer to a reader, a float to serde_json.
+                if v == 0.0 {
+                    return Ok(TimeRaw::Secs(0));
+                }
                 // JSON's text (1e9, 1.5) is gone by now: say how it was read.
                 Err(E::custom(format!(
                     "a number written with a fraction or an exponent, or too large (read as {v:?}): UNIX seconds are a JSON integer such as 1893456000"
@@ -1816,11 +1820,16 @@ fn parse_time(t: &TimeRaw<'_>) -> Result<i64, String> {
         TimeRaw::Secs(s) => Err(format!(
             "{s} is not a plausible UNIX time in seconds (0 to {MAX_SECS}); milliseconds given by mistake?"
         )),
-        TimeRaw::Text(s) if looks_like_seconds(s) => Err(format!(
-            "\"{}\" is UNIX seconds in a string: give them as a JSON number ({}), or an RFC 3339 date-time",
-            excerpt(s),
-            excerpt(s)
-        )),
+        TimeRaw::Text(s) if looks_like_seconds(s) => {
+            // What would pass: whole seconds, a JSON integer (no `+`, no fraction).
+            let digits = s.strip_prefix('+').unwrap_or(s);
+            let whole = digits.split('.').next().unwrap_or(digits);
+            Err(format!(
+                "\"{}\" is UNIX seconds in a string: give whole seconds as a JSON integer ({}), or an RFC 3339 date-time",
+                excerpt(s),
+                excerpt(whole)
+            ))
+        }
         TimeRaw::Text(s) => {
             let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map_err(|e| {
@@ -2103,16 +2112,18 @@ mod tests {
 
     #[test]
     fn unix_seconds_in_a_string_or_with_a_fraction_are_told_how_to_write_them() {
-        let r = problems(&notif(r#","send_at":"1893456000""#), FileKind::Json);
-        assert!(
-            r.problems[0].message.contains("as a JSON number"),
-            "{:?}",
-            r.problems
-        );
-        for bad in [r#""1893456000.5""#, r#""+1893456000""#] {
+        // The suggested form is one that passes: whole seconds, no sign, no fraction.
+        for bad in [
+            r#""1893456000""#,
+            r#""1893456000.5""#,
+            r#""+1893456000""#,
+            r#""+1893456000.5""#,
+        ] {
             let r = problems(&notif(&format!(r#","send_at":{bad}"#)), FileKind::Json);
             assert!(
-                r.problems[0].message.contains("as a JSON number"),
+                r.problems[0]
+                    .message
+                    .contains("give whole seconds as a JSON integer (1893456000)"),
                 "{:?}",
                 r.problems
             );
@@ -2130,6 +2141,18 @@ mod tests {
             r.problems[0].message.contains("(read as 1893456000.0)"),
             "{:?}",
             r.problems
+        );
+        // `-0` is the integer 0 to whoever wrote it (serde_json reads a float).
+        let expiration = |extra: &str| match parse(&notif(extra), FileKind::Json) {
+            Ok(p) => match &p.records[0] {
+                Record::Notification(n) => Ok(n.expiration),
+                other => panic!("{other:?}"),
+            },
+            Err(r) => Err(r.problems),
+        };
+        assert_eq!(
+            expiration(r#","expiration":-0"#),
+            expiration(r#","expiration":0"#)
         );
         // The file's own text is gone by then: the message says what made it a decimal.
         let r = problems(&notif(r#","expiration":1e9"#), FileKind::Json);

@@ -602,10 +602,13 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
 /// system cannot tell. For `status`, whose figures and pauses are otherwise the same whether
 /// the daemon runs or stopped an hour ago.
 pub fn daemon_state(db: &Path) -> Option<query::DaemonState> {
-    let pid = crate::lockfile::holder(&beside(db, ".lock"))?;
-    Some(query::DaemonState {
-        running: pid.is_some(),
-        pid,
+    use crate::lockfile::Held;
+    Some(match crate::lockfile::holder(&beside(db, ".lock"))? {
+        Held::By(pid) => query::DaemonState { running: true, pid },
+        Held::Free => query::DaemonState {
+            running: false,
+            pid: None,
+        },
     })
 }
 
