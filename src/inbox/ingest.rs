@@ -579,7 +579,7 @@ impl Ingestor {
 
     /// A handled file that stays in the inbox: counted, and listed in `status` once. True
     /// the first time: its log line is an error then, and a debug line at every later try
-    /// (the count and `status` keep saying it is stuck), so that a thousand files stuck
+    /// (the metric keeps counting it), so that a thousand files stuck
     /// behind a `processed_dir` it may not write do not log a thousand errors a minute.
     fn stuck(&self, r: &FileResult, kind: &str, why: &str) -> bool {
         let new = self.set_stuck(&r.path, true);

@@ -886,13 +886,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
                     .map_err(|_| E::custom("UNIX seconds out of range"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                // `-0` is an integer to a reader, a float to serde_json.
-                if v == 0.0 {
-                    return Ok(TimeRaw::Secs(0));
-                }
-                // JSON's text (1e9, 1.5) is gone by now: say how it was read.
+                // JSON's text (1e9, 1.5, -0, which serde_json reads as a float too) is gone
+                // by now: say how it was read.
                 Err(E::custom(format!(
-                    "a number written with a fraction or an exponent, or too large (read as {v:?}): UNIX seconds are a JSON integer such as 1893456000"
+                    "a number written with a fraction, an exponent or a minus zero, or too large (read as {v:?}): UNIX seconds are a JSON integer such as 1893456000"
                 )))
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -2142,24 +2139,19 @@ mod tests {
             "{:?}",
             r.problems
         );
-        // `-0` is the integer 0 to whoever wrote it (serde_json reads a float).
-        let expiration = |extra: &str| match parse(&notif(extra), FileKind::Json) {
-            Ok(p) => match &p.records[0] {
-                Record::Notification(n) => Ok(n.expiration),
-                other => panic!("{other:?}"),
-            },
-            Err(r) => Err(r.problems),
-        };
-        assert_eq!(
-            expiration(r#","expiration":-0"#),
-            expiration(r#","expiration":0"#)
+        // `-0` is read as a float too, like 0.0: refused as they are, and said so.
+        let r = problems(&notif(r#","expiration":-0"#), FileKind::Json);
+        assert!(
+            r.problems[0].message.contains("a minus zero"),
+            "{:?}",
+            r.problems
         );
         // The file's own text is gone by then: the message says what made it a decimal.
         let r = problems(&notif(r#","expiration":1e9"#), FileKind::Json);
         assert!(
             r.problems[0]
                 .message
-                .contains("written with a fraction or an exponent"),
+                .contains("written with a fraction, an exponent"),
             "{:?}",
             r.problems
         );
