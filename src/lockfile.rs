@@ -17,14 +17,8 @@ pub fn try_exclusive(path: &Path) -> std::io::Result<Option<File>> {
         .write(true)
         .open(path)?;
     for _ in 0..10 {
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
+        if flock_now(&file, libc::LOCK_EX)? {
             return Ok(Some(file));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -35,18 +29,19 @@ pub fn try_exclusive(path: &Path) -> std::io::Result<Option<File>> {
 /// another process holds it): nothing is created in it. Some network filesystems lock only
 /// files opened for writing, which a folder never is: they answer with an error.
 pub fn try_exclusive_dir(dir: &Path) -> std::io::Result<Option<File>> {
-    lock(File::open(dir)?)
+    let file = File::open(dir)?;
+    Ok(flock_now(&file, libc::LOCK_EX)?.then_some(file))
 }
 
-fn lock(file: File) -> std::io::Result<Option<File>> {
+/// `flock(op)` without waiting: false when another process holds a conflicting lock.
+fn flock_now(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(Some(file));
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(true);
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(None)
+        Ok(false)
     } else {
         Err(e)
     }
@@ -78,14 +73,11 @@ pub fn holder(path: &Path) -> Option<Held> {
         return Some(Held::By(Some(pid)));
     }
     let file = File::open(path).ok()?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if rc == 0 {
-        // Closing the file lets the shared lock go.
-        return Some(Held::Free);
+    // Closing the file lets a shared lock taken here go at once.
+    match flock_now(&file, libc::LOCK_SH).ok()? {
+        true => Some(Held::Free),
+        false => Some(Held::By(None)),
     }
-    (std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK))
-        .then_some(Held::By(None))
 }
 
 /// The pid of the `FLOCK` on the file (`dev`, `ino`) in the text of `/proc/locks`: lines
