@@ -87,11 +87,11 @@ impl Daemon {
         // write.
         let path = &cfg.store.path;
         let refuse = |source: StoreError, blocked: Vec<std::path::PathBuf>| {
-            let hint = if blocked.is_empty() {
+            // A refusal SQLite made as read-only names the files already (`StoreError::ReadOnly`).
+            let hint = if blocked.is_empty() || matches!(source, StoreError::ReadOnly { .. }) {
                 String::new()
             } else {
-                let names: Vec<String> = blocked.iter().map(|p| p.display().to_string()).collect();
-                format!("; not writable by this user: {}", names.join(", "))
+                crate::store::not_writable_text(&blocked)
             };
             DaemonError::Unwritable {
                 path: path.clone(),

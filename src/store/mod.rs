@@ -46,9 +46,15 @@ fn read_only_hint(blocked: &[PathBuf]) -> String {
     if blocked.is_empty() {
         " (the files are writable by this user: is the file system mounted read-only?)".into()
     } else {
-        let names: Vec<String> = blocked.iter().map(|p| p.display().to_string()).collect();
-        format!("; not writable by this user: {}", names.join(", "))
+        not_writable_text(blocked)
     }
+}
+
+/// "; not writable by this user: a, b": how a refusal names the files this user may not
+/// write (see [`not_writable`]).
+pub fn not_writable_text(blocked: &[PathBuf]) -> String {
+    let names: Vec<String> = blocked.iter().map(|p| p.display().to_string()).collect();
+    format!("; not writable by this user: {}", names.join(", "))
 }
 
 /// Why a store operation failed.
