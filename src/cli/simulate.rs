@@ -70,16 +70,7 @@ pub fn simulate(
         let arrivals_file: Option<std::path::PathBuf> = std::env::var_os("PUSHDROP_SIM_ARRIVALS")
             .filter(|v| !v.is_empty())
             .map(Into::into);
-        // Opened here first, so that a bad path is said with the variable that named it.
-        if let Some(path) = &arrivals_file {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| {
-                    format!("PUSHDROP_SIM_ARRIVALS: cannot open {}", path.display())
-                })?;
-        }
+        let arrivals = arrivals_file.clone();
         let sim = Simulator::start(SimOptions {
             kept_credentials: Some(dir.clone()),
             listen: addr,
@@ -90,7 +81,14 @@ pub fn simulate(
             arrivals_file,
             ..SimOptions::default()
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The file the variable named: said with the variable.
+            crate::simulator::SimError::Io { path, source } if Some(&path) == arrivals.as_ref() => {
+                anyhow::anyhow!("PUSHDROP_SIM_ARRIVALS: cannot open {}: {source}", path.display())
+            }
+            e => e.into(),
+        })?;
         if let Some(s) = &first_script {
             s.apply(&sim, latency);
         }
