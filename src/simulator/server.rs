@@ -650,6 +650,15 @@ const TOKEN_MIN_UPDATE_S: i64 = 20 * 60;
 /// How far in the future an `iat` may lie (clock skew between hosts).
 const TOKEN_FUTURE_SLACK_S: i64 = 5 * 60;
 
+/// The token of an `authorization` value, its scheme's name in any case (RFC 9110 11.1), as
+/// HTTP servers read it.
+fn bearer_token(value: &str) -> Option<&str> {
+    value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t)
+}
+
 /// Token checks; returns the key id (`None` on a certificate-authenticated connection).
 fn check_auth(
     shared: &Shared,
@@ -675,12 +684,7 @@ fn check_auth(
     }
     let invalid = || reject(403, "InvalidProviderToken");
     let text = value.to_str().map_err(|_| invalid())?;
-    // The scheme's name in any case (RFC 9110 11.1), as HTTP servers read it.
-    let token = text
-        .split_once(' ')
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t)
-        .ok_or_else(invalid)?;
+    let token = bearer_token(text).ok_or_else(invalid)?;
     let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
     if header.alg != jsonwebtoken::Algorithm::ES256 {
         return Err(invalid());
@@ -715,12 +719,7 @@ fn check_auth(
     // one, or one minted a moment later by another worker, is an update too often), and come
     // 20 minutes after the connection's last change; unless the old one was called expired.
     // (The same token under another spelling of its scheme is no change.)
-    let same_token = |v: &HeaderValue| {
-        v.to_str()
-            .ok()
-            .and_then(|t| t.split_once(' '))
-            .is_some_and(|(_, t)| t == token)
-    };
+    let same_token = |v: &HeaderValue| v.to_str().ok().and_then(bearer_token) == Some(token);
     let changed = auth.verified.as_ref().is_some_and(|(v, ..)| !same_token(v));
     if let Some((_, prev_iat, _)) = &auth.verified
         && changed
