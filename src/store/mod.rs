@@ -278,9 +278,7 @@ impl Store {
         self.tx
             .blocking_send(writer::Command::Ingest { files, reply })
             .map_err(|_| StoreError::Closed)?;
-        rx.blocking_recv()
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| named(&self.path, e))
+        answer(&self.path, rx.blocking_recv())
     }
 
     /// Starts committing one big file whose records are still being parsed: the writer
@@ -312,9 +310,7 @@ impl Store {
     ) -> Result<R, StoreError> {
         let (cmd, rx) = job(f);
         self.tx.blocking_send(cmd).map_err(|_| StoreError::Closed)?;
-        rx.blocking_recv()
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| named(&self.path, e))
+        answer(&self.path, rx.blocking_recv())
     }
 
     /// Runs `f` on the writer thread (async caller).
@@ -324,9 +320,7 @@ impl Store {
     ) -> Result<R, StoreError> {
         let (cmd, rx) = job(f);
         self.tx.send(cmd).await.map_err(|_| StoreError::Closed)?;
-        rx.await
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| named(&self.path, e))
+        answer(&self.path, rx.await)
     }
 
     /// Expands due `users`/`all` notifications into deliveries, at most about `max_rows`
@@ -503,10 +497,7 @@ impl IngestStream {
     /// [`IngestFile`]). Returns once the commit is durable.
     pub fn commit(self, sha256: String) -> Result<IngestOutcome, StoreError> {
         let _ = self.chunks.send(writer::StreamMsg::Commit { sha256 });
-        self.reply
-            .blocking_recv()
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| named(&self.path, e))
+        answer(&self.path, self.reply.blocking_recv())
     }
 
     /// Drops everything sent so far (the file is rejected or still being written), once the
@@ -515,6 +506,17 @@ impl IngestStream {
         drop(self.chunks);
         let _ = self.reply.blocking_recv();
     }
+}
+
+/// The writer's answer: [`StoreError::Closed`] when it went away without one, and a
+/// read-only refusal with the database named ([`named`]).
+fn answer<R>(
+    path: &Path,
+    reply: Result<Result<R, StoreError>, oneshot::error::RecvError>,
+) -> Result<R, StoreError> {
+    reply
+        .map_err(|_| StoreError::Closed)?
+        .map_err(|e| named(path, e))
 }
 
 /// Names the database (and what this user may not write) in a read-only refusal.
