@@ -179,33 +179,12 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
     }
     let watched = dir_ident(&inbox);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let alive = Arc::new(AtomicBool::new(true));
-    let mut lp = Loop {
-        ingestor: Ingestor::new(cfg.clone(), store).watching(),
-        settle: Duration::from_millis(cfg.inbox.settle_ms),
-        poll_every: poll.then(|| Duration::from_millis(cfg.inbox.poll_interval_ms)),
-        scan_every: Duration::from_secs(cfg.inbox.scan_interval_s),
-        sweep: cfg.inbox.keep_processed,
-        cfg,
-        inbox,
-        rx,
-        stop: stop.clone(),
-        cands: BTreeMap::new(),
-        ignored: HashSet::new(),
-        near_misses: HashSet::new(),
-        scan_requested: true,
-        next_scan: Instant::now(),
-        next_sweep: Instant::now(),
-        last_scan_error: None,
-        events: watcher.map(|w| (w, tx.clone())),
-        watched,
-        missing: false,
-        alive: alive.clone(),
-        lock,
-        taken: false,
-        retry_turn: false,
-    };
+    let mut lp = Loop::new(cfg, store, rx);
+    lp.poll_every = poll.then(|| Duration::from_millis(lp.cfg.inbox.poll_interval_ms));
+    lp.events = watcher.map(|w| (w, tx.clone()));
+    lp.watched = watched;
+    lp.lock = lock;
+    let (stop, alive) = (lp.stop.clone(), lp.alive.clone());
     let alive_flag = alive.clone();
     let cfg_dir = lp.inbox.clone();
     let thread = std::thread::Builder::new()
@@ -427,6 +406,38 @@ struct Loop {
 }
 
 impl Loop {
+    /// A loop on `[inbox] dir` that takes messages from `rx`: polling off (no kernel watch
+    /// yet), its first scan due at once. [`start`] adds the watch, the folder's lock and its
+    /// identity.
+    fn new(cfg: Arc<Config>, store: Store, rx: mpsc::Receiver<Msg>) -> Loop {
+        let now = Instant::now();
+        Loop {
+            ingestor: Ingestor::new(cfg.clone(), store).watching(),
+            settle: Duration::from_millis(cfg.inbox.settle_ms),
+            poll_every: None,
+            scan_every: Duration::from_secs(cfg.inbox.scan_interval_s),
+            sweep: cfg.inbox.keep_processed,
+            inbox: cfg.inbox.dir.clone(),
+            cfg,
+            rx,
+            stop: Arc::new(AtomicBool::new(false)),
+            cands: BTreeMap::new(),
+            ignored: HashSet::new(),
+            near_misses: HashSet::new(),
+            scan_requested: true,
+            next_scan: now,
+            next_sweep: now,
+            last_scan_error: None,
+            events: None,
+            watched: None,
+            missing: false,
+            alive: Arc::new(AtomicBool::new(true)),
+            lock: None,
+            taken: false,
+            retry_turn: false,
+        }
+    }
+
     fn run(&mut self) {
         self.run_until_stopped();
         // Files moved out a moment ago get their second look now, with no writer waited for.
@@ -950,37 +961,6 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
 
-    /// The loop `start` runs, without its thread and its kernel watch: each step by hand.
-    fn test_loop(cfg: Arc<Config>, store: Store) -> Loop {
-        let (_tx, rx) = mpsc::channel();
-        let now = Instant::now();
-        Loop {
-            ingestor: Ingestor::new(cfg.clone(), store).watching(),
-            inbox: cfg.inbox.dir.clone(),
-            rx,
-            stop: Arc::default(),
-            settle: Duration::from_millis(cfg.inbox.settle_ms),
-            poll_every: None,
-            scan_every: Duration::from_secs(cfg.inbox.scan_interval_s),
-            sweep: false,
-            cands: BTreeMap::new(),
-            ignored: HashSet::new(),
-            near_misses: HashSet::new(),
-            scan_requested: false,
-            next_scan: now,
-            next_sweep: now,
-            last_scan_error: None,
-            events: None,
-            watched: None,
-            missing: false,
-            alive: Arc::default(),
-            lock: None,
-            taken: false,
-            retry_turn: false,
-            cfg,
-        }
-    }
-
     /// Files stuck in the inbox (committed, but `processed_dir` takes no files) and due for
     /// another try do not hold up a new drop: it goes first, and the retries after it, one
     /// at a time, taking turns with new files.
@@ -1003,7 +983,10 @@ mod tests {
         let store = Store::open(&cfg.store.path, false).unwrap();
         // After the config's check: a file where processed_dir's parent should be.
         std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
-        let mut lp = test_loop(Arc::new(cfg), store.clone());
+        // The loop `start` runs, without its thread and its kernel watch: each step by hand.
+        let (_tx, rx) = mpsc::channel();
+        let mut lp = Loop::new(Arc::new(cfg), store.clone(), rx);
+        lp.sweep = false;
         let device = |n: u32| {
             format!(
                 "{{\"type\":\"device\",\"token\":\"{}{n:04}\"}}\n",
