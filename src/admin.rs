@@ -30,6 +30,8 @@ pub struct AdminState {
     pub inbox_alive: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Set when shutdown begins: `/readyz` turns unready at once.
     pub shutting_down: Arc<AtomicBool>,
+    /// The inbox folder, for `/status`'s `inbox`.
+    pub inbox_dir: std::path::PathBuf,
 }
 
 /// Why the endpoint could not start.
@@ -256,6 +258,14 @@ async fn status_json(state: &AdminState) -> Result<String, String> {
         running: true,
         pid: Some(std::process::id()),
     });
+    let dir = state.inbox_dir.clone();
+    s.inbox = tokio::task::spawn_blocking(move || crate::inbox::waiting(&dir))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|mut i| {
+            i.stuck_files = Some(crate::metrics::get().inbox_stuck_files.get());
+            i
+        });
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
 }
 

@@ -161,6 +161,7 @@ impl Daemon {
                         store: store.clone(),
                         inbox_alive: Arc::new(move || alive.load(Ordering::SeqCst)),
                         shutting_down: shutting_down.clone(),
+                        inbox_dir: cfg.inbox.dir.clone(),
                     };
                     Some(admin::start(listener, state).await?)
                 }

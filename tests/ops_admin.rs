@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 use common::ops::{Ops, OpsOptions, device, get, http, notification, token, wait_for};
 use pushdrop::simulator::TokenScript;
 
-/// The JSON with the one figure that moves by itself (an age) taken out.
+/// The JSON with what moves by itself (ages) and what only the daemon knows (stuck files)
+/// taken out.
 fn steady(mut v: serde_json::Value) -> serde_json::Value {
     v.as_object_mut()
         .expect("status is an object")
         .remove("oldest_queued_age_s")
         .expect("oldest_queued_age_s is reported");
+    let inbox = v["inbox"].as_object_mut().expect("inbox is reported");
+    inbox.remove("oldest_waiting_s").expect("oldest_waiting_s");
+    inbox.remove("stuck_files").expect("stuck_files");
     v
 }
 
@@ -54,6 +58,8 @@ fn health_status_and_readiness_follow_the_store() {
     assert_eq!(from_admin["totals"]["sent"], 1);
     assert_eq!(from_admin["devices"]["buxheti"]["active"], 3);
     assert_eq!(from_admin["recent_errors"][0]["kind"], "rejected");
+    assert_eq!(from_admin["inbox"]["waiting_files"], 0);
+    assert_eq!(from_admin["inbox"]["stuck_files"], 0);
     // The daemon (in this process) holds the database: both say so, with its pid.
     assert_eq!(
         from_admin["daemon"],
@@ -118,6 +124,52 @@ fn health_status_and_readiness_follow_the_store() {
         s["daemon"],
         serde_json::json!({"running": false, "pid": null})
     );
+}
+
+/// Files left in the inbox are what an operator looks for when nothing arrives: no daemon
+/// takes them, or one cannot move them out. `status` counts them; the daemon's `/status` also
+/// says how many it has handled and could not move.
+#[test]
+fn status_counts_the_files_waiting_in_the_inbox() {
+    let env = Ops::new(OpsOptions::default());
+    let inbox_of = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["inbox"].clone()
+    };
+    // No daemon: two drop files wait; a dotfile, a `.tmp` and a folder are not drops.
+    env.drop_file("a.json", notification("a", &token(1)));
+    env.drop_file("b.jsonl", device(2, "u") + "\n");
+    std::fs::write(env.inbox.join(".c.json"), "{}").unwrap();
+    std::fs::write(env.inbox.join("d.json.tmp"), "{}").unwrap();
+    std::fs::create_dir(env.inbox.join("e.json")).unwrap();
+    let i = inbox_of(env.pushdrop(&["status", "--json"]));
+    assert_eq!(i["waiting_files"], 2, "{i}");
+    assert_eq!(i["stuck_files"], serde_json::Value::Null, "{i}");
+    let out = env.pushdrop(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("inbox         2 file(s) waiting in "),
+        "{out:?}"
+    );
+
+    // A daemon takes them; then its `processed_dir` stops taking files (made a plain file),
+    // and the next drop is committed but stays: waiting, and stuck.
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+    wait_for("the two drops taken", || {
+        inbox_of(env.pushdrop(&["status", "--json"]))["waiting_files"] == 0
+    });
+
+    let processed = env.inbox.join("processed");
+    std::fs::remove_dir_all(&processed).unwrap();
+    std::fs::write(&processed, "not a folder").unwrap();
+    env.drop_file("f.json", notification("f", &token(3)));
+    wait_for("f.json stuck", || {
+        let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
+        s["inbox"]["stuck_files"] == 1
+    });
+    let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
+    assert_eq!(s["inbox"]["waiting_files"], 1, "{s}");
+    daemon.shutdown();
 }
 
 /// A readiness probe must not loosen the daemon's hold on its database. SQLite's locks are

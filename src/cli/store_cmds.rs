@@ -62,6 +62,7 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let mut s = reader(&cfg)?.status()?;
     s.daemon = crate::store::daemon_state(&cfg.store.path);
+    s.inbox = crate::inbox::waiting(&cfg.inbox.dir);
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
@@ -76,6 +77,14 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
             "daemon        not running (no `pushdrop run` holds the database: pauses below are its last word)"
         ),
         None => {}
+    }
+    match &s.inbox {
+        Some(i) if i.waiting_files > 0 => println!(
+            "inbox         {} file(s) waiting in {} (the oldest changed {:.1} s ago)",
+            i.waiting_files, i.dir, i.oldest_waiting_s
+        ),
+        Some(i) => println!("inbox         no files waiting in {}", i.dir),
+        None => println!("inbox         cannot read {}", cfg.inbox.dir.display()),
     }
     println!(
         "queued        {} ({} due later; the oldest waiting for {:.1} s), {} notification(s) still to fan out",

@@ -31,6 +31,35 @@ pub fn drop_names(dir: &std::path::Path) -> Option<Vec<String>> {
     Some(names)
 }
 
+/// What waits in the inbox folder now, for `status`: the drop-named regular files and the
+/// age of the oldest. `None` when the folder cannot be read.
+pub fn waiting(dir: &std::path::Path) -> Option<crate::store::query::InboxState> {
+    let now = std::time::SystemTime::now();
+    let mut files = 0u64;
+    let mut oldest = std::time::Duration::ZERO;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        // The entry's type comes with the listing (no stat); a file's age needs one.
+        if !is_drop_name(&e.file_name()) || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        files += 1;
+        if let Some(age) = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+        {
+            oldest = oldest.max(age);
+        }
+    }
+    Some(crate::store::query::InboxState {
+        dir: dir.display().to_string(),
+        waiting_files: files,
+        oldest_waiting_s: (oldest.as_secs_f64() * 10.0).round() / 10.0,
+        stuck_files: None,
+    })
+}
+
 /// Whether a directory entry's name is one the inbox takes: `*.json` or `*.jsonl`, not a
 /// dotfile (writers stage files under dot names before renaming them in).
 pub fn is_drop_name(name: &std::ffi::OsStr) -> bool {

@@ -149,6 +149,24 @@ pub struct Status {
     /// Whether a daemon holds the database (see [`super::daemon_state`]); `null` when this
     /// system cannot tell.
     pub daemon: Option<DaemonState>,
+    /// Drop files in the inbox folder now (see [`InboxState`]); `null` when the folder
+    /// cannot be read.
+    pub inbox: Option<InboxState>,
+}
+
+/// The drop files still in the inbox folder: a file waiting there for minutes means no
+/// daemon takes files, or one cannot move them out (a `processed_dir` that takes no files),
+/// which the queue's figures do not show.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InboxState {
+    pub dir: String,
+    /// Regular files with a drop name (`*.json`, `*.jsonl`, not dotfiles).
+    pub waiting_files: u64,
+    /// Seconds since the oldest of them was last changed (0 when none).
+    pub oldest_waiting_s: f64,
+    /// Files the daemon has handled but could not move out, and retries: only the running
+    /// daemon knows them (`/status`), so `null` in `pushdrop status`.
+    pub stuck_files: Option<i64>,
 }
 
 /// Whether a daemon runs on the database.
