@@ -88,6 +88,31 @@ fn validate_notes_an_id_a_file_repeats() {
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
 }
 
+/// A dropper chooses the bytes `ingest` quotes back (field names, values): an escape
+/// sequence in them must reach the operator's terminal as text, not as a command.
+#[test]
+fn ingest_writes_control_characters_of_a_file_as_escapes() {
+    let env = Env::new();
+    let file = env.dir.path().join("esc.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"type":"device","token":"{}","\u001b[31mRED":1,"environment":"\u001b]0;title\u0007"}}"#,
+            token(1)
+        ),
+    )
+    .unwrap();
+    let out = env.pushdrop(&["ingest", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(['\u{1b}', '\u{7}']), "{stdout:?}");
+    assert!(
+        stdout.contains("unknown field \"\\u{1b}[31mRED\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\\u{1b}]0;title\\u{7}"), "{stdout}");
+}
+
 #[test]
 fn bad_config_exits_64() {
     let env = Env::new();

@@ -123,11 +123,13 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                 };
                 if let Some(e) = a.move_error {
                     failed += 1;
-                    println!("{shown}: committed, but not moved: {e}");
+                    say(format!("{shown}: committed, but not moved: {e}"));
                 } else if a.store.already_committed {
-                    println!("{shown}: already committed earlier; moved{whither}");
+                    say(format!(
+                        "{shown}: already committed earlier; moved{whither}"
+                    ));
                 } else {
-                    println!(
+                    say(format!(
                         "{shown}: accepted ({} device record{}, {} notification{} queued{}){whither}",
                         a.devices,
                         plural(a.devices),
@@ -147,7 +149,7 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                         } else {
                             String::new()
                         }
-                    );
+                    ));
                 }
             }
             FileOutcome::Rejected(rej) => {
@@ -158,32 +160,38 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                     }
                     _ => String::new(),
                 };
-                println!(
+                say(format!(
                     "{shown}: rejected ({}, {} problem{}){whither}",
                     rej.reason.code(),
                     rej.problems.len(),
                     plural(rej.problems.len())
-                );
+                ));
                 for p in &rej.problems {
-                    println!("  {p}");
+                    say(format!("  {p}"));
                 }
                 if let Some(e) = rej.move_error {
-                    println!("  (not moved: {e})");
+                    say(format!("  (not moved: {e})"));
                 }
             }
             FileOutcome::InProgress(why) | FileOutcome::Failed(why) => {
                 failed += 1;
-                println!("{shown}: not ingested: {why}");
+                say(format!("{shown}: not ingested: {why}"));
             }
             FileOutcome::Ignored(why) => {
                 failed += 1;
-                println!("{shown}: not ingested: {why}");
+                say(format!("{shown}: not ingested: {why}"));
             }
             FileOutcome::Vanished => {
                 failed += 1;
-                println!("{shown}: not ingested: no such file");
+                say(format!("{shown}: not ingested: no such file"));
             }
         }
     }
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// One line of `ingest`'s answer. Problems quote drop files, whose bytes a dropper chose:
+/// control characters are written as escapes, as in `status` and `show`.
+fn say(line: String) {
+    println!("{}", super::safe(&line));
 }

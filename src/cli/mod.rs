@@ -101,6 +101,25 @@ pub fn exit_1_when_output_fails() {
     }));
 }
 
+/// Text for a terminal: control characters (C0, DEL, C1, which a terminal may take for
+/// commands: U+009B starts an escape sequence) written as `\u{..}`, so data from drop files
+/// cannot move the cursor or recolour the screen.
+pub(crate) fn safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Turns a command's result into the process exit code, printing the error if any.
 pub fn exit(result: anyhow::Result<i32>) -> ExitCode {
     match result {

@@ -8,6 +8,8 @@ use crate::config::Config;
 use crate::store::query::{DeviceQuery, Reader};
 use crate::store::{Store, StoreError};
 
+use super::safe;
+
 /// Filters of `pushdrop devices`.
 pub struct DeviceFilter {
     pub app: Option<String>,
@@ -142,26 +144,6 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// `pushdrop show ID`.
-/// Text for a terminal: control characters (C0, DEL, C1, which a terminal may take for
-/// commands: U+009B starts an escape sequence) written as `\u{..}`, so data from drop files
-/// cannot move the cursor or recolour the screen.
-fn safe(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
-        return s.into();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                format!("\\u{{{:x}}}", c as u32)
-            } else {
-                c.to_string()
-            }
-        })
-        .collect::<String>()
-        .into()
-}
-
 /// A payload's JSON text for a terminal, still the same JSON: DEL and C1 characters (which
 /// JSON allows raw inside strings) written as `\u00XX` escapes. C0 characters cannot be
 /// raw inside a JSON string, and outside one they are whitespace, kept as stored.
@@ -182,6 +164,7 @@ fn json_terminal_safe(json: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// `pushdrop show ID`.
 pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let Some(n) = reader(&cfg)?.show(id, app, usize::MAX)? else {
