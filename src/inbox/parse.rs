@@ -521,8 +521,14 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
             de.end()
         }),
         _ => {
+            // `42` or `"x"` is JSON, only not a record: §2's rule, not the syntax, is broken.
+            let json = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
             return Err(Rejection {
-                reason: RejectReason::Parse,
+                reason: if json {
+                    RejectReason::Invalid
+                } else {
+                    RejectReason::Parse
+                },
                 problems: vec![Problem {
                     record: None,
                     line: Some(1),
@@ -637,8 +643,13 @@ fn record<'t>(
             }
             Err(e) => {
                 let eof = e.classify() == serde_json::error::Category::Eof;
+                // Valid JSON, wrong shape: an array or a number where a record should be.
+                let shape = e.classify() == serde_json::error::Category::Data
+                    && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
                 let reason = match jsonl {
                     Some((_, true)) if eof => RejectReason::Truncated,
+                    // Valid JSON that is no object breaks §2's rules, like a bad field.
+                    _ if shape => RejectReason::Invalid,
                     _ => RejectReason::Parse,
                 };
                 let line = match jsonl {
@@ -648,8 +659,7 @@ fn record<'t>(
                         acc.line_of_offset(start) + e.line() - 1
                     }
                 };
-                let message = if e.classify() == serde_json::error::Category::Data {
-                    // Valid JSON, wrong shape: an array or a number where a record should be.
+                let message = if shape {
                     "a record must be a JSON object".to_string()
                 } else if eof {
                     format!(
@@ -2530,8 +2540,21 @@ mod tests {
         assert_eq!(r.problems[0].record, Some(1));
         let r = problems(&format!("[{}] x", notif("")), FileKind::Json);
         assert_eq!(r.reason, RejectReason::Parse);
+        // JSON, but no object: a broken rule of §2 (invalid), not a syntax error (parse).
         let r = problems("42", FileKind::Json);
-        assert_eq!(r.reason, RejectReason::Parse);
+        assert_eq!(r.reason, RejectReason::Invalid);
+        assert_eq!(problems("4 2", FileKind::Json).reason, RejectReason::Parse);
+        let r = problems(
+            &format!("[{},null,[{}]]", notif(""), notif("")),
+            FileKind::Json,
+        );
+        assert_eq!(r.reason, RejectReason::Invalid);
+        let records: Vec<_> = r.problems.iter().map(|p| p.record).collect();
+        assert_eq!(records, [Some(1), Some(2)], "{r:?}");
+        assert!(
+            r.problems[0].message.contains("must be a JSON object"),
+            "{r:?}"
+        );
         // A .jsonl whose last line is cut off (no newline) may still be being written.
         let r = problems(
             &format!("{}\n{}", notif(""), &notif("")[..20]),
@@ -2540,8 +2563,10 @@ mod tests {
         assert_eq!(r.reason, RejectReason::Truncated);
         assert_eq!(r.problems[0].line, Some(2));
         let r = problems(&format!("{}\n[1]\n", notif("")), FileKind::Jsonl);
-        assert_eq!(r.reason, RejectReason::Parse);
+        assert_eq!(r.reason, RejectReason::Invalid);
         assert_eq!(r.problems[0].record, Some(1));
+        let r = problems(&format!("{}\n[1\n", notif("")), FileKind::Jsonl);
+        assert_eq!(r.reason, RejectReason::Parse);
     }
 
     #[test]
