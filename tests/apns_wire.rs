@@ -195,7 +195,7 @@ async fn token_scripts_drive_every_outcome() {
     sim.script(
         &token(1),
         TokenScript::Unregistered {
-            timestamp_ms: 1_700_000_000_000,
+            timestamp_ms: Some(1_700_000_000_000),
         },
     );
     sim.script(&token(2), TokenScript::BadDeviceToken);

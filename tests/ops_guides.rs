@@ -240,12 +240,13 @@ fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
-    let (gone, flaky, wrong_topic, fine, bad) = (
+    let (gone, flaky, wrong_topic, fine, bad, kept) = (
         "a1".repeat(16),
         "b2".repeat(16),
         "c3".repeat(16),
         "d4".repeat(16),
         "e5".repeat(16),
+        "f6".repeat(16),
     );
     let script = dir.path().join("script.toml");
     std::fs::write(
@@ -255,7 +256,8 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
              \"{gone}\" = {{ status = 410, timestamp_ms = 1796000000000 }}\n\
              \"{flaky}\" = {{ status = 503, first = 2 }}\n\
              \"{wrong_topic}\" = {{ status = 400, reason = \"DeviceTokenNotForTopic\" }}\n\
-             \"{bad}\" = {{ status = 400 }}\n"
+             \"{bad}\" = {{ status = 400 }}\n\
+             \"{kept}\" = {{ status = 410, timestamp_ms = 1796000000000 }}\n"
         ),
     )
     .unwrap();
@@ -290,8 +292,20 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
         std::fs::rename(&tmp, inbox.join(name)).unwrap();
     };
 
-    drop("1.jsonl", "n1", &[&gone, &flaky, &wrong_topic, &fine, &bad]);
+    // `kept` registers now, after the time its 410 names: APNs' answer is older news.
+    let tmp = dir.path().join("0.jsonl");
+    std::fs::write(&tmp, format!(r#"{{"type":"device","token":"{kept}"}}"#)).unwrap();
+    std::fs::rename(&tmp, inbox.join("0.jsonl")).unwrap();
+    wait_for("the registration", || {
+        inbox.join("processed/0.jsonl").exists()
+    });
+    drop(
+        "1.jsonl",
+        "n1",
+        &[&gone, &flaky, &wrong_topic, &fine, &bad, &kept],
+    );
     let got = finished(&config, dir.path(), "n1");
+    let kept_reason = format!("Unregistered; {}", pushdrop::store::DEVICE_KEPT);
     let want = |s: &str, a: i64, r: &str| (s.to_string(), a, r.to_string());
     assert_eq!(got[&gone], want("invalid_token", 1, "Unregistered"));
     assert_eq!(got[&flaky], want("sent", 3, ""));
@@ -302,6 +316,7 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
     assert_eq!(got[&fine], want("sent", 1, ""));
     // A lone BadDeviceToken is no burst: held a moment, then the device is invalid.
     assert_eq!(got[&bad], want("invalid_token", 1, "BadDeviceToken"));
+    assert_eq!(got[&kept], want("invalid_token", 1, &kept_reason));
 
     // SPEC 4.4: every delivery outcome is one line of the log file, with the notification's
     // id, app, token prefix, status, reason, apns-id, attempt and latency.
@@ -332,8 +347,10 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
         ),
         (&fine, vec![("sent", 200, "", 1)]),
         (&bad, vec![("invalid_token", 400, "BadDeviceToken", 1)]),
+        // The line says what the receipt and `show` say: the device stays.
+        (&kept, vec![("invalid_token", 410, kept_reason.as_str(), 1)]),
     ];
-    assert_eq!(lines.len(), 7, "{lines:#?}");
+    assert_eq!(lines.len(), 8, "{lines:#?}");
     for (token, outcomes) in expect {
         let got = of(token);
         assert_eq!(got.len(), outcomes.len(), "{token}: {got:#?}");
@@ -408,8 +425,8 @@ fn readme_simulator_script_is_a_valid_script() {
     let block = &readme[from..];
     let start = block.find("```toml\n").unwrap() + "```toml\n".len();
     let end = start + block[start..].find("```").unwrap();
-    let script = pushdrop::simulator::SimScript::parse(&block[start..end], 0).unwrap();
-    assert_eq!(script.tokens.len(), 6);
+    let script = pushdrop::simulator::SimScript::parse(&block[start..end]).unwrap();
+    assert_eq!(script.tokens.len(), 7);
     assert_eq!(script.goaway_after, Some(100));
     // The slow 503 is a slow error answer, not a slow normal one.
     assert!(

@@ -27,7 +27,7 @@ fn metrics_match_what_the_simulator_and_the_database_saw() {
     env.sim.script(
         &gone,
         TokenScript::Unregistered {
-            timestamp_ms: now_ms() - 30 * 60 * 1000,
+            timestamp_ms: Some(now_ms() - 30 * 60 * 1000),
         },
     );
     env.sim.script(&bad, TokenScript::BadDeviceToken);

@@ -101,7 +101,7 @@ fn a_410_timestamp_from_the_future_counts_as_now() {
     w.script(
         &t,
         TokenScript::Unregistered {
-            timestamp_ms: pushdrop::model::now_ms() + 3600 * 1000,
+            timestamp_ms: Some(pushdrop::model::now_ms() + 3600 * 1000),
         },
     );
     let daemon = w.env.start();
@@ -134,7 +134,7 @@ fn a_410_invalidates_as_of_its_timestamp_and_only_a_later_registration_reactivat
     w.script(
         &t,
         TokenScript::Unregistered {
-            timestamp_ms: pushdrop::model::now_ms() - 30 * 60 * 1000,
+            timestamp_ms: Some(pushdrop::model::now_ms() - 30 * 60 * 1000),
         },
     );
     let daemon = w.env.start();

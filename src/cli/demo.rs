@@ -180,7 +180,7 @@ async fn run(examples: Option<&Path>, keep: bool) -> anyhow::Result<i32> {
     script(
         1,
         TokenScript::Unregistered {
-            timestamp_ms: now_ms() - 30 * 60 * 1000,
+            timestamp_ms: Some(now_ms() - 30 * 60 * 1000),
         },
         "answers 410 Unregistered (app deleted 30 min ago)",
     );

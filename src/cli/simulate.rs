@@ -53,7 +53,7 @@ pub fn simulate(
         .to_owned();
     crate::logging::init_stderr("info");
     let latency = std::time::Duration::from_millis(latency_ms);
-    let first_script = match script.map(|p| SimScript::load(p, crate::model::now_ms())) {
+    let first_script = match script.map(SimScript::load) {
         None => None,
         Some(Ok(s)) => Some(s),
         Some(Err(e)) => {
@@ -180,7 +180,7 @@ async fn serve_until_stop(sim: &Simulator, script: Option<&Path>, latency: std::
                     tracing::warn!(event = "sim_sighup", "SIGHUP: no --script to re-read");
                     continue;
                 };
-                match SimScript::load(path, crate::model::now_ms()) {
+                match SimScript::load(path) {
                     Ok(s) => {
                         s.apply(sim, latency);
                         tracing::info!(

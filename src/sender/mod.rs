@@ -31,8 +31,8 @@ use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
 use crate::store::{
-    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, RecordFailed,
-    ResultKind, Store, StoreError,
+    Claim, ClaimedDelivery, DEVICE_KEPT, DeliveryResult, EndedDelivery, FinishedNotification,
+    RecordFailed, ResultKind, Store, StoreError,
 };
 
 use guard::{Admit, BadTokenVerdict, Guards};
@@ -872,9 +872,23 @@ impl Inner {
                 ..
             } | Outcome::PauseApp { status: None, .. }
         );
-        let Some(kind) = self.verdict(&c, outcome, latency_ms, results) else {
+        let Some(mut kind) = self.verdict(&c, outcome, latency_ms, results) else {
             return; // held by the BadDeviceToken guard
         };
+        // A dead token of a device that registered again after APNs' time: the store keeps
+        // it active; the line says so, as the receipt and `show` will.
+        if let ResultKind::InvalidToken {
+            reason,
+            invalidated_at_ms,
+            ..
+        } = &mut kind
+            && self
+                .store
+                .registered_after(c.device.id, *invalidated_at_ms)
+                .await
+        {
+            *reason = format!("{reason}; {DEVICE_KEPT}");
+        }
         if unsent {
             let n = &c.notification;
             debug!(target: DELIVERY_TARGET, event = "delivery_held", id = n.ext_id.as_str(), app = n.app.as_str(), token = token_prefix(&c.device.token), environment = c.device.environment.as_str(), apns_id = c.apns_id.as_str(), "not sent (APNs unreachable, or the app paused): back in the queue until the next try");

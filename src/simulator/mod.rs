@@ -109,10 +109,11 @@ impl Default for SimOptions {
 /// Per-token behaviour, set with [`Simulator::script`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenScript {
-    /// 410 `Unregistered` with this `timestamp` (ms since the epoch).
-    Unregistered { timestamp_ms: i64 },
-    /// 410 `ExpiredToken` with this `timestamp` (ms since the epoch).
-    ExpiredToken { timestamp_ms: i64 },
+    /// 410 `Unregistered` with this `timestamp` (ms since the epoch); `None`: the moment of
+    /// the answer, as Apple's "no longer valid as of" is never after it.
+    Unregistered { timestamp_ms: Option<i64> },
+    /// 410 `ExpiredToken`, the same way.
+    ExpiredToken { timestamp_ms: Option<i64> },
     /// 400 `BadDeviceToken`.
     BadDeviceToken,
     /// The first `n` requests get `status`/`reason`, later ones are accepted.
@@ -137,12 +138,16 @@ impl TokenScript {
     /// `seen`th request to the token.
     fn answer(&self, seen: u32) -> (Duration, Result<(), ScriptedError>) {
         let error = match self {
-            TokenScript::Unregistered { timestamp_ms } => {
-                (410, "Unregistered".into(), Some(*timestamp_ms))
-            }
-            TokenScript::ExpiredToken { timestamp_ms } => {
-                (410, "ExpiredToken".into(), Some(*timestamp_ms))
-            }
+            TokenScript::Unregistered { timestamp_ms } => (
+                410,
+                "Unregistered".into(),
+                Some(timestamp_ms.unwrap_or_else(crate::model::now_ms)),
+            ),
+            TokenScript::ExpiredToken { timestamp_ms } => (
+                410,
+                "ExpiredToken".into(),
+                Some(timestamp_ms.unwrap_or_else(crate::model::now_ms)),
+            ),
             TokenScript::BadDeviceToken => (400, "BadDeviceToken".into(), None),
             TokenScript::FailFirst { n, status, reason } => {
                 if seen > *n {

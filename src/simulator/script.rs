@@ -94,9 +94,8 @@ pub struct SimScript {
 }
 
 impl SimScript {
-    /// Reads and checks a script file. `now_ms` is the default `timestamp` of a 410 that
-    /// names none (the time the script is read: "unregistered just now").
-    pub fn load(path: &Path, now_ms: i64) -> Result<SimScript, ScriptError> {
+    /// Reads and checks a script file.
+    pub fn load(path: &Path) -> Result<SimScript, ScriptError> {
         let fail = |problems| ScriptError {
             path: path.to_path_buf(),
             problems,
@@ -108,11 +107,11 @@ impl SimScript {
                 message: format!("cannot read it: {e}"),
             }])
         })?;
-        SimScript::parse(&text, now_ms).map_err(fail)
+        SimScript::parse(&text).map_err(fail)
     }
 
     /// Checks a script's text; every problem found, each with its line.
-    pub fn parse(text: &str, now_ms: i64) -> Result<SimScript, Vec<ScriptProblem>> {
+    pub fn parse(text: &str) -> Result<SimScript, Vec<ScriptProblem>> {
         let file: File = toml::from_str(text).map_err(|e| {
             vec![ScriptProblem {
                 line: e.span().map(|s| line_of_offset(text, s.start)),
@@ -153,7 +152,7 @@ impl SimScript {
                 );
                 continue;
             }
-            match entry_script(entry.get_ref(), now_ms) {
+            match entry_script(entry.get_ref()) {
                 Ok(s) => tokens.push((token, s)),
                 Err((field, why)) => bad(field, why),
             }
@@ -212,7 +211,7 @@ fn too_long() -> String {
 }
 
 /// The behaviour one `[tokens]` entry asks for, or the field at fault and why.
-fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, String)> {
+fn entry_script(e: &Entry) -> Result<TokenScript, (&'static str, String)> {
     if let Some(ms) = e.delay_ms {
         if ms > MAX_DELAY_MS {
             return Err(("delay_ms", too_long()));
@@ -230,7 +229,7 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
         };
         return Ok(TokenScript::Slow {
             delay,
-            then: Box::new(entry_script(&rest, now_ms)?),
+            then: Box::new(entry_script(&rest)?),
         });
     }
     let Some(status) = e.status else {
@@ -306,7 +305,8 @@ fn entry_script(e: &Entry, now_ms: i64) -> Result<TokenScript, (&'static str, St
         if e.first.is_some() {
             return Err(("first", "a 410 is for good: the device is gone".into()));
         }
-        let timestamp_ms = e.timestamp_ms.unwrap_or(now_ms);
+        // None: the moment of each answer.
+        let timestamp_ms = e.timestamp_ms;
         return Ok(match reason.as_str() {
             "Unregistered" => TokenScript::Unregistered { timestamp_ms },
             "ExpiredToken" => TokenScript::ExpiredToken { timestamp_ms },
@@ -365,7 +365,7 @@ mod tests {
     const T2: &str = "0a281d3d0a281d3d0a281d3d0a281d3d";
 
     fn parse(text: &str) -> Result<SimScript, Vec<ScriptProblem>> {
-        SimScript::parse(text, 1_000)
+        SimScript::parse(text)
     }
 
     #[test]
@@ -394,12 +394,15 @@ mod tests {
         assert_eq!(s.drop_after, None);
         assert!(s.streams_one_until_authorized);
         let by: std::collections::HashMap<_, _> = s.tokens.into_iter().collect();
-        assert_eq!(by[T1], TokenScript::Unregistered { timestamp_ms: 77 });
+        assert_eq!(
+            by[T1],
+            TokenScript::Unregistered {
+                timestamp_ms: Some(77)
+            }
+        );
         assert_eq!(
             by[&"11".repeat(16)],
-            TokenScript::Unregistered {
-                timestamp_ms: 1_000
-            }
+            TokenScript::Unregistered { timestamp_ms: None }
         );
         assert_eq!(by[T2], TokenScript::BadDeviceToken);
         assert_eq!(
@@ -424,9 +427,7 @@ mod tests {
         // Tokens are matched in lower case, as pushdrop sends them.
         assert_eq!(
             by[&"ab".repeat(16)],
-            TokenScript::ExpiredToken {
-                timestamp_ms: 1_000
-            }
+            TokenScript::ExpiredToken { timestamp_ms: None }
         );
         // A delay beside an answer makes that answer slow.
         let slow = &by[&"55".repeat(16)];
@@ -617,7 +618,7 @@ mod tests {
 
     #[test]
     fn a_missing_file_names_the_file() {
-        let err = SimScript::load(Path::new("/nonexistent/script.toml"), 0).unwrap_err();
+        let err = SimScript::load(Path::new("/nonexistent/script.toml")).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("/nonexistent/script.toml") && text.contains("cannot read"),

@@ -23,8 +23,8 @@ use crate::model::{PushType, Record};
 
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
-    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, HeldReleased,
-    RecordFailed, ResultKind,
+    Claim, ClaimedDelivery, DEVICE_KEPT, DeliveryResult, EndedDelivery, FinishedNotification,
+    HeldReleased, RecordFailed, ResultKind,
 };
 
 /// SQLite's error, with what a "database is locked" means here: every writer waits up to
@@ -375,6 +375,16 @@ impl Store {
                 results: Vec::new(),
             }),
         }
+    }
+
+    /// Whether a device still valid registered again after `at_ms` (APNs' time for its
+    /// token's end), so that a 410 leaves it active (SPEC 4.3): the sender asks before it
+    /// logs the delivery's line, which then says "device kept". Rare (410 answers only), so
+    /// a round trip of its own; a failed read answers false (the store still decides).
+    pub async fn registered_after(&self, device_id: i64, at_ms: i64) -> bool {
+        self.call(move |w| w.registered_after(device_id, at_ms))
+            .await
+            .unwrap_or(false)
     }
 
     /// Requeues failed deliveries: of notification `id` (of `app`, which must be named when

@@ -1227,7 +1227,17 @@ impl Writer {
                                AND invalidated_at IS NULL
                                AND (registered_at IS NULL OR registered_at <= ?2)",
                         )?
-                        .execute(params![device_id, invalidated_at_ms, reason, now])?;
+                        .execute(params![
+                            device_id,
+                            invalidated_at_ms,
+                            // Apple's reason alone (the sender's "device kept" is not the
+                            // device's reason).
+                            reason
+                                .strip_suffix(DEVICE_KEPT)
+                                .and_then(|r| r.strip_suffix("; "))
+                                .unwrap_or(reason),
+                            now
+                        ])?;
                     if invalidated > 0 || !kept(&tx, r.delivery_id, device_id, reason)? {
                         self.handoff.device_gone(device_id);
                     }
@@ -1239,6 +1249,17 @@ impl Writer {
         let finished = named(&tx, &mut self.notifications, done)?;
         tx.commit()?;
         Ok(finished)
+    }
+
+    /// See [`super::Store::registered_after`].
+    pub fn registered_after(&mut self, device_id: i64, at_ms: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM devices
+                 WHERE id = ?1 AND invalidated_at IS NULL AND registered_at > ?2",
+            )?
+            .exists(params![device_id, at_ms])?)
     }
 
     /// See [`super::Store::retry_failed_blocking`].
@@ -2616,8 +2637,12 @@ fn kept(
     let Some((app, token)) = device else {
         return Ok(false);
     };
-    tx.prepare_cached("UPDATE deliveries SET last_reason = ?2 WHERE id = ?1")?
-        .execute(params![delivery_id, format!("{reason}; {DEVICE_KEPT}")])?;
+    // The sender may have said so already, in the delivery's log line (see
+    // [`Writer::registered_after`]).
+    if !reason.ends_with(DEVICE_KEPT) {
+        tx.prepare_cached("UPDATE deliveries SET last_reason = ?2 WHERE id = ?1")?
+            .execute(params![delivery_id, format!("{reason}; {DEVICE_KEPT}")])?;
+    }
     tracing::info!(
         event = "device_kept",
         app = app.as_str(),
