@@ -81,15 +81,36 @@ fn dropper_snippets_feed_a_running_daemon() {
         &devices,
     );
     wait_for("devices ingested", || env.inbox_pending() == 0);
-    let mut ids = vec!["from-python"];
-    run_with_stdin(
-        Command::new("python3").args([
-            repo("docs/droppers/drop.py").to_str().unwrap(),
-            inbox,
-            "b-python.jsonl",
-        ]),
-        &(notification_to_users("from-python") + "\n"),
-    );
+    let mut ids = vec![];
+    if has("python3") {
+        let drop_py = repo("docs/droppers/drop.py");
+        run_with_stdin(
+            Command::new("python3").args([drop_py.to_str().unwrap(), inbox, "b-python.jsonl"]),
+            &(notification_to_users("from-python") + "\n"),
+        );
+        ids.push("from-python");
+        // Run as a command, it refuses a duplicate key (json.loads would keep the last one
+        // silently, past pushdrop's check) and drops nothing.
+        let mut child = Command::new("python3")
+            .args([drop_py.to_str().unwrap(), inbox, "b-dup.jsonl"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let line =
+            r#"{"type":"device","token":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","user":"a","user":"b"}"#;
+        writeln!(child.stdin.take().unwrap(), "{line}").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("stdin line 1: duplicate key 'user'"),
+            "{out:?}"
+        );
+        assert!(!env.inbox.join("b-dup.jsonl").exists());
+    } else {
+        eprintln!("python3 not installed: drop.py not run");
+    }
     if has("java") {
         let status = Command::new("java")
             .arg(repo("docs/droppers/Drop.java"))

@@ -22,5 +22,23 @@ def drop(inbox, name, records):
         raise
 
 
+def _unique_keys(pairs):
+    """A JSON object whose keys are unique: json.loads would keep the last of two silently,
+    and pushdrop rejects duplicate keys (a typo must not pass)."""
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
 if __name__ == "__main__":
-    drop(sys.argv[1], sys.argv[2], (json.loads(l) for l in sys.stdin if l.strip()))
+    records = []
+    for n, line in enumerate(sys.stdin, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line, object_pairs_hook=_unique_keys))
+            except ValueError as e:  # nothing is dropped
+                sys.exit(f"drop.py: stdin line {n}: {e}")
+    drop(sys.argv[1], sys.argv[2], records)
