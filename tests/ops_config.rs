@@ -116,7 +116,7 @@ fn a_key_others_can_read_is_a_warning_not_an_error() {
     let d = deployed(&text, 0o644);
     let (_, stderr) = assert_ok(&d);
     assert!(
-        stderr.contains("warning: line ")
+        stderr.contains(&format!("warning: {}: line ", d.config.display()))
             && stderr.contains(": apps[0].token.key_file:")
             && stderr.contains("mode 644")
             && stderr.contains("chmod 600"),

@@ -424,6 +424,24 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
         format!("[tokens]\n\"{fine}\" = {{ status = 200 }}\n"),
     )
     .unwrap();
+    // Re-read by SIGHUP, it is refused on one log line, and the last good script stays.
+    let hup = Command::new("kill")
+        .args(["-HUP", &sim.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for("the script refused", || {
+        std::fs::read_to_string(&sim_log).is_ok_and(|l| l.contains("previous script stays"))
+    });
+    let log = std::fs::read_to_string(&sim_log).unwrap();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("previous script stays"))
+        .unwrap();
+    assert!(
+        refused.contains("script.toml: line 2: tokens.") && !refused.contains(":;"),
+        "{refused}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
         .args(["simulate", "--listen", "127.0.0.1:0", "--dir"])
         .arg(dir.path().join("sim2"))

@@ -163,7 +163,7 @@ pub fn check_config(path: &Path) -> anyhow::Result<i32> {
         // config on stdout.
         Ok((cfg, warnings)) => {
             for w in &warnings {
-                eprintln!("warning: {w}");
+                eprintln!("warning: {}: {w}", path.display());
             }
             println!(
                 "{}: ok ({} app{}, inbox {}, store {})",
@@ -176,7 +176,8 @@ pub fn check_config(path: &Path) -> anyhow::Result<i32> {
             Ok(0)
         }
         Err(e) => {
-            eprintln!("{e}");
+            // Worded as every command words a bad config.
+            eprintln!("pushdrop: {e}");
             Ok(EXIT_BAD_CONFIG)
         }
     }

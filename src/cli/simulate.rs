@@ -191,7 +191,7 @@ async fn serve_until_stop(sim: &Simulator, script: Option<&Path>, latency: std::
                         );
                     }
                     // On one line: a log line is one line.
-                    Err(e) => tracing::error!(event = "sim_script_refused", "{}; the previous script stays in force", e.to_string().replace("\n  ", "; ")),
+                    Err(e) => tracing::error!(event = "sim_script_refused", "{}; the previous script stays in force", e.to_string().replacen(":\n  ", ": ", 1).replace("\n  ", "; ")),
                 }
             }
         }
