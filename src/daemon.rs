@@ -335,11 +335,13 @@ fn no_huge_pages() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
-/// SIGTERM and SIGINT, caught; SIGHUP, caught and ignored.
+/// SIGTERM and SIGINT, caught; SIGHUP, SIGUSR1 and SIGUSR2, caught and ignored.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -349,23 +351,29 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
-    /// Waits for SIGTERM or SIGINT; returns its name. SIGHUP, which killed the daemon on the
-    /// spot (a closed terminal, a logrotate `postrotate` habit), is logged and ignored: there
-    /// is nothing to reload, and the log files rotate by themselves.
+    /// Waits for SIGTERM or SIGINT; returns its name. SIGHUP, SIGUSR1 and SIGUSR2, each of
+    /// which killed the daemon on the spot (a closed terminal; logrotate `postrotate` habits
+    /// of "reload" or "reopen your logs"), are logged and ignored: there is nothing to
+    /// reload, and the log files rotate, and are reopened when moved away, by themselves.
     async fn wait(&mut self) -> &'static str {
         loop {
-            tokio::select! {
+            let signal = tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
-                _ = self.hup.recv() => tracing::info!(
-                    event = "signal_ignored",
-                    signal = "SIGHUP",
-                    "SIGHUP ignored: nothing to reload (a config change needs a restart) and logs rotate by themselves; SIGTERM stops pushdrop"
-                ),
-            }
+                _ = self.hup.recv() => "SIGHUP",
+                _ = self.usr1.recv() => "SIGUSR1",
+                _ = self.usr2.recv() => "SIGUSR2",
+            };
+            tracing::info!(
+                event = "signal_ignored",
+                signal,
+                "{signal} ignored: nothing to reload (a config change needs a restart) and logs rotate and reopen by themselves; SIGTERM stops pushdrop"
+            );
         }
     }
 }

@@ -88,17 +88,17 @@ fn sigkill_at_random_instants_loses_nothing_and_doubles_nothing() {
         env.processed_names()
             .contains(&"zz-marker.json".to_string())
     });
-    // SIGHUP is ignored (it used to kill the daemon on the spot).
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
-        0
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the daemon survives SIGHUP"
-    );
+    // SIGHUP, SIGUSR1 and SIGUSR2 are ignored (each used to kill the daemon on the spot;
+    // logrotate scripts send them to "reload" or "reopen logs").
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon survives signal {sig}"
+        );
+    }
     // SAFETY: as above.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
