@@ -531,8 +531,10 @@ pub fn prune_logs(cfg: &LogConfig) {
         }
         others.push(name.to_string());
     }
-    // The current file counts whether or not its first line has made it yet.
-    let room = cfg.keep_files.max(2) - 1;
+    // The current file counts when it is there. An idle daemon may have written nothing
+    // in this period yet: then the newest other file is the one "being written" (its last
+    // lines are the latest there are), and keep_files of the others stay.
+    let room = cfg.keep_files.max(2) - usize::from(dir.join(&current).exists());
     if others.len() > room {
         // By date: `pushdrop.2026-11-30.log` < `pushdrop.2026-12-01-07.log`. A name without
         // a date (`pushdrop.log`, left by `rotation = "never"`, or a copy's) is older than
@@ -643,6 +645,46 @@ pub(crate) mod tests {
         );
         let text = std::fs::read_to_string(dir.path().join(&today)).unwrap();
         assert!(text.starts_with("earlier lines\n"), "{text}");
+    }
+
+    /// An idle hour writes no file: the files kept are still `keep_files`, the newest of
+    /// them standing for the one being written.
+    #[test]
+    fn a_period_without_a_file_yet_keeps_keep_files_of_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        for h in ["14", "15", "16"] {
+            std::fs::write(
+                dir.path().join(format!("pushdrop.2020-01-01-{h}.log")),
+                "x\n",
+            )
+            .unwrap();
+        }
+        let cfg = LogConfig {
+            dir: Some(dir.path().to_path_buf()),
+            rotation: Rotation::Hourly,
+            keep_files: 2,
+            ..LogConfig::default()
+        };
+        prune_logs(&cfg);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["pushdrop.2020-01-01-15.log", "pushdrop.2020-01-01-16.log"]
+        );
+        // Once the current period has its file, it is one of the two.
+        let now = current_log_name(Rotation::Hourly, time::OffsetDateTime::now_utc());
+        std::fs::write(dir.path().join(&now), "y\n").unwrap();
+        prune_logs(&cfg);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["pushdrop.2020-01-01-16.log".to_string(), now]);
     }
 
     /// The README promises an `event` on every line operators see (info and above): a line
