@@ -410,7 +410,7 @@ fn open_appender(
         Rotation::Daily => AppenderRotation::DAILY,
         Rotation::Never => AppenderRotation::NEVER,
     };
-    RollingFileAppender::builder()
+    let appender = RollingFileAppender::builder()
         .rotation(rotation)
         .filename_prefix("pushdrop")
         .filename_suffix("log")
@@ -418,7 +418,45 @@ fn open_appender(
         .map_err(|e| LogError::Appender {
             dir: dir.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+    give_to_folder_owner(dir);
+    Ok(appender)
+}
+
+/// Run as root, gives the log files root owns in `dir` to the folder's owner (the
+/// daemon's user). An operator's `sudo pushdrop purge` may be the first to write a period's
+/// file (the appender makes it); left root's, the daemon could not write that file: its
+/// lines of the period would be lost, or it could not start until the next period.
+fn give_to_folder_owner(dir: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let Ok(folder) = std::fs::metadata(dir) else {
+        return;
+    };
+    if folder.uid() == 0 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let ours = name
+            .to_str()
+            .is_some_and(|n| n.starts_with("pushdrop") && n.ends_with("log"));
+        // Regular files only (a symlink's target is not ours to give).
+        if ours
+            && let Ok(m) = e.path().symlink_metadata()
+            && m.is_file()
+            && m.uid() == 0
+        {
+            // Best effort: should it fail, the daemon's start names the file it cannot open.
+            let _ = std::os::unix::fs::lchown(e.path(), Some(folder.uid()), Some(folder.gid()));
+        }
+    }
 }
 
 /// How often the log writer looks whether its file is still there.

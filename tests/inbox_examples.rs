@@ -282,6 +282,24 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
     );
     assert!(with("requeued", ""), "{lines}");
     assert!(with("purged", ""), "{lines}");
+
+    // Run as root (`sudo pushdrop purge`) in a log folder the daemon's user owns, a command
+    // that makes the period's file gives it to that user, who could not write it otherwise.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::fs::MetadataExt;
+        for e in std::fs::read_dir(&log_dir).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        std::os::unix::fs::chown(&log_dir, Some(65534), Some(65534)).unwrap();
+        assert_eq!(env.pushdrop(&["purge"]).status.code(), Some(0));
+        let files: Vec<_> = std::fs::read_dir(&log_dir).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let m = files[0].metadata().unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{files:?}");
+    } else {
+        eprintln!("not root: the hand-over of a log file root made is not tested");
+    }
 }
 
 #[test]
