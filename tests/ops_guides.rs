@@ -58,7 +58,7 @@ fn readme_snippets_are_the_tested_files() {
     );
     let py = read("docs/droppers/drop.py");
     let start = py.find("def drop(").unwrap();
-    let end = py.find("\n\n\nif __name__").unwrap();
+    let end = start + py[start..].find("\n\n\n").unwrap();
     assert!(
         readme.contains(&py[start..end]),
         "README's Python snippet = drop() of docs/droppers/drop.py"
@@ -513,7 +513,20 @@ fn the_demo_tours_the_examples_and_cleans_up_after_itself() {
             .current_dir(tmp.path());
         c
     };
-    let left = || std::fs::read_dir(tmp.path()).unwrap().count();
+    // What the demo left in its TMPDIR (named, should a run leave something).
+    let left_names = || -> Vec<_> {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let left = || {
+        let names = left_names();
+        if !names.is_empty() {
+            eprintln!("left in TMPDIR: {names:?}");
+        }
+        names.len()
+    };
 
     let out = demo().output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
