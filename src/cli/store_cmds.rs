@@ -381,10 +381,11 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
             crate::config::RECEIPT_GRACE_MS / 60_000
         )
     } else {
-        format!("{} days", cfg.store.keep_finished_days)
+        let days = cfg.store.keep_finished_days;
+        format!("{days} day{}", if days == 1 { "" } else { "s" })
     };
     println!(
-        "purged {} deliveries, {} notifications, {} invalid devices, {} committed-file records older than {horizon}",
+        "purged {} deliveries, {} notifications, {} devices (invalid, or tokens only named in to.tokens, with no delivery left), {} committed-file records older than {horizon}",
         c.deliveries, c.notifications, c.devices, c.committed_files
     );
     tracing::info!(

@@ -971,6 +971,8 @@ fn batched_results_apply_in_order_per_delivery() {
 #[test]
 fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() {
     let (_dir, store) = open();
+    // tok(5) is registered by a device record; the other tokens are only named in `to`.
+    ingest(&store, "d.jsonl", vec![device("a", 5, Some("u"))]);
     ingest(
         &store,
         "n.jsonl",
@@ -1026,8 +1028,8 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
     );
     assert_eq!(n.notifications, 3);
     assert_eq!(
-        n.devices, 1,
-        "the invalidated device, once nothing refers to it"
+        n.devices, 3,
+        "the invalidated device, and the tokens only named in `to` (1, 6), once nothing refers to them"
     );
     let r = query::Reader::open(store.path()).unwrap();
     let count = |sql: &str| -> i64 { r.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
@@ -1040,7 +1042,19 @@ fn purge_takes_finished_notifications_whole_and_dead_devices_nobody_refers_to() 
         3,
         "`half` whole, and `later`"
     );
-    assert_eq!(count("SELECT count(*) FROM devices"), 6);
+    let left: String = r
+        .conn()
+        .query_row(
+            "SELECT group_concat(substr(token, 1, 8), ' ')
+             FROM (SELECT token FROM devices ORDER BY id)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        left, "00000005 00000002 00000003 00000007",
+        "the registered device stays, and those with deliveries left"
+    );
     assert_eq!(
         count("SELECT count(*) FROM notification_progress"),
         1,

@@ -1349,8 +1349,15 @@ impl Writer {
              AND NOT EXISTS (SELECT 1 FROM notifications WHERE id = notification_progress.id)",
             [cutoff],
         )?;
+        // Invalid devices, and tokens only ever named in `to.tokens` (no device record
+        // registered them) once no delivery is left for them: their row only served to
+        // remember an invalidation, and naming the token again makes a new one. Without
+        // this, a dropper that sends to tokens (which Apple changes over time) grew the
+        // registry for good.
         let devices = tx.execute(
-            "DELETE FROM devices WHERE invalidated_at IS NOT NULL AND active = 0 AND updated_at < ?1
+            "DELETE FROM devices WHERE updated_at < ?1
+             AND ((invalidated_at IS NOT NULL AND active = 0)
+                  OR (registered = 0 AND invalidated_at IS NULL AND unregistered_at IS NULL))
              AND id NOT IN (SELECT device_id FROM deliveries)",
             [cutoff],
         )?;
