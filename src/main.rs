@@ -37,37 +37,45 @@ enum Command {
     },
     /// Checks drop files without ingesting them; exit 1 if any would be rejected.
     Validate {
+        /// Drop files (`*.json`, `*.jsonl`) to check; nothing is moved or written.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Ingests drop files once, through the same path as the watcher.
     Ingest {
+        /// Drop files to ingest, in this order; each is moved to processed/ or rejected/.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Queue depth by state and app, oldest queued age, invalid devices, recent errors.
     Status {
+        /// The same figures as JSON (as the admin endpoint's /status).
         #[arg(long)]
         json: bool,
     },
     /// One notification and its deliveries.
     Show {
+        /// The notification's id (the record's `id`, or the one pushdrop assigned).
         id: String,
         /// The app, when the same id exists for several apps.
         #[arg(long)]
         app: Option<String>,
+        /// As JSON (the target uncut, and also as the record's `to` object).
         #[arg(long)]
         json: bool,
     },
     /// The device registry.
     Devices {
+        /// Only this app's devices.
         #[arg(long)]
         app: Option<String>,
+        /// Only this user's devices.
         #[arg(long)]
         user: Option<String>,
         /// Only invalidated devices.
         #[arg(long)]
         invalid: bool,
+        /// As a JSON array, one object per device.
         #[arg(long)]
         json: bool,
         /// At most this many rows (default: all; a cut list is said on stderr).
@@ -87,7 +95,8 @@ enum Command {
         #[arg(long)]
         failed: bool,
     },
-    /// Drops finished deliveries and invalid devices past retention.
+    /// Drops finished notifications and deliveries, invalid devices, unregistered tokens
+    /// nothing refers to and committed-file records past retention (keep_finished_days).
     Purge,
     /// Runs the APNs simulator as a server, for your own integration tests.
     Simulate {
@@ -112,7 +121,10 @@ enum Command {
     /// Validates the configuration file.
     CheckConfig,
     /// Writes a consistent copy of the database, safe while the daemon runs.
-    Backup { dest: PathBuf },
+    Backup {
+        /// Where to write the copy (a new file; an existing one is refused).
+        dest: PathBuf,
+    },
 }
 
 /// `--bundle-id`: what `check-config` takes as a bundle id, or `*`.

@@ -76,7 +76,12 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
             d.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
         ),
         Some(_) => println!(
-            "daemon        not running (no `pushdrop run` holds the database: pauses below are its last word)"
+            "daemon        not running (no `pushdrop run` holds the database{})",
+            if s.paused.is_empty() {
+                ""
+            } else {
+                ": the pauses below are its last word"
+            }
         ),
         None => {}
     }
