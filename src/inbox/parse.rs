@@ -1093,7 +1093,42 @@ fn serde_problem(base: &str, inner: &str) -> FieldProblem {
             format!("duplicate key \"{}\"", excerpt(&name)),
         );
     }
-    fp(base, format!("wrong type: {inner}"))
+    match plain_type_error(inner) {
+        Some(said) => fp(base, said),
+        None => fp(base, format!("wrong type: {inner}")),
+    }
+}
+
+/// serde's "invalid type: integer `5`, expected a string" in plain words: "must be a
+/// string, not the number 5". A number too large for a whole number (or written with a
+/// fraction) reaches serde as a float, which it prints rewritten (`1e+20`): said so.
+fn plain_type_error(inner: &str) -> Option<String> {
+    let (got, want) = inner
+        .strip_prefix("invalid type: ")?
+        .rsplit_once(", expected ")?;
+    let quoted = |prefix: &str| {
+        got.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix('`'))
+            .map(str::to_string)
+    };
+    let got = if let Some(n) = quoted("integer `") {
+        format!("the number {n}")
+    } else if let Some(n) = quoted("floating point `") {
+        format!(
+            "a number with a fraction or an exponent, or too large for a whole one (read as {n})"
+        )
+    } else if let Some(b) = quoted("boolean `") {
+        b
+    } else {
+        match got {
+            "map" => "an object".into(),
+            "sequence" => "an array".into(),
+            "unit value" => "null".into(),
+            other if other.starts_with("string ") => format!("the {other}"),
+            other => other.to_string(),
+        }
+    };
+    Some(format!("must be {want}, not {got}"))
 }
 
 /// The path of field `name` under `base`; serde's path of an unknown or duplicate field
@@ -2381,9 +2416,12 @@ mod tests {
                 assert_eq!(r.problems.len(), 1, "{bad}: {r:?}");
                 assert_eq!(r.problems[0].field.as_deref(), Some("to"), "{bad}: {r:?}");
                 assert!(
-                    r.problems[0].message.contains("expected an object"),
+                    r.problems[0]
+                        .message
+                        .starts_with("must be an object: {\"tokens\""),
                     "{bad}: {r:?}"
                 );
+                assert!(r.problems[0].message.ends_with(", not an array"), "{r:?}");
             }
         }
         let line = format!(r#"["device","buxheti","{TOKEN}"]"#);
@@ -2675,11 +2713,29 @@ mod tests {
         let text = format!("{}\n{deep}\n", notif(r#","priority":"x""#));
         let r = problems(&text, FileKind::Jsonl);
         let messages: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
-        assert!(
-            messages[0].contains("expected a whole number"),
+        assert_eq!(
+            messages[0], "must be a whole number, not the string \"x\"",
             "{messages:?}"
         );
         assert!(messages[1].contains("nested too deeply"), "{messages:?}");
+        // serde's "invalid type: integer `5`, expected a string", said plainly.
+        let r = problems(
+            &notif("").replace(r#""type":"notification""#, r#""type":5"#),
+            FileKind::Json,
+        );
+        assert_eq!(
+            r.problems[0].message, "must be a string, not the number 5",
+            "{r:?}"
+        );
+        // A whole number too large for one reaches serde as a float, printed rewritten.
+        let r = problems(
+            &notif(r#","priority":100000000000000000000"#),
+            FileKind::Json,
+        );
+        assert!(
+            r.problems[0].message.starts_with("must be a whole number, not a number with a fraction or an exponent, or too large for a whole one (read as 1e+20)"),
+            "{r:?}"
+        );
         assert!(
             !messages
                 .iter()
