@@ -1082,10 +1082,14 @@ fn serde_problem(base: &str, inner: &str) -> FieldProblem {
         Some(rest[..end].to_string())
     };
     if let Some(name) = named("unknown field `") {
-        return fp(
-            join(base, &name),
-            format!("unknown field \"{}\"", excerpt(&name)),
-        );
+        let mut msg = format!("unknown field \"{}\"", excerpt(&name));
+        // `to` is the one object of a record serde reads whole: its keys get hints here.
+        if base == format!("to.{name}")
+            && let Some(s) = closest(&name, ["tokens", "users", "all"].into_iter())
+        {
+            msg.push_str(&format!("; did you mean \"{s}\"?"));
+        }
+        return fp(join(base, &name), msg);
     }
     if let Some(name) = named("duplicate field `") {
         return fp(
@@ -1194,8 +1198,39 @@ fn slow_path(
     Ok((raw, bad, problems))
 }
 
-/// The known field closest to a misspelt one, if it is close.
+/// The known field closest to a misspelt one, if it is close; or the field a common other
+/// name (`expiry`, `ttl`) stands for.
 fn suggestion(key: &str) -> Option<&'static str> {
+    const OTHER_NAMES: &[(&str, &str)] = &[
+        ("expiry", "expiration"),
+        ("expires", "expiration"),
+        ("expires_at", "expiration"),
+        ("expire_at", "expiration"),
+        ("ttl", "expiration"),
+        ("apns_expiration", "expiration"),
+        ("schedule", "send_at"),
+        ("scheduled_at", "send_at"),
+        ("deliver_at", "send_at"),
+        ("tokens", "to"),
+        ("target", "to"),
+        ("collapse_key", "collapse_id"),
+        ("apns_topic", "topic"),
+        ("apns_push_type", "push_type"),
+        ("apns_priority", "priority"),
+        ("bundle_id", "app"),
+    ];
+    let lower = key.to_ascii_lowercase();
+    if let Some((_, f)) = OTHER_NAMES.iter().find(|(k, _)| *k == lower) {
+        return Some(f);
+    }
+    closest(
+        key,
+        DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied(),
+    )
+}
+
+/// The one of `known` closest to `key`, if it is close (or `key` abbreviates it).
+fn closest(key: &str, known: impl Iterator<Item = &'static str> + Clone) -> Option<&'static str> {
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
         let mut prev: Vec<usize> = (0..=b.len()).collect();
@@ -1211,7 +1246,7 @@ fn suggestion(key: &str) -> Option<&'static str> {
         prev[b.len()]
     }
     let key = key.to_ascii_lowercase();
-    let known = || DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied();
+    let known = || known.clone();
     // Close, for its length: "tokn" is "token", but "foo" is not "to".
     known()
         .map(|f| (distance(&key, f), f))
@@ -2293,6 +2328,32 @@ mod tests {
             .find(|p| p.field.as_deref() == Some("foo"));
         let foo = foo.expect("a problem with `foo`");
         assert!(!foo.message.contains("did you mean"), "{foo:?}");
+        // Inside `to`, and for other names of a field.
+        let r = problems(
+            &format!(
+                r#"{{"type":"notification","to":{{"token":["{TOKEN}"]}},"expiry":0,"payload":{{"aps":{{}}}}}}"#
+            ),
+            FileKind::Json,
+        );
+        let said: Vec<_> = r
+            .problems
+            .iter()
+            .map(|p| (p.field.as_deref(), p.message.as_str()))
+            .collect();
+        assert!(
+            said.contains(&(
+                Some("to.token"),
+                "unknown field \"token\"; did you mean \"tokens\"?"
+            )),
+            "{said:?}"
+        );
+        assert!(
+            said.contains(&(
+                Some("expiry"),
+                "unknown field \"expiry\"; did you mean \"expiration\"?"
+            )),
+            "{said:?}"
+        );
     }
 
     #[test]
