@@ -270,9 +270,6 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
         dir: dir.clone(),
         source,
     })?;
-    // Old files are pruned here and by the daemon every few minutes (`prune_logs`), not by
-    // the appender: it goes by creation time and may take the file it writes.
-    prune_logs(cfg);
     let appender = Reopening::new(dir, cfg.rotation)?;
     // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
     // every delivery outcome must reach the file, so a stalled disk slows the sender down
@@ -329,6 +326,10 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
         .with(file_layer)
         .with(filter(&cfg.level))
         .try_init();
+    // Old files are pruned here (once lines can say so) and by the daemon every few minutes
+    // (`prune_logs`), not by the appender: it goes by creation time and may take the file it
+    // writes.
+    prune_logs(cfg);
     Ok(LogGuard {
         _file: Some(guard),
         _stdout: stdout_guard,
@@ -581,7 +582,14 @@ pub fn prune_logs(cfg: &LogConfig) {
         let excess = others.len() - room;
         for name in others.into_iter().take(excess) {
             // Should this fail, the next prune tries again.
-            let _ = std::fs::remove_file(dir.join(name));
+            if std::fs::remove_file(dir.join(&name)).is_ok() {
+                tracing::info!(
+                    event = "log_file_removed",
+                    file = name.as_str(),
+                    keep_files = cfg.keep_files,
+                    "old log file removed (keep_files)"
+                );
+            }
         }
     }
 }
