@@ -473,12 +473,19 @@ struct Reopening {
     rotation: Rotation,
     checked: std::time::Instant,
     failing: bool,
+    /// The file the appender writes, as (name, device, inode) when last seen: a file of that
+    /// name that is another file (a rotation tool renamed ours away and made a new one,
+    /// logrotate's `create`) is not ours, however present.
+    writing: Option<(String, u64, u64)>,
 }
 
 impl Reopening {
     fn new(dir: &std::path::Path, rotation: Rotation) -> Result<Reopening, LogError> {
+        let appender = open_appender(dir, rotation)?;
+        let name = current_log_name(rotation, time::OffsetDateTime::now_utc());
         Ok(Reopening {
-            appender: open_appender(dir, rotation)?,
+            appender,
+            writing: file_ident(&dir.join(&name)).map(|(dev, ino)| (name, dev, ino)),
             dir: dir.to_path_buf(),
             rotation,
             checked: std::time::Instant::now(),
@@ -488,8 +495,18 @@ impl Reopening {
 
     fn check(&mut self) {
         let name = current_log_name(self.rotation, time::OffsetDateTime::now_utc());
-        if self.dir.join(&name).exists() {
-            return;
+        let path = self.dir.join(&name);
+        match (file_ident(&path), &self.writing) {
+            // Ours, still under its name.
+            (Some(now), Some((n, dev, ino))) if *n == name && now == (*dev, *ino) => return,
+            // A new period's file: the appender opens it by name at its first write in the
+            // period, whoever made it.
+            (Some((dev, ino)), Some((n, _, _))) if *n != name => {
+                self.writing = Some((name, dev, ino));
+                return;
+            }
+            // Gone, or another file under our name: open the name again.
+            _ => {}
         }
         // Also the first write of a new period (the appender makes its file then): opening
         // it again then does no harm.
@@ -497,6 +514,7 @@ impl Reopening {
         match open_appender(&self.dir, self.rotation) {
             Ok(a) => {
                 self.appender = a;
+                self.writing = file_ident(&path).map(|(dev, ino)| (name, dev, ino));
                 self.failing = false;
             }
             // No log line can say so (this is the log): stderr, once per failing spell.
@@ -521,6 +539,12 @@ impl std::io::Write for Reopening {
     fn flush(&mut self) -> std::io::Result<()> {
         self.appender.flush()
     }
+}
+
+/// A file's (device, inode), or `None` when there is none.
+fn file_ident(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The name of the file tracing-appender writes at `now` (UTC, as it names them).
@@ -643,6 +667,29 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         w.write_all(b"unseen\n").unwrap();
         assert!(!dir.exists());
+    }
+
+    /// logrotate's `create`: the file renamed away and a new, empty one made under its name.
+    /// The lines go to the new one (they went on into the renamed file, for good).
+    #[test]
+    fn a_log_file_renamed_away_and_made_anew_is_written_anew() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Reopening::new(dir.path(), Rotation::Never).unwrap();
+        w.write_all(b"before\n").unwrap();
+        let log = dir.path().join("pushdrop.log");
+        std::fs::rename(&log, dir.path().join("pushdrop.log.1")).unwrap();
+        std::fs::File::create(&log).unwrap();
+        w.checked = std::time::Instant::now() - REOPEN_CHECK * 2;
+        w.write_all(b"after\n").unwrap();
+        w.checked = std::time::Instant::now() - REOPEN_CHECK * 2;
+        w.write_all(b"later\n").unwrap();
+        w.flush().unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "after\nlater\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("pushdrop.log.1")).unwrap(),
+            "before\n"
+        );
     }
 
     /// Files restored into the log folder after today's was made: today's is the oldest by
