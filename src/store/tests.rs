@@ -1695,6 +1695,48 @@ fn deliveries_queued_for_a_device_unregistered_since_are_not_sent() {
     assert_eq!(claimed[0].notification.ext_id, "after");
 }
 
+/// In one file (or files committed in the same millisecond), the order of the records is
+/// the order of events: a notification before the removal is not sent, one after it is.
+#[test]
+fn a_removal_and_notifications_in_one_file_keep_their_order() {
+    let (_dir, store) = open();
+    ingest(
+        &store,
+        "one.jsonl",
+        vec![
+            device("a", 3, None),
+            device("a", 4, None),
+            notification(Some("early"), Target::Tokens(vec![tok(3)])),
+            unregister(3),
+            notification(Some("late"), Target::Tokens(vec![tok(3)])),
+        ],
+    );
+    // No pause: the next file's transaction may fall in the same millisecond.
+    ingest(&store, "gone.jsonl", vec![unregister(4)]);
+    ingest(
+        &store,
+        "next.jsonl",
+        vec![notification(Some("next"), Target::Tokens(vec![tok(4)]))],
+    );
+    let rt = rt();
+    let claim = rt
+        .block_on(store.claim_due(crate::model::now_ms() + 10, 10))
+        .unwrap();
+    let mut sent: Vec<&str> = claim
+        .deliveries
+        .iter()
+        .map(|c| c.notification.ext_id.as_str())
+        .collect();
+    sent.sort_unstable();
+    assert_eq!(sent, ["late", "next"]);
+    let ended: Vec<&str> = claim
+        .ended
+        .iter()
+        .map(|e| e.delivery.notification.ext_id.as_str())
+        .collect();
+    assert_eq!(ended, ["early"]);
+}
+
 /// A device registered in the same commit as a notification naming it, after that
 /// notification: its delivery goes out to the environment the registration gave it.
 #[test]

@@ -1930,7 +1930,7 @@ impl<'t> FileWriter<'t> {
             bound_device: BoundSlots::default(),
             progress: HashMap::new(),
             source_file: f.name.clone(),
-            now: now_ms(),
+            now: now_ms().max(INGEST_TIME_FLOOR.load(std::sync::atomic::Ordering::Relaxed)),
             written: f.written_at_ms(),
             index: 0,
             out: IngestOutcome::default(),
@@ -1942,13 +1942,18 @@ impl<'t> FileWriter<'t> {
     /// Binds what is the same for every record of the file once: a statement keeps its
     /// bindings between executions (until it goes back to the statement cache).
     fn with_file_constants(mut self) -> Result<FileWriter<'t>, StoreError> {
+        self.bind_file_constants()?;
+        Ok(self)
+    }
+
+    fn bind_file_constants(&mut self) -> Result<(), StoreError> {
         let now = self.now;
         self.insert_notification.raw_bind_parameter(12, now)?;
         self.insert_notification
             .raw_bind_parameter(13, self.source_file.as_str())?;
         self.insert_token_device.raw_bind_parameter(4, now)?;
         self.insert_delivery.raw_bind_parameter(5, now)?;
-        Ok(self)
+        Ok(())
     }
 
     /// The file's next record.
@@ -2029,6 +2034,13 @@ impl<'t> FileWriter<'t> {
                     .optional()?;
                 self.handoff.unregistered.extend(id);
                 self.out.devices_unregistered += 1;
+                // What comes after this record (later in the file, later files) is made
+                // after the removal: a notification naming the token then is sent, while one
+                // made before it is not (the claim compares the two times). One millisecond
+                // on keeps them apart within one transaction.
+                self.now = now + 1;
+                INGEST_TIME_FLOOR.fetch_max(self.now, std::sync::atomic::Ordering::Relaxed);
+                self.bind_file_constants()?;
             }
         }
         Ok(())
@@ -2608,6 +2620,11 @@ fn check_consecutive(tx: &Transaction<'_>, before: i64, inserted: usize) -> Resu
     }
     Ok(())
 }
+
+/// The earliest time the next file's records may be given: one past the latest device
+/// removal (see [`FileWriter::add_device`]), so that a file committed in the same
+/// millisecond as a removal is still after it. (One writer thread per process.)
+static INGEST_TIME_FLOOR: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 /// Notifications written by one statement during an ingest (see [`DELIVERY_BATCH`]).
 const NOTIFICATION_BATCH: usize = 64;
