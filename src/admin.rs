@@ -259,13 +259,11 @@ async fn status_json(state: &AdminState) -> Result<String, String> {
         pid: Some(std::process::id()),
     });
     let dir = state.inbox_dir.clone();
-    s.inbox = tokio::task::spawn_blocking(move || crate::inbox::waiting(&dir))
+    let mut inbox = tokio::task::spawn_blocking(move || crate::inbox::waiting(&dir))
         .await
-        .map_err(|e| e.to_string())?
-        .map(|mut i| {
-            i.stuck_files = Some(crate::metrics::get().inbox_stuck_files.get());
-            i
-        });
+        .map_err(|e| e.to_string())?;
+    inbox.stuck_files = Some(crate::metrics::get().inbox_stuck_files.get());
+    s.inbox = Some(inbox);
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
 }
 
@@ -277,6 +275,13 @@ async fn readiness(state: &AdminState) -> Result<(), String> {
     }
     if !(state.inbox_alive)() {
         return Err("inbox watcher is not running, or the inbox folder is gone".into());
+    }
+    // There, but not to be listed (permissions): no file would be taken.
+    if let Err(e) = std::fs::read_dir(&state.inbox_dir) {
+        return Err(format!(
+            "the inbox folder {} cannot be read: {e}",
+            state.inbox_dir.display()
+        ));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
         Ok(Ok(())) => Ok(()),

@@ -266,10 +266,14 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             _stdout: None,
         });
     };
+    let made = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|source| LogError::Dir {
         dir: dir.clone(),
         source,
     })?;
+    if made {
+        give_new_folder_to_parent_owner(dir);
+    }
     let appender = Reopening::new(dir, cfg.rotation)?;
     // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
     // every delivery outcome must reach the file, so a stalled disk slows the sender down
@@ -422,6 +426,23 @@ fn open_appender(
         })?;
     give_to_folder_owner(dir);
     Ok(appender)
+}
+
+/// Run as root, gives a log folder it just made to the owner of the folder it is in (the
+/// daemon's, e.g. `var/`), as [`give_to_folder_owner`] does with files: made root's by a
+/// `sudo pushdrop purge`, it would keep the daemon from starting.
+fn give_new_folder_to_parent_owner(dir: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let Some(parent) = dir.parent().and_then(|p| std::fs::metadata(p).ok()) else {
+        return;
+    };
+    if parent.uid() != 0 {
+        let _ = std::os::unix::fs::lchown(dir, Some(parent.uid()), Some(parent.gid()));
+    }
 }
 
 /// Run as root, gives the log files root owns in `dir` to the folder's owner (the

@@ -297,6 +297,16 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
         assert_eq!(files.len(), 1, "{files:?}");
         let m = files[0].metadata().unwrap();
         assert_eq!((m.uid(), m.gid()), (65534, 65534), "{files:?}");
+        // No log folder yet: the one the command makes is the parent folder owner's too.
+        std::fs::remove_dir_all(&log_dir).unwrap();
+        let var = log_dir.parent().unwrap();
+        std::os::unix::fs::chown(var, Some(65534), Some(65534)).unwrap();
+        assert_eq!(env.pushdrop(&["purge"]).status.code(), Some(0));
+        let m = std::fs::metadata(&log_dir).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534));
+        let files: Vec<_> = std::fs::read_dir(&log_dir).unwrap().flatten().collect();
+        let m = files[0].metadata().unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{files:?}");
     } else {
         eprintln!("not root: the hand-over of a log file root made is not tested");
     }

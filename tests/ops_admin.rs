@@ -19,6 +19,7 @@ fn steady(mut v: serde_json::Value) -> serde_json::Value {
     let inbox = v["inbox"].as_object_mut().expect("inbox is reported");
     inbox.remove("oldest_waiting_s").expect("oldest_waiting_s");
     inbox.remove("stuck_files").expect("stuck_files");
+    assert_eq!(inbox["error"], serde_json::Value::Null);
     v
 }
 
@@ -142,12 +143,17 @@ fn status_counts_the_files_waiting_in_the_inbox() {
     std::fs::write(env.inbox.join(".c.json"), "{}").unwrap();
     std::fs::write(env.inbox.join("d.json.tmp"), "{}").unwrap();
     std::fs::create_dir(env.inbox.join("e.json")).unwrap();
+    // A symlink and a FIFO are drops the daemon will reject: they wait too.
+    std::os::unix::fs::symlink(env.dir.path().join("elsewhere"), env.inbox.join("f.json")).unwrap();
+    let fifo = std::ffi::CString::new(env.inbox.join("g.json").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     let i = inbox_of(env.pushdrop(&["status", "--json"]));
-    assert_eq!(i["waiting_files"], 2, "{i}");
+    assert_eq!(i["waiting_files"], 4, "{i}");
     assert_eq!(i["stuck_files"], serde_json::Value::Null, "{i}");
     let out = env.pushdrop(&["status"]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("inbox         2 file(s) waiting in "),
+        String::from_utf8_lossy(&out.stdout).contains("inbox         4 file(s) waiting in "),
         "{out:?}"
     );
 
@@ -170,6 +176,22 @@ fn status_counts_the_files_waiting_in_the_inbox() {
     let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
     assert_eq!(s["inbox"]["waiting_files"], 1, "{s}");
     daemon.shutdown();
+
+    // No inbox folder: `status` says why it cannot count.
+    std::fs::remove_dir_all(&env.inbox).unwrap();
+    let i = inbox_of(env.pushdrop(&["status", "--json"]));
+    assert_eq!(i["waiting_files"], serde_json::Value::Null, "{i}");
+    assert!(
+        i["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No such file")),
+        "{i}"
+    );
+    let out = env.pushdrop(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("inbox         cannot read "),
+        "{out:?}"
+    );
 }
 
 /// A readiness probe must not loosen the daemon's hold on its database. SQLite's locks are
@@ -333,9 +355,11 @@ fn an_inbox_folder_deleted_and_made_again_is_watched_again() {
     assert_eq!(get(admin, "/readyz").status, 200);
 
     std::fs::remove_dir_all(&env.inbox).unwrap();
-    wait_for("/readyz says the inbox is gone", || {
+    // The daemon itself notices (the kernel says nothing: the folder's lock holds it open),
+    // not only `/readyz`'s own look at the folder.
+    wait_for("the daemon notices the inbox is gone", || {
         let r = get(admin, "/readyz");
-        r.status == 503 && r.body.contains("inbox")
+        r.status == 503 && r.body.contains("the inbox folder is gone")
     });
     std::fs::create_dir(&env.inbox).unwrap();
     wait_for("/readyz ready again", || {
@@ -354,6 +378,19 @@ fn an_inbox_folder_deleted_and_made_again_is_watched_again() {
         dropped.elapsed()
     );
     assert!(env.inbox.join("processed/after.json").exists());
+
+    // Deleted and made again at once (a deploy script): the new folder is watched too.
+    std::fs::remove_dir_all(&env.inbox).unwrap();
+    std::fs::create_dir(&env.inbox).unwrap();
+    let dropped = std::time::Instant::now();
+    env.drop_file("again.json", notification("again", &token(8)));
+    let receipt = env.receipts.join("again.json");
+    wait_for("receipt", || receipt.exists());
+    assert!(
+        dropped.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        dropped.elapsed()
+    );
 
     // And the new watch does not feed on the loop's own reads of the folder (each scan is an
     // event on it): the inbox threads sleep.

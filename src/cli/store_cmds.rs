@@ -64,7 +64,7 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let mut s = reader(&cfg)?.status()?;
     s.daemon = crate::store::daemon_state(&cfg.store.path);
-    s.inbox = crate::inbox::waiting(&cfg.inbox.dir);
+    s.inbox = Some(crate::inbox::waiting(&cfg.inbox.dir));
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
@@ -85,13 +85,20 @@ pub fn status(config: &Path, json: bool) -> anyhow::Result<i32> {
         ),
         None => {}
     }
-    match &s.inbox {
-        Some(i) if i.waiting_files > 0 => println!(
-            "inbox         {} file(s) waiting in {} (the oldest changed {:.1} s ago)",
-            i.waiting_files, i.dir, i.oldest_waiting_s
-        ),
-        Some(i) => println!("inbox         no files waiting in {}", i.dir),
-        None => println!("inbox         cannot read {}", cfg.inbox.dir.display()),
+    if let Some(i) = &s.inbox {
+        match (i.waiting_files, &i.error) {
+            (Some(n), _) if n > 0 => println!(
+                "inbox         {n} file(s) waiting in {} (the oldest changed {:.1} s ago)",
+                i.dir,
+                i.oldest_waiting_s.unwrap_or_default()
+            ),
+            (Some(_), _) => println!("inbox         no files waiting in {}", i.dir),
+            (None, e) => println!(
+                "inbox         cannot read {}: {}",
+                i.dir,
+                e.as_deref().unwrap_or("unknown error")
+            ),
+        }
     }
     println!(
         "queued        {} ({} due later; the oldest waiting for {:.1} s), {} notification(s) still to fan out",

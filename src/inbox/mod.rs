@@ -31,15 +31,31 @@ pub fn drop_names(dir: &std::path::Path) -> Option<Vec<String>> {
     Some(names)
 }
 
-/// What waits in the inbox folder now, for `status`: the drop-named regular files and the
-/// age of the oldest. `None` when the folder cannot be read.
-pub fn waiting(dir: &std::path::Path) -> Option<crate::store::query::InboxState> {
+/// What waits in the inbox folder now, for `status`: the drop-named entries the daemon will
+/// take (or reject: symlinks, FIFOs) and the age of the oldest; or why the folder cannot be
+/// read.
+pub fn waiting(dir: &std::path::Path) -> crate::store::query::InboxState {
+    let mut state = crate::store::query::InboxState {
+        dir: dir.display().to_string(),
+        waiting_files: None,
+        oldest_waiting_s: None,
+        error: None,
+        stuck_files: None,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            state.error = Some(e.to_string());
+            return state;
+        }
+    };
     let now = std::time::SystemTime::now();
     let mut files = 0u64;
     let mut oldest = std::time::Duration::ZERO;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        // The entry's type comes with the listing (no stat); a file's age needs one.
-        if !is_drop_name(&e.file_name()) || !e.file_type().is_ok_and(|t| t.is_file()) {
+    for e in entries.flatten() {
+        // The entry's type comes with the listing (no stat); a file's age needs one (of the
+        // entry itself: a symlink's own time).
+        if !is_drop_name(&e.file_name()) || e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         files += 1;
@@ -52,12 +68,9 @@ pub fn waiting(dir: &std::path::Path) -> Option<crate::store::query::InboxState>
             oldest = oldest.max(age);
         }
     }
-    Some(crate::store::query::InboxState {
-        dir: dir.display().to_string(),
-        waiting_files: files,
-        oldest_waiting_s: (oldest.as_secs_f64() * 10.0).round() / 10.0,
-        stuck_files: None,
-    })
+    state.waiting_files = Some(files);
+    state.oldest_waiting_s = Some((oldest.as_secs_f64() * 10.0).round() / 10.0);
+    state
 }
 
 /// Whether a directory entry's name is one the inbox takes: `*.json` or `*.jsonl`, not a

@@ -41,6 +41,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 const OPEN_WRITER_WARN: Duration = Duration::from_secs(60);
 /// While the inbox folder is gone, how often pushdrop looks for it.
 const MISSING_RECHECK: Duration = Duration::from_secs(1);
+/// How often the watched folder is looked at (a stat) to see that it is still the inbox. The
+/// kernel says nothing when it is deleted: the folder's lock holds it open, and a watched
+/// folder's deletion is only reported once nothing holds it.
+const PLACE_CHECK: Duration = Duration::from_secs(2);
 /// Longest wait before retrying a file that could not be read, committed or moved.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// After the first event of an idle spell, how long events must pause before the files are
@@ -385,6 +389,8 @@ struct Loop {
     scan_requested: bool,
     next_scan: Instant,
     next_sweep: Instant,
+    /// When [`Loop::still_in_place`] looks next.
+    next_place_check: Instant,
     last_scan_error: Option<String>,
     /// The kernel watch and the sender its events go to; `None` when polling.
     events: Option<(RecommendedWatcher, mpsc::Sender<Msg>)>,
@@ -427,6 +433,7 @@ impl Loop {
             scan_requested: true,
             next_scan: now,
             next_sweep: now,
+            next_place_check: now + PLACE_CHECK,
             last_scan_error: None,
             events: None,
             watched: None,
@@ -454,6 +461,12 @@ impl Loop {
             if self.sweep && now >= self.next_sweep {
                 ingest::sweep_processed(&self.cfg);
                 self.next_sweep = now + SWEEP_EVERY;
+            }
+            if now >= self.next_place_check {
+                self.next_place_check = now + PLACE_CHECK;
+                if !self.still_in_place() {
+                    self.scan_requested = true;
+                }
             }
             if self.scan_requested || now >= self.next_scan {
                 self.scan();
@@ -592,6 +605,15 @@ impl Loop {
             if p == &self.inbox {
                 // The folder itself changed (moved, deleted, permissions): look again.
                 self.scan_requested = true;
+                if matches!(
+                    ev.kind,
+                    EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                ) {
+                    // Gone: whatever folder has the name at the scan gets a new watch, even
+                    // one made again at once under the old one's inode number (a file
+                    // system may hand it out again), which the ident check takes for ours.
+                    self.watched = None;
+                }
                 handled = Handled::DropFile;
                 continue;
             }
@@ -631,6 +653,9 @@ impl Loop {
 
     fn next_deadline(&self) -> Instant {
         let mut d = self.next_scan;
+        if self.events.is_some() && !self.missing {
+            d = d.min(self.next_place_check);
+        }
         if self.sweep {
             d = d.min(self.next_sweep);
         }
@@ -641,6 +666,27 @@ impl Loop {
             d = d.min(look);
         }
         d
+    }
+
+    /// Whether the watched folder is still there under its name (its lock's file has links,
+    /// and the name leads to it). When not, the watch and identity are dropped, so that the
+    /// next scan watches whatever folder has the name, even one made again under the old
+    /// one's inode number. Only with a kernel watch: polling lists the folder anyway.
+    fn still_in_place(&mut self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if self.events.is_none() || self.missing {
+            return true;
+        }
+        let unlinked = self
+            .lock
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .is_some_and(|m| m.nlink() == 0);
+        if !unlinked && dir_ident(&self.inbox) == self.watched {
+            return true;
+        }
+        self.watched = None;
+        false
     }
 
     /// Lists the inbox: the truth about which files are there.
@@ -726,8 +772,15 @@ impl Loop {
         if !self.missing && now == self.watched {
             return true;
         }
-        // Another folder under the name: its own lock, or another daemon's files.
-        if now != self.watched || self.taken {
+        // Another folder under the name: its own lock, or another daemon's files. (Not a
+        // second lock of the folder we hold: a second `flock` of ours would conflict with
+        // the first.)
+        let held = self
+            .lock
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()));
+        if (now != self.watched || self.taken) && held != now {
             match lock_inbox(&self.inbox) {
                 Ok(lock) => {
                     self.lock = lock;

@@ -149,8 +149,7 @@ pub struct Status {
     /// Whether a daemon holds the database (see [`super::daemon_state`]); `null` when this
     /// system cannot tell.
     pub daemon: Option<DaemonState>,
-    /// Drop files in the inbox folder now (see [`InboxState`]); `null` when the folder
-    /// cannot be read.
+    /// Drop files in the inbox folder now (see [`InboxState`]).
     pub inbox: Option<InboxState>,
 }
 
@@ -160,10 +159,14 @@ pub struct Status {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct InboxState {
     pub dir: String,
-    /// Regular files with a drop name (`*.json`, `*.jsonl`, not dotfiles).
-    pub waiting_files: u64,
+    /// Entries with a drop name (`*.json`, `*.jsonl`, not dotfiles) that are not folders:
+    /// regular files, and the symlinks and FIFOs the daemon will reject. `null` when the
+    /// folder cannot be read (`error` says why).
+    pub waiting_files: Option<u64>,
     /// Seconds since the oldest of them was last changed (0 when none).
-    pub oldest_waiting_s: f64,
+    pub oldest_waiting_s: Option<f64>,
+    /// Why the folder cannot be read (missing, not a folder, no permission).
+    pub error: Option<String>,
     /// Files the daemon has handled but could not move out, and retries: only the running
     /// daemon knows them (`/status`), so `null` in `pushdrop status`.
     pub stuck_files: Option<i64>,
