@@ -37,8 +37,12 @@ pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::Co
             message: e.to_string(),
         })
     };
-    // Files that do not exist are reported by the config already.
-    let present = |p: &std::path::Path| p.is_file();
+    // Files that do not exist (or are no files) are reported by the config already; one in a
+    // folder this user may not enter is only a warning there, and an error here.
+    let present = |p: &std::path::Path| match std::fs::metadata(p) {
+        Ok(m) => m.is_file(),
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
     let roots = match cfg.apns.ca_file.as_deref().filter(|p| present(p)) {
         Some(ca) => match tls::roots(Some(ca)) {
             Ok(r) => Some(r),
