@@ -1141,14 +1141,16 @@ fn check_secret_file(
         // A secrets folder this user may not enter (mode 750, a mounted Secret): the
         // commands that use no credentials (`status`, `show`, …) work without it, and `run`
         // and `check-config`, which read the file, refuse it then.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => warnings.push(ConfigProblem {
-            key: key.into(),
-            line: None,
-            message: format!(
-                "cannot look at {}: {e} (only `run` and `check-config` read it)",
-                path.display()
-            ),
-        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            warnings.push(ConfigProblem {
+                key: key.into(),
+                line: None,
+                message: format!(
+                    "cannot look at {}: {e} (only `run` and `check-config` read it)",
+                    path.display()
+                ),
+            })
+        }
         Err(e) => bad(key, format!("cannot read {}: {e}", path.display())),
     }
 }

@@ -47,9 +47,11 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Queue depth by state and app, oldest queued age, invalid devices, recent errors.
+    /// Whether a daemon runs, files waiting in the inbox, queue depth by state and app, oldest
+    /// queued age, devices, paused apps, recent errors.
     Status {
-        /// The same figures as JSON (as the admin endpoint's /status).
+        /// The same figures as JSON (as the admin endpoint's /status, which adds the
+        /// inbox's stuck files).
         #[arg(long)]
         json: bool,
     },

@@ -34,8 +34,11 @@ def _unique_keys(pairs):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python3 drop.py INBOX NAME.jsonl < records.jsonl")
     records = []
     for n, line in enumerate(sys.stdin, 1):
+        line = line.lstrip("\ufeff") if n == 1 else line  # a byte-order mark, as pushdrop takes
         if line.strip():
             try:
                 records.append(json.loads(line, object_pairs_hook=_unique_keys))

@@ -1085,7 +1085,12 @@ fn serde_problem(base: &str, inner: &str) -> FieldProblem {
         let mut msg = format!("unknown field \"{}\"", excerpt(&name));
         // `to` is the one object of a record serde reads whole: its keys get hints here.
         if base == format!("to.{name}")
-            && let Some(s) = closest(&name, ["tokens", "users", "all"].into_iter())
+            && let Some(s) = match name.to_ascii_lowercase().replace('-', "_").as_str() {
+                "device_tokens" | "devices" => Some("tokens"),
+                "user_ids" => Some("users"),
+                "broadcast" => Some("all"),
+                _ => closest(&name, ["tokens", "users", "all"].into_iter()),
+            }
         {
             msg.push_str(&format!("; did you mean \"{s}\"?"));
         }
@@ -1118,9 +1123,13 @@ fn plain_type_error(inner: &str) -> Option<String> {
     let got = if let Some(n) = quoted("integer `") {
         format!("the number {n}")
     } else if let Some(n) = quoted("floating point `") {
-        format!(
-            "a number with a fraction or an exponent, or too large for a whole one (read as {n})"
-        )
+        if want.contains("whole number") {
+            format!(
+                "a number with a fraction or an exponent, or too large for a whole one (read as {n})"
+            )
+        } else {
+            format!("the number {n}")
+        }
     } else if let Some(b) = quoted("boolean `") {
         b
     } else {
@@ -1131,6 +1140,12 @@ fn plain_type_error(inner: &str) -> Option<String> {
             other if other.starts_with("string ") => format!("the {other}"),
             other => other.to_string(),
         }
+    };
+    // serde's names of JSON's kinds, in JSON's words.
+    let want = match want {
+        "a sequence" => "an array",
+        "a map" => "an object",
+        w => w,
     };
     Some(format!("must be {want}, not {got}"))
 }
@@ -1213,13 +1228,21 @@ fn suggestion(key: &str) -> Option<&'static str> {
         ("deliver_at", "send_at"),
         ("tokens", "to"),
         ("target", "to"),
+        ("aps", "payload"),
+        ("device_token", "token"),
+        ("devicetoken", "token"),
+        ("user_id", "user"),
+        ("userid", "user"),
+        ("expiration_date", "expiration"),
+        ("apns_collapse_id", "collapse_id"),
         ("collapse_key", "collapse_id"),
         ("apns_topic", "topic"),
         ("apns_push_type", "push_type"),
         ("apns_priority", "priority"),
         ("bundle_id", "app"),
     ];
-    let lower = key.to_ascii_lowercase();
+    // `apns-expiration`, as the header is named, is `apns_expiration` here.
+    let lower = key.to_ascii_lowercase().replace('-', "_");
     if let Some((_, f)) = OTHER_NAMES.iter().find(|(k, _)| *k == lower) {
         return Some(f);
     }
@@ -2353,6 +2376,30 @@ mod tests {
                 "unknown field \"expiry\"; did you mean \"expiration\"?"
             )),
             "{said:?}"
+        );
+        let r = problems(
+            &format!(
+                r#"{{"type":"notification","to":{{"device_tokens":["{TOKEN}"]}},"apns-expiration":0,"payload":{{"aps":{{}}}}}}"#
+            ),
+            FileKind::Json,
+        );
+        let said: Vec<_> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            said.iter().any(|m| m.ends_with("did you mean \"tokens\"?")),
+            "{said:?}"
+        );
+        assert!(
+            said.iter()
+                .any(|m| m.ends_with("did you mean \"expiration\"?")),
+            "{said:?}"
+        );
+        let r = problems(
+            r#"{"type":"notification","to":{"tokens":"x"},"payload":{"aps":{}}}"#,
+            FileKind::Json,
+        );
+        assert_eq!(
+            r.problems[0].message, "must be an array, not the string \"x\"",
+            "{r:?}"
         );
     }
 
