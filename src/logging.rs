@@ -741,11 +741,7 @@ pub(crate) mod tests {
             ..LogConfig::default()
         };
         drop(init_files_only(&cfg).unwrap());
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
+        let names = names_in(dir.path());
         // keep_files 3: today's and the two newest others by the dates in their names
         // (2020-01-01 was restored last: the newest by creation time).
         assert_eq!(
@@ -759,6 +755,16 @@ pub(crate) mod tests {
         );
         let text = std::fs::read_to_string(dir.path().join(&today)).unwrap();
         assert!(text.starts_with("earlier lines\n"), "{text}");
+    }
+
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
     }
 
     /// An idle hour writes no file: the files kept are still `keep_files`, the newest of
@@ -780,11 +786,7 @@ pub(crate) mod tests {
             ..LogConfig::default()
         };
         prune_logs(&cfg);
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
+        let names = names_in(dir.path());
         assert_eq!(
             names,
             ["pushdrop.2020-01-01-15.log", "pushdrop.2020-01-01-16.log"]
@@ -793,11 +795,7 @@ pub(crate) mod tests {
         let now = current_log_name(Rotation::Hourly, time::OffsetDateTime::now_utc());
         std::fs::write(dir.path().join(&now), "y\n").unwrap();
         prune_logs(&cfg);
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
+        let names = names_in(dir.path());
         assert_eq!(names, ["pushdrop.2020-01-01-16.log".to_string(), now]);
     }
 
