@@ -828,8 +828,21 @@ impl Config {
                     "apns.ca_file",
                     format!("{} is not a regular file (a PEM file)", ca.display()),
                 );
-            } else if !ca.is_file() {
-                bad("apns.ca_file", format!("{} does not exist", ca.display()));
+            } else if let Err(e) = std::fs::metadata(&ca) {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    // As for key files (see `check_secret_file`): `run` and `check-config`
+                    // read it and refuse it then; the other commands need it not.
+                    warnings.push(ConfigProblem {
+                        key: "apns.ca_file".into(),
+                        line: None,
+                        message: format!(
+                            "cannot look at {}: {e} (only `run` and `check-config` read it)",
+                            ca.display()
+                        ),
+                    });
+                } else {
+                    bad("apns.ca_file", format!("{} does not exist", ca.display()));
+                }
             }
             self.apns.ca_file = Some(ca);
         }

@@ -14,6 +14,7 @@ pub mod lockfile;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod ownership;
 pub mod receipts;
 pub mod sender;
 pub mod simulator;

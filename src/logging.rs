@@ -266,14 +266,11 @@ fn init_with(cfg: &LogConfig, console: Console, json: JsonFormatter) -> Result<L
             _stdout: None,
         });
     };
-    let made = !dir.exists();
-    std::fs::create_dir_all(dir).map_err(|source| LogError::Dir {
+    // Run as root, the folders made go to the daemon's user (see `ownership`).
+    crate::ownership::create_dir_all(dir).map_err(|source| LogError::Dir {
         dir: dir.clone(),
         source,
     })?;
-    if made {
-        give_new_folder_to_parent_owner(dir);
-    }
     let appender = Reopening::new(dir, cfg.rotation)?;
     // Written by a background thread, a batch of lines per write (see `batch`). Never lossy:
     // every delivery outcome must reach the file, so a stalled disk slows the sender down
@@ -428,57 +425,21 @@ fn open_appender(
     Ok(appender)
 }
 
-/// Run as root, gives a log folder it just made to the owner of the folder it is in (the
-/// daemon's, e.g. `var/`), as [`give_to_folder_owner`] does with files: made root's by a
-/// `sudo pushdrop purge`, it would keep the daemon from starting.
-fn give_new_folder_to_parent_owner(dir: &std::path::Path) {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
-    let Some(parent) = dir.parent().and_then(|p| std::fs::metadata(p).ok()) else {
-        return;
-    };
-    if parent.uid() != 0 {
-        let _ = std::os::unix::fs::lchown(dir, Some(parent.uid()), Some(parent.gid()));
-    }
-}
-
-/// Run as root, gives the log files root owns in `dir` to the folder's owner (the
-/// daemon's user). An operator's `sudo pushdrop purge` may be the first to write a period's
-/// file (the appender makes it); left root's, the daemon could not write that file: its
-/// lines of the period would be lost, or it could not start until the next period.
+/// Run as root, gives the log files root owns in `dir` to the folder's owner (see
+/// [`crate::ownership`]): the appender may just have made this period's file.
 fn give_to_folder_owner(dir: &std::path::Path) {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
-    let Ok(folder) = std::fs::metadata(dir) else {
-        return;
-    };
-    if folder.uid() == 0 {
+    if !crate::ownership::root() {
         return;
     }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let ours = name
-            .to_str()
-            .is_some_and(|n| n.starts_with("pushdrop") && n.ends_with("log"));
-        // Regular files only (a symlink's target is not ours to give).
-        if ours
-            && let Ok(m) = e.path().symlink_metadata()
-            && m.is_file()
-            && m.uid() == 0
-        {
-            // Best effort: should it fail, the daemon's start names the file it cannot open.
-            let _ = std::os::unix::fs::lchown(e.path(), Some(folder.uid()), Some(folder.gid()));
-        }
-    }
+    let logs = entries.flatten().map(|e| e.path()).filter(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pushdrop") && n.ends_with("log"))
+    });
+    crate::ownership::give_to_owner_of(dir, logs);
 }
 
 /// How often the log writer looks whether its file is still there.

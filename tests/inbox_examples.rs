@@ -312,6 +312,38 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
     }
 }
 
+/// `sudo pushdrop status` (or `purge`) before the daemon's first start, in a deployment
+/// the daemon's user owns: the folders, database and log file it makes are that user's, so
+/// the daemon can still write them.
+#[test]
+fn a_root_command_gives_what_it_makes_to_the_deployments_owner() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: nothing to give away");
+        return;
+    }
+    let env = Env::new();
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let text = text.replace("[log]\n", "[log]\ndir = \"../var/log\"\n");
+    std::fs::write(&env.config_path, text).unwrap();
+    let var = env.dir.path().join("var");
+    std::fs::remove_dir_all(&var).unwrap();
+    std::os::unix::fs::chown(env.dir.path(), Some(65534), Some(65534)).unwrap();
+    assert_eq!(env.pushdrop(&["purge"]).status.code(), Some(0));
+    let log = var.join("log");
+    let log_file = std::fs::read_dir(&log)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for p in [var.clone(), var.join("pushdrop.db"), log, log_file] {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{p:?}");
+    }
+}
+
 #[test]
 fn the_daemon_takes_the_examples() {
     let env = Env::new();

@@ -211,8 +211,10 @@ impl Store {
     /// exclusive `open` fails with [`StoreError::Locked`]. One-shot commands open it shared
     /// and rely on SQLite's own locking.
     pub fn open(path: &Path, exclusive: bool) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        let folder = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = folder {
+            // Run as root, folders made go to the daemon's user (see `ownership`).
+            crate::ownership::create_dir_all(dir).map_err(|source| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
@@ -222,7 +224,20 @@ impl Store {
         } else {
             None
         };
+        let new = !path.exists();
         let conn = writer::open_write_connection(path).map_err(|e| named(path, e))?;
+        if new && let Some(dir) = folder {
+            // A database a `sudo pushdrop status` made before the daemon's first start is the
+            // daemon user's (SQLite, run as root, gives its -wal and -shm the database's owner).
+            crate::ownership::give_to_owner_of(
+                dir,
+                [
+                    path.to_path_buf(),
+                    beside(path, "-wal"),
+                    beside(path, "-shm"),
+                ],
+            );
+        }
         let ident = file_ident(path).ok();
         let spawn_failed = |e| StoreError::Dir {
             path: path.to_path_buf(),
