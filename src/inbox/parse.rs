@@ -1200,7 +1200,7 @@ fn slow_path(
             "send_at" => raw.send_at = optional(key, v, p),
             _ => {
                 let mut msg = format!("unknown field \"{}\"", excerpt(key));
-                if let Some(s) = suggestion(key) {
+                if let Some(s) = suggestion(key, raw.kind.as_deref()) {
                     msg.push_str(&format!("; did you mean \"{s}\"?"));
                 }
                 problems.push(fp(key, msg));
@@ -1215,7 +1215,7 @@ fn slow_path(
 
 /// The known field closest to a misspelt one, if it is close; or the field a common other
 /// name (`expiry`, `ttl`) stands for.
-fn suggestion(key: &str) -> Option<&'static str> {
+fn suggestion(key: &str, kind: Option<&str>) -> Option<&'static str> {
     const OTHER_NAMES: &[(&str, &str)] = &[
         ("expiry", "expiration"),
         ("expires", "expiration"),
@@ -1243,13 +1243,22 @@ fn suggestion(key: &str) -> Option<&'static str> {
     ];
     // `apns-expiration`, as the header is named, is `apns_expiration` here.
     let lower = key.to_ascii_lowercase().replace('-', "_");
-    if let Some((_, f)) = OTHER_NAMES.iter().find(|(k, _)| *k == lower) {
-        return Some(f);
+    let field = match OTHER_NAMES.iter().find(|(k, _)| *k == lower) {
+        Some((_, f)) => Some(*f),
+        None => closest(
+            key,
+            DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied(),
+        ),
+    };
+    // Only a field of the record's own type (when its `type` came first): a notification
+    // names its devices in `to`, a device record has no `to`.
+    match (kind, field) {
+        (Some("notification"), Some(f)) if !NOTIFICATION_FIELDS.contains(&f) => {
+            matches!(f, "token" | "user").then_some("to")
+        }
+        (Some("device"), Some(f)) if !DEVICE_FIELDS.contains(&f) => None,
+        (_, f) => f,
     }
-    closest(
-        key,
-        DEVICE_FIELDS.iter().chain(NOTIFICATION_FIELDS).copied(),
-    )
 }
 
 /// The one of `known` closest to `key`, if it is close (or `key` abbreviates it).
@@ -2400,6 +2409,18 @@ mod tests {
         assert_eq!(
             r.problems[0].message, "must be an array, not the string \"x\"",
             "{r:?}"
+        );
+        // A notification's devices are in `to`: no hint of a device record's field.
+        let r = problems(
+            &format!(
+                r#"{{"type":"notification","device_token":"{TOKEN}","payload":{{"aps":{{}}}}}}"#
+            ),
+            FileKind::Json,
+        );
+        let said: Vec<_> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            said.contains(&"unknown field \"device_token\"; did you mean \"to\"?"),
+            "{said:?}"
         );
     }
 

@@ -187,6 +187,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
     lp.poll_every = poll.then(|| Duration::from_millis(lp.cfg.inbox.poll_interval_ms));
     lp.events = watcher.map(|w| (w, tx.clone()));
     lp.watched = watched;
+    lp.watch_on = watched;
     lp.lock = lock;
     let (stop, alive) = (lp.stop.clone(), lp.alive.clone());
     let alive_flag = alive.clone();
@@ -394,8 +395,10 @@ struct Loop {
     last_scan_error: Option<String>,
     /// The kernel watch and the sender its events go to; `None` when polling.
     events: Option<(RecommendedWatcher, mpsc::Sender<Msg>)>,
-    /// The folder the watch is on.
+    /// The folder the watch is on, as last made sure of (`None`: look again at the scan).
     watched: Option<(u64, u64)>,
+    /// The folder the kernel watch was made on.
+    watch_on: Option<(u64, u64)>,
     /// The inbox folder is gone; looked for every [`MISSING_RECHECK`].
     missing: bool,
     /// Cleared while the folder is gone, so `/readyz` says so.
@@ -437,6 +440,7 @@ impl Loop {
             last_scan_error: None,
             events: None,
             watched: None,
+            watch_on: None,
             missing: false,
             alive: Arc::new(AtomicBool::new(true)),
             lock: None,
@@ -709,6 +713,13 @@ impl Loop {
                 let msg = e.to_string();
                 if self.last_scan_error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(event = "scan_failed", dir = %self.inbox.display(), error = %msg, "cannot list the inbox");
+                    // In `status`'s recent errors too: run as another user (root), `status`
+                    // itself may list the folder well.
+                    self.ingestor.store().note_event_blocking(
+                        "scan_failed",
+                        None,
+                        &format!("cannot list the inbox {}: {msg}", self.inbox.display()),
+                    );
                     self.last_scan_error = Some(msg);
                 }
                 return;
@@ -772,6 +783,12 @@ impl Loop {
         if !self.missing && now == self.watched {
             return true;
         }
+        // Looked at again (the old folder's late removal event, say), and it is the folder
+        // watched already: nothing to do, nothing to say.
+        if !self.missing && now == self.watch_on {
+            self.watched = now;
+            return true;
+        }
         // Another folder under the name: its own lock, or another daemon's files. (Not a
         // second lock of the folder we hold: a second `flock` of ours would conflict with
         // the first.)
@@ -801,7 +818,10 @@ impl Loop {
             // A new watch for the new folder (the old one went with its folder).
             drop(watcher);
             match watch_inbox(&self.inbox, &tx) {
-                Ok(w) => self.events = Some((w, tx)),
+                Ok(w) => {
+                    self.events = Some((w, tx));
+                    self.watch_on = Some(ident);
+                }
                 Err(e) => {
                     tracing::warn!(event = "watch_unavailable", dir = %self.inbox.display(), error = %e, "cannot watch the inbox for events; polling it instead");
                     self.poll_every = Some(Duration::from_millis(self.cfg.inbox.poll_interval_ms));
