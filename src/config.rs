@@ -830,16 +830,7 @@ impl Config {
                 );
             } else if let Err(e) = std::fs::metadata(&ca) {
                 if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    // As for key files (see `check_secret_file`): `run` and `check-config`
-                    // read it and refuse it then; the other commands need it not.
-                    warnings.push(ConfigProblem {
-                        key: "apns.ca_file".into(),
-                        line: None,
-                        message: format!(
-                            "cannot look at {}: {e} (only `run` and `check-config` read it)",
-                            ca.display()
-                        ),
-                    });
+                    warnings.push(out_of_sight("apns.ca_file", &ca, &e));
                 } else {
                     bad("apns.ca_file", format!("{} does not exist", ca.display()));
                 }
@@ -1151,20 +1142,25 @@ fn check_secret_file(
             }
         }
         Ok(_) => bad(key, format!("{} is not a regular file", path.display())),
-        // A secrets folder this user may not enter (mode 750, a mounted Secret): the
-        // commands that use no credentials (`status`, `show`, …) work without it, and `run`
-        // and `check-config`, which read the file, refuse it then.
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            warnings.push(ConfigProblem {
-                key: key.into(),
-                line: None,
-                message: format!(
-                    "cannot look at {}: {e} (only `run` and `check-config` read it)",
-                    path.display()
-                ),
-            })
+            warnings.push(out_of_sight(key, path, &e))
         }
         Err(e) => bad(key, format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// A key, certificate or CA file in a folder this user may not enter (mode 750, a mounted
+/// Secret): a warning only, since the commands that use no credentials (`status`, `show`, …)
+/// work without it; `run` and `check-config`, which read the file, refuse it then (see
+/// [`crate::apns::credential_problems`]).
+fn out_of_sight(key: &str, path: &Path, e: &std::io::Error) -> ConfigProblem {
+    ConfigProblem {
+        key: key.into(),
+        line: None,
+        message: format!(
+            "cannot look at {}: {e} (only `run` and `check-config` read it)",
+            path.display()
+        ),
     }
 }
 
