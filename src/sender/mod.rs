@@ -31,8 +31,8 @@ use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
 use crate::store::{
-    Claim, ClaimedDelivery, DEVICE_KEPT, DeliveryResult, EndedDelivery, FinishedNotification,
-    RecordFailed, ResultKind, Store, StoreError,
+    Claim, ClaimedDelivery, DeliveryResult, EndedDelivery, FinishedNotification, RecordFailed,
+    ResultKind, Store, StoreError,
 };
 
 use guard::{Admit, BadTokenVerdict, Guards};
@@ -887,7 +887,7 @@ impl Inner {
                 .registered_after(c.device.id, *invalidated_at_ms)
                 .await
         {
-            *reason = format!("{reason}; {DEVICE_KEPT}");
+            *reason = crate::store::kept_reason(reason);
         }
         if unsent {
             let n = &c.notification;

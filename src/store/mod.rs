@@ -24,7 +24,7 @@ use crate::model::{PushType, Record};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
     Claim, ClaimedDelivery, DEVICE_KEPT, DeliveryResult, EndedDelivery, FinishedNotification,
-    HeldReleased, RecordFailed, ResultKind,
+    HeldReleased, RecordFailed, ResultKind, kept_reason,
 };
 
 /// SQLite's error, with what a "database is locked" means here: every writer waits up to

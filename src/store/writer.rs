@@ -1232,10 +1232,7 @@ impl Writer {
                             invalidated_at_ms,
                             // Apple's reason alone (the sender's "device kept" is not the
                             // device's reason).
-                            reason
-                                .strip_suffix(DEVICE_KEPT)
-                                .and_then(|r| r.strip_suffix("; "))
-                                .unwrap_or(reason),
+                            apple_reason(reason),
                             now
                         ])?;
                     if invalidated > 0 || !kept(&tx, r.delivery_id, device_id, reason)? {
@@ -2645,6 +2642,19 @@ static BATCH_INSERT_TOKEN_DEVICES: std::sync::LazyLock<String> =
 pub const DEVICE_KEPT: &str =
     "device kept: it registered again after the time APNs gives for the token's end";
 
+/// The reason of a kept device's delivery: Apple's, then [`DEVICE_KEPT`].
+pub fn kept_reason(apple: &str) -> String {
+    format!("{apple}; {DEVICE_KEPT}")
+}
+
+/// Apple's own reason in a delivery's reason, without [`kept_reason`]'s addition.
+fn apple_reason(reason: &str) -> &str {
+    reason
+        .strip_suffix(DEVICE_KEPT)
+        .and_then(|r| r.strip_suffix("; "))
+        .unwrap_or(reason)
+}
+
 /// After an `invalid_token` answer that invalidated nothing: whether the device is still
 /// valid (it registered again after APNs' timestamp), in which case the delivery's reason
 /// says so ([`DEVICE_KEPT`]) and a line is logged. False for a device already invalid.
@@ -2665,7 +2675,7 @@ fn kept(
     // [`Writer::registered_after`]).
     if !reason.ends_with(DEVICE_KEPT) {
         tx.prepare_cached("UPDATE deliveries SET last_reason = ?2 WHERE id = ?1")?
-            .execute(params![delivery_id, format!("{reason}; {DEVICE_KEPT}")])?;
+            .execute(params![delivery_id, kept_reason(reason)])?;
     }
     tracing::info!(
         event = "device_kept",
