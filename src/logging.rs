@@ -525,8 +525,7 @@ impl std::io::Write for Reopening {
 
 /// A file's (device, inode), or `None` when there is none.
 fn file_ident(path: &std::path::Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    crate::inbox::fsutil::identity(path).ok()
 }
 
 /// The name of the file tracing-appender writes at `now` (UTC, as it names them).

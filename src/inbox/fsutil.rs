@@ -11,6 +11,14 @@ use sha2::{Digest, Sha256};
 /// Longest file name (bytes) on the file systems pushdrop runs on.
 pub const NAME_MAX: usize = 255;
 
+/// A file's or folder's (device, inode): whether a name still leads to the same one (a
+/// database replaced under the daemon, an inbox folder made again, a log file rotated away).
+pub fn identity(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), atomically where the
 /// kernel and file system allow (`renameat2(RENAME_NOREPLACE)`): a file dropped twice under one
 /// name must never overwrite the first copy in `processed/` or `rejected/`.

@@ -252,7 +252,7 @@ fn watch_inbox(inbox: &Path, tx: &mpsc::Sender<Msg>) -> notify::Result<Recommend
 /// Device and inode of a folder: a folder deleted and made again is another one, whose
 /// events the old watch no longer reports.
 fn dir_ident(p: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    super::fsutil::identity(p).ok()
 }
 
 /// Marks the inbox dead when its thread ends, even by panic.

@@ -21,6 +21,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::config::Environment;
 use crate::model::{PushType, Record};
 
+use crate::inbox::fsutil::identity;
+
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
     Claim, ClaimedDelivery, DEVICE_KEPT, DeliveryResult, EndedDelivery, FinishedNotification,
@@ -198,13 +200,6 @@ fn writable(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Device and inode of a file.
-fn file_ident(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok((m.dev(), m.ino()))
-}
-
 impl Store {
     /// Opens (creating if needed) and migrates the database, and starts its writer thread.
     /// With `exclusive` (the daemon), only one process may hold the database: a second
@@ -238,7 +233,7 @@ impl Store {
                 ],
             );
         }
-        let ident = file_ident(path).ok();
+        let ident = identity(path).ok();
         let spawn_failed = |e| StoreError::Dir {
             path: path.to_path_buf(),
             source: e,
@@ -480,7 +475,7 @@ impl Store {
         };
         writable(&path).map_err(unwritable)?;
         if let Some(ident) = self.ident
-            && file_ident(&path).map_err(unwritable)? != ident
+            && identity(&path).map_err(unwritable)? != ident
         {
             return Err(unwritable(std::io::Error::other(
                 "the database file was replaced since pushdrop opened it; restart pushdrop",
