@@ -1027,3 +1027,56 @@ fn a_stop_while_results_cannot_be_written_does_not_wait_for_the_database() {
     // the stop, and one more of the shutdown, each wait up to 10 s for the lock.)
     assert!(took < Duration::from_secs(25), "the stop took {took:?}");
 }
+
+/// A host that takes requests and never answers holds only a share of `max_in_flight`: a
+/// push for another app or environment goes out at once, not after `request_timeout_ms`.
+/// Here every production token is scripted to answer after a minute (a hung host), with a
+/// broadcast's worth queued for it, and one sandbox device is healthy. Before, the hung
+/// host's requests took the whole window and the sandbox push waited for their timeout.
+#[test]
+fn a_host_that_never_answers_leaves_the_window_to_the_others() {
+    let w = World::new(
+        SimOptions::default(),
+        "[sender]\nmax_in_flight = 64\nshutdown_grace_ms = 500\n",
+    );
+    let text = std::fs::read_to_string(&w.env.config_path).unwrap();
+    std::fs::write(
+        &w.env.config_path,
+        text.replacen("[apns]\n", "[apns]\nrequest_timeout_ms = 40000\n", 1),
+    )
+    .unwrap();
+    for i in 0..300 {
+        w.script(&token(i), TokenScript::Delay(Duration::from_secs(60)));
+    }
+    let daemon = w.env.start();
+    drop_to_tokens(&w, "hung", 300);
+    wait_for("the hung host has requests", || w.sim.requests() > 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let healthy = token(1000);
+    w.env.drop_file(
+        "b.jsonl",
+        format!(
+            "{{\"type\":\"device\",\"app\":\"{}\",\"token\":\"{healthy}\",\"environment\":\"sandbox\"}}\n{}\n",
+            inbox::APP,
+            notification_to("healthy", &format!(r#"{{"tokens":["{healthy}"]}}"#), "")
+        ),
+    );
+    let dropped = Instant::now();
+    wait_for("the sandbox push is sent", || {
+        w.env.count(
+            "SELECT count(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE n.ext_id = 'healthy' AND d.state = 1",
+        ) == 1
+    });
+    let took = dropped.elapsed();
+    let hung_requests = w.sim.requests() - 1;
+    daemon.shutdown();
+    assert!(
+        took < Duration::from_secs(15),
+        "the healthy push took {took:?} (the hung host's timeout is 40 s)"
+    );
+    assert!(
+        hung_requests < 64,
+        "{hung_requests} requests went to the hung host: it took the whole window"
+    );
+}

@@ -13,7 +13,12 @@
 //! - a burst of `BadDeviceToken` across many devices means a wrong environment or topic in the
 //!   config, not dead phones: those answers are held briefly, and if they turn out to be a
 //!   burst, the app and environment pause and nothing is invalidated.
+//!
+//! And one share: an app and environment whose host has not answered lately gets part of the
+//! window, not all of it, so a host that takes requests and never answers cannot hold every
+//! slot until the requests time out (see `flow`).
 
+mod flow;
 mod guard;
 
 use std::collections::VecDeque;
@@ -35,6 +40,7 @@ use crate::store::{
     ResultKind, Store, StoreError,
 };
 
+use flow::{FlowAdmit, Flows};
 use guard::{Admit, BadTokenVerdict, Guards};
 
 /// The `tracing` target of the one line per delivery outcome and per finished notification
@@ -238,6 +244,8 @@ struct Inner {
     pause_notes: std::sync::Mutex<std::collections::HashMap<(String, Environment), String>>,
     receipts: Option<Arc<ReceiptWork>>,
     guards: Guards,
+    /// Each app and environment's share of the window (a hung host holds only its share).
+    flows: Flows,
     /// The `sent` series of the deliveries counter, looked up once (on the first success, so
     /// it appears in /metrics when it has something to say), not per delivery.
     sent_counter: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
@@ -290,6 +298,10 @@ pub fn start(
     }
     let inner = Arc::new(Inner {
         guards,
+        flows: Flows::new(
+            cfg.sender.max_in_flight,
+            Duration::from_millis(cfg.apns.request_timeout_ms),
+        ),
         receipts: receipts.clone(),
         cfg,
         store,
@@ -387,6 +399,11 @@ async fn main_loop(
     // 100,000 deliveries ran with some 640 in flight on average instead of some 910.
     let prefetch = max_in_flight.clamp(1, CLAIM_BATCH);
     let mut ready: VecDeque<ClaimedDelivery> = VecDeque::with_capacity(prefetch);
+    // Deliveries of an app and environment whose host has its share of the window out and
+    // has not answered yet (see `flow`), and when the first of them was parked. They go back
+    // to the front of `ready` when it answers, or after `flow::PARK_LIMIT`.
+    let mut parked: VecDeque<ClaimedDelivery> = VecDeque::new();
+    let mut parked_since = tokio::time::Instant::now();
     let mut claiming: Option<JoinHandle<Result<ClaimRound, StoreError>>> = None;
     // Set when the queue came back short: no claim until then, or until new work arrives.
     let mut idle_until: Option<tokio::time::Instant> = None;
@@ -402,7 +419,11 @@ async fn main_loop(
         if *stop.borrow() {
             break;
         }
-        if claiming.is_none() && idle_until.is_none() && ready.len() <= prefetch / 2 {
+        if claiming.is_none()
+            && idle_until.is_none()
+            && ready.len() <= prefetch / 2
+            && parked.len() < 2 * prefetch
+        {
             let fan_out = fanout_pending || last_fanout.elapsed() >= FANOUT_EVERY;
             if fan_out {
                 last_fanout = tokio::time::Instant::now();
@@ -421,7 +442,18 @@ async fn main_loop(
                 let (Ok(permit), Some(c)) = (permit, ready.pop_front()) else {
                     break;
                 };
-                inner.start(c, permit, &results).await;
+                if let Some(c) = inner.start(c, permit, &results).await {
+                    if parked.is_empty() {
+                        parked_since = tokio::time::Instant::now();
+                    }
+                    parked.push_back(c);
+                }
+            }
+            _ = inner.flows.changed.notified(), if !parked.is_empty() => {
+                unpark(&inner.flows, &mut parked, &mut ready);
+            }
+            _ = tokio::time::sleep_until(parked_since + flow::PARK_LIMIT), if !parked.is_empty() => {
+                unpark(&inner.flows, &mut parked, &mut ready);
             }
             round = async {
                 match claiming.as_mut() {
@@ -509,7 +541,11 @@ async fn main_loop(
     {
         ready.extend(round.claim.deliveries);
     }
-    let unsent: Vec<i64> = ready.drain(..).map(|c| c.delivery_id).collect();
+    let unsent: Vec<i64> = ready
+        .drain(..)
+        .chain(parked.drain(..))
+        .map(|c| c.delivery_id)
+        .collect();
     // Claims live in memory, so this is tidiness, not safety: skipped while the database
     // refuses writes, which would hold the stop up for its lock wait.
     if !unsent.is_empty() && !inner.results_unwritten.load(Ordering::Acquire) {
@@ -541,6 +577,19 @@ async fn main_loop(
     drop(results);
     let _ = stop_recorder.send(true);
     let _ = recorder.await;
+}
+
+/// Puts the parked deliveries back at the front of `ready`, in their order, to be admitted
+/// again: their flows answered, or they waited long enough to be held instead.
+fn unpark(
+    flows: &Flows,
+    parked: &mut VecDeque<ClaimedDelivery>,
+    ready: &mut VecDeque<ClaimedDelivery>,
+) {
+    flows.unpark_all();
+    while let Some(c) = parked.pop_back() {
+        ready.push_front(c);
+    }
 }
 
 /// What one trip to the store brought back.
@@ -748,25 +797,42 @@ impl Inner {
     }
 
     /// Starts one claimed delivery on its own task, holding `permit` until it is done; a
-    /// delivery of a paused app goes straight back to the queue instead.
+    /// delivery of a paused app, or of a host stuck without answering, goes straight back to
+    /// the queue instead. Returns the delivery when its host has its share of the window out
+    /// and may answer any moment: the caller keeps it (parks it) for a moment.
     async fn start(
         self: &Arc<Self>,
         c: ClaimedDelivery,
         permit: tokio::sync::OwnedSemaphorePermit,
         results: &mpsc::Sender<DeliveryResult>,
-    ) {
-        if let Some(until_ms) = self
-            .guards
-            .paused_until(&c.notification.app, c.device.environment)
-        {
+    ) -> Option<ClaimedDelivery> {
+        let (app, env) = (c.notification.app.as_str(), c.device.environment);
+        let held = match self.guards.paused_until(app, env) {
+            Some(until_ms) => Some(ResultKind::held_until(until_ms, None, "app paused".into())),
+            None => match self.flows.admit(app, env) {
+                FlowAdmit::Go => None,
+                FlowAdmit::Park => return Some(c),
+                FlowAdmit::Hold { until_ms, announce } => {
+                    if let Some((out, silent)) = announce {
+                        self.announce_unanswered(app, env, out, silent);
+                    }
+                    Some(ResultKind::held_until(
+                        until_ms,
+                        None,
+                        "APNs not answering".into(),
+                    ))
+                }
+            },
+        };
+        if let Some(kind) = held {
             drop(permit);
             let _ = results
                 .send(DeliveryResult {
                     delivery_id: c.delivery_id,
-                    kind: ResultKind::held_until(until_ms, None, "app paused".into()),
+                    kind,
                 })
                 .await;
-            return;
+            return None;
         }
         let inner = self.clone();
         let results = results.clone();
@@ -778,6 +844,7 @@ impl Inner {
                 Admit::Wait => match inner.wait_for_probe(&c).await {
                     Ok(probe) => probe,
                     Err(kind) => {
+                        inner.flows.done(&c.notification.app, env, false);
                         drop(permit);
                         let _ = results
                             .send(DeliveryResult {
@@ -798,6 +865,25 @@ impl Inner {
             }
             drop(permit);
         });
+        None
+    }
+
+    /// Says once per silence that a host has requests out and no answer: its further
+    /// deliveries go back to the queue so that the others keep the window.
+    fn announce_unanswered(&self, app: &str, env: Environment, out: u32, silent: Duration) {
+        let message = format!(
+            "{env}: {out} requests out and no answer for {} ms; further pushes wait in the queue (unsent, no attempt spent) until it answers or they time out, so other apps and environments keep the window",
+            silent.as_millis()
+        );
+        warn!(
+            event = "apns_unanswered",
+            app,
+            environment = env.as_str(),
+            in_flight = out,
+            silent_ms = silent.as_millis() as u64,
+            "{message}"
+        );
+        self.note("unanswered", app, message);
     }
 
     /// Waits while another request is the probe of its app and environment (see
@@ -861,6 +947,11 @@ impl Inner {
             outcome = self.client.send(&req).await;
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let answered = !matches!(
+            outcome,
+            Outcome::Retry { status: None, .. } | Outcome::PauseApp { status: None, .. }
+        );
+        self.flows.done(&n.app, c.device.environment, answered);
         // No request went out (APNs unreachable, or the app's credentials refused before
         // it was sent): held quietly, as by a pause (see `verdict`), with no retry line or
         // count for an answer that never came.
