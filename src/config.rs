@@ -1868,6 +1868,11 @@ fn url_problem(url: &str, scheme: &str, port: bool, creds: &str) -> Option<Strin
             "{url:?}: its host and port are not plain (a host name or address, and digits after `:`): give {form}"
         ));
     }
+    if u.port_u16() == Some(0) {
+        return Some(format!(
+            "{url:?}: port 0 is no port to connect to: give {form} with the port it listens on"
+        ));
+    }
     if u.query().is_some() || url.contains('#') || !u.path().trim_end_matches('/').is_empty() {
         return Some(format!(
             "has a path, query or fragment, which its requests would not carry: give {form} only"
@@ -2578,6 +2583,7 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             "https://127.0.0.1:2197;hunter2",
             "https://127.0.0.1:2197#hunter2",
             "http://127.0.0.1:2197",
+            "https://127.0.0.1:0",
         ] {
             let err = load(&with(url)).unwrap_err();
             assert_eq!(err.problems.len(), 1, "{url}: {err}");
@@ -2588,6 +2594,7 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
             "http://user:s3cr3t^x@127.0.0.1:3128",
             "http://127.0.0.1:3128/x",
             "http://127.0.0.1",
+            "http://127.0.0.1:0",
         ] {
             let err = load(&proxy(p)).unwrap_err();
             assert_eq!(err.problems[0].key, "apns.proxy", "{p}: {err}");

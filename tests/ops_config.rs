@@ -519,7 +519,8 @@ fn the_simulator_outlives_the_reader_of_its_banner() {
 
 /// A client certificate that works today but not for long draws a warning from
 /// `check-config` (Apple's push certificates last a year): expired, not yet valid, expiring
-/// within 30 days; an encrypted PEM key is refused naming `key_file` and saying why.
+/// within 30 days; a `password_file` a PEM certificate leaves unused draws one too; an
+/// encrypted PEM key is refused naming `key_file` and saying why.
 #[test]
 fn a_client_certificate_near_or_past_its_end_is_a_warning() {
     let good = std::fs::read_to_string(repo("deploy/pushdrop.toml")).unwrap();
@@ -570,6 +571,22 @@ fn a_client_certificate_near_or_past_its_end_is_a_warning() {
         !text(&out.stderr).contains("warning"),
         "{}",
         text(&out.stderr)
+    );
+    // A password file beside a PEM certificate is not read: said, not ignored in silence.
+    let pass = etc.join("push.pass");
+    std::fs::write(&pass, "secret\n").unwrap();
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with_pass = std::fs::read_to_string(&config).unwrap().replace(
+        "key_file = \"push-key.pem\" }",
+        "key_file = \"push-key.pem\", password_file = \"push.pass\" }",
+    );
+    std::fs::write(&config, with_pass).unwrap();
+    let out = pushdrop(&config, &["check-config"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("apps[0].certificate.password_file: is not used"),
+        "{stderr}"
     );
     std::fs::write(
         etc.join("push-key.pem"),

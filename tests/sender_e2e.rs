@@ -975,6 +975,9 @@ fn a_credentials_pause_counts_only_the_answers_apns_gave() {
             .to_string()
             .contains("InvalidProviderToken")
     });
+    // Which environment is paused is a field of its own, not only the message's first word.
+    let paused = w.env.status_json()["paused"].clone();
+    assert_eq!(paused[0]["environment"], "production", "{paused}");
     // Pauses of 1 s and 2 s end meanwhile, each with its refused try.
     std::thread::sleep(Duration::from_millis(3500));
     daemon.shutdown();

@@ -109,6 +109,12 @@ pub fn credential_warnings(cfg: &crate::config::Config) -> Vec<crate::config::Co
                 "is not used: the PKCS#12 cert_file holds the private key".into(),
             );
         }
+        if !pkcs12 && c.password_file.is_some() && c.cert_file.is_file() {
+            warn(
+                "password_file",
+                "is not used: only a PKCS#12 cert_file is opened with a password, and this one is PEM".into(),
+            );
+        }
         let leaf = if pkcs12 {
             tls::read_pkcs12(&c.cert_file, c.password_file.as_deref())
                 .ok()

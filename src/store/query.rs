@@ -196,24 +196,37 @@ pub struct EventRow {
     pub at: String,
     pub kind: String,
     pub app: Option<String>,
+    /// The environment an event of an app and environment is about (`paused`, `resumed`,
+    /// `unanswered`): its message starts with it, and a script reading `status --json`
+    /// should not have to take the message apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<&'static str>,
     pub message: String,
 }
 
 impl EventRow {
-    /// The environment a `paused` or `resumed` event is about: its message starts with it
-    /// (`production: InvalidProviderToken`).
+    /// The environment a `paused` or `resumed` event is about (see `environment`).
     pub fn environment(&self) -> &str {
-        self.message.split(':').next().unwrap_or("")
+        self.environment.unwrap_or("")
     }
+}
+
+/// The environment a message starts with (`production: InvalidProviderToken`), if any.
+fn environment_of(message: &str) -> Option<&'static str> {
+    let first = message.split(':').next()?;
+    ["production", "sandbox"].into_iter().find(|e| *e == first)
 }
 
 /// An `events` row read as `SELECT at, kind, app, message`.
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    let app: Option<String> = r.get(2)?;
+    let message: String = r.get(3)?;
     Ok(EventRow {
         at: rfc3339_ms(r.get(0)?),
         kind: r.get(1)?,
-        app: r.get(2)?,
-        message: r.get(3)?,
+        environment: app.as_ref().and_then(|_| environment_of(&message)),
+        app,
+        message,
     })
 }
 
