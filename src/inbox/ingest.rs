@@ -1350,7 +1350,10 @@ pub fn sweep_processed(cfg: &Config) -> usize {
         cfg.rejected_dir(),
         cfg.processed_dir(),
     ] {
-        let left = sweep_dir(dir, TEMP_FILE_AGE, SystemTime::now(), is_temp_file);
+        // A file staged in the inbox on its way out is no litter: it may be the only copy of
+        // a committed file ([`Ingestor::recover_staged`] moves it on).
+        let litter = |name: &std::ffi::OsStr| is_temp_file(name) && staged_pid(name).is_none();
+        let left = sweep_dir(dir, TEMP_FILE_AGE, SystemTime::now(), litter);
         if left > 0 {
             tracing::info!(event = "retention", dir = %dir.display(), removed = left as u64, "removed temporary files a crash left behind");
         }
@@ -1382,6 +1385,156 @@ const TEMP_FILE_AGE: Duration = Duration::from_secs(3600);
 fn is_temp_file(name: &std::ffi::OsStr) -> bool {
     let name = name.as_encoded_bytes();
     name.starts_with(b".pushdrop-") && name.ends_with(b".tmp")
+}
+
+/// The process that staged a file on its way out of the inbox under the hidden name
+/// [`hidden_name`] gives (`.pushdrop-out-<pid>-<n>.tmp`).
+fn staged_pid(name: &std::ffi::OsStr) -> Option<u32> {
+    let rest = name.to_str()?.strip_prefix(".pushdrop-out-")?;
+    let (pid, n) = rest.strip_suffix(".tmp")?.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether process `pid` exists (one of another user counts).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+impl Ingestor {
+    /// Finishes the moves out of the inbox that a crash cut short. A committed file bound for
+    /// a `processed_dir` on another file system (or to be deleted) is first renamed to a
+    /// hidden name in the inbox ([`hidden_name`]) and copied on from there, so a kill during
+    /// the copy leaves it only under that name. Each such file of a process no longer running
+    /// is looked up among the committed files (content, inode and mtime, which the rename
+    /// kept) and moved on under its own name, or deleted with `keep_processed = false`. One
+    /// not known as committed (lines appended to a file after it was read, being split off
+    /// when the kill came, or a file whose record retention dropped) goes to `rejected_dir`
+    /// for a person to look at: taken again, it could send twice; removed, it could lose
+    /// records. The daemon runs this at start and with the hourly sweep.
+    pub fn recover_staged(&self) {
+        let inbox = self.cfg.inbox.dir.as_path();
+        let Ok(entries) = std::fs::read_dir(inbox) else {
+            return;
+        };
+        let mut any = false;
+        for e in entries.flatten() {
+            let hidden = e.file_name();
+            let Some(pid) = staged_pid(&hidden) else {
+                continue;
+            };
+            if pid == std::process::id() || process_alive(pid) {
+                continue;
+            }
+            let path = e.path();
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_file() => m,
+                _ => continue,
+            };
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(err) => {
+                    tracing::error!(event = "move_failed", file = %path.display(), error = %err, "a file a crash left on its way out of the inbox cannot be read; it stays under its hidden name");
+                    continue;
+                }
+            };
+            let sha = content_hash(&bytes);
+            match self.store.committed_name_blocking(
+                sha.clone(),
+                meta.ino() as i64,
+                mtime_ns(&meta),
+            ) {
+                Ok(Some(name)) => self.finish_staged(&path, &name, &sha, meta.len()),
+                Ok(None) => self.reject_staged(&path, &hidden),
+                Err(err) => {
+                    tracing::error!(event = "store_error", file = %path.display(), error = %err, "cannot look up a file a crash left on its way out of the inbox; tried again at the next sweep");
+                    continue;
+                }
+            }
+            any = true;
+        }
+        if any {
+            let _ = fsutil::fsync_dir(inbox);
+        }
+    }
+
+    /// A committed file found under its hidden name: on to `processed_dir` under `name` (or
+    /// deleted). A copy already there (the kill came after the copy, before the removal)
+    /// makes the hidden one redundant.
+    fn finish_staged(&self, path: &Path, name: &str, sha: &str, size: u64) {
+        if !self.cfg.inbox.keep_processed {
+            if std::fs::remove_file(path).is_ok() {
+                tracing::info!(
+                    event = "moved",
+                    file = name,
+                    recovered = true,
+                    "a committed file a crash left on its way out of the inbox (under a hidden name) is deleted, as keep_processed = false asks"
+                );
+            }
+            return;
+        }
+        let dir = self.cfg.processed_dir();
+        let there = dir.join(name);
+        let copied = std::fs::symlink_metadata(&there)
+            .is_ok_and(|m| m.is_file() && m.len() == size)
+            && std::fs::read(&there).is_ok_and(|b| content_hash(&b) == sha);
+        if copied {
+            if std::fs::remove_file(path).is_ok() {
+                tracing::info!(event = "moved", file = name, dest = %there.display(), recovered = true, "a committed file a crash left on its way out of the inbox was in processed_dir already; its hidden copy in the inbox is removed");
+            }
+            return;
+        }
+        if let Err(err) = fsutil::make_dirs(dir) {
+            tracing::error!(event = "move_failed", file = name, error = %err, "a committed file a crash left on its way out of the inbox cannot be moved on; it stays under its hidden name {} and is tried again at the next sweep", path.display());
+            return;
+        }
+        match move_to_free_name(path, dir, std::ffi::OsStr::new(name)) {
+            Ok(Some(dest)) => {
+                let _ = fsutil::fsync_dir(dir);
+                tracing::info!(event = "moved", file = name, dest = %dest.display(), recovered = true, "a committed file a crash left on its way out of the inbox (under a hidden name) is moved to processed_dir");
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(event = "move_failed", file = name, error = %err, "a committed file a crash left on its way out of the inbox cannot be moved on; it stays under its hidden name {} and is tried again at the next sweep", path.display());
+            }
+        }
+    }
+
+    /// A hidden file of the inbox's own making that no committed file matches: to
+    /// `rejected_dir` as `<name>.leftover` (no drop file's suffix), said loudly.
+    fn reject_staged(&self, path: &Path, hidden: &std::ffi::OsStr) {
+        let dir = self.cfg.rejected_dir();
+        let stem = hidden.to_string_lossy();
+        let stem = stem
+            .trim_start_matches('.')
+            .trim_end_matches(".tmp")
+            .to_string();
+        let moved = fsutil::make_dirs(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                move_to_free_name(path, dir, std::ffi::OsStr::new(&format!("{stem}.leftover")))
+            });
+        let message = match &moved {
+            Ok(Some(dest)) => format!(
+                "a crash left {} on its way out of the inbox, and no committed file has its content: moved to {} (if its records were not sent, drop them again)",
+                path.display(),
+                dest.display()
+            ),
+            Ok(None) => return,
+            Err(err) => format!(
+                "a crash left {} on its way out of the inbox, and no committed file has its content; it cannot be moved to rejected_dir ({err}) and stays",
+                path.display()
+            ),
+        };
+        tracing::warn!(event = "crash_leftover", file = %path.display(), "{message}");
+        self.store
+            .note_event_blocking("crash_leftover", None, &message);
+    }
 }
 
 /// Whether two folders are on one file system (a rename between them works); `true` when
@@ -2022,6 +2175,86 @@ mod tests {
         for n in &names[1..] {
             assert!(d.path().join(n).exists(), "{n} was removed");
         }
+    }
+
+    /// A process id that has ended (a child waited for).
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    /// A kill while a committed file was copied to a `processed_dir` on another file system
+    /// left it only under its hidden staging name in the inbox (a probe's finding: the hour's
+    /// sweep then removed it as litter). The next start moves it on under its own name,
+    /// without taking it again; a hidden file no committed file matches goes to
+    /// `rejected_dir`; neither is litter for the sweep.
+    #[test]
+    fn a_file_a_crash_left_on_its_way_out_is_moved_on_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true);
+        let inbox = d.path().join("inbox");
+        std::fs::write(inbox.join("n.jsonl"), line("n1")).unwrap();
+        let written = std::fs::metadata(inbox.join("n.jsonl"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let r = ing.process(vec![Candidate {
+            path: inbox.join("n.jsonl"),
+            settled: true,
+            waits_for_earlier: false,
+        }]);
+        assert!(matches!(r[0].outcome, FileOutcome::Accepted(_)));
+        let processed = inbox.join("processed");
+        // The state the kill left: the committed file staged, with its inode and mtime (the
+        // move into processed_dir stamped it; the staging rename does not).
+        let pid = dead_pid();
+        let staged = inbox.join(format!(".pushdrop-out-{pid}-0.tmp"));
+        std::fs::rename(processed.join("n.jsonl"), &staged).unwrap();
+        let set_mtime = |f: &Path, t: SystemTime| {
+            let file = std::fs::File::options().write(true).open(f).unwrap();
+            file.set_modified(t).unwrap();
+        };
+        set_mtime(&staged, written);
+        let unknown = inbox.join(format!(".pushdrop-out-{pid}-1.tmp"));
+        std::fs::write(&unknown, line("n2")).unwrap();
+        // Another process's file on its way out (ours here, alive) is left alone.
+        let alive = inbox.join(format!(".pushdrop-out-{}-2.tmp", std::process::id()));
+        std::fs::write(&alive, line("n3")).unwrap();
+        for f in [&unknown, &alive] {
+            backdate(f, Duration::from_secs(2 * 3600));
+        }
+        set_mtime(&staged, written - Duration::from_secs(2 * 3600));
+        sweep_processed(&ing.cfg);
+        assert!(
+            staged.exists() && unknown.exists(),
+            "the sweep took a staged file"
+        );
+        set_mtime(&staged, written);
+
+        ing.recover_staged();
+        assert!(!staged.exists());
+        assert_eq!(
+            std::fs::read_to_string(processed.join("n.jsonl")).unwrap(),
+            line("n1")
+        );
+        assert!(!unknown.exists());
+        let leftover = inbox.join(format!("rejected/pushdrop-out-{pid}-1.leftover"));
+        assert_eq!(std::fs::read_to_string(&leftover).unwrap(), line("n2"));
+        assert_eq!(events(&ing, "crash_leftover"), 1);
+        assert!(alive.exists());
+        assert_eq!(ext_ids(&ing), ["n1"], "nothing taken again");
+
+        // Killed after the copy, before the removal: the copy in processed_dir stands.
+        std::fs::hard_link(processed.join("n.jsonl"), &staged).unwrap();
+        ing.recover_staged();
+        assert!(!staged.exists());
+        assert_eq!(
+            std::fs::read_dir(&processed).unwrap().count(),
+            1,
+            "no n~1.jsonl"
+        );
     }
 
     /// Sets a file's mtime `age` back, as `touch -d` does.

@@ -450,6 +450,7 @@ impl Loop {
     }
 
     fn run(&mut self) {
+        self.ingestor.recover_staged();
         self.run_until_stopped();
         // Files moved out a moment ago get their second look now, with no writer waited for.
         self.ingestor.look_again(true);
@@ -463,6 +464,7 @@ impl Loop {
             }
             let now = Instant::now();
             if self.sweep && now >= self.next_sweep {
+                self.ingestor.recover_staged();
                 ingest::sweep_processed(&self.cfg);
                 self.next_sweep = now + SWEEP_EVERY;
             }

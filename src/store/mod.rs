@@ -397,6 +397,18 @@ impl Store {
             .unwrap_or(false)
     }
 
+    /// The name a file with this content, inode and mtime was committed under: a crash in
+    /// the middle of moving a committed file out of the inbox (across file systems) leaves it
+    /// under a hidden name, and the restart finishes the move under its own name.
+    pub fn committed_name_blocking(
+        &self,
+        sha256: String,
+        ino: i64,
+        mtime_ns: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.call_blocking(move |w| w.committed_name(&sha256, ino, mtime_ns))
+    }
+
     /// Requeues failed deliveries: of notification `id` (of `app`, which must be named when
     /// two apps use the id: [`StoreError::AmbiguousId`]) or, with `None`, all of them (of
     /// `app` only, when named). An `id`

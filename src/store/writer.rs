@@ -1259,6 +1259,23 @@ impl Writer {
             .exists(params![device_id, at_ms])?)
     }
 
+    /// See [`super::Store::committed_name_blocking`].
+    pub fn committed_name(
+        &mut self,
+        sha256: &str,
+        ino: i64,
+        mtime_ns: i64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT name FROM committed_files
+                 WHERE sha256 = ?1 AND ino = ?2 AND mtime_ns = ?3 LIMIT 1",
+            )?
+            .query_row(params![sha256, ino, mtime_ns], |r| r.get(0))
+            .optional()?)
+    }
+
     /// See [`super::Store::retry_failed_blocking`].
     pub fn retry_failed(
         &mut self,
