@@ -99,6 +99,12 @@ pub fn batched<W: Write + Send + 'static>(
 fn write_batches<W: Write>(shared: &Shared, mut sink: W) {
     let mut batch = Vec::new();
     let mut failing = false;
+    // A failed write may have put part of a line into the file (a full disk takes what
+    // fits): the next write starts on a line of its own, or that line and the next one's
+    // start would make one line that no JSON reader takes.
+    let mut mid_line = false;
+    // Lines of the batches that could not be written, said once writing works again.
+    let mut lost_lines = 0u64;
     loop {
         let mut st = shared.lock();
         while st.buf.is_empty() && !st.closing {
@@ -123,20 +129,55 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W) {
         let upto = st.appended;
         drop(st);
         shared.room.notify_all();
-        match sink.write_all(&batch).and_then(|()| sink.flush()) {
-            Ok(()) => failing = false,
-            // No log line can say so (this is the log): stderr, once per failing spell.
-            Err(e) if !failing => {
-                failing = true;
-                eprintln!("pushdrop: cannot write the log file: {e}; lines are being lost");
+        match write_lines(&mut sink, &batch, &mut mid_line) {
+            Ok(()) => {
+                failing = false;
+                if lost_lines > 0 {
+                    // Into this log (the writer takes it like any line): the gap is on record.
+                    tracing::warn!(
+                        event = "log_lines_lost",
+                        lines = lost_lines,
+                        "log lines could not be written to the log file (a full disk, say) and are lost; stderr said when it began"
+                    );
+                    lost_lines = 0;
+                }
             }
-            Err(_) => {}
+            // No log line can say so (this is the log): stderr, once per failing spell.
+            Err(e) => {
+                lost_lines += batch.iter().filter(|&&b| b == b'\n').count() as u64;
+                if !failing {
+                    failing = true;
+                    eprintln!("pushdrop: cannot write the log file: {e}; lines are being lost");
+                }
+            }
         }
         batch.clear();
         batch.shrink_to(KEEP_CAPACITY);
         shared.lock().handed = upto;
         shared.handed.notify_all();
     }
+}
+
+/// Writes `batch` and flushes, keeping `mid_line` true while the file ends inside a line
+/// (a write cut short), and starting with a line break when it did.
+fn write_lines<W: Write>(sink: &mut W, batch: &[u8], mid_line: &mut bool) -> std::io::Result<()> {
+    if *mid_line {
+        sink.write_all(b"\n")?;
+        *mid_line = false;
+    }
+    let mut rest = batch;
+    while !rest.is_empty() {
+        match sink.write(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                *mid_line = rest[n - 1] != b'\n';
+                rest = &rest[n..];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    sink.flush()
 }
 
 impl Batched {
@@ -228,6 +269,42 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A sink that takes `room` bytes, then fails like a full disk until given more.
+    #[derive(Clone, Default)]
+    struct FullDisk(Arc<Mutex<(Vec<u8>, usize)>>);
+    impl Write for FullDisk {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut s = self.0.lock().unwrap();
+            let n = b.len().min(s.1);
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            s.0.extend_from_slice(&b[..n]);
+            s.1 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A probe's finding: a full disk took half a line, and the next line written once there
+    /// was room again went on from that half, so `jq` stopped at the joined line. The line
+    /// after a failed write now starts a line of its own.
+    #[test]
+    fn a_line_cut_by_a_full_disk_is_not_joined_to_the_next() {
+        let (mut sink, mut mid) = (FullDisk::default(), false);
+        sink.0.lock().unwrap().1 = 15;
+        assert!(write_lines(&mut sink, b"{\"a\":\"first line\"}\n", &mut mid).is_err());
+        assert!(mid);
+        assert!(write_lines(&mut sink, b"{\"b\":1}\n", &mut mid).is_err());
+        sink.0.lock().unwrap().1 = 1000;
+        write_lines(&mut sink, b"{\"c\":2}\n", &mut mid).unwrap();
+        assert!(!mid);
+        let text = String::from_utf8(sink.0.lock().unwrap().0.clone()).unwrap();
+        assert_eq!(text, "{\"a\":\"first lin\n{\"c\":2}\n");
     }
 
     #[test]
