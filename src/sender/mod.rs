@@ -130,6 +130,9 @@ struct ReceiptWork {
     failed: std::sync::Mutex<Vec<FinishedNotification>>,
     /// When such a failure was last noted for `status`: once a minute at most.
     noted_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The start-up sweep's span (since, until) when it could not finish: run again with
+    /// the failed receipts, not only at the next start, since droppers wait for them.
+    sweep_failed: std::sync::Mutex<Option<(i64, i64)>>,
 }
 
 /// Blocking tasks writing receipts at once. Each receipt waits for an fsync, so a few run
@@ -281,6 +284,7 @@ pub fn start(
             stop_sweep: AtomicBool::new(false),
             failed: std::sync::Mutex::new(Vec::new()),
             noted_at: std::sync::Mutex::new(None),
+            sweep_failed: std::sync::Mutex::new(None),
         })
     });
     if let Some(work) = &receipts {
@@ -344,12 +348,16 @@ fn recover_receipts(work: &ReceiptWork, since_ms: i64, until_ms: i64) {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "receipts missing after the last stop written"
         ),
-        Err(e) => error!(
-            event = "receipt_error",
-            error = %e,
-            stale_temp_files,
-            "cannot write the receipts missing after the last stop; trying again at the next start"
-        ),
+        Err(e) => {
+            error!(
+                event = "receipt_error",
+                error = %e,
+                stale_temp_files,
+                "cannot write the receipts missing after the last stop; trying again in 10 s"
+            );
+            *work.sweep_failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((since_ms, until_ms));
+        }
     }
 }
 
@@ -778,6 +786,14 @@ impl Inner {
         let Some(work) = &self.receipts else {
             return;
         };
+        let sweep = work
+            .sweep_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((since_ms, until_ms)) = sweep {
+            work.spawn(move |work| recover_receipts(work, since_ms, until_ms));
+        }
         let failed = std::mem::take(&mut *work.failed.lock().unwrap_or_else(|p| p.into_inner()));
         if failed.is_empty() {
             return;
