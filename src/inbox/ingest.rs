@@ -1101,7 +1101,7 @@ impl Ingestor {
                     }
                     Err(e) => {
                         let _ = std::fs::remove_file(&report_path);
-                        return Err(format!("cannot move to {}: {e}", dir.display()));
+                        return Err(move_error(path, dir, &e));
                     }
                 }
             }
@@ -1552,6 +1552,32 @@ fn hidden_name() -> OsString {
     fsutil::temp_name("out").into()
 }
 
+/// Why moving `from` into `dir` failed, naming the folder at fault: a rename needs write
+/// access to both, and "permission denied" alone does not say which (a probe's inbox made
+/// read-only was reported as its `processed_dir`).
+fn move_error(from: &Path, dir: &Path, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::PermissionDenied
+        && let Some(src) = from.parent()
+        && !writable_dir(src)
+    {
+        return format!(
+            "cannot move out of {}: {e} (pushdrop must be allowed to write in the folder files are taken from)",
+            src.display()
+        );
+    }
+    format!("cannot move to {}: {e}", dir.display())
+}
+
+/// Whether this process may write (create and remove entries) in `dir`.
+fn writable_dir(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
 /// Moves `from` into `dir` under `name`, or `stem~n.ext` when taken; `None` if `from` is
 /// gone.
 fn move_to_free_name(
@@ -1565,7 +1591,7 @@ fn move_to_free_name(
             Ok(()) => return Ok(Some(dest)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot move to {}: {e}", dir.display())),
+            Err(e) => return Err(move_error(from, dir, &e)),
         }
     }
     Err(format!("no free name in {}", dir.display()))
