@@ -2,17 +2,21 @@
 //! and never answers cannot hold all of `max_in_flight` until `request_timeout_ms`.
 //!
 //! A flow is one app and environment: one APNs host, one connection pool. It is *answering*
-//! while an answer (any HTTP status) came from it within [`ANSWERING`], and may then use the
-//! whole window. A flow that is not (idle for a while, just connected, or silent with requests
-//! out) may have at most a share of the window in flight ([`Flows::new`]: an eighth) until it
-//! answers. Apple answers within milliseconds, so a healthy host proves itself within one
-//! round trip and the cost is a pause of that long in a burst's ramp; a hung host holds its
-//! share while the rest of the window serves the other flows.
+//! while an answer (any HTTP status) came from it lately (within a second, or twice its
+//! usual answer time if that is longer), and may then use the whole window. A flow that is
+//! not (idle for a while, just connected, or silent with requests out) may have at most a
+//! share of the window in flight ([`Flows::new`]: an eighth) until it answers. Apple answers
+//! within milliseconds, so a healthy host proves itself within one round trip and the cost
+//! is a pause of that long in a burst's ramp; a hung host holds its share while the rest of
+//! the window serves the other flows.
 //!
-//! Deliveries beyond the share wait in the sender's memory (*parked*) for up to
-//! [`PARK_LIMIT`]. A flow still silent then is *stuck*: its deliveries go back to the queue,
-//! unsent and their attempts not counted, until its requests' timeout, when the requests out
-//! end (and the pause for an unreachable APNs takes over, see the sender).
+//! Deliveries beyond the share wait in the sender's memory (*parked*) until the flow answers.
+//! While many are parked, more of the silent flow's go back to the queue for a moment
+//! ([`CROWDED_HOLD`]) instead, so that the claims go on and reach the other flows' work.
+//! A flow silent for [`PARK_LIMIT`] (or three times its usual answer time) is *stuck*: its
+//! deliveries go back to the queue, unsent and their attempts not counted, until its
+//! requests' timeout; once those end unanswered, it gets one request at a time until one is
+//! answered (and the pause for an unreachable APNs takes over, see the sender).
 //!
 //! Known limit: a flow that was answering and then hangs with the whole window out holds it
 //! until those requests time out; this guards the start of every silence, not its middle.
@@ -24,14 +28,17 @@ use std::time::{Duration, Instant};
 use crate::config::Environment;
 use crate::model::now_ms;
 
-/// How recent a flow's last answer must be for it to use the whole window.
+/// How recent a flow's last answer must be (at least) for it to use the whole window.
 const ANSWERING: Duration = Duration::from_secs(1);
-/// How long deliveries beyond a silent flow's share wait in memory for its first answer
-/// before they go back to the queue: longer than any round trip of a working host.
+/// How long a silent flow's deliveries may wait in memory for its first answer (at least)
+/// before it counts as stuck: longer than a working host's round trip.
 pub const PARK_LIMIT: Duration = Duration::from_secs(2);
 /// The longest a stuck flow's delivery goes back to the queue for at a time (less when its
 /// requests out time out sooner): a host that answers again is used again soon.
 const HOLD_LIMIT: Duration = Duration::from_secs(5);
+/// How long a silent flow's delivery goes back to the queue when too many of its deliveries
+/// are parked already.
+const CROWDED_HOLD: Duration = Duration::from_millis(250);
 
 /// What to do with a delivery that has a slot in the window.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,21 +47,27 @@ pub enum FlowAdmit {
     Go,
     /// Its flow has its share out and no answer yet: keep it in memory a moment.
     Park,
-    /// Its flow is stuck: back to the queue until `until_ms`. `announce` is set for the
-    /// first such delivery of a silence: (requests out, silent for).
+    /// Back to the queue until `until_ms`: its flow is stuck, or has enough parked already.
+    /// `announce` is set for the first such delivery of a stuck flow's silence: (requests
+    /// waiting for an answer, silent for).
     Hold {
         until_ms: i64,
         announce: Option<(u32, Duration)>,
     },
 }
 
-#[derive(Default)]
 struct Flow {
     in_flight: u32,
     last_answer: Option<Instant>,
-    /// The later of the last answer and the moment the flow's requests out went from none
-    /// to one: how long it has had requests out and heard nothing.
+    /// Since when the flow has had requests out and heard nothing: its last answer, or the
+    /// moment a request went out after the ones before it were all answered.
     silent_since: Option<Instant>,
+    /// Whether the last request that ended was answered (not a timeout, reset or refused
+    /// connection): a flow whose requests end unanswered stays silent across them.
+    last_end_answered: bool,
+    /// A running average of its answers' times, so that a host slow by nature (far away,
+    /// behind a proxy) is not taken for a stuck one.
+    answer_time: Option<Duration>,
     /// Deliveries parked for it (the main loop's count, so that an answer knows whether
     /// anyone waits for it).
     parked: u32,
@@ -62,10 +75,34 @@ struct Flow {
     announced: bool,
 }
 
+impl Default for Flow {
+    fn default() -> Flow {
+        Flow {
+            in_flight: 0,
+            last_answer: None,
+            silent_since: None,
+            last_end_answered: true,
+            answer_time: None,
+            parked: 0,
+            announced: false,
+        }
+    }
+}
+
 impl Flow {
-    fn answering(&self, now: Instant) -> bool {
+    /// (how recent an answer keeps it answering, how long a silence makes it stuck).
+    fn limits(&self, request_timeout: Duration) -> (Duration, Duration) {
+        let usual = self.answer_time.unwrap_or(Duration::ZERO);
+        (
+            ANSWERING.max(usual * 2),
+            PARK_LIMIT.max((usual * 3).min(request_timeout)),
+        )
+    }
+
+    fn answering(&self, now: Instant, request_timeout: Duration) -> bool {
+        let (within, _) = self.limits(request_timeout);
         self.last_answer
-            .is_some_and(|t| now.saturating_duration_since(t) < ANSWERING)
+            .is_some_and(|t| now.saturating_duration_since(t) < within)
     }
 }
 
@@ -96,11 +133,12 @@ impl Flows {
     }
 
     /// Whether a delivery of `app` and `env` may go out now (see the module's comment).
-    pub fn admit(&self, app: &str, env: Environment) -> FlowAdmit {
-        self.admit_at(app, env, Instant::now())
+    /// `crowded`: the sender holds as many parked deliveries as it keeps.
+    pub fn admit(&self, app: &str, env: Environment, crowded: bool) -> FlowAdmit {
+        self.admit_at(app, env, crowded, Instant::now())
     }
 
-    fn admit_at(&self, app: &str, env: Environment, now: Instant) -> FlowAdmit {
+    fn admit_at(&self, app: &str, env: Environment, crowded: bool, now: Instant) -> FlowAdmit {
         let Ok(mut flows) = self.flows.lock() else {
             return FlowAdmit::Go;
         };
@@ -111,32 +149,47 @@ impl Flows {
             return FlowAdmit::Go;
         };
         let f = &mut pair[env_index(env)];
-        if f.in_flight < self.share || f.answering(now) {
-            if f.in_flight == 0 {
-                f.silent_since = Some(now);
-            }
+        if f.in_flight == 0 && f.last_end_answered {
+            f.silent_since = Some(now);
+        }
+        let since = *f.silent_since.get_or_insert(now);
+        let silent = now.saturating_duration_since(since);
+        let (_, stuck_after) = f.limits(self.request_timeout);
+        let stuck = silent >= stuck_after;
+        // Requests ending unanswered for that long: one at a time finds out whether it is
+        // back, rather than a share's worth spending their attempts on timeouts.
+        let cap = if stuck && !f.last_end_answered {
+            1
+        } else {
+            self.share
+        };
+        if f.in_flight < cap || f.answering(now, self.request_timeout) {
             f.in_flight += 1;
             return FlowAdmit::Go;
         }
-        let since = f.silent_since.unwrap_or(now);
-        let silent = now.saturating_duration_since(since);
-        if silent < PARK_LIMIT {
-            f.parked += 1;
-            return FlowAdmit::Park;
+        if stuck {
+            // Until the requests out time out, within bounds.
+            let wait = (self.request_timeout.saturating_sub(silent)).clamp(PARK_LIMIT, HOLD_LIMIT);
+            let announce = (!f.announced).then_some((f.in_flight, silent));
+            f.announced = true;
+            return FlowAdmit::Hold {
+                until_ms: now_ms() + wait.as_millis() as i64,
+                announce,
+            };
         }
-        // Until the requests out time out, within bounds.
-        let wait = (self.request_timeout.saturating_sub(silent)).clamp(PARK_LIMIT, HOLD_LIMIT);
-        let announce = (!f.announced).then_some((f.in_flight, silent));
-        f.announced = true;
-        FlowAdmit::Hold {
-            until_ms: now_ms() + wait.as_millis() as i64,
-            announce,
+        if crowded {
+            return FlowAdmit::Hold {
+                until_ms: now_ms() + CROWDED_HOLD.as_millis() as i64,
+                announce: None,
+            };
         }
+        f.parked += 1;
+        FlowAdmit::Park
     }
 
-    /// A request admitted by [`Flows::admit`] ended; `answered`: APNs gave an HTTP answer
-    /// (any status), not a timeout, reset or refusal to connect.
-    pub fn done(&self, app: &str, env: Environment, answered: bool) {
+    /// A request admitted by [`Flows::admit`] ended after `took`; `answered`: APNs gave an
+    /// HTTP answer (any status), not a timeout, reset or refusal to connect.
+    pub fn done(&self, app: &str, env: Environment, answered: bool, took: Duration) {
         let now = Instant::now();
         let wake = {
             let Ok(mut flows) = self.flows.lock() else {
@@ -147,8 +200,15 @@ impl Flows {
             };
             let f = &mut pair[env_index(env)];
             f.in_flight = f.in_flight.saturating_sub(1);
+            f.last_end_answered = answered;
             if answered {
-                let was_answering = f.answering(now);
+                let was_answering = f.answering(now, self.request_timeout);
+                // An eighth of each new answer time: steady, yet a change shows within a
+                // few dozen answers.
+                f.answer_time = Some(match f.answer_time {
+                    Some(avg) => (avg * 7 + took) / 8,
+                    None => took,
+                });
                 f.last_answer = Some(now);
                 f.silent_since = Some(now);
                 f.announced = false;
@@ -178,26 +238,32 @@ mod tests {
 
     const P: Environment = Environment::Production;
     const S: Environment = Environment::Sandbox;
+    const MS: Duration = Duration::from_millis(1);
 
     #[test]
     fn a_silent_flow_gets_its_share_then_parks_then_holds() {
         let flows = Flows::new(16, Duration::from_secs(10));
         let t0 = Instant::now();
         for _ in 0..2 {
-            assert_eq!(flows.admit_at("a", P, t0), FlowAdmit::Go);
+            assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Go);
         }
-        assert_eq!(flows.admit_at("a", P, t0), FlowAdmit::Park);
+        assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Park);
         // The other environment and another app have their own shares.
-        assert_eq!(flows.admit_at("a", S, t0), FlowAdmit::Go);
-        assert_eq!(flows.admit_at("b", P, t0), FlowAdmit::Go);
-        let later = t0 + PARK_LIMIT + Duration::from_millis(1);
-        let FlowAdmit::Hold { until_ms, announce } = flows.admit_at("a", P, later) else {
+        assert_eq!(flows.admit_at("a", S, false, t0), FlowAdmit::Go);
+        assert_eq!(flows.admit_at("b", P, false, t0), FlowAdmit::Go);
+        // Too many parked already: back to the queue for a moment, so the claims go on.
+        let FlowAdmit::Hold { until_ms, announce } = flows.admit_at("a", P, true, t0) else {
+            panic!("a crowded park holds");
+        };
+        assert!(until_ms - now_ms() <= 250 && announce.is_none());
+        let later = t0 + PARK_LIMIT + MS;
+        let FlowAdmit::Hold { until_ms, announce } = flows.admit_at("a", P, false, later) else {
             panic!("a flow silent past the park limit holds");
         };
         assert_eq!(announce.map(|(n, _)| n), Some(2));
         let wait = until_ms - now_ms();
         assert!((4_000..=5_000).contains(&wait), "held for {wait} ms");
-        let FlowAdmit::Hold { announce, .. } = flows.admit_at("a", P, later) else {
+        let FlowAdmit::Hold { announce, .. } = flows.admit_at("a", P, false, later) else {
             panic!("still stuck");
         };
         assert_eq!(announce, None, "a silence is announced once");
@@ -207,28 +273,62 @@ mod tests {
     fn an_answer_opens_the_whole_window_and_wakes_the_parked() {
         let flows = Flows::new(16, Duration::from_secs(10));
         let t0 = Instant::now();
-        flows.admit_at("a", P, t0);
-        flows.admit_at("a", P, t0);
-        assert_eq!(flows.admit_at("a", P, t0), FlowAdmit::Park);
-        flows.done("a", P, true);
+        flows.admit_at("a", P, false, t0);
+        flows.admit_at("a", P, false, t0);
+        assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Park);
+        flows.done("a", P, true, 5 * MS);
         // The stored wake-up is there for the main loop.
-        let woken = flows.changed.notified();
-        futures_ready(woken);
+        futures_ready(flows.changed.notified());
         flows.unpark_all();
         for _ in 0..20 {
-            assert_eq!(flows.admit("a", P), FlowAdmit::Go);
+            assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
         }
     }
 
+    /// Requests that time out leave the flow silent: its next try is one request, not a
+    /// share (a probe's finding: 125 more went into a host that had just let 1,000 time
+    /// out).
     #[test]
-    fn a_request_that_ends_unanswered_frees_its_share_only() {
+    fn after_timeouts_one_request_at_a_time_tries_the_host() {
         let flows = Flows::new(16, Duration::from_secs(10));
         let t0 = Instant::now();
-        flows.admit_at("a", P, t0);
-        flows.admit_at("a", P, t0);
-        flows.done("a", P, false);
-        assert_eq!(flows.admit_at("a", P, t0), FlowAdmit::Go);
-        assert_eq!(flows.admit_at("a", P, t0), FlowAdmit::Park);
+        flows.admit_at("a", P, false, t0);
+        flows.admit_at("a", P, false, t0);
+        flows.done("a", P, false, 10_000 * MS);
+        flows.done("a", P, false, 10_000 * MS);
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(flows.admit_at("a", P, false, later), FlowAdmit::Go);
+        assert!(matches!(
+            flows.admit_at("a", P, false, later),
+            FlowAdmit::Hold { .. }
+        ));
+        // Before the silence is long, a timeout frees a slot of the share as usual.
+        let flows = Flows::new(16, Duration::from_secs(10));
+        flows.admit_at("a", P, false, t0);
+        flows.admit_at("a", P, false, t0);
+        flows.done("a", P, false, 100 * MS);
+        assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Go);
+        assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Park);
+    }
+
+    /// A host that answers, but slowly (2.5 s here), is not taken for a stuck one once its
+    /// answer time is known (a probe's finding: it was held every cycle, at a twentieth of
+    /// its throughput).
+    #[test]
+    fn a_slow_host_that_answers_keeps_the_window() {
+        let flows = Flows::new(16, Duration::from_secs(10));
+        let t0 = Instant::now();
+        flows.admit_at("a", P, false, t0);
+        flows.done("a", P, true, 2500 * MS);
+        // Answered a moment ago: the whole window, and 2.5 s between waves is no silence.
+        let t1 = Instant::now();
+        for _ in 0..16 {
+            assert_eq!(flows.admit_at("a", P, false, t1), FlowAdmit::Go);
+        }
+        let t2 = t1 + Duration::from_millis(4000);
+        assert_eq!(flows.admit_at("a", P, false, t2), FlowAdmit::Go);
+        let t3 = t1 + Duration::from_millis(5500);
+        assert_eq!(flows.admit_at("a", P, false, t3), FlowAdmit::Park);
     }
 
     /// Polls `f` once: a `Notify` with a stored permit is ready at once.

@@ -55,6 +55,8 @@ const PROBE_RECHECK: Duration = Duration::from_secs(1);
 const RECORD_RETRY: Duration = Duration::from_secs(1);
 /// Deliveries claimed per store round trip.
 const CLAIM_BATCH: usize = 1000;
+/// Deliveries claimed per round trip at least, whatever `max_in_flight`.
+const MIN_CLAIM: usize = 64;
 /// Deliveries fanned out per loop round, so claims keep flowing during a huge broadcast.
 const FANOUT_ROWS_PER_ROUND: usize = 50_000;
 /// The longest idle sleep. The inbox wakes the sender at once, and [`EXTERNAL_PROBE`] notices
@@ -405,7 +407,10 @@ async fn main_loop(
     // queue holds a whole window: with a quarter of one, the window fell to a few hundred
     // requests (at times a few dozen) whenever a claim waited behind a batch of results, and
     // 100,000 deliveries ran with some 640 in flight on average instead of some 910.
-    let prefetch = max_in_flight.clamp(1, CLAIM_BATCH);
+    // At least a few dozen even for a tiny window: a stuck app's queue must go back to the
+    // store quickly for the claims to reach the others' work behind it (with a window of 2,
+    // claims of 2 took some 10 s to pass a hung app's broadcast of 5,000).
+    let prefetch = max_in_flight.clamp(MIN_CLAIM, CLAIM_BATCH);
     let mut ready: VecDeque<ClaimedDelivery> = VecDeque::with_capacity(prefetch);
     // Deliveries of an app and environment whose host has its share of the window out and
     // has not answered yet (see `flow`), and when the first of them was parked. They go back
@@ -427,11 +432,7 @@ async fn main_loop(
         if *stop.borrow() {
             break;
         }
-        if claiming.is_none()
-            && idle_until.is_none()
-            && ready.len() <= prefetch / 2
-            && parked.len() < 2 * prefetch
-        {
+        if claiming.is_none() && idle_until.is_none() && ready.len() <= prefetch / 2 {
             let fan_out = fanout_pending || last_fanout.elapsed() >= FANOUT_EVERY;
             if fan_out {
                 last_fanout = tokio::time::Instant::now();
@@ -450,7 +451,8 @@ async fn main_loop(
                 let (Ok(permit), Some(c)) = (permit, ready.pop_front()) else {
                     break;
                 };
-                if let Some(c) = inner.start(c, permit, &results).await {
+                let crowded = parked.len() >= 2 * prefetch;
+                if let Some(c) = inner.start(c, permit, &results, crowded).await {
                     if parked.is_empty() {
                         parked_since = tokio::time::Instant::now();
                     }
@@ -821,11 +823,12 @@ impl Inner {
         c: ClaimedDelivery,
         permit: tokio::sync::OwnedSemaphorePermit,
         results: &mpsc::Sender<DeliveryResult>,
+        crowded: bool,
     ) -> Option<ClaimedDelivery> {
         let (app, env) = (c.notification.app.as_str(), c.device.environment);
         let held = match self.guards.paused_until(app, env) {
             Some(until_ms) => Some(ResultKind::held_until(until_ms, None, "app paused".into())),
-            None => match self.flows.admit(app, env) {
+            None => match self.flows.admit(app, env, crowded) {
                 FlowAdmit::Go => None,
                 FlowAdmit::Park => return Some(c),
                 FlowAdmit::Hold { until_ms, announce } => {
@@ -860,7 +863,9 @@ impl Inner {
                 Admit::Wait => match inner.wait_for_probe(&c).await {
                     Ok(probe) => probe,
                     Err(kind) => {
-                        inner.flows.done(&c.notification.app, env, false);
+                        inner
+                            .flows
+                            .done(&c.notification.app, env, false, Duration::ZERO);
                         drop(permit);
                         let _ = results
                             .send(DeliveryResult {
@@ -888,7 +893,7 @@ impl Inner {
     /// deliveries go back to the queue so that the others keep the window.
     fn announce_unanswered(&self, app: &str, env: Environment, out: u32, silent: Duration) {
         let message = format!(
-            "{env}: {out} requests out and no answer for {} ms; further pushes wait in the queue (unsent, no attempt spent) until it answers or they time out, so other apps and environments keep the window",
+            "{env}: no answer for {} ms to the {out} requests waiting for one (sent, or waiting for a connection or stream); further pushes wait in the queue (unsent, no attempt spent) until it answers or they time out, so other apps and environments keep the window",
             silent.as_millis()
         );
         warn!(
@@ -967,7 +972,8 @@ impl Inner {
             outcome,
             Outcome::Retry { status: None, .. } | Outcome::PauseApp { status: None, .. }
         );
-        self.flows.done(&n.app, c.device.environment, answered);
+        self.flows
+            .done(&n.app, c.device.environment, answered, started.elapsed());
         // No request went out (APNs unreachable, or the app's credentials refused before
         // it was sent): held quietly, as by a pause (see `verdict`), with no retry line or
         // count for an answer that never came.
