@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::guard::env_index;
 use crate::config::Environment;
 use crate::model::now_ms;
 
@@ -113,13 +114,6 @@ pub struct Flows {
     request_timeout: Duration,
     /// Woken when a flow with parked deliveries may take them.
     pub changed: tokio::sync::Notify,
-}
-
-fn env_index(env: Environment) -> usize {
-    match env {
-        Environment::Production => 0,
-        Environment::Sandbox => 1,
-    }
 }
 
 impl Flows {

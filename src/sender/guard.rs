@@ -40,7 +40,7 @@ type Key = (String, Environment);
 /// Both environments, in the order of [`env_index`].
 const ENVS: [Environment; 2] = [Environment::Production, Environment::Sandbox];
 
-fn env_index(env: Environment) -> usize {
+pub(super) fn env_index(env: Environment) -> usize {
     match env {
         Environment::Production => 0,
         Environment::Sandbox => 1,
