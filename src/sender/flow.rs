@@ -3,8 +3,8 @@
 //!
 //! A flow is one app and environment: one APNs host, one connection pool. It is *answering*
 //! while an answer (any HTTP status) came from it lately (within a second, or twice its
-//! usual answer time if that is longer), and may then use the whole window. A flow that is
-//! not (idle for a while, just connected, or silent with requests out) may have at most a
+//! usual answer time if that is longer) and since its requests out began, and may then use
+//! the whole window. A flow that is not (idle for a while, just connected, or silent with requests out) may have at most a
 //! share of the window in flight ([`Flows::new`]: an eighth) until it answers. Apple answers
 //! within milliseconds, so a healthy host proves itself within one round trip and the cost
 //! is a pause of that long in a burst's ramp; a hung host holds its share while the rest of
@@ -100,10 +100,14 @@ impl Flow {
         )
     }
 
+    /// Answered lately, and since its requests out began: a flow that goes quiet and then
+    /// gets new work proves itself again (a probe's finding: a host that answered half a
+    /// second before it hung took the whole window for a broadcast).
     fn answering(&self, now: Instant, request_timeout: Duration) -> bool {
         let (within, _) = self.limits(request_timeout);
-        self.last_answer
-            .is_some_and(|t| now.saturating_duration_since(t) < within)
+        self.last_answer.is_some_and(|t| {
+            now.saturating_duration_since(t) < within && self.silent_since.is_none_or(|s| t >= s)
+        })
     }
 }
 
@@ -279,6 +283,23 @@ mod tests {
         }
     }
 
+    /// A flow whose requests were all answered and that gets new work a moment later has its
+    /// share, not the whole window, until an answer to the new work comes.
+    #[test]
+    fn new_work_after_a_quiet_moment_waits_for_a_new_answer() {
+        let flows = Flows::new(16, Duration::from_secs(10));
+        flows.admit("a", P, false);
+        flows.done("a", P, true, 5 * MS);
+        std::thread::sleep(2 * MS);
+        assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
+        assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
+        assert_eq!(flows.admit("a", P, false), FlowAdmit::Park);
+        flows.done("a", P, true, 5 * MS);
+        for _ in 0..14 {
+            assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
+        }
+    }
+
     /// Requests that time out leave the flow silent: its next try is one request, not a
     /// share (a probe's finding: 125 more went into a host that had just let 1,000 time
     /// out).
@@ -313,10 +334,12 @@ mod tests {
         let flows = Flows::new(16, Duration::from_secs(10));
         let t0 = Instant::now();
         flows.admit_at("a", P, false, t0);
+        flows.admit_at("a", P, false, t0);
+        // One answered, one still out (a burst's steady state).
         flows.done("a", P, true, 2500 * MS);
         // Answered a moment ago: the whole window, and 2.5 s between waves is no silence.
         let t1 = Instant::now();
-        for _ in 0..16 {
+        for _ in 0..15 {
             assert_eq!(flows.admit_at("a", P, false, t1), FlowAdmit::Go);
         }
         let t2 = t1 + Duration::from_millis(4000);
