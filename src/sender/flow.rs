@@ -4,9 +4,9 @@
 //! A flow is one app and environment: one APNs host, one connection pool. It is *answering*
 //! while an answer (any HTTP status) came from it lately (within a second, or twice its
 //! usual answer time if that is longer) and since its requests out began, and may then use
-//! the whole window. A flow that is not (idle for a while, just connected, or silent with requests out) may have at most a
-//! share of the window in flight ([`Flows::new`]: an eighth) until it answers. Apple answers
-//! within milliseconds, so a healthy host proves itself within one round trip and the cost
+//! the whole window. A flow that is not (idle, even for a moment, just connected, or silent
+//! with requests out) may have at most a share of the window in flight ([`Flows::new`]: an
+//! eighth) until it answers. Apple answers within milliseconds, so a healthy host proves itself within one round trip and the cost
 //! is a pause of that long in a burst's ramp; a hung host holds its share while the rest of
 //! the window serves the other flows.
 //!
