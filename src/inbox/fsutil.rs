@@ -239,6 +239,34 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// The process that made temporary file `name` of `kind` (see [`temp_name`]), if it is one.
+pub fn temp_name_pid(name: &std::ffi::OsStr, kind: &str) -> Option<u32> {
+    let rest = name
+        .to_str()?
+        .strip_prefix(".pushdrop-")?
+        .strip_prefix(kind)?;
+    let (pid, n) = rest
+        .strip_prefix('-')?
+        .strip_suffix(".tmp")?
+        .split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether this process may access `path` as `mode` (`libc::W_OK`, …), asked with
+/// `access(2)`, which opens nothing (see the store's `writable` for why that matters).
+pub fn access(path: &Path, mode: libc::c_int) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("the path holds a NUL byte"))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call; access() only reads it.
+    if unsafe { libc::access(c.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A unique name for one of pushdrop's temporary files, `.pushdrop-<kind>-<pid>-<n>.tmp`
 /// (hidden and `*.tmp`: the inbox's scan ignores it; the retention sweep removes it once it
 /// is an hour old).

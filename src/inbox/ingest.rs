@@ -1387,13 +1387,9 @@ fn is_temp_file(name: &std::ffi::OsStr) -> bool {
     name.starts_with(b".pushdrop-") && name.ends_with(b".tmp")
 }
 
-/// The process that staged a file on its way out of the inbox under the hidden name
-/// [`hidden_name`] gives (`.pushdrop-out-<pid>-<n>.tmp`).
+/// The process that staged a file on its way out of the inbox under a [`hidden_name`].
 fn staged_pid(name: &std::ffi::OsStr) -> Option<u32> {
-    let rest = name.to_str()?.strip_prefix(".pushdrop-out-")?;
-    let (pid, n) = rest.strip_suffix(".tmp")?.split_once('-')?;
-    n.parse::<u64>().ok()?;
-    pid.parse().ok()
+    fsutil::temp_name_pid(name, HIDDEN_KIND)
 }
 
 /// Whether process `pid` exists (one of another user counts).
@@ -1489,11 +1485,10 @@ impl Ingestor {
             }
             return;
         }
-        if let Err(err) = fsutil::make_dirs(dir) {
-            tracing::error!(event = "move_failed", file = name, error = %err, "a committed file a crash left on its way out of the inbox cannot be moved on; it stays under its hidden name {} and is tried again at the next sweep", path.display());
-            return;
-        }
-        match move_to_free_name(path, dir, std::ffi::OsStr::new(name)) {
+        let moved = fsutil::make_dirs(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| move_to_free_name(path, dir, std::ffi::OsStr::new(name)));
+        match moved {
             Ok(Some(dest)) => {
                 let _ = fsutil::fsync_dir(dir);
                 tracing::info!(event = "moved", file = name, dest = %dest.display(), recovered = true, "a committed file a crash left on its way out of the inbox (under a hidden name) is moved to processed_dir");
@@ -1549,8 +1544,11 @@ fn same_file_system(a: &Path, b: &Path) -> bool {
 /// A unique hidden name (the scan ignores dotfiles and `*.tmp`) for a file on its way out of
 /// the inbox.
 fn hidden_name() -> OsString {
-    fsutil::temp_name("out").into()
+    fsutil::temp_name(HIDDEN_KIND).into()
 }
+
+/// The [`fsutil::temp_name`] kind of [`hidden_name`].
+const HIDDEN_KIND: &str = "out";
 
 /// Why moving `from` into `dir` failed, naming the folder at fault: a rename needs write
 /// access to both, and "permission denied" alone does not say which (a probe's inbox made
@@ -1558,7 +1556,7 @@ fn hidden_name() -> OsString {
 fn move_error(from: &Path, dir: &Path, e: &std::io::Error) -> String {
     if e.kind() == std::io::ErrorKind::PermissionDenied
         && let Some(src) = from.parent()
-        && !writable_dir(src)
+        && fsutil::access(src, libc::W_OK | libc::X_OK).is_err()
     {
         return format!(
             "cannot move out of {}: {e} (pushdrop must be allowed to write in the folder files are taken from)",
@@ -1566,16 +1564,6 @@ fn move_error(from: &Path, dir: &Path, e: &std::io::Error) -> String {
         );
     }
     format!("cannot move to {}: {e}", dir.display())
-}
-
-/// Whether this process may write (create and remove entries) in `dir`.
-fn writable_dir(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return true;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
 /// Moves `from` into `dir` under `name`, or `stem~n.ext` when taken; `None` if `from` is

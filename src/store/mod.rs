@@ -189,15 +189,7 @@ pub struct Store {
 /// beside the daemon would then take itself for the database's last user, checkpoint it and
 /// delete the WAL the daemon still writes to.
 fn writable(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("the path holds a NUL byte"))?;
-    // SAFETY: `c` is a NUL-terminated string that outlives the call; access() only reads it.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::inbox::fsutil::access(path, libc::W_OK)
 }
 
 impl Store {
@@ -613,7 +605,6 @@ pub struct DeviceInfo {
 /// so after a start on a read-only database they stay read-only when the database itself is
 /// made writable again.
 pub fn not_writable(db: &Path) -> Vec<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
     let mut paths = vec![db.to_path_buf()];
     for suffix in ["-wal", "-shm"] {
         paths.push(beside(db, suffix));
@@ -627,14 +618,8 @@ pub fn not_writable(db: &Path) -> Vec<PathBuf> {
     }
     paths
         .into_iter()
-        .filter(|p| {
-            let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-                return false;
-            };
-            // SAFETY: access() reads a NUL-terminated path we own; a missing file is not
-            // reported (SQLite creates it when it can).
-            p.exists() && unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0
-        })
+        // A missing file is not reported (SQLite creates it when it can).
+        .filter(|p| p.exists() && writable(p).is_err())
         .collect()
 }
 
