@@ -273,13 +273,16 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
         named(&said, "apps[0].token.key_file", key_line, why),
         "{said}"
     );
-    let out = pushdrop(&d.config, &["check-config"]);
-    let stdout = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stdout}");
-    assert!(
-        named(&stdout, "apps[0].token.key_file", key_line, why),
-        "{stdout}"
-    );
+    // SPEC 3: every command exits 64 on a bad config, not only the two that send or check.
+    for cmd in [&["check-config"][..], &["status"], &["validate", "x.json"]] {
+        let out = pushdrop(&d.config, cmd);
+        let said = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd:?}: {said}");
+        assert!(
+            named(&said, "apps[0].token.key_file", key_line, why),
+            "{cmd:?}: {said}"
+        );
+    }
     std::fs::copy(
         repo("config/AuthKey_ABC123DEFG.p8"),
         etc.join("AuthKey_ABC123DEFG.p8"),
@@ -297,13 +300,15 @@ fn unusable_key_and_ca_files_and_an_inbox_inside_itself_are_named() {
         named(&stdout, "apns.ca_file", ca_line, "holds no PEM certificate"),
         "{stdout}"
     );
-    let out = pushdrop(&config, &["run"]);
-    let said = text(&out.stdout) + &text(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{said}");
-    assert!(
-        named(&said, "apns.ca_file", ca_line, "holds no PEM certificate"),
-        "{said}"
-    );
+    for cmd in ["run", "devices"] {
+        let out = pushdrop(&config, &[cmd]);
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {said}");
+        assert!(
+            named(&said, "apns.ca_file", ca_line, "holds no PEM certificate"),
+            "{cmd}: {said}"
+        );
+    }
 
     let inside = good.replace(
         "[inbox]\n",

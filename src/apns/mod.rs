@@ -25,10 +25,26 @@ pub use client::{ApnsClient, ClientStats, PushRequest};
 pub use outcome::Outcome;
 
 /// What would stop the client from starting, by config key: the contents of the CA file and
-/// of every app's key or certificate (the config itself only checks that they exist, so that
-/// `pushdrop status` works for an operator who may not read the keys). For `check-config` and
-/// `run`, so that a bad key file is a bad config (exit 64) named by its key and line.
+/// of every app's key or certificate (the config itself only checks that they exist). For
+/// `check-config` and `run`, so that a bad key file is a bad config (exit 64) named by its
+/// key and line.
 pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::ConfigProblem> {
+    problems_of_credentials(cfg, false)
+}
+
+/// [`credential_problems`] among the files this user can read, for the other commands: a key
+/// file that holds no key is a bad config for every command (SPEC 3: exit 64), while an
+/// operator who may not read the keys can still run `status`, `show` and the rest.
+pub fn readable_credential_problems(
+    cfg: &crate::config::Config,
+) -> Vec<crate::config::ConfigProblem> {
+    problems_of_credentials(cfg, true)
+}
+
+fn problems_of_credentials(
+    cfg: &crate::config::Config,
+    readable_only: bool,
+) -> Vec<crate::config::ConfigProblem> {
     let mut problems = Vec::new();
     let mut bad = |key: String, e: ApnsError| {
         problems.push(crate::config::ConfigProblem {
@@ -39,9 +55,10 @@ pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::Co
     };
     // Files that do not exist (or are no files) are reported by the config already; one in a
     // folder this user may not enter is only a warning there, and an error here.
+    // `readable_only`: a file this user may not read (or reach) is left to `run`.
     let present = |p: &std::path::Path| match std::fs::metadata(p) {
-        Ok(m) => m.is_file(),
-        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+        Ok(m) => m.is_file() && (!readable_only || std::fs::File::open(p).is_ok()),
+        Err(e) => !readable_only && e.kind() == std::io::ErrorKind::PermissionDenied,
     };
     let roots = match cfg.apns.ca_file.as_deref().filter(|p| present(p)) {
         Some(ca) => match tls::roots(Some(ca)) {
@@ -61,7 +78,14 @@ pub fn credential_problems(cfg: &crate::config::Config) -> Vec<crate::config::Co
                     bad(format!("apps[{i}].token.key_file"), e);
                 }
             }
-            (None, Some(c)) if present(&c.cert_file) => {
+            (None, Some(c))
+                if present(&c.cert_file)
+                    && (!readable_only
+                        || [&c.key_file, &c.password_file]
+                            .into_iter()
+                            .flatten()
+                            .all(|p| present(p))) =>
+            {
                 if let Some(roots) = &roots
                     && let Err(e) = tls::client_config(roots.clone(), Some(c))
                 {

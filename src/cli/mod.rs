@@ -13,8 +13,12 @@ use std::process::ExitCode;
 use crate::config::{Config, ConfigError, EXIT_BAD_CONFIG};
 
 /// Loads the config for a command; warnings go to stderr (the logger may not exist yet).
+/// Key, certificate and CA files this user can read must hold what `run` needs: a bad one is
+/// a bad config for every command (exit 64), not only for `run` and `check-config`.
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
-    let (cfg, warnings) = Config::load(path)?;
+    let (cfg, warnings) = Config::load_checked(path, |c| {
+        (crate::apns::readable_credential_problems(c), Vec::new())
+    })?;
     for w in warnings {
         eprintln!("warning: {}: {w}", path.display());
     }
@@ -33,7 +37,11 @@ pub fn check_named_config(named: Option<&Path>) -> anyhow::Result<()> {
 /// [`load_config`] for the commands that take or move drop files (`ingest`): inbox folders
 /// that cannot be made are a bad config (exit 64).
 pub fn load_config_for_files(path: &Path) -> anyhow::Result<Config> {
-    let (cfg, warnings) = Config::load_checked(path, |c| (c.folder_problems(), Vec::new()))?;
+    let (cfg, warnings) = Config::load_checked(path, |c| {
+        let mut problems = c.folder_problems();
+        problems.extend(crate::apns::readable_credential_problems(c));
+        (problems, Vec::new())
+    })?;
     for w in warnings {
         eprintln!("warning: {}: {w}", path.display());
     }
