@@ -1226,6 +1226,15 @@ impl Ingestor {
                         ms
                     );
                 }
+                if a.store.devices_still_invalid > 0 {
+                    tracing::warn!(
+                        event = "registration_not_newer",
+                        file = r.name.as_str(),
+                        count = a.store.devices_still_invalid,
+                        tokens = %a.store.still_invalid_tokens.join(","),
+                        "device registrations older than APNs' invalidation of their tokens left those devices invalid (a registration counts as made at its file's mtime: a copy that kept an old mtime, such as cp -p or rsync -t, is older)"
+                    );
+                }
             }
             // Not moved: the file stays in the inbox and is looked at again, so it is not
             // counted (or listed in `status`) as a rejection each time, only said to be stuck.

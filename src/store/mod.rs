@@ -152,6 +152,8 @@ impl IngestFile {
 /// Notification ids an [`IngestOutcome`] keeps for the log: the `ingested` line of a file is
 /// one line, however many notifications it holds.
 pub const LOGGED_IDS: usize = 20;
+/// Tokens an [`IngestOutcome`] keeps for the log, likewise.
+pub const LOGGED_TOKENS: usize = 10;
 
 /// What the commit of one file did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -161,6 +163,11 @@ pub struct IngestOutcome {
     pub already_committed: bool,
     pub devices_registered: usize,
     pub devices_unregistered: usize,
+    /// Registrations that left their device invalid: the file was written (its mtime) no
+    /// later than APNs invalidated the token. The dropper should hear of it.
+    pub devices_still_invalid: usize,
+    /// The first [`LOGGED_TOKENS`] of those tokens, shortened, for the log.
+    pub still_invalid_tokens: Vec<String>,
     pub notifications_queued: usize,
     /// The ids of the first [`LOGGED_IDS`] notifications queued (assigned ones included), for
     /// the file's `ingested` log line.

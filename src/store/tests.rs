@@ -752,10 +752,23 @@ fn invalidation_respects_later_registration() {
         ]
     );
 
+    // A registration written before the invalidation (file mtime 1.5 s) leaves the device
+    // invalid, and the outcome says so (the inbox logs it for the dropper).
+    let mut older = file("d1.jsonl", vec![device("a", 2, None), device("a", 1, None)]);
+    older.mtime_ns = 1_500_000_000;
+    let out = store.ingest(vec![older]).unwrap();
+    assert_eq!(out[0].devices_registered, 2);
+    assert_eq!(out[0].devices_still_invalid, 1);
+    assert_eq!(
+        out[0].still_invalid_tokens,
+        vec![crate::model::token_prefix(&tok(2)).to_string()]
+    );
+
     // A registration written after the invalidation re-activates; file mtime 3 s.
     let mut later = file("d2.jsonl", vec![device("a", 2, None)]);
     later.mtime_ns = 3_000_000_000;
-    store.ingest(vec![later]).unwrap();
+    let out = store.ingest(vec![later]).unwrap();
+    assert_eq!(out[0].devices_still_invalid, 0);
     let a: i64 = r
         .conn()
         .query_row(

@@ -2032,9 +2032,25 @@ impl<'t> FileWriter<'t> {
                                 THEN 1 ELSE 0 END,
                        invalidated_at = CASE WHEN invalidated_at IS NULL OR invalidated_at < excluded.registered_at
                                         THEN NULL ELSE invalidated_at END,
-                       updated_at = excluded.updated_at",
+                       updated_at = excluded.updated_at
+                     RETURNING active",
                 )?
-                .execute(params![d.app, d.token, d.user, d.environment.as_str(), self.written, now])?;
+                .query_row(
+                    params![d.app, d.token, d.user, d.environment.as_str(), self.written, now],
+                    |r| r.get::<_, bool>(0),
+                )
+                .map(|active| {
+                    // Registered no later than APNs' invalidation (the file's mtime is older):
+                    // the device stays invalid, which the dropper should hear of.
+                    if !active {
+                        let out = &mut self.out;
+                        out.devices_still_invalid += 1;
+                        if out.still_invalid_tokens.len() < super::LOGGED_TOKENS {
+                            out.still_invalid_tokens
+                                .push(crate::model::token_prefix(&d.token).to_string());
+                        }
+                    }
+                })?;
                 self.out.devices_registered += 1;
                 self.handoff.registered = true;
             }
