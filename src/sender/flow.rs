@@ -6,7 +6,7 @@
 //! usual answer time if that is longer) and since its requests out began, and may then use
 //! the whole window. A flow that is not (idle, even for a moment, just connected, or silent
 //! with requests out) may have at most a share of the window in flight ([`Flows::new`]: an
-//! eighth) until it answers. Apple answers within milliseconds, so a healthy host proves itself within one round trip and the cost
+//! eighth) until it answers; deliveries that waited for that answer go on from it. Apple answers within milliseconds, so a healthy host proves itself within one round trip and the cost
 //! is a pause of that long in a burst's ramp; a hung host holds its share while the rest of
 //! the window serves the other flows.
 //!
@@ -15,8 +15,9 @@
 //! ([`CROWDED_HOLD`]) instead, so that the claims go on and reach the other flows' work.
 //! A flow silent for [`PARK_LIMIT`] (or three times its usual answer time) is *stuck*: its
 //! deliveries go back to the queue, unsent and their attempts not counted, until its
-//! requests' timeout; once those end unanswered, it gets one request at a time until one is
-//! answered (and the pause for an unreachable APNs takes over, see the sender).
+//! requests' timeout; once those end unanswered, it gets one request at a time, each
+//! [`PROBE_GAP`] or more after the last ended unanswered, until one is answered (and the pause
+//! for an unreachable APNs takes over, see the sender).
 //!
 //! Known limit: a flow that was answering and then hangs with the whole window out holds it
 //! until those requests time out; this guards the start of every silence, not its middle.
@@ -40,6 +41,14 @@ const HOLD_LIMIT: Duration = Duration::from_secs(5);
 /// How long a silent flow's delivery goes back to the queue when too many of its deliveries
 /// are parked already.
 const CROWDED_HOLD: Duration = Duration::from_millis(250);
+/// How soon after an answer a flow's next request must go out for the answer to count for
+/// it: the deliveries that waited for that answer (parked) go out within this, and a flow
+/// held to one request at a time (a small window's share) keeps the window it proved.
+const CONTINUE_WITHIN: Duration = Duration::from_millis(100);
+/// After a stuck flow's request ends unanswered, how long before it may try again: the
+/// window is free meanwhile for the other flows (with `max_in_flight = 1`, a stuck host
+/// would otherwise hold the only slot from one timeout to the next).
+const PROBE_GAP: Duration = Duration::from_secs(1);
 
 /// What to do with a delivery that has a slot in the window.
 #[derive(Debug, PartialEq, Eq)]
@@ -72,6 +81,11 @@ struct Flow {
     /// Deliveries parked for it (the main loop's count, so that an answer knows whether
     /// anyone waits for it).
     parked: u32,
+    /// When an answer came while deliveries of the flow were parked: the requests that follow
+    /// it at once continue the answered ones, not a new start after a quiet moment.
+    answered_with_parked: Option<Instant>,
+    /// When a request last ended unanswered (a timeout, a reset).
+    unanswered_at: Option<Instant>,
     /// The current silence was logged.
     announced: bool,
 }
@@ -85,6 +99,8 @@ impl Default for Flow {
             last_end_answered: true,
             answer_time: None,
             parked: 0,
+            answered_with_parked: None,
+            unanswered_at: None,
             announced: false,
         }
     }
@@ -148,7 +164,15 @@ impl Flows {
         };
         let f = &mut pair[env_index(env)];
         if f.in_flight == 0 && f.last_end_answered {
-            f.silent_since = Some(now);
+            // New work after the flow's requests were all answered starts a new wait for an
+            // answer, unless this work was waiting for the last answer (see `CONTINUE_WITHIN`).
+            let continues = f
+                .answered_with_parked
+                .take()
+                .is_some_and(|t| now.saturating_duration_since(t) < CONTINUE_WITHIN);
+            if !continues {
+                f.silent_since = Some(now);
+            }
         }
         let since = *f.silent_since.get_or_insert(now);
         let silent = now.saturating_duration_since(since);
@@ -156,8 +180,12 @@ impl Flows {
         let stuck = silent >= stuck_after;
         // Requests ending unanswered for that long: one at a time finds out whether it is
         // back, rather than a share's worth spending their attempts on timeouts.
+        // Right after such a try ended unanswered, none: the others have the window a moment.
         let cap = if stuck && !f.last_end_answered {
-            1
+            let just_tried = f
+                .unanswered_at
+                .is_some_and(|t| now.saturating_duration_since(t) < PROBE_GAP);
+            u32::from(!just_tried)
         } else {
             self.share
         };
@@ -188,7 +216,10 @@ impl Flows {
     /// A request admitted by [`Flows::admit`] ended after `took`; `answered`: APNs gave an
     /// HTTP answer (any status), not a timeout, reset or refusal to connect.
     pub fn done(&self, app: &str, env: Environment, answered: bool, took: Duration) {
-        let now = Instant::now();
+        self.done_at(app, env, answered, took, Instant::now());
+    }
+
+    fn done_at(&self, app: &str, env: Environment, answered: bool, took: Duration, now: Instant) {
         let wake = {
             let Ok(mut flows) = self.flows.lock() else {
                 return;
@@ -210,8 +241,10 @@ impl Flows {
                 f.last_answer = Some(now);
                 f.silent_since = Some(now);
                 f.announced = false;
+                f.answered_with_parked = (f.parked > 0).then_some(now);
                 f.parked > 0 && !was_answering
             } else {
+                f.unanswered_at = Some(now);
                 f.parked > 0 && f.in_flight < self.share
             }
         };
@@ -298,6 +331,49 @@ mod tests {
         for _ in 0..14 {
             assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
         }
+    }
+
+    /// With a small window the share is one request; the answer to it must open the whole
+    /// window for the deliveries that waited for it (a probe's finding: windows of 2 to 15
+    /// sent one request at a time, 46/s to a host answering in 20 ms).
+    #[test]
+    fn a_one_request_share_widens_once_its_flow_answers() {
+        let flows = Flows::new(8, Duration::from_secs(10));
+        assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
+        for _ in 0..7 {
+            assert_eq!(flows.admit("a", P, false), FlowAdmit::Park);
+        }
+        flows.done("a", P, true, 20 * MS);
+        futures_ready(flows.changed.notified());
+        flows.unpark_all();
+        for _ in 0..7 {
+            assert_eq!(flows.admit("a", P, false), FlowAdmit::Go);
+        }
+    }
+
+    /// A stuck flow's try that ended unanswered leaves the window to the others for a moment
+    /// before the next try (a probe's finding: with `max_in_flight = 1`, a hung host took the
+    /// only slot for ten timeouts in a row, and the healthy app waited 127 s).
+    #[test]
+    fn a_stuck_flow_leaves_the_window_between_its_tries() {
+        let flows = Flows::new(1, Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Go);
+        let timed_out = t0 + Duration::from_secs(10);
+        flows.done_at("a", P, false, Duration::from_secs(10), timed_out);
+        let FlowAdmit::Hold { until_ms, announce } = flows.admit_at("a", P, false, timed_out + MS)
+        else {
+            panic!("no try right after a timeout");
+        };
+        assert!(until_ms - now_ms() >= 1_000, "held for a while");
+        assert_eq!(announce.map(|(n, _)| n), Some(0), "said once");
+        assert_eq!(flows.admit_at("b", P, false, timed_out + MS), FlowAdmit::Go);
+        let a_second_on = timed_out + PROBE_GAP + MS;
+        assert_eq!(flows.admit_at("a", P, false, a_second_on), FlowAdmit::Go);
+        assert!(matches!(
+            flows.admit_at("a", P, false, a_second_on),
+            FlowAdmit::Hold { .. }
+        ));
     }
 
     /// Requests that time out leave the flow silent: its next try is one request, not a

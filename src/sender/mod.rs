@@ -892,10 +892,17 @@ impl Inner {
     /// Says once per silence that a host has requests out and no answer: its further
     /// deliveries go back to the queue so that the others keep the window.
     fn announce_unanswered(&self, app: &str, env: Environment, out: u32, silent: Duration) {
-        let message = format!(
-            "{env}: no answer for {} ms to the {out} requests waiting for one (sent, or waiting for a connection or stream); further pushes wait in the queue (unsent, no attempt spent) until it answers or they time out, so other apps and environments keep the window",
-            silent.as_millis()
-        );
+        let ms = silent.as_millis();
+        // None out: the requests ended unanswered (timed out) before the next push came.
+        let message = if out == 0 {
+            format!(
+                "{env}: no answer for {ms} ms, its requests ended unanswered; one push at a time tries it while the others wait in the queue (unsent, no attempt spent), so other apps and environments keep the window"
+            )
+        } else {
+            format!(
+                "{env}: no answer for {ms} ms to the {out} requests waiting for one (sent, or waiting for a connection or stream); further pushes wait in the queue (unsent, no attempt spent) until it answers or they time out, so other apps and environments keep the window"
+            )
+        };
         warn!(
             event = "apns_unanswered",
             app,
