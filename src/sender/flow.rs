@@ -6,9 +6,10 @@
 //! usual answer time if that is longer) and since its requests out began, and may then use
 //! the whole window. A flow that is not (idle, even for a moment, just connected, or silent
 //! with requests out) may have at most a share of the window in flight ([`Flows::new`]: an
-//! eighth) until it answers; deliveries that waited for that answer go on from it. Apple answers within milliseconds, so a healthy host proves itself within one round trip and the cost
-//! is a pause of that long in a burst's ramp; a hung host holds its share while the rest of
-//! the window serves the other flows.
+//! eighth) until it answers; deliveries that waited for that answer go on from it. Apple
+//! answers within milliseconds, so a healthy host proves itself within one round trip and
+//! the cost is a pause of that long in a burst's ramp; a hung host holds its share while the
+//! rest of the window serves the other flows.
 //!
 //! Deliveries beyond the share wait in the sender's memory (*parked*) until the flow answers.
 //! While many are parked, more of the silent flow's go back to the queue for a moment
