@@ -262,6 +262,37 @@ impl Flows {
         }
     }
 
+    /// The flows silent with requests out for as long as makes them stuck and not yet said:
+    /// (app, environment, requests out, silent for), each marked as said. For when the
+    /// window is full and no admission comes to find them (a host that hung in the middle of
+    /// a busy stretch, holding the whole window).
+    pub fn overdue(&self) -> Vec<(String, Environment, u32, Duration)> {
+        self.overdue_at(Instant::now())
+    }
+
+    fn overdue_at(&self, now: Instant) -> Vec<(String, Environment, u32, Duration)> {
+        let Ok(mut flows) = self.flows.lock() else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for (app, pair) in flows.iter_mut() {
+            for (f, env) in pair
+                .iter_mut()
+                .zip([Environment::Production, Environment::Sandbox])
+            {
+                let Some(since) = f.silent_since else {
+                    continue;
+                };
+                let silent = now.saturating_duration_since(since);
+                if f.in_flight > 0 && !f.announced && silent >= f.limits(self.request_timeout).1 {
+                    f.announced = true;
+                    found.push((app.clone(), env, f.in_flight, silent));
+                }
+            }
+        }
+        found
+    }
+
     /// The main loop took every parked delivery back to be admitted again.
     pub fn unpark_all(&self) {
         if let Ok(mut flows) = self.flows.lock() {
@@ -388,6 +419,30 @@ mod tests {
             flows.admit_at("a", P, false, a_second_on),
             FlowAdmit::Hold { .. }
         ));
+    }
+
+    /// A host that stops answering with the whole window out is found without an admission
+    /// (none comes while the window is full), once per silence (a probe's finding: it was
+    /// said only as the requests timed out, 10.5 s after its last answer).
+    #[test]
+    fn a_silence_with_the_window_out_is_found_once() {
+        let flows = Flows::new(16, Duration::from_secs(10));
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Go);
+        }
+        assert!(flows.overdue_at(t0 + Duration::from_secs(1)).is_empty());
+        let later = t0 + PARK_LIMIT + MS;
+        let found = flows.overdue_at(later);
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].0.as_str(), found[0].1, found[0].2), ("a", P, 2));
+        assert!(found[0].3 >= PARK_LIMIT);
+        assert!(flows.overdue_at(later).is_empty(), "said once");
+        // An admission finds it said already.
+        let FlowAdmit::Hold { announce, .. } = flows.admit_at("a", P, false, later) else {
+            panic!("stuck");
+        };
+        assert_eq!(announce, None);
     }
 
     /// Requests that time out leave the flow silent: its next try is one request, not a

@@ -262,6 +262,9 @@ struct Inner {
     >,
 }
 
+/// While the window is full, how often the sender looks for a host that stopped answering.
+const SILENCE_CHECK: Duration = Duration::from_secs(1);
+
 /// How often one kind of failed delivery is noted among `status`'s recent errors.
 const NOTE_FAILURES_EVERY: Duration = Duration::from_secs(60);
 /// The most (app, state, reason) kinds remembered for that.
@@ -427,6 +430,10 @@ async fn main_loop(
     // The next look for other processes' commits while idle (a deadline that other wake-ups
     // of this loop do not push back).
     let mut next_probe = tokio::time::Instant::now() + EXTERNAL_PROBE;
+    // While the window is full, no delivery is admitted to find a host that stopped
+    // answering with all of it out: this looks for one every `SILENCE_CHECK`.
+    let silence_check = tokio::time::sleep(SILENCE_CHECK);
+    tokio::pin!(silence_check);
 
     loop {
         if *stop.borrow() {
@@ -457,6 +464,14 @@ async fn main_loop(
                         parked_since = tokio::time::Instant::now();
                     }
                     parked.push_back(c);
+                }
+            }
+            _ = &mut silence_check, if slots.available_permits() == 0 => {
+                silence_check
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + SILENCE_CHECK);
+                for (app, env, out, silent) in inner.flows.overdue() {
+                    inner.announce_unanswered(&app, env, out, silent, true);
                 }
             }
             _ = inner.flows.changed.notified(), if !parked.is_empty() => {
@@ -833,7 +848,7 @@ impl Inner {
                 FlowAdmit::Park => return Some(c),
                 FlowAdmit::Hold { until_ms, announce } => {
                     if let Some((out, silent)) = announce {
-                        self.announce_unanswered(app, env, out, silent);
+                        self.announce_unanswered(app, env, out, silent, false);
                     }
                     Some(ResultKind::held_until(
                         until_ms,
@@ -890,11 +905,24 @@ impl Inner {
     }
 
     /// Says once per silence that a host has requests out and no answer: its further
-    /// deliveries go back to the queue so that the others keep the window.
-    fn announce_unanswered(&self, app: &str, env: Environment, out: u32, silent: Duration) {
+    /// deliveries go back to the queue so that the others keep the window. `window_full`:
+    /// found with the whole window out, which its requests hold until they time out.
+    fn announce_unanswered(
+        &self,
+        app: &str,
+        env: Environment,
+        out: u32,
+        silent: Duration,
+        window_full: bool,
+    ) {
         let ms = silent.as_millis();
+        let timeout = self.cfg.apns.request_timeout_ms;
         // None out: the requests ended unanswered (timed out) before the next push came.
-        let message = if out == 0 {
+        let message = if window_full {
+            format!(
+                "{env}: no answer for {ms} ms to the {out} requests out, which hold that much of the window until they time out (request_timeout_ms = {timeout}); meanwhile other apps and environments wait for free slots; then one push at a time tries it until it answers"
+            )
+        } else if out == 0 {
             format!(
                 "{env}: no answer for {ms} ms, its requests ended unanswered; one push at a time tries it while the others wait in the queue (unsent, no attempt spent), so other apps and environments keep the window"
             )
