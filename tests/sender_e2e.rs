@@ -1083,3 +1083,44 @@ fn a_host_that_never_answers_leaves_the_window_to_the_others() {
         "{hung_requests} requests went to the hung host: it took the whole window"
     );
 }
+
+/// A host silent past the 2 s with a request out is said to be unanswered (in the log and
+/// among `status`'s recent errors); when it answers, that is said too, so an operator does
+/// not read the last word as "still silent". Here a new host takes 3 s over its first answer
+/// with the window (`max_in_flight = 1`) out to it.
+#[test]
+fn a_host_that_answers_after_a_silence_is_said_to_answer_again() {
+    let w = World::new(SimOptions::default(), "[sender]\nmax_in_flight = 1\n");
+    w.script(&token(0), TokenScript::Delay(Duration::from_secs(3)));
+    let daemon = w.env.start();
+    drop_to_tokens(&w, "late", 1);
+    wait_for("the late answer is recorded", || {
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'answering'")
+            == 1
+            && w.state_of("late", &token(0)).0 == 1
+    });
+    daemon.shutdown();
+    let status = w.env.status_json();
+    let kinds: Vec<(&str, &str)> = status["recent_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["environment"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    // The test config's app sends to production; newest first.
+    let env = "production";
+    assert_eq!(
+        kinds,
+        vec![("answering", env), ("unanswered", env)],
+        "{status}"
+    );
+    let said = status["recent_errors"][0]["message"].as_str().unwrap();
+    assert!(said.contains("answers again after"), "{said}");
+    assert_eq!(w.state_of("late", &token(0)).1, 1, "sent once, one attempt");
+}

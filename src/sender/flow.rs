@@ -223,18 +223,35 @@ impl Flows {
     }
 
     /// A request admitted by [`Flows::admit`] ended after `took`; `answered`: APNs gave an
-    /// HTTP answer (any status), not a timeout, reset or refusal to connect.
-    pub fn done(&self, app: &str, env: Environment, answered: bool, took: Duration) {
-        self.done_at(app, env, answered, took, Instant::now());
+    /// HTTP answer (any status), not a timeout, reset or refusal to connect. Returns how
+    /// long the flow had been silent when this answer ends a silence that was said (see
+    /// [`Flows::overdue`]): an operator who read "no answer" should read that it answers
+    /// again.
+    pub fn done(
+        &self,
+        app: &str,
+        env: Environment,
+        answered: bool,
+        took: Duration,
+    ) -> Option<Duration> {
+        self.done_at(app, env, answered, took, Instant::now())
     }
 
-    fn done_at(&self, app: &str, env: Environment, answered: bool, took: Duration, now: Instant) {
+    fn done_at(
+        &self,
+        app: &str,
+        env: Environment,
+        answered: bool,
+        took: Duration,
+        now: Instant,
+    ) -> Option<Duration> {
+        let mut ended_silence = None;
         let wake = {
             let Ok(mut flows) = self.flows.lock() else {
-                return;
+                return None;
             };
             let Some(pair) = flows.get_mut(app) else {
-                return;
+                return None;
             };
             let f = &mut pair[env_index(env)];
             f.in_flight = f.in_flight.saturating_sub(1);
@@ -247,6 +264,9 @@ impl Flows {
                     Some(avg) => (avg * 7 + took) / 8,
                     None => took,
                 });
+                if f.announced {
+                    ended_silence = f.silent_since.map(|t| now.saturating_duration_since(t));
+                }
                 f.last_answer = Some(now);
                 f.silent_since = Some(now);
                 f.announced = false;
@@ -260,6 +280,7 @@ impl Flows {
         if wake {
             self.changed.notify_one();
         }
+        ended_silence
     }
 
     /// The flows silent with requests out for as long as makes them stuck and not yet said:
@@ -443,6 +464,13 @@ mod tests {
             panic!("stuck");
         };
         assert_eq!(announce, None);
+        // Its answer ends the silence that was said, once; an answer nobody waited for
+        // ends none.
+        let ended = flows.done_at("a", P, true, 3 * MS, later + MS);
+        assert!(ended.is_some_and(|d| d >= PARK_LIMIT), "{ended:?}");
+        assert_eq!(flows.done_at("a", P, true, 3 * MS, later + 2 * MS), None);
+        assert_eq!(flows.admit_at("b", P, false, later), FlowAdmit::Go);
+        assert_eq!(flows.done_at("b", P, true, 3 * MS, later + MS), None);
     }
 
     /// Requests that time out leave the flow silent: its next try is one request, not a

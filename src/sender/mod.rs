@@ -942,6 +942,22 @@ impl Inner {
         self.note("unanswered", app, message);
     }
 
+    /// Ends what [`Inner::announce_unanswered`] said: the host answers again after `silent`.
+    fn announce_answering(&self, app: &str, env: Environment, silent: Duration) {
+        let message = format!(
+            "{env}: APNs answers again after {} ms without an answer",
+            silent.as_millis()
+        );
+        info!(
+            event = "apns_answering",
+            app,
+            environment = env.as_str(),
+            silent_ms = silent.as_millis() as u64,
+            "{message}"
+        );
+        self.note("answering", app, message);
+    }
+
     /// Waits while another request is the probe of its app and environment (see
     /// [`Guards::admit`]); then whether this one is the next probe. A pause that began
     /// meanwhile (the probe was refused), or the daemon stopping, sends it back to the queue
@@ -1007,8 +1023,10 @@ impl Inner {
             outcome,
             Outcome::Retry { status: None, .. } | Outcome::PauseApp { status: None, .. }
         );
-        self.flows
-            .done(&n.app, c.device.environment, answered, started.elapsed());
+        let env = c.device.environment;
+        if let Some(silent) = self.flows.done(&n.app, env, answered, started.elapsed()) {
+            self.announce_answering(&n.app, env, silent);
+        }
         // No request went out (APNs unreachable, or the app's credentials refused before
         // it was sent): held quietly, as by a pause (see `verdict`), with no retry line or
         // count for an answer that never came.
