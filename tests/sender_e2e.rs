@@ -1124,3 +1124,46 @@ fn a_host_that_answers_after_a_silence_is_said_to_answer_again() {
     assert!(said.contains("answers again after"), "{said}");
     assert_eq!(w.state_of("late", &token(0)).1, 1, "sent once, one attempt");
 }
+
+/// A host whose last request timed out gets new work after an idle moment: one push tries
+/// it, and the others wait for that answer, not for a hold of two seconds, and nothing
+/// claims the host is silent (a probe's finding: the burst went out 2 s after the try was
+/// answered in 1 ms, with an `unanswered` warning counting the idle moment as silence).
+#[test]
+fn a_burst_after_a_timeout_follows_the_answered_try_at_once() {
+    let w = World::new(SimOptions::default(), "[sender]\nmax_attempts = 1\n");
+    let text = std::fs::read_to_string(&w.env.config_path).unwrap();
+    std::fs::write(
+        &w.env.config_path,
+        text.replacen("[apns]\n", "[apns]\nrequest_timeout_ms = 1000\n", 1),
+    )
+    .unwrap();
+    w.script(&token(0), TokenScript::Delay(Duration::from_secs(3)));
+    let daemon = w.env.start();
+    drop_to_tokens(&w, "slow", 1);
+    // Deliveries of notification `id` in `state`; none until its file is ingested.
+    let in_state = |id: &str, state: i64| {
+        w.env.count(&format!(
+            "SELECT count(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE n.ext_id = '{id}' AND d.state = {state}"
+        ))
+    };
+    wait_for("the slow push failed", || in_state("slow", 2) == 1);
+    // Past the gap between a stuck host's tries.
+    std::thread::sleep(Duration::from_millis(1200));
+    let tokens: Vec<String> = (1..6).map(token).collect();
+    let to = format!(
+        r#"{{"tokens":{}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    w.env.drop_file("b.json", notification_to("burst", &to, ""));
+    let dropped = Instant::now();
+    wait_for("the burst is sent", || in_state("burst", 1) == 5);
+    let took = dropped.elapsed();
+    daemon.shutdown();
+    let said = w
+        .env
+        .count("SELECT count(*) FROM events WHERE kind = 'unanswered'");
+    assert_eq!(said, 0, "an answering host was called silent");
+    assert!(took < Duration::from_secs(2), "the burst took {took:?}");
+}

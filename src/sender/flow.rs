@@ -94,6 +94,9 @@ struct Flow {
     answered_with_parked: Option<Instant>,
     /// When a request last ended unanswered (a timeout, a reset).
     unanswered_at: Option<Instant>,
+    /// When the last request of a stuck flow (one at a time) went out: a silence counts from
+    /// it, not from before an idle stretch, and the pushes behind it wait for its answer.
+    tried_at: Option<Instant>,
     /// The current silence was logged.
     announced: bool,
 }
@@ -109,6 +112,7 @@ impl Default for Flow {
             parked: 0,
             answered_with_parked: None,
             unanswered_at: None,
+            tried_at: None,
             announced: false,
         }
     }
@@ -122,6 +126,16 @@ impl Flow {
             ANSWERING.max(usual * 2),
             PARK_LIMIT.max((usual * 3).min(request_timeout)),
         )
+    }
+
+    /// Since when the flow has waited for the answer it lacks: its silence, or, while it is
+    /// tried one request at a time after requests ended unanswered, the try out now (an idle
+    /// stretch between is no silence of the host's).
+    fn waiting_since(&self) -> Option<Instant> {
+        match (self.silent_since, self.tried_at) {
+            (Some(s), Some(t)) if !self.last_end_answered => Some(s.max(t)),
+            (s, _) => s,
+        }
     }
 
     /// Answered lately, and since its requests out began: a flow that goes quiet and then
@@ -189,7 +203,8 @@ impl Flows {
         // Requests ending unanswered for that long: one at a time finds out whether it is
         // back, rather than a share's worth spending their attempts on timeouts.
         // Right after such a try ended unanswered, none: the others have the window a moment.
-        let cap = if stuck && !f.last_end_answered {
+        let trying = stuck && !f.last_end_answered;
+        let cap = if trying {
             let just_tried = f
                 .unanswered_at
                 .is_some_and(|t| now.saturating_duration_since(t) < PROBE_GAP);
@@ -199,12 +214,26 @@ impl Flows {
         };
         if f.in_flight < cap || f.answering(now, self.request_timeout) {
             f.in_flight += 1;
+            if trying {
+                f.tried_at = Some(now);
+            }
             return FlowAdmit::Go;
+        }
+        // How long the requests out have waited for an answer.
+        let waited = f
+            .waiting_since()
+            .map_or(silent, |t| now.saturating_duration_since(t));
+        if trying && f.in_flight > 0 && waited < stuck_after && !crowded {
+            // A try is out (after an idle stretch, perhaps, when new work came): the pushes
+            // behind it wait for its answer in memory, not for a hold (a probe's finding: a
+            // healthy answer in 1 ms, and the burst behind it went out 2 s later).
+            f.parked += 1;
+            return FlowAdmit::Park;
         }
         if stuck {
             // Until the requests out time out, within bounds.
-            let wait = (self.request_timeout.saturating_sub(silent)).clamp(PARK_LIMIT, HOLD_LIMIT);
-            let announce = (!f.announced).then_some((f.in_flight, silent));
+            let wait = (self.request_timeout.saturating_sub(waited)).clamp(PARK_LIMIT, HOLD_LIMIT);
+            let announce = (!f.announced).then_some((f.in_flight, waited));
             f.announced = true;
             return FlowAdmit::Hold {
                 until_ms: now_ms() + wait.as_millis() as i64,
@@ -250,9 +279,7 @@ impl Flows {
             let Ok(mut flows) = self.flows.lock() else {
                 return None;
             };
-            let Some(pair) = flows.get_mut(app) else {
-                return None;
-            };
+            let pair = flows.get_mut(app)?;
             let f = &mut pair[env_index(env)];
             f.in_flight = f.in_flight.saturating_sub(1);
             f.last_end_answered = answered;
@@ -265,7 +292,7 @@ impl Flows {
                     None => took,
                 });
                 if f.announced {
-                    ended_silence = f.silent_since.map(|t| now.saturating_duration_since(t));
+                    ended_silence = f.waiting_since().map(|t| now.saturating_duration_since(t));
                 }
                 f.last_answer = Some(now);
                 f.silent_since = Some(now);
@@ -301,7 +328,7 @@ impl Flows {
                 .iter_mut()
                 .zip([Environment::Production, Environment::Sandbox])
             {
-                let Some(since) = f.silent_since else {
+                let Some(since) = f.waiting_since() else {
                     continue;
                 };
                 let silent = now.saturating_duration_since(since);
@@ -436,10 +463,54 @@ mod tests {
         assert_eq!(flows.admit_at("b", P, false, timed_out + MS), FlowAdmit::Go);
         let a_second_on = timed_out + PROBE_GAP + MS;
         assert_eq!(flows.admit_at("a", P, false, a_second_on), FlowAdmit::Go);
+        // The next waits for that try's answer in memory (no slot held), then is held.
+        assert_eq!(flows.admit_at("a", P, false, a_second_on), FlowAdmit::Park);
         assert!(matches!(
-            flows.admit_at("a", P, false, a_second_on),
+            flows.admit_at("a", P, false, a_second_on + PARK_LIMIT),
             FlowAdmit::Hold { .. }
         ));
+    }
+
+    /// New work for a host whose last requests timed out, after an idle stretch: one try goes,
+    /// the pushes behind it wait for its answer in memory and go at once when it comes (a
+    /// probe's finding: they were held 2 s although it answered in 1 ms). A try that stays
+    /// unanswered is said with its own wait, not the idle stretch before it.
+    #[test]
+    fn a_try_after_an_idle_stretch_holds_back_nothing_once_answered() {
+        let timeout = Duration::from_secs(2);
+        for answers in [true, false] {
+            let flows = Flows::new(1000, timeout);
+            let t0 = Instant::now();
+            assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Go);
+            flows.done_at("a", P, false, timeout, t0 + timeout);
+            let t1 = t0 + Duration::from_secs(7);
+            assert_eq!(flows.admit_at("a", P, false, t1), FlowAdmit::Go, "the try");
+            for _ in 0..4 {
+                assert_eq!(flows.admit_at("a", P, false, t1 + MS), FlowAdmit::Park);
+            }
+            if answers {
+                assert_eq!(
+                    flows.done_at("a", P, true, MS, t1 + MS),
+                    None,
+                    "nothing said"
+                );
+                flows.unpark_all();
+                for _ in 0..4 {
+                    assert_eq!(flows.admit_at("a", P, false, t1 + 2 * MS), FlowAdmit::Go);
+                }
+            } else {
+                let later = t1 + PARK_LIMIT + MS;
+                let FlowAdmit::Hold { announce, .. } = flows.admit_at("a", P, false, later) else {
+                    panic!("held once the try is as old as a stuck host's silence");
+                };
+                let (out, waited) = announce.expect("said");
+                assert_eq!(out, 1);
+                assert!(
+                    waited >= PARK_LIMIT && waited < PARK_LIMIT + 10 * MS,
+                    "{waited:?}: from the try, not from the last answer 9 s before"
+                );
+            }
+        }
     }
 
     /// A host that stops answering with the whole window out is found without an admission
@@ -486,8 +557,10 @@ mod tests {
         flows.done("a", P, false, 10_000 * MS);
         let later = t0 + Duration::from_secs(10);
         assert_eq!(flows.admit_at("a", P, false, later), FlowAdmit::Go);
+        // The rest wait for its answer (in memory, then back in the queue), none goes.
+        assert_eq!(flows.admit_at("a", P, false, later), FlowAdmit::Park);
         assert!(matches!(
-            flows.admit_at("a", P, false, later),
+            flows.admit_at("a", P, false, later + PARK_LIMIT),
             FlowAdmit::Hold { .. }
         ));
         // Before the silence is long, a timeout frees a slot of the share as usual.
