@@ -105,7 +105,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2197")]
         listen: std::net::SocketAddr,
-        /// Folder to write the CA, a .p8 key and a matching config snippet into.
+        /// Folder to write the CA, a .p8 key and a matching config snippet into: a new or
+        /// empty one, or one an earlier start wrote (its credentials are kept).
         #[arg(long, default_value = "simulator")]
         dir: PathBuf,
         /// Simulated latency per answer, in milliseconds (at most an hour).

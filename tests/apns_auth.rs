@@ -475,7 +475,8 @@ async fn untrusted_server_certificate_is_unreachable_with_a_hint() {
 /// A simulator restarted on the folder an earlier start wrote its credentials to uses them
 /// again (`pushdrop simulate --dir`): a client set up from the first start's files — CA, `.p8`
 /// key, key and team ids, client certificate — is trusted by the second one, on the same
-/// port, with nothing rewritten.
+/// port, with nothing rewritten. Broken ones are made anew; a folder it did not write is
+/// refused untouched.
 #[tokio::test]
 async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
     let dir = tempfile::tempdir().unwrap();
@@ -582,17 +583,30 @@ async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
     fourth.write_credentials(dir.path()).unwrap();
     fourth.shutdown().await;
 
-    // Without the ids file, the keys are no one's: named, and only the new key stays.
+    // Without the ids file, nothing there is provably the simulator's: it refuses the folder
+    // and touches nothing (a probe's finding: `--dir config` deleted the app's real .p8 key).
     std::fs::remove_file(dir.path().join("simulator-ids.toml")).unwrap();
-    let fifth = Simulator::start(kept).await.unwrap();
-    let why = fifth.credentials_not_kept().unwrap_or_default().to_string();
-    assert!(why.starts_with("simulator-ids.toml: "), "{why}");
-    let new_key = fifth.write_credentials(dir.path()).unwrap().key_file;
-    let keys: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "p8"))
-        .collect();
-    assert_eq!(keys, vec![new_key]);
-    fifth.shutdown().await;
+    let before = files(dir.path());
+    let Err(e) = Simulator::start(kept.clone()).await else {
+        panic!("a folder without simulator-ids.toml was used");
+    };
+    let said = e.to_string();
+    assert!(
+        said.contains("ca.pem") && said.contains(".p8") && said.contains("--dir"),
+        "{said}"
+    );
+    assert_eq!(files(dir.path()), before, "nothing replaced or removed");
+    // A folder of someone else's key alone, a config folder say, is refused alike.
+    let config = tempfile::tempdir().unwrap();
+    let key = config.path().join("AuthKey_ABC123DEFG.p8");
+    std::fs::write(&key, "the app's real key").unwrap();
+    let elsewhere = SimOptions {
+        kept_credentials: Some(config.path().to_path_buf()),
+        ..kept
+    };
+    let Err(e) = Simulator::start(elsewhere).await else {
+        panic!("a folder with a foreign .p8 was used");
+    };
+    assert!(e.to_string().contains("AuthKey_ABC123DEFG.p8"), "{e}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "the app's real key");
 }

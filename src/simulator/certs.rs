@@ -134,33 +134,71 @@ pub(crate) struct KeptIds {
     pub team_id: String,
 }
 
+/// The files a simulator folder holds besides [`IDS_FILE`] (and `AuthKey_*.p8` keys).
+const WRITTEN: [&str; 6] = [
+    "ca.pem",
+    CA_KEY_FILE,
+    "client.pem",
+    "client-key.pem",
+    "client-combined.pem",
+    "pushdrop-simulator.toml",
+];
+
 /// The credentials an earlier start wrote into `dir`, with a new server certificate for
 /// `server_names`. `Ok(None)`: no earlier start wrote there. `Err`: one did, but its files
 /// are not all there or do not belong together (the CA key must sign for the CA certificate,
 /// each key match its certificate); says which, and names the old `.p8` key file when there
-/// is one, to be replaced.
+/// is one, to be replaced. [`SimError::NotOurs`]: the folder holds files of the names the
+/// simulator writes but not its [`IDS_FILE`]: someone else's (a config folder with a real
+/// key, `client.pem`), which it must neither replace nor delete.
 pub(crate) fn load_kept(
     dir: &Path,
     server_names: &[String],
-) -> Result<Option<(Certs, TokenKey)>, NotKept> {
+) -> Result<Result<Option<(Certs, TokenKey)>, NotKept>, SimError> {
     let read =
         |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"));
     let ids_text = match std::fs::read_to_string(dir.join(IDS_FILE)) {
         Ok(t) => t,
-        // Nothing of an earlier start, or only part of it.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return if dir.join("ca.pem").exists() || !old_keys(dir).is_empty() {
-                Err(NotKept::why(format!("{IDS_FILE}: {e}")))
+            let mut found: Vec<String> = WRITTEN
+                .iter()
+                .filter(|n| dir.join(n).exists())
+                .map(|n| n.to_string())
+                .collect();
+            found.extend(
+                old_keys(dir)
+                    .iter()
+                    .filter_map(|p| p.file_name()?.to_str().map(str::to_string)),
+            );
+            return if found.is_empty() {
+                Ok(Ok(None))
             } else {
-                Ok(None)
+                Err(SimError::NotOurs {
+                    dir: dir.to_path_buf(),
+                    files: found.join(", "),
+                })
             };
         }
-        Err(e) => return Err(NotKept::why(format!("{IDS_FILE}: {e}"))),
+        Err(e) => return Ok(Err(NotKept::why(format!("{IDS_FILE}: {e}")))),
     };
-    let ids: KeptIds = toml::from_str(&ids_text)
+    Ok(load_ours(dir, server_names, &ids_text, read))
+}
+
+/// [`load_kept`] for a folder with the simulator's [`IDS_FILE`].
+fn load_ours(
+    dir: &Path,
+    server_names: &[String],
+    ids_text: &str,
+    read: impl Fn(&str) -> Result<String, String>,
+) -> Result<Option<(Certs, TokenKey)>, NotKept> {
+    let ids: KeptIds = toml::from_str(ids_text)
         .map_err(|e| NotKept::why(format!("{IDS_FILE}: {}", e.message())))?;
     let p8_name = format!("AuthKey_{}.p8", ids.key_id);
-    let fail = NotKept::why;
+    // The earlier start's key is the one key file this start may replace.
+    let fail = |why: String| NotKept {
+        why,
+        old_key: Some(dir.join(&p8_name)),
+    };
     let ca_pem = read("ca.pem").map_err(fail)?;
     let ca_key_pem = read(CA_KEY_FILE).map_err(fail)?;
     let client_cert_pem = read("client.pem").map_err(fail)?;
@@ -210,11 +248,14 @@ pub(crate) fn load_kept(
 #[derive(Debug)]
 pub(crate) struct NotKept {
     pub why: String,
+    /// The `.p8` key file that start wrote (named in its [`IDS_FILE`]), to be removed when
+    /// the new one is written.
+    pub old_key: Option<std::path::PathBuf>,
 }
 
 impl NotKept {
     fn why(why: String) -> NotKept {
-        NotKept { why }
+        NotKept { why, old_key: None }
     }
 }
 

@@ -256,6 +256,12 @@ pub enum SimError {
     Cert(String),
     #[error("simulator TLS set-up: {0}")]
     Tls(String),
+    #[error(
+        "{dir} holds {files}, which the simulator did not write (it has no simulator-ids.toml): \
+         it writes its CA, keys and config snippet under those names, so it will not use this \
+         folder; give --dir a new or empty folder (or one an earlier `pushdrop simulate` wrote)"
+    )]
+    NotOurs { dir: PathBuf, files: String },
 }
 
 struct ScriptState {
@@ -373,7 +379,7 @@ impl Simulator {
         names.extend(opts.server_names.iter().cloned());
         let (kept, not_kept) = match opts.kept_credentials.as_deref() {
             None => (None, None),
-            Some(dir) => match certs::load_kept(dir, &names) {
+            Some(dir) => match certs::load_kept(dir, &names)? {
                 Ok(k) => (k, None),
                 Err(why) => (None, Some(why)),
             },
@@ -512,14 +518,13 @@ impl Simulator {
         let ids = toml::to_string(&ids).map_err(|e| SimError::Cert(format!("ids: {e}")))?;
         certs::write_file(&dir.join(certs::IDS_FILE), &ids, false)?;
         certs::write_file(&creds.key_file, &self.primary.p8_pem, true)?;
-        // The keys earlier starts wrote here are no one's any more: left, they would pile up
-        // beside the new one at each start that makes new credentials.
-        if self.not_kept.is_some() {
-            for old in certs::old_keys(dir) {
-                if old != creds.key_file {
-                    let _ = std::fs::remove_file(old);
-                }
-            }
+        // The key the earlier start wrote here is no one's any more: left, keys would pile up
+        // beside the new one at each start that makes new credentials. Only that one: a key
+        // file the simulator cannot tell it wrote is not its to delete.
+        if let Some(old) = self.not_kept.as_ref().and_then(|n| n.old_key.as_ref())
+            && *old != creds.key_file
+        {
+            let _ = std::fs::remove_file(old);
         }
         certs::write_file(&creds.client_cert_file, &c.client_cert_pem, false)?;
         certs::write_file(&creds.client_key_file, &c.client_key_pem, true)?;
