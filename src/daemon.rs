@@ -169,6 +169,15 @@ impl Daemon {
             let purge = tokio::spawn(purge_loop(cfg.clone(), store.clone()));
             Ok::<_, DaemonError>((sender, admin, purge))
         })?;
+        // Said where a reader of stdout sees it: with log files, the busiest lines are not
+        // on stdout (a journal would drop or rate-limit them at full speed).
+        let where_lines = match &cfg.log.dir {
+            Some(dir) => format!(
+                "; the lines of sent deliveries and finished notifications go to the log files in {} only, all others to stdout too",
+                dir.display()
+            ),
+            None => String::new(),
+        };
         tracing::info!(
             event = "started",
             version = env!("CARGO_PKG_VERSION"),
@@ -176,6 +185,7 @@ impl Daemon {
             store = %cfg.store.path.display(),
             apps = cfg.apps.len(),
             admin = %admin.as_ref().map(|a| a.addr.to_string()).unwrap_or_else(|| "off".into()),
+            "pushdrop started{where_lines}"
         );
         Ok(Daemon {
             cfg,

@@ -388,6 +388,14 @@ fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
             );
         }
     }
+    // Stdout has the retries but not the sent lines, and says at start where those go.
+    let stdout = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert!(
+        stdout.contains("sent deliveries and finished notifications go to the log files in"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("status=\"retry\""), "{stdout}");
+    assert!(!stdout.contains("status=\"sent\""), "{stdout}");
 
     // A new script replaces the old one: `fine` is now gone, `flaky` is well again.
     std::fs::write(
