@@ -1001,6 +1001,39 @@ fn a_credentials_pause_counts_only_the_answers_apns_gave() {
     );
 }
 
+/// A key id APNs refuses, fixed in the config file while the daemon runs, is used from the
+/// app's next try: no restart (SPEC 4.3: fixed credentials are picked up without a restart;
+/// a probe's finding: only the `.p8` file was read again).
+#[test]
+fn a_key_id_fixed_in_the_config_file_is_picked_up_without_a_restart() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let good = std::fs::read_to_string(&w.env.config_path).unwrap();
+    let at = good.find("key_id = \"").unwrap() + "key_id = \"".len();
+    let wrong = format!("{}ZZZZZZZZZZ{}", &good[..at], &good[at + 10..]);
+    std::fs::write(&w.env.config_path, wrong).unwrap();
+    let daemon = w.env.start();
+    drop_to_tokens(&w, "fixed", 5);
+    wait_for("paused", || {
+        w.env.status_json()["paused"]
+            .to_string()
+            .contains("InvalidProviderToken")
+    });
+    std::fs::write(&w.env.config_path, good).unwrap();
+    wait_for("all sent after the fix", || {
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1")
+            == 5
+    });
+    daemon.shutdown();
+    let status = w.env.status_json();
+    assert_eq!(status["paused"], serde_json::json!([]), "{status}");
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'resumed'"),
+        1
+    );
+}
+
 /// A stop while results cannot be written (the write lock held elsewhere for long) ends
 /// within the grace period and a couple of lock waits (10 s each), not when the database
 /// takes writes again: what could not be written is given up, sent again after the restart.

@@ -42,13 +42,18 @@ pub(crate) struct Jwt {
 }
 
 struct State {
+    /// The key file, key id and team id: the config's at start, and as the config file says
+    /// after Apple rejected them (see [`TokenSigner::current`]).
+    key_file: PathBuf,
+    key_id: String,
+    team_id: String,
     key: EncodingKey,
     /// The key file's bytes `key` was read from: a rejected key that is still the same file
     /// mints no new token before [`MIN_TOKEN_AGE`].
     pem: Vec<u8>,
     current: Option<Arc<Jwt>>,
-    /// Set after Apple rejected the key: the next mint re-reads the key file, so a fixed key
-    /// is picked up without a restart.
+    /// Set after Apple rejected the key: the next mint re-reads the config's ids and the key
+    /// file, so fixed credentials are picked up without a restart.
     reload: bool,
     /// When an `ExpiredProviderToken` answer last made a new token: at most one such refresh
     /// per 20 minutes.
@@ -57,9 +62,9 @@ struct State {
 
 /// Mints and caches the provider token of one key.
 pub(crate) struct TokenSigner {
-    key_file: PathBuf,
-    key_id: String,
-    team_id: String,
+    /// The config file and the app whose `token` this signer was made for: read again after
+    /// a rejection, for a fixed `key_id`, `team_id` or `key_file`.
+    origin: Option<(PathBuf, String)>,
     clock: Clock,
     state: Mutex<State>,
     mints: Arc<AtomicU64>,
@@ -105,20 +110,23 @@ fn parse_key(path: &Path, pem: &[u8]) -> Result<EncodingKey, ApnsError> {
 }
 
 impl TokenSigner {
-    /// Reads the key now, so a bad key file is reported at start-up.
+    /// Reads the key now, so a bad key file is reported at start-up. `origin`: the config
+    /// file and app name to read the token settings from again after a rejection.
     pub fn new(
         cfg: &TokenAuthConfig,
+        origin: Option<(PathBuf, String)>,
         clock: Clock,
         mints: Arc<AtomicU64>,
     ) -> Result<TokenSigner, ApnsError> {
         let pem = read_pem(&cfg.key_file)?;
         let key = parse_key(&cfg.key_file, &pem)?;
         Ok(TokenSigner {
-            key_file: cfg.key_file.clone(),
-            key_id: cfg.key_id.clone(),
-            team_id: cfg.team_id.clone(),
+            origin,
             clock,
             state: Mutex::new(State {
+                key_file: cfg.key_file.clone(),
+                key_id: cfg.key_id.clone(),
+                team_id: cfg.team_id.clone(),
                 key,
                 pem,
                 current: None,
@@ -133,6 +141,12 @@ impl TokenSigner {
         // A panic while holding this lock cannot leave State half-updated (every field is
         // replaced whole), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (key id, team id) as tokens are made now.
+    pub fn ids(&self) -> (String, String) {
+        let st = self.lock();
+        (st.key_id.clone(), st.team_id.clone())
     }
 
     fn age(&self, jwt: &Jwt) -> Duration {
@@ -151,12 +165,14 @@ impl TokenSigner {
             if !st.reload {
                 return Ok(j);
             }
-            // Rejected (`InvalidProviderToken` and friends): the key file is read again, so a
-            // fixed key is used at once. The same key mints nothing new before the token is 20
-            // minutes old (one token per key, reused): another token of a key Apple refuses
-            // tells it nothing new, and each try of a paused app would count as a refresh.
-            let pem = read_pem(&self.key_file)?;
-            if pem == st.pem && self.age(&j) < MIN_TOKEN_AGE {
+            // Rejected (`InvalidProviderToken` and friends): the config's ids and the key
+            // file are read again, so fixed ones are used at once. The same key and ids mint
+            // nothing new before the token is 20 minutes old (one token per key, reused):
+            // another token Apple refuses alike tells it nothing new, and each try of a paused
+            // app would count as a refresh.
+            let ids_changed = self.reread_config(&mut st);
+            let pem = read_pem(&st.key_file)?;
+            if pem == st.pem && !ids_changed && self.age(&j) < MIN_TOKEN_AGE {
                 st.reload = false;
                 return Ok(j);
             }
@@ -167,10 +183,42 @@ impl TokenSigner {
 
     /// Takes `pem` as the key from now on (a rejected key's file read again).
     fn load(&self, st: &mut State, pem: Vec<u8>) -> Result<(), ApnsError> {
-        st.key = parse_key(&self.key_file, &pem)?;
+        st.key = parse_key(&st.key_file, &pem)?;
         st.pem = pem;
         st.reload = false;
         Ok(())
+    }
+
+    /// Takes the app's `token` settings from the config file as it is now; returns whether
+    /// they changed. A config that cannot be read or is not valid now changes nothing (the
+    /// daemon keeps what it started with; `check-config` says what is wrong).
+    fn reread_config(&self, st: &mut State) -> bool {
+        let Some((path, app)) = &self.origin else {
+            return false;
+        };
+        let cfg = match crate::config::Config::load(path) {
+            Ok((cfg, _)) => cfg,
+            Err(e) => {
+                tracing::warn!(event = "config_reread_failed", app = app.as_str(), error = %e, "cannot read the config again for the app's key_id, team_id and key_file; keeping those it started with");
+                return false;
+            }
+        };
+        let Some(t) = cfg
+            .apps
+            .iter()
+            .find(|a| a.name == *app)
+            .and_then(|a| a.token.as_ref())
+        else {
+            return false;
+        };
+        if t.key_file == st.key_file && t.key_id == st.key_id && t.team_id == st.team_id {
+            return false;
+        }
+        tracing::info!(event = "token_settings_reread", app = app.as_str(), key_id = %t.key_id, team_id = %t.team_id, key_file = %t.key_file.display(), "the app's token settings changed in the config file: used from now on");
+        st.key_file = t.key_file.clone();
+        st.key_id = t.key_id.clone();
+        st.team_id = t.team_id.clone();
+        true
     }
 
     /// After APNs answered `ExpiredProviderToken` to a request signed with `used`: returns
@@ -207,7 +255,9 @@ impl TokenSigner {
 
     fn mint(&self, st: &mut State) -> Result<Arc<Jwt>, ApnsError> {
         if st.reload {
-            self.load(st, read_pem(&self.key_file)?)?;
+            self.reread_config(st);
+            let pem = read_pem(&st.key_file)?;
+            self.load(st, pem)?;
         }
         let key = &st.key;
         let now = (self.clock)();
@@ -219,22 +269,22 @@ impl TokenSigner {
         // which h2 would send with every request: it never indexes `authorization` in HPACK.
         let mut header = Header::new(Algorithm::ES256);
         header.typ = None;
-        header.kid = Some(self.key_id.clone());
+        header.kid = Some(st.key_id.clone());
         let token = jsonwebtoken::encode(
             &header,
             &Claims {
-                iss: &self.team_id,
+                iss: &st.team_id,
                 iat,
             },
             key,
         )
         .map_err(|e| ApnsError::Key {
-            path: self.key_file.clone(),
+            path: st.key_file.clone(),
             message: format!("cannot sign a provider token: {e}"),
         })?;
         let header =
             HeaderValue::from_str(&format!("bearer {token}")).map_err(|e| ApnsError::Key {
-                path: self.key_file.clone(),
+                path: st.key_file.clone(),
                 message: format!("token is not a header value: {e}"),
             })?;
         let generation = st.current.as_ref().map_or(1, |j| j.generation + 1);
@@ -246,7 +296,7 @@ impl TokenSigner {
         st.current = Some(jwt.clone());
         self.mints.fetch_add(1, Ordering::Relaxed);
         crate::metrics::get().jwt_refreshes.inc();
-        tracing::info!(event = "jwt_minted", key_id = %self.key_id, team_id = %self.team_id, iat, "minted APNs provider token");
+        tracing::info!(event = "jwt_minted", key_id = %st.key_id, team_id = %st.team_id, iat, "minted APNs provider token");
         Ok(jwt)
     }
 }
@@ -270,7 +320,7 @@ mod tests {
             team_id: "DEF123GHIJ".into(),
         };
         (
-            TokenSigner::new(&cfg, clock, Arc::new(AtomicU64::new(0))).unwrap(),
+            TokenSigner::new(&cfg, None, clock, Arc::new(AtomicU64::new(0))).unwrap(),
             dir,
         )
     }
@@ -365,12 +415,12 @@ mod tests {
         let t = Arc::new(AtomicI64::new(0));
         let (s, _d) = signer(t);
         let a = s.current().unwrap();
-        std::fs::write(&s.key_file, "garbage").unwrap();
+        std::fs::write(s.lock().key_file.clone(), "garbage").unwrap();
         s.on_rejected(&a);
         let err = s.current().unwrap_err().to_string();
         assert!(err.contains("AuthKey_ABC123DEFG.p8"), "{err}");
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        std::fs::write(&s.key_file, key.serialize_pem()).unwrap();
+        std::fs::write(s.lock().key_file.clone(), key.serialize_pem()).unwrap();
         assert_eq!(s.current().unwrap().generation, 2);
     }
 }

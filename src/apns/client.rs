@@ -144,6 +144,7 @@ impl ApnsClient {
                                 None => {
                                     let s = Arc::new(TokenSigner::new(
                                         t,
+                                        Some((cfg.source.clone(), app.name.clone())),
                                         clock.clone(),
                                         mints.clone(),
                                     )?);
@@ -195,6 +196,15 @@ impl ApnsClient {
         ClientStats {
             connects: self.inner.shared.connects.load(Ordering::Relaxed),
             jwt_mints: self.inner.mints.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The key id and team id an app's provider tokens are made with now (token auth only):
+    /// the config's, or those read again after a rejection.
+    pub fn token_ids(&self, app: &str) -> Option<(String, String)> {
+        match &self.pool(app, Environment::Production)?.auth {
+            PoolAuth::Token(s) => Some(s.ids()),
+            PoolAuth::Certificate(_) => None,
         }
     }
 

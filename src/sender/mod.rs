@@ -1187,7 +1187,7 @@ impl Inner {
                     let hint = if reason.contains("ExpiredProviderToken") {
                         "APNs says the provider token expired, but it is younger than 20 minutes: check this machine's clock (NTP); pausing the app"
                     } else if reason.contains("InvalidProviderToken") {
-                        "APNs refused the provider token: check the app's key_id and team_id in the config (a restart picks them up) and its .p8 key file (re-read on the next try); pausing the app"
+                        "APNs refused the provider token: check the app's key_id, team_id and .p8 key file (the config file and the key are read again on the next try); pausing the app"
                     } else if reason.contains("BadCertificateEnvironment") {
                         "APNs says the certificate is for the other environment: check the app's environment in the config (a restart picks it up) or its certificate file (re-read on the next try); pausing the app"
                     } else {
@@ -1196,11 +1196,10 @@ impl Inner {
                         "the app's credentials were refused or cannot be used (see reason); pausing it (fix the key or certificate file: it is re-read on the next try)"
                     };
                     // The ids the token was made with, beside the reason (token auth only).
-                    let ids = self.cfg.apps.iter().find(|a| a.name == app).and_then(|a| {
-                        a.token
-                            .as_ref()
-                            .map(|t| format!("key_id {} team_id {}", t.key_id, t.team_id))
-                    });
+                    let ids = self
+                        .client
+                        .token_ids(app)
+                        .map(|(key_id, team_id)| format!("key_id {key_id} team_id {team_id}"));
                     error!(
                         event = "app_paused",
                         app,
