@@ -101,6 +101,7 @@ enum Command {
     /// nothing refers to and committed-file records past retention (keep_finished_days).
     Purge,
     /// Runs the APNs simulator as a server, for your own integration tests.
+    #[command(after_help = SIMULATE_HELP)]
     Simulate {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2197")]
@@ -129,6 +130,28 @@ enum Command {
         dest: PathBuf,
     },
 }
+
+/// What `simulate --help` shows after the options: where its files go and the script format,
+/// for a user who has the binary and not the README.
+const SIMULATE_HELP: &str = "\
+It writes into --dir: ca.pem (for [apns] ca_file), AuthKey_<KEYID>.p8 with its key and team ids
+(simulator-ids.toml), client.pem/client-key.pem (certificate auth) and pushdrop-simulator.toml,
+a config pointing at it; it prints the same on start. A restart on the same --dir keeps them.
+
+--script FILE (TOML; re-read on SIGHUP) scripts answers per connection and per device token:
+  latency_ms = 0                        # before every answer
+  goaway_after = 100                    # new connections: GOAWAY after 100 streams
+  drop_after = 50                       # ... or closed without a word after 50 answers
+  streams_one_until_authorized = true   # MAX_CONCURRENT_STREAMS 1 until the first authorised answer
+  [tokens]
+  \"a0b1c2d3a0b1c2d3a0b1c2d3a0b1c2d3\" = { status = 410, timestamp_ms = 1796000000000 }  # Unregistered as of then (omitted: now)
+  \"0a281d3d0a281d3d0a281d3d0a281d3d\" = { status = 400 }              # BadDeviceToken
+  \"8c68b5de8c68b5de8c68b5de8c68b5de\" = { status = 503, first = 2 }   # 503 twice, then 200
+  \"5f1ce9a05f1ce9a05f1ce9a05f1ce9a0\" = { delay_ms = 2000 }           # a slow answer
+  \"77aa01bc77aa01bc77aa01bc77aa01bc\" = { status = 400, reason = \"DeviceTokenNotForTopic\" }
+status is any 4xx or 5xx; reason defaults to Apple's for 400, 410, 429, 500 and 503 and must be
+one of Apple's for a status Apple documents. GOAWAYs and scripted drops are logged on stderr
+(sim_goaway, sim_connection_dropped); on stop it says how many requests it served.";
 
 /// `--bundle-id`: what `check-config` takes as a bundle id, or `*`.
 fn bundle_id_arg(s: &str) -> Result<String, String> {

@@ -486,6 +486,31 @@ fn readme_simulator_script_is_a_valid_script() {
     );
 }
 
+/// `simulate --help`'s script example is a valid script too: a user with the binary alone
+/// can copy it.
+#[test]
+fn simulate_help_script_is_a_valid_script() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+        .args(["simulate", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let from = help
+        .find("--script FILE (TOML")
+        .expect("the script format in --help");
+    let text: String = help[from..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| format!("{}\n", &l[2..]))
+        .collect();
+    let script = pushdrop::simulator::SimScript::parse(&text).unwrap();
+    assert_eq!(script.tokens.len(), 5, "{text}");
+    assert_eq!(script.goaway_after, Some(100));
+    assert_eq!(script.drop_after, Some(50));
+}
+
 /// The README's first drop-file example is a valid `.jsonl` for the shipped config's app.
 #[test]
 fn readme_drop_file_example_is_a_valid_jsonl() {

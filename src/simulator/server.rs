@@ -270,7 +270,13 @@ async fn serve_connection(
                     done.fetch_sub(1, Ordering::AcqRel);
                 });
                 if goaway_after == Some(streams) {
-                    tracing::debug!(conn = conn.id, streams, "simulator: GOAWAY");
+                    // Said at info: a test harness scripting `goaway_after` sees it happen.
+                    tracing::info!(
+                        event = "sim_goaway",
+                        conn = conn.id,
+                        streams,
+                        "simulator: GOAWAY after the scripted number of streams (goaway_after)"
+                    );
                     h2.graceful_shutdown();
                 }
                 if drop_after == Some(streams) {
@@ -308,7 +314,12 @@ async fn serve_connection(
             _ = stop.changed() => return,
         }
     }
-    tracing::debug!(conn = conn.id, streams, "simulator: dropping connection");
+    tracing::info!(
+        event = "sim_connection_dropped",
+        conn = conn.id,
+        streams,
+        "simulator: connection closed without a word after the scripted number of streams (drop_after)"
+    );
     linger.abrupt();
     // The connection (and its socket) first: a stream handle dropped while the connection
     // lives would have it send a reset.
