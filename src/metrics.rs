@@ -15,8 +15,9 @@ use prometheus_client::registry::Registry;
 /// (such as `BadDeviceToken`; the part before a `;` that pushdrop may add), or `other` for
 /// anything else: pushdrop's own descriptions (connection errors, timeouts, "expired before
 /// it could be sent") and what a proxy or an unknown server says (a 502's `BadGateway`),
-/// whose free text would open a new time series per message. The log line carries the
-/// whole text.
+/// whose free text would open a new time series per message; a request APNs did not answer
+/// in time is `timeout` (the commonest of pushdrop's own, worth its series). The log line
+/// carries the whole text.
 ///
 /// `status` is the HTTP status the reason came with: Apple's word under a status Apple does
 /// not give it with (a proxy's 502 saying `BadDeviceToken`) is not Apple's. Without one (an
@@ -28,7 +29,13 @@ pub fn reason_label(status: Option<u16>, reason: &str) -> &str {
         Some(s) => crate::apns::outcome::apple_reasons(s).is_some_and(|rs| rs.contains(&head)),
         None => crate::apns::outcome::is_apple_reason(head),
     };
-    if apples { head } else { "other" }
+    if apples {
+        head
+    } else if status.is_none() && head.starts_with(crate::apns::TIMEOUT_REASON) {
+        "timeout"
+    } else {
+        "other"
+    }
 }
 
 /// Label set of one reason (rejection reason, APNs reason).
@@ -287,7 +294,8 @@ mod tests {
             // Apple's word from a server that is not Apple's (a proxy's 502).
             (Some(502), "BadDeviceToken", "other"),
             (Some(400), "InvalidProviderToken", "other"),
-            (None, "no answer from APNs within 10000 ms", "other"),
+            (None, "no answer from APNs within 10000 ms", "timeout"),
+            (None, "connection reset by peer", "other"),
             (None, "", "other"),
             // Decided unsent, carrying the device's invalidation.
             (None, "Unregistered", "Unregistered"),

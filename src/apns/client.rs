@@ -265,6 +265,9 @@ impl ApnsClient {
     }
 }
 
+/// How the reason of a request APNs did not answer in time begins (the metrics' `timeout`).
+pub const TIMEOUT_REASON: &str = "no answer from APNs within";
+
 /// How often a request APNs did not process is sent again at once; later tries wait a
 /// moment first (see [`REROUTE_WAIT`]), until the request's deadline.
 const MAX_REROUTES: u32 = 3;
@@ -381,10 +384,7 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                     .observe(began.elapsed().as_secs_f64());
                 return Outcome::Retry {
                     status: None,
-                    reason: format!(
-                        "no answer from APNs within {} ms",
-                        pool_timeout(pool).as_millis()
-                    ),
+                    reason: format!("{TIMEOUT_REASON} {} ms", pool_timeout(pool).as_millis()),
                     unsent: false,
                 };
             }

@@ -21,7 +21,7 @@ pub mod tls;
 use std::path::PathBuf;
 
 pub use auth::{Clock, system_clock};
-pub use client::{ApnsClient, ClientStats, PushRequest};
+pub use client::{ApnsClient, ClientStats, PushRequest, TIMEOUT_REASON};
 pub use outcome::Outcome;
 
 /// What would stop the client from starting, by config key: the contents of the CA file and
