@@ -397,7 +397,7 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
         format!("{days} day{}", if days == 1 { "" } else { "s" })
     };
     println!(
-        "purged {} deliveries, {} notifications, {} devices (invalid, or tokens only named in to.tokens, with no delivery left), {} committed-file records older than {horizon}",
+        "purged what is older than {horizon}: {} deliveries, {} notifications, {} devices (invalid, or tokens only named in to.tokens, with no delivery left), {} committed-file records",
         c.deliveries, c.notifications, c.devices, c.committed_files
     );
     tracing::info!(
