@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::inbox::APP;
 use common::ops::{Ops, OpsOptions, device, get, http, notification, token, wait_for};
 use pushdrop::simulator::TokenScript;
 
@@ -475,6 +476,21 @@ fn devices_and_show_list_every_row() {
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("\"gamma\", which is not in the config"),
             "{out:?}"
+        );
+    }
+    // An id the named app does not have is said with that app, by both too.
+    for cmd in [
+        &["show", "nope", "--app", APP][..],
+        &["retry", "nope", "--app", APP],
+    ] {
+        let out = env.pushdrop(cmd);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains(&format!(
+                "no notification with id \"nope\" for app \"{APP}\""
+            )),
+            "{said}"
         );
     }
     let out = env.pushdrop(&["devices", "--user", "u"]);

@@ -355,7 +355,15 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
             );
             return Ok(1);
         }
-        Err(e @ (StoreError::UnknownNotification(_) | StoreError::AmbiguousId { .. })) => {
+        // Said as `show` says it: with the app asked about.
+        Err(StoreError::UnknownNotification(id)) => {
+            match app {
+                Some(app) => eprintln!("pushdrop: no notification with id {id:?} for app {app:?}"),
+                None => eprintln!("pushdrop: no notification with id {id:?}"),
+            }
+            return Ok(1);
+        }
+        Err(e @ StoreError::AmbiguousId { .. }) => {
             eprintln!("pushdrop: {e}");
             return Ok(1);
         }
