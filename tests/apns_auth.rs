@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use common::sim::*;
+use common::world::paused_by_a_wrong_key_id;
 use pushdrop::apns::{ApnsClient, Clock, Outcome, PushRequest};
 use pushdrop::config::Environment;
 use pushdrop::simulator::{SimOptions, Simulator, TokenScript};
@@ -609,4 +610,26 @@ async fn a_simulator_restarted_on_its_folder_keeps_its_credentials() {
     };
     assert!(e.to_string().contains("AuthKey_ABC123DEFG.p8"), "{e}");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "the app's real key");
+}
+
+/// A key id APNs refuses, fixed in the config file while the daemon runs, is used from the
+/// app's next try: no restart (SPEC 4.3: fixed credentials are picked up without a restart;
+/// a probe's finding: only the `.p8` file was read again).
+#[test]
+fn a_key_id_fixed_in_the_config_file_is_picked_up_without_a_restart() {
+    let (w, daemon, good) = paused_by_a_wrong_key_id("fixed", 5);
+    std::fs::write(&w.env.config_path, good).unwrap();
+    common::inbox::wait_for("all sent after the fix", || {
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1")
+            == 5
+    });
+    daemon.shutdown();
+    let status = w.env.status_json();
+    assert_eq!(status["paused"], serde_json::json!([]), "{status}");
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'resumed'"),
+        1
+    );
 }

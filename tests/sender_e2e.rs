@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::inbox::{self, device, token, wait_for};
-use common::world::{self, FAST_SENDER, World, drop_aged, notification_to};
+use common::world::{
+    self, FAST_SENDER, World, drop_aged, drop_to_tokens, notification_to, paused_by_a_wrong_key_id,
+};
 use pushdrop::simulator::{SimOptions, TokenScript};
 
 fn devices(range: std::ops::Range<u64>, user: &str) -> String {
@@ -908,16 +910,6 @@ fn an_expiration_before_send_at_ends_expired_unsent() {
     assert_eq!(world::receipt(&w.env, "too-late")["counts"]["expired"], 1);
 }
 
-/// A notification `id` to the first `n` tokens, dropped as `a.json`: one file, `n` deliveries.
-fn drop_to_tokens(w: &World, id: &str, n: u64) {
-    let tokens: Vec<String> = (0..n).map(token).collect();
-    let to = format!(
-        r#"{{"tokens":{}}}"#,
-        serde_json::to_string(&tokens).unwrap()
-    );
-    w.env.drop_file("a.json", notification_to(id, &to, ""));
-}
-
 /// The set-up of the tests of a database that refuses writes: answers after 300 ms, 50 in
 /// flight (`[sender]` `extra` beside), a notification `id` to 200 tokens being sent.
 fn sending_slowly(id: &str, extra: &str) -> (World, pushdrop::daemon::Daemon) {
@@ -963,18 +955,7 @@ fn results_that_cannot_be_written_are_kept_not_sent_again() {
 /// `max_in_flight` of them at each pause), and no attempt spent.
 #[test]
 fn a_credentials_pause_counts_only_the_answers_apns_gave() {
-    let w = World::new(SimOptions::default(), FAST_SENDER);
-    let text = std::fs::read_to_string(&w.env.config_path).unwrap();
-    let at = text.find("key_id = \"").unwrap() + "key_id = \"".len();
-    let text = format!("{}ZZZZZZZZZZ{}", &text[..at], &text[at + 10..]);
-    std::fs::write(&w.env.config_path, text).unwrap();
-    let daemon = w.env.start();
-    drop_to_tokens(&w, "refused", 300);
-    wait_for("paused", || {
-        w.env.status_json()["paused"]
-            .to_string()
-            .contains("InvalidProviderToken")
-    });
+    let (w, daemon, _) = paused_by_a_wrong_key_id("refused", 300);
     // Which environment is paused is a field of its own, not only the message's first word.
     let paused = w.env.status_json()["paused"].clone();
     assert_eq!(paused[0]["environment"], "production", "{paused}");
@@ -998,39 +979,6 @@ fn a_credentials_pause_counts_only_the_answers_apns_gave() {
             .count("SELECT count(*) FROM deliveries WHERE attempts > 0"),
         0,
         "no attempt spent"
-    );
-}
-
-/// A key id APNs refuses, fixed in the config file while the daemon runs, is used from the
-/// app's next try: no restart (SPEC 4.3: fixed credentials are picked up without a restart;
-/// a probe's finding: only the `.p8` file was read again).
-#[test]
-fn a_key_id_fixed_in_the_config_file_is_picked_up_without_a_restart() {
-    let w = World::new(SimOptions::default(), FAST_SENDER);
-    let good = std::fs::read_to_string(&w.env.config_path).unwrap();
-    let at = good.find("key_id = \"").unwrap() + "key_id = \"".len();
-    let wrong = format!("{}ZZZZZZZZZZ{}", &good[..at], &good[at + 10..]);
-    std::fs::write(&w.env.config_path, wrong).unwrap();
-    let daemon = w.env.start();
-    drop_to_tokens(&w, "fixed", 5);
-    wait_for("paused", || {
-        w.env.status_json()["paused"]
-            .to_string()
-            .contains("InvalidProviderToken")
-    });
-    std::fs::write(&w.env.config_path, good).unwrap();
-    wait_for("all sent after the fix", || {
-        w.env
-            .count("SELECT count(*) FROM deliveries WHERE state = 1")
-            == 5
-    });
-    daemon.shutdown();
-    let status = w.env.status_json();
-    assert_eq!(status["paused"], serde_json::json!([]), "{status}");
-    assert_eq!(
-        w.env
-            .count("SELECT count(*) FROM events WHERE kind = 'resumed'"),
-        1
     );
 }
 

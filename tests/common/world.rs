@@ -219,3 +219,31 @@ pub fn has_receipt(env: &Env, id: &str) -> bool {
     )
     .exists()
 }
+
+/// A notification `id` to the first `n` tokens, dropped as `a.json`: one file, `n` deliveries.
+pub fn drop_to_tokens(w: &World, id: &str, n: u64) {
+    let tokens: Vec<String> = (0..n).map(inbox::token).collect();
+    let to = format!(
+        r#"{{"tokens":{}}}"#,
+        serde_json::to_string(&tokens).unwrap()
+    );
+    w.env.drop_file("a.json", notification_to(id, &to, ""));
+}
+
+/// A daemon whose config names a key id APNs does not know, a notification `id` to `n`
+/// tokens, and the app paused for `InvalidProviderToken`; with the config's good text.
+pub fn paused_by_a_wrong_key_id(id: &str, n: u64) -> (World, pushdrop::daemon::Daemon, String) {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    let good = std::fs::read_to_string(&w.env.config_path).unwrap();
+    let at = good.find("key_id = \"").unwrap() + "key_id = \"".len();
+    let wrong = format!("{}ZZZZZZZZZZ{}", &good[..at], &good[at + 10..]);
+    std::fs::write(&w.env.config_path, wrong).unwrap();
+    let daemon = w.env.start();
+    drop_to_tokens(&w, id, n);
+    inbox::wait_for("paused", || {
+        w.env.status_json()["paused"]
+            .to_string()
+            .contains("InvalidProviderToken")
+    });
+    (w, daemon, good)
+}
