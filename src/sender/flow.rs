@@ -19,7 +19,9 @@
 //! deliveries go back to the queue, unsent and their attempts not counted, until its
 //! requests' timeout; once those end unanswered, it gets one request at a time, each
 //! [`PROBE_GAP`] or more after the last ended unanswered, until one is answered (and the pause
-//! for an unreachable APNs takes over, see the sender).
+//! for an unreachable APNs takes over, see the sender). The deliveries behind a try park for
+//! its answer (up to [`PARK_LIMIT`]); those that come between tries go back to the queue until
+//! the next try may go.
 //!
 //! Known limit: a flow that was answering and then hangs with the whole window out holds it
 //! until those requests time out; this guards the start of every silence, not its middle.
