@@ -170,8 +170,7 @@ impl TokenSigner {
             // nothing new before the token is 20 minutes old (one token per key, reused):
             // another token Apple refuses alike tells it nothing new, and each try of a paused
             // app would count as a refresh.
-            let ids_changed = self.reread_config(&mut st);
-            let pem = read_pem(&st.key_file)?;
+            let (ids_changed, pem) = self.reread(&mut st)?;
             if pem == st.pem && !ids_changed && self.age(&j) < MIN_TOKEN_AGE {
                 st.reload = false;
                 return Ok(j);
@@ -187,6 +186,13 @@ impl TokenSigner {
         st.pem = pem;
         st.reload = false;
         Ok(())
+    }
+
+    /// After a rejection: the app's token settings as the config file has them now (whether
+    /// they changed), and the bytes of the key file they name.
+    fn reread(&self, st: &mut State) -> Result<(bool, Vec<u8>), ApnsError> {
+        let changed = self.reread_config(st);
+        Ok((changed, read_pem(&st.key_file)?))
     }
 
     /// Takes the app's `token` settings from the config file as it is now; returns whether
@@ -255,8 +261,7 @@ impl TokenSigner {
 
     fn mint(&self, st: &mut State) -> Result<Arc<Jwt>, ApnsError> {
         if st.reload {
-            self.reread_config(st);
-            let pem = read_pem(&st.key_file)?;
+            let (_, pem) = self.reread(st)?;
             self.load(st, pem)?;
         }
         let key = &st.key;

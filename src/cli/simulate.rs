@@ -12,10 +12,9 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::simulator::{SimCredentials, SimOptions, SimScript, Simulator, toml_string};
-
-/// The file the config snippet is written to, inside `--dir`.
-pub const CONFIG_FILE: &str = "pushdrop-simulator.toml";
+use crate::simulator::{
+    CONFIG_FILE, SimCredentials, SimOptions, SimScript, Simulator, toml_string,
+};
 /// The app of the written config.
 pub const APP_NAME: &str = "simulated";
 /// Its bundle id, and the one topic the simulated team may push to without `--bundle-id`.

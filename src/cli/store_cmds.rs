@@ -176,18 +176,23 @@ fn json_terminal_safe(json: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// That `show` or `retry` found no notification `id` (of `app`, when named): with the app
+/// asked about, and a mistyped app said as such, not as a missing id.
+fn say_no_notification(cfg: &crate::config::Config, id: &str, app: Option<&str>) {
+    match app {
+        Some(app) if !cfg.apps.iter().any(|a| a.name == app) => eprintln!(
+            "pushdrop: no notification with id {id:?} for app {app:?}, which is not in the config"
+        ),
+        Some(app) => eprintln!("pushdrop: no notification with id {id:?} for app {app:?}"),
+        None => eprintln!("pushdrop: no notification with id {id:?}"),
+    }
+}
+
 /// `pushdrop show ID`.
 pub fn show(config: &Path, id: &str, app: Option<&str>, json: bool) -> anyhow::Result<i32> {
     let cfg = super::load_config(config)?;
     let Some(n) = reader(&cfg)?.show(id, app, usize::MAX)? else {
-        match app {
-            // A mistyped app is said as such, not as a missing id.
-            Some(app) if !cfg.apps.iter().any(|a| a.name == app) => eprintln!(
-                "pushdrop: no notification with id {id:?} for app {app:?}, which is not in the config"
-            ),
-            Some(app) => eprintln!("pushdrop: no notification with id {id:?} for app {app:?}"),
-            None => eprintln!("pushdrop: no notification with id {id:?}"),
-        }
+        say_no_notification(&cfg, id, app);
         return Ok(1);
     };
     if json {
@@ -345,22 +350,9 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
     }
     let store = open_store(&cfg.store.path)?;
     let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
-        // A mistyped id (or app), or one two apps use, is an error, as for `show`.
-        Err(StoreError::UnknownNotification(id))
-            if app.is_some_and(|app| !cfg.apps.iter().any(|a| a.name == app)) =>
-        {
-            eprintln!(
-                "pushdrop: no notification with id {id:?} for app {:?}, which is not in the config",
-                app.unwrap_or_default()
-            );
-            return Ok(1);
-        }
-        // Said as `show` says it: with the app asked about.
+        // A mistyped id (or app), or one two apps use, is an error, said as `show` says it.
         Err(StoreError::UnknownNotification(id)) => {
-            match app {
-                Some(app) => eprintln!("pushdrop: no notification with id {id:?} for app {app:?}"),
-                None => eprintln!("pushdrop: no notification with id {id:?}"),
-            }
+            say_no_notification(&cfg, &id, app);
             return Ok(1);
         }
         Err(e @ StoreError::AmbiguousId { .. }) => {

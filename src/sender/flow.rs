@@ -61,7 +61,7 @@ const CONTINUE_WITHIN: Duration = Duration::from_millis(100);
 const PROBE_GAP: Duration = Duration::from_secs(1);
 
 /// The shortest hold: its end must lie ahead.
-const MS_1: Duration = Duration::from_millis(1);
+const MIN_HOLD: Duration = Duration::from_millis(1);
 
 /// What to do with a delivery that has a slot in the window.
 #[derive(Debug, PartialEq, Eq)]
@@ -241,7 +241,7 @@ impl Flows {
                 // next may go, not longer (a probe's finding: a push that came within the gap
                 // was held 2 s, though the host answered it at once when it went).
                 Some(t) if trying && f.in_flight == 0 => {
-                    (t + PROBE_GAP).saturating_duration_since(now).max(MS_1)
+                    (t + PROBE_GAP).saturating_duration_since(now).max(MIN_HOLD)
                 }
                 // Until the requests out time out, within bounds.
                 _ => (self.request_timeout.saturating_sub(waited)).clamp(PARK_LIMIT, HOLD_LIMIT),

@@ -123,8 +123,16 @@ fn pem_cert_der(pem: &str) -> Option<rustls::pki_types::CertificateDer<'static>>
     rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()
 }
 
-/// Files of a simulator folder, beside those [`super::Simulator::write_credentials`] names.
+/// The files of a simulator folder, by name: [`super::Simulator::write_credentials`] writes
+/// them, a restart reads them back, and a folder holding any of them without [`IDS_FILE`] is
+/// someone else's (see [`load_kept`]). Keys are `AuthKey_<KEYID>.p8` beside them.
+pub(crate) const CA_FILE: &str = "ca.pem";
 pub(crate) const CA_KEY_FILE: &str = "ca-key.pem";
+pub(crate) const CLIENT_CERT_FILE: &str = "client.pem";
+pub(crate) const CLIENT_KEY_FILE: &str = "client-key.pem";
+pub(crate) const CLIENT_COMBINED_FILE: &str = "client-combined.pem";
+/// The config snippet `pushdrop simulate` writes beside the credentials.
+pub(crate) const CONFIG_FILE: &str = "pushdrop-simulator.toml";
 pub(crate) const IDS_FILE: &str = "simulator-ids.toml";
 
 /// The key and team id of the primary `.p8` key, in [`IDS_FILE`].
@@ -136,12 +144,12 @@ pub(crate) struct KeptIds {
 
 /// The files a simulator folder holds besides [`IDS_FILE`] (and `AuthKey_*.p8` keys).
 const WRITTEN: [&str; 6] = [
-    "ca.pem",
+    CA_FILE,
     CA_KEY_FILE,
-    "client.pem",
-    "client-key.pem",
-    "client-combined.pem",
-    "pushdrop-simulator.toml",
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_FILE,
+    CLIENT_COMBINED_FILE,
+    CONFIG_FILE,
 ];
 
 /// The credentials an earlier start wrote into `dir`, with a new server certificate for
@@ -155,8 +163,6 @@ pub(crate) fn load_kept(
     dir: &Path,
     server_names: &[String],
 ) -> Result<Result<Option<(Certs, TokenKey)>, NotKept>, SimError> {
-    let read =
-        |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"));
     let ids_text = match std::fs::read_to_string(dir.join(IDS_FILE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -181,7 +187,7 @@ pub(crate) fn load_kept(
         }
         Err(e) => return Ok(Err(NotKept::why(format!("{IDS_FILE}: {e}")))),
     };
-    Ok(load_ours(dir, server_names, &ids_text, read))
+    Ok(load_ours(dir, server_names, &ids_text))
 }
 
 /// [`load_kept`] for a folder with the simulator's [`IDS_FILE`].
@@ -189,8 +195,9 @@ fn load_ours(
     dir: &Path,
     server_names: &[String],
     ids_text: &str,
-    read: impl Fn(&str) -> Result<String, String>,
 ) -> Result<Option<(Certs, TokenKey)>, NotKept> {
+    let read =
+        |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"));
     let ids: KeptIds = toml::from_str(ids_text)
         .map_err(|e| NotKept::why(format!("{IDS_FILE}: {}", e.message())))?;
     let p8_name = format!("AuthKey_{}.p8", ids.key_id);
@@ -199,10 +206,10 @@ fn load_ours(
         why,
         old_key: Some(dir.join(&p8_name)),
     };
-    let ca_pem = read("ca.pem").map_err(fail)?;
+    let ca_pem = read(CA_FILE).map_err(fail)?;
     let ca_key_pem = read(CA_KEY_FILE).map_err(fail)?;
-    let client_cert_pem = read("client.pem").map_err(fail)?;
-    let client_key_pem = read("client-key.pem").map_err(fail)?;
+    let client_cert_pem = read(CLIENT_CERT_FILE).map_err(fail)?;
+    let client_key_pem = read(CLIENT_KEY_FILE).map_err(fail)?;
     let p8_pem = read(&p8_name).map_err(fail)?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
         .map_err(|e| fail(format!("{CA_KEY_FILE} is not a key: {e}")))?;

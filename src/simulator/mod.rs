@@ -47,6 +47,8 @@ pub fn write_text_file(path: &Path, contents: &str) -> Result<(), SimError> {
     certs::write_file(path, contents, false)
 }
 
+/// The config snippet `pushdrop simulate` writes into its folder.
+pub(crate) use certs::CONFIG_FILE;
 /// A random 10-character id of the shape of Apple's key and team ids.
 pub use certs::apple_id;
 pub use script::{MAX_DELAY_MS, ScriptError, ScriptProblem, SimScript};
@@ -501,13 +503,13 @@ impl Simulator {
         })?;
         let c = &self.certs;
         let creds = SimCredentials {
-            ca_file: dir.join("ca.pem"),
+            ca_file: dir.join(certs::CA_FILE),
             key_file: dir.join(format!("AuthKey_{}.p8", self.primary.key_id)),
             key_id: self.primary.key_id.clone(),
             team_id: self.primary.team_id.clone(),
-            client_cert_file: dir.join("client.pem"),
-            client_key_file: dir.join("client-key.pem"),
-            client_combined_file: dir.join("client-combined.pem"),
+            client_cert_file: dir.join(certs::CLIENT_CERT_FILE),
+            client_key_file: dir.join(certs::CLIENT_KEY_FILE),
+            client_combined_file: dir.join(certs::CLIENT_COMBINED_FILE),
         };
         certs::write_file(&creds.ca_file, &c.ca_pem, false)?;
         certs::write_file(&dir.join(certs::CA_KEY_FILE), &c.ca_key_pem, true)?;

@@ -197,8 +197,8 @@ pub struct EventRow {
     pub kind: String,
     pub app: Option<String>,
     /// The environment an event of an app and environment is about (`paused`, `resumed`,
-    /// `unanswered`, `answering`): its message starts with it, and a script reading `status --json`
-    /// should not have to take the message apart.
+    /// `unanswered`, `answering`): its message starts with it, and a script reading
+    /// `status --json` should not have to take the message apart.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub environment: Option<&'static str>,
     pub message: String,
