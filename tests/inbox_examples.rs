@@ -253,7 +253,11 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
     std::fs::write(&env.config_path, text).unwrap();
     let (_, out) = ingest_examples(&env);
     assert_eq!(out.status.code(), Some(1), "broken.json is rejected");
-    for cmd in [&["retry", "--failed"][..], &["purge"][..]] {
+    for cmd in [
+        &["retry", "--failed"][..],
+        &["retry", "budget-2026-11-27"][..],
+        &["purge"][..],
+    ] {
         let out = env.pushdrop(cmd);
         assert_eq!(out.status.code(), Some(0), "{cmd:?}");
     }
@@ -281,6 +285,13 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
         "{lines}"
     );
     assert!(with("requeued", ""), "{lines}");
+    // `retry ID` without `--app` names the notification's app, as every line about it does.
+    assert!(
+        events.iter().any(|e| e["event"] == "requeued"
+            && e["id"] == "budget-2026-11-27"
+            && e["app"] == common::inbox::APP),
+        "{lines}"
+    );
     assert!(with("purged", ""), "{lines}");
 
     // Run as root (`sudo pushdrop purge`) in a log folder the daemon's user owns, a command

@@ -278,7 +278,14 @@ fn duplicate_notification_ids_are_reported_not_queued_twice() {
     let FileOutcome::Accepted(a) = &results[0].outcome else {
         panic!("{:?}", results[0].outcome)
     };
-    assert_eq!(a.store.duplicates, vec![(0, "same-id".to_string())]);
+    assert_eq!(
+        a.store.duplicates,
+        [pushdrop::store::Duplicate {
+            record: 0,
+            app: APP.into(),
+            id: "same-id".into()
+        }]
+    );
     assert_eq!(a.store.notifications_queued, 1);
     assert_eq!(
         env.count("SELECT count(*) FROM notifications WHERE ext_id = 'same-id'"),

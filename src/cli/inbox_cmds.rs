@@ -139,12 +139,7 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                             format!(
                                 ", {dups} duplicate{} skipped: {}",
                                 plural(dups),
-                                a.store
-                                    .duplicates
-                                    .iter()
-                                    .map(|(_, id)| id.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
+                                a.store.duplicate_names(usize::MAX).join(", ")
                             )
                         } else {
                             String::new()

@@ -349,30 +349,32 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         return Ok(1);
     }
     let store = open_store(&cfg.store.path)?;
-    let n = match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
-        // A mistyped id (or app), or one two apps use, is an error, said as `show` says it.
-        Err(StoreError::UnknownNotification(id)) => {
-            say_no_notification(&cfg, &id, app);
-            return Ok(1);
-        }
-        Err(e @ StoreError::AmbiguousId { .. }) => {
-            eprintln!("pushdrop: {e}");
-            return Ok(1);
-        }
-        r => r?,
-    };
+    let requeued =
+        match store.retry_failed_blocking(id.map(str::to_string), app.map(str::to_string)) {
+            // A mistyped id (or app), or one two apps use, is an error, said as `show` says it.
+            Err(StoreError::UnknownNotification(id)) => {
+                say_no_notification(&cfg, &id, app);
+                return Ok(1);
+            }
+            Err(e @ StoreError::AmbiguousId { .. }) => {
+                eprintln!("pushdrop: {e}");
+                return Ok(1);
+            }
+            r => r?,
+        };
+    let n = requeued.deliveries;
     match (id, app) {
         (Some(id), _) => println!("requeued {n} failed deliveries of {id}"),
         (None, Some(app)) => println!("requeued {n} failed deliveries of app {app}"),
         (None, None) => println!("requeued {n} failed deliveries"),
     }
-    // The fields say what was asked: one notification (`id`, its `app` when named), or all
-    // failed deliveries (`scope`), of one app when named. A `None` field is left out.
+    // The fields say what was asked: one notification (`id` and its `app`), or all failed
+    // deliveries (`scope`), of one app when named. A `None` field is left out.
     tracing::info!(
         event = "requeued",
         id,
         scope = id.is_none().then_some("all failed"),
-        app,
+        app = requeued.app.as_deref(),
         deliveries = n,
         "failed deliveries requeued by `pushdrop retry`"
     );

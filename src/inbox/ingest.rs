@@ -1191,13 +1191,7 @@ impl Ingestor {
                 let (id, ids, app) = logged_names(&a.store);
                 let (id, ids, app) = (id, ids.as_deref(), app.as_deref());
                 if dups > 0 {
-                    let dup_ids: Vec<&str> = a
-                        .store
-                        .duplicates
-                        .iter()
-                        .take(10)
-                        .map(|(_, id)| id.as_str())
-                        .collect();
+                    let dup_ids = a.store.duplicate_names(10);
                     tracing::warn!(
                         event = "ingested",
                         file = r.name.as_str(),

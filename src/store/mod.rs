@@ -174,8 +174,46 @@ pub struct IngestOutcome {
     pub queued_ids: Vec<String>,
     /// The apps the file's records named, each once.
     pub apps: Vec<String>,
-    /// `(record index, id)` of notifications skipped because app and id already existed.
-    pub duplicates: Vec<(usize, String)>,
+    /// Notifications skipped because their app already had their id.
+    pub duplicates: Vec<Duplicate>,
+}
+
+/// A notification of a file not queued: its app already had a notification with its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    /// Its index among the file's records.
+    pub record: usize,
+    pub app: String,
+    pub id: String,
+}
+
+impl IngestOutcome {
+    /// The ids of the first `n` duplicates, as the log and `pushdrop ingest` name them: the
+    /// id alone when the file named one app, `app/id` (as in a receipt's path) when it named
+    /// more, where an id alone would not say which notification it is.
+    pub fn duplicate_names(&self, n: usize) -> Vec<String> {
+        let qualified = self.apps.len() > 1;
+        self.duplicates
+            .iter()
+            .take(n)
+            .map(|d| {
+                if qualified {
+                    format!("{}/{}", d.app, d.id)
+                } else {
+                    d.id.clone()
+                }
+            })
+            .collect()
+    }
+}
+
+/// What `pushdrop retry` put back in the queue, for its output and log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    pub deliveries: usize,
+    /// The app of the notification named (found by its id when the operator named no app),
+    /// or the app the operator named for all failed deliveries; `None` for every app.
+    pub app: Option<String>,
 }
 
 /// A handle to the store; cheap to clone, usable from threads and async tasks.
@@ -416,7 +454,7 @@ impl Store {
         &self,
         id: Option<String>,
         app: Option<String>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Requeued, StoreError> {
         self.call_blocking(move |w| w.retry_failed(id.as_deref(), app.as_deref()))
     }
 

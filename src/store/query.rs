@@ -91,14 +91,14 @@ use crate::model::{DeliveryState, now_ms};
 
 use super::FinishedNotification;
 
-/// The row id of notification `id` of `app` (of any app when `None`): `None` when there is
-/// none, [`StoreError::AmbiguousId`] when no app is named and two apps use the id (`show` and
-/// `retry` must not pick one of them).
+/// The row id and app of notification `id` of `app` (of any app when `None`): `None` when
+/// there is none, [`StoreError::AmbiguousId`] when no app is named and two apps use the id
+/// (`show` and `retry` must not pick one of them).
 pub(super) fn notification_row_id(
     conn: &rusqlite::Connection,
     id: &str,
     app: Option<&str>,
-) -> Result<Option<i64>, StoreError> {
+) -> Result<Option<(i64, String)>, StoreError> {
     let found: Vec<(i64, String)> = conn
         .prepare_cached(
             "SELECT id, app FROM notifications
@@ -108,7 +108,7 @@ pub(super) fn notification_row_id(
         .collect::<Result<_, _>>()?;
     match found.as_slice() {
         [] => Ok(None),
-        [(nid, _)] => Ok(Some(*nid)),
+        [one] => Ok(Some(one.clone())),
         many => Err(StoreError::AmbiguousId {
             id: id.to_string(),
             apps: many
@@ -522,7 +522,7 @@ impl Reader {
             Option<i64>,
             Option<String>,
         );
-        let Some(nid) = notification_row_id(&self.conn, id, app)? else {
+        let Some((nid, _)) = notification_row_id(&self.conn, id, app)? else {
             return Ok(None);
         };
         let row: Option<Row> = self

@@ -344,7 +344,8 @@ fn a_retried_delivery_waits_since_its_retry() {
     assert_eq!(
         store
             .retry_failed_blocking(Some("old".into()), None)
-            .unwrap(),
+            .unwrap()
+            .deliveries,
         1
     );
     assert!(age() < 60.0, "{}", age());
@@ -466,20 +467,54 @@ fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
             vec![notification(Some("x1"), Target::All)],
         )])
         .unwrap();
-    assert_eq!(dup[0].duplicates, vec![(0, "x1".to_string())]);
+    assert_eq!(
+        dup[0].duplicates,
+        [super::Duplicate {
+            record: 0,
+            app: "a".into(),
+            id: "x1".into()
+        }]
+    );
     assert_eq!(dup[0].notifications_queued, 0);
     assert_eq!(
         dup[0].apps,
         ["a"],
         "its log line names the app of the duplicates"
     );
+    assert_eq!(dup[0].duplicate_names(10), ["x1"]);
+
+    // A file of two apps: its duplicates are named with their app, which the id alone does
+    // not say (app b may take the id x1 too).
+    let of_b = || {
+        let mut n = notification(Some("x1"), Target::Tokens(vec![tok(3)]));
+        if let Record::Notification(n) = &mut n {
+            n.app = "b".into();
+        }
+        n
+    };
+    let both = store
+        .ingest(vec![file(
+            "both.json",
+            vec![notification(Some("x1"), Target::All), of_b()],
+        )])
+        .unwrap();
+    assert_eq!(both[0].notifications_queued, 1, "b's x1 is new");
+    assert_eq!(both[0].duplicate_names(10), ["a/x1"]);
+    let again = store
+        .ingest(vec![file(
+            "again.json",
+            vec![of_b(), notification(Some("x1"), Target::All)],
+        )])
+        .unwrap();
+    assert_eq!(again[0].duplicate_names(10), ["b/x1", "a/x1"]);
+    assert_eq!(again[0].duplicate_names(1), ["b/x1"]);
 
     let r = query::Reader::open(store.path()).unwrap();
     let n: i64 = r
         .conn()
         .query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(n, 2, "one delivery per distinct token");
+    assert_eq!(n, 3, "one delivery per distinct token, and b's x1");
 }
 
 /// Tokens named in `to.tokens`, known and new in any order (the writer guesses which from the
@@ -817,9 +852,16 @@ fn expired_and_invalid_deliveries_finish_at_claim_and_retry_requeues_failed() {
     });
     assert_eq!(
         store.retry_failed_blocking(Some("f".into()), None).unwrap(),
-        1
+        super::Requeued {
+            deliveries: 1,
+            app: Some("a".into())
+        },
+        "the app is found by the id, for the log line"
     );
-    assert_eq!(store.retry_failed_blocking(None, None).unwrap(), 0);
+    assert_eq!(
+        store.retry_failed_blocking(None, None).unwrap().deliveries,
+        0
+    );
     // Its device is found dead meanwhile: the requeued delivery ends unsent at its claim, and
     // the 400 of its earlier BadTopic answer is not left beside the new reason.
     let c = rusqlite::Connection::open(store.path()).unwrap();
@@ -1141,7 +1183,8 @@ fn a_single_delivery_is_its_notifications_progress() {
     assert_eq!(
         store
             .retry_failed_blocking(Some("single".into()), None)
-            .unwrap(),
+            .unwrap()
+            .deliveries,
         1
     );
     assert_eq!(finished_at("single"), None);
@@ -1325,10 +1368,15 @@ fn batched_ingest_writes_what_record_by_record_ingest_writes() {
             .ingest(vec![file(&format!("r{i:03}.json"), vec![r.clone()])])
             .unwrap();
         queued += o[0].notifications_queued;
-        duplicates.extend(o[0].duplicates.iter().map(|(_, id)| (i, id.clone())));
+        duplicates.extend(o[0].duplicates.iter().map(|d| (i, d.id.clone())));
     }
     assert_eq!(out[0].notifications_queued, queued);
-    assert_eq!(out[0].duplicates, duplicates);
+    let found: Vec<(usize, String)> = out[0]
+        .duplicates
+        .iter()
+        .map(|d| (d.record, d.id.clone()))
+        .collect();
+    assert_eq!(found, duplicates);
     assert!(duplicates.len() > 10, "the ids repeat: {duplicates:?}");
     assert!(
         duplicates.contains(&(153, "id5".to_string())),
@@ -1888,7 +1936,8 @@ fn show_names_the_apps_of_an_id_that_two_apps_use() {
     assert_eq!(
         store
             .retry_failed_blocking(Some("same".into()), Some("b".into()))
-            .unwrap(),
+            .unwrap()
+            .deliveries,
         0
     );
 }
@@ -1930,7 +1979,10 @@ fn retry_of_all_failed_deliveries_may_be_limited_to_one_app() {
         store.record_results(failed).await.unwrap();
     });
     assert_eq!(
-        store.retry_failed_blocking(None, Some("b".into())).unwrap(),
+        store
+            .retry_failed_blocking(None, Some("b".into()))
+            .unwrap()
+            .deliveries,
         3
     );
     let c = rusqlite::Connection::open(store.path()).unwrap();
@@ -1951,7 +2003,10 @@ fn retry_of_all_failed_deliveries_may_be_limited_to_one_app() {
             .iter()
             .any(|(_, pending, done)| *pending == 2 && !*done)
     );
-    assert_eq!(store.retry_failed_blocking(None, None).unwrap(), 1);
+    assert_eq!(
+        store.retry_failed_blocking(None, None).unwrap().deliveries,
+        1
+    );
 }
 
 /// The start-up receipt sweep's query: finished notifications within a time window, single

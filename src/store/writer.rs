@@ -1281,18 +1281,19 @@ impl Writer {
         &mut self,
         id: Option<&str>,
         app: Option<&str>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<super::Requeued, StoreError> {
         let now = now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The one notification named, by its row id.
-        let only: Option<i64> = match id {
-            None => None,
-            Some(id) => Some(
-                super::query::notification_row_id(&tx, id, app)?
-                    .ok_or_else(|| StoreError::UnknownNotification(id.to_string()))?,
-            ),
+        // The one notification named, by its row id, and its app.
+        let (only, app_of_id) = match id {
+            None => (None, None),
+            Some(id) => {
+                let (nid, app) = super::query::notification_row_id(&tx, id, app)?
+                    .ok_or_else(|| StoreError::UnknownNotification(id.to_string()))?;
+                (Some(nid), Some(app))
+            }
         };
         // All failed deliveries of one app (`--failed --app`): its notifications, by id.
         let of_app = if only.is_none() { app } else { None };
@@ -1317,7 +1318,10 @@ impl Writer {
         tx.commit()?;
         queued_at(&mut self.cursor, now);
         self.handoff.queued(now);
-        Ok(n)
+        Ok(super::Requeued {
+            deliveries: n,
+            app: app_of_id.or_else(|| app.map(str::to_owned)),
+        })
     }
 
     /// See [`super::Store::purge_blocking`]. Goes by notification: a finished notification's
@@ -1986,9 +1990,11 @@ impl<'t> FileWriter<'t> {
                 let st = &mut self.insert_notification;
                 p.bind(st, &mut self.bound_notification, 0, 14)?;
                 if st.raw_execute()? == 0 {
-                    self.out
-                        .duplicates
-                        .push((index, p.ext_id.as_str().to_string()));
+                    self.out.duplicates.push(super::Duplicate {
+                        record: index,
+                        app: p.record.app.clone(),
+                        id: p.ext_id.as_str().to_string(),
+                    });
                     // A file of duplicates only names its app too.
                     self.note_app(&p.record.app);
                     return Ok(());
@@ -2180,9 +2186,11 @@ impl<'t> FileWriter<'t> {
         self.resolve_devices(&tokens, &mut device_of)?;
         for (i, (p, id)) in prepared.iter().zip(&ids).enumerate() {
             let Some(nid) = *id else {
-                self.out
-                    .duplicates
-                    .push((first_index + i, p.ext_id.as_str().to_string()));
+                self.out.duplicates.push(super::Duplicate {
+                    record: first_index + i,
+                    app: p.record.app.clone(),
+                    id: p.ext_id.as_str().to_string(),
+                });
                 self.note_app(&p.record.app);
                 continue;
             };
