@@ -20,7 +20,7 @@ use super::parse::{self, FileKind, Problem, RejectReason, Rejection};
 use super::report::ErrorReport;
 use crate::config::Config;
 use crate::metrics::{self, ReasonLabel, TypeLabel};
-use crate::store::{IngestFile, IngestOutcome, Store};
+use crate::store::{CommittedVersion, IngestFile, IngestOutcome, Store};
 
 /// A file to take.
 #[derive(Debug, Clone)]
@@ -194,6 +194,8 @@ struct ReadDrop {
     dev: u64,
     ino: u64,
     mtime_ns: i64,
+    /// When the file was made (ms since the epoch), where the file system says.
+    born_ms: Option<i64>,
     /// Unchanged for `settle_ms` (or known to be complete).
     settled: bool,
 }
@@ -333,7 +335,32 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
         dev: after.dev(),
         ino: after.ino(),
         mtime_ns,
+        born_ms: after
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64),
         settled,
+    })
+}
+
+/// The committed file that `read` is with lines appended: same name and inode, made before
+/// that commit (where the file system tells: an inode number can be used again for a new
+/// file once the committed file is deleted), and its committed bytes the start of `read`'s.
+/// A file renamed in anew, or a copy, is a file of its own however it starts.
+fn committed_part<'c>(
+    committed: &'c [CommittedVersion],
+    read: &ReadDrop,
+) -> Option<&'c CommittedVersion> {
+    if read.kind != FileKind::Jsonl {
+        return None;
+    }
+    committed.iter().find(|v| {
+        v.name == read.name
+            && v.ino == read.ino
+            && read.born_ms.is_none_or(|b| b <= v.committed_at)
+            && v.size < read.bytes.len() as u64
+            && content_hash(&read.bytes[..v.size as usize]) == v.sha256
     })
 }
 
@@ -609,6 +636,7 @@ impl Ingestor {
         // The first file of the batch found still being written: the files after it that
         // wait for earlier ones are not taken before it (name order).
         let mut unfinished: Option<String> = None;
+        let committed = self.committed_versions(&candidates);
         for c in candidates {
             let started = Instant::now();
             let name = display_name(&c.path);
@@ -618,6 +646,19 @@ impl Ingestor {
                     "{WAITS_FOR_EARLIER}{earlier}"
                 ))),
                 _ => read_drop(&c.path, &self.cfg, c.settled),
+            };
+            let read = match read {
+                Ok(read) => match committed_part(&committed, &read) {
+                    Some(part) => {
+                        self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
+                        let r =
+                            self.appended_to_committed(&read, part, c.path, started, &mut dirty);
+                        self.push_logged(&mut results, r);
+                        continue;
+                    }
+                    None => Ok(read),
+                },
+                Err(e) => Err(e),
             };
             let examined = match read {
                 Ok(read) if read.is_streamed() => {
@@ -687,6 +728,64 @@ impl Ingestor {
         // would lose them while nothing else would say what became of the files).
         crate::logging::flush_files();
         results
+    }
+
+    /// What the store remembers of the `.jsonl` files among `candidates`: a committed file
+    /// may still be in the inbox (its move failed, or a crash came between commit and move),
+    /// and lines may have been appended to it since. Its content is then new, but its
+    /// committed part must not be ingested again (see [`committed_part`]). One round trip
+    /// per batch; nothing is asked for `.json` files, which cannot grow and stay whole.
+    fn committed_versions(&self, candidates: &[Candidate]) -> Vec<CommittedVersion> {
+        let names: Vec<String> = candidates
+            .iter()
+            .map(|c| display_name(&c.path))
+            .filter(|n| FileKind::from_name(n) == Some(FileKind::Jsonl))
+            .collect();
+        if names.is_empty() {
+            return Vec::new();
+        }
+        match self.store.committed_versions_blocking(names) {
+            Ok(v) => v,
+            Err(e) => {
+                // The commit of these files will meet the same trouble and leave them.
+                tracing::warn!(event = "store_error", error = %e, "cannot look up the files committed earlier");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A committed `.jsonl` file found again in the inbox with lines appended: nothing is
+    /// committed; it leaves the inbox as a file committed before, and the move splits the
+    /// lines after its committed part off as a file of their own ([`Ingestor::take_appended`]),
+    /// as for lines appended between a read and its move.
+    fn appended_to_committed(
+        &self,
+        read: &ReadDrop,
+        part: &CommittedVersion,
+        path: PathBuf,
+        started: Instant,
+        dirty: &mut BTreeSet<PathBuf>,
+    ) -> FileResult {
+        let ready = Ready {
+            path,
+            name: read.name.clone(),
+            read: Box::new(ReadIdentity {
+                dev: read.dev,
+                ino: read.ino,
+                size: part.size,
+                mtime_ns: read.mtime_ns,
+                sha256: part.sha256.clone(),
+                kind: read.kind,
+            }),
+            devices: 0,
+            notifications: 0,
+            started,
+        };
+        let before = IngestOutcome {
+            already_committed: true,
+            ..IngestOutcome::default()
+        };
+        self.accepted(ready, Ok(before), dirty)
     }
 
     /// Each file's line goes out as soon as its fate is sealed (moved, or left), not after
@@ -1779,6 +1878,172 @@ mod tests {
             }]);
             assert_eq!(ext_ids(&ing), ["n1", "n2", "n3"], "keep {keep}");
         }
+    }
+
+    /// A notification line without an id (one is assigned), told apart by its alert.
+    fn line_without_id(alert: &str) -> String {
+        format!(
+            "{{\"type\":\"notification\",\"to\":{{\"tokens\":[\"{}\"]}},\"payload\":{{\"aps\":{{\"alert\":\"{alert}\"}}}}}}\n",
+            "ab".repeat(16)
+        )
+    }
+
+    fn alerts(ing: &Ingestor) -> Vec<String> {
+        let c = rusqlite::Connection::open(&ing.cfg.store.path).unwrap();
+        let mut st = c
+            .prepare("SELECT payload ->> '$.aps.alert' FROM notifications ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// A committed `.jsonl` that stayed in the inbox (a crash between its commit and its
+    /// move, or a move that failed) and had a line appended since: its committed lines are
+    /// not taken again (records without an id would be sent twice); it leaves the inbox, and
+    /// the new line comes back as a file of its own, as when appended before a move.
+    #[test]
+    fn a_committed_file_left_in_the_inbox_and_appended_to_is_not_taken_again() {
+        for keep in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let ing = ingestor(d.path(), keep);
+            let inbox = d.path().join("inbox");
+            let path = inbox.join("a.jsonl");
+            std::fs::write(&path, line_without_id("n1") + &line_without_id("n2")).unwrap();
+            let _crashed_before_the_move = commit_unmoved(&ing, &path);
+            let mut f = appender(&path);
+            std::io::Write::write_all(&mut f, line_without_id("n3").as_bytes()).unwrap();
+            drop(f);
+            let cand = || {
+                vec![Candidate {
+                    path: path.clone(),
+                    settled: true,
+                    waits_for_earlier: false,
+                }]
+            };
+            let r = ing.process(cand());
+            let FileOutcome::Accepted(a) = &r[0].outcome else {
+                panic!("{:?}", r[0].outcome)
+            };
+            assert!(a.store.already_committed && a.move_error.is_none(), "{a:?}");
+            assert_eq!(alerts(&ing), ["n1", "n2"], "keep {keep}");
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                line_without_id("n3")
+            );
+            ing.process(cand());
+            assert_eq!(alerts(&ing), ["n1", "n2", "n3"], "keep {keep}");
+            assert!(!path.exists());
+            if !keep {
+                // The committed file's inode is free and may be the new file's: told apart
+                // only where the file system records when a file was made (see below).
+                continue;
+            }
+            // A file renamed in anew under the name is a file of its own, however it starts.
+            let tmp = d.path().join("new.tmp");
+            std::fs::write(
+                &tmp,
+                line_without_id("n1") + &line_without_id("n2") + &line_without_id("n4"),
+            )
+            .unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            ing.process(cand());
+            assert_eq!(
+                alerts(&ing),
+                ["n1", "n2", "n3", "n1", "n2", "n4"],
+                "keep {keep}"
+            );
+        }
+    }
+
+    /// A committed `.jsonl` whose move fails, appended to while it waits in the inbox: it is
+    /// never committed again, and the appended line is taken once the move works (it waits
+    /// for it: split off before the move, it would be split off again at every try).
+    #[test]
+    fn a_committed_file_that_cannot_be_moved_is_not_taken_again_when_appended_to() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor_with(d.path(), "processed_dir = \"blocker/processed\"");
+        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
+        let path = d.path().join("inbox/n.jsonl");
+        std::fs::write(&path, line_without_id("n1") + &line_without_id("n2")).unwrap();
+        let cand = || {
+            vec![Candidate {
+                path: path.clone(),
+                settled: true,
+                waits_for_earlier: false,
+            }]
+        };
+        let stuck = |r: &[FileResult]| matches!(&r[0].outcome, FileOutcome::Accepted(a) if a.move_error.is_some());
+        assert!(stuck(&ing.process(cand())));
+        for n in ["n3", "n4"] {
+            let mut f = appender(&path);
+            std::io::Write::write_all(&mut f, line_without_id(n).as_bytes()).unwrap();
+            drop(f);
+            let r = ing.process(cand());
+            assert!(stuck(&r), "{r:?}");
+            assert_eq!(alerts(&ing), ["n1", "n2"]);
+        }
+        std::fs::remove_file(d.path().join("blocker")).unwrap();
+        let r = ing.process(cand());
+        assert!(matches!(&r[0].outcome, FileOutcome::Accepted(a) if a.move_error.is_none()));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            line_without_id("n3") + &line_without_id("n4")
+        );
+        ing.process(cand());
+        assert_eq!(alerts(&ing), ["n1", "n2", "n3", "n4"]);
+    }
+
+    /// The committed part is found by name, inode, birth and the hash of its bytes: a file
+    /// made after the commit under a used inode number is not it.
+    #[test]
+    fn a_committed_part_is_the_same_file_made_before_its_commit() {
+        let bytes = (line_without_id("n1") + &line_without_id("n2")).into_bytes();
+        let first = line_without_id("n1").len();
+        let v = CommittedVersion {
+            name: "a.jsonl".into(),
+            size: first as u64,
+            sha256: content_hash(&bytes[..first]),
+            ino: 7,
+            committed_at: 1_000,
+        };
+        let read = |name: &str, ino: u64, born_ms: Option<i64>, bytes: &[u8]| ReadDrop {
+            name: name.into(),
+            kind: FileKind::from_name(name).unwrap(),
+            bytes: bytes.to_vec(),
+            dev: 1,
+            ino,
+            mtime_ns: 0,
+            born_ms,
+            settled: true,
+        };
+        let found = |r: &ReadDrop| committed_part(std::slice::from_ref(&v), r).is_some();
+        assert!(found(&read("a.jsonl", 7, Some(999), &bytes)));
+        assert!(found(&read("a.jsonl", 7, Some(1_000), &bytes)));
+        assert!(found(&read("a.jsonl", 7, None, &bytes)), "no birth time");
+        assert!(
+            !found(&read("a.jsonl", 7, Some(1_001), &bytes)),
+            "made later"
+        );
+        assert!(
+            !found(&read("a.jsonl", 8, Some(999), &bytes)),
+            "another inode"
+        );
+        assert!(
+            !found(&read("b.jsonl", 7, Some(999), &bytes)),
+            "another name"
+        );
+        assert!(
+            !found(&read("a.jsonl", 7, Some(999), &bytes[..first])),
+            "not grown"
+        );
+        let mut other = bytes.clone();
+        other[3] = b' ';
+        assert!(
+            !found(&read("a.jsonl", 7, Some(999), &other)),
+            "other bytes"
+        );
     }
 
     /// A writer that opened a `.jsonl` before its move and writes after it (an appender that

@@ -207,6 +207,17 @@ impl IngestOutcome {
     }
 }
 
+/// A file committed earlier, as `committed_files` remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedVersion {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub ino: u64,
+    /// When it was committed (ms since the epoch).
+    pub committed_at: i64,
+}
+
 /// What `pushdrop retry` put back in the queue, for its output and log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requeued {
@@ -432,6 +443,16 @@ impl Store {
         self.call(move |w| w.registered_after(device_id, at_ms))
             .await
             .unwrap_or(false)
+    }
+
+    /// The versions of files committed under these names (within retention): a file of one
+    /// of these names found in the inbox again may be one of them with lines appended after
+    /// its commit, whose committed part must not be ingested again.
+    pub fn committed_versions_blocking(
+        &self,
+        names: Vec<String>,
+    ) -> Result<Vec<CommittedVersion>, StoreError> {
+        self.call_blocking(move |w| w.committed_versions(&names))
     }
 
     /// The name a file with this content, inode and mtime was committed under: a crash in

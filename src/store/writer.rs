@@ -1259,6 +1259,33 @@ impl Writer {
             .exists(params![device_id, at_ms])?)
     }
 
+    /// See [`super::Store::committed_versions_blocking`].
+    pub fn committed_versions(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<super::CommittedVersion>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT size, sha256, ino, committed_at FROM committed_files WHERE name = ?1
+             ORDER BY committed_at",
+        )?;
+        let mut found = Vec::new();
+        for name in names {
+            let rows = st.query_map(params![name], |r| {
+                Ok(super::CommittedVersion {
+                    name: name.clone(),
+                    size: r.get::<_, i64>(0)? as u64,
+                    sha256: r.get(1)?,
+                    ino: r.get::<_, i64>(2)? as u64,
+                    committed_at: r.get(3)?,
+                })
+            })?;
+            for v in rows {
+                found.push(v?);
+            }
+        }
+        Ok(found)
+    }
+
     /// See [`super::Store::committed_name_blocking`].
     pub fn committed_name(
         &mut self,
