@@ -1045,10 +1045,26 @@ impl Config {
                 } else {
                     "exists and is not a folder"
                 };
+                // The default processed and rejected folders are in the inbox, where a
+                // dropper may have put a file of that name: the key is then not in the file,
+                // and its line is its table's.
+                let default = [
+                    ("inbox.processed_dir", "processed"),
+                    ("inbox.rejected_dir", "rejected"),
+                ]
+                .iter()
+                .any(|(k, sub)| k == key && b.path == self.inbox.dir.join(sub));
+                let hint = if default {
+                    format!(
+                        " ({key}'s default, in the inbox): move it away, or set {key} to another folder"
+                    )
+                } else {
+                    String::new()
+                };
                 problems.push(ConfigProblem {
                     key: (*key).into(),
                     line: None,
-                    message: format!("{} {what}", b.path.display()),
+                    message: format!("{} {what}{hint}", b.path.display()),
                 });
             }
         }
@@ -2405,6 +2421,28 @@ token = { key_file = "KEY", key_id = "ABC123DEFG", team_id = "DEF123GHIJ" }
                 .contains("blocker exists and is not a folder"),
             "{err}"
         );
+        assert!(!err.problems[0].message.contains("default"), "{err}");
+        // A file named `processed` dropped into the inbox, where the default folder goes: the
+        // key is not in the config, so the message says where the folder comes from.
+        std::fs::create_dir_all(dir.path().join("inbox")).unwrap();
+        std::fs::write(dir.path().join("inbox/processed"), "a drop").unwrap();
+        let (cfg, _) = Config::from_toml(
+            &text.replace("\nprocessed_dir = \"blocker/processed\"", ""),
+            &dir.path().join("p.toml"),
+            dir.path(),
+        )
+        .unwrap();
+        let problems = cfg.folder_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "inbox.processed_dir");
+        assert!(
+            problems[0].message.ends_with(
+                "processed exists and is not a folder (inbox.processed_dir's default, in the \
+                 inbox): move it away, or set inbox.processed_dir to another folder"
+            ),
+            "{problems:?}"
+        );
+        std::fs::remove_file(dir.path().join("inbox/processed")).unwrap();
         // The log folder too: `run` could not start its log.
         let logging = format!("{deleting}\n[log]\ndir = \"blocker\"\n");
         let (cfg, _) = Config::from_toml(&logging, &dir.path().join("p.toml"), dir.path()).unwrap();

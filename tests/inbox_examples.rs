@@ -225,6 +225,28 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
         env.processed_names()
             .contains(&"broadcast~1.json".to_string())
     );
+    // A file already in processed_dir or rejected_dir, given to `ingest` again: it stays
+    // under its name (not moved onto itself as `x~1`); a rejected one gets its report anew.
+    let processed = env.processed.join("voip.json");
+    let rejected = env.rejected.join("broken.json");
+    let out = env.pushdrop(&[
+        "ingest",
+        processed.to_str().unwrap(),
+        rejected.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("already committed earlier"), "{stdout}");
+    assert!(
+        stdout.contains("broken.json: rejected (invalid, 2 problems)"),
+        "{stdout}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
+    assert!(processed.exists() && rejected.exists());
+    assert!(!env.processed_names().contains(&"voip~1.json".to_string()));
+    assert_eq!(env.rejected_names(), ["broken.json"]);
+    check_broken_report(&env.report("broken.json"));
+
     // The same content under another name: a new file, whose notification ids are
     // duplicates: nothing queued twice.
     let renamed = staging.join("broadcast-again.json");

@@ -155,11 +155,11 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                     }
                     _ => String::new(),
                 };
+                let count = rej.problem_count();
                 say(format!(
-                    "{shown}: rejected ({}, {} problem{}){whither}",
+                    "{shown}: rejected ({}, {count} problem{}){whither}",
                     rej.reason.code(),
-                    rej.problems.len(),
-                    plural(rej.problems.len())
+                    plural(count)
                 ));
                 for p in &rej.problems {
                     say(format!("  {p}"));

@@ -82,13 +82,23 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct Rejected {
     pub reason: RejectReason,
+    /// Those listed in the report (see [`Rejected::problem_count`]).
     pub problems: Vec<Problem>,
+    /// Problems beyond those listed.
+    pub unlisted: usize,
     /// The notification ids the file named (see [`parse::NamedIds`]).
     pub ids: parse::NamedIds,
     pub moved_to: Option<PathBuf>,
     pub report: Option<PathBuf>,
     /// The file could not be moved to `rejected_dir`: it stays and is retried.
     pub move_error: Option<String>,
+}
+
+impl Rejected {
+    /// How many problems the file has, those beyond the report's list too.
+    pub fn problem_count(&self) -> usize {
+        parse::problem_count(&self.problems, self.unlisted)
+    }
 }
 
 impl FileOutcome {
@@ -617,6 +627,14 @@ impl Ingestor {
         new
     }
 
+    /// Whether a file in `folder` is already in `dest`, where it would be moved: only a
+    /// one-shot `pushdrop ingest` of a file in `processed_dir` or `rejected_dir` (the watcher's
+    /// inbox is neither; the config refuses that), which would otherwise move the file onto
+    /// itself under a new name.
+    fn in_its_own_folder(&self, folder: &Path, dest: &Path) -> bool {
+        !self.late_looks && crate::config::same_folder(folder, dest)
+    }
+
     /// The store files are committed to.
     pub fn store(&self) -> &Store {
         &self.store
@@ -969,6 +987,10 @@ impl Ingestor {
         let mut staged = false;
         let moved = if keep {
             let dir = self.cfg.processed_dir();
+            if self.in_its_own_folder(inbox, dir) {
+                // `pushdrop ingest processed/x.jsonl`: it is where it would go.
+                return (Some(r.path.clone()), None);
+            }
             if let Err(e) = fsutil::make_dirs(dir) {
                 return (None, Some(format!("cannot create {}: {e}", dir.display())));
             }
@@ -1153,11 +1175,13 @@ impl Ingestor {
             reason,
             problems,
             ids,
+            unlisted,
         } = rejection;
         let dir = self.cfg.rejected_dir();
         let mut rejected = Rejected {
             reason,
             problems: Vec::new(),
+            unlisted,
             ids,
             moved_to: None,
             report: None,
@@ -1169,6 +1193,21 @@ impl Ingestor {
                 .file_name()
                 .map(|n| n.to_os_string())
                 .ok_or("path has no file name")?;
+            if path
+                .parent()
+                .is_some_and(|p| self.in_its_own_folder(p, dir))
+            {
+                // `pushdrop ingest rejected/x.json`: it stays, and its report is written
+                // anew (a report's name says which file it is about).
+                let report = ErrorReport::new(name, reason, &problems);
+                let report_path = fsutil::write_atomic(
+                    dir,
+                    &fsutil::report_name(&fname),
+                    report.to_json().as_bytes(),
+                )
+                .map_err(|e| format!("cannot write report in {}: {e}", dir.display()))?;
+                return Ok(Some((path.to_path_buf(), report_path)));
+            }
             for n in 0..10_000 {
                 let moved_name = fsutil::nth_name(&fname, n);
                 let dest = dir.join(&moved_name);
@@ -1362,11 +1401,9 @@ impl Ingestor {
                     .take(REASONS)
                     .map(|p| p.to_string())
                     .collect();
-                if rej.problems.len() > REASONS {
-                    reasons.push(format!(
-                        "… and {} more in the report",
-                        rej.problems.len() - REASONS
-                    ));
+                let count = rej.problem_count();
+                if count > REASONS {
+                    reasons.push(format!("… and {} more in the report", count - REASONS));
                 }
                 let (id, ids) = id_fields(&rej.ids.first, rej.ids.total);
                 // The apps its records name, or the one app records may leave out.
@@ -1383,7 +1420,7 @@ impl Ingestor {
                     ids = ids.as_deref(),
                     app = app.as_deref(),
                     reason = rej.reason.code(),
-                    problems = rej.problems.len(),
+                    problems = count,
                     reasons = %reasons.join("; "),
                     report = %rej.report.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
                 );

@@ -159,6 +159,18 @@ pub struct Rejection {
     /// The well-formed notification ids the file's records name, whether or not the records
     /// are valid (for the log line: a dropper may know its notifications by id, not by file).
     pub ids: NamedIds,
+    /// Problems found beyond the listed ones (the last listed says how many).
+    pub unlisted: usize,
+}
+
+/// How many problems a file has: those listed, and those beyond [`MAX_PROBLEMS`], of which
+/// the list's last entry only says how many there are.
+pub fn problem_count(listed: &[Problem], unlisted: usize) -> usize {
+    if unlisted > 0 {
+        listed.len() - 1 + unlisted
+    } else {
+        listed.len()
+    }
 }
 
 /// The first [`crate::store::LOGGED_IDS`] well-formed notification ids of a file's records,
@@ -187,6 +199,7 @@ impl Rejection {
                 message: message.into(),
             }],
             ids: NamedIds::default(),
+            unlisted: 0,
         }
     }
 }
@@ -195,7 +208,8 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.problems.first() {
             Some(p) if self.problems.len() > 1 => {
-                write!(f, "{p} (and {} more problems)", self.problems.len() - 1)
+                let more = problem_count(&self.problems, self.unlisted) - 1;
+                write!(f, "{p} (and {more} more problems)")
             }
             Some(p) => write!(f, "{p}"),
             None => f.write_str(self.reason.code()),
@@ -291,6 +305,7 @@ fn not_utf8(bytes: &[u8], first: std::str::Utf8Error) -> Rejection {
                         ),
                     }],
                     ids: NamedIds::default(),
+                    unlisted: 0,
                 };
             }
             None => format!("not UTF-8: ends inside a character at byte offset {at} (line {line})"),
@@ -321,6 +336,7 @@ fn not_utf8(bytes: &[u8], first: std::str::Utf8Error) -> Rejection {
         reason: RejectReason::NotUtf8,
         problems,
         ids: NamedIds::default(),
+        unlisted: more,
     }
 }
 
@@ -474,6 +490,7 @@ impl<'t> Acc<'t> {
             reason: self.reason,
             problems: self.problems,
             ids: self.ids,
+            unlisted: self.more_problems,
         })
     }
 }
@@ -539,6 +556,7 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                     ),
                 }],
                 ids: NamedIds::default(),
+                unlisted: 0,
             });
         }
     };
@@ -571,6 +589,7 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
                 ),
             }],
             ids: NamedIds::default(),
+            unlisted: 0,
         });
     }
     for (index, raw) in elements.into_iter().enumerate() {
@@ -2754,6 +2773,16 @@ mod tests {
         let r = problems(&text, FileKind::Jsonl);
         assert_eq!(r.problems.len(), MAX_PROBLEMS + 1);
         assert!(r.problems.last().unwrap().message.contains("5 more"));
+        // Counted in full where a count is said (the log line, `ingest`, `validate`).
+        assert_eq!(r.unlisted, 5);
+        assert_eq!(problem_count(&r.problems, r.unlisted), MAX_PROBLEMS + 5);
+        assert!(
+            r.to_string()
+                .ends_with(&format!("(and {} more problems)", MAX_PROBLEMS + 4)),
+            "{r}"
+        );
+        let few = problems("{\"type\":\"device\"}\n", FileKind::Jsonl);
+        assert_eq!(problem_count(&few.problems, few.unlisted), 1);
     }
 
     /// Field paths name the field once, keys in them are excerpts, and in a `.json` file the
