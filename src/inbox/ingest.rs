@@ -1077,10 +1077,11 @@ impl Ingestor {
         } else {
             (dest, dest_meta)
         };
-        if keep {
-            // Retention counts from the move: the file's mtime says when it came, where
-            // pushdrop may set it (else the writer's mtime stays, and retention counts from
-            // that).
+        // Retention counts from the move: the file's mtime says when it came, where pushdrop
+        // may set it (else the writer's mtime stays, and retention counts from that). Not on
+        // a file with other links (a hard link dropped Maildir's way): its mtime is the
+        // dropper's original's too.
+        if keep && dest_meta.as_ref().is_none_or(|m| m.nlink() <= 1) {
             let _ = fsutil::touch_mtime(&dest);
         }
         if self.late_looks
@@ -2030,6 +2031,43 @@ mod tests {
         );
         ing.process(cand());
         assert_eq!(alerts(&ing), ["n1", "n2", "n3", "n4"]);
+    }
+
+    /// A processed file's mtime is set at its move (retention counts from it), but not a
+    /// hard link's: its mtime is the dropper's original's too.
+    #[test]
+    fn the_move_leaves_the_mtime_of_a_hard_linked_file_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let ing = ingestor(d.path(), true);
+        let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+        let original = d.path().join("original.json");
+        let plain = d.path().join("inbox/plain.json");
+        for (i, p) in [&original, &plain].into_iter().enumerate() {
+            std::fs::write(p, line(&format!("n{i}"))).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        let linked = d.path().join("inbox/linked.json");
+        std::fs::hard_link(&original, &linked).unwrap();
+        ing.process(
+            [&linked, &plain]
+                .into_iter()
+                .map(|p| Candidate {
+                    path: p.clone(),
+                    settled: true,
+                    waits_for_earlier: false,
+                })
+                .collect(),
+        );
+        let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        assert_eq!(mtime(&original), old, "the dropper's file keeps its mtime");
+        assert_eq!(mtime(&d.path().join("inbox/processed/linked.json")), old);
+        assert!(mtime(&d.path().join("inbox/processed/plain.json")) > old);
+        assert_eq!(ext_ids(&ing), ["n0", "n1"]);
     }
 
     /// The committed part is found by name, inode, birth and the hash of its bytes: a file
