@@ -147,10 +147,20 @@ pub fn notification_to(id: &str, to: &str, extra: &str) -> String {
     )
 }
 
-/// Reserves a free loopback port (bind, read, release).
+/// A loopback port free now, for a server started on it later (or started again on it):
+/// picked below Linux's range of ephemeral ports (32768–60999 by default), which the other
+/// tests' client sockets draw from, so that none of them takes it meanwhile, as one did to a
+/// port the kernel had handed out (`AddrInUse` at the restart).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000..32000")
 }
 
 /// A TCP forwarder from `port` to `to`, started on `rt`: "APNs comes up" for a daemon
