@@ -2193,3 +2193,63 @@ fn a_locked_database_says_who_holds_it() {
     let other = StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows).to_string();
     assert!(!other.contains("write lock"), "{other}");
 }
+
+/// A step of the system clock backwards does not make a retry wait as long again as the step:
+/// the waits set before it move back by as much. A `send_at` stays where the dropper put it.
+#[test]
+fn a_clock_step_backwards_moves_the_waits_set_before_it() {
+    let (_dir, store) = open();
+    let now = crate::model::now_ms();
+    let mut later = notification(Some("later"), Target::Tokens(vec![tok(2)]));
+    if let Record::Notification(n) = &mut later {
+        n.send_at_ms = Some(now + 7_200_000);
+    }
+    ingest(
+        &store,
+        "n.jsonl",
+        vec![notification(Some("r"), Target::Tokens(vec![tok(1)])), later],
+    );
+    rt().block_on(async {
+        let claimed = store.claim_due(now, 10).await.unwrap().deliveries;
+        assert_eq!(claimed.len(), 1);
+        let retry = ResultKind::Retry {
+            due_at_ms: now + 60_000,
+            status: Some(503),
+            reason: "ServiceUnavailable".into(),
+            count_attempt: true,
+        };
+        store
+            .record_results(vec![DeliveryResult {
+                delivery_id: claimed[0].delivery_id,
+                kind: retry,
+            }])
+            .await
+            .unwrap();
+        // The clock steps an hour back: the retry is due a minute from the new now.
+        let stepped = now - 3_600_000;
+        let c = store.claim_due(stepped, 10).await.unwrap();
+        assert!(c.deliveries.is_empty());
+        let next = c.idle_until.flatten().expect("something is due later");
+        assert!(
+            (stepped + 55_000..=stepped + 60_000).contains(&next),
+            "{}",
+            next - stepped
+        );
+        let c = store.claim_due(stepped + 61_000, 10).await.unwrap();
+        assert_eq!(c.deliveries.len(), 1, "the retry, a minute later");
+    });
+    let c = rusqlite::Connection::open(store.path()).unwrap();
+    let due: i64 = c
+        .query_row(
+            "SELECT d.due_at FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE n.ext_id = 'later'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        due,
+        now + 7_200_000,
+        "send_at is the dropper's wall-clock time"
+    );
+}

@@ -232,7 +232,18 @@ pub struct Writer {
     data_version: Option<i64>,
     /// Deliveries a file just committed, due now, for the next claims.
     handoff: HandOffQueue,
+    /// The wall clock at the last claim, beside the monotonic clock then: what tells a step
+    /// of the system clock backwards (see [`Writer::clock_went_back`]).
+    last_claim: Option<(i64, std::time::Instant)>,
 }
+
+/// The longest wait the sender sets relative to now (a pause's back-off; `retry_max_ms`
+/// defaults to less). Due times further ahead than this after a clock step backwards were set
+/// before the step.
+const RELATIVE_WAIT_MAX_MS: i64 = 15 * 60 * 1000;
+/// A backwards step smaller than this is left alone (the sender's `now` is read a moment
+/// before the claim).
+const CLOCK_STEP_MIN_MS: i64 = 1000;
 
 /// Deliveries a file just committed, due now, handed to the sender by the next claims
 /// without reading them back (see [`HANDOFF_MAX`]). Each is in the writer's `in_flight`
@@ -467,6 +478,7 @@ pub(super) fn run(
             max: if sends { HANDOFF_MAX } else { 0 },
             ..HandOffQueue::default()
         },
+        last_claim: None,
     };
     // The baseline of `changed_elsewhere`: from here on, other processes' commits count.
     let _ = w.changed_elsewhere();
@@ -857,6 +869,7 @@ impl Writer {
 
     /// See [`super::Store::claim_due`].
     pub fn claim_due(&mut self, now: i64, limit: usize) -> Result<Claim, StoreError> {
+        self.clock_went_back(now)?;
         let mut taken = Vec::new();
         let claim = self.claim(now, limit, &mut taken);
         if claim.is_err() {
@@ -866,6 +879,43 @@ impl Writer {
             }
         }
         claim
+    }
+
+    /// Due times are wall-clock times (they outlive the process), and a back-off or a pause's
+    /// hold is set as now plus a wait. When the system clock steps backwards (a manual fix,
+    /// NTP stepping a VM restored from a snapshot), those waits would last as long again as
+    /// the step: an hour's step held due retries for an hour, with APNs up. So a claim that
+    /// finds the wall clock behind where the monotonic clock says it should be moves the
+    /// waits set before the step back by as much (never before now). Due times of `send_at`
+    /// are what the dropper asked for, on the wall clock: they stay.
+    fn clock_went_back(&mut self, now: i64) -> Result<(), StoreError> {
+        let seen = self.last_claim.replace((now, std::time::Instant::now()));
+        let Some((then, at)) = seen else {
+            return Ok(());
+        };
+        let expected = then.saturating_add(at.elapsed().as_millis() as i64);
+        let back = expected - now;
+        if back < CLOCK_STEP_MIN_MS {
+            return Ok(());
+        }
+        // Only waits that end further ahead than any the sender sets now were set before the
+        // step; a result recorded since it, at the stepped clock, keeps its wait.
+        let moved = self.conn.execute(
+            "UPDATE deliveries SET due_at = max(?1, due_at - ?2)
+             WHERE state = 0 AND due_at > ?1 + ?3
+               AND due_at <> (SELECT send_at FROM notifications n
+                              WHERE n.id = deliveries.notification_id)",
+            params![now, back, RELATIVE_WAIT_MAX_MS],
+        )?;
+        tracing::warn!(
+            event = "clock_stepped_back",
+            back_ms = back,
+            deliveries = moved as u64,
+            "the system clock went back; the retries and holds set before are moved back by as much"
+        );
+        queued_at(&mut self.cursor, now);
+        self.handoff.queued(now);
+        Ok(())
     }
 
     fn claim(&mut self, now: i64, limit: usize, taken: &mut Vec<i64>) -> Result<Claim, StoreError> {
