@@ -752,7 +752,8 @@ impl Ingestor {
     /// may still be in the inbox (its move failed, or a crash came between commit and move),
     /// and lines may have been appended to it since. Its content is then new, but its
     /// committed part must not be ingested again (see [`committed_part`]). One round trip
-    /// per batch; nothing is asked for `.json` files, which cannot grow and stay whole.
+    /// per batch. Nothing is asked for `.json` files: one written to after its commit is no
+    /// longer one JSON document, and is rejected whole, not taken twice.
     fn committed_versions(&self, candidates: &[Candidate]) -> Vec<CommittedVersion> {
         let names: Vec<String> = candidates
             .iter()
@@ -765,7 +766,8 @@ impl Ingestor {
         match self.store.committed_versions_blocking(names) {
             Ok(v) => v,
             Err(e) => {
-                // The commit of these files will meet the same trouble and leave them.
+                // A store that cannot answer this will most likely not commit the files
+                // either, and leaves them for the next look.
                 tracing::warn!(event = "store_error", error = %e, "cannot look up the files committed earlier");
                 Vec::new()
             }
@@ -1875,15 +1877,20 @@ mod tests {
         r
     }
 
-    fn ext_ids(ing: &Ingestor) -> Vec<String> {
+    /// `column` (an SQL expression) of every notification, in the order they were queued.
+    fn of_notifications(ing: &Ingestor, column: &str) -> Vec<String> {
         let c = rusqlite::Connection::open(&ing.cfg.store.path).unwrap();
         let mut st = c
-            .prepare("SELECT ext_id FROM notifications ORDER BY id")
+            .prepare(&format!("SELECT {column} FROM notifications ORDER BY id"))
             .unwrap();
         st.query_map([], |r| r.get(0))
             .unwrap()
             .map(Result::unwrap)
             .collect()
+    }
+
+    fn ext_ids(ing: &Ingestor) -> Vec<String> {
+        of_notifications(ing, "ext_id")
     }
 
     /// Lines appended to a `.jsonl` after it was read and committed are not moved away unread:
@@ -1927,14 +1934,7 @@ mod tests {
     }
 
     fn alerts(ing: &Ingestor) -> Vec<String> {
-        let c = rusqlite::Connection::open(&ing.cfg.store.path).unwrap();
-        let mut st = c
-            .prepare("SELECT payload ->> '$.aps.alert' FROM notifications ORDER BY id")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        of_notifications(ing, "payload ->> '$.aps.alert'")
     }
 
     /// A committed `.jsonl` that stayed in the inbox (a crash between its commit and its
