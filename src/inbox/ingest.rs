@@ -1406,7 +1406,13 @@ impl Ingestor {
                     .collect();
                 let count = rej.problem_count();
                 if count > REASONS {
-                    reasons.push(format!("… and {} more in the report", count - REASONS));
+                    // The report lists at most MAX_PROBLEMS of them.
+                    let listed = if rej.unlisted > 0 {
+                        format!(" (the report lists the first {})", parse::MAX_PROBLEMS)
+                    } else {
+                        " in the report".to_string()
+                    };
+                    reasons.push(format!("… and {} more{listed}", count - REASONS));
                 }
                 let (id, ids) = id_fields(&rej.ids.first, rej.ids.total);
                 // The apps its records name, or the one app records may leave out.
