@@ -2225,7 +2225,16 @@ fn a_clock_step_backwards_moves_the_waits_set_before_it() {
             }])
             .await
             .unwrap();
-        // The clock steps an hour back: the retry is due a minute from the new now.
+        // A claim with the clock as it was; then it steps an hour back: the retry is due a
+        // minute from the new now.
+        assert!(
+            store
+                .claim_due(now, 10)
+                .await
+                .unwrap()
+                .deliveries
+                .is_empty()
+        );
         let stepped = now - 3_600_000;
         let c = store.claim_due(stepped, 10).await.unwrap();
         assert!(c.deliveries.is_empty());
@@ -2237,6 +2246,33 @@ fn a_clock_step_backwards_moves_the_waits_set_before_it() {
         );
         let c = store.claim_due(stepped + 61_000, 10).await.unwrap();
         assert_eq!(c.deliveries.len(), 1, "the retry, a minute later");
+        // A small step (a minute back) counts as much; a wait set after the last claim, maybe
+        // at the stepped clock already, is left as it is.
+        let at = stepped + 61_000;
+        let retry = |due| ResultKind::Retry {
+            due_at_ms: due,
+            status: Some(503),
+            reason: "ServiceUnavailable".into(),
+            count_attempt: true,
+        };
+        store
+            .record_results(vec![DeliveryResult {
+                delivery_id: c.deliveries[0].delivery_id,
+                kind: retry(at + 5_000),
+            }])
+            .await
+            .unwrap();
+        let c = store.claim_due(at - 60_000, 10).await.unwrap();
+        let next = c.idle_until.flatten().unwrap();
+        assert_eq!(next, at + 5_000, "set since the last claim: kept");
+        // Another minute back: now it was set before the last claim, and moves with it.
+        let c = store.claim_due(at - 120_000, 10).await.unwrap();
+        let next = c.idle_until.flatten().unwrap();
+        assert!(
+            (at - 56_000..=at - 55_000).contains(&next),
+            "moved back a minute: {}",
+            next - at
+        );
     });
     let c = rusqlite::Connection::open(store.path()).unwrap();
     let due: i64 = c

@@ -235,12 +235,10 @@ pub struct Writer {
     /// The wall clock at the last claim, beside the monotonic clock then: what tells a step
     /// of the system clock backwards (see [`Writer::clock_went_back`]).
     last_claim: Option<(i64, std::time::Instant)>,
+    /// Deliveries given a new due time since the last claim: maybe at a clock already
+    /// stepped back, so a step found now leaves them as they are.
+    retried_since_claim: Vec<rusqlite::types::Value>,
 }
-
-/// The longest wait the sender sets relative to now (a pause's back-off; `retry_max_ms`
-/// defaults to less). Due times further ahead than this after a clock step backwards were set
-/// before the step.
-const RELATIVE_WAIT_MAX_MS: i64 = 15 * 60 * 1000;
 /// A backwards step smaller than this is left alone (the sender's `now` is read a moment
 /// before the claim).
 const CLOCK_STEP_MIN_MS: i64 = 1000;
@@ -479,6 +477,7 @@ pub(super) fn run(
             ..HandOffQueue::default()
         },
         last_claim: None,
+        retried_since_claim: Vec::new(),
     };
     // The baseline of `changed_elsewhere`: from here on, other processes' commits count.
     let _ = w.changed_elsewhere();
@@ -890,6 +889,7 @@ impl Writer {
     /// are what the dropper asked for, on the wall clock: they stay.
     fn clock_went_back(&mut self, now: i64) -> Result<(), StoreError> {
         let seen = self.last_claim.replace((now, std::time::Instant::now()));
+        let since = std::mem::take(&mut self.retried_since_claim);
         let Some((then, at)) = seen else {
             return Ok(());
         };
@@ -898,14 +898,15 @@ impl Writer {
         if back < CLOCK_STEP_MIN_MS {
             return Ok(());
         }
-        // Only waits that end further ahead than any the sender sets now were set before the
-        // step; a result recorded since it, at the stepped clock, keeps its wait.
+        // The waits set before the last claim were set before the step (one found then was
+        // dealt with then); one set since may be at the stepped clock, and keeps its wait.
         let moved = self.conn.execute(
             "UPDATE deliveries SET due_at = max(?1, due_at - ?2)
-             WHERE state = 0 AND due_at > ?1 + ?3
+             WHERE state = 0 AND due_at > ?1
                AND due_at <> (SELECT send_at FROM notifications n
-                              WHERE n.id = deliveries.notification_id)",
-            params![now, back, RELATIVE_WAIT_MAX_MS],
+                              WHERE n.id = deliveries.notification_id)
+               AND id NOT IN rarray(?3)",
+            params![now, back, std::rc::Rc::new(since)],
         )?;
         tracing::warn!(
             event = "clock_stepped_back",
@@ -1219,6 +1220,8 @@ impl Writer {
                     ])?;
                     queued_at(&mut self.cursor, due_at_ms);
                     self.handoff.queued(due_at_ms);
+                    self.retried_since_claim
+                        .push(rusqlite::types::Value::Integer(r.delivery_id));
                 }
                 &ResultKind::Failed { status, ref reason } => {
                     let nid = tx
