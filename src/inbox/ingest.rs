@@ -665,19 +665,14 @@ impl Ingestor {
                 ))),
                 _ => read_drop(&c.path, &self.cfg, c.settled),
             };
-            let read = match read {
-                Ok(read) => match committed_part(&committed, &read) {
-                    Some(part) => {
-                        self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
-                        let r =
-                            self.appended_to_committed(&read, part, c.path, started, &mut dirty);
-                        self.push_logged(&mut results, r);
-                        continue;
-                    }
-                    None => Ok(read),
-                },
-                Err(e) => Err(e),
-            };
+            if let Ok(r) = &read
+                && let Some(part) = committed_part(&committed, r)
+            {
+                self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
+                let r = self.appended_to_committed(r, part, c.path, started, &mut dirty);
+                self.push_logged(&mut results, r);
+                continue;
+            }
             let examined = match read {
                 Ok(read) if read.is_streamed() => {
                     self.commit_ready(&mut ready, &mut files, &mut results, &mut dirty);
@@ -1852,6 +1847,20 @@ mod tests {
         std::fs::OpenOptions::new().append(true).open(path).unwrap()
     }
 
+    /// A writer appends `text` to `path` in place, and closes it.
+    fn append(path: &Path, text: &str) {
+        std::io::Write::write_all(&mut appender(path), text.as_bytes()).unwrap();
+    }
+
+    /// `path` as the one candidate of a batch, settled (as `pushdrop ingest` gives files).
+    fn only(path: &Path) -> Vec<Candidate> {
+        vec![Candidate {
+            path: path.to_path_buf(),
+            settled: true,
+            waits_for_earlier: false,
+        }]
+    }
+
     /// Waits for the watcher's second look at the files it moved, and takes it.
     fn second_look(ing: &Ingestor) {
         let due = ing.next_look().expect("a second look is due");
@@ -1911,9 +1920,7 @@ mod tests {
             std::fs::write(&path, line("n1") + &line("n2")).unwrap();
             let r = commit_unmoved(&ing, &path);
             // A writer appends (the same file, in place) before the move.
-            let mut f = appender(&path);
-            std::io::Write::write_all(&mut f, line("n3").as_bytes()).unwrap();
-            drop(f);
+            append(&path, &line("n3"));
             let mut dirty = BTreeSet::new();
             let (moved, err) = ing.finish_accepted(&r, &mut dirty);
             assert_eq!(err, None);
@@ -1922,11 +1929,7 @@ mod tests {
             let tail = inbox.join("a.jsonl");
             assert_eq!(std::fs::read_to_string(&tail).unwrap(), line("n3"));
             assert_eq!(inbox_entries(&inbox), ["a.jsonl"], "keep {keep}");
-            ing.process(vec![Candidate {
-                path: tail,
-                settled: true,
-                waits_for_earlier: false,
-            }]);
+            ing.process(only(&tail));
             assert_eq!(ext_ids(&ing), ["n1", "n2", "n3"], "keep {keep}");
         }
     }
@@ -1956,17 +1959,8 @@ mod tests {
             let path = inbox.join("a.jsonl");
             std::fs::write(&path, line_without_id("n1") + &line_without_id("n2")).unwrap();
             let _crashed_before_the_move = commit_unmoved(&ing, &path);
-            let mut f = appender(&path);
-            std::io::Write::write_all(&mut f, line_without_id("n3").as_bytes()).unwrap();
-            drop(f);
-            let cand = || {
-                vec![Candidate {
-                    path: path.clone(),
-                    settled: true,
-                    waits_for_earlier: false,
-                }]
-            };
-            let r = ing.process(cand());
+            append(&path, &line_without_id("n3"));
+            let r = ing.process(only(&path));
             let FileOutcome::Accepted(a) = &r[0].outcome else {
                 panic!("{:?}", r[0].outcome)
             };
@@ -1976,7 +1970,7 @@ mod tests {
                 std::fs::read_to_string(&path).unwrap(),
                 line_without_id("n3")
             );
-            ing.process(cand());
+            ing.process(only(&path));
             assert_eq!(alerts(&ing), ["n1", "n2", "n3"], "keep {keep}");
             assert!(!path.exists());
             if !keep {
@@ -1992,7 +1986,7 @@ mod tests {
             )
             .unwrap();
             std::fs::rename(&tmp, &path).unwrap();
-            ing.process(cand());
+            ing.process(only(&path));
             assert_eq!(
                 alerts(&ing),
                 ["n1", "n2", "n3", "n1", "n2", "n4"],
@@ -2011,31 +2005,22 @@ mod tests {
         std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
         let path = d.path().join("inbox/n.jsonl");
         std::fs::write(&path, line_without_id("n1") + &line_without_id("n2")).unwrap();
-        let cand = || {
-            vec![Candidate {
-                path: path.clone(),
-                settled: true,
-                waits_for_earlier: false,
-            }]
-        };
         let stuck = |r: &[FileResult]| matches!(&r[0].outcome, FileOutcome::Accepted(a) if a.move_error.is_some());
-        assert!(stuck(&ing.process(cand())));
+        assert!(stuck(&ing.process(only(&path))));
         for n in ["n3", "n4"] {
-            let mut f = appender(&path);
-            std::io::Write::write_all(&mut f, line_without_id(n).as_bytes()).unwrap();
-            drop(f);
-            let r = ing.process(cand());
+            append(&path, &line_without_id(n));
+            let r = ing.process(only(&path));
             assert!(stuck(&r), "{r:?}");
             assert_eq!(alerts(&ing), ["n1", "n2"]);
         }
         std::fs::remove_file(d.path().join("blocker")).unwrap();
-        let r = ing.process(cand());
+        let r = ing.process(only(&path));
         assert!(matches!(&r[0].outcome, FileOutcome::Accepted(a) if a.move_error.is_none()));
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             line_without_id("n3") + &line_without_id("n4")
         );
-        ing.process(cand());
+        ing.process(only(&path));
         assert_eq!(alerts(&ing), ["n1", "n2", "n3", "n4"]);
     }
 
@@ -2059,16 +2044,7 @@ mod tests {
         }
         let linked = d.path().join("inbox/linked.json");
         std::fs::hard_link(&original, &linked).unwrap();
-        ing.process(
-            [&linked, &plain]
-                .into_iter()
-                .map(|p| Candidate {
-                    path: p.clone(),
-                    settled: true,
-                    waits_for_earlier: false,
-                })
-                .collect(),
-        );
+        ing.process([only(&linked), only(&plain)].concat());
         let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
         assert_eq!(mtime(&original), old, "the dropper's file keeps its mtime");
         assert_eq!(mtime(&d.path().join("inbox/processed/linked.json")), old);
@@ -2151,11 +2127,7 @@ mod tests {
             assert_eq!(ing.next_look(), None, "keep {keep}");
             assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n2"));
             assert_eq!(inbox_entries(&inbox), ["a.jsonl"], "keep {keep}");
-            ing.process(vec![Candidate {
-                path: path.clone(),
-                settled: true,
-                waits_for_earlier: false,
-            }]);
+            ing.process(only(&path));
             assert_eq!(ext_ids(&ing), ["n1", "n2"], "keep {keep}");
         }
     }
@@ -2179,20 +2151,12 @@ mod tests {
         assert_eq!(err, None);
         assert!(moved.is_some());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n3"));
-        ing.process(vec![Candidate {
-            path: path.clone(),
-            settled: true,
-            waits_for_earlier: false,
-        }]);
+        ing.process(only(&path));
         std::io::Write::write_all(&mut f, rest.as_bytes()).unwrap();
         drop(f);
         second_look(&ing);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), n2);
-        ing.process(vec![Candidate {
-            path: path.clone(),
-            settled: true,
-            waits_for_earlier: false,
-        }]);
+        ing.process(only(&path));
         // In the order they were written whole.
         assert_eq!(ext_ids(&ing), ["n1", "n3", "n2"]);
     }
@@ -2209,11 +2173,7 @@ mod tests {
         let (moved, err) = ing.finish_accepted(&r, &mut BTreeSet::new());
         assert_eq!((moved, err), (None, None));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n2"));
-        ing.process(vec![Candidate {
-            path: path.clone(),
-            settled: true,
-            waits_for_earlier: false,
-        }]);
+        ing.process(only(&path));
         assert_eq!(ext_ids(&ing), ["n1", "n2"]);
         assert!(!path.exists());
     }
@@ -2272,11 +2232,7 @@ mod tests {
         let reject = |name: &str, body: &str| {
             let path = d.path().join("inbox").join(name);
             std::fs::write(&path, body).unwrap();
-            let r = ing.process(vec![Candidate {
-                path,
-                settled: true,
-                waits_for_earlier: false,
-            }]);
+            let r = ing.process(only(&path));
             assert!(matches!(&r[0].outcome, FileOutcome::Rejected(_)), "{r:?}");
         };
         reject("c.json.error.json", r#"{"type":"devise","n":1}"#);
@@ -2323,11 +2279,7 @@ mod tests {
         let path = d.path().join("inbox/bad.json");
         std::fs::write(&path, r#"{"type":"device","tokn":"ab"}"#).unwrap();
         for _ in 0..3 {
-            let r = ing.process(vec![Candidate {
-                path: path.clone(),
-                settled: true,
-                waits_for_earlier: false,
-            }]);
+            let r = ing.process(only(&path));
             assert!(
                 matches!(&r[0].outcome, FileOutcome::Rejected(rej) if rej.move_error.is_some()),
                 "{r:?}"
@@ -2395,11 +2347,7 @@ mod tests {
         let path = d.path().join("inbox/n.jsonl");
         std::fs::write(&path, line("n1")).unwrap();
         let take = || {
-            let r = ing.process(vec![Candidate {
-                path: path.clone(),
-                settled: true,
-                waits_for_earlier: false,
-            }]);
+            let r = ing.process(only(&path));
             match r.into_iter().next().map(|r| r.outcome) {
                 Some(FileOutcome::Accepted(a)) => a,
                 other => panic!("{other:?}"),
@@ -2455,11 +2403,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             for _ in 0..3 {
-                ing.process(vec![Candidate {
-                    path: path.clone(),
-                    settled: true,
-                    waits_for_earlier: false,
-                }]);
+                ing.process(only(&path));
             }
         });
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
@@ -2563,11 +2507,7 @@ mod tests {
             .unwrap()
             .modified()
             .unwrap();
-        let r = ing.process(vec![Candidate {
-            path: inbox.join("n.jsonl"),
-            settled: true,
-            waits_for_earlier: false,
-        }]);
+        let r = ing.process(only(&inbox.join("n.jsonl")));
         assert!(matches!(r[0].outcome, FileOutcome::Accepted(_)));
         let processed = inbox.join("processed");
         // The state the kill left: the committed file staged, with its inode and mtime (the
@@ -2639,11 +2579,7 @@ mod tests {
         let path = d.path().join("inbox/n.jsonl");
         std::fs::write(&path, line("stamped") + "\n").unwrap();
         backdate(&path, Duration::from_secs(30 * 86_400));
-        let results = ing.process(vec![Candidate {
-            path: path.clone(),
-            settled: true,
-            waits_for_earlier: false,
-        }]);
+        let results = ing.process(only(&path));
         assert!(
             matches!(results[0].outcome, FileOutcome::Accepted(_)),
             "{:?}",

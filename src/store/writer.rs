@@ -239,6 +239,7 @@ pub struct Writer {
     /// stepped back, so a step found now leaves them as they are.
     retried_since_claim: Vec<rusqlite::types::Value>,
 }
+
 /// A backwards step smaller than this is left alone (the sender's `now` is read a moment
 /// before the claim).
 const CLOCK_STEP_MIN_MS: i64 = 1000;
@@ -2070,13 +2071,7 @@ impl<'t> FileWriter<'t> {
                 let st = &mut self.insert_notification;
                 p.bind(st, &mut self.bound_notification, 0, 14)?;
                 if st.raw_execute()? == 0 {
-                    self.out.duplicates.push(super::Duplicate {
-                        record: index,
-                        app: p.record.app.clone(),
-                        id: p.ext_id.as_str().to_string(),
-                    });
-                    // A file of duplicates only names its app too.
-                    self.note_app(&p.record.app);
+                    self.duplicate(index, &p);
                     return Ok(());
                 }
                 let nid = tx.last_insert_rowid();
@@ -2266,12 +2261,7 @@ impl<'t> FileWriter<'t> {
         self.resolve_devices(&tokens, &mut device_of)?;
         for (i, (p, id)) in prepared.iter().zip(&ids).enumerate() {
             let Some(nid) = *id else {
-                self.out.duplicates.push(super::Duplicate {
-                    record: first_index + i,
-                    app: p.record.app.clone(),
-                    id: p.ext_id.as_str().to_string(),
-                });
-                self.note_app(&p.record.app);
+                self.duplicate(first_index + i, p);
                 continue;
             };
             self.queue(p, nid, earliest_due);
@@ -2315,6 +2305,17 @@ impl<'t> FileWriter<'t> {
     }
 
     /// Remembers the app of a record for the outcome (files name one app, or a few).
+    /// Notes record `record`, a notification whose app already has its id: not queued. A
+    /// file of duplicates only names its app too.
+    fn duplicate(&mut self, record: usize, p: &PreparedNotification<'_>) {
+        self.out.duplicates.push(super::Duplicate {
+            record,
+            app: p.record.app.clone(),
+            id: p.ext_id.as_str().to_string(),
+        });
+        self.note_app(&p.record.app);
+    }
+
     fn note_app(&mut self, app: &str) {
         if !self.out.apps.iter().any(|a| a == app) {
             self.out.apps.push(app.to_owned());
