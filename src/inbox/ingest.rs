@@ -6,7 +6,7 @@
 //! again after a crash between commit and move is only moved, never ingested twice.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use super::parse::{self, FileKind, Problem, RejectReason, Rejection};
 use super::report::ErrorReport;
 use crate::config::Config;
 use crate::metrics::{self, ReasonLabel, TypeLabel};
-use crate::store::{CommittedVersion, IngestFile, IngestOutcome, Store};
+use crate::store::{CommittedVersion, IngestFile, IngestOutcome, Store, StoreError};
 
 /// A file to take.
 #[derive(Debug, Clone)]
@@ -354,10 +354,8 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
     })
 }
 
-/// The committed file that `read` is with lines appended: same name and inode, made before
-/// that commit (where the file system tells: an inode number can be used again for a new
-/// file once the committed file is deleted), and its committed bytes the start of `read`'s.
-/// A file renamed in anew, or a copy, is a file of its own however it starts.
+/// The committed file that `read` is with lines appended, under the same name. A file
+/// renamed in anew, or a copy, is a file of its own however it starts.
 fn committed_part<'c>(
     committed: &'c [CommittedVersion],
     read: &ReadDrop,
@@ -366,12 +364,19 @@ fn committed_part<'c>(
         return None;
     }
     committed.iter().find(|v| {
-        v.name == read.name
-            && v.ino == read.ino
-            && read.born_ms.is_none_or(|b| b <= v.committed_at)
-            && v.size < read.bytes.len() as u64
-            && content_hash(&read.bytes[..v.size as usize]) == v.sha256
+        v.name == read.name && is_committed_prefix(v, read.ino, read.born_ms, &read.bytes)
     })
+}
+
+/// Whether `bytes`, the content of inode `ino` made at `born_ms`, are committed file `v`
+/// with lines appended: the same inode, made before that commit (where the file system
+/// tells: an inode number can be used again for a new file once the committed file is
+/// deleted), and `v`'s bytes the start of them.
+fn is_committed_prefix(v: &CommittedVersion, ino: u64, born_ms: Option<i64>, bytes: &[u8]) -> bool {
+    v.ino == ino
+        && born_ms.is_none_or(|b| b <= v.committed_at)
+        && v.size < bytes.len() as u64
+        && content_hash(&bytes[..v.size as usize]) == v.sha256
 }
 
 /// A file's content hash, as `committed_files` remembers it (SHA-256, lowercase hex).
@@ -991,28 +996,25 @@ impl Ingestor {
             if let Err(e) = fsutil::make_dirs(dir) {
                 return (None, Some(format!("cannot create {}: {e}", dir.display())));
             }
-            if same_file_system(inbox, dir) {
-                move_to_free_name(&r.path, dir, fname)
-            } else {
+            if !same_file_system(inbox, dir) {
                 staged = true;
-                let hidden = inbox.join(hidden_name());
-                match fsutil::rename_noreplace(&r.path, &hidden) {
-                    Ok(()) => Ok(Some(hidden)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(format!("cannot move: {e}")),
-                }
+                stage(&r.path, inbox).map_err(|e| format!("cannot move: {e}"))
+            } else if r.read.kind == FileKind::Jsonl {
+                // Under a hidden name in `processed_dir` first: lines appended after the read
+                // are split off while it is there, where a restart after a kill finds it
+                // ([`Ingestor::recover_staged`]); moved straight under its name, a kill
+                // before the split left those lines only in the processed copy.
+                staged = true;
+                stage(&r.path, dir).map_err(|e| move_error(&r.path, dir, &e))
+            } else {
+                move_to_free_name(&r.path, dir, fname)
             }
         } else {
             // Deleted through a hidden name in the inbox (which the scan ignores), so that
             // the name's current file is never deleted unseen.
-            let hidden = inbox.join(hidden_name());
-            match fsutil::rename_noreplace(&r.path, &hidden) {
-                Ok(()) => Ok(Some(hidden)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(format!("cannot delete: {e}")),
-            }
+            stage(&r.path, inbox).map_err(|e| format!("cannot delete: {e}"))
         };
-        let dest = match moved {
+        let mut dest = match moved {
             Ok(Some(d)) => d,
             Ok(None) => return (None, None),
             // Nothing left the inbox: no folder to sync (a stuck file's every try did).
@@ -1042,8 +1044,9 @@ impl Ingestor {
                 return (None, None);
             }
             AfterRead::Changed => {
-                if let Some(t) = self.take_appended(r, &dest, inbox, fname) {
+                if let Some((t, split)) = self.take_appended(r, &dest, inbox, fname) {
                     taken = t;
+                    dest = split;
                 } else {
                     put_back(
                         &dest,
@@ -1113,16 +1116,16 @@ impl Ingestor {
     }
 
     /// A `.jsonl` that grew after the read, its committed bytes untouched: the lines appended
-    /// since go back into the inbox as a file of their own (written atomically), so the file
-    /// itself can leave. The bytes of the file now taken; `None` when the change is anything
-    /// else.
+    /// since go back into the inbox as a file of their own ([`hand_over`]), so the file
+    /// itself can leave. `moved` is the file under its hidden name. The bytes of the file
+    /// now taken and where the file is now; `None` when the change is anything else.
     fn take_appended(
         &self,
         r: &Ready,
         moved: &Path,
         inbox: &Path,
         fname: &std::ffi::OsStr,
-    ) -> Option<u64> {
+    ) -> Option<(u64, PathBuf)> {
         if r.read.kind != FileKind::Jsonl {
             return None;
         }
@@ -1141,18 +1144,18 @@ impl Ingestor {
             // rest then goes into the moved file, where the second look takes it whole.
             let end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             if end == 0 {
-                return Some(size as u64);
+                return Some((size as u64, moved.to_path_buf()));
             }
             tail = &tail[..end];
         }
-        match split_off(tail, inbox, fname) {
-            Ok(taken_as) => {
+        match hand_over(moved, tail, inbox, fname) {
+            Ok((split, taken_as)) => {
                 tracing::warn!(
                     event = "appended_after_read", file = r.name.as_str(), bytes = tail.len() as u64,
                     taken_as = %display_name(&taken_as),
                     "lines were appended to the file after it was read and committed; they are taken as a file of their own"
                 );
-                Some((size + tail.len()) as u64)
+                Some(((size + tail.len()) as u64, split))
             }
             Err(e) => {
                 tracing::error!(event = "appended_after_read", file = r.name.as_str(), error = %e, "lines were appended to the file after it was read, and cannot be split off; the file is taken again");
@@ -1495,7 +1498,7 @@ pub fn sweep_processed(cfg: &Config) -> usize {
     ] {
         // A file staged in the inbox on its way out is no litter: it may be the only copy of
         // a committed file ([`Ingestor::recover_staged`] moves it on).
-        let litter = |name: &std::ffi::OsStr| is_temp_file(name) && staged_pid(name).is_none();
+        let litter = |name: &std::ffi::OsStr| is_temp_file(name) && staged(name).is_none();
         let left = sweep_dir(dir, TEMP_FILE_AGE, SystemTime::now(), litter);
         if left > 0 {
             tracing::info!(event = "retention", dir = %dir.display(), removed = left as u64, "removed temporary files a crash left behind");
@@ -1530,9 +1533,12 @@ fn is_temp_file(name: &std::ffi::OsStr) -> bool {
     name.starts_with(b".pushdrop-") && name.ends_with(b".tmp")
 }
 
-/// The process that staged a file on its way out of the inbox under a [`hidden_name`].
-fn staged_pid(name: &std::ffi::OsStr) -> Option<u32> {
-    fsutil::temp_name_pid(name, HIDDEN_KIND)
+/// The kind of a file staged on its way out of the inbox (one of [`STAGED_KINDS`]) and the
+/// process that made it.
+fn staged(name: &std::ffi::OsStr) -> Option<(&'static str, u32)> {
+    STAGED_KINDS
+        .into_iter()
+        .find_map(|k| Some((k, fsutil::temp_name_pid(name, k)?)))
 }
 
 /// Whether process `pid` exists (one of another user counts).
@@ -1547,58 +1553,155 @@ fn process_alive(pid: u32) -> bool {
 
 impl Ingestor {
     /// Finishes the moves out of the inbox that a crash cut short. A committed file bound for
-    /// a `processed_dir` on another file system (or to be deleted) is first renamed to a
-    /// hidden name in the inbox ([`hidden_name`]) and copied on from there, so a kill during
-    /// the copy leaves it only under that name. Each such file of a process no longer running
-    /// is looked up among the committed files (content, inode and mtime, which the rename
-    /// kept) and moved on under its own name, or deleted with `keep_processed = false`. One
-    /// not known as committed (lines appended to a file after it was read, being split off
-    /// when the kill came, or a file whose record retention dropped) goes to `rejected_dir`
-    /// for a person to look at: taken again, it could send twice; removed, it could lose
-    /// records. The daemon runs this at start and with the hourly sweep.
+    /// a `processed_dir` on another file system, or to be deleted, is first renamed to a
+    /// hidden name in the inbox ([`hidden_name`]), a `.jsonl` to one in `processed_dir`, and
+    /// moved on from there, so a kill before that leaves it only under that name. Each such file of a process no longer
+    /// running is looked up among the committed files (content, inode and mtime, which the
+    /// rename kept) and moved on under its own name, or deleted with `keep_processed = false`.
+    /// One that is a committed `.jsonl` with lines appended (the kill came while they were
+    /// handed over, [`hand_over`]) gets them handed over now, from where it stopped. One not
+    /// known as committed (a file whose record retention dropped) goes to `rejected_dir` for
+    /// a person to look at: taken again, it could send twice; removed, it could lose records.
+    /// Lines a moved file's second look split off, written whole, go into the inbox. The
+    /// daemon runs this at start and with the hourly sweep.
     pub fn recover_staged(&self) {
         let inbox = self.cfg.inbox.dir.as_path();
-        let Ok(entries) = std::fs::read_dir(inbox) else {
+        let mut dirs = vec![inbox];
+        if self.cfg.inbox.keep_processed {
+            dirs.push(self.cfg.processed_dir());
+        }
+        let mut left: Vec<(&str, PathBuf)> = Vec::new();
+        for dir in &dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            left.extend(entries.flatten().filter_map(|e| {
+                let (kind, pid) = staged(&e.file_name())?;
+                (pid != std::process::id() && !process_alive(pid)).then(|| (kind, e.path()))
+            }));
+        }
+        if left.is_empty() {
             return;
-        };
-        let mut any = false;
-        for e in entries.flatten() {
-            let hidden = e.file_name();
-            let Some(pid) = staged_pid(&hidden) else {
-                continue;
-            };
-            if pid == std::process::id() || process_alive(pid) {
-                continue;
+        }
+        // The files first: each takes up its own tail. Tails left after them are lines a
+        // moved file's second look split off.
+        left.sort_by_key(|(kind, _)| *kind == TAIL_KIND);
+        for (kind, path) in left {
+            match kind {
+                TAIL_KIND => self.recover_tail(&path),
+                _ => self.recover_file(&path, kind == SPLIT_KIND),
             }
-            let path = e.path();
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.file_type().is_file() => m,
-                _ => continue,
-            };
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(err) => {
-                    tracing::error!(event = "move_failed", file = %path.display(), error = %err, "a file a crash left on its way out of the inbox cannot be read; it stays under its hidden name");
-                    continue;
-                }
-            };
-            let sha = content_hash(&bytes);
+        }
+        for dir in dirs {
+            let _ = fsutil::fsync_dir(dir);
+        }
+    }
+
+    /// One file a crash left staged (see [`Ingestor::recover_staged`]); `split` when its
+    /// appended lines were handed over already.
+    fn recover_file(&self, path: &Path, split: bool) {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_file() => m,
+            _ => return,
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(event = "move_failed", file = %path.display(), error = %err, "a file a crash left on its way out of the inbox cannot be read; it stays under its hidden name");
+                return;
+            }
+        };
+        let sha = content_hash(&bytes);
+        let lookup_failed = |err: StoreError| {
+            tracing::error!(event = "store_error", file = %path.display(), error = %err, "cannot look up a file a crash left on its way out of the inbox; tried again at the next sweep");
+        };
+        if !split {
             match self.store.committed_name_blocking(
                 sha.clone(),
                 meta.ino() as i64,
                 mtime_ns(&meta),
             ) {
-                Ok(Some(name)) => self.finish_staged(&path, &name, &sha, meta.len()),
-                Ok(None) => self.reject_staged(&path, &hidden),
-                Err(err) => {
-                    tracing::error!(event = "store_error", file = %path.display(), error = %err, "cannot look up a file a crash left on its way out of the inbox; tried again at the next sweep");
-                    continue;
-                }
+                Ok(Some(name)) => return self.finish_staged(path, &name, &sha, meta.len()),
+                Ok(None) => {}
+                Err(err) => return lookup_failed(err),
             }
-            any = true;
         }
-        if any {
-            let _ = fsutil::fsync_dir(inbox);
+        // A committed `.jsonl` with lines appended after its read.
+        let born_ms = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64);
+        let versions = match self.store.committed_by_inode_blocking(meta.ino()) {
+            Ok(v) => v,
+            Err(err) => return lookup_failed(err),
+        };
+        let Some(v) = versions
+            .iter()
+            .find(|v| is_committed_prefix(v, meta.ino(), born_ms, &bytes))
+        else {
+            return self.reject_staged(path, path.file_name().unwrap_or_default());
+        };
+        let inbox = self.cfg.inbox.dir.as_path();
+        let fname = OsStr::new(&v.name);
+        let tail = sibling(path, TAIL_KIND).map(|t| inbox.join(t));
+        let handed = if split {
+            // Its lines are in its tail file, or in the inbox already.
+            match tail.filter(|t| t.exists()) {
+                Some(t) => move_to_free_name(&t, inbox, fname)
+                    .map(|to| to.map(|to| (path.to_path_buf(), to)))
+                    .map_err(std::io::Error::other),
+                None => Ok(None),
+            }
+        } else {
+            // A tail file of its own may be whole or not: it is written again.
+            if let Some(t) = tail {
+                let _ = std::fs::remove_file(t);
+            }
+            hand_over(path, &bytes[v.size as usize..], inbox, fname).map(Some)
+        };
+        let path = match handed {
+            Ok(Some((split, taken_as))) => {
+                tracing::warn!(
+                    event = "appended_after_read", file = v.name.as_str(), bytes = bytes.len() as u64 - v.size,
+                    taken_as = %display_name(&taken_as), recovered = true,
+                    "lines appended to a committed file, being split off when a crash came, are taken as a file of their own"
+                );
+                split
+            }
+            Ok(None) => path.to_path_buf(),
+            Err(err) => {
+                tracing::error!(event = "appended_after_read", file = v.name.as_str(), error = %err, "lines appended to a committed file, being split off when a crash came, cannot be split off; the file stays under its hidden name {} and is tried again at the next sweep", path.display());
+                return;
+            }
+        };
+        self.finish_staged(&path, &v.name, &sha, bytes.len() as u64);
+    }
+
+    /// Lines a moved file's second look split off and wrote whole, not yet renamed into the
+    /// inbox when a crash came: renamed in now (as `pushdrop-tail-<pid>-<n>.jsonl`: their
+    /// file's name is not known).
+    fn recover_tail(&self, path: &Path) {
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('.')?.strip_suffix(".tmp"))
+        else {
+            return;
+        };
+        if !path.exists() {
+            return; // taken up by its file
+        }
+        let inbox = self.cfg.inbox.dir.as_path();
+        match move_to_free_name(path, inbox, OsStr::new(&format!("{stem}.jsonl"))) {
+            Ok(Some(taken_as)) => tracing::warn!(
+                event = "appended_after_read", taken_as = %display_name(&taken_as), recovered = true,
+                "lines written into a moved file, being split off when a crash came, are taken as a file of their own"
+            ),
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(event = "appended_after_read", file = %path.display(), error = %err, "lines written into a moved file, being split off when a crash came, cannot be taken; tried again at the next sweep")
+            }
         }
     }
 
@@ -1693,6 +1796,17 @@ fn hidden_name() -> OsString {
 /// The [`fsutil::temp_name`] kind of [`hidden_name`].
 const HIDDEN_KIND: &str = "out";
 
+/// A staged `.jsonl` whose appended lines are handed over ([`hand_over`]): they are in its
+/// tail file or already in the inbox.
+const SPLIT_KIND: &str = "split";
+
+/// Lines appended to a committed `.jsonl`, written whole, on their way into the inbox.
+const TAIL_KIND: &str = "tail";
+
+/// The kinds of hidden file in the inbox that a crash may leave as the only copy of what
+/// they hold: none is litter for the sweep ([`Ingestor::recover_staged`] finishes them).
+const STAGED_KINDS: [&str; 3] = [HIDDEN_KIND, SPLIT_KIND, TAIL_KIND];
+
 /// Why moving `from` into `dir` failed, naming the folder at fault: a rename needs write
 /// access to both, and "permission denied" alone does not say which (a probe's inbox made
 /// read-only was reported as its `processed_dir`).
@@ -1728,10 +1842,22 @@ fn move_to_free_name(
     Err(format!("no free name in {}", dir.display()))
 }
 
-/// Lines written to a file after what was taken of it: into the inbox as a file of their own
-/// (written atomically under a hidden name, then renamed to `fname` or `stem~n.ext`).
+/// Renames `from` to a [`hidden_name`] in `dir`, on the way out of the inbox; `None` when it
+/// is gone.
+fn stage(from: &Path, dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    let hidden = dir.join(hidden_name());
+    match fsutil::rename_noreplace(from, &hidden) {
+        Ok(()) => Ok(Some(hidden)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Lines written to a moved file after what was taken of it: into the inbox as a file of
+/// their own (written atomically under a tail name, which a restart after a kill renames in,
+/// then renamed to `fname` or `stem~n.ext`).
 fn split_off(tail: &[u8], inbox: &Path, fname: &std::ffi::OsStr) -> std::io::Result<PathBuf> {
-    let tmp = fsutil::write_atomic(inbox, &hidden_name(), tail)?;
+    let tmp = fsutil::write_atomic(inbox, OsStr::new(&fsutil::temp_name(TAIL_KIND)), tail)?;
     match move_to_free_name(&tmp, inbox, fname) {
         Ok(Some(p)) => Ok(p),
         Ok(None) => Err(std::io::Error::other("vanished")),
@@ -1740,6 +1866,62 @@ fn split_off(tail: &[u8], inbox: &Path, fname: &std::ffi::OsStr) -> std::io::Res
             Err(std::io::Error::other(e))
         }
     }
+}
+
+/// Hands the lines appended to a committed `.jsonl`, staged under its hidden name (in the
+/// inbox or `processed_dir`), over to the inbox as a file of their own, in steps a kill may
+/// cut anywhere without losing or doubling them (the restart's
+/// [`Ingestor::recover_staged`] goes on from where they stopped): the lines are written
+/// whole under the file's tail name in the inbox (`.pushdrop-tail-<pid>-<n>.tmp`), the file
+/// is renamed to its split name (`.pushdrop-split-…`: its lines are handed over), and the
+/// tail is renamed to `fname` (or `stem~n.ext`). The file's split name and the tail's name
+/// in the inbox.
+fn hand_over(
+    hidden: &Path,
+    tail: &[u8],
+    inbox: &Path,
+    fname: &OsStr,
+) -> std::io::Result<(PathBuf, PathBuf)> {
+    let (Some(tail_name), Some(split_name), Some(dir)) = (
+        sibling(hidden, TAIL_KIND),
+        sibling(hidden, SPLIT_KIND),
+        hidden.parent(),
+    ) else {
+        return Err(std::io::Error::other("not a staged file's name"));
+    };
+    let tail_path = fsutil::write_atomic(inbox, &tail_name, tail)?;
+    let split = dir.join(split_name);
+    if let Err(e) = fsutil::rename_noreplace(hidden, &split) {
+        let _ = std::fs::remove_file(&tail_path);
+        return Err(e);
+    }
+    // Both on disk before the tail becomes a drop file: after a power cut the restart finds
+    // the split file with its tail, or the tail already in the inbox.
+    for d in [inbox, dir] {
+        let _ = fsutil::fsync_dir(d);
+    }
+    let moved = move_to_free_name(&tail_path, inbox, fname);
+    match moved {
+        Ok(Some(taken_as)) => Ok((split, taken_as)),
+        other => {
+            let _ = std::fs::remove_file(&tail_path);
+            let _ = fsutil::rename_noreplace(&split, hidden);
+            Err(std::io::Error::other(match other {
+                Err(e) => e,
+                _ => "vanished".into(),
+            }))
+        }
+    }
+}
+
+/// The name of the file of another kind that belongs with staged file `path`
+/// (`.pushdrop-<kind>-<pid>-<n>.tmp`, the same `<pid>-<n>`).
+fn sibling(path: &Path, kind: &str) -> Option<OsString> {
+    let name = path.file_name()?.to_str()?.strip_prefix(".pushdrop-")?;
+    let rest = STAGED_KINDS
+        .iter()
+        .find_map(|k| name.strip_prefix(k)?.strip_prefix('-'))?;
+    Some(format!(".pushdrop-{kind}-{rest}").into())
 }
 
 /// Puts a file that must not leave the inbox unread back into it, under its name or, when a
@@ -2558,6 +2740,82 @@ mod tests {
             1,
             "no n~1.jsonl"
         );
+    }
+
+    /// Lines appended to a committed `.jsonl` are split off in steps (the file staged under
+    /// its hidden name, the lines written whole beside it, the file marked as split, the
+    /// lines renamed into the inbox, the file moved on). A kill after any step loses no line
+    /// and takes none twice: the next start goes on from there (a probe's finding: a kill
+    /// between the file's move into `processed_dir` and the split left the lines only in
+    /// the processed copy). So are lines a moved file's second look wrote whole.
+    #[test]
+    fn a_kill_while_appended_lines_are_split_off_loses_none_of_them() {
+        for keep in [true, false] {
+            for step in 0..4 {
+                let d = tempfile::tempdir().unwrap();
+                let ing = ingestor(d.path(), keep);
+                let inbox = d.path().join("inbox");
+                let path = inbox.join("a.jsonl");
+                std::fs::write(&path, line("n1") + &line("n2")).unwrap();
+                commit_unmoved(&ing, &path);
+                append(&path, &line("n3"));
+                // The state the kill left after `step` steps: the file staged in
+                // `processed_dir` (in the inbox when it is not kept), its tail in the inbox.
+                let pid = dead_pid();
+                let stage = if keep {
+                    inbox.join("processed")
+                } else {
+                    inbox.clone()
+                };
+                std::fs::create_dir_all(&stage).unwrap();
+                let hidden = |kind: &str| {
+                    let dir = if kind == "tail" { &inbox } else { &stage };
+                    dir.join(format!(".pushdrop-{kind}-{pid}-7.tmp"))
+                };
+                std::fs::rename(&path, hidden("out")).unwrap();
+                if step >= 1 {
+                    std::fs::write(hidden("tail"), line("n3")).unwrap();
+                }
+                if step >= 2 {
+                    std::fs::rename(hidden("out"), hidden("split")).unwrap();
+                    for kind in ["split", "tail"] {
+                        backdate(&hidden(kind), Duration::from_secs(2 * 3600));
+                    }
+                    sweep_processed(&ing.cfg);
+                    assert!(hidden("split").exists() && hidden("tail").exists(), "swept");
+                }
+                if step >= 3 {
+                    std::fs::rename(hidden("tail"), &path).unwrap();
+                }
+                // Lines a second look wrote whole, not yet renamed in.
+                let late = inbox.join(format!(".pushdrop-tail-{pid}-9.tmp"));
+                std::fs::write(&late, line("n4")).unwrap();
+
+                ing.recover_staged();
+                let mut left = inbox_entries(&inbox);
+                left.sort();
+                let recovered = format!("pushdrop-tail-{pid}-9.jsonl");
+                assert_eq!(
+                    left,
+                    ["a.jsonl", recovered.as_str()],
+                    "keep {keep}, step {step}"
+                );
+                assert_eq!(std::fs::read_to_string(&path).unwrap(), line("n3"));
+                if keep {
+                    let copy = inbox.join("processed/a.jsonl");
+                    let whole = line("n1") + &line("n2") + &line("n3");
+                    assert_eq!(std::fs::read_to_string(copy).unwrap(), whole);
+                }
+                ing.process(only(&path));
+                ing.process(only(&inbox.join(&recovered)));
+                assert_eq!(
+                    ext_ids(&ing),
+                    ["n1", "n2", "n3", "n4"],
+                    "keep {keep}, step {step}"
+                );
+                assert_eq!(events(&ing, "crash_leftover"), 0);
+            }
+        }
     }
 
     /// Sets a file's mtime `age` back, as `touch -d` does.

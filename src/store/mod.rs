@@ -455,6 +455,17 @@ impl Store {
         self.call_blocking(move |w| w.committed_versions(&names))
     }
 
+    /// The files committed with this inode number (within retention): a crash while the
+    /// lines appended to a committed `.jsonl` were split off leaves it, grown, under a
+    /// hidden name, and the restart finds which file it is by its inode and committed bytes.
+    /// Scans the table: a restart's rare case.
+    pub fn committed_by_inode_blocking(
+        &self,
+        ino: u64,
+    ) -> Result<Vec<CommittedVersion>, StoreError> {
+        self.call_blocking(move |w| w.committed_by_inode(ino))
+    }
+
     /// The name a file with this content, inode and mtime was committed under: a crash in
     /// the middle of moving a committed file out of the inbox (across file systems) leaves it
     /// under a hidden name, and the restart finishes the move under its own name.

@@ -1340,6 +1340,27 @@ impl Writer {
         Ok(found)
     }
 
+    /// See [`super::Store::committed_by_inode_blocking`].
+    pub fn committed_by_inode(
+        &mut self,
+        ino: u64,
+    ) -> Result<Vec<super::CommittedVersion>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT name, size, sha256, committed_at FROM committed_files WHERE ino = ?1
+             ORDER BY committed_at",
+        )?;
+        let rows = st.query_map(params![ino as i64], |r| {
+            Ok(super::CommittedVersion {
+                name: r.get(0)?,
+                size: r.get::<_, i64>(1)? as u64,
+                sha256: r.get(2)?,
+                ino,
+                committed_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// See [`super::Store::committed_name_blocking`].
     pub fn committed_name(
         &mut self,
