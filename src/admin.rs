@@ -196,6 +196,8 @@ async fn handle(
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, format!("{e}\n")),
         },
         "/metrics" => {
+            // Sets `store_write_failing` as it stands now.
+            state.store.write_trouble();
             // Queue figures are read at scrape time, so they are exact, not sampled.
             if let Ok((totals, oldest_age_s)) = read(&state, Reader::queue_figures).await {
                 let m = metrics::get();
@@ -264,11 +266,12 @@ async fn status_json(state: &AdminState) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     inbox.stuck_files = Some(crate::metrics::get().inbox_stuck_files.get());
     s.inbox = Some(inbox);
+    s.write_errors = Some(state.store.write_trouble());
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
 }
 
 /// Ready = not shutting down, the inbox watcher runs on its folder, and the database takes
-/// writes.
+/// writes: the heartbeat's, and the last drop file's commit and batch of results.
 async fn readiness(state: &AdminState) -> Result<(), String> {
     if state.shutting_down.load(Ordering::SeqCst) {
         return Err("shutting down".into());
@@ -284,9 +287,17 @@ async fn readiness(state: &AdminState) -> Result<(), String> {
         ));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("store not writable: {e}")),
-        Err(_) => Err("store did not answer within 2 s".into()),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("store not writable: {e}")),
+        Err(_) => return Err("store did not answer within 2 s".into()),
+    }
+    // The heartbeat's one row went in; a file's commit or a batch of results may not (a
+    // full disk).
+    let trouble = state.store.write_trouble();
+    if trouble.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("store refuses writes: {}", trouble.join("; ")))
     }
 }
 

@@ -96,6 +96,12 @@ pub struct PauseLabel {
     pub reason: String,
 }
 
+/// Label set of a kind of database write (`commit`, `results`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    pub write: String,
+}
+
 /// Every metric pushdrop exports.
 pub struct Metrics {
     pub files_ingested: Counter,
@@ -113,6 +119,8 @@ pub struct Metrics {
     pub inbox_scan_duration_seconds: Histogram,
     pub inbox_stuck_files: Gauge,
     pub app_paused: Family<PauseLabel, Gauge>,
+    pub store_write_failing: Family<WriteLabel, Gauge>,
+    pub results_unwritten: Gauge,
 }
 
 impl Metrics {
@@ -133,7 +141,15 @@ impl Metrics {
             inbox_scan_duration_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             inbox_stuck_files: Gauge::default(),
             app_paused: Family::default(),
+            store_write_failing: Family::default(),
+            results_unwritten: Gauge::default(),
         };
+        // Both kinds of write at 0 from the start, for an alert on `== 1`.
+        for write in ["commit", "results"] {
+            let _ = m.store_write_failing.get_or_create(&WriteLabel {
+                write: write.into(),
+            });
+        }
         // Every rejection reason is there at 0 from the start: a series that first appears
         // at 1 has an `increase()` of 0, and an alert on the first rejected file after a
         // start would never fire.
@@ -213,6 +229,16 @@ impl Metrics {
             "app_paused",
             "1 while an app and environment is paused, by reason",
             m.app_paused.clone(),
+        );
+        r.register(
+            "store_write_failing",
+            "1 while the database refuses this kind of write (a drop file's commit, a batch of delivery results), until one goes through or none failed for 150 s",
+            m.store_write_failing.clone(),
+        );
+        r.register(
+            "results_unwritten",
+            "Delivery results held in memory because the database refuses them (their deliveries still count as queued in queue_depth)",
+            m.results_unwritten.clone(),
         );
         (m, r)
     }

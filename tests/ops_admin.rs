@@ -10,13 +10,18 @@ use common::inbox::APP;
 use common::ops::{Ops, OpsOptions, device, get, http, notification, token, wait_for};
 use pushdrop::simulator::TokenScript;
 
-/// The JSON with what moves by itself (ages) and what only the daemon knows (stuck files)
-/// taken out.
+/// The JSON with what moves by itself (ages) and what only the daemon knows (stuck files,
+/// writes refused) taken out.
 fn steady(mut v: serde_json::Value) -> serde_json::Value {
-    v.as_object_mut()
-        .expect("status is an object")
+    let status = v.as_object_mut().expect("status is an object");
+    status
         .remove("oldest_queued_age_s")
         .expect("oldest_queued_age_s is reported");
+    let refused = status.remove("write_errors").expect("write_errors");
+    assert!(
+        refused.is_null() || refused == serde_json::json!([]),
+        "{refused}"
+    );
     let inbox = v["inbox"].as_object_mut().expect("inbox is reported");
     inbox.remove("oldest_waiting_s").expect("oldest_waiting_s");
     inbox.remove("stuck_files").expect("stuck_files");
@@ -103,15 +108,40 @@ fn health_status_and_readiness_follow_the_store() {
     let r = get(admin, "/readyz");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.body.starts_with("not ready: store not writable"), "{r:?}");
+    assert!(r.body.contains("deleted"), "{r:?}");
+    // A file dropped meanwhile stays in the inbox: committed into the file the daemon still
+    // has open, it would be lost at the next start.
+    env.drop_file("d.json", notification("while-gone", &token(2)));
+    wait_for("the commit refused", || {
+        get(admin, "/metrics")
+            .body
+            .contains("pushdrop_store_write_failing{write=\"commit\"} 1")
+    });
+    assert!(env.inbox.join("d.json").exists());
+    // A command does not make a new, empty database beside the running daemon.
+    let out = env.pushdrop(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds its lock"),
+        "{out:?}"
+    );
+    assert!(!env.db.exists());
     std::fs::copy(&aside, &env.db).unwrap();
     let r = get(admin, "/readyz");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.body.contains("replaced"), "{r:?}");
     assert_eq!(get(admin, "/healthz").status, 200, "alive, only not ready");
-    // Put back, it is ready again.
+    // Put back, it is ready again once the file that waited is committed.
     std::fs::rename(&aside, &env.db).unwrap();
-    let r = get(admin, "/readyz");
-    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    wait_for("the file that waited", || {
+        env.receipts.join("while-gone.json").exists()
+    });
+    wait_for("ready again", || get(admin, "/readyz").status == 200);
+    assert!(
+        get(admin, "/metrics")
+            .body
+            .contains("pushdrop_store_write_failing{write=\"commit\"} 0")
+    );
 
     daemon.shutdown();
     // Stopped: the figures stay, and `status` says nobody holds the database any more.
@@ -126,6 +156,73 @@ fn health_status_and_readiness_follow_the_store() {
         s["daemon"],
         serde_json::json!({"running": false, "pid": null})
     );
+}
+
+/// A database that takes the heartbeat's one-row write but refuses a file's commit or a batch
+/// of delivery results (a full disk, where a small write may still fit) is not ready, and
+/// says what it refuses where an operator looks: `/readyz`, `/status`'s `write_errors`,
+/// `/metrics`. (A probe's finding: all three said nothing while 1,708 pushes APNs had taken
+/// were held unwritten, and still counted as queued.)
+#[test]
+fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
+    let env = Ops::new(OpsOptions::default());
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+    let refuse = |what: &str, on: &str| {
+        let db = rusqlite::Connection::open(&env.db).unwrap();
+        db.execute_batch(&format!(
+            "CREATE TRIGGER refuse_{what} BEFORE {on} BEGIN
+               SELECT RAISE(ABORT, 'database or disk is full');
+             END;"
+        ))
+        .unwrap();
+    };
+    let metric = |line: &str| get(admin, "/metrics").body.lines().any(|l| l == line);
+    let refused = || -> Vec<String> {
+        let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
+        serde_json::from_value(s["write_errors"].clone()).unwrap()
+    };
+    assert_eq!(refused(), Vec::<String>::new());
+    assert!(metric(r#"pushdrop_store_write_failing{write="results"} 0"#));
+
+    refuse("results", "UPDATE OF state ON deliveries");
+    env.drop_file("a.json", notification("held", &token(1)));
+    wait_for("the results refused", || {
+        get(admin, "/readyz").status == 503
+    });
+    let r = get(admin, "/readyz");
+    assert!(
+        r.body.contains("1 delivery results cannot be written")
+            && r.body.contains("database or disk is full"),
+        "{r:?}"
+    );
+    assert!(metric(r#"pushdrop_store_write_failing{write="results"} 1"#));
+    assert!(metric("pushdrop_results_unwritten 1"));
+
+    refuse("commits", "INSERT ON committed_files");
+    env.drop_file("b.json", notification("later", &token(2)));
+    wait_for("the commit refused", || refused().len() == 2);
+    assert!(
+        refused()[0].starts_with("files cannot be committed"),
+        "{:?}",
+        refused()
+    );
+    assert!(metric(r#"pushdrop_store_write_failing{write="commit"} 1"#));
+    assert!(env.inbox.join("b.json").exists());
+
+    // Space again: everything goes through, and it is ready.
+    let db = rusqlite::Connection::open(&env.db).unwrap();
+    db.execute_batch("DROP TRIGGER refuse_results; DROP TRIGGER refuse_commits;")
+        .unwrap();
+    for id in ["held", "later"] {
+        wait_for(id, || env.receipts.join(format!("{id}.json")).exists());
+    }
+    wait_for("ready again", || get(admin, "/readyz").status == 200);
+    assert_eq!(refused(), Vec::<String>::new());
+    assert!(metric(r#"pushdrop_store_write_failing{write="results"} 0"#));
+    assert!(metric(r#"pushdrop_store_write_failing{write="commit"} 0"#));
+    assert!(metric("pushdrop_results_unwritten 0"));
+    daemon.shutdown();
 }
 
 /// Files left in the inbox are what an operator looks for when nothing arrives: no daemon

@@ -14,7 +14,7 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -236,8 +236,40 @@ pub struct Store {
     /// Device and inode of the database file the write connection opened, so that
     /// [`Store::check_writable`] notices a file deleted or replaced under the daemon.
     ident: Option<(u64, u64)>,
+    trouble: Arc<WriteTrouble>,
     _lock: Arc<Option<LockFile>>,
 }
+
+/// The kinds of write whose failure the daemon must show while it lasts.
+#[derive(Debug, Clone, Copy)]
+enum WriteKind {
+    /// A drop file's commit.
+    Commit,
+    /// A batch of delivery results.
+    Results,
+}
+
+impl WriteKind {
+    fn label(self) -> &'static str {
+        match self {
+            WriteKind::Commit => "commit",
+            WriteKind::Results => "results",
+        }
+    }
+}
+
+/// The writes failing now, by kind, each until one of its kind succeeds, with when it last
+/// failed. A database that takes the heartbeat's one-row write (`/readyz`) may still refuse a
+/// file's commit or a batch of results (a full disk), and cannot record that it does: the
+/// admin endpoint shows these instead ([`Store::write_trouble`]).
+#[derive(Debug, Default)]
+struct WriteTrouble([Mutex<Option<(String, std::time::Instant)>>; 2]);
+
+/// How long a failed write counts without failing again. Results are written again every
+/// second and a file that failed is tried again at least every minute, so a failure that
+/// lasts is renewed well within this; one whose file was removed by hand (nothing left to
+/// try) is forgotten after it.
+const WRITE_TROUBLE_FOR: std::time::Duration = std::time::Duration::from_secs(150);
 
 /// Whether this process may write `path`, asked with `access(2)`: the database file must
 /// never be opened and closed outside SQLite. SQLite's locks are POSIX record locks, and a
@@ -315,8 +347,63 @@ impl Store {
             path: path.to_path_buf(),
             new_work,
             ident,
+            trouble: Arc::default(),
             _lock: Arc::new(lock),
         })
+    }
+
+    /// The writes that fail now (a file's commit, a batch of delivery results), each with
+    /// its error, until one of the same kind succeeds: what `/readyz` and `/status` say
+    /// while the database refuses them. Sets the `store_write_failing` metric to match (the
+    /// admin endpoint asks before it encodes the metrics).
+    pub fn write_trouble(&self) -> Vec<String> {
+        let mut now = Vec::new();
+        for kind in [WriteKind::Commit, WriteKind::Results] {
+            let slot = self.trouble.0[kind as usize]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let failing = slot
+                .as_ref()
+                .filter(|(_, at)| at.elapsed() < WRITE_TROUBLE_FOR)
+                .map(|(error, _)| error.clone());
+            crate::metrics::get()
+                .store_write_failing
+                .get_or_create(&crate::metrics::WriteLabel {
+                    write: kind.label().into(),
+                })
+                .set(i64::from(failing.is_some()));
+            now.extend(failing);
+        }
+        now
+    }
+
+    /// Notes how a write of `kind` went: `Some(error)` when it failed.
+    fn note_write(&self, kind: WriteKind, failed: Option<String>) {
+        note_write(&self.trouble, kind, failed);
+    }
+
+    /// Refuses a write into a database file that was deleted or replaced since the daemon
+    /// opened it: what is written there is lost at the next start.
+    fn check_identity(&self) -> Result<(), StoreError> {
+        let unwritable = |source| StoreError::Unwritable {
+            path: self.path.clone(),
+            source,
+        };
+        let Some(ident) = self.ident else {
+            return Ok(());
+        };
+        match identity(&self.path) {
+            Ok(now) if now == ident => Ok(()),
+            Ok(_) => Err(unwritable(std::io::Error::other(
+                "the database file was replaced since pushdrop opened it; restart pushdrop",
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(unwritable(std::io::Error::other(
+                    "the database file was deleted since pushdrop opened it; restart pushdrop",
+                )))
+            }
+            Err(e) => Err(unwritable(e)),
+        }
     }
 
     /// The database file.
@@ -332,11 +419,15 @@ impl Store {
     /// Commits files' records durably (fsync'd) before returning, in one transaction that may be
     /// shared with other callers' files (group commit). Blocking; not for async contexts.
     pub fn ingest(&self, files: Vec<IngestFile>) -> Result<Vec<IngestOutcome>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .blocking_send(writer::Command::Ingest { files, reply })
-            .map_err(|_| StoreError::Closed)?;
-        answer(&self.path, rx.blocking_recv())
+        let committed = self.check_identity().and_then(|()| {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .blocking_send(writer::Command::Ingest { files, reply })
+                .map_err(|_| StoreError::Closed)?;
+            answer(&self.path, rx.blocking_recv())
+        });
+        self.note_write(WriteKind::Commit, commit_failure(&committed));
+        committed
     }
 
     /// Starts committing one big file whose records are still being parsed: the writer
@@ -345,6 +436,10 @@ impl Store {
     /// parse and the inserts overlap; the file is still accepted whole or not at all.
     /// `file.records` and `file.sha256` are ignored (they come later). Blocking.
     pub fn begin_ingest(&self, file: IngestFile) -> Result<IngestStream, StoreError> {
+        if let Err(e) = self.check_identity() {
+            self.note_write(WriteKind::Commit, Some(e.to_string()));
+            return Err(e);
+        }
         let (chunks, rx) = std::sync::mpsc::sync_channel(4);
         let (reply, reply_rx) = oneshot::channel();
         self.tx
@@ -358,6 +453,7 @@ impl Store {
             chunks,
             reply: reply_rx,
             path: self.path.clone(),
+            trouble: self.trouble.clone(),
         })
     }
 
@@ -426,13 +522,24 @@ impl Store {
         &self,
         results: Vec<DeliveryResult>,
     ) -> Result<Vec<FinishedNotification>, RecordFailed> {
-        match self.call(move |w| Ok(w.record_results(results))).await {
+        let recorded = match self.call(move |w| Ok(w.record_results(results))).await {
             Ok(recorded) => recorded,
             Err(error) => Err(RecordFailed {
                 error,
                 results: Vec::new(),
             }),
-        }
+        };
+        let failed = recorded.as_ref().err().map(|f| {
+            format!(
+                "{} delivery results cannot be written (their deliveries still show as queued): {}",
+                f.results.len(),
+                f.error
+            )
+        });
+        let held = recorded.as_ref().err().map_or(0, |f| f.results.len());
+        crate::metrics::get().results_unwritten.set(held as i64);
+        self.note_write(WriteKind::Results, failed);
+        recorded
     }
 
     /// Whether a device still valid registered again after `at_ms` (APNs' time for its
@@ -549,19 +656,11 @@ impl Store {
     /// one deleted or replaced under us, whose writes would vanish at the next start),
     /// writable, and a tiny committed write succeeds. For `/readyz`.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let unwritable = |source| StoreError::Unwritable {
-            path: path.clone(),
+        self.check_identity()?;
+        writable(&self.path).map_err(|source| StoreError::Unwritable {
+            path: self.path.clone(),
             source,
-        };
-        writable(&path).map_err(unwritable)?;
-        if let Some(ident) = self.ident
-            && identity(&path).map_err(unwritable)? != ident
-        {
-            return Err(unwritable(std::io::Error::other(
-                "the database file was replaced since pushdrop opened it; restart pushdrop",
-            )));
-        }
+        })?;
         self.call(|w| w.heartbeat()).await
     }
 
@@ -583,6 +682,7 @@ pub struct IngestStream {
     chunks: std::sync::mpsc::SyncSender<writer::StreamMsg>,
     reply: oneshot::Receiver<Result<IngestOutcome, StoreError>>,
     path: PathBuf,
+    trouble: Arc<WriteTrouble>,
 }
 
 impl IngestStream {
@@ -598,7 +698,9 @@ impl IngestStream {
     /// [`IngestFile`]). Returns once the commit is durable.
     pub fn commit(self, sha256: String) -> Result<IngestOutcome, StoreError> {
         let _ = self.chunks.send(writer::StreamMsg::Commit { sha256 });
-        answer(&self.path, self.reply.blocking_recv())
+        let committed = answer(&self.path, self.reply.blocking_recv());
+        note_write(&self.trouble, WriteKind::Commit, commit_failure(&committed));
+        committed
     }
 
     /// Drops everything sent so far (the file is rejected or still being written), once the
@@ -606,6 +708,25 @@ impl IngestStream {
     pub fn abandon(self) {
         drop(self.chunks);
         let _ = self.reply.blocking_recv();
+    }
+}
+
+/// Notes how a write of `kind` went in `trouble`.
+fn note_write(trouble: &WriteTrouble, kind: WriteKind, failed: Option<String>) {
+    let mut slot = trouble.0[kind as usize]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if slot.is_some() || failed.is_some() {
+        *slot = failed.map(|error| (error, std::time::Instant::now()));
+    }
+}
+
+/// What a failed commit says as write trouble: `None` when it went through, or failed for
+/// the writer's stopping (shutdown, which `/readyz` says already).
+fn commit_failure<T>(committed: &Result<T, StoreError>) -> Option<String> {
+    match committed {
+        Ok(_) | Err(StoreError::Closed) => None,
+        Err(e) => Some(format!("files cannot be committed: {e}")),
     }
 }
 

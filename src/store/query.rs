@@ -151,6 +151,10 @@ pub struct Status {
     pub daemon: Option<DaemonState>,
     /// Drop files in the inbox folder now (see [`InboxState`]).
     pub inbox: Option<InboxState>,
+    /// Writes the daemon's database refuses now (a drop file's commit, a batch of delivery
+    /// results), with the error: in `/status` only, the daemon's own knowledge (the database
+    /// cannot record them); `null` elsewhere.
+    pub write_errors: Option<Vec<String>>,
 }
 
 /// The drop files still in the inbox folder: a file waiting there for minutes means no
