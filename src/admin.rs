@@ -106,10 +106,12 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
             let state = state.clone();
             tokio::spawn(async move {
                 // A connection that sends nothing at all is closed too (the head timeout
-                // below starts with the first byte).
+                // below starts with the first byte). A peek, not `readable()`: readiness may
+                // be reported with nothing to read, and the wait was then over at once.
+                let mut first = [0u8; 1];
                 if !matches!(
-                    tokio::time::timeout(HEADER_TIMEOUT, stream.readable()).await,
-                    Ok(Ok(()))
+                    tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await,
+                    Ok(Ok(1))
                 ) {
                     return;
                 }

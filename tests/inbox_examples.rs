@@ -248,16 +248,23 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
     check_broken_report(&env.report("broken.json"));
 
     // The same content under another name: a new file, whose notification ids are
-    // duplicates: nothing queued twice.
+    // duplicates: nothing queued twice. Named twice (by two paths), it is taken once: the
+    // second name neither reports it moved nor logs a second `ingested` line.
     let renamed = staging.join("broadcast-again.json");
     std::fs::copy(example("broadcast.json"), &renamed).unwrap();
-    let out = env.pushdrop(&["ingest", renamed.to_str().unwrap()]);
+    let twice = staging.join(".").join("broadcast-again.json");
+    let out = env.pushdrop(&["ingest", renamed.to_str().unwrap(), twice.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
         stdout.contains("duplicate skipped: budget-2026-11-27"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("broadcast-again.json: the same file as"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
 }
 

@@ -225,6 +225,34 @@ fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
     daemon.shutdown();
 }
 
+/// A local client that connects and sends nothing, or stops after a request, does not hold
+/// its connection (a file descriptor) for ever: both are closed once the head of a request
+/// is 10 s late. (A probe's finding: connections that sent nothing stayed open.)
+#[test]
+fn idle_admin_connections_are_closed() {
+    use std::io::{Read, Write};
+    let env = Ops::new(OpsOptions::default());
+    let daemon = env.start();
+    let admin = daemon.admin_addr().expect("admin endpoint");
+    let silent = std::net::TcpStream::connect(admin).unwrap();
+    let mut kept = std::net::TcpStream::connect(admin).unwrap();
+    write!(kept, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let started = Instant::now();
+    for mut c in [silent, kept] {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut seen = Vec::new();
+        let end = c.read_to_end(&mut seen);
+        assert!(end.is_ok(), "{end:?} after {:?}", started.elapsed());
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(25),
+        "{took:?}"
+    );
+    assert_eq!(get(admin, "/healthz").status, 200);
+    daemon.shutdown();
+}
+
 /// Files left in the inbox are what an operator looks for when nothing arrives: no daemon
 /// takes them, or one cannot move them out. `status` counts them; the daemon's `/status` also
 /// says how many it has handled and could not move.

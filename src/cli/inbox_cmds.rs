@@ -98,9 +98,25 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         .iter()
         .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
         .collect();
+    // A file named twice (or by two paths, or hard links) is taken once: its
+    // second name would find it moved away, and log a second `ingested` line for it.
+    let mut first_named: std::collections::HashMap<FileKey, usize> = Default::default();
+    let again: Vec<Option<usize>> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match first_named.entry(file_key(p)) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+                None
+            }
+        })
+        .collect();
     let candidates = paths
         .iter()
-        .map(|p| Candidate {
+        .zip(&again)
+        .filter(|(_, again)| again.is_none())
+        .map(|(p, _)| Candidate {
             path: p.clone(),
             settled: true,
             waits_for_earlier: false,
@@ -108,7 +124,15 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         .collect();
     let mut results = ingestor.process(candidates);
     let mut failed = 0;
-    for (given, path) in files.iter().zip(&paths) {
+    for ((given, path), again) in files.iter().zip(&paths).zip(&again) {
+        if let Some(first) = again {
+            say(format!(
+                "{}: the same file as {}, taken once",
+                given.display(),
+                files[*first].display()
+            ));
+            continue;
+        }
         let Some(i) = results.iter().position(|r| &r.path == path) else {
             continue;
         };
@@ -183,6 +207,22 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         }
     }
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// What tells files apart: device and inode where the file is there to ask, else its path.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum FileKey {
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+fn file_key(path: &Path) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    // Not followed: a symlink is rejected as itself, its target untouched.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => FileKey::Inode(m.dev(), m.ino()),
+        Err(_) => FileKey::Path(path.to_path_buf()),
+    }
 }
 
 /// One line of `ingest`'s answer. Problems quote drop files, whose bytes a dropper chose:
