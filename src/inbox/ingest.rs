@@ -962,19 +962,22 @@ impl Ingestor {
         r: &Ready,
         dirty: &mut BTreeSet<PathBuf>,
     ) -> (Option<PathBuf>, Option<String>) {
-        match std::fs::symlink_metadata(&r.path) {
-            Ok(m) if matches!(r.read.compare(&m), AfterRead::Replaced) => {
-                tracing::warn!(
-                    event = "replaced",
-                    file = r.name.as_str(),
-                    "file was replaced after it was read; the new file will be taken separately"
-                );
-                return (None, None);
-            }
-            Ok(_) => {}
+        let grown = match std::fs::symlink_metadata(&r.path) {
+            Ok(m) => match r.read.compare(&m) {
+                AfterRead::Replaced => {
+                    tracing::warn!(
+                        event = "replaced",
+                        file = r.name.as_str(),
+                        "file was replaced after it was read; the new file will be taken separately"
+                    );
+                    return (None, None);
+                }
+                AfterRead::Changed => true,
+                AfterRead::Same => false,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, None),
             Err(e) => return (None, Some(format!("cannot stat: {e}"))),
-        }
+        };
         let Some(inbox) = r.path.parent() else {
             return (None, Some("path has no folder".into()));
         };
@@ -999,11 +1002,12 @@ impl Ingestor {
             if !same_file_system(inbox, dir) {
                 staged = true;
                 stage(&r.path, inbox).map_err(|e| format!("cannot move: {e}"))
-            } else if r.read.kind == FileKind::Jsonl {
-                // Under a hidden name in `processed_dir` first: lines appended after the read
-                // are split off while it is there, where a restart after a kill finds it
+            } else if grown && r.read.kind == FileKind::Jsonl {
+                // Under a hidden name in `processed_dir` first: the lines appended since the
+                // read are split off while it is there, where a restart after a kill finds it
                 // ([`Ingestor::recover_staged`]); moved straight under its name, a kill
-                // before the split left those lines only in the processed copy.
+                // before the split left those lines only in the processed copy. (One that
+                // grows in the instant between the look and the move is staged after it.)
                 staged = true;
                 stage(&r.path, dir).map_err(|e| move_error(&r.path, dir, &e))
             } else {
@@ -1044,6 +1048,15 @@ impl Ingestor {
                 return (None, None);
             }
             AfterRead::Changed => {
+                if keep && !staged && r.read.kind == FileKind::Jsonl {
+                    // Grown in the instant since the look above: staged now, as it would
+                    // have been (see there).
+                    let dir = self.cfg.processed_dir();
+                    if let Ok(Some(hidden)) = stage(&dest, dir) {
+                        dest = hidden;
+                        staged = true;
+                    }
+                }
                 if let Some((t, split)) = self.take_appended(r, &dest, inbox, fname) {
                     taken = t;
                     dest = split;
