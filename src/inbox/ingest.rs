@@ -1341,7 +1341,7 @@ impl Ingestor {
                     .inc_by(a.store.notifications_queued as u64);
                 m.duplicates.inc_by(dups as u64);
                 let (id, ids, app) = logged_names(&a.store);
-                let (id, ids, app) = (id, ids.as_deref(), app.as_deref());
+                let (id, ids, app) = (id.as_deref(), ids.as_deref(), app.as_deref());
                 if dups > 0 {
                     let dup_ids = a.store.duplicate_names(10);
                     tracing::warn!(
@@ -1425,7 +1425,7 @@ impl Ingestor {
                     };
                     reasons.push(format!("… and {} more{listed}", count - REASONS));
                 }
-                let (id, ids) = id_fields(&rej.ids.first, rej.ids.total);
+                let (id, ids) = id_fields(rej.ids.first.clone(), rej.ids.total);
                 // The apps its records name, or the one app records may leave out.
                 let app = match (&rej.ids.apps[..], &self.cfg.apps[..]) {
                     ([], [only]) => Some(only.name.clone()),
@@ -1480,18 +1480,18 @@ impl Ingestor {
 /// What names a file's notifications in its `ingested` line: `id` when it queued one
 /// notification, `ids` (the first [`crate::store::LOGGED_IDS`], comma-separated, `…` after
 /// them when there were more) when it queued several, and its records' `app`(s).
-fn logged_names(o: &IngestOutcome) -> (Option<&str>, Option<String>, Option<String>) {
-    let (id, ids) = id_fields(&o.queued_ids, o.notifications_queued);
+fn logged_names(o: &IngestOutcome) -> (Option<String>, Option<String>, Option<String>) {
+    let (id, ids) = id_fields(o.queued_names(), o.notifications_queued);
     let app = (!o.apps.is_empty()).then(|| o.apps.join(","));
     (id, ids, app)
 }
 
 /// `id` for the one notification of a file, or `ids` for several: the `first` of `total`,
 /// comma-separated, `…` after them when there were more.
-fn id_fields(first: &[String], total: usize) -> (Option<&str>, Option<String>) {
-    match first {
+fn id_fields(first: Vec<String>, total: usize) -> (Option<String>, Option<String>) {
+    match first.as_slice() {
         [] => (None, None),
-        [one] if total == 1 => (Some(one.as_str()), None),
+        [one] if total == 1 => (Some(one.clone()), None),
         many => {
             let more = if total > many.len() { ",…" } else { "" };
             (None, Some(format!("{}{more}", many.join(","))))

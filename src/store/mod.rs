@@ -169,9 +169,9 @@ pub struct IngestOutcome {
     /// The first [`LOGGED_TOKENS`] of those tokens, shortened, for the log.
     pub still_invalid_tokens: Vec<String>,
     pub notifications_queued: usize,
-    /// The ids of the first [`LOGGED_IDS`] notifications queued (assigned ones included), for
-    /// the file's `ingested` log line.
-    pub queued_ids: Vec<String>,
+    /// The apps and ids of the first [`LOGGED_IDS`] notifications queued (assigned ids
+    /// included), for the file's `ingested` log line ([`IngestOutcome::queued_names`]).
+    pub queued_ids: Vec<(String, String)>,
     /// The apps the file's records named, each once.
     pub apps: Vec<String>,
     /// Notifications skipped because their app already had their id.
@@ -192,18 +192,28 @@ impl IngestOutcome {
     /// id alone when the file named one app, `app/id` (as in a receipt's path) when it named
     /// more, where an id alone would not say which notification it is.
     pub fn duplicate_names(&self, n: usize) -> Vec<String> {
-        let qualified = self.apps.len() > 1;
         self.duplicates
             .iter()
             .take(n)
-            .map(|d| {
-                if qualified {
-                    format!("{}/{}", d.app, d.id)
-                } else {
-                    d.id.clone()
-                }
-            })
+            .map(|d| self.qualified(&d.app, &d.id))
             .collect()
+    }
+
+    /// The queued notifications' ids for the log, `app/id` when the file named more than
+    /// one app (an id is unique within its app only).
+    pub fn queued_names(&self) -> Vec<String> {
+        self.queued_ids
+            .iter()
+            .map(|(app, id)| self.qualified(app, id))
+            .collect()
+    }
+
+    fn qualified(&self, app: &str, id: &str) -> String {
+        if self.apps.len() > 1 {
+            format!("{app}/{id}")
+        } else {
+            id.to_string()
+        }
     }
 }
 

@@ -458,6 +458,7 @@ fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
     );
     let out = store.ingest(vec![f.clone()]).unwrap();
     assert_eq!(out[0].notifications_queued, 1);
+    assert_eq!(out[0].queued_names(), ["x1"], "one app: ids alone");
     assert_eq!(out[0].devices_registered, 1);
     let again = store.ingest(vec![f]).unwrap();
     assert!(again[0].already_committed);
@@ -500,6 +501,9 @@ fn ingest_is_idempotent_for_the_same_file_and_reports_duplicate_ids() {
         .unwrap();
     assert_eq!(both[0].notifications_queued, 1, "b's x1 is new");
     assert_eq!(both[0].duplicate_names(10), ["a/x1"]);
+    // So are the ids it queued, in its `ingested` line.
+    assert_eq!(both[0].queued_names(), ["b/x1"]);
+    assert_eq!(dup[0].queued_names(), Vec::<String>::new());
     let again = store
         .ingest(vec![file(
             "again.json",

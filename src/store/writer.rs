@@ -2320,12 +2320,13 @@ impl<'t> FileWriter<'t> {
         }
         self.out.notifications_queued += 1;
         if self.out.queued_ids.len() < super::LOGGED_IDS {
-            self.out.queued_ids.push(p.ext_id.as_str().to_owned());
+            self.out
+                .queued_ids
+                .push((p.record.app.clone(), p.ext_id.as_str().to_owned()));
         }
         self.note_app(&p.record.app);
     }
 
-    /// Remembers the app of a record for the outcome (files name one app, or a few).
     /// Notes record `record`, a notification whose app already has its id: not queued. A
     /// file of duplicates only names its app too.
     fn duplicate(&mut self, record: usize, p: &PreparedNotification<'_>) {
@@ -2337,6 +2338,7 @@ impl<'t> FileWriter<'t> {
         self.note_app(&p.record.app);
     }
 
+    /// Remembers the app of a record for the outcome (files name one app, or a few).
     fn note_app(&mut self, app: &str) {
         if !self.out.apps.iter().any(|a| a == app) {
             self.out.apps.push(app.to_owned());
