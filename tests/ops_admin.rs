@@ -192,7 +192,7 @@ fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
     });
     let r = get(admin, "/readyz");
     assert!(
-        r.body.contains("1 delivery results cannot be written")
+        r.body.contains("1 delivery result cannot be written")
             && r.body.contains("database or disk is full"),
         "{r:?}"
     );

@@ -345,13 +345,17 @@ fn read_drop(path: &Path, cfg: &Config, settled: bool) -> Result<ReadDrop, Exami
         dev: after.dev(),
         ino: after.ino(),
         mtime_ns,
-        born_ms: after
-            .created()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as i64),
+        born_ms: birth_ms(&after),
         settled,
     })
+}
+
+/// When a file was made (ms since the epoch), where the file system tells (statx).
+fn birth_ms(meta: &std::fs::Metadata) -> Option<i64> {
+    meta.created()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
 }
 
 /// The committed file that `read` is with lines appended, under the same name. A file
@@ -1567,16 +1571,17 @@ fn process_alive(pid: u32) -> bool {
 impl Ingestor {
     /// Finishes the moves out of the inbox that a crash cut short. A committed file bound for
     /// a `processed_dir` on another file system, or to be deleted, is first renamed to a
-    /// hidden name in the inbox ([`hidden_name`]), a `.jsonl` to one in `processed_dir`, and
-    /// moved on from there, so a kill before that leaves it only under that name. Each such file of a process no longer
-    /// running is looked up among the committed files (content, inode and mtime, which the
-    /// rename kept) and moved on under its own name, or deleted with `keep_processed = false`.
-    /// One that is a committed `.jsonl` with lines appended (the kill came while they were
-    /// handed over, [`hand_over`]) gets them handed over now, from where it stopped. One not
-    /// known as committed (a file whose record retention dropped) goes to `rejected_dir` for
-    /// a person to look at: taken again, it could send twice; removed, it could lose records.
-    /// Lines a moved file's second look split off, written whole, go into the inbox. The
-    /// daemon runs this at start and with the hourly sweep.
+    /// hidden name in the inbox ([`hidden_name`]), a `.jsonl` grown since its read to one in
+    /// `processed_dir`, and moved on from there, so a kill before that leaves it only under
+    /// that name. Each such file of a process no longer running is looked up among the
+    /// committed files (content, inode and mtime, which the rename kept) and moved on under
+    /// its own name, or deleted with `keep_processed = false`. One that is a committed
+    /// `.jsonl` with lines appended (the kill came while they were handed over,
+    /// [`hand_over`]) gets them handed over now, from where it stopped. One not known as
+    /// committed (a file whose record retention dropped) goes to `rejected_dir` for a person
+    /// to look at: taken again, it could send twice; removed, it could lose records. Lines a
+    /// moved file's second look split off, written whole, go into the inbox. The daemon runs
+    /// this at start and with the hourly sweep.
     pub fn recover_staged(&self) {
         let inbox = self.cfg.inbox.dir.as_path();
         let mut dirs = vec![inbox];
@@ -1640,11 +1645,7 @@ impl Ingestor {
             }
         }
         // A committed `.jsonl` with lines appended after its read.
-        let born_ms = meta
-            .created()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as i64);
+        let born_ms = birth_ms(&meta);
         let versions = match self.store.committed_by_inode_blocking(meta.ino()) {
             Ok(v) => v,
             Err(err) => return lookup_failed(err),

@@ -540,9 +540,14 @@ impl Store {
             }),
         };
         let failed = recorded.as_ref().err().map(|f| {
+            let n = f.results.len();
+            let (noun, verb) = if n == 1 {
+                ("result", "its delivery still shows")
+            } else {
+                ("results", "their deliveries still show")
+            };
             format!(
-                "{} delivery results cannot be written (their deliveries still show as queued): {}",
-                f.results.len(),
+                "{n} delivery {noun} cannot be written ({verb} as queued): {}",
                 f.error
             )
         });
