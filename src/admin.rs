@@ -288,18 +288,22 @@ async fn readiness(state: &AdminState) -> Result<(), String> {
             state.inbox_dir.display()
         ));
     }
+    let mut why = Vec::new();
     match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(format!("store not writable: {e}")),
-        Err(_) => return Err("store did not answer within 2 s".into()),
+        Ok(Err(e)) => why.push(format!("store not writable: {e}")),
+        Err(_) => why.push("store did not answer within 2 s".into()),
     }
-    // The heartbeat's one row went in; a file's commit or a batch of results may not (a
-    // full disk).
+    // The heartbeat's one row may go in where a file's commit, a batch of results or a
+    // fan-out does not (a full disk); either way, what is refused is named.
     let trouble = state.store.write_trouble();
-    if trouble.is_empty() {
+    if !trouble.is_empty() {
+        why.push(format!("store refuses writes: {}", trouble.join("; ")));
+    }
+    if why.is_empty() {
         Ok(())
     } else {
-        Err(format!("store refuses writes: {}", trouble.join("; ")))
+        Err(why.join("; "))
     }
 }
 

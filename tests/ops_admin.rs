@@ -119,13 +119,18 @@ fn health_status_and_readiness_follow_the_store() {
     });
     assert!(env.inbox.join("d.json").exists());
     // A command does not make a new, empty database beside the running daemon.
-    let out = env.pushdrop(&["status"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("holds its lock"),
-        "{out:?}"
-    );
-    assert!(!env.db.exists());
+    let elsewhere = env.staging.join("one-shot.json");
+    std::fs::write(&elsewhere, notification("one-shot", &token(3))).unwrap();
+    for args in [vec!["status"], vec!["ingest", elsewhere.to_str().unwrap()]] {
+        let out = env.pushdrop(&args);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("holds its lock"),
+            "{out:?}"
+        );
+        assert!(!env.db.exists(), "{args:?} made a database");
+    }
+    assert!(elsewhere.exists());
     std::fs::copy(&aside, &env.db).unwrap();
     let r = get(admin, "/readyz");
     assert_eq!(r.status, 503, "{r:?}");
@@ -222,6 +227,28 @@ fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
     assert!(metric(r#"pushdrop_store_write_failing{write="results"} 0"#));
     assert!(metric(r#"pushdrop_store_write_failing{write="commit"} 0"#));
     assert!(metric("pushdrop_results_unwritten 0"));
+
+    // A broadcast whose fan-out is refused: nothing is queued, nothing sent, and it shows.
+    env.drop_file("c.jsonl", device(7, "u") + "\n");
+    wait_for("the device", || {
+        env.inbox.join("processed/c.jsonl").exists()
+    });
+    refuse("fanout", "INSERT ON deliveries");
+    env.drop_file(
+        "d.json",
+        r#"{"type":"notification","id":"all-1","to":{"all":true},"payload":{"aps":{"alert":"x"}}}"#,
+    );
+    wait_for("the fan-out refused", || {
+        get(admin, "/readyz").status == 503
+    });
+    let r = get(admin, "/readyz");
+    assert!(r.body.contains("due work cannot be claimed"), "{r:?}");
+    assert!(metric(r#"pushdrop_store_write_failing{write="claim"} 1"#));
+    let db = rusqlite::Connection::open(&env.db).unwrap();
+    db.execute_batch("DROP TRIGGER refuse_fanout;").unwrap();
+    wait_for("all-1", || env.receipts.join("all-1.json").exists());
+    wait_for("ready again", || get(admin, "/readyz").status == 200);
+    assert!(metric(r#"pushdrop_store_write_failing{write="claim"} 0"#));
     daemon.shutdown();
 }
 

@@ -49,18 +49,6 @@ fn reader(cfg: &Config) -> anyhow::Result<Reader> {
 /// install shows an empty queue), but a mistyped `store.path` would otherwise go unnoticed.
 fn open_store(path: &Path) -> anyhow::Result<Store> {
     let new = !path.exists();
-    if new
-        && let Some(d) = crate::store::daemon_state(path)
-        && d.running
-    {
-        // Deleted (or moved) under a running daemon, which still writes to the file it
-        // opened: a new one here would be a second, empty database beside it.
-        anyhow::bail!(
-            "no database at {} (store.path), but a daemon{} holds its lock: the file was deleted or moved while the daemon ran; not creating another. Restart the daemon (it takes no drop files meanwhile; what it queued in the deleted file is lost when it stops)",
-            path.display(),
-            d.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-        );
-    }
     let store = Store::open(path, false)?;
     if new {
         eprintln!(

@@ -423,6 +423,8 @@ async fn main_loop(
     let mut claiming: Option<JoinHandle<Result<ClaimRound, StoreError>>> = None;
     // Set when the queue came back short: no claim until then, or until new work arrives.
     let mut idle_until: Option<tokio::time::Instant> = None;
+    // When a failed claim was last logged as an error (then once a minute while they fail).
+    let mut said_claim_failed: Option<tokio::time::Instant> = None;
     // Fan-out is looked at when woken for new or due work, while a fan-out has more rows to
     // make, and every FANOUT_EVERY while busy; not on every claim.
     let mut fanout_pending = true;
@@ -487,6 +489,9 @@ async fn main_loop(
                 }
             }, if claiming.is_some() => {
                 claiming = None;
+                if round.as_ref().is_ok_and(|r| r.is_ok()) && said_claim_failed.take().is_some() {
+                    info!(event = "store_recovered", "claims go through again; sending resumes");
+                }
                 match round {
                     Ok(Ok(round)) => {
                         fanout_pending = round.fanned_out >= FANOUT_ROWS_PER_ROUND;
@@ -528,7 +533,14 @@ async fn main_loop(
                         }
                     }
                     Ok(Err(e)) => {
-                        error!(event = "store_error", error = %e, "claim failed; retrying in 1 s");
+                        // A full disk fails every claim (the fan-out writes): said at once,
+                        // then once a minute; `/readyz` says it meanwhile.
+                        if said_claim_failed.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
+                            error!(event = "store_error", error = %e, "claim failed; retrying every second");
+                            said_claim_failed = Some(tokio::time::Instant::now());
+                        } else {
+                            debug!(event = "store_error", error = %e, "claim failed again");
+                        }
                         idle_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
                     Err(e) => {

@@ -105,6 +105,11 @@ pub enum StoreError {
     )]
     Locked { path: PathBuf, lock: PathBuf },
     #[error(
+        "no database at {path}, but a daemon{pid} holds its lock: the file was deleted or moved while the daemon ran; not creating another. Restart the daemon (it takes no drop files meanwhile; what it queued in the deleted file is lost when it stops)",
+        pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    GoneUnderDaemon { path: PathBuf, pid: Option<u32> },
+    #[error(
         "database schema version {found} is newer than this pushdrop supports ({supported}); upgrade pushdrop"
     )]
     TooNew { found: i64, supported: i64 },
@@ -257,6 +262,8 @@ enum WriteKind {
     Commit,
     /// A batch of delivery results.
     Results,
+    /// A claim of due work (it writes the fan-out's deliveries, and the leases).
+    Claim,
 }
 
 impl WriteKind {
@@ -264,6 +271,7 @@ impl WriteKind {
         match self {
             WriteKind::Commit => "commit",
             WriteKind::Results => "results",
+            WriteKind::Claim => "claim",
         }
     }
 }
@@ -273,7 +281,7 @@ impl WriteKind {
 /// file's commit or a batch of results (a full disk), and cannot record that it does: the
 /// admin endpoint shows these instead ([`Store::write_trouble`]).
 #[derive(Debug, Default)]
-struct WriteTrouble([Mutex<Option<(String, std::time::Instant)>>; 2]);
+struct WriteTrouble([Mutex<Option<(String, std::time::Instant)>>; 3]);
 
 /// How long a failed write counts without failing again. Results are written again every
 /// second and a file that failed is tried again at least every minute, so a failure that
@@ -310,6 +318,19 @@ impl Store {
             None
         };
         let new = !path.exists();
+        if new
+            && !exclusive
+            && let Some(d) = daemon_state(path)
+            && d.running
+        {
+            // Deleted (or moved) under a running daemon, which still writes to the file it
+            // opened: a new one here would be a second, empty database beside it, which the
+            // daemon's next start would take for its own.
+            return Err(StoreError::GoneUnderDaemon {
+                path: path.to_path_buf(),
+                pid: d.pid,
+            });
+        }
         let conn = writer::open_write_connection(path).map_err(|e| named(path, e))?;
         if new && let Some(dir) = folder {
             // A database a `sudo pushdrop status` made before the daemon's first start is the
@@ -368,7 +389,7 @@ impl Store {
     /// admin endpoint asks before it encodes the metrics).
     pub fn write_trouble(&self) -> Vec<String> {
         let mut now = Vec::new();
-        for kind in [WriteKind::Commit, WriteKind::Results] {
+        for kind in [WriteKind::Commit, WriteKind::Results, WriteKind::Claim] {
             let slot = self.trouble.0[kind as usize]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
@@ -495,7 +516,15 @@ impl Store {
         now_ms: i64,
         max_rows: usize,
     ) -> Result<(usize, Vec<FinishedNotification>), StoreError> {
-        self.call(move |w| w.fan_out_due(now_ms, max_rows)).await
+        let made = self.call(move |w| w.fan_out_due(now_ms, max_rows)).await;
+        // A failure only: the claim after it says when claiming works again.
+        if let Err(e) = &made
+            && !matches!(e, StoreError::Closed)
+        {
+            let failed = format!("due work cannot be claimed (nothing is sent): {e}");
+            self.note_write(WriteKind::Claim, Some(failed));
+        }
+        made
     }
 
     /// Claims up to `limit` due deliveries for the sender. A claimed delivery is not handed
@@ -503,7 +532,13 @@ impl Store {
     /// crash it is simply due again. Deliveries that can no longer be sent (past expiration,
     /// invalidated device) are finished here instead of being returned.
     pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claim, StoreError> {
-        self.call(move |w| w.claim_due(now_ms, limit)).await
+        let claimed = self.call(move |w| w.claim_due(now_ms, limit)).await;
+        let failed = match &claimed {
+            Ok(_) | Err(StoreError::Closed) => None,
+            Err(e) => Some(format!("due work cannot be claimed (nothing is sent): {e}")),
+        };
+        self.note_write(WriteKind::Claim, failed);
+        claimed
     }
 
     /// Hands claimed deliveries back unsent (the sender is stopping): claimable again.
