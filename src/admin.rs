@@ -115,7 +115,19 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
                 ) {
                     return;
                 }
-                let svc = service_fn(move |req| handle(state.clone(), req));
+                let activity = Activity::default();
+                let svc = {
+                    let activity = activity.clone();
+                    service_fn(move |req| {
+                        let busy = activity.busy();
+                        let state = state.clone();
+                        async move {
+                            let answer = handle(state, req).await;
+                            drop(busy);
+                            answer
+                        }
+                    })
+                };
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 // A request whose head does not arrive within HEADER_TIMEOUT (a client that
@@ -124,15 +136,150 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
                     .http1()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT);
-                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                let io = Watched {
+                    inner: stream,
+                    activity: activity.clone(),
+                };
+                let conn = builder.serve_connection(TokioIo::new(io), svc);
+                tokio::pin!(conn);
+                // An HTTP/2 connection has no head timeout: one that carries no bytes and no
+                // request for HEADER_TIMEOUT is closed (dropped) here, as an HTTP/1 one is.
+                loop {
+                    tokio::select! {
+                        _ = &mut conn => break,
+                        _ = tokio::time::sleep(HEADER_TIMEOUT / 4) => {
+                            if activity.idle_for() >= HEADER_TIMEOUT {
+                                break;
+                            }
+                        }
+                    }
+                }
             });
         }
     });
     Ok(AdminHandle { addr, stop, task })
 }
 
-/// How long a connection may take to send a request's head.
+/// How long a connection may take to send a request's head, and stay idle.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// When an admin connection last carried bytes, and how many of its requests are being
+/// answered: an idle connection is closed, one waiting for a slow answer is not.
+#[derive(Clone)]
+struct Activity(Arc<ActivityInner>);
+
+struct ActivityInner {
+    since: std::time::Instant,
+    /// Milliseconds from `since` to the last byte read or written.
+    last_ms: std::sync::atomic::AtomicU64,
+    busy: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity(Arc::new(ActivityInner {
+            since: std::time::Instant::now(),
+            last_ms: Default::default(),
+            busy: Default::default(),
+        }))
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.0.since.elapsed().as_millis() as u64;
+        self.0.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long nothing has moved and no request has been in hand (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.0.busy.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
+        self.0.since.elapsed().saturating_sub(last)
+    }
+
+    /// Marks a request in hand until the guard is dropped.
+    fn busy(&self) -> Busy {
+        self.0.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+}
+
+struct Busy(Activity);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A connection's socket, noting each byte that moves in [`Activity`].
+struct Watched<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Whether an `Accept` header value asks for OpenMetrics before the Prometheus text format:
 /// a media range names it with a weight above 0, and at least the weight of any `text/plain`

@@ -254,7 +254,8 @@ fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
 
 /// A local client that connects and sends nothing, or stops after a request, does not hold
 /// its connection (a file descriptor) for ever: both are closed once the head of a request
-/// is 10 s late. (A probe's finding: connections that sent nothing stayed open.)
+/// is 10 s late, and an HTTP/2 connection that carries nothing for 10 s too. (Probes'
+/// findings: connections that sent nothing, or only HTTP/2's preface, stayed open.)
 #[test]
 fn idle_admin_connections_are_closed() {
     use std::io::{Read, Write};
@@ -264,8 +265,12 @@ fn idle_admin_connections_are_closed() {
     let silent = std::net::TcpStream::connect(admin).unwrap();
     let mut kept = std::net::TcpStream::connect(admin).unwrap();
     write!(kept, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // HTTP/2 with prior knowledge: the preface and an empty SETTINGS frame, then nothing.
+    let mut h2 = std::net::TcpStream::connect(admin).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
     let started = Instant::now();
-    for mut c in [silent, kept] {
+    for mut c in [silent, kept, h2] {
         c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut seen = Vec::new();
         let end = c.read_to_end(&mut seen);
