@@ -282,13 +282,20 @@ fn one_shot_commands_write_their_lines_to_the_rotating_log() {
     std::fs::write(&env.config_path, text).unwrap();
     let (_, out) = ingest_examples(&env);
     assert_eq!(out.status.code(), Some(1), "broken.json is rejected");
-    for cmd in [
-        &["retry", "--failed"][..],
-        &["retry", "budget-2026-11-27"][..],
-        &["purge"][..],
-    ] {
-        let out = env.pushdrop(cmd);
-        assert_eq!(out.status.code(), Some(0), "{cmd:?}");
+    let out = env.pushdrop(&["retry", "--failed"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // Their output cannot be written (a full disk): they did their work, and their log lines
+    // say so, though they exit 1.
+    for cmd in [&["retry", "budget-2026-11-27"][..], &["purge"][..]] {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_pushdrop"))
+            .arg("--config")
+            .arg(&env.config_path)
+            .args(cmd)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "{cmd:?}");
     }
     let log_dir = env.dir.path().join("var/log");
     let mut lines = String::new();

@@ -103,6 +103,9 @@ pub fn exit_1_when_output_fails() {
                 std::io::stderr(),
                 "pushdrop: cannot write the output: {why}"
             );
+            // What the command did is logged (`requeued`, `purged`, …): those lines reach
+            // the log file before the exit, which skips the guard that would write them.
+            crate::logging::flush_files();
             std::process::exit(1);
         }
         default(info);

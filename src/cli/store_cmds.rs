@@ -363,13 +363,10 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
             r => r?,
         };
     let n = requeued.deliveries;
-    match (id, app) {
-        (Some(id), _) => println!("requeued {n} failed deliveries of {id}"),
-        (None, Some(app)) => println!("requeued {n} failed deliveries of app {app}"),
-        (None, None) => println!("requeued {n} failed deliveries"),
-    }
-    // The fields say what was asked: one notification (`id` and its `app`), or all failed
-    // deliveries (`scope`), of one app when named. A `None` field is left out.
+    // The log line first: what was done is on record even when the output cannot be written
+    // (a full disk, a closed pipe). Its fields say what was asked: one notification (`id`
+    // and its `app`), or all failed deliveries (`scope`), of one app when named. A `None`
+    // field is left out.
     tracing::info!(
         event = "requeued",
         id,
@@ -378,6 +375,11 @@ pub fn retry(config: &Path, id: Option<&str>, app: Option<&str>) -> anyhow::Resu
         deliveries = n,
         "failed deliveries requeued by `pushdrop retry`"
     );
+    match (id, app) {
+        (Some(id), _) => println!("requeued {n} failed deliveries of {id}"),
+        (None, Some(app)) => println!("requeued {n} failed deliveries of app {app}"),
+        (None, None) => println!("requeued {n} failed deliveries"),
+    }
     Ok(0)
 }
 
@@ -398,10 +400,7 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
         let days = cfg.store.keep_finished_days;
         format!("{days} day{}", if days == 1 { "" } else { "s" })
     };
-    println!(
-        "purged what is older than {horizon}: {} deliveries, {} notifications, {} devices (invalid, or tokens only named in to.tokens, with no delivery left), {} committed-file records",
-        c.deliveries, c.notifications, c.devices, c.committed_files
-    );
+    // Logged first, as `retry` does.
     tracing::info!(
         event = "purged",
         deliveries = c.deliveries,
@@ -409,6 +408,10 @@ pub fn purge(config: &Path) -> anyhow::Result<i32> {
         devices = c.devices,
         committed_files = c.committed_files,
         "purged by `pushdrop purge`"
+    );
+    println!(
+        "purged what is older than {horizon}: {} deliveries, {} notifications, {} devices (invalid, or tokens only named in to.tokens, with no delivery left), {} committed-file records",
+        c.deliveries, c.notifications, c.devices, c.committed_files
     );
     Ok(0)
 }
