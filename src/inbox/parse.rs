@@ -639,7 +639,8 @@ fn record<'t>(
 ) {
     // Fast path: typed deserialization, then the semantic checks.
     let mut problems = Vec::new();
-    if let Ok(ObjectOnly(raw)) = serde_json::from_str::<ObjectOnly<RawRecord<'t>>>(text) {
+    if let Ok(ObjectOnly(mut raw)) = serde_json::from_str::<ObjectOnly<RawRecord<'t>>>(text) {
+        raw.nulls = null_keys(text);
         acc.note_id(&raw);
         if let Some(r) = check(&raw, &HashSet::new(), ctx, &mut problems)
             && problems.is_empty()
@@ -818,6 +819,26 @@ struct RawRecord<'a> {
     expiration: Option<TimeRaw<'a>>,
     #[serde(borrow, default)]
     send_at: Option<TimeRaw<'a>>,
+    /// The keys given as `null`, which the fields above cannot tell from absent ones: a
+    /// field of the other type of record is unknown however it is given ([`null_keys`]).
+    #[serde(skip)]
+    nulls: Vec<Cow<'a, str>>,
+}
+
+/// The keys of a record whose value is `null` (looked for only when the text holds `null`).
+fn null_keys(text: &str) -> Vec<Cow<'_, str>> {
+    if !text.contains("null") {
+        return Vec::new();
+    }
+    entries(text)
+        .map(|fields| {
+            fields
+                .into_iter()
+                .filter(|(_, v)| v.get().trim() == "null")
+                .map(|(k, _)| k)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 const DEVICE_FIELDS: &[&str] = &["type", "app", "token", "user", "environment", "action"];
@@ -1200,6 +1221,9 @@ fn slow_path(
             continue;
         }
         let before = problems.len();
+        if v.get().trim() == "null" {
+            raw.nulls.push(k.clone());
+        }
         let p = &mut problems;
         match key {
             "type" => raw.kind = optional(key, v, p),
@@ -1382,6 +1406,7 @@ fn wrong_kind_fields(
         ("send_at", raw.send_at.is_some()),
     ];
     for (name, is) in present {
+        let is = is || raw.nulls.iter().any(|k| k == name);
         if is && !fields.contains(&name) {
             problems.push(fp(
                 name,
@@ -2224,6 +2249,35 @@ mod tests {
         );
         let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
         assert_eq!(fields, [Some("priority")], "{:?}", r.problems);
+    }
+
+    /// A field of the other type of record is unknown even as `null` (a probe's finding: a
+    /// device record with `"payload": null, "to": null` passed), on the fast path (the record
+    /// otherwise right) and the slow one (another field wrong too).
+    #[test]
+    fn a_field_of_the_other_type_of_record_is_unknown_even_when_null() {
+        for extra in ["", r#","enviroment":"sandbox""#] {
+            let r = problems(
+                &format!(
+                    r#"{{"type":"device","token":"{TOKEN}","payload":null,"to":null{extra}}}"#
+                ),
+                FileKind::Json,
+            );
+            let said: Vec<_> = r.problems.iter().map(|p| p.message.as_str()).collect();
+            assert!(
+                said.iter()
+                    .any(|m| m.starts_with("unknown field \"payload\" for a device record"))
+                    && said
+                        .iter()
+                        .any(|m| m.starts_with("unknown field \"to\" for a device record")),
+                "{said:?}"
+            );
+        }
+        let r = problems(&notif(r#","token":null,"user":null"#), FileKind::Json);
+        let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+        assert_eq!(fields, [Some("token"), Some("user")], "{:?}", r.problems);
+        // A string that says null is no null.
+        assert!(parse(&notif(r#","collapse_id":"null""#), FileKind::Json).is_ok());
     }
 
     #[test]
