@@ -135,6 +135,15 @@ fn health_status_and_readiness_follow_the_store() {
     let r = get(admin, "/readyz");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.body.contains("replaced"), "{r:?}");
+    // Nor does a command write into the new file: the daemon would never see it, and the
+    // next start would lose it (a probe's finding: a notification taken so was gone).
+    let out = env.pushdrop(&["ingest", elsewhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was replaced while a daemon"),
+        "{out:?}"
+    );
+    assert!(elsewhere.exists());
     assert_eq!(get(admin, "/healthz").status, 200, "alive, only not ready");
     // Put back, it is ready again once the file that waited is committed.
     std::fs::rename(&aside, &env.db).unwrap();

@@ -110,6 +110,11 @@ pub enum StoreError {
     )]
     GoneUnderDaemon { path: PathBuf, pid: Option<u32> },
     #[error(
+        "the database file {path} was replaced while a daemon{pid} runs on the file it opened before: not writing to it (the daemon would never see it, and the next start may lose what is written). Restart the daemon first",
+        pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    ReplacedUnderDaemon { path: PathBuf, pid: Option<u32> },
+    #[error(
         "database schema version {found} is newer than this pushdrop supports ({supported}); upgrade pushdrop"
     )]
     TooNew { found: i64, supported: i64 },
@@ -331,6 +336,20 @@ impl Store {
                 pid: d.pid,
             });
         }
+        if !new
+            && !exclusive
+            && let Some(theirs) = LockFile::database_of(path)
+            && identity(path).is_ok_and(|now| now != theirs)
+            && let Some(d) = daemon_state(path)
+            && d.running
+        {
+            // Replaced (a restore, a copy moved over it) under a running daemon, which still
+            // writes to the file it opened: what a command wrote here would be lost to it.
+            return Err(StoreError::ReplacedUnderDaemon {
+                path: path.to_path_buf(),
+                pid: d.pid,
+            });
+        }
         let conn = writer::open_write_connection(path).map_err(|e| named(path, e))?;
         if new && let Some(dir) = folder {
             // A database a `sudo pushdrop status` made before the daemon's first start is the
@@ -345,6 +364,9 @@ impl Store {
             );
         }
         let ident = identity(path).ok();
+        if let (Some(lock), Some(ident)) = (&lock, ident) {
+            lock.note_database(ident);
+        }
         let spawn_failed = |e| StoreError::Dir {
             path: path.to_path_buf(),
             source: e,
@@ -936,6 +958,24 @@ fn real_path(db: &Path) -> PathBuf {
 }
 
 impl LockFile {
+    /// Writes the database file's device and inode into the lock file: a command run beside
+    /// the daemon compares them with the file under the name ([`LockFile::database_of`]).
+    fn note_database(&self, (dev, ino): (u64, u64)) {
+        use std::io::Write as _;
+        let mut file = &self._file;
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.write_all(format!("{dev} {ino}\n").as_bytes()));
+    }
+
+    /// The device and inode of the database file the daemon holding (or last holding) the
+    /// lock opened, as it wrote them.
+    fn database_of(db: &Path) -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(beside(db, ".lock")).ok()?;
+        let (dev, ino) = text.trim().split_once(' ')?;
+        Some((dev.parse().ok()?, ino.parse().ok()?))
+    }
+
     fn acquire(db: &Path) -> Result<LockFile, StoreError> {
         let lock = beside(db, ".lock");
         match crate::lockfile::try_exclusive(&lock) {

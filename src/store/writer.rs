@@ -556,6 +556,9 @@ pub(super) fn run_checkpoints(
     wal: std::path::PathBuf,
     requests: std::sync::mpsc::Receiver<()>,
 ) {
+    // When a failed checkpoint was last said as a warning: a full disk fails one after
+    // every commit, and the log would get a line a second for as long as it lasts.
+    let mut warned: Option<std::time::Instant> = None;
     while requests.recv().is_ok() {
         std::thread::sleep(CHECKPOINT_EVERY);
         // Requests that came in meanwhile are covered by this checkpoint.
@@ -568,6 +571,9 @@ pub(super) fn run_checkpoints(
                 r.get::<_, i64>(2)?,
             ))
         });
+        if done.is_ok() {
+            warned = None;
+        }
         match done {
             Ok((0, log, copied))
                 if log == copied && std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_KEEP) =>
@@ -582,11 +588,19 @@ pub(super) fn run_checkpoints(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed; the next commit retries it");
+                if warned.is_none_or(|t| t.elapsed() >= CHECKPOINT_WARN_EVERY) {
+                    tracing::warn!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed; the next commit retries it (said once a minute while it fails)");
+                    warned = Some(std::time::Instant::now());
+                } else {
+                    tracing::debug!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed again");
+                }
             }
         }
     }
 }
+
+/// How often a checkpoint that keeps failing is said as a warning.
+const CHECKPOINT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The WAL size the checkpointer leaves alone (see [`run_checkpoints`]): a few seconds of
 /// sending's writes, which would only grow it again.
