@@ -2235,6 +2235,11 @@ mod tests {
         parse(text, kind).unwrap_err()
     }
 
+    /// The messages of a rejection's problems, in order.
+    fn messages(r: &Rejection) -> Vec<&str> {
+        r.problems.iter().map(|p| p.message.as_str()).collect()
+    }
+
     #[test]
     fn null_is_a_field_left_out_when_other_fields_are_wrong_too() {
         let r = problems(
@@ -2263,7 +2268,7 @@ mod tests {
                 ),
                 FileKind::Json,
             );
-            let said: Vec<_> = r.problems.iter().map(|p| p.message.as_str()).collect();
+            let said = messages(&r);
             assert!(
                 said.iter()
                     .any(|m| m.starts_with("unknown field \"payload\" for a device record"))
@@ -2465,7 +2470,7 @@ mod tests {
             ),
             FileKind::Json,
         );
-        let said: Vec<_> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        let said = messages(&r);
         assert!(
             said.iter().any(|m| m.ends_with("did you mean \"tokens\"?")),
             "{said:?}"
@@ -2490,7 +2495,7 @@ mod tests {
             ),
             FileKind::Json,
         );
-        let said: Vec<_> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        let said = messages(&r);
         assert!(
             said.contains(&"unknown field \"device_token\"; did you mean \"to\"?"),
             "{said:?}"
@@ -2924,7 +2929,7 @@ mod tests {
         );
         let text = format!("{}\n{deep}\n", notif(r#","priority":"x""#));
         let r = problems(&text, FileKind::Jsonl);
-        let messages: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        let messages = messages(&r);
         assert_eq!(
             messages[0], "must be a whole number, not the string \"x\"",
             "{messages:?}"

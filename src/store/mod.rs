@@ -272,12 +272,25 @@ enum WriteKind {
 }
 
 impl WriteKind {
+    const ALL: [WriteKind; 3] = [WriteKind::Commit, WriteKind::Results, WriteKind::Claim];
+
     fn label(self) -> &'static str {
         match self {
             WriteKind::Commit => "commit",
             WriteKind::Results => "results",
             WriteKind::Claim => "claim",
         }
+    }
+
+    /// What a failed write of this kind says, with its error; `None` for the writer's
+    /// stopping (shutdown, which `/readyz` says already).
+    fn failure(self, e: &StoreError) -> Option<String> {
+        let what = match self {
+            WriteKind::Commit => "files cannot be committed",
+            WriteKind::Results => "delivery results cannot be written",
+            WriteKind::Claim => "due work cannot be claimed (nothing is sent)",
+        };
+        (!matches!(e, StoreError::Closed)).then(|| format!("{what}: {e}"))
     }
 }
 
@@ -286,7 +299,24 @@ impl WriteKind {
 /// file's commit or a batch of results (a full disk), and cannot record that it does: the
 /// admin endpoint shows these instead ([`Store::write_trouble`]).
 #[derive(Debug, Default)]
-struct WriteTrouble([Mutex<Option<(String, std::time::Instant)>>; 3]);
+struct WriteTrouble([Mutex<Option<(String, std::time::Instant)>>; WriteKind::ALL.len()]);
+
+impl WriteTrouble {
+    /// Notes how a write of `kind` went: `Some(error)` when it failed.
+    fn set(&self, kind: WriteKind, failed: Option<String>) {
+        let mut slot = self.0[kind as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() || failed.is_some() {
+            *slot = failed.map(|error| (error, std::time::Instant::now()));
+        }
+    }
+
+    /// Notes a write of `kind` by its result.
+    fn note<T>(&self, kind: WriteKind, done: &Result<T, StoreError>) {
+        self.set(kind, done.as_ref().err().and_then(|e| kind.failure(e)));
+    }
+}
 
 /// How long a failed write counts without failing again. Results are written again every
 /// second and a file that failed is tried again at least every minute, so a failure that
@@ -411,7 +441,7 @@ impl Store {
     /// admin endpoint asks before it encodes the metrics).
     pub fn write_trouble(&self) -> Vec<String> {
         let mut now = Vec::new();
-        for kind in [WriteKind::Commit, WriteKind::Results, WriteKind::Claim] {
+        for kind in WriteKind::ALL {
             let slot = self.trouble.0[kind as usize]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
@@ -428,11 +458,6 @@ impl Store {
             now.extend(failing);
         }
         now
-    }
-
-    /// Notes how a write of `kind` went: `Some(error)` when it failed.
-    fn note_write(&self, kind: WriteKind, failed: Option<String>) {
-        note_write(&self.trouble, kind, failed);
     }
 
     /// Refuses a write into a database file that was deleted or replaced since the daemon
@@ -479,7 +504,7 @@ impl Store {
                 .map_err(|_| StoreError::Closed)?;
             answer(&self.path, rx.blocking_recv())
         });
-        self.note_write(WriteKind::Commit, commit_failure(&committed));
+        self.trouble.note(WriteKind::Commit, &committed);
         committed
     }
 
@@ -490,7 +515,8 @@ impl Store {
     /// `file.records` and `file.sha256` are ignored (they come later). Blocking.
     pub fn begin_ingest(&self, file: IngestFile) -> Result<IngestStream, StoreError> {
         if let Err(e) = self.check_identity() {
-            self.note_write(WriteKind::Commit, Some(e.to_string()));
+            self.trouble
+                .set(WriteKind::Commit, WriteKind::Commit.failure(&e));
             return Err(e);
         }
         let (chunks, rx) = std::sync::mpsc::sync_channel(4);
@@ -540,11 +566,12 @@ impl Store {
     ) -> Result<(usize, Vec<FinishedNotification>), StoreError> {
         let made = self.call(move |w| w.fan_out_due(now_ms, max_rows)).await;
         // A failure only: the claim after it says when claiming works again.
-        if let Err(e) = &made
-            && !matches!(e, StoreError::Closed)
+        if let Some(failed) = made
+            .as_ref()
+            .err()
+            .and_then(|e| WriteKind::Claim.failure(e))
         {
-            let failed = format!("due work cannot be claimed (nothing is sent): {e}");
-            self.note_write(WriteKind::Claim, Some(failed));
+            self.trouble.set(WriteKind::Claim, Some(failed));
         }
         made
     }
@@ -555,11 +582,7 @@ impl Store {
     /// invalidated device) are finished here instead of being returned.
     pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claim, StoreError> {
         let claimed = self.call(move |w| w.claim_due(now_ms, limit)).await;
-        let failed = match &claimed {
-            Ok(_) | Err(StoreError::Closed) => None,
-            Err(e) => Some(format!("due work cannot be claimed (nothing is sent): {e}")),
-        };
-        self.note_write(WriteKind::Claim, failed);
+        self.trouble.note(WriteKind::Claim, &claimed);
         claimed
     }
 
@@ -610,7 +633,7 @@ impl Store {
         });
         let held = recorded.as_ref().err().map_or(0, |f| f.results.len());
         crate::metrics::get().results_unwritten.set(held as i64);
-        self.note_write(WriteKind::Results, failed);
+        self.trouble.set(WriteKind::Results, failed);
         recorded
     }
 
@@ -771,7 +794,7 @@ impl IngestStream {
     pub fn commit(self, sha256: String) -> Result<IngestOutcome, StoreError> {
         let _ = self.chunks.send(writer::StreamMsg::Commit { sha256 });
         let committed = answer(&self.path, self.reply.blocking_recv());
-        note_write(&self.trouble, WriteKind::Commit, commit_failure(&committed));
+        self.trouble.note(WriteKind::Commit, &committed);
         committed
     }
 
@@ -780,25 +803,6 @@ impl IngestStream {
     pub fn abandon(self) {
         drop(self.chunks);
         let _ = self.reply.blocking_recv();
-    }
-}
-
-/// Notes how a write of `kind` went in `trouble`.
-fn note_write(trouble: &WriteTrouble, kind: WriteKind, failed: Option<String>) {
-    let mut slot = trouble.0[kind as usize]
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if slot.is_some() || failed.is_some() {
-        *slot = failed.map(|error| (error, std::time::Instant::now()));
-    }
-}
-
-/// What a failed commit says as write trouble: `None` when it went through, or failed for
-/// the writer's stopping (shutdown, which `/readyz` says already).
-fn commit_failure<T>(committed: &Result<T, StoreError>) -> Option<String> {
-    match committed {
-        Ok(_) | Err(StoreError::Closed) => None,
-        Err(e) => Some(format!("files cannot be committed: {e}")),
     }
 }
 
