@@ -144,8 +144,8 @@ impl Metrics {
             store_write_failing: Family::default(),
             results_unwritten: Gauge::default(),
         };
-        // Both kinds of write at 0 from the start, for an alert on `== 1`.
-        for write in ["commit", "results", "claim"] {
+        // Every kind of write at 0 from the start, for an alert on `== 1`.
+        for write in ["heartbeat", "commit", "results", "claim"] {
             let _ = m.store_write_failing.get_or_create(&WriteLabel {
                 write: write.into(),
             });
@@ -232,7 +232,7 @@ impl Metrics {
         );
         r.register(
             "store_write_failing",
-            "1 while the database refuses this kind of write (a drop file's commit, a batch of delivery results, a claim of due work with its fan-out), until one goes through or none failed for 150 s",
+            "1 while the database refuses this kind of write (/readyz's test write, a drop file's commit, a batch of delivery results, a claim of due work with its fan-out), until one goes through or none failed for 150 s",
             m.store_write_failing.clone(),
         );
         r.register(

@@ -258,6 +258,34 @@ fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
     wait_for("all-1", || env.receipts.join("all-1.json").exists());
     wait_for("ready again", || get(admin, "/readyz").status == 200);
     assert!(metric(r#"pushdrop_store_write_failing{write="claim"} 0"#));
+
+    // Only `/readyz`'s own test write refused: `/status` and `/metrics` say so too, from
+    // its last check on. (A probe's finding: 503 while `write_errors` was empty and every
+    // `store_write_failing` 0.)
+    assert!(metric(
+        r#"pushdrop_store_write_failing{write="heartbeat"} 0"#
+    ));
+    refuse("heartbeat", "INSERT ON heartbeat");
+    let r = get(admin, "/readyz");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.starts_with("not ready: store not writable"), "{r:?}");
+    assert!(r.body.contains("database or disk is full"), "{r:?}");
+    assert_eq!(refused().len(), 1, "{:?}", refused());
+    assert!(
+        refused()[0].starts_with("store not writable"),
+        "{:?}",
+        refused()
+    );
+    assert!(metric(
+        r#"pushdrop_store_write_failing{write="heartbeat"} 1"#
+    ));
+    let db = rusqlite::Connection::open(&env.db).unwrap();
+    db.execute_batch("DROP TRIGGER refuse_heartbeat;").unwrap();
+    assert_eq!(get(admin, "/readyz").status, 200);
+    assert_eq!(refused(), Vec::<String>::new());
+    assert!(metric(
+        r#"pushdrop_store_write_failing{write="heartbeat"} 0"#
+    ));
     daemon.shutdown();
 }
 

@@ -263,6 +263,8 @@ pub struct Store {
 /// The kinds of write whose failure the daemon must show while it lasts.
 #[derive(Debug, Clone, Copy)]
 enum WriteKind {
+    /// `/readyz`'s own test write (the heartbeat row), with its checks of the file.
+    Heartbeat,
     /// A drop file's commit.
     Commit,
     /// A batch of delivery results.
@@ -272,10 +274,16 @@ enum WriteKind {
 }
 
 impl WriteKind {
-    const ALL: [WriteKind; 3] = [WriteKind::Commit, WriteKind::Results, WriteKind::Claim];
+    const ALL: [WriteKind; 4] = [
+        WriteKind::Heartbeat,
+        WriteKind::Commit,
+        WriteKind::Results,
+        WriteKind::Claim,
+    ];
 
     fn label(self) -> &'static str {
         match self {
+            WriteKind::Heartbeat => "heartbeat",
             WriteKind::Commit => "commit",
             WriteKind::Results => "results",
             WriteKind::Claim => "claim",
@@ -286,6 +294,7 @@ impl WriteKind {
     /// stopping (shutdown, which `/readyz` says already).
     fn failure(self, e: &StoreError) -> Option<String> {
         let what = match self {
+            WriteKind::Heartbeat => "store not writable",
             WriteKind::Commit => "files cannot be committed",
             WriteKind::Results => "delivery results cannot be written",
             WriteKind::Claim => "due work cannot be claimed (nothing is sent)",
@@ -435,9 +444,9 @@ impl Store {
         })
     }
 
-    /// The writes that fail now (a file's commit, a batch of delivery results), each with
-    /// its error, until one of the same kind succeeds: what `/readyz` and `/status` say
-    /// while the database refuses them. Sets the `store_write_failing` metric to match (the
+    /// The writes that fail now (`/readyz`'s test write, a file's commit, a batch of
+    /// delivery results, a claim), each with its error, until one of the same kind
+    /// succeeds: what `/readyz` and `/status` say while the database refuses them. Sets the `store_write_failing` metric to match (the
     /// admin endpoint asks before it encodes the metrics).
     pub fn write_trouble(&self) -> Vec<String> {
         let mut now = Vec::new();
@@ -750,13 +759,20 @@ impl Store {
     /// Proves the database still takes writes: the file is where it was (the same file, not
     /// one deleted or replaced under us, whose writes would vanish at the next start),
     /// writable, and a tiny committed write succeeds. For `/readyz`.
+    /// Its failure is noted with the other refused writes, so that `/status` and
+    /// `/metrics` say what `/readyz` says.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        self.check_identity()?;
-        writable(&self.path).map_err(|source| StoreError::Unwritable {
-            path: self.path.clone(),
-            source,
-        })?;
-        self.call(|w| w.heartbeat()).await
+        let checked = async {
+            self.check_identity()?;
+            writable(&self.path).map_err(|source| StoreError::Unwritable {
+                path: self.path.clone(),
+                source,
+            })?;
+            self.call(|w| w.heartbeat()).await
+        }
+        .await;
+        self.trouble.note(WriteKind::Heartbeat, &checked);
+        checked
     }
 
     /// One small write (the heartbeat row): proof, before the daemon sends anything, that the
