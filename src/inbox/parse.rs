@@ -708,35 +708,34 @@ fn record<'t>(
             }
         }
     }
-    // Problems found: locate them.
-    let fields = if jsonl.is_none() {
-        entries(text).ok()
-    } else {
-        None
-    };
+    // Problems found: locate them (a `.jsonl` record is one line, but its fields still have
+    // an order).
+    let fields = entries(text).ok();
+    let start = acc.offset_of(text).unwrap_or(0);
     let record_line = match jsonl {
         Some((l, _)) => l,
-        None => {
-            let start = acc.offset_of(text).unwrap_or(0);
-            acc.line_of_offset(start)
-        }
+        None => acc.line_of_offset(start),
     };
-    let mut located: Vec<(usize, FieldProblem)> = problems
+    let mut located: Vec<(usize, usize, FieldProblem)> = problems
         .into_iter()
         .map(|p| {
-            let line = match (&fields, &p.field) {
+            let at = match (&fields, &p.field) {
                 (Some(entries), Some(field)) => locate(entries, field)
                     .and_then(|v| acc.offset_of(v.get()))
-                    .map(|o| acc.line_of_offset(o))
-                    .unwrap_or(record_line),
-                _ => record_line,
+                    .unwrap_or(start),
+                _ => start,
             };
-            (line, p)
+            let line = match jsonl {
+                Some(_) => record_line,
+                None => acc.line_of_offset(at),
+            };
+            (line, at, p)
         })
         .collect();
-    // In the order of the file, as a reader goes through it (the checks go field by field).
-    located.sort_by_key(|(line, _)| *line);
-    for (line, p) in located {
+    // In the order of the file, as a reader goes through it (the checks go field by field);
+    // what belongs to no one field (a field left out) first.
+    located.sort_by_key(|(line, at, _)| (*line, *at));
+    for (line, _, p) in located {
         acc.push(
             RejectReason::Invalid,
             Problem {
@@ -2295,6 +2294,14 @@ mod tests {
             .map(|p| (p.line, p.field.as_deref()))
             .collect();
         assert_eq!(got, [(Some(2), Some("app")), (Some(3), Some("prio"))]);
+        // On one line too (a `.jsonl` record, a one-line `.json`): in the order of its
+        // fields, not of the checks (a probe's finding: the unknown field came first).
+        let line = r#"{"type":"notification","app":"nope","to":{"all":true},"payload":{"aps":{}},"prio":5}"#;
+        for kind in [FileKind::Json, FileKind::Jsonl] {
+            let r = problems(line, kind);
+            let got: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+            assert_eq!(got, [Some("app"), Some("prio")], "{kind:?}");
+        }
     }
 
     #[test]
