@@ -864,6 +864,14 @@ struct RawTarget<'a> {
     users: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     all: Option<bool>,
+    /// The items of `tokens` or `users` that were no strings, already reported by
+    /// [`slow_target`] (held there as empty strings).
+    #[serde(skip)]
+    not_strings: Vec<usize>,
+    /// How many of `tokens`, `users` and `all` were given but could not be read (reported):
+    /// given all the same.
+    #[serde(skip)]
+    unreadable: usize,
 }
 
 /// What a field that must be a JSON object is expected to look like, for the error message.
@@ -1121,19 +1129,10 @@ fn serde_problem(base: &str, inner: &str) -> FieldProblem {
         Some(rest[..end].to_string())
     };
     if let Some(name) = named("unknown field `") {
-        let mut msg = format!("unknown field \"{}\"", excerpt(&name));
-        // `to` is the one object of a record serde reads whole: its keys get hints here.
-        if base == format!("to.{name}")
-            && let Some(s) = match name.to_ascii_lowercase().replace('-', "_").as_str() {
-                "device_tokens" | "devices" => Some("tokens"),
-                "user_ids" => Some("users"),
-                "broadcast" => Some("all"),
-                _ => closest(&name, ["tokens", "users", "all"].into_iter()),
-            }
-        {
-            msg.push_str(&format!("; did you mean \"{s}\"?"));
-        }
-        return fp(join(base, &name), msg);
+        return fp(
+            join(base, &name),
+            format!("unknown field \"{}\"", excerpt(&name)),
+        );
     }
     if let Some(name) = named("duplicate field `") {
         return fp(
@@ -1232,7 +1231,7 @@ fn slow_path(
             "environment" => raw.environment = optional(key, v, p),
             "action" => raw.action = optional(key, v, p),
             "id" => raw.id = optional(key, v, p),
-            "to" => raw.to = optional::<ObjectOnly<_>>(key, v, p).map(|o| o.0),
+            "to" => raw.to = slow_target(v, p),
             "payload" => raw.payload = optional(key, v, p),
             "push_type" => raw.push_type = optional(key, v, p),
             "priority" => raw.priority = optional(key, v, p),
@@ -1253,6 +1252,68 @@ fn slow_path(
         }
     }
     Ok((raw, bad, problems))
+}
+
+/// `to` read key by key, as [`slow_path`] reads a record: every unknown or duplicate key is a
+/// problem of its own, and so is every item of `tokens` or `users` that is no string, the
+/// other items still checked by [`check_target`] (serde's reading stops at the first).
+fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<RawTarget<'a>> {
+    let Some(fields) = entries_of(v) else {
+        // Not an object (or `null`, the field left out): said as the fast path says it.
+        return optional::<ObjectOnly<_>>("to", v, problems).map(|o| o.0);
+    };
+    let mut to = RawTarget::default();
+    let mut seen = HashSet::new();
+    for (k, v) in &fields {
+        let key: &str = k;
+        let path = format!("to.{key}");
+        if !seen.insert(key) {
+            problems.push(fp(path, format!("duplicate key \"{}\"", excerpt(key))));
+            continue;
+        }
+        match key {
+            "tokens" | "users" => {
+                let Some(items) = field_value::<Vec<&RawValue>>(&path, v, problems) else {
+                    to.unreadable += 1;
+                    continue;
+                };
+                let mut list = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match field_value::<Cow<'a, str>>(&format!("{path}[{i}]"), item, problems) {
+                        Some(s) => list.push(s),
+                        None => {
+                            // Held by its index, so the others' problems name theirs.
+                            to.not_strings.push(i);
+                            list.push(Cow::Borrowed(""));
+                        }
+                    }
+                }
+                if key == "tokens" {
+                    to.tokens = Some(list);
+                } else {
+                    to.users = Some(list);
+                }
+            }
+            "all" => {
+                to.all = field_value(&path, v, problems);
+                to.unreadable += usize::from(to.all.is_none());
+            }
+            _ => {
+                let mut msg = format!("unknown field \"{}\"", excerpt(key));
+                let hint = match key.to_ascii_lowercase().replace('-', "_").as_str() {
+                    "device_tokens" | "devices" => Some("tokens"),
+                    "user_ids" => Some("users"),
+                    "broadcast" => Some("all"),
+                    _ => closest(key, ["tokens", "users", "all"].into_iter()),
+                };
+                if let Some(s) = hint {
+                    msg.push_str(&format!("; did you mean \"{s}\"?"));
+                }
+                problems.push(fp(path, msg));
+            }
+        }
+    }
+    Some(to)
 }
 
 /// The known field closest to a misspelt one, if it is close; or the field a common other
@@ -1677,7 +1738,7 @@ fn check_notification(
         app: app.name.clone(),
         id: id?,
         target: target?,
-        payload: payload?.text,
+        payload: payload.filter(|p| p.sound)?.text,
         push_type: push_type?,
         priority: priority?,
         topic: topic?,
@@ -1709,7 +1770,11 @@ fn check_id(id: &str) -> Result<(), String> {
 fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<Target> {
     let given = usize::from(to.tokens.is_some())
         + usize::from(to.users.is_some())
-        + usize::from(to.all.is_some());
+        + usize::from(to.all.is_some())
+        + to.unreadable;
+    if given == 1 && to.unreadable == 1 {
+        return None;
+    }
     if given != 1 {
         problems.push(fp(
             "to",
@@ -1730,6 +1795,10 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         let mut out = Vec::with_capacity(tokens.len());
         let mut ok = true;
         for (i, t) in tokens.iter().enumerate() {
+            if to.not_strings.contains(&i) {
+                ok = false;
+                continue;
+            }
             match check_token(t) {
                 Ok(t) => out.push(t),
                 Err(m) => {
@@ -1747,7 +1816,9 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         }
         let mut ok = true;
         for (i, u) in users.iter().enumerate() {
-            if u.is_empty() {
+            if to.not_strings.contains(&i) {
+                ok = false;
+            } else if u.is_empty() {
                 problems.push(fp(format!("to.users[{i}]"), "must not be empty"));
                 ok = false;
             } else if u.len() > MAX_USER_BYTES {
@@ -1777,6 +1848,9 @@ struct PayloadInfo {
     text: String,
     size: usize,
     content_available_only: bool,
+    /// No problem was found in it (its size, checked against the push type's limit, aside):
+    /// one without `aps` is still measured, so that its report says both.
+    sound: bool,
 }
 
 fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<PayloadInfo> {
@@ -1825,10 +1899,11 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
             false
         }
     };
-    (problems.len() == before).then(|| PayloadInfo {
+    Some(PayloadInfo {
         text: text.to_string(),
         size: text.len(),
         content_available_only,
+        sound: problems.len() == before,
     })
 }
 
@@ -2282,6 +2357,67 @@ mod tests {
         assert_eq!(fields, [Some("token"), Some("user")], "{:?}", r.problems);
         // A string that says null is no null.
         assert!(parse(&notif(r#","collapse_id":"null""#), FileKind::Json).is_ok());
+    }
+
+    /// Every problem of a `to` and of a payload is listed, not only the first that serde's
+    /// reading of the whole object stopped at (a probe's finding: an unknown key of `to` hid
+    /// a bad token, a number in `tokens` hid the items after it, no `aps` hid the size).
+    #[test]
+    fn every_problem_of_a_target_or_a_payload_is_listed() {
+        let fields = |to: &str| -> Vec<String> {
+            let text = format!(
+                r#"{{"type":"notification","to":{to},"payload":{{"aps":{{"alert":"hi"}}}}}}"#
+            );
+            let r = problems(&text, FileKind::Json);
+            r.problems
+                .iter()
+                .map(|p| p.field.clone().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            fields(r#"{"tokens":["zz"],"x":1}"#),
+            ["to.tokens[0]", "to.x"]
+        );
+        assert_eq!(fields(r#"{"x":1,"y":2,"all":true}"#), ["to.x", "to.y"]);
+        assert_eq!(
+            fields(r#"{"tokens":[5,"zz",null]}"#),
+            ["to.tokens[0]", "to.tokens[1]", "to.tokens[2]"]
+        );
+        let long = "u".repeat(2000);
+        assert_eq!(
+            fields(&format!(r#"{{"users":[5,6,"{long}"]}}"#)),
+            ["to.users[0]", "to.users[1]", "to.users[2]"]
+        );
+        assert_eq!(fields(r#"{"all":true,"all":true}"#), ["to.all"]);
+        assert_eq!(fields(r#"{"all":"yes"}"#), ["to.all"]);
+        assert_eq!(fields(r#"[true]"#), ["to"]);
+        // What each says.
+        let text = format!(
+            r#"{{"type":"notification","to":{{"tokens":[5,"{TOKEN}"],"devices":1}},"payload":{{"aps":{{}}}}}}"#
+        );
+        let r = problems(&text, FileKind::Json);
+        assert_eq!(
+            messages(&r),
+            [
+                "must be a string, not the number 5",
+                "unknown field \"devices\"; did you mean \"tokens\"?"
+            ]
+        );
+        // A payload without `aps`, too big as well.
+        let big = "x".repeat(5000);
+        let text =
+            format!(r#"{{"type":"notification","to":{{"all":true}},"payload":{{"x":"{big}"}}}}"#);
+        let r = problems(&text, FileKind::Json);
+        let said = messages(&r);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0].starts_with("missing: the payload must carry"),
+            "{said:?}"
+        );
+        assert!(
+            said[1].contains("Apple's limit for alert pushes is 4096"),
+            "{said:?}"
+        );
     }
 
     #[test]
