@@ -417,6 +417,46 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
 
+/// A lone `BadDeviceToken` answer still in its hold (up to 2 s) when the daemon stops is
+/// sent again after the restart and judged then: a dead device, not a burst. (A probe's
+/// finding: the restart took it for one, paused the app, and paused again at every probe,
+/// until another push's 200, for up to 15 minutes.)
+#[test]
+fn a_lone_bad_device_token_held_at_a_stop_is_no_burst_after_the_restart() {
+    let w = World::new(SimOptions::default(), FAST_SENDER);
+    w.script(&token(0), TokenScript::BadDeviceToken);
+    let daemon = w.env.start();
+    w.env.drop_file(
+        "a.json",
+        notification_to("lone", &format!(r#"{{"tokens":["{}"]}}"#, token(0)), ""),
+    );
+    wait_for("answered", || w.sim.requests() == 1);
+    daemon.shutdown();
+    assert_eq!(
+        w.env.count(
+            "SELECT count(*) FROM deliveries WHERE state = 0 AND held = 1 AND last_status IS NULL"
+        ),
+        1,
+        "back in the queue, undecided"
+    );
+    let daemon = w.env.start();
+    w.wait_idle("judged after the restart");
+    daemon.shutdown();
+    assert_eq!(w.sim.requests(), 2, "sent again once");
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 4"),
+        1,
+        "invalid_token"
+    );
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM events WHERE kind = 'paused'"),
+        0,
+        "no pause"
+    );
+}
+
 /// A small app with three dead devices of four (SPEC 4.3's burst is many devices): the good
 /// device's 200 shows the config is right, so the three are invalidated, the broadcast
 /// finishes, and nothing pauses. (They used to make a burst at every try, never ending.)

@@ -482,17 +482,32 @@ impl Guards {
             return Vec::new();
         };
         let now = now_ms();
-        windows
-            .values_mut()
-            .flatten()
-            .flat_map(|w| std::mem::take(&mut w.held))
-            .map(|h| DeliveryResult {
-                delivery_id: h.delivery.delivery_id,
-                kind: ResultKind::held_until(now, Some(400), h.reason),
-            })
-            .collect()
+        let mut out = Vec::new();
+        for w in windows.values_mut().flatten() {
+            for h in std::mem::take(&mut w.held) {
+                // Held while a burst's doubt lasts: the next start keeps that doubt (it
+                // looks for these answers). Held only for the moment that tells a burst from
+                // a dead device: no verdict yet, so the next start sends it again and judges
+                // it then (it used to take a lone dead device for a burst, and pause).
+                let kind = if w.suspect {
+                    ResultKind::held_until(now, Some(400), h.reason)
+                } else {
+                    ResultKind::held_until(now, None, HELD_AT_STOP.into())
+                };
+                out.push(DeliveryResult {
+                    delivery_id: h.delivery.delivery_id,
+                    kind,
+                });
+            }
+        }
+        out
     }
 }
+
+/// Why a `BadDeviceToken` answer still held when the daemon stopped, before any burst, is
+/// back in the queue.
+const HELD_AT_STOP: &str =
+    "stopped while its BadDeviceToken answer was held; sent again and judged after the restart";
 
 /// The cause of a pause for a burst of `BadDeviceToken` answers.
 const BURST: &str = "bad_device_token_burst";
