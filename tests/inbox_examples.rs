@@ -266,6 +266,23 @@ fn ingest_command_commits_and_moves_like_the_watcher() {
     );
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
     assert_eq!(env.count("SELECT count(*) FROM notifications"), 5);
+
+    // A dotfile is not taken, as the watcher does not take it (a dropper's file still being
+    // written under its staging name; a probe's finding: it was, and its processed copy was
+    // never removed by retention). `validate` still checks one (before its rename).
+    let staged = staging.join(".staged.json");
+    std::fs::copy(example("voip.json"), &staged).unwrap();
+    let out = env.pushdrop(&["ingest", staged.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(".staged.json: not ingested: a dotfile"),
+        "{stdout}"
+    );
+    assert!(staged.exists());
+    assert!(!env.processed_names().iter().any(|n| n.starts_with('.')));
+    let out = env.pushdrop(&["validate", staged.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
 /// SPEC 4.4: every ingest is a line in the rotating log, also one made by `pushdrop ingest`

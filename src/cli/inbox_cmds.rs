@@ -115,7 +115,7 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
     let candidates = paths
         .iter()
         .zip(&again)
-        .filter(|(_, again)| again.is_none())
+        .filter(|(p, again)| again.is_none() && !is_dotfile(p))
         .map(|(p, _)| Candidate {
             path: p.clone(),
             settled: true,
@@ -130,6 +130,14 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                 "{}: the same file as {}, taken once",
                 given.display(),
                 files[*first].display()
+            ));
+            continue;
+        }
+        if is_dotfile(path) {
+            failed += 1;
+            say(format!(
+                "{}: not ingested: a dotfile, which the inbox ignores (writers stage files under dot names); rename it without the leading dot to take it",
+                given.display()
             ));
             continue;
         }
@@ -207,6 +215,14 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
         }
     }
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// A name the inbox never takes however it ends (SPEC 1: dotfiles are ignored), so `ingest`
+/// does not either: it would take a dropper's file still being written under its staging
+/// name, and leave a processed copy no retention removes.
+fn is_dotfile(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
 }
 
 /// What tells files apart: device and inode where the file is there to ask, else its path.
