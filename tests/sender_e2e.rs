@@ -925,29 +925,41 @@ fn a_stop_sends_nothing_that_had_not_gone_out() {
     );
 }
 
-/// An `expiration` before `send_at` is accepted; the delivery ends `expired` when it comes
-/// due, without a request (SPEC 4.3: never sent after the expiration).
+/// An `expiration` before `send_at` is accepted; the deliveries end `expired` at the
+/// expiration, without a request (SPEC 4.3: never sent after the expiration), to named
+/// tokens and to a broadcast alike. (A probe's finding: they showed as queued until the
+/// `send_at`, years later for one scheduled years ahead.)
 #[test]
-fn an_expiration_before_send_at_ends_expired_unsent() {
+fn an_expiration_before_send_at_ends_expired_unsent_at_the_expiration() {
     let w = World::new(SimOptions::default(), FAST_SENDER);
     let daemon = w.env.start();
+    w.env.drop_file("a-devices.jsonl", devices(3..5, "u"));
+    wait_for("registered", || {
+        w.env.count("SELECT count(*) FROM devices WHERE active = 1") == 2
+    });
     let now_s = pushdrop::model::now_ms() / 1000;
+    let when = format!(r#","send_at":{},"expiration":{}"#, now_s + 3600, now_s + 2);
+    let to_token = format!(r#"{{"tokens":["{}"]}}"#, token(3));
     w.env.drop_file(
-        "n.json",
-        notification_to(
-            "too-late",
-            &format!(r#"{{"tokens":["{}"]}}"#, token(3)),
-            &format!(r#","send_at":{},"expiration":{}"#, now_s + 2, now_s + 1),
+        "b.jsonl",
+        format!(
+            "{}\n{}\n",
+            notification_to("too-late", &to_token, &when),
+            notification_to("too-late-all", r#"{"all":true}"#, &when)
         ),
     );
     wait_for("ended", || {
         w.env
             .count("SELECT count(*) FROM deliveries WHERE state = 3")
-            == 1
+            == 3
     });
     daemon.shutdown();
     assert_eq!(w.sim.requests(), 0, "never sent");
     assert_eq!(world::receipt(&w.env, "too-late")["counts"]["expired"], 1);
+    assert_eq!(
+        world::receipt(&w.env, "too-late-all")["counts"]["expired"],
+        2
+    );
 }
 
 /// The set-up of the tests of a database that refuses writes: answers after 300 ms, 50 in

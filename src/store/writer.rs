@@ -2704,7 +2704,12 @@ impl<'r> PreparedNotification<'r> {
             ext_id,
             target,
             fanned_out,
-            send_at: n.send_at_ms.unwrap_or(now),
+            // One whose expiration comes first is never sent: it comes due (and ends
+            // `expired`) at its expiration, not years later at its `send_at`.
+            send_at: match (n.send_at_ms.unwrap_or(now), n.expiration) {
+                (at, Some(e)) if e > 0 => at.min(e.saturating_mul(1000)),
+                (at, _) => at,
+            },
             tokens,
         }
     }
