@@ -284,10 +284,19 @@ async fn purge_loop(cfg: Arc<Config>, store: Store) {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
-pub fn run_blocking(cfg: Config) -> anyhow::Result<i32> {
+/// `warnings`: what loading the config found wrong but bearable (a key file others may
+/// read), logged first.
+pub fn run_blocking(cfg: Config, warnings: &crate::config::ConfigWarnings) -> anyhow::Result<i32> {
     no_huge_pages();
     // Shared with the thread that handles a second signal, which flushes it before it exits.
     let log = Arc::new(std::sync::Mutex::new(Some(crate::logging::init(&cfg.log)?)));
+    for w in warnings {
+        tracing::warn!(
+            event = "config_warning",
+            config = %cfg.source.display(),
+            "{w}"
+        );
+    }
     let signal_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

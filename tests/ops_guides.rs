@@ -258,6 +258,33 @@ fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A warning the config draws at `run` (a key file others may read) is in the rotating log,
+/// where the README's operator looks, not only on the terminal that started the daemon (a
+/// probe's finding: it went to stderr alone).
+#[test]
+fn run_logs_the_configs_warnings_in_its_rotating_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Ops::new(OpsOptions {
+        admin: String::new(),
+        ..OpsOptions::default()
+    });
+    std::fs::set_permissions(&env.creds.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _daemon = spawn_logged(
+        common::ops::pushdrop_cmd(&env.config_path).arg("run"),
+        &env.dir.path().join("run.out"),
+    );
+    wait_for("the warning in the log", || {
+        std::fs::read_dir(&env.log).is_ok_and(|mut d| d.next().is_some())
+            && log_lines(&env.log).iter().any(|l| {
+                l["event"] == "config_warning"
+                    && l["level"] == "WARN"
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("token.key_file") && m.contains("mode 644"))
+            })
+    });
+}
+
 #[test]
 fn simulate_answers_as_its_script_says_and_rereads_it_on_sighup() {
     let dir = tempfile::tempdir().unwrap();

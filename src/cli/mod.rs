@@ -10,7 +10,7 @@ pub mod store_cmds;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{Config, ConfigError, EXIT_BAD_CONFIG};
+use crate::config::{Config, ConfigError, ConfigWarnings, EXIT_BAD_CONFIG};
 
 /// Loads the config for a command; warnings go to stderr (the logger may not exist yet).
 /// Key, certificate and CA files this user can read must hold what `run` needs: a bad one is
@@ -63,13 +63,10 @@ fn run_problems(
 
 /// [`load_config`] for the command that sends (`run`): inbox folders and the contents of
 /// key, certificate and CA files are checked too, so that one it cannot use is a bad config
-/// (exit 64).
-pub fn load_config_to_send(path: &Path) -> anyhow::Result<Config> {
-    let (cfg, warnings) = Config::load_checked(path, run_problems)?;
-    for w in warnings {
-        eprintln!("warning: {}: {w}", path.display());
-    }
-    Ok(cfg)
+/// (exit 64). The warnings are the daemon's to log, once its log is set up: an operator
+/// reads the rotating files, not the terminal it was started from.
+pub fn load_config_to_send(path: &Path) -> anyhow::Result<(Config, ConfigWarnings)> {
+    Ok(Config::load_checked(path, run_problems)?)
 }
 
 /// For commands that only print what they read (`status`, `show`, `devices`, `validate`,
