@@ -123,7 +123,11 @@ impl SimScript {
         let mut tokens = Vec::new();
         // Tokens match in any case: two spellings of one token would script it twice.
         let mut spelled: std::collections::HashMap<String, &str> = Default::default();
-        for (token, entry) in &file.tokens {
+        // In the order of the file (the map's is the keys'), so that a repeat is said at the
+        // later line.
+        let mut entries: Vec<_> = file.tokens.iter().collect();
+        entries.sort_by_key(|(_, entry)| entry.span().start);
+        for (token, entry) in entries {
             let line = Some(line_of_offset(text, entry.span().start));
             let mut bad = |field: &str, message: String| {
                 problems.push(ScriptProblem {
@@ -450,6 +454,28 @@ mod tests {
             )
         );
         assert_eq!(slow.answer(2), (Duration::from_millis(300), Ok(())));
+    }
+
+    /// A token scripted twice (in two cases) is said at its later line, naming the earlier
+    /// spelling, whichever sorts first (a probe's finding: the first line was named).
+    #[test]
+    fn a_token_scripted_twice_is_said_at_its_second_line() {
+        let (lower, upper) = (T2.replace('a', "b"), T2.replace('a', "B"));
+        for (first, second) in [(&lower, &upper), (&upper, &lower)] {
+            let problems = parse(&format!(
+                "[tokens]\n\"{first}\" = {{ status = 400 }}\n\"{second}\" = {{ status = 400 }}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].line, Some(3), "{problems:?}");
+            assert_eq!(problems[0].key, format!("tokens.\"{second}\""));
+            assert!(
+                problems[0]
+                    .message
+                    .contains(&format!("the same token as \"{first}\"")),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]
