@@ -417,6 +417,34 @@ fn a_burst_of_bad_device_tokens_pauses_the_app_and_invalidates_nothing() {
     assert!(s.to_string().contains("pause lifted by the restart"), "{s}");
 }
 
+/// A connection that APNs closes every so often (here after 20 streams, no GOAWAY) takes the
+/// requests in flight on it down with it: they are sent again, without spending an attempt,
+/// since the connection worked until it broke. (A probe's finding: each drop spent an
+/// attempt of every stream in flight, and with a window bigger than a connection's life,
+/// deliveries failed while every connection delivered.)
+#[test]
+fn requests_a_dropped_connection_took_down_spend_no_attempt() {
+    let w = World::new(
+        SimOptions {
+            drop_after: Some(20),
+            ..SimOptions::default()
+        },
+        "[sender]\nmax_attempts = 3\nretry_initial_ms = 50\nretry_max_ms = 200\n",
+    );
+    let daemon = w.env.start();
+    drop_to_tokens(&w, "dropped", 300);
+    w.wait_idle("every delivery final");
+    daemon.shutdown();
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM deliveries WHERE state = 1"),
+        300,
+        "all sent, none failed"
+    );
+    assert_eq!(w.accepted_by_token().len(), 300);
+    assert!(w.sim.connections() >= 15, "{}", w.sim.connections());
+}
+
 /// A lone `BadDeviceToken` answer still in its hold (up to 2 s) when the daemon stops is
 /// sent again after the restart and judged then: a dead device, not a burst. (A probe's
 /// finding: the restart took it for one, paused the app, and paused again at every probe,

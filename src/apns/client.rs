@@ -388,12 +388,18 @@ async fn send_on(pool: &Arc<Pool>, req: &PushRequest) -> Outcome {
                     unsent: false,
                 };
             }
-            Exchange::Broken { reason, pause } => {
+            Exchange::Broken {
+                reason,
+                pause,
+                collateral,
+            } => {
                 return if pause {
                     Outcome::PauseApp {
                         status: None,
                         reason,
                     }
+                } else if collateral {
+                    Outcome::Cut { reason }
                 } else {
                     Outcome::Retry {
                         status: None,

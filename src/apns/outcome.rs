@@ -36,6 +36,12 @@ pub enum Outcome {
         reason: String,
         unsent: bool,
     },
+    /// The connection broke (reset, closed, no GOAWAY) under the request after it had
+    /// answered others: the link failed, not the request, which is retried with back-off
+    /// without counting an attempt (APNs may have taken it: at-least-once, the same
+    /// `apns-id`). Counted, the streams in flight on a connection that drops every so often
+    /// spent attempts until they failed, while every connection delivered.
+    Cut { reason: String },
     /// The app's credentials or TLS setup are wrong: retrying other devices will fail the same
     /// way, so the sender pauses the app (with back-off) and says why.
     PauseApp { status: Option<u16>, reason: String },
@@ -50,7 +56,7 @@ impl Outcome {
             Outcome::Sent { .. } => "sent",
             Outcome::InvalidToken { .. } => "invalid_token",
             Outcome::AuthRefreshed { .. } => "auth_refreshed",
-            Outcome::Retry { .. } => "retry",
+            Outcome::Retry { .. } | Outcome::Cut { .. } => "retry",
             Outcome::PauseApp { .. } => "pause_app",
             Outcome::Failed { .. } => "failed",
         }
@@ -63,6 +69,7 @@ impl Outcome {
             Outcome::InvalidToken { reason, .. }
             | Outcome::AuthRefreshed { reason }
             | Outcome::Retry { reason, .. }
+            | Outcome::Cut { reason }
             | Outcome::PauseApp { reason, .. }
             | Outcome::Failed { reason, .. } => reason,
         }

@@ -269,8 +269,14 @@ pub(crate) enum Exchange {
     GoAway(String),
     /// No answer before the deadline.
     Timeout,
-    /// The connection broke under the request; `pause` when it was a TLS alert (credentials).
-    Broken { reason: String, pause: bool },
+    /// The connection broke under the request; `pause` when it was a TLS alert (credentials);
+    /// `collateral` when the connection (closed or reset, no GOAWAY) had answered requests
+    /// before: it worked until it broke, and this request went down with it.
+    Broken {
+        reason: String,
+        pause: bool,
+        collateral: bool,
+    },
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -995,12 +1001,14 @@ impl Pool {
             return Exchange::Broken {
                 reason: text,
                 pause: false,
+                collateral: false,
             };
         }
         if e.is_reset() {
             return Exchange::Broken {
                 reason: format!("stream reset by APNs: {e}"),
                 pause: false,
+                collateral: false,
             };
         }
         let text = e.to_string();
@@ -1011,7 +1019,12 @@ impl Pool {
             format!("connection to {} lost: {text}", self.endpoint.authority)
         };
         self.retire(conn, Some(reason.clone()));
-        Exchange::Broken { reason, pause }
+        let collateral = !pause && conn.last_answer_ms.load(Ordering::Relaxed) > 0;
+        Exchange::Broken {
+            reason,
+            pause,
+            collateral,
+        }
     }
 }
 

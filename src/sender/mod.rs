@@ -1033,7 +1033,9 @@ impl Inner {
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let answered = !matches!(
             outcome,
-            Outcome::Retry { status: None, .. } | Outcome::PauseApp { status: None, .. }
+            Outcome::Retry { status: None, .. }
+                | Outcome::Cut { .. }
+                | Outcome::PauseApp { status: None, .. }
         );
         let env = c.device.environment;
         if let Some(silent) = self.flows.done(&n.app, env, answered, started.elapsed()) {
@@ -1189,6 +1191,7 @@ impl Inner {
                 reason,
                 unsent,
             } => Some(self.retry_or_give_up(c, status, reason, !unsent)),
+            Outcome::Cut { reason } => Some(self.retry_or_give_up(c, None, reason, false)),
             Outcome::PauseApp { status, reason } => {
                 let (until_ms, new) =
                     self.guards

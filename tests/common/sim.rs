@@ -118,7 +118,10 @@ pub async fn deliver(client: &ApnsClient, req: PushRequest) -> Vec<Outcome> {
     let mut seen = Vec::new();
     for attempt in 0u32..60 {
         let o = client.send(&req).await;
-        let again = matches!(o, Outcome::Retry { .. } | Outcome::AuthRefreshed { .. });
+        let again = matches!(
+            o,
+            Outcome::Retry { .. } | Outcome::Cut { .. } | Outcome::AuthRefreshed { .. }
+        );
         seen.push(o);
         if !again || tokio::time::Instant::now() > deadline {
             break;
