@@ -865,7 +865,7 @@ struct RawTarget<'a> {
     #[serde(default)]
     all: Option<bool>,
     /// The items of `tokens` or `users` that were no strings, already reported by
-    /// [`slow_target`] (held there as empty strings).
+    /// [`slow_target`] (held there as empty strings), in increasing order.
     #[serde(skip)]
     not_strings: Vec<usize>,
     /// How many of `tokens`, `users` and `all` were given but could not be read (reported):
@@ -1795,7 +1795,7 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         let mut out = Vec::with_capacity(tokens.len());
         let mut ok = true;
         for (i, t) in tokens.iter().enumerate() {
-            if to.not_strings.contains(&i) {
+            if to.not_strings.binary_search(&i).is_ok() {
                 ok = false;
                 continue;
             }
@@ -1816,7 +1816,7 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         }
         let mut ok = true;
         for (i, u) in users.iter().enumerate() {
-            if to.not_strings.contains(&i) {
+            if to.not_strings.binary_search(&i).is_ok() {
                 ok = false;
             } else if u.is_empty() {
                 problems.push(fp(format!("to.users[{i}]"), "must not be empty"));
