@@ -8,7 +8,7 @@
 //! names every bad field of it instead of only the first one serde tripped over.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
@@ -711,6 +711,7 @@ fn record<'t>(
     // Problems found: locate them (a `.jsonl` record is one line, but its fields still have
     // an order).
     let fields = entries(text).ok();
+    let mut read = ReadValues::default();
     let start = acc.offset_of(text).unwrap_or(0);
     let record_line = match jsonl {
         Some((l, _)) => l,
@@ -720,7 +721,7 @@ fn record<'t>(
         .into_iter()
         .map(|p| {
             let at = match (&fields, &p.field) {
-                (Some(entries), Some(field)) => locate(entries, field)
+                (Some(entries), Some(field)) => locate(entries, field, &mut read)
                     .and_then(|v| acc.offset_of(v.get()))
                     .unwrap_or(start),
                 _ => start,
@@ -981,7 +982,13 @@ impl<'de, 'v> Visitor<'de> for CollectRaw<'v, 'de> {
 /// deep as the record goes, so that a problem is reported on the line of the offending value
 /// rather than of its top-level field. A key that appears twice names its last appearance,
 /// where a duplicate is reported.
-fn locate<'t>(entries: &[(Cow<'t, str>, &'t RawValue)], path: &str) -> Option<&'t RawValue> {
+/// `read` keeps the objects and arrays already read, by where their text starts: a list of
+/// 100,000 bad tokens is read once, not once per token.
+fn locate<'t>(
+    entries: &[(Cow<'t, str>, &'t RawValue)],
+    path: &str,
+    read: &mut ReadValues<'t>,
+) -> Option<&'t RawValue> {
     // A long key is in the path as an excerpt (see `short_path`).
     let last = |entries: &[(Cow<'t, str>, &'t RawValue)], key: &str| {
         let matches = |k: &str| match key.strip_suffix('…') {
@@ -996,13 +1003,17 @@ fn locate<'t>(entries: &[(Cow<'t, str>, &'t RawValue)], path: &str) -> Option<&'
     };
     let mut keys = path.split('.');
     let (top, top_index) = split_index(keys.next()?);
-    let mut at = index_into(last(entries, top)?, top_index);
+    let mut at = index_into(last(entries, top)?, top_index, read);
     for key in keys {
         let (key, index) = split_index(key);
-        let Some(next) = entries_of(at).and_then(|e| last(&e, key)) else {
+        let object = read
+            .objects
+            .entry(at.get().as_ptr() as usize)
+            .or_insert_with(|| entries_of(at).unwrap_or_default());
+        let Some(next) = last(object, key) else {
             break;
         };
-        at = index_into(next, index);
+        at = index_into(next, index, read);
     }
     Some(at)
 }
@@ -1013,16 +1024,24 @@ fn split_index(key: &str) -> (&str, &str) {
 }
 
 /// Follows `[n]` steps into arrays as far as they go.
-fn index_into<'t>(mut v: &'t RawValue, indexes: &str) -> &'t RawValue {
+/// The objects' entries and the arrays' items [`locate`] has read, by where their text starts.
+#[derive(Default)]
+struct ReadValues<'t> {
+    objects: HashMap<usize, Vec<(Cow<'t, str>, &'t RawValue)>>,
+    arrays: HashMap<usize, Vec<&'t RawValue>>,
+}
+
+fn index_into<'t>(mut v: &'t RawValue, indexes: &str, read: &mut ReadValues<'t>) -> &'t RawValue {
     for n in indexes
         .split(['[', ']'])
         .filter(|s| !s.is_empty())
         .map_while(|s| s.parse::<usize>().ok())
     {
-        match serde_json::from_str::<Vec<&'t RawValue>>(v.get())
-            .ok()
-            .and_then(|a| a.get(n).copied())
-        {
+        let items = read
+            .arrays
+            .entry(v.get().as_ptr() as usize)
+            .or_insert_with(|| serde_json::from_str(v.get()).unwrap_or_default());
+        match items.get(n).copied() {
             Some(e) => v = e,
             None => break,
         }
