@@ -865,10 +865,10 @@ struct RawTarget<'a> {
     users: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     all: Option<bool>,
-    /// The items of `tokens` or `users` that were no strings, already reported by
+    /// The items of `tokens` (0) and `users` (1) that were no strings, already reported by
     /// [`slow_target`] (held there as empty strings), in increasing order.
     #[serde(skip)]
-    not_strings: Vec<usize>,
+    not_strings: [Vec<usize>; 2],
     /// How many of `tokens`, `users` and `all` were given but could not be read (reported):
     /// given all the same.
     #[serde(skip)]
@@ -1302,7 +1302,7 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
                         Some(s) => list.push(s),
                         None => {
                             // Held by its index, so the others' problems name theirs.
-                            to.not_strings.push(i);
+                            to.not_strings[usize::from(key == "users")].push(i);
                             list.push(Cow::Borrowed(""));
                         }
                     }
@@ -1791,51 +1791,46 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         + usize::from(to.users.is_some())
         + usize::from(to.all.is_some())
         + to.unreadable;
-    if given == 1 && to.unreadable == 1 {
-        return None;
-    }
+    let mut ok = given == 1 && to.unreadable == 0;
     if given != 1 {
         problems.push(fp(
             "to",
             if given == 0 {
-                "is empty: give exactly one of \"tokens\", \"users\" or \"all\"".to_string()
+                "names no target: give exactly one of \"tokens\", \"users\" or \"all\""
             } else {
                 "names more than one target: give exactly one of \"tokens\", \"users\" or \"all\""
-                    .to_string()
             },
         ));
-        return None;
     }
+    // Each list given is checked, also beside another (every problem is reported).
+    let mut tokens_out = Vec::new();
     if let Some(tokens) = &to.tokens {
         if tokens.is_empty() {
             problems.push(fp("to.tokens", "is empty: name at least one token"));
-            return None;
+            ok = false;
         }
-        let mut out = Vec::with_capacity(tokens.len());
-        let mut ok = true;
+        tokens_out.reserve(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
-            if to.not_strings.binary_search(&i).is_ok() {
+            if to.not_strings[0].binary_search(&i).is_ok() {
                 ok = false;
                 continue;
             }
             match check_token(t) {
-                Ok(t) => out.push(t),
+                Ok(t) => tokens_out.push(t),
                 Err(m) => {
                     problems.push(fp(format!("to.tokens[{i}]"), m));
                     ok = false;
                 }
             }
         }
-        return ok.then_some(Target::Tokens(out));
     }
     if let Some(users) = &to.users {
         if users.is_empty() {
             problems.push(fp("to.users", "is empty: name at least one user"));
-            return None;
+            ok = false;
         }
-        let mut ok = true;
         for (i, u) in users.iter().enumerate() {
-            if to.not_strings.binary_search(&i).is_ok() {
+            if to.not_strings[1].binary_search(&i).is_ok() {
                 ok = false;
             } else if u.is_empty() {
                 problems.push(fp(format!("to.users[{i}]"), "must not be empty"));
@@ -1849,17 +1844,22 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
                 ok = false;
             }
         }
-        return ok.then(|| Target::Users(users.iter().map(|u| u.to_string()).collect()));
     }
-    if to.all == Some(true) {
-        Some(Target::All)
-    } else {
+    if to.all == Some(false) {
         problems.push(fp(
             "to.all",
             "must be true (to reach every device of the app)",
         ));
-        None
+        ok = false;
     }
+    if !ok {
+        return None;
+    }
+    Some(match (&to.users, to.all) {
+        (Some(users), _) => Target::Users(users.iter().map(|u| u.to_string()).collect()),
+        (None, Some(_)) => Target::All,
+        (None, None) => Target::Tokens(tokens_out),
+    })
 }
 
 /// What the checks learned about a payload.
@@ -2407,6 +2407,16 @@ mod tests {
             fields(&format!(r#"{{"users":[5,6,"{long}"]}}"#)),
             ["to.users[0]", "to.users[1]", "to.users[2]"]
         );
+        // Beside another target too (a probe's finding: only the other's type errors were).
+        assert_eq!(
+            fields(r#"{"tokens":["zz"],"users":[5]}"#),
+            ["to", "to.tokens[0]", "to.users[0]"]
+        );
+        assert_eq!(
+            fields(r#"{"tokens":["ab"],"x":1,"all":true}"#),
+            ["to", "to.tokens[0]", "to.x"]
+        );
+        assert_eq!(fields(r#"{"x":1}"#), ["to", "to.x"]);
         assert_eq!(fields(r#"{"all":true,"all":true}"#), ["to.all"]);
         assert_eq!(fields(r#"{"all":"yes"}"#), ["to.all"]);
         assert_eq!(fields(r#"[true]"#), ["to"]);
