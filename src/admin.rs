@@ -342,7 +342,20 @@ async fn handle(
         },
         "/status" => match status_json(&state).await {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
-            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, format!("{e}\n")),
+            // The figures cannot be read (the database file deleted under the daemon): what
+            // only the daemon knows is still said, as JSON, beside why.
+            Err(e) => {
+                let said = serde_json::json!({
+                    "error": e,
+                    "daemon": {"running": true, "pid": std::process::id()},
+                    "write_errors": state.store.write_trouble(),
+                });
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    format!("{said:#}"),
+                )
+            }
         },
         "/metrics" => {
             // Sets `store_write_failing` as it stands now.

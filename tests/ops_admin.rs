@@ -109,6 +109,26 @@ fn health_status_and_readiness_follow_the_store() {
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.body.starts_with("not ready: store not writable"), "{r:?}");
     assert!(r.body.contains("deleted"), "{r:?}");
+    // `/status` cannot read its figures, and says so, with what only the daemon knows (a
+    // probe's finding: a bare 500).
+    let s = get(admin, "/status");
+    assert_eq!(
+        (s.status, s.content_type.as_str()),
+        (503, "application/json"),
+        "{s:?}"
+    );
+    let said: serde_json::Value = serde_json::from_str(&s.body).unwrap();
+    assert!(
+        said["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{said}"
+    );
+    assert_eq!(said["daemon"]["running"], true, "{said}");
+    assert!(
+        said["write_errors"][0]
+            .as_str()
+            .is_some_and(|e| e.starts_with("store not writable") && e.contains("deleted")),
+        "{said}"
+    );
     // A file dropped meanwhile stays in the inbox: committed into the file the daemon still
     // has open, it would be lost at the next start.
     env.drop_file("d.json", notification("while-gone", &token(2)));
@@ -151,11 +171,13 @@ fn health_status_and_readiness_follow_the_store() {
         env.receipts.join("while-gone.json").exists()
     });
     wait_for("ready again", || get(admin, "/readyz").status == 200);
-    assert!(
+    // (Looked for until seen: the metric is the process's, and another test's daemon here
+    // may set it from its own store for a moment.)
+    wait_for("the commit metric back at 0", || {
         get(admin, "/metrics")
             .body
             .contains("pushdrop_store_write_failing{write=\"commit\"} 0")
-    );
+    });
 
     daemon.shutdown();
     // Stopped: the figures stay, and `status` says nobody holds the database any more.
@@ -191,7 +213,18 @@ fn writes_the_database_refuses_show_on_readyz_status_and_metrics() {
         ))
         .unwrap();
     };
-    let metric = |line: &str| get(admin, "/metrics").body.lines().any(|l| l == line);
+    // Metrics are the process's, and the other tests' daemons in this process set
+    // `store_write_failing` from their own stores at each scrape: a line may be theirs for a
+    // moment, so it is looked for a few times.
+    let metric = |line: &str| {
+        (0..50).any(|_| {
+            let found = get(admin, "/metrics").body.lines().any(|l| l == line);
+            if !found {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            found
+        })
+    };
     let refused = || -> Vec<String> {
         let s: serde_json::Value = serde_json::from_str(&get(admin, "/status").body).unwrap();
         serde_json::from_value(s["write_errors"].clone()).unwrap()
