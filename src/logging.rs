@@ -591,7 +591,8 @@ pub fn prune_logs(cfg: &LogConfig) {
                 tracing::info!(
                     event = "log_file_removed",
                     file = name.as_str(),
-                    keep_files = cfg.keep_files,
+                    // What is in effect: `keep_files` below 2 keeps 2.
+                    keep_files = cfg.keep_files.max(2),
                     "old log file removed (keep_files)"
                 );
             }
@@ -739,13 +740,24 @@ pub(crate) mod tests {
             )
             .unwrap();
         }
+        // `keep_files = 0` keeps 2, and its line says the 2 in effect (a probe's finding: it
+        // said 0).
         let cfg = LogConfig {
             dir: Some(dir.path().to_path_buf()),
             rotation: Rotation::Hourly,
-            keep_files: 2,
+            keep_files: 0,
             ..LogConfig::default()
         };
-        prune_logs(&cfg);
+        let sink = Sink::default();
+        let subscriber = tracing_subscriber::registry().with(
+            fmt::layer()
+                .with_ansi(false)
+                .with_writer(OneLine::new(sink.clone(), false)),
+        );
+        tracing::subscriber::with_default(subscriber, || prune_logs(&cfg));
+        let said = sink.lines();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(said[0].contains("keep_files=2"), "{said:#?}");
         let names = names_in(dir.path());
         assert_eq!(
             names,
