@@ -347,7 +347,7 @@ async fn handle(
             Err(e) => {
                 let said = serde_json::json!({
                     "error": e,
-                    "daemon": {"running": true, "pid": std::process::id()},
+                    "daemon": this_daemon(),
                     "write_errors": state.store.write_trouble(),
                 });
                 reply(
@@ -418,10 +418,7 @@ async fn read<T: Send + 'static>(
 async fn status_json(state: &AdminState) -> Result<String, String> {
     let mut s = read(state, Reader::status).await?;
     // The daemon answering is the one that holds the database.
-    s.daemon = Some(crate::store::query::DaemonState {
-        running: true,
-        pid: Some(std::process::id()),
-    });
+    s.daemon = Some(this_daemon());
     let dir = state.inbox_dir.clone();
     let mut inbox = tokio::task::spawn_blocking(move || crate::inbox::waiting(&dir))
         .await
@@ -430,6 +427,13 @@ async fn status_json(state: &AdminState) -> Result<String, String> {
     s.inbox = Some(inbox);
     s.write_errors = Some(state.store.write_trouble());
     serde_json::to_string_pretty(&s).map_err(|e| e.to_string())
+}
+
+fn this_daemon() -> crate::store::query::DaemonState {
+    crate::store::query::DaemonState {
+        running: true,
+        pid: Some(std::process::id()),
+    }
 }
 
 /// Ready = not shutting down, the inbox watcher runs on its folder, and the database takes

@@ -145,7 +145,7 @@ impl Metrics {
             results_unwritten: Gauge::default(),
         };
         // Every kind of write at 0 from the start, for an alert on `== 1`.
-        for write in ["heartbeat", "commit", "results", "claim"] {
+        for write in crate::store::write_labels() {
             let _ = m.store_write_failing.get_or_create(&WriteLabel {
                 write: write.into(),
             });

@@ -217,12 +217,11 @@ pub fn ingest(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
-/// A name the inbox never takes however it ends (SPEC 1: dotfiles are ignored), so `ingest`
-/// does not either: it would take a dropper's file still being written under its staging
-/// name, and leave a processed copy no retention removes.
+/// A dotfile, which the inbox never takes, so `ingest` does not either: it would take a
+/// dropper's file still being written under its staging name, and leave a processed copy no
+/// retention removes.
 fn is_dotfile(path: &Path) -> bool {
-    path.file_name()
-        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+    path.file_name().is_some_and(crate::inbox::is_dotfile)
 }
 
 /// What tells files apart: device and inode where the file is there to ask, else its path.

@@ -77,8 +77,13 @@ pub fn waiting(dir: &std::path::Path) -> crate::store::query::InboxState {
 /// dotfile (writers stage files under dot names before renaming them in).
 pub fn is_drop_name(name: &std::ffi::OsStr) -> bool {
     // Non-UTF-8 names still count when their suffix is right.
-    let name = name.to_string_lossy();
-    !name.starts_with('.') && parse::FileKind::from_name(&name).is_some()
+    !is_dotfile(name) && parse::FileKind::from_name(&name.to_string_lossy()).is_some()
+}
+
+/// A name the inbox never takes however it ends (SPEC 1: dotfiles are ignored): a
+/// dropper's file still being written under its staging name.
+pub fn is_dotfile(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b".")
 }
 
 #[cfg(test)]

@@ -2333,6 +2333,11 @@ mod tests {
         r.problems.iter().map(|p| p.message.as_str()).collect()
     }
 
+    /// The fields of a rejection's problems, in order.
+    fn fields(r: &Rejection) -> Vec<Option<&str>> {
+        r.problems.iter().map(|p| p.field.as_deref()).collect()
+    }
+
     #[test]
     fn null_is_a_field_left_out_when_other_fields_are_wrong_too() {
         let r = problems(
@@ -2345,7 +2350,7 @@ mod tests {
             &notif(r#","id":null,"send_at":null,"expiration":null,"topic":null,"priority":"10""#),
             FileKind::Json,
         );
-        let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+        let fields = fields(&r);
         assert_eq!(fields, [Some("priority")], "{:?}", r.problems);
     }
 
@@ -2372,7 +2377,7 @@ mod tests {
             );
         }
         let r = problems(&notif(r#","token":null,"user":null"#), FileKind::Json);
-        let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+        let fields = fields(&r);
         assert_eq!(fields, [Some("token"), Some("user")], "{:?}", r.problems);
         // A string that says null is no null.
         assert!(parse(&notif(r#","collapse_id":"null""#), FileKind::Json).is_ok());
@@ -2383,43 +2388,43 @@ mod tests {
     /// a bad token, a number in `tokens` hid the items after it, no `aps` hid the size).
     #[test]
     fn every_problem_of_a_target_or_a_payload_is_listed() {
-        let fields = |to: &str| -> Vec<String> {
+        let to_fields = |to: &str| -> Vec<String> {
             let text = format!(
                 r#"{{"type":"notification","to":{to},"payload":{{"aps":{{"alert":"hi"}}}}}}"#
             );
             let r = problems(&text, FileKind::Json);
-            r.problems
-                .iter()
-                .map(|p| p.field.clone().unwrap())
+            fields(&r)
+                .into_iter()
+                .map(|f| f.unwrap().to_string())
                 .collect()
         };
         assert_eq!(
-            fields(r#"{"tokens":["zz"],"x":1}"#),
+            to_fields(r#"{"tokens":["zz"],"x":1}"#),
             ["to.tokens[0]", "to.x"]
         );
-        assert_eq!(fields(r#"{"x":1,"y":2,"all":true}"#), ["to.x", "to.y"]);
+        assert_eq!(to_fields(r#"{"x":1,"y":2,"all":true}"#), ["to.x", "to.y"]);
         assert_eq!(
-            fields(r#"{"tokens":[5,"zz",null]}"#),
+            to_fields(r#"{"tokens":[5,"zz",null]}"#),
             ["to.tokens[0]", "to.tokens[1]", "to.tokens[2]"]
         );
         let long = "u".repeat(2000);
         assert_eq!(
-            fields(&format!(r#"{{"users":[5,6,"{long}"]}}"#)),
+            to_fields(&format!(r#"{{"users":[5,6,"{long}"]}}"#)),
             ["to.users[0]", "to.users[1]", "to.users[2]"]
         );
         // Beside another target too (a probe's finding: only the other's type errors were).
         assert_eq!(
-            fields(r#"{"tokens":["zz"],"users":[5]}"#),
+            to_fields(r#"{"tokens":["zz"],"users":[5]}"#),
             ["to", "to.tokens[0]", "to.users[0]"]
         );
         assert_eq!(
-            fields(r#"{"tokens":["ab"],"x":1,"all":true}"#),
+            to_fields(r#"{"tokens":["ab"],"x":1,"all":true}"#),
             ["to", "to.tokens[0]", "to.x"]
         );
-        assert_eq!(fields(r#"{"x":1}"#), ["to", "to.x"]);
-        assert_eq!(fields(r#"{"all":true,"all":true}"#), ["to.all"]);
-        assert_eq!(fields(r#"{"all":"yes"}"#), ["to.all"]);
-        assert_eq!(fields(r#"[true]"#), ["to"]);
+        assert_eq!(to_fields(r#"{"x":1}"#), ["to", "to.x"]);
+        assert_eq!(to_fields(r#"{"all":true,"all":true}"#), ["to.all"]);
+        assert_eq!(to_fields(r#"{"all":"yes"}"#), ["to.all"]);
+        assert_eq!(to_fields(r#"[true]"#), ["to"]);
         // What each says.
         let text = format!(
             r#"{{"type":"notification","to":{{"tokens":[5,"{TOKEN}"],"devices":1}},"payload":{{"aps":{{}}}}}}"#
@@ -2464,7 +2469,7 @@ mod tests {
         let line = r#"{"type":"notification","app":"nope","to":{"all":true},"payload":{"aps":{}},"prio":5}"#;
         for kind in [FileKind::Json, FileKind::Jsonl] {
             let r = problems(line, kind);
-            let got: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+            let got = fields(&r);
             assert_eq!(got, [Some("app"), Some("prio")], "{kind:?}");
         }
     }
@@ -2711,7 +2716,7 @@ mod tests {
             ),
             FileKind::Json,
         );
-        let fields: Vec<_> = r.problems.iter().map(|p| p.field.as_deref()).collect();
+        let fields = fields(&r);
         assert_eq!(
             fields,
             [Some("payload.list[1].x"), Some("payload.big.k3")],

@@ -303,6 +303,12 @@ impl WriteKind {
     }
 }
 
+/// The labels of the kinds of write `store_write_failing` has, for its series at 0 from the
+/// start.
+pub fn write_labels() -> [&'static str; WriteKind::ALL.len()] {
+    WriteKind::ALL.map(WriteKind::label)
+}
+
 /// The writes failing now, by kind, each until one of its kind succeeds, with when it last
 /// failed. A database that takes the heartbeat's one-row write (`/readyz`) may still refuse a
 /// file's commit or a batch of results (a full disk), and cannot record that it does: the
