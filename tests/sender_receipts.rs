@@ -414,6 +414,66 @@ fn a_receipt_that_could_not_be_written_is_written_once_it_can_be() {
     assert!(names().contains(&"third.json".to_string()));
 }
 
+/// A receipt that still fails when its notification is purged can never be written: the
+/// daemon says so (`receipt_lost`, naming the notification) instead of dropping it silently
+/// at its next retry (a probe's finding). The notification's finish is backdated past the
+/// purge's hour rather than waited for.
+#[test]
+fn a_receipt_whose_notification_is_purged_while_it_fails_is_said_lost() {
+    let w = World::new(SimOptions::default(), common::world::FAST_SENDER);
+    let text = std::fs::read_to_string(&w.env.config_path).unwrap();
+    let text = text.replace("[store]\n", "[store]\nkeep_finished_days = 0\n");
+    std::fs::write(&w.env.config_path, text).unwrap();
+    let dir = receipts_dir(&w.env);
+    let log = w.env.dir.path().join("run.log");
+    let mut child = spawn(&w.env, &log);
+    wait_for("the start", || !lines_of(&log, "started").is_empty());
+    // The folder (made at the first receipt) becomes unusable: a daemon would not start
+    // with a file in its place.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::write(&dir, "not a folder").unwrap();
+    w.env.drop_file(
+        "a.json",
+        notification_to("gone", &format!(r#"{{"tokens":["{}"]}}"#, token(1)), ""),
+    );
+    wait_for("the receipt's failure", || {
+        lines_of(&log, "receipt_error")
+            .iter()
+            .any(|l| l.contains("gone"))
+    });
+    let two_hours_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 2 * 3600 * 1000;
+    w.env
+        .db_rw()
+        .execute(
+            "UPDATE deliveries SET finished_at = ?1, updated_at = ?1",
+            [two_hours_ago],
+        )
+        .unwrap();
+    let out = w.env.pushdrop(&["purge"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        w.env
+            .count("SELECT count(*) FROM notifications WHERE ext_id = 'gone'"),
+        0,
+        "purged"
+    );
+    // The folder is usable again: the next retry finds nothing to write from.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    wait_for("the receipt said lost", || {
+        lines_of(&log, "receipt_lost")
+            .iter()
+            .any(|l| l.contains("id=\"gone\"") && l.contains("WARN"))
+    });
+    assert!(!dir.join("gone.json").exists());
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+}
+
 /// What someone left in the receipts folder is never written through or waited on: a
 /// symlink at a receipt's temporary name (the receipt would have gone into its target) is
 /// replaced by the receipt's own file, and a FIFO where a receipt goes (opening it would

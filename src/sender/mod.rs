@@ -157,8 +157,18 @@ impl ReceiptWork {
     ) -> Option<(FinishedNotification, crate::receipts::ReceiptError)> {
         match self.receipts.write(f.notification_id) {
             Ok(Some(path)) => log_receipt_written(&f, &path, late),
-            // Purged meanwhile: nothing to write a receipt from.
-            Ok(None) => log_finished(std::slice::from_ref(&f)),
+            // Purged meanwhile (a receipt that kept failing for longer than retention
+            // keeps a finished notification): nothing to write it from, ever. Said, since
+            // a dropper waits for it.
+            Ok(None) => {
+                log_finished(std::slice::from_ref(&f));
+                warn!(
+                    event = "receipt_lost",
+                    id = f.ext_id.as_str(),
+                    app = f.app.as_str(),
+                    "no receipt will be written: the notification was purged before its receipt could be"
+                );
+            }
             Err(e) => return Some((f, e)),
         }
         None
@@ -168,7 +178,7 @@ impl ReceiptWork {
     /// minute), since a dropper waiting for it sees nothing else.
     fn note_failed(&self, store: &Store, f: FinishedNotification, error: &str) {
         let message = format!(
-            "cannot write the receipt of {}: {error}; tried again every 10 s",
+            "cannot write the receipt of {}: {error}; tried again within 10 s",
             f.ext_id
         );
         let app = f.app.clone();
@@ -802,7 +812,7 @@ impl Inner {
         work.spawn(move |work| {
             for f in finished {
                 if let Some((f, e)) = work.write_one(f, false) {
-                    error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; tried again every 10 s, and at the next start");
+                    error!(event = "receipt_error", id = %f.ext_id, app = %f.app, error = %e, "cannot write receipt; tried again within 10 s, and at the next start");
                     work.note_failed(&store, f, &e.to_string());
                 }
             }
