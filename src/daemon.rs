@@ -85,6 +85,7 @@ impl Daemon {
         // sender send every due delivery again and again, its results never recorded. Whether
         // the open or the first write finds that out, the refusal names what this user may not
         // write.
+        inbox::check_not_taken(&cfg)?;
         let path = &cfg.store.path;
         let refuse = |source: StoreError, blocked: Vec<std::path::PathBuf>| {
             // A refusal SQLite made as read-only names the files already (`StoreError::ReadOnly`).

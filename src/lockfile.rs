@@ -80,6 +80,11 @@ pub fn holder(path: &Path) -> Option<Held> {
     }
 }
 
+/// " (pid N)" for a refusal that names a lock's holder, or nothing when it is out of sight.
+pub fn pid_text(pid: Option<u32>) -> String {
+    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+}
+
 /// The pid of the `FLOCK` on the file (`dev`, `ino`) in the text of `/proc/locks`: lines
 /// such as `1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF` (the device as hexadecimal
 /// major:minor); a waiter's line (`1: -> FLOCK …`) holds nothing.

@@ -281,6 +281,15 @@ fn a_second_daemon_on_the_same_inbox_is_refused_even_with_its_own_database() {
         log.contains("watched by another pushdrop daemon") && log.contains("inbox-link"),
         "says why: {log}"
     );
+    assert!(
+        log.contains(&format!("(pid {})", first.id())),
+        "names the daemon holding it: {log}"
+    );
+    // Refused before it made a database of its own, which would have been left behind.
+    assert!(
+        !env.dir.path().join("var/second.db").exists(),
+        "no database left behind"
+    );
 
     env.drop_file("a.jsonl", notification("only-once", &token(1)));
     wait_for("the file taken", || env.processed_names() == ["a.jsonl"]);

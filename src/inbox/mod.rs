@@ -14,7 +14,7 @@ pub mod report;
 pub mod watch;
 
 pub use ingest::{Candidate, FileOutcome, FileResult, Ingestor};
-pub use watch::{InboxError, InboxHandle, start};
+pub use watch::{InboxError, InboxHandle, check_not_taken, start};
 
 /// The names (as the store records them) of the drop files in `dir` now, or `None` when
 /// the folder cannot be read. The purge keeps the committed-file records of these (and all

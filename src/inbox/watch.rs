@@ -74,9 +74,23 @@ pub enum InboxError {
     #[error("cannot start the inbox thread: {0}")]
     Thread(std::io::Error),
     #[error(
-        "inbox {dir} is watched by another pushdrop daemon (it holds the folder's lock); two daemons on one inbox would each take the same files and send them twice: stop it first, or give each daemon its own inbox"
+        "inbox {dir} is watched by another pushdrop daemon{pid} (it holds the folder's lock); two daemons on one inbox would each take the same files and send them twice: stop it first, or give each daemon its own inbox",
+        pid = crate::lockfile::pid_text(*pid)
     )]
-    Locked { dir: PathBuf },
+    Locked { dir: PathBuf, pid: Option<u32> },
+}
+
+/// Refuses an inbox another daemon holds, before this one opens (and so creates) its
+/// database: a refused `run` with a database of its own left that file behind (a probe's
+/// finding). The lock itself is taken when the inbox starts; this only asks who holds it.
+pub fn check_not_taken(cfg: &Config) -> Result<(), InboxError> {
+    match crate::lockfile::holder(&cfg.inbox.dir) {
+        Some(crate::lockfile::Held::By(pid)) => Err(InboxError::Locked {
+            dir: cfg.inbox.dir.clone(),
+            pid,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The running inbox. Dropping it without [`InboxHandle::stop`] leaves the thread running
@@ -167,7 +181,13 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
             source,
         })?;
     }
-    let lock = lock_inbox(&inbox).map_err(|Taken| InboxError::Locked { dir: inbox.clone() })?;
+    let lock = lock_inbox(&inbox).map_err(|Taken| InboxError::Locked {
+        dir: inbox.clone(),
+        pid: match crate::lockfile::holder(&inbox) {
+            Some(crate::lockfile::Held::By(pid)) => pid,
+            _ => None,
+        },
+    })?;
 
     let (tx, rx) = mpsc::channel();
     let mut poll = cfg.inbox.watch == WatchMode::Poll;

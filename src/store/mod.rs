@@ -101,17 +101,22 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error(
-        "database {path} is in use by another pushdrop process (lock file {lock}); stop it first"
+        "database {path} is in use by another pushdrop process{pid} (lock file {lock}); stop it first",
+        pid = crate::lockfile::pid_text(*pid)
     )]
-    Locked { path: PathBuf, lock: PathBuf },
+    Locked {
+        path: PathBuf,
+        lock: PathBuf,
+        pid: Option<u32>,
+    },
     #[error(
         "no database at {path}, but a daemon{pid} holds its lock: the file was deleted or moved while the daemon ran; not creating another. Restart the daemon (it takes no drop files meanwhile; what it queued in the deleted file is lost when it stops)",
-        pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        pid = crate::lockfile::pid_text(*pid)
     )]
     GoneUnderDaemon { path: PathBuf, pid: Option<u32> },
     #[error(
         "the database file {path} was replaced while a daemon{pid} runs on the file it opened before: not writing to it (the daemon would never see it, and the next start may lose what is written). Restart the daemon first",
-        pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        pid = crate::lockfile::pid_text(*pid)
     )]
     ReplacedUnderDaemon { path: PathBuf, pid: Option<u32> },
     #[error(
@@ -1008,6 +1013,10 @@ impl LockFile {
             Ok(Some(file)) => Ok(LockFile { _file: file }),
             Ok(None) => Err(StoreError::Locked {
                 path: db.to_path_buf(),
+                pid: match crate::lockfile::holder(&lock) {
+                    Some(crate::lockfile::Held::By(pid)) => pid,
+                    _ => None,
+                },
                 lock,
             }),
             Err(source) => Err(StoreError::LockFile { path: lock, source }),

@@ -151,7 +151,14 @@ fn rt() -> tokio::runtime::Runtime {
 fn second_exclusive_open_is_refused() {
     let (dir, _store) = open();
     match Store::open(&dir.path().join("db/p.db"), true) {
-        Err(StoreError::Locked { .. }) => {}
+        // The refusal names the holder (this process here), as `status` does.
+        Err(e @ StoreError::Locked { .. }) => assert!(
+            e.to_string().contains(&format!(
+                "another pushdrop process (pid {})",
+                std::process::id()
+            )),
+            "{e}"
+        ),
         other => panic!("expected Locked, got {:?}", other.err()),
     }
 }
