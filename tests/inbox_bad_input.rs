@@ -220,6 +220,55 @@ fn bad_files_are_rejected_with_reasons_and_the_daemon_keeps_going() {
     daemon.shutdown();
 }
 
+/// `processed` and `rejected` sit in the inbox, whose droppers may rename them away and put
+/// links to folders elsewhere in their place: nothing is moved through such a link (a probe
+/// put a forged receipt into the receipts folder that way). The files wait in the inbox,
+/// the accepted one committed once, and move on once the folders are real again.
+#[test]
+fn drop_files_are_never_moved_through_a_link_put_in_place_of_processed_or_rejected() {
+    let env = Env::new();
+    let _daemon = env.start();
+    env.drop_file("first.json", notification("n-0", &token(1)));
+    wait_for("the first file processed", || {
+        env.processed_names() == ["first.json"]
+    });
+    let elsewhere = env.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let (processed, rejected) = (env.inbox.join("processed"), env.inbox.join("rejected"));
+    std::fs::create_dir_all(&rejected).unwrap();
+    let (processed_old, rejected_old) =
+        (env.dir.path().join("p.old"), env.dir.path().join("r.old"));
+    std::fs::rename(&processed, &processed_old).unwrap();
+    std::fs::rename(&rejected, &rejected_old).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &processed).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &rejected).unwrap();
+    env.drop_file("order-1.json", notification("n-1", &token(2)));
+    env.drop_file("bad.json", "{\"type\":\"nope\"}");
+    wait_for("the good file committed", || {
+        env.count("SELECT count(*) FROM notifications WHERE ext_id = 'n-1'") == 1
+    });
+    // Several looks at both (a stuck file is looked at again with a back-off).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        Env::names(&elsewhere),
+        Vec::<String>::new(),
+        "nothing moved through the links"
+    );
+    assert_eq!(env.inbox_names(), ["bad.json", "order-1.json"]);
+    // Real folders again: the files move on, the committed one not ingested twice.
+    std::fs::remove_file(&processed).unwrap();
+    std::fs::remove_file(&rejected).unwrap();
+    std::fs::rename(&processed_old, &processed).unwrap();
+    std::fs::rename(&rejected_old, &rejected).unwrap();
+    wait_for("both files moved on", || env.inbox_names().is_empty());
+    assert_eq!(env.processed_names(), ["first.json", "order-1.json"]);
+    assert!(env.rejected_names().contains(&"bad.json".to_string()));
+    assert_eq!(
+        env.count("SELECT count(*) FROM notifications WHERE ext_id = 'n-1'"),
+        1
+    );
+}
+
 #[test]
 fn truncated_json_waits_for_its_writer_then_is_rejected_when_it_stops() {
     let env = Env::with(Options {

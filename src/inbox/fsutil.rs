@@ -210,6 +210,28 @@ pub fn make_dirs(dir: &Path) -> io::Result<()> {
     })
 }
 
+/// [`make_dirs`] for a folder drop files are moved into (`processed_dir`, `rejected_dir`),
+/// which must be a real folder, not a symbolic link. Those folders sit in the inbox by
+/// default, where whoever may drop files may also rename the folder away and put a link in
+/// its place: moves through the link would put drop files (a forged receipt, say) wherever
+/// the daemon may write, and retention would delete there. Checked before every move; a
+/// link swapped in between the check and the rename is not caught.
+pub fn make_destination(dir: &Path) -> io::Result<()> {
+    make_dirs(dir)?;
+    if is_symlink(dir) {
+        return Err(io::Error::other(format!(
+            "{} is a symbolic link, not a folder: drop files are moved only into a real folder (whoever may write the inbox could point a link anywhere); make it a folder, or set the key to the link's target",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `path` itself (not what it points to) is a symbolic link.
+pub fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
 /// What stands where a folder (or one above it) must be made.
 pub struct Blocker<'a> {
     pub path: &'a Path,

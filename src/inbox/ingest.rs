@@ -1000,8 +1000,8 @@ impl Ingestor {
                 // `pushdrop ingest processed/x.jsonl`: it is where it would go.
                 return (Some(r.path.clone()), None);
             }
-            if let Err(e) = fsutil::make_dirs(dir) {
-                return (None, Some(format!("cannot create {}: {e}", dir.display())));
+            if let Err(e) = fsutil::make_destination(dir) {
+                return (None, Some(format!("cannot move to {}: {e}", dir.display())));
             }
             if !same_file_system(inbox, dir) {
                 staged = true;
@@ -1206,7 +1206,8 @@ impl Ingestor {
             move_error: None,
         };
         let result = (|| -> Result<Option<(PathBuf, PathBuf)>, String> {
-            fsutil::make_dirs(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            fsutil::make_destination(dir)
+                .map_err(|e| format!("cannot move to {}: {e}", dir.display()))?;
             let fname: OsString = path
                 .file_name()
                 .map(|n| n.to_os_string())
@@ -1745,7 +1746,7 @@ impl Ingestor {
             }
             return;
         }
-        let moved = fsutil::make_dirs(dir)
+        let moved = fsutil::make_destination(dir)
             .map_err(|e| e.to_string())
             .and_then(|()| move_to_free_name(path, dir, std::ffi::OsStr::new(name)));
         match moved {
@@ -1769,7 +1770,7 @@ impl Ingestor {
             .trim_start_matches('.')
             .trim_end_matches(".tmp")
             .to_string();
-        let moved = fsutil::make_dirs(dir)
+        let moved = fsutil::make_destination(dir)
             .map_err(|e| e.to_string())
             .and_then(|()| {
                 move_to_free_name(path, dir, std::ffi::OsStr::new(&format!("{stem}.leftover")))
@@ -1965,6 +1966,11 @@ pub fn sweep_dir(
     now: SystemTime,
     matches: impl Fn(&std::ffi::OsStr) -> bool,
 ) -> usize {
+    // Never through a link: see [`fsutil::make_destination`] (the move that fails there
+    // says why).
+    if fsutil::is_symlink(dir) {
+        return 0;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -2660,6 +2666,36 @@ mod tests {
         backdate(&old, Duration::from_secs(8 * 86_400));
         assert_eq!(sweep(SystemTime::now()), 1);
         assert!(!old.exists());
+    }
+
+    /// A `processed_dir` a dropper replaced with a link to a folder elsewhere: retention
+    /// deletes nothing through the link (a probe's finding: it removed an old file there).
+    #[test]
+    fn retention_never_deletes_through_a_linked_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let precious = elsewhere.join("precious.json");
+        std::fs::write(&precious, "{}").unwrap();
+        backdate(&precious, Duration::from_secs(10 * 86_400));
+        let link = d.path().join("processed");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(
+            sweep_dir(&link, week, SystemTime::now(), crate::inbox::is_drop_name),
+            0
+        );
+        assert!(precious.exists());
+        assert_eq!(
+            sweep_dir(
+                &elsewhere,
+                week,
+                SystemTime::now(),
+                crate::inbox::is_drop_name
+            ),
+            1,
+            "the folder itself, named as it is, is swept"
+        );
     }
 
     /// A `processed_dir` that is the config's own folder (a probe's setup): retention takes
