@@ -1874,38 +1874,35 @@ struct PayloadInfo {
 
 fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<PayloadInfo> {
     let text = p.get();
-    let tree: Pv = match serde_json::from_str(text) {
-        Ok(t) => t,
+    let before = problems.len();
+    let mut path = String::from("payload");
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = match (Walk {
+        path: &mut path,
+        problems,
+    })
+    .deserialize(&mut de)
+    {
+        Ok(top) => top,
         Err(e) => {
-            // Where in the payload, read again with its path kept (only for a bad payload:
-            // the path's bookkeeping is not paid on the way every good one takes).
-            let mut de = serde_json::Deserializer::from_str(text);
-            let field = match serde_path_to_error::deserialize::<_, Pv>(&mut de) {
-                Err(e) if e.path().to_string() != "." => format!("payload.{}", e.path()),
-                _ => "payload".to_string(),
-            };
+            // Said where the walk stopped (its path is left there); what it found before
+            // does not count, as for any payload that cannot be read.
+            problems.truncate(before);
+            let field = excerpt(&path).into_owned();
             problems.push(fp(field, format!("cannot be read: {}", serde_message(&e))));
             return None;
         }
     };
-    let before = problems.len();
-    tree.find_duplicates(&mut String::from("payload"), problems);
-    let Pv::Object(top) = &tree else {
+    if top.kind != Kind::Object {
         problems.push(fp(
             "payload",
             "must be a JSON object with an \"aps\" object",
         ));
         return None;
-    };
-    let aps = top.iter().find(|(k, _)| k == "aps").map(|(_, v)| v);
-    let content_available_only = match aps {
-        Some(Pv::Object(fields)) => {
-            // Apple's background update is `"content-available": 1`; a 0 asks for none.
-            !fields.is_empty()
-                && fields
-                    .iter()
-                    .all(|(k, v)| k == "content-available" && matches!(v, Pv::One))
-        }
+    }
+    let content_available_only = match top.aps {
+        // Apple's background update is `"content-available": 1`; a 0 asks for none.
+        Some((Kind::Object, only)) => only,
         Some(_) => {
             problems.push(fp("payload.aps", "must be a JSON object"));
             false
@@ -1926,113 +1923,138 @@ fn check_payload(p: &RawValue, problems: &mut Vec<FieldProblem>) -> Option<Paylo
     })
 }
 
-/// A JSON value reduced to what the payload checks need: objects with their keys in order,
-/// duplicates kept (serde_json's own `Value` silently keeps only the last).
-enum Pv {
-    Object(Vec<(String, Pv)>),
-    Array(Vec<Pv>),
+/// A JSON value's kind, as far as the payload checks care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Object,
+    Array,
     /// The integer 1 (what `content-available` must be for a background push).
     One,
     Scalar,
 }
 
-impl Pv {
-    /// Reports every key found twice in one object, at any depth, by its path. `path` is the
-    /// value's own; it is extended for each key and element and restored after, so a path is
-    /// only spelled out for a problem, not formatted for every key of every payload.
-    fn find_duplicates(&self, path: &mut String, problems: &mut Vec<FieldProblem>) {
-        use std::fmt::Write as _;
-        match self {
-            Pv::Object(fields) => {
-                // Payload objects have a handful of keys: comparing each with those before it
-                // beats building a set, up to a size.
-                let mut seen = (fields.len() > 16).then(|| HashSet::with_capacity(fields.len()));
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    let dup = match &mut seen {
-                        Some(seen) => !seen.insert(k.as_str()),
-                        None => fields[..i].iter().any(|(before, _)| before == k),
-                    };
-                    let len = path.len();
-                    path.push('.');
-                    path.push_str(k);
-                    if dup {
-                        problems.push(fp(
-                            excerpt(path).into_owned(),
-                            format!("duplicate key \"{}\"", excerpt(k)),
-                        ));
-                    }
-                    v.find_duplicates(path, problems);
-                    path.truncate(len);
-                }
-            }
-            Pv::Array(items) => {
-                for (i, v) in items.iter().enumerate() {
-                    let len = path.len();
-                    // Writing to a String cannot fail.
-                    let _ = write!(path, "[{i}]");
-                    v.find_duplicates(path, problems);
-                    path.truncate(len);
-                }
-            }
-            Pv::One | Pv::Scalar => {}
+/// What a [`Walk`] learned about a value.
+struct Walked {
+    kind: Kind,
+    /// An object that is not empty and holds only `"content-available": 1` (a background
+    /// update's `aps`).
+    content_available_only: bool,
+    /// An object's first `aps`: its kind, and whether it is a background update's.
+    aps: Option<(Kind, bool)>,
+}
+
+impl Walked {
+    fn of(kind: Kind) -> Walked {
+        Walked {
+            kind,
+            content_available_only: false,
+            aps: None,
         }
     }
 }
 
-impl<'de> Deserialize<'de> for Pv {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(PvVisitor)
+/// Reads a payload once, as it is deserialized, reporting every key found twice in one
+/// object, at any depth, by its path (serde_json's own `Value` silently keeps only the last).
+/// Nothing of the payload is kept but the keys of the objects it is inside: a tree of it
+/// took some 25 times the payload's size (4 million `{}` in an array: 290 MB for a 12 MB
+/// file, a probe's finding). `path` is the value's own, extended for each key and element and
+/// restored after, so a path is only spelled out for a problem; when the read fails, it is
+/// left at the value that failed.
+struct Walk<'w> {
+    path: &'w mut String,
+    problems: &'w mut Vec<FieldProblem>,
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    type Value = Walked;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Walked, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct PvVisitor;
-
-impl<'de> Visitor<'de> for PvVisitor {
-    type Value = Pv;
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = Walked;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Pv, E> {
-        Ok(Pv::Scalar)
+    fn visit_bool<E>(self, _: bool) -> Result<Walked, E> {
+        Ok(Walked::of(Kind::Scalar))
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Pv, E> {
-        Ok(if v == 1 { Pv::One } else { Pv::Scalar })
+    fn visit_i64<E>(self, v: i64) -> Result<Walked, E> {
+        Ok(Walked::of(if v == 1 { Kind::One } else { Kind::Scalar }))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Pv, E> {
-        Ok(if v == 1 { Pv::One } else { Pv::Scalar })
+    fn visit_u64<E>(self, v: u64) -> Result<Walked, E> {
+        Ok(Walked::of(if v == 1 { Kind::One } else { Kind::Scalar }))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Pv, E> {
-        Ok(Pv::Scalar)
+    fn visit_f64<E>(self, _: f64) -> Result<Walked, E> {
+        Ok(Walked::of(Kind::Scalar))
     }
-    fn visit_str<E>(self, _: &str) -> Result<Pv, E> {
-        Ok(Pv::Scalar)
+    fn visit_str<E>(self, _: &str) -> Result<Walked, E> {
+        Ok(Walked::of(Kind::Scalar))
     }
-    fn visit_unit<E>(self) -> Result<Pv, E> {
-        Ok(Pv::Scalar)
+    fn visit_unit<E>(self) -> Result<Walked, E> {
+        Ok(Walked::of(Kind::Scalar))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pv, A::Error> {
-        let mut items = Vec::new();
-        while let Some(v) = seq.next_element_seed(PvSeed)? {
-            items.push(v);
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Walked, A::Error> {
+        use std::fmt::Write as _;
+        let len = self.path.len();
+        for i in 0.. {
+            // Writing to a String cannot fail.
+            let _ = write!(self.path, "[{i}]");
+            let item = seq.next_element_seed(Walk {
+                path: &mut *self.path,
+                problems: &mut *self.problems,
+            })?;
+            self.path.truncate(len);
+            if item.is_none() {
+                break;
+            }
         }
-        Ok(Pv::Array(items))
+        Ok(Walked::of(Kind::Array))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pv, A::Error> {
-        let mut fields = Vec::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Walked, A::Error> {
+        // Payload objects have a handful of keys: comparing each with those before it beats
+        // building a set, up to a size.
+        let mut keys: Vec<String> = Vec::new();
+        let mut seen: Option<HashSet<String>> = None;
+        let (mut any, mut only_content_available, mut aps) = (false, true, None);
+        let len = self.path.len();
         while let Some(k) = map.next_key::<String>()? {
-            let v = map.next_value_seed(PvSeed)?;
-            fields.push((k, v));
+            let dup = match &mut seen {
+                Some(seen) => !seen.insert(k.clone()),
+                None => {
+                    let dup = keys.contains(&k);
+                    keys.push(k.clone());
+                    if keys.len() > 16 {
+                        seen = Some(keys.drain(..).collect());
+                    }
+                    dup
+                }
+            };
+            self.path.push('.');
+            self.path.push_str(&k);
+            if dup {
+                self.problems.push(fp(
+                    excerpt(self.path).into_owned(),
+                    format!("duplicate key \"{}\"", excerpt(&k)),
+                ));
+            }
+            let v = map.next_value_seed(Walk {
+                path: &mut *self.path,
+                problems: &mut *self.problems,
+            })?;
+            self.path.truncate(len);
+            any = true;
+            only_content_available &= k == "content-available" && v.kind == Kind::One;
+            if k == "aps" && aps.is_none() {
+                aps = Some((v.kind, v.content_available_only));
+            }
         }
-        Ok(Pv::Object(fields))
-    }
-}
-
-struct PvSeed;
-
-impl<'de> DeserializeSeed<'de> for PvSeed {
-    type Value = Pv;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Pv, D::Error> {
-        d.deserialize_any(PvVisitor)
+        Ok(Walked {
+            kind: Kind::Object,
+            content_available_only: any && only_content_available,
+            aps,
+        })
     }
 }
 
