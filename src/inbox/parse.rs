@@ -746,6 +746,7 @@ fn record<'t>(
                 message: sanitize(&p.message),
             },
         );
+        acc.more_problems += p.more;
     }
 }
 
@@ -765,6 +766,9 @@ fn invisible_hint(text: &str) -> &'static str {
 struct FieldProblem {
     field: Option<String>,
     message: String,
+    /// Problems of the same record found after this one and not kept (see
+    /// [`push_item_problem`]): counted, not listed.
+    more: usize,
 }
 
 fn fp(field: impl Into<String>, message: impl Into<String>) -> FieldProblem {
@@ -772,6 +776,19 @@ fn fp(field: impl Into<String>, message: impl Into<String>) -> FieldProblem {
     FieldProblem {
         field: Some(short_path(&field).into_owned()),
         message: message.into(),
+        more: 0,
+    }
+}
+
+/// A problem of one item of a list (`to.tokens`, `to.users`), whose count only the file's
+/// size bounds: a record keeps at most [`MAX_PROBLEMS`], as many as its file's report lists,
+/// and counts the rest on the last one kept. (A `to.tokens` of four million non-strings made
+/// four million problems, 1.2 GB, a probe's finding.)
+fn push_item_problem(problems: &mut Vec<FieldProblem>, p: impl FnOnce() -> FieldProblem) {
+    if problems.len() < MAX_PROBLEMS {
+        problems.push(p());
+    } else if let Some(last) = problems.last_mut() {
+        last.more += 1;
     }
 }
 
@@ -1298,7 +1315,23 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
                 };
                 let mut list = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
-                    match field_value::<Cow<'a, str>>(&format!("{path}[{i}]"), item, problems) {
+                    // Anything but a string is a problem, worded by serde while the record
+                    // keeps problems, then only counted (wording millions took seconds).
+                    let read = if item.get().starts_with('"') || problems.len() < MAX_PROBLEMS {
+                        let mut found = Vec::new();
+                        let at = format!("{path}[{i}]");
+                        let read = field_value::<Cow<'a, str>>(&at, item, &mut found);
+                        for p in found {
+                            push_item_problem(problems, || p);
+                        }
+                        read
+                    } else {
+                        push_item_problem(problems, || {
+                            fp(format!("{path}[{i}]"), "must be a string")
+                        });
+                        None
+                    };
+                    match read {
                         Some(s) => list.push(s),
                         None => {
                             // Held by its index, so the others' problems name theirs.
@@ -1818,7 +1851,7 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
             match check_token(t) {
                 Ok(t) => tokens_out.push(t),
                 Err(m) => {
-                    problems.push(fp(format!("to.tokens[{i}]"), m));
+                    push_item_problem(problems, || fp(format!("to.tokens[{i}]"), m));
                     ok = false;
                 }
             }
@@ -1833,14 +1866,18 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
             if to.not_strings[1].binary_search(&i).is_ok() {
                 ok = false;
             } else if u.is_empty() {
-                problems.push(fp(format!("to.users[{i}]"), "must not be empty"));
+                push_item_problem(problems, || {
+                    fp(format!("to.users[{i}]"), "must not be empty")
+                });
                 ok = false;
             } else if u.len() > MAX_USER_BYTES {
                 // No device can have it: a device's user is held to the same limit.
-                problems.push(fp(
-                    format!("to.users[{i}]"),
-                    format!("is {} bytes long; at most {MAX_USER_BYTES}", u.len()),
-                ));
+                push_item_problem(problems, || {
+                    fp(
+                        format!("to.users[{i}]"),
+                        format!("is {} bytes long; at most {MAX_USER_BYTES}", u.len()),
+                    )
+                });
                 ok = false;
             }
         }
@@ -3041,6 +3078,34 @@ mod tests {
         );
         let few = problems("{\"type\":\"device\"}\n", FileKind::Jsonl);
         assert_eq!(problem_count(&few.problems, few.unlisted), 1);
+    }
+
+    /// One record whose lists hold more bad items than a report lists keeps only those, and
+    /// counts the rest (a probe's 1.2 GB of problems for one `to.tokens`): every item that
+    /// is no string, every bad token, every bad user.
+    #[test]
+    fn one_records_item_problems_are_kept_up_to_the_cap_and_counted_beyond() {
+        let n = MAX_PROBLEMS + 7;
+        let lists = [
+            format!("\"tokens\":[{}]", vec!["{}"; n].join(",")),
+            format!("\"tokens\":[{}]", vec!["\"x\""; n].join(",")),
+            format!("\"users\":[{}]", vec!["\"\""; n].join(",")),
+            // Both kinds in one list, the strings first.
+            format!(
+                "\"tokens\":[{},{}]",
+                vec!["\"x\""; 10].join(","),
+                vec!["1"; n - 10].join(",")
+            ),
+        ];
+        for list in lists {
+            let text = format!(
+                "{{\"type\":\"notification\",\"to\":{{{list}}},\"payload\":{{\"aps\":{{}}}}}}"
+            );
+            let r = problems(&text, FileKind::Json);
+            assert_eq!(r.problems.len(), MAX_PROBLEMS + 1, "{list:.40}");
+            assert_eq!(problem_count(&r.problems, r.unlisted), n, "{list:.40}");
+            assert!(r.problems[0].field.as_deref().unwrap().ends_with("[0]"));
+        }
     }
 
     /// Field paths name the field once, keys in them are excerpts, and in a `.json` file the
