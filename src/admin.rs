@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::metrics::{self, StateLabel};
@@ -90,6 +90,9 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
     let (stop, mut stop_rx) = watch::channel(false);
     info!(event = "admin_listening", %addr, "admin endpoint: /healthz /readyz /status /metrics");
     let task = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut full = Throttle::new(LOG_EVERY);
+        let mut accept_failed = Throttle::new(LOG_EVERY);
         loop {
             let conn = tokio::select! {
                 c = listener.accept() => c,
@@ -98,13 +101,45 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
             let (stream, _) = match conn {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(event = "admin_accept_error", error = %e);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors (EMFILE, ENFILE), the connection stays in the
+                    // listen queue and the listener stays readable: without a pause this loop
+                    // would spin, and without the throttle it would log 10 lines a second.
+                    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if let Some(unsaid) = accept_failed.note(std::time::Instant::now()) {
+                        warn!(
+                            event = "admin_accept_error",
+                            error = %e,
+                            out_of_fds,
+                            failed_since_last_line = unsaid,
+                            "the admin endpoint cannot accept connections; retrying every 100 ms (said at most once a minute while it lasts)"
+                        );
+                    }
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
             };
+            // At the cap, the connection is accepted and closed at once rather than left in
+            // the listen queue until a slot frees: the queue would fill with the very clients
+            // that hold the slots (a probe arriving behind them would wait for each of their
+            // 10 s timeouts), while an accept-and-close costs no lasting descriptor, keeps
+            // the queue empty, and serves the first connection that comes after a slot frees.
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                drop(stream);
+                if let Some(unsaid) = full.note(std::time::Instant::now()) {
+                    warn!(
+                        event = "admin_connections_full",
+                        max_connections = MAX_CONNECTIONS,
+                        refused_since_last_line = unsaid + 1,
+                        "the admin endpoint has its maximum of connections open: new ones are closed at once until one ends (said at most once a minute while it lasts)"
+                    );
+                }
+                continue;
+            };
             let state = state.clone();
             tokio::spawn(async move {
+                // The slot is given back once the socket is closed (locals drop in reverse).
+                let _slot = slot;
+                let stream = stream;
                 // A connection that sends nothing at all is closed too (the head timeout
                 // below starts with the first byte). A peek, not `readable()`: readiness may
                 // be reported with nothing to read, and the wait was then over at once.
@@ -162,6 +197,52 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
 
 /// How long a connection may take to send a request's head, and stay idle.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most admin connections open at once. Monitoring needs a handful (a kubelet's probes, a
+/// Prometheus scrape, an operator's curl); each connection holds a file descriptor, and the
+/// daemon's descriptors are shared with the inbox's files and SQLite's: a local client opening
+/// connections in a loop must not starve ingest and the database of them. 64 is ten times what
+/// monitoring needs, and a small share of the usual limit (1024).
+const MAX_CONNECTIONS: usize = 64;
+
+/// The pause after a failed `accept` before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// How often a condition that lasts (connections at the cap, `accept` failing) is logged.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Says when a condition that repeats is to be logged: at once the first time, then at most
+/// once per `every`, with how many times it went unsaid in between.
+struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            unsaid: 0,
+        }
+    }
+
+    /// Notes one occurrence at `now`: `Some(times unsaid since the last line)` when a line is
+    /// due, `None` when this one goes unsaid.
+    fn note(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.unsaid += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.unsaid))
+            }
+        }
+    }
+}
 
 /// When an admin connection last carried bytes, and how many of its requests are being
 /// answered: an idle connection is closed, one waiting for a slow answer is not.
@@ -469,7 +550,22 @@ async fn readiness(state: &AdminState) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::accepts_open_metrics;
+    use super::{Throttle, accepts_open_metrics};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_lasting_condition_is_said_once_a_minute_with_what_went_unsaid() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let mut t = Throttle::new(Duration::from_secs(60));
+        assert_eq!(t.note(at(0)), Some(0));
+        for ms in (100..60_000).step_by(100) {
+            assert_eq!(t.note(at(ms)), None, "{ms} ms");
+        }
+        assert_eq!(t.note(at(60_000)), Some(599));
+        assert_eq!(t.note(at(60_001)), None);
+        assert_eq!(t.note(at(200_000)), Some(1));
+    }
 
     #[test]
     fn open_metrics_only_to_those_who_accept_it() {

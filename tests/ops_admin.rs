@@ -7,7 +7,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::inbox::APP;
-use common::ops::{Ops, OpsOptions, device, get, http, notification, token, wait_for};
+use common::ops::{
+    Ops, OpsOptions, device, get, http, notification, pushdrop_cmd, spawn_logged, token, wait_for,
+};
 use pushdrop::simulator::TokenScript;
 
 /// The JSON with what moves by itself (ages) and what only the daemon knows (stuck files,
@@ -734,4 +736,166 @@ fn devices_and_show_list_every_row() {
         table.ends_with("10 device(s) shown; more match (--limit 10)\n"),
         "{table}"
     );
+}
+
+/// A local client that opens connections to the admin endpoint and holds them does not take
+/// the daemon's file descriptors from ingest and SQLite: at most 64 admin connections are
+/// open, one more is closed at once (said once, not per connection), a drop is still taken
+/// meanwhile, and `/healthz` answers as soon as they are gone. (A tester's finding: 200 idle
+/// connections to a daemon under `prlimit --nofile=120` left it unable to open drop files or
+/// answer `/healthz`, and logged `admin_accept_error` every 100 ms.)
+#[test]
+fn admin_connections_are_capped_and_leave_descriptors_to_ingest() {
+    use std::io::{Read, Write};
+    /// `MAX_CONNECTIONS` in src/admin.rs.
+    const CAP: usize = 64;
+    /// Descriptors the daemon may open beside its admin connections while a drop is taken.
+    const MARGIN: usize = 16;
+    // The real binary, so that its descriptors are its own, not shared with the tests running
+    // beside this one in the same process; its admin port is the one the system gave it.
+    let env = Ops::new(OpsOptions::default());
+    let out = env.dir.path().join("daemon.out");
+    let daemon = spawn_logged(pushdrop_cmd(&env.config_path).arg("run"), &out);
+    let daemon_log = || std::fs::read_to_string(&out).unwrap_or_default();
+    let mut admin: Option<std::net::SocketAddr> = None;
+    wait_for("the daemon's admin address", || {
+        admin = daemon_log()
+            .lines()
+            .filter(|l| l.contains("admin_listening"))
+            .find_map(|l| {
+                let value = l.split_once("addr=")?.1.split_whitespace().next()?;
+                value.trim_matches('"').parse().ok()
+            });
+        admin.is_some()
+    });
+    let admin = admin.unwrap();
+    // What the daemon keeps open (its database, its APNs connection) is open once a first
+    // drop has been sent.
+    env.drop_file("first.json", notification("first", &token(1)));
+    wait_for("the first receipt", || {
+        env.receipts.join("first.json").exists()
+    });
+    let pid = daemon.id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    // The tester's squeeze: descriptors for what the daemon has open, the admin connections
+    // and a margin, no more.
+    let limit = (before + CAP + 2 * MARGIN) as libc::rlim_t;
+    let squeeze = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: a valid rlimit for a process this test spawned; the old value is not asked for.
+    let set = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &squeeze,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    // Twice the cap of idle connections (the kernel takes them whether or not the daemon
+    // accepts them).
+    let opened = Instant::now();
+    let idle: Vec<std::net::TcpStream> = (0..2 * CAP)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok())
+        .collect();
+    assert_eq!(idle.len(), 2 * CAP, "connections the kernel took");
+    // The daemon's descriptors, looked at for a second while it takes them, then while a
+    // drop is taken: they stay within the cap and the margin.
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(fds());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.drop_file("during.json", notification("during", &token(2)));
+    let taken = env.inbox.join("processed/during.json");
+    // Bounded by the idle connections' 10 s: the drop must be taken while they are held.
+    while !taken.exists() && opened.elapsed() < Duration::from_secs(8) {
+        most = most.max(fds());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    most = most.max(fds());
+    eprintln!(
+        "daemon descriptors: {before} before, at most {most} with {} idle connections",
+        2 * CAP
+    );
+    assert!(
+        most <= before + CAP + MARGIN,
+        "the daemon had {most} descriptors open, {before} before {} idle admin connections \
+         (cap {CAP}, margin {MARGIN}); the drop taken meanwhile: {}",
+        2 * CAP,
+        taken.exists()
+    );
+    assert!(
+        taken.exists(),
+        "the drop was not taken within {:?} while the idle connections were held:\n{}",
+        opened.elapsed(),
+        daemon_log()
+    );
+    // The connections beyond the cap were closed at once; those within it are still held
+    // (this is less than 10 s after they were opened).
+    let mut closed = 0;
+    for mut c in idle.iter() {
+        c.set_nonblocking(true).unwrap();
+        if matches!(c.read(&mut [0u8; 1]), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed,
+        CAP,
+        "connections closed by the daemon {:?} after they were opened",
+        opened.elapsed()
+    );
+    wait_for("the drop's receipt", || {
+        env.receipts.join("during.json").exists()
+    });
+    // Said once, not per connection; and `accept` never ran out of descriptors.
+    let said = daemon_log();
+    let full: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("admin_connections_full"))
+        .collect();
+    assert_eq!(full.len(), 1, "{said}");
+    assert!(full[0].contains("max_connections=64"), "{}", full[0]);
+    assert!(!said.contains("admin_accept_error"), "{said}");
+    assert!(!said.contains("Too many open files"), "{said}");
+
+    // The idle connections gone, `/healthz` answers at once.
+    drop(idle);
+    let closed_at = Instant::now();
+    let healthz = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    };
+    let mut answer = None;
+    for _ in 0..20 {
+        answer = healthz().filter(|a| a.starts_with("HTTP/1.1 200"));
+        if answer.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        answer.is_some() && closed_at.elapsed() < Duration::from_secs(2),
+        "/healthz did not answer 200 within {:?} of the idle connections' end",
+        closed_at.elapsed()
+    );
+    // The cap bounds the connections open, not those over time: a new round is served.
+    assert_eq!(get(admin, "/healthz").status, 200);
 }
