@@ -3093,7 +3093,7 @@ mod tests {
             // Both kinds in one list, the strings first.
             format!(
                 "\"tokens\":[{},{}]",
-                vec!["\"x\""; 10].join(","),
+                ["\"x\""; 10].join(","),
                 vec!["1"; n - 10].join(",")
             ),
         ];
