@@ -110,7 +110,7 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
                             event = "admin_accept_error",
                             error = %e,
                             out_of_fds,
-                            failed_since_last_line = unsaid,
+                            failed_since_last_line = unsaid + 1,
                             "the admin endpoint cannot accept connections; retrying every 100 ms (said at most once a minute while it lasts)"
                         );
                     }
