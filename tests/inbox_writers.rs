@@ -153,6 +153,41 @@ fn a_file_held_open_is_taken_when_its_writer_closes_it() {
     daemon.shutdown();
 }
 
+/// A file cut short with `truncate(2)` by its path, with no descriptor: the kernel says it
+/// was written (IN_MODIFY) but no close follows, since nobody had it open. It is taken once
+/// settled, as the kernel (asked for a read lease) says no writer holds it; it used to wait
+/// for that close until the next start, holding up every file named after it by
+/// `settle_ms` (a probe's finding).
+#[test]
+fn a_file_truncated_by_its_path_is_taken_once_settled() {
+    let env = Env::with(Options {
+        settle_ms: 1500,
+        ..Options::default()
+    });
+    let line = |i: u64| notification(&format!("cut-{i}"), &token(i)).replace('\n', "") + "\n";
+    let text: String = (0..4).map(line).collect();
+    let path = env.inbox.join("cut.jsonl");
+    std::fs::write(&path, &text).unwrap();
+    // Young at the start: the daemon waits for it to settle, and meanwhile it is cut.
+    let daemon = env.start();
+    let keep = line(0).len() + line(1).len();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: truncate(2) on a path this test made.
+    assert_eq!(
+        unsafe { libc::truncate(c_path.as_ptr(), keep as libc::off_t) },
+        0
+    );
+    env.drop_file("later.jsonl", line(9));
+    wait_for("both files taken", || {
+        env.processed_names() == ["cut.jsonl", "later.jsonl"]
+    });
+    assert_eq!(
+        env.texts("SELECT ext_id FROM notifications ORDER BY id"),
+        ["cut-0", "cut-1", "cut-9"]
+    );
+    daemon.shutdown();
+}
+
 /// Writers whose file is complete by every sign the inbox sees, and who still write on: one
 /// that renamed its file in and writes through its old descriptor, and the second of two
 /// appenders after the first closed. The kernel knows they hold it open for writing (a read

@@ -331,6 +331,15 @@ enum Writer {
     Writing,
 }
 
+/// Whether the kernel says some process holds the file at `path` open for writing; true
+/// also when it cannot tell (a file system without leases: then the events' word stands).
+fn writer_still_open(path: &Path) -> bool {
+    match crate::inbox::fsutil::open_nofollow(path) {
+        Ok(file) => crate::inbox::fsutil::open_for_writing_elsewhere(&file) != Some(false),
+        Err(_) => true,
+    }
+}
+
 impl Writer {
     /// Whether the file waits for its writer's close, however long it has been unchanged.
     fn holds(self, size: u64) -> bool {
@@ -921,6 +930,13 @@ impl Loop {
                 }
                 let stable = now.duration_since(c.stable_since);
                 settled = age >= self.settle || stable >= self.settle;
+                if settled && c.writer == Writer::Writing && !writer_still_open(&path) {
+                    // Written without being opened: `truncate(2)` by path sends IN_MODIFY
+                    // with no open or close around it, so no close would ever come (a
+                    // probe's file waited until the next start). The kernel, asked, says
+                    // nobody holds it open for writing: settling decides.
+                    c.writer = Writer::Unknown;
+                }
                 ready_now = c.hinted || (settled && !c.writer.holds(meta.size()));
                 if !ready_now && settled {
                     // Settled, but its writer has it open: the close event wakes the loop;
