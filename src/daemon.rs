@@ -81,11 +81,12 @@ impl Daemon {
             .enable_all()
             .build()
             .map_err(DaemonError::Runtime)?;
+        // An inbox another daemon holds is refused before the database is opened (and made).
+        inbox::check_not_taken(&cfg)?;
         // A database that opens but takes no writes (read-only file or folder) would have the
         // sender send every due delivery again and again, its results never recorded. Whether
         // the open or the first write finds that out, the refusal names what this user may not
         // write.
-        inbox::check_not_taken(&cfg)?;
         let path = &cfg.store.path;
         let refuse = |source: StoreError, blocked: Vec<std::path::PathBuf>| {
             // A refusal SQLite made as read-only names the files already (`StoreError::ReadOnly`).

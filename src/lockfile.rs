@@ -80,6 +80,15 @@ pub fn holder(path: &Path) -> Option<Held> {
     }
 }
 
+/// The pid of the process holding `path`'s lock, when one does and this system can see it
+/// (for a refusal to name it).
+pub fn holder_pid(path: &Path) -> Option<u32> {
+    match holder(path)? {
+        Held::By(pid) => pid,
+        Held::Free => None,
+    }
+}
+
 /// " (pid N)" for a refusal that names a lock's holder, or nothing when it is out of sight.
 pub fn pid_text(pid: Option<u32>) -> String {
     pid.map(|p| format!(" (pid {p})")).unwrap_or_default()

@@ -183,10 +183,7 @@ pub fn start(cfg: Arc<Config>, store: Store) -> Result<InboxHandle, InboxError> 
     }
     let lock = lock_inbox(&inbox).map_err(|Taken| InboxError::Locked {
         dir: inbox.clone(),
-        pid: match crate::lockfile::holder(&inbox) {
-            Some(crate::lockfile::Held::By(pid)) => pid,
-            _ => None,
-        },
+        pid: crate::lockfile::holder_pid(&inbox),
     })?;
 
     let (tx, rx) = mpsc::channel();

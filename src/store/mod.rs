@@ -1013,10 +1013,7 @@ impl LockFile {
             Ok(Some(file)) => Ok(LockFile { _file: file }),
             Ok(None) => Err(StoreError::Locked {
                 path: db.to_path_buf(),
-                pid: match crate::lockfile::holder(&lock) {
-                    Some(crate::lockfile::Held::By(pid)) => pid,
-                    _ => None,
-                },
+                pid: crate::lockfile::holder_pid(&lock),
                 lock,
             }),
             Err(source) => Err(StoreError::LockFile { path: lock, source }),
