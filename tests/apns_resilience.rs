@@ -730,4 +730,22 @@ async fn a_proxy_that_refuses_or_hangs_is_named_in_the_reason() {
             o => panic!("{o:?}"),
         }
     }
+    // Nothing listening where the proxy should be: said as the proxy's refusal, not APNs'.
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = env.client(&format!(
+        "proxy = \"http://{addr}\"\nconnect_timeout_ms = 500"
+    ));
+    match within(30, client.send(&push(1))).await {
+        Outcome::Retry { reason, .. } => assert!(
+            reason.contains(&format!(
+                "through proxy {addr}: the proxy itself cannot be reached"
+            )),
+            "{reason}"
+        ),
+        o => panic!("{o:?}"),
+    }
 }

@@ -11,7 +11,10 @@ const MAX_HEAD: usize = 16 * 1024;
 
 /// Opens a TCP connection to the proxy and asks it for a tunnel to `host:port`.
 pub(crate) async fn connect(proxy: &str, host: &str, port: u16) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(proxy).await?;
+    // Said as the proxy's refusal, not the host's: the pool's line names both.
+    let mut stream = TcpStream::connect(proxy).await.map_err(|e| {
+        io::Error::new(e.kind(), format!("the proxy itself cannot be reached: {e}"))
+    })?;
     stream.set_nodelay(true)?;
     let target = if host.contains(':') {
         format!("[{host}]:{port}")

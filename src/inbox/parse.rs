@@ -284,6 +284,19 @@ fn parse_into<'t>(
 /// file whose only fault is its end, cut inside a character, was cut off mid-write, like a
 /// `.json` that ends early: it waits for `settle_ms` before it is rejected as truncated.
 fn not_utf8(bytes: &[u8], first: std::str::Utf8Error) -> Rejection {
+    // A UTF-16 file (what some Windows tools write by default) is one problem, said as
+    // such, not one per byte that is no UTF-8 (a probe's report listed a thousand).
+    if let Some(order) = [([0xFF, 0xFE], "FF FE"), ([0xFE, 0xFF], "FE FF")]
+        .into_iter()
+        .find_map(|(mark, name)| bytes.starts_with(&mark).then_some(name))
+    {
+        return Rejection::file(
+            RejectReason::NotUtf8,
+            format!(
+                "the file is UTF-16, not UTF-8 (it starts with the byte-order mark {order}); drop files must be UTF-8: convert it (e.g. iconv -f UTF-16 -t UTF-8)"
+            ),
+        );
+    }
     let mut problems = Vec::new();
     let mut more = 0usize;
     let (mut from, mut line, mut counted) = (0, 1, 0);
@@ -3003,6 +3016,22 @@ mod tests {
             "{:?}",
             r.problems
         );
+        // UTF-16 (with its byte-order mark, either order): one problem that says so.
+        for mark in [[0xFFu8, 0xFE], [0xFE, 0xFF]] {
+            let mut text = mark.to_vec();
+            for c in "{\"type\":\"device\"}".encode_utf16() {
+                let b = if mark[0] == 0xFF {
+                    c.to_le_bytes()
+                } else {
+                    c.to_be_bytes()
+                };
+                text.extend(b);
+            }
+            let r = parse_file(&text, FileKind::Json, &one()).unwrap_err();
+            assert_eq!(r.reason, RejectReason::NotUtf8);
+            assert_eq!(r.problems.len(), 1, "{r:?}");
+            assert!(r.problems[0].message.contains("is UTF-16"), "{r:?}");
+        }
         // Cut off inside a character: still being written, not a wrong encoding.
         for kind in [FileKind::Json, FileKind::Jsonl] {
             let r = parse_file(b"{\"type\":\"caf\xc3", kind, &one()).unwrap_err();
