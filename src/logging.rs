@@ -578,7 +578,9 @@ pub fn prune_logs(cfg: &LogConfig) {
     // The current file counts when it is there. An idle daemon may have written nothing
     // in this period yet: then the newest other file is the one "being written" (its last
     // lines are the latest there are), and keep_files of the others stay.
-    let room = cfg.keep_files.max(2) - usize::from(dir.join(&current).exists());
+    // What is in effect: `keep_files` below 2 keeps 2 (and the removal lines say so).
+    let keep = cfg.keep_files.max(2);
+    let room = keep - usize::from(dir.join(&current).exists());
     if others.len() > room {
         // By date: `pushdrop.2026-11-30.log` < `pushdrop.2026-12-01-07.log`. A name without
         // a date (`pushdrop.log`, left by `rotation = "never"`, or a copy's) is older than
@@ -591,8 +593,7 @@ pub fn prune_logs(cfg: &LogConfig) {
                 tracing::info!(
                     event = "log_file_removed",
                     file = name.as_str(),
-                    // What is in effect: `keep_files` below 2 keeps 2.
-                    keep_files = cfg.keep_files.max(2),
+                    keep_files = keep,
                     "old log file removed (keep_files)"
                 );
             }
