@@ -11,6 +11,8 @@ use common::world::paused_by_a_wrong_key_id;
 use pushdrop::apns::{ApnsClient, Clock, Outcome, PushRequest};
 use pushdrop::config::Environment;
 use pushdrop::simulator::{SimOptions, Simulator, TokenScript};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 fn is_sent(o: &Outcome) -> bool {
     matches!(o, Outcome::Sent { .. })
@@ -370,13 +372,10 @@ async fn certificate_auth_with_a_pkcs12_file_and_its_password() {
     .await;
     let c = &env.creds;
     let pem = std::fs::read(&c.client_cert_file).unwrap();
-    let certs: Vec<p12_keystore::Certificate> = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs: Vec<p12_keystore::Certificate> = CertificateDer::pem_slice_iter(&pem)
         .map(|c| p12_keystore::Certificate::from_der(c.unwrap().as_ref()).unwrap())
         .collect();
-    let key_pem = std::fs::read(&c.client_key_file).unwrap();
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .unwrap()
-        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&c.client_key_file).unwrap();
     let key = p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap();
     let mut store = p12_keystore::KeyStore::new();
     store.add_entry(

@@ -2,10 +2,10 @@
 //! built-in web PKI roots plus `[apns] ca_file`, and the app's client certificate for
 //! certificate authentication.
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
@@ -22,10 +22,11 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApnsError
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(file))
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(format!("not a PEM file: {e}")))?;
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(&text) {
+        certs.push(cert.map_err(|e| bad(pem_problem(&text, e, "certificate", certs.len())))?);
+    }
     if certs.is_empty() {
         return Err(bad("holds no PEM certificate".into()));
     }
@@ -39,19 +40,96 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApnsError
         message,
     };
     let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    rustls_pemfile::private_key(&mut text.as_slice())
-        .map_err(|e| bad(format!("not a PEM file: {e}")))?
-        .ok_or_else(|| {
-            let encrypted = text.windows(9).any(|w| w == b"ENCRYPTED");
-            bad(if encrypted {
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+        bad(match e {
+            pem::Error::NoItemsFound if text.windows(9).any(|w| w == b"ENCRYPTED") => {
                 "holds an encrypted private key, which pushdrop does not read: decrypt it \
                  (`openssl pkey -in KEY -out KEY.plain`, kept mode 600) or give a PKCS#12 \
                  file with certificate.password_file"
                     .into()
-            } else {
-                "holds no PEM private key".into()
-            })
+            }
+            pem::Error::NoItemsFound => "holds no PEM private key".into(),
+            e => pem_problem(&text, e, "private key", 0),
         })
+    })
+}
+
+/// What is wrong with a PEM file, in words that point at the damage: a file cut short, a
+/// stray character from a copy and paste (with its line), a malformed `BEGIN` line. The
+/// parser's own words ("InvalidCharacter(33)") say none of that. `read` is how many blocks
+/// of the kind sought came before the damage.
+fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -> String {
+    let which = match read {
+        0 => format!("its first {kind} block"),
+        n => format!(
+            "the {kind} block after {n} good one{}",
+            if n == 1 { "" } else { "s" }
+        ),
+    };
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "{which} has no `-----END {}-----` line: the file is cut short or was pasted \
+             incompletely",
+            String::from_utf8_lossy(&end_marker).trim()
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "a `-----BEGIN` line is malformed: `{}`",
+            crate::inbox::parse::excerpt(&String::from_utf8_lossy(&line)).escape_debug()
+        ),
+        pem::Error::Base64Decode(detail) => {
+            let stray = detail
+                .strip_prefix("InvalidCharacter(")
+                .and_then(|d| d.strip_suffix(')'))
+                .and_then(|d| d.parse::<u8>().ok());
+            match stray {
+                Some(byte) => {
+                    let line = pem_line_holding(text, byte)
+                        .map(|n| format!(" on line {n}"))
+                        .unwrap_or_default();
+                    format!(
+                        "{which} is not valid base64: {}{line} is not a base64 character (the \
+                         file was edited, or copied with extra characters)",
+                        describe_byte(byte)
+                    )
+                }
+                None => format!(
+                    "{which} is not valid base64 ({}): the file was edited or copied badly",
+                    match detail.as_str() {
+                        "PrematurePadding" => "a `=` before the end of the block",
+                        "InvalidTrailingPadding" => "wrong `=` padding at its end",
+                        other => other,
+                    }
+                ),
+            }
+        }
+        pem::Error::SectionTooLarge => format!("{which} is larger than 256 MB"),
+        pem::Error::Io(e) => format!("cannot read: {e}"),
+        other => format!("not a readable PEM file: {other}"),
+    }
+}
+
+/// The line (from 1) of the first `byte` inside a `BEGIN`/`END` block, where base64 belongs.
+fn pem_line_holding(text: &[u8], byte: u8) -> Option<usize> {
+    let mut inside = false;
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        if line.starts_with(b"-----BEGIN") {
+            inside = true;
+        } else if line.starts_with(b"-----END") {
+            inside = false;
+        } else if inside && line.contains(&byte) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// A byte as an operator can find it in an editor: the character when it is printable.
+fn describe_byte(byte: u8) -> String {
+    match byte {
+        b' ' => "a space".into(),
+        0x21..=0x7e => format!("`{}`", byte as char),
+        _ => format!("the byte 0x{byte:02x}"),
+    }
 }
 
 /// A PKCS#12 file is DER, not PEM: its name says `.p12`/`.pfx`, or it does not start like PEM.
@@ -171,4 +249,62 @@ pub(crate) fn client_config(
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem() -> String {
+        crate::simulator::certs::generate(&["localhost".to_string()])
+            .unwrap()
+            .ca_pem
+    }
+
+    fn read(text: &str) -> Result<Vec<CertificateDer<'static>>, ApnsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, text).unwrap();
+        read_certs(&path)
+    }
+
+    fn said(text: &str) -> String {
+        read(text).unwrap_err().to_string()
+    }
+
+    /// A CA file damaged by a copy and paste says what and where, not "InvalidCharacter(33)".
+    #[test]
+    fn a_damaged_pem_file_says_what_is_wrong_and_where() {
+        let good = ca_pem();
+        assert_eq!(read(&(good.clone() + &good)).unwrap().len(), 2);
+
+        // A stray character in the second block's third line.
+        let lines = good.lines().count();
+        let mut damaged: Vec<String> = good.lines().map(str::to_string).collect();
+        damaged[2].insert(10, '!');
+        let text = good.clone() + &damaged.join("\n") + "\n";
+        let msg = said(&text);
+        assert!(
+            msg.contains(&format!(
+                "the certificate block after 1 good one is not valid base64: `!` on line {} \
+                 is not a base64 character",
+                lines + 3
+            )),
+            "{msg}"
+        );
+        assert!(!msg.contains("InvalidCharacter"), "{msg}");
+
+        // Cut short: no END line.
+        let cut = &good[..good.find("-----END").unwrap()];
+        let msg = said(cut);
+        assert!(
+            msg.contains(
+                "its first certificate block has no `-----END CERTIFICATE-----` line: the \
+                 file is cut short"
+            ),
+            "{msg}"
+        );
+
+        assert!(said("garbage\n").contains("holds no PEM certificate"));
+    }
 }

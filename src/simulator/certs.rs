@@ -120,7 +120,8 @@ fn with_server_cert(
 
 /// The DER of the first certificate of a PEM text.
 fn pem_cert_der(pem: &str) -> Option<rustls::pki_types::CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()
 }
 
 /// The files of a simulator folder, by name: [`super::Simulator::write_credentials`] writes

@@ -12,6 +12,8 @@ use pushdrop::apns::{ApnsClient, Outcome, PushRequest};
 use pushdrop::config::{Config, Environment};
 use pushdrop::model::PushType;
 use pushdrop::simulator::{SimCredentials, SimOptions, Simulator};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A running simulator and the temp dir holding its credentials.
@@ -304,8 +306,7 @@ impl RawConn {
     /// With `client` = (certificate PEM file, key PEM file): certificate auth.
     pub async fn open_as(env: &SimEnv, client: Option<(&Path, &Path)>) -> RawConn {
         let mut roots = rustls::RootCertStore::empty();
-        let mut pem = env.sim.ca_pem().as_bytes();
-        for c in rustls_pemfile::certs(&mut pem) {
+        for c in CertificateDer::pem_slice_iter(env.sim.ca_pem().as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
         let builder = rustls::ClientConfig::builder_with_provider(pushdrop::apns::tls::provider())
@@ -315,12 +316,11 @@ impl RawConn {
         let mut cfg = match client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let certs = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
+                let certs = CertificateDer::pem_file_iter(cert)
+                    .unwrap()
                     .collect::<Result<Vec<_>, _>>()
                     .unwrap();
-                let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
-                    .unwrap()
-                    .unwrap();
+                let key = PrivateKeyDer::from_pem_file(key).unwrap();
                 builder.with_client_auth_cert(certs, key).unwrap()
             }
         };
