@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
+use crate::logging::{SAY_LASTING_EVERY, Throttle};
 use crate::metrics::{self, StateLabel};
 use crate::store::Store;
 use crate::store::query::Reader;
@@ -91,8 +92,8 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
     info!(event = "admin_listening", %addr, "admin endpoint: /healthz /readyz /status /metrics");
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut full = Throttle::new(LOG_EVERY);
-        let mut accept_failed = Throttle::new(LOG_EVERY);
+        let mut full = Throttle::new(SAY_LASTING_EVERY);
+        let mut accept_failed = Throttle::new(SAY_LASTING_EVERY);
         loop {
             let conn = tokio::select! {
                 c = listener.accept() => c,
@@ -105,7 +106,7 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
                     // listen queue and the listener stays readable: without a pause this loop
                     // would spin, and without the throttle it would log 10 lines a second.
                     let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                    if let Some(unsaid) = accept_failed.note(std::time::Instant::now()) {
+                    if let Some(unsaid) = accept_failed.note() {
                         warn!(
                             event = "admin_accept_error",
                             error = %e,
@@ -125,7 +126,7 @@ pub async fn start(bound: AdminListener, state: AdminState) -> Result<AdminHandl
             // the queue empty, and serves the first connection that comes after a slot frees.
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 drop(stream);
-                if let Some(unsaid) = full.note(std::time::Instant::now()) {
+                if let Some(unsaid) = full.note() {
                     warn!(
                         event = "admin_connections_full",
                         max_connections = MAX_CONNECTIONS,
@@ -207,42 +208,6 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// The pause after a failed `accept` before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// How often a condition that lasts (connections at the cap, `accept` failing) is logged.
-const LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Says when a condition that repeats is to be logged: at once the first time, then at most
-/// once per `every`, with how many times it went unsaid in between.
-struct Throttle {
-    every: Duration,
-    last: Option<std::time::Instant>,
-    unsaid: u64,
-}
-
-impl Throttle {
-    fn new(every: Duration) -> Throttle {
-        Throttle {
-            every,
-            last: None,
-            unsaid: 0,
-        }
-    }
-
-    /// Notes one occurrence at `now`: `Some(times unsaid since the last line)` when a line is
-    /// due, `None` when this one goes unsaid.
-    fn note(&mut self, now: std::time::Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.saturating_duration_since(last) < self.every => {
-                self.unsaid += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.unsaid))
-            }
-        }
-    }
-}
 
 /// When an admin connection last carried bytes, and how many of its requests are being
 /// answered: an idle connection is closed, one waiting for a slow answer is not.
@@ -550,22 +515,7 @@ async fn readiness(state: &AdminState) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Throttle, accepts_open_metrics};
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn a_lasting_condition_is_said_once_a_minute_with_what_went_unsaid() {
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_millis(s);
-        let mut t = Throttle::new(Duration::from_secs(60));
-        assert_eq!(t.note(at(0)), Some(0));
-        for ms in (100..60_000).step_by(100) {
-            assert_eq!(t.note(at(ms)), None, "{ms} ms");
-        }
-        assert_eq!(t.note(at(60_000)), Some(599));
-        assert_eq!(t.note(at(60_001)), None);
-        assert_eq!(t.note(at(200_000)), Some(1));
-    }
+    use super::accepts_open_metrics;
 
     #[test]
     fn open_metrics_only_to_those_who_accept_it() {

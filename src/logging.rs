@@ -20,6 +20,58 @@ mod json;
 mod text;
 pub use json::JsonLines;
 
+/// How often a condition that lasts (a full disk failing every write, `accept` out of file
+/// descriptors, the admin endpoint at its cap) is said: once a minute, not on every retry, so
+/// that it neither buries the other lines nor fills the disk that may be what fails.
+pub const SAY_LASTING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Says when a condition that repeats is to be logged: at once the first time, then at most
+/// once per `every`, with how many times it went unsaid in between. Every "said once a
+/// minute while it lasts" of the daemon goes through one of these.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl Throttle {
+    pub const fn new(every: std::time::Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            unsaid: 0,
+        }
+    }
+
+    /// Notes one occurrence now: `Some(times unsaid since the last line)` when a line is due,
+    /// `None` when this one goes unsaid.
+    pub fn note(&mut self) -> Option<u64> {
+        self.note_at(std::time::Instant::now())
+    }
+
+    /// [`Throttle::note`] at a given moment.
+    pub fn note_at(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.unsaid += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.unsaid))
+            }
+        }
+    }
+
+    /// The condition is over: when it comes back, it is said at once. Returns whether it
+    /// had been said, so that its end is said too.
+    pub fn reset(&mut self) -> bool {
+        self.unsaid = 0;
+        self.last.take().is_some()
+    }
+}
+
 /// The log files' writer of this process, for [`flush_files`].
 static FILE_WRITER: std::sync::Mutex<Option<batch::Batched>> = std::sync::Mutex::new(None);
 
@@ -603,6 +655,27 @@ pub fn prune_logs(cfg: &LogConfig) {
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn a_lasting_condition_is_said_once_a_minute_with_what_went_unsaid() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut t = super::Throttle::new(Duration::from_secs(60));
+        assert_eq!(t.note_at(at(0)), Some(0));
+        for ms in (100..60_000).step_by(100) {
+            assert_eq!(t.note_at(at(ms)), None, "{ms} ms");
+        }
+        assert_eq!(t.note_at(at(60_000)), Some(599));
+        assert_eq!(t.note_at(at(60_001)), None);
+        assert_eq!(t.note_at(at(200_000)), Some(1));
+        // Over, then back: said at once, with nothing unsaid carried over.
+        assert_eq!(t.note_at(at(200_001)), None);
+        assert!(t.reset());
+        assert!(!t.reset(), "nothing to end twice");
+        assert_eq!(t.note_at(at(200_002)), Some(0));
+    }
+
     use std::io;
     use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};

@@ -32,6 +32,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsClient, Outcome, PushRequest};
 use crate::config::{Config, Environment};
+use crate::logging::{SAY_LASTING_EVERY, Throttle};
 use crate::metrics::{self, OutcomeLabel, ReasonLabel};
 use crate::model::{DeliveryState, now_ms, token_prefix};
 use crate::receipts::Receipts;
@@ -131,7 +132,7 @@ struct ReceiptWork {
     /// every [`RECEIPT_RETRY_EVERY`]; beyond [`RECEIPT_RETRY_MAX`], the next start's sweep.
     failed: std::sync::Mutex<Vec<FinishedNotification>>,
     /// When such a failure was last noted for `status`: once a minute at most.
-    noted_at: std::sync::Mutex<Option<std::time::Instant>>,
+    noted_at: std::sync::Mutex<Throttle>,
     /// The start-up sweep's span (since, until) when it could not finish: run again with
     /// the failed receipts, not only at the next start, since droppers wait for them.
     sweep_failed: std::sync::Mutex<Option<(i64, i64)>>,
@@ -189,8 +190,7 @@ impl ReceiptWork {
             }
         }
         let mut noted = self.noted_at.lock().unwrap_or_else(|p| p.into_inner());
-        if noted.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
-            *noted = Some(std::time::Instant::now());
+        if noted.note().is_some() {
             store.note_event_blocking("receipt_error", Some(&app), &message);
         }
     }
@@ -298,7 +298,7 @@ pub fn start(
             queue: std::sync::Mutex::default(),
             stop_sweep: AtomicBool::new(false),
             failed: std::sync::Mutex::new(Vec::new()),
-            noted_at: std::sync::Mutex::new(None),
+            noted_at: std::sync::Mutex::new(Throttle::new(NOTE_FAILURES_EVERY)),
             sweep_failed: std::sync::Mutex::new(None),
         })
     });
@@ -434,7 +434,7 @@ async fn main_loop(
     // Set when the queue came back short: no claim until then, or until new work arrives.
     let mut idle_until: Option<tokio::time::Instant> = None;
     // When a failed claim was last logged as an error (then once a minute while they fail).
-    let mut said_claim_failed: Option<tokio::time::Instant> = None;
+    let mut said_claim_failed = Throttle::new(SAY_LASTING_EVERY);
     // Fan-out is looked at when woken for new or due work, while a fan-out has more rows to
     // make, and every FANOUT_EVERY while busy; not on every claim.
     let mut fanout_pending = true;
@@ -499,7 +499,7 @@ async fn main_loop(
                 }
             }, if claiming.is_some() => {
                 claiming = None;
-                if round.as_ref().is_ok_and(|r| r.is_ok()) && said_claim_failed.take().is_some() {
+                if round.as_ref().is_ok_and(|r| r.is_ok()) && said_claim_failed.reset() {
                     info!(event = "store_recovered", "claims go through again; sending resumes");
                 }
                 match round {
@@ -545,9 +545,8 @@ async fn main_loop(
                     Ok(Err(e)) => {
                         // A full disk fails every claim (the fan-out writes): said at once,
                         // then once a minute; `/readyz` says it meanwhile.
-                        if said_claim_failed.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
-                            error!(event = "store_error", error = %e, "claim failed; retrying every second");
-                            said_claim_failed = Some(tokio::time::Instant::now());
+                        if let Some(unsaid) = said_claim_failed.note() {
+                            error!(event = "store_error", error = %e, failed_since_last_line = unsaid + 1, "claim failed; retrying every second (said once a minute while it lasts)");
                         } else {
                             debug!(event = "store_error", error = %e, "claim failed again");
                         }
@@ -671,7 +670,7 @@ async fn recorder(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let new_work = inner.store.new_work();
     let mut stopping = false;
-    let mut said_unwritten: Option<tokio::time::Instant> = None;
+    let mut said_unwritten = Throttle::new(SAY_LASTING_EVERY);
     loop {
         // A stop is noticed here too: while results kept from a failed write are tried again,
         // the wait below (which watches for it) is skipped.
@@ -762,7 +761,7 @@ async fn recorder(
                         event = "store_recovered",
                         "delivery results written again; sending resumes"
                     );
-                    said_unwritten = None;
+                    said_unwritten.reset();
                     inner.results_written.notify_one();
                 }
                 inner.finished(finished);
@@ -775,9 +774,8 @@ async fn recorder(
                 if stopping || results.is_empty() {
                     error!(event = "store_error", error = %error, results = results.len(), "cannot record delivery results; those deliveries stay queued and will be sent again after the restart");
                 } else {
-                    if said_unwritten.is_none_or(|t| t.elapsed() >= NOTE_FAILURES_EVERY) {
-                        error!(event = "store_error", error = %error, results = results.len(), "cannot record delivery results; no request goes out until they are written (tried again every second)");
-                        said_unwritten = Some(tokio::time::Instant::now());
+                    if let Some(unsaid) = said_unwritten.note() {
+                        error!(event = "store_error", error = %error, results = results.len(), failed_since_last_line = unsaid + 1, "cannot record delivery results; no request goes out until they are written (tried again every second; said once a minute while it lasts)");
                     }
                     batch = results;
                     tokio::time::sleep(RECORD_RETRY).await;

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{DeviceInfo, IngestFile, IngestOutcome, NotificationInfo, PurgeCounts, StoreError};
 use crate::config::Environment;
+use crate::logging::{SAY_LASTING_EVERY, Throttle};
 use crate::model::{
     DeliveryState, DeviceAction, DeviceRecord, NotificationRecord, PushType, Record, Target, now_ms,
 };
@@ -558,7 +559,7 @@ pub(super) fn run_checkpoints(
 ) {
     // When a failed checkpoint was last said as a warning: a full disk fails one after
     // every commit, and the log would get a line a second for as long as it lasts.
-    let mut warned: Option<std::time::Instant> = None;
+    let mut warned = Throttle::new(SAY_LASTING_EVERY);
     while requests.recv().is_ok() {
         std::thread::sleep(CHECKPOINT_EVERY);
         // Requests that came in meanwhile are covered by this checkpoint.
@@ -572,7 +573,7 @@ pub(super) fn run_checkpoints(
             ))
         });
         if done.is_ok() {
-            warned = None;
+            warned.reset();
         }
         match done {
             Ok((0, log, copied))
@@ -588,9 +589,8 @@ pub(super) fn run_checkpoints(
             }
             Ok(_) => {}
             Err(e) => {
-                if warned.is_none_or(|t| t.elapsed() >= CHECKPOINT_WARN_EVERY) {
-                    tracing::warn!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed; the next commit retries it (said once a minute while it fails)");
-                    warned = Some(std::time::Instant::now());
+                if let Some(unsaid) = warned.note() {
+                    tracing::warn!(event = "checkpoint_failed", error = %e, failed_since_last_line = unsaid + 1, "WAL checkpoint failed; the next commit retries it (said once a minute while it fails)");
                 } else {
                     tracing::debug!(event = "checkpoint_failed", error = %e, "WAL checkpoint failed again");
                 }
@@ -598,9 +598,6 @@ pub(super) fn run_checkpoints(
         }
     }
 }
-
-/// How often a checkpoint that keeps failing is said as a warning.
-const CHECKPOINT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The WAL size the checkpointer leaves alone (see [`run_checkpoints`]): a few seconds of
 /// sending's writes, which would only grow it again.
