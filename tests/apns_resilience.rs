@@ -692,7 +692,8 @@ fn a_stalled_process_reads_the_answers_that_came_before_timing_out() {
 }
 
 /// A proxy that refuses (407: it wants credentials pushdrop does not send) or never answers
-/// CONNECT is named in the reason, with what to do about a 407.
+/// CONNECT is named in the reason, with what to do about a 407; a proxy that hangs at CONNECT
+/// and a tunnel that hangs after it are told apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_refuses_or_hangs_is_named_in_the_reason() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -702,7 +703,15 @@ async fn a_proxy_that_refuses_or_hangs_is_named_in_the_reason() {
             Some("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"),
             "no proxy credentials",
         ),
-        (None, "took over"),
+        (
+            None,
+            "took over 500 ms: the proxy took the connection but did not answer CONNECT",
+        ),
+        // Tunnel granted, then nothing comes through it.
+        (
+            Some("HTTP/1.1 200 Connection established\r\n\r\n"),
+            "took over 500 ms: the TLS handshake did not finish",
+        ),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -715,6 +724,7 @@ async fn a_proxy_that_refuses_or_hangs_is_named_in_the_reason() {
                     match answer {
                         Some(a) => {
                             let _ = s.write_all(a.as_bytes()).await;
+                            tokio::time::sleep(Duration::from_secs(30)).await;
                         }
                         None => tokio::time::sleep(Duration::from_secs(30)).await,
                     }

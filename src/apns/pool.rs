@@ -8,7 +8,7 @@
 //! SETTINGS_MAX_CONCURRENT_STREAMS (`current_max_send_streams`). Callers beyond the capacity
 //! wait on a [`Notify`], bounded by their deadline and by [`MAX_WAITERS`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -277,6 +277,31 @@ pub(crate) enum Exchange {
         pause: bool,
         collateral: bool,
     },
+}
+
+/// How far a connection attempt got, said when it runs out of `connect_timeout_ms`: "took
+/// over 10000 ms" alone does not tell a proxy that never answers CONNECT from a server (or a
+/// tunnel) that hangs in the TLS handshake, and the two are fixed in different places.
+#[repr(u8)]
+enum Step {
+    Tcp,
+    ProxyAnswer,
+    Tls,
+    Http2,
+}
+
+impl Step {
+    fn said(step: u8, proxy: bool) -> &'static str {
+        match step {
+            s if s == Step::Tcp as u8 && proxy => "the proxy did not take the TCP connection",
+            s if s == Step::Tcp as u8 => "no TCP connection was made",
+            s if s == Step::ProxyAnswer as u8 => {
+                "the proxy took the connection but did not answer CONNECT"
+            }
+            s if s == Step::Tls as u8 => "the TLS handshake did not finish",
+            _ => "the server did not answer the HTTP/2 handshake",
+        }
+    }
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -574,19 +599,22 @@ impl Pool {
             }
         }
         let mut reset = Reset(&self, i, true);
-        let result = match tokio::time::timeout(self.shared.connect_timeout, self.open(i)).await {
-            Ok(r) => r,
-            Err(_) => Err(Outcome::Retry {
-                status: None,
-                reason: format!(
-                    "connecting to {}{} took over {} ms",
-                    self.endpoint.authority,
-                    self.via(),
-                    self.shared.connect_timeout.as_millis()
-                ),
-                unsent: true,
-            }),
-        };
+        let step = AtomicU8::new(Step::Tcp as u8);
+        let result =
+            match tokio::time::timeout(self.shared.connect_timeout, self.open(i, &step)).await {
+                Ok(r) => r,
+                Err(_) => Err(Outcome::Retry {
+                    status: None,
+                    reason: format!(
+                        "connecting to {}{} took over {} ms: {}",
+                        self.endpoint.authority,
+                        self.via(),
+                        self.shared.connect_timeout.as_millis(),
+                        Step::said(step.load(Ordering::Relaxed), self.shared.proxy.is_some())
+                    ),
+                    unsent: true,
+                }),
+            };
         reset.2 = false;
         drop(reset);
         let mut st = self.lock();
@@ -639,6 +667,7 @@ impl Pool {
     async fn open(
         &self,
         slot: usize,
+        step: &AtomicU8,
     ) -> Result<
         (
             Arc<Conn>,
@@ -649,7 +678,12 @@ impl Pool {
     > {
         let ep = &self.endpoint;
         let tcp = match &self.shared.proxy {
-            Some(p) => proxy::connect(p, &ep.host, ep.port).await,
+            Some(p) => {
+                proxy::connect(p, &ep.host, ep.port, || {
+                    step.store(Step::ProxyAnswer as u8, Ordering::Relaxed)
+                })
+                .await
+            }
             None => tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)).await,
         }
         .map_err(|e| Outcome::Retry {
@@ -662,6 +696,7 @@ impl Pool {
         })?;
         // Latency matters more than packet count for small pushes.
         let _ = tcp.set_nodelay(true);
+        step.store(Step::Tls as u8, Ordering::Relaxed);
         let tls_config = match &self.auth {
             PoolAuth::Token(_) => self.shared.token_tls.clone(),
             PoolAuth::Certificate(c) => tls::client_config(self.shared.roots.clone(), Some(c))
@@ -709,6 +744,7 @@ impl Pool {
                 ),
             });
         }
+        step.store(Step::Http2 as u8, Ordering::Relaxed);
         let signals = Arc::new(Signals::default());
         let tls = Sniffer::new(tls, signals.clone());
         let (send, mut connection) = h2::client::Builder::new()

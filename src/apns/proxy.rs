@@ -9,13 +9,21 @@ use tokio::net::TcpStream;
 /// The longest proxy answer head we read before giving up on it.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// Opens a TCP connection to the proxy and asks it for a tunnel to `host:port`.
-pub(crate) async fn connect(proxy: &str, host: &str, port: u16) -> io::Result<TcpStream> {
+/// Opens a TCP connection to the proxy and asks it for a tunnel to `host:port`;
+/// `connected` is called once the proxy took the TCP connection, before CONNECT is asked, so
+/// that a timeout can tell a proxy that cannot be reached from one that never answers.
+pub(crate) async fn connect(
+    proxy: &str,
+    host: &str,
+    port: u16,
+    connected: impl FnOnce(),
+) -> io::Result<TcpStream> {
     // Said as the proxy's refusal, not the host's: the pool's line names both.
     let mut stream = TcpStream::connect(proxy).await.map_err(|e| {
         io::Error::new(e.kind(), format!("the proxy itself cannot be reached: {e}"))
     })?;
     stream.set_nodelay(true)?;
+    connected();
     let target = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
