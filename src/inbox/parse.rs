@@ -895,10 +895,12 @@ struct RawTarget<'a> {
     users: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     all: Option<bool>,
-    /// The items of `tokens` (0) and `users` (1) that were no strings, already reported by
-    /// [`slow_target`] (held there as empty strings), in increasing order.
+    /// The items of `tokens` (0) and `users` (1) that [`slow_target`] already reported (no
+    /// strings, or strings [`check_target`] refuses) and left out of the list, as runs of
+    /// indices in increasing order: a list of millions of bad items is one run, not millions
+    /// of placeholders.
     #[serde(skip)]
-    not_strings: [Vec<usize>; 2],
+    reported: [Vec<std::ops::Range<usize>>; 2],
     /// How many of `tokens`, `users` and `all` were given but could not be read (reported):
     /// given all the same.
     #[serde(skip)]
@@ -1058,7 +1060,10 @@ fn split_index(key: &str) -> (&str, &str) {
 #[derive(Default)]
 struct ReadValues<'t> {
     objects: HashMap<usize, Vec<(Cow<'t, str>, &'t RawValue)>>,
-    arrays: HashMap<usize, Vec<&'t RawValue>>,
+    /// The first items of each array read (as many as asked so far, about twice), and
+    /// whether they are all of it: a list of millions whose first few items are located is
+    /// not held whole.
+    arrays: HashMap<usize, (Vec<&'t RawValue>, bool)>,
 }
 
 fn index_into<'t>(mut v: &'t RawValue, indexes: &str, read: &mut ReadValues<'t>) -> &'t RawValue {
@@ -1067,16 +1072,49 @@ fn index_into<'t>(mut v: &'t RawValue, indexes: &str, read: &mut ReadValues<'t>)
         .filter(|s| !s.is_empty())
         .map_while(|s| s.parse::<usize>().ok())
     {
-        let items = read
-            .arrays
-            .entry(v.get().as_ptr() as usize)
-            .or_insert_with(|| serde_json::from_str(v.get()).unwrap_or_default());
+        let (items, whole) = read.arrays.entry(v.get().as_ptr() as usize).or_default();
+        if n >= items.len() && !*whole {
+            // Read again from the start, twice as far: the reading adds up to a few times
+            // the furthest item asked for.
+            let want = (n + 1).max(items.len() * 2).max(64);
+            items.clear();
+            *whole = first_items(v, items, want);
+        }
         match items.get(n).copied() {
             Some(e) => v = e,
             None => break,
         }
     }
     v
+}
+
+/// Reads the first `want` items of `v` (when it is an array) into `out`; true when they
+/// are all its items.
+fn first_items<'t>(v: &'t RawValue, out: &mut Vec<&'t RawValue>, want: usize) -> bool {
+    struct UpTo<'o, 't>(&'o mut Vec<&'t RawValue>, usize);
+    impl<'t> Visitor<'t> for UpTo<'_, 't> {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'t>>(self, mut seq: A) -> Result<bool, A::Error> {
+            while self.0.len() < self.1 {
+                match seq.next_element::<&'t RawValue>()? {
+                    Some(item) => self.0.push(item),
+                    None => return Ok(true),
+                }
+            }
+            Ok(false)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(v.get());
+    // Stopping short leaves the array unfinished, which serde reports as an error: what was
+    // read is kept all the same.
+    let mut whole = false;
+    let _ = (&mut de)
+        .deserialize_seq(UpTo(out, want))
+        .map(|w| whole = w);
+    whole
 }
 
 /// The entries of a value that is an object.
@@ -1191,6 +1229,8 @@ fn serde_problem(base: &str, inner: &str) -> FieldProblem {
     }
     match plain_type_error(inner) {
         Some(said) => fp(base, said),
+        // A broken `\u` escape is the string's text, not its type.
+        None if inner.contains("escape") => fp(base, format!("cannot be read: {inner}")),
         None => fp(base, format!("wrong type: {inner}")),
     }
 }
@@ -1322,12 +1362,16 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
         }
         match key {
             "tokens" | "users" => {
-                let Some(items) = field_value::<Vec<&RawValue>>(&path, v, problems) else {
+                if !v.get().trim_start_matches(JSON_WHITESPACE).starts_with('[') {
+                    // Not a list: said in serde's words, as on the fast path.
+                    let _ = field_value::<Vec<&RawValue>>(&path, v, problems);
                     to.unreadable += 1;
                     continue;
-                };
-                let mut list = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
+                }
+                let mut list = Vec::new();
+                let reported = &mut to.reported[usize::from(key == "users")];
+                // One item at a time: a list of millions is checked without being held twice.
+                let read = for_each_item(v, &mut |i, item| {
                     // Anything but a string is a problem, worded by serde while the record
                     // keeps problems, then only counted (wording millions took seconds).
                     let read = if item.get().starts_with('"') || problems.len() < MAX_PROBLEMS {
@@ -1344,14 +1388,31 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
                         });
                         None
                     };
+                    // A string [`check_target`] would refuse is reported here and not kept
+                    // either: a record on this path has problems, and a list of millions of
+                    // bad items must not be held to be looked at again.
+                    let read = read.filter(|s| {
+                        let said = if key == "tokens" {
+                            check_token(s).err()
+                        } else {
+                            user_item_problem(s)
+                        };
+                        said.map(|m| push_item_problem(problems, || fp(format!("{path}[{i}]"), m)))
+                            .is_none()
+                    });
                     match read {
                         Some(s) => list.push(s),
-                        None => {
-                            // Held by its index, so the others' problems name theirs.
-                            to.not_strings[usize::from(key == "users")].push(i);
-                            list.push(Cow::Borrowed(""));
-                        }
+                        // Its index is kept, so the others' problems name theirs.
+                        None => match reported.last_mut() {
+                            Some(run) if run.end == i => run.end += 1,
+                            _ => reported.push(i..i + 1),
+                        },
                     }
+                });
+                if let Err(e) = read {
+                    problems.push(serde_problem(&path, &serde_message(&e)));
+                    to.unreadable += 1;
+                    continue;
                 }
                 if key == "tokens" {
                     to.tokens = Some(list);
@@ -1615,13 +1676,38 @@ fn check_user(u: &str) -> Result<Option<String>, String> {
     if u.is_empty() {
         return Err("must not be empty (leave \"user\" out instead)".into());
     }
+    match user_problem(u) {
+        Some(said) => Err(said),
+        None => Ok(Some(u.to_string())),
+    }
+}
+
+/// What makes one of `to.users` unusable. No device can have it: a device's user is held to
+/// the same rules.
+fn user_item_problem(u: &str) -> Option<String> {
+    if u.is_empty() {
+        return Some("must not be empty".into());
+    }
+    user_problem(u)
+}
+
+/// What makes a non-empty user id unusable, the same for a device's `user` and each of
+/// `to.users` (a target no device can have would reach nobody, in silence). A control
+/// character (NUL, a newline, an escape) is refused: the id is the dropping system's key,
+/// and `devices --user`, `show` and the logs must be able to name it.
+fn user_problem(u: &str) -> Option<String> {
     if u.len() > MAX_USER_BYTES {
-        return Err(format!(
+        return Some(format!(
             "is {} bytes long; at most {MAX_USER_BYTES}",
             u.len()
         ));
     }
-    Ok(Some(u.to_string()))
+    let (at, c) = u.char_indices().find(|(_, c)| c.is_control())?;
+    Some(format!(
+        "holds the control character U+{:04X} at byte {at}: a user id must be text that \
+         a command line can name",
+        u32::from(c)
+    ))
 }
 
 /// A device token: even-length hex, 16–256 bytes; returned lowercase.
@@ -1832,6 +1918,50 @@ fn check_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Calls `each` with every item of a JSON array and its index, one at a time: a list of
+/// millions of items is checked without a `Vec` of them all (16 bytes an item, on top of the
+/// strings kept).
+fn for_each_item<'a>(
+    v: &'a RawValue,
+    each: &mut dyn FnMut(usize, &'a RawValue),
+) -> Result<(), serde_json::Error> {
+    struct Items<'e, 'a>(&'e mut dyn FnMut(usize, &'a RawValue));
+    impl<'a> Visitor<'a> for Items<'_, 'a> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: SeqAccess<'a>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while let Some(item) = seq.next_element::<&'a RawValue>()? {
+                (self.0)(i, item);
+                i += 1;
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(v.get());
+    (&mut de).deserialize_seq(Items(each))?;
+    de.end()
+}
+
+/// The string items of a list with their indices in the file's list, the non-strings
+/// (`skipped`, runs in increasing order) left out of `items` and counted back in.
+fn with_indices<'l, 'a>(
+    items: &'l [Cow<'a, str>],
+    skipped: &'l [std::ops::Range<usize>],
+) -> impl Iterator<Item = (usize, &'l Cow<'a, str>)> {
+    let mut runs = skipped.iter().peekable();
+    let mut next = 0;
+    items.iter().map(move |item| {
+        while let Some(run) = runs.next_if(|r| r.start <= next) {
+            next = next.max(run.end);
+        }
+        next += 1;
+        (next - 1, item)
+    })
+}
+
 fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<Target> {
     let given = usize::from(to.tokens.is_some())
         + usize::from(to.users.is_some())
@@ -1851,16 +1981,13 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
     // Each list given is checked, also beside another (every problem is reported).
     let mut tokens_out = Vec::new();
     if let Some(tokens) = &to.tokens {
-        if tokens.is_empty() {
+        if tokens.is_empty() && to.reported[0].is_empty() {
             problems.push(fp("to.tokens", "is empty: name at least one token"));
             ok = false;
         }
+        ok &= to.reported[0].is_empty();
         tokens_out.reserve(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            if to.not_strings[0].binary_search(&i).is_ok() {
-                ok = false;
-                continue;
-            }
+        for (i, t) in with_indices(tokens, &to.reported[0]) {
             match check_token(t) {
                 Ok(t) => tokens_out.push(t),
                 Err(m) => {
@@ -1871,26 +1998,14 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         }
     }
     if let Some(users) = &to.users {
-        if users.is_empty() {
+        if users.is_empty() && to.reported[1].is_empty() {
             problems.push(fp("to.users", "is empty: name at least one user"));
             ok = false;
         }
-        for (i, u) in users.iter().enumerate() {
-            if to.not_strings[1].binary_search(&i).is_ok() {
-                ok = false;
-            } else if u.is_empty() {
-                push_item_problem(problems, || {
-                    fp(format!("to.users[{i}]"), "must not be empty")
-                });
-                ok = false;
-            } else if u.len() > MAX_USER_BYTES {
-                // No device can have it: a device's user is held to the same limit.
-                push_item_problem(problems, || {
-                    fp(
-                        format!("to.users[{i}]"),
-                        format!("is {} bytes long; at most {MAX_USER_BYTES}", u.len()),
-                    )
-                });
+        ok &= to.reported[1].is_empty();
+        for (i, u) in with_indices(users, &to.reported[1]) {
+            if let Some(said) = user_item_problem(u) {
+                push_item_problem(problems, || fp(format!("to.users[{i}]"), said));
                 ok = false;
             }
         }
@@ -2410,6 +2525,43 @@ mod tests {
         r.problems.iter().map(|p| p.field.as_deref()).collect()
     }
 
+    /// A user id with a control character is refused, as a device's `user` and in
+    /// `to.users` alike; a broken `\u` escape in a string field says so, not "wrong type".
+    #[test]
+    fn user_ids_with_control_characters_and_broken_escapes_are_said_plainly() {
+        let r = problems(
+            &format!(
+                "{}\n{}\n{}",
+                format_args!(r#"{{"type":"device","token":"{TOKEN}","user":"a\u0000b"}}"#),
+                r#"{"type":"notification","to":{"users":["ok","x\ny"]},"payload":{"aps":{"alert":"hi"}}}"#,
+                format_args!(r#"{{"type":"device","token":"{TOKEN}","user":"al\ud800ice"}}"#),
+            ),
+            FileKind::Jsonl,
+        );
+        assert_eq!(
+            fields(&r),
+            [Some("user"), Some("to.users[1]"), Some("user")],
+            "{:?}",
+            r.problems
+        );
+        let said = messages(&r);
+        assert!(
+            said[0].starts_with("holds the control character U+0000 at byte 1"),
+            "{said:?}"
+        );
+        assert!(
+            said[1].starts_with("holds the control character U+000A at byte 1"),
+            "{said:?}"
+        );
+        assert!(
+            said[2].starts_with("cannot be read: a \\u escape"),
+            "{said:?}"
+        );
+        // Text beyond ASCII is no control character.
+        let ok = format!(r#"{{"type":"device","token":"{TOKEN}","user":"Zoë 🙂"}}"#);
+        assert!(parse(&ok, FileKind::Json).is_ok());
+    }
+
     #[test]
     fn null_is_a_field_left_out_when_other_fields_are_wrong_too() {
         let r = problems(
@@ -2475,6 +2627,28 @@ mod tests {
             ["to.tokens[0]", "to.x"]
         );
         assert_eq!(to_fields(r#"{"x":1,"y":2,"all":true}"#), ["to.x", "to.y"]);
+        // Runs of non-strings between strings: every later item still named by its own index.
+        assert_eq!(
+            to_fields(&format!(
+                r#"{{"tokens": [1, 2, "zz", {{}}, "{TOKEN}", [3], null, "z", "{TOKEN}", 4],"x":1}}"#
+            )),
+            [
+                "to.tokens[0]",
+                "to.tokens[1]",
+                "to.tokens[2]",
+                "to.tokens[3]",
+                "to.tokens[5]",
+                "to.tokens[6]",
+                "to.tokens[7]",
+                "to.tokens[9]",
+                "to.x"
+            ]
+        );
+        // A list of nothing but non-strings is not "empty".
+        assert_eq!(
+            to_fields(r#"{"users":[1,2]}"#),
+            ["to.users[0]", "to.users[1]"]
+        );
         assert_eq!(
             to_fields(r#"{"tokens":[5,"zz",null]}"#),
             ["to.tokens[0]", "to.tokens[1]", "to.tokens[2]"]
@@ -2963,6 +3137,34 @@ mod tests {
             assert_eq!(r.problems[0].line, Some(8), "{r:?}");
             assert!(r.problems[0].message.contains(msg), "{r:?}");
         }
+    }
+
+    /// Items of a long list are found on their own lines, far into the list too (the list
+    /// is read only as far as the items asked for, and again further when asked further).
+    #[test]
+    fn bad_items_of_a_long_list_are_found_on_their_lines() {
+        let bad = [3, 70, 200, 1500];
+        let items: Vec<String> = (0..2000)
+            .map(|i| match bad.contains(&i) {
+                true => "    \"zz\"".to_string(),
+                false => format!("    \"{TOKEN}\""),
+            })
+            .collect();
+        let text = format!(
+            "{{\"type\": \"notification\", \"to\": {{\"tokens\": [\n{}\n]}},\n\"payload\": {{\"aps\": {{\"alert\": \"hi\"}}}}}}\n",
+            items.join(",\n")
+        );
+        let r = problems(&text, FileKind::Json);
+        let found: Vec<_> = r
+            .problems
+            .iter()
+            .map(|p| (p.field.clone().unwrap(), p.line))
+            .collect();
+        let want: Vec<_> = bad
+            .iter()
+            .map(|i| (format!("to.tokens[{i}]"), Some(i + 2)))
+            .collect();
+        assert_eq!(found, want);
     }
 
     #[test]
