@@ -166,3 +166,36 @@ fn a_backup_of_no_database_is_refused() {
     assert!(!dest.exists());
     assert!(!env.db.exists(), "no empty database made either");
 }
+
+/// A backup path that is not UTF-8 is refused, not written under another name: SQLite takes
+/// the path as text, and a lossy one would leave the named file empty and the copy elsewhere.
+#[test]
+fn a_backup_path_that_is_not_utf8_is_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = Ops::new(OpsOptions {
+        admin: String::new(),
+        ..OpsOptions::default()
+    });
+    let file = env.dir.path().join("devices.jsonl");
+    std::fs::write(&file, device(1, "u") + "\n").unwrap();
+    let out = env.pushdrop(&["ingest", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let dest = env
+        .dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"copy-\xe9.db"));
+    let out = pushdrop_cmd(&env.config_path)
+        .arg("backup")
+        .arg(&dest)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("must be UTF-8"), "{said}");
+    let names: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.as_bytes().starts_with(b"copy-"))
+        .collect();
+    assert!(names.is_empty(), "no copy anywhere: {names:?}");
+}

@@ -428,6 +428,12 @@ pub fn backup(config: &Path, dest: &Path) -> anyhow::Result<i32> {
             cfg.store.path.display()
         );
     }
+    if dest.to_str().is_none() {
+        anyhow::bail!(
+            "{}: the backup's path must be UTF-8 text (SQLite takes it as text)",
+            dest.display()
+        );
+    }
     let store = Store::open(&cfg.store.path, false)?;
     // Made empty first, readable by its owner only: the copy holds the device registry, and
     // `VACUUM INTO` would make it with the umask's mode (often 644). SQLite writes into an

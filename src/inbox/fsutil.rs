@@ -8,6 +8,25 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+/// A file name as pushdrop shows it (logs, reports, `status`, the store's record of committed
+/// files): bytes that are not UTF-8 are written `\xNN`, as `ls -b` shows them, so that the
+/// file can be found and two such names stay apart (`to_string_lossy` makes every one of
+/// them U+FFFD).
+pub fn show_name(name: &OsStr) -> std::borrow::Cow<'_, str> {
+    let bytes = name.as_bytes();
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(bytes.len() + 16);
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Longest file name (bytes) on the file systems pushdrop runs on.
 pub const NAME_MAX: usize = 255;
 
@@ -377,6 +396,18 @@ pub fn report_name(moved: &OsStr) -> OsString {
 
 #[cfg(test)]
 mod tests {
+
+    /// Names that are not UTF-8 are shown byte for byte, as `ls -b` does: two of them stay
+    /// apart, where U+FFFD made them one.
+    #[test]
+    fn names_that_are_not_utf8_are_shown_with_their_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let show = |b: &[u8]| super::show_name(std::ffi::OsStr::from_bytes(b)).into_owned();
+        assert_eq!(show(b"caf\xe9.json"), "caf\\xe9.json");
+        assert_ne!(show(b"caf\xe9.json"), show(b"caf\xe8.json"));
+        assert_eq!(show("café 🙂.json".as_bytes()), "café 🙂.json");
+        assert_eq!(show(b"\xff\xfe.jsonl"), "\\xff\\xfe.jsonl");
+    }
 
     #[test]
     fn a_file_in_the_way_of_a_folder_is_named() {

@@ -178,9 +178,7 @@ pub enum Examined {
 
 /// The file name of a path as pushdrop names it in logs and the store.
 pub fn display_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.to_string_lossy().into_owned())
+    fsutil::show_name(path.file_name().unwrap_or(path.as_os_str())).into_owned()
 }
 
 /// Looks at a file and parses it, never following symlinks and never opening anything but a
@@ -1244,7 +1242,7 @@ impl Ingestor {
                 let mut plain = moved_name.clone();
                 plain.push(".error.json");
                 if moved_name != fname || report_name != plain {
-                    report.stored_as = Some(moved_name.to_string_lossy().into_owned());
+                    report.stored_as = Some(fsutil::show_name(&moved_name).into_owned());
                 }
                 let report_path =
                     fsutil::write_atomic(dir, &report_name, report.to_json().as_bytes())

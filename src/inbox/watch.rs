@@ -765,7 +765,7 @@ impl Loop {
                     if !self.near_misses.contains(&name) {
                         tracing::warn!(
                             event = "ignored_name",
-                            file = %name.to_string_lossy(),
+                            file = %super::fsutil::show_name(&name),
                             "a file whose name ends in .json or .jsonl in another case is not taken: rename it with a lower-case suffix"
                         );
                     }
@@ -906,7 +906,7 @@ impl Loop {
             if ft.is_dir() {
                 tracing::debug!(
                     event = "ignored",
-                    file = &*name.to_string_lossy(),
+                    file = &*super::fsutil::show_name(name),
                     "a directory"
                 );
                 self.ignored.insert(name.clone());
@@ -943,7 +943,7 @@ impl Loop {
                         c.warned = true;
                         tracing::warn!(
                             event = "open_for_writing",
-                            file = &*name.to_string_lossy(),
+                            file = &*super::fsutil::show_name(name),
                             unchanged_s = stable.as_secs(),
                             "a file in the inbox is still open for writing; it is taken once its writer closes it"
                         );
@@ -1041,7 +1041,7 @@ impl Loop {
                             c.warned = true;
                             tracing::warn!(
                                 event = "open_for_writing",
-                                file = &*name.to_string_lossy(),
+                                file = &*super::fsutil::show_name(&name),
                                 open_s = now.duration_since(since).as_secs(),
                                 "a file in the inbox is still open for writing by another process; it is taken once its writer closes it"
                             );

@@ -1584,8 +1584,14 @@ impl Writer {
 
     /// See [`super::Store::backup_blocking`].
     pub fn backup(&mut self, dest: &Path) -> Result<(), StoreError> {
-        let dest = dest.to_string_lossy().to_string();
-        self.conn.execute("VACUUM INTO ?1", [dest])?;
+        // SQLite takes the path as text: a lossy one would write somewhere else.
+        let Some(text) = dest.to_str() else {
+            return Err(StoreError::Open {
+                path: dest.to_path_buf(),
+                source: rusqlite::Error::InvalidPath(dest.to_path_buf()),
+            });
+        };
+        self.conn.execute("VACUUM INTO ?1", [text])?;
         Ok(())
     }
 }
