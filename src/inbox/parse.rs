@@ -534,20 +534,22 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
         .as_bytes()
         .first()
         .copied();
-    let mut elements: Vec<&'t RawValue> = Vec::new();
+    // First the syntax of the whole file, the array's items counted but not kept (an array
+    // of 20 million `{}` held as a list took 16 bytes an item, twice over while it grew): a
+    // file that ends early is waited for before any record is looked at.
+    let mut items = 0;
+    let mut object: Option<&'t RawValue> = None;
     let mut de = serde_json::Deserializer::from_str(text);
     // Whether the array itself was read whole (an error after it is the file's, not a
     // record's).
     let mut array_done = false;
     let res = match first {
-        Some(b'[') => de
-            .deserialize_seq(CollectRaw(&mut elements))
-            .and_then(|()| {
-                array_done = true;
-                de.end()
-            }),
+        Some(b'[') => de.deserialize_seq(CountItems(&mut items)).and_then(|()| {
+            array_done = true;
+            de.end()
+        }),
         Some(b'{') => <&RawValue>::deserialize(&mut de).and_then(|v| {
-            elements.push(v);
+            object = Some(v);
             de.end()
         }),
         _ => {
@@ -587,9 +589,9 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
             problems: vec![Problem {
                 // In the array (not after it), or in the file's one object (not after it).
                 record: if first == Some(b'[') {
-                    (!array_done).then_some(elements.len())
+                    (!array_done).then_some(items)
                 } else {
-                    elements.is_empty().then_some(0)
+                    object.is_none().then_some(0)
                 },
                 line: Some(e.line()),
                 field: None,
@@ -605,10 +607,21 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
             unlisted: 0,
         });
     }
-    for (index, raw) in elements.into_iter().enumerate() {
-        record(raw.get(), index, None, ctx, acc);
+    if let Some(v) = object {
+        record(v.get(), 0, None, ctx, acc);
+        return Ok(());
     }
-    Ok(())
+    // Then the records, one item at a time. The syntax passed above, so this reads to the
+    // end; were it to stop short, the file is refused, not taken in part.
+    for_each_item(text, &mut |index, raw| {
+        record(raw.get(), index, None, ctx, acc)
+    })
+    .map_err(|e| {
+        Rejection::file(
+            RejectReason::Parse,
+            format!("JSON syntax error: {}", serde_message(&e)),
+        )
+    })
 }
 
 /// JSON's whitespace: space, tab, line feed, carriage return. Not Unicode's: a line of
@@ -993,18 +1006,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
     }
 }
 
-/// Collects the elements of a top-level array one by one, so that on a syntax error the
+/// Counts the items of a top-level array as it checks them, so that on a syntax error the
 /// number already read tells which record is broken.
-struct CollectRaw<'v, 'a>(&'v mut Vec<&'a RawValue>);
+struct CountItems<'c>(&'c mut usize);
 
-impl<'de, 'v> Visitor<'de> for CollectRaw<'v, 'de> {
+impl<'de> Visitor<'de> for CountItems<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an array of records")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(v) = seq.next_element::<&'de RawValue>()? {
-            self.0.push(v);
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {
+            *self.0 += 1;
         }
         Ok(())
     }
@@ -1371,7 +1384,7 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
                 let mut list = Vec::new();
                 let reported = &mut to.reported[usize::from(key == "users")];
                 // One item at a time: a list of millions is checked without being held twice.
-                let read = for_each_item(v, &mut |i, item| {
+                let read = for_each_item(v.get(), &mut |i, item| {
                     // Anything but a string is a problem, worded by serde while the record
                     // keeps problems, then only counted (wording millions took seconds).
                     let read = if item.get().starts_with('"') || problems.len() < MAX_PROBLEMS {
@@ -1918,11 +1931,11 @@ fn check_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Calls `each` with every item of a JSON array and its index, one at a time: a list of
-/// millions of items is checked without a `Vec` of them all (16 bytes an item, on top of the
-/// strings kept).
+/// Calls `each` with every item of a JSON array (`text`) and its index, one at a time: a list
+/// of millions of items is checked without a `Vec` of them all (16 bytes an item, on top of
+/// what is kept of them).
 fn for_each_item<'a>(
-    v: &'a RawValue,
+    text: &'a str,
     each: &mut dyn FnMut(usize, &'a RawValue),
 ) -> Result<(), serde_json::Error> {
     struct Items<'e, 'a>(&'e mut dyn FnMut(usize, &'a RawValue));
@@ -1940,7 +1953,7 @@ fn for_each_item<'a>(
             Ok(())
         }
     }
-    let mut de = serde_json::Deserializer::from_str(v.get());
+    let mut de = serde_json::Deserializer::from_str(text);
     (&mut de).deserialize_seq(Items(each))?;
     de.end()
 }
