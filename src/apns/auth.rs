@@ -92,6 +92,17 @@ fn parse_key(path: &Path, pem: &[u8]) -> Result<EncodingKey, ApnsError> {
         path: path.to_path_buf(),
         message: format!("not a PKCS#8 EC P-256 (.p8) private key: {e}"),
     };
+    // The PEM first: a damaged file is said as such (where, and what), not as
+    // "InvalidKeyFormat".
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    if let Err(e) = PrivateKeyDer::from_pem_slice(pem)
+        && !matches!(e, rustls::pki_types::pem::Error::NoItemsFound)
+    {
+        return Err(ApnsError::Key {
+            path: path.to_path_buf(),
+            message: super::tls::pem_problem(pem, e, "private key", 0),
+        });
+    }
     let key = EncodingKey::from_ec_pem(pem).map_err(|e| bad(e.to_string()))?;
     // `from_ec_pem` takes any EC key; one on another curve (P-384, secp256k1) fails only when
     // it signs. One signature now (tens of microseconds, once per read) makes `check-config`
@@ -340,6 +351,24 @@ mod tests {
             panic!("a P-384 key was taken for an APNs key");
         };
         assert!(message.contains("another curve"), "{message}");
+    }
+
+    /// A `.p8` damaged by a copy and paste says what and where, not "InvalidKeyFormat".
+    #[test]
+    fn a_damaged_key_file_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("AuthKey_BANG.p8");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut lines: Vec<String> = key.serialize_pem().lines().map(String::from).collect();
+        lines[2].insert(5, '!');
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let Err(ApnsError::Key { message, .. }) = read_key(&path) else {
+            panic!("a damaged key was read");
+        };
+        assert!(
+            message.contains("is not valid base64: `!` on line 3 is not a base64 character"),
+            "{message}"
+        );
     }
 
     #[test]

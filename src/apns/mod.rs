@@ -144,7 +144,7 @@ pub fn credential_warnings(cfg: &crate::config::Config) -> Vec<crate::config::Co
                 .ok()
                 .and_then(|(certs, _)| certs.into_iter().next())
         } else {
-            tls::read_certs(&c.cert_file)
+            tls::read_certs(&c.cert_file, "certificate file")
                 .ok()
                 .and_then(|certs| certs.into_iter().next())
         };
@@ -208,9 +208,14 @@ pub enum ApnsError {
     /// The `.p8` key cannot be read or used.
     #[error("APNs key {path}: {message}")]
     Key { path: PathBuf, message: String },
-    /// A certificate, private key or CA file cannot be read or used.
-    #[error("certificate file {path}: {message}")]
-    Cert { path: PathBuf, message: String },
+    /// A certificate, private key or CA file cannot be read or used; `kind` says which
+    /// ("key file": a key file is no certificate file, and an error saying so misleads).
+    #[error("{kind} {path}: {message}")]
+    Cert {
+        kind: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     /// A URL or proxy setting cannot be used.
     #[error("{key}: {message}")]
     Config { key: String, message: String },

@@ -16,9 +16,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads every certificate of a PEM file.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApnsError> {
+/// Reads every certificate of a PEM file; `kind` names it in errors ("CA file").
+pub fn read_certs(
+    path: &Path,
+    kind: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, ApnsError> {
     let bad = |message: String| ApnsError::Cert {
+        kind,
         path: path.to_path_buf(),
         message,
     };
@@ -28,7 +32,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApnsError
         certs.push(cert.map_err(|e| bad(pem_problem(&text, e, "certificate", certs.len())))?);
     }
     if certs.is_empty() {
-        return Err(bad("holds no PEM certificate".into()));
+        return Err(bad(format!(
+            "holds no PEM certificate{}",
+            misshapen_begin(&text)
+        )));
     }
     Ok(certs)
 }
@@ -36,6 +43,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApnsError
 /// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
 pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApnsError> {
     let bad = |message: String| ApnsError::Cert {
+        kind: "key file",
         path: path.to_path_buf(),
         message,
     };
@@ -48,7 +56,9 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApnsError
                  file with certificate.password_file"
                     .into()
             }
-            pem::Error::NoItemsFound => "holds no PEM private key".into(),
+            pem::Error::NoItemsFound => {
+                format!("holds no PEM private key{}", misshapen_begin(&text))
+            }
             e => pem_problem(&text, e, "private key", 0),
         })
     })
@@ -58,7 +68,7 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApnsError
 /// stray character from a copy and paste (with its line), a malformed `BEGIN` line. The
 /// parser's own words ("InvalidCharacter(33)") say none of that. `read` is how many blocks
 /// of the kind sought came before the damage.
-fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -> String {
+pub(crate) fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -> String {
     let which = match read {
         0 => format!("its first {kind} block"),
         n => format!(
@@ -67,11 +77,25 @@ fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -> String {
         ),
     };
     match e {
-        pem::Error::MissingSectionEnd { end_marker } => format!(
-            "{which} has no `-----END {}-----` line: the file is cut short or was pasted \
-             incompletely",
-            String::from_utf8_lossy(&end_marker).trim()
-        ),
+        pem::Error::MissingSectionEnd { end_marker } => {
+            let label = String::from_utf8_lossy(&end_marker);
+            let begin = format!("-----BEGIN {label}");
+            let at = line_starting(text, begin.as_bytes())
+                .map(|n| format!(" (line {n})"))
+                .unwrap_or_default();
+            if line_starting(text, b"-----END").is_some() {
+                // An END line is there, only not this one: a BEGIN or END line mistyped.
+                format!(
+                    "{which} starts `{begin}-----`{at} but no line reads `-----END {label}-----`: \
+                     is the BEGIN or the END line mistyped?"
+                )
+            } else {
+                format!(
+                    "{which}{at} has no `-----END {label}-----` line: the file is cut short or \
+                     was pasted incompletely"
+                )
+            }
+        }
         pem::Error::IllegalSectionStart { line } => format!(
             "a `-----BEGIN` line is malformed: `{}`",
             crate::inbox::parse::excerpt(&String::from_utf8_lossy(&line)).escape_debug()
@@ -106,6 +130,27 @@ fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -> String {
         pem::Error::Io(e) => format!("cannot read: {e}"),
         other => format!("not a readable PEM file: {other}"),
     }
+}
+
+/// The line (from 1) of the first line that starts with `start`.
+fn line_starting(text: &[u8], start: &[u8]) -> Option<usize> {
+    text.split(|&b| b == b'\n')
+        .position(|line| line.starts_with(start))
+        .map(|i| i + 1)
+}
+
+/// For a file in which no block was found: the line (from 1) that says BEGIN without being
+/// a well-formed `-----BEGIN ...-----` line, as a hint (a dash too few).
+fn misshapen_begin(text: &[u8]) -> String {
+    text.split(|&b| b == b'\n')
+        .position(|line| line.windows(5).any(|w| w == b"BEGIN"))
+        .map(|i| {
+            format!(
+                " (line {} says BEGIN but is not a well-formed `-----BEGIN ...-----` line)",
+                i + 1
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// The line (from 1) of the first `byte` inside a `BEGIN`/`END` block, where base64 belongs.
@@ -149,12 +194,14 @@ pub fn read_pkcs12(
     password_file: Option<&Path>,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ApnsError> {
     let bad = |message: String| ApnsError::Cert {
+        kind: "PKCS#12 file",
         path: path.to_path_buf(),
         message,
     };
     let password = match password_file {
         Some(p) => std::fs::read_to_string(p)
             .map_err(|e| ApnsError::Cert {
+                kind: "PKCS#12 password file",
                 path: p.to_path_buf(),
                 message: format!("cannot read the PKCS#12 password: {e}"),
             })?
@@ -201,8 +248,9 @@ pub(crate) fn roots(ca_file: Option<&Path>) -> Result<Arc<RootCertStore>, ApnsEr
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
     if let Some(path) = ca_file {
-        for cert in read_certs(path)? {
+        for cert in read_certs(path, "CA file")? {
             roots.add(cert).map_err(|e| ApnsError::Cert {
+                kind: "CA file",
                 path: path.to_path_buf(),
                 message: format!("not a usable CA certificate: {e}"),
             })?;
@@ -231,7 +279,7 @@ pub(crate) fn client_config(
             } else {
                 let key_path = c.key_file.as_deref().unwrap_or(cert_file);
                 (
-                    read_certs(cert_file)?,
+                    read_certs(cert_file, "certificate file")?,
                     read_private_key(key_path)?,
                     key_path,
                 )
@@ -239,6 +287,7 @@ pub(crate) fn client_config(
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| ApnsError::Cert {
+                    kind: "certificate file",
                     path: cert_file.to_path_buf(),
                     message: format!(
                         "certificate and key {} do not go together: {e}",
@@ -265,7 +314,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, text).unwrap();
-        read_certs(&path)
+        read_certs(&path, "CA file")
     }
 
     fn said(text: &str) -> String {
@@ -299,12 +348,32 @@ mod tests {
         let msg = said(cut);
         assert!(
             msg.contains(
-                "its first certificate block has no `-----END CERTIFICATE-----` line: the \
-                 file is cut short"
+                "its first certificate block (line 1) has no `-----END CERTIFICATE-----` line: \
+                 the file is cut short"
             ),
             "{msg}"
         );
 
         assert!(said("garbage\n").contains("holds no PEM certificate"));
+
+        // A mistyped BEGIN line is not said as a file cut short.
+        let msg = said(&good.replace("BEGIN CERTIFICATE", "BEGIN  CERTIFICATE"));
+        assert!(msg.starts_with("CA file "), "{msg}");
+        assert!(
+            msg.contains(
+                "its first certificate block starts `-----BEGIN  CERTIFICATE-----` (line 1) but \
+                 no line reads `-----END  CERTIFICATE-----`: is the BEGIN or the END line \
+                 mistyped?"
+            ),
+            "{msg}"
+        );
+        let msg = said(&good.replace("-----BEGIN", "----BEGIN"));
+        assert!(
+            msg.contains(
+                "holds no PEM certificate (line 1 says BEGIN but is not a well-formed \
+                 `-----BEGIN ...-----` line)"
+            ),
+            "{msg}"
+        );
     }
 }
