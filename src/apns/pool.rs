@@ -310,6 +310,16 @@ fn backoff(failures: u32) -> Duration {
     d.mul_f64(rand::random_range(0.5..1.5))
 }
 
+/// An error's text without the link to a library's manual that rustls appends ("peer closed
+/// connection without sending TLS close_notify: https://docs.rs/rustls/..."): a reason is
+/// read by operators, in logs, `show` and receipts.
+fn without_doc_link(text: &str) -> String {
+    match text.find(": https://docs.rs/") {
+        Some(at) => text[..at].to_string(),
+        None => text.to_string(),
+    }
+}
+
 /// A TLS alert from the server after the handshake (TLS 1.3 reports a rejected client
 /// certificate that way) shows up only as text once h2 has wrapped it.
 fn is_tls_alert(text: &str) -> bool {
@@ -834,7 +844,11 @@ impl Pool {
         } else {
             Outcome::Retry {
                 status: None,
-                reason: format!("connection to {} failed: {text}", self.endpoint.authority),
+                reason: format!(
+                    "connection to {} failed: {}",
+                    self.endpoint.authority,
+                    without_doc_link(text)
+                ),
                 unsent: true,
             }
         }
@@ -1047,7 +1061,7 @@ impl Pool {
                 collateral: false,
             };
         }
-        let text = e.to_string();
+        let text = without_doc_link(&e.to_string());
         let pause = is_tls_alert(&text);
         let reason = if pause {
             self.tls_reason(&text)
@@ -1101,4 +1115,18 @@ async fn read_response(
         }
     }
     Ok((status, apns_id, buf.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_manual_link_is_cut_from_a_reason() {
+        assert_eq!(
+            super::without_doc_link(
+                "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
+            ),
+            "peer closed connection without sending TLS close_notify"
+        );
+        assert_eq!(super::without_doc_link("broken pipe"), "broken pipe");
+    }
 }

@@ -102,8 +102,10 @@ struct Flow {
     /// When the last request of a stuck flow (one at a time) went out: a silence counts from
     /// it, not from before an idle stretch, and the pushes behind it wait for its answer.
     tried_at: Option<Instant>,
-    /// The current silence was logged.
-    announced: bool,
+    /// The current silence was logged: since when it had lasted, as said then. Its end is
+    /// said from there (a probe's finding: timed from the one push tried last, a 5 s silence
+    /// "ended after 1 ms").
+    announced: Option<Instant>,
 }
 
 impl Default for Flow {
@@ -118,7 +120,7 @@ impl Default for Flow {
             answered_with_parked: None,
             unanswered_at: None,
             tried_at: None,
-            announced: false,
+            announced: None,
         }
     }
 }
@@ -246,8 +248,9 @@ impl Flows {
                 // Until the requests out time out, within bounds.
                 _ => (self.request_timeout.saturating_sub(waited)).clamp(PARK_LIMIT, HOLD_LIMIT),
             };
-            let announce = (!f.announced).then_some((f.in_flight, waited));
-            f.announced = true;
+            let announce = f.announced.is_none().then_some((f.in_flight, waited));
+            f.announced
+                .get_or_insert(now.checked_sub(waited).unwrap_or(now));
             return FlowAdmit::Hold {
                 until_ms: now_ms() + wait.as_millis() as i64,
                 announce,
@@ -295,8 +298,6 @@ impl Flows {
             let pair = flows.get_mut(app)?;
             let f = &mut pair[env_index(env)];
             f.in_flight = f.in_flight.saturating_sub(1);
-            // The wait this end finishes, read before it changes what the flow waits for.
-            let waiting_since = f.waiting_since();
             f.last_end_answered = answered;
             if answered {
                 let was_answering = f.answering(now, self.request_timeout);
@@ -306,12 +307,12 @@ impl Flows {
                     Some(avg) => (avg * 7 + took) / 8,
                     None => took,
                 });
-                if f.announced {
-                    ended_silence = waiting_since.map(|t| now.saturating_duration_since(t));
+                if let Some(since) = f.announced {
+                    ended_silence = Some(now.saturating_duration_since(since));
                 }
                 f.last_answer = Some(now);
                 f.silent_since = Some(now);
-                f.announced = false;
+                f.announced = None;
                 f.answered_with_parked = (f.parked > 0).then_some(now);
                 f.parked > 0 && !was_answering
             } else {
@@ -347,8 +348,11 @@ impl Flows {
                     continue;
                 };
                 let silent = now.saturating_duration_since(since);
-                if f.in_flight > 0 && !f.announced && silent >= f.limits(self.request_timeout).1 {
-                    f.announced = true;
+                if f.in_flight > 0
+                    && f.announced.is_none()
+                    && silent >= f.limits(self.request_timeout).1
+                {
+                    f.announced = Some(since);
                     found.push((app.clone(), env, f.in_flight, silent));
                 }
             }
@@ -569,6 +573,22 @@ mod tests {
         assert_eq!(flows.done_at("a", P, true, 3 * MS, later + 2 * MS), None);
         assert_eq!(flows.admit_at("b", P, false, later), FlowAdmit::Go);
         assert_eq!(flows.done_at("b", P, true, 3 * MS, later + MS), None);
+    }
+
+    /// The end of a silence that was said counts from its start as said, not from the one
+    /// push tried last (a probe's finding: a 5 s silence "ended after 1 ms").
+    #[test]
+    fn a_silence_ends_counted_from_its_start_not_from_the_last_try() {
+        let timeout = Duration::from_secs(2);
+        let flows = Flows::new(16, timeout);
+        let t0 = Instant::now();
+        assert_eq!(flows.admit_at("a", P, false, t0), FlowAdmit::Go);
+        assert_eq!(flows.overdue_at(t0 + PARK_LIMIT + MS).len(), 1, "said");
+        flows.done_at("a", P, false, timeout, t0 + timeout);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(flows.admit_at("a", P, false, t1), FlowAdmit::Go, "a try");
+        let ended = flows.done_at("a", P, true, MS, t1 + MS);
+        assert_eq!(ended, Some(Duration::from_secs(5) + MS));
     }
 
     /// Requests that time out leave the flow silent: its next try is one request, not a
