@@ -86,6 +86,28 @@ fn validate_notes_an_id_a_file_repeats() {
         "{stdout}"
     );
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
+
+    // Far apart in a big file, whose records validate looks at in chunks as they are parsed:
+    // the indices still count from the file's start.
+    let lines: String = (0..5000)
+        .map(|i| {
+            let id = if i == 4321 {
+                "n17".to_string()
+            } else {
+                format!("n{i}")
+            };
+            notification(&id, &t) + "\n"
+        })
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let out = env.pushdrop(&["validate", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("note: record 4321 repeats the id \"n17\" of record 17"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
 }
 
 /// A dropper chooses the bytes `ingest` quotes back (field names, values): an escape

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::inbox::ingest::{Examined, display_name, examine};
+use crate::inbox::ingest::{Examined, display_name, examine_streaming};
 use crate::inbox::parse::{RejectReason, Rejection};
 use crate::inbox::report::ErrorReport;
 use crate::inbox::{Candidate, FileOutcome, Ingestor};
@@ -16,13 +16,18 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
     let mut bad = 0;
     for f in files {
         let name = display_name(f);
-        let rejection = match examine(f, &cfg, true) {
+        // The records are looked at as they are parsed, and none kept (a 61 MB file of a
+        // million devices took 400 MB held whole).
+        let mut repeated = RepeatedIds::default();
+        let examined = examine_streaming(f, &cfg, &mut |records| repeated.add(&records));
+        let rejection = match examined {
             Examined::Ready {
                 file,
                 devices,
                 notifications,
                 ..
             } => {
+                repeated.add(&file.records);
                 println!(
                     "{}: ok ({devices} device record{}, {notifications} notification{})",
                     f.display(),
@@ -31,7 +36,7 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
                 );
                 // Not a rejection (ingest skips the later one and keeps the file), but worth
                 // knowing before the drop.
-                for (index, id, first) in repeated_ids(&file.records) {
+                for (index, id, first) in repeated.found {
                     println!(
                         "{}: note: record {index} repeats the id {id:?} of record {first}; ingest will skip it as a duplicate",
                         f.display()
@@ -64,22 +69,34 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
 
 /// Notifications of one file whose app and id an earlier record of the file already has:
 /// (record index, id, index of the first).
-fn repeated_ids(records: &[crate::model::Record]) -> Vec<(usize, &str, usize)> {
-    let mut first = std::collections::HashMap::new();
-    let mut out = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        if let crate::model::Record::Notification(n) = r
-            && let Some(id) = n.id.as_deref()
-        {
-            match first.entry((n.app.as_str(), id)) {
-                std::collections::hash_map::Entry::Occupied(e) => out.push((i, id, *e.get())),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(i);
+/// The notifications of a file that repeat an earlier one's app and id, found as the
+/// records go by in file order: (index, id, index of the first).
+#[derive(Default)]
+struct RepeatedIds {
+    first: std::collections::HashMap<(String, String), usize>,
+    next: usize,
+    found: Vec<(usize, String, usize)>,
+}
+
+impl RepeatedIds {
+    fn add(&mut self, records: &[crate::model::Record]) {
+        for r in records {
+            let i = self.next;
+            self.next += 1;
+            if let crate::model::Record::Notification(n) = r
+                && let Some(id) = n.id.as_deref()
+            {
+                match self.first.entry((n.app.clone(), id.to_string())) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        self.found.push((i, id.to_string(), *e.get()))
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(i);
+                    }
                 }
             }
         }
     }
-    out
 }
 
 fn plural(n: usize) -> &'static str {

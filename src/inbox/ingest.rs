@@ -185,7 +185,22 @@ pub fn display_name(path: &Path) -> String {
 /// regular file. `settled`: see [`Candidate::settled`].
 pub fn examine(path: &Path, cfg: &Config, settled: bool) -> Examined {
     match read_drop(path, cfg, settled) {
-        Ok(read) => parse_read(read, cfg),
+        Ok(read) => parse_read(read, cfg, None),
+        Err(e) => e,
+    }
+}
+
+/// [`examine`], the valid records handed to `sink` as they are parsed (see
+/// [`parse::parse_file_streaming`]): `validate` looks at them once and keeps none, so a big
+/// file is checked without all its records in memory at once. On [`Examined::Ready`], its
+/// `file` holds the records not handed over yet.
+pub fn examine_streaming(
+    path: &Path,
+    cfg: &Config,
+    sink: &mut dyn FnMut(Vec<crate::model::Record>),
+) -> Examined {
+    match read_drop(path, cfg, true) {
+        Ok(read) => parse_read(read, cfg, Some(sink)),
         Err(e) => e,
     }
 }
@@ -387,8 +402,16 @@ fn content_hash(bytes: &[u8]) -> String {
 }
 
 /// What [`examine`] does after the read: parse, and decide.
-fn parse_read(read: ReadDrop, cfg: &Config) -> Examined {
-    let parsed = match parse::parse_file(&read.bytes, read.kind, cfg) {
+fn parse_read(
+    read: ReadDrop,
+    cfg: &Config,
+    sink: Option<&mut dyn FnMut(Vec<crate::model::Record>)>,
+) -> Examined {
+    let parsed = match sink {
+        None => parse::parse_file(&read.bytes, read.kind, cfg),
+        Some(sink) => parse::parse_file_streaming(&read.bytes, read.kind, cfg, sink),
+    };
+    let parsed = match parsed {
         Ok(p) => p,
         Err(r) => return parse_failed(r, read.settled),
     };
@@ -694,7 +717,7 @@ impl Ingestor {
                         Err(e) => e,
                     }
                 }
-                Ok(read) => parse_read(read, &self.cfg),
+                Ok(read) => parse_read(read, &self.cfg, None),
                 Err(e) => e,
             };
             let outcome = match examined {
@@ -2076,7 +2099,7 @@ mod tests {
             read,
             devices,
             notifications,
-        } = parse_read(read, &ing.cfg)
+        } = parse_read(read, &ing.cfg, None)
         else {
             panic!("not ready")
         };
