@@ -365,8 +365,23 @@ struct Cand {
     check_at: Instant,
     /// Failed attempts in a row; such a file is retried alone so it cannot hold up others.
     failures: u32,
+    /// The file as it was when it last failed ([`Cand::seen`]): an event that finds it
+    /// unchanged is the daemon's own rename back after a move that failed, not a new file.
+    failed_as: Option<(u64, i64, u64)>,
     /// Since when it has been ready while a file named before it was still settling.
     held_since: Option<Instant>,
+}
+
+/// What tells one version of a drop file from another: (size, mtime in ns, inode).
+fn file_signature(meta: &std::fs::Metadata) -> (u64, i64, u64) {
+    (meta.size(), ingest::mtime_ns(meta), meta.ino())
+}
+
+/// [`file_signature`] of the file at `path` now, not following a symlink.
+fn signature(path: &Path) -> Option<(u64, i64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| file_signature(&m))
 }
 
 impl Cand {
@@ -386,6 +401,7 @@ impl Cand {
             stable_since: now,
             check_at: now,
             failures: 0,
+            failed_as: None,
             held_since: None,
         }
     }
@@ -673,10 +689,15 @@ impl Loop {
             }
             if c.failures == 0 {
                 c.check_at = now;
-            } else if complete {
+            } else if complete && c.failed_as.is_none_or(|was| signature(p) != Some(was)) {
                 // A file backing off after failures (one it could not read, say) that was
                 // renamed in or written and closed again is another file now: look at once.
+                // Not when it is the file that failed, unchanged: a move out of the inbox
+                // that failed half-way (a copy to a full `processed_dir` on another file
+                // system) renames it back in, and that event would end its back-off at once
+                // (a probe's finding: the inbox thread spun at 60% of a core).
                 c.failures = 0;
+                c.failed_as = None;
                 c.check_at = now;
             }
         }
@@ -919,7 +940,7 @@ impl Loop {
                 // Symlinks, FIFOs, devices: rejected without being opened.
                 ready_now = true;
             } else {
-                let sig = (meta.size(), ingest::mtime_ns(&meta), meta.ino());
+                let sig = file_signature(&meta);
                 let age = ingest::mtime_age(&meta);
                 if c.seen != Some(sig) {
                     c.seen = Some(sig);
@@ -1053,6 +1074,7 @@ impl Loop {
                 _ => {
                     c.hinted = false;
                     c.failures += 1;
+                    c.failed_as = c.seen;
                     let backoff = Duration::from_millis(500)
                         .saturating_mul(1 << c.failures.min(7))
                         .min(MAX_BACKOFF);
@@ -1143,6 +1165,67 @@ mod tests {
         assert!(lp.take_ready());
         assert_eq!(lp.cands[OsStr::new("a0.jsonl")].failures, 2, "tried again");
         assert_eq!(lp.cands[OsStr::new("a1.jsonl")].failures, 1);
+    }
+
+    /// A file whose move out failed half-way is renamed back into the inbox by the daemon
+    /// itself: that event keeps its back-off (a probe's finding: a full `processed_dir` on
+    /// another file system was tried every 9 ms), while a new version of the file under
+    /// the name ends it.
+    #[test]
+    fn the_daemons_own_rename_back_keeps_a_failed_files_back_off() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pushdrop.toml");
+        std::fs::write(
+            &path,
+            "[inbox]\ndir = \"inbox\"\nprocessed_dir = \"blocker/processed\"\n\
+             [store]\npath = \"pushdrop.db\"\n\
+             [[apps]]\nname = \"a\"\nbundle_id = \"com.example.a\"\n\
+             token = { key_file = \"k.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }\n",
+        )
+        .unwrap();
+        let inbox = d.path().join("inbox");
+        std::fs::create_dir_all(&inbox).unwrap();
+        std::fs::write(d.path().join("k.p8"), "placeholder: nothing is sent").unwrap();
+        let (cfg, _) = Config::load(&path).unwrap();
+        let store = Store::open(&cfg.store.path, false).unwrap();
+        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
+        let (_tx, rx) = mpsc::channel();
+        let mut lp = Loop::new(Arc::new(cfg), store, rx);
+        lp.sweep = false;
+        let file = inbox.join("a.jsonl");
+        let record = format!(
+            "{{\"type\":\"device\",\"token\":\"{}\"}}\n",
+            "ab".repeat(16)
+        );
+        std::fs::write(&file, &record).unwrap();
+        lp.scan();
+        for c in lp.cands.values_mut() {
+            c.hinted = true;
+            c.check_at = Instant::now();
+        }
+        while lp.take_ready() {}
+        let name = OsStr::new("a.jsonl");
+        assert_eq!(lp.cands[name].failures, 1, "its move failed");
+        let renamed_in = |lp: &mut Loop| {
+            lp.handle(Msg::Event(Ok(notify::Event::new(EventKind::Modify(
+                ModifyKind::Name(RenameMode::To),
+            ))
+            .add_path(file.clone()))));
+        };
+        // Out under a hidden name and back, as a failed copy across file systems does.
+        let hidden = inbox.join(".pushdrop-out-1-0.tmp");
+        std::fs::rename(&file, &hidden).unwrap();
+        std::fs::rename(&hidden, &file).unwrap();
+        renamed_in(&mut lp);
+        let c = &lp.cands[name];
+        assert_eq!(c.failures, 1, "still backing off");
+        assert!(c.check_at > Instant::now(), "not looked at again at once");
+        // A new file under the name is looked at at once.
+        let new = inbox.join(".new.tmp");
+        std::fs::write(&new, record.clone() + &record).unwrap();
+        std::fs::rename(&new, &file).unwrap();
+        renamed_in(&mut lp);
+        assert_eq!(lp.cands[name].failures, 0, "another file now");
     }
 
     #[test]
