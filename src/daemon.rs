@@ -290,8 +290,16 @@ async fn purge_loop(cfg: Arc<Config>, store: Store) {
 /// read), logged first.
 pub fn run_blocking(cfg: Config, warnings: &crate::config::ConfigWarnings) -> anyhow::Result<i32> {
     no_huge_pages();
+    let open_files = raise_open_files_limit();
     // Shared with the thread that handles a second signal, which flushes it before it exits.
     let log = Arc::new(std::sync::Mutex::new(Some(crate::logging::init(&cfg.log)?)));
+    if let Some(limit) = open_files.filter(|&l| l < FEW_OPEN_FILES) {
+        tracing::warn!(
+            event = "open_files_low",
+            limit,
+            "this process may open only {limit} files (its hard limit, RLIMIT_NOFILE): each APNs and admin connection, drop file being read and database file takes one, and at its limit files cannot be opened or connections made; raise it (LimitNOFILE= in a systemd unit, ulimit -n)"
+        );
+    }
     for w in warnings {
         tracing::warn!(
             event = "config_warning",
@@ -354,6 +362,39 @@ pub fn run_blocking(cfg: Config, warnings: &crate::config::ConfigWarnings) -> an
 fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no memory of ours.
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
+/// Below this many open files the daemon warns at start: a few APNs connections, the admin
+/// endpoint's, SQLite's files and a burst of drop files need more.
+const FEW_OPEN_FILES: u64 = 256;
+
+/// Raises this process's soft limit on open files to its hard limit (at most 65,536), as
+/// daemons do: every APNs connection, admin connection, drop file being read and database
+/// file takes a descriptor, and the usual soft limit (1,024) is kept low for old programs
+/// that use `select`, not as a budget for a daemon (a probe's daemon under a soft limit of
+/// 40, with a hard limit of 20,000, could open none of its files). Returns the limit in
+/// effect; `None` when the system does not tell.
+fn raise_open_files_limit() -> Option<u64> {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) } != 0 {
+        return None;
+    }
+    let want = now.rlim_max.min(65_536);
+    if want > now.rlim_cur {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: now.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Some(want);
+        }
+    }
+    Some(now.rlim_cur)
 }
 
 /// SIGTERM and SIGINT, caught; SIGHUP, SIGUSR1 and SIGUSR2, caught and ignored.

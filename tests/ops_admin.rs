@@ -899,3 +899,48 @@ fn admin_connections_are_capped_and_leave_descriptors_to_ingest() {
     // The cap bounds the connections open, not those over time: a new round is served.
     assert_eq!(get(admin, "/healthz").status, 200);
 }
+
+/// The daemon raises its soft limit on open files to the hard one, and says so when even
+/// that is too few to work with. (A tester's finding: under a soft limit of 40 with a hard
+/// limit of 20,000 it started, said `started`, and could open none of its drop files.)
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_one_and_a_low_one_is_said() {
+    use std::os::unix::process::CommandExt;
+    for (soft, hard, raised_to, said) in [(40, 4096, 4096, false), (100, 100, 100, true)] {
+        let env = Ops::new(OpsOptions {
+            admin: String::new(),
+            ..OpsOptions::default()
+        });
+        let out = env.dir.path().join("daemon.out");
+        let mut cmd = pushdrop_cmd(&env.config_path);
+        cmd.arg("run");
+        // SAFETY: setrlimit is async-signal-safe and only reads the struct on this stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let daemon = spawn_logged(&mut cmd, &out);
+        let log = || std::fs::read_to_string(&out).unwrap_or_default();
+        wait_for("started", || log().contains("started"));
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.id())).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let soft_now: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert_eq!(soft_now, raised_to, "{line}");
+        assert_eq!(log().contains("open_files_low"), said, "{}", log());
+        // A drop is still taken.
+        env.drop_file("a.json", notification("a", &token(1)));
+        wait_for("the receipt", || env.receipts.join("a.json").exists());
+    }
+}
