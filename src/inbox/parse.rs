@@ -903,9 +903,9 @@ const NOTIFICATION_FIELDS: &[&str] = &[
 #[serde(deny_unknown_fields)]
 struct RawTarget<'a> {
     #[serde(borrow, default)]
-    tokens: Option<Vec<Cow<'a, str>>>,
+    tokens: Option<Items<'a>>,
     #[serde(borrow, default)]
-    users: Option<Vec<Cow<'a, str>>>,
+    users: Option<Items<'a>>,
     #[serde(default)]
     all: Option<bool>,
     /// The items of `tokens` (0) and `users` (1) that [`slow_target`] already reported (no
@@ -1161,6 +1161,49 @@ fn entries(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::Err
     Ok(out)
 }
 
+/// The most items of one `to.tokens` or `to.users` list. A longer list would cost memory by
+/// the item, whatever its size (a probe's 60 MB list of 15 million one-character users took
+/// 1.7 GB); a notification for more devices is several notifications, or a broadcast to
+/// registered devices.
+pub const MAX_TARGET_ITEMS: usize = 1_000_000;
+
+fn too_many_items(n: usize) -> String {
+    format!(
+        "lists {n} items; at most {MAX_TARGET_ITEMS} per notification: split it into several \
+         notifications (each with its own id), or register the devices and send to \
+         {{\"all\": true}}"
+    )
+}
+
+/// A `to.tokens` or `to.users` list as the fast path reads it: past [`MAX_TARGET_ITEMS`]
+/// items it stops with an error, at once, and the slow path says why (see
+/// [`slow_target`]), instead of reading millions first.
+#[derive(Debug, Default)]
+struct Items<'a>(Vec<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Items<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Items<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of strings")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(s) = seq.next_element::<CowStr<'de>>()? {
+                    if out.len() == MAX_TARGET_ITEMS {
+                        return Err(de::Error::custom("too many items"));
+                    }
+                    out.push(s.0);
+                }
+                Ok(Items(out))
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
+}
+
 /// A string borrowed from the input when it has no escapes.
 struct CowStr<'a>(Cow<'a, str>);
 
@@ -1383,8 +1426,14 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
                 }
                 let mut list = Vec::new();
                 let reported = &mut to.reported[usize::from(key == "users")];
+                let mut items = 0;
                 // One item at a time: a list of millions is checked without being held twice.
                 let read = for_each_item(v.get(), &mut |i, item| {
+                    items = i + 1;
+                    if i >= MAX_TARGET_ITEMS {
+                        // Counted only: the list is refused whole below.
+                        return;
+                    }
                     // Anything but a string is a problem, worded by serde while the record
                     // keeps problems, then only counted (wording millions took seconds).
                     let read = if item.get().starts_with('"') || problems.len() < MAX_PROBLEMS {
@@ -1427,10 +1476,15 @@ fn slow_target<'a>(v: &'a RawValue, problems: &mut Vec<FieldProblem>) -> Option<
                     to.unreadable += 1;
                     continue;
                 }
+                if items > MAX_TARGET_ITEMS {
+                    problems.push(fp(path, too_many_items(items)));
+                    to.unreadable += 1;
+                    continue;
+                }
                 if key == "tokens" {
-                    to.tokens = Some(list);
+                    to.tokens = Some(Items(list));
                 } else {
-                    to.users = Some(list);
+                    to.users = Some(Items(list));
                 }
             }
             "all" => {
@@ -1993,7 +2047,7 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
     }
     // Each list given is checked, also beside another (every problem is reported).
     let mut tokens_out = Vec::new();
-    if let Some(tokens) = &to.tokens {
+    if let Some(Items(tokens)) = &to.tokens {
         if tokens.is_empty() && to.reported[0].is_empty() {
             problems.push(fp("to.tokens", "is empty: name at least one token"));
             ok = false;
@@ -2010,7 +2064,7 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
             }
         }
     }
-    if let Some(users) = &to.users {
+    if let Some(Items(users)) = &to.users {
         if users.is_empty() && to.reported[1].is_empty() {
             problems.push(fp("to.users", "is empty: name at least one user"));
             ok = false;
@@ -2034,7 +2088,7 @@ fn check_target(to: &RawTarget<'_>, problems: &mut Vec<FieldProblem>) -> Option<
         return None;
     }
     Some(match (&to.users, to.all) {
-        (Some(users), _) => Target::Users(users.iter().map(|u| u.to_string()).collect()),
+        (Some(Items(users)), _) => Target::Users(users.iter().map(|u| u.to_string()).collect()),
         (None, Some(_)) => Target::All,
         (None, None) => Target::Tokens(tokens_out),
     })
@@ -3150,6 +3204,28 @@ mod tests {
             assert_eq!(r.problems[0].line, Some(8), "{r:?}");
             assert!(r.problems[0].message.contains(msg), "{r:?}");
         }
+    }
+
+    /// A list of more than a million users or tokens is refused whole, said once; a million
+    /// is taken.
+    #[test]
+    fn a_target_list_longer_than_the_cap_is_refused_whole() {
+        let list = |n: usize| vec!["\"u\""; n].join(",");
+        let record = |n: usize| {
+            format!(
+                r#"{{"type":"notification","to":{{"users":[{}]}},"payload":{{"aps":{{"alert":"hi"}}}}}}"#,
+                list(n)
+            )
+        };
+        let ok = parse(&record(MAX_TARGET_ITEMS), FileKind::Json).unwrap();
+        assert_eq!(ok.notifications, 1);
+        let r = problems(&record(MAX_TARGET_ITEMS + 1), FileKind::Json);
+        assert_eq!(fields(&r), [Some("to.users")], "{:?}", r.problems);
+        assert!(
+            messages(&r)[0].starts_with("lists 1000001 items; at most 1000000 per notification"),
+            "{:?}",
+            r.problems
+        );
     }
 
     /// Items of a long list are found on their own lines, far into the list too (the list
