@@ -67,8 +67,6 @@ pub fn validate(config: &Path, files: &[PathBuf]) -> anyhow::Result<i32> {
     Ok(if bad > 0 { 1 } else { 0 })
 }
 
-/// Notifications of one file whose app and id an earlier record of the file already has:
-/// (record index, id, index of the first).
 /// The notifications of a file that repeat an earlier one's app and id, found as the
 /// records go by in file order: (index, id, index of the first).
 #[derive(Default)]

@@ -1992,8 +1992,8 @@ fn for_each_item<'a>(
     text: &'a str,
     each: &mut dyn FnMut(usize, &'a RawValue),
 ) -> Result<(), serde_json::Error> {
-    struct Items<'e, 'a>(&'e mut dyn FnMut(usize, &'a RawValue));
-    impl<'a> Visitor<'a> for Items<'_, 'a> {
+    struct EachItem<'e, 'a>(&'e mut dyn FnMut(usize, &'a RawValue));
+    impl<'a> Visitor<'a> for EachItem<'_, 'a> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a list")
@@ -2008,7 +2008,7 @@ fn for_each_item<'a>(
         }
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    (&mut de).deserialize_seq(Items(each))?;
+    (&mut de).deserialize_seq(EachItem(each))?;
     de.end()
 }
 
