@@ -1091,11 +1091,10 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
 
-    /// Files stuck in the inbox (committed, but `processed_dir` takes no files) and due for
-    /// another try do not hold up a new drop: it goes first, and the retries after it, one
-    /// at a time, taking turns with new files.
-    #[test]
-    fn a_new_drop_does_not_wait_for_the_retries_of_stuck_files() {
+    /// The inbox loop `start` runs, without its thread and its kernel watch (each step by
+    /// hand), over a temp folder's `inbox` whose `processed_dir` cannot be made: a file in
+    /// the way of its parent, put there after the config's check. Committed files stay stuck.
+    fn stuck_loop() -> (tempfile::TempDir, Loop, Store, mpsc::Sender<Msg>) {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("pushdrop.toml");
         std::fs::write(
@@ -1106,17 +1105,24 @@ mod tests {
              token = { key_file = \"k.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }\n",
         )
         .unwrap();
-        let inbox = d.path().join("inbox");
-        std::fs::create_dir_all(&inbox).unwrap();
+        std::fs::create_dir_all(d.path().join("inbox")).unwrap();
         std::fs::write(d.path().join("k.p8"), "placeholder: nothing is sent").unwrap();
         let (cfg, _) = Config::load(&path).unwrap();
         let store = Store::open(&cfg.store.path, false).unwrap();
-        // After the config's check: a file where processed_dir's parent should be.
         std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
-        // The loop `start` runs, without its thread and its kernel watch: each step by hand.
-        let (_tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel();
         let mut lp = Loop::new(Arc::new(cfg), store.clone(), rx);
         lp.sweep = false;
+        (d, lp, store, tx)
+    }
+
+    /// Files stuck in the inbox (committed, but `processed_dir` takes no files) and due for
+    /// another try do not hold up a new drop: it goes first, and the retries after it, one
+    /// at a time, taking turns with new files.
+    #[test]
+    fn a_new_drop_does_not_wait_for_the_retries_of_stuck_files() {
+        let (d, mut lp, store, _tx) = stuck_loop();
+        let inbox = d.path().join("inbox");
         let device = |n: u32| {
             format!(
                 "{{\"type\":\"device\",\"token\":\"{}{n:04}\"}}\n",
@@ -1173,25 +1179,8 @@ mod tests {
     /// the name ends it.
     #[test]
     fn the_daemons_own_rename_back_keeps_a_failed_files_back_off() {
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("pushdrop.toml");
-        std::fs::write(
-            &path,
-            "[inbox]\ndir = \"inbox\"\nprocessed_dir = \"blocker/processed\"\n\
-             [store]\npath = \"pushdrop.db\"\n\
-             [[apps]]\nname = \"a\"\nbundle_id = \"com.example.a\"\n\
-             token = { key_file = \"k.p8\", key_id = \"ABC123DEFG\", team_id = \"DEF123GHIJ\" }\n",
-        )
-        .unwrap();
+        let (d, mut lp, _store, _tx) = stuck_loop();
         let inbox = d.path().join("inbox");
-        std::fs::create_dir_all(&inbox).unwrap();
-        std::fs::write(d.path().join("k.p8"), "placeholder: nothing is sent").unwrap();
-        let (cfg, _) = Config::load(&path).unwrap();
-        let store = Store::open(&cfg.store.path, false).unwrap();
-        std::fs::write(d.path().join("blocker"), "a file, not a folder").unwrap();
-        let (_tx, rx) = mpsc::channel();
-        let mut lp = Loop::new(Arc::new(cfg), store, rx);
-        lp.sweep = false;
         let file = inbox.join("a.jsonl");
         let record = format!(
             "{{\"type\":\"device\",\"token\":\"{}\"}}\n",
