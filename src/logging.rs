@@ -655,6 +655,15 @@ pub fn prune_logs(cfg: &LogConfig) {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+
+    use tracing::{error, info, warn};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+    use crate::sender::DELIVERY_TARGET;
 
     #[test]
     fn a_lasting_condition_is_said_once_a_minute_with_what_went_unsaid() {
@@ -675,16 +684,6 @@ pub(crate) mod tests {
         assert!(!t.reset(), "nothing to end twice");
         assert_eq!(t.note_at(at(200_002)), Some(0));
     }
-
-    use std::io;
-    use std::path::{Path, PathBuf};
-    use std::sync::{Arc, Mutex};
-
-    use tracing::{error, info, warn};
-    use tracing_subscriber::fmt::MakeWriter;
-
-    use super::*;
-    use crate::sender::DELIVERY_TARGET;
 
     #[test]
     fn the_current_periods_file_is_named_as_the_appender_names_it() {

@@ -80,10 +80,10 @@ pub(crate) fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -
         pem::Error::MissingSectionEnd { end_marker } => {
             let label = String::from_utf8_lossy(&end_marker);
             let begin = format!("-----BEGIN {label}");
-            let at = line_starting(text, begin.as_bytes())
+            let at = first_line(text, |line| line.starts_with(begin.as_bytes()))
                 .map(|n| format!(" (line {n})"))
                 .unwrap_or_default();
-            if line_starting(text, b"-----END").is_some() {
+            if first_line(text, |line| line.starts_with(b"-----END")).is_some() {
                 // An END line is there, only not this one: a BEGIN or END line mistyped.
                 format!(
                     "{which} starts `{begin}-----`{at} but no line reads `-----END {label}-----`: \
@@ -132,23 +132,17 @@ pub(crate) fn pem_problem(text: &[u8], e: pem::Error, kind: &str, read: usize) -
     }
 }
 
-/// The line (from 1) of the first line that starts with `start`.
-fn line_starting(text: &[u8], start: &[u8]) -> Option<usize> {
-    text.split(|&b| b == b'\n')
-        .position(|line| line.starts_with(start))
-        .map(|i| i + 1)
+/// The number (from 1) of the first line of `text` that `is` picks.
+fn first_line(text: &[u8], is: impl Fn(&[u8]) -> bool) -> Option<usize> {
+    text.split(|&b| b == b'\n').position(is).map(|i| i + 1)
 }
 
-/// For a file in which no block was found: the line (from 1) that says BEGIN without being
-/// a well-formed `-----BEGIN ...-----` line, as a hint (a dash too few).
+/// For a file in which no block was found: the line that says BEGIN without being a
+/// well-formed `-----BEGIN ...-----` line, as a hint (a dash too few).
 fn misshapen_begin(text: &[u8]) -> String {
-    text.split(|&b| b == b'\n')
-        .position(|line| line.windows(5).any(|w| w == b"BEGIN"))
-        .map(|i| {
-            format!(
-                " (line {} says BEGIN but is not a well-formed `-----BEGIN ...-----` line)",
-                i + 1
-            )
+    first_line(text, |line| line.windows(5).any(|w| w == b"BEGIN"))
+        .map(|n| {
+            format!(" (line {n} says BEGIN but is not a well-formed `-----BEGIN ...-----` line)")
         })
         .unwrap_or_default()
 }

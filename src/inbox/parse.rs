@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::ops::ControlFlow;
 
 use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -544,10 +545,15 @@ fn parse_json<'t>(text: &'t str, ctx: &Ctx<'_>, acc: &mut Acc<'t>) -> Result<(),
     // record's).
     let mut array_done = false;
     let res = match first {
-        Some(b'[') => de.deserialize_seq(CountItems(&mut items)).and_then(|()| {
-            array_done = true;
-            de.end()
-        }),
+        Some(b'[') => de
+            .deserialize_seq(EachItem(&mut |_, _| {
+                items += 1;
+                ControlFlow::Continue(())
+            }))
+            .and_then(|_| {
+                array_done = true;
+                de.end()
+            }),
         Some(b'{') => <&RawValue>::deserialize(&mut de).and_then(|v| {
             object = Some(v);
             de.end()
@@ -1006,20 +1012,27 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeRaw<'a> {
     }
 }
 
-/// Counts the items of a top-level array as it checks them, so that on a syntax error the
-/// number already read tells which record is broken.
-struct CountItems<'c>(&'c mut usize);
+/// Hands the items of a JSON array to a closure one at a time, with their index, holding
+/// none of them: the one reading of the arrays whose length a drop file chooses (its
+/// records, a target list, a list a problem is placed in). The closure may stop the reading
+/// (`Break`), which leaves the array unfinished; the value is whether every item was handed
+/// over.
+struct EachItem<'e, 'a>(&'e mut dyn FnMut(usize, &'a RawValue) -> ControlFlow<()>);
 
-impl<'de> Visitor<'de> for CountItems<'_> {
-    type Value = ();
+impl<'a> Visitor<'a> for EachItem<'_, 'a> {
+    type Value = bool;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of records")
+        f.write_str("a list")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<de::IgnoredAny>()?.is_some() {
-            *self.0 += 1;
+    fn visit_seq<A: SeqAccess<'a>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let mut i = 0;
+        while let Some(item) = seq.next_element::<&'a RawValue>()? {
+            if (self.0)(i, item).is_break() {
+                return Ok(false);
+            }
+            i += 1;
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -1104,30 +1117,19 @@ fn index_into<'t>(mut v: &'t RawValue, indexes: &str, read: &mut ReadValues<'t>)
 /// Reads the first `want` items of `v` (when it is an array) into `out`; true when they
 /// are all its items.
 fn first_items<'t>(v: &'t RawValue, out: &mut Vec<&'t RawValue>, want: usize) -> bool {
-    struct UpTo<'o, 't>(&'o mut Vec<&'t RawValue>, usize);
-    impl<'t> Visitor<'t> for UpTo<'_, 't> {
-        type Value = bool;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an array")
-        }
-        fn visit_seq<A: SeqAccess<'t>>(self, mut seq: A) -> Result<bool, A::Error> {
-            while self.0.len() < self.1 {
-                match seq.next_element::<&'t RawValue>()? {
-                    Some(item) => self.0.push(item),
-                    None => return Ok(true),
-                }
-            }
-            Ok(false)
-        }
-    }
     let mut de = serde_json::Deserializer::from_str(v.get());
     // Stopping short leaves the array unfinished, which serde reports as an error: what was
     // read is kept all the same.
-    let mut whole = false;
-    let _ = (&mut de)
-        .deserialize_seq(UpTo(out, want))
-        .map(|w| whole = w);
-    whole
+    (&mut de)
+        .deserialize_seq(EachItem(&mut |_, item| {
+            out.push(item);
+            if out.len() < want {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        }))
+        .unwrap_or(false)
 }
 
 /// The entries of a value that is an object.
@@ -1992,23 +1994,11 @@ fn for_each_item<'a>(
     text: &'a str,
     each: &mut dyn FnMut(usize, &'a RawValue),
 ) -> Result<(), serde_json::Error> {
-    struct EachItem<'e, 'a>(&'e mut dyn FnMut(usize, &'a RawValue));
-    impl<'a> Visitor<'a> for EachItem<'_, 'a> {
-        type Value = ();
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a list")
-        }
-        fn visit_seq<A: SeqAccess<'a>>(self, mut seq: A) -> Result<(), A::Error> {
-            let mut i = 0;
-            while let Some(item) = seq.next_element::<&'a RawValue>()? {
-                (self.0)(i, item);
-                i += 1;
-            }
-            Ok(())
-        }
-    }
     let mut de = serde_json::Deserializer::from_str(text);
-    (&mut de).deserialize_seq(EachItem(each))?;
+    (&mut de).deserialize_seq(EachItem(&mut |i, item| {
+        each(i, item);
+        ControlFlow::Continue(())
+    }))?;
     de.end()
 }
 
